@@ -1,0 +1,322 @@
+"""config.yaml as Pydantic models, with Truss's field names.
+
+Parse at the edge (:func:`parse_config`), pass the typed :class:`ModelConfig`
+inward, and write it back with :meth:`ModelConfig.to_dict`. Errors name the
+YAML line, suggest the closest valid key, and never echo a secret value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any, ClassVar, Optional
+
+import pydantic
+import yaml
+
+from .errors import ConfigError
+
+__all__ = ["ModelConfig", "Resources", "Runtime", "parse_config", "ACCELERATORS"]
+
+# Truss 0.18's accelerator names (truss/base/truss_config.py, `Accelerator`).
+ACCELERATORS = (
+    "T4", "L4", "A10G", "V100", "A100", "A100_40GB", "H100", "H200", "H100_40GB",
+    "B200", "L40S", "RTX_PRO_6000", "B300", "GB300",
+)
+_PYTHON_VERSION = re.compile(r"^py3(9|1[0-4])$")
+_MILLI_CPU = re.compile(r"^[0-9.]+m?$")
+_MEMORY = re.compile(r"^[0-9.]+(k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+
+
+class _Section(pydantic.BaseModel):
+    # Unknown keys are caught before validation (with "did you mean"); keys Truss
+    # knows but we do not model are kept verbatim so a round trip loses nothing.
+    model_config = pydantic.ConfigDict(
+        extra="allow", protected_namespaces=(), validate_assignment=True
+    )
+
+    # Keys Truss accepts in this section that we pass through untouched.
+    _passthrough: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def known_keys(cls) -> set[str]:
+        """Every key this section accepts: modelled fields plus Truss pass-throughs."""
+        return set(cls.model_fields) | set(cls._passthrough)
+
+
+class Resources(_Section):
+    """Compute resources: Truss derives ``use_gpu`` from ``accelerator``."""
+
+    _passthrough: ClassVar[frozenset[str]] = frozenset({"instance_type", "node_count", "fabric"})
+
+    accelerator: Optional[str] = pydantic.Field(
+        None, description="GPU type, optionally with a count: T4, A10G, H100:2."
+    )
+    use_gpu: bool = pydantic.Field(False, description="Derived from accelerator.")
+    cpu: str = pydantic.Field("1", description="CPU cores as a string: '1', '500m'.")
+    memory: str = pydantic.Field("2Gi", description="Memory with units: '2Gi', '512Mi'.")
+
+    @pydantic.field_validator("cpu", "memory", mode="before")
+    @classmethod
+    def _number_to_str(cls, value: Any) -> Any:
+        # Truss requires strings here; `cpu: 1` is an easy slip, so accept it.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @pydantic.field_validator("cpu")
+    @classmethod
+    def _check_cpu(cls, value: str) -> str:
+        if not _MILLI_CPU.fullmatch(value):
+            raise ValueError(f"cpu must be a number of cores like '1' or millicores like '500m', not {value!r}")
+        return value
+
+    @pydantic.field_validator("memory")
+    @classmethod
+    def _check_memory(cls, value: str) -> str:
+        if not _MEMORY.fullmatch(value):
+            raise ValueError(f"memory must be a size like '2Gi' or '512Mi', not {value!r}")
+        return value
+
+    @pydantic.field_validator("accelerator")
+    @classmethod
+    def _check_accelerator(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        name, _, count = str(value).partition(":")
+        if name not in ACCELERATORS:
+            close = difflib.get_close_matches(name.upper(), ACCELERATORS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown accelerator {name!r}.{hint} Known: {', '.join(ACCELERATORS)}")
+        if count and (not count.isdigit() or int(count) <= 0):
+            raise ValueError(f"accelerator count {count!r} must be a positive integer")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _derive_use_gpu(self) -> "Resources":
+        derived = self.accelerator is not None
+        if self.use_gpu != derived:
+            object.__setattr__(self, "use_gpu", derived)
+        return self
+
+
+class Runtime(_Section):
+    """Runtime settings of the serving process."""
+
+    _passthrough: ClassVar[frozenset[str]] = frozenset({
+        "transport", "is_websocket_endpoint", "health_checks", "oidc", "remote_ssh",
+        "egress_restrictions", "truss_server_version_override",
+    })
+
+    predict_concurrency: int = pydantic.Field(
+        1, ge=1, description="How many predicts may run at once (preprocess and postprocess are outside the bound)."
+    )
+    streaming_read_timeout: int = pydantic.Field(60, ge=1, description="Seconds allowed between streamed chunks.")
+    enable_tracing_data: bool = False
+    enable_debug_logs: bool = False
+
+
+class ModelConfig(_Section):
+    """The whole config.yaml. Field names and defaults follow Truss 0.18."""
+
+    _passthrough: ClassVar[frozenset[str]] = frozenset({
+        "description", "examples_filename", "external_data", "base_image", "requirements_file",
+        "system_packages", "build", "build_commands", "docker_server", "model_cache", "weights",
+        "bdn", "trt_llm", "training_checkpoints", "bis_llm", "input_type", "model_framework",
+        "model_type", "model_module_dir", "model_class_filename", "bundled_packages_dir",
+        "use_local_src", "cache_internal", "live_reload", "apply_library_patches", "spec_version",
+        "hf_cache",
+    })
+
+    model_name: Optional[str] = pydantic.Field(None, description="Name shown for the deployment.")
+    model_class_name: str = pydantic.Field("Model", description="Name of the model class in model.py.")
+    python_version: Optional[str] = pydantic.Field(
+        None, description="py39 ... py314; filled from the kernel at export when absent."
+    )
+    requirements: list[str] = pydantic.Field(default_factory=list, description="pip requirement lines.")
+    resources: Resources = pydantic.Field(default_factory=Resources)
+    runtime: Runtime = pydantic.Field(default_factory=Runtime)
+    secrets: dict[str, None] = pydantic.Field(
+        default_factory=dict, description="Secret names, each with a null value; values come from the environment."
+    )
+    environment_variables: dict[str, str] = pydantic.Field(default_factory=dict)
+    model_metadata: dict[str, Any] = pydantic.Field(default_factory=dict)
+    data_dir: str = pydantic.Field("data", description="Folder of data files, passed to the model as data_dir.")
+    external_package_dirs: list[str] = pydantic.Field(default_factory=list)
+
+    @pydantic.field_validator("model_class_name")
+    @classmethod
+    def _check_class_name(cls, value: str) -> str:
+        if not value.isidentifier():
+            raise ValueError(f"model_class_name must be a Python identifier, not {value!r}")
+        return value
+
+    @pydantic.field_validator("python_version")
+    @classmethod
+    def _check_python_version(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not _PYTHON_VERSION.fullmatch(value):
+            raise ValueError(f"python_version must be one of py39 ... py314, not {value!r}")
+        return value
+
+    @pydantic.field_validator("environment_variables", mode="before")
+    @classmethod
+    def _env_to_str(cls, value: Any) -> Any:
+        # As Truss does: YAML booleans become "true"/"false", numbers their text.
+        if isinstance(value, dict):
+            return {
+                k: (str(v).lower() if isinstance(v, bool) else v if isinstance(v, str) else str(v))
+                for k, v in value.items()
+            }
+        return value
+
+    @property
+    def secret_names(self) -> list[str]:
+        return list(self.secrets)
+
+    def to_dict(self, verbose: bool = False) -> dict[str, Any]:
+        """The config as plain data: what the user set (``verbose`` adds defaults)."""
+        data = self.model_dump(mode="json", exclude_unset=not verbose, by_alias=True)
+        for name in ("resources", "runtime"):
+            section = getattr(self, name)
+            if name in data or verbose:
+                data[name] = section.model_dump(mode="json", exclude_unset=not verbose)
+        if "resources" in data and "accelerator" in data["resources"]:
+            data["resources"]["use_gpu"] = self.resources.use_gpu
+        data["secrets"] = {name: None for name in self.secrets} if self.secrets or verbose else None
+        if data["secrets"] is None:
+            del data["secrets"]
+        return data
+
+    def to_yaml(self, verbose: bool = False) -> str:
+        """The config as YAML text, keys in the order they were written."""
+        return yaml.safe_dump(self.to_dict(verbose), sort_keys=False, default_flow_style=False)
+
+
+# --------------------------------------------------------------------------- parsing
+
+_SECTIONS: dict[tuple[str, ...], type[_Section]] = {
+    (): ModelConfig,
+    ("resources",): Resources,
+    ("runtime",): Runtime,
+}
+
+
+def parse_config(text: str, *, source: str = "config.yaml", line_offset: int = 0) -> ModelConfig:
+    """Parse and validate config YAML; raise :class:`ConfigError` naming the line.
+
+    ``line_offset`` shifts reported line numbers (a ``%%model_config`` cell's
+    YAML starts on the cell's second line).
+    """
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}, line {mark.line + 1 + line_offset}, column {mark.column + 1}" if mark else source
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError(f"{where}: YAML syntax error: {problem}. Fix the YAML there and run the cell again.") from None
+    if root is None:
+        return ModelConfig()
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError(
+            f"{source}, line {root.start_mark.line + 1 + line_offset}: the config must be a mapping of keys "
+            "to values (for example `model_name: my-model`), not a single value or a list."
+        )
+    lines: dict[tuple, int] = {}
+    _index_lines(root, (), lines, line_offset, source)
+    data = yaml.safe_load(text)
+    _check_keys(data, (), lines, source)
+    _check_secret_values(data, lines, source)
+    try:
+        return ModelConfig.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc, lines, source)) from None
+
+
+def _index_lines(node: yaml.Node, path: tuple, lines: dict, offset: int, source: str) -> None:
+    """Record the line of every key path; reject duplicate keys as Truss does."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            line = key_node.start_mark.line + 1 + offset
+            if key in seen:
+                raise ConfigError(f"{source}, line {line}: `{'.'.join(path + (key,))}` is set twice. Keep one of them.")
+            seen.add(key)
+            lines[path + (key,)] = line
+            _index_lines(value_node, path + (key,), lines, offset, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[path + (i,)] = item.start_mark.line + 1 + offset
+            _index_lines(item, path + (i,), lines, offset, source)
+
+
+def _line_of(path: tuple, lines: dict) -> Optional[int]:
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path[:-1]
+    return None
+
+
+def _where(path: tuple, lines: dict, source: str) -> str:
+    line = _line_of(path, lines)
+    return f"{source}, line {line}" if line else source
+
+
+def _check_keys(data: Any, path: tuple, lines: dict, source: str) -> None:
+    section = _SECTIONS.get(path)
+    if section is None or not isinstance(data, dict):
+        return
+    known = section.known_keys()
+    for key, value in data.items():
+        key_path = path + (key,)
+        if key not in known:
+            dotted = ".".join(map(str, key_path))
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            hint = f" Did you mean `{'.'.join(path + (close[0],))}`?" if close else (
+                f" Valid keys here: {', '.join(sorted(section.model_fields))}."
+            )
+            raise ConfigError(f"{_where(key_path, lines, source)}: unknown key `{dotted}`.{hint}")
+        _check_keys(value, key_path, lines, source)
+
+
+def _check_secret_values(data: dict, lines: dict, source: str) -> None:
+    secrets = data.get("secrets")
+    if secrets is None:
+        return
+    if not isinstance(secrets, dict):
+        raise ConfigError(
+            f"{_where(('secrets',), lines, source)}: `secrets` must map secret names to null, "
+            "for example `secrets: {hf_access_token: null}`."
+        )
+    for name, value in secrets.items():
+        if value is not None:
+            # Never repeat the value: it may be a real credential.
+            raise ConfigError(
+                f"{_where(('secrets', name), lines, source)}: secret `{name}` has a value in the config. "
+                f"Secret values must never be written to config.yaml: write `{name}: null` and provide the "
+                f"value through the environment variable TRUSS_SECRET_{name} (or %model_secret {name} in a notebook)."
+            )
+
+
+_FRIENDLY_TYPES = {
+    "list_type": "a list", "dict_type": "a mapping", "string_type": "a string",
+    "int_type": "an integer", "int_parsing": "an integer", "bool_type": "true or false",
+    "bool_parsing": "true or false", "float_parsing": "a number",
+}
+
+
+def _describe_validation_error(exc: pydantic.ValidationError, lines: dict, source: str) -> str:
+    first = exc.errors()[0]
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    dotted = ".".join(str(p) for p in loc) or "config"
+    where = _where(loc, lines, source)
+    expected = _FRIENDLY_TYPES.get(first["type"])
+    if expected:
+        got = type(first.get("input")).__name__
+        message = f"`{dotted}` must be {expected}, not {got}"
+    else:
+        message = f"`{dotted}`: {first['msg'].removeprefix('Value error, ')}"
+    more = len(exc.errors()) - 1
+    tail = f" ({more} more problem{'s' if more > 1 else ''} after this one.)" if more else ""
+    return f"{where}: {message}. Fix that value and run the cell again.{tail}"

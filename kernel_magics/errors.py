@@ -1,0 +1,55 @@
+"""Exceptions raised by kernel_magics.
+
+``KernelMagicsError`` and its subclasses are *user mistakes*: their message is
+one paragraph saying what happened and what to change, and adapters show it
+without a traceback (``UsageError`` in the kernel, a non-zero exit in the CLI,
+a 4xx body in the server). Errors raised by the user's own code are never
+wrapped in these; they keep their type and their (trimmed) traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KernelMagicsError",
+    "ConfigError",
+    "ModelDefinitionError",
+    "ModelNotReadyError",
+    "SecretNotFound",
+    "InputValidationError",
+    "NotSerializableError",
+]
+
+
+class KernelMagicsError(Exception):
+    """A mistake the user can fix; the message says how."""
+
+
+class ConfigError(KernelMagicsError):
+    """config.yaml (or a ``%%model_config`` cell) is not valid."""
+
+
+class ModelDefinitionError(KernelMagicsError):
+    """The model class does not follow the Truss contract."""
+
+
+class ModelNotReadyError(KernelMagicsError):
+    """An operation needs a defined or loaded model that is not there."""
+
+
+class SecretNotFound(KernelMagicsError, KeyError):
+    """A secret was read that has no value (or is not declared in the config).
+
+    Subclasses ``KeyError`` so ``secrets.get(name)`` style code in a model works
+    as it does with a plain mapping.
+    """
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class InputValidationError(KernelMagicsError):
+    """The model input failed validation against predict's Pydantic input type."""
+
+
+class NotSerializableError(KernelMagicsError):
+    """A prediction cannot be turned into JSON (the server would reject it)."""

@@ -1,0 +1,328 @@
+"""IPython magics: thin adapters from notebook cells to the core.
+
+Each magic parses its arguments, calls :mod:`kernel_magics.runtime` (or config,
+secrets), and turns our errors into one-line ``UsageError`` messages. A user's
+own exception keeps its type and shows only the user's frames, pointing at the
+notebook cell and line.
+"""
+
+from __future__ import annotations
+
+import ast
+import getpass
+import json
+import time
+from typing import Any, Optional
+
+from IPython.core.error import StdinNotImplementedError, UsageError
+from IPython.core.magic import (
+    Magics, cell_magic, line_cell_magic, line_magic, magics_class, no_var_expand,
+)
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from .config import parse_config
+from .errors import KernelMagicsError
+from .loop import BackgroundLoop
+from .runtime import ModelHost, ModelState
+from .secrets import SecretStore
+from .tracebacks import user_traceback
+
+__all__ = ["ModelMagics"]
+
+_MISSING = object()
+
+
+@magics_class
+class ModelMagics(Magics):
+    """Turn notebook cells into a Truss model: config, class, load, predict."""
+
+    def __init__(self, shell=None, **kwargs: Any) -> None:
+        super().__init__(shell, **kwargs)
+        self.host = ModelHost(secrets=SecretStore(hint="or run %model_secret {name} in this notebook"))
+        self.runner = BackgroundLoop()
+        self.model_cell: Optional[str] = None  # source of the last good %%model cell
+        self.config_cell: Optional[str] = None
+
+    # ------------------------------------------------------------------ helpers
+
+    def _compile_cell(self, magic_line: str, body: str, tree: Optional[ast.Module] = None):
+        """Compile a cell body so tracebacks say ``Cell In[N], line L`` with the cell's own line numbers.
+
+        ``tree``, when given, is the body already parsed from ``"\n" + body``.
+        """
+        # IPython bumps execution_count before it runs a cell (frontends store history),
+        # so the running cell is In[execution_count - 1].
+        number = max(self.shell.execution_count - 1, 0)
+        filename = self.shell.compile.cache(f"{magic_line}\n{body}", number)
+        # The body starts on the cell's second line (the first holds the magic).
+        source = tree if tree is not None else "\n" + body
+        return compile(source, filename, "exec"), filename
+
+    def _user_error(self, exc: BaseException) -> BaseException:
+        """Make ``exc`` render with the user's frames only, then return it for raising."""
+        tb = user_traceback(exc.__traceback__)
+        shell = self.shell
+
+        def render() -> list[str]:
+            return shell.InteractiveTB.structured_traceback(type(exc), exc, tb)
+
+        try:
+            exc._render_traceback_ = render
+        except AttributeError:  # an exception type without __dict__: show it in full
+            pass
+        return exc
+
+    def _run(self, call, *args: Any) -> Any:
+        """Call the core; our errors become UsageError, the user's keep their type."""
+        try:
+            return call(*args)
+        except KernelMagicsError as exc:
+            raise UsageError(str(exc)) from None
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            raise self._user_error(exc) from None
+
+    # ------------------------------------------------------------------ %%model_config
+
+    @line_cell_magic
+    def model_config(self, line: str, cell: Optional[str] = None):
+        """Set the model's config.yaml from YAML in the cell; on a line, show the current config.
+
+        Field names are Truss's: model_name, model_class_name, requirements,
+        resources (accelerator, cpu, memory), secrets (names only, null values),
+        environment_variables, model_metadata, data_dir, runtime.predict_concurrency ...
+
+            %%model_config
+            model_name: tiny-chargen
+            requirements: [torch]
+            secrets: {hf_access_token: null}
+        """
+        if cell is None:
+            from IPython.display import Code, display
+
+            display(Code(self.host.config.to_yaml(verbose=bool(line.strip() == "--all")) or "{}\n", language="yaml"))
+            return None
+        try:
+            config = parse_config(cell, source="%%model_config cell", line_offset=1)
+        except KernelMagicsError as exc:
+            raise UsageError(f"{exc} The previous config stays in effect.") from None
+        self.host.config = config
+        self.config_cell = cell
+        secrets = ", ".join(
+            f"{n} ({'set' if self.host.secrets.source_of(n) else 'not set'})" for n in config.secret_names
+        )
+        name = config.model_name or "(no model_name)"
+        print(f"Config set for {name}; class {config.model_class_name}" + (f"; secrets: {secrets}" if secrets else "") + ".")
+        return None
+
+    # ------------------------------------------------------------------ %%model
+
+    @cell_magic
+    def model(self, line: str, cell: str):
+        """Define the model class (a Truss ``Model``) from the cell.
+
+        The class is named by model_class_name in the config (default ``Model``)
+        and needs ``predict(self, model_input)``; ``__init__(**kwargs)`` and
+        ``load(self)`` are optional. Re-running the cell while the model is loaded
+        swaps the live instance's code and keeps its loaded state. An error keeps
+        the previous model active.
+
+            %%model
+            class Model:
+                def load(self):
+                    self.scale = 2
+                def predict(self, model_input):
+                    return {"y": model_input["x"] * self.scale}
+        """
+        name = self.host.config.model_class_name
+        had_model = self.host.model_class is not None
+        keep = " The previous model stays active." if had_model else ""
+        try:
+            code, _ = self._compile_cell(f"%%model {line}".rstrip(), cell)
+        except SyntaxError as exc:
+            text = f": {exc.text.strip()}" if exc.text and exc.text.strip() else ""
+            raise UsageError(
+                f"Syntax error in the %%model cell, line {exc.lineno}: {exc.msg}{text}. Fix it and run the cell again.{keep}"
+            ) from None
+        ns = self.shell.user_ns
+        previous = ns.get(name, _MISSING)
+        started = time.perf_counter()
+
+        def restore() -> None:
+            if previous is _MISSING:
+                ns.pop(name, None)
+            else:
+                ns[name] = previous
+
+        try:
+            exec(code, ns)
+        except Exception as exc:
+            restore()
+            if had_model:
+                exc.add_note("The previous model stays active.")
+            raise self._user_error(exc) from None
+        cls = ns.get(name)
+        if cls is None or cls is previous or not isinstance(cls, type):
+            restore()
+            defined = sorted(
+                n for n, v in ns.items() if isinstance(v, type) and not n.startswith("_") and v is not previous
+                and getattr(v, "__module__", None) == "__main__" and n in cell
+            )
+            found = f" It defines: {', '.join(defined)}." if defined else ""
+            raise UsageError(
+                f"The %%model cell defines no class named `{name}`.{found} Name the class `{name}`, or set "
+                f"`model_class_name` in %%model_config to the class you mean.{keep}"
+            )
+        try:
+            report = self.host.define(cls)
+        except KernelMagicsError as exc:
+            restore()
+            raise UsageError(f"{exc}{keep}") from None
+        self.model_cell = cell
+        ms = (time.perf_counter() - started) * 1000
+        if report.swap_error:
+            print(f"`{name}` redefined, but the live instance could not take the new class ({report.swap_error}); "
+                  "it keeps running the old code. Run %model_load to load the new one.")
+        elif report.hot_swapped:
+            print(f"Hot-swapped `{name}` into the loaded model in {ms:.1f} ms; its loaded state is kept.")
+            for method in report.changed:
+                print(f"  `{method}` changed: the live instance still holds what the old {method} made. "
+                      "Run %model_load to reload with the new code.")
+        else:
+            spec = self.host.contract.predict
+            kind = ("async " if spec.is_async else "") + ("generator " if spec.is_generator else "")
+            print(f"Model `{name}` defined ({kind}predict). Run %model_load to load it.")
+        return None
+
+    # ------------------------------------------------------------------ %model_load / unload / status
+
+    @magic_arguments()
+    @argument("--device", default="auto",
+              help="auto (the model chooses, as when deployed), cpu, cuda or cuda:N: torch's default device during load.")
+    @line_magic
+    def model_load(self, line: str):
+        """Instantiate the model class and call ``load()``, showing state, elapsed time and device.
+
+        __init__ receives the Truss keyword arguments its signature accepts:
+        config, data_dir, secrets, environment.
+
+            %model_load --device cuda
+        """
+        args = parse_argstring(self.model_load, line)
+        from . import devices
+
+        device = self._run(devices.resolve_device, args.device)
+        target = device or "auto"
+        print(f"Loading `{self.host.config.model_class_name}` (device: {target}) ...", flush=True)
+        try:
+            self._run(self.host.load, device)
+        except UsageError:
+            raise
+        except BaseException:
+            print(f"Load failed after {self.host.load_seconds or 0:.2f} s; the model state is 'failed'.", flush=True)
+            raise
+        print(f"Ready in {self.host.load_seconds:.2f} s on {devices.describe_device(self.host.device)}.")
+        return None
+
+    @line_magic
+    def model_unload(self, line: str):
+        """Drop the loaded instance and free its memory (GPU memory too)."""
+        if self.host.unload():
+            print("Model unloaded; memory freed.")
+        else:
+            print("No model was loaded.")
+
+    @line_magic
+    def model_status(self, line: str):
+        """Show the model's class, state, device, load time and last predict time."""
+        host = self.host
+        rows = [
+            ("class", host.config.model_class_name if host.model_class else "(none)"),
+            ("state", host.state.value),
+            ("device", host.device or "-"),
+            ("load time", f"{host.load_seconds:.3f} s" if host.load_seconds is not None else "-"),
+            ("last predict", f"{host.last_predict_seconds * 1000:.1f} ms" if host.last_predict_seconds is not None else "-"),
+        ]
+        if host.last_first_chunk_seconds is not None:
+            rows.append(("first chunk", f"{host.last_first_chunk_seconds * 1000:.1f} ms"))
+        if host.state is ModelState.FAILED and host.error is not None:
+            rows.append(("error", f"{type(host.error).__name__}: {host.error}"))
+        print("\n".join(f"{k:>12}: {v}" for k, v in rows))
+
+    @line_magic
+    def model_secret(self, line: str):
+        """Prompt for a secret's value and keep it in memory only (never on disk or in output).
+
+            %model_secret hf_access_token
+        """
+        name = line.strip()
+        if not name.isidentifier():
+            raise UsageError("Usage: %model_secret NAME, with NAME one of the secrets declared in %%model_config.")
+        if name not in self.host.config.secrets:
+            raise UsageError(f"Secret `{name}` is not declared in the config. Add `{name}: null` under `secrets:` "
+                             "in %%model_config first, so the export knows the deployment needs it.")
+        try:
+            value = getpass.getpass(f"Value for secret {name}: ")
+        except StdinNotImplementedError:
+            raise UsageError(f"This frontend cannot prompt for input. Set TRUSS_SECRET_{name} in the kernel's "
+                             "environment instead.") from None
+        if not value:
+            raise UsageError(f"No value entered; secret `{name}` is unchanged.")
+        self.host.secrets.set_value(name, value)
+        print(f"Secret `{name}` set for this session (kept in memory only).")
+
+    # ------------------------------------------------------------------ predict
+
+    def _predict(self, model_input: Any) -> Any:
+        return self._run(self.runner.run, self.host.collect(model_input))
+
+    @no_var_expand
+    @line_magic
+    def model_predict(self, line: str):
+        """Run the loaded model on an input (JSON, or a Python expression) and return the prediction.
+
+            %model_predict {"prompt": "To be"}
+            r = %model_predict my_input
+        """
+        if not line.strip():
+            raise UsageError('Usage: %model_predict INPUT, where INPUT is JSON like {"prompt": "hi"} or a Python expression.')
+        return self._predict(self._parse_input(line.strip()))
+
+    def _parse_input(self, text: str) -> Any:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as json_error:
+            try:
+                return eval(text, self.shell.user_ns)  # noqa: S307 - the user's own expression
+            except Exception as py_error:
+                raise UsageError(
+                    f"Could not read the model input: it is not JSON ({json_error.msg} at column {json_error.colno}) "
+                    f"and not a Python expression ({type(py_error).__name__}: {py_error}). "
+                    'Pass JSON such as {"prompt": "hi"} or the name of a variable.'
+                ) from None
+
+    @cell_magic
+    def predict(self, line: str, cell: str):
+        """Run the loaded model on the value of the cell's last expression and return the prediction.
+
+            %%predict
+            prompt = "To be"
+            {"prompt": prompt, "max_tokens": 20}
+        """
+        try:
+            tree = ast.parse("\n" + cell)
+        except SyntaxError as exc:
+            raise UsageError(f"Syntax error in the %%predict cell, line {exc.lineno}: {exc.msg}.") from None
+        if not tree.body or not isinstance(tree.body[-1], ast.Expr):
+            raise UsageError("The last line of a %%predict cell must be an expression: the model input, "
+                             'for example {"prompt": "hi"}.')
+        last = ast.Expression(tree.body.pop().value)
+        code, filename = self._compile_cell(f"%%predict {line}".rstrip(), cell, tree)
+        ns = self.shell.user_ns
+        try:
+            exec(code, ns)
+            model_input = eval(compile(last, filename, "eval"), ns)
+        except Exception as exc:
+            raise self._user_error(exc) from None
+        return self._predict(model_input)

@@ -1,0 +1,129 @@
+"""A real Jupyter kernel driven over jupyter_client, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from jupyter_client.manager import KernelManager
+
+
+@dataclass
+class Execution:
+    """Everything one execute request produced."""
+
+    status: str
+    outputs: list = field(default_factory=list)
+    reply: dict = field(default_factory=dict)
+    messages: list = field(default_factory=list)  # every iopub message, for counting
+
+    @property
+    def stdout(self) -> str:
+        return "".join(o["text"] for o in self.outputs if o["type"] == "stream" and o["name"] == "stdout")
+
+    @property
+    def stderr(self) -> str:
+        return "".join(o["text"] for o in self.outputs if o["type"] == "stream" and o["name"] == "stderr")
+
+    @property
+    def result(self) -> Optional[str]:
+        for o in self.outputs:
+            if o["type"] == "execute_result":
+                return o["data"].get("text/plain")
+        return None
+
+    @property
+    def error(self) -> Optional[dict]:
+        for o in self.outputs:
+            if o["type"] == "error":
+                return o
+        return None
+
+    @property
+    def error_text(self) -> str:
+        err = self.error
+        if not err:
+            return ""
+        import re
+        return re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(err["traceback"]))
+
+    @property
+    def all_text(self) -> str:
+        """Every piece of text any output carried (for leak checks)."""
+        parts = []
+        for o in self.outputs:
+            if o["type"] == "stream":
+                parts.append(o["text"])
+            elif o["type"] in ("execute_result", "display_data"):
+                parts.extend(str(v) for v in o["data"].values())
+            elif o["type"] == "error":
+                parts.append(o["ename"] + o["evalue"] + "\n".join(o["traceback"]))
+        return "\n".join(parts)
+
+
+class Kernel:
+    """A running IPython kernel (this interpreter's), with kernel_magics importable."""
+
+    def __init__(self, env: Optional[dict] = None, cwd: Optional[str] = None) -> None:
+        self.km = KernelManager(kernel_name="python3")
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        full_env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+        self.km.start_kernel(env=full_env, cwd=cwd or os.getcwd(), extra_arguments=["--HistoryManager.enabled=False"])
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+
+    def execute(self, code: str, timeout: float = 120, stdin: Optional[Callable[[dict], str]] = None,
+                on_message: Optional[Callable[[dict], None]] = None) -> Execution:
+        msg_id = self.kc.execute(code, allow_stdin=stdin is not None)
+        ex = Execution(status="?")
+        deadline = time.monotonic() + timeout
+        idle = False
+        while not idle:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cell did not finish in {timeout}s: {code[:80]!r}")
+            if stdin is not None:
+                try:
+                    req = self.kc.stdin_channel.get_msg(timeout=0.01)
+                    self.kc.input(stdin(req["content"]))
+                except queue.Empty:
+                    pass
+            try:
+                msg = self.kc.iopub_channel.get_msg(timeout=0.05)
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            ex.messages.append(msg)
+            if on_message:
+                on_message(msg)
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "status" and content["execution_state"] == "idle":
+                idle = True
+            elif kind == "stream":
+                ex.outputs.append({"type": "stream", "name": content["name"], "text": content["text"]})
+            elif kind in ("execute_result", "display_data"):
+                ex.outputs.append({"type": kind, "data": content["data"]})
+            elif kind == "error":
+                ex.outputs.append({"type": "error", **content})
+        ex.reply = self.kc.get_shell_msg(timeout=timeout)["content"]
+        ex.status = ex.reply["status"]
+        return ex
+
+    def ok(self, code: str, **kw: Any) -> Execution:
+        """Execute and fail loudly if the cell errored."""
+        ex = self.execute(code, **kw)
+        assert ex.status == "ok", f"cell failed:\n{code}\n{ex.error_text}\n{ex.stderr}"
+        return ex
+
+    def interrupt(self) -> None:
+        self.km.interrupt_kernel()
+
+    def shutdown(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)
