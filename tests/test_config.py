@@ -1,0 +1,85 @@
+"""config.yaml parsing: Truss field names, line numbers, did-you-mean, no secret values."""
+
+import pytest
+
+from kernel_magics.config import ModelConfig, parse_config
+from kernel_magics.errors import ConfigError
+
+
+def error_of(text: str, **kw) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, **kw)
+    return str(info.value)
+
+
+def test_defaults_without_config():
+    config = parse_config("")
+    assert config.model_class_name == "Model"
+    assert config.runtime.predict_concurrency == 1
+    assert config.data_dir == "data"
+    assert config.resources.use_gpu is False
+
+
+def test_truss_fields_parse_and_use_gpu_is_derived():
+    config = parse_config(
+        "model_name: m\nmodel_class_name: Net\npython_version: py311\nrequirements: [torch==2.13.0]\n"
+        "resources: {accelerator: 'A10G:2', cpu: 2, memory: 4Gi}\nsecrets: {hf_access_token: null}\n"
+        "environment_variables: {FLAG: true, N: 3}\nmodel_metadata: {a: 1}\ndata_dir: assets\n"
+        "external_package_dirs: [../pkgs]\nruntime: {predict_concurrency: 4}\n"
+    )
+    assert config.model_class_name == "Net"
+    assert config.resources.use_gpu is True and config.resources.cpu == "2"
+    assert config.environment_variables == {"FLAG": "true", "N": "3"}
+    assert config.secret_names == ["hf_access_token"]
+    assert config.runtime.predict_concurrency == 4
+    data = config.to_dict()
+    assert data["resources"]["use_gpu"] is True and data["secrets"] == {"hf_access_token": None}
+
+
+def test_truss_only_keys_pass_through_unchanged():
+    config = parse_config("model_name: m\nsystem_packages: [ffmpeg]\nbuild_commands: [echo hi]\n")
+    assert config.to_dict()["system_packages"] == ["ffmpeg"]
+
+
+def test_yaml_syntax_error_names_line_and_column():
+    msg = error_of("model_name: m\nrequirements: [torch\n", source="cell", line_offset=1)
+    assert msg.startswith("cell, line 4, column 1: YAML syntax error")
+
+
+def test_unknown_key_suggests_closest():
+    assert "line 2: unknown key `modle_name`. Did you mean `model_name`?" in error_of("model_name: y\nmodle_name: x\n")
+
+
+def test_unknown_nested_key_suggests_closest():
+    msg = error_of("resources:\n  acclerator: T4\n")
+    assert "line 2: unknown key `resources.acclerator`. Did you mean `resources.accelerator`?" in msg
+
+
+def test_wrong_type_names_the_field():
+    assert "`requirements` must be a list, not str" in error_of("requirements: torch\n")
+    assert "`runtime.predict_concurrency` must be an integer" in error_of("runtime: {predict_concurrency: lots}\n")
+
+
+def test_bad_values_are_explained():
+    assert "unknown accelerator 'T5'" in error_of("resources: {accelerator: T5}\n")
+    assert "py39 ... py314" in error_of("python_version: py27\n")
+
+
+def test_duplicate_keys_rejected():
+    assert "line 2: `model_name` is set twice" in error_of("model_name: a\nmodel_name: b\n")
+
+
+def test_secret_values_are_refused_and_never_echoed():
+    msg = error_of("secrets:\n  token: sk-CANARY-123\n")
+    assert "line 2" in msg and "TRUSS_SECRET_token" in msg
+    assert "CANARY" not in msg
+
+
+def test_not_a_mapping():
+    assert "must be a mapping" in error_of("- a\n- b\n")
+
+
+def test_yaml_round_trip_keeps_what_was_set():
+    text = "model_name: m\nrequirements:\n- torch\nsecrets:\n  tok: null\n"
+    assert parse_config(text).to_yaml() == text
+    assert isinstance(parse_config(parse_config(text).to_yaml()), ModelConfig)

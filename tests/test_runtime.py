@@ -1,0 +1,367 @@
+"""ModelHost runs the Truss contract; tested directly, with real classes and real threads."""
+
+import asyncio
+import threading
+import traceback
+
+import pydantic
+import pytest
+
+from kernel_magics.config import parse_config
+from kernel_magics.errors import (
+    InputValidationError, ModelDefinitionError, ModelNotReadyError, NotSerializableError, SecretNotFound,
+)
+from kernel_magics.runtime import ChunkStream, ModelHost, ModelState
+from kernel_magics.secrets import SecretStore
+
+
+def loaded(cls, config_text: str = "", **kw) -> ModelHost:
+    host = ModelHost(parse_config(config_text), **kw)
+    host.define(cls)
+    host.load()
+    return host
+
+
+def collect(host, model_input):
+    return asyncio.run(host.collect(model_input))
+
+
+# ---------------------------------------------------------------- __init__ kwargs and load
+
+def test_init_gets_only_the_kwargs_its_signature_names(tmp_path):
+    class Named:
+        def __init__(self, config, secrets):
+            self.got = {"config": config, "secrets": secrets}
+
+        def predict(self, x):
+            return sorted(self.got)
+
+    class Star:
+        def __init__(self, **kwargs):
+            self.got = kwargs
+
+        def predict(self, x):
+            return sorted(self.got)
+
+    class Bare:
+        def predict(self, x):
+            return "ok"
+
+    assert collect(loaded(Named), {}) == ["config", "secrets"]
+    assert collect(loaded(Star, base_dir=tmp_path), {}) == ["config", "data_dir", "environment", "secrets"]
+    host = loaded(Star, "model_name: m\ndata_dir: assets\n", base_dir=tmp_path)
+    assert host.instance.got["config"]["model_name"] == "m"
+    assert host.instance.got["data_dir"] == tmp_path / "assets"
+    assert host.instance.got["environment"] is None
+    assert collect(loaded(Bare), {}) == "ok"
+
+
+def test_load_failure_sets_failed_and_keeps_the_users_exception():
+    class Broken:
+        def load(self):
+            raise ValueError("weights missing")
+
+        def predict(self, x):
+            return x
+
+    host = ModelHost()
+    host.define(Broken)
+    with pytest.raises(ValueError, match="weights missing") as info:
+        host.load()
+    assert host.state is ModelState.FAILED
+    assert host.error is info.value
+    assert traceback.extract_tb(info.value.__traceback__)[-1].name == "load"
+    with pytest.raises(ModelNotReadyError, match="last load failed"):
+        collect(host, {})
+
+
+def test_environment_variables_are_set_before_load(monkeypatch):
+    monkeypatch.delenv("KM_TEST_FLAG", raising=False)
+
+    class Reads:
+        def load(self):
+            import os
+            self.flag = os.environ["KM_TEST_FLAG"]
+
+        def predict(self, x):
+            return self.flag
+
+    assert collect(loaded(Reads, "environment_variables: {KM_TEST_FLAG: true}\n"), {}) == "true"
+
+
+def test_predict_before_definition_or_load_says_what_to_do():
+    host = ModelHost()
+    with pytest.raises(ModelNotReadyError, match="%%model"):
+        collect(host, {})
+    host.define(type("Model", (), {"predict": lambda self, x: x}))
+    with pytest.raises(ModelNotReadyError, match="%model_load"):
+        collect(host, {})
+
+
+# ---------------------------------------------------------------- contract errors
+
+@pytest.mark.parametrize("body, message", [
+    ({}, "has no `predict` method"),
+    ({"predict": lambda self, x: x, "load": lambda self, path: None}, "must take no arguments besides self"),
+    ({"predict": lambda self, a, b: a}, "must take one argument"),
+    ({"predict": 3}, "must be a method"),
+])
+def test_contract_violations_are_model_definition_errors(body, message):
+    with pytest.raises(ModelDefinitionError, match=message):
+        ModelHost().define(type("Model", (), body))
+
+
+# ---------------------------------------------------------------- predict styles
+
+def test_sync_predict_runs_in_a_worker_thread():
+    class M:
+        def predict(self, x):
+            return threading.current_thread().name
+
+    assert collect(loaded(M), {}).startswith("model-predict")
+
+
+def test_async_predict_is_awaited_on_the_loop():
+    class M:
+        async def predict(self, x):
+            await asyncio.sleep(0)
+            return {"loop": asyncio.get_running_loop() is not None, "x": x["x"]}
+
+    assert collect(loaded(M), {"x": 1}) == {"loop": True, "x": 1}
+
+
+def test_generators_text_chunks_join_and_other_chunks_list():
+    class Text:
+        def predict(self, x):
+            yield from ["a", "b", "c"]
+
+    class Dicts:
+        async def predict(self, x):
+            for i in range(3):
+                yield {"i": i}
+
+    assert collect(loaded(Text), {}) == "abc"
+    assert collect(loaded(Dicts), {}) == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+def test_pre_and_postprocess_sync_and_async_run_around_predict():
+    class M:
+        async def preprocess(self, x):
+            return x["n"] + 1
+
+        def predict(self, n):
+            return n * 10
+
+        def postprocess(self, y):
+            return {"y": y}
+
+    assert collect(loaded(M), {"n": 1}) == {"y": 20}
+
+
+def test_streaming_with_postprocess_is_refused_as_truss_does():
+    class M:
+        def predict(self, x):
+            yield "a"
+
+        def postprocess(self, y):
+            return y
+
+    with pytest.raises(ModelDefinitionError, match="cannot be postprocessed"):
+        collect(loaded(M), {})
+
+
+class Prompt(pydantic.BaseModel):
+    prompt: str
+    max_tokens: int = 5
+
+
+class Answer(pydantic.BaseModel):
+    text: str
+    tokens: int
+
+
+def test_pydantic_input_is_validated_and_output_serialized():
+    class M:
+        def predict(self, model_input: Prompt) -> Answer:
+            return Answer(text=model_input.prompt.upper(), tokens=model_input.max_tokens)
+
+    host = loaded(M)
+    assert collect(host, {"prompt": "hi"}) == {"text": "HI", "tokens": 5}
+    with pytest.raises(InputValidationError, match="`prompt`: Field required"):
+        collect(host, {"max_tokens": 3})
+
+
+def test_non_serializable_output_names_type_and_place():
+    class M:
+        def predict(self, x):
+            return {"scores": [1.0, object()]}
+
+    with pytest.raises(NotSerializableError, match=r"object at the prediction\['scores'\]\[1\]"):
+        collect(loaded(M), {})
+
+
+# ---------------------------------------------------------------- concurrency and stream closing
+
+def max_in_flight(concurrency: int) -> int:
+    class M:
+        def load(self):
+            self.now = self.peak = 0
+
+        async def predict(self, x):
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+            await asyncio.sleep(0.02)
+            self.now -= 1
+            return self.peak
+
+    host = loaded(M, f"runtime: {{predict_concurrency: {concurrency}}}\n")
+
+    async def main():
+        await asyncio.gather(*(host.predict({}) for _ in range(6)))
+
+    asyncio.run(main())
+    return host.instance.peak
+
+
+def test_predict_concurrency_bounds_predicts():
+    assert max_in_flight(1) == 1
+    assert max_in_flight(3) == 3
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_closing_a_stream_runs_the_generators_finally_and_frees_the_slot(is_async):
+    events = []
+
+    if is_async:
+        class M:
+            async def predict(self, x):
+                try:
+                    for i in range(1000):
+                        yield str(i)
+                        await asyncio.sleep(0.001)
+                finally:
+                    events.append("finally")
+    else:
+        class M:
+            def predict(self, x):
+                try:
+                    for i in range(1000):
+                        yield str(i)
+                finally:
+                    events.append("finally")
+
+    host = loaded(M)
+
+    async def main():
+        stream = await host.predict({})
+        assert isinstance(stream, ChunkStream)
+        assert await stream.__anext__() == "0"
+        await stream.aclose()
+        # The slot is free again: a second stream can start at concurrency 1.
+        again = await asyncio.wait_for(host.predict({}), 2)
+        await again.aclose()
+
+    asyncio.run(main())
+    assert events == ["finally"]  # the second stream never started, so it has no finally to run
+
+
+def test_error_mid_stream_propagates_after_the_chunks_before_it():
+    class M:
+        def predict(self, x):
+            yield "a"
+            raise RuntimeError("boom")
+
+    host = loaded(M)
+
+    async def main():
+        got = []
+        with pytest.raises(RuntimeError, match="boom"):
+            async with await host.predict({}) as stream:
+                async for chunk in stream:
+                    got.append(chunk)
+        return got
+
+    assert asyncio.run(main()) == ["a"]
+
+
+# ---------------------------------------------------------------- hot reload
+
+def test_hot_swap_keeps_the_instance_and_its_state():
+    class V1:
+        def load(self):
+            self.weights = object()
+
+        def predict(self, x):
+            return "v1"
+
+    host = loaded(V1)
+    instance, weights = host.instance, host.instance.weights
+
+    class V2:
+        def load(self):
+            self.weights = object()
+
+        def predict(self, x):
+            return "v2"
+
+    report = host.define(V2)
+    assert report.hot_swapped and report.changed == ()
+    assert host.instance is instance and host.instance.weights is weights
+    assert collect(host, {}) == "v2"
+
+
+def test_hot_swap_reports_a_changed_load():
+    class V1:
+        def load(self):
+            self.w = 1
+
+        def predict(self, x):
+            return self.w
+
+    host = loaded(V1)
+
+    class V2:
+        def load(self):
+            self.w = 2
+
+        def predict(self, x):
+            return self.w
+
+    report = host.define(V2)
+    assert report.changed == ("load",) and report.needs_reload
+    assert collect(host, {}) == 1  # old weights until the user reloads
+    host.load()
+    assert collect(host, {}) == 2
+
+
+def test_a_bad_redefinition_keeps_the_old_model():
+    class Good:
+        def predict(self, x):
+            return "good"
+
+    host = loaded(Good)
+    with pytest.raises(ModelDefinitionError):
+        host.define(type("Model", (), {}))
+    assert collect(host, {}) == "good"
+
+
+# ---------------------------------------------------------------- secrets
+
+def test_secret_values_come_from_the_environment_and_errors_name_the_variable(monkeypatch):
+    store = SecretStore(["tok", "other"])
+    monkeypatch.setenv("TRUSS_SECRET_tok", "s3cret-CANARY")
+    monkeypatch.delenv("TRUSS_SECRET_other", raising=False)
+    assert store["tok"] == "s3cret-CANARY"
+    with pytest.raises(SecretNotFound, match="TRUSS_SECRET_other"):
+        store["other"]
+    with pytest.raises(SecretNotFound, match="not declared"):
+        store["nope"]
+    assert "CANARY" not in repr(store)
+    store.set_value("other", "in-memory")
+    assert store["other"] == "in-memory"
+    assert store.source_of("other") == "set in this session"
+
+
+def test_secrets_dir_like_truss_mount(tmp_path):
+    (tmp_path / "tok").write_text("from-file")
+    assert SecretStore(["tok"], secrets_dir=tmp_path)["tok"] == "from-file"
