@@ -12,7 +12,9 @@ def load_ipython_extension(ipython) -> None:
     """Register the model magics with an IPython shell (``%load_ext kernel_magics``)."""
     from .magics import ModelMagics
 
-    ipython.register_magics(ModelMagics(ipython))
+    magics = ModelMagics(ipython)
+    ipython.register_magics(magics)
+    ipython.events.register("post_run_cell", magics.record_cell)
 
 
 def unload_ipython_extension(ipython) -> None:
@@ -20,3 +22,7 @@ def unload_ipython_extension(ipython) -> None:
     magics = ipython.magics_manager.registry.get("ModelMagics")
     if magics is not None:
         magics.runner.stop()
+        try:
+            ipython.events.unregister("post_run_cell", magics.record_cell)
+        except ValueError:
+            pass

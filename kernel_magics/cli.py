@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
@@ -18,9 +19,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kernel-magics {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    check = sub.add_parser("check-config", help="Validate a config.yaml against the Truss schema.")
-    check.add_argument("path", help="Path to config.yaml.")
+
+    export = sub.add_parser("export", help="Export a notebook's model as a Truss directory, without running the notebook.")
+    export.add_argument("notebook", type=Path, help="The .ipynb file.")
+    export.add_argument("out", type=Path, help="Directory to write.")
+    export.add_argument("--force", action="store_true", help="Replace OUT if it exists and is not empty.")
+    export.add_argument("--data", action="append", default=[], type=Path, metavar="PATH",
+                        help="A file or folder to copy into data/ (repeatable).")
+
+    validate = sub.add_parser("validate", help="Check a Truss directory: config, model class, requirements, import.")
+    validate.add_argument("dir", type=Path)
+    validate.add_argument("--no-import", action="store_true", help="Skip importing model.py in a fresh Python.")
     return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import config_from_cells, export_model, materialize, read_notebook
+
+    cells = read_notebook(args.notebook)
+    config = config_from_cells(cells, source=str(args.notebook))
+    base = args.notebook.resolve().parent
+    materialized = materialize(cells, config, base, args.notebook.name)
+    result = export_model(args.out, materialized, base_dir=base, data=args.data, force=args.force)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(result.tree())
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .export import validate_dir
+
+    config = validate_dir(args.dir, import_check=not args.no_import)
+    print(f"OK {args.dir}: class {config.model_class_name}, {len(config.requirements)} requirements.")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -29,23 +61,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "check-config":
-        from .config import parse_config
-        from .errors import KernelMagicsError
+    from .errors import KernelMagicsError
 
-        try:
-            with open(args.path, encoding="utf-8") as f:
-                text = f.read()
-            config = parse_config(text, source=args.path)
-        except OSError as exc:
-            print(f"error: cannot read {args.path}: {exc.strerror}.", file=sys.stderr)
-            return 2
-        except KernelMagicsError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        print(f"OK {args.path}: model {config.model_name or '(unnamed)'}, class {config.model_class_name}.")
-        return 0
-    return 2  # unreachable: argparse rejects unknown commands
+    try:
+        return {"export": _export, "validate": _validate}[args.command](args)
+    except KernelMagicsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

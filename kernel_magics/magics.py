@@ -11,7 +11,9 @@ from __future__ import annotations
 import ast
 import getpass
 import json
+import os
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 from IPython.core.error import StdinNotImplementedError, UsageError
@@ -25,6 +27,7 @@ from .errors import KernelMagicsError
 from .loop import BackgroundLoop
 from .runtime import ModelHost, ModelState
 from .secrets import SecretStore
+from .source import split_cell_magic
 from .tracebacks import user_traceback
 
 __all__ = ["ModelMagics"]
@@ -42,6 +45,24 @@ class ModelMagics(Magics):
         self.runner = BackgroundLoop()
         self.model_cell: Optional[str] = None  # source of the last good %%model cell
         self.config_cell: Optional[str] = None
+        # Every executed cell, in order: what export analyses (as the CLI reads an .ipynb).
+        self.cells: list[str] = []
+        self.last_export: Optional[Path] = None
+
+    def record_cell(self, result) -> None:
+        """post_run_cell hook: keep the cell's source for export.
+
+        A %%model or %%model_config cell that failed changed nothing, so it is
+        left out; other cells count even when they failed part-way, since what
+        they defined before the error is live in the kernel.
+        """
+        raw = result.info.raw_cell if result.info is not None else None
+        if not raw or result.error_before_exec is not None:
+            return
+        magic = split_cell_magic(raw)[0]
+        if magic in ("model", "model_config") and not result.success:
+            return
+        self.cells.append(raw)
 
     # ------------------------------------------------------------------ helpers
 
@@ -326,3 +347,72 @@ class ModelMagics(Magics):
         except Exception as exc:
             raise self._user_error(exc) from None
         return self._predict(model_input)
+
+    # ------------------------------------------------------------------ materialize and export
+
+    @property
+    def notebook_name(self) -> str:
+        # Jupyter Server tells kernels which notebook they run for; nbclient and consoles do not.
+        session = os.environ.get("JPY_SESSION_NAME")
+        return os.path.basename(session) if session else "a notebook"
+
+    def _materialize(self):
+        from .export import materialize
+
+        return self._run(materialize, self.cells, self.host.config, self.host.base_dir, self.notebook_name)
+
+    @magic_arguments()
+    @argument("file", nargs="?", default="model.py", choices=["model.py", "config.yaml"], help="Which file to show.")
+    @argument("--why", action="store_true", help="List every name model.py includes and the reference that pulled it in.")
+    @line_magic
+    def model_show(self, line: str):
+        """Show the model.py or config.yaml that an export would write, syntax-highlighted.
+
+            %model_show
+            %model_show config.yaml
+            %model_show --why
+        """
+        args = parse_argstring(self.model_show, line)
+        result = self._materialize()
+        if args.why:
+            print(result.source.why())
+            return None
+        from IPython.display import Code, display
+
+        if args.file == "config.yaml":
+            display(Code(result.config_yaml, language="yaml"))
+        else:
+            display(Code(result.source.text, language="python"))
+        for warning in result.warnings:
+            print(f"warning: {warning}")
+        return None
+
+    @magic_arguments()
+    @argument("dir", help="Directory to write the Truss to.")
+    @argument("--force", action="store_true", help="Replace DIR if it exists and is not empty.")
+    @argument("--data", action="append", default=[], metavar="PATH", help="A file or folder to copy into data/ (repeatable).")
+    @line_magic
+    def model_export(self, line: str):
+        """Export the model as a deployable Truss directory (config.yaml, model/model.py, data/, packages/).
+
+        The directory is written atomically and only after the new model.py
+        imported and instantiated in a fresh Python process.
+
+            %model_export ./tiny-chargen --force
+        """
+        from .export import export_model
+
+        args = parse_argstring(self.model_export, line)
+        materialized = self._materialize()
+        target = Path(os.path.expanduser(args.dir))
+        if not target.is_absolute():
+            target = self.host.base_dir / target
+        result = self._run(lambda: export_model(
+            target, materialized, base_dir=self.host.base_dir, data=[Path(p) for p in args.data], force=args.force,
+        ))
+        for warning in result.warnings:
+            print(f"warning: {warning}")
+        print(f"Exported `{self.host.config.model_class_name}` as a Truss:")
+        print(result.tree())
+        self.last_export = result.target
+        return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +30,10 @@ def main() -> int:
                 if output.output_type == "execute_result":
                     print(f"  {first}\n    -> {output.data['text/plain']}")
     print(f"\nThe executed notebook is at {notebook.relative_to(ROOT)}.")
+    export = OUT / "tiny-chargen"
+    print(f"\nExporting it without running it: kernel-magics export notebooks/quickstart.ipynb {export.relative_to(ROOT)}")
+    subprocess.run([sys.executable, "-m", "kernel_magics.cli", "export", str(ROOT / "notebooks" / "quickstart.ipynb"),
+                    str(export), "--force"], check=True)
     return 0
 
 

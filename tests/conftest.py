@@ -15,3 +15,38 @@ def kernel():
     k.ok("%load_ext kernel_magics")
     yield k
     k.shutdown()
+
+
+# ---------------------------------------------------------------- the real truss package
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TRUSS_REFERENCE = REPO.parent / "shared" / "truss_reference"
+TRUSS_VENV = Path(os.environ.get("TRUSS_REF_VENV", Path.home() / ".cache" / "truss-reference" / "venv"))
+
+
+def _truss_python() -> Path:
+    python = TRUSS_VENV / "bin" / "python"
+    if not (python.exists() and TRUSS_REFERENCE.is_dir()):
+        message = (f"the truss reference is not set up ({TRUSS_REFERENCE}/setup.sh creates {TRUSS_VENV}); "
+                   "`make test` sets it up")
+        if os.environ.get("KM_REQUIRE_TRUSS"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
+
+
+@pytest.fixture(scope="session")
+def truss_validate():
+    """Validate a directory with the real truss 0.18.36 loader and config parser."""
+    python = _truss_python()
+
+    def validate(path: Path) -> str:
+        done = subprocess.run([str(python), str(TRUSS_REFERENCE / "validate.py"), str(path)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"truss rejected {path}: {done.stdout}{done.stderr}"
+        return done.stdout
+
+    return validate

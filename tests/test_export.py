@@ -1,0 +1,296 @@
+"""Materialize and export: in a real kernel, from the CLI, checked by the real truss package."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from kernel_harness import Kernel
+
+REPO = Path(__file__).resolve().parents[1]
+CANARY = "sk-CANARY-export-55e1"
+
+
+def write_notebook(path: Path, cells: list[str]) -> Path:
+    nb = new_notebook(cells=[new_code_cell(c) for c in cells],
+                      metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(nb, path)
+    return path
+
+
+def run_notebook_cells(path: Path, env: dict = None, stop_on_error: bool = True) -> tuple[Kernel, list]:
+    """Run a notebook's code cells in order in a real kernel started in its folder, as Jupyter would."""
+    nb = nbformat.read(path, as_version=4)
+    k = Kernel(env={"JPY_SESSION_NAME": str(path), **(env or {})}, cwd=str(path.parent))
+    results = []
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            ex = k.execute(cell.source, timeout=300)
+            results.append(ex)
+            if stop_on_error:
+                assert ex.status == "ok", f"{cell.source}\n{ex.error_text}{ex.stderr}"
+    return k, results
+
+
+def cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "kernel_magics.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and "__pycache__" not in p.parts}
+
+
+def leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".building-" in p.name or ".old-" in p.name]
+
+
+# ---------------------------------------------------------------- the quickstart: CLI == kernel, and truss accepts both
+
+def test_kernel_export_is_byte_identical_to_cli_export_and_truss_accepts_both(tmp_path, truss_validate):
+    nb = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
+    nb.cells.append(new_code_cell("%model_export out-kernel"))
+    path = tmp_path / "quickstart.ipynb"
+    nbformat.write(nb, path)
+    k, results = run_notebook_cells(path)
+    k.shutdown()
+    printed = results[-1].stdout
+    assert "Exported `Model` as a Truss" in printed and "model.py  (" in printed and "KiB)" in printed
+
+    done = cli("export", path, tmp_path / "out-cli")
+    assert done.returncode == 0, done.stderr
+    kernel_files, cli_files = files_of(tmp_path / "out-kernel"), files_of(tmp_path / "out-cli")
+    assert set(kernel_files) == {"config.yaml", "model/__init__.py", "model/model.py"}
+    assert kernel_files == cli_files
+    config = kernel_files["config.yaml"].decode()
+    assert "- torch==2.13.0\n" in config and "+cpu" not in config
+    assert f"python_version: py{sys.version_info.major}{sys.version_info.minor}" in config
+    header, body = kernel_files["model/model.py"].decode().split("\n\n", 1)
+    assert "from quickstart.ipynb" in header
+    assert "kernel_magics" not in body and "%" not in body  # no magics, no import of ours
+    assert "steps=50" not in body and "def train_charnet" in body  # the try-out cell is left out, helpers kept
+    for out in ("out-kernel", "out-cli"):
+        truss_validate(tmp_path / out)
+
+
+def test_show_magics(tmp_path):
+    k = Kernel(cwd=str(tmp_path))
+    try:
+        k.ok("%load_ext kernel_magics")
+        k.ok("import math\nK = 2\ndef f(x):\n    return math.floor(x) * K")
+        k.ok("%%model_config\nmodel_name: shown\nsecrets: {tok: null}\n")
+        k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return f(model_input)")
+        shown = k.ok("%model_show")
+        code = shown.outputs[0]["data"]
+        assert "text/html" in code and "def f(x):" in code["text/plain"] and "import math" in code["text/plain"]
+        config = k.ok("%model_show config.yaml").outputs[0]["data"]["text/plain"]
+        assert "model_name: shown" in config and "tok: null" in config and "python_version: py3" in config
+        why = k.ok("%model_show --why").stdout
+        assert "the model class" in why and "used by Model" in why and "used by f" in why
+    finally:
+        k.shutdown()
+
+
+# ---------------------------------------------------------------- fidelity: the export answers as the notebook did
+
+FIDELITY = {
+    "sync, pydantic, pre/postprocess, data_dir, secrets": ([
+        "import pydantic\nimport json\n\nclass Ask(pydantic.BaseModel):\n    text: str\n    times: int = 1\n\n"
+        "class Reply(pydantic.BaseModel):\n    text: str\n    bonus: int\n    token_length: int",
+        "%%model_config\nmodel_name: fid-a\ndata_dir: assets\nsecrets: {tok: null}\n",
+        textwrap.dedent('''\
+            %%model
+            class Model:
+                def __init__(self, data_dir, secrets):
+                    self._data_dir, self._secrets = data_dir, secrets
+                def load(self):
+                    self.bonus = json.loads((self._data_dir / "bonus.json").read_text())["bonus"]
+                    self.token_length = len(self._secrets["tok"])
+                def preprocess(self, model_input: Ask) -> Ask:
+                    return Ask(text=model_input.text.strip(), times=model_input.times)
+                def predict(self, ask: Ask) -> Reply:
+                    return Reply(text=ask.text * ask.times, bonus=self.bonus, token_length=self.token_length)
+                def postprocess(self, reply):
+                    return {"reply": reply, "shout": reply.text.upper()}
+            '''),
+    ], [{"text": " hi ", "times": 2}, {"text": "x"}]),
+    "async predict and async generator": ([
+        "import asyncio\nSTEPS = 3",
+        textwrap.dedent('''\
+            %%model
+            class Model:
+                async def preprocess(self, model_input):
+                    await asyncio.sleep(0)
+                    return model_input
+                async def predict(self, model_input):
+                    for i in range(STEPS):
+                        await asyncio.sleep(0)
+                        yield {"i": i, "n": model_input["n"]}
+            '''),
+    ], [{"n": 1}, {"n": 7}]),
+    "sync generator of text with helpers": ([
+        "WORDS = ['alpha', 'beta', 'gamma']\n\ndef words(n):\n    for w in WORDS[:n]:\n        yield w + ' '",
+        "%%model\nclass Model:\n    def predict(self, model_input):\n        yield from words(model_input['n'])\n",
+    ], [{"n": 2}, {"n": 3}]),
+}
+
+RUN_EXPORT = r'''
+import asyncio, json, sys
+from kernel_magics.truss_dir import load_truss_dir
+host = load_truss_dir(sys.argv[1])
+host.load()
+async def main():
+    return [await host.collect(i) for i in json.loads(sys.argv[2])]
+print(json.dumps(asyncio.run(main())))
+'''
+
+
+@pytest.mark.parametrize("case", list(FIDELITY))
+def test_exported_model_gives_the_notebooks_answers(tmp_path, case, truss_validate):
+    cells, inputs = FIDELITY[case]
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / "bonus.json").write_text('{"bonus": 42}')
+    predict_cells = [f"import json as _j\nprint(_j.dumps(get_ipython().run_line_magic('model_predict', {json.dumps(i)!r})))"
+                     for i in inputs]
+    path = write_notebook(tmp_path / "fid.ipynb", ["%load_ext kernel_magics", *cells, "%model_load",
+                                                   *predict_cells, "%model_export out"])
+    k, results = run_notebook_cells(path, env={"TRUSS_SECRET_tok": CANARY})
+    k.shutdown()
+    notebook_answers = [json.loads(r.stdout.strip().splitlines()[-1]) for r in results[-1 - len(inputs):-1]]
+    out = tmp_path / "out"
+    truss_validate(out)
+    # A fresh interpreter, started elsewhere, with only the export: no notebook state at all.
+    done = subprocess.run([sys.executable, "-I", "-c", RUN_EXPORT, str(out), json.dumps(inputs)],
+                          capture_output=True, text=True, cwd="/", timeout=120,
+                          env={"TRUSS_SECRET_tok": CANARY, "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == notebook_answers
+    for name, data in files_of(out).items():
+        assert CANARY.encode() not in data, name
+
+
+# ---------------------------------------------------------------- data and local packages
+
+def test_data_and_local_packages_are_copied(tmp_path, truss_validate):
+    (tmp_path / "mytools.py").write_text("def double(x):\n    return 2 * x\n")
+    (tmp_path / "extra.txt").write_text("7")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "base.txt").write_text("5")
+    path = write_notebook(tmp_path / "pk.ipynb", [
+        "%load_ext kernel_magics",
+        "import mytools",
+        "%%model\nclass Model:\n    def __init__(self, data_dir):\n        self.d = data_dir\n"
+        "    def predict(self, x):\n        return mytools.double(int((self.d / 'base.txt').read_text()))",
+        "%model_load",
+        "%model_export out --data extra.txt",
+    ])
+    k, results = run_notebook_cells(path)
+    k.shutdown()
+    files = files_of(tmp_path / "out")
+    assert {"packages/mytools.py", "data/base.txt", "data/extra.txt"} <= set(files)
+    assert b"mytools" not in files["config.yaml"]  # a local module is packaged, not a requirement
+    truss_validate(tmp_path / "out")
+    done = subprocess.run([sys.executable, "-I", "-c", RUN_EXPORT, str(tmp_path / "out"), "[{}]"],
+                          capture_output=True, text=True, cwd="/", timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout) == [10], done.stderr
+
+
+# ---------------------------------------------------------------- bad input: clear messages, nothing half-written
+
+def usage_error(ex) -> str:
+    assert ex.status == "error" and ex.reply["ename"] == "UsageError", ex.all_text
+    return ex.reply["evalue"]
+
+
+def test_kernel_export_errors_leave_nothing_behind(tmp_path):
+    (tmp_path / "libdir").mkdir()
+    (tmp_path / "libdir" / "hidden_mod.py").write_text("VALUE = 1\n")
+    k = Kernel(cwd=str(tmp_path))
+    try:
+        k.ok("%load_ext kernel_magics")
+        assert "No `%%model` cell" in usage_error(k.execute("%model_export out"))
+        k.ok("exec('made_by_exec = 3')")
+        k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return made_by_exec")
+        msg = usage_error(k.execute("%model_export out"))
+        assert "`made_by_exec`" in msg and "exec, %run" in msg
+        # An import that only works through the kernel's sys.path: the fresh-process check catches it.
+        k.ok("import sys\nsys.path.insert(0, 'libdir')\nimport hidden_mod")
+        k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return hidden_mod.VALUE")
+        msg = usage_error(k.execute("%model_export out"))
+        assert "does not work on its own" in msg and "No module named 'hidden_mod'" in msg
+        assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+        (tmp_path / "afile").write_text("x")
+        assert "is a file" in usage_error(k.execute("%model_export afile"))
+        k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return 1")
+        k.ok("%model_export out")
+        (tmp_path / "out" / "mine.txt").write_text("keep me")
+        assert "not empty" in usage_error(k.execute("%model_export out"))
+        assert (tmp_path / "out" / "mine.txt").read_text() == "keep me"
+        # A failing export with --force keeps the previous export whole.
+        k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return hidden_mod.VALUE")
+        usage_error(k.execute("%model_export out --force"))
+        assert (tmp_path / "out" / "mine.txt").exists() and leftovers(tmp_path) == []
+        k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return 2")
+        k.ok("%model_export out --force")
+        assert not (tmp_path / "out" / "mine.txt").exists() and "return 2" in (tmp_path / "out/model/model.py").read_text()
+        assert "does not exist" in usage_error(k.execute("%model_export out2 --data nowhere.bin"))
+        assert not (tmp_path / "out2").exists() and leftovers(tmp_path) == []
+    finally:
+        k.shutdown()
+
+
+def test_cli_bad_notebooks(tmp_path):
+    bad = tmp_path / "bad.ipynb"
+    bad.write_text("{not json")
+    done = cli("export", bad, tmp_path / "o")
+    assert done.returncode == 1 and "not a notebook: invalid JSON at line 1" in done.stderr
+    assert "Traceback" not in done.stderr
+    empty = write_notebook(tmp_path / "nomodel.ipynb", ["x = 1"])
+    done = cli("export", empty, tmp_path / "o")
+    assert done.returncode == 1 and "has no `%%model` cell" in done.stderr
+    done = cli("export", tmp_path / "missing.ipynb", tmp_path / "o")
+    assert done.returncode == 1 and "Cannot read notebook" in done.stderr
+    badcfg = write_notebook(tmp_path / "cfg.ipynb", ["%%model_config\nmodel_nam: x\n",
+                                                     "%%model\nclass Model:\n    def predict(self, x):\n        return 1"])
+    done = cli("export", badcfg, tmp_path / "o")
+    assert done.returncode == 1 and "Did you mean `model_name`?" in done.stderr
+    assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
+
+
+def test_cli_validate(tmp_path):
+    path = write_notebook(tmp_path / "v.ipynb", ["%%model\nclass Model:\n    def predict(self, x):\n        return 1"])
+    assert cli("export", path, tmp_path / "good").returncode == 0
+    done = cli("validate", tmp_path / "good")
+    assert done.returncode == 0 and done.stdout.startswith("OK")
+    (tmp_path / "typo").mkdir()
+    (tmp_path / "typo" / "config.yml").write_text("model_name: x\n")
+    done = cli("validate", tmp_path / "typo")
+    assert done.returncode == 1 and "rename it to config.yaml" in done.stderr
+    (tmp_path / "good" / "config.yaml").write_text("requirements: ['torch=>1']\n")
+    done = cli("validate", tmp_path / "good")
+    assert done.returncode == 1 and "'torch=>1' is not valid" in done.stderr
+    (tmp_path / "good" / "config.yaml").write_text("model_class_name: Missing\n")
+    done = cli("validate", tmp_path / "good")
+    assert done.returncode == 1 and "defines no class `Missing`" in done.stderr
+
+
+def test_requirements_pinning_rules():
+    from kernel_magics.export import pin_requirements
+    from kernel_magics.source import MaterializeError
+
+    pinned, warnings = pin_requirements(["torch", "pyyaml>=5", "ipython ; python_version > '3'"],
+                                        ["torch", "json", "yaml", "pydantic", "mylocal", "notinstalled_xyz"], {"mylocal"})
+    assert pinned[0] == "torch==2.13.0"           # a bare name is pinned, local tag +cpu dropped
+    assert pinned[1] == "pyyaml>=5"               # a written specifier wins
+    assert pinned[2].startswith("ipython==") and pinned[2].endswith('; python_version > "3"')
+    assert any(p.startswith("pydantic==") for p in pinned)
+    assert not any(p.startswith(("json", "mylocal", "PyYAML")) for p in pinned)  # stdlib, local, duplicate
+    assert warnings == ["could not tell which distribution provides module `notinstalled_xyz`; add it to requirements yourself."]
+    with pytest.raises(MaterializeError, match="imports kernel_magics"):
+        pin_requirements([], ["kernel_magics"])
