@@ -27,6 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--data", action="append", default=[], type=Path, metavar="PATH",
                         help="A file or folder to copy into data/ (repeatable).")
 
+    serve = sub.add_parser("serve", help="Serve a Truss directory over Truss's HTTP API (FastAPI + uvicorn).")
+    serve.add_argument("dir", type=Path, help="An exported (or any) Truss directory.")
+    serve.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1: this machine only).")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--secrets-dir", type=Path, default=None,
+                       help="A folder with one file per secret, named after it (as Truss mounts /secrets).")
+
     validate = sub.add_parser("validate", help="Check a Truss directory: config, model class, requirements, import.")
     validate.add_argument("dir", type=Path)
     validate.add_argument("--no-import", action="store_true", help="Skip importing model.py in a fresh Python.")
@@ -55,6 +62,12 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve_directory
+
+    return serve_directory(args.dir, host=args.host, port=args.port, secrets_dir=args.secrets_dir)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -64,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .errors import KernelMagicsError
 
     try:
-        return {"export": _export, "validate": _validate}[args.command](args)
+        return {"export": _export, "validate": _validate, "serve": _serve}[args.command](args)
     except KernelMagicsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

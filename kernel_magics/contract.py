@@ -7,6 +7,7 @@ decided when the class is defined, and a bad signature is a
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
 import typing
 from dataclasses import dataclass
@@ -89,6 +90,32 @@ class ModelContract:
             postprocess=MethodSpec.of(model_class, "postprocess"),
             input_type=_pydantic_input_type(getattr(model_class, first)),
         )
+
+    def truss_schema(self) -> Optional[dict]:
+        """What Truss's ``/schema`` route answers, or None when predict is not annotated."""
+        last = getattr(self.model_class, "postprocess" if self.postprocess else "predict")
+        try:
+            annotation = typing.get_type_hints(last).get("return")
+        except Exception:
+            annotation = None
+        output, streaming = None, None
+        if is_pydantic_class(annotation):
+            output, streaming = annotation, False
+        else:
+            origin = typing.get_origin(annotation)
+            if isinstance(origin, type) and issubclass(origin, (collections.abc.Iterator, collections.abc.AsyncIterator)):
+                streaming = True
+            elif origin is typing.Union:
+                models = [a for a in typing.get_args(annotation) if is_pydantic_class(a)]
+                if models:
+                    output, streaming = models[0], True
+        if self.input_type is None and streaming is None:
+            return None
+        return {
+            "input_schema": self.input_type.model_json_schema() if self.input_type else None,
+            "output_schema": output.model_json_schema() if output else None,
+            "supports_streaming": streaming,
+        }
 
     def changed_methods(self, other: "ModelContract", names=("__init__", "load")) -> list[str]:
         """Which of ``names`` differ in code between this class and ``other``."""

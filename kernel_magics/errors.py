@@ -9,6 +9,8 @@ wrapped in these; they keep their type and their (trimmed) traceback.
 
 from __future__ import annotations
 
+from typing import Optional
+
 __all__ = [
     "KernelMagicsError",
     "ConfigError",
@@ -49,6 +51,10 @@ class SecretNotFound(KernelMagicsError, KeyError):
 
 class InputValidationError(KernelMagicsError):
     """The model input failed validation against predict's Pydantic input type."""
+
+    def __init__(self, message: str, errors: Optional[list] = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []  # pydantic's error dicts (loc, msg), for Truss's response text
 
 
 class NotSerializableError(KernelMagicsError):

@@ -416,3 +416,66 @@ class ModelMagics(Magics):
         print(result.tree())
         self.last_export = result.target
         return None
+
+    # ------------------------------------------------------------------ serve the live model
+
+    @magic_arguments()
+    @argument("--port", type=int, default=8080, help="Port on 127.0.0.1 (default 8080).")
+    @argument("--stop", action="store_true", help="Stop the server this notebook started.")
+    @line_magic
+    def model_serve(self, line: str):
+        """Serve the live notebook model over Truss's HTTP API on 127.0.0.1, in the background.
+
+        Hot reloads take effect on the next request; the kernel stays usable.
+
+            %model_serve --port 8080
+            !curl -s -X POST localhost:8080/v1/models/model:predict -d '{"x": 1}'
+            %model_serve --stop
+        """
+        args = parse_argstring(self.model_serve, line)
+        current = getattr(self, "_server", None)
+        if args.stop:
+            if current is None:
+                print("No model server is running.")
+                return None
+            server, future, port = current
+            server.should_exit = True
+            try:
+                future.result(timeout=35)
+            except Exception:
+                pass
+            self._server = None
+            print(f"Stopped the model server on port {port}.")
+            return None
+        if current is not None:
+            raise UsageError(f"The model is already served on port {current[2]}; run %model_serve --stop first.")
+        self._check_port_free(args.port)
+        import uvicorn
+
+        from .server import create_app, uvicorn_config
+
+        app = create_app(self.host)
+        # log_config=None: uvicorn's logs go through logging, not into whichever cell runs.
+        server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", args.port, log_level="warning", log_config=None))
+        future = self.runner.submit(server.serve())
+        deadline = time.monotonic() + 10
+        while not server.started and not future.done() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not server.started:
+            server.should_exit = True
+            raise UsageError(f"The model server did not start on 127.0.0.1:{args.port}; pick another --port.")
+        self._server = (server, future, args.port)
+        state = "" if self.host.state is ModelState.READY else f" (the model is {self.host.state.value}: predictions answer 503 until %model_load)"
+        print(f"Serving the notebook model at http://127.0.0.1:{args.port}/v1/models/model:predict{state}. "
+              "Stop it with %model_serve --stop.")
+        return None
+
+    @staticmethod
+    def _check_port_free(port: int) -> None:
+        import socket
+
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                raise UsageError(f"Port {port} on 127.0.0.1 is in use; pick another with --port.") from None

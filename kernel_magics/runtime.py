@@ -14,6 +14,7 @@ import concurrent.futures
 import contextvars
 import enum
 import inspect
+import json
 import os
 import threading
 import time
@@ -254,7 +255,16 @@ class ModelHost:
         try:
             return input_type.model_validate(model_input)
         except pydantic.ValidationError as exc:
-            raise InputValidationError(_describe_input_error(exc, input_type)) from None
+            raise InputValidationError(_describe_input_error(exc, input_type), _plain_errors(exc)) from None
+
+    def validate_json_input(self, body: bytes) -> Any:
+        """Parse a request body into the Pydantic input type as Truss does (pydantic's parse_raw):
+        json.loads first, a decoding error reported at ``__root__``, then validation."""
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise InputValidationError(f"The input is not valid JSON: {exc}.", [{"loc": ("__root__",), "msg": str(exc)}]) from None
+        return self.validate_input(data)
 
     async def predict(self, model_input: Any) -> Any:
         """Run preprocess → predict → postprocess and return JSON-ready data or a ChunkStream.
@@ -439,6 +449,10 @@ def _close_quietly(gen: Any) -> None:
             gen.close()
         except Exception:
             pass
+
+
+def _plain_errors(exc: Any) -> list[dict]:
+    return [{"loc": tuple(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False, include_input=False)]
 
 
 def _describe_input_error(exc: Any, input_type: type) -> str:

@@ -37,6 +37,7 @@ class SecretStore(Mapping):
         self._overrides: dict[str, str] = {}
         self._secrets_dir = Path(secrets_dir) if secrets_dir else None
         self._hint = hint
+        self._handed_out: set[str] = set()  # values given to the model, to scrub from logs
 
     # Names may change when the config cell is re-run; values set in memory stay.
     def set_names(self, names: Iterable[str]) -> None:
@@ -62,19 +63,28 @@ class SecretStore(Mapping):
                 f"Secret '{name}' is not declared in the config. Add `{name}: null` under `secrets:` "
                 f"in the config so the deployment knows to provide it."
             )
-        if name in self._overrides:
-            return self._overrides[name]
-        if self._secrets_dir:
-            path = self._secrets_dir / name
-            if path.is_file():
-                return path.read_text()
-        value = os.environ.get(ENV_PREFIX + name)
+        value = self._resolve(name)
         if value:
+            self._handed_out.add(value)
             return value
         hint = f" {self._hint.format(name=name)}" if self._hint else ""
         raise SecretNotFound(
             f"Secret '{name}' has no value: set the environment variable {ENV_PREFIX}{name}{hint}."
         )
+
+    def _resolve(self, name: str) -> Optional[str]:
+        if name in self._overrides:
+            return self._overrides[name]
+        if self._secrets_dir and (self._secrets_dir / name).is_file():
+            return (self._secrets_dir / name).read_text()
+        return os.environ.get(ENV_PREFIX + name) or None
+
+    def redact(self, text: str) -> str:
+        """``text`` with every secret value the model has read replaced by ``***``."""
+        for value in sorted(self._handed_out, key=len, reverse=True):
+            if len(value) >= 4:
+                text = text.replace(value, "***")
+        return text
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)

@@ -51,6 +51,9 @@ def _convert(value: Any, what: str, path: str) -> Any:
         return [_convert(item, what, f"{path}[{i}]") for i, item in enumerate(value)]
     if is_pydantic_model(value):
         return value.model_dump(mode="json")
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        # Truss's server encodes numpy scalars and arrays (DeepNumpyEncoder); so do we.
+        return _convert(value.tolist(), what, path)
     _fail(value, what, path, None)
 
 
@@ -60,7 +63,7 @@ def _fail(value: Any, what: str, path: str, why: Any) -> None:
     where = f"at {what}{path}" if path else f"as {what}"
     reason = why or "it is not JSON-serializable"
     hint = ""
-    if name.startswith(("torch.", "numpy.")):
+    if name.startswith("torch."):
         hint = " Convert it first, for example with .tolist() or .item()."
     raise NotSerializableError(
         f"{what.capitalize()} contains a {name} {where}: {reason}, so a Truss server could not send it. "

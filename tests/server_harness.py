@@ -1,0 +1,118 @@
+"""Start real servers (ours and Truss's own) on free 127.0.0.1 ports, and stop them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+TRUSS_REFERENCE = REPO.parent / "shared" / "truss_reference"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_truss(root: Path, model_py: str, config: str = "model_name: test\n") -> Path:
+    """A Truss directory on disk: config.yaml and model/model.py."""
+    (root / "model").mkdir(parents=True, exist_ok=True)
+    (root / "model" / "model.py").write_text(textwrap.dedent(model_py))
+    (root / "config.yaml").write_text(textwrap.dedent(config))
+    return root
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen
+    url: str
+    log_path: Path
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def predict_url(self, name: str = "model") -> str:
+        return f"{self.url}/v1/models/{name}:predict"
+
+
+def _wait_alive(served: Served, timeout: float, ready: bool) -> None:
+    path = "/v1/models/model" if ready else "/"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if served.proc.poll() is not None:
+            return  # exited: the caller looks at the return code
+        try:
+            if httpx.get(served.url + path, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"server did not come up in {timeout}s:\n{served.log}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL) if hasattr(os, "killpg") else proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def serve_ours(truss_dir: Path, *args: str, env: Optional[dict] = None, wait_ready: bool = True,
+               timeout: float = 60) -> Iterator[Served]:
+    """`kernel-magics serve DIR` as a real process."""
+    port = free_port()
+    log = Path(tempfile.mkstemp(prefix="km-serve-", suffix=".log")[1])
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kernel_magics.cli", "serve", str(truss_dir), "--port", str(port), *args],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
+        )
+    served = Served(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        _wait_alive(served, timeout, wait_ready)
+        yield served
+    finally:
+        _stop(proc)
+
+
+def truss_reference_python() -> Optional[Path]:
+    venv = Path(os.environ.get("TRUSS_REF_VENV", Path.home() / ".cache" / "truss-reference" / "venv"))
+    python = venv / "bin" / "python"
+    return python if python.exists() and TRUSS_REFERENCE.is_dir() else None
+
+
+@contextlib.contextmanager
+def serve_truss(truss_dir: Path, env: Optional[dict] = None, timeout: float = 120) -> Iterator[Served]:
+    """Truss 0.18.36's own server for the same directory (../shared/truss_reference)."""
+    port = free_port()
+    work = Path(tempfile.mkdtemp(prefix="truss-ref-"))
+    log = work / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(TRUSS_REFERENCE / "serve_with_truss.sh"), str(truss_dir), str(port), str(work)],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
+        )
+    served = Served(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        _wait_alive(served, timeout, ready=True)
+        yield served
+    finally:
+        _stop(proc)
