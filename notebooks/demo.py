@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -34,7 +37,43 @@ def main() -> int:
     print(f"\nExporting it without running it: kernel-magics export notebooks/quickstart.ipynb {export.relative_to(ROOT)}")
     subprocess.run([sys.executable, "-m", "kernel_magics.cli", "export", str(ROOT / "notebooks" / "quickstart.ipynb"),
                     str(export), "--force"], check=True)
+    serve_and_ask(export)
     return 0
+
+
+def serve_and_ask(export: Path) -> None:
+    """Serve the export with `kernel-magics serve`, send one prediction over HTTP, stop the server."""
+    import httpx
+
+    port = _free_port()
+    print(f"\nServing it: kernel-magics serve {export.relative_to(ROOT)} --port {port}", flush=True)
+    server = subprocess.Popen([sys.executable, "-m", "kernel_magics.cli", "serve", str(export), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models/model", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise SystemExit(f"the server did not become ready:\n{server.stderr.read() if server.poll() is not None else ''}")
+        body = {"prompt": "Beautiful is", "max_new_tokens": 40}
+        print(f"curl -X POST http://127.0.0.1:{port}/v1/models/model:predict -d '{json.dumps(body)}'")
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/models/model:predict", json=body, timeout=30)
+        print(f"  -> {answer.status_code} {answer.text}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        print("Server stopped.")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
