@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 
 from .errors import KernelMagicsError
 
-__all__ = ["GpuInfo", "list_gpus", "resolve_device", "default_device", "describe_device",
+__all__ = ["GpuInfo", "list_gpus", "guess_gpu", "resolve_device", "default_device", "describe_device",
            "infer_device", "memory_stats", "free_memory"]
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -50,16 +50,27 @@ def list_gpus() -> list[GpuInfo]:
     return out
 
 
+def guess_gpu() -> Optional[str]:
+    """``cuda:0`` when torch is already imported and sees a GPU, else None (never imports torch)."""
+    torch = _torch()
+    return "cuda:0" if torch is not None and torch.cuda.is_available() else None
+
+
 def resolve_device(spec: str) -> Optional[str]:
     """Turn ``auto|cpu|cuda|cuda:N`` into a concrete device name.
 
-    ``auto`` returns None: the model chooses, as it will in a deployment.
+    ``auto``: the kernel's first GPU when the notebook already uses torch and one
+    is there, ``cpu`` when it uses torch without a GPU, and None (the model
+    chooses, as in a deployment) when torch is not imported: a model without
+    torch should not pay torch's import time.
     """
     spec = (spec or "auto").strip().lower()
     if not _DEVICE.fullmatch(spec):
         raise KernelMagicsError(f"Unknown device {spec!r}: use auto, cpu, cuda or cuda:N (for example cuda:0).")
     if spec == "auto":
-        return None
+        if _torch() is None:
+            return None
+        return guess_gpu() or "cpu"
     if spec == "cpu":
         return "cpu"
     gpus = list_gpus()

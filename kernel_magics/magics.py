@@ -9,12 +9,16 @@ notebook cell and line.
 from __future__ import annotations
 
 import ast
+import contextvars
 import getpass
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+from traitlets import Enum, Float, TraitError, validate
 
 from IPython.core.error import StdinNotImplementedError, UsageError
 from IPython.core.magic import (
@@ -25,7 +29,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from .config import parse_config
 from .errors import KernelMagicsError
 from .loop import BackgroundLoop
-from .runtime import ModelHost, ModelState
+from .runtime import ChunkStream, ModelHost, ModelState, join_chunks
 from .secrets import SecretStore
 from .source import split_cell_magic
 from .tracebacks import user_traceback
@@ -35,9 +39,27 @@ __all__ = ["ModelMagics"]
 _MISSING = object()
 
 
+def _strip_flag(text: str, flag: str) -> tuple[str, bool]:
+    """``text`` without a leading ``flag``, and whether it was there."""
+    if text == flag or text.startswith(flag + " "):
+        return text[len(flag):].strip(), True
+    return text, False
+
+
 @magics_class
 class ModelMagics(Magics):
     """Turn notebook cells into a Truss model: config, class, load, predict."""
+
+    widgets = Enum(("auto", "always", "never"), "auto", help=(
+        "Live widget views: auto (when a widget manager is likely, as in JupyterLab), always, or never (plain text)."
+    )).tag(config=True)
+    stream_rate = Float(30.0, help="Most widget or text updates a second while streaming.").tag(config=True)
+
+    @validate("stream_rate")
+    def _check_rate(self, proposal):
+        if proposal["value"] <= 0:
+            raise TraitError("stream_rate must be positive")
+        return proposal["value"]
 
     def __init__(self, shell=None, **kwargs: Any) -> None:
         super().__init__(shell, **kwargs)
@@ -48,6 +70,8 @@ class ModelMagics(Magics):
         # Every executed cell, in order: what export analyses (as the CLI reads an .ipynb).
         self.cells: list[str] = []
         self.last_export: Optional[Path] = None
+        self._load_thread: Optional[threading.Thread] = None
+        self.last_stream = None  # the last StreamConsumer: its chunks stay reachable after an error or interrupt
 
     def record_cell(self, result) -> None:
         """post_run_cell hook: keep the cell's source for export.
@@ -92,6 +116,15 @@ class ModelMagics(Magics):
         except AttributeError:  # an exception type without __dict__: show it in full
             pass
         return exc
+
+    def _use_widgets(self, no_widget: bool = False) -> bool:
+        if no_widget or self.widgets == "never":
+            return False
+        if self.widgets == "always":
+            return True
+        from .widgets import frontend_has_widgets
+
+        return frontend_has_widgets()
 
     def _run(self, call, *args: Any) -> Any:
         """Call the core; our errors become UsageError, the user's keep their type."""
@@ -220,39 +253,103 @@ class ModelMagics(Magics):
 
     @magic_arguments()
     @argument("--device", default="auto",
-              help="auto (the model chooses, as when deployed), cpu, cuda or cuda:N: torch's default device during load.")
+              help="auto (the kernel's GPU when the notebook uses torch and has one), cpu, cuda or cuda:N: "
+                   "torch's default device while load runs.")
+    @argument("--background", action="store_true",
+              help="Return at once; the view keeps updating, and a predict waits for the load to finish.")
+    @argument("--no-widget", action="store_true", help="Plain text progress instead of the live view.")
     @line_magic
     def model_load(self, line: str):
-        """Instantiate the model class and call ``load()``, showing state, elapsed time and device.
+        """Instantiate the model class and call ``load()``, showing state, elapsed time, device and GPU memory.
 
         __init__ receives the Truss keyword arguments its signature accepts:
-        config, data_dir, secrets, environment.
+        config, data_dir, secrets, environment. What load prints or logs shows
+        in the view as it happens.
 
             %model_load --device cuda
+            %model_load --background
         """
         args = parse_argstring(self.model_load, line)
         from . import devices
 
+        if self._load_thread is not None and self._load_thread.is_alive():
+            raise UsageError("A background load is still running; wait for it (any %model_predict does) first.")
         device = self._run(devices.resolve_device, args.device)
-        target = device or "auto"
-        print(f"Loading `{self.host.config.model_class_name}` (device: {target}) ...", flush=True)
+        if self.host.contract is None:
+            raise UsageError("No model is defined yet: run a %%model cell (a class with predict) first.")
+        view = None
+        if self._use_widgets(args.no_widget):
+            from IPython.display import display
+
+            from .widgets import LoadView
+
+            view = LoadView(self.host, device)
+            display(view.widget)
+        else:
+            print(f"Loading `{self.host.config.model_class_name}` (device: {device or 'chosen by the model'}) ...",
+                  flush=True)
+        if args.background:
+            ctx = contextvars.copy_context()  # its output belongs to this cell
+            self._load_thread = threading.Thread(target=ctx.run, args=(self._load_quietly, device, view is None),
+                                                 name="model-load", daemon=True)
+            self._load_thread.start()
+            print("Loading in the background; %model_predict waits for it to finish.")
+            return None
         try:
             self._run(self.host.load, device)
         except UsageError:
             raise
-        except BaseException:
+        except BaseException as exc:
+            if view is not None and not isinstance(exc, KeyboardInterrupt):
+                raise UsageError(f"load() failed: {type(exc).__name__}: {exc}. The model's state is 'failed'; "
+                                 "its traceback is in the view above (click the error to open it).") from None
             print(f"Load failed after {self.host.load_seconds or 0:.2f} s; the model state is 'failed'.", flush=True)
             raise
-        print(f"Ready in {self.host.load_seconds:.2f} s on {devices.describe_device(self.host.device)}.")
+        if view is None:
+            self._print_loaded()
         return None
+
+    def _print_loaded(self) -> None:
+        from . import devices
+
+        print(f"Ready in {self.host.load_seconds:.2f} s on {devices.describe_device(self.host.device)}.", flush=True)
+
+    def _load_quietly(self, device: Optional[str], plain: bool) -> None:
+        """A background load: the state and the view tell the outcome; nothing is raised."""
+        try:
+            self.host.load(device)
+        except BaseException as exc:
+            if plain:
+                print(f"Background load failed: {type(exc).__name__}: {exc}", flush=True)
+            return
+        if plain:
+            self._print_loaded()
+
+    def _wait_for_background_load(self) -> None:
+        thread = self._load_thread
+        if thread is None or not thread.is_alive():
+            return
+        print("Waiting for the background load to finish ...", flush=True)
+        while thread.is_alive():
+            thread.join(0.1)  # short joins keep a kernel interrupt deliverable
 
     @line_magic
     def model_unload(self, line: str):
         """Drop the loaded instance and free its memory (GPU memory too)."""
-        if self.host.unload():
-            print("Model unloaded; memory freed.")
-        else:
+        from . import devices
+
+        self._wait_for_background_load()
+        gpu = self.host.device if (self.host.device or "").startswith("cuda") else None
+        before = devices.memory_stats(gpu)
+        if not self.host.unload():
             print("No model was loaded.")
+            return
+        after = devices.memory_stats(gpu)
+        if before and after:
+            print(f"Model unloaded; {gpu} memory allocated: {before['allocated'] / 2**20:,.0f} MiB -> "
+                  f"{after['allocated'] / 2**20:,.0f} MiB.")
+        else:
+            print("Model unloaded; memory freed.")
 
     @line_magic
     def model_status(self, line: str):
@@ -295,8 +392,45 @@ class ModelMagics(Magics):
 
     # ------------------------------------------------------------------ predict
 
-    def _predict(self, model_input: Any) -> Any:
-        return self._run(self.runner.run, self.host.collect(model_input))
+    def _predict(self, model_input: Any, no_widget: bool = False) -> Any:
+        self._wait_for_background_load()
+        result = self._run(self.runner.run, self.host.predict(model_input))
+        if not isinstance(result, ChunkStream):
+            return result
+        return self._consume(result, self._use_widgets(no_widget))
+
+    def _consume(self, stream: ChunkStream, widget: bool) -> Any:
+        """Stream into a live view (or plain text) and return the joined result."""
+        from .streaming import StreamConsumer
+
+        if widget:
+            from IPython.display import display
+
+            from .widgets import StreamView
+
+            sink = StreamView()
+        else:
+            from .widgets import PlainStream
+
+            sink = PlainStream()
+        consumer = self.last_stream = StreamConsumer(sink, rate=self.stream_rate)
+        if widget:
+            from .widgets import route_stop_clicks
+
+            route_stop_clicks(sink, consumer.request_stop)
+            display(sink)
+        if stream.is_async:
+            try:
+                self.runner.run(consumer.consume_async(stream))
+            except KeyboardInterrupt:
+                consumer.outcome = "interrupted"
+        else:
+            consumer.consume_sync(stream)
+        if consumer.outcome == "interrupted":
+            raise KeyboardInterrupt
+        if consumer.outcome == "error":
+            raise self._user_error(consumer.error) from None
+        return self._run(join_chunks, consumer.chunks)
 
     @no_var_expand
     @line_magic
@@ -306,9 +440,11 @@ class ModelMagics(Magics):
             %model_predict {"prompt": "To be"}
             r = %model_predict my_input
         """
-        if not line.strip():
-            raise UsageError('Usage: %model_predict INPUT, where INPUT is JSON like {"prompt": "hi"} or a Python expression.')
-        return self._predict(self._parse_input(line.strip()))
+        text, no_widget = _strip_flag(line.strip(), "--no-widget")
+        if not text:
+            raise UsageError('Usage: %model_predict [--no-widget] INPUT, where INPUT is JSON like {"prompt": "hi"} '
+                             "or a Python expression.")
+        return self._predict(self._parse_input(text), no_widget)
 
     def _parse_input(self, text: str) -> Any:
         try:
@@ -346,7 +482,7 @@ class ModelMagics(Magics):
             model_input = eval(compile(last, filename, "eval"), ns)
         except Exception as exc:
             raise self._user_error(exc) from None
-        return self._predict(model_input)
+        return self._predict(model_input, no_widget="--no-widget" in line.split())
 
     # ------------------------------------------------------------------ materialize and export
 

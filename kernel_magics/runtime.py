@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional
 
 from . import devices
+from .capture import capture_lines
 from .config import ModelConfig
 from .contract import INIT_KWARGS, ModelContract, init_kwargs
 from .errors import InputValidationError, ModelDefinitionError, ModelNotReadyError
@@ -176,15 +177,17 @@ class ModelHost:
         self.unload(quiet=True)
         self.error = None
         self._set_state(ModelState.LOADING)
-        self._emit("load_started", device=device)
+        watch = device or devices.guess_gpu()
+        self._emit("load_started", device=device, memory=devices.memory_stats(watch))
         started = time.perf_counter()
         # As in a deployment, the config's environment_variables are set before the model runs.
         os.environ.update(self._config.environment_variables)
         try:
-            with devices.default_device(device):
-                instance = self.model_class(**self.init_kwargs())
-                if self.contract.load is not None:
-                    instance.load()
+            with capture_lines(lambda source, line: self._emit("log", source=source, line=line)):
+                with devices.default_device(device):
+                    instance = self.model_class(**self.init_kwargs())
+                    if self.contract.load is not None:
+                        instance.load()
         except BaseException as exc:
             self.error = trim_traceback(exc)
             self.load_seconds = time.perf_counter() - started
@@ -195,7 +198,8 @@ class ModelHost:
         self.load_seconds = time.perf_counter() - started
         self.device = devices.infer_device(instance) or device or "cpu"
         self._set_state(ModelState.READY)
-        self._emit("load_finished", seconds=self.load_seconds, device=self.device)
+        self._emit("load_finished", seconds=self.load_seconds, device=self.device,
+                   memory=devices.memory_stats(self.device if self.device.startswith("cuda") else watch))
 
     def unload(self, quiet: bool = False) -> bool:
         """Drop the instance and free memory; returns whether there was one."""
@@ -348,6 +352,7 @@ class ChunkStream:
     def __init__(self, generator: Any, *, on_close: Callable[["ChunkStream"], None], started: float) -> None:
         self._gen = generator
         self._on_close = on_close
+        self._loop = asyncio.get_running_loop()
         self._started = started
         self._closed = False
         self._stop = threading.Event()
@@ -361,6 +366,32 @@ class ChunkStream:
     @property
     def is_async(self) -> bool:
         return inspect.isasyncgen(self._gen)
+
+    @property
+    def started(self) -> float:
+        """``time.perf_counter()`` when the predict began (for time to first chunk)."""
+        return self._started
+
+    def take_sync(self) -> Any:
+        """Hand a sync generator to a caller that iterates it in its own thread.
+
+        Used where per-chunk thread hops would cost more than the generator
+        itself (the notebook's stream view). The caller must call
+        :meth:`close_sync` when done; counting chunks is then up to it.
+        """
+        if self.is_async or self._pump is not None:
+            raise RuntimeError("take_sync needs a sync generator that is not being iterated")
+        return self._gen
+
+    def close_sync(self, chunks: int = 0, first_chunk_seconds: Optional[float] = None) -> None:
+        """Close a generator taken with :meth:`take_sync`; safe from any thread."""
+        if self._closed:
+            return
+        self._closed = True
+        _close_quietly(self._gen)
+        self.chunks, self.first_chunk_seconds = chunks, first_chunk_seconds
+        self.elapsed = time.perf_counter() - self._started
+        self._loop.call_soon_threadsafe(self._on_close, self)  # the slot belongs to the loop
 
     def __aiter__(self) -> "ChunkStream":
         return self

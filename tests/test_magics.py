@@ -165,7 +165,7 @@ def test_predict_input_forms_and_results(kernel):
 def test_bad_predict_inputs(kernel):
     define_and_load(kernel, SIMPLE)
     assert_usage_error(kernel.execute("%model_predict {not json"), "not JSON", "not a Python expression")
-    assert_usage_error(kernel.execute("%model_predict"), "Usage: %model_predict INPUT")
+    assert_usage_error(kernel.execute("%model_predict"), "Usage: %model_predict [--no-widget] INPUT")
     assert_usage_error(kernel.execute("%%predict\nx = 1"), "last line of a %%predict cell must be an expression")
 
 

@@ -1,0 +1,176 @@
+"""Consume a streaming prediction while a display shows it, at almost no cost.
+
+The consumer keeps every chunk in a list; a ticker thread hands the new ones to
+a sink (a widget, or plain text) at most ``rate`` times a second. So per chunk
+the stream pays one ``list.append`` and one flag check, whatever the display
+does, and the frontend gets a bounded number of small messages (deltas), then
+the full output once at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+from .runtime import ChunkStream
+from .serialization import to_jsonable
+from .tracebacks import trim_traceback
+
+__all__ = ["StreamStats", "StreamSink", "StreamConsumer", "chunk_text"]
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    chunks: int
+    first_chunk_seconds: Optional[float]
+    elapsed_seconds: float
+
+    @property
+    def chunks_per_second(self) -> float:
+        return self.chunks / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"chunks": self.chunks, "first_chunk_ms": None if self.first_chunk_seconds is None
+                else round(self.first_chunk_seconds * 1000, 1),
+                "elapsed_s": round(self.elapsed_seconds, 3), "chunks_per_s": round(self.chunks_per_second, 1)}
+
+    def describe(self) -> str:
+        first = "no chunks" if self.first_chunk_seconds is None else f"first after {self.first_chunk_seconds * 1000:.0f} ms"
+        return (f"{self.chunks} chunks in {self.elapsed_seconds:.2f} s "
+                f"({self.chunks_per_second:.0f} chunks/s, {first})")
+
+
+class StreamSink(Protocol):
+    """Where the chunks are shown. ``update`` runs on the ticker thread."""
+
+    def update(self, text: str, stats: StreamStats) -> None: ...
+
+    def finish(self, text: str, stats: StreamStats, outcome: str, error: Optional[BaseException]) -> None: ...
+
+
+def chunk_text(chunks: list) -> str:
+    """Text chunks as text, anything else as one JSON line each."""
+    parts = []
+    for chunk in chunks:
+        if isinstance(chunk, str):
+            parts.append(chunk)
+        elif isinstance(chunk, (bytes, bytearray)):
+            parts.append(bytes(chunk).decode("utf-8", "replace"))
+        else:
+            parts.append(json.dumps(to_jsonable(chunk, what="a streamed chunk")) + "\n")
+    return "".join(parts)
+
+
+class StreamConsumer:
+    """Drains one ChunkStream into ``chunks``; stoppable from any thread."""
+
+    def __init__(self, sink: StreamSink, rate: float = 30.0) -> None:
+        self.sink = sink
+        self.interval = 1.0 / rate
+        self.chunks: list = []
+        self.stop_requested = False  # a plain attribute: the cheapest check in the hot loop
+        self.outcome = "running"
+        self.error: Optional[BaseException] = None
+        self._first: Optional[float] = None
+        self._started = time.perf_counter()
+        self._sent = 0
+        self._ticker_done = threading.Event()
+        self._ticker: Optional[threading.Thread] = None
+        self._task: Optional[asyncio.Task] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    # ------------------------------------------------------------------ control
+
+    def request_stop(self) -> None:
+        """Ask the stream to end after the current chunk (the Stop button); any thread."""
+        self.stop_requested = True
+        if self._task is not None and self._loop is not None:
+            # An async generator may be waiting for its next chunk: cancel that wait.
+            self._loop.call_soon_threadsafe(self._task.cancel)
+
+    def stats(self) -> StreamStats:
+        return StreamStats(len(self.chunks), self._first, time.perf_counter() - self._started)
+
+    # ------------------------------------------------------------------ ticker
+
+    def _start_ticker(self) -> None:
+        ctx = contextvars.copy_context()  # the display messages belong to the running cell
+        self._ticker = threading.Thread(target=ctx.run, args=(self._tick,), name="stream-view", daemon=True)
+        self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._ticker_done.wait(self.interval):
+            self._flush()
+
+    def _flush(self) -> None:
+        n = len(self.chunks)
+        if n > self._sent:
+            new = self.chunks[self._sent:n]
+            self._sent = n
+            self.sink.update(chunk_text(new), self.stats())
+
+    def _finish(self) -> None:
+        self._ticker_done.set()
+        if self._ticker is not None:
+            self._ticker.join()
+        self.sink.finish(chunk_text(self.chunks), self.stats(), self.outcome, self.error)
+
+    # ------------------------------------------------------------------ consuming
+
+    def consume_sync(self, stream: ChunkStream) -> None:
+        """Iterate a sync generator in this thread (no per-chunk thread hop)."""
+        self._started = stream.started
+        gen = stream.take_sync()
+        append = self.chunks.append
+        self._start_ticker()
+        try:
+            first = next(gen, _END)
+            if first is not _END:
+                self._first = time.perf_counter() - self._started
+                append(first)
+                if not self.stop_requested:
+                    for chunk in gen:  # the hot loop: one append and one attribute check a chunk
+                        append(chunk)
+                        if self.stop_requested:
+                            break
+            self.outcome = "stopped" if self.stop_requested else "done"
+        except KeyboardInterrupt as exc:
+            self.outcome, self.error = "interrupted", exc
+        except Exception as exc:
+            self.outcome, self.error = "error", trim_traceback(exc)
+        finally:
+            stream.close_sync(len(self.chunks), self._first)
+            self._finish()
+
+    async def consume_async(self, stream: ChunkStream) -> None:
+        """Iterate the stream on its loop (async generators live there)."""
+        self._started = stream.started
+        self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+        append = self.chunks.append
+        self._start_ticker()
+        try:
+            async with stream:
+                if not self.stop_requested:
+                    async for chunk in stream:
+                        if self._first is None:
+                            self._first = time.perf_counter() - self._started
+                        append(chunk)
+                        if self.stop_requested:
+                            break
+            self.outcome = "stopped" if self.stop_requested else "done"
+        except asyncio.CancelledError as exc:
+            self.outcome = "stopped" if self.stop_requested else "interrupted"
+            if not self.stop_requested:
+                self.error = exc
+        except Exception as exc:
+            self.outcome, self.error = "error", trim_traceback(exc)
+        finally:
+            self._task = None
+            self._finish()

@@ -1,0 +1,264 @@
+"""Live views of a load and of a streaming prediction (ipywidgets / anywidget).
+
+The views only observe: the load view subscribes to ModelHost events, the
+stream view is a sink of :class:`kernel_magics.streaming.StreamConsumer`.
+Each has a plain-text twin for frontends without a widget manager.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import html
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+import anywidget
+import ipywidgets
+import traitlets
+
+from . import devices
+from .runtime import HostEvent, ModelHost
+from .streaming import StreamStats
+
+__all__ = ["StreamView", "PlainStream", "LoadView", "frontend_has_widgets", "route_stop_clicks"]
+
+
+def frontend_has_widgets() -> bool:
+    """Best guess whether a widget manager will render our views.
+
+    True when a frontend opened ipywidgets' control channel, or when the kernel
+    was started by a Jupyter Server (JupyterLab, Notebook 7, Voila set
+    JPY_SESSION_NAME); nbclient, nbconvert and consoles do neither.
+    """
+    return ipywidgets.Widget._control_comm is not None or bool(os.environ.get("JPY_SESSION_NAME"))
+
+
+def route_stop_clicks(widget: ipywidgets.Widget, on_stop: Callable[[], None]) -> bool:
+    """Make a Stop click reach ``on_stop`` even while the cell that streams is running.
+
+    Why this way: the kernel handles comm messages on its shell thread only
+    between cell executions (the running cell holds it), yet the prediction
+    must stay the cell's result, so the stream cannot simply move off the
+    cell. ipykernel 7's shell-channel thread, which receives every message
+    first, asks each comm where its messages go (``_reply_subshell_for``, its
+    subshell routing hook). We answer as before but look at the message on the
+    way: a stop sets a flag the streaming loop checks after each chunk. Nothing
+    else runs on that thread. Without the hook (older ipykernel) the click is
+    handled after the cell, and a kernel interrupt still stops the stream.
+    """
+    def on_msg(_widget, content, _buffers) -> None:
+        if isinstance(content, dict) and content.get("type") == "stop":
+            on_stop()
+
+    widget.on_msg(on_msg)
+    comm = getattr(widget, "comm", None)
+    route = getattr(comm, "_reply_subshell_for", None)
+    if route is None:
+        return False
+
+    def observe(data: Any, default: Any) -> Any:
+        content = data.get("content") if isinstance(data, dict) else None
+        if isinstance(content, dict) and data.get("method") == "custom" and content.get("type") == "stop":
+            on_stop()
+        return route(data, default)
+
+    comm._reply_subshell_for = observe
+    return True
+
+
+# ---------------------------------------------------------------------------- stream view
+
+_STREAM_ESM = """
+function render({ model, el }) {
+  const root = document.createElement("div");
+  root.className = "km-stream";
+  const out = document.createElement("pre");
+  out.className = "km-stream-out";
+  const bar = document.createElement("div");
+  bar.className = "km-stream-bar";
+  const stop = document.createElement("button");
+  stop.className = "km-stream-stop jupyter-button";
+  stop.textContent = "Stop";
+  const stats = document.createElement("span");
+  stats.className = "km-stream-stats";
+  const error = document.createElement("pre");
+  error.className = "km-stream-error";
+  bar.append(stop, stats);
+  root.append(out, bar, error);
+  el.append(root);
+
+  const describe = (s, state) => {
+    if (!s || s.chunks === undefined) return state;
+    const first = s.first_chunk_ms === null ? "no chunks yet" : `first chunk ${s.first_chunk_ms} ms`;
+    return `${state} · ${s.chunks} chunks · ${s.chunks_per_s} chunks/s · ${first} · ${s.elapsed_s} s`;
+  };
+  const showState = () => {
+    const state = model.get("state");
+    stop.style.display = state === "streaming" ? "" : "none";
+    error.textContent = model.get("error");
+    stats.textContent = describe(model.get("stats"), state);
+  };
+  stop.addEventListener("click", () => {
+    model.send({ type: "stop" });
+    stop.disabled = true;
+    stop.textContent = "Stopping…";
+  });
+  model.on("msg:custom", (msg) => {
+    if (msg.type !== "delta") return;
+    out.textContent += msg.text;
+    out.scrollTop = out.scrollHeight;
+    stats.textContent = describe(msg.stats, "streaming");
+  });
+  model.on("change:text", () => { out.textContent = model.get("text"); });
+  model.on("change:state", showState);
+  model.on("change:stats", showState);
+  model.on("change:error", showState);
+  out.textContent = model.get("text");
+  showState();
+}
+export default { render };
+"""
+
+_STREAM_CSS = """
+.km-stream-out { max-height: 24em; overflow: auto; white-space: pre-wrap; margin: 0 0 4px 0;
+  font-family: var(--jp-code-font-family, monospace); font-size: var(--jp-code-font-size, 13px); }
+.km-stream-bar { display: flex; gap: 8px; align-items: center; font-size: 12px;
+  color: var(--jp-ui-font-color2, #666); }
+.km-stream-error:empty { display: none; }
+.km-stream-error { color: var(--jp-error-color1, #c00); white-space: pre-wrap; }
+"""
+
+
+class StreamView(anywidget.AnyWidget):
+    """Shows a streaming prediction: text as it arrives, live statistics, a Stop button.
+
+    While streaming it receives only deltas (custom messages, at most ~30 a
+    second); the full text is set once at the end, so a saved notebook or a
+    second view shows all of it.
+    """
+
+    _esm = _STREAM_ESM
+    _css = _STREAM_CSS
+    text = traitlets.Unicode("", help="The whole output, set when the stream ends.").tag(sync=True)
+    state = traitlets.Unicode("streaming", help="streaming, done, stopped, interrupted or error.").tag(sync=True)
+    stats = traitlets.Dict(help="chunks, first_chunk_ms, chunks_per_s, elapsed_s.").tag(sync=True)
+    error = traitlets.Unicode("", help="The error that ended the stream, if any.").tag(sync=True)
+
+    def __repr__(self) -> str:  # cheap on purpose: never serialises the output
+        return f"StreamView(state={self.state!r})"
+
+    def update(self, text: str, stats: StreamStats) -> None:
+        self.send({"type": "delta", "text": text, "stats": stats.as_dict()})
+
+    def finish(self, text: str, stats: StreamStats, outcome: str, error: Optional[BaseException]) -> None:
+        with self.hold_sync():  # one message: text, stats, error and state together
+            self.text = text
+            self.stats = stats.as_dict()
+            self.error = "" if error is None or outcome == "interrupted" else f"{type(error).__name__}: {error}"
+            self.state = outcome
+
+
+class PlainStream:
+    """The stream view's twin for frontends without widgets: text as it arrives, then a summary line."""
+
+    def __init__(self) -> None:
+        self._printed = 0
+
+    def update(self, text: str, stats: StreamStats) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self._printed += len(text)
+
+    def finish(self, text: str, stats: StreamStats, outcome: str, error: Optional[BaseException]) -> None:
+        rest = text[self._printed:]  # what arrived after the last update
+        newline = "" if (rest or text[:self._printed]).endswith("\n") or not text else "\n"
+        sys.stdout.write(f"{rest}{newline}[{outcome}: {stats.describe()}]\n")
+        sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------- load view
+
+def _bytes(n: Optional[int]) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f} MiB"
+
+
+def _memory(mem: Optional[dict]) -> str:
+    if not mem:
+        return "-"
+    return f"{_bytes(mem['allocated'])} allocated, {_bytes(mem['reserved'])} reserved of {_bytes(mem['total'])}"
+
+
+class LoadView:
+    """A live view of ``load()``: state, elapsed time, device, GPU memory, the last lines it printed."""
+
+    colors = {"loading": "#1976d2", "ready": "#2e7d32", "failed": "#c62828"}
+
+    def __init__(self, host: ModelHost, device: Optional[str], lines: int = 8) -> None:
+        self.widget = ipywidgets.HTML()
+        self.state = "loading"
+        self.device = device
+        self.lines: collections.deque = collections.deque(maxlen=lines)
+        self.memory_before: Optional[dict] = None
+        self.memory_after: Optional[dict] = None
+        self.error: Optional[BaseException] = None
+        self.started = time.perf_counter()
+        self.seconds: Optional[float] = None
+        self._done = threading.Event()
+        self._unsubscribe = host.subscribe(self._on_event)
+        ctx = contextvars.copy_context()
+        self._ticker = threading.Thread(target=ctx.run, args=(self._tick,), name="load-view", daemon=True)
+        self._ticker.start()
+        self.render()
+
+    def _on_event(self, event: HostEvent) -> None:
+        if event.kind == "load_started":
+            self.memory_before = event.data.get("memory")
+        elif event.kind == "log":
+            self.lines.append(event.data["line"])
+        elif event.kind == "load_finished":
+            self.state, self.seconds = "ready", event.data["seconds"]
+            self.device = event.data["device"]
+            self.memory_after = event.data.get("memory")
+            self._close()
+        elif event.kind == "load_failed":
+            self.state, self.seconds, self.error = "failed", event.data["seconds"], event.data["error"]
+            self._close()
+
+    def _close(self) -> None:
+        self._unsubscribe()
+        self._done.set()
+        self.render()
+
+    def _tick(self) -> None:
+        while not self._done.wait(0.25):  # elapsed time ticks while load runs
+            self.render()
+
+    def render(self) -> None:
+        elapsed = self.seconds if self.seconds is not None else time.perf_counter() - self.started
+        color = self.colors[self.state]
+        rows = [
+            ("device", html.escape(devices.describe_device(self.device) if self.device else "chosen by the model")),
+            ("GPU memory before", html.escape(_memory(self.memory_before))),
+        ]
+        if self.state == "ready":
+            rows.append(("GPU memory after", html.escape(_memory(self.memory_after))))
+        table = "".join(f"<tr><td style='padding-right:1em;color:#777'>{k}</td><td>{v}</td></tr>" for k, v in rows)
+        log = ""
+        if self.lines:
+            log = ("<pre style='margin:4px 0;max-height:10em;overflow:auto;font-size:12px'>"
+                   + html.escape("\n".join(self.lines)) + "</pre>")
+        error = ""
+        if self.error is not None:
+            tb = "".join(traceback.format_exception(type(self.error), self.error, self.error.__traceback__))
+            error = (f"<details><summary style='color:{color}'>{html.escape(type(self.error).__name__)}: "
+                     f"{html.escape(str(self.error))}</summary><pre style='font-size:12px'>{html.escape(tb)}</pre></details>")
+        self.widget.value = (
+            f"<div class='km-load'><b style='color:{color}'>{self.state}</b> &middot; {elapsed:.1f} s"
+            f"<table style='font-size:12px'>{table}</table>{log}{error}</div>"
+        )
