@@ -29,12 +29,12 @@ truss-reference:
 
 # pytest's exit code 5 (nothing collected) is non-zero, so make fails on it too.
 test: $(STAMP) truss-reference
-	KM_REQUIRE_TRUSS=$$([ -x $(TRUSS_SETUP) ] && echo 1) $(PY) -m pytest tests notebooks/quickstart.ipynb $(NBVAL)
+	KM_REQUIRE_TRUSS=$$([ -x $(TRUSS_SETUP) ] && echo 1) $(PY) -m pytest tests notebooks/quickstart.ipynb notebooks/streaming.ipynb $(NBVAL)
 
 # Regenerate the example notebooks from notebooks/make_notebooks.py and store fresh outputs.
 notebooks: $(STAMP)
 	$(PY) notebooks/make_notebooks.py
-	$(PY) notebooks/execute.py notebooks/quickstart.ipynb
+	$(PY) notebooks/execute.py notebooks/quickstart.ipynb notebooks/streaming.ipynb
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -403,22 +403,16 @@ class ModelMagics(Magics):
         """Stream into a live view (or plain text) and return the joined result."""
         from .streaming import StreamConsumer
 
+        from .widgets import PlainStream, StreamView, route_stop_clicks
+
+        consumer = self.last_stream = StreamConsumer(PlainStream(), rate=self.stream_rate)
         if widget:
+            # Shown before the first chunk, so the first update carries only text.
             from IPython.display import display
 
-            from .widgets import StreamView
-
-            sink = StreamView()
-        else:
-            from .widgets import PlainStream
-
-            sink = PlainStream()
-        consumer = self.last_stream = StreamConsumer(sink, rate=self.stream_rate)
-        if widget:
-            from .widgets import route_stop_clicks
-
-            route_stop_clicks(sink, consumer.request_stop)
-            display(sink)
+            consumer.sink = StreamView()
+            route_stop_clicks(consumer.sink, consumer.request_stop)
+            display(consumer.sink)
         if stream.is_async:
             try:
                 self.runner.run(consumer.consume_async(stream))
