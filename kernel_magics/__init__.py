@@ -15,6 +15,7 @@ def load_ipython_extension(ipython) -> None:
     magics = ModelMagics(ipython)
     ipython.register_magics(magics)
     ipython.events.register("post_run_cell", magics.record_cell)
+    magics.frontend.start()
 
 
 def unload_ipython_extension(ipython) -> None:

@@ -71,6 +71,12 @@ class ModelMagics(Magics):
         self.cells: list[str] = []
         self.last_export: Optional[Path] = None
         self._load_thread: Optional[threading.Thread] = None
+        from .frontend import FrontendChannel, model_status
+
+        # The JupyterLab extension's view of the model: every host event, config,
+        # definition, secret and export updates it.
+        self.frontend = FrontendChannel(lambda: model_status(self))
+        self.host.subscribe(lambda event: self.frontend.publish())
         self.last_stream = None  # the last StreamConsumer: its chunks stay reachable after an error or interrupt
 
     def record_cell(self, result) -> None:
@@ -163,6 +169,7 @@ class ModelMagics(Magics):
             raise UsageError(f"{exc} The previous config stays in effect.") from None
         self.host.config = config
         self.config_cell = cell
+        self.frontend.publish()
         secrets = ", ".join(
             f"{n} ({'set' if self.host.secrets.source_of(n) else 'not set'})" for n in config.secret_names
         )
@@ -388,6 +395,7 @@ class ModelMagics(Magics):
         if not value:
             raise UsageError(f"No value entered; secret `{name}` is unchanged.")
         self.host.secrets.set_value(name, value)
+        self.frontend.publish()
         print(f"Secret `{name}` set for this session (kept in memory only).")
 
     # ------------------------------------------------------------------ predict
@@ -545,6 +553,7 @@ class ModelMagics(Magics):
         print(f"Exported `{self.host.config.model_class_name}` as a Truss:")
         print(result.tree())
         self.last_export = result.target
+        self.frontend.publish()
         return None
 
     # ------------------------------------------------------------------ serve the live model
