@@ -5,10 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
-.PHONY: venv demo test notebooks clean truss-reference
+.PHONY: venv demo test notebooks clean truss-reference browser-deps lab
 
 # torch is pinned by constraints.txt: an unpinned torch pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml constraints.txt
+# Installing the project also builds the JupyterLab extension (jlpm, npm registry only).
+$(STAMP): pyproject.toml constraints.txt extension/package.json extension/yarn.lock $(wildcard extension/src/*.ts)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
@@ -27,9 +28,22 @@ TRUSS_SETUP := ../shared/truss_reference/setup.sh
 truss-reference:
 	@if [ -x $(TRUSS_SETUP) ]; then $(TRUSS_SETUP) >/dev/null; else echo "note: $(TRUSS_SETUP) not found; truss checks will be skipped"; fi
 
+# The browser tests drive Debian's Chromium with Playwright (never `playwright install`).
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: /usr/bin/chromium missing and not root: browser tests will be skipped"; fi; fi
+
 # pytest's exit code 5 (nothing collected) is non-zero, so make fails on it too.
-test: $(STAMP) truss-reference
-	KM_REQUIRE_TRUSS=$$([ -x $(TRUSS_SETUP) ] && echo 1) $(PY) -m pytest tests notebooks/quickstart.ipynb notebooks/streaming.ipynb $(NBVAL)
+test: $(STAMP) truss-reference browser-deps
+	cd extension && PATH=$(CURDIR)/$(VENV)/bin:$$PATH jlpm test
+	KM_REQUIRE_TRUSS=$$([ -x $(TRUSS_SETUP) ] && echo 1) KM_REQUIRE_BROWSER=$$([ -x /usr/bin/chromium ] && echo 1) \
+	  $(PY) -m pytest tests notebooks/quickstart.ipynb notebooks/streaming.ipynb $(NBVAL)
+
+# Open the quickstart in JupyterLab (the demo itself stays headless).
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/quickstart.ipynb
 
 # Regenerate the example notebooks from notebooks/make_notebooks.py and store fresh outputs.
 notebooks: $(STAMP)

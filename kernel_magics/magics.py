@@ -39,6 +39,13 @@ __all__ = ["ModelMagics"]
 _MISSING = object()
 
 
+def _unquote(text: str) -> str:
+    """IPython's argument splitting keeps quotes (``%model_export "my dir"``); drop a matching pair."""
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1]
+    return text
+
+
 def _strip_flag(text: str, flag: str) -> tuple[str, bool]:
     """``text`` without a leading ``flag``, and whether it was there."""
     if text == flag or text.startswith(flag + " "):
@@ -542,11 +549,12 @@ class ModelMagics(Magics):
 
         args = parse_argstring(self.model_export, line)
         materialized = self._materialize()
-        target = Path(os.path.expanduser(args.dir))
+        target = Path(os.path.expanduser(_unquote(args.dir)))
         if not target.is_absolute():
             target = self.host.base_dir / target
         result = self._run(lambda: export_model(
-            target, materialized, base_dir=self.host.base_dir, data=[Path(p) for p in args.data], force=args.force,
+            target, materialized, base_dir=self.host.base_dir, data=[Path(_unquote(p)) for p in args.data],
+            force=args.force,
         ))
         for warning in result.warnings:
             print(f"warning: {warning}")

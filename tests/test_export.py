@@ -237,7 +237,7 @@ def test_kernel_export_errors_leave_nothing_behind(tmp_path):
         usage_error(k.execute("%model_export out --force"))
         assert (tmp_path / "out" / "mine.txt").exists() and leftovers(tmp_path) == []
         k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return 2")
-        k.ok("%model_export out --force")
+        k.ok('%model_export "out" --force')  # quotes, as a path with spaces needs, are not part of the name
         assert not (tmp_path / "out" / "mine.txt").exists() and "return 2" in (tmp_path / "out/model/model.py").read_text()
         assert "does not exist" in usage_error(k.execute("%model_export out2 --data nowhere.bin"))
         assert not (tmp_path / "out2").exists() and leftovers(tmp_path) == []
