@@ -18,3 +18,12 @@ def test_help_lists_commands_and_imports_nothing_heavy():
 def test_unknown_command_is_a_usage_error():
     out = subprocess.run([sys.executable, "-m", "kernel_magics.cli", "deploy"], capture_output=True, text=True)
     assert out.returncode == 2 and "invalid choice: 'deploy'" in out.stderr
+
+
+def test_labextension_is_installed_prebuilt_and_enabled():
+    from pathlib import Path
+
+    jupyter = Path(sys.executable).parent / "jupyter"
+    out = subprocess.run([str(jupyter), "labextension", "list"], capture_output=True, text=True)
+    line = next((l for l in (out.stdout + out.stderr).splitlines() if "kernel-magics" in l), "")
+    assert "enabled" in line and "OK" in line and "(python, kernel-magics)" in line, out.stdout + out.stderr
