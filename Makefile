@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt extension/package.json extension/yarn.l
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,torch]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,torch,ray]"
 	touch $@
 
 venv: $(STAMP)

@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--secrets-dir", type=Path, default=None,
                        help="A folder with one file per secret, named after it (as Truss mounts /secrets).")
+    serve.add_argument("--engine", choices=["uvicorn", "ray"], default="uvicorn",
+                       help="uvicorn: one process (default). ray: Ray Serve replicas, on this machine or a cluster.")
+    serve.add_argument("--replicas", type=int, default=1, help="With --engine ray: how many replicas.")
+    serve.add_argument("--address", default=None,
+                       help="With --engine ray: join this Ray cluster (ray start --head elsewhere) instead of "
+                            "starting a local Ray.")
 
     validate = sub.add_parser("validate", help="Check a Truss directory: config, model class, requirements, import.")
     validate.add_argument("dir", type=Path)
@@ -63,6 +69,17 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        from .ray_engine import serve_with_ray
+
+        if args.replicas < 1:
+            print("error: --replicas must be at least 1.", file=sys.stderr)
+            return 2
+        return serve_with_ray(args.dir, host=args.host, port=args.port, replicas=args.replicas,
+                              address=args.address, secrets_dir=args.secrets_dir)
+    if args.replicas != 1 or args.address:
+        print("error: --replicas and --address need --engine ray.", file=sys.stderr)
+        return 2
     from .server import serve_directory
 
     return serve_directory(args.dir, host=args.host, port=args.port, secrets_dir=args.secrets_dir)

@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 import traceback
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional, Union
 
 import anyio
 from fastapi import FastAPI, HTTPException, Request
@@ -91,19 +91,24 @@ def _format_input_error(exc: InputValidationError) -> str:
     return "\n".join(parts)
 
 
-def create_app(host: ModelHost, *, load_at_start: bool = False, on_load_failed=None) -> FastAPI:
+def create_app(host: Union[ModelHost, Callable[[], ModelHost]], *, load_at_start: bool = False,
+               on_load_failed=None, all_ready: Optional[Callable[[], Awaitable[bool]]] = None) -> FastAPI:
     """The FastAPI app serving ``host``.
 
-    ``load_at_start`` loads the model in a background thread when the server
-    starts (as Truss does), so liveness answers while it loads; ``on_load_failed``
-    is called with the exception when that load fails.
+    ``host`` may also be a function returning it: a Ray replica builds the app
+    before its host exists. ``load_at_start`` loads the model in a background
+    thread when the server starts (as Truss does), so liveness answers while it
+    loads; ``on_load_failed`` is called with the exception when that load fails.
+    ``all_ready``, when given, must also say yes before readiness is 200 (every
+    replica of a scaled-out deployment, say).
     """
+    current = host if callable(host) and not isinstance(host, ModelHost) else (lambda: host)
 
     async def lifespan(app: FastAPI):
         if load_at_start:
             def load() -> None:
                 try:
-                    host.load()
+                    current().load()
                 except BaseException as exc:  # reported by the caller, which exits
                     if on_load_failed is not None:
                         on_load_failed(exc)
@@ -115,20 +120,23 @@ def create_app(host: ModelHost, *, load_at_start: bool = False, on_load_failed=N
         return Response(b"true", media_type="application/json")
 
     async def readiness(request: Request) -> Response:
-        if host.state is not ModelState.READY:
+        model = current()
+        if model is None or model.state is not ModelState.READY or (all_ready is not None and not await all_ready()):
             return _not_ready()
         return Response(b"{}", media_type="application/json")
 
     async def schema(request: Request) -> Response:
-        described = host.contract.truss_schema() if host.contract else None
+        host = current()
+        described = host.contract.truss_schema() if host and host.contract else None
         if described is None:
-            if host.state is ModelState.READY:
+            if host is not None and host.state is ModelState.READY:
                 return _error(404, "No schema found", _DOWNSTREAM)
             return _error(503, "Schema not available, please try again later.", _DOWNSTREAM)
         return JSONResponse(described)
 
     async def predict(request: Request) -> Response:
-        if host.state is not ModelState.READY:
+        host = current()
+        if host is None or host.state is not ModelState.READY:
             return _not_ready()
         body = await request.body()
         contract = host.contract
@@ -177,7 +185,6 @@ def create_app(host: ModelHost, *, load_at_start: bool = False, on_load_failed=N
         return _error(500, f"Unhandled exception: {type(exc).__name__}: {exc}", _UNEXPECTED)
 
     app.add_exception_handler(Exception, unexpected)
-    app.state.host = host
     return app
 
 

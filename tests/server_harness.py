@@ -76,8 +76,10 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def serve_ours(truss_dir: Path, *args: str, env: Optional[dict] = None, wait_ready: bool = True,
-               timeout: float = 60) -> Iterator[Served]:
-    """`kernel-magics serve DIR` as a real process."""
+               timeout: float = 90, engine: str = "uvicorn", replicas: int = 2) -> Iterator[Served]:
+    """`kernel-magics serve DIR` as a real process (``engine="ray"``: on a local Ray Serve with replicas)."""
+    if engine == "ray":
+        args = ("--engine", "ray", "--replicas", str(replicas), *args)
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="km-serve-", suffix=".log")[1])
     with open(log, "w") as out:

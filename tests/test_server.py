@@ -125,8 +125,12 @@ def baseten_headers(response: httpx.Response) -> tuple:
 
 # ---------------------------------------------------------------- routes, bodies, headers
 
-def test_routes_errors_and_headers(tmp_path, markers):
-    with serve_ours(basic_dir(tmp_path, markers), env={"TRUSS_SECRET_tok": CANARY}) as s:
+ENGINES = pytest.mark.parametrize("engine", ["uvicorn", "ray"])
+
+
+@ENGINES
+def test_routes_errors_and_headers(tmp_path, markers, engine):
+    with serve_ours(basic_dir(tmp_path, markers), env={"TRUSS_SECRET_tok": CANARY}, engine=engine) as s:
         assert httpx.get(s.url + "/").json() is True
         assert httpx.get(s.url + "/v1/models/model").json() == {}
         ok = httpx.post(s.predict_url("any-name"), json={"op": "echo", "i": 1})  # the name is ignored
@@ -149,11 +153,15 @@ def test_routes_errors_and_headers(tmp_path, markers):
     # The user's traceback is in the log, pointing at model.py; the secret value never is.
     assert "Internal Server Error (in model/chainlet)." in log and "model.py" in log and "ValueError" in log
     assert CANARY not in log and "bad token ***" in log
-    assert "Uvicorn running on http://127.0.0.1:" in log
+    if engine == "uvicorn":
+        assert "Uvicorn running on http://127.0.0.1:" in log
+    else:
+        assert "is ready at http://127.0.0.1:" in log
 
 
-def test_pydantic_input_errors_and_schema(tmp_path):
-    with serve_ours(write_truss(tmp_path / "pyd", PYD)) as s:
+@ENGINES
+def test_pydantic_input_errors_and_schema(tmp_path, engine):
+    with serve_ours(write_truss(tmp_path / "pyd", PYD), engine=engine) as s:
         assert httpx.post(s.predict_url(), json={"prompt": "ab", "n": 2}).json() == {"text": "abab"}
         missing = httpx.post(s.predict_url(), json={"n": 2})
         assert missing.status_code == 400 and baseten_headers(missing) == ("04", "700")
@@ -215,11 +223,13 @@ def test_32_concurrent_requests_none_lost(tmp_path, markers):
 
 # ---------------------------------------------------------------- streaming
 
-def test_stream_arrives_chunk_by_chunk(tmp_path, markers):
-    with serve_ours(stream_dir(tmp_path, markers)) as s:
+@ENGINES
+def test_stream_arrives_chunk_by_chunk(tmp_path, markers, engine):
+    with serve_ours(stream_dir(tmp_path, markers), engine=engine) as s:
         with httpx.stream("POST", s.predict_url(), json={"n": 4, "tag": "s", "acks": True}, timeout=30) as r:
             assert r.headers["content-type"] == "application/octet-stream"
             assert r.headers.get("transfer-encoding") == "chunked"
+            assert (engine == "ray") == ("x-kernel-magics-replica" in r.headers)
             got = []
             for chunk in r.iter_raw():
                 got.append(chunk.decode())
@@ -230,8 +240,9 @@ def test_stream_arrives_chunk_by_chunk(tmp_path, markers):
         assert gathered.headers["content-type"] == "application/json" and gathered.json() == "0;1;2;"
 
 
-def test_client_disconnect_closes_the_generator_and_frees_the_slot(tmp_path, markers):
-    with serve_ours(stream_dir(tmp_path, markers)) as s:  # predict_concurrency 1
+@ENGINES
+def test_client_disconnect_closes_the_generator_and_frees_the_slot(tmp_path, markers, engine):
+    with serve_ours(stream_dir(tmp_path, markers), engine=engine, replicas=1) as s:  # predict_concurrency 1
         # A generator that would run for minutes (100,000 chunks, 10 ms apart).
         with httpx.stream("POST", s.predict_url(), json={"n": 100000, "tag": "d", "delay": 0.01}, timeout=30) as r:
             first = next(r.iter_raw())
@@ -357,8 +368,8 @@ def _answer(base: str, method: str, path: str, body, headers) -> tuple:
     return (r.status_code, ctype, baseten_headers(r), payload)
 
 
-@pytest.mark.parametrize("name", list(REPLAY))
-def test_answers_match_truss_server(tmp_path, markers, name):
+@pytest.mark.parametrize("name, engine", [(name, "uvicorn") for name in REPLAY] + [("errors", "ray"), ("echo_stream", "ray")])
+def test_answers_match_truss_server(tmp_path, markers, name, engine):
     if truss_reference_python() is None:
         pytest.skip("the truss reference server is not set up (make test sets it up)")
     path, requests = REPLAY[name]
@@ -370,7 +381,7 @@ def test_answers_match_truss_server(tmp_path, markers, name):
     requests = COMMON_REQUESTS + requests
     with serve_truss(path, env=env) as theirs:
         expected = [_answer(theirs.url, *req) for req in requests]
-    with serve_ours(path, env=env) as ours:
+    with serve_ours(path, env=env, engine=engine) as ours:
         got = [_answer(ours.url, *req) for req in requests]
     for req, want, have in zip(requests, expected, got):
         assert have == want, f"{req}: Truss answered {want}, we answered {have}"

@@ -1,0 +1,122 @@
+"""`kernel-magics serve --engine ray`: real Ray Serve on this machine (127.0.0.1, small object store).
+
+The Truss-compatible route tests run against the Ray engine too (test_server.py, engine=ray);
+here: what only the Ray engine does.
+"""
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from server_harness import free_port, serve_ours, write_truss
+
+pytest.importorskip("ray", reason="ray[serve] is not installed (pip install 'kernel-magics[ray]')")
+
+CANARY = "sk-CANARY-ray-3c4d"
+ECHO = "import os\nclass Model:\n    def load(self):\n        self.tok = os.environ.get('NOPE')\n" \
+       "    def predict(self, model_input):\n        return model_input\n"
+SECRET = ("class Model:\n    def __init__(self, secrets):\n        self._s = secrets\n    def load(self):\n"
+          "        self.n = len(self._s['tok'])\n    def predict(self, model_input):\n"
+          "        raise ValueError(f'bad token {self._s[\"tok\"]}')\n")
+
+
+def ray_processes(root: psutil.Process) -> list[psutil.Process]:
+    try:
+        return root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_two_replicas_share_the_load(tmp_path):
+    d = write_truss(tmp_path / "echo", ECHO, "runtime: {predict_concurrency: 1}\n")
+    with serve_ours(d, engine="ray", replicas=2) as s:
+        async def main():
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await asyncio.gather(*(client.post(s.predict_url(), json={"i": i}) for i in range(32)))
+
+        responses = asyncio.run(main())
+        assert [r.status_code for r in responses] == [200] * 32
+        assert sorted(r.json()["i"] for r in responses) == list(range(32))
+        replicas = {r.headers["x-kernel-magics-replica"] for r in responses}
+        assert len(replicas) == 2  # both replicas answered
+        assert httpx.get(s.url + "/v1/models/model").status_code == 200
+
+
+def test_local_ray_keeps_to_itself_and_leaves_nothing_behind(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    d = write_truss(tmp_path / "sec", SECRET, "secrets: {tok: null}\n")
+    with serve_ours(d, engine="ray", replicas=1, env={"HOME": str(home), "TRUSS_SECRET_tok": CANARY}) as s:
+        assert httpx.post(s.predict_url(), json={}).status_code == 500  # the error names the token: redacted
+        temp = Path(re.search(r"files under (\S+)\)", s.log).group(1))
+        assert temp.is_dir() and str(temp).startswith(("/tmp/", os.environ.get("TMPDIR", "/tmp")))
+        driver = psutil.Process(s.proc.pid)
+        children = ray_processes(driver)
+        assert any("gcs_server" in " ".join(p.cmdline()) for p in children)
+        listening = []
+        for p in [driver, *children]:
+            try:
+                listening += [(p.name(), c.laddr.ip) for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+            except psutil.NoSuchProcess:
+                pass
+        assert listening
+        # Everything Ray starts listens on loopback, except the one inter-deployment gRPC port that
+        # Ray Serve 2.60 hard-codes to [::] in every replica (serve/_private/replica.py).
+        others = [(name, ip) for name, ip in listening if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+        assert all("ServeReplica" in name or "ServeRepli" in name for name, _ in others), others
+        assert len(others) <= 1
+        time.sleep(1)  # let Ray flush its logs
+        leaked = [f for f in temp.rglob("*") if f.is_file() and CANARY.encode() in f.read_bytes()]
+        assert not leaked
+    assert CANARY not in s.log and "bad token ***" in s.log
+    assert s.proc.returncode == 0
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children)
+    assert not temp.exists()
+    assert list(home.iterdir()) == []  # no auth token or anything else in the home directory
+
+
+def test_a_replica_that_fails_to_load_ends_the_command_with_the_users_error(tmp_path):
+    d = write_truss(tmp_path / "bad", "class Model:\n    def load(self):\n        raise RuntimeError('no weights at /models/x')\n"
+                                       "    def predict(self, model_input):\n        return 1\n")
+    before = {p.pid for p in psutil.process_iter() if "gcs_server" in p.name()}
+    done = subprocess.run([sys.executable, "-m", "kernel_magics.cli", "serve", str(d), "--engine", "ray",
+                           "--replicas", "2", "--port", str(free_port())], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: a replica failed to load the model: RuntimeError: no weights at /models/x")
+    time.sleep(1)
+    after = {p.pid for p in psutil.process_iter() if "gcs_server" in p.name() and p.status() != psutil.STATUS_ZOMBIE}
+    assert after <= before  # the local Ray it started is gone
+
+
+def test_without_ray_installed_it_says_how_to_install(tmp_path):
+    d = write_truss(tmp_path / "e", ECHO)
+    code = ("import sys; sys.modules['ray'] = None; from kernel_magics.cli import main; "
+            f"sys.exit(main(['serve', {str(d)!r}, '--engine', 'ray']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "pip install 'kernel-magics[ray]'" in done.stderr
+
+
+def test_ray_only_options_need_the_ray_engine(tmp_path):
+    d = write_truss(tmp_path / "e", ECHO)
+    done = subprocess.run([sys.executable, "-m", "kernel_magics.cli", "serve", str(d), "--replicas", "2"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--replicas and --address need --engine ray" in done.stderr
+
+
+def test_replica_resources_follow_the_config():
+    from kernel_magics.config import parse_config
+    from kernel_magics.ray_engine import replica_options
+
+    options = replica_options(parse_config(
+        "resources: {accelerator: 'A10G:2', cpu: 500m, memory: 2Gi}\nruntime: {predict_concurrency: 4}\n"))
+    assert options == {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": 2, "memory": 2 * 2**30},
+                       "max_ongoing_requests": 4}
