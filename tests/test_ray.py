@@ -119,4 +119,4 @@ def test_replica_resources_follow_the_config():
     options = replica_options(parse_config(
         "resources: {accelerator: 'A10G:2', cpu: 500m, memory: 2Gi}\nruntime: {predict_concurrency: 4}\n"))
     assert options == {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": 2, "memory": 2 * 2**30},
-                       "max_ongoing_requests": 4}
+                       "max_ongoing_requests": 4 + 4}  # predict_concurrency, plus a short queue in the replica
