@@ -26,6 +26,10 @@ ACCELERATORS = (
 _PYTHON_VERSION = re.compile(r"^py3(9|1[0-4])$")
 _MILLI_CPU = re.compile(r"^[0-9.]+m?$")
 _MEMORY = re.compile(r"^[0-9.]+(k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_QUANTITIES = {
+    "cpu": (_MILLI_CPU, "a number of cores like '1' or millicores like '500m'"),
+    "memory": (_MEMORY, "a size like '2Gi' or '512Mi'"),
+}
 
 
 class _Section(pydantic.BaseModel):
@@ -64,18 +68,12 @@ class Resources(_Section):
             return str(value)
         return value
 
-    @pydantic.field_validator("cpu")
+    @pydantic.field_validator("cpu", "memory")
     @classmethod
-    def _check_cpu(cls, value: str) -> str:
-        if not _MILLI_CPU.fullmatch(value):
-            raise ValueError(f"cpu must be a number of cores like '1' or millicores like '500m', not {value!r}")
-        return value
-
-    @pydantic.field_validator("memory")
-    @classmethod
-    def _check_memory(cls, value: str) -> str:
-        if not _MEMORY.fullmatch(value):
-            raise ValueError(f"memory must be a size like '2Gi' or '512Mi', not {value!r}")
+    def _check_quantity(cls, value: str, info: pydantic.ValidationInfo) -> str:
+        pattern, example = _QUANTITIES[info.field_name]
+        if not pattern.fullmatch(value):
+            raise ValueError(f"{info.field_name} must be {example}, not {value!r}")
         return value
 
     @pydantic.field_validator("accelerator")

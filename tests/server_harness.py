@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,25 @@ def serve_ours(truss_dir: Path, *args: str, env: Optional[dict] = None, wait_rea
         yield served
     finally:
         _stop(proc)
+
+
+def post_concurrently(url: str, bodies: list) -> list[httpx.Response]:
+    """POST every body at once (one asyncio client) and return the responses in order."""
+    import asyncio
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.post(url, json=body) for body in bodies))
+
+    return asyncio.run(main())
+
+
+def post_in_background(url: str, body) -> tuple[threading.Thread, dict]:
+    """Start a POST on a thread; the response lands in the returned dict under "r"."""
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(r=httpx.post(url, json=body, timeout=60)))
+    thread.start()
+    return thread, result
 
 
 def truss_reference_python() -> Optional[Path]:

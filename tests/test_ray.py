@@ -4,7 +4,6 @@ The Truss-compatible route tests run against the Ray engine too (test_server.py,
 here: what only the Ray engine does.
 """
 
-import asyncio
 import os
 import re
 import subprocess
@@ -16,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from server_harness import free_port, serve_ours, write_truss
+from server_harness import free_port, post_concurrently, serve_ours, write_truss
 
 pytest.importorskip("ray", reason="ray[serve] is not installed (pip install 'kernel-magics[ray]')")
 
@@ -38,11 +37,7 @@ def ray_processes(root: psutil.Process) -> list[psutil.Process]:
 def test_two_replicas_share_the_load(tmp_path):
     d = write_truss(tmp_path / "echo", ECHO, "runtime: {predict_concurrency: 1}\n")
     with serve_ours(d, engine="ray", replicas=2) as s:
-        async def main():
-            async with httpx.AsyncClient(timeout=60) as client:
-                return await asyncio.gather(*(client.post(s.predict_url(), json={"i": i}) for i in range(32)))
-
-        responses = asyncio.run(main())
+        responses = post_concurrently(s.predict_url(), [{"i": i} for i in range(32)])
         assert [r.status_code for r in responses] == [200] * 32
         assert sorted(r.json()["i"] for r in responses) == list(range(32))
         replicas = {r.headers["x-kernel-magics-replica"] for r in responses}

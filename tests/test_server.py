@@ -1,9 +1,6 @@
 """`kernel-magics serve` and `%model_serve`: real uvicorn on free ports, real HTTP, compared with Truss's server."""
 
-import asyncio
-import json
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -11,7 +8,10 @@ import httpx
 import pytest
 
 from kernel_harness import Kernel
-from server_harness import TRUSS_REFERENCE, free_port, serve_ours, serve_truss, truss_reference_python, write_truss
+from server_harness import (
+    TRUSS_REFERENCE, free_port, post_concurrently, post_in_background, serve_ours, serve_truss, truss_reference_python,
+    write_truss,
+)
 
 CANARY = "sk-CANARY-serve-91b2"
 
@@ -198,10 +198,7 @@ class Model:
 
 def test_liveness_and_readiness_answer_during_a_long_sync_predict(tmp_path, markers):
     with serve_ours(basic_dir(tmp_path, markers), env={"TRUSS_SECRET_tok": CANARY}) as s:
-        result = {}
-        slow = threading.Thread(target=lambda: result.update(r=httpx.post(s.predict_url(), json={"op": "sleep", "s": 3},
-                                                                           timeout=30)))
-        slow.start()
+        slow, result = post_in_background(s.predict_url(), {"op": "sleep", "s": 3})
         assert wait_for(markers / "sleep-started")
         assert httpx.get(s.url + "/v1/models/model", timeout=5).status_code == 200
         assert httpx.get(s.url + "/", timeout=5).status_code == 200
@@ -212,11 +209,7 @@ def test_liveness_and_readiness_answer_during_a_long_sync_predict(tmp_path, mark
 
 def test_32_concurrent_requests_none_lost(tmp_path, markers):
     with serve_ours(basic_dir(tmp_path, markers, concurrency=1), env={"TRUSS_SECRET_tok": CANARY}) as s:
-        async def main():
-            async with httpx.AsyncClient(timeout=60) as client:
-                return await asyncio.gather(*(client.post(s.predict_url(), json={"i": i}) for i in range(32)))
-
-        responses = asyncio.run(main())
+        responses = post_concurrently(s.predict_url(), [{"i": i} for i in range(32)])
     assert [r.status_code for r in responses] == [200] * 32
     assert sorted(r.json()["i"] for r in responses) == list(range(32))
 
@@ -300,10 +293,7 @@ def test_failed_load_and_missing_model_exit_non_zero(tmp_path):
 
 def test_sigterm_finishes_the_request_in_flight(tmp_path, markers):
     with serve_ours(basic_dir(tmp_path, markers), env={"TRUSS_SECRET_tok": CANARY}) as s:
-        result = {}
-        slow = threading.Thread(target=lambda: result.update(r=httpx.post(s.predict_url(), json={"op": "sleep", "s": 1.5},
-                                                                           timeout=30)))
-        slow.start()
+        slow, result = post_in_background(s.predict_url(), {"op": "sleep", "s": 1.5})
         assert wait_for(markers / "sleep-started")
         s.proc.send_signal(signal.SIGTERM)
         slow.join()
@@ -406,9 +396,7 @@ def test_model_serve_from_the_notebook(tmp_path):
              "            time.sleep(model_input['sleep'])\n        return {'v': 2}")
         assert httpx.post(url, json={}).json() == {"v": 2}
         # The kernel keeps answering while a slow request is served.
-        result = {}
-        slow = threading.Thread(target=lambda: result.update(r=httpx.post(url, json={"sleep": 2}, timeout=30)))
-        slow.start()
+        slow, result = post_in_background(url, {"sleep": 2})
         time.sleep(0.2)
         assert k.ok("40 + 2").result == "42"
         assert slow.is_alive()
