@@ -34,6 +34,32 @@ def _replica_host():
     return _REPLICA["host"]
 
 
+def _replica_grpc_on_loopback() -> None:
+    """In a Ray we started on this machine only: bind the replica's internal gRPC port to loopback.
+
+    Ray Serve 2.60 hard-codes "[::]:0" for the inter-deployment gRPC server each replica starts
+    after its constructor (serve/_private/replica.py), the one port of ours that would listen on
+    every interface. Single-node mode (set in _local_ray_env, inherited by the replica) makes the
+    node's address 127.0.0.1, so peers reach the port there. A no-op on a real cluster or if
+    Ray's code moved.
+    """
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        return
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "_km_loopback", False):
+        return
+
+    def add_port(server, address: str):
+        return original(server, address.replace("[::]", "127.0.0.1", 1) if address.startswith("[::]") else address)
+
+    add_port._km_loopback = True
+    replica.add_port_to_grpc_server = add_port
+
+
 def _set_replica_host(host) -> None:
     # A module-level function, so Ray pickles it by reference: the replica class below is
     # pickled by value, and a global it touched directly would be a copy in the replica.
@@ -125,6 +151,7 @@ def _deployment(truss_dir: Path, replicas: int, config: ModelConfig, secrets_ref
 
             from .truss_dir import load_truss_dir
 
+            _replica_grpc_on_loopback()
             host = load_truss_dir(truss_dir)
             # Secret values travel in Ray's object store, not in env vars or init args
             # (both show in Ray's dashboard and logs).
