@@ -223,6 +223,7 @@ def serve_with_ray(path, *, host: str = "127.0.0.1", port: int = 8080, replicas:
         return 1
 
     stop = threading.Event()
+    failure: Optional[str] = None
     try:
         if started_here:
             per_replica = replica_options(config)["ray_actor_options"]["num_cpus"]
@@ -247,8 +248,8 @@ def serve_with_ray(path, *, host: str = "127.0.0.1", port: int = 8080, replicas:
         try:
             serve.run(_deployment(root, replicas, config, secrets_ref).bind(), name=APP_NAME, route_prefix="/")
         except Exception:
-            print(f"error: a replica failed to load the model: {_deployment_error()}. Ray retried and gave up; "
-                  "fix load() and start again.", file=sys.stderr)
+            failure = (f"error: a replica failed to load the model: {_deployment_error()}. Ray retried and gave up; "
+                       "fix load() and start again.")
             return 1
         print(f"Serving on http://{host}:{port}/v1/models/model:predict with {replicas} replica(s) (Ray Serve).",
               file=sys.stderr, flush=True)
@@ -264,3 +265,6 @@ def serve_with_ray(path, *, host: str = "127.0.0.1", port: int = 8080, replicas:
         if started_here:
             ray.shutdown()
             shutil.rmtree(temp, ignore_errors=True)
+        if failure:
+            # Last, after Ray's own shutdown logs: the one paragraph a user (or supervisor) reads.
+            print(failure, file=sys.stderr, flush=True)
