@@ -1,10 +1,11 @@
 """Tell the JupyterLab extension what the model is doing, over a comm.
 
 The kernel opens a comm to the extension's ``kernel_magics.status`` target when
-the magics load, and also answers comms the extension opens to the same
-target in the kernel (after a page reload, or a second notebook view). Every
-change sends the whole status: it is small, and a view that missed a message
-is right again at the next one. Secret values are never part of it.
+the magics load (live once the extension answers "hello"), and also answers
+comms the extension opens to the same target in the kernel (after a page
+reload, or a second notebook view). Every change sends the whole status: it is
+small, and a view that missed a message is right again at the next one. With
+no extension listening nothing is sent. Secret values are never part of it.
 """
 
 from __future__ import annotations
@@ -35,16 +36,21 @@ class FrontendChannel:
             comm.get_comm_manager().register_target(TARGET, self._on_open)
         except Exception:  # not in a kernel (a plain IPython shell): nothing to talk to
             return
-        self._add(comm.create_comm(target_name=TARGET, data={"status": self._status()}))
+        announced = comm.create_comm(target_name=TARGET, data={"status": self._status()})
+        # Live only once the extension says hello on it: a frontend without the extension
+        # (nbclient, a console) never answers, and then no status is ever sent.
+        announced.on_msg(lambda msg: self._add(announced) if _is_hello(msg) else None)
 
     def _on_open(self, opened: Any, msg: dict) -> None:
         self._add(opened)
         opened.send({"status": self._status()})
 
     def _add(self, opened: Any) -> None:
-        opened.on_close(lambda _msg: self._remove(opened))
         with self._lock:
+            if opened in self._comms:
+                return
             self._comms.append(opened)
+        opened.on_close(lambda _msg: self._remove(opened))
 
     def _remove(self, closed: Any) -> None:
         with self._lock:
@@ -63,6 +69,11 @@ class FrontendChannel:
                 opened.send({"status": status})
             except Exception:
                 self._remove(opened)
+
+
+def _is_hello(msg: dict) -> bool:
+    data = msg.get("content", {}).get("data")
+    return isinstance(data, dict) and data.get("type") == "hello"
 
 
 def model_status(magics: Any) -> dict:
