@@ -1,17 +1,19 @@
 """Tell the JupyterLab extension what the model is doing, over a comm.
 
 The kernel opens a comm to the extension's ``kernel_magics.status`` target when
-the magics load (live once the extension answers "hello"), and also answers
-comms the extension opens to the same target in the kernel (after a page
-reload, or a second notebook view). Every change sends the whole status: it is
-small, and a view that missed a message is right again at the next one. With
-no extension listening nothing is sent. Secret values are never part of it.
+the magics load, and also answers comms the extension opens to the same
+target in the kernel (after a page reload, or a second notebook view). Changes
+only raise a flag; a small thread sends the whole status at most ten times a
+second, so a predict pays for an ``Event.set()`` and a view that missed a
+message is right again at the next one. Secret values are never part of it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import threading
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Optional
 
 from . import __version__, devices
 
@@ -23,10 +25,13 @@ TARGET = "kernel_magics.status"
 class FrontendChannel:
     """Pushes :meth:`status` to every connected extension view."""
 
-    def __init__(self, status: Callable[[], dict]) -> None:
+    def __init__(self, status: Callable[[], dict], interval: float = 0.1) -> None:
         self._status = status
         self._comms: list[Any] = []
         self._lock = threading.Lock()
+        self._dirty = threading.Event()
+        self._interval = interval
+        self._sender: Optional[threading.Thread] = None
 
     def start(self) -> None:
         """Register the kernel-side target and announce ourselves to the frontend."""
@@ -36,10 +41,11 @@ class FrontendChannel:
             comm.get_comm_manager().register_target(TARGET, self._on_open)
         except Exception:  # not in a kernel (a plain IPython shell): nothing to talk to
             return
-        announced = comm.create_comm(target_name=TARGET, data={"status": self._status()})
-        # Live only once the extension says hello on it: a frontend without the extension
-        # (nbclient, a console) never answers, and then no status is ever sent.
-        announced.on_msg(lambda msg: self._add(announced) if _is_hello(msg) else None)
+        self._add(comm.create_comm(target_name=TARGET, data={"status": self._status()}))
+        # Comm messages carry the parent header of the context they are sent from.
+        ctx = contextvars.copy_context()
+        self._sender = threading.Thread(target=ctx.run, args=(self._send_loop,), name="km-status", daemon=True)
+        self._sender.start()
 
     def _on_open(self, opened: Any, msg: dict) -> None:
         self._add(opened)
@@ -58,7 +64,17 @@ class FrontendChannel:
                 self._comms.remove(closed)
 
     def publish(self) -> None:
-        """Send the current status to every open view (safe from any thread)."""
+        """Mark the status changed; the sender thread sends it soon (safe from any thread, cheap)."""
+        self._dirty.set()
+
+    def _send_loop(self) -> None:
+        while True:
+            self._dirty.wait()
+            self._dirty.clear()
+            self._send_now()
+            time.sleep(self._interval)  # coalesce bursts (a predict loop) into one update
+
+    def _send_now(self) -> None:
         with self._lock:
             comms = list(self._comms)
         if not comms:
@@ -69,11 +85,6 @@ class FrontendChannel:
                 opened.send({"status": status})
             except Exception:
                 self._remove(opened)
-
-
-def _is_hello(msg: dict) -> bool:
-    data = msg.get("content", {}).get("data")
-    return isinstance(data, dict) and data.get("type") == "hello"
 
 
 def model_status(magics: Any) -> dict:

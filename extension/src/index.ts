@@ -95,7 +95,6 @@ class ModelStatusTracker {
     kernel.registerCommTarget(TARGET, (comm, msg) => {
       comm.onMsg = m => this.receive(panel, m);
       this.receive(panel, msg);
-      comm.send({ type: 'hello' }); // tells the kernel someone listens: it sends updates from now on
     });
     // ... and a kernel that already has it (a page reload, a second view) answers our comm.
     try {
