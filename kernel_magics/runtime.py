@@ -174,7 +174,7 @@ class ModelHost:
         """
         if self.contract is None:
             raise ModelNotReadyError("No model is defined yet: run a %%model cell (a class with predict) first.")
-        self.unload(quiet=True)
+        self.unload()
         self.error = None
         self._set_state(ModelState.LOADING)
         watch = device or devices.guess_gpu()
@@ -201,7 +201,7 @@ class ModelHost:
         self._emit("load_finished", seconds=self.load_seconds, device=self.device,
                    memory=devices.memory_stats(self.device if self.device.startswith("cuda") else watch))
 
-    def unload(self, quiet: bool = False) -> bool:
+    def unload(self) -> bool:
         """Drop the instance and free memory; returns whether there was one."""
         had = self.instance is not None
         self.instance = None

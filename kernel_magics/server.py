@@ -243,7 +243,6 @@ def serve_directory(path, *, host: str = "127.0.0.1", port: int = 8080, secrets_
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = Path(path)
-    config_text = (root / "config.yaml").read_text() if (root / "config.yaml").is_file() else ""
     try:
         model_host = load_truss_dir(root, secrets_dir=secrets_dir,
                                     secrets_hint="or put a file named {name} in the --secrets-dir folder")
@@ -256,7 +255,7 @@ def serve_directory(path, *, host: str = "127.0.0.1", port: int = 8080, secrets_
         print(f"error: importing {root}/model failed: {type(exc).__name__}: {exc}. Fix model.py (its traceback "
               "is above) and start the server again.", file=sys.stderr)
         return 1
-    for warning in requirement_warnings(model_host.config.requirements if config_text else []):
+    for warning in requirement_warnings(model_host.config.requirements):
         print(warning, file=sys.stderr)
     failure: list[BaseException] = []
     server: Optional[uvicorn.Server] = None

@@ -114,7 +114,6 @@ class _Definition:
     node: ast.stmt
     text: str
     uses: frozenset[str]
-    problem: Optional[str] = None  # why it cannot be materialized
 
 
 def _statement_text(lines: list[str], node: ast.stmt) -> str:
@@ -172,7 +171,6 @@ def _collect(cells: list[str]) -> tuple[dict[str, _Definition], dict[str, str], 
         for si, node in enumerate(tree.body):
             kind: Optional[str] = None
             names: tuple[str, ...] = ()
-            problem = None
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 kind, names = "import", _import_names(node)
                 if any(a.name == "*" for a in node.names):
@@ -192,7 +190,7 @@ def _collect(cells: list[str]) -> tuple[dict[str, _Definition], dict[str, str], 
             if not names:
                 continue
             text = _statement_text(lines, node)
-            definition = _Definition(names, kind, ci, (ci, si), node, text, _global_uses(text), problem)
+            definition = _Definition(names, kind, ci, (ci, si), node, text, _global_uses(text))
             for name in names:
                 defs[name] = definition
                 elsewhere.pop(name, None)

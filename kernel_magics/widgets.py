@@ -177,7 +177,7 @@ class PlainStream:
 
     def finish(self, text: str, stats: StreamStats, outcome: str, error: Optional[BaseException]) -> None:
         rest = text[self._printed:]  # what arrived after the last update
-        newline = "" if (rest or text[:self._printed]).endswith("\n") or not text else "\n"
+        newline = "" if not text or text.endswith("\n") else "\n"
         sys.stdout.write(f"{rest}{newline}[{outcome}: {stats.describe()}]\n")
         sys.stdout.flush()
 
