@@ -21,11 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kernel_magics import devices  # noqa: E402
-from kernel_magics.export import config_from_cells, export_model, materialize, read_notebook  # noqa: E402
-from kernel_magics.loop import BackgroundLoop  # noqa: E402
-from kernel_magics.streaming import StreamConsumer  # noqa: E402
-from kernel_magics.truss_dir import load_truss_dir  # noqa: E402
+from kernel_magics.core import devices  # noqa: E402
+from kernel_magics.core.export import config_from_cells, export_model, materialize, read_notebook  # noqa: E402
+from kernel_magics.core.loop import BackgroundLoop  # noqa: E402
+from kernel_magics.notebook.streaming import StreamConsumer  # noqa: E402
+from kernel_magics.core.truss_dir import load_truss_dir  # noqa: E402
 
 
 class CountingSink:

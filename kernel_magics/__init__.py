@@ -10,7 +10,7 @@ __all__ = ["load_ipython_extension", "unload_ipython_extension", "__version__"]
 
 def load_ipython_extension(ipython) -> None:
     """Register the model magics with an IPython shell (``%load_ext kernel_magics``)."""
-    from .magics import ModelMagics
+    from .notebook.magics import ModelMagics
 
     magics = ModelMagics(ipython)
     ipython.register_magics(magics)

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import config_from_cells, export_model, materialize, read_notebook
+    from .core.export import config_from_cells, export_model, materialize, read_notebook
 
     cells = read_notebook(args.notebook)
     config = config_from_cells(cells, source=str(args.notebook))
@@ -61,7 +61,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .export import validate_dir
+    from .core.export import validate_dir
 
     config = validate_dir(args.dir, import_check=not args.no_import)
     print(f"OK {args.dir}: class {config.model_class_name}, {len(config.requirements)} requirements.")
@@ -70,7 +70,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     if args.engine == "ray":
-        from .ray_engine import serve_with_ray
+        from .serving.ray_engine import serve_with_ray
 
         if args.replicas < 1:
             print("error: --replicas must be at least 1.", file=sys.stderr)
@@ -80,7 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.replicas != 1 or args.address:
         print("error: --replicas and --address need --engine ray.", file=sys.stderr)
         return 2
-    from .server import serve_directory
+    from .serving.server import serve_directory
 
     return serve_directory(args.dir, host=args.host, port=args.port, secrets_dir=args.secrets_dir)
 
@@ -91,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from .errors import KernelMagicsError
+    from .core.errors import KernelMagicsError
 
     try:
         return {"export": _export, "validate": _validate, "serve": _serve}[args.command](args)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from kernel_magics.config import ModelConfig, parse_config
-from kernel_magics.errors import ConfigError
+from kernel_magics.core.config import ModelConfig, parse_config
+from kernel_magics.core.errors import ConfigError
 
 
 def error_of(text: str, **kw) -> str:

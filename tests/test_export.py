@@ -142,7 +142,7 @@ FIDELITY = {
 
 RUN_EXPORT = r'''
 import asyncio, json, sys
-from kernel_magics.truss_dir import load_truss_dir
+from kernel_magics.core.truss_dir import load_truss_dir
 host = load_truss_dir(sys.argv[1])
 host.load()
 async def main():
@@ -281,8 +281,8 @@ def test_cli_validate(tmp_path):
 
 
 def test_requirements_pinning_rules():
-    from kernel_magics.export import pin_requirements
-    from kernel_magics.source import MaterializeError
+    from kernel_magics.core.export import pin_requirements
+    from kernel_magics.core.source import MaterializeError
 
     pinned, warnings = pin_requirements(["torch", "pyyaml>=5", "ipython ; python_version > '3'"],
                                         ["torch", "json", "yaml", "pydantic", "mylocal", "notinstalled_xyz"], {"mylocal"})

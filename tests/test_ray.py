@@ -107,8 +107,8 @@ def test_ray_only_options_need_the_ray_engine(tmp_path):
 
 
 def test_replica_resources_follow_the_config():
-    from kernel_magics.config import parse_config
-    from kernel_magics.ray_engine import replica_options
+    from kernel_magics.core.config import parse_config
+    from kernel_magics.serving.ray_engine import replica_options
 
     options = replica_options(parse_config(
         "resources: {accelerator: 'A10G:2', cpu: 500m, memory: 2Gi}\nruntime: {predict_concurrency: 4}\n"))

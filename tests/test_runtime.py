@@ -7,12 +7,12 @@ import traceback
 import pydantic
 import pytest
 
-from kernel_magics.config import parse_config
-from kernel_magics.errors import (
+from kernel_magics.core.config import parse_config
+from kernel_magics.core.errors import (
     InputValidationError, ModelDefinitionError, ModelNotReadyError, NotSerializableError, SecretNotFound,
 )
-from kernel_magics.runtime import ChunkStream, ModelHost, ModelState
-from kernel_magics.secrets import SecretStore
+from kernel_magics.core.runtime import ChunkStream, ModelHost, ModelState
+from kernel_magics.core.secrets import SecretStore
 
 
 def loaded(cls, config_text: str = "", **kw) -> ModelHost:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kernel_magics.source import MaterializeError, build_model_source
+from kernel_magics.core.source import MaterializeError, build_model_source
 
 CELLS = [
     "%load_ext kernel_magics",

@@ -9,7 +9,8 @@ from typing import Optional
 
 __all__ = ["user_traceback", "trim_traceback"]
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# The whole kernel_magics package (this file is in its core/).
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 # Threads, asyncio and concurrent.futures sit between the runtime and user code.
 _STDLIB_DIR = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
 

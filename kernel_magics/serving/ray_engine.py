@@ -17,8 +17,8 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import ModelConfig, parse_config
-from .errors import KernelMagicsError
+from ..core.config import ModelConfig, parse_config
+from ..core.errors import KernelMagicsError
 
 __all__ = ["serve_with_ray", "replica_options", "REPLICA_HEADER"]
 
@@ -149,7 +149,7 @@ def _deployment(truss_dir: Path, replicas: int, config: ModelConfig, secrets_ref
         def __init__(self) -> None:
             import ray
 
-            from .truss_dir import load_truss_dir
+            from ..core.truss_dir import load_truss_dir
 
             _replica_grpc_on_loopback()
             host = load_truss_dir(truss_dir)
@@ -211,7 +211,7 @@ def serve_with_ray(path, *, host: str = "127.0.0.1", port: int = 8080, replicas:
         return 1
     try:
         config = parse_config((root / "config.yaml").read_text(), source=str(root / "config.yaml"))
-        from .secrets import SecretStore
+        from ..core.secrets import SecretStore
 
         store = SecretStore(config.secret_names, secrets_dir=secrets_dir)
         secret_values = {n: store[n] for n in config.secret_names if store.source_of(n)}

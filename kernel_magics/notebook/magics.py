@@ -26,13 +26,13 @@ from IPython.core.magic import (
 )
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .config import parse_config
-from .errors import KernelMagicsError
-from .loop import BackgroundLoop
-from .runtime import ChunkStream, ModelHost, ModelState, join_chunks
-from .secrets import SecretStore
-from .source import split_cell_magic
-from .tracebacks import user_traceback
+from ..core.config import parse_config
+from ..core.errors import KernelMagicsError
+from ..core.loop import BackgroundLoop
+from ..core.runtime import ChunkStream, ModelHost, ModelState, join_chunks
+from ..core.secrets import SecretStore
+from ..core.source import split_cell_magic
+from ..core.tracebacks import user_traceback
 
 __all__ = ["ModelMagics"]
 
@@ -284,7 +284,7 @@ class ModelMagics(Magics):
             %model_load --background
         """
         args = parse_argstring(self.model_load, line)
-        from . import devices
+        from ..core import devices
 
         if self._load_thread is not None and self._load_thread.is_alive():
             raise UsageError("A background load is still running; wait for it (any %model_predict does) first.")
@@ -324,7 +324,7 @@ class ModelMagics(Magics):
         return None
 
     def _print_loaded(self) -> None:
-        from . import devices
+        from ..core import devices
 
         print(f"Ready in {self.host.load_seconds:.2f} s on {devices.describe_device(self.host.device)}.", flush=True)
 
@@ -350,7 +350,7 @@ class ModelMagics(Magics):
     @line_magic
     def model_unload(self, line: str):
         """Drop the loaded instance and free its memory (GPU memory too)."""
-        from . import devices
+        from ..core import devices
 
         self._wait_for_background_load()
         gpu = self.host.device if (self.host.device or "").startswith("cuda") else None
@@ -502,7 +502,7 @@ class ModelMagics(Magics):
         return os.path.basename(session) if session else "a notebook"
 
     def _materialize(self):
-        from .export import materialize
+        from ..core.export import materialize
 
         return self._run(materialize, self.cells, self.host.config, self.host.base_dir, self.notebook_name)
 
@@ -545,7 +545,7 @@ class ModelMagics(Magics):
 
             %model_export ./tiny-chargen --force
         """
-        from .export import export_model
+        from ..core.export import export_model
 
         args = parse_argstring(self.model_export, line)
         materialized = self._materialize()
@@ -599,7 +599,7 @@ class ModelMagics(Magics):
         self._check_port_free(args.port)
         import uvicorn
 
-        from .server import create_app, uvicorn_config
+        from ..serving.server import create_app, uvicorn_config
 
         app = create_app(self.host)
         # log_config=None: uvicorn's logs go through logging, not into whichever cell runs.

@@ -1,7 +1,7 @@
 """Live views of a load and of a streaming prediction (ipywidgets / anywidget).
 
 The views only observe: the load view subscribes to ModelHost events, the
-stream view is a sink of :class:`kernel_magics.streaming.StreamConsumer`.
+stream view is a sink of :class:`kernel_magics.notebook.streaming.StreamConsumer`.
 Each has a plain-text twin for frontends without a widget manager.
 """
 
@@ -21,8 +21,8 @@ import anywidget
 import ipywidgets
 import traitlets
 
-from . import devices
-from .runtime import HostEvent, ModelHost
+from ..core import devices
+from ..core.runtime import HostEvent, ModelHost
 from .streaming import StreamStats
 
 __all__ = ["StreamView", "PlainStream", "LoadView", "frontend_has_widgets", "route_stop_clicks"]

@@ -18,9 +18,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .errors import InputValidationError
-from .runtime import ChunkStream, ModelHost, ModelState
-from .serialization import to_jsonable
+from ..core.errors import InputValidationError
+from ..core.runtime import ChunkStream, ModelHost, ModelState
+from ..core.serialization import to_jsonable
 
 __all__ = ["create_app", "MODEL_ERROR_MESSAGE"]
 
@@ -237,9 +237,9 @@ def serve_directory(path, *, host: str = "127.0.0.1", port: int = 8080, secrets_
 
     import uvicorn
 
-    from .errors import KernelMagicsError
-    from .truss_dir import load_truss_dir
-    from .tracebacks import trim_traceback
+    from ..core.errors import KernelMagicsError
+    from ..core.truss_dir import load_truss_dir
+    from ..core.tracebacks import trim_traceback
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = Path(path)

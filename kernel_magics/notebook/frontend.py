@@ -15,7 +15,9 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from . import __version__, devices
+from .. import __version__
+
+from ..core import devices
 
 __all__ = ["FrontendChannel", "TARGET"]
 

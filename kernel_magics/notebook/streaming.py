@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
-from .runtime import ChunkStream
-from .serialization import to_jsonable
-from .tracebacks import trim_traceback
+from ..core.runtime import ChunkStream
+from ..core.serialization import to_jsonable
+from ..core.tracebacks import trim_traceback
 
 __all__ = ["StreamStats", "StreamSink", "StreamConsumer", "chunk_text"]
 

@@ -1,0 +1,1 @@
+"""The notebook adapters: IPython magics, live views (ipywidgets) and the JupyterLab extension's channel."""

@@ -1,0 +1,1 @@
+"""The serving adapters: a Truss-compatible HTTP server (FastAPI + uvicorn) and Ray Serve replicas."""
