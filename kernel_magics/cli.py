@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="Check a Truss directory: config, model class, requirements, import.")
     validate.add_argument("dir", type=Path)
-    validate.add_argument("--no-import", action="store_true", help="Skip importing model.py in a fresh Python.")
+    validate.add_argument("--no-import", action="store_true",
+                          help="Skip importing model.py in a fresh Python (for a model whose packages are not "
+                               "installed here, a GPU host's torch say); the static checks still run.")
     return parser
 
 
@@ -61,10 +63,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .core.export import validate_dir
+    from .core.truss_dir import TrussDir, validate
 
-    config = validate_dir(args.dir, import_check=not args.no_import)
-    print(f"OK {args.dir}: class {config.model_class_name}, {len(config.requirements)} requirements.")
+    truss = TrussDir.open(args.dir)
+    for warning in truss.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(validate(truss, import_check=not args.no_import).summary())
     return 0
 
 

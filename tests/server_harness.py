@@ -122,7 +122,8 @@ def truss_reference_python() -> Optional[Path]:
 
 
 @contextlib.contextmanager
-def serve_truss(truss_dir: Path, env: Optional[dict] = None, timeout: float = 120) -> Iterator[Served]:
+def serve_truss(truss_dir: Path, env: Optional[dict] = None, timeout: float = 120,
+                wait_ready: bool = True) -> Iterator[Served]:
     """Truss 0.18.36's own server for the same directory (../shared/truss_reference)."""
     port = free_port()
     work = Path(tempfile.mkdtemp(prefix="truss-ref-"))
@@ -134,7 +135,7 @@ def serve_truss(truss_dir: Path, env: Optional[dict] = None, timeout: float = 12
         )
     served = Served(proc, f"http://127.0.0.1:{port}", log)
     try:
-        _wait_alive(served, timeout, ready=True)
+        _wait_alive(served, timeout, ready=wait_ready)
         yield served
     finally:
         _stop(proc)

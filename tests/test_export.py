@@ -142,8 +142,8 @@ FIDELITY = {
 
 RUN_EXPORT = r'''
 import asyncio, json, sys
-from kernel_magics.core.truss_dir import load_truss_dir
-host = load_truss_dir(sys.argv[1])
+from kernel_magics.core.truss_dir import TrussDir
+host = TrussDir.open(sys.argv[1]).host()
 host.load()
 async def main():
     return [await host.collect(i) for i in json.loads(sys.argv[2])]
@@ -274,7 +274,7 @@ def test_cli_validate(tmp_path):
     assert done.returncode == 1 and "rename it to config.yaml" in done.stderr
     (tmp_path / "good" / "config.yaml").write_text("requirements: ['torch=>1']\n")
     done = cli("validate", tmp_path / "good")
-    assert done.returncode == 1 and "'torch=>1' is not valid" in done.stderr
+    assert done.returncode == 1 and "line 1: `requirements[0]`: 'torch=>1' is not a valid pip requirement" in done.stderr
     (tmp_path / "good" / "config.yaml").write_text("model_class_name: Missing\n")
     done = cli("validate", tmp_path / "good")
     assert done.returncode == 1 and "defines no class `Missing`" in done.stderr

@@ -114,3 +114,12 @@ def test_replica_resources_follow_the_config():
         "resources: {accelerator: 'A10G:2', cpu: 500m, memory: 2Gi}\nruntime: {predict_concurrency: 4}\n"))
     assert options == {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": 2, "memory": 2 * 2**30},
                        "max_ongoing_requests": 4 + 4}  # predict_concurrency, plus a short queue in the replica
+
+
+def test_a_custom_layout_serves_on_ray(tmp_path):
+    """model_module_dir, model_class_filename, model_class_name and package dirs, read by each replica."""
+    from test_truss_dir import layout_dir
+
+    with serve_ours(layout_dir(tmp_path), engine="ray", replicas=1) as s:
+        assert httpx.post(s.predict_url(), json={"who": "ray"}).json() == {"greeting": "HELLO RAY",
+                                                                          "name": "custom-layout"}

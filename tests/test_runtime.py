@@ -103,7 +103,10 @@ def test_predict_before_definition_or_load_says_what_to_do():
 @pytest.mark.parametrize("body, message", [
     ({}, "has no `predict` method"),
     ({"predict": lambda self, x: x, "load": lambda self, path: None}, "must take no arguments besides self"),
-    ({"predict": lambda self, a, b: a}, "must take one argument"),
+    ({"predict": lambda self, a, b: a}, "the second must be the request"),
+    ({"predict": lambda self, a, b, c: a}, "must take one argument"),
+    ({"predict": lambda self, x: x, "load": lambda self: None, "is_healthy": lambda self, x: True},
+     "is_healthy` must take no arguments"),
     ({"predict": 3}, "must be a method"),
 ])
 def test_contract_violations_are_model_definition_errors(body, message):

@@ -288,6 +288,9 @@ def test_failed_load_and_missing_model_exit_non_zero(tmp_path):
     done = _run_to_exit(tmp_path / "nomodel", free_port())
     assert done.returncode == 1 and "has no model/model.py" in done.stderr and "Traceback" not in done.stderr
     done = _run_to_exit(tmp_path / "nowhere", free_port())
+    assert done.returncode == 1 and "nowhere does not exist" in done.stderr
+    (tmp_path / "noconfig").mkdir()
+    done = _run_to_exit(tmp_path / "noconfig", free_port())
     assert done.returncode == 1 and "has no config.yaml" in done.stderr
 
 

@@ -1,8 +1,10 @@
-"""Capture what one thread prints or logs, line by line, while passing it through.
+"""Capture what one thread prints or logs, line by line.
 
-Used around ``load()``: the load view shows the last lines; output still goes
-where it always went. Only the thread that runs load is captured, so other
-cells printing meanwhile (a background load) are left alone.
+Used around ``load()``: the load view shows the lines. Only the thread that runs
+load is captured, so other cells printing meanwhile are left alone. With
+``echo`` the lines also go where they would have gone anyway (the cell's output,
+the loggers' own handlers); without it (a view shows them) printed lines show
+only in the view, so each line shows exactly once.
 """
 
 from __future__ import annotations
@@ -20,17 +22,18 @@ LineSink = Callable[[str, str], None]  # (source: stdout|stderr|log, line)
 
 
 class _Tee(io.TextIOBase):
-    def __init__(self, target, source: str, sink: LineSink, thread: int) -> None:
-        self._target, self._source, self._sink, self._thread = target, source, sink, thread
+    def __init__(self, target, source: str, sink: LineSink, thread: int, echo: bool) -> None:
+        self._target, self._source, self._sink, self._thread, self._echo = target, source, sink, thread, echo
         self._partial = ""
 
     def write(self, text: str) -> int:
-        if threading.get_ident() == self._thread:
-            lines = (self._partial + text).split("\n")
-            self._partial = lines.pop()
-            for line in lines:
-                self._sink(self._source, line)
-        return self._target.write(text)
+        if threading.get_ident() != self._thread:
+            return self._target.write(text)
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self._sink(self._source, line)
+        return self._target.write(text) if self._echo else len(text)
 
     def flush(self) -> None:
         self._target.flush()
@@ -45,23 +48,40 @@ class _Tee(io.TextIOBase):
 
 
 class _Handler(logging.Handler):
-    def __init__(self, sink: LineSink, thread: int) -> None:
+    def __init__(self, sink: LineSink, thread: int, echo: bool) -> None:
         super().__init__()
-        self._sink, self._thread = sink, thread
+        self._sink, self._thread, self._echo = sink, thread, echo
         self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self._thread:
-            for line in self.format(record).splitlines():
-                self._sink("log", line)
+        if record.thread != self._thread:
+            return
+        for line in self.format(record).splitlines():
+            self._sink("log", line)
+        # Being on the root logger, this handler turns off Python's last-resort handler (which
+        # prints warnings when nothing else would): do its job, or the record would vanish.
+        if self._echo and not _handled_elsewhere(record, self) and record.levelno >= logging.lastResort.level:
+            logging.lastResort.handle(record)
+
+
+def _handled_elsewhere(record: logging.LogRecord, ours: logging.Handler) -> bool:
+    logger = logging.getLogger(record.name)
+    while logger is not None:
+        if any(h is not ours for h in logger.handlers):
+            return True
+        if not logger.propagate:
+            return False
+        logger = logger.parent
+    return False
 
 
 @contextlib.contextmanager
-def capture_lines(sink: LineSink) -> Iterator[None]:
-    """Send every line this thread writes to stdout/stderr or logs to ``sink`` too."""
+def capture_lines(sink: LineSink, *, echo: bool = True) -> Iterator[None]:
+    """Send every line this thread writes to stdout/stderr or logs to ``sink`` (and, with ``echo``, on)."""
     thread = threading.get_ident()
-    out, err = _Tee(sys.stdout, "stdout", sink, thread), _Tee(sys.stderr, "stderr", sink, thread)
-    handler = _Handler(sink, thread)
+    out = _Tee(sys.stdout, "stdout", sink, thread, echo)
+    err = _Tee(sys.stderr, "stderr", sink, thread, echo)
+    handler = _Handler(sink, thread, echo)
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
     logging.getLogger().addHandler(handler)

@@ -8,15 +8,18 @@ YAML line, suggest the closest valid key, and never echo a secret value.
 from __future__ import annotations
 
 import difflib
+import math
 import re
-from typing import Any, ClassVar, Optional
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Annotated, Any, ClassVar, Optional
 
 import pydantic
 import yaml
 
 from .errors import ConfigError
 
-__all__ = ["ModelConfig", "Resources", "Runtime", "parse_config", "ACCELERATORS"]
+__all__ = ["ModelConfig", "Resources", "Runtime", "AcceleratorSpec", "parse_config", "parse_quantity", "ACCELERATORS"]
 
 # Truss 0.18's accelerator names (truss/base/truss_config.py, `Accelerator`).
 ACCELERATORS = (
@@ -24,12 +27,81 @@ ACCELERATORS = (
     "B200", "L40S", "RTX_PRO_6000", "B300", "GB300",
 )
 _PYTHON_VERSION = re.compile(r"^py3(9|1[0-4])$")
-_MILLI_CPU = re.compile(r"^[0-9.]+m?$")
-_MEMORY = re.compile(r"^[0-9.]+(k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
-_QUANTITIES = {
-    "cpu": (_MILLI_CPU, "a number of cores like '1' or millicores like '500m'"),
-    "memory": (_MEMORY, "a size like '2Gi' or '512Mi'"),
+
+# Kubernetes quantities (k8s.io/apimachinery resource.Quantity): a decimal number with a binary
+# suffix (Ki ... Ei), a decimal suffix (n u m k M G T P E) or an exponent (1e9, 2E3).
+_QUANTITY = re.compile(r"^(?P<number>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
+                       r"(?:(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)|(?P<exponent>[eE][+-]?[0-9]+))?$")
+_SUFFIXES = {
+    "Ki": Decimal(2) ** 10, "Mi": Decimal(2) ** 20, "Gi": Decimal(2) ** 30,
+    "Ti": Decimal(2) ** 40, "Pi": Decimal(2) ** 50, "Ei": Decimal(2) ** 60,
+    "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), None: Decimal(1),
+    "k": Decimal("1e3"), "M": Decimal("1e6"), "G": Decimal("1e9"), "T": Decimal("1e12"),
+    "P": Decimal("1e15"), "E": Decimal("1e18"),
 }
+# What Truss 0.18 itself accepts of those (truss_config.Resources): cpu as a number or millicores,
+# memory as a number or with a byte unit; memory in n/u/m (fractions of a byte) it refuses.
+_TRUSS_SUFFIXES = {"cpu": {None, "m"}, "memory": {None, "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"}}
+_QUANTITY_EXAMPLES = {"cpu": "a number of cores like '1' or millicores like '500m'",
+                      "memory": "a size like '2Gi', '512Mi' or '1G'"}
+
+
+def parse_quantity(text: str) -> Decimal:
+    """The value of a Kubernetes quantity (``500m`` → 0.5, ``1Pi`` → 2**50); ValueError if it is not one."""
+    match = _QUANTITY.fullmatch(str(text).strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a quantity")
+    value = Decimal(match["number"])
+    if match["exponent"]:
+        return value * (Decimal(10) ** int(match["exponent"][1:]))
+    return value * _SUFFIXES[match["suffix"]]
+
+
+@dataclass(frozen=True)
+class AcceleratorSpec:
+    """``H100:2`` as Truss reads it: a GPU type and how many of them."""
+
+    name: str
+    count: int = 1
+
+    @classmethod
+    def parse(cls, value: Any) -> Optional["AcceleratorSpec"]:
+        """From Truss's forms: ``None``, ``"T4"``, ``"H100:2"`` or ``{accelerator: H100, count: 2}``."""
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            name, count = value.get("accelerator"), value.get("count", 1)
+            if name is None:
+                return None
+        else:
+            name, _, count_text = str(value).strip().partition(":")
+            if count_text and not count_text.isdigit():
+                raise ValueError(f"accelerator count {count_text!r} must be a positive integer")
+            count = int(count_text) if count_text else 1
+        if name not in ACCELERATORS:
+            close = difflib.get_close_matches(str(name).upper(), ACCELERATORS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown accelerator {name!r}.{hint} Known: {', '.join(ACCELERATORS)}")
+        if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+            raise ValueError(f"accelerator count {count!r} must be a positive integer")
+        return cls(name, count)
+
+    def __str__(self) -> str:
+        return self.name if self.count == 1 else f"{self.name}:{self.count}"
+
+
+def _check_requirement(line: str) -> str:
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        Requirement(line)
+    except InvalidRequirement as exc:
+        reason = str(exc).splitlines()[0].rstrip(" (")
+        raise ValueError(f"{line!r} is not a valid pip requirement ({reason}); write it like `torch==2.3.0`") from None
+    return line
+
+
+RequirementLine = Annotated[str, pydantic.AfterValidator(_check_requirement)]
 
 
 class _Section(pydantic.BaseModel):
@@ -71,24 +143,22 @@ class Resources(_Section):
     @pydantic.field_validator("cpu", "memory")
     @classmethod
     def _check_quantity(cls, value: str, info: pydantic.ValidationInfo) -> str:
-        pattern, example = _QUANTITIES[info.field_name]
-        if not pattern.fullmatch(value):
-            raise ValueError(f"{info.field_name} must be {example}, not {value!r}")
+        field, example = info.field_name, _QUANTITY_EXAMPLES[info.field_name]
+        match = _QUANTITY.fullmatch(value.strip())
+        if not match:
+            raise ValueError(f"{field} must be {example}, not {value!r}")
+        if not match["exponent"] and match["suffix"] not in _TRUSS_SUFFIXES[field]:
+            raise ValueError(f"{field} must be {example}, not {value!r} (Truss does not accept the unit "
+                             f"{match['suffix']!r} for {field})")
+        if parse_quantity(value) <= 0:
+            raise ValueError(f"{field} must be more than zero, not {value!r}")
         return value
 
-    @pydantic.field_validator("accelerator")
+    @pydantic.field_validator("accelerator", mode="before")
     @classmethod
-    def _check_accelerator(cls, value: Optional[str]) -> Optional[str]:
-        if value is None:
-            return None
-        name, _, count = str(value).partition(":")
-        if name not in ACCELERATORS:
-            close = difflib.get_close_matches(name.upper(), ACCELERATORS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown accelerator {name!r}.{hint} Known: {', '.join(ACCELERATORS)}")
-        if count and (not count.isdigit() or int(count) <= 0):
-            raise ValueError(f"accelerator count {count!r} must be a positive integer")
-        return value
+    def _check_accelerator(cls, value: Any) -> Optional[str]:
+        spec = AcceleratorSpec.parse(value)
+        return None if spec is None else str(spec)
 
     @pydantic.model_validator(mode="after")
     def _derive_use_gpu(self) -> "Resources":
@@ -96,6 +166,23 @@ class Resources(_Section):
         if self.use_gpu != derived:
             object.__setattr__(self, "use_gpu", derived)
         return self
+
+    # The values, parsed once: what the Ray engine and any scheduler read.
+    @property
+    def gpu(self) -> Optional[AcceleratorSpec]:
+        return AcceleratorSpec.parse(self.accelerator)
+
+    @property
+    def gpu_count(self) -> int:
+        return self.gpu.count if self.gpu else 0
+
+    @property
+    def cpu_cores(self) -> float:
+        return float(parse_quantity(self.cpu))
+
+    @property
+    def memory_in_bytes(self) -> int:
+        return math.ceil(parse_quantity(self.memory))
 
 
 class Runtime(_Section):
@@ -131,10 +218,12 @@ class ModelConfig(_Section):
     python_version: Optional[str] = pydantic.Field(
         None, description="py39 ... py314; filled from the kernel at export when absent."
     )
-    requirements: list[str] = pydantic.Field(default_factory=list, description="pip requirement lines.")
+    requirements: list[RequirementLine] = pydantic.Field(default_factory=list, description="pip requirement lines.")
     resources: Resources = pydantic.Field(default_factory=Resources)
     runtime: Runtime = pydantic.Field(default_factory=Runtime)
-    secrets: dict[str, None] = pydantic.Field(
+    # Names with null values. A Truss directory made elsewhere may give a default value, which Truss
+    # serves (the environment or the secrets mount overrides it); %%model_config and exports never write one.
+    secrets: dict[str, Optional[str]] = pydantic.Field(
         default_factory=dict, description="Secret names, each with a null value; values come from the environment."
     )
     environment_variables: dict[str, str] = pydantic.Field(default_factory=dict)
@@ -171,6 +260,11 @@ class ModelConfig(_Section):
     def secret_names(self) -> list[str]:
         return list(self.secrets)
 
+    @property
+    def secret_defaults(self) -> dict[str, str]:
+        """Secret values written in config.yaml (only in a Truss directory made elsewhere)."""
+        return {name: value for name, value in self.secrets.items() if value is not None}
+
     def to_dict(self, verbose: bool = False) -> dict[str, Any]:
         """The config as plain data: what the user set (``verbose`` adds defaults)."""
         data = self.model_dump(mode="json", exclude_unset=not verbose, by_alias=True)
@@ -199,19 +293,31 @@ _SECTIONS: dict[tuple[str, ...], type[_Section]] = {
 }
 
 
-def parse_config(text: str, *, source: str = "config.yaml", line_offset: int = 0) -> ModelConfig:
+# A config is a few hundred nodes; YAML aliases can make a few hundred bytes expand to billions
+# (the "billion laughs"). Anything past this many nodes once aliases are expanded is refused.
+MAX_CONFIG_NODES = 100_000
+
+
+def parse_config(text: str, *, source: str = "config.yaml", line_offset: int = 0,
+                 made_elsewhere: bool = False, warnings: Optional[list[str]] = None) -> ModelConfig:
     """Parse and validate config YAML; raise :class:`ConfigError` naming the line.
 
     ``line_offset`` shifts reported line numbers (a ``%%model_config`` cell's
-    YAML starts on the cell's second line).
+    YAML starts on the cell's second line). ``made_elsewhere`` reads a Truss
+    directory as Truss's own parser does: unknown keys and secret default values
+    are accepted, each with a line appended to ``warnings``; a notebook config is
+    strict, since ``truss push`` refuses unknown keys and we never write secret values.
     """
+    warnings = warnings if warnings is not None else []
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}, line {mark.line + 1 + line_offset}, column {mark.column + 1}" if mark else source
         problem = exc.problem or exc.context or "invalid YAML"
-        raise ConfigError(f"{where}: YAML syntax error: {problem}. Fix the YAML there and run the cell again.") from None
+        raise ConfigError(f"{where}: YAML syntax error: {problem}. Fix the YAML there{_again(source)}.") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({exc}).") from None
     if root is None:
         return ModelConfig()
     if not isinstance(root, yaml.MappingNode):
@@ -219,15 +325,35 @@ def parse_config(text: str, *, source: str = "config.yaml", line_offset: int = 0
             f"{source}, line {root.start_mark.line + 1 + line_offset}: the config must be a mapping of keys "
             "to values (for example `model_name: my-model`), not a single value or a list."
         )
+    if _expanded_size(root, {}) > MAX_CONFIG_NODES:
+        raise ConfigError(
+            f"{source}: the config expands to more than {MAX_CONFIG_NODES:,} values once its YAML aliases "
+            "(*name) are expanded, far beyond any real config. Write the values out without nested aliases."
+        )
     lines: dict[tuple, int] = {}
     _index_lines(root, (), lines, line_offset, source)
     data = yaml.safe_load(text)
-    _check_keys(data, (), lines, source)
-    _check_secret_values(data, lines, source)
+    _check_keys(data, (), lines, source, warnings if made_elsewhere else None)
+    _check_secret_values(data, lines, source, warnings if made_elsewhere else None)
     try:
         return ModelConfig.model_validate(data)
     except pydantic.ValidationError as exc:
         raise ConfigError(_describe_validation_error(exc, lines, source)) from None
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many nodes ``node`` stands for with every alias expanded (aliases are shared nodes)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a recursive alias counts once instead of looping
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(item, memo) for item in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
 
 
 def _index_lines(node: yaml.Node, path: tuple, lines: dict, offset: int, source: str) -> None:
@@ -261,12 +387,13 @@ def _where(path: tuple, lines: dict, source: str) -> str:
     return f"{source}, line {line}" if line else source
 
 
-def _check_keys(data: Any, path: tuple, lines: dict, source: str) -> None:
+def _check_keys(data: Any, path: tuple, lines: dict, source: str, warnings: Optional[list[str]]) -> None:
+    """Unknown keys are errors with "did you mean", or, for a directory made elsewhere, warnings."""
     section = _SECTIONS.get(path)
     if section is None or not isinstance(data, dict):
         return
     known = section.known_keys()
-    for key, value in data.items():
+    for key in list(data):
         key_path = path + (key,)
         if key not in known:
             dotted = ".".join(map(str, key_path))
@@ -274,11 +401,15 @@ def _check_keys(data: Any, path: tuple, lines: dict, source: str) -> None:
             hint = f" Did you mean `{'.'.join(path + (close[0],))}`?" if close else (
                 f" Valid keys here: {', '.join(sorted(section.model_fields))}."
             )
-            raise ConfigError(f"{_where(key_path, lines, source)}: unknown key `{dotted}`.{hint}")
-        _check_keys(value, key_path, lines, source)
+            if warnings is None:
+                raise ConfigError(f"{_where(key_path, lines, source)}: unknown key `{dotted}`.{hint}")
+            warnings.append(f"{_where(key_path, lines, source)}: unknown key `{dotted}` is ignored "
+                            f"(truss push refuses it).{hint}")
+            continue
+        _check_keys(data[key], key_path, lines, source, warnings)
 
 
-def _check_secret_values(data: dict, lines: dict, source: str) -> None:
+def _check_secret_values(data: dict, lines: dict, source: str, warnings: Optional[list[str]]) -> None:
     secrets = data.get("secrets")
     if secrets is None:
         return
@@ -288,13 +419,22 @@ def _check_secret_values(data: dict, lines: dict, source: str) -> None:
             "for example `secrets: {hf_access_token: null}`."
         )
     for name, value in secrets.items():
-        if value is not None:
-            # Never repeat the value: it may be a real credential.
+        if value is None:
+            continue
+        # Never repeat the value: it may be a real credential.
+        if warnings is None:
             raise ConfigError(
                 f"{_where(('secrets', name), lines, source)}: secret `{name}` has a value in the config. "
                 f"Secret values must never be written to config.yaml: write `{name}: null` and provide the "
                 f"value through the environment variable TRUSS_SECRET_{name} (or %model_secret {name} in a notebook)."
             )
+        if not isinstance(value, str):
+            raise ConfigError(f"{_where(('secrets', name), lines, source)}: secret `{name}` must be null or a string.")
+        warnings.append(
+            f"{_where(('secrets', name), lines, source)}: secret `{name}` has a value in config.yaml; it is used as "
+            f"the default, as Truss does (TRUSS_SECRET_{name} or the secrets mount override it). Keep secret "
+            "values out of config.yaml."
+        )
 
 
 _FRIENDLY_TYPES = {
@@ -307,7 +447,7 @@ _FRIENDLY_TYPES = {
 def _describe_validation_error(exc: pydantic.ValidationError, lines: dict, source: str) -> str:
     first = exc.errors()[0]
     loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    dotted = ".".join(str(p) for p in loc) or "config"
+    dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "config"
     where = _where(loc, lines, source)
     expected = _FRIENDLY_TYPES.get(first["type"])
     if expected:
@@ -317,4 +457,8 @@ def _describe_validation_error(exc: pydantic.ValidationError, lines: dict, sourc
         message = f"`{dotted}`: {first['msg'].removeprefix('Value error, ')}"
     more = len(exc.errors()) - 1
     tail = f" ({more} more problem{'s' if more > 1 else ''} after this one.)" if more else ""
-    return f"{where}: {message}. Fix that value and run the cell again.{tail}"
+    return f"{where}: {message}. Fix that value{_again(source)}.{tail}"
+
+
+def _again(source: str) -> str:
+    return " and run the cell again" if "cell" in source else ""

@@ -1,13 +1,15 @@
 """The Truss model contract, read from a class once: what to call and how.
 
-Like Truss's ``MethodDescriptor``, async-ness, generator-ness and arity are
-decided when the class is defined, and a bad signature is a
-:class:`ModelDefinitionError` quoting the signature it got.
+As Truss's ``MethodDescriptor`` / ``ArgConfig`` (model_wrapper.py): async-ness,
+generator-ness and which arguments a method takes (none, the input, the
+request, or the input and the request) are decided when the class is defined,
+and a form Truss refuses is a :class:`ModelDefinitionError` with Truss's reason.
 """
 
 from __future__ import annotations
 
 import collections.abc
+import enum
 import inspect
 import typing
 from dataclasses import dataclass
@@ -16,10 +18,31 @@ from typing import Any, Callable, Optional
 from .errors import ModelDefinitionError
 from .serialization import is_pydantic_class
 
-__all__ = ["MethodSpec", "ModelContract", "init_kwargs", "INIT_KWARGS", "code_fingerprint"]
+__all__ = ["ArgConfig", "MethodSpec", "ModelContract", "init_kwargs", "INIT_KWARGS", "code_fingerprint",
+           "ENDPOINT_METHODS"]
 
 # The keyword arguments Truss may pass to ``Model.__init__``.
 INIT_KWARGS = ("config", "data_dir", "secrets", "environment")
+# Methods Truss 0.18 serves on routes of their own (OpenAI-compatible), beside predict.
+ENDPOINT_METHODS = ("chat_completions", "completions", "embeddings", "messages", "responses")
+
+
+class ArgConfig(enum.Enum):
+    """Which arguments a model method takes besides self (Truss's ArgConfig)."""
+
+    NONE = "none"
+    INPUTS_ONLY = "input"
+    REQUEST_ONLY = "request"
+    INPUTS_AND_REQUEST = "input and request"
+
+
+def is_request_type(annotation: Any) -> bool:
+    """A Starlette/FastAPI ``Request`` annotation (without importing starlette when unused)."""
+    if isinstance(annotation, str):
+        return annotation.rsplit(".", 1)[-1] == "Request"
+    if not isinstance(annotation, type):
+        return False
+    return any(c.__name__ == "Request" and c.__module__.startswith("starlette.") for c in annotation.__mro__)
 
 
 @dataclass(frozen=True)
@@ -29,7 +52,19 @@ class MethodSpec:
     name: str
     is_async: bool
     is_generator: bool
-    takes_input: bool
+    arg_config: ArgConfig
+
+    @property
+    def takes_input(self) -> bool:
+        return self.arg_config in (ArgConfig.INPUTS_ONLY, ArgConfig.INPUTS_AND_REQUEST)
+
+    @property
+    def takes_request(self) -> bool:
+        return self.arg_config in (ArgConfig.REQUEST_ONLY, ArgConfig.INPUTS_AND_REQUEST)
+
+    def args(self, model_input: Any, request: Any) -> tuple:
+        return {ArgConfig.NONE: (), ArgConfig.INPUTS_ONLY: (model_input,), ArgConfig.REQUEST_ONLY: (request,),
+                ArgConfig.INPUTS_AND_REQUEST: (model_input, request)}[self.arg_config]
 
     @classmethod
     def of(cls, model_class: type, name: str) -> Optional["MethodSpec"]:
@@ -39,22 +74,51 @@ class MethodSpec:
         if not callable(fn):
             raise ModelDefinitionError(f"`{model_class.__name__}.{name}` must be a method, not {type(fn).__name__}.")
         params = _params_after_self(fn)
-        if name == "load" and params:
+        owner = f"{model_class.__name__}.{name}"
+        if name == "is_healthy":
+            params = _params_after_self(fn, all_kinds=True)  # Truss calls it with nothing at all
+        if name in ("load", "is_healthy") and params:
+            hint = (" Read what load needs from the config, data_dir or secrets passed to __init__."
+                    if name == "load" else "")
+            raise ModelDefinitionError(f"`{owner}` must take no arguments besides self; got {name}{_signature(fn)}.{hint}")
+        if name == "load" and (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
             raise ModelDefinitionError(
-                f"`{model_class.__name__}.load` must take no arguments besides self; got load{_signature(fn)}. "
-                "Read what load needs from the config, data_dir or secrets passed to __init__."
-            )
-        if name != "load" and len(params) > 1:
-            raise ModelDefinitionError(
-                f"`{model_class.__name__}.{name}` must take one argument (the model input) besides self; "
-                f"got {name}{_signature(fn)}."
+                f"`{owner}` is `async def`, but Truss 0.18 never awaits load() (it would do nothing when deployed). "
+                "Make it a plain `def load(self):`; inside it, `asyncio.run(...)` works, in the notebook as on a server."
             )
         return cls(
             name=name,
             is_async=inspect.iscoroutinefunction(fn),
             is_generator=inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn),
-            takes_input=bool(params),
+            # Truss counts every parameter (defaults, *args and **kwargs too) when it decides the form.
+            arg_config=_arg_config(fn, owner, _params_after_self(fn, all_kinds=True)),
         )
+
+
+def _arg_config(fn: Callable, owner: str, params: list[inspect.Parameter]) -> ArgConfig:
+    """Truss's rules (model_wrapper.ArgConfig.from_method), with its messages."""
+    if not params:
+        return ArgConfig.NONE
+    annotations = [_annotation(fn, p) for p in params]
+    if len(params) == 1:
+        return ArgConfig.REQUEST_ONLY if is_request_type(annotations[0]) else ArgConfig.INPUTS_ONLY
+    if len(params) == 2:
+        if is_request_type(annotations[0]):
+            raise ModelDefinitionError(
+                f"`{owner}` takes two arguments with the request first; the request must be second: "
+                f"{owner.split('.')[-1]}{_signature(fn)}."
+            )
+        if not is_request_type(annotations[1]):
+            raise ModelDefinitionError(
+                f"`{owner}` takes two arguments, so the second must be the request, annotated as one "
+                f"(`request: fastapi.Request`); got {owner.split('.')[-1]}{_signature(fn)}. With one argument "
+                "it gets the model input."
+            )
+        return ArgConfig.INPUTS_AND_REQUEST
+    raise ModelDefinitionError(
+        f"`{owner}` must take one argument (the model input), and optionally the request second; "
+        f"got {owner.split('.')[-1]}{_signature(fn)}."
+    )
 
 
 @dataclass(frozen=True)
@@ -67,6 +131,8 @@ class ModelContract:
     preprocess: Optional[MethodSpec]
     postprocess: Optional[MethodSpec]
     input_type: Optional[type]
+    is_healthy: Optional[MethodSpec] = None
+    endpoints: tuple[MethodSpec, ...] = ()  # chat_completions ... that the class has
 
     @classmethod
     def inspect(cls, model_class: Any) -> "ModelContract":
@@ -80,6 +146,17 @@ class ModelContract:
                 "returning the prediction."
             )
         preprocess = MethodSpec.of(model_class, "preprocess")
+        postprocess = MethodSpec.of(model_class, "postprocess")
+        if preprocess and predict.arg_config is ArgConfig.REQUEST_ONLY:
+            raise ModelDefinitionError(
+                f"`{model_class.__name__}` has preprocess, so predict cannot take only the request (the result of "
+                "preprocess would be discarded). Give predict the input argument too."
+            )
+        if postprocess and postprocess.arg_config is ArgConfig.REQUEST_ONLY:
+            raise ModelDefinitionError(
+                f"`{model_class.__name__}.postprocess` cannot take only the request (the result of predict would "
+                "be discarded). Give it the predict result as its first argument."
+            )
         # Truss validates the request against the first method that receives it.
         first = "preprocess" if preprocess else "predict"
         return cls(
@@ -87,9 +164,20 @@ class ModelContract:
             predict=predict,
             load=MethodSpec.of(model_class, "load"),
             preprocess=preprocess,
-            postprocess=MethodSpec.of(model_class, "postprocess"),
+            postprocess=postprocess,
             input_type=_pydantic_input_type(getattr(model_class, first)),
+            is_healthy=MethodSpec.of(model_class, "is_healthy"),
+            endpoints=tuple(s for n in ENDPOINT_METHODS if (s := MethodSpec.of(model_class, n)) is not None),
         )
+
+    @property
+    def skips_input_parsing(self) -> bool:
+        """Truss does not parse the body when only the request reaches the model."""
+        return self.predict.arg_config is ArgConfig.REQUEST_ONLY and (
+            self.preprocess is None or self.preprocess.arg_config is ArgConfig.REQUEST_ONLY)
+
+    def endpoint(self, name: str) -> Optional[MethodSpec]:
+        return next((s for s in self.endpoints if s.name == name), None)
 
     def truss_schema(self) -> Optional[dict]:
         """What Truss's ``/schema`` route answers, or None when predict is not annotated."""
@@ -155,7 +243,8 @@ def _code_key(code) -> tuple:
     return (code.co_code, code.co_names, code.co_varnames, code.co_freevars, code.co_argcount, consts)
 
 
-def _params_after_self(fn: Callable) -> list[inspect.Parameter]:
+def _params_after_self(fn: Callable, all_kinds: bool = False) -> list[inspect.Parameter]:
+    """The parameters a caller must fill (``all_kinds``: every parameter, as Truss counts them)."""
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
@@ -164,6 +253,8 @@ def _params_after_self(fn: Callable) -> list[inspect.Parameter]:
         return params  # classmethod: already bound
     params = params[1:] if params and params[0].kind in (
         inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) else params
+    if all_kinds:
+        return params
     return [p for p in params if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
             and p.default is inspect.Parameter.empty]
 
@@ -175,14 +266,19 @@ def _signature(fn: Callable) -> str:
         return "(...)"
 
 
+def _annotation(fn: Callable, param: inspect.Parameter) -> Any:
+    annotation = param.annotation
+    if isinstance(annotation, str):
+        try:
+            annotation = typing.get_type_hints(fn).get(param.name, annotation)
+        except Exception:
+            pass
+    return annotation
+
+
 def _pydantic_input_type(fn: Callable) -> Optional[type]:
     params = _params_after_self(fn)
     if not params:
         return None
-    annotation = params[0].annotation
-    if isinstance(annotation, str):
-        try:
-            annotation = typing.get_type_hints(fn).get(params[0].name, annotation)
-        except Exception:
-            return None
+    annotation = _annotation(fn, params[0])
     return annotation if is_pydantic_class(annotation) else None

@@ -59,3 +59,7 @@ class InputValidationError(KernelMagicsError):
 
 class NotSerializableError(KernelMagicsError):
     """A prediction cannot be turned into JSON (the server would reject it)."""
+
+    def __init__(self, message: str, truss_message: str = "") -> None:
+        super().__init__(message)
+        self.truss_message = truss_message or message  # what Truss's server says about the same value

@@ -12,7 +12,6 @@ import importlib.metadata
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from .source import (
 
 __all__ = [
     "ExportError", "ExportResult", "Materialized", "materialize", "materialize_config", "pin_requirements",
-    "export_model", "check_import", "read_notebook", "config_from_cells", "format_tree", "validate_dir",
+    "export_model", "check_export", "read_notebook", "config_from_cells", "format_tree",
 ]
 
 
@@ -72,7 +71,7 @@ def pin_requirements(written: Sequence[str], modules: Iterable[str], local: Iter
     code imports (standard library, local modules and kernel_magics excluded),
     local version tags like ``+cpu`` dropped.
     """
-    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
     from packaging.version import Version
 
@@ -86,10 +85,7 @@ def pin_requirements(written: Sequence[str], modules: Iterable[str], local: Iter
     seen: set[str] = set()
     warnings: list[str] = []
     for line in written:
-        try:
-            req = Requirement(line)
-        except InvalidRequirement as exc:
-            raise ConfigError(f"requirements: {line!r} is not a valid pip requirement ({exc}). Write it like `torch==2.3.0`.") from None
+        req = Requirement(line)  # the config validated every line
         seen.add(canonicalize_name(req.name))
         version = installed(req.name) if not (req.specifier or req.url) else None
         if version:
@@ -257,12 +253,22 @@ def export_model(
                 shutil.copytree(module, dest, ignore=shutil.ignore_patterns("__pycache__"))
             else:
                 shutil.copy2(module, dest)
-        check_import(build, config.model_class_name, python=python)
+        check_export(build, python=python)
         _swap_into_place(build, target)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
     return ExportResult(target, _list_files(target), materialized.warnings)
+
+
+def check_export(build: Path, *, python: str = sys.executable) -> None:
+    """The fresh-process check of a directory being exported: it must import and instantiate on its own."""
+    from .truss_dir import TrussDir, explain_check_failure
+
+    truss = TrussDir.open(build)
+    report = truss.check_in_fresh_process(python=python)
+    if not report.ok:
+        raise ExportError(explain_check_failure(report, truss, during="export"))
 
 
 def _swap_into_place(build: Path, target: Path) -> None:
@@ -312,98 +318,3 @@ def _size(n: int) -> str:
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
-
-
-# ------------------------------------------------------------------ checking a directory
-
-_CHECK = r'''
-import importlib.util, inspect, json, pathlib, sys, traceback
-root, class_name = pathlib.Path(sys.argv[1]), sys.argv[2]
-config = json.loads(sys.argv[3])
-sys.path[:0] = [str(root / "packages")] + [str((root / d).resolve()) for d in config.get("external_package_dirs", [])]
-
-class NoSecrets(dict):
-    def __getitem__(self, name):
-        raise KeyError(f"secret {name!r}: secret values are not available while checking an export; read secrets in load()")
-
-try:
-    # Truss's module name for model/model.py; model.py must not take over "model".
-    spec = importlib.util.spec_from_file_location("model.model", root / "model" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    module.__package__ = None
-    sys.modules["model.model"] = module
-    spec.loader.exec_module(module)
-    cls = getattr(module, class_name)
-    available = {"config": config, "data_dir": root / "data", "secrets": NoSecrets(), "environment": None}
-    params = inspect.signature(cls).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        available = {k: v for k, v in available.items() if k in params}
-    cls(**available)
-except BaseException as exc:
-    print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-    sys.exit(1)
-'''
-
-
-def check_import(root: Path, class_name: str, *, python: str = sys.executable, timeout: float = 300) -> None:
-    """Import model/model.py in a fresh interpreter with only the directory on its path, and instantiate the class."""
-    config = yaml.safe_load((root / "config.yaml").read_text()) or {}
-    try:
-        done = subprocess.run(
-            [python, "-I", "-c", _CHECK, str(root), class_name, json.dumps(config, default=str)],
-            cwd=root, capture_output=True, text=True, timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        raise ExportError(f"Importing the exported model.py took over {timeout:.0f} s; nothing was exported. "
-                          "Move slow work from import time into load().") from None
-    if done.returncode != 0:
-        error = (done.stderr.strip().splitlines() or ["unknown error"])[-1]
-        hint = ""
-        if error.startswith(("ModuleNotFoundError", "ImportError")):
-            hint = " Add the module to requirements (or put it beside the notebook so it goes into packages/)."
-        elif error.startswith("NameError"):
-            hint = " Define that name at the top level of a notebook cell, or inside the model class."
-        raise ExportError(
-            f"The exported model.py does not work on its own, so nothing was exported: {error}.{hint}"
-        )
-
-
-def validate_dir(root: Path, *, import_check: bool = True) -> ModelConfig:
-    """Check a Truss directory: config schema, model class with predict, requirements syntax."""
-    import ast
-
-    root = Path(root)
-    if not root.is_dir():
-        raise ExportError(f"{root} is not a directory.")
-    config_path = root / "config.yaml"
-    if not config_path.is_file():
-        found = [p.name for p in root.glob("config.y*ml")] + [p.name for p in root.glob("*.yaml")]
-        hint = f" Found {found[0]}: rename it to config.yaml." if found else ""
-        raise ExportError(f"{root} has no config.yaml.{hint}")
-    config = parse_config(config_path.read_text(), source=str(config_path))
-    from packaging.requirements import InvalidRequirement, Requirement
-
-    for line in config.requirements:
-        try:
-            Requirement(line)
-        except InvalidRequirement as exc:
-            raise ConfigError(f"{config_path}: requirement {line!r} is not valid ({exc}).") from None
-    module_dir = getattr(config, "model_module_dir", None) or "model"
-    model_py = root / module_dir / (getattr(config, "model_class_filename", None) or "model.py")
-    if not model_py.is_file():
-        raise ExportError(f"{root} has no {model_py.relative_to(root)}: a Truss keeps the model class there.")
-    try:
-        tree = ast.parse(model_py.read_text(), filename=str(model_py))
-    except SyntaxError as exc:
-        raise ExportError(f"{model_py}, line {exc.lineno}: syntax error: {exc.msg}.") from None
-    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-    cls = classes.get(config.model_class_name)
-    if cls is None:
-        raise ExportError(f"{model_py} defines no class `{config.model_class_name}` (model_class_name). "
-                          f"Classes found: {', '.join(classes) or 'none'}.")
-    methods = {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-    if "predict" not in methods and not cls.bases:
-        raise ExportError(f"`{config.model_class_name}` in {model_py} has no predict method.")
-    if import_check:
-        check_import(root, config.model_class_name)
-    return config

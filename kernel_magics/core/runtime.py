@@ -1,10 +1,13 @@
 """ModelHost: the one implementation of the Truss model contract.
 
-The kernel and the server both drive a model through this class, so the
-notebook and the deployment cannot drift: kwargs by signature, ``load``,
-predict (sync, async, generator, async generator), pre/postprocess, Pydantic
-input and output, JSON serialization, and the predict concurrency bound.
-No IPython or widget import here; displays subscribe to :class:`HostEvent`.
+The kernel, ``kernel-magics serve``, ``%model_serve`` and every Ray replica drive
+a model through this class, so the notebook and the deployment cannot drift:
+kwargs by signature, ``load`` (in a worker thread, as Truss runs it), predict
+(sync, async, generator, async generator; the input, the request, both or
+neither, as Truss allows), pre/postprocess, ``is_healthy``, the OpenAI-style
+methods, Pydantic input and output, JSON serialization, and the predict
+concurrency bound. No IPython, widget or HTTP import here; displays subscribe
+to :class:`HostEvent` and read :meth:`ModelHost.status`.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import ctypes
 import enum
+import gc
 import inspect
 import json
 import os
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -25,13 +31,14 @@ from typing import Any, Callable, Optional
 from . import devices
 from .capture import capture_lines
 from .config import ModelConfig
-from .contract import INIT_KWARGS, ModelContract, init_kwargs
+from .contract import INIT_KWARGS, MethodSpec, ModelContract, init_kwargs
 from .errors import InputValidationError, ModelDefinitionError, ModelNotReadyError
 from .secrets import SecretStore
-from .serialization import to_jsonable
+from .serialization import is_response, to_jsonable
+from .streams import ChunkStream, close_quietly, join_chunks
 from .tracebacks import trim_traceback
 
-__all__ = ["ModelHost", "ModelState", "HostEvent", "DefineReport", "ChunkStream"]
+__all__ = ["ModelHost", "ModelState", "HostEvent", "DefineReport", "ChunkStream", "join_chunks", "MethodNotFound"]
 
 
 class ModelState(str, enum.Enum):
@@ -42,9 +49,13 @@ class ModelState(str, enum.Enum):
     FAILED = "failed"
 
 
+class MethodNotFound(ModelNotReadyError):
+    """The model has no such method (an OpenAI-style route it does not implement)."""
+
+
 @dataclass(frozen=True)
 class HostEvent:
-    """Something a display may want to show. ``kind``: state, load_started, load_finished, load_failed, predicted."""
+    """Something a display may want to show. ``kind``: state, load_started, log, load_finished, load_failed, predicted."""
 
     kind: str
     state: ModelState
@@ -64,6 +75,18 @@ class DefineReport:
         return bool(self.changed) or self.swap_error is not None
 
 
+class _Release:
+    """Frees a predict slot exactly once, when the model's code has really finished."""
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore, self._done, self.deferred = semaphore, False, False
+
+    def __call__(self, *_: Any) -> None:
+        if not self._done:
+            self._done = True
+            self._semaphore.release()
+
+
 class ModelHost:
     """Holds one model class and its live instance, and runs the contract on it."""
 
@@ -74,8 +97,12 @@ class ModelHost:
         secrets: Optional[SecretStore] = None,
         base_dir: Optional[Path] = None,
         environment: Optional[dict] = None,
+        init_config: Optional[dict] = None,
     ) -> None:
         self._config = config or ModelConfig()
+        # What __init__ gets as `config`: a Truss directory's YAML as written (Truss passes it so);
+        # None means the typed config's own dict (a notebook's %%model_config).
+        self._init_config = init_config
         self.secrets = secrets if secrets is not None else SecretStore(self._config.secret_names)
         self.secrets.set_names(self._config.secret_names)
         self.base_dir = Path(base_dir) if base_dir else Path.cwd()
@@ -84,6 +111,7 @@ class ModelHost:
         self.instance: Any = None
         self.state = ModelState.NOT_DEFINED
         self.error: Optional[BaseException] = None
+        self.error_text: Optional[str] = None  # the failure with its traceback, secrets redacted
         self.device: Optional[str] = None
         self.load_seconds: Optional[float] = None
         self.last_predict_seconds: Optional[float] = None
@@ -91,8 +119,12 @@ class ModelHost:
         self._listeners: list[Callable[[HostEvent], None]] = []
         self._slots: Optional[tuple[asyncio.AbstractEventLoop, asyncio.Semaphore]] = None
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        # Held while a load runs: a definition (or another load) waits for it, so the live
+        # instance and the contract never disagree.
+        self._load_lock = threading.RLock()
+        self._load_thread: Optional[threading.Thread] = None
 
-    # ------------------------------------------------------------------ config, events
+    # ------------------------------------------------------------------ config, events, errors
 
     @property
     def config(self) -> ModelConfig:
@@ -101,6 +133,7 @@ class ModelHost:
     @config.setter
     def config(self, config: ModelConfig) -> None:
         self._config = config
+        self._init_config = None
         self.secrets.set_names(config.secret_names)
         self._slots = None  # predict_concurrency may have changed
 
@@ -111,6 +144,14 @@ class ModelHost:
     @property
     def model_class(self) -> Optional[type]:
         return self.contract.model_class if self.contract else None
+
+    def describe_error(self, exc: BaseException) -> str:
+        """``Type: message`` of an exception, secrets redacted: what every display and log shows."""
+        return self.secrets.redact(f"{type(exc).__name__}: {exc}")
+
+    def format_error(self, exc: BaseException) -> str:
+        """The exception with its (user-frames-only) traceback, secrets redacted."""
+        return self.secrets.redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
     def subscribe(self, listener: Callable[[HostEvent], None]) -> Callable[[], None]:
         """Call ``listener`` with every HostEvent; returns a function that unsubscribes."""
@@ -126,29 +167,48 @@ class ModelHost:
         self.state = state
         self._emit("state", **data)
 
+    def status(self) -> dict:
+        """One snapshot of the host for every display: %model_status, the lab panel, readiness."""
+        gpu = self.device if (self.device or "").startswith("cuda") else None
+        return {
+            "class_name": self._config.model_class_name if self.contract is not None else None,
+            "model_name": self._config.model_name,
+            "state": self.state.value,
+            "device": devices.describe_device(self.device) if self.device else None,
+            "gpu_memory": devices.memory_stats(gpu),
+            "load_seconds": self.load_seconds,
+            "last_predict_ms": None if self.last_predict_seconds is None else round(self.last_predict_seconds * 1000, 2),
+            "first_chunk_ms": None if self.last_first_chunk_seconds is None
+            else round(self.last_first_chunk_seconds * 1000, 2),
+            "secrets": [{"name": n, "set": self.secrets.source_of(n) is not None} for n in self._config.secret_names],
+            "error": self.describe_error(self.error) if self.error is not None else None,
+        }
+
     # ------------------------------------------------------------------ define / hot reload
 
     def define(self, model_class: Any) -> DefineReport:
         """Make ``model_class`` the model. With a live instance, swap its class and keep its state.
 
         Raises ModelDefinitionError (and changes nothing) when the class breaks the contract.
+        During a load it waits for the load to finish, then applies to what the load made.
         """
         contract = ModelContract.inspect(model_class)
-        old = self.contract
-        if self.instance is None or old is None:
+        with self._load_lock:
+            old = self.contract
+            if self.instance is None or old is None:
+                self.contract = contract
+                if self.state in (ModelState.NOT_DEFINED, ModelState.DEFINED, ModelState.FAILED):
+                    self._clear_error()
+                    self._set_state(ModelState.DEFINED)
+                return DefineReport()
+            changed = tuple(contract.changed_methods(old))
+            try:
+                # Same idea as IPython's autoreload / Truss's hot_reload: the live object
+                # keeps its attributes (loaded weights) and gets the new methods.
+                self.instance.__class__ = contract.model_class
+            except TypeError as exc:
+                return DefineReport(changed=changed, swap_error=str(exc))
             self.contract = contract
-            if self.state in (ModelState.NOT_DEFINED, ModelState.DEFINED, ModelState.FAILED):
-                self.error = None
-                self._set_state(ModelState.DEFINED)
-            return DefineReport()
-        changed = tuple(contract.changed_methods(old))
-        try:
-            # Same idea as IPython's autoreload / Truss's hot_reload: the live object
-            # keeps its attributes (loaded weights) and gets the new methods.
-            self.instance.__class__ = contract.model_class
-        except TypeError as exc:
-            return DefineReport(changed=changed, swap_error=str(exc))
-        self.contract = contract
         self._emit("state", hot_swapped=True)
         return DefineReport(hot_swapped=True, changed=changed)
 
@@ -157,7 +217,7 @@ class ModelHost:
     def init_kwargs(self) -> dict[str, Any]:
         """The keyword arguments ``__init__`` gets, chosen by its signature as Truss does."""
         available = {
-            "config": self._config.to_dict(),
+            "config": self._init_config if self._init_config is not None else self._config.to_dict(),
             "data_dir": self.data_dir,
             "secrets": self.secrets,
             "environment": self.environment,
@@ -165,34 +225,48 @@ class ModelHost:
         assert set(available) == set(INIT_KWARGS)
         return init_kwargs(self.model_class, available)
 
-    def load(self, device: Optional[str] = None) -> None:
+    @property
+    def loading(self) -> bool:
+        thread = self._load_thread
+        return thread is not None and thread.is_alive()
+
+    def load(self, device: Optional[str] = None, *, echo: bool = True) -> None:
         """Instantiate the class and call ``load()``, in this thread.
 
         ``device`` (``cpu``, ``cuda:N``) is torch's default device while load runs;
-        None lets the model choose, as in a deployment. A failure leaves the state
+        None lets the model choose, as in a deployment. What load prints or logs is
+        sent as ``log`` events; ``echo`` also lets it through to where it would go
+        (off when a view shows it, so it shows once). A failure leaves the state
         ``failed`` and re-raises the user's exception with our frames trimmed.
         """
         if self.contract is None:
             raise ModelNotReadyError("No model is defined yet: run a %%model cell (a class with predict) first.")
+        with self._load_lock:
+            self._load(device, echo)
+
+    def _load(self, device: Optional[str], echo: bool) -> None:
         self.unload()
-        self.error = None
         self._set_state(ModelState.LOADING)
         watch = device or devices.guess_gpu()
         self._emit("load_started", device=device, memory=devices.memory_stats(watch))
         started = time.perf_counter()
         # As in a deployment, the config's environment_variables are set before the model runs.
         os.environ.update(self._config.environment_variables)
+        instance = None
         try:
-            with capture_lines(lambda source, line: self._emit("log", source=source, line=line)):
+            with capture_lines(lambda source, line: self._emit("log", source=source, line=self.secrets.redact(line)),
+                               echo=echo):
                 with devices.default_device(device):
                     instance = self.model_class(**self.init_kwargs())
                     if self.contract.load is not None:
                         instance.load()
         except BaseException as exc:
+            del instance  # a half-made instance must not outlive the failure (the traceback may keep it)
             self.error = trim_traceback(exc)
+            self.error_text = self.format_error(exc)
             self.load_seconds = time.perf_counter() - started
             self._set_state(ModelState.FAILED, error=exc)
-            self._emit("load_failed", error=exc, seconds=self.load_seconds)
+            self._emit("load_failed", error=exc, text=self.error_text, seconds=self.load_seconds)
             raise
         self.instance = instance
         self.load_seconds = time.perf_counter() - started
@@ -201,30 +275,89 @@ class ModelHost:
         self._emit("load_finished", seconds=self.load_seconds, device=self.device,
                    memory=devices.memory_stats(self.device if self.device.startswith("cuda") else watch))
 
+    def start_load(self, device: Optional[str] = None, *, echo: bool = True,
+                   on_failed: Optional[Callable[[BaseException], None]] = None) -> threading.Thread:
+        """Load in a worker thread (the one way every adapter loads off its own thread).
+
+        The state is LOADING before this returns, so a request that arrives at once
+        gets "not ready" rather than a stale answer. ``on_failed`` gets the exception.
+        """
+        if self.contract is None:
+            raise ModelNotReadyError("No model is defined yet: run a %%model cell (a class with predict) first.")
+        if self.loading:
+            raise ModelNotReadyError("The model is already loading; wait for that load to finish.")
+        self._set_state(ModelState.LOADING)
+
+        def run() -> None:
+            try:
+                self.load(device, echo=echo)
+            except BaseException as exc:
+                if on_failed is not None:
+                    on_failed(exc)
+
+        ctx = contextvars.copy_context()  # output and widget messages belong to the caller's cell
+        thread = threading.Thread(target=ctx.run, args=(run,), name="model-load", daemon=True)
+        self._load_thread = thread
+        thread.start()
+        return thread
+
+    def interrupt_load(self, timeout: float = 10.0) -> bool:
+        """Raise KeyboardInterrupt inside a running load (at its next Python line); True if it stopped.
+
+        Code inside a long C call (a big tensor op) sees it when that call returns.
+        """
+        thread = self._load_thread
+        if thread is None or not thread.is_alive():
+            return True
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt))
+        thread.join(timeout)
+        return not thread.is_alive()
+
     def unload(self) -> bool:
-        """Drop the instance and free memory; returns whether there was one."""
-        had = self.instance is not None
+        """Drop the instance and whatever a failure still holds, and free memory; returns whether
+        anything was released (a loaded model, or a failed load's leftovers)."""
+        had = self.instance is not None or self.error is not None
         self.instance = None
         self.device = None
+        if self.error is not None:
+            self._clear_error()
         if had:
             devices.free_memory()
         if self.contract is not None and self.state in (ModelState.READY, ModelState.FAILED):
-            self.error = None
             self._set_state(ModelState.DEFINED)
         return had
 
+    def _clear_error(self) -> None:
+        if self.error is not None:
+            release_frames(self.error)
+        self.error = None
+
+    # ------------------------------------------------------------------ health
+
+    async def is_healthy(self) -> Optional[bool]:
+        """Truss's health check: None without ``is_healthy`` (or while loading), else its answer
+        (an exception counts as False)."""
+        contract, instance = self.contract, self.instance
+        if contract is None or contract.is_healthy is None or instance is None or self.state is not ModelState.READY:
+            return None
+        try:
+            return bool(await self._call(instance, contract.is_healthy, None, None))
+        except Exception:
+            return False
+
     # ------------------------------------------------------------------ predict
 
-    def _require_ready(self) -> ModelContract:
-        if self.state is ModelState.READY and self.instance is not None:
-            return self.contract
+    def _require_ready(self) -> tuple[ModelContract, Any]:
+        contract, instance = self.contract, self.instance
+        if self.state is ModelState.READY and instance is not None:
+            return contract, instance
         if self.state is ModelState.LOADING:
             raise ModelNotReadyError("The model is still loading; predict once it is ready.")
         if self.state is ModelState.FAILED:
             raise ModelNotReadyError(
-                f"The model's last load failed ({type(self.error).__name__}: {self.error}); fix it and load again."
+                f"The model's last load failed ({self.describe_error(self.error)}); fix it and load again."
             )
-        if self.contract is None:
+        if contract is None:
             raise ModelNotReadyError("No model is defined yet: run a %%model cell, then %model_load.")
         raise ModelNotReadyError("The model is defined but not loaded: run %model_load first.")
 
@@ -234,20 +367,34 @@ class ModelHost:
             self._slots = (loop, asyncio.Semaphore(self._config.runtime.predict_concurrency))
         return self._slots[1]
 
-    async def _call(self, name: str, arg: Any) -> Any:
-        """Call a non-generator user method: await it if async, else run it in a worker thread."""
-        spec = getattr(self.contract, name)
-        fn = getattr(self.instance, name)
-        args = (arg,) if spec.takes_input else ()
-        if spec.is_async:
-            return await fn(*args)
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            # Truss runs sync user code in anyio's pool of 40 threads; so do we. Streams of sync
+            # generators take a thread from it for their whole life.
+            self._executor = concurrent.futures.ThreadPoolExecutor(40, thread_name_prefix="model-predict")
+        return self._executor
+
+    async def _call(self, instance: Any, spec: MethodSpec, model_input: Any, request: Any,
+                    release: Optional[_Release] = None) -> Any:
+        """Call a user method with the arguments it takes: await it if async, else run it in a worker
+        thread. If the caller is cancelled while that thread runs, ``release`` waits for the thread."""
+        fn = getattr(instance, spec.name)
+        args = spec.args(model_input, request)
         if spec.is_generator:
             return fn(*args)
-        if self._executor is None:
-            # Truss runs sync user code in anyio's pool of 40 threads; so do we.
-            self._executor = concurrent.futures.ThreadPoolExecutor(40, thread_name_prefix="model-predict")
+        if spec.is_async:
+            return await fn(*args)
         ctx = contextvars.copy_context()  # keeps output routed to the calling cell
-        return await asyncio.get_running_loop().run_in_executor(self._executor, ctx.run, fn, *args)
+        running = self._pool().submit(ctx.run, fn, *args)
+        try:
+            return await asyncio.wrap_future(running)
+        except asyncio.CancelledError:
+            if release is not None and not running.done():
+                # Python cannot stop the thread: the slot stays taken until the model's code returns.
+                release.deferred = True
+                loop = asyncio.get_running_loop()
+                running.add_done_callback(lambda _: loop.call_soon_threadsafe(release))
+            raise
 
     def validate_input(self, model_input: Any) -> Any:
         """Validate into the Pydantic input type, if predict (or preprocess) declares one."""
@@ -270,57 +417,94 @@ class ModelHost:
             raise InputValidationError(f"The input is not valid JSON: {exc}.", [{"loc": ("__root__",), "msg": str(exc)}]) from None
         return self.validate_input(data)
 
-    async def predict(self, model_input: Any) -> Any:
-        """Run preprocess → predict → postprocess and return JSON-ready data or a ChunkStream.
+    async def predict(self, model_input: Any, *, request: Any = None, method: str = "predict") -> Any:
+        """Run preprocess → predict → postprocess and return JSON-ready data, a ChunkStream, or
+        the model's own Response object.
 
-        Predict runs inside the ``runtime.predict_concurrency`` bound; a stream
-        holds its slot until it ends or is closed. User exceptions propagate with
+        Predict runs inside the ``runtime.predict_concurrency`` bound; a stream holds its slot
+        until its generator has really closed. ``method`` names an OpenAI-style method
+        (``chat_completions`` ...), called as Truss does: alone, outside the bound.
+        ``request`` is what request-taking methods get. User exceptions propagate with
         their own frames only.
         """
-        contract = self._require_ready()
+        contract, instance = self._require_ready()  # one snapshot: a reload cannot pull it away mid-call
         started = time.perf_counter()
         try:
-            model_input = self.validate_input(model_input)
+            if method != "predict":
+                return await self._endpoint(contract, instance, method, model_input, request, started)
+            if not contract.skips_input_parsing:
+                model_input = self.validate_input(model_input)
             if contract.preprocess:
-                model_input = await self._call("preprocess", model_input)
+                model_input = await self._call(instance, contract.preprocess, model_input, request)
             slot = self._semaphore()
             await slot.acquire()
+            release = _Release(slot)
             try:
-                result = await self._call("predict", model_input)
+                result = await self._call(instance, contract.predict, model_input, request, release)
             except BaseException:
-                slot.release()
+                if not release.deferred:
+                    release()
                 raise
             if inspect.isgenerator(result) or inspect.isasyncgen(result):
                 if contract.postprocess:
-                    _close_quietly(result)
-                    slot.release()
+                    close_quietly(result)
+                    release()
                     raise ModelDefinitionError(
                         "predict returned a generator (streaming), and streaming output cannot be postprocessed "
                         "(Truss refuses this too). Do all processing inside predict, or remove postprocess."
                     )
-                return ChunkStream(result, on_close=lambda s: self._stream_closed(s, slot), started=started)
-            slot.release()
+                return ChunkStream(result, on_close=lambda s: self._stream_closed(s, release), started=started,
+                                   executor=self._pool())
+            release()
+            if is_response(result):
+                if contract.postprocess:
+                    raise ModelDefinitionError("predict returned a response object, which cannot be postprocessed "
+                                               "(Truss refuses this too). Remove postprocess, or return data.")
+                return result
             if contract.postprocess:
-                result = await self._call("postprocess", result)
+                result = await self._call(instance, contract.postprocess, result, request)
             output = to_jsonable(result)
         except BaseException as exc:
-            trim_traceback(exc)
+            if not isinstance(exc, asyncio.CancelledError):
+                trim_traceback(exc)
             raise
+        self._predicted(started)
+        return output
+
+    async def _endpoint(self, contract: ModelContract, instance: Any, method: str, model_input: Any,
+                        request: Any, started: float) -> Any:
+        spec = contract.endpoint(method)
+        if spec is None:
+            raise MethodNotFound(f"The model has no `{method}` method. Add `def {method}(self, model_input):` "
+                                 "to the model class to serve this route.")
+        if not contract.skips_input_parsing:
+            model_input = self.validate_input(model_input)
+        result = await self._call(instance, spec, model_input, request)
+        if inspect.isgenerator(result) or inspect.isasyncgen(result):
+            return ChunkStream(result, on_close=lambda s: self._stream_closed(s, None), started=started,
+                               executor=self._pool())
+        if is_response(result):
+            return result
+        output = to_jsonable(result)
+        self._predicted(started)
+        return output
+
+    def _predicted(self, started: float) -> None:
         self.last_predict_seconds = time.perf_counter() - started
         self.last_first_chunk_seconds = None
         self._emit("predicted", seconds=self.last_predict_seconds)
-        return output
 
-    def _stream_closed(self, stream: "ChunkStream", slot: asyncio.Semaphore) -> None:
-        slot.release()
+    def _stream_closed(self, stream: ChunkStream, release: Optional[_Release]) -> None:
+        if release is not None:
+            release()
         self.last_predict_seconds = stream.elapsed
         self.last_first_chunk_seconds = stream.first_chunk_seconds
         self._emit("predicted", seconds=stream.elapsed, first_chunk=stream.first_chunk_seconds,
                    chunks=stream.chunks, streamed=True)
 
-    async def collect(self, model_input: Any) -> Any:
-        """Predict and, for a stream, gather it: text chunks joined, else the list of chunks."""
-        result = await self.predict(model_input)
+    async def collect(self, model_input: Any, *, request: Any = None, method: str = "predict") -> Any:
+        """Predict and, for a stream, gather it as every adapter does (:func:`join_chunks`)."""
+        result = await self.predict(model_input, request=request, method=method)
         if not isinstance(result, ChunkStream):
             return result
         chunks = []
@@ -330,156 +514,20 @@ class ModelHost:
         return join_chunks(chunks)
 
 
-def join_chunks(chunks: list) -> Any:
-    """What a streamed prediction amounts to: one string for text chunks, else a JSON list."""
-    if chunks and all(isinstance(c, (str, bytes)) for c in chunks):
-        return "".join(c.decode("utf-8", "replace") if isinstance(c, bytes) else c for c in chunks)
-    return to_jsonable(chunks, what="the streamed chunks")
-
-
-_DONE = object()
-
-
-class ChunkStream:
-    """The chunks of a streaming predict, as an async iterator.
-
-    A sync generator runs in one worker thread of its own that pushes chunks to
-    the loop (one thread hop per stream, not per chunk); an async generator is
-    iterated on the loop. ``aclose()`` (or leaving ``async with``) stops the
-    generator so its ``finally`` runs, and frees the predict slot exactly once.
-    """
-
-    def __init__(self, generator: Any, *, on_close: Callable[["ChunkStream"], None], started: float) -> None:
-        self._gen = generator
-        self._on_close = on_close
-        self._loop = asyncio.get_running_loop()
-        self._started = started
-        self._closed = False
-        self._stop = threading.Event()
-        self._queue: Optional[asyncio.Queue] = None
-        self._pump: Optional[threading.Thread] = None
-        self._pump_done: Optional[asyncio.Future] = None
-        self.chunks = 0
-        self.first_chunk_seconds: Optional[float] = None
-        self.elapsed: float = 0.0
-
-    @property
-    def is_async(self) -> bool:
-        return inspect.isasyncgen(self._gen)
-
-    @property
-    def started(self) -> float:
-        """``time.perf_counter()`` when the predict began (for time to first chunk)."""
-        return self._started
-
-    def take_sync(self) -> Any:
-        """Hand a sync generator to a caller that iterates it in its own thread.
-
-        Used where per-chunk thread hops would cost more than the generator
-        itself (the notebook's stream view). The caller must call
-        :meth:`close_sync` when done; counting chunks is then up to it.
-        """
-        if self.is_async or self._pump is not None:
-            raise RuntimeError("take_sync needs a sync generator that is not being iterated")
-        return self._gen
-
-    def close_sync(self, chunks: int = 0, first_chunk_seconds: Optional[float] = None) -> None:
-        """Close a generator taken with :meth:`take_sync`; safe from any thread."""
-        if self._closed:
-            return
-        self._closed = True
-        _close_quietly(self._gen)
-        self.chunks, self.first_chunk_seconds = chunks, first_chunk_seconds
-        self.elapsed = time.perf_counter() - self._started
-        self._loop.call_soon_threadsafe(self._on_close, self)  # the slot belongs to the loop
-
-    def __aiter__(self) -> "ChunkStream":
-        return self
-
-    async def __aenter__(self) -> "ChunkStream":
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.aclose()
-
-    async def __anext__(self) -> Any:
-        if self._closed:
-            raise StopAsyncIteration
-        try:
-            if self.is_async:
-                chunk = await self._gen.__anext__()
-            else:
-                chunk = await self._next_from_pump()
-        except StopAsyncIteration:
-            await self.aclose()
-            raise
-        except BaseException as exc:
-            trim_traceback(exc)
-            await self.aclose()
-            raise
-        self.chunks += 1
-        if self.first_chunk_seconds is None:
-            self.first_chunk_seconds = time.perf_counter() - self._started
-        return chunk
-
-    async def _next_from_pump(self) -> Any:
-        if self._pump is None:
-            loop = asyncio.get_running_loop()
-            self._queue = asyncio.Queue()
-            self._pump_done = loop.create_future()
-            ctx = contextvars.copy_context()
-            self._pump = threading.Thread(
-                target=ctx.run, args=(self._run_pump, loop), name="model-stream", daemon=True
-            )
-            self._pump.start()
-        kind, value = await self._queue.get()
-        if kind == "chunk":
-            return value
-        if kind == "error":
-            raise value
-        raise StopAsyncIteration
-
-    def _run_pump(self, loop: asyncio.AbstractEventLoop) -> None:
-        put = self._queue.put_nowait
-        try:
-            for chunk in self._gen:
-                loop.call_soon_threadsafe(put, ("chunk", chunk))
-                if self._stop.is_set():
-                    break
-            item = ("end", None)
-        except BaseException as exc:  # forwarded to the consumer
-            item = ("error", exc)
-        finally:
-            # Closing here, in the thread that ran it, is the only safe place:
-            # a generator cannot be closed from another thread while it runs.
-            _close_quietly(self._gen)
-        loop.call_soon_threadsafe(put, item)
-        loop.call_soon_threadsafe(lambda: self._pump_done.done() or self._pump_done.set_result(None))
-
-    async def aclose(self) -> None:
-        """Stop the generator (its ``finally`` runs) and release the predict slot."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if self.is_async:
-                await self._gen.aclose()
-            elif self._pump is not None:
-                self._stop.set()
-                await asyncio.shield(self._pump_done)
-            else:
-                _close_quietly(self._gen)
-        finally:
-            self.elapsed = time.perf_counter() - self._started
-            self._on_close(self)
-
-
-def _close_quietly(gen: Any) -> None:
-    if inspect.isgenerator(gen):
-        try:
-            gen.close()
-        except Exception:
-            pass
+def release_frames(exc: Optional[BaseException]) -> None:
+    """Let go of what an exception's traceback keeps alive (the locals of every frame), through
+    its cause and context too; the exception itself and its message stay."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if exc.__traceback__ is not None:
+            traceback.clear_frames(exc.__traceback__)
+            exc.__traceback__ = None
+        for linked in (exc.__cause__,):
+            if linked is not None:
+                release_frames(linked)
+        exc = exc.__context__
+    gc.collect()
 
 
 def _plain_errors(exc: Any) -> list[dict]:

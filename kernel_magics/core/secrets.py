@@ -32,9 +32,12 @@ class SecretStore(Mapping):
         *,
         secrets_dir: Optional[Path] = None,
         hint: str = "",
+        defaults: Optional[Mapping[str, str]] = None,
     ) -> None:
         self._names = list(dict.fromkeys(names))
         self._overrides: dict[str, str] = {}
+        # Values written in a config.yaml made elsewhere: the lowest priority, as in Truss.
+        self._defaults: dict[str, str] = dict(defaults or {})
         self._secrets_dir = Path(secrets_dir) if secrets_dir else None
         self._hint = hint
         self._handed_out: set[str] = set()  # values given to the model, to scrub from logs
@@ -55,6 +58,8 @@ class SecretStore(Mapping):
             return f"file {self._secrets_dir / name}"
         if os.environ.get(ENV_PREFIX + name):
             return f"environment variable {ENV_PREFIX}{name}"
+        if self._defaults.get(name):
+            return "the default in config.yaml"
         return None
 
     def __getitem__(self, name: str) -> str:
@@ -77,11 +82,27 @@ class SecretStore(Mapping):
             return self._overrides[name]
         if self._secrets_dir and (self._secrets_dir / name).is_file():
             return (self._secrets_dir / name).read_text()
-        return os.environ.get(ENV_PREFIX + name) or None
+        return os.environ.get(ENV_PREFIX + name) or self._defaults.get(name) or None
+
+    def known_values(self) -> set[str]:
+        """Every value a secret has or had here (for redaction; never shown)."""
+        values = set(self._handed_out) | set(self._overrides.values()) | set(self._defaults.values())
+        for name in self._names:
+            try:
+                value = self._resolve(name)
+            except OSError:
+                value = None
+            if value:
+                values.add(value)
+        return values
 
     def redact(self, text: str) -> str:
-        """``text`` with every secret value the model has read replaced by ``***``."""
-        for value in sorted(self._handed_out, key=len, reverse=True):
+        """``text`` with every secret value replaced by ``***``: the one redaction every display and log uses.
+
+        Values shorter than 4 characters are left alone: replacing them would mangle ordinary text
+        and hide nothing worth hiding.
+        """
+        for value in sorted(self.known_values(), key=len, reverse=True):
             if len(value) >= 4:
                 text = text.replace(value, "***")
         return text

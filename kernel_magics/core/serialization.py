@@ -1,13 +1,18 @@
-"""Turn a prediction into JSON-ready data, the way a Truss server would."""
+"""Turn a prediction into JSON-ready data, the way a Truss server would.
+
+:func:`to_jsonable` is what our runtime sends. :func:`truss_would_refuse` tells
+where Truss 0.18's own server (``json.dumps`` with its ``DeepNumpyEncoder``)
+would fail on a result ours can send, so the notebook can warn before a deploy.
+"""
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Any, Optional
 
 from .errors import NotSerializableError
 
-__all__ = ["to_jsonable", "is_pydantic_model", "is_pydantic_class"]
+__all__ = ["to_jsonable", "is_pydantic_model", "is_pydantic_class", "is_response", "truss_would_refuse",
+           "truss_refuses_chunk"]
 
 
 def is_pydantic_class(obj: Any) -> bool:
@@ -19,24 +24,28 @@ def is_pydantic_model(obj: Any) -> bool:
     return is_pydantic_class(type(obj)) and hasattr(obj, "model_dump")
 
 
+def is_response(obj: Any) -> bool:
+    """A Starlette/FastAPI Response object (which a model may return and a server sends as it is)."""
+    return any(c.__name__ == "Response" and c.__module__.startswith("starlette.") for c in type(obj).__mro__)
+
+
 def to_jsonable(value: Any, *, what: str = "the prediction") -> Any:
     """Return ``value`` as JSON data, or raise naming the offending type and where it sits.
 
-    Pydantic models become ``model_dump(mode="json")``; tuples become lists (as
-    ``json.dumps`` would send them). Anything else that is not JSON is an error,
-    because the server could not send it.
+    Pydantic models become ``model_dump(mode="json")``; tuples become lists and
+    numpy scalars and arrays plain numbers and lists (as Truss's encoder does).
+    NaN and infinities pass, as Truss's server sends them (``NaN``, ``Infinity``).
+    Anything else that is not JSON is an error, because no server could send it.
     """
     return _convert(value, what, "")
 
 
-_SCALARS = (str, int, bool, type(None))
+_SCALARS = (str, int, float, bool, type(None))
 
 
 def _convert(value: Any, what: str, path: str) -> Any:
     if isinstance(value, _SCALARS):
         return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else _fail(value, what, path, "NaN and infinity are not valid JSON")
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
@@ -52,7 +61,6 @@ def _convert(value: Any, what: str, path: str) -> Any:
     if is_pydantic_model(value):
         return value.model_dump(mode="json")
     if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
-        # Truss's server encodes numpy scalars and arrays (DeepNumpyEncoder); so do we.
         return _convert(value.tolist(), what, path)
     _fail(value, what, path, None)
 
@@ -67,5 +75,48 @@ def _fail(value: Any, what: str, path: str, why: Any) -> None:
         hint = " Convert it first, for example with .tolist() or .item()."
     raise NotSerializableError(
         f"{what.capitalize()} contains a {name} {where}: {reason}, so a Truss server could not send it. "
-        f"Return dicts, lists, strings, numbers, booleans, None or a Pydantic model.{hint}"
+        f"Return dicts, lists, strings, numbers, booleans, None or a Pydantic model.{hint}",
+        # What Truss's own server answers: json.dumps's TypeError, in its "Unhandled exception" body.
+        truss_message=f"Object of type {kind.__name__} is not JSON serializable",
     )
+
+
+# ---------------------------------------------------------------------- what Truss's server refuses
+
+def truss_would_refuse(value: Any) -> Optional[str]:
+    """Where Truss 0.18's server could not encode a result our server sends, as ``['key'][0]``
+    ("" for the result itself), with the type; None when Truss would send it too."""
+    if is_pydantic_model(value) or is_response(value):
+        return None  # Truss sends a top-level Pydantic model with .json()
+    return _truss_walk(value, "")
+
+
+def _truss_walk(value: Any, path: str) -> Optional[str]:
+    if isinstance(value, _SCALARS):
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _truss_walk(item, f"{path}[{key!r}]")
+            if found:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _truss_walk(item, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    kind = type(value)
+    if kind.__module__ == "numpy":
+        import numpy as np
+
+        # Truss's DeepNumpyEncoder knows np.integer, np.floating and np.ndarray; not np.bool_.
+        if isinstance(value, (np.integer, np.floating, np.ndarray)):
+            return None
+    label = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return f"a {label} at the result{path}"
+
+
+def truss_refuses_chunk(chunk: Any) -> bool:
+    """Truss's server streams only str and bytes chunks; anything else cuts its response off."""
+    return not isinstance(chunk, (str, bytes, bytearray, memoryview))

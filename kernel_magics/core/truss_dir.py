@@ -1,60 +1,400 @@
-"""Load a Truss directory into a ModelHost, as Truss's own server does.
+"""A Truss directory: the only code that knows its layout and how Truss reads it.
 
-Used by ``kernel-magics serve`` and by anything that runs an exported model
-outside the notebook. The config's environment_variables are set before the
-model is imported; ``packages/`` and ``external_package_dirs`` go on the path;
-model/model.py is imported as ``model.model`` (Truss's module name).
+``TrussDir`` opens ``config.yaml`` (as Truss's own parser does: unknown keys and
+secret defaults are accepted with a warning), finds the model file from
+``model_module_dir`` / ``model_class_filename`` / ``model_class_name``, puts
+``bundled_packages_dir`` and ``external_package_dirs`` on the import path in
+Truss's order (after site-packages, bundled first), imports the module under
+Truss's name (``model.model``), and builds the ``ModelHost`` whose ``__init__``
+kwargs are built as Truss builds them (``config`` is the YAML as written).
+``validate``, ``serve``, every Ray replica and the export's fresh-process check
+go through it. The check itself is a module command::
+
+    python -I -B -m kernel_magics.core.truss_dir check DIR --report FILE [--load]
+
+(options and secret values arrive as JSON on stdin, never on the command line).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import json
 import os
+import subprocess
 import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
 
-from .config import parse_config
-from .errors import ModelDefinitionError
-from .runtime import ModelHost
+import yaml
+
+from .config import ModelConfig, parse_config
+from .errors import KernelMagicsError, ModelDefinitionError
 from .secrets import SecretStore
-from .tracebacks import trim_traceback
 
-__all__ = ["load_truss_dir"]
+__all__ = ["TrussDir", "CheckReport", "TrussDirError", "resolve_path"]
 
 
-def load_truss_dir(root: Path, *, secrets_dir: Optional[Path] = None, secrets_hint: str = "") -> ModelHost:
-    """Import the directory's model class and return a host with it defined (not loaded)."""
-    root = Path(root).resolve()
-    config_path = root / "config.yaml"
-    if not config_path.is_file():
-        raise ModelDefinitionError(f"{root} has no config.yaml, so it is not a Truss directory.")
-    config = parse_config(config_path.read_text(), source=str(config_path))
-    os.environ.update(config.environment_variables)
-    extra = getattr(config, "bundled_packages_dir", None) or "packages"
-    for path in [root / extra] + [(root / d).resolve() for d in config.external_package_dirs]:
-        if path.is_dir() and str(path) not in sys.path:
-            sys.path.append(str(path))
-    module_dir = getattr(config, "model_module_dir", None) or "model"
-    filename = getattr(config, "model_class_filename", None) or "model.py"
-    model_py = root / module_dir / filename
-    if not model_py.is_file():
-        raise ModelDefinitionError(f"{root} has no {module_dir}/{filename}: there is no model to serve.")
-    stem = model_py.stem
-    module_name = f"{model_py.parent.name}.{stem}" if model_py.parent.name == stem else stem
-    spec = importlib.util.spec_from_file_location(module_name, model_py)
-    module = importlib.util.module_from_spec(spec)
-    module.__package__ = None
-    sys.modules[module_name] = module
+class TrussDirError(KernelMagicsError):
+    """The directory is not a Truss directory we can use; the message says what to change."""
+
+
+def resolve_path(path: Any, base: Optional[Path] = None) -> Path:
+    """``path`` made absolute against ``base`` (default: the working directory), ``~`` expanded."""
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_absolute():
+        path = (base or Path.cwd()) / path
+    return Path(os.path.normpath(path))
+
+
+@dataclass
+class TrussDir:
+    """An opened Truss directory (nothing imported yet)."""
+
+    root: Path
+    config: ModelConfig
+    raw_config: dict
+    warnings: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: Any, *, base: Optional[Path] = None) -> "TrussDir":
+        """Open ``path`` (relative to ``base`` or the working directory) and parse its config."""
+        root = resolve_path(path, base)
+        shown = str(path) if str(path) == str(root) else f"{path} ({root})"
+        if not root.exists():
+            raise TrussDirError(f"{shown} does not exist. Give the path of a Truss directory.")
+        if not root.is_dir():
+            raise TrussDirError(f"{shown} is a file, not a directory. Give the path of a Truss directory.")
+        config_path = root / "config.yaml"
+        if not config_path.is_file():
+            found = sorted(p.name for p in root.glob("config.y*ml") if p.name != "config.yaml")
+            hint = f" Found {found[0]}: rename it to config.yaml (Truss reads only that name)." if found else ""
+            raise TrussDirError(f"{root} has no config.yaml, so it is not a Truss directory.{hint}")
+        try:
+            text = config_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise TrussDirError(f"{config_path} is not UTF-8 text. Save it as UTF-8 YAML.") from None
+        except OSError as exc:
+            raise TrussDirError(f"Cannot read {config_path}: {exc.strerror}.") from None
+        warnings: list[str] = []
+        config = parse_config(text, source=str(config_path), made_elsewhere=True, warnings=warnings)
+        raw = yaml.safe_load(text) or {}  # safe: parse_config bounded its size
+        return cls(root, config, raw, warnings)
+
+    # ------------------------------------------------------------------ layout
+
+    @property
+    def model_module_dir(self) -> str:
+        return self.raw_config.get("model_module_dir") or "model"
+
+    @property
+    def model_file(self) -> Path:
+        return self.root / self.model_module_dir / (self.raw_config.get("model_class_filename") or "model.py")
+
+    @property
+    def module_name(self) -> str:
+        """Truss's module name: ``model/model.py`` is ``model.model`` (it must not take ``model``)."""
+        stem, parent = self.model_file.stem, self.model_file.parent.name
+        return f"{parent}.{stem}" if parent == stem else stem
+
+    @property
+    def package_dirs(self) -> list[Path]:
+        """Where model.py's own imports may come from, in Truss's order: the bundled packages
+        folder, then each external package dir (Truss copies those into the same folder)."""
+        bundled = self.root / (self.raw_config.get("bundled_packages_dir") or "packages")
+        external = [resolve_path(d, self.root) for d in self.config.external_package_dirs]
+        return [bundled, *external]
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / self.config.data_dir
+
+    def relative(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    # ------------------------------------------------------------------ static checks
+
+    def check_static(self) -> ast.ClassDef:
+        """Everything that needs no import: the model file parses and defines the class with predict."""
+        for path in self.config.external_package_dirs:
+            if not resolve_path(path, self.root).is_dir():
+                raise TrussDirError(f"external_package_dirs: {path} is not a directory (from {self.root}). "
+                                    "Fix the path in config.yaml.")
+        model_py = self.model_file
+        if not model_py.is_file():
+            raise TrussDirError(f"{self.root} has no {self.relative(model_py)}: a Truss keeps the model class there "
+                                "(model_module_dir and model_class_filename in config.yaml say where).")
+        try:
+            tree = ast.parse(model_py.read_bytes(), filename=str(model_py))
+        except SyntaxError as exc:
+            raise TrussDirError(f"{model_py}, line {exc.lineno}: syntax error: {exc.msg}. Fix model.py.") from None
+        classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+        cls = classes.get(self.config.model_class_name)
+        if cls is None:
+            raise TrussDirError(f"{model_py} defines no class `{self.config.model_class_name}` (model_class_name "
+                                f"in config.yaml). Classes found: {', '.join(classes) or 'none'}.")
+        methods = {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        if "predict" not in methods and not cls.bases:
+            raise TrussDirError(f"`{cls.name}` in {model_py} has no predict method.")
+        return cls
+
+    # ------------------------------------------------------------------ importing
+
+    def prepare_process(self) -> None:
+        """What a Truss container has before the model is imported: its env vars, its package dirs."""
+        os.environ.update(self.config.environment_variables)
+        for path in self.package_dirs:
+            if path.is_dir() and str(path) not in sys.path:
+                sys.path.append(str(path))  # after site-packages, as Truss appends /packages
+
+    def import_model_class(self) -> type:
+        """Import the model file as Truss does and return the model class (the user's errors propagate)."""
+        self.check_static()
+        self.prepare_process()
+        name = self.module_name
+        spec = importlib.util.spec_from_file_location(name, self.model_file)
+        module = importlib.util.module_from_spec(spec)
+        if "." in name:
+            module.__package__ = None  # relative imports stay unsupported, as in Truss
+        sys.modules[name] = module  # registered first, so pickled values that name it resolve
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        cls = getattr(module, self.config.model_class_name, None)
+        if not isinstance(cls, type):
+            raise ModelDefinitionError(f"{self.model_file} defines no class `{self.config.model_class_name}` "
+                                       "(model_class_name in config.yaml).")
+        return cls
+
+    def secret_store(self, *, secrets_dir: Optional[Path] = None, hint: str = "") -> SecretStore:
+        return SecretStore(self.config.secret_names, secrets_dir=secrets_dir, hint=hint,
+                           defaults=self.config.secret_defaults)
+
+    def host(self, *, secrets_dir: Optional[Path] = None, hint: str = "", environment: Optional[dict] = None):
+        """A ModelHost with the directory's class defined (not loaded)."""
+        from .runtime import ModelHost
+        from .tracebacks import trim_traceback
+
+        try:
+            cls = self.import_model_class()
+        except KernelMagicsError:
+            raise
+        except BaseException as exc:
+            raise trim_traceback(exc)
+        host = ModelHost(self.config, secrets=self.secret_store(secrets_dir=secrets_dir, hint=hint),
+                         base_dir=self.root, environment=environment, init_config=self.raw_config)
+        host.define(cls)
+        return host
+
+    # ------------------------------------------------------------------ the fresh-process check
+
+    def check_in_fresh_process(
+        self,
+        *,
+        load: bool = False,
+        replay: Sequence[dict] = (),
+        secrets: Optional[dict[str, str]] = None,
+        python: str = sys.executable,
+        timeout: float = 1800,
+    ) -> "CheckReport":
+        """Import (and with ``load``, load and replay) the directory in a new interpreter.
+
+        ``-I`` keeps the notebook's working directory, PYTHONPATH and user site out, so only
+        what the directory carries (and installed distributions) can be imported; ``-B``
+        writes no ``__pycache__`` into it. Raises TrussDirError when the model does not work.
+        """
+        with tempfile.TemporaryDirectory(prefix="km-check-") as tmp:
+            report_path = Path(tmp) / "report.json"
+            command = [python, "-I", "-B", "-m", "kernel_magics.core.truss_dir", "check", str(self.root),
+                       "--report", str(report_path)] + (["--load"] if load else [])
+            payload = json.dumps({"secrets": secrets or {}, "replay": list(replay)})
+            started = time.perf_counter()
+            try:
+                done = subprocess.run(command, input=payload, cwd=self.root, capture_output=True, text=True,
+                                      timeout=timeout, env=_child_env())
+            except subprocess.TimeoutExpired:
+                raise TrussDirError(f"The model in {self.root} took over {timeout:.0f} s to "
+                                    f"{'load' if load else 'import'} in a fresh Python. Move slow work out of "
+                                    "import time into load(), or skip the check.") from None
+            seconds = time.perf_counter() - started
+            if not report_path.is_file():
+                tail = (done.stderr.strip().splitlines() or ["it exited without a word"])[-1]
+                raise TrussDirError(f"The fresh-process check of {self.root} crashed (exit code {done.returncode}): "
+                                    f"{tail}")
+            report = CheckReport(**json.loads(report_path.read_text()), seconds=seconds, output=done.stdout + done.stderr)
+        return report
+
+
+@dataclass
+class Validation:
+    """What ``validate`` checked, for a report that says what was done."""
+
+    truss: "TrussDir"
+    class_name: str
+    imported: bool = False
+    loaded: bool = False
+    example_replayed: bool = False
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        config = self.truss.config
+        n = len(config.requirements)
+        parts = [f"OK {self.truss.root}: config.yaml is valid ({n} requirement{'s' if n != 1 else ''}), "
+                 f"{self.truss.relative(self.truss.model_file)} defines `{self.class_name}` with predict"]
+        if not self.imported:
+            parts.append("import check skipped (--no-import)")
+        elif self.example_replayed:
+            parts.append(f"imported, loaded and answered model_metadata.example_model_input in a fresh Python "
+                         f"({self.seconds:.1f} s)")
+        else:
+            parts.append(f"imported and instantiated in a fresh Python ({self.seconds:.1f} s)")
+        return "; ".join(parts) + "."
+
+
+def validate(truss: "TrussDir", *, import_check: bool = True) -> Validation:
+    """Check a Truss directory as a deployment would take it; raise TrussDirError saying what is wrong.
+
+    Static checks always; then, unless ``import_check`` is off, a fresh Python imports the
+    model file and instantiates the class, and, when the config has
+    ``model_metadata.example_model_input``, loads the model and answers that input.
+    """
+    cls = truss.check_static()
+    result = Validation(truss, cls.name)
+    if not import_check:
+        return result
+    example = truss.config.model_metadata.get("example_model_input")
+    replay = [{"input": example}] if example is not None else []
+    report = truss.check_in_fresh_process(load=bool(replay), replay=replay)
+    if report.error:
+        raise TrussDirError(explain_check_failure(report, truss, during="validate"))
+    failed = [r for r in report.replayed if not r["ok"]]
+    if failed:
+        raise TrussDirError(f"{truss.root}: the model loaded, but predict failed on model_metadata.example_model_input: "
+                            f"{failed[0]['why']}.")
+    result.imported, result.loaded, result.example_replayed = True, bool(replay), bool(replay)
+    result.seconds = report.seconds
+    return result
+
+
+def explain_check_failure(report: "CheckReport", truss: "TrussDir", *, during: str) -> str:
+    """One paragraph on why the fresh-process check failed and what to do, for ``validate`` or an export."""
+    error = report.error or "unknown error"
+    what = {"import": f"importing {truss.relative(truss.model_file)}", "init": f"creating `{truss.config.model_class_name}`",
+            "load": "load()"}.get(report.stage, report.stage)
+    if during == "export":
+        head = f"The exported model does not work on its own ({what} failed in a fresh Python), so nothing was exported: {error}."
+    else:
+        head = f"{truss.root}: {what} failed in a fresh Python: {error}."
+    module = report.missing_module
+    if module:
+        top = module.split(".")[0]
+        local = any((d / top).exists() or (d / f"{top}.py").exists() for d in truss.package_dirs)
+        if during == "validate" and not local:
+            return (f"{head} The import check needs `{top}`, which is not installed in this Python "
+                    f"({sys.executable}). Install the directory's requirements here, or run validate with "
+                    "--no-import to skip the import check (the static checks still run).")
+        return f"{head} Add `{top}` to requirements, or put the module beside the notebook so it goes into packages/."
+    if error.startswith("NameError"):
+        return f"{head} Define that name at the top level of a notebook cell, or inside the model class."
+    return head
+
+
+@dataclass
+class CheckReport:
+    """What the fresh-process check found."""
+
+    ok: bool
+    stage: str  # import, init, load, replay, done
+    error: Optional[str] = None  # "ModuleNotFoundError: No module named 'torch'"
+    missing_module: Optional[str] = None
+    replayed: list = field(default_factory=list)  # one dict per replayed input: index, ok, got, why
+    seconds: float = 0.0
+    output: str = ""
+
+    @property
+    def mismatches(self) -> list:
+        return [r for r in self.replayed if not r["ok"]]
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # -I ignores it too; dropped so nothing else reads it
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+# ---------------------------------------------------------------------- the check command (child process)
+
+def _run_check(root: Path, report_path: Path, load: bool) -> int:
+    import asyncio
+
+    options = json.loads(sys.stdin.read() or "{}")
+    report: dict[str, Any] = {"ok": False, "stage": "import"}
+    host = None
+
+    def finish() -> int:
+        report_path.write_text(json.dumps(report, default=str))
+        return 0 if report["ok"] else 1
+
     try:
-        spec.loader.exec_module(module)
-    except BaseException as exc:
-        sys.modules.pop(module_name, None)
-        raise trim_traceback(exc)
-    cls = getattr(module, config.model_class_name, None)
-    if cls is None:
-        raise ModelDefinitionError(f"{model_py} defines no class `{config.model_class_name}` (model_class_name in config.yaml).")
-    host = ModelHost(config, secrets=SecretStore(config.secret_names, secrets_dir=secrets_dir, hint=secrets_hint),
-                     base_dir=root)
-    host.define(cls)
-    return host
+        truss = TrussDir.open(root)
+        host = truss.host()
+        for name, value in options.get("secrets", {}).items():
+            host.secrets.set_value(name, value)
+        report["stage"] = "init"
+        if not load:
+            host.model_class(**host.init_kwargs())
+            report.update(ok=True, stage="done")
+            return finish()
+        report["stage"] = "load"
+        host.load()
+        report["stage"] = "replay"
+        from .replay import compare
+
+        async def replay_all() -> None:
+            for i, item in enumerate(options.get("replay", [])):
+                try:
+                    got = await host.collect(item["input"])
+                except Exception as exc:
+                    report["replayed"].append({"index": i, "ok": False, "got": None,
+                                               "why": host.describe_error(exc)})
+                    continue
+                why = compare(item["output"], got) if "output" in item else None
+                report["replayed"].append({"index": i, "ok": why is None, "got": got, "why": why})
+
+        report["replayed"] = []
+        asyncio.run(replay_all())
+        report.update(ok=not any(not r["ok"] for r in report["replayed"]), stage="done")
+    except BaseException as exc:  # reported to the parent, which explains it
+        if isinstance(exc, ModuleNotFoundError):
+            report["missing_module"] = exc.name
+        text = f"{type(exc).__name__}: {exc}"
+        report["error"] = host.secrets.redact(text) if host is not None else text
+    return finish()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m kernel_magics.core.truss_dir")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="Import (and optionally load and replay) a Truss directory; JSON report.")
+    check.add_argument("dir", type=Path)
+    check.add_argument("--report", type=Path, required=True)
+    check.add_argument("--load", action="store_true")
+    args = parser.parse_args(argv)
+    return _run_check(args.dir, args.report, args.load)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from ..core.config import ModelConfig, parse_config
+from ..core.config import ModelConfig
 from ..core.errors import KernelMagicsError
 
 __all__ = ["serve_with_ray", "replica_options", "REPLICA_HEADER"]
@@ -100,31 +100,16 @@ class _ReplicaHeader:
         await self.app(scope, receive, send_with_header)
 
 
-def _cpus(spec: str) -> float:
-    return float(spec[:-1]) / 1000 if spec.endswith("m") else float(spec)
-
-
-_UNITS = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-
-
-def _bytes(spec: str) -> int:
-    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", spec)
-    return int(float(match.group(1)) * _UNITS.get(match.group(2), 1))
-
-
 _QUEUE_PER_REPLICA = 4
 
 
 def replica_options(config: ModelConfig) -> dict:
     """Ray resources of one replica, from config.yaml's resources and runtime."""
     resources = config.resources
-    gpus = 0
-    if resources.accelerator:
-        _, _, count = resources.accelerator.partition(":")
-        gpus = int(count or 1)
     concurrency = config.runtime.predict_concurrency
     return {
-        "ray_actor_options": {"num_cpus": _cpus(resources.cpu), "num_gpus": gpus, "memory": _bytes(resources.memory)},
+        "ray_actor_options": {"num_cpus": resources.cpu_cores, "num_gpus": resources.gpu_count,
+                              "memory": resources.memory_in_bytes},
         # predict_concurrency bounds predicts inside each replica (the runtime's semaphore, exactly
         # as in `kernel-magics serve`). Serve may hand a replica a few more requests to queue there:
         # with a limit of exactly 1, Serve's router backs off and retries while every replica is
@@ -149,10 +134,10 @@ def _deployment(truss_dir: Path, replicas: int, config: ModelConfig, secrets_ref
         def __init__(self) -> None:
             import ray
 
-            from ..core.truss_dir import load_truss_dir
+            from ..core.truss_dir import TrussDir
 
             _replica_grpc_on_loopback()
-            host = load_truss_dir(truss_dir)
+            host = TrussDir.open(truss_dir).host()
             # Secret values travel in Ray's object store, not in env vars or init args
             # (both show in Ray's dashboard and logs).
             for name, value in ray.get(secrets_ref[0]).items():
@@ -194,7 +179,19 @@ def _local_ray_env(temp: Path) -> None:
 def serve_with_ray(path, *, host: str = "127.0.0.1", port: int = 8080, replicas: int = 1,
                    address: Optional[str] = None, secrets_dir=None) -> int:
     """Deploy ``path`` on Ray Serve and serve until SIGTERM/SIGINT; returns the exit code."""
-    root = Path(path).resolve()
+    from ..core.truss_dir import TrussDir
+
+    try:
+        truss = TrussDir.open(path)
+        truss.check_static()
+        store = truss.secret_store(secrets_dir=secrets_dir)
+        secret_values = {n: store[n] for n in truss.config.secret_names if store.source_of(n)}
+    except KernelMagicsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for warning in truss.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    root, config = truss.root, truss.config
     started_here = address is None
     temp = Path(tempfile.mkdtemp(prefix="km-ray-")) if started_here else None
     if started_here:
@@ -205,21 +202,6 @@ def serve_with_ray(path, *, host: str = "127.0.0.1", port: int = 8080, replicas:
     except ImportError:
         print("error: --engine ray needs Ray Serve, which is not installed. Install it with "
               "`pip install 'kernel-magics[ray]'` (ray[serve] 2.60), or serve without --engine ray.", file=sys.stderr)
-        return 1
-    if not (root / "config.yaml").is_file():
-        print(f"error: {root} has no config.yaml, so it is not a Truss directory.", file=sys.stderr)
-        return 1
-    try:
-        config = parse_config((root / "config.yaml").read_text(), source=str(root / "config.yaml"))
-        from ..core.secrets import SecretStore
-
-        store = SecretStore(config.secret_names, secrets_dir=secrets_dir)
-        secret_values = {n: store[n] for n in config.secret_names if store.source_of(n)}
-    except KernelMagicsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if not (root / (getattr(config, "model_module_dir", None) or "model") / "model.py").is_file():
-        print(f"error: {root} has no model/model.py: there is no model to serve.", file=sys.stderr)
         return 1
 
     stop = threading.Event()

@@ -1,0 +1,115 @@
+"""The notebook's own predictions, kept to prove that an export answers as the notebook did.
+
+The kernel records the last successful predictions of the current model
+definition (:class:`PredictionRecord`); the export's fresh-process check
+replays them against the exported directory and :func:`compare` decides
+whether each answer is the same: JSON-equal, floats equal to 1e-6 relative,
+a stream compared joined (which is how both sides hold it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Optional
+
+__all__ = ["PredictionRecord", "Recorded", "compare", "MAX_RECORDED", "MAX_RECORD_BYTES", "RELATIVE_TOLERANCE"]
+
+MAX_RECORDED = 20
+MAX_RECORD_BYTES = 1_000_000
+RELATIVE_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class Recorded:
+    input: Any
+    output: Any
+
+    def as_dict(self) -> dict:
+        return {"input": self.input, "output": self.output}
+
+
+class PredictionRecord:
+    """The last :data:`MAX_RECORDED` (input, result) pairs of one model definition, JSON only."""
+
+    def __init__(self) -> None:
+        self._items: deque[Recorded] = deque(maxlen=MAX_RECORDED)
+        self.skipped = 0  # predictions too large or not JSON, left out
+
+    def clear(self) -> None:
+        """A new definition (or a hot reload) starts a new record."""
+        self._items.clear()
+        self.skipped = 0
+
+    def add(self, model_input: Any, output: Any) -> bool:
+        """Keep a prediction if input and result are JSON of at most 1 MB each; True if kept."""
+        plain_input = _plain(model_input)
+        if plain_input is None or _plain(output) is None:
+            self.skipped += 1
+            return False
+        self._items.append(Recorded(plain_input[0], output))
+        return True
+
+    def __iter__(self):
+        return iter(list(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def first_input(self) -> Any:
+        return self._items[0].input if self._items else None
+
+
+def _plain(value: Any) -> Optional[tuple]:
+    """``(value as JSON data,)`` when it is JSON (Pydantic inputs dumped) and small enough, else None."""
+    from .serialization import to_jsonable
+
+    try:
+        data = to_jsonable(value, what="the input")
+        size = len(json.dumps(data))
+    except Exception:
+        return None
+    return (data,) if size <= MAX_RECORD_BYTES else None
+
+
+def compare(expected: Any, got: Any, path: str = "") -> Optional[str]:
+    """None when ``got`` answers as ``expected`` did, else where and how they differ."""
+    if isinstance(expected, bool) or isinstance(got, bool):
+        return None if expected is got else _differ(path, expected, got)
+    if isinstance(expected, (int, float)) and isinstance(got, (int, float)):
+        if isinstance(expected, float) and isinstance(got, float) and math.isnan(expected) and math.isnan(got):
+            return None
+        if expected == got or math.isclose(expected, got, rel_tol=RELATIVE_TOLERANCE, abs_tol=0.0):
+            return None
+        return _differ(path, expected, got)
+    if isinstance(expected, dict) and isinstance(got, dict):
+        if set(expected) != set(got):
+            missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+            parts = ([f"missing keys {missing}"] if missing else []) + ([f"extra keys {extra}"] if extra else [])
+            return f"at the result{path}: {', '.join(parts)}"
+        for key in expected:
+            why = compare(expected[key], got[key], f"{path}[{key!r}]")
+            if why:
+                return why
+        return None
+    if isinstance(expected, list) and isinstance(got, list):
+        if len(expected) != len(got):
+            return f"at the result{path}: {len(expected)} items in the notebook, {len(got)} in the export"
+        for i, (a, b) in enumerate(zip(expected, got)):
+            why = compare(a, b, f"{path}[{i}]")
+            if why:
+                return why
+        return None
+    return None if type(expected) is type(got) and expected == got else _differ(path, expected, got)
+
+
+def _differ(path: str, expected: Any, got: Any) -> str:
+    return f"at the result{path or ''}: the notebook had {_short(expected)}, the export gives {_short(got)}"
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,129 @@
+"""One owner of a Truss directory: paths, layout keys, packages, secret defaults, value rules.
+
+Every command runs as a real subprocess from different working directories; served directories
+answer over real HTTP.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server_harness import serve_ours, write_truss
+
+ECHO = "class Model:\n    def predict(self, model_input):\n        return model_input\n"
+
+
+def cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "kernel_magics", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def pycaches(root: Path) -> list[str]:
+    return [str(p) for p in root.rglob("__pycache__")]
+
+
+def test_validate_takes_any_path_from_any_working_directory(tmp_path):
+    project = tmp_path / "project"
+    (project / "sub").mkdir(parents=True)
+    write_truss(project / "x", ECHO)
+    for cwd, arg in [(project, "x"), (project, "./x"), (project / "sub", "../x"), ("/", project / "x"),
+                     (project / "x", ".")]:
+        done = cli("validate", arg, cwd=cwd)
+        assert done.returncode == 0, (cwd, arg, done.stderr)
+        assert done.stdout.startswith(f"OK {project / 'x'}: ") and "imported and instantiated in a fresh Python" in done.stdout
+        assert "exported" not in done.stdout + done.stderr
+    assert pycaches(project) == []  # validate writes nothing into the user's folder
+
+
+LAYOUT = '''
+from helper_pkg import greet
+from shared_tools import shout
+
+
+class Predictor:
+    def __init__(self, config):
+        self._name = config["model_name"]
+
+    def predict(self, model_input):
+        return {"greeting": shout(greet(model_input["who"])), "name": self._name}
+'''
+
+
+def layout_dir(tmp_path: Path) -> Path:
+    """model_module_dir, model_class_filename, model_class_name, bundled packages, an external package dir."""
+    root = tmp_path / "custom"
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "predictor.py").write_text(LAYOUT)
+    (root / "libs" / "helper_pkg").mkdir(parents=True)
+    (root / "libs" / "helper_pkg" / "__init__.py").write_text("def greet(who):\n    return f'hello {who}'\n")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "shared_tools.py").write_text("def shout(text):\n    return text.upper()\n")
+    (root / "config.yaml").write_text(
+        "model_name: custom-layout\nmodel_module_dir: src\nmodel_class_filename: predictor.py\n"
+        "model_class_name: Predictor\nbundled_packages_dir: libs\nexternal_package_dirs: [../shared]\n"
+        "some_future_key: 1\n")
+    return root
+
+
+def test_layout_keys_and_package_dirs_through_validate_and_serve(tmp_path):
+    root = layout_dir(tmp_path)
+    done = cli("validate", "custom", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "src/predictor.py defines `Predictor` with predict" in done.stdout
+    assert "unknown key `some_future_key` is ignored" in done.stderr  # warned, not refused, as Truss parses it
+    with serve_ours(root) as served:
+        answer = httpx.post(served.predict_url(), json={"who": "ada"}).json()
+    assert answer == {"greeting": "HELLO ADA", "name": "custom-layout"}
+    assert pycaches(root) == []
+
+
+def test_the_import_check_names_a_missing_package_and_the_flag_that_skips_it(tmp_path):
+    write_truss(tmp_path / "gpu", "import not_installed_here_xyz\n" + ECHO, "requirements: [not-installed-here-xyz==1.0]\n")
+    done = cli("validate", "gpu", cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "needs `not_installed_here_xyz`, which is not installed in this Python" in done.stderr
+    assert "--no-import" in done.stderr
+    done = cli("validate", "gpu", "--no-import", cwd=tmp_path)
+    assert done.returncode == 0 and "import check skipped (--no-import)" in done.stdout
+
+
+def test_validate_replays_the_example_input(tmp_path):
+    write_truss(tmp_path / "ex", "class Model:\n    def predict(self, model_input):\n        return 1 / model_input['d']\n",
+                "model_metadata: {example_model_input: {d: 0}}\n")
+    done = cli("validate", "ex", cwd=tmp_path)
+    assert done.returncode == 1 and "predict failed on model_metadata.example_model_input: ZeroDivisionError" in done.stderr
+    (tmp_path / "ex" / "config.yaml").write_text("model_metadata: {example_model_input: {d: 4}}\n")
+    done = cli("validate", "ex", cwd=tmp_path)
+    assert done.returncode == 0 and "answered model_metadata.example_model_input" in done.stdout
+
+
+@pytest.mark.parametrize("memory, expected", [
+    ("1Pi", 2**50), ("512Mi", 512 * 2**20), ("2Gi", 2 * 2**30), ("1.5Gi", int(1.5 * 2**30)), ("1G", 10**9),
+    ("128974848", 128974848), ("129e6", 129 * 10**6), ("123Mi", 123 * 2**20), ("1Ei", 2**60), ("4k", 4000),
+    ("2Ti", 2 * 2**40), ("3T", 3 * 10**12), ("1P", 10**15), ("1E", 10**18), ("8Ki", 8192),
+])
+def test_memory_in_every_unit_reaches_the_ray_replica(memory, expected):
+    from kernel_magics.core.config import parse_config
+    from kernel_magics.serving.ray_engine import replica_options
+
+    options = replica_options(parse_config(f"resources: {{memory: '{memory}', cpu: '2'}}\n"))
+    assert options["ray_actor_options"]["memory"] == expected
+    assert options["ray_actor_options"]["num_cpus"] == 2.0
+
+
+def test_quantities_truss_refuses_are_refused_with_the_reason():
+    from kernel_magics.core.config import parse_config
+    from kernel_magics.core.errors import ConfigError
+
+    for text, fragment in [("resources: {memory: 1000m}", "does not accept the unit 'm' for memory"),
+                           ("resources: {memory: lots}", "memory must be a size like"),
+                           ("resources: {cpu: '0'}", "cpu must be more than zero"),
+                           ("resources: {accelerator: 'H100:0'}", "must be a positive integer")]:
+        with pytest.raises(ConfigError, match=fragment):
+            parse_config(text)
+    config = parse_config("resources: {accelerator: {accelerator: H100, count: 2}}")
+    assert str(config.resources.gpu) == "H100:2" and config.resources.gpu_count == 2
