@@ -10,10 +10,16 @@ __all__ = ["load_ipython_extension", "unload_ipython_extension", "__version__"]
 
 def load_ipython_extension(ipython) -> None:
     """Register the model magics with an IPython shell (``%load_ext kernel_magics``)."""
+    from .notebook.define_magics import DefineMagics
     from .notebook.magics import ModelMagics
+    from .notebook.run_magics import RunMagics
+    from .notebook.ship_magics import ShipMagics
 
     magics = ModelMagics(ipython)
     ipython.register_magics(magics)
+    for adapter in (DefineMagics, RunMagics, ShipMagics):
+        ipython.register_magics(adapter(ipython, magics))
+    ipython.events.register("pre_run_cell", magics.note_cell)
     ipython.events.register("post_run_cell", magics.record_cell)
     magics.frontend.start()
 
@@ -23,7 +29,8 @@ def unload_ipython_extension(ipython) -> None:
     magics = ipython.magics_manager.registry.get("ModelMagics")
     if magics is not None:
         magics.runner.stop()
-        try:
-            ipython.events.unregister("post_run_cell", magics.record_cell)
-        except ValueError:
-            pass
+        for event, hook in (("pre_run_cell", magics.note_cell), ("post_run_cell", magics.record_cell)):
+            try:
+                ipython.events.unregister(event, hook)
+            except ValueError:
+                pass

@@ -23,9 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="Export a notebook's model as a Truss directory, without running the notebook.")
     export.add_argument("notebook", type=Path, help="The .ipynb file.")
     export.add_argument("out", type=Path, help="Directory to write.")
-    export.add_argument("--force", action="store_true", help="Replace OUT if it exists and is not empty.")
+    export.add_argument("--force", action="store_true",
+                        help="Replace OUT if an earlier export made it (never a folder holding the notebook).")
     export.add_argument("--data", action="append", default=[], type=Path, metavar="PATH",
                         help="A file or folder to copy into data/ (repeatable).")
+    export.add_argument("--no-replay", action="store_true",
+                        help="Skip replaying the predictions saved in the notebook against the export.")
 
     serve = sub.add_parser("serve", help="Serve a Truss directory over Truss's HTTP API (FastAPI + uvicorn).")
     serve.add_argument("dir", type=Path, help="An exported (or any) Truss directory.")
@@ -49,16 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .core.export import config_from_cells, export_model, materialize, read_notebook
+    from .core.export import export_model, materialize
+    from .core.notebook_file import config_from_cells, read_notebook
 
-    cells = read_notebook(args.notebook)
-    config = config_from_cells(cells, source=str(args.notebook))
+    notebook = read_notebook(args.notebook)
+    config = config_from_cells(notebook.cells, source=str(args.notebook))
     base = args.notebook.resolve().parent
-    materialized = materialize(cells, config, base, args.notebook.name)
-    result = export_model(args.out, materialized, base_dir=base, data=args.data, force=args.force)
+    # The notebook's own predictions are the results it saved: the export must answer them too.
+    record = notebook.recorded_predictions()
+    materialized = materialize(notebook.cells, config, base, args.notebook.name, record=record)
+    result = export_model(args.out, materialized, base_dir=base, data=args.data, force=args.force,
+                          protected=[args.notebook.resolve()], replay=not args.no_replay)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(result.tree())
+    print(result.replay_note.replace("%model_predict", "%model_predict (and save the notebook)"))
     return 0
 
 
@@ -101,6 +109,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return {"export": _export, "validate": _validate, "serve": _serve}[args.command](args)
     except KernelMagicsError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a file system refusal the checks before did not foresee: one line, no traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}. Check the path and its permissions.", file=sys.stderr)
         return 1
 
 

@@ -43,8 +43,9 @@ def cli(*args, cwd=None, env=None):
 
 
 def files_of(root: Path) -> dict[str, bytes]:
+    """What an export ships (its marker file, unique to each export, aside)."""
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and "__pycache__" not in p.parts}
+            if p.is_file() and "__pycache__" not in p.parts and p.name != ".kernel-magics-export"}
 
 
 def leftovers(parent: Path) -> list[str]:

@@ -165,7 +165,7 @@ def test_predict_input_forms_and_results(kernel):
 def test_bad_predict_inputs(kernel):
     define_and_load(kernel, SIMPLE)
     assert_usage_error(kernel.execute("%model_predict {not json"), "not JSON", "not a Python expression")
-    assert_usage_error(kernel.execute("%model_predict"), "Usage: %model_predict [--no-widget] INPUT")
+    assert_usage_error(kernel.execute("%model_predict"), "Usage: %model_predict [--no-widget] [--header NAME:VALUE]")
     assert_usage_error(kernel.execute("%%predict\nx = 1"), "last line of a %%predict cell must be an expression")
 
 
@@ -188,7 +188,16 @@ def test_predict_styles(kernel, style):
     body, expected = PREDICT_STYLES[style]
     kernel.ok("import asyncio")
     define_and_load(kernel, f"%%model\nclass Model:\n    {body}\n")
-    assert kernel.ok('%model_predict {"n": 1}').result == expected
+    ex = kernel.ok('%model_predict {"n": 1}')
+    if "generator" in style:
+        # A stream shows as it arrives, once: no Out[n] repeating it; `_` and assignment still get the value.
+        assert ex.result is None and "[done: 3 chunks" in ex.stdout
+        assert kernel.ok("_").result == expected
+        assert kernel.ok('r = %model_predict {"n": 1}\nr').result == expected
+        assert kernel.ok('%model_predict {"n": 1};').result is None  # `;` hides, as in any cell
+    else:
+        assert ex.result == expected
+        assert kernel.ok('%model_predict {"n": 1};').result is None
 
 
 def test_pydantic_input_and_output(kernel):

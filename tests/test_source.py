@@ -57,7 +57,7 @@ def test_last_definition_wins_and_line_magics_are_tolerated():
 @pytest.mark.parametrize("cells, fragments", [
     (["def train():\n    return [1]", "weights = train()",
       "%%model\nclass Model:\n    def predict(self, x):\n        return weights"],
-     ["`weights`", "built at run time by calling `train`", "cell 2", "load()", "data_dir"]),
+     ["`weights`", "computed by calling `train` from the notebook (cell 2)", "%model_export", "load()", "data_dir"]),
     (["exec('magic = 3')", "%%model\nclass Model:\n    def predict(self, x):\n        return magic"],
      ["`magic`", "no cell defines it at the top level", "exec, %run"]),
     (["for i in range(2):\n    last = i", "%%model\nclass Model:\n    def predict(self, x):\n        return last"],
@@ -70,3 +70,63 @@ def test_names_that_cannot_be_materialized_are_clear_errors(cells, fragments):
         build_model_source(cells, "Model")
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+# ---------------------------------------------------------------- values changed after their assignment
+
+CHANGED = {
+    "fitted pipeline": (["from sklearn.pipeline import make_pipeline\nfrom sklearn.linear_model import LogisticRegression",
+                         "pipe = make_pipeline(LogisticRegression())\npipe.fit([[0], [1]], [0, 1])"],
+                        "self.pipe = pipe", "`pipe.fit([[0], [1]], [0, 1])` (line 2)", 2),
+    "dict item": (["LABELS = ['a', 'b', 'c']", "x = 1\nLABELS[2] = 'barbera'"], "self.labels = LABELS",
+                  "`LABELS[2] = 'barbera'` (line 2)", 2),
+    "data frame column": (["import pandas as pd", "df = pd.DataFrame({'a': [1], 'b': [2]})", "df['ratio'] = df.a / df.b"],
+                          "self.df = df", "`df['ratio'] = df.a / df.b` (line 1)", 3),
+    "augmented": (["N = 1", "N += 1"], "self.n = N", "`N += 1` (line 1)", 2),
+}
+
+
+@pytest.mark.parametrize("case", list(CHANGED))
+def test_the_cli_refuses_a_name_changed_after_its_assignment(case):
+    helpers, use, change, cell = CHANGED[case]
+    cells = [*helpers, f"%%model\nclass Model:\n    def load(self):\n        {use}\n    def predict(self, x):\n        return 1"]
+    with pytest.raises(MaterializeError) as info:
+        build_model_source(cells, "Model")
+    message = str(info.value)
+    assert f"cell {cell} changes it after its assignment: {change}" in message
+    assert "%model_export" in message and "data_dir" in message
+
+
+def test_with_live_values_a_changed_literal_travels_as_a_literal_and_an_unchanged_one_as_source():
+    cells = ["LABELS = ['a', 'b', 'c']\nSIZES = [1, 2]", "LABELS[2] = 'barbera'\nprint(SIZES)",
+             "%%model\nclass Model:\n    def predict(self, x):\n        return LABELS[x] + str(SIZES)"]
+    src = build_model_source(cells, "Model", live={"LABELS": ["a", "b", "barbera"], "SIZES": [1, 2]})
+    assert "LABELS = ['a', 'b', 'barbera']" in src.text and "SIZES = [1, 2]" in src.text
+    assert "LABELS = ['a', 'b', 'c']" not in src.text
+    why = {line.split()[0]: line for line in src.why().splitlines()}
+    assert "value (literal): changed after its assignment, by `LABELS[2] = 'barbera'` in cell 2, line 1" in why["LABELS"]
+    assert why["SIZES"].endswith("; source")
+    compile(src.text, "model.py", "exec")
+
+
+def test_closure_fixes_optional_imports_conditional_constants_dataclass_instances():
+    cells = [
+        "try:\n    import ujson as fastjson\nexcept ImportError:\n    import json as fastjson",
+        "import os\nif os.environ.get('KM_FAST'):\n    MODE = 'fast'\nelse:\n    MODE = 'slow'",
+        "from dataclasses import dataclass\n\n@dataclass\nclass Settings:\n    lr: float\n    layers: int",
+        "SETTINGS = Settings(lr=0.1, layers=2)",
+        "%%model\nclass Model:\n    def predict(self, x):\n        return fastjson.dumps([MODE, SETTINGS.layers])",
+    ]
+    text = build_model_source(cells, "Model").text
+    for wanted in ("try:\n    import ujson as fastjson", "if os.environ.get('KM_FAST'):", "class Settings:",
+                   "SETTINGS = Settings(lr=0.1, layers=2)", "import os", "from dataclasses import dataclass"):
+        assert wanted in text, wanted
+    namespace: dict = {}
+    exec(compile(text, "model.py", "exec"), namespace)
+    assert namespace["Model"]().predict(None) == '["slow", 2]'
+
+
+def test_a_syntax_error_in_the_model_cell_says_so():
+    cells = ["x = 1", "%%model\nclass Model:\n    def predict(self, x)\n        return 1"]
+    with pytest.raises(MaterializeError, match=r"Syntax error in the %%model cell \(cell 2\), line 3"):
+        build_model_source(cells, "Model")

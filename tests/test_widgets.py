@@ -59,7 +59,8 @@ def test_stream_view_sends_coalesced_deltas_then_the_full_output_once(wkernel):
     """)
     ex = wkernel.ok('%model_predict {"n": 5000}')
     expected = "".join(f"t{i} " for i in range(5000))
-    assert ex.result == repr(expected)
+    assert ex.result is None  # shown once, in the view: no Out[n] repeating it
+    assert wkernel.ok("_").result == repr(expected)
     deltas, updates = stream_messages(ex)
     final = [u for u in updates if "text" in u]
     assert len(final) == 1 and final[0]["text"] == expected and final[0]["state"] == "done"
@@ -83,7 +84,7 @@ def test_dict_chunks_show_as_json_lines_and_return_a_list(wkernel):
                     yield {"i": i}
     """)
     ex = wkernel.ok("%model_predict {}")
-    assert ex.result == "[{'i': 0}, {'i': 1}, {'i': 2}]"
+    assert wkernel.ok("_").result == "[{'i': 0}, {'i': 1}, {'i': 2}]"
     _, updates = stream_messages(ex)
     assert [u["text"] for u in updates if "text" in u] == ['{"i": 0}\n{"i": 1}\n{"i": 2}\n']
 
@@ -132,7 +133,8 @@ def test_stop_button_ends_the_stream_while_the_cell_runs(wkernel, is_async):
     assert wkernel.ok("FINALLY_RAN").result == "[True]"
     # The model stays usable.
     wkernel.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        yield 'ok'\n")
-    assert wkernel.ok("%model_predict {}").result == "'ok'"
+    wkernel.ok("%model_predict {}")
+    assert wkernel.ok("_").result == "'ok'"
 
 
 # ---------------------------------------------------------------- errors and interrupts keep the partial output
@@ -212,7 +214,8 @@ def test_plain_text_fallback_and_no_widget_flag(wkernel, tmp_path):
                 yield from ["alpha ", "beta ", "gamma"]
     """)
     ex = wkernel.ok("%model_predict --no-widget {}")
-    assert not comm_opens(ex, "AnyModel") and ex.result == "'alpha beta gamma'"
+    assert not comm_opens(ex, "AnyModel") and ex.result is None
+    assert wkernel.ok("_").result == "'alpha beta gamma'"
     assert ex.stdout.startswith("alpha beta gamma\n[done: 3 chunks in ")
     # A kernel with no widget manager (as nbclient) prints plain text by default.
     k = Kernel(cwd=str(tmp_path))

@@ -1,35 +1,45 @@
-"""Write a Truss directory: config.yaml, model/model.py, data/, packages/.
+"""Write a Truss directory: config.yaml, model/model.py, data/ (with the notebook's values), packages/.
 
-The directory is built next to the target and renamed into place only after
-the new model.py imported and instantiated in a fresh Python process, so a
-failure at any step leaves nothing behind and never half-overwrites a
-previous export.
+The directory is built next to the target and renamed into place only after it
+passed the fresh-process check: it imports and instantiates on its own and,
+when the notebook recorded predictions, loads and answers each of them as the
+notebook did. A failure at any step leaves nothing behind and never touches a
+previous export. ``--force`` replaces only a directory an earlier export made
+(it carries a marker file) or an empty one, never one that holds the notebook
+or the working directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.metadata
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import yaml
 
-from .config import ModelConfig, parse_config
-from .errors import ConfigError, KernelMagicsError
-from .source import (
-    MaterializeError, ModelSource, build_model_source, is_stdlib, last_cell_of, split_cell_magic,
-)
+from .config import ModelConfig
+from .errors import KernelMagicsError
+from .replay import PredictionRecord
+from .source import MaterializeError, ModelSource, build_model_source, is_stdlib
+from .values import VALUES_DIR
 
 __all__ = [
     "ExportError", "ExportResult", "Materialized", "materialize", "materialize_config", "pin_requirements",
-    "export_model", "check_export", "read_notebook", "config_from_cells", "format_tree",
+    "export_model", "format_tree", "MARKER",
 ]
+
+MARKER = ".kernel-magics-export"  # in every export's root: what --force may replace
 
 
 class ExportError(KernelMagicsError):
@@ -45,6 +55,7 @@ class Materialized:
     config_yaml: str
     local_modules: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    record: Optional[PredictionRecord] = None  # the notebook's predictions, to replay
 
 
 @dataclass
@@ -52,6 +63,9 @@ class ExportResult:
     target: Path
     files: list[tuple[str, int]]
     warnings: list[str] = field(default_factory=list)
+    replayed: int = 0
+    replay_note: str = ""
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: capture, check (incl. replay)
 
     def tree(self) -> str:
         return format_tree(self.target, self.files)
@@ -61,6 +75,25 @@ class ExportResult:
 
 def _python_version() -> str:
     return f"py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def distribution_of(module: str, packages: dict[str, list[str]]) -> Optional[str]:
+    """The installed distribution that provides ``module`` (dotted): for a namespace several
+    distributions share (``google.protobuf``), the one whose files hold the module itself."""
+    parts = module.split(".")
+    dists = sorted(set(packages.get(parts[0], [])))
+    if len(dists) <= 1:
+        return dists[0] if dists else None
+    for depth in range(len(parts), 1, -1):
+        prefix = "/".join(parts[:depth])
+        owners = [d for d in dists
+                  if any(str(f).startswith(prefix + "/") or str(f) == prefix + ".py"
+                         for f in (importlib.metadata.files(d) or []))]
+        if len(owners) == 1:
+            return owners[0]
+        if owners:
+            dists = owners
+    return dists[0]
 
 
 def pin_requirements(written: Sequence[str], modules: Iterable[str], local: Iterable[str] = ()) -> tuple[list[str], list[str]]:
@@ -97,18 +130,18 @@ def pin_requirements(written: Sequence[str], modules: Iterable[str], local: Iter
     packages = importlib.metadata.packages_distributions()
     local = set(local)
     for module in modules:
-        if is_stdlib(module) or module in local:
+        top = module.split(".")[0]
+        if is_stdlib(module) or top in local:
             continue
-        if module == "kernel_magics":
+        if top == "kernel_magics":
             raise MaterializeError(
                 "The model imports kernel_magics, which a deployment does not install. Use plain Python "
                 "(for example torch.cuda.is_available() instead of kernel_magics.devices) in the model's code."
             )
-        dists = packages.get(module)
-        if not dists:
+        dist = distribution_of(module, packages)
+        if not dist:
             warnings.append(f"could not tell which distribution provides module `{module}`; add it to requirements yourself.")
             continue
-        dist = sorted(dists)[0]
         name = canonicalize_name(dist)
         if name in seen:
             continue
@@ -121,13 +154,16 @@ def pin_requirements(written: Sequence[str], modules: Iterable[str], local: Iter
 _FIRST_KEYS = ("model_name", "model_class_name", "python_version", "requirements")
 
 
-def materialize_config(config: ModelConfig, requirements: list[str]) -> str:
+def materialize_config(config: ModelConfig, requirements: list[str], example_input: Any = None) -> str:
     """config.yaml's text: the user's config, python_version from this interpreter,
-    pinned requirements, data under ``data/``, secret names with null values only."""
+    pinned requirements, data under ``data/``, secret names with null values only, and
+    (unless the config sets one) the notebook's first recorded input as Truss's example."""
     data = config.to_dict()
     data["python_version"] = config.python_version or _python_version()
     data["requirements"] = requirements
     data.pop("data_dir", None)  # the export always puts data in data/, Truss's default
+    if example_input is not None and "example_model_input" not in config.model_metadata:
+        data["model_metadata"] = {**config.model_metadata, "example_model_input": example_input}
     ordered = {k: data[k] for k in _FIRST_KEYS if k in data}
     ordered.update((k, v) for k, v in data.items() if k not in ordered)
     return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=False, allow_unicode=True)
@@ -140,63 +176,69 @@ def _local_module(base_dir: Path, module: str) -> Optional[Path]:
     return None
 
 
-def materialize(cells: Sequence[str], config: ModelConfig, base_dir: Path, notebook: str) -> Materialized:
-    """Build model.py and config.yaml in memory from the cells (no files written)."""
-    source = build_model_source(cells, config.model_class_name, notebook)
-    local = {m: p for m in source.modules if (p := _local_module(base_dir, m)) is not None}
+def materialize(cells: Sequence[str], config: ModelConfig, base_dir: Path, notebook: str, *,
+                live: Optional[dict] = None, record: Optional[PredictionRecord] = None) -> Materialized:
+    """Build model.py and config.yaml in memory from the cells (no files written).
+
+    ``live`` is the kernel's namespace (values that cannot be rebuilt travel as files);
+    ``record`` the notebook's predictions, replayed against the export.
+    """
+    source = build_model_source(cells, config.model_class_name, notebook, live)
+    tops = list(dict.fromkeys(m.split(".")[0] for m in source.modules))
+    local = {m: p for m in tops if (p := _local_module(base_dir, m)) is not None}
     requirements, warnings = pin_requirements(config.requirements, source.modules, local)
-    return Materialized(source, config, materialize_config(config, requirements), sorted(local.values()), warnings)
+    example = record.first_input if record is not None and len(record) else None
+    return Materialized(source, config, materialize_config(config, requirements, example),
+                        sorted(local.values()), warnings, record)
 
 
-# ------------------------------------------------------------------ notebooks (for the CLI)
+# ------------------------------------------------------------------ where an export may go
 
-def read_notebook(path: Path) -> list[str]:
-    """The code cells of an .ipynb, up to the first one that runs %model_export (as the kernel saw them)."""
-    try:
-        raw = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ExportError(f"Cannot read notebook {path}: {exc.strerror}.") from None
-    try:
-        nb = json.loads(raw)
-        cells = nb["cells"]
-        if not isinstance(cells, list):
-            raise TypeError
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{path} is not a notebook: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}).") from None
-    except (KeyError, TypeError):
-        raise ExportError(f"{path} is not a Jupyter notebook: it has no list of `cells`.") from None
-    out: list[str] = []
-    for cell in cells:
-        if not isinstance(cell, dict) or cell.get("cell_type") != "code":
-            continue
-        src = cell.get("source", "")
-        src = "".join(src) if isinstance(src, list) else str(src)
-        if any(line.lstrip().startswith("%model_export") for line in src.splitlines()):
-            break
-        out.append(src)
-    if last_cell_of(out, "model") is None:
-        raise ExportError(f"{path} has no `%%model` cell (before any %model_export), so there is no model to export.")
-    return out
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
 
-def config_from_cells(cells: Sequence[str], source: str = "notebook") -> ModelConfig:
-    """The config the last ``%%model_config`` cell sets (defaults without one)."""
-    index = last_cell_of(list(cells), "model_config")
-    if index is None:
-        return ModelConfig()
-    _, _, body = split_cell_magic(cells[index])
-    return parse_config(body, source=f"{source}, %%model_config cell {index + 1}", line_offset=1)
-
-
-# ------------------------------------------------------------------ writing
-
-def _check_target(target: Path, force: bool) -> None:
+def _check_target(target: Path, force: bool, protected: Sequence[Path]) -> Optional[str]:
+    """Refuse a target that would lose data; returns the marker id of an earlier export there."""
+    if target.is_symlink():
+        raise ExportError(f"{target} is a symbolic link. Export to a real directory path (or remove the link).")
+    for kept in protected:
+        if _inside(kept, target):
+            what = "the working directory" if kept == Path.cwd().resolve() else str(kept)
+            raise ExportError(f"{target} holds {what}; an export there would replace it. Export to a directory "
+                              "of its own (for example a new folder next to the notebook).")
     if target.exists() and not target.is_dir():
         raise ExportError(f"{target} is a file, not a directory. Choose a directory path for the export.")
-    if target.is_dir() and any(target.iterdir()) and not force:
+    if not target.is_dir():
+        return None
+    marker = _marker_of(target)
+    try:
+        empty = not any(target.iterdir())
+    except OSError as exc:
+        raise ExportError(f"Cannot read {target}: {exc.strerror}.") from None
+    if empty:
+        return marker
+    if not force:
         raise ExportError(f"{target} exists and is not empty. Pass --force to replace it, or choose a new directory.")
-    if Path.cwd().resolve() == target.resolve() or target.resolve() in Path.cwd().resolve().parents:
-        raise ExportError(f"{target} contains the current directory; export to a directory of its own.")
+    if marker is None:
+        raise ExportError(f"{target} is not empty and no export made it (it has no {MARKER} file), so --force "
+                          "will not replace it. Choose a new directory, or empty this one yourself.")
+    return marker
+
+
+def _marker_of(folder: Path) -> Optional[str]:
+    try:
+        return json.loads((folder / MARKER).read_text()).get("id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_data(sources: Sequence[Path], target: Path) -> None:
+    for src in sources:
+        if _inside(target, src):
+            raise ExportError(f"The data folder {src} contains the export target {target}; copying it would copy "
+                              "the export into itself. Choose a data folder that does not contain the target, or "
+                              "export somewhere outside it.")
 
 
 def _copy_data(sources: Iterable[Path], data_dir: Path) -> None:
@@ -205,13 +247,16 @@ def _copy_data(sources: Iterable[Path], data_dir: Path) -> None:
             raise ExportError(f"Data path {src} cannot be read (permission denied). Fix its permissions or leave it out.")
         try:
             if src.is_dir():
-                shutil.copytree(src, data_dir, dirs_exist_ok=True)
+                shutil.copytree(src, data_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
             else:
                 data_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, data_dir / src.name)
         except (OSError, shutil.Error) as exc:
-            raise ExportError(f"Could not copy data from {src}: {exc}. Check the files' permissions.") from None
+            first = exc.args[0][0] if isinstance(exc, shutil.Error) and exc.args and exc.args[0] else exc
+            raise ExportError(f"Could not copy data from {src}: {first}. Check the files' permissions.") from None
 
+
+# ------------------------------------------------------------------ writing
 
 def export_model(
     target: Path,
@@ -220,80 +265,202 @@ def export_model(
     base_dir: Path,
     data: Sequence[Path] = (),
     force: bool = False,
+    protected: Sequence[Path] = (),
+    secrets: Optional[dict[str, str]] = None,
+    secret_values: Iterable[str] = (),
+    replay: bool = True,
+    explain_mismatch: Optional[Any] = None,
     python: str = sys.executable,
 ) -> ExportResult:
-    """Write the Truss directory at ``target`` atomically and check that it imports."""
-    target = Path(target).absolute()
-    _check_target(target, force)
+    """Write the Truss directory at ``target`` atomically, after it proved itself in a fresh process.
+
+    ``protected``: paths an export must never replace (the notebook, the working directory).
+    ``secrets``: values the fresh process may read (never written anywhere); ``secret_values``:
+    values no saved file may contain. ``replay`` off skips replaying the recorded predictions;
+    ``explain_mismatch(index)`` may name the most likely cause when a replayed answer differs.
+    """
+    target = Path(os.path.abspath(target))
+    protected = [Path(os.path.abspath(p)) for p in [*protected, Path.cwd()]]
+    marker = _check_target(target, force, protected)
     config = materialized.config
     data_sources: list[Path] = []
-    config_data = (base_dir / config.data_dir)
+    config_data = base_dir / config.data_dir
     if config_data.is_dir():
-        data_sources.append(config_data)
+        data_sources.append(config_data.resolve())
     elif "data_dir" in config.model_fields_set:
         raise ExportError(f"data_dir {config.data_dir!r} in the config does not exist at {config_data}. Create it or fix the path.")
     for path in data:
         path = Path(path) if Path(path).is_absolute() else base_dir / path
         if not path.exists():
             raise ExportError(f"Data path {path} does not exist. Check the --data argument.")
-        data_sources.append(path)
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+        data_sources.append(path.resolve())
+    _check_data(data_sources, target)
     try:
-        (build / "model").mkdir()
-        (build / "model" / "__init__.py").write_text("")
-        (build / "model" / "model.py").write_text(materialized.source.text)
-        (build / "config.yaml").write_text(materialized.config_yaml)
-        _copy_data(data_sources, build / "data")
-        for module in materialized.local_modules:
-            dest = build / "packages" / module.name
-            dest.parent.mkdir(exist_ok=True)
-            if module.is_dir():
-                shutil.copytree(module, dest, ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy2(module, dest)
-        check_export(build, python=python)
-        _swap_into_place(build, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    except OSError as exc:
+        raise ExportError(f"Cannot write in {target.parent}: {exc.strerror}. Choose a folder you can write to.") from None
+    result = ExportResult(target, [], list(materialized.warnings))
+    try:
+        _write(build, materialized, data_sources)
+        started = time.perf_counter()
+        _save_values(build, materialized, secret_values)
+        result.timings["capture"] = time.perf_counter() - started
+        record = materialized.record if replay else None
+        started = time.perf_counter()
+        result.replayed, stages = _check(build, record, secrets, python, explain_mismatch)
+        result.timings["check"] = time.perf_counter() - started
+        result.timings.update(stages)
+        result.replay_note = _replay_note(materialized.record, replay, result.replayed)
+        (build / MARKER).write_text(json.dumps({"exported_by": "kernel-magics", "id": uuid.uuid4().hex}) + "\n")
+        result.warnings += _swap_into_place(build, target, marker)
     except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
+        _remove_tree(build)
         raise
-    return ExportResult(target, _list_files(target), materialized.warnings)
+    result.files = _list_files(target)
+    return result
 
 
-def check_export(build: Path, *, python: str = sys.executable) -> None:
-    """The fresh-process check of a directory being exported: it must import and instantiate on its own."""
+def _write(build: Path, materialized: Materialized, data_sources: Sequence[Path]) -> None:
+    (build / "model").mkdir()
+    (build / "model" / "__init__.py").write_text("")
+    (build / "model" / "model.py").write_text(materialized.source.text)
+    (build / "config.yaml").write_text(materialized.config_yaml)
+    _copy_data(data_sources, build / "data")
+    for module in materialized.local_modules:
+        dest = build / "packages" / module.name
+        dest.parent.mkdir(exist_ok=True)
+        if module.is_dir():
+            shutil.copytree(module, dest, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(module, dest)
+
+
+def _save_values(build: Path, materialized: Materialized, secret_values: Iterable[str]) -> None:
+    """Save the notebook's values (the kernel's live objects) into data/notebook_values/."""
+    plans = [p for p in materialized.source.values if p.save is not None]
+    if not plans:
+        return
+    folder = build / "data" / VALUES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    secrets = [s.encode() for s in secret_values if len(s) >= 4]
+    for plan in plans:
+        try:
+            plan.save(folder)
+        except Exception as exc:
+            raise ExportError(f"Could not save the value of `{plan.name}` ({plan.format}): {type(exc).__name__}: "
+                              f"{exc}. Build it inside load() instead.") from None
+        data = (folder / plan.filename).read_bytes() if (folder / plan.filename).is_file() else b""
+        if any(secret in data for secret in secrets):
+            raise ExportError(f"The saved value of `{plan.name}` contains a secret's value, and secrets are never "
+                              "written to disk. Read the secret in load() from `secrets` instead of keeping it in "
+                              "a notebook variable the model uses.")
+
+
+def _check(build: Path, record: Optional[PredictionRecord], secrets: Optional[dict], python: str,
+           explain_mismatch: Any) -> tuple[int, dict]:
+    """The fresh-process check; with recorded predictions, load and replay each.
+    Returns how many were replayed and the child's seconds per stage."""
     from .truss_dir import TrussDir, explain_check_failure
 
     truss = TrussDir.open(build)
-    report = truss.check_in_fresh_process(python=python)
-    if not report.ok:
+    replay = [r.as_dict() for r in record] if record is not None else []
+    report = truss.check_in_fresh_process(load=bool(replay), replay=replay, secrets=secrets, python=python)
+    if report.error:
         raise ExportError(explain_check_failure(report, truss, during="export"))
+    for item in report.mismatches:
+        raise ExportError(_mismatch_message(record, item, explain_mismatch))
+    return len(replay), report.stages
 
 
-def _swap_into_place(build: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(build, target)
-        return
-    if not any(target.iterdir()):
-        target.rmdir()
-        os.rename(build, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    old.rmdir()
-    os.rename(target, old)
+def _replay_note(record: Optional[PredictionRecord], replay: bool, replayed: int) -> str:
+    if not replay:
+        return "Replay skipped (--no-replay): this export was not checked against the notebook's predictions."
+    if replayed:
+        return (f"Replayed {replayed} recorded prediction{'s' if replayed != 1 else ''} in a fresh Python: "
+                "the export answers as the notebook did.")
+    return ("No predictions recorded yet, so nothing was replayed: run %model_predict before exporting to have the "
+            "export prove it answers as the notebook does.")
+
+
+def _mismatch_message(record: PredictionRecord, item: dict, explain: Any) -> str:
+    from .replay import short
+
+    recorded = list(record)[item["index"]]
+    hint = explain(item["index"]) if callable(explain) else None
+    return (
+        "The exported model does not answer as the notebook did, so nothing was exported (any previous export is "
+        f"unchanged). Input: {short(recorded.input)}. The notebook answered {short(recorded.output)}; the export "
+        f"answers {short(item['got'])} ({item['why']}). Most likely cause: "
+        f"{hint or 'something the model reads at run time is not the same in a fresh process (a value changed without kernel-magics seeing it, files, environment variables, or randomness without a fixed seed)'}. "
+        "Fix that and export again; --no-replay skips this check (the export may then answer differently)."
+    )
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on a folder while exports swap directories in it (held for milliseconds)."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        os.rename(build, target)
-    except BaseException:
-        os.rename(old, target)  # put the previous export back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _swap_into_place(build: Path, target: Path, marker: Optional[str]) -> list[str]:
+    """Rename the build to the target; refuse if the target changed since the export began."""
+    with _locked(target.parent):
+        if target.is_symlink() or (target.exists() and _marker_of(target) != marker) or (
+                marker is None and target.is_dir() and any(target.iterdir())):
+            raise ExportError(f"{target} changed while this export ran (another export to the same place at the same "
+                              "time?), so this one stopped and changed nothing. Run it again once the other is done.")
+        if not target.exists():
+            os.rename(build, target)
+            return []
+        if not any(target.iterdir()):
+            target.rmdir()
+            os.rename(build, target)
+            return []
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old.rmdir()
+        os.rename(target, old)
+        try:
+            os.rename(build, target)
+        except BaseException:
+            os.rename(old, target)  # put the previous export back
+            raise
+    if _remove_tree(old):
+        return []
+    return [f"the previous export was replaced, but {old} could not be deleted; delete it yourself."]
+
+
+def _remove_tree(path: Path) -> bool:
+    """Delete a folder, read-only parts included; True when it is gone."""
+    def make_writable(function, failed, _exc) -> None:
+        parent = os.path.dirname(failed)
+        for p in (parent, failed):
+            with contextlib.suppress(OSError):
+                os.chmod(p, os.stat(p).st_mode | stat.S_IWUSR | stat.S_IXUSR | stat.S_IRUSR)
+        with contextlib.suppress(OSError):
+            function(failed)
+
+    if not path.exists() and not path.is_symlink():
+        return True
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=make_writable)
+    else:
+        shutil.rmtree(path, onerror=lambda f, p, e: make_writable(f, p, e))
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+    return not path.exists()
 
 
 def _list_files(root: Path) -> list[tuple[str, int]]:
     return sorted(
         (p.relative_to(root).as_posix(), p.stat().st_size)
-        for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+        for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.name != MARKER
     )
 
 
@@ -312,7 +479,7 @@ def format_tree(root: Path, files: list[tuple[str, int]]) -> str:
     return "\n".join(lines)
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"

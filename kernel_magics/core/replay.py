@@ -107,9 +107,9 @@ def compare(expected: Any, got: Any, path: str = "") -> Optional[str]:
 
 
 def _differ(path: str, expected: Any, got: Any) -> str:
-    return f"at the result{path or ''}: the notebook had {_short(expected)}, the export gives {_short(got)}"
+    return f"at the result{path or ''}: the notebook had {short(expected)}, the export gives {short(got)}"
 
 
-def _short(value: Any, limit: int = 120) -> str:
+def short(value: Any, limit: int = 120) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= limit else text[: limit - 1] + "…"

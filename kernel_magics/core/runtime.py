@@ -34,7 +34,7 @@ from .config import ModelConfig
 from .contract import INIT_KWARGS, MethodSpec, ModelContract, init_kwargs
 from .errors import InputValidationError, ModelDefinitionError, ModelNotReadyError
 from .secrets import SecretStore
-from .serialization import is_response, to_jsonable
+from .serialization import is_response, to_jsonable, truss_would_refuse
 from .streams import ChunkStream, close_quietly, join_chunks
 from .tracebacks import trim_traceback
 
@@ -123,6 +123,10 @@ class ModelHost:
         # instance and the contract never disagree.
         self._load_lock = threading.RLock()
         self._load_thread: Optional[threading.Thread] = None
+        # The notebook turns this on: each result is checked for what Truss's own server could not
+        # encode (last_raw_issue says where), so it can warn before a deploy.
+        self.check_truss_compat = False
+        self.last_raw_issue: Optional[str] = None
 
     # ------------------------------------------------------------------ config, events, errors
 
@@ -276,11 +280,11 @@ class ModelHost:
                    memory=devices.memory_stats(self.device if self.device.startswith("cuda") else watch))
 
     def start_load(self, device: Optional[str] = None, *, echo: bool = True,
-                   on_failed: Optional[Callable[[BaseException], None]] = None) -> threading.Thread:
+                   on_done: Optional[Callable[[Optional[BaseException]], None]] = None) -> threading.Thread:
         """Load in a worker thread (the one way every adapter loads off its own thread).
 
         The state is LOADING before this returns, so a request that arrives at once
-        gets "not ready" rather than a stale answer. ``on_failed`` gets the exception.
+        gets "not ready" rather than a stale answer. ``on_done`` gets None, or the exception.
         """
         if self.contract is None:
             raise ModelNotReadyError("No model is defined yet: run a %%model cell (a class with predict) first.")
@@ -292,8 +296,11 @@ class ModelHost:
             try:
                 self.load(device, echo=echo)
             except BaseException as exc:
-                if on_failed is not None:
-                    on_failed(exc)
+                if on_done is not None:
+                    on_done(exc)
+                return
+            if on_done is not None:
+                on_done(None)
 
         ctx = contextvars.copy_context()  # output and widget messages belong to the caller's cell
         thread = threading.Thread(target=ctx.run, args=(run,), name="model-load", daemon=True)
@@ -463,6 +470,8 @@ class ModelHost:
                 return result
             if contract.postprocess:
                 result = await self._call(instance, contract.postprocess, result, request)
+            if self.check_truss_compat:
+                self.last_raw_issue = truss_would_refuse(result)
             output = to_jsonable(result)
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):

@@ -318,6 +318,7 @@ class CheckReport:
     error: Optional[str] = None  # "ModuleNotFoundError: No module named 'torch'"
     missing_module: Optional[str] = None
     replayed: list = field(default_factory=list)  # one dict per replayed input: index, ok, got, why
+    stages: dict = field(default_factory=dict)  # seconds in the child: import, load, replay
     seconds: float = 0.0
     output: str = ""
 
@@ -339,8 +340,15 @@ def _run_check(root: Path, report_path: Path, load: bool) -> int:
     import asyncio
 
     options = json.loads(sys.stdin.read() or "{}")
-    report: dict[str, Any] = {"ok": False, "stage": "import"}
+    report: dict[str, Any] = {"ok": False, "stage": "import", "stages": {}}
     host = None
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        report["stages"][stage] = now - clock
+        clock = now
 
     def finish() -> int:
         report_path.write_text(json.dumps(report, default=str))
@@ -354,10 +362,13 @@ def _run_check(root: Path, report_path: Path, load: bool) -> int:
         report["stage"] = "init"
         if not load:
             host.model_class(**host.init_kwargs())
+            lap("import")
             report.update(ok=True, stage="done")
             return finish()
+        lap("import")
         report["stage"] = "load"
         host.load()
+        lap("load")
         report["stage"] = "replay"
         from .replay import compare
 
@@ -374,6 +385,7 @@ def _run_check(root: Path, report_path: Path, load: bool) -> int:
 
         report["replayed"] = []
         asyncio.run(replay_all())
+        lap("replay")
         report.update(ok=not any(not r["ok"] for r in report["replayed"]), stage="done")
     except BaseException as exc:  # reported to the parent, which explains it
         if isinstance(exc, ModuleNotFoundError):

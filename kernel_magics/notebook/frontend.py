@@ -17,7 +17,6 @@ from typing import Any, Callable, Optional
 
 from .. import __version__
 
-from ..core import devices
 
 __all__ = ["FrontendChannel", "TARGET"]
 
@@ -90,21 +89,6 @@ class FrontendChannel:
 
 
 def model_status(magics: Any) -> dict:
-    """The status the extension shows: model, state, device, timings, secrets by name, last export."""
-    host = magics.host
-    config = host.config
-    gpu = host.device if (host.device or "").startswith("cuda") else None
-    return {
-        "version": __version__,
-        "class_name": config.model_class_name if host.model_class is not None else None,
-        "model_name": config.model_name,
-        "state": host.state.value,
-        "device": devices.describe_device(host.device) if host.device else None,
-        "gpu_memory": devices.memory_stats(gpu),
-        "load_seconds": host.load_seconds,
-        "last_predict_ms": None if host.last_predict_seconds is None else round(host.last_predict_seconds * 1000, 2),
-        "first_chunk_ms": None if host.last_first_chunk_seconds is None else round(host.last_first_chunk_seconds * 1000, 2),
-        "secrets": [{"name": n, "set": host.secrets.source_of(n) is not None} for n in config.secret_names],
-        "last_export": str(magics.last_export) if magics.last_export else None,
-        "error": f"{type(host.error).__name__}: {host.error}" if host.error is not None else None,
-    }
+    """The status the extension shows: the host's snapshot, the package version and the last export."""
+    return {**magics.host.status(), "version": __version__,
+            "last_export": str(magics.last_export) if magics.last_export else None}

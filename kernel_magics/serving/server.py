@@ -205,7 +205,7 @@ def create_app(host: Union[ModelHost, Callable[[], ModelHost]], *, load_at_start
 
     async def lifespan(app: FastAPI):
         if load_at_start:
-            current().start_load(on_failed=on_load_failed)
+            current().start_load(on_done=lambda exc: exc is not None and on_load_failed and on_load_failed(exc))
         yield
 
     async def liveness(request: Request) -> Response:

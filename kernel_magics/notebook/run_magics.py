@@ -1,0 +1,327 @@
+"""``%model_load``, ``%model_predict`` and ``%%predict``: run the model as the servers run it, and show it live."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from typing import Any, Optional
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from ..core.contract import ENDPOINT_METHODS
+from ..core.runtime import ChunkStream, ModelState
+from ..core.serialization import is_response, truss_refuses_chunk, truss_would_refuse
+from ..core.streams import join_chunks
+from .magics import ModelMagics
+
+__all__ = ["RunMagics"]
+
+_FLAG = re.compile(r"""--(?P<flag>[\w-]+)(?:[ \t]+(?P<value>"[^"]*"|'[^']*'|[^\s"']+))?""")
+_VALUED = {"header", "method"}
+
+
+@magics_class
+class RunMagics(Magics):
+    """%model_load, %model_predict, %%predict."""
+
+    def __init__(self, shell, model: ModelMagics) -> None:
+        super().__init__(shell)
+        self.model = model
+
+    # ------------------------------------------------------------------ %model_load
+
+    @magic_arguments()
+    @argument("--device", default="auto",
+              help="auto (the kernel's GPU when the notebook uses torch and has one), cpu, cuda or cuda:N: "
+                   "torch's default device while load runs.")
+    @argument("--background", action="store_true",
+              help="Return at once; the view keeps updating, and a predict waits for the load to finish.")
+    @argument("--no-widget", action="store_true", help="Plain text progress instead of the live view.")
+    @line_magic
+    def model_load(self, line: str):
+        """Instantiate the model class and call ``load()`` in a worker thread (as Truss does), showing state,
+        elapsed time, device and GPU memory. A kernel interrupt stops it at its next Python line.
+
+        __init__ receives the Truss keyword arguments its signature accepts:
+        config, data_dir, secrets, environment. What load prints or logs shows
+        in the view as it happens (once: not also below it).
+
+            %model_load --device cuda
+            %model_load --background
+        """
+        from ..core import devices
+
+        args = parse_argstring(self.model_load, line)
+        host = self.model.host
+        if host.loading:
+            raise UsageError("A background load is still running; wait for it (any %model_predict does) first.")
+        device = self.model.run(devices.resolve_device, args.device)
+        if host.contract is None:
+            raise UsageError("No model is defined yet: run a %%model cell (a class with predict) first.")
+        view = None
+        if self.model.use_widgets(args.no_widget):
+            from IPython.display import display
+
+            from .widgets import LoadView
+
+            view = LoadView(host, device)
+            display(view.widget)
+        else:
+            print(f"Loading `{host.config.model_class_name}` (device: {device or 'chosen by the model'}) ...", flush=True)
+        outcome: dict = {}
+
+        def done(exc: Optional[BaseException]) -> None:
+            outcome["error"] = exc
+            if args.background and view is None:
+                print(f"Background load failed: {host.describe_error(exc)}" if exc else self._loaded_line(), flush=True)
+
+        thread = self.model.run(host.start_load, device, echo=view is None, on_done=done)
+        if args.background:
+            print("Loading in the background; %model_predict waits for it to finish.")
+            return None
+        try:
+            while thread.is_alive():
+                thread.join(0.1)  # short joins keep a kernel interrupt deliverable
+        except KeyboardInterrupt:
+            stopped = host.interrupt_load()
+            print("Interrupted: load() was stopped; the model's state is 'failed'." if stopped else
+                  "Interrupted, but load() is inside a long call and still runs; %model_status tells when it ends.")
+            raise
+        exc = outcome.get("error")
+        if exc is None:
+            if view is None:
+                print(self._loaded_line(), flush=True)
+            return None
+        from ..core.errors import KernelMagicsError
+
+        if isinstance(exc, KernelMagicsError):
+            raise UsageError(host.describe_error(exc).split(": ", 1)[1]) from None
+        if view is not None and not isinstance(exc, KeyboardInterrupt):
+            raise UsageError(f"load() failed: {host.describe_error(exc)}. The model's state is 'failed'; its "
+                             "traceback is in the view above (click the error to open it).") from None
+        print(f"Load failed after {host.load_seconds or 0:.2f} s; the model state is 'failed'.", flush=True)
+        raise self.model.user_error(exc) from None
+
+    def _loaded_line(self) -> str:
+        from ..core import devices
+
+        host = self.model.host
+        return f"Ready in {host.load_seconds:.2f} s on {devices.describe_device(host.device)}."
+
+    # ------------------------------------------------------------------ %model_predict / %%predict
+
+    @magic_arguments()
+    @argument("--no-widget", action="store_true", help="Print a stream as plain text instead of the live view.")
+    @argument("--header", action="append", default=[], metavar="NAME:VALUE",
+              help="A request header, for a predict that takes the request (repeatable).")
+    @argument("--method", default="predict", choices=("predict", *ENDPOINT_METHODS),
+              help="Call another model method, as its route would (chat_completions ...).")
+    @argument("input", nargs="*", help='The model input: JSON like {"prompt": "hi"}, or a Python expression.')
+    @no_var_expand
+    @line_magic
+    def model_predict(self, line: str):
+        """Run the loaded model on an input (JSON, or a Python expression) and return the prediction.
+
+        A streaming predict shows its chunks as they arrive and returns the whole output (shown once).
+
+            %model_predict {"prompt": "To be"}
+            r = %model_predict my_input
+            %model_predict --header x-user:alice {"prompt": "hi"}
+            %model_predict --method chat_completions {"messages": [{"role": "user", "content": "hi"}]}
+        """
+        flags, text = self._split_flags(line)
+        # `%model_predict {...};` hides the result as `;` does in any cell (IPython hands the `;` to the magic).
+        text = text.strip()
+        quiet = text.endswith(";")
+        text = text.removesuffix(";").strip()
+        if not text:
+            raise UsageError('Usage: %model_predict [--no-widget] [--header NAME:VALUE] [--method NAME] INPUT, where '
+                             'INPUT is JSON like {"prompt": "hi"} or a Python expression.')
+        value = self._predict(self._parse_input(text), **flags)
+        if quiet:
+            self.model.hide_result(value, always=True)
+        return value
+
+    @magic_arguments()
+    @argument("--no-widget", action="store_true", help="Print a stream as plain text instead of the live view.")
+    @argument("--header", action="append", default=[], metavar="NAME:VALUE",
+              help="A request header, for a predict that takes the request (repeatable).")
+    @argument("--method", default="predict", choices=("predict", *ENDPOINT_METHODS),
+              help="Call another model method, as its route would (chat_completions ...).")
+    @cell_magic
+    def predict(self, line: str, cell: str):
+        """Run the loaded model on the value of the cell's last expression and return the prediction.
+
+            %%predict
+            prompt = "To be"
+            {"prompt": prompt, "max_tokens": 20}
+        """
+        args = parse_argstring(self.predict, line)
+        try:
+            tree = ast.parse("\n" + cell)
+        except SyntaxError as exc:
+            raise UsageError(f"Syntax error in the %%predict cell, line {exc.lineno}: {exc.msg}.") from None
+        if not tree.body or not isinstance(tree.body[-1], ast.Expr):
+            raise UsageError("The last line of a %%predict cell must be an expression: the model input, "
+                             'for example {"prompt": "hi"}.')
+        last = ast.Expression(tree.body.pop().value)
+        number = max(self.shell.execution_count - 1, 0)
+        filename = self.shell.compile.cache(f"%%predict {line}".rstrip() + f"\n{cell}", number)
+        ns = self.shell.user_ns
+        try:
+            exec(compile(tree, filename, "exec"), ns)
+            model_input = eval(compile(last, filename, "eval"), ns)
+        except Exception as exc:
+            raise self.model.user_error(exc) from None
+        return self._predict(model_input, no_widget=args.no_widget, headers=args.header, method=args.method)
+
+    def _split_flags(self, line: str) -> tuple[dict, str]:
+        """Leading ``--flags`` of %model_predict (the input itself may hold any characters)."""
+        flags: dict[str, Any] = {"no_widget": False, "headers": [], "method": "predict"}
+        rest = line.lstrip()
+        while rest.startswith("--"):
+            match = _FLAG.match(rest)
+            flag = match["flag"] if match else rest.split()[0][2:]
+            if flag not in ("no-widget", *_VALUED):
+                raise UsageError(f"Unknown option --{flag} for %model_predict. Options: --no-widget, "
+                                 "--header NAME:VALUE, --method NAME (see %model_predict?).")
+            value = match["value"] if flag in _VALUED else None
+            if flag in _VALUED and not value:
+                raise UsageError(f"--{flag} needs a value, for example "
+                                 f"{'--header x-user:alice' if flag == 'header' else '--method chat_completions'}.")
+            if flag == "no-widget":
+                flags["no_widget"] = True
+                rest = rest[len("--no-widget"):].lstrip()
+                continue
+            value = value[1:-1] if value[0] in "\"'" else value
+            if flag == "header":
+                flags["headers"].append(value)
+            elif value not in ("predict", *ENDPOINT_METHODS):
+                raise UsageError(f"--method {value}: the model methods with routes are predict, "
+                                 f"{', '.join(ENDPOINT_METHODS)}.")
+            else:
+                flags["method"] = value
+            rest = rest[match.end():].lstrip()
+        return flags, rest
+
+    def _parse_input(self, text: str) -> Any:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as json_error:
+            try:
+                return eval(text, self.shell.user_ns)  # noqa: S307 - the user's own expression
+            except Exception as py_error:
+                raise UsageError(
+                    f"Could not read the model input: it is not JSON ({json_error.msg} at column {json_error.colno}) "
+                    f"and not a Python expression ({type(py_error).__name__}: {py_error}). "
+                    'Pass JSON such as {"prompt": "hi"} or the name of a variable.'
+                ) from None
+
+    def _predict(self, model_input: Any, *, no_widget: bool = False, headers: list[str] = (),
+                 method: str = "predict") -> Any:
+        model, host = self.model, self.model.host
+        model.wait_for_background_load()
+        request = self._request(headers, method) if self._takes_request(method) else None
+        if headers and request is None:
+            raise UsageError(f"--header is for a model whose {method} takes the request (`request: fastapi.Request`); "
+                             f"this one's does not.")
+        result = model.run(model.runner.run, host.predict(model_input, request=request, method=method))
+        streamed = isinstance(result, ChunkStream)
+        if streamed:
+            value = self._consume(result, model.use_widgets(no_widget))
+        elif is_response(result):
+            value = _response_value(result)
+        else:
+            value = result
+        if method == "predict" and host.state is ModelState.READY:
+            if model.record.add(model_input, value):
+                model.recorded_at.append(len(model.cells))
+            self._warn_if_truss_would_refuse(result, streamed)
+        if streamed:
+            model.hide_result(value)  # the view (or the printed text) showed it already
+        return value
+
+    def _takes_request(self, method: str) -> bool:
+        contract = self.model.host.contract
+        if contract is None:
+            return False
+        specs = [contract.endpoint(method)] if method != "predict" else [contract.predict, contract.preprocess,
+                                                                         contract.postprocess]
+        return any(s is not None and s.takes_request for s in specs)
+
+    def _request(self, headers: list[str], method: str):
+        """A Starlette request built for this call, so request-taking model code runs as on a server."""
+        from starlette.requests import Request
+
+        pairs = []
+        for header in headers:
+            name, sep, value = header.partition(":")
+            if not sep or not name.strip():
+                raise UsageError(f"--header {header!r}: write it as NAME:VALUE, for example --header x-user:alice.")
+            pairs.append((name.strip().lower().encode("latin-1"), value.strip().encode("latin-1")))
+        path = "/v1/models/model:predict" if method == "predict" else f"/v1/{method.replace('_', '/')}"
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "headers": pairs, "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "scheme": "http",
+                 "http_version": "1.1", "root_path": "", "state": {}}
+        return Request(scope, receive)
+
+    def _consume(self, stream: ChunkStream, widget: bool) -> Any:
+        """Stream into a live view (or plain text) and return the joined result."""
+        from .streaming import StreamConsumer
+        from .widgets import PlainStream, StreamView, route_stop_clicks
+
+        model = self.model
+        consumer = model.last_stream = StreamConsumer(PlainStream(), rate=model.stream_rate)
+        if widget:
+            # Shown before the first chunk, so the first update carries only text.
+            from IPython.display import display
+
+            consumer.sink = StreamView()
+            route_stop_clicks(consumer.sink, consumer.request_stop)
+            display(consumer.sink)
+        if stream.is_async:
+            try:
+                model.runner.run(consumer.consume_async(stream))
+            except KeyboardInterrupt:
+                consumer.outcome = "interrupted"
+        else:
+            consumer.consume_sync(stream)
+        if consumer.outcome == "interrupted":
+            raise KeyboardInterrupt
+        if consumer.outcome == "error":
+            raise model.user_error(consumer.error) from None
+        if consumer.chunks and truss_refuses_chunk(consumer.chunks[0]):
+            consumer.truss_issue = type(consumer.chunks[0]).__name__
+        return model.run(join_chunks, consumer.chunks)
+
+    def _warn_if_truss_would_refuse(self, result: Any, streamed: bool) -> None:
+        model = self.model
+        if streamed:
+            kind = getattr(model.last_stream, "truss_issue", None)
+            if kind and "stream" not in model.warned:
+                model.warned.add("stream")
+                print(f"warning: predict streams {kind} chunks. kernel-magics serve sends them as JSON lines, but "
+                      "Truss's own server streams only str or bytes and would cut the response off after the "
+                      "headers. Yield text instead, for example `yield json.dumps(chunk) + \"\\n\"`.")
+            return
+        where = model.host.last_raw_issue
+        if where and "result" not in model.warned:
+            model.warned.add("result")
+            print(f"warning: Truss's own server could not send this result: {where} is not JSON it can encode "
+                  "(kernel-magics serve sends it, a deployment on Baseten would answer 500). Convert it before "
+                  "returning, for example with .item(), bool(...) or .tolist().")
+
+
+def _response_value(response: Any) -> Any:
+    body = bytes(getattr(response, "body", b"") or b"")
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace")
