@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
+NOTEBOOKS := notebooks/quickstart.ipynb notebooks/streaming.ipynb notebooks/wine_pipeline.ipynb \
+	notebooks/embeddings.ipynb notebooks/tiny_gpt.ipynb
 
 .PHONY: venv demo test notebooks clean truss-reference browser-deps lab
 
@@ -13,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt extension/package.json extension/yarn.l
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,torch,ray]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,serve,ray,examples]"
 	touch $@
 
 venv: $(STAMP)
@@ -39,7 +41,7 @@ browser-deps:
 test: $(STAMP) truss-reference browser-deps
 	cd extension && PATH=$(CURDIR)/$(VENV)/bin:$$PATH jlpm test
 	KM_REQUIRE_TRUSS=$$([ -x $(TRUSS_SETUP) ] && echo 1) KM_REQUIRE_BROWSER=$$([ -x /usr/bin/chromium ] && echo 1) \
-	  $(PY) -m pytest tests notebooks/quickstart.ipynb notebooks/streaming.ipynb $(NBVAL)
+	  $(PY) -m pytest tests $(NOTEBOOKS) $(NBVAL)
 
 # Open the quickstart in JupyterLab (the demo itself stays headless).
 lab: $(STAMP)
@@ -48,7 +50,7 @@ lab: $(STAMP)
 # Regenerate the example notebooks from notebooks/make_notebooks.py and store fresh outputs.
 notebooks: $(STAMP)
 	$(PY) notebooks/make_notebooks.py
-	$(PY) notebooks/execute.py notebooks/quickstart.ipynb notebooks/streaming.ipynb
+	$(PY) notebooks/execute.py $(NOTEBOOKS)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -80,7 +80,20 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _missing_extra(modules: tuple[str, ...], extra: str, what: str) -> bool:
+    """Say in one line which extra to install when a command needs one that is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"error: {what} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+              f"installed. Install it with `pip install 'kernel-magics[{extra}]'`.", file=sys.stderr)
+    return bool(missing)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    if _missing_extra(("fastapi", "uvicorn"), "serve", "kernel-magics serve"):
+        return 1
     if args.engine == "ray":
         from .serving.ray_engine import serve_with_ray
 

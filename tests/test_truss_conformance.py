@@ -18,6 +18,7 @@ Left out, and why:
   directories (no config.yaml with a model).
 """
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -151,3 +152,43 @@ def test_a_model_needing_torch_serves_here(tmp_path):
     path = _copy("test_requirements_file_truss", tmp_path)
     with serve_ours(path) as ours:
         assert httpx.post(ours.url + "/v1/models/model:predict", json={}).json() is False  # no CUDA here
+
+
+ODD = '''
+import datetime
+import numpy as np
+
+
+class Model:
+    def predict(self, model_input):
+        return {
+            "nan": {"v": float("nan"), "i": float("inf"), "n": -float("inf")},
+            "set": {"s": {1, 2}},
+            "datetime": {"t": datetime.datetime(2020, 1, 1)},
+            "bytes": b"xy",
+            "object": {"o": object()},
+            "numpy": {"i": np.int64(3), "f": np.float32(1.5), "a": np.arange(3)},
+            "tuple": (1, [2, 3]),
+        }[model_input["kind"]]
+'''
+
+
+def test_odd_results_answer_as_truss_answers(tmp_path):
+    """NaN and infinities pass; what json cannot encode gets Truss's status, body and headers."""
+    from server_harness import write_truss
+
+    _test_data()  # skips without the reference
+    path = write_truss(tmp_path / "odd", ODD, "model_name: odd\nrequirements: [numpy]\n")
+    kinds = ["nan", "set", "datetime", "bytes", "object", "numpy", "tuple"]
+    requests = [(*PREDICT, json.dumps({"kind": k}).encode(), JSON) for k in kinds]
+    from server_harness import truss_venv_with_models
+
+    with serve_truss(path, venv=truss_venv_with_models()) as theirs:
+        expected = [_answer(theirs.url, *req) for req in requests]
+    with serve_ours(path) as ours:
+        got = [_answer(ours.url, *req) for req in requests]
+    for req, want, have in zip(requests, expected, got):
+        assert have[:4] == want[:4] and have[5] == want[5], f"{req[2]}: Truss {want}, ours {have}"
+        # NaN is not JSON: compare the bodies as text where they hold it.
+        assert json.dumps(have[4], sort_keys=True) == json.dumps(want[4], sort_keys=True), req[2]
+    assert expected[1][0] == 500 and expected[1][4] == {"error": "Unhandled exception: TypeError: Object of type set is not JSON serializable"}

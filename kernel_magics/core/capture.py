@@ -22,8 +22,10 @@ LineSink = Callable[[str, str], None]  # (source: stdout|stderr|log, line)
 
 
 class _Tee(io.TextIOBase):
-    def __init__(self, target, source: str, sink: LineSink, thread: int, echo: bool) -> None:
+    def __init__(self, target, source: str, sink: LineSink, thread: int, echo: bool,
+                 redact: Callable[[str], str]) -> None:
         self._target, self._source, self._sink, self._thread, self._echo = target, source, sink, thread, echo
+        self._redact = redact
         self._partial = ""
 
     def write(self, text: str) -> int:
@@ -32,15 +34,17 @@ class _Tee(io.TextIOBase):
         lines = (self._partial + text).split("\n")
         self._partial = lines.pop()
         for line in lines:
-            self._sink(self._source, line)
-        return self._target.write(text) if self._echo else len(text)
+            self._sink(self._source, self._redact(line))
+        if self._echo:
+            self._target.write(self._redact(text))
+        return len(text)
 
     def flush(self) -> None:
         self._target.flush()
 
     def finish(self) -> None:
         if self._partial:
-            self._sink(self._source, self._partial)
+            self._sink(self._source, self._redact(self._partial))
             self._partial = ""
 
     def __getattr__(self, name: str):  # fileno, encoding, isatty ... of the real stream
@@ -48,16 +52,16 @@ class _Tee(io.TextIOBase):
 
 
 class _Handler(logging.Handler):
-    def __init__(self, sink: LineSink, thread: int, echo: bool) -> None:
+    def __init__(self, sink: LineSink, thread: int, echo: bool, redact: Callable[[str], str]) -> None:
         super().__init__()
-        self._sink, self._thread, self._echo = sink, thread, echo
+        self._sink, self._thread, self._echo, self._redact = sink, thread, echo, redact
         self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.thread != self._thread:
             return
         for line in self.format(record).splitlines():
-            self._sink("log", line)
+            self._sink("log", self._redact(line))
         # Being on the root logger, this handler turns off Python's last-resort handler (which
         # prints warnings when nothing else would): do its job, or the record would vanish.
         if self._echo and not _handled_elsewhere(record, self) and record.levelno >= logging.lastResort.level:
@@ -76,12 +80,14 @@ def _handled_elsewhere(record: logging.LogRecord, ours: logging.Handler) -> bool
 
 
 @contextlib.contextmanager
-def capture_lines(sink: LineSink, *, echo: bool = True) -> Iterator[None]:
-    """Send every line this thread writes to stdout/stderr or logs to ``sink`` (and, with ``echo``, on)."""
+def capture_lines(sink: LineSink, *, echo: bool = True,
+                  redact: Callable[[str], str] = lambda text: text) -> Iterator[None]:
+    """Send every line this thread writes to stdout/stderr or logs to ``sink`` (and, with ``echo``, on),
+    each passed through ``redact`` first (secret values never reach an output)."""
     thread = threading.get_ident()
-    out = _Tee(sys.stdout, "stdout", sink, thread, echo)
-    err = _Tee(sys.stderr, "stderr", sink, thread, echo)
-    handler = _Handler(sink, thread, echo)
+    out = _Tee(sys.stdout, "stdout", sink, thread, echo, redact)
+    err = _Tee(sys.stderr, "stderr", sink, thread, echo, redact)
+    handler = _Handler(sink, thread, echo, redact)
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
     logging.getLogger().addHandler(handler)

@@ -68,7 +68,13 @@ class ExportResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: capture, check (incl. replay)
 
     def tree(self) -> str:
-        return format_tree(self.target, self.files)
+        """The files with their sizes, under the target as seen from here (relative when below)."""
+        try:
+            shown = Path(os.path.relpath(self.target))
+            shown = self.target if shown.parts and shown.parts[0] == ".." else shown
+        except ValueError:
+            shown = self.target
+        return format_tree(shown, self.files)
 
 
 # ------------------------------------------------------------------ requirements and config
@@ -94,6 +100,19 @@ def distribution_of(module: str, packages: dict[str, list[str]]) -> Optional[str
         if owners:
             dists = owners
     return dists[0]
+
+
+_PACKAGES: dict[tuple, dict] = {}
+
+
+def _packages_distributions() -> dict[str, list[str]]:
+    """importlib.metadata.packages_distributions(), cached until an install changes a site-packages folder
+    (it reads every distribution's file list: most of an export's analysis time in a big environment)."""
+    key = tuple((p, os.stat(p).st_mtime_ns) for p in sys.path if p.endswith("-packages") and os.path.isdir(p))
+    if key not in _PACKAGES:
+        _PACKAGES.clear()
+        _PACKAGES[key] = importlib.metadata.packages_distributions()
+    return _PACKAGES[key]
 
 
 def pin_requirements(written: Sequence[str], modules: Iterable[str], local: Iterable[str] = ()) -> tuple[list[str], list[str]]:
@@ -127,7 +146,7 @@ def pin_requirements(written: Sequence[str], modules: Iterable[str], local: Iter
             out.append(f"{req.name}{extras}=={version}{marker}")
         else:
             out.append(line)
-    packages = importlib.metadata.packages_distributions()
+    packages = _packages_distributions()
     local = set(local)
     for module in modules:
         top = module.split(".")[0]

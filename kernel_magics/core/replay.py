@@ -43,14 +43,20 @@ class PredictionRecord:
         self._items.clear()
         self.skipped = 0
 
-    def add(self, model_input: Any, output: Any) -> bool:
-        """Keep a prediction if input and result are JSON of at most 1 MB each; True if kept."""
+    def add(self, model_input: Any, output: Any) -> int:
+        """Keep a prediction if input and result are JSON of at most 1 MB each. The latest answer to
+        an input replaces an earlier one (the notebook may have changed since). Returns the position
+        it was kept at, or -1."""
         plain_input = _plain(model_input)
         if plain_input is None or _plain(output) is None:
             self.skipped += 1
-            return False
+            return -1
+        for i, item in enumerate(self._items):
+            if item.input == plain_input[0]:
+                del self._items[i]
+                break
         self._items.append(Recorded(plain_input[0], output))
-        return True
+        return len(self._items) - 1
 
     def __iter__(self):
         return iter(list(self._items))

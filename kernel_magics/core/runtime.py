@@ -258,14 +258,14 @@ class ModelHost:
         os.environ.update(self._config.environment_variables)
         instance = None
         try:
-            with capture_lines(lambda source, line: self._emit("log", source=source, line=self.secrets.redact(line)),
-                               echo=echo):
+            with capture_lines(lambda source, line: self._emit("log", source=source, line=line), echo=echo,
+                               redact=self.secrets.redact):
                 with devices.default_device(device):
                     instance = self.model_class(**self.init_kwargs())
                     if self.contract.load is not None:
                         instance.load()
         except BaseException as exc:
-            del instance  # a half-made instance must not outlive the failure (the traceback may keep it)
+            instance = None  # a half-made instance must not outlive the failure
             self.error = trim_traceback(exc)
             self.error_text = self.format_error(exc)
             self.load_seconds = time.perf_counter() - started
@@ -530,13 +530,27 @@ def release_frames(exc: Optional[BaseException]) -> None:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if exc.__traceback__ is not None:
-            traceback.clear_frames(exc.__traceback__)
+            clear_traceback(exc.__traceback__)
             exc.__traceback__ = None
-        for linked in (exc.__cause__,):
-            if linked is not None:
-                release_frames(linked)
+        if exc.__cause__ is not None:
+            release_frames(exc.__cause__)
         exc = exc.__context__
     gc.collect()
+
+
+def clear_traceback(tb: Any) -> None:
+    """Clear the locals of a traceback's function frames, the snapshot dicts displays read
+    (``frame.f_locals``) included; module and class frames (namespaces) are left alone."""
+    walk = tb
+    while walk is not None:
+        frame = walk.tb_frame
+        if frame.f_code.co_flags & inspect.CO_OPTIMIZED:
+            try:
+                frame.f_locals.clear()
+            except Exception:
+                pass
+        walk = walk.tb_next
+    traceback.clear_frames(tb)
 
 
 def _plain_errors(exc: Any) -> list[dict]:

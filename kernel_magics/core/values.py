@@ -27,8 +27,8 @@ in ``data/`` refers to ``__main__``.
 
 from __future__ import annotations
 
-import ast
 import contextlib
+import importlib.util
 import io
 import pickle
 import sys
@@ -274,13 +274,8 @@ def _torch_full(name: str, module: Any, namespace: Mapping[str, Any]) -> ValuePl
 
 def _sklearn(name: str, value: Any, namespace: Mapping[str, Any]) -> ValuePlan:
     modules, refs = scan(value, namespace)
-    try:
-        import skops.io  # noqa: F401
-    except ImportError:
-        skops_ok = False
-    else:
-        skops_ok = not refs  # skops resolves classes by import path; notebook classes go through pickle
-    if not skops_ok:
+    # skops resolves classes by import path, so notebook classes go through (job)lib pickles instead.
+    if refs or importlib.util.find_spec("skops") is None:
         return _pickle(name, value, namespace, library="joblib", scanned=(modules, refs))
     filename = f"{name}.skops"
     plan_ = ValuePlan(name, "skops", filename, [], imports=["import skops.io"], modules=modules | {"skops"})
@@ -304,11 +299,8 @@ def _sklearn(name: str, value: Any, namespace: Mapping[str, Any]) -> ValuePlan:
 def _pickle(name: str, value: Any, namespace: Mapping[str, Any], library: str = "pickle",
             scanned: Optional[tuple] = None) -> ValuePlan:
     modules, refs = scanned or scan(value, namespace)
-    if library == "joblib":
-        try:
-            import joblib  # noqa: F401
-        except ImportError:
-            library = "pickle"
+    if library == "joblib" and importlib.util.find_spec("joblib") is None:
+        library = "pickle"
     if library == "joblib":
         filename = f"{name}.joblib"
         line = f'{name} = joblib.load(_VALUES / "{filename}")'
@@ -409,10 +401,3 @@ def notebook_definitions_in_model_module(namespace: Mapping[str, Any]) -> Iterat
         else:
             sys.modules[MODEL_MODULE] = previous
 
-
-def check_literal_round_trip(value: Any) -> bool:
-    """``repr`` reads back to an equal value (guards the literal path)."""
-    try:
-        return ast.literal_eval(repr(value)) == value
-    except Exception:
-        return False

@@ -13,7 +13,6 @@ from __future__ import annotations
 import getpass
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,7 +25,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from ..core.errors import KernelMagicsError
 from ..core.loop import BackgroundLoop
 from ..core.replay import PredictionRecord
-from ..core.runtime import ModelHost, release_frames
+from ..core.runtime import ModelHost, clear_traceback, release_frames
 from ..core.secrets import ENV_PREFIX, SecretStore
 from ..core.source import split_cell_magic
 from ..core.tracebacks import user_traceback
@@ -67,7 +66,7 @@ class ModelMagics(Magics):
         # The current definition's successful predictions, replayed against every export;
         # recorded_at[i] is how many cells had run when prediction i was made.
         self.record = PredictionRecord()
-        self.recorded_at: list[int] = []
+        self.recorded_at: dict[int, int] = {}  # id of a recorded item -> cells run when it was made
         self.warned: set[str] = set()  # Truss-compatibility warnings given for this definition
         self.last_export: Optional[Path] = None
         self.last_stream = None  # the last StreamConsumer: its chunks stay reachable after an error or interrupt
@@ -135,6 +134,15 @@ class ModelMagics(Magics):
         self.record.clear()
         self.recorded_at.clear()
         self.warned.clear()
+
+    def note_prediction(self, model_input: Any, value: Any) -> None:
+        """Record a successful prediction (for replay), and when it was made."""
+        if self.record.add(model_input, value) >= 0:
+            self.recorded_at[id(list(self.record)[-1])] = len(self.cells)
+
+    def recorded_cell_count(self, index: int) -> Optional[int]:
+        items = list(self.record)
+        return self.recorded_at.get(id(items[index])) if index < len(items) else None
 
     def run(self, call, *args: Any, **kwargs: Any) -> Any:
         """Call the core; our errors become UsageError, the user's keep their type."""
@@ -208,10 +216,14 @@ class ModelMagics(Magics):
                 release_frames(kept)
                 released = True
             elif kept is not None and holder == "last_traceback":
-                traceback.clear_frames(kept)
+                clear_traceback(kept)
                 released = True
             if kept is not None:
                 setattr(sys, holder, None)
+        shown = getattr(self.shell, "InteractiveTB", None)
+        if getattr(shown, "tb", None) is not None:  # the traceback it last formatted
+            clear_traceback(shown.tb)
+            shown.tb = None
         result = getattr(self.shell, "last_execution_result", None)
         if result is not None and result.error_in_exec is not None:
             release_frames(result.error_in_exec)

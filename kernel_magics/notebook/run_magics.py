@@ -13,7 +13,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from ..core.contract import ENDPOINT_METHODS
 from ..core.runtime import ChunkStream, ModelState
-from ..core.serialization import is_response, truss_refuses_chunk, truss_would_refuse
+from ..core.serialization import is_response, truss_refuses_chunk
 from ..core.streams import join_chunks
 from .magics import ModelMagics
 
@@ -237,8 +237,7 @@ class RunMagics(Magics):
         else:
             value = result
         if method == "predict" and host.state is ModelState.READY:
-            if model.record.add(model_input, value):
-                model.recorded_at.append(len(model.cells))
+            model.note_prediction(model_input, value)
             self._warn_if_truss_would_refuse(result, streamed)
         if streamed:
             model.hide_result(value)  # the view (or the printed text) showed it already
@@ -278,7 +277,8 @@ class RunMagics(Magics):
         from .widgets import PlainStream, StreamView, route_stop_clicks
 
         model = self.model
-        consumer = model.last_stream = StreamConsumer(PlainStream(), rate=model.stream_rate)
+        consumer = model.last_stream = StreamConsumer(PlainStream(), rate=model.stream_rate,
+                                                      describe=model.host.describe_error)
         if widget:
             # Shown before the first chunk, so the first update carries only text.
             from IPython.display import display

@@ -115,7 +115,7 @@ class ShipMagics(Magics):
     def _explain_mismatch(self, materialized, index: int) -> Optional[str]:
         """The most likely reason a replayed answer differs, from what the kernel knows."""
         model = self.model
-        recorded_at = model.recorded_at[index] if index < len(model.recorded_at) else None
+        recorded_at = model.recorded_cell_count(index)
         source = materialized.source
         if recorded_at is not None:
             for inc in source.included:

@@ -15,7 +15,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 from ..core.runtime import ChunkStream
 from ..core.serialization import to_jsonable
@@ -52,7 +52,7 @@ class StreamSink(Protocol):
 
     def update(self, text: str, stats: StreamStats) -> None: ...
 
-    def finish(self, text: str, stats: StreamStats, outcome: str, error: Optional[BaseException]) -> None: ...
+    def finish(self, text: str, stats: StreamStats, outcome: str, error: Optional[str]) -> None: ...
 
 
 def chunk_text(chunks: list) -> str:
@@ -79,8 +79,10 @@ class StreamConsumer:
     interval), the ticker flushes in its place.
     """
 
-    def __init__(self, sink: StreamSink, rate: float = 30.0) -> None:
+    def __init__(self, sink: StreamSink, rate: float = 30.0,
+                 describe: Callable[[BaseException], str] = lambda exc: f"{type(exc).__name__}: {exc}") -> None:
         self.sink = sink
+        self.describe = describe  # how an error is shown (the host's: secrets redacted)
         self.interval = 1.0 / rate
         self.chunks: list = []
         self.stop_requested = False
@@ -157,7 +159,8 @@ class StreamConsumer:
         self._ticker_done.set()
         if self._ticker is not None:
             self._ticker.join()
-        self.sink.finish(chunk_text(self.chunks), self.stats(), self.outcome, self.error)
+        shown = self.describe(self.error) if self.error is not None and self.outcome == "error" else None
+        self.sink.finish(chunk_text(self.chunks), self.stats(), self.outcome, shown)
 
     # ------------------------------------------------------------------ consuming
 

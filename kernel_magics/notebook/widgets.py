@@ -14,7 +14,6 @@ import os
 import sys
 import threading
 import time
-import traceback
 from typing import Any, Callable, Optional
 
 import anywidget
@@ -155,11 +154,11 @@ class StreamView(anywidget.AnyWidget):
     def update(self, text: str, stats: StreamStats) -> None:
         self.send({"type": "delta", "text": text, "stats": stats.as_dict()})
 
-    def finish(self, text: str, stats: StreamStats, outcome: str, error: Optional[BaseException]) -> None:
+    def finish(self, text: str, stats: StreamStats, outcome: str, error: Optional[str]) -> None:
         with self.hold_sync():  # one message: text, stats, error and state together
             self.text = text
             self.stats = stats.as_dict()
-            self.error = "" if error is None or outcome == "interrupted" else f"{type(error).__name__}: {error}"
+            self.error = error or ""
             self.state = outcome
 
 
@@ -175,7 +174,7 @@ class PlainStream:
             sys.stdout.flush()
             self._printed += len(text)
 
-    def finish(self, text: str, stats: StreamStats, outcome: str, error: Optional[BaseException]) -> None:
+    def finish(self, text: str, stats: StreamStats, outcome: str, error: Optional[str]) -> None:
         rest = text[self._printed:]  # what arrived after the last update
         newline = "" if not text or text.endswith("\n") else "\n"
         sys.stdout.write(f"{rest}{newline}[{outcome}: {stats.describe()}]\n")
@@ -206,10 +205,11 @@ class LoadView:
         self.lines: collections.deque = collections.deque(maxlen=lines)
         self.memory_before: Optional[dict] = None
         self.memory_after: Optional[dict] = None
-        self.error: Optional[BaseException] = None
+        self.error: Optional[tuple[str, str]] = None  # (one line, the traceback), secrets redacted
         self.started = time.perf_counter()
         self.seconds: Optional[float] = None
         self._done = threading.Event()
+        self._host = host
         self._unsubscribe = host.subscribe(self._on_event)
         ctx = contextvars.copy_context()
         self._ticker = threading.Thread(target=ctx.run, args=(self._tick,), name="load-view", daemon=True)
@@ -227,7 +227,9 @@ class LoadView:
             self.memory_after = event.data.get("memory")
             self._close()
         elif event.kind == "load_failed":
-            self.state, self.seconds, self.error = "failed", event.data["seconds"], event.data["error"]
+            self.state, self.seconds = "failed", event.data["seconds"]
+            # Shown as the host describes it: secrets redacted, the user's frames only.
+            self.error = (self._host.describe_error(event.data["error"]), event.data["text"])
             self._close()
 
     def _close(self) -> None:
@@ -255,9 +257,9 @@ class LoadView:
                    + html.escape("\n".join(self.lines)) + "</pre>")
         error = ""
         if self.error is not None:
-            tb = "".join(traceback.format_exception(type(self.error), self.error, self.error.__traceback__))
-            error = (f"<details><summary style='color:{color}'>{html.escape(type(self.error).__name__)}: "
-                     f"{html.escape(str(self.error))}</summary><pre style='font-size:12px'>{html.escape(tb)}</pre></details>")
+            summary, tb = self.error
+            error = (f"<details><summary style='color:{color}'>{html.escape(summary)}</summary>"
+                     f"<pre style='font-size:12px'>{html.escape(tb)}</pre></details>")
         self.widget.value = (
             f"<div class='km-load'><b style='color:{color}'>{self.state}</b> &middot; {elapsed:.1f} s"
             f"<table style='font-size:12px'>{table}</table>{log}{error}</div>"

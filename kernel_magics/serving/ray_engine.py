@@ -142,6 +142,9 @@ def _deployment(truss_dir: Path, replicas: int, config: ModelConfig, secrets_ref
             # (both show in Ray's dashboard and logs).
             for name, value in ray.get(secrets_ref[0]).items():
                 host.secrets.set_value(name, value)
+            from .server import redact_logs_of
+
+            redact_logs_of(host)
             host.load()  # once per replica; a failure fails the replica and Ray retries it
             _set_replica_host(host)
 

@@ -15,6 +15,8 @@ import json
 import logging
 import threading
 import time
+import traceback
+import weakref
 from typing import Any, Awaitable, Callable, Iterator, Optional, Union
 
 from fastapi import FastAPI, HTTPException, Request
@@ -160,6 +162,40 @@ def _install_disconnect_watcher(request: Request) -> None:
     request.state.watch_disconnect = watch_disconnect
 
 
+class _RedactSecrets(logging.Filter):
+    """Every log line of the servers goes out with secret values replaced (one filter, every logger)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hosts: list[weakref.ref] = []
+
+    def add(self, host: ModelHost) -> None:
+        self._hosts = [ref for ref in self._hosts if ref() is not None] + [weakref.ref(host)]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        hosts = [h for ref in self._hosts if (h := ref()) is not None]
+        if not hosts:
+            return True
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        for host in hosts:
+            text = host.secrets.redact(text)
+        record.msg, record.args, record.exc_info, record.exc_text = text, (), None, None
+        return True
+
+
+_REDACT = _RedactSecrets()
+
+
+def redact_logs_of(host: ModelHost) -> None:
+    """Every server log line from now on has ``host``'s secret values replaced (a Ray replica's host
+    exists only after its app does, so the replica calls this itself)."""
+    _REDACT.add(host)
+for _name in ("kernel_magics.server", "uvicorn.error", "uvicorn.access", "uvicorn"):
+    logging.getLogger(_name).addFilter(_REDACT)
+
+
 class _Metrics:
     """Request counts and latency per route, in the Prometheus text format (prometheus_client)."""
 
@@ -201,6 +237,8 @@ def create_app(host: Union[ModelHost, Callable[[], ModelHost]], *, load_at_start
     replica of a scaled-out deployment, say).
     """
     current = host if callable(host) and not isinstance(host, ModelHost) else (lambda: host)
+    if isinstance(host, ModelHost):
+        redact_logs_of(host)
     metrics = _Metrics.get()
 
     async def lifespan(app: FastAPI):
@@ -370,7 +408,6 @@ def requirement_warnings(requirements: list[str]) -> list[str]:
 def serve_directory(path, *, host: str = "127.0.0.1", port: int = 8080, secrets_dir=None) -> int:
     """Serve a Truss directory until SIGTERM/SIGINT; the exit code (1 when the model fails)."""
     import sys
-    import traceback
 
     import uvicorn
 

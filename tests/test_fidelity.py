@@ -1,0 +1,175 @@
+"""State fidelity: what the notebook computed reaches the deployment, and every export proves it.
+
+Each case trains or changes something in a real kernel, records predictions, exports with
+%model_export, then serves the export with `kernel-magics serve` and with Truss 0.18.36's own server
+(with the model's libraries installed, as a deployment has them): both must answer as the notebook
+did. The same notebook exported by the CLI (no live values) must be refused, saying where and why.
+"""
+
+import json
+import textwrap
+
+import httpx
+import pytest
+
+from server_harness import serve_ours, serve_truss, truss_venv_with_models
+from test_export import cli, files_of, leftovers, run_notebook_cells, usage_error, write_notebook
+
+from kernel_harness import Kernel
+
+CASES = {
+    "fitted pipeline": ([
+        "from sklearn.datasets import load_wine\nfrom sklearn.linear_model import LogisticRegression\n"
+        "from sklearn.pipeline import make_pipeline\nfrom sklearn.preprocessing import StandardScaler",
+        "X, y = load_wine(return_X_y=True)\npipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))",
+        "pipe.fit(X, y)",
+        textwrap.dedent("""\
+            %%model
+            class Model:
+                def load(self):
+                    self.pipe = pipe
+                def predict(self, model_input):
+                    rows = model_input["rows"]
+                    return {"labels": [int(v) for v in self.pipe.predict(rows)],
+                            "proba": self.pipe.predict_proba(rows).tolist()}
+            """),
+    ], [{"rows": [[13.2, 1.78, 2.14, 11.2, 100, 2.65, 2.76, 0.26, 1.28, 4.38, 1.05, 3.4, 1050]]},
+        {"rows": [[12.37, 0.94, 1.36, 10.6, 88, 1.98, 0.57, 0.28, 0.42, 1.95, 1.05, 1.82, 520],
+                  [12.86, 1.35, 2.32, 18.0, 122, 1.51, 1.25, 0.21, 0.94, 4.1, 0.76, 1.29, 630]]}],
+        "`pipe.fit(X, y)` (line 1)", ["scikit-learn==", "skops=="], "skops"),
+    "weights changed in place": ([
+        "import torch\nfrom transformers import GPT2Config, GPT2LMHeadModel",
+        "cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)",
+        "torch.manual_seed(0); lm = GPT2LMHeadModel(cfg)\nwith torch.no_grad():\n"
+        "    lm.transformer.wte.weight.mul_(3.0)\nlm.eval()",
+        textwrap.dedent("""\
+            %%model
+            class Model:
+                def load(self):
+                    self.lm = lm
+                def predict(self, model_input):
+                    ids = torch.tensor([model_input["ids"]])
+                    with torch.no_grad():
+                        logits = self.lm(ids).logits[0, -1]
+                    return {"next": int(logits.argmax()), "score": float(logits.max())}
+            """),
+    ], [{"ids": [1, 2, 3]}, {"ids": [5, 9, 40, 2]}],
+        "`lm.transformer.wte.weight.mul_(3.0)` (line 3)", ["torch==", "transformers==", "safetensors=="],
+        "safetensors (weights; the module is rebuilt from its source)"),
+    "dict and data frame changed": ([
+        "import pandas as pd",
+        "LABELS = {0: 'nebbiolo', 1: 'grignolino', 2: 'dolcetto'}\n"
+        "df = pd.DataFrame({'a': [1.0, 2.0, 3.0], 'b': [2.0, 4.0, 8.0]})",
+        "df['ratio'] = df.a / df.b\nLABELS[2] = 'barbera'",
+        textwrap.dedent("""\
+            %%model
+            class Model:
+                def predict(self, model_input):
+                    i = model_input["i"]
+                    return {"label": LABELS[i], "ratio": float(df["ratio"][i])}
+            """),
+    ], [{"i": 2}, {"i": 0}],
+        "`LABELS[2] = 'barbera'` (line 2)", ["pandas=="], "pickle"),
+}
+
+
+def predict_cells(inputs):
+    return [f"import json as _j\nprint(_j.dumps(get_ipython().run_line_magic('model_predict', {json.dumps(i)!r})))"
+            for i in inputs]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_export_answers_as_the_notebook_did_on_both_servers(tmp_path, case, truss_validate):
+    cells, inputs, change, pins, fmt = CASES[case]
+    path = write_notebook(tmp_path / "nb.ipynb", ["%load_ext kernel_magics", *cells, "%model_load",
+                                                   *predict_cells(inputs), "%model_export out", "%model_show --why"])
+    k, results = run_notebook_cells(path)
+    k.shutdown()
+    answers = [json.loads(r.stdout.strip().splitlines()[-1]) for r in results[-2 - len(inputs):-2]]
+    exported, why = results[-2].stdout, results[-1].stdout
+    assert f"Replayed {len(inputs)} recorded predictions in a fresh Python" in exported
+    assert fmt in why  # %model_show --why says how the value travels, and why
+    config = (tmp_path / "out" / "config.yaml").read_text()
+    for pin in pins:
+        assert pin in config, config
+    assert "example_model_input" in config and "__main__" not in (tmp_path / "out/model/model.py").read_text()
+    truss_validate(tmp_path / "out")
+    with serve_ours(tmp_path / "out") as ours:
+        assert [httpx.post(ours.predict_url(), json=i).json() for i in inputs] == answers
+    venv = truss_venv_with_models()
+    if venv is not None:
+        with serve_truss(tmp_path / "out", venv=venv) as theirs:
+            assert [httpx.post(theirs.predict_url(), json=i).json() for i in inputs] == answers
+    # Without the kernel's values, the file alone cannot give these answers: the CLI refuses, saying why.
+    done = cli("export", path, tmp_path / "from-cli")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert change in done.stderr and "%model_export" in done.stderr
+    assert not (tmp_path / "from-cli").exists() and leftovers(tmp_path) == []
+
+
+def test_a_value_changed_after_the_recorded_predictions_fails_the_replay(tmp_path):
+    k = Kernel(cwd=str(tmp_path))
+    try:
+        k.ok("%load_ext kernel_magics")
+        k.ok("WORDS = ['red', 'green', 'blue']")
+        k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return WORDS[model_input['i']]")
+        k.ok("%model_load")
+        assert k.ok('%model_predict {"i": 1}').result == "'green'"
+        k.ok("%model_export out")
+        before = files_of(tmp_path / "out")
+        k.ok("WORDS[1] = 'teal'")  # after the prediction was recorded
+        message = usage_error(k.execute("%model_export out --force"))
+        assert "does not answer as the notebook did, so nothing was exported" in message
+        assert "The notebook answered \"green\"; the export answers \"teal\"" in message
+        assert "`WORDS` changed after this prediction was recorded (`WORDS[1] = 'teal'` in cell" in message
+        assert files_of(tmp_path / "out") == before and leftovers(tmp_path) == []  # the previous export stays
+        skipped = k.ok("%model_export out --force --no-replay").stdout
+        assert "Replay skipped (--no-replay)" in skipped and "WORDS = ['red', 'teal', 'blue']" in (
+            tmp_path / "out/model/model.py").read_text()
+        k.ok('%model_predict {"i": 1}')  # a fresh record for the current values
+        assert "Replayed 1 recorded prediction" in k.ok("%model_export out --force").stdout
+    finally:
+        k.shutdown()
+
+
+def test_a_value_that_cannot_be_saved_refuses_the_export_naming_it(tmp_path):
+    k = Kernel(cwd=str(tmp_path))
+    try:
+        k.ok("%load_ext kernel_magics\nimport threading")
+        k.ok("guard = threading.Lock()\nguard.acquire()")
+        k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return guard.locked()")
+        message = usage_error(k.execute("%model_export out"))
+        assert "`guard` (a _thread.lock)" in message and "`guard.acquire()` in cell" in message
+        assert "cannot be pickled" in message and "inside `load()`" in message
+        assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    finally:
+        k.shutdown()
+
+
+def test_truss_compatibility_warnings_in_the_notebook(tmp_path):
+    k = Kernel(cwd=str(tmp_path))
+    try:
+        k.ok("%load_ext kernel_magics\nimport numpy as np")
+        k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return {'ok': np.bool_(True)}")
+        k.ok("%model_load")
+        warned = k.ok("%model_predict {}").stdout
+        assert "Truss's own server could not send this result: a numpy.bool at the result['ok']" in warned
+        assert "warning" not in k.ok("%model_predict {}").stdout  # once per definition
+        k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        yield {'token': 1}")
+        assert "Truss's own server streams only str or bytes" in k.ok("%model_predict {}").stdout
+        k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return float('nan')")
+        assert k.ok("%model_predict {}").result == "nan"  # NaN passes, as Truss's server sends it
+    finally:
+        k.shutdown()
+
+
+def test_load_runs_in_a_worker_thread_as_on_the_servers(kernel):
+    kernel.ok("import asyncio, threading\nasync def fetch():\n    await asyncio.sleep(0)\n    return 'fetched'")
+    kernel.ok("%%model\nclass Model:\n    def load(self):\n        self.v = asyncio.run(fetch())\n"
+              "        self.thread = threading.current_thread().name\n"
+              "    def predict(self, model_input):\n        return [self.v, self.thread]")
+    kernel.ok("%model_load")
+    assert kernel.ok("%model_predict {}").result == "['fetched', 'model-load']"
+    ex = kernel.execute("%%model\nclass Model:\n    async def load(self):\n        pass\n"
+                        "    def predict(self, model_input):\n        return 1")
+    assert ex.reply["ename"] == "UsageError" and "Truss 0.18 never awaits load()" in ex.reply["evalue"]
