@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 NOTEBOOKS := notebooks/quickstart.ipynb notebooks/streaming.ipynb notebooks/wine_pipeline.ipynb \
-	notebooks/embeddings.ipynb notebooks/tiny_gpt.ipynb
+	notebooks/embeddings.ipynb notebooks/tiny_gpt.ipynb notebooks/openai_chat.ipynb
 
 .PHONY: venv demo test notebooks clean truss-reference browser-deps lab
 

@@ -370,7 +370,67 @@ def tiny_gpt() -> nbformat.NotebookNode:
     ], metadata=META)
 
 
-GALLERY = {"wine_pipeline": wine_pipeline, "embeddings": embeddings, "tiny_gpt": tiny_gpt}
+CHAT_MODEL = """\
+%%model
+import json
+
+
+class Model:
+    \"\"\"A tiny chat model: it answers with the last message's words in reverse. Enough to show the
+    OpenAI-compatible route; a real model streams its tokens the same way.\"\"\"
+
+    def chat_completions(self, model_input):
+        words = list(reversed(model_input["messages"][-1]["content"].split()))
+        name = model_input.get("model", "tiny")
+        if not model_input.get("stream"):
+            message = {"role": "assistant", "content": " ".join(words)}
+            return {"id": "chat-1", "object": "chat.completion", "created": 0, "model": name,
+                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+
+        def events():  # Server-Sent Events, as OpenAI clients read a stream
+            for word in words:
+                delta = {"index": 0, "delta": {"content": word + " "}, "finish_reason": None}
+                chunk = {"id": "chat-1", "object": "chat.completion.chunk", "created": 0, "model": name,
+                         "choices": [delta]}
+                yield f"data: {json.dumps(chunk)}\\n\\n"
+            yield "data: [DONE]\\n\\n"
+
+        return events()
+
+    def predict(self, model_input):
+        return self.chat_completions(model_input)"""
+
+CHAT_CLIENT = """\
+from openai import OpenAI
+
+client = OpenAI(base_url=url + "/v1", api_key="not-needed-here")
+stream = client.chat.completions.create(
+    model="tiny", messages=[{"role": "user", "content": "served straight from a notebook"}], stream=True)
+"".join(chunk.choices[0].delta.content or "" for chunk in stream)"""
+
+
+def openai_chat() -> nbformat.NotebookNode:
+    return new_notebook(cells=[
+        new_markdown_cell(
+            "# OpenAI-compatible routes from the notebook\n\n"
+            "A model with `chat_completions` gets Truss's `/v1/chat/completions` route. `%model_serve` serves the "
+            "live notebook model on 127.0.0.1, and the `openai` client talks to it as to any OpenAI-compatible "
+            "server, streaming included. `%model_predict --method chat_completions` calls the same method in the "
+            "kernel."),
+        new_code_cell("%load_ext kernel_magics"),
+        new_code_cell(CHAT_MODEL),
+        new_code_cell("%model_load"),
+        new_code_cell('%model_predict --method chat_completions {"messages": [{"role": "user", "content": "hello there"}]}'),
+        new_code_cell("url = %model_serve --port 0"),
+        new_code_cell(CHAT_CLIENT),
+        new_code_cell("reply = client.chat.completions.create(\n"
+                      "    model=\"tiny\", messages=[{\"role\": \"user\", \"content\": \"and without streaming\"}])\n"
+                      "reply.choices[0].message.content"),
+        new_code_cell("%model_serve --stop"),
+    ], metadata=META)
+
+
+GALLERY = {"wine_pipeline": wine_pipeline, "embeddings": embeddings, "tiny_gpt": tiny_gpt, "openai_chat": openai_chat}
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ class ModelHost:
         # encode (last_raw_issue says where), so it can warn before a deploy.
         self.check_truss_compat = False
         self.last_raw_issue: Optional[str] = None
+        self.last_health: Optional[bool] = None  # what is_healthy() said last (None: no such method)
 
     # ------------------------------------------------------------------ config, events, errors
 
@@ -177,7 +178,9 @@ class ModelHost:
         return {
             "class_name": self._config.model_class_name if self.contract is not None else None,
             "model_name": self._config.model_name,
-            "state": self.state.value,
+            # As a Truss readiness probe sees it: a loaded model whose is_healthy() said no is not ready.
+            "state": "unhealthy" if self.state is ModelState.READY and self.last_health is False else self.state.value,
+            "healthy": self.last_health,
             "device": devices.describe_device(self.device) if self.device else None,
             "gpu_memory": devices.memory_stats(gpu),
             "load_seconds": self.load_seconds,
@@ -250,6 +253,7 @@ class ModelHost:
 
     def _load(self, device: Optional[str], echo: bool) -> None:
         self.unload()
+        self.last_health = None
         self._set_state(ModelState.LOADING)
         watch = device or devices.guess_gpu()
         self._emit("load_started", device=device, memory=devices.memory_stats(watch))
@@ -346,11 +350,16 @@ class ModelHost:
         (an exception counts as False)."""
         contract, instance = self.contract, self.instance
         if contract is None or contract.is_healthy is None or instance is None or self.state is not ModelState.READY:
+            self.last_health = None
             return None
         try:
-            return bool(await self._call(instance, contract.is_healthy, None, None))
+            healthy = bool(await self._call(instance, contract.is_healthy, None, None))
         except Exception:
-            return False
+            healthy = False
+        if healthy != self.last_health:
+            self.last_health = healthy
+            self._emit("health", healthy=healthy)
+        return healthy
 
     # ------------------------------------------------------------------ predict
 

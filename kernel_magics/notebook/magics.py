@@ -81,6 +81,8 @@ class ModelMagics(Magics):
         # definition, secret and export updates it.
         self.frontend = FrontendChannel(lambda: model_status(self))
         self.host.subscribe(lambda event: self.frontend.publish())
+        self._health_poll = None
+        self.host.subscribe(self._watch_health)
 
     # ------------------------------------------------------------------ what every magic shares
 
@@ -99,6 +101,21 @@ class ModelMagics(Magics):
         if magic in ("model", "model_config") and not result.success:
             return
         self.cells.append(raw)
+
+    def _watch_health(self, event) -> None:
+        """A loaded model with is_healthy() is asked every 10 s, as Truss's readiness probe asks it,
+        so %model_status and the JupyterLab panel show what a deployment's probe would."""
+        if event.kind != "load_finished" or self.host.contract.is_healthy is None:
+            return
+        if self._health_poll is None or self._health_poll.done():
+            self._health_poll = self.runner.submit(self._poll_health())
+
+    async def _poll_health(self) -> None:
+        import asyncio
+
+        while self.host.contract is not None and self.host.contract.is_healthy is not None:
+            await self.host.is_healthy()
+            await asyncio.sleep(10)
 
     def _install_result_hider(self) -> None:
         """A streamed result was shown as it arrived: its Out[n] would show it twice. The display
@@ -242,7 +259,10 @@ class ModelMagics(Magics):
 
     @line_magic
     def model_status(self, line: str):
-        """Show the model's class, state, device, load time and last predict time."""
+        """Show the model's class, state, device, load time and last predict time (and, for a model with
+        ``is_healthy()``, its answer now: a loaded model that says no is 'unhealthy', as a probe sees it)."""
+        if self.host.contract is not None and self.host.contract.is_healthy is not None:
+            self.runner.run(self.host.is_healthy())
         status = self.host.status()
         rows = [
             ("class", status["class_name"] or "(none)"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import re
 from typing import Any, Optional
@@ -224,7 +225,7 @@ class RunMagics(Magics):
                  method: str = "predict") -> Any:
         model, host = self.model, self.model.host
         model.wait_for_background_load()
-        request = self._request(headers, method) if self._takes_request(method) else None
+        request = self._request(headers, method, model_input) if self._takes_request(method) else None
         if headers and request is None:
             raise UsageError(f"--header is for a model whose {method} takes the request (`request: fastapi.Request`); "
                              f"this one's does not.")
@@ -251,9 +252,18 @@ class RunMagics(Magics):
                                                                          contract.postprocess]
         return any(s is not None and s.takes_request for s in specs)
 
-    def _request(self, headers: list[str], method: str):
-        """A Starlette request built for this call, so request-taking model code runs as on a server."""
-        from starlette.requests import Request
+    def _request(self, headers: list[str], method: str, model_input: Any):
+        """A Starlette request built for this call, so request-taking model code runs as on a server:
+        POST to the route's path, the given headers, the input as its JSON body."""
+        try:
+            from starlette.requests import Request
+        except ImportError:
+            raise UsageError("This model's predict takes the request, which needs Starlette: "
+                             "`pip install 'kernel-magics[serve]'`.") from None
+        try:
+            body = json.dumps(model_input).encode()
+        except (TypeError, ValueError):
+            body = b""  # a Python object input: the request carries no body
 
         pairs = []
         for header in headers:
@@ -263,8 +273,17 @@ class RunMagics(Magics):
             pairs.append((name.strip().lower().encode("latin-1"), value.strip().encode("latin-1")))
         path = "/v1/models/model:predict" if method == "predict" else f"/v1/{method.replace('_', '/')}"
 
+        if not any(name == b"content-type" for name, _ in pairs):
+            pairs.append((b"content-type", b"application/json"))
+        pairs.append((b"content-length", str(len(body)).encode()))
+        sent = []
+
         async def receive() -> dict:
-            return {"type": "http.request", "body": b"", "more_body": False}
+            if not sent:
+                sent.append(True)
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()  # the client never leaves: is_disconnected() stays False
+            return {"type": "http.disconnect"}
 
         scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
                  "headers": pairs, "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "scheme": "http",

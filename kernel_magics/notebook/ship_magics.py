@@ -138,7 +138,8 @@ class ShipMagics(Magics):
     @argument("--stop", action="store_true", help="Stop the server this notebook started.")
     @line_magic
     def model_serve(self, line: str):
-        """Serve the live notebook model over Truss's HTTP API on 127.0.0.1, in the background.
+        """Serve the live notebook model over Truss's HTTP API on 127.0.0.1, in the background; returns its
+        base URL (``url = %model_serve --port 0``).
 
         Hot reloads take effect on the next request; the kernel stays usable.
 
@@ -188,7 +189,8 @@ class ShipMagics(Magics):
                  else f" (the model is {model.host.state.value}: predictions answer 503 until %model_load)")
         print(f"Serving the notebook model at http://127.0.0.1:{port}/v1/models/model:predict{state}. "
               "Stop it with %model_serve --stop.")
-        return None
+        model.hide_result(url := f"http://127.0.0.1:{port}")
+        return url  # `url = %model_serve --port 0` gives the address to talk to
 
 
 def _check_port_free(port: int) -> None:

@@ -225,6 +225,13 @@ class _Metrics:
         return handle
 
 
+async def _metrics_page(request: Request) -> Response:
+    """Prometheus's text format: our request counts and latencies, and anything the model registered."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
 def create_app(host: Union[ModelHost, Callable[[], ModelHost]], *, load_at_start: bool = False,
                on_load_failed=None, all_ready: Optional[Callable[[], Awaitable[bool]]] = None) -> FastAPI:
     """The FastAPI app serving ``host``.
@@ -295,12 +302,9 @@ def create_app(host: Union[ModelHost, Callable[[], ModelHost]], *, load_at_start
         *(Route(f"/v1/{m.replace('_', '/')}", metrics.measured(f"/v1/{m.replace('_', '/')}", route_for(m)),
                 methods=["POST"]) for m in ENDPOINT_METHODS),
     ]
+    routes.append(Route("/metrics", _metrics_page, methods=["GET"]))
     app = FastAPI(title="kernel-magics model server", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan, routes=routes)
-
-    from prometheus_client import make_asgi_app
-
-    app.mount("/metrics", make_asgi_app())
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         return _error(500, f"Unhandled exception: {type(exc).__name__}: {exc}", _UNEXPECTED)
