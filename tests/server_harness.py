@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -167,3 +168,69 @@ def serve_truss(truss_dir: Path, env: Optional[dict] = None, timeout: float = 12
         yield served
     finally:
         _stop(proc)
+
+
+# ---------------------------------------------------------------------- a large stream read slowly
+
+BIG_STREAM = '''
+import os
+from pathlib import Path
+
+MARKS = Path(os.environ["KM_MARKS"])
+
+
+class Model:
+    def predict(self, model_input):
+        def chunks():
+            for i in range(model_input["mib"]):
+                (MARKS / "made").write_text(str(i + 1))
+                yield bytes([i % 256]) * (1 << 20)  # a new MiB each time, as real output would be
+        return chunks()
+'''
+
+
+def slow_read(url: str, mib: int, rate_mib_s: float, marks: Path, server) -> dict:
+    """Read a ``mib`` MiB stream at ``rate_mib_s``; sample the server's memory (``server`` is its psutil
+    Process) and how many MiB the generator made ahead of what was read."""
+    import psutil
+
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    tree = [server, *server.children(recursive=True)]
+    base = sum(p.memory_info().rss for p in tree)
+    peak, lead, stop = [base], [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            try:
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree))
+                made = int((marks / "made").read_text()) if (marks / "made").exists() else 0
+                lead[0] = max(lead[0], made - received[0] // (1 << 20))
+            except (psutil.Error, ValueError):
+                pass
+            time.sleep(0.05)
+
+    received = [0]
+    watcher = threading.Thread(target=sample)
+    watcher.start()
+    body = json.dumps({"mib": mib}).encode()
+    started = time.perf_counter()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        sock.sendall(b"POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        step = 256 * 1024
+        while True:
+            data = sock.recv(step)
+            if not data:
+                break
+            received[0] += len(data)
+            if received[0] >= mib * (1 << 20):
+                break
+            # Hold the rate: sleep until this many bytes are due.
+            due = started + received[0] / (rate_mib_s * (1 << 20))
+            time.sleep(max(0.0, due - time.perf_counter()))
+    stop.set()
+    watcher.join()
+    return {"peak_growth_mib": (peak[0] - base) / 2**20, "lead_mib": lead[0], "seconds": time.perf_counter() - started}
+
+
