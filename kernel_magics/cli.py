@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--secrets-dir", type=Path, default=None,
                        help="A folder with one file per secret, named after it (as Truss mounts /secrets).")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                       help="Least severe log lines to show (default info: one line per handled request).")
+    serve.add_argument("--log-format", choices=["text", "json"], default="text",
+                       help="text for a terminal (default), or json: one JSON object a line, as Truss's server logs.")
     serve.add_argument("--engine", choices=["uvicorn", "ray"], default="uvicorn",
                        help="uvicorn: one process (default). ray: Ray Serve replicas, on this machine or a cluster.")
     serve.add_argument("--replicas", type=int, default=1, help="With --engine ray: how many replicas.")
@@ -107,7 +111,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     from .serving.server import serve_directory
 
-    return serve_directory(args.dir, host=args.host, port=args.port, secrets_dir=args.secrets_dir)
+    return serve_directory(args.dir, host=args.host, port=args.port, secrets_dir=args.secrets_dir,
+                           log_level=args.log_level, log_format=args.log_format)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -176,6 +176,9 @@ class ShipMagics(Magics):
         app = create_app(model.host)
         # log_config=None: uvicorn's logs go through logging, not into whichever cell runs.
         server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", args.port, log_level="warning", log_config=None))
+        import logging
+
+        logging.getLogger("kernel_magics.access").setLevel(logging.WARNING)  # no line per request in the notebook
         future = model.runner.submit(server.serve())
         deadline = time.monotonic() + 10
         while not server.started and not future.done() and time.monotonic() < deadline:

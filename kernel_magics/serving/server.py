@@ -33,6 +33,7 @@ from ..core.serialization import to_jsonable
 __all__ = ["create_app", "MODEL_ERROR_MESSAGE", "uvicorn_config", "serve_directory"]
 
 log = logging.getLogger("kernel_magics.server")
+access = logging.getLogger("kernel_magics.access")
 
 MODEL_NAME = "model"  # Truss answers for any name in the path, and calls its model this
 MODEL_ERROR_MESSAGE = "Internal Server Error (in model/chainlet)."
@@ -192,7 +193,7 @@ def redact_logs_of(host: ModelHost) -> None:
     """Every server log line from now on has ``host``'s secret values replaced (a Ray replica's host
     exists only after its app does, so the replica calls this itself)."""
     _REDACT.add(host)
-for _name in ("kernel_magics.server", "uvicorn.error", "uvicorn.access", "uvicorn"):
+for _name in ("kernel_magics.server", "kernel_magics.access", "uvicorn.error", "uvicorn.access", "uvicorn"):
     logging.getLogger(_name).addFilter(_REDACT)
 
 
@@ -218,8 +219,12 @@ class _Metrics:
         async def handle(request: Request) -> Response:
             started = time.perf_counter()
             response = await endpoint(request)
-            self.latency.labels(route).observe(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.latency.labels(route).observe(seconds)
             self.requests.labels(route, str(response.status_code)).inc()
+            if access.isEnabledFor(logging.INFO):  # one line per handled request, as Truss's server writes
+                access.info("Handled request - %s %s %d (%.1f ms)", request.method, request.url.path,
+                            response.status_code, seconds * 1000)
             return response
 
         return handle
@@ -409,7 +414,8 @@ def requirement_warnings(requirements: list[str]) -> list[str]:
     return out
 
 
-def serve_directory(path, *, host: str = "127.0.0.1", port: int = 8080, secrets_dir=None) -> int:
+def serve_directory(path, *, host: str = "127.0.0.1", port: int = 8080, secrets_dir=None,
+                    log_level: str = "info", log_format: str = "text") -> int:
     """Serve a Truss directory until SIGTERM/SIGINT; the exit code (1 when the model fails)."""
     import sys
 
@@ -418,8 +424,9 @@ def serve_directory(path, *, host: str = "127.0.0.1", port: int = 8080, secrets_
     from ..core.errors import KernelMagicsError
     from ..core.truss_dir import TrussDir
     from ..core.tracebacks import trim_traceback
+    from .logs import configure
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(log_level, log_format)
     truss = None
     try:
         truss = TrussDir.open(path)
@@ -452,7 +459,7 @@ def serve_directory(path, *, host: str = "127.0.0.1", port: int = 8080, secrets_
 
     model_host.subscribe(loaded)
     app = create_app(model_host, load_at_start=True, on_load_failed=load_failed)
-    server = uvicorn.Server(uvicorn_config(app, host, port))
+    server = uvicorn.Server(uvicorn_config(app, host, port, log_level=log_level, log_config=None))
     server.run()
     if failure:
         exc = failure[0]

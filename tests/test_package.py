@@ -1,0 +1,83 @@
+"""The package as a user gets it: wheel and sdist built, installed into fresh venvs with no Node.js on the PATH.
+
+Slow (fresh venvs, installs from the package index or pip's cache); `make test` runs it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = {"jupyterlab", "nbval", "fastapi", "uvicorn", "ray", "torch", "pytest"}
+
+
+def run(*cmd, env=None, cwd=None, timeout=600):
+    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    assert done.returncode == 0, f"{cmd}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory):
+    """The wheel and the sdist, built once (the prebuilt extension is reused, as in a release)."""
+    out = tmp_path_factory.mktemp("dist")
+    run(sys.executable, "-m", "build", "--no-isolation", "--sdist", "--wheel", "--outdir", out, REPO, timeout=900)
+    (wheel,) = out.glob("*.whl")
+    (sdist,) = out.glob("*.tar.gz")
+    return wheel, sdist
+
+
+def fresh_venv(path: Path) -> tuple[Path, dict]:
+    """A venv whose PATH holds only its own bin: no node, npm or jlpm anywhere."""
+    run(sys.executable, "-m", "venv", path)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = str(path / "bin")
+    return path / "bin" / "python", env
+
+
+def distributions(python: Path, env: dict) -> dict[str, str]:
+    listed = run(python, "-m", "pip", "list", "--format", "json", env=env).stdout
+    return {d["name"].lower(): d["version"] for d in json.loads(listed)}
+
+
+@pytest.mark.parametrize("kind", ["wheel", "sdist"])
+def test_installs_without_node_and_the_base_install_is_lean(tmp_path, dist, kind):
+    artifact = dist[0] if kind == "wheel" else dist[1]
+    python, env = fresh_venv(tmp_path / "venv")
+    run(python, "-m", "pip", "install", "-q", artifact, env=env, timeout=900)
+    installed = distributions(python, env)
+    assert "kernel-magics" in installed
+    assert not HEAVY & set(installed), HEAVY & set(installed)
+    # The magics work in a real kernel of this venv.
+    probe = ("from jupyter_client.manager import start_new_kernel\n"
+             "km, kc = start_new_kernel(kernel_name='python3')\n"
+             "reply = kc.execute_interactive('%load_ext kernel_magics\\n%model_status', timeout=60)\n"
+             "print(reply['content']['status'])\nkc.stop_channels(); km.shutdown_kernel(now=True)")
+    out = run(python, "-c", probe, env=env, timeout=300).stdout
+    assert "state: not defined" in out and out.strip().endswith("ok"), out
+    # A command that needs an extra says which one, in one line.
+    serve = subprocess.run([str(python), "-m", "kernel_magics", "serve", str(tmp_path)], capture_output=True,
+                           text=True, env=env, timeout=120)
+    assert serve.returncode == 1 and serve.stderr.strip().count("\n") == 0
+    assert "pip install 'kernel-magics[serve]'" in serve.stderr
+    # The prebuilt extension is there as data files, and an existing JupyterLab lists it enabled.
+    share = tmp_path / "venv" / "share" / "jupyter" / "labextensions" / "kernel-magics"
+    assert (share / "package.json").is_file() and (share / "install.json").is_file()
+    if kind == "wheel":
+        run(python, "-m", "pip", "install", "-q", "jupyterlab>=4,<5", env=env, timeout=900)
+        listed = run(tmp_path / "venv" / "bin" / "jupyter", "labextension", "list", env=env)
+        line = next(l for l in (listed.stdout + listed.stderr).splitlines() if "kernel-magics" in l)
+        assert "enabled" in line and "OK" in line and "(python, kernel-magics)" in line, line
+
+
+def test_the_sdist_carries_the_prebuilt_extension_and_no_build_leftovers(dist):
+    import tarfile
+
+    with tarfile.open(dist[1]) as tar:
+        names = tar.getnames()
+    assert any(n.endswith("kernel_magics/labextension/package.json") for n in names)
+    assert not any("/node_modules/" in n or "/.venv/" in n or "/notebooks/exports/" in n for n in names)
