@@ -111,6 +111,9 @@ model_metadata:
 
 STREAM_MODEL = '''\
 %%model
+import time
+
+
 class Model:
     def load(self):
         # %model_load --device picks torch's default device here: the GPU when the kernel has one.
@@ -120,7 +123,9 @@ class Model:
     def predict(self, model_input):
         # A generator: each character streams into the notebook (and over HTTP) as it is made.
         n = int(model_input.get("max_new_tokens", 60))
-        yield from generate(self.net, self.stoi, self.chars, model_input["prompt"], n)
+        for char in generate(self.net, self.stoi, self.chars, model_input["prompt"], n):
+            yield char
+            time.sleep(float(model_input.get("delay", 0)))  # slow it down to watch it arrive
 '''
 
 
@@ -138,7 +143,9 @@ def streaming() -> nbformat.NotebookNode:
             new_code_cell(STREAM_CONFIG),
             new_code_cell(STREAM_MODEL),
             new_code_cell("%model_load"),
-            new_code_cell('%model_predict {"prompt": "Beautiful is", "max_new_tokens": 60}'),
+            new_markdown_cell("This one streams slowly on purpose (30 ms a character, about two seconds): in "
+                              "JupyterLab, watch the text arrive, and try the **Stop** button."),
+            new_code_cell('%model_predict {"prompt": "Beautiful is", "max_new_tokens": 60, "delay": 0.03}'),
             new_code_cell('%%predict\n{"prompt": "Now is", "max_new_tokens": 40}'),
             new_markdown_cell("`%model_unload` gives the memory back (on a GPU: allocated memory returns to its level before load)."),
             new_code_cell("%model_unload"),

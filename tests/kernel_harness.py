@@ -29,6 +29,11 @@ class Execution:
         return "".join(o["text"] for o in self.outputs if o["type"] == "stream" and o["name"] == "stderr")
 
     @property
+    def displayed(self) -> str:
+        """The text/plain of every display output, as it stands at the end (updates applied)."""
+        return "".join(o["data"].get("text/plain", "") for o in self.outputs if o["type"] == "display_data")
+
+    @property
     def result(self) -> Optional[str]:
         for o in self.outputs:
             if o["type"] == "execute_result":
@@ -107,7 +112,13 @@ class Kernel:
             elif kind == "stream":
                 ex.outputs.append({"type": "stream", "name": content["name"], "text": content["text"]})
             elif kind in ("execute_result", "display_data"):
-                ex.outputs.append({"type": kind, "data": content["data"]})
+                display_id = content.get("transient", {}).get("display_id")
+                ex.outputs.append({"type": kind, "data": content["data"], "display_id": display_id})
+            elif kind == "update_display_data":  # as a notebook does: the output with that id changes in place
+                display_id = content.get("transient", {}).get("display_id")
+                for output in ex.outputs:
+                    if output.get("display_id") == display_id:
+                        output["data"] = content["data"]
             elif kind == "error":
                 ex.outputs.append({"type": "error", **content})
         ex.reply = self.kc.get_shell_msg(timeout=timeout)["content"]

@@ -73,6 +73,11 @@ def test_stream_view_sends_coalesced_deltas_then_the_full_output_once(wkernel):
     assert len(deltas) <= 31 * stats["elapsed_s"] + 2
     sent = sum(len(json.dumps(m["content"])) for m in ex.messages if m["msg_type"] == "comm_msg")
     assert sent <= 3 * len(expected)
+    # When it ends, the view replaces itself with static output: that is what a saved notebook keeps.
+    (final,) = [o["data"] for o in ex.outputs if o["type"] == "display_data"]
+    assert "application/vnd.jupyter.widget-view+json" not in final
+    assert expected in final["text/plain"] and "[done: 5000 chunks" in final["text/plain"]
+    assert "t4999" in final["text/html"] and "done: 5000 chunks" in final["text/html"]
 
 
 def test_dict_chunks_show_as_json_lines_and_return_a_list(wkernel):
@@ -246,7 +251,13 @@ def test_load_view_shows_progress_logs_and_ready(wkernel):
     assert ">loading</b>" in values[0] and ">ready</b>" in values[-1]
     assert len(values) >= 3  # the elapsed time ticked while load ran
     assert "reading shard 1" in values[-1] and "WARNING mymodel: cache is cold" in values[-1]
-    assert "reading shard 2" in values[-1] and "<td>cpu</td>" in values[-1]
+    assert "reading shard 2" in values[-1] and "device</span>cpu" in values[-1]
+    assert "GPU memory" not in values[-1]  # no GPU rows on a machine without one
+    # What the notebook keeps: the final state as static HTML, replacing the widget (no widget state needed).
+    final = [o for o in ex.outputs if o["type"] == "display_data"][-1]["data"]
+    assert "application/vnd.jupyter.widget-view+json" not in final
+    assert ">ready</b>" in final["text/html"] and "reading shard 2" in final["text/html"]
+    assert final["text/plain"].startswith("ready · ")
 
 
 def test_load_view_failed_state_with_collapsed_traceback(wkernel):

@@ -1,28 +1,42 @@
 /**
- * kernel-magics for JupyterLab: a Model side panel, commands and a status bar item.
+ * kernel-magics for JupyterLab (and Notebook 7): a Model side panel, commands and a status bar item.
  *
- * The kernel side (kernel_magics/frontend.py) pushes the model's status over a
- * comm; commands run the magics in the notebook's kernel, so the panel and the
- * notebook can never disagree about what a command does.
+ * The kernel side (kernel_magics/notebook/frontend.py) answers a comm the extension opens, and pushes the
+ * model's status over it; the extension opens it only once the kernel has kernel_magics loaded (asked with
+ * a silent user expression), so a kernel without it never sees a comm for an unknown target. Commands run
+ * the magics in the notebook's kernel, so the panel and the notebook cannot disagree about what they do.
  */
 
 import { ILabShell, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
-import { Dialog, ICommandPalette, InputDialog, showDialog, showErrorMessage } from '@jupyterlab/apputils';
+import { Clipboard, Dialog, ICommandPalette, InputDialog, showDialog, showErrorMessage } from '@jupyterlab/apputils';
 import { INotebookTracker, NotebookActions, NotebookPanel } from '@jupyterlab/notebook';
 import { Kernel, KernelMessage } from '@jupyterlab/services';
 import { IStatusBar } from '@jupyterlab/statusbar';
-import { LabIcon } from '@jupyterlab/ui-components';
+import { ITranslator, nullTranslator } from '@jupyterlab/translation';
+import {
+  addIcon,
+  CommandToolbarButton,
+  copyIcon,
+  downloadIcon,
+  LabIcon,
+  runIcon,
+  SidePanel,
+  stopIcon
+} from '@jupyterlab/ui-components';
 import { ISignal, Signal } from '@lumino/signaling';
-import { Widget } from '@lumino/widgets';
+import { Panel, Widget } from '@lumino/widgets';
 
 import {
   cellLanguage,
   CONFIG_TEMPLATE,
   Connection,
   describe,
+  LOADED_EXPRESSION,
   MODEL_TEMPLATE,
   ModelStatus,
-  statusBarText
+  nonEmptyExpression,
+  statusBarText,
+  Translate
 } from './render';
 
 const TARGET = 'kernel_magics.status';
@@ -45,6 +59,21 @@ const modelIcon = new LabIcon({
 interface NotebookModelState {
   connection: Connection;
   status: ModelStatus | null;
+}
+
+/** Evaluate one Python expression silently in a kernel (no output, no history); its text/plain, or null. */
+async function evaluate(kernel: Kernel.IKernelConnection, expression: string): Promise<string | null> {
+  const future = kernel.requestExecute({
+    code: '',
+    silent: true,
+    store_history: false,
+    user_expressions: { value: expression },
+    stop_on_error: false
+  });
+  const reply = (await future.done) as KernelMessage.IExecuteReplyMsg;
+  const content = reply.content as KernelMessage.IExecuteReply & { user_expressions?: Record<string, any> };
+  const value = content.user_expressions?.value;
+  return value && value.status === 'ok' ? String(value.data?.['text/plain'] ?? '') : null;
 }
 
 /** The model status of every open notebook's kernel, fed by comms; views subscribe, never poll. */
@@ -91,18 +120,39 @@ class ModelStatusTracker {
     if (!kernel) {
       return;
     }
-    // The kernel opens a comm to us when `%load_ext kernel_magics` runs ...
+    // An older kernel side opens the comm itself: answer it too.
     kernel.registerCommTarget(TARGET, (comm, msg) => {
       comm.onMsg = m => this.receive(panel, m);
       this.receive(panel, msg);
     });
-    // ... and a kernel that already has it (a page reload, a second view) answers our comm.
+    void this.probe(panel, kernel);
+    // After a cell that mentions kernel_magics (%load_ext), ask again.
+    let pending = false;
+    kernel.iopubMessage.connect((_, msg) => {
+      const type = msg.header.msg_type;
+      if (type === 'execute_input' && String((msg.content as any).code ?? '').includes('kernel_magics')) {
+        pending = true;
+      } else if (pending && type === 'status' && (msg.content as any).execution_state === 'idle') {
+        pending = false;
+        void this.probe(panel, kernel);
+      }
+    });
+  }
+
+  /** Open the status comm if, and only if, the kernel has kernel_magics loaded. */
+  private async probe(panel: NotebookPanel, kernel: Kernel.IKernelConnection): Promise<void> {
+    if (this.states.get(panel)?.connection === 'connected') {
+      return;
+    }
     try {
+      if ((await evaluate(kernel, LOADED_EXPRESSION)) !== 'True') {
+        return;
+      }
       const comm = kernel.createComm(TARGET);
       comm.onMsg = m => this.receive(panel, m);
       comm.open({});
     } catch (reason) {
-      console.debug('kernel-magics: could not probe the kernel', reason);
+      console.debug('kernel-magics: could not ask the kernel', reason);
     }
   }
 
@@ -124,68 +174,69 @@ class ModelStatusTracker {
   private _changed = new Signal<ModelStatusTracker, void>(this);
 }
 
-/** The side panel: what the model is doing, and buttons for the commands. */
-class ModelPanel extends Widget {
-  constructor(private tracker: ModelStatusTracker, private app: JupyterFrontEnd) {
+/** The panel's body: compact label/value rows, an empty state, a hint. */
+class ModelView extends Widget {
+  constructor(private tracker: ModelStatusTracker, private t: Translate) {
     super();
-    this.id = 'kernel-magics-panel';
-    this.addClass('km-panel');
-    this.title.icon = modelIcon;
-    this.title.caption = 'Model (kernel-magics)';
+    this.addClass('km-view');
     tracker.changed.connect(() => this.update());
     this.update();
   }
 
   protected onUpdateRequest(): void {
     const { connection, status } = this.tracker.current();
-    const view = describe(connection, status);
+    const view = describe(connection, status, this.t);
     const root = document.createElement('div');
-    const heading = document.createElement('h2');
-    heading.textContent = view.title;
-    root.appendChild(heading);
-    const table = document.createElement('table');
-    for (const row of view.rows) {
-      const tr = table.insertRow();
-      tr.dataset.label = row.label;
-      const label = tr.insertCell();
-      label.className = 'km-label';
-      label.textContent = row.label;
-      const value = tr.insertCell();
-      value.textContent = row.value;
-      if (row.className) {
-        value.className = row.className;
-      }
+    if (view.empty) {
+      const empty = document.createElement('p');
+      empty.className = 'km-empty';
+      empty.textContent = view.empty;
+      root.appendChild(empty);
     }
-    root.appendChild(table);
+    if (view.rows.length) {
+      const heading = document.createElement('div');
+      heading.className = 'km-title';
+      heading.textContent = view.title;
+      heading.title = view.title;
+      root.appendChild(heading);
+      const list = document.createElement('dl');
+      list.className = 'km-rows';
+      for (const row of view.rows) {
+        const label = document.createElement('dt');
+        label.textContent = row.label;
+        const value = document.createElement('dd');
+        value.dataset.key = row.key;
+        const text = document.createElement('span');
+        text.className = `km-value ${row.className ?? ''}`.trim();
+        text.textContent = row.value;
+        text.title = row.value; // the whole value on hover: long ones are cut with an ellipsis
+        value.appendChild(text);
+        if (row.copy) {
+          const copy = document.createElement('button');
+          copy.className = 'km-copy jp-Button jp-mod-minimal';
+          copy.title = this.t('Copy the path');
+          copy.setAttribute('aria-label', this.t('Copy the path'));
+          copyIcon.element({ container: copy, elementPosition: 'center', height: '14px', width: '14px' });
+          copy.onclick = () => Clipboard.copyToSystem(row.value);
+          value.appendChild(copy);
+        }
+        list.append(label, value);
+      }
+      root.appendChild(list);
+    }
     if (view.hint) {
       const hint = document.createElement('p');
       hint.className = 'km-hint';
       hint.textContent = view.hint;
       root.appendChild(hint);
     }
-    const buttons = document.createElement('div');
-    buttons.className = 'km-buttons';
-    const add = (label: string, command: string, enabled: boolean) => {
-      const button = document.createElement('button');
-      button.className = 'jp-mod-styled jp-mod-accept';
-      button.textContent = label;
-      button.disabled = !enabled;
-      button.dataset.command = command;
-      button.onclick = () => void this.app.commands.execute(command);
-      buttons.appendChild(button);
-    };
-    add('Load', CommandIDs.load, view.canLoad);
-    add('Unload', CommandIDs.unload, view.canUnload);
-    add('Export…', CommandIDs.exportModel, view.canExport);
-    add('Insert model template', CommandIDs.insertTemplate, connection !== 'no-notebook');
-    root.appendChild(buttons);
     this.node.replaceChildren(root);
   }
 }
 
 /** The status bar item: state and device at a glance. */
 class ModelStatusItem extends Widget {
-  constructor(private tracker: ModelStatusTracker) {
+  constructor(private tracker: ModelStatusTracker, private t: Translate) {
     super();
     this.addClass('jp-StatusBar-TextItem');
     this.id = 'kernel-magics-status';
@@ -195,7 +246,7 @@ class ModelStatusItem extends Widget {
 
   protected onUpdateRequest(): void {
     const { connection, status } = this.tracker.current();
-    this.node.textContent = statusBarText(connection, status);
+    this.node.textContent = statusBarText(connection, status, this.t);
   }
 }
 
@@ -247,60 +298,65 @@ const plugin: JupyterFrontEndPlugin<void> = {
   description: 'The model of the active notebook (kernel-magics): state, commands, status bar.',
   autoStart: true,
   requires: [INotebookTracker],
-  optional: [ICommandPalette, IStatusBar, ILabShell],
+  optional: [ICommandPalette, IStatusBar, ILabShell, ITranslator],
   activate: (
     app: JupyterFrontEnd,
     notebooks: INotebookTracker,
     palette: ICommandPalette | null,
-    statusBar: IStatusBar | null
+    statusBar: IStatusBar | null,
+    _labShell: ILabShell | null,
+    translator: ITranslator | null
   ) => {
+    const trans = (translator ?? nullTranslator).load('kernel_magics');
+    const t: Translate = (text, ...args) => trans.__(text, ...(args as any[]));
     const tracker = new ModelStatusTracker(notebooks);
-    const panel = new ModelPanel(tracker, app);
-    app.shell.add(panel, 'right', { rank: 650 });
-    notebooks.widgetAdded.connect((_, nb) => highlightMagicCells(nb));
-    notebooks.forEach(nb => highlightMagicCells(nb));
-
+    const view = (): ReturnType<typeof describe> => describe(tracker.current().connection, tracker.current().status, t);
     const current = (): NotebookPanel | null => notebooks.currentWidget;
     const fail = (title: string, message: string) => void showErrorMessage(title, message);
 
     app.commands.addCommand(CommandIDs.load, {
-      label: 'Load model',
-      caption: 'Run %model_load in the active notebook\'s kernel',
-      isEnabled: () => describe(tracker.current().connection, tracker.current().status).canLoad,
+      label: t('Load model'),
+      caption: t("Load the model (%model_load in the notebook's kernel)"),
+      icon: runIcon,
+      isEnabled: () => view().canLoad,
       execute: async () => {
         const nb = current();
         const error = nb && (await runInKernel(nb, '%model_load --no-widget'));
         if (error) {
-          fail('Load failed', error);
+          fail(t('Load failed'), error);
         }
       }
     });
     app.commands.addCommand(CommandIDs.unload, {
-      label: 'Unload model',
-      isEnabled: () => describe(tracker.current().connection, tracker.current().status).canUnload,
+      label: t('Unload model'),
+      caption: t('Free the model and its memory (%model_unload)'),
+      icon: stopIcon,
+      isEnabled: () => view().canUnload,
       execute: async () => {
         const nb = current();
         const error = nb && (await runInKernel(nb, '%model_unload'));
         if (error) {
-          fail('Unload failed', error);
+          fail(t('Unload failed'), error);
         }
       }
     });
     app.commands.addCommand(CommandIDs.exportModel, {
-      label: 'Export model…',
-      caption: 'Write the model as a deployable Truss directory (%model_export)',
-      isEnabled: () => describe(tracker.current().connection, tracker.current().status).canExport,
+      label: t('Export model…'),
+      caption: t('Write the model as a deployable Truss directory (%model_export)'),
+      icon: downloadIcon,
+      isEnabled: () => view().canExport,
       execute: async args => {
         const nb = current();
-        if (!nb) {
+        const kernel = nb?.sessionContext.session?.kernel;
+        if (!nb || !kernel) {
           return;
         }
         const status = tracker.current().status;
         let dir = (args['dir'] as string | undefined) ?? null;
         if (dir === null) {
           const answer = await InputDialog.getText({
-            title: 'Export model',
-            label: 'Directory, relative to the notebook:',
+            title: t('Export model'),
+            label: t("Directory (relative to the kernel's working directory):"),
             text: status?.last_export ?? `${status?.model_name ?? 'model'}-truss`
           });
           if (!answer.button.accept || !answer.value) {
@@ -308,27 +364,31 @@ const plugin: JupyterFrontEndPlugin<void> = {
           }
           dir = answer.value;
         }
-        const quoted = JSON.stringify(dir);
-        let error = await runInKernel(nb, `%model_export ${quoted}`);
-        if (error && error.includes('exists and is not empty')) {
+        let force = '';
+        if ((await evaluate(kernel, nonEmptyExpression(dir))) === 'True') {
           const replace = await showDialog({
-            title: 'The directory exists',
-            body: `${dir} already holds files. Replace it with this export? The old files are removed only once the new export has passed its checks.`,
-            buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Replace' })]
+            title: t('The directory exists'),
+            body: t(
+              '%1 already holds files. Replace it with this export? Only a directory an earlier export made is replaced, and only once the new export has passed its checks.',
+              dir
+            ),
+            buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: t('Replace') })]
           });
           if (!replace.button.accept) {
             return;
           }
-          error = await runInKernel(nb, `%model_export ${quoted} --force`);
+          force = ' --force';
         }
+        const error = await runInKernel(nb, `%model_export ${JSON.stringify(dir)}${force}`);
         if (error) {
-          fail('Export failed', error);
+          fail(t('Export failed'), error);
         }
       }
     });
     app.commands.addCommand(CommandIDs.insertTemplate, {
-      label: 'Insert model template',
-      caption: 'Add a %%model_config cell and a %%model cell with the Truss contract',
+      label: t('Insert model template'),
+      caption: t('Add a %1 cell and a %2 cell with the Truss contract', '%%model_config', '%%model'),
+      icon: addIcon,
       isEnabled: () => current() !== null,
       execute: () => {
         const nb = current();
@@ -341,18 +401,43 @@ const plugin: JupyterFrontEndPlugin<void> = {
         }
       }
     });
+
+    // A side panel like Lab's own: a title header, a small icon toolbar, compact rows.
+    // One body, no accordion section (as the Table of Contents does it).
+    const panel = new SidePanel({ content: new Panel(), translator: translator ?? nullTranslator });
+    panel.id = 'kernel-magics-panel';
+    panel.addClass('km-panel');
+    panel.title.icon = modelIcon;
+    panel.title.caption = t('Model (kernel-magics)');
+    const heading = new Widget({ node: document.createElement('h2') });
+    heading.node.textContent = t('Model');
+    heading.addClass('jp-text-truncated'); // as the Table of Contents and Running panels title themselves
+    panel.header.addWidget(heading);
+    for (const [name, id] of [
+      ['load', CommandIDs.load],
+      ['unload', CommandIDs.unload],
+      ['export', CommandIDs.exportModel],
+      ['template', CommandIDs.insertTemplate]
+    ]) {
+      panel.toolbar.addItem(name, new CommandToolbarButton({ commands: app.commands, id, label: '' }));
+    }
+    panel.addWidget(new ModelView(tracker, t));
+    app.shell.add(panel, 'right', { rank: 650 });
     app.commands.addCommand(CommandIDs.showPanel, {
-      label: 'Show model panel',
+      label: t('Show model panel'),
       execute: () => app.shell.activateById(panel.id)
     });
+
+    notebooks.widgetAdded.connect((_, nb) => highlightMagicCells(nb));
+    notebooks.forEach(nb => highlightMagicCells(nb));
     if (palette) {
-      const category = 'Model (kernel-magics)';
+      const category = t('Model (kernel-magics)');
       for (const command of Object.values(CommandIDs)) {
         palette.addItem({ command, category });
       }
     }
     if (statusBar) {
-      const item = new ModelStatusItem(tracker);
+      const item = new ModelStatusItem(tracker, t);
       statusBar.registerStatusItem('kernel-magics:status', {
         item,
         align: 'left',

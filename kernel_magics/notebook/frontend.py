@@ -1,11 +1,13 @@
 """Tell the JupyterLab extension what the model is doing, over a comm.
 
-The kernel opens a comm to the extension's ``kernel_magics.status`` target when
-the magics load, and also answers comms the extension opens to the same
-target in the kernel (after a page reload, or a second notebook view). Changes
-only raise a flag; a small thread sends the whole status at most ten times a
-second, so a predict pays for an ``Event.set()`` and a view that missed a
-message is right again at the next one. Secret values are never part of it.
+The kernel registers the ``kernel_magics.status`` target and answers the comm
+the extension opens to it (the extension asks first whether kernel_magics is
+loaded, so no kernel ever gets a comm for a target it lacks); the kernel never
+opens one itself, so a client without the extension (nbconvert, papermill, a
+console) sees no comm at all. Changes only raise a flag; a small thread sends
+the whole status at most ten times a second, so a predict pays for an
+``Event.set()`` and a view that missed a message is right again at the next
+one. Secret values are never part of it.
 """
 
 from __future__ import annotations
@@ -35,22 +37,22 @@ class FrontendChannel:
         self._sender: Optional[threading.Thread] = None
 
     def start(self) -> None:
-        """Register the kernel-side target and announce ourselves to the frontend."""
+        """Register the kernel-side target; the extension opens the comm when it is there."""
         import comm
 
         try:
             comm.get_comm_manager().register_target(TARGET, self._on_open)
         except Exception:  # not in a kernel (a plain IPython shell): nothing to talk to
             return
-        self._add(comm.create_comm(target_name=TARGET, data={"status": self._status()}))
-        # Comm messages carry the parent header of the context they are sent from.
-        ctx = contextvars.copy_context()
-        self._sender = threading.Thread(target=ctx.run, args=(self._send_loop,), name="km-status", daemon=True)
-        self._sender.start()
 
     def _on_open(self, opened: Any, msg: dict) -> None:
         self._add(opened)
         opened.send({"status": self._status()})
+        if self._sender is None:
+            # Comm messages carry the parent header of the context they are sent from.
+            ctx = contextvars.copy_context()
+            self._sender = threading.Thread(target=ctx.run, args=(self._send_loop,), name="km-status", daemon=True)
+            self._sender.start()
 
     def _add(self, opened: Any) -> None:
         with self._lock:

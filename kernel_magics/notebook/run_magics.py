@@ -64,12 +64,10 @@ class RunMagics(Magics):
             raise UsageError("No model is defined yet: run a %%model cell (a class with predict) first.")
         view = None
         if self.model.use_widgets(args.no_widget):
-            from IPython.display import display
-
             from .widgets import LoadView
 
             view = LoadView(host, device)
-            display(view.widget)
+            view.show()
         else:
             print(f"Loading `{host.config.model_class_name}` (device: {device or 'chosen by the model'}) ...", flush=True)
         outcome: dict = {}
@@ -300,11 +298,11 @@ class RunMagics(Magics):
                                                       describe=model.host.describe_error)
         if widget:
             # Shown before the first chunk, so the first update carries only text.
-            from IPython.display import display
+            from .widgets import show
 
             consumer.sink = StreamView()
             route_stop_clicks(consumer.sink, consumer.request_stop)
-            display(consumer.sink)
+            consumer.sink.handle = show(consumer.sink)
         if stream.is_async:
             try:
                 model.runner.run(consumer.consume_async(stream))

@@ -133,12 +133,47 @@ _STREAM_CSS = """
 """
 
 
+class Final:
+    """What a finished view leaves in the notebook: HTML and text that need no kernel and no widget state.
+
+    A view displays itself with a display id and, when it is done, replaces itself
+    with this, so a saved notebook (and GitHub, nbviewer, nbconvert) shows the final
+    state instead of "Error displaying widget".
+    """
+
+    def __init__(self, html_text: str, plain: str) -> None:
+        self._html, self._plain = html_text, plain
+
+    def _repr_html_(self) -> str:
+        return self._html
+
+    def __repr__(self) -> str:
+        return self._plain
+
+
+def show(view: Any) -> Any:
+    """Display a widget (or any object) with a display id; returns the handle to replace it later."""
+    from IPython.display import display
+
+    return display(view, display_id=True)
+
+
+def stream_final(text: str, summary: str, error: Optional[str]) -> Final:
+    """A finished stream as static output: its text, the summary line, the error if any."""
+    shown = (f"<pre class='km-stream-out' style='white-space:pre-wrap;margin:0 0 4px 0'>{html.escape(text)}</pre>"
+             f"<div class='km-stream-bar' style='font-size:12px;opacity:0.75'>{html.escape(summary)}</div>")
+    if error:
+        shown += f"<pre class='km-stream-error' style='color:#c62828;white-space:pre-wrap'>{html.escape(error)}</pre>"
+    plain = text + ("" if not text or text.endswith("\n") else "\n") + f"[{summary}]" + (f"\n{error}" if error else "")
+    return Final(f"<div class='km-stream'>{shown}</div>", plain)
+
+
 class StreamView(anywidget.AnyWidget):
     """Shows a streaming prediction: text as it arrives, live statistics, a Stop button.
 
     While streaming it receives only deltas (custom messages, at most ~30 a
-    second); the full text is set once at the end, so a saved notebook or a
-    second view shows all of it.
+    second); the full text is set once at the end. Then the view replaces itself
+    with static output (:func:`stream_final`), which is what a saved notebook keeps.
     """
 
     _esm = _STREAM_ESM
@@ -154,28 +189,52 @@ class StreamView(anywidget.AnyWidget):
     def update(self, text: str, stats: StreamStats) -> None:
         self.send({"type": "delta", "text": text, "stats": stats.as_dict()})
 
+    handle: Any = None  # the display it was shown in (see show())
+
     def finish(self, text: str, stats: StreamStats, outcome: str, error: Optional[str]) -> None:
         with self.hold_sync():  # one message: text, stats, error and state together
             self.text = text
             self.stats = stats.as_dict()
             self.error = error or ""
             self.state = outcome
+        if self.handle is not None:
+            self.handle.update(stream_final(text, f"{outcome}: {stats.describe()}", error))
+
+
+def _in_a_kernel() -> bool:
+    from IPython import get_ipython
+
+    return type(get_ipython()).__name__ == "ZMQInteractiveShell"
 
 
 class PlainStream:
-    """The stream view's twin for frontends without widgets: text as it arrives, then a summary line."""
+    """The stream view's twin for frontends without widgets: text as it arrives, then a summary line.
+
+    In a kernel (nbconvert, papermill, a console) the text is written about twice a second, so a saved
+    notebook holds a few stream outputs, not one per update; in a terminal it is written as it comes.
+    """
 
     def __init__(self) -> None:
         self._printed = 0
+        self._pending = ""
+        self._last = time.monotonic()
+        self.interval = 0.5 if _in_a_kernel() else 0.0
 
     def update(self, text: str, stats: StreamStats) -> None:
-        if text:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-            self._printed += len(text)
+        self._pending += text
+        if self._pending and time.monotonic() - self._last >= self.interval:
+            self._write()
+
+    def _write(self) -> None:
+        sys.stdout.write(self._pending)
+        sys.stdout.flush()
+        self._printed += len(self._pending)
+        self._pending = ""
+        self._last = time.monotonic()
 
     def finish(self, text: str, stats: StreamStats, outcome: str, error: Optional[str]) -> None:
-        rest = text[self._printed:]  # what arrived after the last update
+        self._pending = ""
+        rest = text[self._printed:]  # what arrived after the last write
         newline = "" if not text or text.endswith("\n") else "\n"
         sys.stdout.write(f"{rest}{newline}[{outcome}: {stats.describe()}]\n")
         sys.stdout.flush()
@@ -200,6 +259,7 @@ class LoadView:
 
     def __init__(self, host: ModelHost, device: Optional[str], lines: int = 8) -> None:
         self.widget = ipywidgets.HTML()
+        self.handle: Any = None
         self.state = "loading"
         self.device = device
         self.lines: collections.deque = collections.deque(maxlen=lines)
@@ -232,10 +292,26 @@ class LoadView:
             self.error = (self._host.describe_error(event.data["error"]), event.data["text"])
             self._close()
 
+    def show(self) -> None:
+        """Display the view; when the load ends it replaces itself with its final state as static HTML."""
+        self.handle = show(self.widget)
+
     def _close(self) -> None:
         self._unsubscribe()
         self._done.set()
         self.render()
+        if self.handle is not None:
+            self.handle.update(Final(self.widget.value, self.summary()))
+
+    def summary(self) -> str:
+        elapsed = self.seconds if self.seconds is not None else time.perf_counter() - self.started
+        where = devices.describe_device(self.device) if self.device else "chosen by the model"
+        line = f"{self.state} · {elapsed:.1f} s · {where}"
+        if self.memory_after and self.state == "ready":
+            line += f" · GPU memory: {_memory(self.memory_after)}"
+        if self.error is not None:
+            line += f"\n{self.error[0]}\n{self.error[1]}"
+        return line
 
     def _tick(self) -> None:
         while not self._done.wait(0.25):  # elapsed time ticks while load runs
@@ -244,13 +320,14 @@ class LoadView:
     def render(self) -> None:
         elapsed = self.seconds if self.seconds is not None else time.perf_counter() - self.started
         color = self.colors[self.state]
-        rows = [
-            ("device", html.escape(devices.describe_device(self.device) if self.device else "chosen by the model")),
-            ("GPU memory before", html.escape(_memory(self.memory_before))),
-        ]
-        if self.state == "ready":
-            rows.append(("GPU memory after", html.escape(_memory(self.memory_after))))
-        table = "".join(f"<tr><td style='padding-right:1em;color:#777'>{k}</td><td>{v}</td></tr>" for k, v in rows)
+        rows = [("device", devices.describe_device(self.device) if self.device else "chosen by the model")]
+        # GPU rows only where there is a GPU to speak of.
+        if self.memory_before:
+            rows.append(("GPU memory before", _memory(self.memory_before)))
+        if self.memory_after and self.state == "ready":
+            rows.append(("GPU memory after", _memory(self.memory_after)))
+        table = "".join(f"<div><span style='opacity:0.7;margin-right:1em'>{html.escape(k)}</span>{html.escape(v)}</div>"
+                        for k, v in rows)
         log = ""
         if self.lines:
             log = ("<pre style='margin:4px 0;max-height:10em;overflow:auto;font-size:12px'>"
@@ -262,5 +339,5 @@ class LoadView:
                      f"<pre style='font-size:12px'>{html.escape(tb)}</pre></details>")
         self.widget.value = (
             f"<div class='km-load'><b style='color:{color}'>{self.state}</b> &middot; {elapsed:.1f} s"
-            f"<table style='font-size:12px'>{table}</table>{log}{error}</div>"
+            f"<div style='font-size:12px'>{table}</div>{log}{error}</div>"
         )
