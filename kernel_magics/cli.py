@@ -43,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine", choices=["uvicorn", "ray"], default="uvicorn",
                        help="uvicorn: one process (default). ray: Ray Serve replicas, on this machine or a cluster.")
     serve.add_argument("--replicas", type=int, default=1, help="With --engine ray: how many replicas.")
+    serve.add_argument("--replicas-per-node", type=int, default=None, metavar="N",
+                       help="With --engine ray: at most N replicas on one node (1 spreads them over the nodes).")
+    serve.add_argument("--min-replicas", type=int, default=None,
+                       help="With --engine ray: autoscale, from this many replicas ...")
+    serve.add_argument("--max-replicas", type=int, default=None, help="... up to this many.")
+    serve.add_argument("--target-ongoing-requests", type=float, default=2.0, metavar="N",
+                       help="With autoscaling: the ongoing requests per replica Serve aims for (default 2).")
+    serve.add_argument("--deploy-timeout", type=float, default=300.0, metavar="SECONDS",
+                       help="With --engine ray: how long to wait for the replicas to start (default 300).")
     serve.add_argument("--address", default=None,
                        help="With --engine ray: join this Ray cluster (ray start --head elsewhere) instead of "
                             "starting a local Ray.")
@@ -98,16 +107,25 @@ def _missing_extra(modules: tuple[str, ...], extra: str, what: str) -> bool:
 def _serve(args: argparse.Namespace) -> int:
     if _missing_extra(("fastapi", "uvicorn"), "serve", "kernel-magics serve"):
         return 1
+    ray_only = (args.replicas != 1 or args.address or args.replicas_per_node or args.min_replicas is not None
+                or args.max_replicas is not None)
     if args.engine == "ray":
-        from .serving.ray_engine import serve_with_ray
+        from .serving.ray_engine import Scale, serve_with_ray
 
-        if args.replicas < 1:
-            print("error: --replicas must be at least 1.", file=sys.stderr)
+        counts = [args.replicas, args.replicas_per_node or 1, args.min_replicas or 1, args.max_replicas or 1]
+        if min(counts) < 1:
+            print("error: replica counts must be at least 1.", file=sys.stderr)
             return 2
-        return serve_with_ray(args.dir, host=args.host, port=args.port, replicas=args.replicas,
-                              address=args.address, secrets_dir=args.secrets_dir)
-    if args.replicas != 1 or args.address:
-        print("error: --replicas and --address need --engine ray.", file=sys.stderr)
+        if args.min_replicas and args.max_replicas and args.min_replicas > args.max_replicas:
+            print("error: --min-replicas is more than --max-replicas.", file=sys.stderr)
+            return 2
+        scale = Scale(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                      target_ongoing_requests=args.target_ongoing_requests, per_node=args.replicas_per_node)
+        return serve_with_ray(args.dir, host=args.host, port=args.port, address=args.address,
+                              secrets_dir=args.secrets_dir, scale=scale, deploy_timeout=args.deploy_timeout)
+    if ray_only:
+        print("error: --replicas, --replicas-per-node, --min-replicas, --max-replicas and --address need "
+              "--engine ray.", file=sys.stderr)
         return 2
     from .serving.server import serve_directory
 

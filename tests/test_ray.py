@@ -103,7 +103,7 @@ def test_ray_only_options_need_the_ray_engine(tmp_path):
     d = write_truss(tmp_path / "e", ECHO)
     done = subprocess.run([sys.executable, "-m", "kernel_magics.cli", "serve", str(d), "--replicas", "2"],
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "--replicas and --address need --engine ray" in done.stderr
+    assert done.returncode == 2 and "--address need --engine ray" in done.stderr
 
 
 def test_replica_resources_follow_the_config():
@@ -113,7 +113,14 @@ def test_replica_resources_follow_the_config():
     options = replica_options(parse_config(
         "resources: {accelerator: 'A10G:2', cpu: 500m, memory: 2Gi}\nruntime: {predict_concurrency: 4}\n"))
     assert options == {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": 2, "memory": 2 * 2**30},
-                       "max_ongoing_requests": 4 + 4}  # predict_concurrency, plus a short queue in the replica
+                       "max_ongoing_requests": 4 + 4,  # predict_concurrency, plus a short queue in the replica
+                       "num_replicas": 1}
+    from kernel_magics.serving.ray_engine import Scale
+
+    scaled = replica_options(parse_config(""), Scale(min_replicas=1, max_replicas=3, target_ongoing_requests=2,
+                                                     per_node=1))
+    assert scaled["autoscaling_config"]["min_replicas"] == 1 and scaled["autoscaling_config"]["max_replicas"] == 3
+    assert scaled["max_replicas_per_node"] == 1 and "num_replicas" not in scaled
 
 
 def test_a_custom_layout_serves_on_ray(tmp_path):

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..core.config import ModelConfig
@@ -35,15 +36,20 @@ def _replica_host():
 
 
 def _replica_grpc_on_loopback() -> None:
-    """In a Ray we started on this machine only: bind the replica's internal gRPC port to loopback.
+    """On a node whose address is 127.0.0.1: bind the replica's internal gRPC port to loopback.
 
     Ray Serve 2.60 hard-codes "[::]:0" for the inter-deployment gRPC server each replica starts
     after its constructor (serve/_private/replica.py), the one port of ours that would listen on
-    every interface. Single-node mode (set in _local_ray_env, inherited by the replica) makes the
-    node's address 127.0.0.1, so peers reach the port there. A no-op on a real cluster or if
-    Ray's code moved.
+    every interface. A node on 127.0.0.1 (a local Ray in single-node mode, or the nodes of a
+    cluster simulated on one machine) is reached there by its peers. A no-op on a real cluster's
+    nodes (their own addresses) or if Ray's code moved.
     """
-    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+    try:
+        import ray
+
+        if ray.util.get_node_ip_address() != "127.0.0.1":
+            return
+    except Exception:
         return
     try:
         from ray.serve._private import replica
@@ -66,15 +72,28 @@ def _set_replica_host(host) -> None:
     _REPLICA["host"] = host
 
 
-async def _all_replicas_running() -> bool:
-    """Readiness: every replica of the deployment is up (not just the one answering)."""
+def _replicas_all_running() -> bool:
     from ray import serve
 
-    status = serve.status().applications.get(APP_NAME)
-    if status is None:
+    app = serve.status().applications.get(APP_NAME)
+    deployment = app.deployments.get(DEPLOYMENT_NAME) if app else None
+    if deployment is None:
         return False
-    deployment = status.deployments.get(DEPLOYMENT_NAME)
-    return deployment is not None and str(deployment.status).endswith("HEALTHY")
+    states = {str(getattr(k, "value", k)): n for k, n in deployment.replica_states.items() if n}
+    # HEALTHY alone lags a lost replica by a health-check period; a replica starting,
+    # stopping or recovering shows in replica_states at once.
+    return str(getattr(deployment.status, "value", deployment.status)) == "HEALTHY" and set(states) == {"RUNNING"}
+
+
+async def _all_replicas_running() -> bool:
+    """Readiness: every replica of the deployment is up (not just the one answering)."""
+    import asyncio
+
+    try:
+        # serve.status() blocks on the controller: off the replica's event loop.
+        return await asyncio.to_thread(_replicas_all_running)
+    except Exception:  # the controller restarting, say: not ready, rather than a 500
+        return False
 
 
 class _ReplicaHeader:
@@ -103,11 +122,39 @@ class _ReplicaHeader:
 _QUEUE_PER_REPLICA = 4
 
 
-def replica_options(config: ModelConfig) -> dict:
-    """Ray resources of one replica, from config.yaml's resources and runtime."""
+@dataclass(frozen=True)
+class Scale:
+    """How many replicas, and where: fixed or autoscaled, at most ``per_node`` on one node."""
+
+    replicas: int = 1
+    min_replicas: Optional[int] = None
+    max_replicas: Optional[int] = None
+    target_ongoing_requests: float = 2.0
+    per_node: Optional[int] = None
+    upscale_delay_s: float = 3.0
+    downscale_delay_s: float = 10.0
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None or self.max_replicas is not None
+
+    @property
+    def at_least(self) -> int:
+        return (self.min_replicas or 1) if self.autoscaling else self.replicas
+
+    def describe(self) -> str:
+        where = f", at most {self.per_node} per node" if self.per_node else ""
+        if self.autoscaling:
+            return (f"{self.min_replicas or 1} to {self.max_replicas or self.min_replicas} replicas (autoscaling at "
+                    f"{self.target_ongoing_requests:g} ongoing requests per replica{where})")
+        return f"{self.replicas} replica(s){where}"
+
+
+def replica_options(config: ModelConfig, scale: Scale = Scale()) -> dict:
+    """Ray Serve options of the deployment, from config.yaml's resources and runtime and the scale asked for."""
     resources = config.resources
     concurrency = config.runtime.predict_concurrency
-    return {
+    options = {
         "ray_actor_options": {"num_cpus": resources.cpu_cores, "num_gpus": resources.gpu_count,
                               "memory": resources.memory_in_bytes},
         # predict_concurrency bounds predicts inside each replica (the runtime's semaphore, exactly
@@ -116,9 +163,21 @@ def replica_options(config: ModelConfig) -> dict:
         # busy, which measured 3x slower than letting requests wait in the replica.
         "max_ongoing_requests": concurrency + _QUEUE_PER_REPLICA,
     }
+    if scale.autoscaling:
+        low = scale.min_replicas or 1
+        options["autoscaling_config"] = {
+            "min_replicas": low, "initial_replicas": low, "max_replicas": max(scale.max_replicas or low, low),
+            "target_ongoing_requests": scale.target_ongoing_requests,
+            "upscale_delay_s": scale.upscale_delay_s, "downscale_delay_s": scale.downscale_delay_s,
+        }
+    else:
+        options["num_replicas"] = scale.replicas
+    if scale.per_node:
+        options["max_replicas_per_node"] = scale.per_node  # Serve spreads the replicas over the nodes
+    return options
 
 
-def _deployment(truss_dir: Path, replicas: int, config: ModelConfig, secrets_ref: list):
+def _deployment(truss_dir: Path, scale: Scale, config: ModelConfig, secrets_ref: list):
     from ray import serve
 
     from .server import create_app
@@ -127,8 +186,8 @@ def _deployment(truss_dir: Path, replicas: int, config: ModelConfig, secrets_ref
     app.add_middleware(_ReplicaHeader)
 
     # No per-request access log: every replica would ship a line per request to the driver.
-    @serve.deployment(name=DEPLOYMENT_NAME, num_replicas=replicas, logging_config={"enable_access_log": False},
-                      **replica_options(config))
+    @serve.deployment(name=DEPLOYMENT_NAME, logging_config={"enable_access_log": False},
+                      **replica_options(config, scale))
     @serve.ingress(app)
     class TrussModel:
         def __init__(self) -> None:
@@ -179,11 +238,113 @@ def _local_ray_env(temp: Path) -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
+# ---------------------------------------------------------------------- before deploying: can the cluster run it?
+
+def _check_requirements(requirements: list[str]) -> dict:
+    """On one node: which requirement lines its Python does not satisfy (run as a Ray task there)."""
+    import importlib.metadata
+    import socket
+
+    from packaging.requirements import Requirement
+
+    missing = []
+    for line in requirements:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        try:
+            version = importlib.metadata.version(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(f"{line} (not installed)")
+            continue
+        if req.specifier and not req.specifier.contains(version, prereleases=True):
+            missing.append(f"{line} ({version} is installed)")
+    return {"host": socket.gethostname(), "missing": missing}
+
+
+def preflight(config: ModelConfig, scale: Scale, timeout: float = 60.0) -> Optional[str]:
+    """Why the connected cluster cannot run the model, in one paragraph, or None.
+
+    Checks, with bounded waits: that some node has the resources one replica asks for (GPUs
+    from resources.accelerator, CPUs, memory), that enough such nodes exist for the replicas
+    asked for at most ``per_node`` on a node, and that every node that could host a replica has
+    the requirements installed (a small task pinned to each node looks).
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ask = replica_options(config, scale)["ray_actor_options"]
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits = [n for n in nodes if n["Resources"].get("CPU", 0) >= ask["num_cpus"]
+            and n["Resources"].get("GPU", 0) >= ask["num_gpus"] and n["Resources"].get("memory", 0) >= ask["memory"]]
+    where = ", ".join(f"{n['NodeManagerAddress']} ({n['Resources'].get('CPU', 0):g} CPU, {n['Resources'].get('GPU', 0):g} GPU, "
+                      f"{n['Resources'].get('memory', 0) / 2**30:.1f} GiB)" for n in nodes)
+    if not fits:
+        gpu = f" and {ask['num_gpus']} GPU ({config.resources.accelerator})" if ask["num_gpus"] else ""
+        return (f"No node of the cluster can host a replica: each asks for {ask['num_cpus']:g} CPU{gpu} and "
+                f"{ask['memory'] / 2**30:.1f} GiB of memory (resources in config.yaml), and the nodes have: {where}. "
+                "Add a node with those resources, or lower resources in config.yaml.")
+    if scale.per_node and len(fits) * scale.per_node < scale.at_least:
+        return (f"{scale.at_least} replicas at most {scale.per_node} per node need {-(-scale.at_least // scale.per_node)} "
+                f"nodes that can host one, and the cluster has {len(fits)}: {where}. Add nodes, or raise "
+                "--replicas-per-node.")
+    if not config.requirements:
+        return None
+    checks = {n["NodeID"]: ray.remote(num_cpus=0)(_check_requirements).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(config.requirements)
+        for n in fits}
+    problems = []
+    for node in fits:
+        try:
+            found = ray.get(checks[node["NodeID"]], timeout=timeout)
+        except Exception as exc:  # a node that does not answer within the bound
+            problems.append(f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]}) did not answer within "
+                            f"{timeout:.0f} s ({type(exc).__name__})")
+            continue
+        if found["missing"]:
+            problems.append(f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]}) lacks "
+                            + ", ".join(found["missing"]))
+    if problems:
+        return ("The cluster cannot run the model: " + "; ".join(problems) + ". Install the requirements in "
+                "config.yaml on every node (the same versions), or take those nodes out of the cluster.")
+    return None
+
+
+def _wait_deployed(timeout: float) -> Optional[str]:
+    """Wait (bounded) until the app is running; None, or what it was waiting for."""
+    import time
+
+    from ray import serve
+
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(APP_NAME)
+        if status is not None:
+            state = str(status.status)
+            if state.endswith("RUNNING"):
+                return None
+            if state.endswith("DEPLOY_FAILED"):
+                return f"a replica failed to load the model: {_deployment_error()}. Ray retried and gave up; fix load() and start again."
+            deployment = status.deployments.get(DEPLOYMENT_NAME)
+            last = (deployment.message if deployment else "") or status.message or state
+        time.sleep(0.5)
+    return (f"the deployment was not running after {timeout:.0f} s of waiting for its replicas to start "
+            f"(Ray Serve says: {last.strip() or 'no status'}). The cluster may lack free resources; see "
+            "`ray status`, or raise --deploy-timeout.")
+
+
 def serve_with_ray(path, *, host: str = "127.0.0.1", port: int = 8080, replicas: int = 1,
-                   address: Optional[str] = None, secrets_dir=None) -> int:
-    """Deploy ``path`` on Ray Serve and serve until SIGTERM/SIGINT; returns the exit code."""
+                   address: Optional[str] = None, secrets_dir=None, scale: Optional[Scale] = None,
+                   deploy_timeout: float = 300.0) -> int:
+    """Deploy ``path`` on Ray Serve and serve until SIGTERM/SIGINT; returns the exit code.
+
+    With ``address`` it joins a running cluster: on exit only this deployment goes (Serve too,
+    when nothing else of it is running); the cluster keeps running.
+    """
     from ..core.truss_dir import TrussDir
 
+    scale = scale or Scale(replicas=replicas)
     try:
         truss = TrussDir.open(path)
         truss.check_static()
@@ -199,6 +360,13 @@ def serve_with_ray(path, *, host: str = "127.0.0.1", port: int = 8080, replicas:
     temp = Path(tempfile.mkdtemp(prefix="km-ray-")) if started_here else None
     if started_here:
         _local_ray_env(temp)
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if address.split(":")[0] in ("127.0.0.1", "localhost"):
+            # A cluster on this machine's loopback: join it there (Ray would turn 127.0.0.1 into the
+            # machine's address, where such a cluster does not listen).
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     try:
         import ray
         from ray import serve
@@ -209,47 +377,70 @@ def serve_with_ray(path, *, host: str = "127.0.0.1", port: int = 8080, replicas:
 
     stop = threading.Event()
     failure: Optional[str] = None
+    deployed = False
     try:
         if started_here:
-            per_replica = replica_options(config)["ray_actor_options"]["num_cpus"]
+            per_replica = replica_options(config, scale)["ray_actor_options"]["num_cpus"]
+            most = scale.max_replicas or scale.min_replicas or scale.replicas
             ray.init(
                 include_dashboard=False,
                 # Logical CPUs: enough for the replicas asked for even on a small machine.
-                num_cpus=max(os.cpu_count() or 1, int(per_replica * replicas + 0.999)),
+                num_cpus=max(os.cpu_count() or 1, int(per_replica * most + 0.999)),
                 object_store_memory=100 * 2**20,
                 _temp_dir=str(temp),
                 logging_level="WARNING",
             )
         else:
-            ray.init(address=address, logging_level="WARNING")
+            try:
+                ray.init(address=address, logging_level="WARNING")
+            except Exception as exc:
+                failure = (f"error: could not join the Ray cluster at {address}: {type(exc).__name__}: {exc}. "
+                           "Check the head's address (ray start --head prints it) and that it is running.")
+                return 1
         # After ray.init: Ray's core worker installs its own SIGTERM handler, which would
         # kill the driver without shutting the deployment down.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-        secrets_ref = [ray.put(secret_values)]
-        serve.start(http_options={"host": host, "port": port})
-        where = f"a local Ray (its files under {temp})" if started_here else f"the Ray cluster at {address}"
-        print(f"Deploying {replicas} replica(s) of {root.name} on Ray Serve in {where} ...", file=sys.stderr, flush=True)
-        try:
-            serve.run(_deployment(root, replicas, config, secrets_ref).bind(), name=APP_NAME, route_prefix="/")
-        except Exception:
-            failure = (f"error: a replica failed to load the model: {_deployment_error()}. Ray retried and gave up; "
-                       "fix load() and start again.")
+        problem = preflight(config, scale)
+        if problem:
+            failure = f"error: {problem}"
             return 1
-        print(f"Serving on http://{host}:{port}/v1/models/model:predict with {replicas} replica(s) (Ray Serve).",
+        secrets_ref = [ray.put(secret_values)]
+        # One HTTP proxy, on the head, where every node is this machine (they would all want the same port);
+        # on a real cluster one on every node, as Serve does by default.
+        one_machine = started_here or address.split(":")[0] in ("127.0.0.1", "localhost")
+        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly" if one_machine else "EveryNode")
+        where = f"a local Ray (its files under {temp})" if started_here else f"the Ray cluster at {address}"
+        print(f"Deploying {scale.describe()} of {root.name} on Ray Serve in {where} ...", file=sys.stderr, flush=True)
+        # Not waiting inside Serve (it would wait for ever on a replica that cannot start): we wait, bounded.
+        serve.run_many([serve.RunTarget(_deployment(root, scale, config, secrets_ref).bind(), name=APP_NAME,
+                                        route_prefix="/")], wait_for_applications_running=False)
+        deployed = True
+        waited = _wait_deployed(deploy_timeout)
+        if waited:
+            failure = f"error: {waited}"
+            return 1
+        print(f"Serving on http://{host}:{port}/v1/models/model:predict with {scale.describe()} (Ray Serve).",
               file=sys.stderr, flush=True)
         while not stop.wait(0.5):
             pass
-        print("Stopping: shutting the deployment down ...", file=sys.stderr, flush=True)
+        print("Stopping: taking the deployment down ...", file=sys.stderr, flush=True)
         return 0
     finally:
         try:
-            serve.shutdown()
+            if started_here:
+                serve.shutdown()
+            elif deployed:
+                serve.delete(APP_NAME)  # the user's cluster keeps running; only our deployment goes
+                if not serve.status().applications:
+                    serve.shutdown()
         except Exception:
             pass
         if started_here:
             ray.shutdown()
             shutil.rmtree(temp, ignore_errors=True)
+        else:
+            ray.shutdown()  # disconnects this driver only
         if failure:
             # Last, after Ray's own shutdown logs: the one paragraph a user (or supervisor) reads.
             print(failure, file=sys.stderr, flush=True)
