@@ -109,6 +109,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     ray_only = (args.replicas != 1 or args.address or args.replicas_per_node or args.min_replicas is not None
                 or args.max_replicas is not None)
+    from .serving.background import exit_with_parent
+
+    exit_with_parent()
     if args.engine == "ray":
         from .serving.ray_engine import Scale, serve_with_ray
 

@@ -130,3 +130,32 @@ def test_a_custom_layout_serves_on_ray(tmp_path):
     with serve_ours(layout_dir(tmp_path), engine="ray", replicas=1) as s:
         assert httpx.post(s.predict_url(), json={"who": "ray"}).json() == {"greeting": "HELLO RAY",
                                                                           "name": "custom-layout"}
+
+
+def test_model_serve_on_ray_from_the_notebook_serves_the_export(tmp_path):
+    from kernel_harness import Kernel
+
+    k = Kernel(cwd=str(tmp_path))
+    try:
+        k.ok("%load_ext kernel_magics\nscale = {'k': 3}")
+        k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return {'y': scale['k'] * model_input['x']}")
+        k.ok("scale['k'] = 5")  # a value the notebook changed travels with the export
+        k.ok("%model_load")
+        assert k.ok("%model_predict {'x': 2}").result == "{'y': 10}"
+        ex = k.execute("%model_serve --replicas 2")
+        assert ex.status == "error" and "need --engine ray" in ex.reply["evalue"]
+        ex = k.ok("url = %model_serve --engine ray --replicas 2 --port 0\nprint(url)", timeout=300)
+        assert "answers as the notebook did" in ex.stdout and "does not follow hot reloads" in ex.stdout, ex.stdout
+        url = ex.stdout.strip().splitlines()[-1]
+        responses = post_concurrently(url + "/v1/models/model:predict", [{"x": 2}] * 16)
+        assert {r.status_code for r in responses} == {200} and {r.json()["y"] for r in responses} == {10}
+        assert len({r.headers["x-kernel-magics-replica"] for r in responses}) == 2
+        temp = Path(k.ok("print(get_ipython().magics_manager.registry['ShipMagics'].model.server.temp)")
+                    .stdout.strip())
+        assert (temp / "truss" / "config.yaml").is_file()
+        assert "Stopped" in k.ok("%model_serve --stop", timeout=120).stdout
+        with pytest.raises(httpx.ConnectError):
+            httpx.post(url + "/v1/models/model:predict", json={"x": 2}, timeout=2)
+        assert not temp.exists()
+    finally:
+        k.shutdown()

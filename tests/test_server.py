@@ -1,6 +1,8 @@
 """`kernel-magics serve` and `%model_serve`: real uvicorn on free ports, real HTTP, compared with Truss's server."""
 
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -430,3 +432,22 @@ def test_a_slow_reader_pauses_the_generator_and_keeps_memory_bounded(tmp_path, m
     assert int((markers / "made").read_text()) == 60
     assert read["peak_growth_mib"] < 20 and read["lead_mib"] <= 12, read
     assert read["seconds"] >= 1.5  # the reader, not the generator, set the pace
+
+
+def test_a_served_child_stops_when_its_kernel_dies(tmp_path):
+    """`%model_serve --engine ray` runs `serve` as a child in its own session: it must not outlive a killed kernel."""
+    import psutil
+
+    d = write_truss(tmp_path / "m", "class Model:\n    def predict(self, x):\n        return x\n")
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom pathlib import Path\nfrom kernel_magics.serving.background import ServeProcess\n"
+        f"p = ServeProcess.start(Path({str(d)!r}), [], port={free_port()})\np.wait_ready(60)\n"
+        "print(p.proc.pid, p.url, flush=True)\ntime.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    pid, url = parent.stdout.readline().split()
+    child = psutil.Process(int(pid))
+    assert httpx.post(url + "/v1/models/model:predict", json={"a": 1}).json() == {"a": 1}
+    parent.kill()  # as a kernel restart or a crash does: no atexit, no cleanup
+    parent.wait()
+    child.wait(timeout=30)  # psutil.TimeoutExpired if it outlived its kernel
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(url + "/v1/models/model:predict", json={}, timeout=2)

@@ -78,29 +78,35 @@ class ShipMagics(Magics):
 
             %model_export ./tiny-chargen --force
         """
+        args = parse_argstring(self.model_export, line)
+        target = Path(os.path.expanduser(unquote(args.dir)))
+        if not target.is_absolute():
+            target = Path.cwd() / target  # as the user typed it: relative to where the kernel is now
+        self._export(target, force=args.force, data=[Path(unquote(p)) for p in args.data], replay=not args.no_replay)
+        return None
+
+    def _export(self, target: Path, *, force: bool, data: list, replay: bool, quiet: bool = False):
         from ..core.export import export_model
 
-        args = parse_argstring(self.model_export, line)
         model = self.model
         host = model.host
         model.wait_for_background_load()
         started = time.perf_counter()
         materialized = self._materialize()
         analysis = time.perf_counter() - started
-        target = Path(os.path.expanduser(unquote(args.dir)))
-        if not target.is_absolute():
-            target = Path.cwd() / target  # as the user typed it: relative to where the kernel is now
         secrets = {n: host.secrets[n] for n in host.config.secret_names if host.secrets.source_of(n)}
         result = model.run(
-            export_model, target, materialized, base_dir=host.base_dir,
-            data=[Path(unquote(p)) for p in args.data], force=args.force, protected=[host.base_dir],
-            secrets=secrets, secret_values=host.secrets.known_values(), replay=not args.no_replay,
+            export_model, target, materialized, base_dir=host.base_dir, data=data, force=force,
+            protected=[host.base_dir], secrets=secrets, secret_values=host.secrets.known_values(), replay=replay,
             explain_mismatch=lambda index: self._explain_mismatch(materialized, index),
         )
         result.timings["analysis"] = analysis
         model.last_export_timings = result.timings
         for warning in result.warnings:
             print(f"warning: {warning}")
+        if quiet:
+            print(result.replay_note)
+            return result
         print(f"Exported `{host.config.model_class_name}` as a Truss:")
         print(result.tree())
         values = [i for i in materialized.source.included if i.travels == "value"]
@@ -110,7 +116,7 @@ class ShipMagics(Magics):
         print(result.replay_note)
         model.last_export = result.target
         model.frontend.publish()
-        return None
+        return result
 
     def _explain_mismatch(self, materialized, index: int) -> Optional[str]:
         """The most likely reason a replayed answer differs, from what the kernel knows."""
@@ -135,17 +141,27 @@ class ShipMagics(Magics):
 
     @magic_arguments()
     @argument("--port", type=int, default=8080, help="Port on 127.0.0.1 (default 8080; 0 picks a free one).")
+    @argument("--engine", choices=["kernel", "ray"], default="kernel",
+              help="kernel (default): the live model, served from this kernel (hot reloads apply at once). "
+                   "ray: export the model to a temporary directory (every check of %%model_export) and serve "
+                   "that on Ray Serve in a separate process.")
+    @argument("--replicas", type=int, default=1, help="With --engine ray: how many replicas (default 1).")
+    @argument("--address", default=None, help="With --engine ray: join this Ray cluster (its GCS host:port) "
+                                              "instead of starting a local Ray.")
     @argument("--stop", action="store_true", help="Stop the server this notebook started.")
     @line_magic
     def model_serve(self, line: str):
-        """Serve the live notebook model over Truss's HTTP API on 127.0.0.1, in the background; returns its
+        """Serve the notebook model over Truss's HTTP API on 127.0.0.1, in the background; returns its
         base URL (``url = %model_serve --port 0``).
 
-        Hot reloads take effect on the next request; the kernel stays usable.
+        By default the live model is served from the kernel: hot reloads take effect on the next
+        request, and the kernel stays usable. ``--engine ray`` serves an export of the model as it
+        is now on Ray Serve (hot reloads need a new %model_serve).
 
             %model_serve --port 8080
             !curl -s -X POST localhost:8080/v1/models/model:predict -d '{"x": 1}'
             %model_serve --stop
+            %model_serve --engine ray --replicas 2 --port 8000
         """
         args = parse_argstring(self.model_serve, line)
         model = self.model
@@ -154,18 +170,34 @@ class ShipMagics(Magics):
             if current is None:
                 print("No model server is running.")
                 return None
-            server, future, port = current
-            server.should_exit = True
-            try:
-                future.result(timeout=35)
-            except Exception:
-                pass
+            current.stop()
             model.server = None
-            print(f"Stopped the model server on port {port}.")
+            print(f"Stopped the model server on port {current.port}.")
             return None
         if current is not None:
-            raise UsageError(f"The model is already served on port {current[2]}; run %model_serve --stop first.")
+            raise UsageError(f"The model is already served on port {current.port}; run %model_serve --stop first.")
+        if args.engine != "ray" and (args.replicas != 1 or args.address):
+            raise UsageError("--replicas and --address need --engine ray (the kernel serves one model).")
+        if args.replicas < 1:
+            raise UsageError(f"--replicas must be 1 or more, not {args.replicas}.")
         _check_port_free(args.port)
+        served = self._serve_on_ray(args) if args.engine == "ray" else self._serve_in_kernel(args.port)
+        model.server = served
+        url = f"http://127.0.0.1:{served.port}"
+        if args.engine == "ray":
+            print(f"Serving an export of the notebook model on Ray Serve ({args.replicas} replica(s)) at "
+                  f"{url}/v1/models/model:predict. It does not follow hot reloads: run %model_serve --stop and "
+                  "%model_serve again after changing the model.")
+        else:
+            state = ("" if model.host.state is ModelState.READY
+                     else f" (the model is {model.host.state.value}: predictions answer 503 until %model_load)")
+            print(f"Serving the notebook model at {url}/v1/models/model:predict{state}. "
+                  "Stop it with %model_serve --stop.")
+        model.hide_result(url)
+        return url  # `url = %model_serve --port 0` gives the address to talk to
+
+    def _serve_in_kernel(self, port: int) -> "_InKernel":
+        model = self.model
         try:
             import uvicorn
 
@@ -175,7 +207,7 @@ class ShipMagics(Magics):
                              "Install it with `pip install 'kernel-magics[serve]'`.") from None
         app = create_app(model.host)
         # log_config=None: uvicorn's logs go through logging, not into whichever cell runs.
-        server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", args.port, log_level="warning", log_config=None))
+        server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, log_level="warning", log_config=None))
         import logging
 
         logging.getLogger("kernel_magics.access").setLevel(logging.WARNING)  # no line per request in the notebook
@@ -185,16 +217,39 @@ class ShipMagics(Magics):
             time.sleep(0.02)
         if not server.started:
             server.should_exit = True
-            raise UsageError(f"The model server did not start on 127.0.0.1:{args.port}; pick another --port.")
-        port = server.servers[0].sockets[0].getsockname()[1]  # the one it bound (--port 0 picks one)
-        model.server = (server, future, port)
-        state = ("" if model.host.state is ModelState.READY
-                 else f" (the model is {model.host.state.value}: predictions answer 503 until %model_load)")
-        print(f"Serving the notebook model at http://127.0.0.1:{port}/v1/models/model:predict{state}. "
-              "Stop it with %model_serve --stop.")
-        model.hide_result(url := f"http://127.0.0.1:{port}")
-        return url  # `url = %model_serve --port 0` gives the address to talk to
+            raise UsageError(f"The model server did not start on 127.0.0.1:{port}; pick another --port.")
+        return _InKernel(server, future, server.servers[0].sockets[0].getsockname()[1])  # the port it bound
 
+    def _serve_on_ray(self, args) -> "_OnRay":
+        import importlib.util
+        import shutil
+        import tempfile
+
+        from ..serving.background import ServeProcess, free_port
+
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError("%model_serve --engine ray needs Ray Serve, which is not installed. Install it with "
+                             "`pip install 'kernel-magics[ray]'`, or serve from the kernel without --engine.")
+        model = self.model
+        host = model.host
+        temp = Path(tempfile.mkdtemp(prefix="km-model-serve-"))
+        try:
+            self._export(temp / "truss", force=False, data=[], replay=True, quiet=True)
+            port = args.port or free_port()
+            secrets = {n: host.secrets[n] for n in host.config.secret_names if host.secrets.source_of(n)}
+            extra = ["--replicas", str(args.replicas), *(["--address", args.address] if args.address else [])]
+            proc = ServeProcess.start(temp / "truss", extra, port=port,
+                                      secrets=secrets, engine="ray")
+            print(f"Starting Ray Serve with {args.replicas} replica(s) ...", flush=True)
+            try:
+                model.run(proc.wait_ready, 300)
+            except BaseException:
+                proc.stop()
+                raise
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        return _OnRay(proc, temp)
 
 def _check_port_free(port: int) -> None:
     import socket
@@ -206,3 +261,33 @@ def _check_port_free(port: int) -> None:
             probe.bind(("127.0.0.1", port))
         except OSError:
             raise UsageError(f"Port {port} on 127.0.0.1 is in use; pick another with --port.") from None
+
+
+class _InKernel:
+    """The live model, served by uvicorn on the kernel's runner loop."""
+
+    def __init__(self, server, future, port: int) -> None:
+        self.server, self.future, self.port = server, future, port
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        try:
+            self.future.result(timeout=35)
+        except Exception:
+            pass
+
+
+class _OnRay:
+    """An export of the model, served on Ray Serve by a `kernel-magics serve` child; its directory is temporary."""
+
+    def __init__(self, proc, temp: Path) -> None:
+        self.proc, self.temp, self.port = proc, temp, proc.port
+        import atexit
+
+        atexit.register(self.stop)  # a kernel that shuts down takes its deployment with it
+
+    def stop(self) -> None:
+        import shutil
+
+        self.proc.stop()
+        shutil.rmtree(self.temp, ignore_errors=True)

@@ -1,0 +1,116 @@
+"""`kernel-magics serve DIR ...` as a child process of the kernel: started, waited for, stopped.
+
+What `%model_serve --engine ray` runs: the deployment lives in its own process (and its own
+Ray), so the kernel stays light and a Ctrl-C in a cell does not take the deployment down.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..core.errors import KernelMagicsError
+from ..core.secrets import ENV_PREFIX
+
+__all__ = ["ServeProcess", "free_port", "exit_with_parent"]
+
+# Set by ServeProcess for its child: the kernel's pid. A kernel that dies (killed, restarted)
+# runs no atexit handler, and the child is in its own session; it watches for itself.
+PARENT_ENV = "KERNEL_MAGICS_PARENT_PID"
+
+
+def exit_with_parent() -> None:
+    """In a `serve` child of a kernel: SIGTERM ourselves (a clean shutdown) once the kernel is gone."""
+    import threading
+
+    parent = os.environ.pop(PARENT_ENV, None)
+    if not parent:
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="kernel-magics-parent-watch", daemon=True).start()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """One `kernel-magics serve` child on 127.0.0.1:port; its output goes to a log file."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path, engine: str) -> None:
+        self.proc, self.port, self.log, self.engine = proc, port, log, engine
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(cls, directory: Path, args: Sequence[str], *, port: int, secrets: Optional[dict] = None,
+              engine: str = "uvicorn") -> "ServeProcess":
+        """Start serving ``directory``; ``secrets`` reach the child as TRUSS_SECRET_* variables (never files)."""
+        env = {**os.environ, **{ENV_PREFIX + name: value for name, value in (secrets or {}).items()}}
+        env["PYTHONUNBUFFERED"] = "1"
+        env[PARENT_ENV] = str(os.getpid())
+        fd, log = tempfile.mkstemp(prefix="km-serve-", suffix=".log")
+        with os.fdopen(fd, "w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "kernel_magics", "serve", str(directory), "--host", "127.0.0.1",
+                 "--port", str(port), "--engine", engine, *args],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True,  # a Ctrl-C (SIGINT to the kernel) does not reach it
+            )
+        return cls(proc, port, Path(log), engine)
+
+    def last_line(self) -> str:
+        try:
+            lines = [l for l in self.log.read_text(errors="replace").splitlines() if l.strip()]
+        except OSError:
+            return ""
+        return lines[-1].removeprefix("error: ") if lines else ""
+
+    def wait_ready(self, timeout: float, progress=None) -> None:
+        """Until readiness answers 200; raises with the server's own last words if it exits or times out."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise KernelMagicsError(f"The server stopped before it was ready: {self.last_line() or 'no output'} "
+                                        f"(its log: {self.log}).")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v1/models/model", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if progress:
+                progress(self.last_line())
+            time.sleep(0.5)
+        self.stop()
+        raise KernelMagicsError(f"The server was not ready after {timeout:.0f} s of waiting for readiness "
+                                f"(GET /v1/models/model); its last words: {self.last_line() or 'none'} "
+                                f"(its log: {self.log}). It was stopped.")
+
+    def stop(self, timeout: float = 60) -> None:
+        """SIGTERM (the deployment comes down cleanly), SIGKILL to the group after ``timeout``."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)

@@ -1,0 +1,61 @@
+"""A Ray cluster of several nodes on this machine, for tests and benchmarks: benchmarks/local_ray_cluster.py in a child process."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class LocalCluster:
+    def __init__(self, workers: int, cpus: float = 1) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "local_ray_cluster.py"),
+                                      "--workers", str(workers), "--cpus", str(cpus)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        self.nodes: dict[str, str] = {}
+        self.address = ""
+        for line in self._lines("READY"):
+            if line.startswith("ADDRESS "):
+                self.address = line.split()[1]
+
+    def _lines(self, until: str):
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline().strip()
+            if not line and self.proc.poll() is not None:
+                raise RuntimeError("the local Ray cluster exited")
+            if line.startswith("NODE "):
+                _, name, node_id = line.split()
+                self.nodes[name] = node_id
+            yield line
+            if line.startswith(until):
+                return
+        raise TimeoutError(f"no {until} from the local Ray cluster")
+
+    def command(self, text: str, until: str) -> None:
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        for _ in self._lines(until):
+            pass
+
+    def name_of(self, node_id: str) -> str:
+        return next(name for name, nid in self.nodes.items() if nid == node_id)
+
+    def alive(self) -> bool:
+        host, port = self.address.split(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return True
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("exit\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except Exception:
+            os.killpg(self.proc.pid, 9)
