@@ -10,13 +10,11 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
-import pytest
 
 from kernel_harness import Kernel
-from server_harness import free_port, post_in_background, serve_ours, write_truss
+from server_harness import free_port, serve_ours, write_truss
 from test_export import cli, leftovers, usage_error, write_notebook
 
 CANARY = "sk-CANARY-fault-9e1d"
@@ -133,8 +131,8 @@ def test_redefining_during_a_background_load_applies_after_it(tmp_path):
              f"            time.sleep(0.02)\n        self.v = 'loaded'\n    def predict(self, model_input):\n"
              f"        return self.v")
         k.ok("%model_load --background --no-widget")
-        ex = k.ok(f"%%model\nclass Model:\n    def load(self):\n        self.v = 'loaded'\n"
-                  f"    async def predict(self, model_input):\n        return 'async ' + self.v",
+        ex = k.ok("%%model\nclass Model:\n    def load(self):\n        self.v = 'loaded'\n"
+                  "    async def predict(self, model_input):\n        return 'async ' + self.v",
                   on_message=lambda m: m["msg_type"] == "stream" and "Waiting for the background load"
                   in m["content"]["text"] and gate.write_text("go"))
         assert "Hot-swapped" in ex.stdout
