@@ -10,7 +10,11 @@ reads commands on stdin, one a line:
     add NAME        start another node; prints `NODE NAME node-id`
     exit (or EOF)   stop every node
 
-    python benchmarks/local_ray_cluster.py --workers 2
+With --serve-port, Ray Serve is started on the cluster too (its HTTP proxy on 127.0.0.1:PORT, on
+the head), as an operator would before deploying; `kernel-magics serve --address` then leaves it
+running when it stops.
+
+    python benchmarks/local_ray_cluster.py --workers 2 [--serve-port 8000]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cpus", type=float, default=1, help="CPUs each node offers (default 1).")
     parser.add_argument("--temp-dir", default=None)
+    parser.add_argument("--serve-port", type=int, default=None, help="Start Ray Serve with its proxy on this port.")
     args = parser.parse_args()
     temp = args.temp_dir or tempfile.mkdtemp(prefix="km-ray-cluster-")
     os.makedirs("/tmp/ray", exist_ok=True)  # Ray's helper writes the cluster's address there
@@ -53,6 +58,13 @@ def main() -> None:
     print(f"NODE head {cluster.head_node.node_id}", flush=True)
     for i in range(args.workers):
         add(f"w{i + 1}")
+    if args.serve_port:
+        import ray
+        from ray import serve
+
+        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": args.serve_port}, proxy_location="HeadOnly")
+        print(f"SERVE 127.0.0.1:{args.serve_port}", flush=True)
     print("READY", flush=True)
     try:
         for line in sys.stdin:

@@ -50,3 +50,18 @@ def truss_validate():
         return done.stdout
 
     return validate
+
+
+# ---------------------------------------------------------------- one Ray cluster for the tests that deploy on Ray
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A head and two worker nodes on this machine (127.0.0.1) with Ray Serve running, started once:
+    deploying on it takes seconds, where each `serve --engine ray` of its own starts a Ray and Serve."""
+    pytest.importorskip("ray", reason="ray[serve] is not installed (pip install 'kernel-magics[ray]')")
+    from ray_harness import LocalCluster
+    from server_harness import free_port
+
+    cluster = LocalCluster(workers=2, cpus=2, serve_port=free_port())
+    yield cluster
+    cluster.close()

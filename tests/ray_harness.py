@@ -6,14 +6,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class LocalCluster:
-    def __init__(self, workers: int, cpus: float = 1) -> None:
+    def __init__(self, workers: int, cpus: float = 1, serve_port: Optional[int] = None) -> None:
+        """``serve_port``: start Ray Serve on the cluster, its proxy there (deployments then use that port)."""
+        self.serve_port = serve_port
         self.proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "local_ray_cluster.py"),
-                                      "--workers", str(workers), "--cpus", str(cpus)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      "--workers", str(workers), "--cpus", str(cpus),
+                                      *(["--serve-port", str(serve_port)] if serve_port else [])], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, start_new_session=True)
         self.nodes: dict[str, str] = {}
         self.address = ""

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import httpx
 
@@ -78,11 +78,17 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def serve_ours(truss_dir: Path, *args: str, env: Optional[dict] = None, wait_ready: bool = True,
-               timeout: float = 90, engine: str = "uvicorn", replicas: int = 2) -> Iterator[Served]:
-    """`kernel-magics serve DIR` as a real process (``engine="ray"``: on a local Ray Serve with replicas)."""
+               timeout: float = 90, engine: Any = "uvicorn", replicas: int = 2) -> Iterator[Served]:
+    """`kernel-magics serve DIR` as a real process.
+
+    ``engine="ray"``: on a local Ray Serve the command starts, with replicas; a LocalCluster
+    (ray_harness): deployed on that running cluster with ``--address`` (seconds instead of a Ray start).
+    """
     if engine == "ray":
         args = ("--engine", "ray", "--replicas", str(replicas), *args)
-    port = free_port()
+    elif engine != "uvicorn":
+        args = ("--engine", "ray", "--replicas", str(replicas), "--address", engine.address, *args)
+    port = getattr(engine, "serve_port", None) or free_port()  # a running Serve keeps its port
     log = Path(tempfile.mkstemp(prefix="km-serve-", suffix=".log")[1])
     with open(log, "w") as out:
         proc = subprocess.Popen(

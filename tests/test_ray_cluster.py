@@ -15,7 +15,6 @@ import httpx
 import psutil
 import pytest
 
-from ray_harness import LocalCluster
 from server_harness import free_port, serve_ours, write_truss
 
 pytest.importorskip("ray", reason="ray[serve] is not installed (pip install 'kernel-magics[ray]')")
@@ -29,11 +28,9 @@ class Model:
 '''
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    c = LocalCluster(workers=2)
-    yield c
-    c.close()
+@pytest.fixture
+def cluster(ray_cluster):
+    return ray_cluster  # the session's (conftest): a head and two workers
 
 
 def listening_addresses(root: psutil.Process) -> set:
@@ -59,12 +56,17 @@ def answers_from(served, cluster) -> dict:
 
 def test_replicas_spread_over_nodes_and_come_back_after_a_lost_node(cluster, tmp_path):
     d = write_truss(tmp_path / "where", WHERE, "resources: {cpu: '1', memory: 100Mi}\n")
-    with serve_ours(d, "--address", cluster.address, "--replicas-per-node", "1", engine="ray", replicas=2,
-                    timeout=120) as s:
+    with serve_ours(d, "--replicas-per-node", "1", engine=cluster, replicas=2, timeout=120) as s:
         # Two replicas on two different nodes, both answering (the replica header names which). Serve routes
         # to the replica beside its proxy first, so the requests come at once, more than one replica queues.
         seen = answers_from(s, cluster)
         assert len(seen) == 2 and len(set(seen.values())) == 2, seen
+        # A second deployment would take over the same routes: refused, the first one untouched.
+        second = subprocess.run([sys.executable, "-m", "kernel_magics", "serve", str(d), "--engine", "ray", "--address",
+                                 cluster.address, "--port", str(cluster.serve_port)], capture_output=True, text=True,
+                                timeout=180)
+        assert second.returncode == 1 and "another `kernel-magics serve` deployment" in second.stderr.splitlines()[-1]
+        assert len(answers_from(s, cluster)) == 2
         # Everything of the cluster and of the deployment listens on loopback.
         assert listening_addresses(psutil.Process(cluster.proc.pid)) <= {"127.0.0.1", "::ffff:127.0.0.1"}
         # A node lost under a bounded load: Serve brings the replica back on a node that can host it.
@@ -115,6 +117,8 @@ def test_replicas_spread_over_nodes_and_come_back_after_a_lost_node(cluster, tmp
      ["lacks km-not-on-this-cluster==1.0 (not installed)", "node 127.0.0.1"]),
     ("resources: {cpu: '1', memory: 100Mi}\n", ["--replicas", "4", "--replicas-per-node", "1"],
      ["4 replicas at most 1 per node need 4 nodes", "the cluster has 3"]),
+    # Serve runs on the cluster already, on another port: it would ignore ours.
+    ("", [], ["Ray Serve already runs on the cluster", "a running Serve keeps its address", "--port"]),
 ])
 def test_a_cluster_that_cannot_run_the_model_says_why_at_once(cluster, tmp_path, config, args, fragments):
     d = write_truss(tmp_path / "m", "class Model:\n    def predict(self, x):\n        return x\n", config)

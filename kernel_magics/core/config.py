@@ -104,6 +104,30 @@ def _check_requirement(line: str) -> str:
 RequirementLine = Annotated[str, pydantic.AfterValidator(_check_requirement)]
 
 
+def unmet_requirements(requirements: list[str]) -> list[tuple[str, str, Optional[str]]]:
+    """(line, distribution, installed version or None) for each requirement this Python does not satisfy.
+
+    Lines whose environment marker does not apply here are skipped.
+    """
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    unmet = []
+    for line in requirements:
+        req = Requirement(line)  # the config validated every line
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        try:
+            version = importlib.metadata.version(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            unmet.append((line, req.name, None))
+            continue
+        if req.specifier and not req.specifier.contains(version, prereleases=True):
+            unmet.append((line, req.name, version))
+    return unmet
+
+
 class _Section(pydantic.BaseModel):
     # Unknown keys are caught before validation (with "did you mean"); keys Truss
     # knows but we do not model are kept verbatim so a round trip loses nothing.

@@ -180,7 +180,8 @@ class ShipMagics(Magics):
             raise UsageError("--replicas and --address need --engine ray (the kernel serves one model).")
         if args.replicas < 1:
             raise UsageError(f"--replicas must be 1 or more, not {args.replicas}.")
-        _check_port_free(args.port)
+        if not args.address:  # on a cluster, the port is its Serve's proxy's
+            _check_port_free(args.port)
         served = self._serve_on_ray(args) if args.engine == "ray" else self._serve_in_kernel(args.port)
         model.server = served
         url = f"http://127.0.0.1:{served.port}"

@@ -242,23 +242,12 @@ def _local_ray_env(temp: Path) -> None:
 
 def _check_requirements(requirements: list[str]) -> dict:
     """On one node: which requirement lines its Python does not satisfy (run as a Ray task there)."""
-    import importlib.metadata
     import socket
 
-    from packaging.requirements import Requirement
+    from ..core.config import unmet_requirements
 
-    missing = []
-    for line in requirements:
-        req = Requirement(line)
-        if req.marker is not None and not req.marker.evaluate():
-            continue
-        try:
-            version = importlib.metadata.version(req.name)
-        except importlib.metadata.PackageNotFoundError:
-            missing.append(f"{line} (not installed)")
-            continue
-        if req.specifier and not req.specifier.contains(version, prereleases=True):
-            missing.append(f"{line} ({version} is installed)")
+    missing = [f"{line} ({version} is installed)" if version else f"{line} (not installed)"
+               for line, _, version in unmet_requirements(requirements)]
     return {"host": socket.gethostname(), "missing": missing}
 
 
@@ -308,6 +297,27 @@ def preflight(config: ModelConfig, scale: Scale, timeout: float = 60.0) -> Optio
         return ("The cluster cannot run the model: " + "; ".join(problems) + ". Install the requirements in "
                 "config.yaml on every node (the same versions), or take those nodes out of the cluster.")
     return None
+
+
+def _serve_running() -> bool:
+    """Whether Ray Serve already runs on the connected cluster (its controller exists)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client(raise_if_no_controller_running=False) is not None
+    except Exception:  # a private API of Ray's: if it moved, assume it runs (we then never shut it down)
+        return True
+
+
+def _serve_http_address() -> Optional[tuple]:
+    """(host, port) of the HTTP proxy the running Serve uses, or None if it cannot be read."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        config = _get_global_client().http_config
+        return config.host, config.port
+    except Exception:  # a private API of Ray's: if it moved, skip the check rather than fail
+        return None
 
 
 def _wait_deployed(timeout: float) -> Optional[str]:
@@ -378,6 +388,7 @@ def serve_with_ray(path, *, host: str = "127.0.0.1", port: int = 8080, replicas:
     stop = threading.Event()
     failure: Optional[str] = None
     deployed = False
+    serve_was_running = True  # until known: never shut down a Serve we did not start
     try:
         if started_here:
             per_replica = replica_options(config, scale)["ray_actor_options"]["num_cpus"]
@@ -409,7 +420,20 @@ def serve_with_ray(path, *, host: str = "127.0.0.1", port: int = 8080, replicas:
         # One HTTP proxy, on the head, where every node is this machine (they would all want the same port);
         # on a real cluster one on every node, as Serve does by default.
         one_machine = started_here or address.split(":")[0] in ("127.0.0.1", "localhost")
+        serve_was_running = started_here or _serve_running()
+        if not started_here and APP_NAME in serve.status().applications:
+            failure = (f"error: another `kernel-magics serve` deployment ({APP_NAME!r}) runs on the Ray cluster at "
+                       f"{address}; both would answer on the same routes. Stop that one first (Ctrl-C where it "
+                       "runs, or `serve shutdown` for the whole of Serve).")
+            return 1
         serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly" if one_machine else "EveryNode")
+        running = _serve_http_address()
+        if running and running != (host, port):
+            # Serve was already running on the cluster: it keeps its HTTP options and ignores ours.
+            failure = (f"error: Ray Serve already runs on the cluster at {address} with its HTTP proxy on "
+                       f"{running[0]}:{running[1]}, and a running Serve keeps its address. Serve there with "
+                       f"--host {running[0]} --port {running[1]}, or shut Serve down first (`serve shutdown`).")
+            return 1
         where = f"a local Ray (its files under {temp})" if started_here else f"the Ray cluster at {address}"
         print(f"Deploying {scale.describe()} of {root.name} on Ray Serve in {where} ...", file=sys.stderr, flush=True)
         # Not waiting inside Serve (it would wait for ever on a replica that cannot start): we wait, bounded.
@@ -430,10 +454,11 @@ def serve_with_ray(path, *, host: str = "127.0.0.1", port: int = 8080, replicas:
         try:
             if started_here:
                 serve.shutdown()
-            elif deployed:
-                serve.delete(APP_NAME)  # the user's cluster keeps running; only our deployment goes
-                if not serve.status().applications:
-                    serve.shutdown()
+            else:
+                if deployed:
+                    serve.delete(APP_NAME)  # the user's cluster keeps running; only our deployment goes
+                if not serve_was_running and not serve.status().applications:
+                    serve.shutdown()  # Serve, if this command started it and nothing else runs on it
         except Exception:
             pass
         if started_here:

@@ -395,23 +395,10 @@ def uvicorn_config(app: FastAPI, host: str, port: int, **kw: Any):
 
 def requirement_warnings(requirements: list[str]) -> list[str]:
     """One line per pinned requirement that the installed distributions do not satisfy."""
-    import importlib.metadata
+    from ..core.config import unmet_requirements
 
-    from packaging.requirements import Requirement
-
-    out = []
-    for line in requirements:
-        req = Requirement(line)  # the config validated every line
-        if req.marker is not None and not req.marker.evaluate():
-            continue
-        try:
-            version = importlib.metadata.version(req.name)
-        except importlib.metadata.PackageNotFoundError:
-            out.append(f"warning: config.yaml requires {line} but {req.name} is not installed")
-            continue
-        if req.specifier and not req.specifier.contains(version, prereleases=True):
-            out.append(f"warning: config.yaml requires {line} but {req.name} {version} is installed")
-    return out
+    return [f"warning: config.yaml requires {line} but {name} " + (f"{version} is installed" if version else "is not installed")
+            for line, name, version in unmet_requirements(requirements)]
 
 
 def serve_directory(path, *, host: str = "127.0.0.1", port: int = 8080, secrets_dir=None,
