@@ -358,7 +358,10 @@ REPLAY = {
 def _answer(base: str, method: str, path: str, body, headers) -> tuple:
     r = httpx.request(method, base + path, content=body, headers=headers, timeout=30)
     ctype = r.headers.get("content-type", "")
-    payload = r.json() if ctype.startswith("application/json") else r.content
+    # A prediction's body byte for byte (a Pydantic result is its own compact JSON, as Truss sends it);
+    # other answers as JSON data.
+    predicted = r.status_code == 200 and path.endswith(":predict") and "stream" not in ctype
+    payload = r.content if predicted or not ctype.startswith("application/json") else r.json()
     return (r.status_code, ctype, baseten_headers(r), payload)
 
 

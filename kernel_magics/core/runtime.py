@@ -34,7 +34,7 @@ from .config import ModelConfig
 from .contract import INIT_KWARGS, MethodSpec, ModelContract, init_kwargs
 from .errors import InputValidationError, ModelDefinitionError, ModelNotReadyError
 from .secrets import SecretStore
-from .serialization import is_response, to_jsonable, truss_would_refuse
+from .serialization import is_response, to_json_body, to_jsonable, truss_would_refuse
 from .streams import ChunkStream, close_quietly, join_chunks
 from .tracebacks import trim_traceback
 
@@ -433,21 +433,23 @@ class ModelHost:
             raise InputValidationError(f"The input is not valid JSON: {exc}.", [{"loc": ("__root__",), "msg": str(exc)}]) from None
         return self.validate_input(data)
 
-    async def predict(self, model_input: Any, *, request: Any = None, method: str = "predict") -> Any:
+    async def predict(self, model_input: Any, *, request: Any = None, method: str = "predict",
+                      encoded: bool = False) -> Any:
         """Run preprocess → predict → postprocess and return JSON-ready data, a ChunkStream, or
         the model's own Response object.
 
         Predict runs inside the ``runtime.predict_concurrency`` bound; a stream holds its slot
         until its generator has really closed. ``method`` names an OpenAI-style method
         (``chat_completions`` ...), called as Truss does: alone, outside the bound.
-        ``request`` is what request-taking methods get. User exceptions propagate with
-        their own frames only.
+        ``request`` is what request-taking methods get. ``encoded``: a result that is data comes as
+        the JSON body a server sends (:class:`JSONBody`). User exceptions propagate with their own
+        frames only.
         """
         contract, instance = self._require_ready()  # one snapshot: a reload cannot pull it away mid-call
         started = time.perf_counter()
         try:
             if method != "predict":
-                return await self._endpoint(contract, instance, method, model_input, request, started)
+                return await self._endpoint(contract, instance, method, model_input, request, started, encoded)
             if not contract.skips_input_parsing:
                 model_input = self.validate_input(model_input)
             if contract.preprocess:
@@ -481,7 +483,7 @@ class ModelHost:
                 result = await self._call(instance, contract.postprocess, result, request)
             if self.check_truss_compat:
                 self.last_raw_issue = truss_would_refuse(result)
-            output = to_jsonable(result)
+            output = to_json_body(result) if encoded else to_jsonable(result)
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
                 trim_traceback(exc)
@@ -490,7 +492,7 @@ class ModelHost:
         return output
 
     async def _endpoint(self, contract: ModelContract, instance: Any, method: str, model_input: Any,
-                        request: Any, started: float) -> Any:
+                        request: Any, started: float, encoded: bool) -> Any:
         spec = contract.endpoint(method)
         if spec is None:
             raise MethodNotFound(f"The model has no `{method}` method. Add `def {method}(self, model_input):` "
@@ -503,7 +505,7 @@ class ModelHost:
                                executor=self._pool())
         if is_response(result):
             return result
-        output = to_jsonable(result)
+        output = to_json_body(result) if encoded else to_jsonable(result)
         self._predicted(started)
         return output
 

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from .errors import NotSerializableError
 
-__all__ = ["to_jsonable", "is_pydantic_model", "is_pydantic_class", "is_response", "truss_would_refuse",
+__all__ = ["to_jsonable", "to_json_body", "JSONBody", "is_pydantic_model", "is_pydantic_class", "is_response", "truss_would_refuse",
            "truss_refuses_chunk"]
 
 
@@ -37,32 +37,69 @@ def to_jsonable(value: Any, *, what: str = "the prediction") -> Any:
     NaN and infinities pass, as Truss's server sends them (``NaN``, ``Infinity``).
     Anything else that is not JSON is an error, because no server could send it.
     """
-    return _convert(value, what, "")
+    try:
+        return _convert(value)
+    except _Unsendable as bad:
+        _fail(bad.value, what, "".join(reversed(bad.path)), bad.why)
+
+
+def to_json_body(value: Any, *, what: str = "the prediction") -> "JSONBody":
+    """The JSON a Truss server sends for a result: a Pydantic model as its own JSON (Truss
+    sends ``.json()``), anything else as :func:`to_jsonable` then ``json.dumps``."""
+    import json
+
+    if is_pydantic_model(value):
+        return JSONBody(value.model_dump_json().encode())
+    return JSONBody(json.dumps(to_jsonable(value, what=what)).encode())
+
+
+class JSONBody(bytes):
+    """A result already encoded as the JSON body a server sends."""
 
 
 _SCALARS = (str, int, float, bool, type(None))
+_PLAIN = frozenset(_SCALARS)  # exact types: one set lookup per item on the common path
 
 
-def _convert(value: Any, what: str, path: str) -> Any:
-    if isinstance(value, _SCALARS):
+class _Unsendable(Exception):
+    """Raised deep in a result; each level on the way up adds where (paths are built only on failure)."""
+
+    def __init__(self, value: Any, why: Any = None) -> None:
+        self.value, self.why, self.path = value, why, []
+
+
+def _convert(value: Any) -> Any:
+    if type(value) in _PLAIN or isinstance(value, _SCALARS):
         return value
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
-            if not isinstance(key, str):
+            if type(key) is not str and not isinstance(key, str):
                 if isinstance(key, (int, float, bool)) or key is None:
                     key = str(key).lower() if isinstance(key, bool) else "null" if key is None else str(key)
                 else:
-                    _fail(key, what, path, "dictionary keys must be strings")
-            out[key] = _convert(item, what, f"{path}[{key!r}]")
+                    raise _Unsendable(key, "dictionary keys must be strings")
+            try:
+                out[key] = item if type(item) in _PLAIN else _convert(item)
+            except _Unsendable as bad:
+                bad.path.append(f"[{key!r}]")
+                raise
         return out
     if isinstance(value, (list, tuple)):
-        return [_convert(item, what, f"{path}[{i}]") for i, item in enumerate(value)]
+        out_list: list = []
+        append = out_list.append
+        try:
+            for item in value:
+                append(item if type(item) in _PLAIN else _convert(item))
+        except _Unsendable as bad:
+            bad.path.append(f"[{len(out_list)}]")
+            raise
+        return out_list
     if is_pydantic_model(value):
         return value.model_dump(mode="json")
     if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
-        return _convert(value.tolist(), what, path)
-    _fail(value, what, path, None)
+        return _convert(value.tolist())
+    raise _Unsendable(value)
 
 
 def _fail(value: Any, what: str, path: str, why: Any) -> None:

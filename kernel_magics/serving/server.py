@@ -343,7 +343,7 @@ async def _execute(host: Optional[ModelHost], request: Request, method: str) -> 
                 return _error(400, f"Invalid JSON payload: {exc}", _CLIENT)
     _install_disconnect_watcher(request)
     try:
-        result = await host.predict(model_input, request=request, method=method)
+        result = await host.predict(model_input, request=request, method=method, encoded=True)
     except MethodNotFound:
         return _error(404, f"`{method}` must only be called if model has it.", _CLIENT)
     except ModelNotReadyError:
@@ -374,7 +374,7 @@ async def _execute(host: Optional[ModelHost], request: Request, method: str) -> 
         if result.status_code >= 300:
             result.headers.update({"X-BASETEN-ERROR-SOURCE": _SOURCE, "X-BASETEN-ERROR-CODE": _CLIENT})
         return result
-    return Response(json.dumps(result), media_type="application/json")
+    return Response(bytes(result), media_type="application/json")  # a JSONBody
 
 
 def _wants_gathered(request: Request) -> bool:
