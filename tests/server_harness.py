@@ -103,6 +103,18 @@ def serve_ours(truss_dir: Path, *args: str, env: Optional[dict] = None, wait_rea
         _stop(proc)
 
 
+def answer(base: str, method: str, path: str, body, headers) -> tuple:
+    """What a differential test compares: status, media type, Truss's error headers and the body.
+    A prediction's body byte for byte (a Pydantic result is its own compact JSON, as Truss sends it);
+    other JSON answers as data."""
+    r = httpx.request(method, base + path, content=body, headers=headers, timeout=30)
+    ctype = r.headers.get("content-type", "")
+    predicted = r.status_code == 200 and path.endswith(":predict") and "stream" not in ctype
+    payload = r.content if predicted or not ctype.startswith("application/json") else r.json()
+    return (r.status_code, ctype, r.headers.get("x-baseten-error-source"), r.headers.get("x-baseten-error-code"),
+            payload)
+
+
 def post_concurrently(url: str, bodies: list) -> list[httpx.Response]:
     """POST every body at once (one asyncio client) and return the responses in order."""
     import asyncio

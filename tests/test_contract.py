@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from kernel_harness import Kernel
-from server_harness import serve_ours, serve_truss, truss_reference_python, write_truss
+from server_harness import answer, serve_ours, serve_truss, truss_reference_python, write_truss
 
 REQUESTS = '''
 import fastapi
@@ -114,14 +114,6 @@ CASES = {
 }
 
 
-def _answer(base: str, method: str, path: str, body, headers) -> tuple:
-    r = httpx.request(method, base + path, content=body, headers=headers, timeout=30)
-    ctype = r.headers.get("content-type", "")
-    payload = r.json() if ctype.startswith("application/json") else r.content
-    return (r.status_code, ctype, r.headers.get("x-baseten-error-source"), r.headers.get("x-baseten-error-code"),
-            payload)
-
-
 def _needs_truss():
     if truss_reference_python() is None:
         pytest.skip("the truss reference server is not set up (make test sets it up)")
@@ -133,9 +125,9 @@ def test_the_contract_answers_as_truss_does(tmp_path, case):
     model, requests = CASES[case]
     path = write_truss(tmp_path / "m", model, "model_name: contract\n")
     with serve_truss(path) as theirs:
-        expected = [_answer(theirs.url, *req) for req in requests]
+        expected = [answer(theirs.url, *req) for req in requests]
     with serve_ours(path) as ours:
-        got = [_answer(ours.url, *req) for req in requests]
+        got = [answer(ours.url, *req) for req in requests]
     for req, want, have in zip(requests, expected, got):
         assert have == want, f"{req[:3]}: Truss answered {want}, we answered {have}"
 
@@ -152,9 +144,9 @@ def test_health_answers_as_truss_does(tmp_path):
             rows = []
             for state in ("ok", "no", "raise", "ok"):
                 flag.write_text(state)
-                rows.append((state, _answer(served.url, "GET", "/v1/models/model", None, {}),
-                             _answer(served.url, "GET", "/v1/models/model/loaded", None, {})[0],
-                             _answer(served.url, "POST", "/v1/models/model:predict", b"{}", JSON)[0]))
+                rows.append((state, answer(served.url, "GET", "/v1/models/model", None, {}),
+                             answer(served.url, "GET", "/v1/models/model/loaded", None, {})[0],
+                             answer(served.url, "POST", "/v1/models/model:predict", b"{}", JSON)[0]))
             answers[name] = rows
     assert answers["ours"] == answers["truss"]
     assert [row[1][0] for row in answers["ours"]] == [200, 503, 503, 200]

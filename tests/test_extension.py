@@ -25,6 +25,19 @@ if not CHROMIUM.exists():
     pytestmark = pytest.mark.skip(reason="Debian's chromium is not installed (make test installs it as root)")
 
 
+def server_answers(url: str, token: str, timeout: float = 60) -> bool:
+    """Wait until a Jupyter server answers its status API."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/api/status?token={token}", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("lab")
@@ -43,14 +56,7 @@ def lab(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "JUPYTER_PLATFORM_DIRS": "1"},
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/api/status?token={token}", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
+    if not server_answers(url, token):
         proc.kill()
         raise RuntimeError((root / ".lab.log").read_text())
     yield {"url": url, "token": token, "root": root}
@@ -284,13 +290,7 @@ def test_the_extension_loads_in_notebook_7(page, lab, tmp_path):
         stdout=open(tmp_path / "nb.log", "w"), stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/api/status?token={token}", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        assert server_answers(url, token), (tmp_path / "nb.log").read_text()
         notebook = page.context.browser.new_page(viewport={"width": 1200, "height": 800})
         try:
             notebook.goto(f"{url}/notebooks/quickstart.ipynb?token={token}")

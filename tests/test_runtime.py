@@ -1,6 +1,7 @@
 """ModelHost runs the Truss contract; tested directly, with real classes and real threads."""
 
 import asyncio
+import json
 import threading
 import traceback
 
@@ -201,6 +202,21 @@ def test_non_serializable_output_names_type_and_place():
 
     with pytest.raises(NotSerializableError, match=r"object at the prediction\['scores'\]\[1\]"):
         collect(loaded(M), {})
+
+
+def test_a_pydantic_result_is_in_the_notebook_what_the_server_sends():
+    class Out(pydantic.BaseModel):
+        score: float
+        scores: list[float]
+
+    class M:
+        def predict(self, x):
+            return Out(score=float("nan"), scores=[float("inf"), 0.1])
+
+    host = loaded(M)
+    sent = asyncio.run(host.predict({}, encoded=True))
+    assert bytes(sent) == b'{"score":null,"scores":[null,0.1]}'  # what Truss sends too (pydantic's own JSON)
+    assert collect(host, {}) == json.loads(sent)  # what %model_predict gives
 
 
 # ---------------------------------------------------------------- concurrency and stream closing

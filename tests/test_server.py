@@ -11,8 +11,8 @@ import pytest
 
 from kernel_harness import Kernel
 from server_harness import (
-    TRUSS_REFERENCE, free_port, post_concurrently, post_in_background, serve_ours, serve_truss, truss_reference_python,
-    write_truss,
+    TRUSS_REFERENCE, answer, free_port, post_concurrently, post_in_background, serve_ours, serve_truss,
+    truss_reference_python, write_truss,
 )
 
 CANARY = "sk-CANARY-serve-91b2"
@@ -82,12 +82,15 @@ class Prompt(pydantic.BaseModel):
 
 class Out(pydantic.BaseModel):
     text: str
+    score: float = 1.5
 
 
 class Model:
     def predict(self, model_input: Prompt) -> Out:
         if model_input.prompt == "boom":
             raise RuntimeError("boom")
+        if model_input.prompt == "nan":
+            return Out(text="", score=float("nan"))  # Truss sends a Pydantic result's NaN as null
         return Out(text=model_input.prompt * model_input.n)
 '''
 
@@ -165,7 +168,7 @@ def test_routes_errors_and_headers(tmp_path, markers, engine):
 
 def test_pydantic_input_errors_and_schema(tmp_path, engine):
     with serve_ours(write_truss(tmp_path / "pyd", PYD), engine=engine) as s:
-        assert httpx.post(s.predict_url(), json={"prompt": "ab", "n": 2}).json() == {"text": "abab"}
+        assert httpx.post(s.predict_url(), json={"prompt": "ab", "n": 2}).json() == {"text": "abab", "score": 1.5}
         missing = httpx.post(s.predict_url(), json={"n": 2})
         assert missing.status_code == 400 and baseten_headers(missing) == ("04", "700")
         assert missing.json() == {"error": "Input Parsing Error:\n  `prompt`: Field required."}
@@ -342,6 +345,7 @@ REPLAY = {
     ]),
     "pydantic": (None, [
         ("POST", "/v1/models/model:predict", b'{"prompt": "ab", "n": 3}', JSON),
+        ("POST", "/v1/models/model:predict", b'{"prompt": "nan"}', JSON),
         ("POST", "/v1/models/model:predict", b'{"n": 3}', JSON),
         ("POST", "/v1/models/model:predict", b'{"prompt": "a", "n": "many"}', JSON),
         ("POST", "/v1/models/model:predict", b'{"prompt": "boom"}', JSON),
@@ -353,16 +357,6 @@ REPLAY = {
         ("POST", "/v1/models/model:predict", b'{"op": "teapot"}', JSON),
     ]),
 }
-
-
-def _answer(base: str, method: str, path: str, body, headers) -> tuple:
-    r = httpx.request(method, base + path, content=body, headers=headers, timeout=30)
-    ctype = r.headers.get("content-type", "")
-    # A prediction's body byte for byte (a Pydantic result is its own compact JSON, as Truss sends it);
-    # other answers as JSON data.
-    predicted = r.status_code == 200 and path.endswith(":predict") and "stream" not in ctype
-    payload = r.content if predicted or not ctype.startswith("application/json") else r.json()
-    return (r.status_code, ctype, baseten_headers(r), payload)
 
 
 @pytest.mark.parametrize("name, on_ray", [(name, False) for name in REPLAY] + [("errors", True), ("echo_stream", True)])
@@ -378,9 +372,9 @@ def test_answers_match_truss_server(tmp_path, markers, name, on_ray, request):
         path, env = basic_dir(tmp_path, markers), {"TRUSS_SECRET_tok": CANARY}
     requests = COMMON_REQUESTS + requests
     with serve_truss(path, env=env) as theirs:
-        expected = [_answer(theirs.url, *req) for req in requests]
+        expected = [answer(theirs.url, *req) for req in requests]
     with serve_ours(path, env=env, engine=engine) as ours:
-        got = [_answer(ours.url, *req) for req in requests]
+        got = [answer(ours.url, *req) for req in requests]
     for req, want, have in zip(requests, expected, got):
         assert have == want, f"{req}: Truss answered {want}, we answered {have}"
 

@@ -32,7 +32,7 @@ def is_response(obj: Any) -> bool:
 def to_jsonable(value: Any, *, what: str = "the prediction") -> Any:
     """Return ``value`` as JSON data, or raise naming the offending type and where it sits.
 
-    Pydantic models become ``model_dump(mode="json")``; tuples become lists and
+    Pydantic models become the data of their own JSON (as sent); tuples become lists and
     numpy scalars and arrays plain numbers and lists (as Truss's encoder does).
     NaN and infinities pass, as Truss's server sends them (``NaN``, ``Infinity``).
     Anything else that is not JSON is an error, because no server could send it.
@@ -96,7 +96,11 @@ def _convert(value: Any) -> Any:
             raise
         return out_list
     if is_pydantic_model(value):
-        return value.model_dump(mode="json")
+        # Exactly what goes on the wire (Truss sends a Pydantic result as its own JSON, where NaN and
+        # infinities become null), so the notebook shows what the deployment answers.
+        import json
+
+        return json.loads(value.model_dump_json())
     if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
         return _convert(value.tolist())
     raise _Unsendable(value)

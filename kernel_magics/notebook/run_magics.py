@@ -24,6 +24,16 @@ _FLAG = re.compile(r"""--(?P<flag>[\w-]+)(?:[ \t]+(?P<value>"[^"]*"|'[^']*'|[^\s
 _VALUED = {"header", "method"}
 
 
+def _predict_flags(fn):
+    """The flags %model_predict and %%predict share."""
+    fn = argument("--method", default="predict", choices=("predict", *ENDPOINT_METHODS),
+                  help="Call another model method, as its route would (chat_completions ...).")(fn)
+    fn = argument("--header", action="append", default=[], metavar="NAME:VALUE",
+                  help="A request header, for a predict that takes the request (repeatable).")(fn)
+    return argument("--no-widget", action="store_true",
+                    help="Print a stream as plain text instead of the live view.")(fn)
+
+
 @magics_class
 class RunMagics(Magics):
     """%model_load, %model_predict, %%predict."""
@@ -113,11 +123,7 @@ class RunMagics(Magics):
     # ------------------------------------------------------------------ %model_predict / %%predict
 
     @magic_arguments()
-    @argument("--no-widget", action="store_true", help="Print a stream as plain text instead of the live view.")
-    @argument("--header", action="append", default=[], metavar="NAME:VALUE",
-              help="A request header, for a predict that takes the request (repeatable).")
-    @argument("--method", default="predict", choices=("predict", *ENDPOINT_METHODS),
-              help="Call another model method, as its route would (chat_completions ...).")
+    @_predict_flags
     @argument("input", nargs="*", help='The model input: JSON like {"prompt": "hi"}, or a Python expression.')
     @no_var_expand
     @line_magic
@@ -145,11 +151,7 @@ class RunMagics(Magics):
         return value
 
     @magic_arguments()
-    @argument("--no-widget", action="store_true", help="Print a stream as plain text instead of the live view.")
-    @argument("--header", action="append", default=[], metavar="NAME:VALUE",
-              help="A request header, for a predict that takes the request (repeatable).")
-    @argument("--method", default="predict", choices=("predict", *ENDPOINT_METHODS),
-              help="Call another model method, as its route would (chat_completions ...).")
+    @_predict_flags
     @cell_magic
     def predict(self, line: str, cell: str):
         """Run the loaded model on the value of the cell's last expression and return the prediction.
