@@ -7,12 +7,13 @@ would fail on a result ours can send, so the notebook can warn before a deploy.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
 
 from .errors import NotSerializableError
 
-__all__ = ["to_jsonable", "to_json_body", "JSONBody", "is_pydantic_model", "is_pydantic_class", "is_response", "truss_would_refuse",
-           "truss_refuses_chunk"]
+__all__ = ["to_jsonable", "to_json_body", "JSONBody", "is_pydantic_model", "is_pydantic_class", "is_response",
+           "truss_would_refuse", "truss_refuses_chunk"]
 
 
 def is_pydantic_class(obj: Any) -> bool:
@@ -46,8 +47,6 @@ def to_jsonable(value: Any, *, what: str = "the prediction") -> Any:
 def to_json_body(value: Any, *, what: str = "the prediction") -> "JSONBody":
     """The JSON a Truss server sends for a result: a Pydantic model as its own JSON (Truss
     sends ``.json()``), anything else as :func:`to_jsonable` then ``json.dumps``."""
-    import json
-
     if is_pydantic_model(value):
         return JSONBody(value.model_dump_json().encode())
     return JSONBody(json.dumps(to_jsonable(value, what=what)).encode())
@@ -98,8 +97,6 @@ def _convert(value: Any) -> Any:
     if is_pydantic_model(value):
         # Exactly what goes on the wire (Truss sends a Pydantic result as its own JSON, where NaN and
         # infinities become null), so the notebook shows what the deployment answers.
-        import json
-
         return json.loads(value.model_dump_json())
     if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
         return _convert(value.tolist())
