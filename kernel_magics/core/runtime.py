@@ -124,6 +124,9 @@ class ModelHost:
         self._load_lock = threading.RLock()
         self._load_thread: Optional[threading.Thread] = None
         # The notebook turns this on: each result is checked for what Truss's own server could not
+        # Set when the worker thread's load has ended. Waiters wait on this, never on Thread.join:
+        # on CPython 3.11 a KeyboardInterrupt inside join() marks a running thread as stopped.
+        self._load_done: Optional[threading.Event] = None
         # encode (last_raw_issue says where), so it can warn before a deploy.
         self.check_truss_compat = False
         self.last_raw_issue: Optional[str] = None
@@ -234,8 +237,14 @@ class ModelHost:
 
     @property
     def loading(self) -> bool:
-        thread = self._load_thread
-        return thread is not None and thread.is_alive()
+        done = self._load_done
+        return done is not None and not done.is_set()
+
+    def wait_load(self, timeout: Optional[float] = None) -> bool:
+        """Wait for a worker-thread load to end (at most ``timeout`` s); True when none runs.
+        Short timeouts in a loop keep a kernel interrupt deliverable."""
+        done = self._load_done
+        return done is None or done.wait(timeout)
 
     def load(self, device: Optional[str] = None, *, echo: bool = True) -> None:
         """Instantiate the class and call ``load()``, in this thread.
@@ -296,15 +305,19 @@ class ModelHost:
             raise ModelNotReadyError("The model is already loading; wait for that load to finish.")
         self._set_state(ModelState.LOADING)
 
+        done = self._load_done = threading.Event()
         def run() -> None:
             try:
-                self.load(device, echo=echo)
-            except BaseException as exc:
+                try:
+                    self.load(device, echo=echo)
+                except BaseException as exc:
+                    if on_done is not None:
+                        on_done(exc)
+                    return
                 if on_done is not None:
-                    on_done(exc)
-                return
-            if on_done is not None:
-                on_done(None)
+                    on_done(None)
+            finally:
+                done.set()
 
         ctx = contextvars.copy_context()  # output and widget messages belong to the caller's cell
         thread = threading.Thread(target=ctx.run, args=(run,), name="model-load", daemon=True)
@@ -317,12 +330,11 @@ class ModelHost:
 
         Code inside a long C call (a big tensor op) sees it when that call returns.
         """
-        thread = self._load_thread
-        if thread is None or not thread.is_alive():
+        thread, done = self._load_thread, self._load_done
+        if thread is None or done is None or done.is_set():
             return True
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt))
-        thread.join(timeout)
-        return not thread.is_alive()
+        return done.wait(timeout)
 
     def unload(self) -> bool:
         """Drop the instance and whatever a failure still holds, and free memory; returns whether

@@ -29,7 +29,7 @@ import builtins
 import re
 import symtable
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Optional
 
 from .errors import KernelMagicsError
@@ -468,7 +468,7 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
         reason = f"{stateful}, which holds trained or random state"
     rebuild = (stateful == "a torch module" and not problem and not rebound and _single_call(definition)
                and all(_weights_only(c) for c in changes))
-    keep = len(definition.names) > 1 or rebuild or definition.kind == "block"
+    keep = rebuild or definition.kind == "block"  # `w, tag = train()` re-runs only for a name that needs it
     return _value(name, value, live, reason, rebuild_module=rebuild, keep=keep)
 
 
@@ -481,8 +481,7 @@ def _value(name: str, value: Any, live: Mapping[str, Any], reason: str, *, rebui
     except values.CannotSave as exc:
         raise MaterializeError(
             f"The model uses `{name}` (a {_type_name(value)}), whose value must travel with the export because it "
-            f"is {reason}; but {exc}. Create it inside `load()` instead (open files, connections and locks there), "
-            "and keep only plain data at the top level of the notebook."
+            f"is {reason}; but {exc}. {exc.advice}"
         ) from None
     return _Travel(source=plan.keeps_source or keep, plan=plan, reason=reason)
 
@@ -561,7 +560,8 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
         how = plan.format + (", runs code when loaded" if plan.runs_code_on_load else "")
         included[name] = Included(name, where.kind if where.kind != "statement" else "value", label, where.cell,
                                   "value", how, travel.reason)
-        plans[name] = (plan, where.order)
+        # Its loader goes after the notebook classes and functions the saved file refers to.
+        plans[name] = (plan, max([where.order] + [defs[r].order for r in plan.notebook_refs if r in defs]))
         for ref in sorted(plan.notebook_refs):
             if ref not in included:
                 need(ref, f"the saved value of {name}")
@@ -572,6 +572,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
             if name in included or name in definition.names:
                 continue
             need(name, label)
+    _share_identical(plans, included, live)
     if unresolved and not analysis.stars:
         name, label = next(iter(sorted(unresolved.items())))
         bound = analysis.elsewhere.get(name)
@@ -598,6 +599,22 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
                        changes=changes)
 
 
+def _share_identical(plans: dict, included: dict, live: Optional[Mapping[str, Any]]) -> None:
+    """Names bound to one live object travel as one saved value: the first in notebook order is saved and
+    the others are bound to it, so model.py has one object under every name, as the notebook had."""
+    from . import values
+
+    groups: dict[int, list[str]] = {}
+    for name in plans:
+        if live is not None and name in live and not values.is_immutable(live[name]):
+            groups.setdefault(id(live[name]), []).append(name)
+    for names in groups.values():
+        primary, *others = sorted(names, key=lambda n: (plans[n][1], n))
+        for name in others:
+            plans[name] = (values.alias(name, primary), plans[name][1])
+            included[name] = replace(included[name], how=f"the same object as `{primary}`")
+
+
 def _render(chosen, included, stars, plans, notebook: str) -> str:
     imports: list[str] = []
     future: list[str] = []
@@ -622,7 +639,7 @@ def _render(chosen, included, stars, plans, notebook: str) -> str:
             body.append((definition.order, 0, definition.text))
     prelude: list[str] = []
     for order, group in by_order.items():
-        for plan in sorted(group, key=lambda p: p.name):
+        for plan in sorted(group, key=lambda p: (p.alias_of is not None, p.name)):  # an alias after its object
             for line in plan.prelude_imports + plan.imports:
                 if line not in imports:
                     imports.append(line)

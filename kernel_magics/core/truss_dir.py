@@ -151,6 +151,10 @@ class TrussDir:
     def prepare_process(self) -> None:
         """What a Truss container has before the model is imported: its env vars, its package dirs."""
         os.environ.update(self.config.environment_variables)
+        if str(self.root) not in sys.path:
+            # Truss runs /app/main.py beside the directory's files, so the root is sys.path[0] and model/ is
+            # the `model` package: `model.model` (named by pickles of notebook classes) imports from there.
+            sys.path.insert(0, str(self.root))
         for path in self.package_dirs:
             if path.is_dir() and str(path) not in sys.path:
                 sys.path.append(str(path))  # after site-packages, as Truss appends /packages
@@ -164,6 +168,10 @@ class TrussDir:
         module = importlib.util.module_from_spec(spec)
         if "." in name:
             module.__package__ = None  # relative imports stay unsupported, as in Truss
+            package = name.rpartition(".")[0]
+            loaded = sys.modules.get(package)
+            if loaded is not None and str(self.model_file.parent) not in list(getattr(loaded, "__path__", [])):
+                del sys.modules[package]  # another directory's `model`, imported earlier in this process
         sys.modules[name] = module  # registered first, so pickled values that name it resolve
         try:
             spec.loader.exec_module(module)

@@ -22,32 +22,48 @@ anything else picklable   pickle
 
 Classes and functions defined in the notebook are saved as members of
 ``model.model`` (Truss's name for model.py), which defines them, so nothing
-in ``data/`` refers to ``__main__``.
+in ``data/`` refers to ``__main__``: every pickle-based format goes through
+:mod:`kernel_magics.core.notebook_pickle`, the one place that rule lives.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import io
-import pickle
 import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
+
+from . import notebook_pickle
+from .notebook_pickle import MODEL_MODULE
 
 __all__ = ["ValuePlan", "plan", "literal_source", "is_literal", "is_immutable", "stateful_kind", "VALUES_DIR",
-           "MODEL_MODULE", "CannotSave"]
+           "MODEL_MODULE", "CannotSave", "alias", "scan"]
 
 VALUES_DIR = "notebook_values"  # under data/, which Truss copies into the image
-MODEL_MODULE = "model.model"  # what model.py is imported as, by Truss and by us
 _INLINE_LITERAL = 2000  # characters; longer literals go to a file
 _PRELUDE = f'_VALUES = pathlib.Path(__file__).resolve().parent.parent / "data" / "{VALUES_DIR}"'
 
 
+_OUTSIDE = ("Create it inside `load()` instead (open files, connections and locks there), and keep only plain "
+            "data at the top level of the notebook.")
+
+
 class CannotSave(Exception):
-    """The value cannot be saved: ``reason`` says why (the caller names the value and the cell)."""
+    """The value cannot be saved: the message says why (the caller names the value and the cell), ``advice``
+    what to do about it."""
+
+    def __init__(self, reason: str, advice: str = _OUTSIDE) -> None:
+        super().__init__(reason)
+        self.advice = advice
+
+
+def _cannot(exc: notebook_pickle.CannotPickle) -> CannotSave:
+    if exc.notebook_code:
+        return CannotSave(exc.reason, "Move that definition to the top level of a cell (model.py defines what the "
+                                      "notebook defines there), or build the value inside `load()`.")
+    return CannotSave(exc.reason)
 
 
 @dataclass
@@ -64,19 +80,21 @@ class ValuePlan:
     keeps_source: bool = False  # the definition stays in model.py; these lines follow it
     runs_code_on_load: bool = False
     save: Optional[Callable[[Path], None]] = None  # writes the file into the values folder
+    alias_of: Optional[str] = None  # the same live object as this other name: bound to it, not saved again
 
     @property
     def prelude(self) -> list[str]:
         """Lines model.py needs once, before any loader."""
-        out = [_PRELUDE] if self.filename else []
-        if self.notebook_refs:
-            # Pickled notebook classes name model.model; this file is that module however it is imported.
-            out.insert(0, f'sys.modules.setdefault("{MODEL_MODULE}", sys.modules[__name__])')
-        return out
+        return [_PRELUDE] if self.filename else []
 
     @property
     def prelude_imports(self) -> list[str]:
-        return (["import pathlib"] if self.filename else []) + (["import sys"] if self.notebook_refs else [])
+        return ["import pathlib"] if self.filename else []
+
+
+def alias(name: str, primary: str) -> ValuePlan:
+    """``name`` is bound to the very object saved as ``primary`` (one file, one object after loading)."""
+    return ValuePlan(name, f"the same object as `{primary}`", None, [f"{name} = {primary}"], alias_of=primary)
 
 
 # ---------------------------------------------------------------------- what a value is
@@ -258,13 +276,10 @@ def _module_weights(name: str, module: Any) -> ValuePlan:
 
 def _torch_full(name: str, module: Any, namespace: Mapping[str, Any]) -> ValuePlan:
     filename = f"{name}.pt"
-    modules, refs = scan(module, namespace)
+    modules, refs = scan(module, namespace, name)
 
     def save(folder: Path) -> None:
-        import torch
-
-        with notebook_definitions_in_model_module(namespace):
-            torch.save(module, folder / filename)
+        _saving(lambda: notebook_pickle.torch_save(module, folder / filename, namespace, saving=name))
 
     return ValuePlan(name, "torch.save (pickle)", filename,
                      [f'{name} = torch.load(_VALUES / "{filename}", weights_only=False)'],
@@ -273,7 +288,7 @@ def _torch_full(name: str, module: Any, namespace: Mapping[str, Any]) -> ValuePl
 
 
 def _sklearn(name: str, value: Any, namespace: Mapping[str, Any]) -> ValuePlan:
-    modules, refs = scan(value, namespace)
+    modules, refs = scan(value, namespace, name)
     # skops resolves classes by import path, so notebook classes go through (job)lib pickles instead.
     if refs or importlib.util.find_spec("skops") is None:
         return _pickle(name, value, namespace, library="joblib", scanned=(modules, refs))
@@ -298,7 +313,7 @@ def _sklearn(name: str, value: Any, namespace: Mapping[str, Any]) -> ValuePlan:
 
 def _pickle(name: str, value: Any, namespace: Mapping[str, Any], library: str = "pickle",
             scanned: Optional[tuple] = None) -> ValuePlan:
-    modules, refs = scanned or scan(value, namespace)
+    modules, refs = scanned or scan(value, namespace, name)
     if library == "joblib" and importlib.util.find_spec("joblib") is None:
         library = "pickle"
     if library == "joblib":
@@ -306,18 +321,14 @@ def _pickle(name: str, value: Any, namespace: Mapping[str, Any], library: str = 
         line = f'{name} = joblib.load(_VALUES / "{filename}")'
 
         def save(folder: Path) -> None:
-            import joblib
-
-            with notebook_definitions_in_model_module(namespace):
-                joblib.dump(value, folder / filename)
+            _saving(lambda: notebook_pickle.joblib_dump(value, folder / filename, namespace, saving=name))
 
         return ValuePlan(name, "joblib (pickle)", filename, [line], imports=["import joblib"],
                          modules=modules | {"joblib"}, notebook_refs=refs, runs_code_on_load=True, save=save)
     filename = f"{name}.pkl"
 
     def save_pickle(folder: Path) -> None:
-        with notebook_definitions_in_model_module(namespace):
-            data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        data = _saving(lambda: notebook_pickle.dumps(value, namespace, saving=name))
         (folder / filename).write_bytes(data)
 
     return ValuePlan(name, "pickle", filename, [f'{name} = pickle.loads((_VALUES / "{filename}").read_bytes())'],
@@ -327,77 +338,18 @@ def _pickle(name: str, value: Any, namespace: Mapping[str, Any], library: str = 
 
 # ---------------------------------------------------------------------- scanning and notebook classes
 
-class _Discard:
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-
-def scan(value: Any, namespace: Mapping[str, Any]) -> tuple[set[str], set[str]]:
+def scan(value: Any, namespace: Mapping[str, Any], name: str = "") -> tuple[set[str], set[str]]:
     """The top-level modules a pickle of ``value`` would import, and the notebook classes/functions it
-    names. Raises CannotSave naming what cannot be pickled (an open file, a lock, a generator ...)."""
-    modules: set[str] = set()
-    heavy = _heavy_types()
-
-    class Scanner(pickle.Pickler):
-        def reducer_override(self, obj: Any) -> Any:
-            kind = obj if isinstance(obj, type) else type(obj)
-            module = getattr(obj, "__module__", None) if isinstance(obj, (type, types.FunctionType)) else kind.__module__
-            if module:
-                modules.add(module.split(".")[0])
-            if isinstance(obj, heavy):
-                return (tuple, ())  # its data is not needed to find what it refers to
-            return NotImplemented
-
-    with notebook_definitions_in_model_module(namespace) as refs:
-        try:
-            Scanner(_Discard(), protocol=pickle.HIGHEST_PROTOCOL).dump(value)
-        except RecursionError:
-            raise CannotSave("it nests too deeply to be saved") from None
-        except Exception as exc:  # pickle raises TypeError, AttributeError, PicklingError ...
-            raise CannotSave(f"it cannot be pickled ({type(exc).__name__}: {exc})") from None
-    modules.discard("builtins")
-    modules.discard(MODEL_MODULE.split(".")[0])
-    return {m for m in modules if m not in sys.stdlib_module_names}, set(refs)
-
-
-def _heavy_types() -> tuple:
-    out: list[type] = []
-    np = sys.modules.get("numpy")
-    if np is not None:
-        out.append(np.ndarray)
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        out += [torch.Tensor, torch.UntypedStorage, torch.TypedStorage]
-    return tuple(out)
-
-
-@contextlib.contextmanager
-def notebook_definitions_in_model_module(namespace: Mapping[str, Any]) -> Iterator[set[str]]:
-    """While it lasts, classes and functions defined in the notebook (``__main__``) are members of
-    ``model.model``, so a pickle names them there. Yields the set of names pickling looked up."""
-    looked_up: set[str] = set()
-    own = {n: v for n, v in namespace.items()
-           if isinstance(v, (type, types.FunctionType)) and getattr(v, "__module__", None) == "__main__"
-           and getattr(v, "__qualname__", "").split(".")[0] == n}
-
-    class ModelModule(types.ModuleType):
-        def __getattr__(self, attr: str) -> Any:
-            if attr in own:
-                looked_up.add(attr)
-                return own[attr]
-            raise AttributeError(attr)
-
-    previous = sys.modules.get(MODEL_MODULE)
-    sys.modules[MODEL_MODULE] = ModelModule(MODEL_MODULE)
-    for obj in own.values():
-        obj.__module__ = MODEL_MODULE
+    names. Raises CannotSave naming what cannot be pickled (an open file, a lock, a class defined inside
+    a function ...)."""
     try:
-        yield looked_up
-    finally:
-        for obj in own.values():
-            obj.__module__ = "__main__"
-        if previous is None:
-            sys.modules.pop(MODEL_MODULE, None)
-        else:
-            sys.modules[MODEL_MODULE] = previous
+        return notebook_pickle.references(value, namespace, saving=name)
+    except notebook_pickle.CannotPickle as exc:
+        raise _cannot(exc) from None
 
+
+def _saving(action: Callable[[], Any]) -> Any:
+    try:
+        return action()
+    except notebook_pickle.CannotPickle as exc:
+        raise _cannot(exc) from None

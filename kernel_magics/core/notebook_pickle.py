@@ -1,0 +1,212 @@
+"""Pickles that name the notebook's own classes and functions as members of ``model.model``.
+
+A value saved from the kernel may hold an instance of a class defined in the notebook
+(a wrapper around a fitted vectorizer, a notebook ``nn.Module``, a dataclass), or a
+notebook function (a ``functools.partial``, a callback). In the kernel they live in
+``__main__``; in the deployment model.py defines them, imported by Truss as
+``model.model``. The pickles written here refer to them there, so nothing saved names
+``__main__``.
+
+The rule lives in the pickler, as cloudpickle keeps its rules (``reducer_override``):
+a notebook class or function is written as ``getattr(<model.model>, "Outer")`` (then
+``getattr(..., "Inner")`` for a nested class), with ``<model.model>`` written as
+``importlib.import_module("model.model")``. Nothing outside the pickler changes while it
+runs: no ``__module__`` is rewritten, ``sys.modules`` is untouched, so a model served from
+the kernel meanwhile sees the interpreter as it was. Loading needs only the standard
+library and the module model.py itself (Truss registers it in ``sys.modules`` before
+running it, and ``model`` is a package beside it).
+
+The same rule serves every library serializer: :func:`dumps` (pickle), :func:`joblib_dump`
+(joblib's own pickler subclass) and :func:`torch_save` (``torch.save``'s ``pickle_module``).
+:func:`references` runs it without writing anything, to learn which notebook names and
+which installed modules a value needs before it is saved.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import sys
+import types
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+__all__ = ["MODEL_MODULE", "CannotPickle", "NotebookReferenceError", "dumps", "joblib_dump", "torch_save", "references"]
+
+MODEL_MODULE = "model.model"  # what model.py is imported as, by Truss and by us
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+class NotebookReferenceError(pickle.PicklingError):
+    """A notebook class or function inside the value has no name model.py can define."""
+
+
+class _ModelModule:
+    """Stands for ``model.model`` inside a pickle (written as ``importlib.import_module("model.model")``)."""
+
+
+class _Rule:
+    """How notebook classes and functions are written; shared by every pickler of one save."""
+
+    def __init__(self, namespace: Mapping[str, Any], saving: str = "") -> None:
+        self.namespace = namespace
+        self.notebook = namespace.get("__name__", "__main__")
+        self.saving = saving  # the name whose value is being saved: it cannot refer to itself
+        self.module = _ModelModule()
+        self.used: set[str] = set()  # top-level notebook names the pickle refers to
+
+    def reduce(self, obj: Any) -> Any:
+        if obj is self.module:
+            return importlib.import_module, (MODEL_MODULE,)
+        if not isinstance(obj, (type, types.FunctionType)) or getattr(obj, "__module__", None) != self.notebook:
+            return NotImplemented
+        parent, attr = self._where(obj)
+        return getattr, (parent, attr)
+
+    def _where(self, obj: Any) -> tuple[Any, str]:
+        """(the object that holds ``obj`` in model.py, its attribute name)."""
+        qualname = getattr(obj, "__qualname__", obj.__name__)
+        parts = qualname.split(".")
+        kind = "class" if isinstance(obj, type) else "function"
+        if "<locals>" not in parts and "<lambda>" not in parts:
+            found, holder = self.namespace.get(parts[0], _MISSING), self.module
+            for part in parts[1:]:
+                holder, found = found, getattr(found, part, _MISSING)
+            # A class defined again since the value was made resolves to the definition model.py holds
+            # (the notebook's latest); the export's replay is the judge of whether it still behaves the same.
+            if found is not _MISSING and isinstance(found, type) == isinstance(obj, type) and parts[0] != self.saving:
+                self.used.add(parts[0])
+                return holder, parts[-1]
+        # A function or class made inside a function (or a lambda) can still be reached through a
+        # top-level name bound to it.
+        bound = sorted(n for n, v in self.namespace.items() if v is obj and not n.startswith("_"))
+        bound = [n for n in bound if n != self.saving]
+        if bound:
+            self.used.add(bound[0])
+            return self.module, bound[0]
+        if "<locals>" in parts:
+            where = ".".join(parts[:parts.index("<locals>")])
+            raise NotebookReferenceError(
+                f"it holds the {kind} `{parts[-1]}`, which the notebook defines inside `{where}`, and a saved "
+                "file can only refer to classes and functions defined at the top level of a cell")
+        if "<lambda>" in parts:
+            raise NotebookReferenceError(
+                "it holds a lambda from the notebook that no top-level name is bound to, and a saved file can only "
+                "refer to functions defined at the top level of a cell")
+        raise NotebookReferenceError(
+            f"it holds the {kind} `{qualname}` from the notebook, which no longer has that name at the top level "
+            "(deleted or renamed since the value was made), so model.py cannot define it")
+
+
+_MISSING = object()
+
+
+def _pickler_class(base: type, rule: _Rule) -> type:
+    """``base`` with the notebook rule as its ``reducer_override`` (a class per save, nothing global)."""
+    return type(f"Notebook{base.__name__.lstrip('_')}", (base,),
+                {"reducer_override": lambda self, obj: rule.reduce(obj)})
+
+
+class CannotPickle(Exception):
+    """Saving failed; ``reason`` completes "the value cannot be saved because ...", ``notebook_code`` tells
+    whether the cause is a notebook definition (else the object itself: a lock, an open file ...)."""
+
+    def __init__(self, reason: str, notebook_code: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.notebook_code = notebook_code
+
+
+def _guarded(action: Any) -> Any:
+    try:
+        return action()
+    except RecursionError:
+        raise CannotPickle("it nests too deeply to be saved", False) from None
+    except NotebookReferenceError as exc:
+        raise CannotPickle(str(exc), True) from None
+    except Exception as exc:  # pickle raises TypeError, AttributeError, PicklingError ...
+        raise CannotPickle(f"it cannot be pickled ({type(exc).__name__}: {exc})", False) from None
+
+
+# ---------------------------------------------------------------------- the serializers
+
+def dumps(value: Any, namespace: Mapping[str, Any], *, saving: str = "") -> bytes:
+    """``pickle.dumps(value)``, with notebook classes and functions named in ``model.model``."""
+    import io
+
+    buffer = io.BytesIO()
+    _guarded(lambda: _pickler_class(pickle.Pickler, _Rule(namespace, saving))(buffer, PROTOCOL).dump(value))
+    return buffer.getvalue()
+
+
+def joblib_dump(value: Any, path: Path, namespace: Mapping[str, Any], *, saving: str = "") -> None:
+    """What ``joblib.dump(value, path)`` writes (arrays stored raw, uncompressed), through the same rule."""
+    from joblib.numpy_pickle import NumpyPickler
+
+    pickler = _pickler_class(NumpyPickler, _Rule(namespace, saving))
+
+    def dump() -> None:
+        with open(path, "wb") as file:
+            pickler(file).dump(value)
+
+    _guarded(dump)
+
+
+def torch_save(value: Any, path: Path, namespace: Mapping[str, Any], *, saving: str = "") -> None:
+    """``torch.save(value, path)`` with a pickle module whose Pickler follows the same rule
+    (torch subclasses it for its tensor storages)."""
+    import torch
+
+    module = types.ModuleType("kernel_magics_pickle")
+    module.Pickler = _pickler_class(pickle.Pickler, _Rule(namespace, saving))
+    module.Unpickler, module.load, module.loads = pickle.Unpickler, pickle.load, pickle.loads
+    module.dump = lambda obj, file, protocol=None: module.Pickler(file, protocol).dump(obj)
+    _guarded(lambda: torch.save(value, path, pickle_module=module))
+
+
+# ---------------------------------------------------------------------- what a value needs
+
+class _Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def _heavy_types() -> tuple:
+    out: list[type] = []
+    np = sys.modules.get("numpy")
+    if np is not None:
+        out.append(np.ndarray)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        out += [torch.Tensor, torch.UntypedStorage, torch.TypedStorage]
+    return tuple(out)
+
+
+def references(value: Any, namespace: Mapping[str, Any], *, saving: str = "") -> tuple[set[str], set[str]]:
+    """``(modules, notebook names)``: the top-level installed modules loading a pickle of ``value`` imports,
+    and the notebook's top-level names it refers to (model.py must define them before loading it).
+
+    Nothing is written: array and tensor data is skipped. Raises CannotPickle saying why the value
+    cannot be saved.
+    """
+    rule = _Rule(namespace, saving)
+    modules: set[str] = set()
+    heavy = _heavy_types()
+
+    def reduce(self: Any, obj: Any) -> Any:
+        found = rule.reduce(obj)
+        if found is not NotImplemented or obj is rule.module:
+            return found
+        module: Optional[str] = (getattr(obj, "__module__", None)
+                                 if isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType))
+                                 else type(obj).__module__)
+        if module:
+            modules.add(module.split(".")[0])
+        if isinstance(obj, heavy):
+            return tuple, ()  # its data is not needed to find what it refers to
+        return NotImplemented
+
+    scanner = type("NotebookScanner", (pickle.Pickler,), {"reducer_override": reduce})
+    _guarded(lambda: scanner(_Discard(), PROTOCOL).dump(value))
+    modules -= {"builtins", rule.notebook, MODEL_MODULE.split(".")[0]}
+    return {m for m in modules if m not in sys.stdlib_module_names}, rule.used

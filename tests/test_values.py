@@ -1,0 +1,273 @@
+"""The value path without a kernel: plan -> save -> import the generated model.py in a fresh Python.
+
+Cells run here in one namespace whose ``__name__`` is ``__main__``, as a kernel runs them, so classes
+and functions they define belong to ``__main__`` as in a notebook. ``build_model_source`` plans how
+each name travels, every plan saves its file, and a subprocess imports model.py through ``TrussDir``
+(as the servers do) and evaluates the same probes as the live namespace: the answers must be equal.
+Each saved file is then checked for ``__main__``.
+"""
+
+import io
+import json
+import pickletools
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from kernel_magics.core import notebook_pickle
+from kernel_magics.core.source import MaterializeError, build_model_source, python_of_cell
+from kernel_magics.core.values import VALUES_DIR
+
+_IMPORT = textwrap.dedent("""\
+    import json, sys
+    from kernel_magics.core.truss_dir import TrussDir
+    root, probes = sys.argv[1], json.loads(sys.argv[2])
+    module = sys.modules[TrussDir.open(root).import_model_class().__module__]
+    print(json.dumps({name: eval(expr, vars(module)) for name, expr in probes.items()}))
+""")
+
+
+def run_cells(cells: list[str]) -> dict:
+    """The cells' Python run in order in one namespace, as a kernel runs them (``__main__``)."""
+    namespace = {"__name__": "__main__"}
+    for i, cell in enumerate(cells):
+        exec(compile(python_of_cell(cell), f"<cell {i + 1}>", "exec"), namespace)
+    return namespace
+
+
+def ship(root: Path, cells: list[str], probes: dict[str, str]):
+    """Plan and save every value, then evaluate ``probes`` live and in a fresh Python that imports model.py.
+    Returns (live answers, exported answers, the ModelSource)."""
+    live = run_cells(cells)
+    source = build_model_source(cells, "Model", "nb.ipynb", live=live)
+    (root / "model").mkdir(parents=True)
+    (root / "model" / "__init__.py").write_text("")
+    (root / "model" / "model.py").write_text(source.text)
+    (root / "config.yaml").write_text("model_name: values\n")
+    folder = root / "data" / VALUES_DIR
+    folder.mkdir(parents=True)
+    for plan in source.values:
+        if plan.save is not None:
+            plan.save(folder)
+    # Probed after saving, as the export saves first: a generator's draws continue from the saved state.
+    expected = {name: eval(expr, live) for name, expr in probes.items()}
+    done = subprocess.run([sys.executable, "-I", "-c", _IMPORT, str(root), json.dumps(probes)],
+                          capture_output=True, text=True, cwd=root.parent, timeout=300)
+    assert done.returncode == 0, f"{source.text}\n{done.stderr}"
+    return json.loads(json.dumps(expected)), json.loads(done.stdout.strip().splitlines()[-1]), source
+
+
+def saved_files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((root / "data" / VALUES_DIR).iterdir())}
+
+
+def pickle_streams(name: str, data: bytes) -> list[bytes]:
+    """The pickle streams inside a saved file (a torch save is a zip holding one)."""
+    if name.endswith(".pt"):
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+    return [data] if name.endswith(".pkl") else []
+
+
+def assert_no_main(root: Path) -> None:
+    """No saved file (nor model.py) refers to __main__, whatever its format."""
+    assert "__main__" not in (root / "model" / "model.py").read_text()
+    for name, data in saved_files(root).items():
+        assert b"__main__" not in data, name
+        for stream in pickle_streams(name, data):
+            ops = [(op.name, arg) for op, arg, _ in pickletools.genops(stream)]
+            assert all("__main__" not in str(arg) for _, arg in ops), name
+
+
+# ---------------------------------------------------------------------- every format, one export
+
+FORMATS = [
+    "import functools, dataclasses\nimport numpy as np\nimport torch\nfrom torch import nn\n"
+    "from sklearn.datasets import load_iris\nfrom sklearn.linear_model import LogisticRegression\n"
+    "from sklearn.pipeline import make_pipeline\nfrom sklearn.preprocessing import StandardScaler\n"
+    "from sklearn.base import BaseEstimator, TransformerMixin\n"
+    "from tokenizers import Tokenizer, models, pre_tokenizers, trainers",
+    # literal, changed after its assignment; a literal too long for model.py
+    "LABELS = ['setosa', 'versicolor']\nLABELS.append('virginica')\nWORDS = ['w%d' % i for i in range(500)]\n"
+    "WORDS.append('last')",
+    # .npy, a large one
+    "big = np.arange(2 ** 22, dtype=np.float32)\nbig[7] = -1.0",
+    # safetensors: a tensor and a state dict
+    "torch.manual_seed(0)\nshift = torch.randn(4)\nshift.mul_(3)\nstate = {'w': torch.randn(2, 4), 'b': torch.zeros(2)}\n"
+    "state['b'].add_(1)",
+    # a torch module rebuilt from source, weights from safetensors
+    "torch.manual_seed(1)\nlin = nn.Linear(4, 2)\nwith torch.no_grad():\n    lin.weight.mul_(2.0)\nlin.eval()",
+    # a notebook nn.Module with a nested class, through torch's full save (its structure changed)
+    "class Net(nn.Module):\n    class Scale(nn.Module):\n        def forward(self, x):\n            return x * 3\n"
+    "    def __init__(self):\n        super().__init__()\n        self.body = nn.Linear(4, 3)\n"
+    "        self.scale = Net.Scale()\n    def forward(self, x):\n        return self.scale(self.body(x))",
+    "torch.manual_seed(2)\nnet = Net()\nnet.head = nn.Linear(3, 1)",
+    # a tokenizer's own JSON
+    "tok = Tokenizer(models.WordLevel(unk_token='[UNK]'))\ntok.pre_tokenizer = pre_tokenizers.Whitespace()\n"
+    "tok.train_from_iterator(['hello world', 'hello there'], trainers.WordLevelTrainer(special_tokens=['[UNK]']))",
+    # skops: a fitted pipeline of library classes only
+    "X, y = load_iris(return_X_y=True)\npipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300))\n"
+    "pipe.fit(X, y)",
+    # joblib: a pipeline holding a notebook transformer
+    "class Clip(BaseEstimator, TransformerMixin):\n    def fit(self, X, y=None):\n        self.top_ = X.max()\n"
+    "        return self\n    def transform(self, X):\n        return np.minimum(X, self.top_ / 2)",
+    "clipped = make_pipeline(Clip(), LogisticRegression(max_iter=300))\nclipped.fit(X, y)",
+    # pickle: a dict of dataclass instances, a partial of a notebook function, a nested class instance
+    "@dataclasses.dataclass\nclass Point:\n    x: float\n    y: float\n\ndef scale(p, k=1.0):\n    return p.x * k + p.y\n\n"
+    "class Outer:\n    class Inner:\n        def __init__(self, v):\n            self.v = v",
+    "points = {'a': Point(1.0, 2.0)}\npoints['b'] = Point(3.0, 4.0)\nscaler = functools.partial(scale, k=3.0)\n"
+    "scaler.keywords['k'] = 4.0\nnested = {'inner': Outer.Inner(7)}\nnested['more'] = Outer.Inner(8)",
+    # random generators, consumed in the notebook: their state travels
+    "rng = np.random.default_rng(0)\nrng.random(5)\ngen = torch.Generator()\ngen.manual_seed(5)\n"
+    "torch.rand(3, generator=gen)",
+    "%%model\nclass Model:\n    def predict(self, model_input):\n"
+    "        return [LABELS, WORDS, big, shift, state, lin, net, tok, pipe, clipped, points, scaler, nested, rng, gen]",
+]
+
+PROBES = {
+    "literal": "LABELS",
+    "literal file": "WORDS[-3:]",
+    "npy": "[str(big.dtype), big.shape[0], float(big[7]), float(big.sum())]",
+    "tensor": "shift.tolist()",
+    "state dict": "{k: v.tolist() for k, v in state.items()}",
+    "rebuilt module": "[lin(torch.ones(1, 4)).tolist(), lin.training]",
+    "full module": "[net.head(net(torch.ones(1, 4))).tolist(), type(net.scale).__qualname__, type(net).__module__]",
+    "tokenizer": "tok.encode('hello there world').ids",
+    "skops": "pipe.predict_proba([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]).tolist()",
+    "joblib": "[clipped.predict_proba([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]).tolist(), type(clipped.steps[0][1]).__module__]",
+    "dataclasses": "{k: [p.x, p.y, type(p).__module__] for k, p in points.items()}",
+    "partial": "[scaler(Point(1.0, 2.0)), scaler.func is scale]",
+    "nested class": "[nested['inner'].v, nested['more'].v, type(nested['inner']) is Outer.Inner]",
+    "numpy generator": "rng.random(3).tolist()",
+    "torch generator": "torch.rand(3, generator=gen).tolist()",
+}
+
+
+def test_every_format_saves_and_loads_as_the_notebook_has_it(tmp_path):
+    for module in ("torch", "sklearn", "skops", "tokenizers", "joblib", "safetensors"):
+        pytest.importorskip(module)
+    root = tmp_path / "out"
+    expected, got, source = ship(root, FORMATS, PROBES)
+    # Nothing refers to __main__ in the live namespace answers either: there the module is __main__.
+    for key in ("full module", "joblib"):
+        assert expected[key][-1] == "__main__" and got[key][-1] == "model.model"
+        expected[key][-1] = got[key][-1]
+    expected["dataclasses"] = {k: [x, y, "model.model"] for k, (x, y, _) in expected["dataclasses"].items()}
+    assert got == expected
+    formats = {p.name: p.format for p in source.values}
+    assert formats == {
+        "LABELS": "literal", "WORDS": "literal file", "big": "npy", "shift": "safetensors", "state": "safetensors",
+        "lin": "safetensors (weights; the module is rebuilt from its source)", "net": "torch.save (pickle)",
+        "tok": "tokenizers JSON", "pipe": "skops", "clipped": "joblib (pickle)", "points": "pickle",
+        "scaler": "pickle", "nested": "pickle", "rng": "pickle", "gen": "pickle"}, formats
+    files = saved_files(root)
+    assert files["big.npy"][-4:] and len(files["big.npy"]) > 4 * 2 ** 22  # the large array, raw
+    assert_no_main(root)
+    for name in ("net.pt", "clipped.joblib", "points.pkl", "scaler.pkl", "nested.pkl"):
+        assert b"model.model" in files[name], name  # notebook code is named where model.py defines it
+
+
+# ---------------------------------------------------------------------- identity
+
+def test_one_object_under_two_names_is_saved_once_and_loads_as_one_object(tmp_path):
+    pytest.importorskip("numpy")
+    cells = [
+        "import numpy as np",
+        "weights = np.linspace(0, 1, 5)\nalso = weights\nalso *= 2",
+        "calls = []\ndef train():\n    calls.append(1)\n    return np.ones(3) * 4, 'v' + str(len(calls))",
+        "w, tag = train()",
+        "shared = [1, 2]\nother = shared\nother.append(3)",
+        "%%model\nclass Model:\n    def predict(self, model_input):\n        return [weights, also, w, tag, shared, other]",
+    ]
+    probes = {"same array": "also is weights", "array": "also.tolist()", "w": "w.tolist()", "tag": "tag",
+              "same list": "other is shared", "list": "other"}
+    expected, got, source = ship(tmp_path / "out", cells, probes)
+    assert got == expected and got["same array"] is True and got["same list"] is True
+    assert sorted(saved_files(tmp_path / "out")) == ["w.npy", "weights.npy"]  # one file for weights/also
+    text = source.text
+    assert "also = weights" in text and "other = shared" in text
+    # `w, tag = train()`: both travel as values, so the statement (and train) is not in model.py.
+    assert "train" not in text and "calls" not in text
+    why = source.why()
+    assert "the same object as `weights`" in why and "the same object as `shared`" in why
+
+
+def test_a_statement_is_kept_for_the_name_that_travels_as_source(tmp_path):
+    pytest.importorskip("numpy")
+    cells = ["import numpy as np", "arr, label = np.zeros(2), 'kept'\narr += 1",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return [arr, label]"]
+    expected, got, source = ship(tmp_path / "out", cells, {"arr": "arr.tolist()", "label": "label"})
+    assert got == expected == {"arr": [1.0, 1.0], "label": "kept"}
+    assert "arr, label = np.zeros(2), 'kept'" in source.text  # label needs it; arr's loader follows it
+
+
+# ---------------------------------------------------------------------- the pickler's rule
+
+def test_notebook_code_is_named_in_model_model_without_touching_the_interpreter():
+    """What another thread (a model served from the kernel) sees while a value is saved: nothing changed."""
+    namespace = run_cells([
+        "import functools, sys\nclass Outer:\n    class Inner:\n        pass\n"
+        "def f(x):\n    return x\nseen = []\n"
+        "class Spy:\n    def __reduce__(self):\n"
+        "        seen.append((Outer.__module__, Outer.Inner.__module__, sys.modules.get('model.model'),"
+        " sys.modules.get('model')))\n        return (list, ())",
+        "value = [Outer.Inner(), functools.partial(f, 1), Outer, Spy()]"])
+    before = ("__main__", "__main__", sys.modules.get("model.model"), sys.modules.get("model"))
+    data = notebook_pickle.dumps(namespace["value"], namespace)
+    assert namespace["seen"] == [before]
+    assert b"__main__" not in data and b"model.model" in data and b"Inner" in data
+    assert notebook_pickle.references(namespace["value"], namespace)[1] == {"Outer", "f"}  # Spy reduces to a list
+
+
+@pytest.mark.parametrize("cells, name, fragments", [
+    (["def make():\n    class Local:\n        pass\n    return Local()", "thing = make()"], "thing",
+     ["the class `Local`, which the notebook defines inside `make`", "top level of a cell",
+      "Move that definition to the top level"]),
+    (["class Gone:\n    pass", "thing = [Gone()]\nthing.append(1)", "del Gone"], "thing",
+     ["the class `Gone` from the notebook, which no longer has that name at the top level"]),
+    (["import threading", "thing = [threading.Lock()]\nthing.append(1)"], "thing",
+     ["cannot be pickled (TypeError: cannot pickle '_thread.lock' object)", "inside `load()`"]),
+])
+def test_an_unsaveable_value_names_the_real_cause(cells, name, fragments):
+    cells = [*cells, f"%%model\nclass Model:\n    def predict(self, model_input):\n        return {name}"]
+    with pytest.raises(MaterializeError) as caught:
+        build_model_source(cells, "Model", live=run_cells(cells))
+    message = str(caught.value)
+    assert f"`{name}`" in message and "model.model" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    if "Lock" not in cells[1]:
+        assert "open files, connections and locks" not in message  # not the cause here
+
+
+def test_a_class_redefined_after_its_instance_was_made_loads_after_its_definition(tmp_path):
+    cells = ["class Box:\n    def __init__(self, v):\n        self.v = v\n    def get(self):\n        return self.v",
+             "box = {'b': Box(4)}\nbox['c'] = Box(5)",
+             "class Box:\n    def __init__(self, v):\n        self.v = v\n    def get(self):\n        return self.v",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return box['b'].get()"]
+    expected, got, source = ship(tmp_path / "out", cells, {"v": "[box['b'].get(), box['c'].get()]"})
+    assert got == expected == {"v": [4, 5]}
+    assert source.text.index("class Box") < source.text.index("box = pickle.loads")
+
+
+def test_the_model_package_is_importable_as_in_truss(tmp_path):
+    """A pickle naming `model.model` by an ordinary global (the way other tools write it) loads too: the
+    Truss root is on the path, so `model` is the package beside model.py, as in Truss's image."""
+    root = tmp_path / "out"
+    (root / "model").mkdir(parents=True)
+    (root / "model" / "__init__.py").write_text("")
+    (root / "model" / "model.py").write_text("class Thing:\n    pass\n\nclass Model:\n    def predict(self, x):\n"
+                                            "        return x\n")
+    (root / "config.yaml").write_text("model_name: t\n")
+    data = b"cmodel.model\nThing\n."  # GLOBAL "model.model Thing", as pickle writes a class of model.py
+    script = ("import pickle, sys\nfrom kernel_magics.core.truss_dir import TrussDir\n"
+              "TrussDir.open(sys.argv[1]).import_model_class()\n"
+              f"print(pickle.loads({data!r}).__module__, sys.modules['model'].__path__[0])")
+    done = subprocess.run([sys.executable, "-I", "-c", script, str(root)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["model.model", str(root / "model")]
