@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-replay", action="store_true",
                         help="Skip replaying the predictions saved in the notebook against the export.")
 
+    export.add_argument("--execute", action="store_true",
+                        help="Run the notebook first, headlessly, in a fresh kernel of this Python environment "
+                             "(the file is not changed), and export from that kernel with every check %%model_export "
+                             "makes. Without it, only what is certain to rebuild from the file, or what the "
+                             "predictions saved in the notebook prove, is exported.")
     serve = sub.add_parser("serve", help="Serve a Truss directory over Truss's HTTP API (FastAPI + uvicorn).")
     serve.add_argument("dir", type=Path, help="An exported (or any) Truss directory.")
     serve.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1: this machine only).")
@@ -73,9 +78,21 @@ def _export(args: argparse.Namespace) -> int:
     base = args.notebook.resolve().parent
     # The notebook's own predictions are the results it saved: the export must answer them too.
     record = notebook.recorded_predictions()
-    materialized = materialize(notebook.cells, config, base, args.notebook.name, record=record)
+    if args.execute:
+        return _export_by_running(args)
+    materialized = materialize(notebook.cells, config, base, args.notebook.name, record=record,
+                               replay=not args.no_replay)
+    unproven = materialized.source.unproven
+
+    def explain(index: int) -> Optional[str]:
+        if not unproven:
+            return None
+        return (f"{', '.join(f'`{n}`' for n in unproven)} {'is' if len(unproven) == 1 else 'are'} re-run from the "
+                "notebook's source, which the file alone cannot prove gives the value the notebook had; run "
+                "`kernel-magics export` with --execute to export from a kernel that ran the notebook")
+
     result = export_model(args.out, materialized, base_dir=base, data=args.data, force=args.force,
-                          protected=[args.notebook.resolve()], replay=not args.no_replay)
+                          protected=[args.notebook.resolve()], replay=not args.no_replay, explain_mismatch=explain)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(result.tree())
@@ -85,6 +102,17 @@ def _export(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from .core.truss_dir import TrussDir, validate
+
+def _export_by_running(args: argparse.Namespace) -> int:
+    if _missing_extra(("nbclient",), "execute", "kernel-magics export --execute"):
+        return 1
+    from .core.headless import export_by_running
+
+    printed = export_by_running(args.notebook, args.out, force=args.force, data=args.data,
+                                replay=not args.no_replay, progress=lambda line: print(line, flush=True))
+    print(printed, end="" if printed.endswith("\n") else "\n")
+    return 0
+
 
     truss = TrussDir.open(args.dir)
     for warning in truss.warnings:

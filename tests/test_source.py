@@ -117,7 +117,13 @@ def test_closure_fixes_optional_imports_conditional_constants_dataclass_instance
         "SETTINGS = Settings(lr=0.1, layers=2)",
         "%%model\nclass Model:\n    def predict(self, x):\n        return fastjson.dumps([MODE, SETTINGS.layers])",
     ]
-    text = build_model_source(cells, "Model").text
+    # Without outputs, the file alone cannot prove what the environment gave the notebook.
+    with pytest.raises(MaterializeError, match=r"`MODE`.*re-running `os.environ.get\('KM_FAST'\)` \(cell 2, line 2\).*--execute"):
+        build_model_source(cells, "Model")
+    # With recorded predictions to replay, the replay proves it (or refuses the export).
+    source = build_model_source(cells, "Model", replay_proves=True)
+    assert source.unproven == ["MODE"]  # SETTINGS: a plain dataclass of literals is certain to rebuild
+    text = source.text
     for wanted in ("try:\n    import ujson as fastjson", "if os.environ.get('KM_FAST'):", "class Settings:",
                    "SETTINGS = Settings(lr=0.1, layers=2)", "import os", "from dataclasses import dataclass"):
         assert wanted in text, wanted

@@ -142,6 +142,43 @@ def test_stop_button_ends_the_stream_while_the_cell_runs(wkernel, is_async):
     assert wkernel.ok("_").result == "'ok'"
 
 
+def no_error(k: Kernel, code: str, **kw):
+    """Execute and check the cell's own outputs hold no error (read from iopub, which names the cell)."""
+    ex = k.execute(code, **kw)
+    assert ex.error is None and "UsageError" not in ex.stderr, f"cell failed:\n{code}\n{ex.error_text}{ex.stderr}"
+    return ex
+
+
+def test_a_stopped_or_failed_stream_is_not_recorded_and_exports_still_replay(wkernel):
+    define(wkernel, """
+        class Model:
+            def predict(self, model_input):
+                for i in range(model_input["n"]):
+                    if model_input.get("fail") and i == 2:
+                        raise ValueError("broke mid-stream")
+                    yield f"{i};"
+                    time.sleep(0.02)
+    """)
+    no_error(wkernel, '%model_predict {"n": 3}')
+    assert wkernel.execute('%model_predict {"n": 5, "fail": true}').error["ename"] == "ValueError"
+    sent = []
+
+    def click_stop_on_first_delta(msg):
+        data = msg["content"].get("data", {}) if msg["msg_type"] == "comm_msg" else {}
+        if not sent and data.get("method") == "custom" and data["content"].get("type") == "delta":
+            send_custom(wkernel, msg["content"]["comm_id"], {"type": "stop"})
+            sent.append(True)
+
+    ex = no_error(wkernel, '%model_predict {"n": 400}', on_message=click_stop_on_first_delta, timeout=60)
+    _, updates = stream_messages(ex)
+    assert sent and [u["state"] for u in updates if "state" in u][-1] == "stopped"
+    recorded = no_error(wkernel, "[r.input for r in get_ipython().magics_manager.registry['ModelMagics'].record]")
+    assert recorded.result == "[{'n': 3}]"
+    # Recorded, the partial answer would make every later export refuse (the replay runs the stream to its end).
+    ex = no_error(wkernel, "%model_export ./stopped-truss")
+    assert "Replayed 1 recorded prediction" in ex.stdout
+
+
 # ---------------------------------------------------------------- errors and interrupts keep the partial output
 
 def test_error_mid_stream_keeps_partial_output_and_the_kernel(wkernel):
@@ -184,6 +221,7 @@ def test_interrupt_during_a_stream(tmp_path):
         ex = k.execute("%model_predict {}", on_message=interrupt_once_streaming, timeout=60)
         assert interrupted and ex.status == "error" and ex.error["ename"] == "KeyboardInterrupt"
         assert "0;" in ex.stdout and "[interrupted:" in ex.stdout  # the partial output stays in the cell
+        assert k.ok("len(get_ipython().magics_manager.registry['ModelMagics'].record)").result == "0"
         k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return 'still works'\n")
         assert k.ok("%model_predict {}").result == "'still works'"
     finally:

@@ -33,6 +33,7 @@ from .errors import KernelMagicsError
 from .replay import PredictionRecord
 from .source import MaterializeError, ModelSource, build_model_source, is_stdlib
 from .values import VALUES_DIR
+from .verification import Verification
 
 __all__ = [
     "ExportError", "ExportResult", "Materialized", "materialize", "materialize_config", "pin_requirements",
@@ -56,6 +57,9 @@ class Materialized:
     local_modules: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     record: Optional[PredictionRecord] = None  # the notebook's predictions, to replay
+    live: Optional[dict] = None  # the kernel's namespace: the values the fresh process is verified against
+    # Builds this again with more names travelling as values (name -> why): see verification.py.
+    rebuild: Optional[Any] = field(default=None, repr=False)
 
 
 @dataclass
@@ -66,6 +70,7 @@ class ExportResult:
     replayed: int = 0
     replay_note: str = ""
     timings: dict[str, float] = field(default_factory=dict)  # seconds: capture, check (incl. replay)
+    source: Optional[ModelSource] = None  # model.py as exported (verification may have changed it)
 
     def tree(self) -> str:
         """The files with their sizes, under the target as seen from here (relative when below)."""
@@ -196,19 +201,33 @@ def _local_module(base_dir: Path, module: str) -> Optional[Path]:
 
 
 def materialize(cells: Sequence[str], config: ModelConfig, base_dir: Path, notebook: str, *,
-                live: Optional[dict] = None, record: Optional[PredictionRecord] = None) -> Materialized:
+                live: Optional[dict] = None, record: Optional[PredictionRecord] = None,
+                as_values: Optional[dict] = None, replay: bool = True) -> Materialized:
     """Build model.py and config.yaml in memory from the cells (no files written).
 
     ``live`` is the kernel's namespace (values that cannot be rebuilt travel as files);
-    ``record`` the notebook's predictions, replayed against the export.
+    ``record`` the notebook's predictions, replayed against the export (unless not ``replay``); ``as_values``
+    names that must travel as values (name -> why), which the verification found different
+    (without it, what earlier verifications of the same kernel found and still holds).
     """
-    source = build_model_source(cells, config.model_class_name, notebook, live)
+    from .verification import remembered
+
+    if as_values is None:
+        as_values = remembered(live)
+    replay_proves = live is None and replay and record is not None and len(record) > 0
+    source = build_model_source(cells, config.model_class_name, notebook, live, as_values=as_values,
+                                local=lambda m: _local_module(base_dir, m) is not None, replay_proves=replay_proves)
     tops = list(dict.fromkeys(m.split(".")[0] for m in source.modules))
     local = {m: p for m in tops if (p := _local_module(base_dir, m)) is not None}
     requirements, warnings = pin_requirements(config.requirements, source.modules, local)
     example = record.first_input if record is not None and len(record) else None
+
+    def rebuild(more: dict) -> Materialized:
+        return materialize(cells, config, base_dir, notebook, live=live, record=record,
+                           as_values={**as_values, **more}, replay=replay)
+
     return Materialized(source, config, materialize_config(config, requirements, example),
-                        sorted(local.values()), warnings, record)
+                        sorted(local.values()), warnings, record, live, rebuild)
 
 
 # ------------------------------------------------------------------ where an export may go
@@ -327,7 +346,9 @@ def export_model(
         result.timings["capture"] = time.perf_counter() - started
         record = materialized.record if replay else None
         started = time.perf_counter()
-        result.replayed, stages = _check(build, record, secrets, python, explain_mismatch)
+        verification = Verification(materialized, lambda m: _rewrite(build, m, data_sources, secret_values))
+        result.replayed, stages = _check(build, record, secrets, python, explain_mismatch, verification)
+        result.source = verification.materialized.source
         result.timings["check"] = time.perf_counter() - started
         result.timings.update(stages)
         result.replay_note = _replay_note(materialized.record, replay, result.replayed)
@@ -376,20 +397,41 @@ def _save_values(build: Path, materialized: Materialized, secret_values: Iterabl
                               "a notebook variable the model uses.")
 
 
-def _check(build: Path, record: Optional[PredictionRecord], secrets: Optional[dict], python: str,
-           explain_mismatch: Any) -> tuple[int, dict]:
-    """The fresh-process check; with recorded predictions, load and replay each.
-    Returns how many were replayed and the child's seconds per stage."""
-    from .truss_dir import TrussDir, explain_check_failure
+def _rewrite(build: Path, materialized: Materialized, data_sources: Sequence[Path], secret_values: Any) -> None:
+    """Write the build again from scratch for a new plan (the verification moved names to values)."""
+    for child in list(build.iterdir()):
+        if child.is_dir() and not child.is_symlink():
+            _remove_tree(child)
+        else:
+            child.unlink()
+    _write(build, materialized, data_sources)
+    _save_values(build, materialized, secret_values)
 
-    truss = TrussDir.open(build)
+
+def _check(build: Path, record: Optional[PredictionRecord], secrets: Optional[dict], python: str,
+           explain_mismatch: Any, verification: "Verification") -> tuple[int, dict]:
+    """The fresh-process check; with recorded predictions, load and replay each. Names re-run from
+    source are verified against the kernel's live values on the way (see verification.py).
+    Returns how many were replayed and the child's seconds per stage."""
+    from .truss_dir import explain_check_failure
+
     replay = [r.as_dict() for r in record] if record is not None else []
-    report = truss.check_in_fresh_process(load=bool(replay), replay=replay, secrets=secrets, python=python)
+    report, truss = verification.run(lambda fingerprint: _run_fresh(build, replay, secrets, python, fingerprint))
     if report.error:
         raise ExportError(explain_check_failure(report, truss, during="export"))
+    measured = verification.measured_cause(report)
     for item in report.mismatches:
-        raise ExportError(_mismatch_message(record, item, explain_mismatch))
+        explain = (lambda index: measured) if measured else explain_mismatch
+        raise ExportError(_mismatch_message(record, item, explain))
     return len(replay), report.stages
+
+
+def _run_fresh(build: Path, replay: list, secrets: Optional[dict], python: str, fingerprint: Sequence[str]):
+    from .truss_dir import TrussDir
+
+    truss = TrussDir.open(build)
+    return truss.check_in_fresh_process(load=bool(replay), replay=replay, secrets=secrets, python=python,
+                                        fingerprint=fingerprint), truss
 
 
 def _replay_note(record: Optional[PredictionRecord], replay: bool, replayed: int) -> str:

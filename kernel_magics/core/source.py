@@ -30,7 +30,7 @@ import re
 import symtable
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from .errors import KernelMagicsError
 
@@ -50,6 +50,22 @@ _READERS = frozenset({
     "list", "tuple", "dict", "set", "frozenset", "enumerate", "zip", "range", "min", "max", "sum", "any", "all",
     "hash", "format", "display", "iter", "reversed", "abs", "round", "getattr", "hasattr", "vars", "dir",
     "callable", "bytes", "divmod", "pow", "chr", "ord", "hex", "bin", "oct", "ascii",
+})
+# Method and function names that only read what they are called on or given (`x.mean()`, `d.items()`,
+# `t.numpy()`, `np.mean(x)`): they never count as changing it, whatever its type. A name missing here
+# counts as a possible change; with a kernel the fresh-process verification is the judge anyway.
+_READ_ONLY = frozenset({
+    "mean", "sum", "std", "var", "median", "min", "max", "argmin", "argmax", "prod", "cumsum", "any", "all",
+    "items", "keys", "values", "get", "count", "index", "copy", "tolist", "item", "numpy", "nelement", "numel",
+    "size", "dim", "ndimension", "element_size", "data_ptr", "is_contiguous", "isnan", "isinf", "isfinite",
+    "allclose", "isclose", "equal", "array_equal", "nonzero", "unique", "round", "abs", "norm", "dot", "matmul",
+    "astype", "reshape", "view", "flatten", "ravel", "transpose", "squeeze", "unsqueeze", "detach", "clone",
+    "to_dict", "to_list", "to_numpy", "to_json", "to_string", "head", "tail", "describe", "info", "nunique",
+    "value_counts", "isna", "notna", "startswith", "endswith", "join", "split", "strip", "lower", "upper",
+    "format", "encode", "decode", "get_vocab", "get_vocab_size", "token_to_id", "id_to_token", "get_params",
+    "predict", "predict_proba", "decision_function", "transform", "score", "dumps", "asarray", "array",
+    "tensor", "as_tensor", "deepcopy", "pprint", "issubset", "issuperset", "isdisjoint", "union",
+    "intersection", "difference", "symmetric_difference", "hexdigest", "digest", "most_common", "elements",
 })
 # Method calls on a torch module that change its weights or modes, never its structure: the module
 # can be rebuilt from its source and get its weights back (see values.py).
@@ -87,6 +103,16 @@ class ModelSource:
     modules: list[str] = field(default_factory=list)  # modules the code imports (dotted, in order)
     values: list[Any] = field(default_factory=list)  # values.ValuePlan, for the export to save
     changes: dict[str, list] = field(default_factory=dict)  # name -> what changed it after its definition
+    verify: list[str] = field(default_factory=list)  # names re-run from source, compared with the live values
+    unproven: list[str] = field(default_factory=list)  # CLI: re-run from source, proven only by the replay
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> its lines in model.py
+
+    def name_at_line(self, line: int) -> Optional[str]:
+        """The verified or unproven name whose statement holds this line of model.py."""
+        for name, (first, last) in self.spans.items():
+            if first <= line <= last:
+                return name
+        return None
 
     def why(self) -> str:
         """One line per included name: what it is, how it travels and which reference pulled it in."""
@@ -160,7 +186,7 @@ class _Change:
     cell: int
     line: int
     text: str
-    kind: str  # rebind, into (assignment into it), method, argument
+    kind: str  # rebind, into (assignment into it), method, argument, alias (bound to another name too)
     method: str = ""  # for kind "method": the method's name
     chain: int = 0  # for kind "method": attributes between the name and the method (lm.a.w.mul_ → 2)
 
@@ -171,6 +197,7 @@ class _Change:
 @dataclass
 class _Analysis:
     defs: dict[str, _Definition]
+    history: dict[str, list[_Definition]]  # every top-level definition of a name, in order
     elsewhere: dict[str, tuple[str, _Definition]]  # name -> (where, its statement)
     stars: list[_Definition]
     changes: list[_Change]
@@ -275,6 +302,8 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
             kind = "rebind" if isinstance(sub.target, ast.Name) else "into"
             add(_root_name(sub.target), sub, kind)
         elif isinstance(sub, (ast.Assign, ast.AnnAssign, ast.Delete)):
+            if isinstance(sub, (ast.Assign, ast.AnnAssign)) and isinstance(sub.value, (ast.Name, ast.Attribute, ast.Subscript)):
+                add(_root_name(sub.value), sub, "alias")  # `cols = FEATURES`: changes through `cols` reach it
             targets = sub.targets if isinstance(sub, (ast.Assign, ast.Delete)) else [sub.target]
             for target in targets:
                 for part in ast.walk(target):
@@ -289,10 +318,11 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
                     if isinstance(part, ast.Name):
                         add(part.id, target, "rebind")
         elif isinstance(sub, ast.Call):
-            if isinstance(sub.func, ast.Attribute):
+            if isinstance(sub.func, ast.Attribute) and sub.func.attr not in _READ_ONLY:
                 add(_root_name(sub.func.value), sub, "method", sub.func.attr, _chain_length(sub.func.value))
-            callee = sub.func.id if isinstance(sub.func, ast.Name) else None
-            if callee not in _READERS:
+            callee = sub.func.id if isinstance(sub.func, ast.Name) else (
+                sub.func.attr if isinstance(sub.func, ast.Attribute) else None)
+            if callee not in _READERS and callee not in _READ_ONLY:
                 for arg in [*sub.args, *(k.value for k in sub.keywords)]:
                     add(_root_name(arg), sub, "argument")
         stack.extend(ast.iter_child_nodes(sub))
@@ -302,6 +332,7 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
 def _collect(cells: list[str]) -> _Analysis:
     """Last top-level definition of every name, names bound elsewhere, star imports, changes."""
     defs: dict[str, _Definition] = {}
+    history: dict[str, list[_Definition]] = {}
     elsewhere: dict[str, tuple[str, _Definition]] = {}
     stars: list[_Definition] = []
     changes: list[_Change] = []
@@ -349,8 +380,32 @@ def _collect(cells: list[str]) -> _Analysis:
             definition = _Definition(names, kind, ci, (ci, si), node, text, _global_uses(text))
             for name in names:
                 defs[name] = definition
+                history.setdefault(name, []).append(definition)
                 elsewhere.pop(name, None)
-    return _Analysis(defs, elsewhere, stars, changes, model_syntax_error)
+    return _Analysis(defs, history, elsewhere, stars, changes, model_syntax_error)
+
+
+def _definition_time_uses(node: ast.stmt) -> set[str]:
+    """Names a ``class`` or ``def`` statement reads while it runs (bases, decorators, defaults, the class
+    body outside its methods), as opposed to later, when it is called."""
+    found: set[str] = set()
+    stack: list[ast.AST] = []
+    if isinstance(node, ast.ClassDef):
+        stack += [*node.bases, *node.keywords, *node.decorator_list, *node.body]
+    elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        stack += [*node.decorator_list, *node.args.defaults, *(d for d in node.args.kw_defaults if d)]
+    while stack:
+        sub = stack.pop()
+        if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            stack += [*sub.decorator_list, *sub.args.defaults, *(d for d in sub.args.kw_defaults if d)]
+            continue
+        if isinstance(sub, ast.Lambda):
+            stack += list(sub.args.defaults)
+            continue
+        if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load):
+            found.add(sub.id)
+        stack.extend(ast.iter_child_nodes(sub))
+    return found
 
 
 def _rebuild_problem(definition: _Definition, defs: dict[str, _Definition]) -> Optional[str]:
@@ -411,17 +466,112 @@ class _Travel:
 def _cli_refusal(name: str, label: str, definition: _Definition, why: str) -> MaterializeError:
     return MaterializeError(
         f"The model uses `{name}` (in {label}), but {why}, so model.py cannot rebuild the value the notebook has "
-        f"(`kernel-magics export` reads the notebook file and has no values). Export from the running notebook "
-        f"with %model_export (it saves the value with the export), or save the value under the config's "
-        f"data_dir in the notebook and load it in `load()` from `data_dir`."
+        f"(`kernel-magics export` reads the notebook file and has no values). Run `kernel-magics export "
+        f"NOTEBOOK DIR --execute` (it runs the notebook in a fresh kernel and exports from it), export from the "
+        f"running notebook with %model_export (it saves the value with the export), or save the value under the "
+        f"config's data_dir in the notebook and load it in `load()` from `data_dir`."
     )
 
 
-def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
-            live: Optional[Mapping[str, Any]]) -> _Travel:
-    if definition.kind == "import":
-        return _Travel(True)
+@dataclass
+class _Context:
+    """What one build knows besides the cells."""
+
+    live: Optional[Mapping[str, Any]]  # the kernel's namespace; None for the CLI
+    as_values: Mapping[str, str]  # names the fresh-process verification found different -> why
+    local: Callable[[str], bool]  # is this top-level module a .py beside the notebook?
+    replay_proves: bool  # the CLI will replay recorded predictions: an unproven rebuild may stand
+    verify: list[str] = field(default_factory=list)  # source names the fresh process fingerprints
+    unproven: list[str] = field(default_factory=list)  # CLI: re-run from source, proven only by the replay
+
+
+# Standard-library modules whose functions give the same result for the same arguments, anywhere.
+_PURE_MODULES = frozenset({
+    "codecs", "math", "cmath", "string", "re", "json", "collections", "itertools", "functools", "operator",
+    "fractions", "decimal", "textwrap", "unicodedata", "base64", "binascii", "hashlib", "struct", "enum",
+    "dataclasses", "typing", "this", "keyword", "html", "zlib", "statistics", "colorsys", "calendar", "copy",
+    "types", "numbers", "bisect", "heapq", "string", "ipaddress", "shlex", "difflib",
+})
+_PURE_BUILTINS = _READERS - {"print", "id", "hash", "iter", "vars", "dir", "display"}
+
+
+def _import_module_of(definition: _Definition, alias_name: str) -> Optional[str]:
+    """The module an import binds ``alias_name`` from (``codecs`` for ``from codecs import decode``)."""
+    for node in ([definition.node] if definition.kind == "import" else
+                 [n for n in ast.walk(definition.node) if isinstance(n, (ast.Import, ast.ImportFrom))]):
+        for alias in node.names:
+            if (alias.asname or alias.name.split(".")[0]) == alias_name:
+                if isinstance(node, ast.Import):
+                    return alias.name
+                return node.module if node.level == 0 else None
+    return None
+
+
+def _uncertain_call(definition: _Definition, analysis: _Analysis) -> Optional[ast.Call]:
+    """The first call in an assignment whose result kernel-magics cannot prove is the same when re-run
+    (anything but pure built-ins, pure standard-library functions and read-only methods), or None."""
+    node = definition.node
+    values = [node.value] if isinstance(node, (ast.Assign, ast.AnnAssign)) else [node]
+    for value in values:
+        for sub in ast.walk(value):
+            if not isinstance(sub, ast.Call):
+                continue
+            func = sub.func
+            if isinstance(func, ast.Name):
+                target = analysis.defs.get(func.id)
+                if target is None and func.id in _PURE_BUILTINS:
+                    continue
+                if target is not None and target.kind == "class" and _plain_dataclass(target.node):
+                    continue  # Settings(lr=0.1): a generated __init__ only stores its arguments
+                if target is not None and target.kind in ("import", "block"):
+                    module = _import_module_of(target, func.id)
+                    if module and module.split(".")[0] in _PURE_MODULES:
+                        continue
+                return sub
+            if isinstance(func, ast.Attribute):
+                root = func.value
+                while isinstance(root, ast.Attribute):
+                    root = root.value
+                if isinstance(root, ast.Constant):
+                    continue  # "-".join(...), b"..".decode()
+                if isinstance(root, ast.Name):
+                    target = analysis.defs.get(root.id)
+                    if target is not None and target.kind in ("import", "block"):
+                        module = _import_module_of(target, root.id)
+                        if module and module.split(".")[0] in _PURE_MODULES:
+                            continue
+                    elif func.attr in _READ_ONLY and target is not None and target.kind == "constant":
+                        continue  # BASE.upper(): the name itself is judged on its own
+            return sub
+    return None
+
+
+def _plain_dataclass(node: ast.ClassDef) -> bool:
+    """``@dataclass class X`` with no methods of its own (so no __post_init__ or __init__ that could differ)."""
+    decorated = any((d.func if isinstance(d, ast.Call) else d).__class__ in (ast.Name, ast.Attribute) and
+                    ast.unparse(d.func if isinstance(d, ast.Call) else d).split(".")[-1] == "dataclass"
+                    for d in node.decorator_list)
+    return decorated and not any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in node.body)
+
+
+def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis, ctx: _Context) -> _Travel:
+    live = ctx.live
     changes = analysis.changes_after(name, definition.order)
+    if definition.kind == "import":
+        module = _import_module_of(definition, name) or name
+        if not ctx.local(module.split(".")[0]):
+            return _Travel(True)
+        # A module beside the notebook travels in packages/; what the notebook changed in it does not.
+        if live is not None and name in live:
+            ctx.verify.append(name)
+            return _Travel(True)
+        touched = [c for c in changes if c.kind in ("into", "method", "argument")]
+        if touched:
+            c = touched[0]
+            raise _cli_refusal(name, label, definition,
+                               f"`{name}` is a module beside the notebook, and cell {c.cell + 1} changes it: "
+                               f"`{c.text}` (line {c.line})")
+        return _Travel(True)
     if definition.kind in ("function", "class"):
         into = [c for c in changes if c.kind in ("into", "rebind")]
         if into:
@@ -440,10 +590,28 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                                f"cell {c.cell + 1} changes it after its assignment: `{c.text}` (line {c.line})")
         if problem:
             raise _cli_refusal(name, label, definition, f"{problem} (cell {definition.cell + 1})")
+        passed = [c for c in changes if c.kind in ("argument", "alias")]
+        call = _uncertain_call(definition, analysis)
+        if passed or call is not None:
+            if ctx.replay_proves:
+                ctx.unproven.append(name)
+                return _Travel(True)
+            line = definition.node.lineno if call is None else call.lineno
+            what = (f"cell {passed[0].cell + 1} {'passes it to a function' if passed[0].kind == 'argument' else 'binds another name to it'} "
+                    f"that may change it: `{passed[0].text}` (line {passed[0].line})" if passed else
+                    f"re-running `{' '.join(ast.unparse(call).split())[:80]}` (cell {definition.cell + 1}, line "
+                    f"{line}) may not give the value the notebook had (randomness, files, the environment), and "
+                    "the notebook saved no predictions to prove it")
+            raise _cli_refusal(name, label, definition, what)
         return _Travel(True)
     value = live[name]
     from . import values
 
+    changes = [c for c in changes if c.kind != "alias"]  # the verification sees through aliases
+    if name in ctx.as_values:
+        # A statement that binds several names is kept only for a name that travels as source.
+        keep = definition.kind == "block"
+        return _value(name, value, live, ctx.as_values[name], keep=keep)
     is_literal_definition, literal = _literal_of(definition)
     if is_literal_definition:
         if _same(value, literal):
@@ -452,13 +620,21 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
         return _value(name, value, live, f"changed after its assignment, by {changed}")
     rebound = [c for c in changes if c.kind == "rebind"]
     if values.is_immutable(value) and not rebound and not problem:
+        ctx.verify.append(name)
         return _Travel(True)
     if not isinstance(value, (list, dict, set, bytearray)):
         # Passing an object to a function rarely changes it (GPT2LMHeadModel(cfg)); a plain
-        # container is the usual victim (random.shuffle(LABELS)). Other objects count method calls.
+        # container is the usual victim (random.shuffle(LABELS)). Other objects count method calls;
+        # the fresh-process verification catches what this misses.
         changes = [c for c in changes if c.kind != "argument"]
     stateful = values.stateful_kind(value)
+    if stateful and "random generator" in stateful and not changes and not problem:
+        # Its state now is after the notebook's predictions consumed it: re-running its source gives the
+        # state the model started from, and the replay proves it (see the export's verification).
+        ctx.verify.append(name)
+        return _Travel(True)
     if not changes and not problem and not stateful:
+        ctx.verify.append(name)
         return _Travel(True)
     if changes:
         reason = f"changed by {changes[0].describe()}"
@@ -507,13 +683,20 @@ def _type_name(value: Any) -> str:
 # ------------------------------------------------------------------ closure and rendering
 
 def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a notebook",
-                       live: Optional[Mapping[str, Any]] = None) -> ModelSource:
+                       live: Optional[Mapping[str, Any]] = None, *, as_values: Mapping[str, str] = {},
+                       local: Callable[[str], bool] = lambda module: False,
+                       replay_proves: bool = False) -> ModelSource:
     """model.py for ``class_name`` from the cells, in the order they ran.
 
     ``live`` is the kernel's namespace: names whose values cannot be rebuilt from
-    source then travel as values. Without it (the CLI) such names are refused.
-    Raises MaterializeError naming anything the class needs that cannot travel,
-    and what to do instead.
+    source then travel as values, and ``ModelSource.verify`` lists the names re-run
+    from source, for the export's fresh process to compare with the live values;
+    ``as_values`` (name, or ``module.attribute`` of a local module, to the reason)
+    are those it found different. Without ``live`` (the CLI) a name that may not
+    rebuild is refused, unless ``replay_proves`` (recorded predictions will be
+    replayed; ``ModelSource.unproven`` lists them). ``local(module)``: the module
+    is a file beside the notebook. Raises MaterializeError naming anything the class
+    needs that cannot travel, and what to do instead.
     """
     cells = list(cells)
     if last_cell_of(cells, "model") is None:
@@ -534,6 +717,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     plans: dict[str, tuple[Any, tuple[int, int]]] = {}  # name -> (ValuePlan, where it goes)
     queue: list[tuple[_Definition, str]] = [(root, class_name)]
     unresolved: dict[str, str] = {}
+    ctx = _Context(live, as_values, local, replay_proves)
 
     def need(name: str, label: str) -> None:
         target = defs.get(name)
@@ -546,7 +730,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
             if name not in _BUILTINS:
                 unresolved.setdefault(name, label)
             return
-        travel = _decide(name, label, target, analysis, live)
+        travel = _decide(name, label, target, analysis, ctx)
         if travel.plan is not None:
             _take_value(name, travel, target, label)
         else:
@@ -568,11 +752,17 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
 
     while queue:
         definition, label = queue.pop(0)
+        if definition.kind in ("class", "function", "model"):
+            _keep_definition_time_values(definition, analysis, chosen, queue)
         for name in sorted(definition.uses):
             if name in included or name in definition.names:
                 continue
             need(name, label)
     _share_identical(plans, included, live)
+    for key, reason in sorted(as_values.items()):
+        module, _, attr = key.partition(".")
+        if attr and module in included and included[module].kind == "import" and live is not None:
+            _attribute_value(key, reason, live, defs[module], included, plans)
     if unresolved and not analysis.stars:
         name, label = next(iter(sorted(unresolved.items())))
         bound = analysis.elsewhere.get(name)
@@ -593,10 +783,17 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
                 modules.append(module)
     order_of = {n: (defs[n].order if n in defs else plans[n][1]) for n in included}
     order = sorted(included.values(), key=lambda i: (order_of[i.name], i.name))
-    changes = {n: analysis.changes_after(n, defs[n].order) for n in included if n in defs}
+    changes = {n: [c for c in analysis.changes_after(n, defs[n].order) if c.kind != "alias"] for n in included if n in defs}
+    spans = {}
+    for name in [*ctx.verify, *ctx.unproven]:
+        at = text.find(defs[name].text) if defs[name].kind != "import" else -1
+        if at >= 0:
+            first = text.count("\n", 0, at) + 1
+            spans[name] = (first, first + defs[name].text.count("\n"))
     return ModelSource(text=text, class_name=class_name, included=order, modules=modules,
                        values=[p for p, _ in sorted(plans.values(), key=lambda item: (item[1], item[0].name))],
-                       changes=changes)
+                       changes=changes, verify=list(dict.fromkeys(ctx.verify)),
+                       unproven=list(dict.fromkeys(ctx.unproven)), spans=spans)
 
 
 def _share_identical(plans: dict, included: dict, live: Optional[Mapping[str, Any]]) -> None:
@@ -613,6 +810,41 @@ def _share_identical(plans: dict, included: dict, live: Optional[Mapping[str, An
         for name in others:
             plans[name] = (values.alias(name, primary), plans[name][1])
             included[name] = replace(included[name], how=f"the same object as `{primary}`")
+
+
+def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, chosen: dict, queue: list) -> None:
+    """A class body (or a default argument) reads a name while the notebook defines it: when the name is
+    rebound later, model.py must also hold the value it had then, before the class, so the class gets
+    that value (and model.py imports without a NameError), and the later value after it."""
+    for name in sorted(_definition_time_uses(definition.node)):
+        current = analysis.defs.get(name)
+        if current is None or current.order < definition.order:
+            continue
+        earlier = [d for d in analysis.history.get(name, []) if d.order < definition.order]
+        if earlier and earlier[-1].kind in ("constant", "block") and id(earlier[-1]) not in chosen:
+            chosen[id(earlier[-1])] = earlier[-1]
+            queue.append((earlier[-1], name))
+
+
+def _attribute_value(key: str, reason: str, live: Mapping[str, Any], where: _Definition, included: dict,
+                     plans: dict) -> None:
+    """An attribute of a module beside the notebook that the notebook changed: model.py sets it after the import."""
+    from . import values
+
+    module, _, attr = key.partition(".")
+    value = getattr(live[module], attr)
+    try:
+        plan = values.plan(key, value, namespace=live)
+    except values.CannotSave as exc:
+        raise MaterializeError(
+            f"The notebook changed `{key}` (an attribute of the module {module}.py beside the notebook: {reason}), "
+            f"and a fresh import of the module gives another value; but {exc}. Make that change in {module}.py "
+            "itself, or inside `load()`."
+        ) from None
+    plan.keeps_source = True
+    how = plan.format + (", runs code when loaded" if plan.runs_code_on_load else "")
+    included[key] = Included(key, "attribute", f"the module {module}", where.cell, "value", how, reason)
+    plans[key] = (plan, where.order)
 
 
 def _render(chosen, included, stars, plans, notebook: str) -> str:

@@ -214,6 +214,7 @@ class TrussDir:
         secrets: Optional[dict[str, str]] = None,
         python: str = sys.executable,
         timeout: float = 1800,
+        fingerprint: Sequence[str] = (),
     ) -> "CheckReport":
         """Import (and with ``load``, load and replay) the directory in a new interpreter.
 
@@ -225,7 +226,8 @@ class TrussDir:
             report_path = Path(tmp) / "report.json"
             command = [python, "-I", "-B", "-m", "kernel_magics.core.truss_dir", "check", str(self.root),
                        "--report", str(report_path)] + (["--load"] if load else [])
-            payload = json.dumps({"secrets": secrets or {}, "replay": list(replay)})
+            payload = json.dumps({"secrets": secrets or {}, "replay": list(replay),
+                                  "fingerprint": list(fingerprint)})
             started = time.perf_counter()
             try:
                 done = subprocess.run(command, input=payload, cwd=self.root, capture_output=True, text=True,
@@ -325,8 +327,10 @@ class CheckReport:
     stage: str  # import, init, load, replay, done
     error: Optional[str] = None  # "ModuleNotFoundError: No module named 'torch'"
     missing_module: Optional[str] = None
+    model_line: Optional[int] = None  # where in model.py (top level) the error happened
     replayed: list = field(default_factory=list)  # one dict per replayed input: index, ok, got, why
     stages: dict = field(default_factory=dict)  # seconds in the child: import, load, replay
+    fingerprints: dict = field(default_factory=dict)  # "start"/"after_replay" -> name -> fingerprint
     seconds: float = 0.0
     output: str = ""
 
@@ -365,18 +369,22 @@ def _run_check(root: Path, report_path: Path, load: bool) -> int:
     try:
         truss = TrussDir.open(root)
         host = truss.host()
+        verify = list(options.get("fingerprint", []))
+        module_globals = vars(sys.modules[truss.module_name])
         for name, value in options.get("secrets", {}).items():
             host.secrets.set_value(name, value)
         report["stage"] = "init"
         if not load:
             host.model_class(**host.init_kwargs())
             lap("import")
+            _fingerprints(report, "start", module_globals, verify, lap)
             report.update(ok=True, stage="done")
             return finish()
         lap("import")
         report["stage"] = "load"
         host.load()
         lap("load")
+        _fingerprints(report, "start", module_globals, verify, lap)
         report["stage"] = "replay"
         from .replay import compare
 
@@ -394,13 +402,40 @@ def _run_check(root: Path, report_path: Path, load: bool) -> int:
         report["replayed"] = []
         asyncio.run(replay_all())
         lap("replay")
+        if report["replayed"]:
+            _fingerprints(report, "after_replay", module_globals, verify, lap)
         report.update(ok=not any(not r["ok"] for r in report["replayed"]), stage="done")
     except BaseException as exc:  # reported to the parent, which explains it
         if isinstance(exc, ModuleNotFoundError):
             report["missing_module"] = exc.name
+        report["model_line"] = _model_line(exc, root)
         text = f"{type(exc).__name__}: {exc}"
         report["error"] = host.secrets.redact(text) if host is not None else text
     return finish()
+
+
+def _model_line(exc: BaseException, root: Path) -> Optional[int]:
+    """The line of model.py where the error happened at the top level (None when it happened elsewhere):
+    the export's verification maps it to the statement re-run from source."""
+    import traceback
+
+    try:
+        model_file = str(TrussDir.open(root).model_file)
+    except Exception:
+        return None
+    lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if f.filename == model_file and f.name == "<module>"]
+    return lines[-1] if lines else None
+
+
+def _fingerprints(report: dict, when: str, module_globals: dict, names: list, lap: Any) -> None:
+    """Fingerprints of the names the parent verifies against the notebook's live values (fingerprint.py):
+    after load (or import), and after the replay, which shows what predict changes."""
+    if not names:
+        return
+    from .fingerprint import fingerprint_names
+
+    report.setdefault("fingerprints", {})[when] = fingerprint_names(module_globals, names)
+    lap(f"verify {when}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

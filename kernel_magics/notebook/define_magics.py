@@ -10,7 +10,7 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
 
 from ..core.config import parse_config
 from ..core.errors import KernelMagicsError
-from .magics import ModelMagics
+from .magics import ModelMagics, allows_comment
 
 __all__ = ["DefineMagics"]
 
@@ -33,6 +33,7 @@ class DefineMagics(Magics):
         return compile("\n" + body, filename, "exec")  # the body starts on the cell's second line
 
     @line_cell_magic
+    @allows_comment
     def model_config(self, line: str, cell: Optional[str] = None):
         """Set the model's config.yaml from YAML in the cell; on a line, show the current config.
 
@@ -68,6 +69,7 @@ class DefineMagics(Magics):
         return None
 
     @cell_magic
+    @allows_comment
     def model(self, line: str, cell: str):
         """Define the model class (a Truss ``Model``) from the cell.
 

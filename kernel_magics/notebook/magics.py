@@ -24,13 +24,14 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from ..core.errors import KernelMagicsError
 from ..core.loop import BackgroundLoop
+from ..core.magic_line import strip_comment
 from ..core.replay import PredictionRecord
 from ..core.runtime import ModelHost, clear_traceback, release_frames
 from ..core.secrets import ENV_PREFIX, SecretStore
 from ..core.source import split_cell_magic
 from ..core.tracebacks import user_traceback
 
-__all__ = ["ModelMagics", "unquote"]
+__all__ = ["ModelMagics", "unquote", "allows_comment"]
 
 
 def unquote(text: str) -> str:
@@ -38,6 +39,18 @@ def unquote(text: str) -> str:
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         return text[1:-1]
     return text
+
+
+def allows_comment(magic):
+    """Decorate a line magic (below ``@line_magic``) so a trailing ``# comment`` is not an argument,
+    as ``%timeit x  # why`` users expect."""
+    import functools
+
+    @functools.wraps(magic)
+    def wrapper(self, line: str, *rest: Any):
+        return magic(self, strip_comment(line), *rest)
+
+    return wrapper
 
 
 @magics_class
@@ -218,6 +231,7 @@ class ModelMagics(Magics):
     # ------------------------------------------------------------------ %model_unload / status / secret
 
     @line_magic
+    @allows_comment
     def model_unload(self, line: str):
         """Drop the loaded instance and free its memory (GPU memory too), a failed load's or predict's included."""
         from ..core import devices
@@ -258,6 +272,7 @@ class ModelMagics(Magics):
             print("Model unloaded; memory freed.")
 
     @line_magic
+    @allows_comment
     def model_status(self, line: str):
         """Show the model's class, state, device, load time and last predict time (and, for a model with
         ``is_healthy()``, its answer now: a loaded model that says no is 'unhealthy', as a probe sees it)."""
@@ -280,6 +295,7 @@ class ModelMagics(Magics):
     @magic_arguments()
     @argument("name", help="A secret declared in %%model_config (secrets: {NAME: null}).")
     @line_magic
+    @allows_comment
     def model_secret(self, line: str):
         """Prompt for a secret's value and keep it in memory only (never on disk or in output).
 

@@ -16,7 +16,7 @@ from ..core.contract import ENDPOINT_METHODS
 from ..core.runtime import ChunkStream, ModelState
 from ..core.serialization import is_response, truss_refuses_chunk
 from ..core.streams import join_chunks
-from .magics import ModelMagics
+from .magics import ModelMagics, allows_comment
 
 __all__ = ["RunMagics"]
 
@@ -52,6 +52,7 @@ class RunMagics(Magics):
               help="Return at once; the view keeps updating, and a predict waits for the load to finish.")
     @argument("--no-widget", action="store_true", help="Plain text progress instead of the live view.")
     @line_magic
+    @allows_comment
     def model_load(self, line: str):
         """Instantiate the model class and call ``load()`` in a worker thread (as Truss does), showing state,
         elapsed time, device and GPU memory. A kernel interrupt stops it at its next Python line.
@@ -127,6 +128,7 @@ class RunMagics(Magics):
     @argument("input", nargs="*", help='The model input: JSON like {"prompt": "hi"}, or a Python expression.')
     @no_var_expand
     @line_magic
+    @allows_comment
     def model_predict(self, line: str):
         """Run the loaded model on an input (JSON, or a Python expression) and return the prediction.
 
@@ -153,6 +155,7 @@ class RunMagics(Magics):
     @magic_arguments()
     @_predict_flags
     @cell_magic
+    @allows_comment
     def predict(self, line: str, cell: str):
         """Run the loaded model on the value of the cell's last expression and return the prediction.
 
@@ -237,7 +240,10 @@ class RunMagics(Magics):
             value = _response_value(result)
         else:
             value = result
-        if method == "predict" and host.state is ModelState.READY:
+        # Only a whole answer is a prediction an export must reproduce: a stream the Stop button ended
+        # returns its partial output, which the deployment (that runs it to the end) never gives.
+        whole = not streamed or model.last_stream.outcome == "done"
+        if method == "predict" and host.state is ModelState.READY and whole:
             model.note_prediction(model_input, value)
             self._warn_if_truss_would_refuse(result, streamed)
         if streamed:

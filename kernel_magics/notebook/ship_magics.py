@@ -12,7 +12,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from ..core.runtime import ModelState
-from .magics import ModelMagics, unquote
+from .magics import ModelMagics, allows_comment, unquote
 
 __all__ = ["ShipMagics"]
 
@@ -38,6 +38,7 @@ class ShipMagics(Magics):
               help="List every name model.py includes, the reference that pulled it in, and how it travels "
                    "(source, or a value saved from the kernel and in which format).")
     @line_magic
+    @allows_comment
     def model_show(self, line: str):
         """Show the model.py or config.yaml that an export would write, syntax-highlighted.
 
@@ -69,6 +70,7 @@ class ShipMagics(Magics):
               help="Skip replaying the notebook's recorded predictions against the export (it is then not checked "
                    "to answer as the notebook did).")
     @line_magic
+    @allows_comment
     def model_export(self, line: str):
         """Export the model as a deployable Truss directory (config.yaml, model/model.py, data/, packages/).
 
@@ -150,6 +152,7 @@ class ShipMagics(Magics):
                                               "instead of starting a local Ray.")
     @argument("--stop", action="store_true", help="Stop the server this notebook started.")
     @line_magic
+    @allows_comment
     def model_serve(self, line: str):
         """Serve the notebook model over Truss's HTTP API on 127.0.0.1, in the background; returns its
         base URL (``url = %model_serve --port 0``).

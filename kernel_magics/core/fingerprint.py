@@ -1,0 +1,274 @@
+"""Fingerprints of live values: does re-running a name's source give the value the notebook has?
+
+The export's fresh process fingerprints every name model.py rebuilds from source; the
+kernel fingerprints its live value; :func:`difference` compares the two and says, in
+words a user can check, how they differ ("4 items, the notebook has 5"). A fingerprint
+is a small JSON-able dict, so it crosses the process boundary in the check's report:
+
+- literals (numbers, strings, lists, dicts ... of literals): their canonical text (sets sorted);
+- numpy arrays and torch tensors: dtype, shape and a checksum of the bytes (the device is left
+  out: a tensor the deployment moves to its GPU holds the same value);
+- torch modules: a checksum over the state dict and the train/eval flags;
+- random generators: their state; tokenizers: their JSON;
+- a module imported from the notebook's folder: one fingerprint per public attribute;
+- anything else: a checksum of its pickled bytes, with classes and functions defined in the
+  notebook named by their qualified name only (``__main__`` in the kernel, ``model.model`` in
+  the export).
+
+``None`` means the value cannot be fingerprinted (it cannot be pickled): it is not verified.
+Nothing is imported here that the value's own library has not already imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import sys
+import types
+from typing import Any, Optional
+
+__all__ = ["fingerprint", "fingerprint_names", "difference", "same", "changed_attributes"]
+
+# Modules whose classes and functions are the notebook's own (the kernel's __main__, model.py in the export).
+NOTEBOOK_MODULES = frozenset({"__main__", "model.model", "model"})
+_LITERAL_BUDGET = 100_000  # nodes; a bigger literal is checksummed through pickle instead
+
+
+def fingerprint(value: Any) -> Optional[dict]:
+    """A JSON-able fingerprint of ``value`` (kind, digest, summary), or None when it has none."""
+    try:
+        return _fingerprint(value, depth=0)
+    except Exception:  # a value that cannot be read safely is simply not verified
+        return None
+
+
+def fingerprint_names(namespace: dict, names: list[str]) -> dict[str, Optional[dict]]:
+    """Fingerprints of ``names`` in a module namespace; a missing name has the fingerprint None."""
+    return {name: fingerprint(namespace[name]) if name in namespace else None for name in names}
+
+
+def same(a: Optional[dict], b: Optional[dict]) -> bool:
+    return a is not None and b is not None and a.get("digest") == b.get("digest")
+
+
+def difference(live: Optional[dict], fresh: Optional[dict]) -> Optional[str]:
+    """None when both fingerprints agree (or one is unknown), else how the fresh value differs, e.g.
+    "re-running its source gives a different value: 4 items, the notebook has 5"."""
+    if live is None or fresh is None or same(live, fresh):
+        return None
+    head = "re-running its source gives a different value"
+    if live.get("kind") == "module" and fresh.get("kind") == "module":
+        mine, theirs = live.get("items", {}), fresh.get("items", {})
+        for attr in sorted(set(mine) | set(theirs)):
+            if attr not in theirs:
+                return f"{head}: attribute `{attr}` is missing when the module is imported afresh"
+            if attr not in mine:
+                continue  # the notebook deleted it: the model cannot be using it
+            why = difference(mine[attr], theirs[attr])
+            if why:
+                return f"the notebook changed its attribute `{attr}`: " + why.replace(f"{head}: ", "", 1)
+        return head
+    if live.get("summary") != fresh.get("summary"):
+        return f"{head}: {fresh.get('summary')}, the notebook has {live.get('summary')}"
+    return f"{head}: {fresh.get('summary')} in both, with other contents"
+
+
+def changed_attributes(live: Optional[dict], fresh: Optional[dict]) -> list[str]:
+    """For two module fingerprints: the public attributes whose values differ."""
+    if not live or not fresh or live.get("kind") != "module" or fresh.get("kind") != "module":
+        return []
+    mine, theirs = live.get("items", {}), fresh.get("items", {})
+    return [a for a in sorted(mine) if a in theirs and not same(mine[a], theirs[a])]
+
+
+# ---------------------------------------------------------------------- by type
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, (bytes, bytearray, memoryview)) else str(part).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:32]
+
+
+def _fp(kind: str, digest: str, summary: str, **extra: Any) -> dict:
+    return {"kind": kind, "digest": digest, "summary": summary, **extra}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _fingerprint(value: Any, depth: int) -> Optional[dict]:
+    if isinstance(value, types.ModuleType):
+        if depth:
+            return _fp("module", _digest("module", value.__name__), f"module {value.__name__}")
+        return _module(value)
+    if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
+        return _definition(value)
+    text = _canonical(value, [_LITERAL_BUDGET])
+    if text is not None:
+        return _fp("literal", _digest("literal", text), _literal_summary(value))
+    for check in (_numpy, _torch, _randoms, _tokenizer):
+        found = check(value)
+        if found is not None:
+            return found
+    return _pickled(value)
+
+
+def _literal_summary(value: Any) -> str:
+    if isinstance(value, (list, tuple, set, frozenset, dict)):
+        return f"{_plural(len(value), 'item')}"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 40 else f"a string of {_plural(len(value), 'character')}"
+    if isinstance(value, bytes):
+        return f"{_plural(len(value), 'byte')}"
+    return repr(value)
+
+
+def _canonical(value: Any, budget: list) -> Optional[str]:
+    """A text that is equal for equal literals in any process (sets sorted), with types kept."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        return None
+    kind = type(value)
+    if kind in (str, bytes, bool, int, float, complex, type(None)):
+        return f"{kind.__name__}:{value!r}"
+    if kind in (list, tuple):
+        parts = [_canonical(v, budget) for v in value]
+        return None if None in parts else f"{kind.__name__}[{','.join(parts)}]"
+    if kind in (set, frozenset):
+        parts = [_canonical(v, budget) for v in value]
+        return None if None in parts else f"{kind.__name__}{{{','.join(sorted(parts))}}}"
+    if kind is dict:
+        parts = []
+        for k, v in value.items():  # in order: a model may iterate over it
+            ck, cv = _canonical(k, budget), _canonical(v, budget)
+            if ck is None or cv is None:
+                return None
+            parts.append(f"{ck}:{cv}")
+        return "dict{" + ",".join(parts) + "}"
+    return None
+
+
+def _module(module: types.ModuleType) -> dict:
+    items = {}
+    for attr, value in sorted(vars(module).items()):
+        if attr.startswith("_") or isinstance(value, types.ModuleType):
+            continue
+        if isinstance(value, (type, types.FunctionType)) and getattr(value, "__module__", None) == module.__name__:
+            items[attr] = _definition(value)  # defined in the module's file: a replaced one still shows
+            continue
+        found = fingerprint(value)
+        if found is not None:
+            items[attr] = found
+    return _fp("module", _digest("module", *(f"{k}={v['digest']}" for k, v in items.items())),
+               f"module {module.__name__}", items=items)
+
+
+def _definition(value: Any) -> dict:
+    module = getattr(value, "__module__", None)
+    module = "<notebook>" if module in NOTEBOOK_MODULES else module
+    name = f"{module}.{getattr(value, '__qualname__', getattr(value, '__name__', '?'))}"
+    code = getattr(value, "__code__", None)
+    body = _digest(code.co_code, code.co_consts) if code is not None else ""
+    return _fp("definition", _digest("definition", name, body), name)
+
+
+def _array_bytes_digest(dtype: str, shape: tuple, data: bytes) -> str:
+    return _digest("array", dtype, shape, data)
+
+
+def _numpy(value: Any) -> Optional[dict]:
+    np = sys.modules.get("numpy")
+    if np is None or not isinstance(value, (np.ndarray, np.generic)):
+        return None
+    array = np.asarray(value)
+    if array.dtype == object:
+        return None  # pickled instead
+    shape = tuple(array.shape)
+    return _fp("array", _array_bytes_digest(str(array.dtype), shape, np.ascontiguousarray(array).tobytes()),
+               f"an array of shape {shape} ({array.dtype})")
+
+
+def _tensor_bytes(torch: Any, tensor: Any) -> bytes:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return b""
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def _torch(value: Any) -> Optional[dict]:
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.is_meta:
+            return None
+        shape = tuple(value.shape)
+        return _fp("tensor", _array_bytes_digest(str(value.dtype), shape, _tensor_bytes(torch, value)),
+                   f"a tensor of shape {shape} ({str(value.dtype).replace('torch.', '')})")
+    if isinstance(value, torch.nn.Module):
+        h = hashlib.sha256(f"{type(value).__qualname__}".encode())
+        count = 0
+        for key, tensor in value.state_dict().items():
+            h.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            h.update(_tensor_bytes(torch, tensor))
+            count += tensor.numel()
+        h.update(repr([m.training for m in value.modules()]).encode())
+        return _fp("torch module", h.hexdigest()[:32], f"a {type(value).__name__} with {count:,} weights")
+    if isinstance(value, (torch.device, torch.dtype)):
+        return _fp("literal", _digest("torch", str(value)), str(value))
+    if isinstance(value, torch.Generator):
+        return _fp("random", _digest("torch generator", _tensor_bytes(torch, value.get_state())),
+                   "a torch.Generator in another state")
+    return None
+
+
+def _randoms(value: Any) -> Optional[dict]:
+    import random
+
+    if isinstance(value, random.Random):
+        return _fp("random", _digest("random", repr(value.getstate())), f"a {type(value).__name__} in another state")
+    np = sys.modules.get("numpy")
+    if np is not None:
+        if isinstance(value, np.random.Generator):
+            return _fp("random", _digest("numpy", repr(value.bit_generator.state)),
+                       "a numpy.random.Generator in another state")
+        if isinstance(value, np.random.RandomState):
+            state = value.get_state()
+            return _fp("random", _digest("numpy rs", state[0], np.asarray(state[1]).tobytes(), state[2:]),
+                       "a numpy.random.RandomState in another state")
+    return None
+
+
+def _tokenizer(value: Any) -> Optional[dict]:
+    tokenizers = sys.modules.get("tokenizers")
+    if tokenizers is None or not isinstance(value, tokenizers.Tokenizer):
+        return None
+    return _fp("tokenizer", _digest("tokenizer", value.to_str()),
+               f"a tokenizer with {value.get_vocab_size():,} tokens")
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles with the notebook's classes and functions named by qualified name only, so the kernel's
+    ``__main__.Foo`` and the export's ``model.model.Foo`` give the same bytes."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, (type, types.FunctionType)) and getattr(obj, "__module__", None) in NOTEBOOK_MODULES:
+            return ("notebook", obj.__qualname__)
+        return None
+
+
+def _pickled(value: Any) -> Optional[dict]:
+    buffer = io.BytesIO()
+    try:
+        _Pickler(buffer, protocol=4).dump(value)
+    except Exception:
+        return None
+    data = buffer.getvalue()
+    kind = type(value)
+    name = kind.__name__ if kind.__module__ in ("builtins", *NOTEBOOK_MODULES) else f"{kind.__module__}.{kind.__qualname__}"
+    size = f"{len(value)} items" if isinstance(value, (list, tuple, dict, set)) else f"{_plural(len(data), 'pickled byte')}"
+    return _fp("pickle", _digest("pickle", data), f"a {name} of {size}")

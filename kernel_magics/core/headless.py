@@ -1,0 +1,117 @@
+"""``kernel-magics export NOTEBOOK DIR --execute``: run the notebook headlessly, export from that kernel.
+
+A notebook saved without outputs holds no values and no predictions, so the file alone cannot
+prove that what model.py re-runs gives what the notebook had. This runs its code cells (up to the
+first ``%model_export``) in a fresh kernel of the current Python environment with nbclient, in the
+notebook's folder, one progress line per cell, and then runs ``%model_export`` in that kernel: every
+check the notebook's own export makes (values saved from the kernel, verification, the replay of the
+predictions this run recorded). The notebook file is read, never written.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .errors import KernelMagicsError
+from .source import last_cell_of
+
+__all__ = ["HeadlessRunError", "export_by_running"]
+
+
+class HeadlessRunError(KernelMagicsError):
+    """A cell failed while the notebook ran headlessly; nothing was exported."""
+
+
+def _kernel_manager(folder: Path):
+    """A kernel of this very interpreter (not whatever `python3` kernel spec is installed)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    spec = folder / "kernels" / "kernel-magics-current"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "kernel-magics (current environment)", "language": "python"}))
+    return KernelManager(kernel_name="kernel-magics-current",
+                         kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(folder / "kernels")]))
+
+
+def _first_line(source: str) -> str:
+    lines = [line.strip() for line in source.splitlines() if line.strip() and not line.strip().startswith("#")]
+    text = lines[0] if lines else "(empty)"
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+def _error_of(exc: Exception) -> str:
+    ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
+    return f"{ename}: {evalue}" if ename else str(exc).strip().splitlines()[-1]
+
+
+def _stream_text(outputs: list) -> str:
+    return "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream" and o.get("name") == "stdout")
+
+
+def export_by_running(notebook: Path, out: Path, *, force: int = 0, data: Sequence[Path] = (), replay: bool = True,
+                      timeout: Optional[float] = None, progress: Callable[[str], None] = print) -> str:
+    """Run ``notebook``'s code cells in a fresh kernel and export from it; returns what the export printed.
+    Raises HeadlessRunError (naming the cell) when a cell fails or the export refuses."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    notebook = Path(notebook).resolve()
+    nb = nbformat.read(str(notebook), as_version=4)
+    code = []
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        if any(line.lstrip().startswith("%model_export") for line in cell.source.splitlines()):
+            break  # as the CLI reads a notebook: what runs before the first export
+        code.append((index, cell))
+    if last_cell_of([cell.source for _, cell in code], "model") is None:
+        raise HeadlessRunError(f"{notebook} has no `%%model` cell (before any %model_export), so there is no model "
+                               "to export.")
+    if not any("%load_ext kernel_magics" in cell.source for _, cell in code):
+        code.insert(0, (-1, nbformat.v4.new_code_cell("%load_ext kernel_magics")))
+    args = [shlex.quote(str(Path(out).resolve()))] + ["--force"] * int(force) + [
+        arg for path in data for arg in ("--data", shlex.quote(str(Path(path).resolve())))]
+    if not replay:
+        args.append("--no-replay")
+    # The kernel names the notebook in model.py's header as Jupyter Server would tell it.
+    export_cell = nbformat.v4.new_code_cell(
+        f"import os as _km_os\n_km_os.environ['JPY_SESSION_NAME'] = {str(notebook)!r}\n"
+        f"%model_export {' '.join(args)}")
+    with tempfile.TemporaryDirectory(prefix="km-execute-") as tmp:
+        # What runs, in memory: the code cells and the export (nbclient keeps each cell's outputs in it).
+        run = nbformat.v4.new_notebook(cells=[cell for _, cell in code] + [export_cell], metadata=nb.metadata)
+        client = NotebookClient(run, km=_kernel_manager(Path(tmp)), timeout=timeout, allow_errors=False,
+                                resources={"metadata": {"path": str(notebook.parent)}})
+        total = len(code)
+        with client.setup_kernel(cwd=str(notebook.parent)):
+            for n, (index, cell) in enumerate(code, 1):
+                where = f"cell {index + 1}" if index >= 0 else "added"
+                progress(f"[{n}/{total}] {where}: {_first_line(cell.source)}")
+                started = time.perf_counter()
+                try:
+                    client.execute_cell(cell, n - 1)
+                except CellExecutionError as exc:
+                    raise HeadlessRunError(
+                        f"Running {notebook.name} headlessly failed in {where} (`{_first_line(cell.source)}`): "
+                        f"{_error_of(exc)}. Nothing was exported, and the notebook file "
+                        "is unchanged. Fix the cell (it must run from a fresh kernel, top to bottom) and try again."
+                    ) from None
+                elapsed = time.perf_counter() - started
+                if elapsed >= 10:
+                    progress(f"      ({elapsed:.0f} s)")
+            progress(f"exporting from the kernel that ran {notebook.name} ...")
+            try:
+                client.execute_cell(export_cell, total)
+            except CellExecutionError as exc:
+                raise HeadlessRunError(_error_of(exc).removeprefix("UsageError: ")) from None
+    return _stream_text(export_cell.outputs)

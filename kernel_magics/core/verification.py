@@ -1,0 +1,171 @@
+"""The live value is the judge: every name model.py re-runs from source is compared with the kernel's.
+
+Reading the code cannot see an alias (``cols = FEATURES; cols.append(...)``), a function or an
+awaited coroutine that fills a global, a file deleted since, or a changed attribute of a module
+beside the notebook. So the export's fresh-process check fingerprints each name model.py rebuilds
+from source (:mod:`fingerprint`), and :class:`Verification` compares them with the kernel's live
+values: a name that differs is planned again as a value (with the measured difference as its
+reason, which ``%model_show --why`` shows), the directory is written again and checked again. The
+check stays the judge: its replay of the notebook's predictions decides.
+
+Two kinds of difference are not moved: a value that predict itself changes (a random generator, a
+cache), whose fresh state after the replay equals the live one, keeps its source (the source gives
+the state the model started from, the replay proves it); and a value without a fingerprint (it
+cannot be pickled) is not verified. When a replay differs anyway, :meth:`Verification.measured_cause`
+names the values whose fresh fingerprints differ from the live ones, and what predict changes.
+
+What one kernel learned is remembered (by the live value's fingerprint, so a changed value is judged
+again): the next export or ``%model_show --why`` plans those names as values at once.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping, Optional
+
+from .fingerprint import changed_attributes, difference, fingerprint, same
+
+__all__ = ["Verification", "remembered"]
+
+_MAX_ROUNDS = 4  # each round moves at least one name to the values; it ends sooner in practice
+_LEARNED: dict[int, dict[str, tuple[str, str]]] = {}  # id(live namespace) -> name -> (live digest, reason)
+
+
+def _resolve(live: Mapping[str, Any], name: str) -> Any:
+    head, _, attr = name.partition(".")
+    value = live[head]
+    return getattr(value, attr) if attr else value
+
+
+def remembered(live: Optional[Mapping[str, Any]]) -> dict[str, str]:
+    """The names earlier verifications in this kernel found different, whose live values are unchanged since."""
+    if live is None:
+        return {}
+    out = {}
+    for name, (digest, reason) in list(_LEARNED.get(id(live), {}).items()):
+        try:
+            now = fingerprint(_resolve(live, name))
+        except (KeyError, AttributeError):
+            now = None
+        if now is not None and now["digest"] == digest:
+            out[name] = reason
+        else:
+            del _LEARNED[id(live)][name]
+    return out
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+class Verification:
+    """Runs the fresh-process check until the names re-run from source agree with the live values."""
+
+    def __init__(self, materialized: Any, rewrite: Callable[[Any], None]) -> None:
+        self.materialized = materialized
+        self.rewrite = rewrite  # writes the build again for a new plan
+        self.live_fingerprints: dict[str, Optional[dict]] = {}
+        self.seconds = 0.0
+
+    # ------------------------------------------------------------------ what is compared
+
+    def _names(self) -> list[str]:
+        """Names re-run from source, and random generators that travel as values (to tell what predict changes)."""
+        from .values import stateful_kind
+
+        source = self.materialized.source
+        live = self.materialized.live
+        names = list(source.verify)
+        for inc in source.included:
+            if inc.travels == "value" and inc.name in live and "random generator" in (stateful_kind(live[inc.name]) or ""):
+                names.append(inc.name)
+        return names
+
+    def _live(self, name: str) -> Optional[dict]:
+        if name not in self.live_fingerprints:
+            started = time.perf_counter()
+            self.live_fingerprints[name] = fingerprint(self.materialized.live[name])
+            self.seconds += time.perf_counter() - started
+        return self.live_fingerprints[name]
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, check: Callable[[list[str]], tuple]) -> tuple:
+        """``check(names)`` runs the fresh process fingerprinting ``names`` and returns (report, truss)."""
+        report, truss = None, None
+        for _ in range(_MAX_ROUNDS):
+            if self.materialized.live is None:  # the CLI: no live values (it refuses what it cannot prove)
+                return check([])
+            names = self._names()
+            for name in names:
+                self._live(name)
+            report, truss = check(names)
+            report.stages["verify live"] = self.seconds
+            differ = self._differences(report)
+            if not differ:
+                break
+            live = self.materialized.live
+            learned = _LEARNED.setdefault(id(live), {})
+            for name, reason in differ.items():
+                found = fingerprint(_resolve(live, name)) if "." in name else self._live(name)
+                if found is not None:
+                    learned[name] = (found["digest"], reason)
+            self.materialized = self.materialized.rebuild(differ)
+            self.rewrite(self.materialized)
+        return report, truss
+
+    def _differences(self, report: Any) -> dict[str, str]:
+        """Names to move to the values, with why (measured)."""
+        source = self.materialized.source
+        differ: dict[str, str] = {}
+        line = getattr(report, "model_line", None)
+        if report.error and line:
+            name = source.name_at_line(line)
+            if name is not None:  # re-running its statement fails here (a file deleted since, ...)
+                differ[name] = f"re-running its source fails in a fresh Python ({report.error})"
+                return differ
+        start = report.fingerprints.get("start", {})
+        after = report.fingerprints.get("after_replay", {})
+        for name in source.verify:
+            live, fresh = self._live(name), start.get(name)
+            if live is None or fresh is None or same(live, fresh):
+                continue
+            if live.get("kind") == "module":
+                for attr in changed_attributes(live, fresh):
+                    why = difference(live["items"][attr], fresh["items"][attr])
+                    differ[f"{name}.{attr}"] = f"the notebook changed it, and importing {name} afresh gives " + (
+                        why.replace("re-running its source gives ", "", 1))
+                continue
+            if same(live, after.get(name)):
+                continue  # predict changes it, and the replay from its source state ends where the notebook is
+            if live.get("kind") == "random" and report.replayed:
+                continue  # predict consumes it: its source gives the starting state; the replay judges
+            differ[name] = difference(live, fresh)
+        return differ
+
+    def measured_cause(self, report: Any) -> Optional[str]:
+        """When a replay differs: the values whose fresh fingerprints differ from the live ones, and what
+        predict changes (None when every verified value agrees)."""
+        live_ns = self.materialized.live
+        if live_ns is None:
+            return None
+        source = self.materialized.source
+        travels = {inc.name: inc.travels for inc in source.included}
+        start = report.fingerprints.get("start", {})
+        after = report.fingerprints.get("after_replay", {})
+        parts = []
+        for name in self._names():
+            live, fresh, later = self.live_fingerprints.get(name), start.get(name), after.get(name)
+            what = f"`{name}` (a {_type_name(live_ns[name])})"
+            if fresh is not None and later is not None and not same(fresh, later):
+                if travels.get(name) == "value":
+                    parts.append(f"{what} changes each time predict runs, and the export saves it as it is now, after "
+                                 "the notebook's predictions, so the replay cannot start from the state they started "
+                                 "from. Create (and seed) it inside load(), or pass a seed with each request")
+                else:
+                    parts.append(f"{what} changes each time predict runs: the export starts from its source's state, "
+                                 "the notebook's predictions started from another. Create (and seed) it inside load()")
+            elif live is not None and fresh is not None and not same(live, fresh):
+                parts.append(f"{what}: {difference(live, fresh)}")
+        return "; ".join(parts) or None
