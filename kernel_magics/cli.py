@@ -23,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="Export a notebook's model as a Truss directory, without running the notebook.")
     export.add_argument("notebook", type=Path, help="The .ipynb file.")
     export.add_argument("out", type=Path, help="Directory to write.")
-    export.add_argument("--force", action="store_true",
-                        help="Replace OUT if an earlier export made it (never a folder holding the notebook).")
+    export.add_argument("--force", action="count", default=0,
+                        help="Replace OUT if an earlier export made it (never a folder holding the notebook); "
+                             "twice to replace it even with files the export did not write (never a .git).")
     export.add_argument("--data", action="append", default=[], type=Path, metavar="PATH",
                         help="A file or folder to copy into data/ (repeatable).")
     export.add_argument("--no-replay", action="store_true",

@@ -121,7 +121,10 @@ class Kernel:
                         output["data"] = content["data"]
             elif kind == "error":
                 ex.outputs.append({"type": "error", **content})
-        ex.reply = self.kc.get_shell_msg(timeout=timeout)["content"]
+        reply = self.kc.get_shell_msg(timeout=timeout)
+        while reply["parent_header"].get("msg_id") != msg_id:  # start_channels' kernel_info reply, say
+            reply = self.kc.get_shell_msg(timeout=timeout)
+        ex.reply = reply["content"]
         ex.status = ex.reply["status"]
         return ex
 

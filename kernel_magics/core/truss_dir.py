@@ -18,6 +18,7 @@ go through it. The check itself is a module command::
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import json
 import os
@@ -222,26 +223,51 @@ class TrussDir:
         what the directory carries (and installed distributions) can be imported; ``-B``
         writes no ``__pycache__`` into it. Raises TrussDirError when the model does not work.
         """
-        with tempfile.TemporaryDirectory(prefix="km-check-") as tmp:
-            report_path = Path(tmp) / "report.json"
+        from .scratch import ScratchDir, remove_tree
+
+        # The check's own folder, locked while it runs (a later check removes it if this process is
+        # killed); it is also the child's working directory, so files the model writes there while
+        # it loads and replays are thrown away instead of landing in the export.
+        scratch = ScratchDir(Path(tempfile.gettempdir()), "km-check-")
+        tmp = scratch.path
+        try:
+            report_path = tmp / "report.json"
+            output_path = tmp / "output.txt"
             command = [python, "-I", "-B", "-m", "kernel_magics.core.truss_dir", "check", str(self.root),
                        "--report", str(report_path)] + (["--load"] if load else [])
-            payload = json.dumps({"secrets": secrets or {}, "replay": list(replay),
+            payload = json.dumps({"secrets": secrets or {}, "replay": list(replay), "parent": os.getpid(),
                                   "fingerprint": list(fingerprint)})
             started = time.perf_counter()
+            # Output goes to a file, not a pipe: a process load() starts inherits the child's output,
+            # and a pipe would keep this side waiting until that helper exits. We wait for the child
+            # alone; its own session lets us stop whatever it left running once it is done.
+            with open(output_path, "wb") as output:
+                proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=output, stderr=subprocess.STDOUT,
+                                        cwd=tmp, env=_child_env(), start_new_session=True)
             try:
-                done = subprocess.run(command, input=payload, cwd=self.root, capture_output=True, text=True,
-                                      timeout=timeout, env=_child_env())
-            except subprocess.TimeoutExpired:
-                raise TrussDirError(f"The model in {self.root} took over {timeout:.0f} s to "
-                                    f"{'load' if load else 'import'} in a fresh Python. Move slow work out of "
-                                    "import time into load(), or skip the check.") from None
+                try:
+                    proc.stdin.write(payload.encode())
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass  # the child died at once; its output says why
+                try:
+                    returncode = proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    raise TrussDirError(f"The model in {self.root} took over {timeout:.0f} s to "
+                                        f"{'load' if load else 'import'} in a fresh Python. Move slow work out of "
+                                        "import time into load(), or skip the check.") from None
+            finally:
+                _stop_group(proc)
             seconds = time.perf_counter() - started
+            text = _tail(output_path)
             if not report_path.is_file():
-                tail = (done.stderr.strip().splitlines() or ["it exited without a word"])[-1]
-                raise TrussDirError(f"The fresh-process check of {self.root} crashed (exit code {done.returncode}): "
+                tail = (text.strip().splitlines() or ["it exited without a word"])[-1]
+                raise TrussDirError(f"The fresh-process check of {self.root} crashed (exit code {returncode}): "
                                     f"{tail}")
-            report = CheckReport(**json.loads(report_path.read_text()), seconds=seconds, output=done.stdout + done.stderr)
+            report = CheckReport(**json.loads(report_path.read_text()), seconds=seconds, output=text)
+        finally:
+            scratch.release()
+            remove_tree(tmp)
         return report
 
 
@@ -330,6 +356,7 @@ class CheckReport:
     model_line: Optional[int] = None  # where in model.py (top level) the error happened
     replayed: list = field(default_factory=list)  # one dict per replayed input: index, ok, got, why
     stages: dict = field(default_factory=dict)  # seconds in the child: import, load, replay
+    left_running: list = field(default_factory=list)  # what the model started and left running: threads, processes
     fingerprints: dict = field(default_factory=dict)  # "start"/"after_replay" -> name -> fingerprint
     seconds: float = 0.0
     output: str = ""
@@ -337,6 +364,49 @@ class CheckReport:
     @property
     def mismatches(self) -> list:
         return [r for r in self.replayed if not r["ok"]]
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop the check child, if it still runs, and every process it started that stayed in its session."""
+    import signal
+
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        proc.wait(5)
+
+
+def _tail(path: Path, limit: int = 64 * 1024) -> str:
+    """The last ``limit`` bytes of the child's output (a model may print a lot)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _left_running() -> list[str]:
+    """What still runs in this process besides the main thread: threads that would keep Python
+    from exiting, and child processes (Linux), each described in a few words."""
+    import threading
+
+    found = [f"thread `{t.name}`" for t in threading.enumerate()  # (our own predict pool's threads aside)
+             if t is not threading.main_thread() and t.is_alive() and not t.daemon
+             and not t.name.startswith(("model-predict", "model-health"))]
+    me = os.getpid()
+    with contextlib.suppress(OSError):
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                if int(fields[1]) != me or fields[0] == b"Z":  # (a child that already ended is no matter)
+                    continue
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+                found.append(f"process {pid} `{cmd[:80]}`")
+    return found
 
 
 def _child_env() -> dict:
@@ -352,6 +422,14 @@ def _run_check(root: Path, report_path: Path, load: bool) -> int:
     import asyncio
 
     options = json.loads(sys.stdin.read() or "{}")
+    from .scratch import die_with_parent
+
+    die_with_parent(options.get("parent"))
+    # What load() starts must not hold the parent's end of our stdin either.
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
     report: dict[str, Any] = {"ok": False, "stage": "import", "stages": {}}
     host = None
     clock = time.perf_counter()
@@ -363,6 +441,7 @@ def _run_check(root: Path, report_path: Path, load: bool) -> int:
         clock = now
 
     def finish() -> int:
+        report["left_running"] = _left_running()
         report_path.write_text(json.dumps(report, default=str))
         return 0 if report["ok"] else 1
 
@@ -452,4 +531,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The report is written: the check's work is done. Threads or processes the model started
+    # must not keep this process alive (the parent stops what is left).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

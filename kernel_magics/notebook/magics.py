@@ -218,9 +218,8 @@ class ModelMagics(Magics):
         if not self.host.loading:
             return
         print("Waiting for the background load to finish ...", flush=True)
-        thread = self.host._load_thread
-        while thread is not None and thread.is_alive():
-            thread.join(0.1)  # short joins keep a kernel interrupt deliverable
+        while not self.host.wait_load(0.1):
+            pass
 
     @property
     def notebook_name(self) -> str:

@@ -88,13 +88,13 @@ class RunMagics(Magics):
             if args.background and view is None:
                 print(f"Background load failed: {host.describe_error(exc)}" if exc else self._loaded_line(), flush=True)
 
-        thread = self.model.run(host.start_load, device, echo=view is None, on_done=done)
-        if args.background:
-            print("Loading in the background; %model_predict waits for it to finish.")
-            return None
-        try:
-            while thread.is_alive():
-                thread.join(0.1)  # short joins keep a kernel interrupt deliverable
+        try:  # from the start: an interrupt may land while the thread starts
+            self.model.run(host.start_load, device, echo=view is None, on_done=done)
+            if args.background:
+                print("Loading in the background; %model_predict waits for it to finish.")
+                return None
+            while not host.wait_load(0.1):
+                pass
         except KeyboardInterrupt:
             stopped = host.interrupt_load()
             print("Interrupted: load() was stopped; the model's state is 'failed'." if stopped else

@@ -63,8 +63,9 @@ class ShipMagics(Magics):
 
     @magic_arguments()
     @argument("dir", help="Directory to write the Truss to.")
-    @argument("--force", action="store_true",
-              help="Replace DIR if an earlier export made it (never a folder holding the notebook or your files).")
+    @argument("--force", action="count", default=0,
+              help="Replace DIR if an earlier export made it (never a folder holding the notebook); twice to "
+                   "replace it even with files the export did not write (never a .git).")
     @argument("--data", action="append", default=[], metavar="PATH", help="A file or folder to copy into data/ (repeatable).")
     @argument("--no-replay", action="store_true",
               help="Skip replaying the notebook's recorded predictions against the export (it is then not checked "
@@ -87,7 +88,7 @@ class ShipMagics(Magics):
         self._export(target, force=args.force, data=[Path(unquote(p)) for p in args.data], replay=not args.no_replay)
         return None
 
-    def _export(self, target: Path, *, force: bool, data: list, replay: bool, quiet: bool = False):
+    def _export(self, target: Path, *, force: int, data: list, replay: bool, quiet: bool = False):
         from ..core.export import export_model
 
         model = self.model
