@@ -238,7 +238,8 @@ def test_kernel_export_errors_leave_nothing_behind(tmp_path):
         usage_error(k.execute("%model_export out --force"))
         assert (tmp_path / "out" / "mine.txt").exists() and leftovers(tmp_path) == []
         k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return 2")
-        k.ok('%model_export "out" --force')  # quotes, as a path with spaces needs, are not part of the name
+        assert "mine.txt" in usage_error(k.execute('%model_export "out" --force'))  # a file it did not write
+        k.ok('%model_export "out" --force --force')  # quotes, as a path with spaces needs, are not part of the name
         assert not (tmp_path / "out" / "mine.txt").exists() and "return 2" in (tmp_path / "out/model/model.py").read_text()
         assert "does not exist" in usage_error(k.execute("%model_export out2 --data nowhere.bin"))
         assert not (tmp_path / "out2").exists() and leftovers(tmp_path) == []
@@ -295,3 +296,54 @@ def test_requirements_pinning_rules():
     assert warnings == ["could not tell which distribution provides module `notinstalled_xyz`; add it to requirements yourself."]
     with pytest.raises(MaterializeError, match="imports kernel_magics"):
         pin_requirements([], ["kernel_magics"])
+
+
+# ---------------------------------------------------------------- --force: only what the export wrote, in one step
+
+SIMPLE = "%%model\nclass Model:\n    def predict(self, model_input):\n        return 1"
+
+
+def test_force_refuses_files_the_export_did_not_write_unless_given_twice_and_never_deletes_a_git(tmp_path):
+    import shutil
+
+    nb = write_notebook(tmp_path / "nb.ipynb", [SIMPLE])
+    out = tmp_path / "out"
+    assert cli("export", nb, out).returncode == 0
+    assert cli("export", nb, out, "--force").returncode == 0  # only its own files there: replaced
+    (out / "notes.md").write_text("mine")
+    (out / "config.yaml").write_text((out / "config.yaml").read_text() + "# tuned by hand\n")
+    done = cli("export", nb, out, "--force")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "config.yaml (changed), notes.md" in done.stderr and "--force twice" in done.stderr
+    assert (out / "notes.md").read_text() == "mine" and "# tuned by hand" in (out / "config.yaml").read_text()
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    done = cli("export", nb, out, "--force", "--force")
+    assert done.returncode == 1 and "holds a .git folder" in done.stderr
+    assert (out / ".git" / "HEAD").exists() and (out / "notes.md").exists()
+    shutil.rmtree(out / ".git")
+    done = cli("export", nb, out, "--force", "--force")
+    assert done.returncode == 0, done.stderr
+    assert not (out / "notes.md").exists() and "# tuned by hand" not in (out / "config.yaml").read_text()
+    assert leftovers(tmp_path) == []
+
+
+def test_force_swaps_the_folders_in_one_step(tmp_path, monkeypatch):
+    from kernel_magics.core import export, scratch
+
+    target = tmp_path / "t"
+    target.mkdir()
+    (target / export.MARKER).write_text(json.dumps({"id": "earlier"}))
+    (target / "old.txt").write_text("old")
+    build = scratch.ScratchDir(tmp_path, ".t.building-")
+    (build.path / "new.txt").write_text("new")
+
+    def no_rename(*args):  # two renames would leave a moment with no target
+        raise AssertionError(f"rename {args}: the swap was not one atomic exchange")
+
+    monkeypatch.setattr(export.os, "rename", no_rename)
+    try:
+        assert export._swap_into_place(build.path, target, "earlier", build) == []
+    finally:
+        build.release()
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"] and leftovers(tmp_path) == []

@@ -237,7 +237,7 @@ def test_force_over_a_symlink_and_over_read_only_parts_leaves_nothing_behind(tmp
     (tmp_path / "real" / "data" / "locked").mkdir(parents=True)
     (tmp_path / "real" / "data" / "locked" / "f.txt").write_text("x")
     os.chmod(tmp_path / "real" / "data" / "locked", 0o500)
-    done = cli("export", nb, tmp_path / "real", "--force")
+    done = cli("export", nb, tmp_path / "real", "--force", "--force")  # twice: the files are not the export's
     assert done.returncode == 0 and "warning" not in done.stderr, done.stderr
     assert leftovers(tmp_path) == [] and not (tmp_path / "real" / "data" / "locked").exists()
 
@@ -387,3 +387,135 @@ def test_flags_are_declared_so_typos_are_errors(kernel):
     assert ex.reply["ename"] == "UsageError" and "Unknown option --typo" in ex.reply["evalue"]
     helps = json.dumps(kernel.ok("%model_predict?").reply["payload"])  # the pager shows the docstring
     assert "--header" in helps and "--method" in helps and "--no-widget" in helps
+
+
+# ---------------------------------------------------------------- 13. an interrupt stops load(), and a retry starts at once
+
+def _interrupt_when(k: Kernel, marker) -> None:
+    """Interrupt the kernel once ``marker`` exists (from a thread: the cell is busy meanwhile)."""
+    import threading
+
+    def watch() -> None:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        k.interrupt()
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _run(k: Kernel, code: str, **kw):
+    """Execute and fail on an error output. (The outputs, not the reply: the harness can pair a cell with
+    the previous cell's reply, which matters right after a cell that failed.)"""
+    ex = k.execute(code, **kw)
+    assert ex.error is None, f"cell failed:\n{code}\n{ex.error_text}"
+    return ex
+
+
+def test_interrupting_model_load_stops_load_and_a_retry_does_not_wait_for_it(tmp_path, request):
+    started = tmp_path / "started"
+    k = Kernel(cwd=str(tmp_path))
+    request.addfinalizer(k.shutdown)
+    _run(k, "%load_ext kernel_magics\nimport time, pathlib\nSLOW, STOPPED = True, []")
+    _run(k, f"%%model\nclass Model:\n    def load(self):\n        pathlib.Path({str(started)!r}).write_text('x')\n"
+         "        try:\n            while SLOW:\n                time.sleep(0.01)\n        finally:\n"
+         "            STOPPED.append(1)\n    def predict(self, model_input):\n        return 'ok'")
+    _interrupt_when(k, started)
+    ex = k.execute("%model_load --no-widget", timeout=60)
+    assert ex.error and ex.error["ename"] == "KeyboardInterrupt", ex.all_text
+    assert "load() was stopped" in ex.stdout
+    # load() really stopped (its finally ran before the interrupt was reported), and the state says so.
+    assert _run(k, "print(STOPPED)").stdout.strip() == "[1]"
+    assert "state: failed" in _run(k, "%model_status").stdout
+    # With SLOW still True, a retry that waited for the old load would never return.
+    started.unlink()
+    _interrupt_when(k, started)
+    assert k.execute("%model_load --no-widget", timeout=60).error["ename"] == "KeyboardInterrupt"
+    _run(k, "SLOW = False")
+    _run(k, "%model_load --no-widget")
+    assert _run(k, "%model_predict {}").result == "'ok'"
+
+
+# ---------------------------------------------------------------- 14. the export's check is bounded by its own work
+
+HELPER_LOAD = '''%%model
+class Model:
+    def load(self):
+        import subprocess, sys, threading, time
+        # A helper that never exits: it inherits the check's stdout and stderr.
+        self.helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        pathlib.Path(PIDS).write_text(str(self.helper.pid))
+        threading.Thread(target=time.sleep, args=(600,), name="forever").start()
+    def predict(self, model_input):
+        return "ok"
+'''
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has stopped running
+    except FileNotFoundError:
+        return True
+
+
+def test_a_helper_that_load_leaves_running_does_not_hold_the_export(tmp_path, request):
+    pids = tmp_path / "helper.pid"
+    k = Kernel(cwd=str(tmp_path))
+    request.addfinalizer(k.shutdown)
+    k.ok(f"%load_ext kernel_magics\nimport pathlib\nPIDS = {str(pids)!r}")
+    k.ok(HELPER_LOAD)
+    k.ok("%model_load --no-widget")
+    kernel_helper = int(pids.read_text())
+    assert k.ok("%model_predict {}").result == "'ok'"
+    ex = k.ok("%model_export out", timeout=90)  # before: waited for the helper (30 minutes)
+    assert "Replayed 1 recorded prediction" in ex.stdout
+    warning = "\n".join(line for line in ex.stdout.splitlines() if line.startswith("warning:"))
+    assert "thread `forever`" in warning and "time.sleep(600)" in warning and "stopped it" in warning
+    checked_helper = int(pids.read_text())
+    assert checked_helper != kernel_helper
+    deadline = time.monotonic() + 30
+    while not _gone(checked_helper) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(checked_helper)  # the check's helper was stopped with the check
+    assert not _gone(kernel_helper)  # the kernel's own is the notebook's business
+    k.ok("model = get_ipython().magics_manager.registry['ModelMagics']\nmodel.host.instance.helper.kill()")
+
+
+# ---------------------------------------------------------------- 15. kill -9 during an export leaves nothing for long
+
+BLOCKING_INIT = '''%%model
+class Model:
+    def __init__(self):
+        import os, pathlib, time
+        if os.environ.get("KM_BLOCK"):
+            pathlib.Path(os.environ["KM_BLOCK"]).write_text(str(os.getpid()))
+            time.sleep(600)
+    def predict(self, model_input):
+        return 1
+'''
+
+
+def test_kill_9_during_an_export_the_checker_dies_and_the_next_export_cleans_up(tmp_path):
+    nb = write_notebook(tmp_path / "nb.ipynb", [BLOCKING_INIT])
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    marker = tmp_path / "checker.pid"
+    env = {**os.environ, "TMPDIR": str(temp)}
+    command = [sys.executable, "-m", "kernel_magics", "export", str(nb), str(tmp_path / "out")]
+    proc = subprocess.Popen(command, env={**env, "KM_BLOCK": str(marker)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    checker = int(marker.read_text())
+    assert leftovers(tmp_path) and [p.name for p in temp.iterdir() if p.name.startswith("km-check-")]
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while not _gone(checker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(checker)  # the checker died with its parent
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert leftovers(tmp_path) == [] and list(temp.iterdir()) == []

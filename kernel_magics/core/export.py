@@ -5,32 +5,33 @@ passed the fresh-process check: it imports and instantiates on its own and,
 when the notebook recorded predictions, loads and answers each of them as the
 notebook did. A failure at any step leaves nothing behind and never touches a
 previous export. ``--force`` replaces only a directory an earlier export made
-(it carries a marker file) or an empty one, never one that holds the notebook
-or the working directory.
+(it carries a marker file listing what it wrote) or an empty one, never one that
+holds the notebook or the working directory; files the export did not write need
+``--force`` twice, and a ``.git`` is never deleted. The swap is one atomic exchange
+where the OS has one; a build a killed export left behind is removed by the next
+export to the same target.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.metadata
 import json
 import os
 import shutil
-import stat
 import sys
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
 from .config import ModelConfig
 from .errors import KernelMagicsError
 from .replay import PredictionRecord
+from .scratch import ScratchDir, exchange, locked, remove_tree, sweep_stale
 from .source import MaterializeError, ModelSource, build_model_source, is_stdlib
 from .values import VALUES_DIR
 from .verification import Verification
@@ -236,8 +237,9 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def _check_target(target: Path, force: bool, protected: Sequence[Path]) -> Optional[str]:
-    """Refuse a target that would lose data; returns the marker id of an earlier export there."""
+def _check_target(target: Path, force: int, protected: Sequence[Path]) -> Optional[str]:
+    """Refuse a target that would lose data; returns the marker id of an earlier export there.
+    ``force``: how many times --force was given (twice also replaces files the export did not write)."""
     if target.is_symlink():
         raise ExportError(f"{target} is a symbolic link. Export to a real directory path (or remove the link).")
     for kept in protected:
@@ -261,6 +263,14 @@ def _check_target(target: Path, force: bool, protected: Sequence[Path]) -> Optio
     if marker is None:
         raise ExportError(f"{target} is not empty and no export made it (it has no {MARKER} file), so --force "
                           "will not replace it. Choose a new directory, or empty this one yourself.")
+    if (target / ".git").exists():
+        raise ExportError(f"{target} holds a .git folder, and an export never deletes one. Move the export's "
+                          "files elsewhere or export to a new directory (then copy the .git there yourself).")
+    foreign = _not_written_by_export(target)
+    if foreign and force < 2:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ExportError(f"{target} holds files the earlier export did not write ({shown}), so --force will not "
+                          "replace it. Move them out first, or pass --force twice to replace the folder with them.")
     return marker
 
 
@@ -269,6 +279,34 @@ def _marker_of(folder: Path) -> Optional[str]:
         return json.loads((folder / MARKER).read_text()).get("id")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _snapshot(root: Path) -> dict[str, list[int]]:
+    """Every file under ``root`` (relative path -> [size, mtime in ns]), what a marker records."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        for name in filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if rel == MARKER:
+                continue
+            info = path.lstat()
+            found[rel] = [info.st_size, info.st_mtime_ns]
+    return found
+
+
+def _not_written_by_export(target: Path) -> list[str]:
+    """Files in an earlier export that it did not write as they are now: added, or changed since."""
+    try:
+        written = json.loads((target / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        written = None
+    now = _snapshot(target)
+    if not isinstance(written, dict):  # an export from before markers listed files: nothing is known
+        return sorted(now)
+    return sorted(rel + (" (changed)" if rel in written else "") for rel, seen in now.items()
+                  if written.get(rel) != seen)
 
 
 def _check_data(sources: Sequence[Path], target: Path) -> None:
@@ -302,7 +340,7 @@ def export_model(
     *,
     base_dir: Path,
     data: Sequence[Path] = (),
-    force: bool = False,
+    force: int = 0,
     protected: Sequence[Path] = (),
     secrets: Optional[dict[str, str]] = None,
     secret_values: Iterable[str] = (),
@@ -312,6 +350,7 @@ def export_model(
 ) -> ExportResult:
     """Write the Truss directory at ``target`` atomically, after it proved itself in a fresh process.
 
+    ``force``: replace an earlier export at ``target`` (2: even with files it did not write).
     ``protected``: paths an export must never replace (the notebook, the working directory).
     ``secrets``: values the fresh process may read (never written anywhere); ``secret_values``:
     values no saved file may contain. ``replay`` off skips replaying the recorded predictions;
@@ -335,9 +374,12 @@ def export_model(
     _check_data(data_sources, target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        build = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+        # Held (flock) while this export runs: a later export to the same target removes it if we are killed.
+        scratch = ScratchDir(target.parent, f".{target.name}.building-")
+        sweep_stale(target.parent, f".{target.name}.old-")
     except OSError as exc:
         raise ExportError(f"Cannot write in {target.parent}: {exc.strerror}. Choose a folder you can write to.") from None
+    build = scratch.path
     result = ExportResult(target, [], list(materialized.warnings))
     try:
         _write(build, materialized, data_sources)
@@ -347,16 +389,20 @@ def export_model(
         record = materialized.record if replay else None
         started = time.perf_counter()
         verification = Verification(materialized, lambda m: _rewrite(build, m, data_sources, secret_values))
-        result.replayed, stages = _check(build, record, secrets, python, explain_mismatch, verification)
+        result.replayed, stages, notes = _check(build, record, secrets, python, explain_mismatch, verification)
+        result.warnings += notes
         result.source = verification.materialized.source
         result.timings["check"] = time.perf_counter() - started
         result.timings.update(stages)
         result.replay_note = _replay_note(materialized.record, replay, result.replayed)
-        (build / MARKER).write_text(json.dumps({"exported_by": "kernel-magics", "id": uuid.uuid4().hex}) + "\n")
-        result.warnings += _swap_into_place(build, target, marker)
+        (build / MARKER).write_text(json.dumps({"exported_by": "kernel-magics", "id": uuid.uuid4().hex,
+                                                "files": _snapshot(build)}) + "\n")
+        result.warnings += _swap_into_place(build, target, marker, scratch)
     except BaseException:
-        _remove_tree(build)
+        remove_tree(build)
         raise
+    finally:
+        scratch.release()
     result.files = _list_files(target)
     return result
 
@@ -390,8 +436,7 @@ def _save_values(build: Path, materialized: Materialized, secret_values: Iterabl
         except Exception as exc:
             raise ExportError(f"Could not save the value of `{plan.name}` ({plan.format}): {type(exc).__name__}: "
                               f"{exc}. Build it inside load() instead.") from None
-        data = (folder / plan.filename).read_bytes() if (folder / plan.filename).is_file() else b""
-        if any(secret in data for secret in secrets):
+        if _file_contains(folder / plan.filename, secrets):
             raise ExportError(f"The saved value of `{plan.name}` contains a secret's value, and secrets are never "
                               "written to disk. Read the secret in load() from `secrets` instead of keeping it in "
                               "a notebook variable the model uses.")
@@ -401,18 +446,34 @@ def _rewrite(build: Path, materialized: Materialized, data_sources: Sequence[Pat
     """Write the build again from scratch for a new plan (the verification moved names to values)."""
     for child in list(build.iterdir()):
         if child.is_dir() and not child.is_symlink():
-            _remove_tree(child)
+            remove_tree(child)
         else:
             child.unlink()
     _write(build, materialized, data_sources)
     _save_values(build, materialized, secret_values)
 
 
+def _file_contains(path: Path, needles: Sequence[bytes], chunk: int = 1 << 20) -> bool:
+    """Whether a file holds any of ``needles``, read in chunks (a saved value may be larger than the
+    memory the kernel can spare twice); consecutive chunks overlap by the longest needle."""
+    if not needles or not path.is_file():
+        return False
+    keep = max(len(n) for n in needles) - 1
+    tail = b""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            window = tail + block
+            if any(n in window for n in needles):
+                return True
+            tail = window[-keep:] if keep else b""
+    return False
+
+
 def _check(build: Path, record: Optional[PredictionRecord], secrets: Optional[dict], python: str,
-           explain_mismatch: Any, verification: "Verification") -> tuple[int, dict]:
+           explain_mismatch: Any, verification: "Verification") -> tuple[int, dict, list[str]]:
     """The fresh-process check; with recorded predictions, load and replay each. Names re-run from
     source are verified against the kernel's live values on the way (see verification.py).
-    Returns how many were replayed and the child's seconds per stage."""
+    Returns how many were replayed, the child's seconds per stage, and warnings."""
     from .truss_dir import explain_check_failure
 
     replay = [r.as_dict() for r in record] if record is not None else []
@@ -423,7 +484,12 @@ def _check(build: Path, record: Optional[PredictionRecord], secrets: Optional[di
     for item in report.mismatches:
         explain = (lambda index: measured) if measured else explain_mismatch
         raise ExportError(_mismatch_message(record, item, explain))
-    return len(replay), report.stages
+    notes = []
+    if report.left_running:
+        notes.append(f"the model left {', '.join(report.left_running[:3])} running when the fresh-process check "
+                     "ended; the check did not wait for it and stopped it. A deployment would keep it running: "
+                     "make it a daemon thread, or stop it when the model is done.")
+    return len(replay), report.stages, notes
 
 
 def _run_fresh(build: Path, replay: list, secrets: Optional[dict], python: str, fingerprint: Sequence[str]):
@@ -458,21 +524,12 @@ def _mismatch_message(record: PredictionRecord, item: dict, explain: Any) -> str
     )
 
 
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock on a folder while exports swap directories in it (held for milliseconds)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+def _swap_into_place(build: Path, target: Path, marker: Optional[str], scratch: ScratchDir) -> list[str]:
+    """Put the build at the target; refuse if the target changed since the export began.
 
-
-def _swap_into_place(build: Path, target: Path, marker: Optional[str]) -> list[str]:
-    """Rename the build to the target; refuse if the target changed since the export began."""
-    with _locked(target.parent):
+    Over an earlier export the two folders are exchanged in one step where the OS can
+    (Linux renameat2); elsewhere two renames leave the target missing for a moment."""
+    with locked(target.parent):
         if target.is_symlink() or (target.exists() and _marker_of(target) != marker) or (
                 marker is None and target.is_dir() and any(target.iterdir())):
             raise ExportError(f"{target} changed while this export ran (another export to the same place at the same "
@@ -484,38 +541,21 @@ def _swap_into_place(build: Path, target: Path, marker: Optional[str]) -> list[s
             target.rmdir()
             os.rename(build, target)
             return []
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        old.rmdir()
-        os.rename(target, old)
-        try:
-            os.rename(build, target)
-        except BaseException:
-            os.rename(old, target)  # put the previous export back
-            raise
-    if _remove_tree(old):
+        scratch.hold(target)  # the previous export stays locked while it is removed under a scratch name
+        if exchange(build, target):
+            old = build
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            old.rmdir()
+            os.rename(target, old)
+            try:
+                os.rename(build, target)
+            except BaseException:
+                os.rename(old, target)  # put the previous export back
+                raise
+    if remove_tree(old):
         return []
     return [f"the previous export was replaced, but {old} could not be deleted; delete it yourself."]
-
-
-def _remove_tree(path: Path) -> bool:
-    """Delete a folder, read-only parts included; True when it is gone."""
-    def make_writable(function, failed, _exc) -> None:
-        parent = os.path.dirname(failed)
-        for p in (parent, failed):
-            with contextlib.suppress(OSError):
-                os.chmod(p, os.stat(p).st_mode | stat.S_IWUSR | stat.S_IXUSR | stat.S_IRUSR)
-        with contextlib.suppress(OSError):
-            function(failed)
-
-    if not path.exists() and not path.is_symlink():
-        return True
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=make_writable)
-    else:
-        shutil.rmtree(path, onerror=lambda f, p, e: make_writable(f, p, e))
-    if path.exists():
-        shutil.rmtree(path, ignore_errors=True)
-    return not path.exists()
 
 
 def _list_files(root: Path) -> list[tuple[str, int]]:
