@@ -31,6 +31,7 @@ import yaml
 from .config import ModelConfig
 from .errors import KernelMagicsError
 from .replay import PredictionRecord
+from .secrets import ENV_PREFIX, SecretScanner
 from .scratch import ScratchDir, exchange, locked, remove_tree, sweep_stale
 from .source import MaterializeError, ModelSource, build_model_source, is_stdlib
 from .values import VALUES_DIR
@@ -386,6 +387,10 @@ def export_model(
         started = time.perf_counter()
         _save_values(build, materialized, secret_values)
         result.timings["capture"] = time.perf_counter() - started
+        started = time.perf_counter()
+        scanner = secret_scanner(secret_values, config)
+        scanned = refuse_secrets(build, materialized, scanner)
+        result.timings["secret_scan"] = time.perf_counter() - started
         record = materialized.record if replay else None
         started = time.perf_counter()
         verification = Verification(materialized, lambda m: _rewrite(build, m, data_sources, secret_values))
@@ -394,6 +399,7 @@ def export_model(
         result.source = verification.materialized.source
         result.timings["check"] = time.perf_counter() - started
         result.timings.update(stages)
+        refuse_secrets(build, materialized, scanner, skip=scanned)  # what the check wrote in the build
         result.replay_note = _replay_note(materialized.record, replay, result.replayed)
         (build / MARKER).write_text(json.dumps({"exported_by": "kernel-magics", "id": uuid.uuid4().hex,
                                                 "files": _snapshot(build)}) + "\n")
@@ -437,9 +443,7 @@ def _save_values(build: Path, materialized: Materialized, secret_values: Iterabl
             raise ExportError(f"Could not save the value of `{plan.name}` ({plan.format}): {type(exc).__name__}: "
                               f"{exc}. Build it inside load() instead.") from None
         if _file_contains(folder / plan.filename, secrets):
-            raise ExportError(f"The saved value of `{plan.name}` contains a secret's value, and secrets are never "
-                              "written to disk. Read the secret in load() from `secrets` instead of keeping it in "
-                              "a notebook variable the model uses.")
+            raise ExportError(_value_refusal(folder / plan.filename, plan, secret_values))
 
 
 def _rewrite(build: Path, materialized: Materialized, data_sources: Sequence[Path], secret_values: Any) -> None:
@@ -467,6 +471,104 @@ def _file_contains(path: Path, needles: Sequence[bytes], chunk: int = 1 << 20) -
                 return True
             tail = window[-keep:] if keep else b""
     return False
+
+
+# ------------------------------------------------------------------ no secret in any exported byte
+
+_NOTHING_EXPORTED = "so nothing was exported (any previous export is unchanged)"
+
+
+def secret_scanner(secret_values: Iterable[str], config: ModelConfig) -> SecretScanner:
+    """What no exported byte may hold: ``secret_values`` (a mapping of value to the secret's name, or
+    bare values) and the environment's ``TRUSS_SECRET_<name>`` of every secret the config declares."""
+    known = dict(secret_values) if isinstance(secret_values, dict) else dict.fromkeys(secret_values, "")
+    for name in config.secret_names:
+        value = os.environ.get(ENV_PREFIX + name)
+        if value:
+            known[value] = known.get(value) or name
+    return SecretScanner(known)
+
+
+def refuse_secrets(build: Path, materialized: Materialized, scanner: SecretScanner,
+                   skip: Iterable[Path] = ()) -> set[Path]:
+    """Refuse the export when any file under ``build`` holds a secret's value, in any form or encoding
+    (:class:`SecretScanner`; each file read in chunks). Returns the files scanned."""
+    skipped = set(skip)
+    files = {p for p in build.rglob("*") if p.is_file() and not p.is_symlink()} - skipped
+    if not scanner:
+        return files
+    for path in sorted(files):
+        hit = scanner.find_in_file(path)
+        if hit is not None:
+            rel = path.relative_to(build).as_posix()
+            raise ExportError(secret_refusal(rel, hit[0], _holder_of(path, rel, hit[1], materialized),
+                                             _NOTHING_EXPORTED))
+    return files
+
+
+def find_secret(materialized: Materialized, scanner: SecretScanner) -> Optional[str]:
+    """The refusal an export of ``materialized`` would give for a secret in model.py or config.yaml
+    (what %model_show checks before showing them), or None."""
+    for rel, text in (("model/model.py", materialized.source.text), ("config.yaml", materialized.config_yaml)):
+        hit = scanner.find_in_text(text)
+        if hit is not None:
+            holder = _holder_in_text(rel, text, hit[1], materialized)
+            return secret_refusal(rel, hit[0], holder, "so %model_export will refuse it")
+    return None
+
+
+def secret_refusal(where: str, name: str, holder: Optional[str], consequence: str) -> str:
+    """The one-paragraph refusal: where, which secret (its name, never its value), what to change."""
+    secret = f"secret `{name}`" if name else "a secret"
+    held = f" through {holder}" if holder else ""
+    reading = f'self._secrets["{name}"]' if name else 'self._secrets["NAME"]'
+    return (f"{where} would hold the value of {secret}{held}, and secret values are never written to disk, "
+            f"{consequence}. Read the secret in load() instead: keep `secrets` from __init__'s keyword arguments "
+            f"(self._secrets = kwargs[\"secrets\"]) and use {reading} in load() or predict(), not a notebook "
+            "variable the model uses.")
+
+
+def _value_refusal(path: Path, plan: Any, secret_values: Iterable[str]) -> str:
+    """The refusal for a saved notebook value that holds a secret (found while saving it)."""
+    known = dict(secret_values) if isinstance(secret_values, dict) else {}
+    hit = SecretScanner(known).find_in_file(path) if known and path.is_file() else None
+    return secret_refusal(f"data/{VALUES_DIR}/{plan.filename}", hit[0] if hit else "",
+                          f"the notebook value `{plan.name}` (saved as {plan.format})", _NOTHING_EXPORTED)
+
+
+def _holder_of(path: Path, rel: str, offset: int, materialized: Materialized) -> Optional[str]:
+    """Which notebook value (or part of the config) put the secret in an exported file."""
+    parts = rel.split("/")
+    if parts[:2] == ["data", VALUES_DIR] and len(parts) > 2:
+        for plan in materialized.source.values:
+            if plan.filename and Path(plan.filename).parts[0] == parts[2]:
+                return f"the notebook value `{plan.name}` (saved as {plan.format})"
+        return None
+    if rel in ("model/model.py", "config.yaml"):
+        text = path.read_bytes()[:offset].decode("utf-8", "replace")
+        return _holder_in_text(rel, path.read_text("utf-8", "replace"), len(text), materialized)
+    return None
+
+
+def _holder_in_text(rel: str, text: str, index: int, materialized: Materialized) -> Optional[str]:
+    import ast
+
+    line = text.count("\n", 0, index) + 1
+    if rel == "config.yaml":
+        keys = [ln.split(":", 1)[0] for ln in text.splitlines()[:line] if ln[:1].isalpha()]
+        return f"its `{keys[-1]}` entry" if keys else None
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return None
+    for node in tree.body:
+        if node.lineno <= line <= (node.end_lineno or node.lineno):
+            names = [n.id for t in getattr(node, "targets", [getattr(node, "target", None)]) if t is not None
+                     for n in ast.walk(t) if isinstance(n, ast.Name)]
+            names = names or [getattr(node, "name", "")]
+            shown = ", ".join(f"`{n}`" for n in names if n)
+            return f"the notebook value {shown}" if shown else None
+    return None
 
 
 def _check(build: Path, record: Optional[PredictionRecord], secrets: Optional[dict], python: str,

@@ -88,6 +88,11 @@ class ModelMagics(Magics):
         self._hidden: Any = None
         self.running_cell = ""
         self._install_result_hider()
+        from .redaction import install as redact_errors_and_logs
+
+        # Every error the kernel sends and every log record, redacted (Jupyter saves str(exc)).
+        if shell is not None:
+            redact_errors_and_logs(shell, self.host.secrets.redact)
         from .frontend import FrontendChannel, model_status
 
         # The JupyterLab extension's view of the model: every host event, config,
@@ -166,7 +171,12 @@ class ModelMagics(Magics):
         self.warned.clear()
 
     def note_prediction(self, model_input: Any, value: Any) -> None:
-        """Record a successful prediction (for replay), and when it was made."""
+        """Record a successful prediction (for replay), and when it was made; never one that holds a secret."""
+        held = self.host.secrets.held_in(model_input, value)
+        if held is not None:
+            print(f"Not recorded for the export (replay, example input): this prediction holds the value of "
+                  f"secret `{held}`, and secret values are never written to disk.")
+            return
         if self.record.add(model_input, value) >= 0:
             self.recorded_at[id(list(self.record)[-1])] = len(self.cells)
 

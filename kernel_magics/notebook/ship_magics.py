@@ -46,17 +46,25 @@ class ShipMagics(Magics):
             %model_show config.yaml
             %model_show --why
         """
+        from ..core.export import find_secret
+
         args = parse_argstring(self.model_show, line)
         result = self._materialize()
+        secrets = self.model.host.secrets
+        # A secret in what an export would write is shown as *** and named (never its value): the
+        # export refuses it, and this output is saved with the notebook.
+        refusal = find_secret(result, secrets.scanner())
+        if refusal:
+            print(f"warning: {refusal}")
         if args.why:
-            print(result.source.why())
+            print(secrets.redact(result.source.why()))
             return None
         from IPython.display import Code, display
 
         if args.file == "config.yaml":
-            display(Code(result.config_yaml, language="yaml"))
+            display(Code(secrets.redact(result.config_yaml), language="yaml"))
         else:
-            display(Code(result.source.text, language="python"))
+            display(Code(secrets.redact(result.source.text), language="python"))
         for warning in result.warnings:
             print(f"warning: {warning}")
         return None
