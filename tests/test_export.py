@@ -347,3 +347,55 @@ def test_force_swaps_the_folders_in_one_step(tmp_path, monkeypatch):
     finally:
         build.release()
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"] and leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------- the check's side effects, float tolerance, memory
+
+def test_replay_tolerance_refuses_a_later_timestamp_and_accepts_rounding_noise():
+    import struct
+
+    from kernel_magics.core.replay import compare
+
+    now = 1_764_500_000.123456
+    assert compare({"t": now}, {"t": now + 1.0}) is not None  # a timestamp a second later is another answer
+    assert compare(now, now + 0.5) is not None
+    assert compare(0.5, 0.6) is not None
+    assert compare(0.1 + 0.2, 0.3) is None  # float64 rounding
+    assert compare(1e-17, -2e-17) is None  # noise around zero
+    f32 = [struct.unpack("f", struct.pack("f", x))[0] for x in (0.1234567, 0.12345675)]  # float32 outputs
+    assert f32[0] != f32[1] and compare(f32[0], f32[1]) is None
+    assert compare([1, 2.0], [1, 2]) is None
+
+
+SIDE_EFFECT = '''%%model
+class Model:
+    def load(self):
+        import pathlib
+        pathlib.Path("written_by_load.txt").write_text("x")  # relative: lands in the working directory
+    def predict(self, model_input):
+        return 1
+'''
+
+
+def test_what_the_check_writes_in_its_working_directory_stays_out_of_the_export(tmp_path, request):
+    k = Kernel(cwd=str(tmp_path))
+    request.addfinalizer(k.shutdown)
+    k.ok("%load_ext kernel_magics")
+    k.ok(SIDE_EFFECT)
+    k.ok("%model_load --no-widget")
+    k.ok("%model_predict {}")
+    assert "Replayed 1 recorded prediction" in k.ok("%model_export out").stdout
+    assert not (tmp_path / "out" / "written_by_load.txt").exists()
+    assert sorted(files_of(tmp_path / "out")) == ["config.yaml", "model/__init__.py", "model/model.py"]
+
+
+def test_exporting_a_large_value_adds_only_a_small_buffer_to_the_kernel(tmp_path, request):
+    k = Kernel(cwd=str(tmp_path), env={"TRUSS_SECRET_tok": CANARY})  # a secret: every saved byte is scanned
+    request.addfinalizer(k.shutdown)
+    k.ok("%load_ext kernel_magics\nimport numpy as np, resource\nBIG = np.ones(300 * 2**20 // 8)")  # 300 MiB
+    k.ok("%%model_config\nsecrets: {tok: null}\n")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return float(BIG[0])")
+    peak = "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"  # KiB -> MiB, the highest so far
+    before = int(k.ok(peak).stdout)
+    assert "BIG.npy  (300.0 MiB)" in k.ok("%model_export out").stdout
+    assert int(k.ok(peak).stdout) - before < 64  # reading the file back whole for the scan added 300

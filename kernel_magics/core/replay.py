@@ -3,7 +3,7 @@
 The kernel records the last successful predictions of the current model
 definition (:class:`PredictionRecord`); the export's fresh-process check
 replays them against the exported directory and :func:`compare` decides
-whether each answer is the same: JSON-equal, floats equal to 1e-6 relative,
+whether each answer is the same: JSON-equal, floats close (:func:`floats_match`),
 a stream compared joined (which is how both sides hold it).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -19,7 +20,14 @@ __all__ = ["PredictionRecord", "Recorded", "compare", "MAX_RECORDED", "MAX_RECOR
 
 MAX_RECORDED = 20
 MAX_RECORD_BYTES = 1_000_000
-RELATIVE_TOLERANCE = 1e-6
+# Floats match to 1e-10 relative with an absolute floor of 1e-12: float64 rounding noise passes, and so
+# does noise around zero, but a timestamp taken a fraction of a second later does not (1.7e9 s x 1e-10 =
+# 0.17 s). Where both values are float32 numbers (a float32 model's output), to 1e-5 relative with a floor
+# of 1e-6: float32 keeps about 7 digits, and thread-count or kernel choices change the last ones.
+RELATIVE_TOLERANCE = 1e-10
+ABSOLUTE_FLOOR = 1e-12
+FLOAT32_RELATIVE_TOLERANCE = 1e-5
+FLOAT32_ABSOLUTE_FLOOR = 1e-6
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,7 @@ def compare(expected: Any, got: Any, path: str = "") -> Optional[str]:
     if isinstance(expected, (int, float)) and isinstance(got, (int, float)):
         if isinstance(expected, float) and isinstance(got, float) and math.isnan(expected) and math.isnan(got):
             return None
-        if expected == got or math.isclose(expected, got, rel_tol=RELATIVE_TOLERANCE, abs_tol=0.0):
+        if floats_match(expected, got):
             return None
         return _differ(path, expected, got)
     if isinstance(expected, dict) and isinstance(got, dict):
@@ -110,6 +118,24 @@ def compare(expected: Any, got: Any, path: str = "") -> Optional[str]:
                 return why
         return None
     return None if type(expected) is type(got) and expected == got else _differ(path, expected, got)
+
+
+def floats_match(expected: float, got: float) -> bool:
+    """Whether two numbers are the same answer up to floating-point noise (see RELATIVE_TOLERANCE)."""
+    if expected == got:
+        return True
+    if _is_float32(expected) and _is_float32(got):
+        return math.isclose(expected, got, rel_tol=FLOAT32_RELATIVE_TOLERANCE, abs_tol=FLOAT32_ABSOLUTE_FLOOR)
+    return math.isclose(expected, got, rel_tol=RELATIVE_TOLERANCE, abs_tol=ABSOLUTE_FLOOR)
+
+
+def _is_float32(value: Any) -> bool:
+    if not isinstance(value, float) or not math.isfinite(value):
+        return False
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0] == value
+    except OverflowError:
+        return False
 
 
 def _differ(path: str, expected: Any, got: Any) -> str:
