@@ -1,21 +1,24 @@
 """A saved .ipynb as the CLI sees it: its code cells, its config, and the predictions it recorded.
 
 The CLI has no kernel, so the notebook's own predictions are the outputs saved
-with ``%model_predict JSON`` cells (after the last ``%%model`` cell): their
-inputs and their results, read back as Python literals, are what an export
-from the file must answer too.
+with ``%model_predict JSON`` and literal ``%%predict`` cells (after the last
+``%%model`` cell): their inputs and their results, read back as Python literals
+(or, for a stream, the text it saved), are what an export from the file must
+answer too.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import ModelConfig, parse_config
 from .errors import KernelMagicsError
-from .replay import PredictionRecord
+from .magic_line import strip_comment
+from .replay import PRINTED_STREAM, PredictionRecord
 from .source import last_cell_of, split_cell_magic
 
 __all__ = ["NotebookFileError", "SavedNotebook", "read_notebook", "config_from_cells"]
@@ -34,24 +37,78 @@ class SavedNotebook:
         self.path, self.cells, self.outputs = path, cells, outputs
 
     def recorded_predictions(self) -> PredictionRecord:
-        """``%model_predict JSON`` cells after the last ``%%model`` cell whose saved result reads back."""
+        """The predictions after the last ``%%model`` cell whose input and saved answer read back: a
+        ``%model_predict JSON`` line or a ``%%predict`` cell whose body is a literal, answered by its
+        result (``Out[n]``) or, for a stream, by the text its view or its printed output saved."""
         record = PredictionRecord()
         start = (last_cell_of(self.cells, "model") or 0) + 1
         for source, outputs in zip(self.cells[start:], self.outputs[start:]):
-            line = source.strip()
-            if "\n" in line or not line.startswith("%model_predict "):
-                continue
-            text = line[len("%model_predict "):].strip()
-            if text.startswith("--"):
-                continue  # flags (headers, a method): not a plain predict
-            try:
-                model_input = json.loads(text)
-            except ValueError:
+            model_input = _literal_input(source)
+            if model_input is None:
                 continue
             result = _saved_result(outputs)
             if result is not None:
-                record.add(model_input, result[0])
+                record.add(model_input[0], result[0])
+                continue
+            printed = _saved_stream(outputs)
+            if printed is not None:
+                record.add(model_input[0], printed, shown=PRINTED_STREAM)
         return record
+
+
+def _literal_input(source: str) -> Optional[tuple]:
+    """``(input,)`` of a plain predict cell whose input is written out, else None (a variable, a
+    request header or another method: the file alone does not tell what the kernel was given)."""
+    magic, line, body = split_cell_magic(source)
+    if magic == "predict":
+        if strip_comment(line).strip() not in ("", "--no-widget"):
+            return None
+        try:
+            return (ast.literal_eval(body.strip()),)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return None
+    text = source.strip()
+    if "\n" in text or not text.startswith("%model_predict "):
+        return None
+    text = strip_comment(text[len("%model_predict "):]).strip().removesuffix(";").strip()
+    text = text.removeprefix("--no-widget").strip()
+    if text.startswith("--"):
+        return None  # flags (headers, a method): not a plain predict
+    try:
+        return (json.loads(text),)
+    except ValueError:
+        return None
+
+
+# The line a finished stream ends with, in its view's saved output and in its printed text.
+_STREAM_SUMMARY = re.compile(r"(?:^|(?<=\n))\[(?P<outcome>done|stopped|interrupted|error): \d+ chunks in [^\n]*\]\n?")
+_WAITING = "Waiting for the background load to finish ...\n"
+
+
+def _saved_stream(outputs: list) -> Optional[str]:
+    """The text a stream that ran to its end left in the cell (its view's saved output, or the text it
+    printed where there was no widget manager), up to its summary line; None for a stopped, failed or
+    interrupted stream, or no stream."""
+    for output in outputs or []:
+        if isinstance(output, dict) and output.get("output_type") == "error":
+            return None
+    candidates = []
+    for output in outputs or []:
+        if isinstance(output, dict) and output.get("output_type") == "display_data":
+            candidates.append(_text(output.get("data", {}).get("text/plain")))
+    candidates.append("".join(_text(o.get("text")) for o in outputs or []
+                              if isinstance(o, dict) and o.get("output_type") == "stream" and o.get("name") == "stdout"))
+    for text in candidates:
+        found = list(_STREAM_SUMMARY.finditer(text))
+        if found:
+            if found[-1]["outcome"] != "done":
+                return None
+            return text[:found[-1].start()].removeprefix(_WAITING)
+    return None
+
+
+def _text(value) -> str:
+    return "".join(value) if isinstance(value, list) else value if isinstance(value, str) else ""
 
 
 def _saved_result(outputs: list) -> Optional[tuple]:

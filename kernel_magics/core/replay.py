@@ -4,7 +4,9 @@ The kernel records the last successful predictions of the current model
 definition (:class:`PredictionRecord`); the export's fresh-process check
 replays them against the exported directory and :func:`compare` decides
 whether each answer is the same: JSON-equal, floats close (:func:`floats_match`),
-a stream compared joined (which is how both sides hold it).
+a stream compared joined (which is how both sides hold it). A stream read back
+from a saved notebook is only known as the text it printed, so its replayed
+answer is compared printed the same way (:func:`as_printed`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["PredictionRecord", "Recorded", "compare", "MAX_RECORDED", "MAX_RECORD_BYTES", "RELATIVE_TOLERANCE"]
+__all__ = ["PredictionRecord", "Recorded", "compare", "as_printed", "PRINTED_STREAM", "MAX_RECORDED",
+           "MAX_RECORD_BYTES", "RELATIVE_TOLERANCE"]
 
 MAX_RECORDED = 20
 MAX_RECORD_BYTES = 1_000_000
+# A recorded output that is a stream's text as the notebook printed it (see as_printed).
+PRINTED_STREAM = "printed-stream"
 # Floats match to 1e-10 relative with an absolute floor of 1e-12: float64 rounding noise passes, and so
 # does noise around zero, but a timestamp taken a fraction of a second later does not (1.7e9 s x 1e-10 =
 # 0.17 s). Where both values are float32 numbers (a float32 model's output), to 1e-5 relative with a floor
@@ -34,9 +39,10 @@ FLOAT32_ABSOLUTE_FLOOR = 1e-6
 class Recorded:
     input: Any
     output: Any
+    shown: Optional[str] = None  # PRINTED_STREAM: `output` is the text a stream printed, not its value
 
     def as_dict(self) -> dict:
-        return {"input": self.input, "output": self.output}
+        return {"input": self.input, "output": self.output, **({"shown": self.shown} if self.shown else {})}
 
 
 class PredictionRecord:
@@ -51,7 +57,7 @@ class PredictionRecord:
         self._items.clear()
         self.skipped = 0
 
-    def add(self, model_input: Any, output: Any) -> int:
+    def add(self, model_input: Any, output: Any, shown: Optional[str] = None) -> int:
         """Keep a prediction if input and result are JSON of at most 1 MB each. The latest answer to
         an input replaces an earlier one (the notebook may have changed since). Returns the position
         it was kept at, or -1."""
@@ -63,7 +69,7 @@ class PredictionRecord:
             if item.input == plain_input[0]:
                 del self._items[i]
                 break
-        self._items.append(Recorded(plain_input[0], output))
+        self._items.append(Recorded(plain_input[0], output, shown))
         return len(self._items) - 1
 
     def __iter__(self):
@@ -136,6 +142,18 @@ def _is_float32(value: Any) -> bool:
         return struct.unpack("f", struct.pack("f", value))[0] == value
     except OverflowError:
         return False
+
+
+def as_printed(answer: Any) -> str:
+    """A streamed answer as the notebook shows it (its view's text, or what it printed), up to the
+    summary line: text chunks as text, other chunks one JSON line each, then a newline if none ends it."""
+    if isinstance(answer, str):
+        text = answer
+    elif isinstance(answer, list):
+        text = "".join(c if isinstance(c, str) else json.dumps(c) + "\n" for c in answer)
+    else:
+        text = json.dumps(answer) + "\n"
+    return text if not text or text.endswith("\n") else text + "\n"
 
 
 def _differ(path: str, expected: Any, got: Any) -> str:

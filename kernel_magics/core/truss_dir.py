@@ -465,7 +465,7 @@ def _run_check(root: Path, report_path: Path, load: bool) -> int:
         lap("load")
         _fingerprints(report, "start", module_globals, verify, lap)
         report["stage"] = "replay"
-        from .replay import compare
+        from .replay import PRINTED_STREAM, as_printed, compare
 
         async def replay_all() -> None:
             for i, item in enumerate(options.get("replay", [])):
@@ -475,6 +475,8 @@ def _run_check(root: Path, report_path: Path, load: bool) -> int:
                     report["replayed"].append({"index": i, "ok": False, "got": None,
                                                "why": host.describe_error(exc)})
                     continue
+                if item.get("shown") == PRINTED_STREAM:  # a stream known only by the text it printed
+                    got = as_printed(got)
                 why = compare(item["output"], got) if "output" in item else None
                 report["replayed"].append({"index": i, "ok": why is None, "got": got, "why": why})
 
