@@ -399,3 +399,31 @@ def test_exporting_a_large_value_adds_only_a_small_buffer_to_the_kernel(tmp_path
     before = int(k.ok(peak).stdout)
     assert "BIG.npy  (300.0 MiB)" in k.ok("%model_export out").stdout
     assert int(k.ok(peak).stdout) - before < 64  # reading the file back whole for the scan added 300
+
+
+REQUEST_TAKING = '''%%model
+import fastapi
+
+
+class Model:
+    def predict(self, model_input, request: fastapi.Request):
+        return {"user": request.headers.get("x-user"), "path": request.url.path, "method": request.method,
+                "signed": request.headers.get("authorization", "").startswith("Bearer ")}
+'''
+
+
+def test_a_prediction_made_with_headers_is_replayed_with_the_same_request(tmp_path, request):
+    k = Kernel(cwd=str(tmp_path), env={"TRUSS_SECRET_tok": CANARY})
+    request.addfinalizer(k.shutdown)
+    k.ok("%load_ext kernel_magics")
+    k.ok("%%model_config\nsecrets: {tok: null}\n")
+    k.ok(REQUEST_TAKING)
+    k.ok("%model_load --no-widget")
+    ex = k.ok(f'%model_predict --header x-user:alice --header "authorization:Bearer {CANARY}" {{"q": 1}}')
+    assert "'user': 'alice'" in ex.result and "'signed': True" in ex.result
+    kept = k.ok("import json\nprint(json.dumps([r.request for r in "
+                "get_ipython().magics_manager.registry['ModelMagics'].record]))").stdout
+    assert CANARY not in kept and '["x-user", "alice"]' in kept and "/v1/models/model:predict" in kept
+    ex = k.ok("%model_export out")
+    assert "Replayed 1 recorded prediction" in ex.stdout, ex.stdout
+    assert all(CANARY.encode() not in data for data in files_of(tmp_path / "out").values())

@@ -40,9 +40,11 @@ class Recorded:
     input: Any
     output: Any
     shown: Optional[str] = None  # PRINTED_STREAM: `output` is the text a stream printed, not its value
+    request: Optional[dict] = None  # the request it was made with (model_request.describe_request), if any
 
     def as_dict(self) -> dict:
-        return {"input": self.input, "output": self.output, **({"shown": self.shown} if self.shown else {})}
+        return {"input": self.input, "output": self.output, **({"shown": self.shown} if self.shown else {}),
+                **({"request": self.request} if self.request else {})}
 
 
 class PredictionRecord:
@@ -57,7 +59,7 @@ class PredictionRecord:
         self._items.clear()
         self.skipped = 0
 
-    def add(self, model_input: Any, output: Any, shown: Optional[str] = None) -> int:
+    def add(self, model_input: Any, output: Any, shown: Optional[str] = None, request: Optional[dict] = None) -> int:
         """Keep a prediction if input and result are JSON of at most 1 MB each. The latest answer to
         an input replaces an earlier one (the notebook may have changed since). Returns the position
         it was kept at, or -1."""
@@ -69,7 +71,7 @@ class PredictionRecord:
             if item.input == plain_input[0]:
                 del self._items[i]
                 break
-        self._items.append(Recorded(plain_input[0], output, shown))
+        self._items.append(Recorded(plain_input[0], output, shown, request))
         return len(self._items) - 1
 
     def __iter__(self):

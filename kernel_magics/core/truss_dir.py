@@ -470,7 +470,10 @@ def _run_check(root: Path, report_path: Path, load: bool) -> int:
         async def replay_all() -> None:
             for i, item in enumerate(options.get("replay", [])):
                 try:
-                    got = await host.collect(item["input"])
+                    # A prediction made with a request (%model_predict --header) is replayed with the same one.
+                    from .model_request import request_from
+
+                    got = await host.collect(item["input"], request=request_from(item.get("request"), item["input"]))
                 except Exception as exc:
                     report["replayed"].append({"index": i, "ok": False, "got": None,
                                                "why": host.describe_error(exc)})

@@ -170,14 +170,14 @@ class ModelMagics(Magics):
         self.recorded_at.clear()
         self.warned.clear()
 
-    def note_prediction(self, model_input: Any, value: Any) -> None:
+    def note_prediction(self, model_input: Any, value: Any, request: Optional[dict] = None) -> None:
         """Record a successful prediction (for replay), and when it was made; never one that holds a secret."""
         held = self.host.secrets.held_in(model_input, value)
         if held is not None:
             print(f"Not recorded for the export (replay, example input): this prediction holds the value of "
                   f"secret `{held}`, and secret values are never written to disk.")
             return
-        if self.record.add(model_input, value) >= 0:
+        if self.record.add(model_input, value, request=request) >= 0:
             self.recorded_at[id(list(self.record)[-1])] = len(self.cells)
 
     def recorded_cell_count(self, index: int) -> Optional[int]:

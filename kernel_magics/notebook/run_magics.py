@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import asyncio
 import json
 import re
 from typing import Any, Optional
@@ -244,7 +243,10 @@ class RunMagics(Magics):
         # returns its partial output, which the deployment (that runs it to the end) never gives.
         whole = not streamed or model.last_stream.outcome == "done"
         if method == "predict" and host.state is ModelState.READY and whole:
-            model.note_prediction(model_input, value)
+            from ..core.model_request import describe_request
+
+            # The replay builds the same request (method, path, headers; secret values redacted).
+            model.note_prediction(model_input, value, request=describe_request(request, host.secrets.redact))
             self._warn_if_truss_would_refuse(result, streamed)
         if streamed:
             model.hide_result(value)  # the view (or the printed text) showed it already
@@ -261,40 +263,19 @@ class RunMagics(Magics):
     def _request(self, headers: list[str], method: str, model_input: Any):
         """A Starlette request built for this call, so request-taking model code runs as on a server:
         POST to the route's path, the given headers, the input as its JSON body."""
-        try:
-            from starlette.requests import Request
-        except ImportError:
-            raise UsageError("This model's predict takes the request, which needs Starlette: "
-                             "`pip install 'kernel-magics[serve]'`.") from None
-        try:
-            body = json.dumps(model_input).encode()
-        except (TypeError, ValueError):
-            body = b""  # a Python object input: the request carries no body
+        from ..core.model_request import build_request, route_path
 
         pairs = []
         for header in headers:
             name, sep, value = header.partition(":")
             if not sep or not name.strip():
                 raise UsageError(f"--header {header!r}: write it as NAME:VALUE, for example --header x-user:alice.")
-            pairs.append((name.strip().lower().encode("latin-1"), value.strip().encode("latin-1")))
-        path = "/v1/models/model:predict" if method == "predict" else f"/v1/{method.replace('_', '/')}"
-
-        if not any(name == b"content-type" for name, _ in pairs):
-            pairs.append((b"content-type", b"application/json"))
-        pairs.append((b"content-length", str(len(body)).encode()))
-        sent = []
-
-        async def receive() -> dict:
-            if not sent:
-                sent.append(True)
-                return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.Event().wait()  # the client never leaves: is_disconnected() stays False
-            return {"type": "http.disconnect"}
-
-        scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
-                 "headers": pairs, "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "scheme": "http",
-                 "http_version": "1.1", "root_path": "", "state": {}}
-        return Request(scope, receive)
+            pairs.append((name, value))
+        try:
+            return build_request(model_input, headers=pairs, path=route_path(method))
+        except ImportError:
+            raise UsageError("This model's predict takes the request, which needs Starlette: "
+                             "`pip install 'kernel-magics[serve]'`.") from None
 
     def _consume(self, stream: ChunkStream, widget: bool) -> Any:
         """Stream into a live view (or plain text) and return the joined result."""
