@@ -519,3 +519,57 @@ def test_kill_9_during_an_export_the_checker_dies_and_the_next_export_cleans_up(
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert leftovers(tmp_path) == [] and list(temp.iterdir()) == []
+
+
+# ---------------------------------------------------------------- 16. bad input: one paragraph, never a traceback
+
+def test_bad_input_in_the_magics_gets_a_one_paragraph_usage_error(tmp_path, request):
+    k = Kernel(cwd=str(tmp_path))
+    request.addfinalizer(k.shutdown)
+    k.ok("%load_ext kernel_magics")
+    k.ok(SIMPLE)
+    cases = {
+        "%model_export 'unterminated": "Close the quote",
+        "%model_serve --port -1": "--port -1: a port is a number from 1 to 65535",
+        "%model_serve --port 70000": "--port 70000: a port is a number from 1 to 65535",
+        "%model_export " + "n" * 300: "bytes long",
+        "%%model_config\nmodel_metadata: &a [*a]\n": "would contain itself",
+        "%%model_config\nmodel_metadata: {big: " + "9" * 5000 + "}\n": "integer of 5,000 digits",
+        "%%model_config\nenvironment_variables: {A: [1, 2]}\n": "must be a single value",
+        "%model_unload --all": "%model_unload takes no arguments",
+        "%model_status --verbose": "%model_status takes no arguments",
+        "%%model_config --reset\nmodel_name: x\n": "%%model_config takes no arguments",
+    }
+    for code, fragment in cases.items():
+        message = usage_error(k.execute(code))
+        assert fragment in message and len(message) < 600, (code[:60], message)
+    assert "state: defined" in k.ok("%model_status").stdout  # nothing changed on the way
+
+
+BOMB = "%%model_config\nmodel_metadata:\n  a: &a [x,x,x,x,x,x,x,x,x,x]\n" + "".join(
+    f"  {n}: &{n} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n" for p, n in zip("abcd", "bcde"))
+
+
+def test_config_folders_a_data_symlink_loop_and_an_alias_bomb_get_one_line_from_the_cli(tmp_path):
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "weights.bin").write_bytes(b"w")
+    (project / "data" / "loop").symlink_to("../data")
+    nb = write_notebook(project / "nb.ipynb", [SIMPLE])
+    done = cli("export", nb, project / "out")
+    assert done.returncode == 1 and len(done.stderr) < 600 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "is a symbolic link to a folder that contains it" in done.stderr
+    (project / "data" / "loop").unlink()
+    (tmp_path / "shared").mkdir()
+    for data_dir, fragment in (("/", "is the root directory"), ('"~"', "is your home directory")):
+        nb = write_notebook(project / "nb.ipynb", [f"%%model_config\ndata_dir: {data_dir}\n", SIMPLE])
+        done = cli("export", nb, project / "out")
+        assert done.returncode == 1 and fragment in done.stderr and len(done.stderr) < 600, done.stderr
+    nb = write_notebook(project / "nb.ipynb", ["%%model_config\ndata_dir: ../shared\n", SIMPLE])
+    done = cli("export", nb, project / "out")
+    assert done.returncode == 0 and "warning: data_dir: '../shared' is outside the notebook's folder" in done.stderr
+    # Aliases that expand to just under the node cap: refused at once, never written out expanded.
+    nb = write_notebook(project / "nb.ipynb", [BOMB, SIMPLE])
+    done = cli("export", nb, project / "bomb")
+    assert done.returncode == 1 and "aliases (*name) add" in done.stderr, done.stderr
+    assert not (project / "bomb").exists() and leftovers(project) == []

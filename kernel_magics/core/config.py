@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Optional
 
 import pydantic
@@ -19,7 +21,8 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["ModelConfig", "Resources", "Runtime", "AcceleratorSpec", "parse_config", "parse_quantity", "ACCELERATORS"]
+__all__ = ["ModelConfig", "Resources", "Runtime", "AcceleratorSpec", "parse_config", "parse_quantity", "ACCELERATORS",
+           "check_folder_setting"]
 
 # Truss 0.18's accelerator names (truss/base/truss_config.py, `Accelerator`).
 ACCELERATORS = (
@@ -274,6 +277,11 @@ class ModelConfig(_Section):
     def _env_to_str(cls, value: Any) -> Any:
         # As Truss does: YAML booleans become "true"/"false", numbers their text.
         if isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, (list, dict)):
+                    raise ValueError(f"environment_variables.{k} must be a single value (text, a number or true/false), "
+                                     f"not a {'list' if isinstance(v, list) else 'mapping'}: an environment variable "
+                                     "holds one string. Write it as one string, for example \"a,b\"")
             return {
                 k: (str(v).lower() if isinstance(v, bool) else v if isinstance(v, str) else str(v))
                 for k, v in value.items()
@@ -320,6 +328,13 @@ _SECTIONS: dict[tuple[str, ...], type[_Section]] = {
 # A config is a few hundred nodes; YAML aliases can make a few hundred bytes expand to billions
 # (the "billion laughs"). Anything past this many nodes once aliases are expanded is refused.
 MAX_CONFIG_NODES = 100_000
+# What aliases may add to a config on top of what is written out: a config that uses them for a few
+# repeated blocks stays far below; a "bomb" just under MAX_CONFIG_NODES does not, and would be written
+# out expanded by every export (a megabyte of config.yaml, seconds to write).
+MAX_ALIAS_EXPANSION = 10_000
+# libyaml's loader where PyYAML was built with it: the same results, many times faster on a big config.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_MAX_INT_DIGITS = 4300  # what Python's int() reads from text (sys.get_int_max_str_digits' default)
 
 
 def parse_config(text: str, *, source: str = "config.yaml", line_offset: int = 0,
@@ -334,7 +349,7 @@ def parse_config(text: str, *, source: str = "config.yaml", line_offset: int = 0
     """
     warnings = warnings if warnings is not None else []
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_LOADER)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}, line {mark.line + 1 + line_offset}, column {mark.column + 1}" if mark else source
@@ -349,20 +364,47 @@ def parse_config(text: str, *, source: str = "config.yaml", line_offset: int = 0
             f"{source}, line {root.start_mark.line + 1 + line_offset}: the config must be a mapping of keys "
             "to values (for example `model_name: my-model`), not a single value or a list."
         )
-    if _expanded_size(root, {}) > MAX_CONFIG_NODES:
+    _check_recursion(root, set(), source, line_offset)
+    memo: dict[int, int] = {}
+    expanded = _expanded_size(root, memo)
+    if expanded > MAX_CONFIG_NODES:
         raise ConfigError(
             f"{source}: the config expands to more than {MAX_CONFIG_NODES:,} values once its YAML aliases "
             "(*name) are expanded, far beyond any real config. Write the values out without nested aliases."
         )
+    if expanded - len(memo) > MAX_ALIAS_EXPANSION:  # memo: one entry per node as written
+        raise ConfigError(
+            f"{source}: the config's YAML aliases (*name) add {expanded - len(memo):,} values to what is written "
+            f"(at most {MAX_ALIAS_EXPANSION:,}), and an export would write every one of them out. Write the "
+            "values out, or use fewer nested aliases."
+        )
     lines: dict[tuple, int] = {}
     _index_lines(root, (), lines, line_offset, source)
-    data = yaml.safe_load(text)
+    data = yaml.load(text, Loader=_LOADER)  # safe: SafeLoader's rules, size bounded above
     _check_keys(data, (), lines, source, warnings if made_elsewhere else None)
     _check_secret_values(data, lines, source, warnings if made_elsewhere else None)
     try:
         return ModelConfig.model_validate(data)
     except pydantic.ValidationError as exc:
         raise ConfigError(_describe_validation_error(exc, lines, source)) from None
+
+
+def _check_recursion(node: yaml.Node, open_nodes: set[int], source: str, offset: int,
+                     done: Optional[set[int]] = None) -> None:
+    """Refuse an alias inside the node it names (``a: &a [*a]``): the value would contain itself."""
+    done = set() if done is None else done
+    if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) or id(node) in done:
+        return  # (an alias seen before is checked once: a bomb's shared nodes are not walked again)
+    if id(node) in open_nodes:
+        raise ConfigError(f"{source}, line {node.start_mark.line + 1 + offset}: a YAML alias refers to a value that "
+                          "contains it, so the value would contain itself without end. Write the value out instead "
+                          "of the alias.")
+    open_nodes.add(id(node))
+    children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+    for child in children:
+        _check_recursion(child, open_nodes, source, offset, done)
+    open_nodes.discard(id(node))
+    done.add(id(node))
 
 
 def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
@@ -382,6 +424,11 @@ def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
 
 def _index_lines(node: yaml.Node, path: tuple, lines: dict, offset: int, source: str) -> None:
     """Record the line of every key path; reject duplicate keys as Truss does."""
+    if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":int") and len(node.value) > _MAX_INT_DIGITS:
+        dotted = ".".join(map(str, path)) or "the config"
+        raise ConfigError(f"{source}, line {node.start_mark.line + 1 + offset}: `{dotted}` is an integer of "
+                          f"{len(node.value):,} digits, and Python reads at most {_MAX_INT_DIGITS:,}. Quote it to "
+                          "keep it as text.")
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
@@ -486,3 +533,20 @@ def _describe_validation_error(exc: pydantic.ValidationError, lines: dict, sourc
 
 def _again(source: str) -> str:
     return " and run the cell again" if "cell" in source else ""
+
+
+def check_folder_setting(setting: str, value: str, base_dir: Path) -> Optional[str]:
+    """A folder the config names (data_dir, an external package dir), as an export takes it from the
+    notebook's folder ``base_dir``: a home or root directory is refused (an export would copy or
+    import all of it); one outside the notebook's folder gets a warning, returned."""
+    path = (Path(base_dir) / os.path.expanduser(value)).resolve()
+    home = Path.home().resolve()
+    if path == Path(path.anchor) or path == home:
+        what = "your home directory" if path == home else "the root directory"
+        raise ConfigError(f"{setting}: {value!r} is {what} ({path}), and an export would take all of it. Point it "
+                          "at a folder that holds only the model's files.")
+    base = Path(base_dir).resolve()
+    if path != base and base not in path.parents:
+        return (f"{setting}: {value!r} is outside the notebook's folder ({path}); the export takes it from there. "
+                "Check that it is the folder you mean.")
+    return None

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
-from .config import ModelConfig
+from .config import ModelConfig, check_folder_setting
 from .errors import KernelMagicsError
 from .replay import PredictionRecord
 from .secrets import ENV_PREFIX, SecretScanner
@@ -318,10 +318,42 @@ def _check_data(sources: Sequence[Path], target: Path) -> None:
                               "export somewhere outside it.")
 
 
+def _check_name(target: Path) -> None:
+    """Refuse a directory name the file system cannot hold beside its hidden build (which adds 19 bytes)."""
+    try:
+        limit = os.pathconf(target.parent if target.parent.is_dir() else "/", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(target.name))
+    if size + len(".x.building-") + 8 > limit:
+        raise ExportError(f"The directory name {target.name[:40]}... is {size} bytes long; this file system allows "
+                          f"{limit} bytes in a name, and the export builds beside it under a longer one. Choose a "
+                          f"name of at most {limit - 20} bytes.")
+
+
+def _symlink_loop(folder: Path) -> Optional[Path]:
+    """A symbolic link under ``folder`` that leads to a folder containing it (copying would never end)."""
+    for dirpath, dirnames, _ in os.walk(folder):
+        for name in dirnames:
+            link = Path(dirpath) / name
+            if link.is_symlink():
+                try:
+                    real = link.resolve(strict=True)
+                except (OSError, RuntimeError):
+                    return link  # a loop the OS itself refuses to follow
+                if _inside(link.parent.resolve(), real):
+                    return link
+    return None
+
+
 def _copy_data(sources: Iterable[Path], data_dir: Path) -> None:
     for src in sources:
         if not os.access(src, os.R_OK):
             raise ExportError(f"Data path {src} cannot be read (permission denied). Fix its permissions or leave it out.")
+        loop = _symlink_loop(src) if src.is_dir() else None
+        if loop is not None:
+            raise ExportError(f"{loop} is a symbolic link to a folder that contains it ({os.readlink(loop)}), so "
+                              f"copying {src} would never end. Remove the link or point it elsewhere.")
         try:
             if src.is_dir():
                 shutil.copytree(src, data_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
@@ -358,9 +390,13 @@ def export_model(
     ``explain_mismatch(index)`` may name the most likely cause when a replayed answer differs.
     """
     target = Path(os.path.abspath(target))
+    _check_name(target)
     protected = [Path(os.path.abspath(p)) for p in [*protected, Path.cwd()]]
     marker = _check_target(target, force, protected)
     config = materialized.config
+    notes = [note for setting, value in [("data_dir", config.data_dir)] + [
+             ("external_package_dirs", d) for d in config.external_package_dirs]
+             if (note := check_folder_setting(setting, value, base_dir))]
     data_sources: list[Path] = []
     config_data = base_dir / config.data_dir
     if config_data.is_dir():
@@ -381,7 +417,7 @@ def export_model(
     except OSError as exc:
         raise ExportError(f"Cannot write in {target.parent}: {exc.strerror}. Choose a folder you can write to.") from None
     build = scratch.path
-    result = ExportResult(target, [], list(materialized.warnings))
+    result = ExportResult(target, [], list(materialized.warnings) + notes)
     try:
         _write(build, materialized, data_sources)
         started = time.perf_counter()

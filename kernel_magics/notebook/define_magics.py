@@ -56,6 +56,9 @@ class DefineMagics(Magics):
                                  "the defaults.")
             display(Code(host.config.to_yaml(verbose=line.strip() == "--all") or "{}\n", language="yaml"))
             return None
+        if line.strip():
+            raise UsageError(f"%%model_config takes no arguments (got {line.strip()!r}): the cell's YAML is the whole "
+                             "config. The previous config stays in effect.")
         try:
             config = parse_config(cell, source="%%model_config cell", line_offset=1)
         except KernelMagicsError as exc:

@@ -31,7 +31,7 @@ from ..core.secrets import ENV_PREFIX, SecretStore
 from ..core.source import split_cell_magic
 from ..core.tracebacks import user_traceback
 
-__all__ = ["ModelMagics", "unquote", "allows_comment"]
+__all__ = ["ModelMagics", "unquote", "allows_comment", "parse_arguments", "no_arguments"]
 
 
 def unquote(text: str) -> str:
@@ -39,6 +39,21 @@ def unquote(text: str) -> str:
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         return text[1:-1]
     return text
+
+
+def parse_arguments(magic, line: str):
+    """``parse_argstring``, with a line it cannot split (a quote never closed) as a one-line UsageError."""
+    try:
+        return parse_argstring(magic, line)
+    except ValueError as exc:
+        raise UsageError(f"Cannot read the arguments {line.strip()!r}: {str(exc).lower()}. Close the quote (a path "
+                         "with a space is written \"my dir\"), or drop it.") from None
+
+
+def no_arguments(name: str, line: str) -> None:
+    """A magic that takes no arguments refuses them instead of ignoring them."""
+    if line.strip():
+        raise UsageError(f"%{name} takes no arguments (got {line.strip()!r}); see %{name}?.")
 
 
 def allows_comment(magic):
@@ -245,6 +260,7 @@ class ModelMagics(Magics):
         """Drop the loaded instance and free its memory (GPU memory too), a failed load's or predict's included."""
         from ..core import devices
 
+        no_arguments("model_unload", line)
         self.wait_for_background_load()
         gpu = self.host.device if (self.host.device or "").startswith("cuda") else devices.guess_gpu()
         before = devices.memory_stats(gpu)
@@ -285,6 +301,7 @@ class ModelMagics(Magics):
     def model_status(self, line: str):
         """Show the model's class, state, device, load time and last predict time (and, for a model with
         ``is_healthy()``, its answer now: a loaded model that says no is 'unhealthy', as a probe sees it)."""
+        no_arguments("model_status", line)
         if self.host.contract is not None and self.host.contract.is_healthy is not None:
             self.runner.run(self.host.is_healthy())
         status = self.host.status()
@@ -313,7 +330,7 @@ class ModelMagics(Magics):
 
             %model_secret hf_access_token
         """
-        name = parse_argstring(self.model_secret, line).name
+        name = parse_arguments(self.model_secret, line).name
         if not name.isidentifier():
             raise UsageError("Usage: %model_secret NAME, with NAME one of the secrets declared in %%model_config.")
         if name not in self.host.config.secrets:

@@ -9,13 +9,13 @@ from typing import Any, Optional
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from ..core.contract import ENDPOINT_METHODS
 from ..core.runtime import ChunkStream, ModelState
 from ..core.serialization import is_response, truss_refuses_chunk
 from ..core.streams import join_chunks
-from .magics import ModelMagics, allows_comment
+from .magics import ModelMagics, allows_comment, parse_arguments
 
 __all__ = ["RunMagics"]
 
@@ -65,7 +65,7 @@ class RunMagics(Magics):
         """
         from ..core import devices
 
-        args = parse_argstring(self.model_load, line)
+        args = parse_arguments(self.model_load, line)
         host = self.model.host
         if host.loading:
             raise UsageError("A background load is still running; wait for it (any %model_predict does) first.")
@@ -162,7 +162,7 @@ class RunMagics(Magics):
             prompt = "To be"
             {"prompt": prompt, "max_tokens": 20}
         """
-        args = parse_argstring(self.predict, line)
+        args = parse_arguments(self.predict, line)
         try:
             tree = ast.parse("\n" + cell)
         except SyntaxError as exc:

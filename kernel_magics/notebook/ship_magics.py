@@ -9,10 +9,10 @@ from typing import Optional
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from ..core.runtime import ModelState
-from .magics import ModelMagics, allows_comment, unquote
+from .magics import ModelMagics, allows_comment, parse_arguments, unquote
 
 __all__ = ["ShipMagics"]
 
@@ -48,7 +48,7 @@ class ShipMagics(Magics):
         """
         from ..core.export import find_secret
 
-        args = parse_argstring(self.model_show, line)
+        args = parse_arguments(self.model_show, line)
         result = self._materialize()
         secrets = self.model.host.secrets
         # A secret in what an export would write is shown as *** and named (never its value): the
@@ -89,7 +89,7 @@ class ShipMagics(Magics):
 
             %model_export ./tiny-chargen --force
         """
-        args = parse_argstring(self.model_export, line)
+        args = parse_arguments(self.model_export, line)
         target = Path(os.path.expanduser(unquote(args.dir)))
         if not target.is_absolute():
             target = Path.cwd() / target  # as the user typed it: relative to where the kernel is now
@@ -175,7 +175,9 @@ class ShipMagics(Magics):
             %model_serve --stop
             %model_serve --engine ray --replicas 2 --port 8000
         """
-        args = parse_argstring(self.model_serve, line)
+        args = parse_arguments(self.model_serve, line)
+        if not 0 <= args.port <= 65535:
+            raise UsageError(f"--port {args.port}: a port is a number from 1 to 65535 (or 0 for any free one).")
         model = self.model
         current = model.server
         if args.stop:
