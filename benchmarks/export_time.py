@@ -7,6 +7,13 @@ the best of 3 in-kernel exports split into: analysis (the closure, value plannin
 capture (saving the notebook's values), and the fresh process's import, load and replay of the
 recorded predictions; and the CLI export where the notebook allows one (the gallery needs its live
 values, so the CLI refuses it by design).
+
+Verification (issue 21): every name model.py re-runs from source is fingerprinted in the fresh process
+and in the kernel; its cost is the "verify" column (kernel side + fresh process) and its share of the
+export. One row per failure class of issue 21 (a value changed where the code does not show it): the
+first export's seconds (it includes the extra fresh process that moves the value), the values saved,
+and the fresh processes it took. `--only NAME` (repeatable: quickstart, wine_pipeline, embeddings,
+tiny_gpt, generated, classes) runs a part, to stay within a few minutes on a shared machine.
 """
 
 from __future__ import annotations
@@ -59,25 +66,62 @@ MEASURE = '''
 import contextlib, io, json, time, pathlib
 m = get_ipython().magics_manager.registry["ModelMagics"]
 runs = []
-for _ in range(3):
+for _ in range(REPEAT):
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         get_ipython().run_line_magic("model_export", "bench-out --force")
     runs.append(dict(m.last_export_timings, total=time.perf_counter() - started))
 values = pathlib.Path("bench-out/data/notebook_values")
 size = sum(f.stat().st_size for f in values.rglob("*") if f.is_file()) if values.is_dir() else 0
-print(json.dumps(dict(min(runs, key=lambda r: r["total"]), value_bytes=size, replayed=len(m.record))))
+names = sorted(p.name for p in values.rglob("*") if p.is_file()) if values.is_dir() else []
+print(json.dumps(dict(min(runs, key=lambda r: r["total"]), value_bytes=size, replayed=len(m.record),
+                      first=runs[0], values=names)))
 '''
 
+# Issue 21's failure classes: a value changed where the code does not show it (see tests/test_fidelity_verified.py).
+CLASSES = {
+    "list extended through a second name": (
+        {}, ["FEATURES = sorted({'b', 'a'})", "cols = FEATURES\ncols.append('c')"], "FEATURES", [{"i": 1}]),
+    "dict filled inside a function": (
+        {}, ["LABELS = dict()", "def fill():\n    LABELS.update({'0': 'red', '1': 'green'})", "fill()"],
+        "LABELS[str(model_input['i'])]", [{"i": 1}]),
+    "dict filled by an awaited coroutine": (
+        {}, ["import asyncio\nLABELS = dict()",
+             "async def load():\n    await asyncio.sleep(0)\n    LABELS.update({'0': 'red', '1': 'green'})",
+             "await load()"], "LABELS[str(model_input['i'])]", [{"i": 1}]),
+    "list read from a file deleted afterwards": (
+        {"labels.txt": "red green blue\n"}, ["LABELS = open('labels.txt').read().split()",
+                                              "import os\nos.remove('labels.txt')"], "LABELS[model_input['i']]",
+        [{"i": 2}]),
+    "attribute of a local module changed": (
+        {"helper.py": "SCALE = 2\n\n\ndef scale(x):\n    return x * SCALE\n"}, ["import helper", "helper.SCALE = 3"],
+        "helper.scale(model_input['i'])", [{"i": 5}]),
+    "random generator predict consumes": (
+        {}, ["import random\nrng = random.Random(7)"], "rng.random()", [{"i": 1}, {"i": 2}]),
+}
 
-def measure(notebook: Path, cli: bool = True) -> dict:
+
+def class_notebook(folder: Path, files: dict, cells: list, expression: str, inputs: list) -> Path:
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    model = f"%%model\nclass Model:\n    def predict(self, model_input):\n        return {expression}"
+    sources = ["%load_ext kernel_magics", *cells, model, "%model_load",
+               *(f"%model_predict {json.dumps(i)}" for i in inputs)]
+    nb = new_notebook(cells=[new_code_cell(s) for s in sources],
+                      metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    path = folder / "nb.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def measure(notebook: Path, cli: bool = True, repeat: int = 3) -> dict:
     nb = nbformat.read(notebook, as_version=4)
     k = Kernel(cwd=str(notebook.parent), env={"JPY_SESSION_NAME": str(notebook)})
     try:
         for cell in nb.cells:
             if cell.cell_type == "code" and "%model_export" not in cell.source:
                 k.ok(cell.source, timeout=300)
-        r = json.loads(k.ok(MEASURE, timeout=900).stdout.strip().splitlines()[-1])
+        r = json.loads(k.ok(MEASURE.replace("REPEAT", str(repeat)), timeout=900).stdout.strip().splitlines()[-1])
     finally:
         k.shutdown()
     r["cells"] = sum(c.cell_type == "code" for c in nb.cells)
@@ -93,27 +137,59 @@ def _ms(seconds) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:,.0f} ms"
 
 
+def _verify_seconds(r: dict) -> float:
+    """Kernel-side fingerprints plus the fresh process's (after load, after the replay)."""
+    return sum(v for k, v in r.items() if k.startswith("verify") and k != "verify rounds")
+
+
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", action="append", default=[])
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    wanted = set(args.only) or {"quickstart", "wine_pipeline", "embeddings", "tiny_gpt", "generated", "classes"}
     notebooks = [("quickstart (torch)", "quickstart", True), ("scikit-learn pipeline", "wine_pipeline", False),
                  ("all-MiniLM-L6-v2 embeddings", "embeddings", False), ("tiny GPT-2 (trained here)", "tiny_gpt", False)]
     rows = {}
+    classes = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for label, name, cli in notebooks:
+            if name not in wanted:
+                continue
             (tmp / name).mkdir()
             path = tmp / name / f"{name}.ipynb"
             path.write_bytes((ROOT / "notebooks" / f"{name}.ipynb").read_bytes())
-            rows[label] = measure(path, cli)
-        (tmp / "g").mkdir()
-        rows["generated, 200 cells"] = measure(generated_notebook(tmp / "g" / "generated.ipynb"))
+            rows[label] = measure(path, cli, args.repeat)
+        if "generated" in wanted:
+            (tmp / "g").mkdir()
+            rows["generated, 200 cells"] = measure(generated_notebook(tmp / "g" / "generated.ipynb"),
+                                                   repeat=args.repeat)
+        if "classes" in wanted:
+            for i, (label, case) in enumerate(CLASSES.items()):
+                (tmp / f"c{i}").mkdir()
+                classes[label] = measure(class_notebook(tmp / f"c{i}", *case), cli=False, repeat=1)
     print("| notebook | code cells | analysis | value capture | fresh process: import | load | replay (n) "
-          "| `%model_export` total | `kernel-magics export` | values saved | capture rate |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| verify (share) | `%model_export` total | `kernel-magics export` | values saved | capture rate |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         rate = f"{r['value_bytes'] / 2**20 / r['capture']:,.0f} MiB/s" if r["value_bytes"] and r["capture"] else "-"
+        verify = _verify_seconds(r)
         print(f"| {name} | {r['cells']} | {_ms(r['analysis'])} | {_ms(r['capture'])} | {_ms(r.get('import'))} "
-              f"| {_ms(r.get('load'))} | {_ms(r.get('replay'))} ({r['replayed']}) | {_ms(r['total'])} "
+              f"| {_ms(r.get('load'))} | {_ms(r.get('replay'))} ({r['replayed']}) "
+              f"| {_ms(verify)} ({verify / r['total']:.1%}) | {_ms(r['total'])} "
               f"| {_ms(r['cli_export_s'])} | {r['value_bytes'] / 2**20:,.1f} MiB | {rate} |")
+    if classes:
+        print()
+        print("| issue 21 failure class | first `%model_export` | fresh processes | verify | values saved |")
+        print("|---|---|---|---|---|")
+        for name, r in classes.items():
+            first = r["first"]
+            saved = ", ".join(r["values"]) or "inline literal in model.py"
+            print(f"| {name} | {_ms(first['total'])} | {first.get('verify rounds', 1)} "
+                  f"| {_ms(_verify_seconds(first))} | {saved} |")
 
 
 if __name__ == "__main__":

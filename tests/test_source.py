@@ -136,3 +136,64 @@ def test_a_syntax_error_in_the_model_cell_says_so():
     cells = ["x = 1", "%%model\nclass Model:\n    def predict(self, x)\n        return 1"]
     with pytest.raises(MaterializeError, match=r"Syntax error in the %%model cell \(cell 2\), line 3"):
         build_model_source(cells, "Model")
+
+
+# ---------------------------------------------------------------- issue 21: what the file alone can prove
+
+def test_read_only_calls_do_not_count_as_changes():
+    cells = [
+        "import numpy as np\nW = [1.0, 2.0]\nD = {'a': 1}\nT = (3, 4)",
+        "print(np.mean(W), W.count(1.0), list(D.items()), D.keys())\nT.numpy(); T.nelement()",
+        "%%model\nclass Model:\n    def predict(self, x):\n        return [W, D, T]",
+    ]
+    source = build_model_source(cells, "Model")  # the CLI: no values, and no refusal
+    assert "W = [1.0, 2.0]" in source.text and "D = {'a': 1}" in source.text and source.unproven == []
+    with pytest.raises(MaterializeError, match=r"`W`.*`W.append\(3.0\)` \(line 1\)"):
+        build_model_source([*cells[:2], "W.append(3.0)", cells[2]], "Model")  # a real change still counts
+
+
+def test_a_constant_rebound_after_the_model_cell_keeps_its_value_in_the_class_body():
+    cells = [
+        "LIMIT = 3",
+        "%%model\nclass Model:\n    limit = LIMIT\n    def predict(self, x):\n        return [self.limit, LIMIT]",
+        "LIMIT = 5",
+    ]
+    text = build_model_source(cells, "Model").text
+    namespace: dict = {}
+    exec(compile(text, "model.py", "exec"), namespace)  # no NameError: LIMIT = 3 comes before the class
+    assert namespace["Model"]().predict(None) == [3, 5]  # as in the kernel: the class kept 3, predict reads 5
+
+
+CHANGED_WHERE_THE_CODE_DOES_NOT_SHOW = {
+    "alias": (["FEATURES = sorted({'b', 'a'})", "cols = FEATURES\ncols.append('c')"],
+              r"`FEATURES`.*cell 2 binds another name to it .*: `cols = FEATURES` \(line 1\)"),
+    "filled by a function": (["LABELS = dict()", "def fill():\n    LABELS.update({0: 'red'})", "fill()"],
+                             r"`LABELS`.*cell 3 calls `fill`, which uses it and may change it: `fill\(\)` \(line 1\)"),
+    "filled by an awaited coroutine": (
+        ["import asyncio\nLABELS = dict()",
+         "async def load_labels():\n    await asyncio.sleep(0)\n    LABELS.update({0: 'red'})",
+         "await load_labels()"],
+        r"`LABELS`.*cell 3 calls `load_labels`.*`load_labels\(\)` \(line 1\)"),
+    "read from a file": (["LABELS = open('labels.txt').read().split()", "import os\nos.remove('labels.txt')"],
+                         r"`LABELS`.*re-running `open\('labels.txt'\).read\(\).split\(\)` \(cell 1, line 1\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHANGED_WHERE_THE_CODE_DOES_NOT_SHOW))
+def test_the_cli_refuses_what_it_cannot_prove_naming_the_value_the_cell_and_line(case):
+    cells, message = CHANGED_WHERE_THE_CODE_DOES_NOT_SHOW[case]
+    name = "FEATURES" if case == "alias" else "LABELS"
+    cells = [*cells, f"%%model\nclass Model:\n    def predict(self, x):\n        return {name}"]
+    with pytest.raises(MaterializeError, match=message + r".*--execute"):
+        build_model_source(cells, "Model")
+    # Saved predictions to replay prove it (or refuse the export): the name is re-run, marked unproven.
+    assert build_model_source(cells, "Model", replay_proves=True).unproven == [name]
+
+
+def test_a_changed_attribute_of_a_local_module_is_refused_by_the_cli():
+    cells = ["import helper", "helper.SCALE = 3",
+             "%%model\nclass Model:\n    def predict(self, x):\n        return helper.scale(x)"]
+    with pytest.raises(MaterializeError, match=r"`helper` is a module beside the notebook, and cell 2 changes it: "
+                                               r"`helper.SCALE = 3` \(line 1\).*--execute"):
+        build_model_source(cells, "Model", local=lambda module: module == "helper")
+    assert "import helper" in build_model_source(cells, "Model").text  # an installed module is not changed by it

@@ -186,7 +186,8 @@ class _Change:
     cell: int
     line: int
     text: str
-    kind: str  # rebind, into (assignment into it), method, argument, alias (bound to another name too)
+    kind: str  # rebind, into (assignment into it), method, argument; hints: alias (bound to another name
+    # too), calls (the name is a function called here); hints count only without a kernel (see _HINTS)
     method: str = ""  # for kind "method": the method's name
     chain: int = 0  # for kind "method": attributes between the name and the method (lm.a.w.mul_ → 2)
 
@@ -318,6 +319,8 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
                     if isinstance(part, ast.Name):
                         add(part.id, target, "rebind")
         elif isinstance(sub, ast.Call):
+            if isinstance(sub.func, ast.Name):
+                add(sub.func.id, sub, "calls")  # a notebook function may change the globals it uses
             if isinstance(sub.func, ast.Attribute) and sub.func.attr not in _READ_ONLY:
                 add(_root_name(sub.func.value), sub, "method", sub.func.attr, _chain_length(sub.func.value))
             callee = sub.func.id if isinstance(sub.func, ast.Name) else (
@@ -546,6 +549,33 @@ def _uncertain_call(definition: _Definition, analysis: _Analysis) -> Optional[as
     return None
 
 
+_HINTS = frozenset({"alias", "calls"})
+
+
+def _calls_using(name: str, definition: _Definition, analysis: _Analysis) -> list[_Change]:
+    """Top-level calls, after the name's definition, of notebook functions that use the name (``fill()``,
+    ``await load_labels()``): they may fill or change it where the code does not show it."""
+    found = []
+    for change in analysis.changes:
+        if change.kind != "calls" or change.order <= definition.order:
+            continue
+        function = analysis.defs.get(change.name)
+        if function is not None and function.kind == "function" and function.order < change.order \
+                and name in function.uses:
+            found.append(change)
+    return found
+
+
+def values_is_immutable(value: Any) -> bool:
+    from .values import is_immutable
+
+    return is_immutable(value)
+
+
+def _declares_global(function: _Definition, name: str) -> bool:
+    return any(isinstance(n, ast.Global) and name in n.names for n in ast.walk(function.node))
+
+
 def _plain_dataclass(node: ast.ClassDef) -> bool:
     """``@dataclass class X`` with no methods of its own (so no __post_init__ or __init__ that could differ)."""
     decorated = any((d.func if isinstance(d, ast.Call) else d).__class__ in (ast.Name, ast.Attribute) and
@@ -590,15 +620,23 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                                f"cell {c.cell + 1} changes it after its assignment: `{c.text}` (line {c.line})")
         if problem:
             raise _cli_refusal(name, label, definition, f"{problem} (cell {definition.cell + 1})")
-        passed = [c for c in changes if c.kind in ("argument", "alias")]
+        passed = [c for c in changes if c.kind in ("argument", "alias")] + _calls_using(name, definition, analysis)
+        is_literal_definition, literal = _literal_of(definition)
+        if is_literal_definition and values_is_immutable(literal):
+            # Nothing can change an int or a str in place: only a function that declares it global can rebind it.
+            passed = [c for c in passed if c.kind == "calls" and _declares_global(analysis.defs[c.name], name)]
         call = _uncertain_call(definition, analysis)
         if passed or call is not None:
             if ctx.replay_proves:
                 ctx.unproven.append(name)
                 return _Travel(True)
             line = definition.node.lineno if call is None else call.lineno
-            what = (f"cell {passed[0].cell + 1} {'passes it to a function' if passed[0].kind == 'argument' else 'binds another name to it'} "
-                    f"that may change it: `{passed[0].text}` (line {passed[0].line})" if passed else
+            how = {"argument": "passes it to a function that may change it",
+                   "alias": "binds another name to it (what changes through that name changes it too)",
+                   "calls": f"calls `{passed[0].name}`, which uses it and may change it"}.get(passed[0].kind, "") \
+                if passed else ""
+            what = (f"cell {passed[0].cell + 1} {how}: `{passed[0].text}` (line {passed[0].line})"
+                    if passed else
                     f"re-running `{' '.join(ast.unparse(call).split())[:80]}` (cell {definition.cell + 1}, line "
                     f"{line}) may not give the value the notebook had (randomness, files, the environment), and "
                     "the notebook saved no predictions to prove it")
@@ -607,7 +645,7 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
     value = live[name]
     from . import values
 
-    changes = [c for c in changes if c.kind != "alias"]  # the verification sees through aliases
+    changes = [c for c in changes if c.kind not in _HINTS]  # the verification sees what these may change
     if name in ctx.as_values:
         # A statement that binds several names is kept only for a name that travels as source.
         keep = definition.kind == "block"
@@ -783,7 +821,8 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
                 modules.append(module)
     order_of = {n: (defs[n].order if n in defs else plans[n][1]) for n in included}
     order = sorted(included.values(), key=lambda i: (order_of[i.name], i.name))
-    changes = {n: [c for c in analysis.changes_after(n, defs[n].order) if c.kind != "alias"] for n in included if n in defs}
+    changes = {n: [c for c in analysis.changes_after(n, defs[n].order) if c.kind not in _HINTS]
+               for n in included if n in defs}
     spans = {}
     for name in [*ctx.verify, *ctx.unproven]:
         at = text.find(defs[name].text) if defs[name].kind != "import" else -1

@@ -94,7 +94,7 @@ class Verification:
     def run(self, check: Callable[[list[str]], tuple]) -> tuple:
         """``check(names)`` runs the fresh process fingerprinting ``names`` and returns (report, truss)."""
         report, truss = None, None
-        for _ in range(_MAX_ROUNDS):
+        for rounds in range(1, _MAX_ROUNDS + 1):
             if self.materialized.live is None:  # the CLI: no live values (it refuses what it cannot prove)
                 return check([])
             names = self._names()
@@ -102,6 +102,7 @@ class Verification:
                 self._live(name)
             report, truss = check(names)
             report.stages["verify live"] = self.seconds
+            report.stages["verify rounds"] = rounds  # fresh processes run: 1 unless something moved to the values
             differ = self._differences(report)
             if not differ:
                 break

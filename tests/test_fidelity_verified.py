@@ -1,0 +1,137 @@
+"""Issue 21: values changed where the code does not show it, verified against the live values.
+
+Each case is a notebook of its own, run in a real kernel: it records predictions and exports with
+%model_export, and the fresh-process verification moves what re-running its source would get wrong
+to the values (``%model_show --why`` says how it measured that). The export then answers as the
+notebook did from `kernel-magics serve` and from Truss 0.18.36's own server. The CLI, which has no
+live values, refuses the same notebook naming the value, the cell and the line, and with --execute
+runs it headlessly and exports a directory that answers the same.
+"""
+
+import json
+import re
+
+import httpx
+import pytest
+
+from server_harness import serve_ours, serve_truss, truss_reference_python
+from test_export import cli, leftovers, run_notebook_cells, usage_error, write_notebook
+
+CASES = {
+    # name: (files beside the notebook, cells before %%model, the model's predict body, inputs,
+    #        what %model_show --why says (patterns), what the CLI's refusal says)
+    "a list extended through a second name": (
+        {}, ["import os\nMODE = os.environ.get('KM_TEST_MODE', 'plain')  # the environment: stays source",
+             "FEATURES = sorted({'b', 'a'})", "cols = FEATURES\ncols.append('c')"],
+        "return {'features': FEATURES, 'mode': MODE, 'i': model_input['i']}", [{"i": 1}],
+        [r"FEATURES +constant +cell 3 +used by Model; value \(literal\): re-running its source gives a different "
+         r"value: 2 items, the notebook has 3 items", r"MODE +constant +cell 2 +used by Model; source"],
+        "`FEATURES` (in Model), but cell 4 binds another name to it"),
+    "a dict filled inside a function": (
+        {}, ["LABELS = dict()", "def fill():\n    LABELS.update({'0': 'red', '1': 'green'})", "fill()"],
+        "return LABELS[str(model_input['i'])]", [{"i": 1}, {"i": 0}],
+        [r"LABELS +constant +cell 2 +used by Model; value \(literal\): re-running its source gives a different value: "
+         r"0 items, the notebook has 2 items"],
+        "`LABELS` (in Model), but cell 4 calls `fill`, which uses it and may change it: `fill()` (line 1)"),
+    "a dict filled by an awaited coroutine": (
+        {}, ["import asyncio\nLABELS = dict()",
+             "async def load_labels():\n    await asyncio.sleep(0)\n    LABELS.update({'0': 'red', '1': 'green'})",
+             "await load_labels()"],
+        "return LABELS[str(model_input['i'])]", [{"i": 1}],
+        [r"LABELS +constant +cell 2 +used by Model; value \(literal\): re-running its source gives a different value: "
+         r"0 items, the notebook has 2 items"],
+        "cell 4 calls `load_labels`, which uses it and may change it: `load_labels()` (line 1)"),
+    "a list read from a file deleted afterwards": (
+        {"labels.txt": "red green blue\n"},
+        ["LABELS = open('labels.txt').read().split()", "import os\nos.remove('labels.txt')"],
+        "return LABELS[model_input['i']]", [{"i": 2}],
+        [r"LABELS +constant +cell 2 +used by Model; value \(literal\): re-running its source fails in a fresh "
+         r"Python \(FileNotFoundError"],
+        "re-running `open('labels.txt').read().split()` (cell 2, line 1) may not give the value the notebook had"),
+    "an attribute of a local module changed in a cell": (
+        {"helper.py": "SCALE = 2\n\n\ndef scale(x):\n    return x * SCALE\n"},
+        ["import helper", "helper.SCALE = 3"],
+        "return helper.scale(model_input['x'])", [{"x": 5}],
+        [r"helper.SCALE +attribute +cell 2 +used by the module helper; value \(literal\): the notebook changed it, "
+         r"and importing helper afresh gives a different value: 2, the notebook has 3"],
+        "`helper` is a module beside the notebook, and cell 3 changes it: `helper.SCALE = 3` (line 1)"),
+    "a random generator that predict consumes": (
+        {}, ["import random\nrng = random.Random(7)"],
+        "return {'i': model_input['i'], 'draw': rng.random()}", [{"i": 1}, {"i": 2}],
+        [r"rng +constant +cell 2 +used by Model; source"],  # its seed state is where the predictions began
+        "re-running `random.Random(7)` (cell 2, line 2) may not give the value the notebook had"),
+}
+
+
+def predict_cells(inputs):
+    return [f"import json as _j\nprint(_j.dumps(get_ipython().run_line_magic('model_predict', {json.dumps(i)!r})))"
+            for i in inputs]
+
+
+def model_cell(body: str) -> str:
+    return f"%%model\nclass Model:\n    def predict(self, model_input):\n        {body}"
+
+
+def answers_of(served, inputs) -> list:
+    return [httpx.post(served.predict_url(), json=i, timeout=30).json() for i in inputs]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_value_changed_where_the_code_does_not_show_it_is_verified_and_travels(tmp_path, case, truss_validate):
+    files, cells, body, inputs, why_lines, refusal = CASES[case]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    path = write_notebook(tmp_path / "nb.ipynb", ["%load_ext kernel_magics", *cells, model_cell(body), "%model_load",
+                                                   *predict_cells(inputs), "%model_export out", "%model_show --why"])
+    k, results = run_notebook_cells(path)
+    k.shutdown()
+    answers = [json.loads(r.stdout.strip().splitlines()[-1]) for r in results[-2 - len(inputs):-2]]
+    exported, why = results[-2].stdout, results[-1].stdout
+    assert f"Replayed {len(inputs)} recorded prediction" in exported, exported
+    for line in why_lines:
+        assert re.search(line, why), why
+    truss_validate(tmp_path / "out")
+    with serve_ours(tmp_path / "out") as ours:
+        assert answers_of(ours, inputs) == answers
+    if truss_reference_python() is not None:
+        with serve_truss(tmp_path / "out") as theirs:
+            assert answers_of(theirs, inputs) == answers
+    # The file alone cannot prove these values: the CLI refuses, naming the value, the cell and the line ...
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)  # as the notebook found it
+    done = cli("export", path, tmp_path / "from-cli")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert refusal in done.stderr and "--execute" in done.stderr, done.stderr
+    assert not (tmp_path / "from-cli").exists() and leftovers(tmp_path) == []
+    # ... and with --execute runs the notebook in a fresh kernel and exports what answers the same.
+    before = path.read_bytes()
+    done = cli("export", path, tmp_path / "executed", "--execute")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[1/" in done.stdout and f"Replayed {len(inputs)} recorded prediction" in done.stdout
+    assert path.read_bytes() == before  # the notebook file is untouched
+    with serve_ours(tmp_path / "executed") as ours:
+        assert answers_of(ours, inputs) == answers
+
+
+def test_the_local_module_travels_in_packages_and_its_change_after_the_import(tmp_path, fresh_kernel):
+    (tmp_path / "helper.py").write_text("SCALE = 2\n\n\ndef scale(x):\n    return x * SCALE\n")
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics\nimport helper")
+    k.ok("helper.SCALE = 3")
+    k.ok(model_cell("return helper.scale(model_input['x'])"))
+    k.ok("%model_export out")
+    assert (tmp_path / "out/packages/helper.py").read_text() == (tmp_path / "helper.py").read_text()
+    text = (tmp_path / "out/model/model.py").read_text()
+    assert text.index("import helper") < text.index("helper.SCALE = 3") < text.index("class Model")
+
+
+def test_an_unseeded_generator_that_predict_consumes_is_named_in_the_refusal(tmp_path, fresh_kernel):
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics\nimport random\nrng = random.Random()")
+    k.ok(model_cell("return rng.random()"))
+    k.ok("%model_load")
+    k.ok('%model_predict {"i": 1}')
+    message = usage_error(k.execute("%model_export out"))
+    assert "does not answer as the notebook did, so nothing was exported" in message
+    assert "Most likely cause: `rng` (a random.Random) changes each time predict runs" in message
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
