@@ -223,6 +223,13 @@ def test_notebook_code_is_named_in_model_model_without_touching_the_interpreter(
     assert notebook_pickle.references(namespace["value"], namespace)[1] == {"Outer", "f"}  # Spy reduces to a list
 
 
+def test_notebook_objects_inside_object_arrays_are_found():
+    np = pytest.importorskip("numpy")
+    namespace = run_cells(["class Point:\n    pass"])
+    holder = {"numbers": np.zeros(3), "objects": np.array([namespace["Point"]()], dtype=object)}
+    assert notebook_pickle.references(holder, namespace) == ({"numpy"}, {"Point"})
+
+
 @pytest.mark.parametrize("cells, name, fragments", [
     (["def make():\n    class Local:\n        pass\n    return Local()", "thing = make()"], "thing",
      ["the class `Local`, which the notebook defines inside `make`", "top level of a cell",

@@ -202,8 +202,8 @@ def references(value: Any, namespace: Mapping[str, Any], *, saving: str = "") ->
                                  else type(obj).__module__)
         if module:
             modules.add(module.split(".")[0])
-        if isinstance(obj, heavy):
-            return tuple, ()  # its data is not needed to find what it refers to
+        if isinstance(obj, heavy) and not getattr(getattr(obj, "dtype", None), "hasobject", False):
+            return tuple, ()  # its data (numbers, not objects) is not needed to find what it refers to
         return NotImplemented
 
     scanner = type("NotebookScanner", (pickle.Pickler,), {"reducer_override": reduce})
