@@ -298,15 +298,34 @@ def test_load_view_shows_progress_logs_and_ready(wkernel):
     assert final["text/plain"].startswith("ready · ")
 
 
-def test_load_view_failed_state_with_collapsed_traceback(wkernel):
-    wkernel.ok("%%model\nclass Model:\n    def load(self):\n        raise RuntimeError('no checkpoint')\n"
-               "    def predict(self, model_input):\n        return 1\n")
+FAILING_LOAD = ("%%model\nclass Model:\n    def load(self):\n        self.ready = False\n"
+                "        open('missing.ckpt')\n    def predict(self, model_input):\n        return 1\n")
+
+
+def test_a_failed_load_shows_its_error_once_at_the_cells_line(wkernel):
+    wkernel.ok(FAILING_LOAD)
     ex = wkernel.execute("%model_load")
-    assert ex.status == "error" and ex.reply["ename"] == "UsageError"
-    assert "load() failed: RuntimeError: no checkpoint" in ex.reply["evalue"]
+    # The cell's own error, once: the user's exception, with IPython's traceback at the %%model cell's line
+    # (no temp file, no IPython-internal frame such as _modified_open), and no second report as a UsageError.
+    assert ex.status == "error" and ex.error["ename"] == "FileNotFoundError" and "UsageError" not in ex.stderr
+    assert re.search(r"Cell In\[\d+\], line 5", ex.error_text) and "open('missing.ckpt')" in ex.error_text
+    assert "_modified_open" not in ex.error_text and "ipykernel_" not in ex.error_text
     last = html_values(ex)[-1]
-    assert ">failed</b>" in last and "<details>" in last and "no checkpoint" in last and "Traceback" in last
+    assert ">failed</b>" in last and "FileNotFoundError: the error is below" in last and "missing.ckpt" not in last
     assert "state: failed" in wkernel.ok("%model_status").stdout
+
+
+def test_a_failed_background_load_shows_the_cells_line_in_its_view(wkernel):
+    wkernel.ok(FAILING_LOAD)
+    wkernel.ok("%model_load --background")
+    # No cell is left to raise in: the view holds the traceback, as IPython would show it.
+    ex = wkernel.ok("get_ipython().magics_manager.registry['ModelMagics'].wait_for_background_load()\n"
+                    "import ipywidgets\n"
+                    "print([w.value for w in list(ipywidgets.Widget.widgets.values())\n"
+                    "       if isinstance(w, ipywidgets.HTML) and 'km-load' in w.value][-1])")
+    assert ">failed</b>" in ex.stdout and "<details>" in ex.stdout and "missing.ckpt" in ex.stdout
+    assert re.search(r"Cell In\[\d+\], line 5", ex.stdout)
+    assert "_modified_open" not in ex.stdout and "ipykernel_" not in ex.stdout
 
 
 def test_background_load_returns_at_once_and_predict_waits(wkernel, tmp_path):

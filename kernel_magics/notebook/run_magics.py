@@ -76,7 +76,8 @@ class RunMagics(Magics):
         if self.model.use_widgets(args.no_widget):
             from .widgets import LoadView
 
-            view = LoadView(host, device)
+            # A foreground load's error is the cell's own (below the view, once); a background load has no cell.
+            view = LoadView(host, device, render_traceback=self._render_traceback, error_below=not args.background)
             view.show()
         else:
             print(f"Loading `{host.config.model_class_name}` (device: {device or 'chosen by the model'}) ...", flush=True)
@@ -108,11 +109,15 @@ class RunMagics(Magics):
 
         if isinstance(exc, KernelMagicsError):
             raise UsageError(host.describe_error(exc).split(": ", 1)[1]) from None
-        if view is not None and not isinstance(exc, KeyboardInterrupt):
-            raise UsageError(f"load() failed: {host.describe_error(exc)}. The model's state is 'failed'; its "
-                             "traceback is in the view above (click the error to open it).") from None
-        print(f"Load failed after {host.load_seconds or 0:.2f} s; the model state is 'failed'.", flush=True)
+        if view is None or isinstance(exc, KeyboardInterrupt):
+            print(f"Load failed after {host.load_seconds or 0:.2f} s; the model state is 'failed'.", flush=True)
         raise self.model.user_error(exc) from None
+
+    def _render_traceback(self, exc: BaseException) -> Optional[str]:
+        """The user's traceback as IPython shows it (``Cell In[N], line L``, its hidden frames left out),
+        secrets redacted, as plain text for the load view."""
+        render = getattr(self.model.user_error(exc), "_render_traceback_", None)
+        return re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(render())) if render is not None else None
 
     def _loaded_line(self) -> str:
         from ..core import devices

@@ -257,8 +257,14 @@ class LoadView:
 
     colors = {"loading": "#1976d2", "ready": "#2e7d32", "failed": "#c62828"}
 
-    def __init__(self, host: ModelHost, device: Optional[str], lines: int = 8) -> None:
+    def __init__(self, host: ModelHost, device: Optional[str], lines: int = 8, *,
+                 render_traceback: Optional[Callable[[BaseException], Optional[str]]] = None,
+                 error_below: bool = False) -> None:
+        """``render_traceback`` formats a failed load's traceback (the kernel's own way: ``Cell In[N]``);
+        ``error_below``: the cell raises the error itself, so the view only says where it is."""
         self.widget = ipywidgets.HTML()
+        self._render_traceback = render_traceback
+        self._error_below = error_below
         self.handle: Any = None
         self.state = "loading"
         self.device = device
@@ -288,8 +294,12 @@ class LoadView:
             self._close()
         elif event.kind == "load_failed":
             self.state, self.seconds = "failed", event.data["seconds"]
-            # Shown as the host describes it: secrets redacted, the user's frames only.
-            self.error = (self._host.describe_error(event.data["error"]), event.data["text"])
+            exc = event.data["error"]
+            if self._error_below:  # the cell's error output shows it, once
+                self.error = (f"load() raised {type(exc).__name__}: the error is below.", "")
+            else:  # shown as the host describes it: secrets redacted, the user's frames only
+                text = self._render_traceback(exc) if self._render_traceback is not None else None
+                self.error = (self._host.describe_error(exc), text or event.data["text"])
             self._close()
 
     def show(self) -> None:
@@ -310,7 +320,7 @@ class LoadView:
         if self.memory_after and self.state == "ready":
             line += f" · GPU memory: {_memory(self.memory_after)}"
         if self.error is not None:
-            line += f"\n{self.error[0]}\n{self.error[1]}"
+            line += "".join(f"\n{part}" for part in self.error if part)
         return line
 
     def _tick(self) -> None:
@@ -336,7 +346,8 @@ class LoadView:
         if self.error is not None:
             summary, tb = self.error
             error = (f"<details><summary style='color:{color}'>{html.escape(summary)}</summary>"
-                     f"<pre style='font-size:12px'>{html.escape(tb)}</pre></details>")
+                     f"<pre style='font-size:12px'>{html.escape(tb)}</pre></details>" if tb
+                     else f"<div style='color:{color}'>{html.escape(summary)}</div>")
         self.widget.value = (
             f"<div class='km-load'><b style='color:{color}'>{self.state}</b> &middot; {elapsed:.1f} s"
             f"<div style='font-size:12px'>{table}</div>{log}{error}</div>"
