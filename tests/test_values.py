@@ -97,8 +97,8 @@ FORMATS = [
     # .npy, a large one
     "big = np.arange(2 ** 22, dtype=np.float32)\nbig[7] = -1.0",
     # safetensors: a tensor and a state dict
-    "torch.manual_seed(0)\nshift = torch.randn(4)\nshift.mul_(3)\nstate = {'w': torch.randn(2, 4), 'b': torch.zeros(2)}\n"
-    "state['b'].add_(1)",
+    "torch.manual_seed(0)\nshift = torch.randn(4)\nshift.mul_(3)\n"
+    "state = {'w': torch.randn(2, 4), 'b': torch.zeros(2)}\nstate['b'].add_(1)",
     # a torch module rebuilt from source, weights from safetensors
     "torch.manual_seed(1)\nlin = nn.Linear(4, 2)\nwith torch.no_grad():\n    lin.weight.mul_(2.0)\nlin.eval()",
     # a notebook nn.Module with a nested class, through torch's full save (its structure changed)
@@ -117,7 +117,8 @@ FORMATS = [
     "        return self\n    def transform(self, X):\n        return np.minimum(X, self.top_ / 2)",
     "clipped = make_pipeline(Clip(), LogisticRegression(max_iter=300))\nclipped.fit(X, y)",
     # pickle: a dict of dataclass instances, a partial of a notebook function, a nested class instance
-    "@dataclasses.dataclass\nclass Point:\n    x: float\n    y: float\n\ndef scale(p, k=1.0):\n    return p.x * k + p.y\n\n"
+    "@dataclasses.dataclass\nclass Point:\n    x: float\n    y: float\n\n"
+    "def scale(p, k=1.0):\n    return p.x * k + p.y\n\n"
     "class Outer:\n    class Inner:\n        def __init__(self, v):\n            self.v = v",
     "points = {'a': Point(1.0, 2.0)}\npoints['b'] = Point(3.0, 4.0)\nscaler = functools.partial(scale, k=3.0)\n"
     "scaler.keywords['k'] = 4.0\nnested = {'inner': Outer.Inner(7)}\nnested['more'] = Outer.Inner(8)",
@@ -128,6 +129,7 @@ FORMATS = [
     "        return [LABELS, WORDS, big, shift, state, lin, net, tok, pipe, clipped, points, scaler, nested, rng, gen]",
 ]
 
+ROWS = "[[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]"  # iris rows, for the classifiers
 PROBES = {
     "literal": "LABELS",
     "literal file": "WORDS[-3:]",
@@ -137,8 +139,8 @@ PROBES = {
     "rebuilt module": "[lin(torch.ones(1, 4)).tolist(), lin.training]",
     "full module": "[net.head(net(torch.ones(1, 4))).tolist(), type(net.scale).__qualname__, type(net).__module__]",
     "tokenizer": "tok.encode('hello there world').ids",
-    "skops": "pipe.predict_proba([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]).tolist()",
-    "joblib": "[clipped.predict_proba([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]).tolist(), type(clipped.steps[0][1]).__module__]",
+    "skops": f"pipe.predict_proba({ROWS}).tolist()",
+    "joblib": f"[clipped.predict_proba({ROWS}).tolist(), type(clipped.steps[0][1]).__module__]",
     "dataclasses": "{k: [p.x, p.y, type(p).__module__] for k, p in points.items()}",
     "partial": "[scaler(Point(1.0, 2.0)), scaler.func is scale]",
     "nested class": "[nested['inner'].v, nested['more'].v, type(nested['inner']) is Outer.Inner]",
@@ -181,7 +183,8 @@ def test_one_object_under_two_names_is_saved_once_and_loads_as_one_object(tmp_pa
         "calls = []\ndef train():\n    calls.append(1)\n    return np.ones(3) * 4, 'v' + str(len(calls))",
         "w, tag = train()",
         "shared = [1, 2]\nother = shared\nother.append(3)",
-        "%%model\nclass Model:\n    def predict(self, model_input):\n        return [weights, also, w, tag, shared, other]",
+        "%%model\nclass Model:\n    def predict(self, model_input):\n"
+        "        return [weights, also, w, tag, shared, other]",
     ]
     probes = {"same array": "also is weights", "array": "also.tolist()", "w": "w.tolist()", "tag": "tag",
               "same list": "other is shared", "list": "other"}

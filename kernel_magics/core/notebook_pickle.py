@@ -16,7 +16,7 @@ the kernel meanwhile sees the interpreter as it was. Loading needs only the stan
 library and the module model.py itself (Truss registers it in ``sys.modules`` before
 running it, and ``model`` is a package beside it).
 
-The same rule serves every library serializer: :func:`dumps` (pickle), :func:`joblib_dump`
+The same rule serves every library serializer: :func:`dump` and :func:`dumps` (pickle), :func:`joblib_dump`
 (joblib's own pickler subclass) and :func:`torch_save` (``torch.save``'s ``pickle_module``).
 :func:`references` runs it without writing anything, to learn which notebook names and
 which installed modules a value needs before it is saved.
@@ -31,7 +31,8 @@ import types
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-__all__ = ["MODEL_MODULE", "CannotPickle", "NotebookReferenceError", "dumps", "joblib_dump", "torch_save", "references"]
+__all__ = ["MODEL_MODULE", "CannotPickle", "NotebookReferenceError", "dump", "dumps", "joblib_dump", "torch_save",
+           "references"]
 
 MODEL_MODULE = "model.model"  # what model.py is imported as, by Truss and by us
 PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -137,6 +138,16 @@ def dumps(value: Any, namespace: Mapping[str, Any], *, saving: str = "") -> byte
     buffer = io.BytesIO()
     _guarded(lambda: _pickler_class(pickle.Pickler, _Rule(namespace, saving))(buffer, PROTOCOL).dump(value))
     return buffer.getvalue()
+
+
+def dump(value: Any, path: Path, namespace: Mapping[str, Any], *, saving: str = "") -> None:
+    """``pickle.dump(value)`` into ``path``, written as it goes (a large value is never held twice)."""
+
+    def write() -> None:
+        with open(path, "wb") as file:
+            _pickler_class(pickle.Pickler, _Rule(namespace, saving))(file, PROTOCOL).dump(value)
+
+    _guarded(write)
 
 
 def joblib_dump(value: Any, path: Path, namespace: Mapping[str, Any], *, saving: str = "") -> None:

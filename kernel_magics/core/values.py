@@ -328,8 +328,7 @@ def _pickle(name: str, value: Any, namespace: Mapping[str, Any], library: str = 
     filename = f"{name}.pkl"
 
     def save_pickle(folder: Path) -> None:
-        data = _saving(lambda: notebook_pickle.dumps(value, namespace, saving=name))
-        (folder / filename).write_bytes(data)
+        _saving(lambda: notebook_pickle.dump(value, folder / filename, namespace, saving=name))
 
     return ValuePlan(name, "pickle", filename, [f'{name} = pickle.loads((_VALUES / "{filename}").read_bytes())'],
                      imports=["import pickle"], modules=modules, notebook_refs=refs, runs_code_on_load=True,
