@@ -33,6 +33,7 @@ __all__ = ["fingerprint", "fingerprint_names", "difference", "same", "changed_at
 # Modules whose classes and functions are the notebook's own (the kernel's __main__, model.py in the export).
 NOTEBOOK_MODULES = frozenset({"__main__", "model.model", "model"})
 _LITERAL_BUDGET = 100_000  # nodes; a bigger literal is checksummed through pickle instead
+_CONTAINER_ITEMS = 10_000  # a list or dict of more non-literals is checksummed through pickle
 
 
 def fingerprint(value: Any) -> Optional[dict]:
@@ -114,7 +115,25 @@ def _fingerprint(value: Any, depth: int) -> Optional[dict]:
         found = check(value)
         if found is not None:
             return found
+    if type(value) in (list, tuple, set, frozenset, dict) and len(value) <= _CONTAINER_ITEMS and depth < 20:
+        return _container(value, depth)
     return _pickled(value)
+
+
+def _container(value: Any, depth: int) -> Optional[dict]:
+    """A container of non-literals, fingerprint by fingerprint (a set's members sorted: its order is the hash
+    seed's, not the notebook's)."""
+    parts = []
+    items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
+    for key, item in items:
+        found = _fingerprint(item, depth + 1)
+        key_text = _canonical(key, [_LITERAL_BUDGET]) if isinstance(value, dict) else ""
+        if found is None or key_text is None:
+            return None
+        parts.append(f"{key_text}={found['digest']}")
+    if isinstance(value, (set, frozenset)):
+        parts.sort()
+    return _fp("container", _digest(type(value).__name__, *parts), _plural(len(value), "item"))
 
 
 def _literal_summary(value: Any) -> str:

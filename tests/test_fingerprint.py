@@ -1,0 +1,80 @@
+"""Fingerprints of live values (core/fingerprint.py): equal values agree in any process, different ones
+say how they differ. No kernel."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from kernel_magics.core.fingerprint import changed_attributes, difference, fingerprint, same
+
+
+def fresh_process_fingerprint(expression: str, seed: str) -> dict:
+    code = f"import json, numpy\nfrom kernel_magics.core.fingerprint import fingerprint\nprint(json.dumps(fingerprint({expression})))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONHASHSEED": seed})
+    return json.loads(done.stdout)
+
+
+def test_equal_values_agree_across_processes_whatever_the_hash_seed():
+    expression = "[{'b', 'a', 'c'}, {'k': (1, 2.5, None)}, numpy.arange(6, dtype='float32').reshape(2, 3)]"
+    one, two = fresh_process_fingerprint(expression, "1"), fresh_process_fingerprint(expression, "2")
+    assert same(one, two)  # sets are fingerprinted sorted: the set order that PYTHONHASHSEED changes does not count
+
+
+def test_a_difference_is_said_in_words_a_user_can_check():
+    assert difference(fingerprint(["a", "b", "c"]), fingerprint(["a", "b"])) == (
+        "re-running its source gives a different value: 2 items, the notebook has 3 items")
+    assert difference(fingerprint(3), fingerprint(2)) == "re-running its source gives a different value: 2, the notebook has 3"
+    assert difference(fingerprint(True), fingerprint(1)) is not None  # types count: 1 is not True
+    assert difference(fingerprint({"a": 1, "b": 2}), fingerprint({"b": 2, "a": 1})) is not None  # order a model may use
+    np = pytest.importorskip("numpy")
+    a = np.zeros((2, 2))
+    b = a.copy()
+    b[1, 1] = 1e-9
+    assert "an array of shape (2, 2) (float64) in both, with other contents" in difference(fingerprint(a), fingerprint(b))
+    assert difference(fingerprint(a), fingerprint(a.copy())) is None
+
+
+def test_tensors_and_modules_compare_by_value_not_by_device_or_identity():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    twin = torch.nn.Linear(3, 2)
+    twin.load_state_dict(net.state_dict())
+    assert same(fingerprint(net), fingerprint(twin))
+    twin.eval()  # the train/eval mode is part of what the model does
+    assert not same(fingerprint(net), fingerprint(twin))
+    t = torch.arange(4, dtype=torch.bfloat16)
+    assert same(fingerprint(t), fingerprint(t.clone())) and not same(fingerprint(t), fingerprint(t + 1))
+    generator = torch.Generator().manual_seed(1)
+    before = fingerprint(generator)
+    torch.rand(1, generator=generator)
+    assert not same(before, fingerprint(generator))  # a consumed generator is in another state
+    assert same(fingerprint(torch.device("cpu")), fingerprint(torch.device("cpu")))
+
+
+def test_a_local_module_is_fingerprinted_by_its_public_attributes():
+    module = types.ModuleType("helper")
+    exec("SCALE = 2\ndef scale(x):\n    return x * SCALE", module.__dict__)
+    before = fingerprint(module)
+    module.SCALE = 3
+    after = fingerprint(module)
+    assert changed_attributes(after, before) == ["SCALE"]
+    assert difference(after, before) == "the notebook changed its attribute `SCALE`: 2, the notebook has 3"
+
+
+def test_notebook_classes_are_named_by_qualname_so_kernel_and_export_agree():
+    def make(module_name):
+        namespace = {"__name__": module_name}
+        exec("class Point:\n    def __init__(self, x):\n        self.x = x", namespace)
+        namespace["Point"].__module__ = module_name
+        return namespace["Point"](3)
+
+    assert same(fingerprint(make("__main__")), fingerprint(make("model.model")))
+    import threading
+
+    assert fingerprint(threading.Lock()) is None  # what cannot be pickled is not judged (the AST rules decide)
