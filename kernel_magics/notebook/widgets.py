@@ -123,14 +123,21 @@ function render({ model, el }) {
 export default { render };
 """
 
+# Words wrap whole: JupyterLab's `.jp-OutputArea-output pre { word-break: break-all }` (Notebook 7 and
+# nbconvert's lab template carry it too) would cut a token anywhere (`to|ken13`), so these rules are more
+# specific than it; only a token longer than the line breaks (overflow-wrap), never a short one.
+_WRAP_WORDS = "white-space: pre-wrap; word-break: normal; overflow-wrap: anywhere;"
+
 _STREAM_CSS = """
-.km-stream-out { max-height: 24em; overflow: auto; white-space: pre-wrap; margin: 0 0 4px 0;
+.km-stream pre.km-stream-out { max-height: 24em; overflow: auto; margin: 0 0 4px 0; """ + _WRAP_WORDS + """
   font-family: var(--jp-code-font-family, monospace); font-size: var(--jp-code-font-size, 13px); }
 .km-stream-bar { display: flex; gap: 8px; align-items: center; font-size: 12px;
   color: var(--jp-ui-font-color2, #666); }
 .km-stream-error:empty { display: none; }
-.km-stream-error { color: var(--jp-error-color1, #c00); white-space: pre-wrap; }
+.km-stream pre.km-stream-error { color: var(--jp-error-color1, #c00); """ + _WRAP_WORDS + """ }
 """
+# The same, inline, for static output (a saved notebook, nbconvert, GitHub), where our stylesheet is absent.
+_WRAP_INLINE = _WRAP_WORDS.replace(": ", ":").replace("; ", ";")
 
 
 class Final:
@@ -160,10 +167,10 @@ def show(view: Any) -> Any:
 
 def stream_final(text: str, summary: str, error: Optional[str]) -> Final:
     """A finished stream as static output: its text, the summary line, the error if any."""
-    shown = (f"<pre class='km-stream-out' style='white-space:pre-wrap;margin:0 0 4px 0'>{html.escape(text)}</pre>"
+    shown = (f"<pre class='km-stream-out' style='{_WRAP_INLINE}margin:0 0 4px 0'>{html.escape(text)}</pre>"
              f"<div class='km-stream-bar' style='font-size:12px;opacity:0.75'>{html.escape(summary)}</div>")
     if error:
-        shown += f"<pre class='km-stream-error' style='color:#c62828;white-space:pre-wrap'>{html.escape(error)}</pre>"
+        shown += f"<pre class='km-stream-error' style='color:#c62828;{_WRAP_INLINE}'>{html.escape(error)}</pre>"
     plain = text + ("" if not text or text.endswith("\n") else "\n") + f"[{summary}]" + (f"\n{error}" if error else "")
     return Final(f"<div class='km-stream'>{shown}</div>", plain)
 
@@ -311,7 +318,7 @@ class LoadView:
         self._done.set()
         self.render()
         if self.handle is not None:
-            self.handle.update(Final(self.widget.value, self.summary()))
+            self.handle.update(Final(self._html(static=True), self.summary()))
 
     def summary(self) -> str:
         elapsed = self.seconds if self.seconds is not None else time.perf_counter() - self.started
@@ -328,6 +335,10 @@ class LoadView:
             self.render()
 
     def render(self) -> None:
+        self.widget.value = self._html()
+
+    def _html(self, static: bool = False) -> str:
+        """The view as HTML; ``static`` (what the notebook keeps) shows the whole log, not a scrolled box."""
         elapsed = self.seconds if self.seconds is not None else time.perf_counter() - self.started
         color = self.colors[self.state]
         rows = [("device", devices.describe_device(self.device) if self.device else "chosen by the model")]
@@ -340,15 +351,14 @@ class LoadView:
                         for k, v in rows)
         log = ""
         if self.lines:
-            log = ("<pre style='margin:4px 0;max-height:10em;overflow:auto;font-size:12px'>"
+            box = "" if static else "max-height:10em;overflow:auto;"
+            log = (f"<pre class='km-load-log' style='margin:4px 0;{box}font-size:12px;{_WRAP_INLINE}'>"
                    + html.escape("\n".join(self.lines)) + "</pre>")
         error = ""
         if self.error is not None:
             summary, tb = self.error
             error = (f"<details><summary style='color:{color}'>{html.escape(summary)}</summary>"
-                     f"<pre style='font-size:12px'>{html.escape(tb)}</pre></details>" if tb
+                     f"<pre style='font-size:12px;{_WRAP_INLINE}'>{html.escape(tb)}</pre></details>" if tb
                      else f"<div style='color:{color}'>{html.escape(summary)}</div>")
-        self.widget.value = (
-            f"<div class='km-load'><b style='color:{color}'>{self.state}</b> &middot; {elapsed:.1f} s"
-            f"<div style='font-size:12px'>{table}</div>{log}{error}</div>"
-        )
+        return (f"<div class='km-load'><b style='color:{color}'>{self.state}</b> &middot; {elapsed:.1f} s"
+                f"<div style='font-size:12px'>{table}</div>{log}{error}</div>")
