@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 from pathlib import Path
 
 import nbformat
@@ -25,19 +24,6 @@ CANARY = "sk-CANARY-secrets-4b7e21"
 # Every escaping changes it (quotes, a backslash, a non-ASCII letter), and it ends with the newline a
 # secret read from a file keeps.
 ODD = "sk-O\"DD\\can'ary-\u00e9-91c0\n"
-
-
-class _Kernel(Kernel):
-    """The harness's kernel, minus replies nobody asked for (wait_for_ready may leave a
-    kernel_info_reply queued, which would shift every later execute reply by one)."""
-
-    def execute(self, code: str, **kw):
-        while True:
-            try:
-                self.kc.get_shell_msg(timeout=0)
-            except queue.Empty:
-                break
-        return super().execute(code, **kw)
 
 
 def sent(ex) -> str:
@@ -55,7 +41,7 @@ def assert_no_secret(text: str, *secrets: str) -> None:
 @pytest.fixture(scope="module")
 def k(tmp_path_factory):
     folder = tmp_path_factory.mktemp("secrets")
-    kernel = _Kernel(cwd=str(folder), env={"TRUSS_SECRET_tok": CANARY})
+    kernel = Kernel(cwd=str(folder), env={"TRUSS_SECRET_tok": CANARY})
     kernel.folder = folder
     kernel.ok("%load_ext kernel_magics\n%config ModelMagics.widgets = 'never'\nimport os, types\nimport numpy as np")
     kernel.ok("%%model_config\nmodel_name: secret-test\nsecrets: {tok: null}\n")
@@ -158,6 +144,8 @@ class Model:
             raise Failure(tok)
         if kind == "stream":
             return self.stream(tok)
+        if kind == "echo":
+            return {"token": tok}
         return "ok"
     def stream(self, tok):
         yield "a"
@@ -206,6 +194,7 @@ class Model:
         print("stripped:", self._s["tok"].strip(), "repr:", repr(self._s["tok"]))
     def predict(self, x):
         log.warning("predict with %r", self._s["tok"])
+        print("predict sees", self._s["tok"])
         try:
             raise ValueError(self._s["tok"].strip())
         except ValueError:
@@ -215,7 +204,7 @@ class Model:
 
 
 def test_the_models_log_lines_and_transformed_forms_are_redacted_in_the_cell_output(tmp_path):
-    kernel = _Kernel(cwd=str(tmp_path), env={"TRUSS_SECRET_tok": ODD})
+    kernel = Kernel(cwd=str(tmp_path), env={"TRUSS_SECRET_tok": ODD})
     try:
         kernel.ok("%load_ext kernel_magics\n%config ModelMagics.widgets = 'never'\nimport logging\n"
                   "logging.basicConfig(level=logging.INFO, force=True)")  # the notebook configured logging
@@ -227,6 +216,7 @@ def test_the_models_log_lines_and_transformed_forms_are_redacted_in_the_cell_out
             assert_no_secret(sent(ex), ODD)
         assert "loading with token ***" in loaded.stderr and "stripped: *** repr: '***'" in loaded.stdout
         assert "predict with '***'" in predicted.stderr and "ValueError: ***" in predicted.stderr
+        assert "predict sees ***" in predicted.stdout
     finally:
         kernel.shutdown()
 
@@ -253,6 +243,9 @@ def test_a_notebook_run_with_nbclient_and_saved_holds_no_secret(tmp_path, monkey
         "%model_predict {'q': os.environ['TRUSS_SECRET_tok']}",
         '%model_predict "dict"',
         '%model_predict "stream"',
+        '%model_predict "echo"',
+        "os.environ['TRUSS_SECRET_tok']",
+        "print(os.environ['TRUSS_SECRET_tok'])",
         "%model_show",
         "%model_export out",
     ]

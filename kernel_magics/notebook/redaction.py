@@ -8,13 +8,16 @@ and the execute reply from the cell's ``ExecutionResult`` after ``post_run_cell`
 secret held in a dict, a tuple, bytes, an ``OSError`` filename or a custom ``__str__``, so the text
 is redacted at those four points, for every error the kernel shows once kernel_magics is loaded
 (a secret is as secret in a user's own cell as in a magic's). Log records are redacted when they are
-made, so a handler the notebook configured (``logging.basicConfig``) writes them redacted too.
+made, so a handler the notebook configured (``logging.basicConfig``) writes them redacted too; what
+the kernel's stdout and stderr are given, and what IPython's display formatter makes of a displayed
+object or a cell's result, are redacted before they are sent.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+import sys
+from typing import Any, Callable, Iterator
 
 from ..core.secrets import redact_log_records
 
@@ -64,7 +67,8 @@ def _text_of(exc: Any) -> str:
 
 
 def install(shell: Any, redact: Callable[[str], str]) -> None:
-    """Redact every error ``shell`` sends or prints, and every log record, with ``redact``."""
+    """Redact with ``redact`` every error ``shell`` sends or prints, every log record, what its output
+    streams are given and every displayed object's data."""
     current = getattr(shell, "_kernel_magics_redaction", None)
     if current is not None:  # %reload_ext: the hooks stay, the new session's secrets count
         current.redact = redact
@@ -101,3 +105,44 @@ def install(shell: Any, redact: Callable[[str], str]) -> None:
         shell._format_exception_for_storage = _format_exception_for_storage
     shell.events.register("post_run_cell", _redact_result)
     redact_log_records(lambda text: redaction.redact(text))
+    for stream in (sys.stdout, sys.stderr):
+        _redact_writes(stream, redaction)
+    formatter = getattr(shell, "display_formatter", None)
+    if formatter is not None:  # every displayed object and cell result (Out[n]), as each mime type's data
+        shown = formatter.format
+
+        def format(obj: Any, *args: Any, **kwargs: Any) -> Any:
+            data, metadata = shown(obj, *args, **kwargs)
+            return _redact_data(data, redaction), metadata
+
+        format._kernel_magics = getattr(shown, "_kernel_magics", False)  # the result hider's mark, kept
+        formatter.format = format
+
+
+def _redact_data(data: Any, redaction: _Redaction) -> Any:
+    if isinstance(data, str):
+        return redaction.text(data)
+    if isinstance(data, dict):
+        return {key: _redact_data(value, redaction) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_redact_data(value, redaction) for value in data]
+    return data
+
+
+def _redact_writes(stream: Any, redaction: _Redaction) -> None:
+    """What the model (or any code) prints, redacted as ipykernel sends it: its output stream class hands
+    each buffered stretch of text to the send through ``_flush_buffers`` (a secret written in pieces
+    between two sends is caught whole). ``write`` itself cannot be wrapped: IPython 9 sets its own on
+    the stream for every cell and then puts back the one it found."""
+    cls = type(stream)
+    flush_buffers = getattr(cls, "_flush_buffers", None)
+    if not cls.__module__.startswith("ipykernel.") or flush_buffers is None or \
+            getattr(flush_buffers, "_kernel_magics", False):
+        return
+
+    def redacted_flush_buffers(self: Any) -> Iterator[tuple[Any, Any]]:
+        for parent, data in flush_buffers(self):
+            yield parent, redaction.text(data) if isinstance(data, str) else data
+
+    redacted_flush_buffers._kernel_magics = True
+    cls._flush_buffers = redacted_flush_buffers
