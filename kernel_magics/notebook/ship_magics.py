@@ -120,7 +120,7 @@ class ShipMagics(Magics):
             return result
         print(f"Exported `{host.config.model_class_name}` as a Truss:")
         print(result.tree())
-        values = [i for i in materialized.source.included if i.travels == "value"]
+        values = [i for i in (result.source or materialized.source).included if i.travels == "value"]
         if values:
             print(f"Notebook values saved with it: {', '.join(f'`{i.name}` ({i.how})' for i in values)}; "
                   "%model_show --why says why.")
@@ -141,11 +141,8 @@ class ShipMagics(Magics):
                     return (f"`{inc.name}` changed after this prediction was recorded ({changed_in[0].describe()}); "
                             "the export carries its value now. Run %model_predict again to record answers for the "
                             "current values")
-        candidates = [i.name for i in source.included if i.travels == "source" and i.kind in ("constant", "block")]
-        if candidates:
-            return (f"a value the notebook changed where kernel-magics cannot see it (inside a function, through "
-                    f"another name): {', '.join(f'`{n}`' for n in candidates)} travel as source and are re-run from "
-                    "their assignment. Change them at the top level of a cell, or build them inside load()")
+        # What travels as source was verified against the live values (core/verification.py), and the
+        # export names what it measured differently before asking here: no guess at the source names.
         return None
 
     # ------------------------------------------------------------------ serve the live model
