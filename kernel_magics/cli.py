@@ -67,7 +67,66 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--no-import", action="store_true",
                           help="Skip importing model.py in a fresh Python (for a model whose packages are not "
                                "installed here, a GPU host's torch say); the static checks still run.")
+    predict = sub.add_parser(
+        "predict", help="Load a Truss directory and print its answer to one input, as `truss predict` does.",
+        description="Load the model once, in this process (as the server would), run one prediction and print "
+                    "it: a result as one JSON line, a stream chunk by chunk as it comes. What the model prints "
+                    "goes to stderr, so stdout holds only the answer.",
+        epilog=_examples("kernel-magics predict ./tiny-chargen -d '{\"prompt\": \"To be\"}'",
+                         "kernel-magics predict ./tiny-chargen -f input.json | jq .",
+                         "echo '{\"prompt\": \"hi\"}' | kernel-magics predict ./tiny-chargen -f -"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    predict.add_argument("dir", type=Path, help="An exported (or any) Truss directory.")
+    given = predict.add_mutually_exclusive_group(required=True)
+    given.add_argument("-d", "--data", metavar="JSON", help="The model input, as JSON.")
+    given.add_argument("-f", "--file", type=Path, metavar="PATH", help="A file holding the JSON input (- for stdin).")
+    predict.add_argument("--secrets-dir", type=Path, default=None,
+                         help="A folder with one file per secret, named after it (as Truss mounts /secrets); "
+                              "TRUSS_SECRET_<name> variables work too.")
+
+    completion = sub.add_parser("completion", help="Print a shell completion script.",
+                                epilog=_examples('eval "$(kernel-magics completion bash)"     # in ~/.bashrc',
+                                                 "autoload -U bashcompinit && bashcompinit && "
+                                                 'eval "$(kernel-magics completion bash)"   # zsh'),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    completion.add_argument("shell", choices=["bash"], help="The shell (bash; zsh through bashcompinit).")
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _examples(
+        "kernel-magics export notebooks/quickstart.ipynb ./tiny-chargen",
+        "kernel-magics validate ./tiny-chargen",
+        "kernel-magics predict ./tiny-chargen -d '{\"prompt\": \"To be\"}'",
+        "kernel-magics serve ./tiny-chargen --port 8080",
+        "kernel-magics <command> --help          # every option of a command",
+    ) + "\n\n" + EXIT_CODES
+    for name, lines in _COMMAND_EXAMPLES.items():
+        command = sub.choices[name]
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
+        command.epilog = _examples(*lines)
     return parser
+
+
+EXIT_CODES = """exit codes:
+  0    done
+  1    the command failed; the message on stderr says why and what to change
+  2    a usage error: an unknown command or option, a bad value, input that is not JSON
+  3    serve could not listen: the port is in use (or the address is not this machine's)
+  130  interrupted (Ctrl-C)"""
+
+_COMMAND_EXAMPLES = {
+    "export": ["kernel-magics export notebooks/quickstart.ipynb ./tiny-chargen",
+               "kernel-magics export model.ipynb ./out --force --data weights/",
+               "kernel-magics export model.ipynb ./out --execute     # run the notebook first, then export"],
+    "serve": ["kernel-magics serve ./tiny-chargen --port 8080",
+              "curl -X POST localhost:8080/v1/models/model:predict -d '{\"prompt\": \"To be\"}'",
+              "kernel-magics serve ./tiny-chargen --engine ray --replicas 2"],
+    "validate": ["kernel-magics validate ./tiny-chargen",
+                 "kernel-magics validate ./gpu-model --no-import     # its packages are not installed here"],
+}
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -165,6 +224,88 @@ def _serve(args: argparse.Namespace) -> int:
                            log_level=args.log_level, log_format=args.log_format)
 
 
+def _read_input(args: argparse.Namespace) -> object:
+    import json
+
+    if args.data is not None:
+        text, where = args.data, "-d"
+    else:
+        try:
+            text = sys.stdin.read() if str(args.file) == "-" else args.file.read_text()
+        except OSError as exc:
+            raise _UsageError(f"cannot read {args.file}: {exc.strerror}.") from None
+        where = f"-f {args.file}"
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise _UsageError(f"the input given with {where} is not JSON ({exc}). Quote it for the shell, for "
+                          "example -d '{\"prompt\": \"hi\"}'.") from None
+
+
+def _predict(args: argparse.Namespace) -> int:
+    model_input = _read_input(args)
+    import contextlib
+
+    from .core.oneshot import ModelFailed, predict_once
+
+    out = sys.stdout.buffer
+    wrote = []
+
+    def write(data: bytes) -> None:
+        out.write(data)
+        out.flush()
+        wrote.append(data[-1:])
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # what the model prints: stdout holds only the answer
+            predict_once(args.dir, model_input, write=write, secrets_dir=args.secrets_dir)
+    except ModelFailed as exc:
+        sys.stderr.write(exc.traceback_text)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if wrote and wrote[-1] != b"\n" and sys.stdout.isatty():
+        out.write(b"\n")  # the prompt on its own line; a pipe gets the stream's bytes unchanged
+    return 0
+
+
+def _completion(args: argparse.Namespace) -> int:
+    """A bash completion script made from the parser itself, so it never lists a stale option."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    cases = []
+    for name, command in commands.items():
+        options = sorted(o for a in command._actions if a.help != argparse.SUPPRESS for o in a.option_strings)
+        choices = {o: " ".join(map(str, a.choices)) for a in command._actions if a.choices
+                   for o in a.option_strings}
+        values = "".join(f'        {o}) COMPREPLY=($(compgen -W "{c}" -- "$cur")); return;;\n'
+                         for o, c in choices.items())
+        positional = next((a for a in command._actions if not a.option_strings and a.choices), None)
+        fallback = (f'COMPREPLY=($(compgen -W "{" ".join(positional.choices)}" -- "$cur"))' if positional
+                    else 'COMPREPLY=($(compgen -f -- "$cur"))')
+        cases.append(f"    {name})\n      case \"$prev\" in\n{values}      esac\n"
+                     f"      if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W \"{' '.join(options)}\" -- \"$cur\"))\n"
+                     f"      else {fallback}; fi;;")
+    print(f"""# bash completion for kernel-magics (kernel-magics completion bash)
+_kernel_magics() {{
+  local cur=${{COMP_WORDS[COMP_CWORD]}} prev=${{COMP_WORDS[COMP_CWORD-1]}} command=""
+  local i
+  for ((i = 1; i < COMP_CWORD; i++)); do
+    case ${{COMP_WORDS[i]}} in -*) ;; *) command=${{COMP_WORDS[i]}}; break;; esac
+  done
+  case $command in
+    "") COMPREPLY=($(compgen -W "{' '.join(commands)} --help --version" -- "$cur"));;
+{chr(10).join(cases)}
+  esac
+}}
+complete -o filenames -F _kernel_magics kernel-magics
+""")
+    return 0
+
+
+class _UsageError(Exception):
+    """Bad input on the command line: exit code 2, as argparse's own errors."""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -174,7 +315,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .core.errors import KernelMagicsError
 
     try:
-        return {"export": _export, "validate": _validate, "serve": _serve}[args.command](args)
+        return {"export": _export, "validate": _validate, "serve": _serve, "predict": _predict,
+                "completion": _completion}[args.command](args)
+    except _UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except KernelMagicsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

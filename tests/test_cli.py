@@ -98,3 +98,107 @@ def test_a_stopped_or_failed_saved_stream_is_not_replayed(tmp_path):
     edit_saved_stream(path, lambda text: text.replace("[done:", "[stopped:"))
     done = cli("export", path, tmp_path / "out", cwd=tmp_path)
     assert done.returncode == 0 and "No predictions recorded yet" in done.stdout, done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------- predict, completion, help, exit codes
+
+PREDICT_CELLS = [
+    "%load_ext kernel_magics",
+    "%%model\nimport pathlib\n\n\nclass Model:\n    def load(self):\n        print('loading weights')\n"
+    "        self.scale = 2\n\n    def predict(self, model_input):\n        if 'gate' in model_input:\n"
+    "            return self.wait_for(model_input['gate'])\n        if model_input.get('fail'):\n"
+    "            raise ValueError('bad input')\n        print('predicting')\n"
+    "        return {'y': model_input['x'] * self.scale}\n\n    def wait_for(self, gate):\n        yield 'first '\n"
+    "        while not pathlib.Path(gate).exists():\n            pass\n        yield 'second'\n",
+]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A real export (kernel-magics export of a notebook), made once for the predict tests."""
+    import nbformat
+
+    root = tmp_path_factory.mktemp("predict")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in PREDICT_CELLS])
+    nbformat.write(nb, root / "model.ipynb")
+    done = cli("export", root / "model.ipynb", root / "out", cwd=root)
+    assert done.returncode == 0, done.stderr
+    return root / "out"
+
+
+def test_predict_prints_the_answer_and_sends_the_models_prints_to_stderr(exported):
+    done = cli("predict", exported, "-d", '{"x": 21}', cwd=exported.parent)
+    assert (done.returncode, done.stdout) == (0, '{"y": 42}\n'), done.stderr
+    assert "loading weights" in done.stderr and "predicting" in done.stderr
+    piped = subprocess.run([sys.executable, "-m", "kernel_magics", "predict", str(exported), "-f", "-"],
+                           input='{"x": 1.5}', capture_output=True, text=True)
+    assert (piped.returncode, piped.stdout) == (0, '{"y": 3.0}\n'), piped.stderr
+
+
+def test_predict_streams_each_chunk_as_it_comes(exported, tmp_path):
+    import json
+    import os
+
+    gate = tmp_path / "gate"
+    proc = subprocess.Popen([sys.executable, "-m", "kernel_magics", "predict", str(exported), "-d",
+                             json.dumps({"gate": str(gate)})], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = b""
+        while not first.endswith(b"first "):  # the first chunk arrives while the generator waits for the gate
+            piece = os.read(proc.stdout.fileno(), 64)
+            assert piece, proc.stderr.read().decode()
+            first += piece
+        gate.write_text("go")
+        rest = proc.stdout.read()
+        assert proc.wait(60) == 0 and first + rest == b"first second"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_predict_errors_and_their_exit_codes(exported, tmp_path):
+    failed = cli("predict", exported, "-d", '{"fail": true}', cwd=tmp_path)
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert "model.py" in failed.stderr and "raise ValueError('bad input')" in failed.stderr
+    assert failed.stderr.rstrip().splitlines()[-1].startswith("error: predict failed: ValueError: bad input")
+    assert "kernel_magics/" not in failed.stderr  # the model's frames only
+    not_json = cli("predict", exported, "-d", "{x: 1}", cwd=tmp_path)
+    assert not_json.returncode == 2 and not_json.stderr.count("\n") == 1 and "is not JSON" in not_json.stderr
+    missing = cli("predict", tmp_path / "nowhere", "-d", "{}", cwd=tmp_path)
+    assert missing.returncode == 1 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
+
+
+def test_help_shows_examples_and_exit_codes():
+    out = cli("--help", cwd=".")
+    assert "examples:\n  kernel-magics export" in out.stdout and "kernel-magics predict" in out.stdout
+    assert "exit codes:" in out.stdout and "3    serve could not listen" in out.stdout
+    for command in ("export", "serve", "validate", "predict"):
+        assert "examples:\n  kernel-magics" in cli(command, "--help", cwd=".").stdout
+
+
+def test_a_port_in_use_is_exit_code_3(exported):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = cli("serve", exported, "--port", taken.getsockname()[1], cwd=exported.parent)
+    assert done.returncode == 3, done.stderr
+
+
+def test_bash_completion_completes_commands_options_and_choices():
+    script = cli("completion", "bash", cwd=".").stdout
+
+    def complete(*words: str) -> list[str]:
+        line = " ".join(f"'{w}'" for w in words)
+        probe = (f"{script}\nCOMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _kernel_magics; "
+                 "printf '%s\\n' \"${COMPREPLY[@]}\"")
+        done = subprocess.run(["bash", "-c", probe], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert complete("kernel-magics", "pre") == ["predict"]
+    assert complete("kernel-magics", "serve", "--log-f") == ["--log-format"]
+    assert complete("kernel-magics", "serve", "--engine", "r") == ["ray"]
+    assert complete("kernel-magics", "completion", "") == ["bash"]
+    assert "--secrets-from-stdin" not in script  # hidden options stay hidden

@@ -1,0 +1,73 @@
+"""One prediction from a Truss directory, as ``truss predict`` gives one: load, answer, stop.
+
+The same TrussDir and ModelHost as the server, so the answer is the one a request
+would get: a result as one JSON line, a stream chunk by chunk as it is produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .errors import KernelMagicsError
+
+__all__ = ["predict_once", "ModelFailed"]
+
+
+class ModelFailed(KernelMagicsError):
+    """The model's own code raised while loading or predicting; ``traceback_text`` holds its frames."""
+
+    def __init__(self, message: str, traceback_text: str) -> None:
+        super().__init__(message)
+        self.traceback_text = traceback_text
+
+
+def predict_once(root: Path, model_input: Any, *, write: Callable[[bytes], None],
+                 secrets_dir: Optional[Path] = None) -> None:
+    """Load the directory's model and hand its answer to ``write`` as bytes: the result's JSON and a
+    newline, or each chunk of a stream as it comes (text as UTF-8, other chunks as JSON lines)."""
+    from .runtime import ChunkStream
+    from .serialization import is_response, to_jsonable
+    from .tracebacks import trim_traceback
+    from .truss_dir import TrussDir
+
+    truss = TrussDir.open(root)
+    host = truss.host(secrets_dir=secrets_dir, hint="or put a file named {name} in the --secrets-dir folder")
+    try:
+        host.load()
+    except KernelMagicsError:
+        raise
+    except Exception as exc:
+        raise ModelFailed(f"load() failed: {host.describe_error(exc)}. Fix load() (its traceback is above).",
+                          host.format_error(trim_traceback(exc))) from None
+
+    async def answer() -> None:
+        result = await host.predict(model_input)
+        if isinstance(result, ChunkStream):
+            async with result:
+                async for chunk in result:
+                    write(_chunk_bytes(chunk, to_jsonable))
+        elif is_response(result):
+            write(bytes(getattr(result, "body", b"") or b""))
+        else:
+            write(json.dumps(result).encode() + b"\n")
+
+    try:
+        asyncio.run(answer())
+    except KernelMagicsError:
+        raise
+    except Exception as exc:
+        raise ModelFailed(f"predict failed: {host.describe_error(exc)} (its traceback is above).",
+                          host.format_error(trim_traceback(exc))) from None
+    finally:
+        host.unload()
+
+
+def _chunk_bytes(chunk: Any, to_jsonable: Callable) -> bytes:
+    if isinstance(chunk, (bytes, bytearray, memoryview)):
+        return bytes(chunk)
+    if isinstance(chunk, str):
+        return chunk.encode()
+    return (json.dumps(to_jsonable(chunk, what="a streamed chunk")) + "\n").encode()
