@@ -74,17 +74,19 @@ class SecretScanner:
         # Longest first, so a form that contains another is replaced whole.
         self._texts = sorted(texts.items(), key=lambda item: len(item[0]), reverse=True)
         self._pattern = re.compile("|".join(re.escape(t) for t, _ in self._texts)) if texts else None
-        found: dict[bytes, str] = {}
-        for text, name in self._texts:
-            for encoding in ENCODINGS:
-                try:
-                    found.setdefault(text.encode(encoding), name)
-                except UnicodeEncodeError:
-                    continue
+        # The escaped forms are written by text serializers (source, YAML, JSON), in UTF-8; the value
+        # itself may be stored in any encoding.
+        found: dict[bytes, str] = {text.encode("utf-8", "surrogatepass"): name for text, name in self._texts}
         for value, name in secrets.items():
             for text in {value, value.strip()}:
-                if len(text) >= MIN_LENGTH:
-                    found.setdefault(_pickle_protocol_0(text), name)
+                if len(text) < MIN_LENGTH:
+                    continue
+                found.setdefault(_pickle_protocol_0(text), name)
+                for encoding in ENCODINGS:
+                    try:
+                        found.setdefault(text.encode(encoding), name)
+                    except UnicodeEncodeError:
+                        continue
         # A pattern holding a shorter one is found by that one: search each byte string once.
         shortest = sorted(found, key=len)
         self._bytes: list[tuple[bytes, str]] = []
@@ -121,16 +123,18 @@ class SecretScanner:
         (a large file costs one chunk of memory, never its size)."""
         if not self._bytes:
             return None
-        tail, start = b"", 0  # start: the file offset of tail's first byte
+        tail, start = b"", 0  # tail: the end of what was read before; start: the file offset of chunk
         with open(path, "rb") as file:
             while chunk := file.read(chunk_size):
-                window = tail + chunk
-                hit = self.find_in_bytes(window)
+                if tail:  # a secret across the seam (the chunk itself is searched without copying it)
+                    hit = self.find_in_bytes(tail + chunk[:self.overlap])
+                    if hit is not None:
+                        return hit[0], start - len(tail) + hit[1]
+                hit = self.find_in_bytes(chunk)
                 if hit is not None:
                     return hit[0], start + hit[1]
-                keep = min(self.overlap, len(window))
-                start += len(window) - keep
-                tail = window[len(window) - keep:] if keep else b""
+                tail = (tail + chunk)[-self.overlap:] if len(chunk) < self.overlap else chunk[-self.overlap:]
+                start += len(chunk)
         return None
 
     def find_in_tree(self, root: Path, skip: Iterable[Path] = ()) -> Optional[tuple[Path, str]]:
