@@ -18,6 +18,7 @@ from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
 
 from kernel_harness import Kernel
+from test_export import cli
 from kernel_magics.core.secrets import ENCODINGS, SecretScanner, SecretStore
 
 CANARY = "sk-CANARY-secrets-4b7e21"
@@ -99,6 +100,25 @@ def test_the_scan_finds_every_encoding_across_chunk_boundaries(tmp_path):
             assert scanner.find_in_file(path, chunk_size=1000) == ("tok", at), (encoding, at)
     (tmp_path / "clean").write_bytes(b"sk-O\"DD" * 1000)
     assert scanner.find_in_file(tmp_path / "clean", chunk_size=1000) is None
+
+
+def test_the_cli_export_refuses_a_secret_from_its_environment(tmp_path):
+    """`kernel-magics export` has no live values: what it writes is checked against TRUSS_SECRET_<name>."""
+    nb = new_notebook(cells=[new_code_cell(c) for c in (
+        "%load_ext kernel_magics",
+        "%%model_config\nmodel_name: cli\nsecrets: {tok: null}\n",
+        "%%model\nclass Model:\n    def predict(self, x):\n        return len(x['q'])\n",
+        '%model_predict {"q": "' + CANARY + '"}',  # typed into the notebook: it becomes the example input
+    )], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nb.cells[-1].outputs = [nbformat.v4.new_output("execute_result", {"text/plain": str(len(CANARY))},
+                                                   execution_count=4)]
+    nbformat.write(nb, tmp_path / "typed.ipynb")
+    done = cli("export", tmp_path / "typed.ipynb", tmp_path / "out", cwd=tmp_path,
+               env={**os.environ, "TRUSS_SECRET_tok": CANARY})
+    assert done.returncode != 0 and not (tmp_path / "out").exists()
+    message = " ".join(done.stderr.split())
+    assert "config.yaml would hold the value of secret `tok` through its `model_metadata` entry" in message, message
+    assert_no_secret(done.stdout + done.stderr)
 
 
 # ---------------------------------------------------------------- 2. no secret recorded
