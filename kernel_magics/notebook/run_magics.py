@@ -68,7 +68,8 @@ class RunMagics(Magics):
         args = parse_arguments(self.model_load, line)
         host = self.model.host
         if host.loading:
-            raise UsageError("A background load is still running; wait for it (any %model_predict does) first.")
+            raise UsageError("A load is still running (a background load, or one an interrupt could not stop yet because "
+                             "it is inside a long call); %model_status shows when it ends, and %model_predict waits for it.")
         device = self.model.run(devices.resolve_device, args.device)
         if host.contract is None:
             raise UsageError("No model is defined yet: run a %%model cell (a class with predict) first.")
