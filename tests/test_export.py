@@ -427,3 +427,15 @@ def test_a_prediction_made_with_headers_is_replayed_with_the_same_request(tmp_pa
     ex = k.ok("%model_export out")
     assert "Replayed 1 recorded prediction" in ex.stdout, ex.stdout
     assert all(CANARY.encode() not in data for data in files_of(tmp_path / "out").values())
+
+
+def test_the_cli_replays_a_request_taking_predict_saved_in_the_notebook_with_a_servers_request(tmp_path):
+    from nbformat.v4 import new_output
+
+    nb = new_notebook(cells=[new_code_cell(REQUEST_TAKING), new_code_cell('%model_predict {"q": 1}')],
+                      metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    answer = {"user": None, "path": "/v1/models/model:predict", "method": "POST", "signed": False}
+    nb.cells[1].outputs = [new_output("execute_result", data={"text/plain": repr(answer)}, execution_count=2)]
+    nbformat.write(nb, tmp_path / "nb.ipynb")
+    done = cli("export", tmp_path / "nb.ipynb", tmp_path / "out")
+    assert done.returncode == 0 and "Replayed 1 recorded prediction" in done.stdout, done.stderr

@@ -470,10 +470,15 @@ def _run_check(root: Path, report_path: Path, load: bool) -> int:
         async def replay_all() -> None:
             for i, item in enumerate(options.get("replay", [])):
                 try:
-                    # A prediction made with a request (%model_predict --header) is replayed with the same one.
+                    # A prediction made with a request (%model_predict --header) is replayed with the same one;
+                    # one read back from a notebook file with the request a server would make of its input.
                     from .model_request import request_from
 
-                    got = await host.collect(item["input"], request=request_from(item.get("request"), item["input"]))
+                    contract = host.contract
+                    takes = any(s is not None and s.takes_request
+                                for s in (contract.predict, contract.preprocess, contract.postprocess))
+                    described = item.get("request") or ({"headers": []} if takes else None)
+                    got = await host.collect(item["input"], request=request_from(described, item["input"]))
                 except Exception as exc:
                     report["replayed"].append({"index": i, "ok": False, "got": None,
                                                "why": host.describe_error(exc)})
