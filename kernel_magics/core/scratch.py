@@ -141,7 +141,8 @@ def remove_tree(path: Path) -> bool:
 
 def die_with_parent(parent_pid: Optional[int]) -> None:
     """In a child process: be killed when ``parent_pid`` dies (Linux ``PR_SET_PDEATHSIG``), and exit
-    at once if it is already gone. Elsewhere this does nothing."""
+    at once if it is already gone. Elsewhere this does nothing. (Linux sends the signal when the parent
+    *thread* that started the child ends: start such a child from a thread that waits for it.)"""
     if not parent_pid or not sys.platform.startswith("linux"):
         return
     try:
