@@ -1,13 +1,16 @@
-# Two commands do all the set-up: `make demo` and `make test`.
+# Two commands do all the set-up: `make demo` and `make test`; `make check` is the one-minute inner loop.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 NOTEBOOKS := notebooks/quickstart.ipynb notebooks/streaming.ipynb notebooks/wine_pipeline.ipynb \
 	notebooks/embeddings.ipynb notebooks/tiny_gpt.ipynb notebooks/openai_chat.ipynb
+# A run fails if it leaves anything in its temp dir (`make test`: in /tmp or the home directory either).
+PYTEST := $(PY) -m pytest
+# The tiers: tests/conftest.py marks tests by what they need; `make check` leaves these out.
+CHECK_MARKS := not (ray or browser or truss_ref or package or gallery or slow)
 
-.PHONY: venv demo test notebooks clean truss-reference browser-deps lab
+.PHONY: venv demo check test notebooks clean truss-reference browser-deps lab
 
 # torch is pinned by constraints.txt: an unpinned torch pulls a multi-GB CUDA build.
 # Installing the project also builds the JupyterLab extension (jlpm, npm registry only).
@@ -37,11 +40,17 @@ browser-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "note: /usr/bin/chromium missing and not root: browser tests will be skipped"; fi; fi
 
-# pytest's exit code 5 (nothing collected) is non-zero, so make fails on it too.
+# The inner loop: no JupyterLab, Chromium, Ray, package build, Truss reference or gallery (about a minute).
+# Pick another slice with pytest's -m, e.g. `.venv/bin/python -m pytest tests -m "ray and not slow"`.
+check: $(STAMP)
+	$(PYTEST) tests -m "$(CHECK_MARKS)" -n 2 --check-leftovers=tmpdir -q
+
+# Everything: the extension's unit tests, then every test (the gallery notebooks run once, in test_gallery.py,
+# their outputs compared with the saved ones). pytest's exit code 5 (nothing collected) fails make too.
 test: $(STAMP) truss-reference browser-deps
 	cd extension && PATH=$(CURDIR)/$(VENV)/bin:$$PATH jlpm test
 	KM_REQUIRE_TRUSS=$$([ -x $(TRUSS_SETUP) ] && echo 1) KM_REQUIRE_BROWSER=$$([ -x /usr/bin/chromium ] && echo 1) \
-	  $(PY) -m pytest tests $(NOTEBOOKS) $(NBVAL)
+	  $(PYTEST) tests --check-leftovers=all
 
 # Open the quickstart in JupyterLab (the demo itself stays headless).
 lab: $(STAMP)

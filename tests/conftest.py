@@ -1,12 +1,130 @@
+"""Fixtures shared by the test modules, the tiers (markers) every test gets without editing it, and the
+check that the suite leaves nothing behind in the temp dir or the home directory."""
+
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# nbformat imports jsonschema, which imports rfc3987_syntax when it is installed (jupyter_server's extras bring it)
+# and builds an IRI grammar: about 2.5 s of CPU in every test process, for a format no notebook schema uses.
+sys.modules.setdefault("rfc3987_syntax", None)
 
 from kernel_harness import Kernel  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- tiers: markers applied at collection
+#
+# `make check` runs `-m "not (ray or browser or truss_ref or package or gallery or slow)"`; `make test` runs all.
+
+# A whole module that needs what a marker names.
+MODULE_MARKS = {
+    "test_ray": "ray", "test_ray_cluster": "ray",
+    "test_extension": "browser",
+    "test_package": "package",
+    "test_gallery": "gallery",
+    "test_truss_conformance": "truss_ref",
+}
+# A fixture that needs it (pytest resolves fixtures used by fixtures, so indirect use counts too).
+FIXTURE_MARKS = {"ray_cluster": "ray", "truss_validate": "truss_ref", "truss_server": "truss_ref"}
+# A global name the test function's own code uses (what a fixture cannot show: a helper called in the body).
+NAME_MARKS = {"serve_truss": "truss_ref", "truss_venv_with_models": "truss_ref", "truss_reference_python": "truss_ref",
+              "LocalCluster": "ray"}
+# The tests that keep `make check` over a minute, with nothing else to mark them: 4 s or more each in a
+# `--durations=0` run of the check tier on this 2-core machine while other test runs loaded it (about 1 s
+# or more when it is quiet): CLI exports and servers in fresh processes, kernels of their own.
+# By module::name (parameters included); a name that matches no test is a warning in the summary.
+SLOW = {
+    "test_cli::test_labextension_is_installed_prebuilt_and_enabled",
+    "test_contract::test_metrics_count_requests_and_latency_per_route",
+    "test_contract::test_the_notebook_answers_the_same",
+    "test_export::test_cli_bad_notebooks",
+    "test_export::test_cli_validate",
+    "test_export::test_kernel_export_errors_leave_nothing_behind",
+    "test_export::test_show_magics",
+    "test_faults::test_a_helper_that_load_leaves_running_does_not_hold_the_export",
+    "test_faults::test_an_interrupted_sync_predict_keeps_the_slot_until_it_returns",
+    "test_faults::test_broken_inputs_get_one_line_and_exit_code_1",
+    "test_faults::test_clients_leaving_during_an_upload_log_one_line_each",
+    "test_faults::test_export_force_never_replaces_the_notebooks_folder_or_a_parent_or_the_working_directory",
+    "test_faults::test_force_over_a_symlink_and_over_read_only_parts_leaves_nothing_behind",
+    "test_faults::test_interrupting_model_load_stops_load_and_a_retry_does_not_wait_for_it",
+    "test_faults::test_kill_9_during_an_export_the_checker_dies_and_the_next_export_cleans_up",
+    "test_faults::test_logging_in_load_shows_once_without_jupyterlab_and_print_once_with_a_view",
+    "test_faults::test_model_secret_in_a_headless_run_uses_the_environment",
+    "test_faults::test_predicts_during_a_reload_of_a_served_model_get_503_not_500",
+    "test_faults::test_two_exports_to_one_new_target_at_once_do_not_both_succeed",
+    "test_fidelity::test_a_value_changed_after_the_recorded_predictions_fails_the_replay",
+    "test_fidelity::test_a_value_that_cannot_be_saved_refuses_the_export_naming_it",
+    "test_fidelity::test_truss_compatibility_warnings_in_the_notebook",
+    "test_magics::test_extension_loads_from_ipython_config",
+    "test_magics::test_load_passes_truss_kwargs_and_reports_device",
+    "test_magics::test_secret_from_environment_never_reaches_output",
+    "test_server::test_32_concurrent_requests_none_lost",
+    "test_server::test_a_served_child_stops_when_its_kernel_dies",
+    "test_server::test_a_slow_reader_pauses_the_generator_and_keeps_memory_bounded",
+    "test_server::test_client_disconnect_closes_the_generator_and_frees_the_slot[uvicorn]",
+    "test_server::test_failed_load_and_missing_model_exit_non_zero",
+    "test_server::test_liveness_and_readiness_answer_during_a_long_sync_predict",
+    "test_server::test_missing_secret_fails_the_load_with_one_paragraph",
+    "test_server::test_model_serve_from_the_notebook",
+    "test_server::test_pydantic_input_errors_and_schema[uvicorn]",
+    "test_server::test_readiness_is_503_while_loading_and_liveness_answers",
+    "test_server::test_requirement_mismatches_are_warned_about",
+    "test_server::test_routes_errors_and_headers[uvicorn]",
+    "test_server::test_secrets_from_a_secrets_dir",
+    "test_server::test_sigterm_finishes_the_request_in_flight",
+    "test_server::test_stream_arrives_chunk_by_chunk[uvicorn]",
+    "test_truss_dir::test_layout_keys_and_package_dirs_through_validate_and_serve",
+    "test_truss_dir::test_the_import_check_names_a_missing_package_and_the_flag_that_skips_it",
+    "test_truss_dir::test_validate_replays_the_example_input",
+    "test_truss_dir::test_validate_takes_any_path_from_any_working_directory",
+    "test_values::test_every_format_saves_and_loads_as_the_notebook_has_it",
+    "test_widgets::test_a_stopped_or_failed_stream_is_not_recorded_and_exports_still_replay",
+    "test_widgets::test_interrupt_during_a_stream",
+    "test_widgets::test_interrupt_during_a_sync_predict",
+    "test_widgets::test_plain_text_fallback_and_no_widget_flag",
+}
+
+
+def pytest_configure(config):
+    _private_temp_dir(config)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these markers
+def pytest_collection_modifyitems(config, items):
+    seen = set()
+    for item in items:
+        module = item.module.__name__ if getattr(item, "module", None) else ""
+        marks = {MODULE_MARKS.get(module)}
+        marks |= {what for name, what in FIXTURE_MARKS.items() if name in item.fixturenames}
+        code = getattr(getattr(item, "function", None), "__code__", None)
+        if code is not None:
+            marks |= {what for name, what in NAME_MARKS.items() if name in code.co_names}
+        key = f"{module}::{item.name}"
+        if key in SLOW or f"{module}::{item.originalname}" in SLOW:
+            seen.add(key if key in SLOW else f"{module}::{item.originalname}")
+            marks.add("slow")
+        for mark in sorted(marks - {None}):
+            item.add_marker(mark)
+    collected = {item.module.__name__ for item in items if getattr(item, "module", None)}
+    stale = sorted(key for key in SLOW - seen if key.split("::")[0] in collected)
+    whole = all(Path(arg).is_dir() for arg in config.args)  # a file or one test named: SLOW is only partly seen
+    if stale and whole and not config.getoption("keyword") and not config.getoption("deselect"):
+        # A warning, not an error: a test another change adds may be listed before that change lands.
+        warnings.warn(pytest.PytestConfigWarning(f"tests/conftest.py SLOW names tests that do not exist (renamed?): "
+                                                 f"{stale}"))
+
+
+# ---------------------------------------------------------------- kernels
 
 @pytest.fixture(scope="module")
 def kernel():
@@ -17,12 +135,36 @@ def kernel():
     k.shutdown()
 
 
+@pytest.fixture
+def fresh_kernel():
+    """Start kernels of a test's own: ``fresh_kernel(cwd=..., env=..., load_ext=True)``; every one is shut
+    down when the test ends, passed or failed."""
+    started = []
+
+    def start(cwd=None, env=None, load_ext=False) -> Kernel:
+        k = Kernel(env=env, cwd=str(cwd) if cwd is not None else None)
+        started.append(k)
+        if load_ext:
+            k.ok("%load_ext kernel_magics")
+        return k
+
+    yield start
+    for k in started:
+        k.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _kernels_stop_with_their_test():
+    """A kernel a test started and did not stop (a failed assertion before its shutdown) stops when the
+    test ends; module and session kernels, started before, are left to their fixtures."""
+    before = list(Kernel.running)
+    yield
+    for k in [k for k in Kernel.running if k not in before]:
+        k.shutdown()
+
+
 # ---------------------------------------------------------------- the real truss package
 
-import os  # noqa: E402
-import subprocess  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 TRUSS_REFERENCE = REPO.parent / "shared" / "truss_reference"
 TRUSS_VENV = Path(os.environ.get("TRUSS_REF_VENV", Path.home() / ".cache" / "truss-reference" / "venv"))
 
@@ -65,3 +207,89 @@ def ray_cluster():
     cluster = LocalCluster(workers=2, cpus=2, serve_port=free_port())
     yield cluster
     cluster.close()
+
+
+# ---------------------------------------------------------------- nothing left behind
+#
+# With --check-leftovers the run has a temp dir of its own (TMPDIR, inherited by kernels, servers, Ray and
+# the browser): at the end it must hold nothing but pytest's own folder, else the run fails naming what is
+# left, and the folder goes. `--check-leftovers=all` (`make test`) also compares the system temp dir and the
+# home directory before and after, for what ignores TMPDIR: that needs a machine where nothing else writes
+# there meanwhile, so `make check` (run while other work goes on) checks its own temp dir only.
+
+def pytest_addoption(parser):
+    parser.addoption("--check-leftovers", choices=["tmpdir", "all"], default=None,
+                     help="fail if the run leaves files in its temp dir (tmpdir), or also in the system temp dir "
+                          "or the home directory (all)")
+
+
+CACHES = "library-caches"  # in the run's temp dir: removed with it, not reported
+
+
+def _private_temp_dir(config) -> None:
+    if not config.getoption("check_leftovers"):
+        return
+    if "KM_TEST_TMPDIR" not in os.environ:  # xdist workers inherit the controller's
+        system = tempfile.gettempdir()
+        os.environ["KM_TEST_SYSTEM_TMP"] = system
+        os.environ["KM_TEST_TMPDIR"] = tempfile.mkdtemp(prefix="kmt-")
+        everywhere = config.getoption("check_leftovers") == "all"
+        config._km_before = (_listing(Path(system)), _listing(Path.home())) if everywhere else (None, None)
+    os.environ["TMPDIR"] = os.environ["KM_TEST_TMPDIR"]
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    # A library's own cache is no test's leftover: torch puts its compile cache in the temp dir by default.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(os.environ["KM_TEST_TMPDIR"], CACHES, "torchinductor"))
+
+
+def _listing(root: Path, depth: int = 2) -> set:
+    """Paths under root to ``depth`` levels (enough to see a new folder, or a new file in a known one)."""
+    found = set()
+    todo = [(root, 0)]
+    while todo:
+        folder, level = todo.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            found.add(entry.path)
+            if level + 1 < depth and entry.is_dir(follow_symlinks=False):
+                todo.append((Path(entry.path), level + 1))
+    return found
+
+
+@pytest.hookimpl(trylast=True)  # after the session fixtures' teardown and pytest's own temp cleanup
+def pytest_sessionfinish(session, exitstatus):
+    config = session.config
+    before = getattr(config, "_km_before", None)
+    if before is None or hasattr(config, "workerinput"):
+        return
+    private = Path(os.environ["KM_TEST_TMPDIR"])
+    ours = private / f"pytest-of-{_user()}"  # pytest's own: a failing run keeps its tests' tmp_path there
+    if ours.is_dir() and not any(ours.iterdir()):
+        ours.rmdir()
+    left = sorted(p for p in _listing(private) if not Path(p).is_relative_to(ours)
+                  and not Path(p).is_relative_to(private / CACHES))
+    for entry in private.iterdir():  # named below and removed: the next run starts clean
+        if entry != ours:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    if not ours.exists():
+        private.rmdir()
+    if before[0] is not None:
+        system, home = _listing(Path(os.environ["KM_TEST_SYSTEM_TMP"])), _listing(Path.home())
+        left += sorted((system - before[0]) - {str(private)}) + sorted(home - before[1])
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if left:
+        lines = "\n".join(f"  {p}" for p in left[:50]) + (f"\n  ... and {len(left) - 50} more" if len(left) > 50 else "")
+        reporter.write_sep("=", "LEFT BEHIND BY THE TESTS", red=True, bold=True)
+        reporter.write_line(f"The run left these in its temp dir, the system temp dir or the home directory (make the "
+                            f"test that wrote them clean up; those in the run's temp dir are removed now):\n{lines}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if ours.exists():
+        reporter.write_line(f"The failed tests' tmp_path folders are kept under {ours}")
+
+
+def _user() -> str:
+    import getpass
+
+    return getpass.getuser()

@@ -72,8 +72,11 @@ class Execution:
 class Kernel:
     """A running IPython kernel (this interpreter's), with kernel_magics importable."""
 
+    running: list["Kernel"] = []  # every kernel not shut down yet (tests/conftest.py stops a test's leftovers)
+
     def __init__(self, env: Optional[dict] = None, cwd: Optional[str] = None) -> None:
         self.km = KernelManager(kernel_name="python3")
+        Kernel.running.append(self)
         full_env = dict(os.environ)
         full_env.update(env or {})
         full_env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
@@ -138,5 +141,10 @@ class Kernel:
         self.km.interrupt_kernel()
 
     def shutdown(self) -> None:
+        """Stop the kernel (again is fine: a test may end one early that a fixture also stops)."""
+        if self in Kernel.running:
+            Kernel.running.remove(self)
+        if not self.km.has_kernel:
+            return
         self.kc.stop_channels()
         self.km.shutdown_kernel(now=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,10 +43,20 @@ class Served:
     proc: subprocess.Popen
     url: str
     log_path: Path
+    final_log: Optional[str] = None  # what the log held when the server stopped (its file is gone then)
 
     @property
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.final_log if self.final_log is not None else self.log_path.read_text(errors="replace")
+
+    def finish(self, remove: Path) -> None:
+        """Stop the server, keep its log in memory and remove ``remove`` (its log file or folder)."""
+        _stop(self.proc)
+        self.final_log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        if remove.is_dir():
+            shutil.rmtree(remove, ignore_errors=True)
+        else:
+            remove.unlink(missing_ok=True)
 
     def predict_url(self, name: str = "model") -> str:
         return f"{self.url}/v1/models/{name}:predict"
@@ -89,7 +100,9 @@ def serve_ours(truss_dir: Path, *args: str, env: Optional[dict] = None, wait_rea
     elif engine != "uvicorn":
         args = ("--engine", "ray", "--replicas", str(replicas), "--address", engine.address, *args)
     port = getattr(engine, "serve_port", None) or free_port()  # a running Serve keeps its port
-    log = Path(tempfile.mkstemp(prefix="km-serve-", suffix=".log")[1])
+    fd, name = tempfile.mkstemp(prefix="km-serve-", suffix=".log")
+    os.close(fd)
+    log = Path(name)
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "kernel_magics.cli", "serve", str(truss_dir), "--port", str(port), *args],
@@ -100,7 +113,7 @@ def serve_ours(truss_dir: Path, *args: str, env: Optional[dict] = None, wait_rea
         _wait_alive(served, timeout, wait_ready)
         yield served
     finally:
-        _stop(proc)
+        served.finish(remove=log)
 
 
 def answer(base: str, method: str, path: str, body, headers) -> tuple:
@@ -154,14 +167,20 @@ def truss_venv_with_models() -> Optional[Path]:
     ours = Path(site.getsitepackages()[0])
     theirs = next((reference.parent.parent / "lib").glob("python3*/site-packages"))
     venv = reference.parent.parent.parent / f"with-models-numpy{numpy.__version__}"
-    python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    if not (venv / "bin" / "python").exists():
+        # Built aside and renamed into place: test processes running side by side (pytest -n) may race here.
+        building = venv.with_name(f"{venv.name}.building-{os.getpid()}")
+        python = building / "bin" / "python"
+        subprocess.run([sys.executable, "-m", "venv", str(building)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", f"numpy=={numpy.__version__}"],
                        check=True)
-        own = next((venv / "lib").glob("python3*/site-packages"))
+        own = next((building / "lib").glob("python3*/site-packages"))
         (own / "km_0_truss.pth").write_text(f"{theirs}\n")
         (own / "km_1_models.pth").write_text(f"{ours}\n")
+        try:
+            building.rename(venv)
+        except OSError:  # another process finished first
+            shutil.rmtree(building, ignore_errors=True)
     return venv
 
 
@@ -185,7 +204,7 @@ def serve_truss(truss_dir: Path, env: Optional[dict] = None, timeout: float = 12
         _wait_alive(served, timeout, ready=wait_ready)
         yield served
     finally:
-        _stop(proc)
+        served.finish(remove=work)
 
 
 # ---------------------------------------------------------------------- a large stream read slowly

@@ -82,4 +82,9 @@ def test_not_a_mapping():
 def test_yaml_round_trip_keeps_what_was_set():
     text = "model_name: m\nrequirements:\n- torch\nsecrets:\n  tok: null\n"
     assert parse_config(text).to_yaml() == text
-    assert isinstance(parse_config(parse_config(text).to_yaml()), ModelConfig)
+    # What to_yaml writes reads back as the same config, every section and Truss-only key included.
+    full = parse_config("model_name: m\nrequirements: [torch==2.13.0]\nresources: {accelerator: 'A10G:2', cpu: 2, "
+                        "memory: 4Gi}\nsecrets: {tok: null}\nenvironment_variables: {FLAG: true}\n"
+                        "runtime: {predict_concurrency: 4}\nmodel_metadata: {a: [1, 2]}\nsystem_packages: [ffmpeg]\n")
+    again = parse_config(full.to_yaml())
+    assert isinstance(again, ModelConfig) and again == full and again.to_dict() == full.to_dict()

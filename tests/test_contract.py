@@ -10,7 +10,6 @@ import json
 import httpx
 import pytest
 
-from kernel_harness import Kernel
 from server_harness import answer, serve_ours, serve_truss, truss_reference_python, write_truss
 
 REQUESTS = '''
@@ -192,34 +191,31 @@ def test_metrics_count_requests_and_latency_per_route(tmp_path):
     assert 'kernel_magics_request_seconds_bucket{le="0.005",route="/v1/models/{model_name}:predict"}' in text
 
 
-def test_the_notebook_answers_the_same(tmp_path):
-    k = Kernel(cwd=str(tmp_path))
-    try:
-        k.ok("%load_ext kernel_magics")
-        k.ok("%%model\n" + REQUESTS)
-        k.ok("%model_load")
-        k.ok("import json")
-        assert json.loads(k.ok('r = %model_predict --header x-user:alice {"a": 1}\nprint(json.dumps(r))')
-                          .stdout) == {"got": {"a": 1, "user": "alice"}, "path": "/v1/models/model:predict",
-                                       "gone": False, "method": "POST"}
-        k.ok("%%model\n" + REQUEST_ONLY)
-        k.ok("%model_load")
-        got = k.ok('r = %model_predict --header x-user:carol {"free": ["form"]}\nprint(json.dumps(r))').stdout
-        assert json.loads(got) == {"body": {"free": ["form"]}, "type": "application/json", "user": "carol"}
-        k.ok("%%model\n" + OPENAI)
-        k.ok("%model_load")
-        ex = k.ok('%model_predict --method chat_completions {"messages": [{"role": "user", "content": "one two"}]}')
-        assert ex.result == "{'choices': [{'message': {'role': 'assistant', 'content': 'two one'}}]}"
-        ex = k.ok('%model_predict --method chat_completions --no-widget '
-                  '{"stream": true, "messages": [{"role": "user", "content": "one two"}]}')
-        assert 'data: {"choices": [{"delta": {"content": "one "}}]}' in ex.stdout and "[done: 3 chunks" in ex.stdout
-        ex = k.execute('%model_predict --method embeddings {"input": "x"}')
-        assert ex.reply["ename"] == "UsageError" and "no `embeddings` method" in ex.reply["evalue"]
-        k.ok("%%model\n" + HEALTH.replace('os.environ["KM_HEALTH"]', repr(str(tmp_path / "flag"))))
-        (tmp_path / "flag").write_text("no")
-        k.ok("%model_load")
-        assert "state: unhealthy" in k.ok("%model_status").stdout
-        (tmp_path / "flag").write_text("ok")
-        assert "state: ready" in k.ok("%model_status").stdout
-    finally:
-        k.shutdown()
+def test_the_notebook_answers_the_same(tmp_path, fresh_kernel):
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics")
+    k.ok("%%model\n" + REQUESTS)
+    k.ok("%model_load")
+    k.ok("import json")
+    assert json.loads(k.ok('r = %model_predict --header x-user:alice {"a": 1}\nprint(json.dumps(r))')
+                      .stdout) == {"got": {"a": 1, "user": "alice"}, "path": "/v1/models/model:predict",
+                                   "gone": False, "method": "POST"}
+    k.ok("%%model\n" + REQUEST_ONLY)
+    k.ok("%model_load")
+    got = k.ok('r = %model_predict --header x-user:carol {"free": ["form"]}\nprint(json.dumps(r))').stdout
+    assert json.loads(got) == {"body": {"free": ["form"]}, "type": "application/json", "user": "carol"}
+    k.ok("%%model\n" + OPENAI)
+    k.ok("%model_load")
+    ex = k.ok('%model_predict --method chat_completions {"messages": [{"role": "user", "content": "one two"}]}')
+    assert ex.result == "{'choices': [{'message': {'role': 'assistant', 'content': 'two one'}}]}"
+    ex = k.ok('%model_predict --method chat_completions --no-widget '
+              '{"stream": true, "messages": [{"role": "user", "content": "one two"}]}')
+    assert 'data: {"choices": [{"delta": {"content": "one "}}]}' in ex.stdout and "[done: 3 chunks" in ex.stdout
+    ex = k.execute('%model_predict --method embeddings {"input": "x"}')
+    assert ex.reply["ename"] == "UsageError" and "no `embeddings` method" in ex.reply["evalue"]
+    k.ok("%%model\n" + HEALTH.replace('os.environ["KM_HEALTH"]', repr(str(tmp_path / "flag"))))
+    (tmp_path / "flag").write_text("no")
+    k.ok("%model_load")
+    assert "state: unhealthy" in k.ok("%model_status").stdout
+    (tmp_path / "flag").write_text("ok")
+    assert "state: ready" in k.ok("%model_status").stdout

@@ -80,22 +80,19 @@ def test_kernel_export_is_byte_identical_to_cli_export_and_truss_accepts_both(tm
         truss_validate(tmp_path / out)
 
 
-def test_show_magics(tmp_path):
-    k = Kernel(cwd=str(tmp_path))
-    try:
-        k.ok("%load_ext kernel_magics")
-        k.ok("import math\nK = 2\ndef f(x):\n    return math.floor(x) * K")
-        k.ok("%%model_config\nmodel_name: shown\nsecrets: {tok: null}\n")
-        k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return f(model_input)")
-        shown = k.ok("%model_show")
-        code = shown.outputs[0]["data"]
-        assert "text/html" in code and "def f(x):" in code["text/plain"] and "import math" in code["text/plain"]
-        config = k.ok("%model_show config.yaml").outputs[0]["data"]["text/plain"]
-        assert "model_name: shown" in config and "tok: null" in config and "python_version: py3" in config
-        why = k.ok("%model_show --why").stdout
-        assert "the model class" in why and "used by Model" in why and "used by f" in why
-    finally:
-        k.shutdown()
+def test_show_magics(tmp_path, fresh_kernel):
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics")
+    k.ok("import math\nK = 2\ndef f(x):\n    return math.floor(x) * K")
+    k.ok("%%model_config\nmodel_name: shown\nsecrets: {tok: null}\n")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return f(model_input)")
+    shown = k.ok("%model_show")
+    code = shown.outputs[0]["data"]
+    assert "text/html" in code and "def f(x):" in code["text/plain"] and "import math" in code["text/plain"]
+    config = k.ok("%model_show config.yaml").outputs[0]["data"]["text/plain"]
+    assert "model_name: shown" in config and "tok: null" in config and "python_version: py3" in config
+    why = k.ok("%model_show --why").stdout
+    assert "the model class" in why and "used by Model" in why and "used by f" in why
 
 
 # ---------------------------------------------------------------- fidelity: the export answers as the notebook did
@@ -209,42 +206,39 @@ def usage_error(ex) -> str:
     return ex.reply["evalue"]
 
 
-def test_kernel_export_errors_leave_nothing_behind(tmp_path):
+def test_kernel_export_errors_leave_nothing_behind(tmp_path, fresh_kernel):
     (tmp_path / "libdir").mkdir()
     (tmp_path / "libdir" / "hidden_mod.py").write_text("VALUE = 1\n")
-    k = Kernel(cwd=str(tmp_path))
-    try:
-        k.ok("%load_ext kernel_magics")
-        assert "No `%%model` cell" in usage_error(k.execute("%model_export out"))
-        k.ok("exec('made_by_exec = 3')")
-        k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return made_by_exec")
-        msg = usage_error(k.execute("%model_export out"))
-        assert "`made_by_exec`" in msg and "exec, %run" in msg
-        # An import that only works through the kernel's sys.path: the fresh-process check catches it.
-        k.ok("import sys\nsys.path.insert(0, 'libdir')\nimport hidden_mod")
-        k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return hidden_mod.VALUE")
-        msg = usage_error(k.execute("%model_export out"))
-        assert "does not work on its own" in msg and "No module named 'hidden_mod'" in msg
-        assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
-        (tmp_path / "afile").write_text("x")
-        assert "is a file" in usage_error(k.execute("%model_export afile"))
-        k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return 1")
-        k.ok("%model_export out")
-        (tmp_path / "out" / "mine.txt").write_text("keep me")
-        assert "not empty" in usage_error(k.execute("%model_export out"))
-        assert (tmp_path / "out" / "mine.txt").read_text() == "keep me"
-        # A failing export with --force keeps the previous export whole.
-        k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return hidden_mod.VALUE")
-        usage_error(k.execute("%model_export out --force"))
-        assert (tmp_path / "out" / "mine.txt").exists() and leftovers(tmp_path) == []
-        k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return 2")
-        assert "mine.txt" in usage_error(k.execute('%model_export "out" --force'))  # a file it did not write
-        k.ok('%model_export "out" --force --force')  # quotes, as a path with spaces needs, are not part of the name
-        assert not (tmp_path / "out" / "mine.txt").exists() and "return 2" in (tmp_path / "out/model/model.py").read_text()
-        assert "does not exist" in usage_error(k.execute("%model_export out2 --data nowhere.bin"))
-        assert not (tmp_path / "out2").exists() and leftovers(tmp_path) == []
-    finally:
-        k.shutdown()
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics")
+    assert "No `%%model` cell" in usage_error(k.execute("%model_export out"))
+    k.ok("exec('made_by_exec = 3')")
+    k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return made_by_exec")
+    msg = usage_error(k.execute("%model_export out"))
+    assert "`made_by_exec`" in msg and "exec, %run" in msg
+    # An import that only works through the kernel's sys.path: the fresh-process check catches it.
+    k.ok("import sys\nsys.path.insert(0, 'libdir')\nimport hidden_mod")
+    k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return hidden_mod.VALUE")
+    msg = usage_error(k.execute("%model_export out"))
+    assert "does not work on its own" in msg and "No module named 'hidden_mod'" in msg
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    (tmp_path / "afile").write_text("x")
+    assert "is a file" in usage_error(k.execute("%model_export afile"))
+    k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return 1")
+    k.ok("%model_export out")
+    (tmp_path / "out" / "mine.txt").write_text("keep me")
+    assert "not empty" in usage_error(k.execute("%model_export out"))
+    assert (tmp_path / "out" / "mine.txt").read_text() == "keep me"
+    # A failing export with --force keeps the previous export whole.
+    k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return hidden_mod.VALUE")
+    usage_error(k.execute("%model_export out --force"))
+    assert (tmp_path / "out" / "mine.txt").exists() and leftovers(tmp_path) == []
+    k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return 2")
+    assert "mine.txt" in usage_error(k.execute('%model_export "out" --force'))  # a file it did not write
+    k.ok('%model_export "out" --force --force')  # quotes, as a path with spaces needs, are not part of the name
+    assert not (tmp_path / "out" / "mine.txt").exists() and "return 2" in (tmp_path / "out/model/model.py").read_text()
+    assert "does not exist" in usage_error(k.execute("%model_export out2 --data nowhere.bin"))
+    assert not (tmp_path / "out2").exists() and leftovers(tmp_path) == []
 
 
 def test_cli_bad_notebooks(tmp_path):

@@ -45,20 +45,17 @@ def test_export_force_never_replaces_the_notebooks_folder_or_a_parent_or_the_wor
     assert cli("export", nb, tmp_path / "empty", "--force").returncode == 0
 
 
-def test_kernel_export_after_cd_refuses_the_notebooks_folder(tmp_path):
-    k = Kernel(cwd=str(tmp_path))
-    try:
-        (tmp_path / "nb.ipynb").write_text("{}")
-        k.ok("%load_ext kernel_magics")
-        k.ok(SIMPLE)
-        k.ok("import os\nos.makedirs('elsewhere', exist_ok=True)\n%cd elsewhere")
-        message = usage_error(k.execute(f"%model_export {tmp_path} --force"))
-        assert "would replace it" in message
-        message = usage_error(k.execute("%model_export . --force"))
-        assert "holds the working directory" in message
-        assert (tmp_path / "nb.ipynb").exists()
-    finally:
-        k.shutdown()
+def test_kernel_export_after_cd_refuses_the_notebooks_folder(tmp_path, fresh_kernel):
+    k = fresh_kernel(cwd=tmp_path)
+    (tmp_path / "nb.ipynb").write_text("{}")
+    k.ok("%load_ext kernel_magics")
+    k.ok(SIMPLE)
+    k.ok("import os\nos.makedirs('elsewhere', exist_ok=True)\n%cd elsewhere")
+    message = usage_error(k.execute(f"%model_export {tmp_path} --force"))
+    assert "would replace it" in message
+    message = usage_error(k.execute("%model_export . --force"))
+    assert "holds the working directory" in message
+    assert (tmp_path / "nb.ipynb").exists()
 
 
 # ---------------------------------------------------------------- 2. the predict bound holds until the model's code returns
@@ -101,45 +98,49 @@ def test_a_client_leaving_between_two_yields_keeps_the_slot_until_the_generator_
     assert probed >= closed  # the second predict started only once the generator had closed
 
 
-def test_an_interrupted_sync_predict_keeps_the_slot_until_it_returns(tmp_path):
-    k = Kernel(cwd=str(tmp_path))
-    try:
-        k.ok("%load_ext kernel_magics\nimport time\nSPANS = []")
-        k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        start = time.time()\n"
-             "        time.sleep(model_input['s'])\n        SPANS.append((start, time.time()))\n        return 'done'")
-        k.ok("%model_load")
-        sent = []
-        ex = k.execute('%model_predict {"s": 1.5}', timeout=60, on_message=lambda m: (
-            not sent and m["msg_type"] == "status" and m["content"]["execution_state"] == "busy"
-            and (time.sleep(0.3), k.interrupt(), sent.append(1))))
-        assert ex.status == "error" and ex.error["ename"] == "KeyboardInterrupt"
-        k.ok('%model_predict {"s": 0}')
-        spans = json.loads(k.ok("import json; print(json.dumps(SPANS))").stdout)
-        assert len(spans) == 2 and spans[1][0] >= spans[0][1]  # the second began after the first returned
-    finally:
-        k.shutdown()
+def test_an_interrupted_sync_predict_keeps_the_slot_until_it_returns(tmp_path, fresh_kernel):
+    k = fresh_kernel(cwd=tmp_path)
+    started = tmp_path / "started"
+    k.ok("%load_ext kernel_magics\nimport pathlib, time\nSPANS = []")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        start = time.time()\n"
+         "        pathlib.Path(model_input['mark']).write_text('1')\n"
+         "        time.sleep(model_input['s'])\n        SPANS.append((start, time.time()))\n        return 'done'")
+    k.ok("%model_load")
+    sent = []
+
+    def interrupt_once_predict_runs(message):
+        if not sent and message["msg_type"] == "status" and message["content"]["execution_state"] == "busy":
+            deadline = time.monotonic() + 30
+            while not started.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            k.interrupt()
+            sent.append(1)
+
+    ex = k.execute(f'%model_predict {{"s": 1.5, "mark": {json.dumps(str(started))}}}', timeout=60,
+                   on_message=interrupt_once_predict_runs)
+    assert ex.status == "error" and ex.error["ename"] == "KeyboardInterrupt"
+    k.ok(f'%model_predict {{"s": 0, "mark": {json.dumps(str(tmp_path / "again"))}}}')
+    spans = json.loads(k.ok("import json; print(json.dumps(SPANS))").stdout)
+    assert len(spans) == 2 and spans[1][0] >= spans[0][1]  # the second began after the first returned
 
 
 # ---------------------------------------------------------------- 3. a definition during a background load
 
-def test_redefining_during_a_background_load_applies_after_it(tmp_path):
+def test_redefining_during_a_background_load_applies_after_it(tmp_path, fresh_kernel):
     gate = tmp_path / "gate"
-    k = Kernel(cwd=str(tmp_path))
-    try:
-        k.ok("%load_ext kernel_magics\nimport time, pathlib")
-        k.ok(f"%%model\nclass Model:\n    def load(self):\n        while not pathlib.Path({str(gate)!r}).exists():\n"
-             f"            time.sleep(0.02)\n        self.v = 'loaded'\n    def predict(self, model_input):\n"
-             f"        return self.v")
-        k.ok("%model_load --background --no-widget")
-        ex = k.ok("%%model\nclass Model:\n    def load(self):\n        self.v = 'loaded'\n"
-                  "    async def predict(self, model_input):\n        return 'async ' + self.v",
-                  on_message=lambda m: m["msg_type"] == "stream" and "Waiting for the background load"
-                  in m["content"]["text"] and gate.write_text("go"))
-        assert "Hot-swapped" in ex.stdout
-        assert "state: ready" in k.ok("%model_status").stdout
-        assert k.ok("%model_predict {}").result == "'async loaded'"
-    finally:
-        k.shutdown()
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics\nimport time, pathlib")
+    k.ok(f"%%model\nclass Model:\n    def load(self):\n        while not pathlib.Path({str(gate)!r}).exists():\n"
+         f"            time.sleep(0.02)\n        self.v = 'loaded'\n    def predict(self, model_input):\n"
+         f"        return self.v")
+    k.ok("%model_load --background --no-widget")
+    ex = k.ok("%%model\nclass Model:\n    def load(self):\n        self.v = 'loaded'\n"
+              "    async def predict(self, model_input):\n        return 'async ' + self.v",
+              on_message=lambda m: m["msg_type"] == "stream" and "Waiting for the background load"
+              in m["content"]["text"] and gate.write_text("go"))
+    assert "Hot-swapped" in ex.stdout
+    assert "state: ready" in k.ok("%model_status").stdout
+    assert k.ok("%model_predict {}").result == "'async loaded'"
 
 
 # ---------------------------------------------------------------- 4. secrets never shown
@@ -158,36 +159,32 @@ class Model:
 '''
 
 
-def test_a_secret_inside_errors_is_redacted_everywhere_it_is_shown(tmp_path):
-    k = Kernel(cwd=str(tmp_path), env={"TRUSS_SECRET_tok": CANARY})
+def test_a_secret_inside_errors_is_redacted_everywhere_it_is_shown(tmp_path, fresh_kernel):
+    k = fresh_kernel(cwd=tmp_path, env={"TRUSS_SECRET_tok": CANARY})
     port = free_port()
-    try:
-        k.ok("%load_ext kernel_magics\n%config ModelMagics.widgets = 'always'\nFAIL_LOAD = True")
-        k.ok("%%model_config\nsecrets: {tok: null}\n")
-        k.ok("%%model\n" + LEAKY)
-        failed = k.execute("%model_load")  # the load view and the one-line error
-        status = k.ok("%model_status")
-        lab = k.ok("from kernel_magics.notebook.frontend import model_status\n"
-                   "print(model_status(get_ipython().magics_manager.registry['ModelMagics']))")
-        plain = k.execute("%model_load --no-widget")  # the traceback IPython shows, and its saved evalue
-        k.ok("FAIL_LOAD = False")
-        k.ok("%model_load --no-widget")
-        k.ok(f"%model_serve --port {port}")
-        httpx.post(f"http://127.0.0.1:{port}/v1/models/model:predict", json={}, timeout=10)  # mid-stream error
-        stream = k.execute("%model_predict {}")
-        time.sleep(0.3)
-        served = k.ok("%model_serve --stop")
-        for ex in (failed, status, lab, plain, stream, served):
-            # Every message the frontend received for the cell: outputs, widget updates, the reply.
-            sent = json.dumps([m["content"] for m in ex.messages]) + json.dumps(ex.reply)
-            assert CANARY not in sent, sent
-        view = json.dumps([m["content"] for m in failed.messages])
-        assert "bad token ***" in view and "token is ***" in view  # the view's traceback and load's own print
-        assert "bad token ***" in status.stdout and "bad token ***" in lab.stdout
-        assert "bad token ***" in plain.error_text and plain.reply["evalue"] == "bad token ***"
-        assert "mid-stream with ***" in stream.error_text
-    finally:
-        k.shutdown()
+    k.ok("%load_ext kernel_magics\n%config ModelMagics.widgets = 'always'\nFAIL_LOAD = True")
+    k.ok("%%model_config\nsecrets: {tok: null}\n")
+    k.ok("%%model\n" + LEAKY)
+    failed = k.execute("%model_load")  # the load view and the one-line error
+    status = k.ok("%model_status")
+    lab = k.ok("from kernel_magics.notebook.frontend import model_status\n"
+               "print(model_status(get_ipython().magics_manager.registry['ModelMagics']))")
+    plain = k.execute("%model_load --no-widget")  # the traceback IPython shows, and its saved evalue
+    k.ok("FAIL_LOAD = False")
+    k.ok("%model_load --no-widget")
+    k.ok(f"%model_serve --port {port}")
+    httpx.post(f"http://127.0.0.1:{port}/v1/models/model:predict", json={}, timeout=10)  # mid-stream error
+    stream = k.execute("%model_predict {}")
+    served = k.ok("%model_serve --stop")  # returns once the server, and whatever it logs, has finished
+    for ex in (failed, status, lab, plain, stream, served):
+        # Every message the frontend received for the cell: outputs, widget updates, the reply.
+        sent = json.dumps([m["content"] for m in ex.messages]) + json.dumps(ex.reply)
+        assert CANARY not in sent, sent
+    view = json.dumps([m["content"] for m in failed.messages])
+    assert "bad token ***" in view and "token is ***" in view  # the view's traceback and load's own print
+    assert "bad token ***" in status.stdout and "bad token ***" in lab.stdout
+    assert "bad token ***" in plain.error_text and plain.reply["evalue"] == "bad token ***"
+    assert "mid-stream with ***" in stream.error_text
 
 
 def test_the_server_logs_of_a_mid_stream_error_are_redacted(tmp_path):
@@ -200,30 +197,27 @@ def test_the_server_logs_of_a_mid_stream_error_are_redacted(tmp_path):
 
 # ---------------------------------------------------------------- 5. memory a failure holds is released by unload
 
-def test_unload_releases_what_a_failed_load_and_a_failed_predict_hold(tmp_path):
-    k = Kernel(cwd=str(tmp_path))
-    try:
-        k.ok("%load_ext kernel_magics\nimport gc, psutil, weakref\nALIVE = weakref.WeakSet()\n"
-             "class Blob:\n    def __init__(self):\n        self.data = bytearray(50 * 2**20)\n"
-             "def rss():\n    gc.collect()\n    return psutil.Process().memory_info().rss")
-        k.ok("%%model\nclass Model:\n    def load(self):\n        self.blob = Blob()\n        ALIVE.add(self.blob)\n"
-             "        raise RuntimeError('no more room')\n    def predict(self, model_input):\n        return 1")
-        before = int(k.ok("print(rss())").stdout)
-        assert k.execute("%model_load --no-widget").status == "error"
-        assert k.ok("print(len(ALIVE))").stdout.strip() == "1"
-        assert "Model unloaded" in k.ok("%model_unload").stdout
-        assert k.ok("print(len(ALIVE))").stdout.strip() == "0"
-        assert int(k.ok("print(rss())").stdout) - before < 20 * 2**20
-        # A failed predict: its frames (and the 50 MB they hold) go with the next unload too.
-        k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        blob = Blob()\n"
-             "        ALIVE.add(blob)\n        raise ValueError('predict failed')")
-        k.ok("%model_load --no-widget")
-        assert k.execute("%model_predict {}").status == "error"
-        assert k.ok("print(len(ALIVE))").stdout.strip() == "1"
-        k.ok("%model_unload")
-        assert k.ok("print(len(ALIVE))").stdout.strip() == "0"
-    finally:
-        k.shutdown()
+def test_unload_releases_what_a_failed_load_and_a_failed_predict_hold(tmp_path, fresh_kernel):
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics\nimport gc, psutil, weakref\nALIVE = weakref.WeakSet()\n"
+         "class Blob:\n    def __init__(self):\n        self.data = bytearray(50 * 2**20)\n"
+         "def rss():\n    gc.collect()\n    return psutil.Process().memory_info().rss")
+    k.ok("%%model\nclass Model:\n    def load(self):\n        self.blob = Blob()\n        ALIVE.add(self.blob)\n"
+         "        raise RuntimeError('no more room')\n    def predict(self, model_input):\n        return 1")
+    before = int(k.ok("print(rss())").stdout)
+    assert k.execute("%model_load --no-widget").status == "error"
+    assert k.ok("print(len(ALIVE))").stdout.strip() == "1"
+    assert "Model unloaded" in k.ok("%model_unload").stdout
+    assert k.ok("print(len(ALIVE))").stdout.strip() == "0"
+    assert int(k.ok("print(rss())").stdout) - before < 20 * 2**20
+    # A failed predict: its frames (and the 50 MB they hold) go with the next unload too.
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        blob = Blob()\n"
+         "        ALIVE.add(blob)\n        raise ValueError('predict failed')")
+    k.ok("%model_load --no-widget")
+    assert k.execute("%model_predict {}").status == "error"
+    assert k.ok("print(len(ALIVE))").stdout.strip() == "1"
+    k.ok("%model_unload")
+    assert k.ok("print(len(ALIVE))").stdout.strip() == "0"
 
 
 # ---------------------------------------------------------------- 6. leftovers and races in export
@@ -300,7 +294,9 @@ def test_clients_leaving_during_an_upload_log_one_line_each(tmp_path):
                 sock.sendall(b"POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                              b"content-length: 1000\r\n\r\n{\"partial\": ")
             time.sleep(0.02)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30  # until the server has logged all 20 (a line too many fails below)
+        while sum("disconnect" in line.lower() for line in s.log.splitlines()) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert httpx.post(s.predict_url(), json=1).json() == 1
     lines = [line for line in s.log.splitlines() if "disconnect" in line.lower()]
     assert len(lines) == 20 and "Traceback" not in s.log
@@ -317,66 +313,57 @@ def test_data_dot_is_refused_before_copying_anything(tmp_path):
 
 # ---------------------------------------------------------------- 11. a reload while serving answers 503, never 500
 
-def test_predicts_during_a_reload_of_a_served_model_get_503_not_500(tmp_path):
-    k = Kernel(cwd=str(tmp_path))
+def test_predicts_during_a_reload_of_a_served_model_get_503_not_500(tmp_path, fresh_kernel):
+    k = fresh_kernel(cwd=tmp_path)
     port = free_port()
-    try:
-        k.ok("%load_ext kernel_magics\nimport time")
-        k.ok("%%model\nclass Model:\n    def load(self):\n        time.sleep(0.05)\n"
-             "    def predict(self, model_input):\n        return 'ok'")
+    k.ok("%load_ext kernel_magics\nimport time")
+    k.ok("%%model\nclass Model:\n    def load(self):\n        time.sleep(0.05)\n"
+         "    def predict(self, model_input):\n        return 'ok'")
+    k.ok("%model_load --no-widget")
+    k.ok(f"%model_serve --port {port}")
+    statuses = []
+    stop = []
+
+    def hammer():
+        with httpx.Client() as client:
+            while not stop:
+                statuses.append(client.post(f"http://127.0.0.1:{port}/v1/models/model:predict", json={}).status_code)
+
+    import threading
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    for _ in range(15):
         k.ok("%model_load --no-widget")
-        k.ok(f"%model_serve --port {port}")
-        statuses = []
-        stop = []
-
-        def hammer():
-            with httpx.Client() as client:
-                while not stop:
-                    statuses.append(client.post(f"http://127.0.0.1:{port}/v1/models/model:predict", json={}).status_code)
-
-        import threading
-
-        thread = threading.Thread(target=hammer)
-        thread.start()
-        for _ in range(15):
-            k.ok("%model_load --no-widget")
-        stop.append(1)
-        thread.join()
-        k.ok("%model_serve --stop")
-        assert set(statuses) <= {200, 503} and 503 in statuses and statuses.count(200) > 10, set(statuses)
-    finally:
-        k.shutdown()
+    stop.append(1)
+    thread.join()
+    k.ok("%model_serve --stop")
+    assert set(statuses) <= {200, 503} and 503 in statuses and statuses.count(200) > 10, set(statuses)
 
 
 # ---------------------------------------------------------------- 12. every line once, everywhere
 
-def test_logging_in_load_shows_once_without_jupyterlab_and_print_once_with_a_view(tmp_path):
-    k = Kernel(cwd=str(tmp_path))  # as nbconvert or a console: no widget frontend
-    try:
-        k.ok("%load_ext kernel_magics\nimport logging")
-        k.ok("%%model\nclass Model:\n    def load(self):\n        logging.getLogger('mine').warning('weights are stale')\n"
-             "        print('loading shards')\n    def predict(self, model_input):\n        return 1")
-        ex = k.ok("%model_load")
-        assert ex.stderr.count("weights are stale") == 1 and ex.stdout.count("loading shards") == 1
-        k.ok("%config ModelMagics.widgets = 'always'")
-        ex = k.ok("%model_load")
-        views = [m["content"]["data"]["state"]["value"] for m in ex.messages if m["msg_type"] == "comm_msg"
-                 and "value" in m["content"]["data"].get("state", {})]
-        assert "loading shards" not in ex.stdout  # in the view only, not also below it
-        assert views[-1].count("loading shards") == 1
-    finally:
-        k.shutdown()
+def test_logging_in_load_shows_once_without_jupyterlab_and_print_once_with_a_view(tmp_path, fresh_kernel):
+    k = fresh_kernel(cwd=tmp_path)  # as nbconvert or a console: no widget frontend
+    k.ok("%load_ext kernel_magics\nimport logging")
+    k.ok("%%model\nclass Model:\n    def load(self):\n        logging.getLogger('mine').warning('weights are stale')\n"
+         "        print('loading shards')\n    def predict(self, model_input):\n        return 1")
+    ex = k.ok("%model_load")
+    assert ex.stderr.count("weights are stale") == 1 and ex.stdout.count("loading shards") == 1
+    k.ok("%config ModelMagics.widgets = 'always'")
+    ex = k.ok("%model_load")
+    views = [m["content"]["data"]["state"]["value"] for m in ex.messages if m["msg_type"] == "comm_msg"
+             and "value" in m["content"]["data"].get("state", {})]
+    assert "loading shards" not in ex.stdout  # in the view only, not also below it
+    assert views[-1].count("loading shards") == 1
 
 
-def test_model_secret_in_a_headless_run_uses_the_environment(tmp_path):
-    k = Kernel(cwd=str(tmp_path), env={"TRUSS_SECRET_tok": CANARY})
-    try:
-        k.ok("%load_ext kernel_magics")
-        k.ok("%%model_config\nsecrets: {tok: null}\n")
-        ex = k.ok("%model_secret tok")
-        assert "comes from the environment variable TRUSS_SECRET_tok" in ex.stdout and CANARY not in ex.all_text
-    finally:
-        k.shutdown()
+def test_model_secret_in_a_headless_run_uses_the_environment(tmp_path, fresh_kernel):
+    k = fresh_kernel(cwd=tmp_path, env={"TRUSS_SECRET_tok": CANARY})
+    k.ok("%load_ext kernel_magics")
+    k.ok("%%model_config\nsecrets: {tok: null}\n")
+    ex = k.ok("%model_secret tok")
+    assert "comes from the environment variable TRUSS_SECRET_tok" in ex.stdout and CANARY not in ex.all_text
 
 
 def test_flags_are_declared_so_typos_are_errors(kernel):

@@ -15,7 +15,6 @@ import pytest
 from server_harness import serve_ours, serve_truss, truss_venv_with_models
 from test_export import cli, files_of, leftovers, run_notebook_cells, usage_error, write_notebook
 
-from kernel_harness import Kernel
 
 CASES = {
     "fitted pipeline": ([
@@ -107,60 +106,51 @@ def test_the_export_answers_as_the_notebook_did_on_both_servers(tmp_path, case, 
     assert not (tmp_path / "from-cli").exists() and leftovers(tmp_path) == []
 
 
-def test_a_value_changed_after_the_recorded_predictions_fails_the_replay(tmp_path):
-    k = Kernel(cwd=str(tmp_path))
-    try:
-        k.ok("%load_ext kernel_magics")
-        k.ok("WORDS = ['red', 'green', 'blue']")
-        k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return WORDS[model_input['i']]")
-        k.ok("%model_load")
-        assert k.ok('%model_predict {"i": 1}').result == "'green'"
-        k.ok("%model_export out")
-        before = files_of(tmp_path / "out")
-        k.ok("WORDS[1] = 'teal'")  # after the prediction was recorded
-        message = usage_error(k.execute("%model_export out --force"))
-        assert "does not answer as the notebook did, so nothing was exported" in message
-        assert "The notebook answered \"green\"; the export answers \"teal\"" in message
-        assert "`WORDS` changed after this prediction was recorded (`WORDS[1] = 'teal'` in cell" in message
-        assert files_of(tmp_path / "out") == before and leftovers(tmp_path) == []  # the previous export stays
-        skipped = k.ok("%model_export out --force --no-replay").stdout
-        assert "Replay skipped (--no-replay)" in skipped and "WORDS = ['red', 'teal', 'blue']" in (
-            tmp_path / "out/model/model.py").read_text()
-        k.ok('%model_predict {"i": 1}')  # a fresh record for the current values
-        assert "Replayed 1 recorded prediction" in k.ok("%model_export out --force").stdout
-    finally:
-        k.shutdown()
+def test_a_value_changed_after_the_recorded_predictions_fails_the_replay(tmp_path, fresh_kernel):
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics")
+    k.ok("WORDS = ['red', 'green', 'blue']")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return WORDS[model_input['i']]")
+    k.ok("%model_load")
+    assert k.ok('%model_predict {"i": 1}').result == "'green'"
+    k.ok("%model_export out")
+    before = files_of(tmp_path / "out")
+    k.ok("WORDS[1] = 'teal'")  # after the prediction was recorded
+    message = usage_error(k.execute("%model_export out --force"))
+    assert "does not answer as the notebook did, so nothing was exported" in message
+    assert "The notebook answered \"green\"; the export answers \"teal\"" in message
+    assert "`WORDS` changed after this prediction was recorded (`WORDS[1] = 'teal'` in cell" in message
+    assert files_of(tmp_path / "out") == before and leftovers(tmp_path) == []  # the previous export stays
+    skipped = k.ok("%model_export out --force --no-replay").stdout
+    assert "Replay skipped (--no-replay)" in skipped and "WORDS = ['red', 'teal', 'blue']" in (
+        tmp_path / "out/model/model.py").read_text()
+    k.ok('%model_predict {"i": 1}')  # a fresh record for the current values
+    assert "Replayed 1 recorded prediction" in k.ok("%model_export out --force").stdout
 
 
-def test_a_value_that_cannot_be_saved_refuses_the_export_naming_it(tmp_path):
-    k = Kernel(cwd=str(tmp_path))
-    try:
-        k.ok("%load_ext kernel_magics\nimport threading")
-        k.ok("guard = threading.Lock()\nguard.acquire()")
-        k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return guard.locked()")
-        message = usage_error(k.execute("%model_export out"))
-        assert "`guard` (a _thread.lock)" in message and "`guard.acquire()` in cell" in message
-        assert "cannot be pickled" in message and "inside `load()`" in message
-        assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
-    finally:
-        k.shutdown()
+def test_a_value_that_cannot_be_saved_refuses_the_export_naming_it(tmp_path, fresh_kernel):
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics\nimport threading")
+    k.ok("guard = threading.Lock()\nguard.acquire()")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return guard.locked()")
+    message = usage_error(k.execute("%model_export out"))
+    assert "`guard` (a _thread.lock)" in message and "`guard.acquire()` in cell" in message
+    assert "cannot be pickled" in message and "inside `load()`" in message
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
-def test_truss_compatibility_warnings_in_the_notebook(tmp_path):
-    k = Kernel(cwd=str(tmp_path))
-    try:
-        k.ok("%load_ext kernel_magics\nimport numpy as np")
-        k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return {'ok': np.bool_(True)}")
-        k.ok("%model_load")
-        warned = k.ok("%model_predict {}").stdout
-        assert "Truss's own server could not send this result: a numpy.bool at the result['ok']" in warned
-        assert "warning" not in k.ok("%model_predict {}").stdout  # once per definition
-        k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        yield {'token': 1}")
-        assert "Truss's own server streams only str or bytes" in k.ok("%model_predict {}").stdout
-        k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return float('nan')")
-        assert k.ok("%model_predict {}").result == "nan"  # NaN passes, as Truss's server sends it
-    finally:
-        k.shutdown()
+def test_truss_compatibility_warnings_in_the_notebook(tmp_path, fresh_kernel):
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics\nimport numpy as np")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return {'ok': np.bool_(True)}")
+    k.ok("%model_load")
+    warned = k.ok("%model_predict {}").stdout
+    assert "Truss's own server could not send this result: a numpy.bool at the result['ok']" in warned
+    assert "warning" not in k.ok("%model_predict {}").stdout  # once per definition
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        yield {'token': 1}")
+    assert "Truss's own server streams only str or bytes" in k.ok("%model_predict {}").stdout
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return float('nan')")
+    assert k.ok("%model_predict {}").result == "nan"  # NaN passes, as Truss's server sends it
 
 
 def test_load_runs_in_a_worker_thread_as_on_the_servers(kernel):

@@ -5,7 +5,6 @@ import textwrap
 
 import pytest
 
-from kernel_harness import Kernel
 
 CANARY = "sk-CANARY-7f3a9d"
 
@@ -41,20 +40,25 @@ def assert_usage_error(ex, *fragments: str) -> None:
     assert ex.error is None and ex.stderr.strip() == f"UsageError: {message}", ex.stderr
 
 
-def test_extension_loads_from_ipython_config(tmp_path):
+def test_extension_loads_from_ipython_config(tmp_path, fresh_kernel):
     profile = tmp_path / "profile_default"
     profile.mkdir()
     (profile / "ipython_config.py").write_text('c.InteractiveShellApp.extensions = ["kernel_magics"]\n')
-    k = Kernel(env={"IPYTHONDIR": str(tmp_path)})
-    try:
-        assert "state: not defined" in k.ok("%model_status").stdout
-    finally:
-        k.shutdown()
+    k = fresh_kernel(env={"IPYTHONDIR": str(tmp_path)})
+    assert "state: not defined" in k.ok("%model_status").stdout
 
 
-def test_load_ext_is_light(kernel):
-    ex = kernel.ok("import sys; print(sorted(m for m in ('torch', 'fastapi', 'uvicorn', 'ray') if m in sys.modules))")
-    assert ex.stdout.strip() == "[]"
+def test_load_ext_is_light(fresh_kernel):
+    """A kernel of its own: in the module's shared kernel an earlier test may have imported anything."""
+    k = fresh_kernel()
+    heavy = "import sys; print(sorted(m for m in ('torch', 'fastapi', 'uvicorn', 'ray') if m in sys.modules))"
+    assert k.ok(heavy).stdout.strip() == "[]"  # else the kernel itself imports them and this test proves nothing
+    k.ok("%load_ext kernel_magics")
+    k.ok("%%model_config\nmodel_name: light\n")
+    k.ok(SIMPLE)
+    k.ok("%model_load")
+    assert k.ok('%model_predict {"x": 1}').result == "{'y': 2.0}"
+    assert k.ok(heavy).stdout.strip() == "[]"
 
 
 # ---------------------------------------------------------------- %%model_config
@@ -155,7 +159,7 @@ def test_predict_before_load_says_what_to_run(kernel):
 def test_predict_input_forms_and_results(kernel):
     define_and_load(kernel, SIMPLE)
     assert kernel.ok('%model_predict {"x": 3}').result == "{'y': 6.0}"
-    assert kernel.ok("inp = {'x': 5}").status == "ok"
+    kernel.ok("inp = {'x': 5}")
     assert kernel.ok("%model_predict inp").result == "{'y': 10.0}"
     assert kernel.ok("_").result == "{'y': 10.0}"
     assert kernel.ok('r = %model_predict {"x": 1}\nr["y"]').result == "2.0"
@@ -295,25 +299,22 @@ SECRET_MODEL = model_cell("""
 """)
 
 
-def test_secret_from_environment_never_reaches_output():
-    k = Kernel(env={"TRUSS_SECRET_tok": CANARY})
-    try:
-        k.ok("%load_ext kernel_magics")
-        outputs = [
-            k.ok("%%model_config\nmodel_name: s\nsecrets: {tok: null}\n"),
-            k.ok(SECRET_MODEL),
-            k.ok("%model_load"),
-            k.ok("%model_predict {}"),
-            k.ok("%model_status"),
-            k.ok("%model_config"),
-            k.ok("_h = get_ipython().magics_manager.registry['ModelMagics'].host\n_h.secrets"),
-        ]
-        assert outputs[3].result == f"{{'token_length': {len(CANARY)}}}"
-        assert "tok: set" in outputs[-1].result
-        for ex in outputs:
-            assert CANARY not in ex.all_text
-    finally:
-        k.shutdown()
+def test_secret_from_environment_never_reaches_output(fresh_kernel):
+    k = fresh_kernel(env={"TRUSS_SECRET_tok": CANARY})
+    k.ok("%load_ext kernel_magics")
+    outputs = [
+        k.ok("%%model_config\nmodel_name: s\nsecrets: {tok: null}\n"),
+        k.ok(SECRET_MODEL),
+        k.ok("%model_load"),
+        k.ok("%model_predict {}"),
+        k.ok("%model_status"),
+        k.ok("%model_config"),
+        k.ok("_h = get_ipython().magics_manager.registry['ModelMagics'].host\n_h.secrets"),
+    ]
+    assert outputs[3].result == f"{{'token_length': {len(CANARY)}}}"
+    assert "tok: set" in outputs[-1].result
+    for ex in outputs:
+        assert CANARY not in ex.all_text
 
 
 def test_missing_secret_names_the_variable_and_model_secret_prompts(kernel):

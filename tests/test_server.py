@@ -9,7 +9,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kernel_harness import Kernel
 from server_harness import (
     TRUSS_REFERENCE, answer, free_port, post_concurrently, post_in_background, serve_ours, serve_truss,
     truss_reference_python, write_truss,
@@ -130,7 +129,7 @@ def baseten_headers(response: httpx.Response) -> tuple:
 
 # ---------------------------------------------------------------- routes, bodies, headers
 
-@pytest.fixture(params=["uvicorn", "ray"])
+@pytest.fixture(params=["uvicorn", pytest.param("ray", marks=pytest.mark.ray)])
 def engine(request):
     """Each test below runs on `kernel-magics serve` and on Ray Serve (2 replicas, on the shared cluster)."""
     return request.param if request.param == "uvicorn" else request.getfixturevalue("ray_cluster")
@@ -359,7 +358,8 @@ REPLAY = {
 }
 
 
-@pytest.mark.parametrize("name, on_ray", [(name, False) for name in REPLAY] + [("errors", True), ("echo_stream", True)])
+@pytest.mark.parametrize("name, on_ray", [(name, False) for name in REPLAY] + [
+    pytest.param(name, True, marks=pytest.mark.ray) for name in ("errors", "echo_stream")])
 def test_answers_match_truss_server(tmp_path, markers, name, on_ray, request):
     engine = request.getfixturevalue("ray_cluster") if on_ray else "uvicorn"
     if truss_reference_python() is None:
@@ -381,37 +381,38 @@ def test_answers_match_truss_server(tmp_path, markers, name, on_ray, request):
 
 # ---------------------------------------------------------------- %model_serve in the notebook
 
-def test_model_serve_from_the_notebook(tmp_path):
-    k = Kernel(cwd=str(tmp_path))
+def test_model_serve_from_the_notebook(tmp_path, fresh_kernel):
+    k = fresh_kernel(cwd=tmp_path)
     port = free_port()
-    try:
-        k.ok("%load_ext kernel_magics\nimport time")
-        k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        if model_input.get('sleep'):\n"
-             "            time.sleep(model_input['sleep'])\n        return {'v': 1}")
-        k.ok("%model_load")
-        ex = k.ok(f"%model_serve --port {port}")
-        assert f"http://127.0.0.1:{port}/v1/models/model:predict" in ex.stdout
-        url = f"http://127.0.0.1:{port}/v1/models/model:predict"
-        assert httpx.post(url, json={}).json() == {"v": 1}
-        # A hot reload takes effect on the next request.
-        k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        if model_input.get('sleep'):\n"
-             "            time.sleep(model_input['sleep'])\n        return {'v': 2}")
-        assert httpx.post(url, json={}).json() == {"v": 2}
-        # The kernel keeps answering while a slow request is served.
-        slow, result = post_in_background(url, {"sleep": 2})
-        time.sleep(0.2)
-        assert k.ok("40 + 2").result == "42"
-        assert slow.is_alive()
-        slow.join()
-        assert result["r"].json() == {"v": 2}
-        ex = k.execute(f"%model_serve --port {port}")
-        assert ex.status == "error" and "already served" in ex.reply["evalue"]
-        assert "Stopped" in k.ok("%model_serve --stop").stdout
-        with pytest.raises(httpx.ConnectError):
-            httpx.post(url, json={}, timeout=2)
-        assert k.ok("%model_predict {}").result == "{'v': 2}"
-    finally:
-        k.shutdown()
+    k.ok("%load_ext kernel_magics\nimport time")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        if model_input.get('sleep'):\n"
+         "            time.sleep(model_input['sleep'])\n        return {'v': 1}")
+    k.ok("%model_load")
+    ex = k.ok(f"%model_serve --port {port}")
+    assert f"http://127.0.0.1:{port}/v1/models/model:predict" in ex.stdout
+    url = f"http://127.0.0.1:{port}/v1/models/model:predict"
+    assert httpx.post(url, json={}).json() == {"v": 1}
+    # A hot reload takes effect on the next request.
+    k.ok("%%model\nimport pathlib\nclass Model:\n    def predict(self, model_input):\n        if model_input.get('gate'):\n"
+         "            pathlib.Path(model_input['gate'] + '.started').write_text('1')\n"
+         "            while not pathlib.Path(model_input['gate']).exists():\n                time.sleep(0.01)\n"
+         "        return {'v': 2}")
+    assert httpx.post(url, json={}).json() == {"v": 2}
+    # The kernel keeps answering while a slow request is served (it waits for the gate until then).
+    gate = tmp_path / "gate"
+    slow, result = post_in_background(url, {"gate": str(gate)})
+    assert wait_for(tmp_path / "gate.started")
+    assert k.ok("40 + 2").result == "42"
+    assert slow.is_alive()
+    gate.write_text("go")
+    slow.join()
+    assert result["r"].json() == {"v": 2}
+    ex = k.execute(f"%model_serve --port {port}")
+    assert ex.status == "error" and "already served" in ex.reply["evalue"]
+    assert "Stopped" in k.ok("%model_serve --stop").stdout
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(url, json={}, timeout=2)
+    assert k.ok("%model_predict {}").result == "{'v': 2}"
 
 
 # ---------------------------------------------------------------- backpressure: a slow reader pauses the generator

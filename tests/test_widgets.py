@@ -200,57 +200,51 @@ def test_error_mid_stream_keeps_partial_output_and_the_kernel(wkernel):
     assert wkernel.ok("1 + 1").result == "2"
 
 
-def test_interrupt_during_a_stream(tmp_path):
-    k = Kernel(cwd=str(tmp_path))
-    try:
-        k.ok("%load_ext kernel_magics\nimport time")
-        define(k, """
-            class Model:
-                def predict(self, model_input):
-                    for i in range(10**6):
-                        yield f"{i};"
-                        time.sleep(0.02)
-        """)
-        interrupted = []
+def test_interrupt_during_a_stream(tmp_path, fresh_kernel):
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics\nimport time")
+    define(k, """
+        class Model:
+            def predict(self, model_input):
+                for i in range(10**6):
+                    yield f"{i};"
+                    time.sleep(0.02)
+    """)
+    interrupted = []
 
-        def interrupt_once_streaming(msg):
-            if not interrupted and msg["msg_type"] == "stream" and "0;" in msg["content"]["text"]:
-                k.interrupt()
-                interrupted.append(True)
+    def interrupt_once_streaming(msg):
+        if not interrupted and msg["msg_type"] == "stream" and "0;" in msg["content"]["text"]:
+            k.interrupt()
+            interrupted.append(True)
 
-        ex = k.execute("%model_predict {}", on_message=interrupt_once_streaming, timeout=60)
-        assert interrupted and ex.status == "error" and ex.error["ename"] == "KeyboardInterrupt"
-        assert "0;" in ex.stdout and "[interrupted:" in ex.stdout  # the partial output stays in the cell
-        assert k.ok("len(get_ipython().magics_manager.registry['ModelMagics'].record)").result == "0"
-        k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return 'still works'\n")
-        assert k.ok("%model_predict {}").result == "'still works'"
-    finally:
-        k.shutdown()
+    ex = k.execute("%model_predict {}", on_message=interrupt_once_streaming, timeout=60)
+    assert interrupted and ex.status == "error" and ex.error["ename"] == "KeyboardInterrupt"
+    assert "0;" in ex.stdout and "[interrupted:" in ex.stdout  # the partial output stays in the cell
+    assert k.ok("len(get_ipython().magics_manager.registry['ModelMagics'].record)").result == "0"
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return 'still works'\n")
+    assert k.ok("%model_predict {}").result == "'still works'"
 
 
-def test_interrupt_during_a_sync_predict(tmp_path):
-    k = Kernel(cwd=str(tmp_path))
-    try:
-        k.ok("%load_ext kernel_magics\nimport asyncio")
-        define(k, """
-            class Model:
-                async def predict(self, model_input):
-                    print("started", flush=True)
-                    await asyncio.sleep(60)
-        """)
-        sent = []
-        ex = k.execute("%model_predict {}", timeout=60, on_message=lambda m: (
-            not sent and m["msg_type"] == "stream" and "started" in m["content"]["text"]
-            and (k.interrupt(), sent.append(1))))
-        assert sent and ex.error["ename"] == "KeyboardInterrupt"
-        assert k.ok("2 * 21").result == "42"
-    finally:
-        k.shutdown()
+def test_interrupt_during_a_sync_predict(tmp_path, fresh_kernel):
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics\nimport asyncio")
+    define(k, """
+        class Model:
+            async def predict(self, model_input):
+                print("started", flush=True)
+                await asyncio.sleep(60)
+    """)
+    sent = []
+    ex = k.execute("%model_predict {}", timeout=60, on_message=lambda m: (
+        not sent and m["msg_type"] == "stream" and "started" in m["content"]["text"]
+        and (k.interrupt(), sent.append(1))))
+    assert sent and ex.error["ename"] == "KeyboardInterrupt"
+    assert k.ok("2 * 21").result == "42"
 
 
 # ---------------------------------------------------------------- plain text where no widget manager is present
 
-def test_plain_text_fallback_and_no_widget_flag(wkernel, tmp_path):
+def test_plain_text_fallback_and_no_widget_flag(wkernel, tmp_path, fresh_kernel):
     define(wkernel, """
         class Model:
             def predict(self, model_input):
@@ -261,14 +255,11 @@ def test_plain_text_fallback_and_no_widget_flag(wkernel, tmp_path):
     assert wkernel.ok("_").result == "'alpha beta gamma'"
     assert ex.stdout.startswith("alpha beta gamma\n[done: 3 chunks in ")
     # A kernel with no widget manager (as nbclient) prints plain text by default.
-    k = Kernel(cwd=str(tmp_path))
-    try:
-        k.ok("%load_ext kernel_magics\nimport time")
-        define(k, "class Model:\n    def predict(self, model_input):\n        yield from ['a', 'b']\n")
-        ex = k.ok("%model_predict {}")
-        assert not comm_opens(ex, "AnyModel") and "ab\n[done: 2 chunks" in ex.stdout
-    finally:
-        k.shutdown()
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics\nimport time")
+    define(k, "class Model:\n    def predict(self, model_input):\n        yield from ['a', 'b']\n")
+    ex = k.ok("%model_predict {}")
+    assert not comm_opens(ex, "AnyModel") and "ab\n[done: 2 chunks" in ex.stdout
 
 
 # ---------------------------------------------------------------- the load view
