@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Least severe log lines to show (default info: one line per handled request).")
     serve.add_argument("--log-format", choices=["text", "json"], default="text",
                        help="text for a terminal (default), or json: one JSON object a line, as Truss's server logs.")
+    serve.add_argument("--max-body-size", type=int, default=100 * 2**20, metavar="BYTES",
+                       help="The largest request body accepted (default 104857600, 100 MiB); larger ones get 413.")
+    serve.add_argument("--no-metrics", action="store_true",
+                       help="Keep no request counts or latencies (/metrics then shows only what the model registers).")
+    serve.add_argument("--secrets-from-stdin", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--engine", choices=["uvicorn", "ray"], default="uvicorn",
                        help="uvicorn: one process (default). ray: Ray Serve replicas, on this machine or a cluster.")
     serve.add_argument("--replicas", type=int, default=1, help="With --engine ray: how many replicas.")
@@ -212,16 +217,42 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         scale = Scale(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                       target_ongoing_requests=args.target_ongoing_requests, per_node=args.replicas_per_node)
-        return serve_with_ray(args.dir, host=args.host, port=args.port, address=args.address,
-                              secrets_dir=args.secrets_dir, scale=scale, deploy_timeout=args.deploy_timeout)
+        truss = _open_for_serving(args.dir)
+        serve_with_ray(truss, host=args.host, port=args.port, address=args.address, secrets_dir=args.secrets_dir,
+                       secrets=_secrets_from_stdin(args), scale=scale, deploy_timeout=args.deploy_timeout)
+        return 0
     if ray_only:
         print("error: --replicas, --replicas-per-node, --min-replicas, --max-replicas and --address need "
               "--engine ray.", file=sys.stderr)
         return 2
-    from .serving.server import serve_directory
+    from .serving.uvicorn_engine import requirement_warnings, serve_truss
 
-    return serve_directory(args.dir, host=args.host, port=args.port, secrets_dir=args.secrets_dir,
-                           log_level=args.log_level, log_format=args.log_format)
+    truss = _open_for_serving(args.dir)  # what needs no import fails at once; model.py is imported once the port answers
+    for warning in requirement_warnings(truss.config.requirements):
+        print(warning, file=sys.stderr)
+    serve_truss(truss, host=args.host, port=args.port, secrets_dir=args.secrets_dir, secrets=_secrets_from_stdin(args),
+                log_level=args.log_level, log_format=args.log_format, max_body=args.max_body_size,
+                metrics=not args.no_metrics)
+    return 0
+
+
+def _open_for_serving(path: Path):
+    from .core.truss_dir import TrussDir
+
+    truss = TrussDir.open(path)
+    truss.check_static()
+    for warning in truss.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return truss
+
+
+def _secrets_from_stdin(args: argparse.Namespace) -> Optional[dict]:
+    """Secret values a parent process (%model_serve) wrote to our stdin: never in an environment."""
+    if not args.secrets_from_stdin:
+        return None
+    import json
+
+    return json.loads(sys.stdin.readline() or "{}")
 
 
 def _read_input(args: argparse.Namespace) -> object:

@@ -159,3 +159,37 @@ def test_model_serve_on_ray_from_the_notebook_serves_the_export(tmp_path, ray_cl
         assert not temp.exists()
     finally:
         k.shutdown()
+
+
+def test_secrets_stay_out_of_the_ray_processes_environment_and_a_failed_loads_words(tmp_path):
+    """What %model_serve --engine ray starts (ServeProcess) hands the secret over a pipe: no Ray process
+    has it in its environment; a load() that fails naming the secret prints it nowhere."""
+    from kernel_magics.serving.background import ServeProcess, free_port
+
+    d = write_truss(tmp_path / "sec", SECRET, "secrets: {tok: null}\n")
+    served = ServeProcess.start(d, ["--replicas", "1"], port=free_port(), secrets={"tok": CANARY}, engine="ray")
+    try:
+        served.wait_ready(240)
+        assert httpx.post(served.url + "/v1/models/model:predict", json={}).status_code == 500
+        processes = [psutil.Process(served.proc.pid), *ray_processes(psutil.Process(served.proc.pid))]
+        holding = []
+        for p in processes:
+            try:
+                if any(CANARY in value for value in p.environ().values()):
+                    holding.append(p.name())
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        assert len(processes) > 3 and holding == []
+    finally:
+        served.stop()
+    bad = write_truss(tmp_path / "bad", "class Model:\n    def __init__(self, secrets):\n        self._s = secrets\n"
+                                         "    def load(self):\n        raise RuntimeError(f'refused token {self._s[\"tok\"]}')\n"
+                                         "    def predict(self, model_input):\n        return 1\n",
+                      "secrets: {tok: null}\n")
+    done = subprocess.run([sys.executable, "-m", "kernel_magics.cli", "serve", str(bad), "--engine", "ray",
+                           "--port", str(free_port())], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRUSS_SECRET_tok": CANARY})
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: a replica failed to load the model: RuntimeError: refused token ***"), last
+    assert CANARY not in done.stderr + done.stdout

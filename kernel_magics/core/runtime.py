@@ -119,6 +119,7 @@ class ModelHost:
         self._listeners: list[Callable[[HostEvent], None]] = []
         self._slots: Optional[tuple[asyncio.AbstractEventLoop, asyncio.Semaphore]] = None
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._health_executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         # Held while a load runs: a definition (or another load) waits for it, so the live
         # instance and the contract never disagree.
         self._load_lock = threading.RLock()
@@ -365,7 +366,7 @@ class ModelHost:
             self.last_health = None
             return None
         try:
-            healthy = bool(await self._call(instance, contract.is_healthy, None, None))
+            healthy = bool(await self._call(instance, contract.is_healthy, None, None, pool=self._health_pool()))
         except Exception:
             healthy = False
         if healthy != self.last_health:
@@ -397,13 +398,26 @@ class ModelHost:
 
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
-            # Truss runs sync user code in anyio's pool of 40 threads; so do we. Streams of sync
-            # generators take a thread from it for their whole life.
+            # Truss runs sync user code in anyio's pool of 40 threads; so do we. A sync stream takes
+            # a thread only while it makes a chunk, never while it waits for its reader.
             self._executor = concurrent.futures.ThreadPoolExecutor(40, thread_name_prefix="model-predict")
         return self._executor
 
+    def _health_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._health_executor is None:
+            # Its own thread: readiness never waits behind model work holding the predict pool.
+            self._health_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-health")
+        return self._health_executor
+
+    def close(self) -> None:
+        """Let the worker threads go (a server that stops); a later call starts new ones."""
+        for pool in (self._executor, self._health_executor):
+            if pool is not None:
+                pool.shutdown(wait=False)
+        self._executor = self._health_executor = None
+
     async def _call(self, instance: Any, spec: MethodSpec, model_input: Any, request: Any,
-                    release: Optional[_Release] = None) -> Any:
+                    release: Optional[_Release] = None, pool: Optional[concurrent.futures.Executor] = None) -> Any:
         """Call a user method with the arguments it takes: await it if async, else run it in a worker
         thread. If the caller is cancelled while that thread runs, ``release`` waits for the thread."""
         fn = getattr(instance, spec.name)
@@ -413,7 +427,7 @@ class ModelHost:
         if spec.is_async:
             return await fn(*args)
         ctx = contextvars.copy_context()  # keeps output routed to the calling cell
-        running = self._pool().submit(ctx.run, fn, *args)
+        running = (pool or self._pool()).submit(ctx.run, fn, *args)
         try:
             return await asyncio.wrap_future(running)
         except asyncio.CancelledError:

@@ -1,35 +1,41 @@
 """A streaming prediction as an async iterator: chunks made on demand, closed for real.
 
 ``ChunkStream`` wraps the generator a streaming ``predict`` returned. An async
-generator is iterated on the loop. A sync generator runs in one worker thread
-of its own (no thread hop per chunk), but only on demand, as Truss asks for
-each chunk from the loop: the thread makes chunk *n+1* only once the consumer
-asks for it, which is after it has sent chunk *n*. So
+generator is iterated on the loop. A sync generator is advanced one chunk at a
+time in a worker thread, as Truss does (``to_thread.run_sync(next, gen)``), and
+only on demand: chunk *n+1* is asked for once the consumer has sent chunk *n*. So
 
 - the loop never waits on the GIL for a generator that is computing ahead
-  (the first chunk goes out as soon as it exists), and
+  (the first chunk goes out as soon as it exists),
 - a slow reader pauses the generator: at most one chunk is ever made but not
-  yet sent, whatever the stream's size (backpressure).
+  yet sent, whatever the stream's size (backpressure), and
+- a stream waiting for its reader holds no thread: 200 slow readers leave the
+  pool to the predicts and probes.
 
 ``on_close`` runs exactly once, when the generator has really finished or
 closed (its ``finally`` has run), never earlier: the predict slot it holds is
 freed only then.
+
+:func:`chunk_bytes` is the one wire form of a chunk (the server sends it, the
+notebook's view shows it); :class:`ChunkText` decodes those bytes incrementally,
+so a character split across chunks shows the same live and joined.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import concurrent.futures
 import contextvars
 import inspect
-import threading
+import json
 import time
 from typing import Any, Callable, Optional
 
 from .serialization import to_jsonable
 from .tracebacks import trim_traceback
 
-__all__ = ["ChunkStream", "join_chunks", "close_quietly"]
+__all__ = ["ChunkStream", "join_chunks", "close_quietly", "chunk_bytes", "ChunkText"]
 
 
 def join_chunks(chunks: list) -> Any:
@@ -38,6 +44,42 @@ def join_chunks(chunks: list) -> Any:
     if chunks and all(isinstance(c, (str, bytes, bytearray)) for c in chunks):
         return b"".join(c if isinstance(c, (bytes, bytearray)) else c.encode() for c in chunks).decode("utf-8", "replace")
     return to_jsonable(chunks, what="the streamed chunks")
+
+
+def chunk_bytes(chunk: Any) -> bytes:
+    """The bytes of one streamed chunk, as the server sends them and the notebook shows them."""
+    if isinstance(chunk, (bytes, bytearray, memoryview)):
+        return bytes(chunk)
+    if isinstance(chunk, str):
+        return chunk.encode()
+    # Truss sends only str/bytes chunks; other chunks go out as JSON lines (the notebook warns).
+    return (json.dumps(to_jsonable(chunk, what="a streamed chunk")) + "\n").encode()
+
+
+class ChunkText:
+    """Chunks to text as a reader of the wire sees them: UTF-8 decoded incrementally, so a
+    character whose bytes are split across chunks (or across two deliveries) shows once, whole."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def feed(self, chunks: list) -> str:
+        """The text of ``chunks``, following the ones fed before; an incomplete character waits."""
+        if all(isinstance(c, str) for c in chunks) and not self._pending():
+            return "".join(chunks)  # the common case: no bytes, nothing held back
+        return self._decoder.decode(b"".join(chunk_bytes(c) for c in chunks))
+
+    def finish(self) -> str:
+        """What is left at the end (an incomplete character shows as U+FFFD)."""
+        return self._decoder.decode(b"", final=True)
+
+    def _pending(self) -> bool:
+        return bool(self._decoder.getstate()[0])
+
+    @classmethod
+    def of(cls, chunks: list) -> str:
+        text = cls()
+        return text.feed(chunks) + text.finish()
 
 
 def close_quietly(gen: Any) -> None:
@@ -63,11 +105,9 @@ class ChunkStream:
         self._executor = executor
         self._closing = False  # no more chunks will be handed out
         self._closed = False  # on_close has run
-        # The sync generator's thread: `_want` lets it make one more chunk; `_slot` carries it back.
-        self._want = threading.Semaphore(0)
-        self._stop = False
-        self._slot: Optional[asyncio.Future] = None
-        self._pump_done: Optional[asyncio.Future] = None
+        # The one `next(gen)` running in a worker thread, if any: the generator is closed only after it.
+        self._step: Optional[asyncio.Future] = None
+        self._started_sync = False
         self._taken = False  # handed to a caller that iterates it itself (take_sync)
         self.chunks = 0
         self.first_chunk_seconds: Optional[float] = None
@@ -90,7 +130,7 @@ class ChunkStream:
         Used where per-chunk hand-offs would cost more than the generator itself
         (the notebook's stream view). The caller must call :meth:`close_sync`.
         """
-        if self.is_async or self._pump_done is not None:
+        if self.is_async or self._started_sync:
             raise RuntimeError("take_sync needs a sync generator that is not being iterated")
         self._taken = True
         return self._gen
@@ -134,69 +174,42 @@ class ChunkStream:
         return chunk
 
     async def _next_from_thread(self) -> Any:
-        loop = asyncio.get_running_loop()
-        if self._pump_done is None:
-            self._pump_done = loop.create_future()
-            ctx = contextvars.copy_context()  # keeps output routed to the calling cell
-            if self._executor is not None:
-                self._executor.submit(ctx.run, self._pump)
-            else:
-                threading.Thread(target=ctx.run, args=(self._pump,), name="model-stream", daemon=True).start()
-        self._slot = loop.create_future()
-        self._want.release()  # the previous chunk is sent (we are asked again): make the next one
-        kind, value = await asyncio.shield(self._slot)
-        if kind == "chunk":
-            return value
-        if kind == "error":
-            raise value
-        raise StopAsyncIteration
-
-    def _pump(self) -> None:
-        """The generator's thread: one chunk per request, closed here (the only safe place)."""
-        loop = self._loop
-
-        def hand(item: tuple) -> None:
-            slot = self._slot
-            if slot is not None and not slot.done():
-                slot.set_result(item)
-
-        try:
-            while True:
-                self._want.acquire()
-                if self._stop:
-                    break
-                chunk = next(self._gen, _END)
-                if chunk is _END:
-                    loop.call_soon_threadsafe(hand, ("end", None))
-                    break
-                loop.call_soon_threadsafe(hand, ("chunk", chunk))
-        except BaseException as exc:  # forwarded to the consumer
-            loop.call_soon_threadsafe(hand, ("error", exc))
-        finally:
-            close_quietly(self._gen)
-            loop.call_soon_threadsafe(lambda: self._pump_done.done() or self._pump_done.set_result(None))
+        # One thread hop a chunk, and no thread at all between chunks: a stream waiting for
+        # its reader holds nothing but its generator.
+        self._started_sync = True
+        ctx = contextvars.copy_context()  # keeps output routed to the calling cell
+        step = self._loop.run_in_executor(self._executor, ctx.run, next, self._gen, _END)
+        self._step = step
+        chunk = await asyncio.shield(step)  # a cancelled reader never leaves next() running unseen
+        if chunk is _END:
+            raise StopAsyncIteration
+        return chunk
 
     async def aclose(self) -> None:
         """Stop the generator (its ``finally`` runs); ``on_close`` runs once it has really stopped."""
         if self._closing:
             return
         self._closing = True
+        if self.is_async:
+            # Shielded: a cancelled caller must not leave the generator half-closed with its slot freed.
+            await asyncio.shield(self._close_async())
+            return
+        closing = asyncio.ensure_future(self._close_sync())
+        await asyncio.shield(closing)
+
+    async def _close_sync(self) -> None:
         try:
-            if self.is_async:
-                # Shielded: a cancelled caller must not leave the generator half-closed with its slot freed.
-                await asyncio.shield(self._close_async())
-                return
-            if self._pump_done is None:
-                close_quietly(self._gen)  # never started: close it here, nothing runs it
+            step = self._step
+            if step is not None and not step.done():
+                # A generator cannot be closed while next() runs in it: wait for that chunk first.
+                await asyncio.wait([step])
+            if self._started_sync:
+                # Its `finally` may block (a file, a socket): off the loop, like its chunks.
+                await self._loop.run_in_executor(self._executor, close_quietly, self._gen)
             else:
-                self._stop = True
-                self._want.release()  # wake the thread if it waits for a request
-                await asyncio.shield(self._pump_done)
-        except asyncio.CancelledError:
-            if self._pump_done is not None and not self._pump_done.done():
-                self._pump_done.add_done_callback(lambda _: self._finish())
-            raise
-        self._finish()
+                close_quietly(self._gen)  # never started: nothing runs in it
+        finally:
+            self._finish()
 
     async def _close_async(self) -> None:
         try:

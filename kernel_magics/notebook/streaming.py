@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import json
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
 from ..core.runtime import ChunkStream
-from ..core.serialization import to_jsonable
+from ..core.streams import ChunkText
 from ..core.tracebacks import trim_traceback
 
 __all__ = ["StreamStats", "StreamSink", "StreamConsumer", "chunk_text"]
@@ -56,16 +55,8 @@ class StreamSink(Protocol):
 
 
 def chunk_text(chunks: list) -> str:
-    """Text chunks as text, anything else as one JSON line each."""
-    parts = []
-    for chunk in chunks:
-        if isinstance(chunk, str):
-            parts.append(chunk)
-        elif isinstance(chunk, (bytes, bytearray)):
-            parts.append(bytes(chunk).decode("utf-8", "replace"))
-        else:
-            parts.append(json.dumps(to_jsonable(chunk, what="a streamed chunk")) + "\n")
-    return "".join(parts)
+    """The chunks as a reader of the server's stream sees them (core/streams.py's wire form)."""
+    return ChunkText.of(chunks)
 
 
 class StreamConsumer:
@@ -95,6 +86,7 @@ class StreamConsumer:
         self._started = time.perf_counter()
         self._sent = 0
         self._flush_lock = threading.Lock()
+        self._text = ChunkText()  # the deltas, decoded across flushes: a split character shows once
         self._ticker_done = threading.Event()
         self._ticker: Optional[threading.Thread] = None
         self._task: Optional[asyncio.Task] = None
@@ -151,7 +143,7 @@ class StreamConsumer:
             if n > self._sent:
                 new = self.chunks[self._sent:n]
                 self._sent = n
-                self.sink.update(chunk_text(new), self.stats())
+                self.sink.update(self._text.feed(new), self.stats())
         finally:
             self._flush_lock.release()
 

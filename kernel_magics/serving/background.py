@@ -6,6 +6,7 @@ Ray), so the kernel stays light and a Ctrl-C in a cell does not take the deploym
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -61,18 +62,21 @@ class ServeProcess:
     @classmethod
     def start(cls, directory: Path, args: Sequence[str], *, port: int, secrets: Optional[dict] = None,
               engine: str = "uvicorn") -> "ServeProcess":
-        """Start serving ``directory``; ``secrets`` reach the child as TRUSS_SECRET_* variables (never files)."""
-        env = {**os.environ, **{ENV_PREFIX + name: value for name, value in (secrets or {}).items()}}
+        """Start serving ``directory``; ``secrets`` reach the child through a pipe on its stdin (never a
+        file, an argument or an environment variable, which Ray's processes would inherit and show)."""
+        env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
         env["PYTHONUNBUFFERED"] = "1"
         env[PARENT_ENV] = str(os.getpid())
         fd, log = tempfile.mkstemp(prefix="km-serve-", suffix=".log")
         with os.fdopen(fd, "w") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "kernel_magics", "serve", str(directory), "--host", "127.0.0.1",
-                 "--port", str(port), "--engine", engine, *args],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                 "--port", str(port), "--engine", engine, "--secrets-from-stdin", *args],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.PIPE, env=env,
                 start_new_session=True,  # a Ctrl-C (SIGINT to the kernel) does not reach it
             )
+        proc.stdin.write(json.dumps(secrets or {}).encode() + b"\n")
+        proc.stdin.close()
         return cls(proc, port, Path(log), engine)
 
     def last_line(self) -> str:

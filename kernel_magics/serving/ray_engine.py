@@ -7,6 +7,7 @@ streaming are the same. Ray is imported only here, and only for ``--engine ray``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -16,16 +17,25 @@ import tempfile
 import threading
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from ..core.config import ModelConfig
 from ..core.errors import KernelMagicsError
+from ..core.secrets import ENV_PREFIX
 
-__all__ = ["serve_with_ray", "replica_options", "REPLICA_HEADER"]
+__all__ = ["serve_with_ray", "replica_options", "REPLICA_HEADER", "RayServeError", "Scale"]
 
 APP_NAME = "kernel-magics"
 DEPLOYMENT_NAME = "TrussModel"
 REPLICA_HEADER = "x-kernel-magics-replica"
+
+class RayServeError(KernelMagicsError):
+    """`serve --engine ray` cannot serve: the one paragraph the CLI prints last."""
+
+
+class ReplicaLoadError(Exception):
+    """A replica's load failed; its text is the user's traceback with the secrets redacted."""
+
 
 # In a replica process: that replica's host (the app's routes read it through _replica_host).
 _REPLICA: dict[str, Any] = {"host": None}
@@ -182,7 +192,8 @@ def _deployment(truss_dir: Path, scale: Scale, config: ModelConfig, secrets_ref:
 
     from .server import create_app
 
-    app = create_app(_replica_host, all_ready=_all_replicas_running)
+    # No per-request access line: every replica would ship one per request to the driver.
+    app = create_app(_replica_host, all_ready=_all_replicas_running, log_requests=False)
     app.add_middleware(_ReplicaHeader)
 
     # No per-request access log: every replica would ship a line per request to the driver.
@@ -204,7 +215,11 @@ def _deployment(truss_dir: Path, scale: Scale, config: ModelConfig, secrets_ref:
             from .server import redact_logs_of
 
             redact_logs_of(host)
-            host.load()  # once per replica; a failure fails the replica and Ray retries it
+            try:
+                host.load()  # once per replica; a failure fails the replica and Ray retries it
+            except BaseException as exc:
+                # Ray logs, forwards and keeps what the constructor raises: only the redacted text leaves.
+                raise ReplicaLoadError(host.error_text or host.format_error(exc)) from None
             _set_replica_host(host)
 
     return TrussModel
@@ -320,8 +335,8 @@ def _serve_http_address() -> Optional[tuple]:
         return None
 
 
-def _wait_deployed(timeout: float) -> Optional[str]:
-    """Wait (bounded) until the app is running; None, or what it was waiting for."""
+def _wait_deployed(timeout: float) -> None:
+    """Wait (bounded) until the app is running; raises RayServeError with what it was waiting for."""
     import time
 
     from ray import serve
@@ -333,139 +348,165 @@ def _wait_deployed(timeout: float) -> Optional[str]:
         if status is not None:
             state = str(status.status)
             if state.endswith("RUNNING"):
-                return None
+                return
             if state.endswith("DEPLOY_FAILED"):
-                return f"a replica failed to load the model: {_deployment_error()}. Ray retried and gave up; fix load() and start again."
+                raise RayServeError(f"a replica failed to load the model: {_deployment_error()}. Ray retried and gave "
+                                    "up; fix load() and start again.")
             deployment = status.deployments.get(DEPLOYMENT_NAME)
             last = (deployment.message if deployment else "") or status.message or state
         time.sleep(0.5)
-    return (f"the deployment was not running after {timeout:.0f} s of waiting for its replicas to start "
-            f"(Ray Serve says: {last.strip() or 'no status'}). The cluster may lack free resources; see "
-            "`ray status`, or raise --deploy-timeout.")
+    raise RayServeError(f"the deployment was not running after {timeout:.0f} s of waiting for its replicas to start "
+                        f"(Ray Serve says: {last.strip() or 'no status'}). The cluster may lack free resources; see "
+                        "`ray status`, or raise --deploy-timeout.")
 
 
-def serve_with_ray(path, *, host: str = "127.0.0.1", port: int = 8080, replicas: int = 1,
-                   address: Optional[str] = None, secrets_dir=None, scale: Optional[Scale] = None,
-                   deploy_timeout: float = 300.0) -> int:
-    """Deploy ``path`` on Ray Serve and serve until SIGTERM/SIGINT; returns the exit code.
-
-    With ``address`` it joins a running cluster: on exit only this deployment goes (Serve too,
-    when nothing else of it is running); the cluster keeps running.
-    """
-    from ..core.truss_dir import TrussDir
-
-    scale = scale or Scale(replicas=replicas)
-    try:
-        truss = TrussDir.open(path)
-        truss.check_static()
-        store = truss.secret_store(secrets_dir=secrets_dir)
-        secret_values = {n: store[n] for n in truss.config.secret_names if store.source_of(n)}
-    except KernelMagicsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for warning in truss.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    root, config = truss.root, truss.config
-    started_here = address is None
-    temp = Path(tempfile.mkdtemp(prefix="km-ray-")) if started_here else None
-    if started_here:
-        _local_ray_env(temp)
-    else:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        if address.split(":")[0] in ("127.0.0.1", "localhost"):
-            # A cluster on this machine's loopback: join it there (Ray would turn 127.0.0.1 into the
-            # machine's address, where such a cluster does not listen).
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+def _import_ray():
     try:
         import ray
         from ray import serve
     except ImportError:
-        print("error: --engine ray needs Ray Serve, which is not installed. Install it with "
-              "`pip install 'kernel-magics[ray]'` (ray[serve] 2.60), or serve without --engine ray.", file=sys.stderr)
-        return 1
+        raise RayServeError("--engine ray needs Ray Serve, which is not installed. Install it with "
+                            "`pip install 'kernel-magics[ray]'` (ray[serve] 2.60), or serve without --engine ray.") from None
+    return ray, serve
 
-    stop = threading.Event()
-    failure: Optional[str] = None
-    deployed = False
-    serve_was_running = True  # until known: never shut down a Serve we did not start
+
+def _on_loopback(address: Optional[str]) -> bool:
+    return address is None or address.split(":")[0] in ("127.0.0.1", "localhost")
+
+
+@contextlib.contextmanager
+def local_ray(config: ModelConfig, scale: Scale) -> Iterator[str]:
+    """A private Ray on this machine for the command's life; its files go when it stops."""
+    temp = Path(tempfile.mkdtemp(prefix="km-ray-"))
+    _local_ray_env(temp)
     try:
-        if started_here:
-            per_replica = replica_options(config, scale)["ray_actor_options"]["num_cpus"]
-            most = scale.max_replicas or scale.min_replicas or scale.replicas
-            ray.init(
-                include_dashboard=False,
-                # Logical CPUs: enough for the replicas asked for even on a small machine.
-                num_cpus=max(os.cpu_count() or 1, int(per_replica * most + 0.999)),
-                object_store_memory=100 * 2**20,
-                _temp_dir=str(temp),
-                logging_level="WARNING",
-            )
-        else:
+        ray, serve = _import_ray()
+        per_replica = replica_options(config, scale)["ray_actor_options"]["num_cpus"]
+        most = scale.max_replicas or scale.min_replicas or scale.replicas
+        try:
             try:
-                ray.init(address=address, logging_level="WARNING")
+                ray.init(
+                    include_dashboard=False,
+                    # Logical CPUs: enough for the replicas asked for even on a small machine.
+                    num_cpus=max(os.cpu_count() or 1, int(per_replica * most + 0.999)),
+                    object_store_memory=100 * 2**20,
+                    _temp_dir=str(temp),
+                    logging_level="WARNING",
+                )
             except Exception as exc:
-                failure = (f"error: could not join the Ray cluster at {address}: {type(exc).__name__}: {exc}. "
-                           "Check the head's address (ray start --head prints it) and that it is running.")
-                return 1
+                raise RayServeError(f"could not start a local Ray: {type(exc).__name__}: {exc} Its logs are under "
+                                    f"{temp} until this command ends; on a busy machine, try again.") from None
+            yield f"a local Ray (its files under {temp})"
+        finally:  # a half-started Ray too
+            with contextlib.suppress(Exception):
+                if ray.is_initialized():
+                    serve.shutdown()
+            ray.shutdown()
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def joined_cluster(address: str) -> Iterator[str]:
+    """This process as a driver of the running cluster at ``address``; leaving disconnects only it."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if _on_loopback(address):
+        # A cluster on this machine's loopback: join it there (Ray would turn 127.0.0.1 into the
+        # machine's address, where such a cluster does not listen).
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray, _ = _import_ray()
+    try:
+        ray.init(address=address, logging_level="WARNING")
+    except Exception as exc:
+        raise RayServeError(f"could not join the Ray cluster at {address}: {type(exc).__name__}: {exc}. Check the "
+                            "head's address (ray start --head prints it) and that it is running.") from None
+    try:
+        yield f"the Ray cluster at {address}"
+    finally:
+        ray.shutdown()  # disconnects this driver only
+
+
+@contextlib.contextmanager
+def deployed(root: Path, config: ModelConfig, scale: Scale, secret_values: dict, *, host: str, port: int,
+             address: Optional[str], where: str, deploy_timeout: float) -> Iterator[None]:
+    """The deployment, running on the connected Ray (bounded wait); taken down on exit, with Serve
+    when this command started it and nothing else runs on it."""
+    import ray
+    from ray import serve
+
+    started_here = address is None
+    serve_was_running = started_here or _serve_running()
+    if not started_here and APP_NAME in serve.status().applications:
+        raise RayServeError(f"another `kernel-magics serve` deployment ({APP_NAME!r}) runs on the Ray cluster at "
+                            f"{address}; both would answer on the same routes. Stop that one first (Ctrl-C where it "
+                            "runs, or `serve shutdown` for the whole of Serve).")
+    # One HTTP proxy, on the head, where every node is this machine (they would all want the same port);
+    # on a real cluster one on every node, as Serve does by default.
+    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly" if _on_loopback(address) else "EveryNode")
+    deployed_app = False
+    try:
+        running = _serve_http_address()
+        if running and running != (host, port):
+            # Serve was already running on the cluster: it keeps its HTTP options and ignores ours.
+            raise RayServeError(f"Ray Serve already runs on the cluster at {address} with its HTTP proxy on "
+                                f"{running[0]}:{running[1]}, and a running Serve keeps its address. Serve there with "
+                                f"--host {running[0]} --port {running[1]}, or shut Serve down first (`serve shutdown`).")
+        print(f"Deploying {scale.describe()} of {root.name} on Ray Serve in {where} ...", file=sys.stderr, flush=True)
+        # Secret values travel in Ray's object store, not in env vars or init args.
+        secrets_ref = [ray.put(secret_values)]
+        # Not waiting inside Serve (it would wait for ever on a replica that cannot start): we wait, bounded.
+        serve.run_many([serve.RunTarget(_deployment(root, scale, config, secrets_ref).bind(), name=APP_NAME,
+                                        route_prefix="/")], wait_for_applications_running=False)
+        deployed_app = True
+        _wait_deployed(deploy_timeout)
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            if not started_here:
+                if deployed_app:
+                    serve.delete(APP_NAME)  # the user's cluster keeps running; only our deployment goes
+                if not serve_was_running and not serve.status().applications:
+                    serve.shutdown()  # Serve, if this command started it and nothing else runs on it
+
+
+def _forget_secret_environment() -> None:
+    """The secrets are in the store now: the Ray processes this command starts must not inherit them."""
+    for name in [n for n in os.environ if n.startswith(ENV_PREFIX)]:
+        del os.environ[name]
+
+
+def serve_with_ray(truss, *, host: str = "127.0.0.1", port: int = 8080, address: Optional[str] = None,
+                   secrets_dir=None, secrets: Optional[dict] = None, scale: Optional[Scale] = None,
+                   deploy_timeout: float = 300.0) -> None:
+    """Deploy the Truss directory ``truss`` on Ray Serve and serve until SIGTERM/SIGINT.
+
+    Without ``address`` on a private local Ray; with it, on that running cluster (on exit only this
+    deployment goes, and Serve when nothing else of it runs; the cluster keeps running). Raises
+    RayServeError (printed last by the CLI, after Ray's own shutdown lines) when it cannot serve.
+    """
+    scale = scale or Scale()
+    truss.check_static()
+    store = truss.secret_store(secrets_dir=secrets_dir)
+    for name, value in (secrets or {}).items():
+        store.set_value(name, value)
+    secret_values = {n: store[n] for n in truss.config.secret_names if store.source_of(n)}
+    _forget_secret_environment()
+    config = truss.config
+    session = local_ray(config, scale) if address is None else joined_cluster(address)
+    with session as where:
+        stop = threading.Event()
         # After ray.init: Ray's core worker installs its own SIGTERM handler, which would
         # kill the driver without shutting the deployment down.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         problem = preflight(config, scale)
         if problem:
-            failure = f"error: {problem}"
-            return 1
-        secrets_ref = [ray.put(secret_values)]
-        # One HTTP proxy, on the head, where every node is this machine (they would all want the same port);
-        # on a real cluster one on every node, as Serve does by default.
-        one_machine = started_here or address.split(":")[0] in ("127.0.0.1", "localhost")
-        serve_was_running = started_here or _serve_running()
-        if not started_here and APP_NAME in serve.status().applications:
-            failure = (f"error: another `kernel-magics serve` deployment ({APP_NAME!r}) runs on the Ray cluster at "
-                       f"{address}; both would answer on the same routes. Stop that one first (Ctrl-C where it "
-                       "runs, or `serve shutdown` for the whole of Serve).")
-            return 1
-        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly" if one_machine else "EveryNode")
-        running = _serve_http_address()
-        if running and running != (host, port):
-            # Serve was already running on the cluster: it keeps its HTTP options and ignores ours.
-            failure = (f"error: Ray Serve already runs on the cluster at {address} with its HTTP proxy on "
-                       f"{running[0]}:{running[1]}, and a running Serve keeps its address. Serve there with "
-                       f"--host {running[0]} --port {running[1]}, or shut Serve down first (`serve shutdown`).")
-            return 1
-        where = f"a local Ray (its files under {temp})" if started_here else f"the Ray cluster at {address}"
-        print(f"Deploying {scale.describe()} of {root.name} on Ray Serve in {where} ...", file=sys.stderr, flush=True)
-        # Not waiting inside Serve (it would wait for ever on a replica that cannot start): we wait, bounded.
-        serve.run_many([serve.RunTarget(_deployment(root, scale, config, secrets_ref).bind(), name=APP_NAME,
-                                        route_prefix="/")], wait_for_applications_running=False)
-        deployed = True
-        waited = _wait_deployed(deploy_timeout)
-        if waited:
-            failure = f"error: {waited}"
-            return 1
-        print(f"Serving on http://{host}:{port}/v1/models/model:predict with {scale.describe()} (Ray Serve).",
-              file=sys.stderr, flush=True)
-        while not stop.wait(0.5):
-            pass
-        print("Stopping: taking the deployment down ...", file=sys.stderr, flush=True)
-        return 0
-    finally:
-        try:
-            if started_here:
-                serve.shutdown()
-            else:
-                if deployed:
-                    serve.delete(APP_NAME)  # the user's cluster keeps running; only our deployment goes
-                if not serve_was_running and not serve.status().applications:
-                    serve.shutdown()  # Serve, if this command started it and nothing else runs on it
-        except Exception:
-            pass
-        if started_here:
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
-        else:
-            ray.shutdown()  # disconnects this driver only
-        if failure:
-            # Last, after Ray's own shutdown logs: the one paragraph a user (or supervisor) reads.
-            print(failure, file=sys.stderr, flush=True)
+            raise RayServeError(problem)
+        with deployed(truss.root, config, scale, secret_values, host=host, port=port, address=address, where=where,
+                      deploy_timeout=deploy_timeout):
+            print(f"Serving on http://{host}:{port}/v1/models/model:predict with {scale.describe()} (Ray Serve).",
+                  file=sys.stderr, flush=True)
+            while not stop.wait(0.5):
+                pass
+            print("Stopping: taking the deployment down ...", file=sys.stderr, flush=True)

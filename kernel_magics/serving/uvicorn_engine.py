@@ -1,0 +1,119 @@
+"""Serve a Truss directory in this process with uvicorn, as Truss's own server does it.
+
+The port is bound first; model.py is imported and the model loaded in a load thread, so
+liveness answers at once and readiness says 503 until the load ends. A failed import is a
+failed load: its traceback (the user's frames, secrets redacted) goes to the log, the server
+stops, and :class:`ModelLoadFailed` says what to fix in one paragraph.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Optional
+
+from ..core.errors import KernelMagicsError
+from ..core.runtime import ModelHost
+from ..core.tracebacks import trim_traceback
+from ..core.truss_dir import TrussDir
+from .limits import DEFAULT_MAX_BODY
+
+__all__ = ["serve_truss", "ModelLoadFailed", "load_in_background", "requirement_warnings"]
+
+log = logging.getLogger("kernel_magics.server")
+
+
+class ModelLoadFailed(KernelMagicsError):
+    """The model could not be imported or loaded; the server stopped."""
+
+
+def unloaded_host(truss: TrussDir, *, secrets_dir: Optional[Path] = None, hint: str = "") -> ModelHost:
+    """A host for the directory with nothing imported yet (the load thread imports model.py)."""
+    return ModelHost(truss.config, secrets=truss.secret_store(secrets_dir=secrets_dir, hint=hint),
+                     base_dir=truss.root, init_config=truss.raw_config)
+
+
+def load_in_background(truss: TrussDir, host: ModelHost, on_failure) -> threading.Thread:
+    """Import model.py and load the model in one thread, as Truss's load thread does.
+
+    ``on_failure`` gets a one-paragraph description once the error's traceback is logged.
+    """
+
+    def run() -> None:
+        try:
+            cls = truss.import_model_class()
+        except BaseException as exc:
+            error = _user_frames(exc)
+            log.error("Importing %s failed:\n%s", truss.relative(truss.model_file), host.format_error(error))
+            on_failure(f"importing {truss.relative(truss.model_file)} raised {host.describe_error(error)}. The server "
+                       f"stopped; fix {truss.relative(truss.model_file)} (its traceback is above) and start it again.")
+            return
+        try:
+            host.define(cls)
+            host.load()
+        except BaseException as exc:
+            log.error("%s", host.error_text or host.format_error(exc))
+            fix = "the model class" if host.contract is None else "load()"
+            on_failure(f"{host.describe_error(exc)}. The server stopped; fix {fix} (its traceback is above) "
+                       "and start it again.")
+            return
+        log.info("Model loaded in %.2f s; ready for predictions.", host.load_seconds or 0.0)
+
+    thread = threading.Thread(target=run, name="model-load", daemon=True)
+    thread.start()
+    return thread
+
+
+def _user_frames(exc: BaseException) -> BaseException:
+    """The import's traceback from the user's first frame on (not ours, not importlib's)."""
+    trim_traceback(exc)
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename.startswith("<frozen"):
+        tb = tb.tb_next
+    exc.__traceback__ = tb
+    return exc
+
+
+def requirement_warnings(requirements: list[str]) -> list[str]:
+    """One line per pinned requirement that the installed distributions do not satisfy."""
+    from ..core.config import unmet_requirements
+
+    return [f"warning: config.yaml requires {line} but {name} " + (f"{version} is installed" if version else "is not installed")
+            for line, name, version in unmet_requirements(requirements)]
+
+
+def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, secrets_dir: Optional[Path] = None,
+                secrets: Optional[dict] = None, log_level: str = "info", log_format: str = "text",
+                max_body: int = DEFAULT_MAX_BODY, metrics: bool = True) -> None:
+    """Serve ``truss`` until SIGTERM/SIGINT; raises ModelLoadFailed when the model cannot load."""
+    import uvicorn
+
+    from .logs import configure
+    from .server import create_app, uvicorn_config
+
+    stop_logs = configure(log_level, log_format)
+    model_host = unloaded_host(truss, secrets_dir=secrets_dir, hint="or put a file named {name} in the --secrets-dir folder")
+    for name, value in (secrets or {}).items():
+        model_host.secrets.set_value(name, value)
+    failure: list[str] = []
+    server: Optional[uvicorn.Server] = None
+
+    def failed(paragraph: str) -> None:
+        failure.append(paragraph)
+        if server is not None:
+            server.should_exit = True
+
+    def start() -> None:
+        log.info("Serving %s on http://%s:%d: loading the model (readiness answers 503 until it is loaded).",
+                 truss.root, host, port)
+        load_in_background(truss, model_host, failed)
+
+    app = create_app(model_host, on_startup=start, on_shutdown=model_host.close, max_body=max_body, metrics=metrics)
+    server = uvicorn.Server(uvicorn_config(app, host, port, log_level=log_level, log_config=None))
+    try:
+        server.run()
+    finally:
+        stop_logs()  # every line out before the CLI's last words
+    if failure:
+        raise ModelLoadFailed(f"the model failed to load: {failure[0]}")

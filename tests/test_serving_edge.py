@@ -1,0 +1,350 @@
+"""The serving edge under load and attack: liveness while loading, threads, stalled readers, bounds,
+msgpack, the logs. Real `kernel-magics serve` processes, real sockets; no timed assertions."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server_harness import TRUSS_REFERENCE, answer, free_port, serve_ours, serve_truss, truss_reference_python, write_truss
+
+CANARY = "sk-CANARY-edge-5c1e"
+
+
+@pytest.fixture
+def markers(tmp_path):
+    path = tmp_path / "markers"
+    path.mkdir()
+    return path
+
+
+def wait_for(path: Path, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def run_to_exit(truss_dir: Path, *args: str, env=None):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "kernel_magics.cli", "serve", str(truss_dir), "--port", str(free_port()),
+                           *args], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
+
+
+# ---------------------------------------------------------------- liveness while model.py imports
+
+def test_liveness_answers_while_model_py_imports_and_readiness_waits(tmp_path, markers):
+    gate = markers / "go"
+    model = f'''
+import time
+from pathlib import Path
+Path("{markers / 'importing'}").write_text("1")
+while not Path("{gate}").exists():  # an import that takes as long as the test wants (torch, saved values ...)
+    time.sleep(0.02)
+
+
+class Model:
+    def predict(self, model_input):
+        return "ready"
+'''
+    with serve_ours(write_truss(tmp_path / "slowimport", model), wait_ready=False) as s:
+        assert wait_for(markers / "importing")
+        assert httpx.get(s.url + "/").json() is True  # the port answers while the import is under way
+        not_ready = httpx.get(s.url + "/v1/models/model")
+        assert not_ready.status_code == 503 and not_ready.json() == {"error": "Model with name model is not ready."}
+        assert httpx.post(s.predict_url(), json={}).status_code == 503
+        assert httpx.get(s.url + "/v1/models/model/schema").status_code == 503
+        gate.write_text("1")
+        deadline = time.monotonic() + 30
+        while httpx.get(s.url + "/v1/models/model").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.post(s.predict_url(), json={}).json() == "ready"
+    assert f"Serving {tmp_path / 'slowimport'} on http://127.0.0.1:" in s.log and "loading the model" in s.log
+
+
+def test_an_import_error_is_a_failed_load_with_the_users_frames(tmp_path):
+    model = f'''
+import os
+
+
+def build():
+    raise ValueError("no vocabulary for " + os.environ["TRUSS_SECRET_tok"])
+
+
+VOCAB = build()
+
+
+class Model:
+    def predict(self, model_input):
+        return 1
+'''
+    done = run_to_exit(write_truss(tmp_path / "badimport", model, "secrets: {tok: null}\n"),
+                       env={"TRUSS_SECRET_tok": CANARY})
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the model failed to load: importing model/model.py raised ValueError: "
+                           "no vocabulary for ***. The server stopped; fix model/model.py"), last
+    # The traceback is the user's: model.py's frames, not ours or importlib's; the secret never shows.
+    assert 'model.py", line 9, in <module>' in done.stderr and 'model.py", line 6, in build' in done.stderr
+    assert "<frozen" not in done.stderr and "kernel_magics" not in done.stderr.split("Importing")[1]
+    assert CANARY not in done.stderr
+    assert "Uvicorn running on" in done.stderr  # the port was bound before the import
+
+
+# ---------------------------------------------------------------- threads: readers that do not read
+
+STREAMS = '''
+import os
+from pathlib import Path
+
+MARKS = Path(os.environ["KM_MARKS"])
+
+
+class Model:
+    def is_healthy(self):  # sync: readiness needs a worker thread for it
+        return True
+
+    def predict(self, model_input):
+        if "stream" not in model_input:
+            return {"echo": model_input}
+        tag = model_input["stream"]
+
+        def gen():
+            try:
+                i = 0
+                while True:
+                    yield b"x" * 65536
+                    if i == 0:
+                        (MARKS / f"{tag}-started").write_text("1")
+                    i += 1
+            finally:
+                (MARKS / f"{tag}-closed").write_text("1")
+
+        return gen()
+'''
+
+
+def stalled_reader(url: str, body: dict) -> socket.socket:
+    """A client that sends a streaming request and then reads nothing (a small receive buffer)."""
+    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/models/model:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    return sock
+
+
+def test_45_stalled_streams_leave_threads_for_probes_and_sync_predicts(tmp_path, markers):
+    d = write_truss(tmp_path / "streams", STREAMS, f'''\
+        environment_variables: {{KM_MARKS: "{markers}"}}
+        runtime: {{predict_concurrency: 100, streaming_read_timeout: 600}}
+        ''')
+    with serve_ours(d) as s:
+        readers = [stalled_reader(s.url, {"stream": f"r{i}"}) for i in range(45)]
+        try:
+            for i in range(45):
+                assert wait_for(markers / f"r{i}-started")
+            # More stalled streams than the 40 worker threads: none of them holds one.
+            assert httpx.get(s.url + "/v1/models/model", timeout=30).status_code == 200  # sync is_healthy
+            assert httpx.post(s.predict_url(), json={"a": 1}, timeout=30).json() == {"echo": {"a": 1}}
+        finally:
+            for sock in readers:
+                sock.close()
+
+
+def test_a_stalled_reader_loses_its_stream_after_streaming_read_timeout(tmp_path, markers):
+    d = write_truss(tmp_path / "stall", STREAMS, f'''\
+        environment_variables: {{KM_MARKS: "{markers}"}}
+        runtime: {{predict_concurrency: 1, streaming_read_timeout: 1}}
+        ''')
+    with serve_ours(d) as s:
+        sock = stalled_reader(s.url, {"stream": "stalled"})
+        try:
+            assert wait_for(markers / "stalled-started")
+            assert httpx.get(s.url + "/v1/models/model", timeout=30).status_code == 200  # a probe meanwhile
+            # The reader takes nothing: after streaming_read_timeout its generator is closed ...
+            assert wait_for(markers / "stalled-closed")
+            # ... and the one predict slot is free again.
+            assert httpx.post(s.predict_url(), json={"a": 2}, timeout=30).json() == {"echo": {"a": 2}}
+        finally:
+            sock.close()
+    assert "Stream cut off: the client read nothing for 1 s" in s.log
+
+
+# ---------------------------------------------------------------- bounds on what a client sends
+
+def raw_request(url: str, data: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(data)
+        got = b""
+        while True:
+            part = sock.recv(65536)
+            if not part:
+                return got
+            got += part
+            if b"\r\n\r\n" in got and b"connection: close" not in got.lower():
+                return got
+
+
+def test_request_heads_are_bounded_as_trusss(tmp_path):
+    d = write_truss(tmp_path / "echo", "class Model:\n    def predict(self, x):\n        return x\n")
+    with serve_ours(d) as s:
+        # Headers that never end: refused once they pass 16 KiB, not held for ever.
+        unfinished = raw_request(s.url, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000)
+        assert unfinished.startswith(b"HTTP/1.1 400 ")
+        big = raw_request(s.url, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n")
+        assert big.startswith(b"HTTP/1.1 400 ")
+        many = b"".join(b"X-H%d: v\r\n" % i for i in range(101))
+        assert raw_request(s.url, b"GET / HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n").startswith(b"HTTP/1.1 400 ")
+        # Within the bounds all is well.
+        fine = b"".join(b"X-H%d: v\r\n" % i for i in range(50)) + b"X-Big: " + b"a" * 12000 + b"\r\n"
+        assert raw_request(s.url, b"GET / HTTP/1.1\r\nHost: x\r\n" + fine + b"\r\n").startswith(b"HTTP/1.1 200 ")
+        assert httpx.get(s.url + "/").json() is True  # the server is fine
+
+
+def test_request_bodies_are_bounded_by_max_body_size(tmp_path):
+    d = write_truss(tmp_path / "echo", "class Model:\n    def predict(self, x):\n        return x\n")
+    with serve_ours(d, "--max-body-size", "1000") as s:
+        assert httpx.post(s.predict_url(), json="a" * 900).json() == "a" * 900
+        big = httpx.post(s.predict_url(), json="a" * 2000)
+        assert big.status_code == 413 and "limit of 1000 bytes" in big.json()["error"]
+        assert big.headers["x-baseten-error-code"] == "700"
+
+        def chunked():  # no Content-Length: counted as it arrives
+            for _ in range(10):
+                yield b" " * 500
+
+        assert httpx.post(s.predict_url(), content=chunked()).status_code == 413
+
+
+# ---------------------------------------------------------------- msgpack bodies, as Truss answers them
+
+def test_msgpack_bodies_match_trusss_server():
+    import msgpack
+
+    if truss_reference_python() is None:
+        pytest.skip("the truss reference server is not set up (make test sets it up)")
+    binary = {"content-type": "application/octet-stream"}
+    requests = [
+        ("POST", "/v1/models/model:predict", msgpack.packb({"a": [1, 2.5, None], "s": "é"}), binary),
+        ("POST", "/v1/models/model:predict", msgpack.packb([1, "x"]), {"content-type": "Application/Octet-Stream; x=y"}),
+        ("POST", "/v1/models/model:predict", b"\x91", binary),  # a truncated array
+        ("POST", "/no/such/route", b"\xc1", binary),
+    ]
+    echo = TRUSS_REFERENCE / "bench_trusses" / "echo"
+    with serve_truss(echo) as theirs:
+        expected = [answer(theirs.url, *req) for req in requests]
+    with serve_ours(echo) as ours:
+        got = [answer(ours.url, *req) for req in requests]
+    for req, want, have in zip(requests, expected, got):
+        assert have == want, f"{req}: Truss answered {want}, we answered {have}"
+    assert msgpack.unpackb(got[0][-1]) == {"a": [1, 2.5, None], "s": "é"}
+
+
+# ---------------------------------------------------------------- the logs
+
+LOGGING = '''
+import logging
+import time
+from pathlib import Path
+
+logger = logging.getLogger("my_model")
+
+
+class Model:
+    def __init__(self, secrets):
+        self._secrets = secrets
+
+    def load(self):
+        logger.warning("loading with token %s", self._secrets["tok"])
+
+    def predict(self, model_input):
+        if model_input.get("stream"):
+            def gen():
+                try:
+                    yield "a"
+                    yield "b"
+                finally:
+                    logger.warning("stream finished")
+            return gen()
+        logger.warning("predict sees %s", self._secrets["tok"])
+        return 1
+'''
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_models_own_log_lines_are_redacted(tmp_path, fmt):
+    d = write_truss(tmp_path / "logs", LOGGING, "secrets: {tok: null}\n")
+    with serve_ours(d, "--log-format", fmt, env={"TRUSS_SECRET_tok": CANARY}) as s:
+        assert httpx.post(s.predict_url(), json={}).json() == 1
+    assert "loading with token ***" in s.log and "predict sees ***" in s.log
+    assert CANARY not in s.log
+    if fmt == "json":
+        lines = [json.loads(line) for line in s.log.splitlines() if line.startswith("{")]
+        assert any(e["message"] == "predict sees ***" and e.get("request_id") for e in lines)
+
+
+def test_the_access_log_as_trusss(tmp_path):
+    d = write_truss(tmp_path / "logs", LOGGING, "secrets: {tok: null}\n")
+    with serve_ours(d, env={"TRUSS_SECRET_tok": CANARY}) as s:
+        for path in ("/", "/v1/models/model", "/v1/models/model/loaded", "/ping", "/metrics", "/no/such"):
+            httpx.get(s.url + path)
+        httpx.post(s.predict_url(), json={}, headers={"x-baseten-request-id": "req-42"})
+        assert httpx.post(s.predict_url(), json={"stream": True}).text == "ab"
+    handled = [line for line in s.log.splitlines() if "Handled request" in line]
+    assert any("POST /v1/models/model:predict 200" in line and "request_id=req-42" in line for line in handled)
+    assert any("GET /no/such 404" in line for line in handled)  # a 404 is logged
+    # Probes and /metrics are not.
+    assert not any(f"GET {p} " in line for line in handled for p in ("/", "/v1/models/model", "/ping", "/metrics"))
+    assert not any("/loaded" in line for line in handled)
+    # Every line has its own request id.
+    ids = [line.rsplit("request_id=", 1)[1] for line in handled]
+    assert len(set(ids)) == len(ids) == 3
+    # A stream's line is written when the stream has ended (its generator's finally ran first).
+    log = s.log
+    stream_lines = [i for i, line in enumerate(log.splitlines()) if "Handled request - POST" in line]
+    finished = [i for i, line in enumerate(log.splitlines()) if "stream finished" in line]
+    assert finished and finished[0] < stream_lines[-1]
+
+
+# ---------------------------------------------------------------- one wire form of a chunk
+
+def test_a_character_split_across_chunks_shows_the_same_live_and_joined():
+    from kernel_magics.core.streams import ChunkText, chunk_bytes, join_chunks
+    from kernel_magics.notebook.streaming import chunk_text
+
+    snowman = "☃".encode()  # three bytes
+    chunks = ["a", snowman[:1], snowman[1:2], snowman[2:] + b"b", {"n": 1}]
+    assert b"".join(chunk_bytes(c) for c in chunks) == b"a\xe2\x98\x83b" + b'{"n": 1}\n'
+    live = ChunkText()  # as the view receives them: one delivery a chunk
+    shown = "".join(live.feed([c]) for c in chunks) + live.finish()
+    assert shown == chunk_text(chunks) == 'a☃b{"n": 1}\n'
+    assert "\ufffd" not in shown
+    assert join_chunks(chunks[:4]) == "a☃b"  # the gathered result of the text chunks reads the same
+    cut = ChunkText()
+    assert cut.feed([snowman[:2]]) == "" and cut.finish() == "\ufffd"  # a stream that ends mid-character
+
+
+def test_the_stream_view_shows_a_split_character_once(tmp_path, fresh_kernel):
+    """In a kernel: a generator of bytes that splits a character; the view's text and the result agree."""
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k.ok("import time")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        def gen():\n"
+         "            data = 'é☃'.encode()\n            for i in range(len(data)):\n"
+         "                yield data[i:i + 1]\n                time.sleep(0.05)\n        return gen()")
+    k.ok("%model_load")
+    ex = k.ok("r = %model_predict {}\nprint(repr(r))")
+    # The plain view prints each flush's delta (one byte or so each): the characters show whole.
+    assert ex.stdout.startswith("é☃\n[done: 5 chunks") and "\ufffd" not in ex.stdout
+    assert "'é☃'" in ex.stdout
