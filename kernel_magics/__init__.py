@@ -21,7 +21,10 @@ def load_ipython_extension(ipython) -> None:
         ipython.register_magics(adapter(ipython, magics))
     ipython.events.register("pre_run_cell", magics.note_cell)
     ipython.events.register("post_run_cell", magics.record_cell)
-    magics.frontend.start()
+    from .notebook.frontend import apply_settings
+
+    # The lab extension's channel: follows the host's predictions, applies the extension's settings.
+    magics.frontend.start(magics.host, lambda settings: apply_settings(magics, settings))
 
 
 def unload_ipython_extension(ipython) -> None:

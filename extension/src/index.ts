@@ -1,16 +1,30 @@
 /**
- * kernel-magics for JupyterLab (and Notebook 7): a Model side panel, commands and a status bar item.
+ * kernel-magics for JupyterLab (and Notebook 7): a Model side panel, commands, menus, shortcuts,
+ * notifications and a status bar item.
  *
- * The kernel side (kernel_magics/notebook/frontend.py) answers a comm the extension opens, and pushes the
- * model's status over it; the extension opens it only once the kernel has kernel_magics loaded (asked with
- * a silent user expression), so a kernel without it never sees a comm for an unknown target. Commands run
- * the magics in the notebook's kernel, so the panel and the notebook cannot disagree about what they do.
+ * The kernel side (kernel_magics/notebook/frontend.py) opens the status comm itself from the
+ * `%load_ext kernel_magics` cell, so the panel follows the model during Run All and whatever cell
+ * fails; the extension also opens one to a kernel that already has kernel_magics loaded (a reloaded
+ * page), asked with a silent user expression so a kernel without it never sees an unknown target.
+ * Commands run the magics in the notebook's kernel, so the panel and the notebook cannot disagree
+ * about what they do.
  */
 
 import { ILabShell, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
-import { Clipboard, Dialog, ICommandPalette, InputDialog, showDialog, showErrorMessage } from '@jupyterlab/apputils';
+import {
+  Clipboard,
+  Dialog,
+  ICommandPalette,
+  InputDialog,
+  Notification,
+  showDialog,
+  showErrorMessage
+} from '@jupyterlab/apputils';
+import { PathExt } from '@jupyterlab/coreutils';
+import { ILauncher } from '@jupyterlab/launcher';
 import { INotebookTracker, NotebookActions, NotebookPanel } from '@jupyterlab/notebook';
 import { Kernel, KernelMessage } from '@jupyterlab/services';
+import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 import { ITranslator, nullTranslator } from '@jupyterlab/translation';
 import {
@@ -18,6 +32,7 @@ import {
   CommandToolbarButton,
   copyIcon,
   downloadIcon,
+  launchIcon,
   LabIcon,
   runIcon,
   SidePanel,
@@ -30,22 +45,38 @@ import {
   cellLanguage,
   CONFIG_TEMPLATE,
   Connection,
+  DEFAULT_SETTINGS,
   describe,
+  exportMessage,
+  exportSuggestion,
+  isModelCell,
   LOADED_EXPRESSION,
+  loadNotice,
   MODEL_TEMPLATE,
+  modelNotebookCells,
   ModelStatus,
   nonEmptyExpression,
+  plotPoints,
+  runsExport,
+  Settings,
   statusBarText,
   Translate
 } from './render';
 
 const TARGET = 'kernel_magics.status';
+const PLUGIN_ID = 'kernel-magics:plugin';
 
 namespace CommandIDs {
   export const load = 'kernel-magics:load';
   export const unload = 'kernel-magics:unload';
   export const exportModel = 'kernel-magics:export';
+  export const serve = 'kernel-magics:serve';
+  export const stopServe = 'kernel-magics:stop-serve';
+  export const stopStream = 'kernel-magics:stop-stream';
+  export const showModel = 'kernel-magics:show-model';
+  export const openExport = 'kernel-magics:open-export';
   export const insertTemplate = 'kernel-magics:insert-template';
+  export const newNotebook = 'kernel-magics:new-notebook';
   export const showPanel = 'kernel-magics:show-panel';
 }
 
@@ -84,8 +115,19 @@ class ModelStatusTracker {
     notebooks.currentChanged.connect(() => this._changed.emit());
   }
 
+  /** The active notebook's state changed. */
   get changed(): ISignal<ModelStatusTracker, void> {
     return this._changed;
+  }
+
+  /** A notebook received a status: before and after (notifications compare them). */
+  get received(): ISignal<ModelStatusTracker, [NotebookPanel, ModelStatus | null, ModelStatus]> {
+    return this._received;
+  }
+
+  /** A cell running %model_export started (true) or its execution ended (false). */
+  get exporting(): ISignal<ModelStatusTracker, [NotebookPanel, string, boolean]> {
+    return this._exporting;
   }
 
   /** The state for the active notebook (or 'no-notebook'). */
@@ -94,7 +136,31 @@ class ModelStatusTracker {
     if (!panel) {
       return { connection: 'no-notebook', status: null };
     }
+    return this.stateOf(panel);
+  }
+
+  stateOf(panel: NotebookPanel): NotebookModelState {
     return this.states.get(panel) ?? { connection: 'not-loaded', status: null };
+  }
+
+  /** Send the extension's settings to every kernel that has kernel_magics loaded (the kernel applies its part). */
+  sendSettings(settings: Settings): void {
+    this.settings = settings;
+    for (const comms of this.comms.values()) {
+      for (const comm of comms) {
+        this.trySend(comm);
+      }
+    }
+  }
+
+  private trySend(comm: Kernel.IComm): void {
+    if (!comm.isDisposed) {
+      try {
+        comm.send({ settings: { views: this.settings.views, streamUpdateRate: this.settings.streamUpdateRate } });
+      } catch (reason) {
+        console.debug('kernel-magics: could not send the settings', reason);
+      }
+    }
   }
 
   private track(panel: NotebookPanel): void {
@@ -105,61 +171,104 @@ class ModelStatusTracker {
     const context = panel.sessionContext;
     const attach = () => this.attach(panel, context.session?.kernel ?? null);
     context.kernelChanged.connect(attach);
+    context.sessionChanged.connect(attach); // a shut-down kernel ends its session: no kernelChanged then
     context.statusChanged.connect((_, status) => {
-      if (status === 'restarting' || status === 'autorestarting' || status === 'dead') {
+      if (status === 'restarting' || status === 'autorestarting') {
         // The model lived in the old kernel process: say so instead of showing it as it was.
+        this.comms.set(panel, []);
         this.set(panel, { connection: 'restarting', status: null });
+      } else if (status === 'dead') {
+        this.comms.set(panel, []);
+        this.set(panel, { connection: 'no-kernel', status: null });
       }
     });
-    panel.disposed.connect(() => this.states.delete(panel));
+    panel.disposed.connect(() => {
+      this.states.delete(panel);
+      this.comms.delete(panel);
+      this.kernels.delete(panel);
+    });
     void context.ready.then(attach);
   }
 
   private attach(panel: NotebookPanel, kernel: Kernel.IKernelConnection | null): void {
-    this.set(panel, { connection: 'not-loaded', status: null });
+    if (kernel !== null && kernel === this.kernels.get(panel)) {
+      return; // the same kernel (a session change that kept it)
+    }
+    this.kernels.set(panel, kernel);
+    this.comms.set(panel, []);
     if (!kernel) {
+      this.set(panel, { connection: 'no-kernel', status: null });
       return;
     }
-    // An older kernel side opens the comm itself: answer it too.
-    kernel.registerCommTarget(TARGET, (comm, msg) => {
-      comm.onMsg = m => this.receive(panel, m);
-      this.receive(panel, msg);
-    });
+    this.set(panel, { connection: 'not-loaded', status: null });
+    // The kernel opens the comm from the %load_ext cell, even while Run All is still queued behind it.
+    kernel.registerCommTarget(TARGET, (comm, msg) => this.connect(panel, comm, msg));
     void this.probe(panel, kernel);
-    // After a cell that mentions kernel_magics (%load_ext), ask again.
-    let pending = false;
+    let pending = false; // a cell that mentions kernel_magics ran: ask again when it ends (an older kernel side)
+    const exports = new Set<string>(); // requests running %model_export
     kernel.iopubMessage.connect((_, msg) => {
       const type = msg.header.msg_type;
-      if (type === 'execute_input' && String((msg.content as any).code ?? '').includes('kernel_magics')) {
-        pending = true;
-      } else if (pending && type === 'status' && (msg.content as any).execution_state === 'idle') {
-        pending = false;
-        void this.probe(panel, kernel);
+      const parent = (msg.parent_header as any)?.msg_id as string | undefined;
+      if (type === 'execute_input') {
+        const code = String((msg.content as any).code ?? '');
+        if (code.includes('kernel_magics')) {
+          pending = true;
+        }
+        if (parent && runsExport(code)) {
+          exports.add(parent);
+          this._exporting.emit([panel, parent, true]);
+        }
+      } else if (type === 'status' && (msg.content as any).execution_state === 'idle') {
+        if (parent && exports.delete(parent)) {
+          this._exporting.emit([panel, parent, false]);
+        }
+        if (pending) {
+          pending = false;
+          void this.probe(panel, kernel);
+        }
       }
     });
   }
 
   /** Open the status comm if, and only if, the kernel has kernel_magics loaded. */
   private async probe(panel: NotebookPanel, kernel: Kernel.IKernelConnection): Promise<void> {
-    if (this.states.get(panel)?.connection === 'connected') {
+    if (this.stateOf(panel).connection === 'connected') {
       return;
     }
     try {
-      if ((await evaluate(kernel, LOADED_EXPRESSION)) !== 'True') {
+      if ((await evaluate(kernel, LOADED_EXPRESSION)) !== 'True' || this.stateOf(panel).connection === 'connected') {
         return;
       }
       const comm = kernel.createComm(TARGET);
-      comm.onMsg = m => this.receive(panel, m);
+      this.connect(panel, comm, null);
       comm.open({});
     } catch (reason) {
       console.debug('kernel-magics: could not ask the kernel', reason);
     }
   }
 
+  private connect(panel: NotebookPanel, comm: Kernel.IComm, msg: KernelMessage.ICommOpenMsg | null): void {
+    comm.onMsg = m => this.receive(panel, m);
+    comm.onClose = () => {
+      const comms = this.comms.get(panel) ?? [];
+      this.comms.set(panel, comms.filter(c => c !== comm));
+    };
+    this.comms.set(panel, [...(this.comms.get(panel) ?? []), comm]);
+    if (msg) {
+      this.receive(panel, msg);
+    }
+    if (msg || !comm.isDisposed) {
+      // Sent once the comm is open (for ours, right after comm.open): the kernel applies its part.
+      void Promise.resolve().then(() => this.trySend(comm));
+    }
+  }
+
   private receive(panel: NotebookPanel, msg: KernelMessage.ICommOpenMsg | KernelMessage.ICommMsgMsg): void {
     const data = msg.content.data as { status?: ModelStatus };
     if (data && data.status) {
+      const before = this.stateOf(panel).status;
       this.set(panel, { connection: 'connected', status: data.status });
+      this._received.emit([panel, before, data.status]);
     }
   }
 
@@ -170,13 +279,43 @@ class ModelStatusTracker {
     }
   }
 
+  private settings: Settings = DEFAULT_SETTINGS;
   private states = new Map<NotebookPanel, NotebookModelState>();
+  private comms = new Map<NotebookPanel, Kernel.IComm[]>();
+  private kernels = new Map<NotebookPanel, Kernel.IKernelConnection | null>();
   private _changed = new Signal<ModelStatusTracker, void>(this);
+  private _received = new Signal<ModelStatusTracker, [NotebookPanel, ModelStatus | null, ModelStatus]>(this);
+  private _exporting = new Signal<ModelStatusTracker, [NotebookPanel, string, boolean]>(this);
 }
 
-/** The panel's body: compact label/value rows, an empty state, a hint. */
+/** What the panel's buttons do (commands, so the palette, menus and shortcuts do the same). */
+interface PanelActions {
+  run(id: string, args?: Record<string, string>): void;
+  open(path: string): void;
+}
+
+function button(label: string, title: string, onclick: () => void, className = ''): HTMLButtonElement {
+  const b = document.createElement('button');
+  b.className = `km-action jp-Button ${className}`.trim();
+  b.textContent = label;
+  b.title = title;
+  b.onclick = onclick;
+  return b;
+}
+
+function iconButton(icon: LabIcon, title: string, onclick: () => void, className: string): HTMLButtonElement {
+  const b = document.createElement('button');
+  b.className = `${className} jp-Button jp-mod-minimal`;
+  b.title = title;
+  b.setAttribute('aria-label', title);
+  icon.element({ container: b, elementPosition: 'center', height: '14px', width: '14px' });
+  b.onclick = onclick;
+  return b;
+}
+
+/** The panel's body: sections as Lab's own panels have them, label over value where space is short. */
 class ModelView extends Widget {
-  constructor(private tracker: ModelStatusTracker, private t: Translate) {
+  constructor(private tracker: ModelStatusTracker, private t: Translate, private actions: PanelActions) {
     super();
     this.addClass('km-view');
     tracker.changed.connect(() => this.update());
@@ -186,43 +325,70 @@ class ModelView extends Widget {
   protected onUpdateRequest(): void {
     const { connection, status } = this.tracker.current();
     const view = describe(connection, status, this.t);
+    const t = this.t;
     const root = document.createElement('div');
+    root.className = 'km-body';
     if (view.empty) {
       const empty = document.createElement('p');
       empty.className = 'km-empty';
       empty.textContent = view.empty;
       root.appendChild(empty);
     }
-    if (view.rows.length) {
-      const heading = document.createElement('div');
-      heading.className = 'km-title';
-      heading.textContent = view.title;
-      heading.title = view.title;
-      root.appendChild(heading);
+    for (const section of view.sections) {
+      const box = document.createElement('section');
+      box.className = `km-section km-section-${section.key}`;
+      const heading = document.createElement('h3');
+      heading.className = 'km-section-title';
+      heading.textContent = section.title;
+      box.appendChild(heading);
       const list = document.createElement('dl');
       list.className = 'km-rows';
-      for (const row of view.rows) {
+      for (const row of section.rows) {
+        const item = document.createElement('div');
+        item.className = `km-row${row.wide ? ' km-wide' : ''}`;
+        item.dataset.key = row.key;
         const label = document.createElement('dt');
         label.textContent = row.label;
         const value = document.createElement('dd');
         value.dataset.key = row.key;
         const text = document.createElement('span');
         text.className = `km-value ${row.className ?? ''}`.trim();
-        text.textContent = row.value;
-        text.title = row.value; // the whole value on hover: long ones are cut with an ellipsis
+        text.textContent = row.value; // values wrap: nothing is cut, so no text is out of reach
         value.appendChild(text);
         if (row.copy) {
-          const copy = document.createElement('button');
-          copy.className = 'km-copy jp-Button jp-mod-minimal';
-          copy.title = this.t('Copy the path');
-          copy.setAttribute('aria-label', this.t('Copy the path'));
-          copyIcon.element({ container: copy, elementPosition: 'center', height: '14px', width: '14px' });
-          copy.onclick = () => Clipboard.copyToSystem(row.value);
-          value.appendChild(copy);
+          value.appendChild(iconButton(copyIcon, t('Copy'), () => Clipboard.copyToSystem(row.value), 'km-copy'));
         }
-        list.append(label, value);
+        if (row.key === 'serve') {
+          value.appendChild(iconButton(launchIcon, t('Open in a new browser tab'), () => window.open(row.value, '_blank'), 'km-open'));
+        }
+        item.append(label, value);
+        list.appendChild(item);
       }
-      root.appendChild(list);
+      box.appendChild(list);
+      if (section.key === 'timings' && view.history.length > 1) {
+        box.appendChild(this.plot(view.history));
+      }
+      if (section.key === 'export' && view.exportPath !== null) {
+        const links = document.createElement('div');
+        links.className = 'km-actions';
+        for (const file of ['config.yaml', 'model/model.py']) {
+          links.appendChild(button(file, t('Open %1 in JupyterLab', file), () => this.actions.open(`${view.exportPath}/${file}`), 'km-open-file'));
+        }
+        box.appendChild(links);
+      }
+      if (section.key === 'serving') {
+        box.appendChild(this.serveActions(view.canStopServe));
+      }
+      root.appendChild(box);
+    }
+    if (connection === 'connected' && view.canServe && !view.sections.some(s => s.key === 'serving')) {
+      const box = document.createElement('section');
+      box.className = 'km-section km-section-serving';
+      const heading = document.createElement('h3');
+      heading.className = 'km-section-title';
+      heading.textContent = t('Serving');
+      box.append(heading, this.serveActions(false));
+      root.appendChild(box);
     }
     if (view.hint) {
       const hint = document.createElement('p');
@@ -231,6 +397,45 @@ class ModelView extends Widget {
       root.appendChild(hint);
     }
     this.node.replaceChildren(root);
+  }
+
+  private serveActions(serving: boolean): HTMLElement {
+    const actions = document.createElement('div');
+    actions.className = 'km-actions';
+    actions.appendChild(
+      serving
+        ? button(this.t('Stop serving'), this.t('%model_serve --stop'), () => this.actions.run(CommandIDs.stopServe), 'km-stop-serve')
+        : button(this.t('Serve'), this.t("Serve the live model over Truss's HTTP API (%model_serve)"), () => this.actions.run(CommandIDs.serve), 'km-serve')
+    );
+    return actions;
+  }
+
+  /** A small plot of recent predictions: total time, and time to the first chunk when streamed. */
+  private plot(history: [number, number | null][]): HTMLElement {
+    const [w, h] = [200, 36];
+    const { total, firstChunk, max } = plotPoints(history, w, h);
+    const ns = 'http://www.w3.org/2000/svg';
+    const figure = document.createElement('figure');
+    figure.className = 'km-plot';
+    const svg = document.createElementNS(ns, 'svg');
+    svg.setAttribute('viewBox', `0 0 ${w} ${h}`);
+    svg.setAttribute('preserveAspectRatio', 'none');
+    svg.setAttribute('role', 'img');
+    const caption = this.t('Last %1 predictions, up to %2 ms', history.length, max.toFixed(1));
+    svg.setAttribute('aria-label', caption);
+    for (const [points, cls] of [[total, 'km-plot-total'], [firstChunk, 'km-plot-first']]) {
+      if (points) {
+        const line = document.createElementNS(ns, 'polyline');
+        line.setAttribute('points', points);
+        line.setAttribute('class', cls);
+        line.setAttribute('vector-effect', 'non-scaling-stroke');
+        svg.appendChild(line);
+      }
+    }
+    const legend = document.createElement('figcaption');
+    legend.textContent = firstChunk ? `${caption} · ${this.t('total')} / ${this.t('first chunk')}` : caption;
+    figure.append(svg, legend);
+    return figure;
   }
 }
 
@@ -251,12 +456,26 @@ class ModelStatusItem extends Widget {
 }
 
 /** Run code in the notebook's kernel; resolve to the error text, or null when it worked. */
-async function runInKernel(panel: NotebookPanel, code: string): Promise<string | null> {
+async function runInKernel(
+  panel: NotebookPanel,
+  code: string,
+  onOutput?: (text: string) => void
+): Promise<string | null> {
   const kernel = panel.sessionContext.session?.kernel;
   if (!kernel) {
     return 'This notebook has no running kernel.';
   }
   const future = kernel.requestExecute({ code, silent: false, store_history: false, stop_on_error: false });
+  if (onOutput) {
+    future.onIOPub = msg => {
+      const content = msg.content as any;
+      if (msg.header.msg_type === 'stream') {
+        onOutput(String(content.text ?? ''));
+      } else if (msg.header.msg_type === 'display_data' || msg.header.msg_type === 'execute_result') {
+        onOutput(String(content.data?.['text/plain'] ?? ''));
+      }
+    };
+  }
   const reply = await future.done;
   const content = reply.content;
   if (content.status === 'error') {
@@ -294,52 +513,60 @@ function highlightMagicCells(panel: NotebookPanel): void {
 }
 
 const plugin: JupyterFrontEndPlugin<void> = {
-  id: 'kernel-magics:plugin',
-  description: 'The model of the active notebook (kernel-magics): state, commands, status bar.',
+  id: PLUGIN_ID,
+  description: 'The model of the active notebook (kernel-magics): panel, commands, menus, notifications, status bar.',
   autoStart: true,
   requires: [INotebookTracker],
-  optional: [ICommandPalette, IStatusBar, ILabShell, ITranslator],
+  optional: [ICommandPalette, IStatusBar, ILabShell, ITranslator, ISettingRegistry, ILauncher],
   activate: (
     app: JupyterFrontEnd,
     notebooks: INotebookTracker,
     palette: ICommandPalette | null,
     statusBar: IStatusBar | null,
     _labShell: ILabShell | null,
-    translator: ITranslator | null
+    translator: ITranslator | null,
+    settingRegistry: ISettingRegistry | null,
+    launcher: ILauncher | null
   ) => {
     const trans = (translator ?? nullTranslator).load('kernel_magics');
     const t: Translate = (text, ...args) => trans.__(text, ...(args as any[]));
     const tracker = new ModelStatusTracker(notebooks);
+    let settings: Settings = { ...DEFAULT_SETTINGS };
+    const settingsChanged = new Signal<object, void>({});
     const view = (): ReturnType<typeof describe> => describe(tracker.current().connection, tracker.current().status, t);
     const current = (): NotebookPanel | null => notebooks.currentWidget;
     const fail = (title: string, message: string) => void showErrorMessage(title, message);
+    /** A path the kernel gave (relative to the notebook's folder) as a path Lab opens. */
+    const labPath = (nb: NotebookPanel, path: string) => PathExt.join(PathExt.dirname(nb.context.path), path);
+    const openInLab = (path: string) => {
+      const nb = current();
+      if (nb) {
+        void app.commands.execute('docmanager:open', { path: labPath(nb, path) });
+      }
+    };
+    const magic = (id: string, label: string, caption: string, code: string, isEnabled: () => boolean, icon?: LabIcon) =>
+      app.commands.addCommand(id, {
+        label,
+        caption,
+        icon,
+        isEnabled,
+        execute: async () => {
+          const nb = current();
+          const error = nb && (await runInKernel(nb, code));
+          if (error) {
+            fail(t('%1 failed', label), error);
+          }
+        }
+      });
 
-    app.commands.addCommand(CommandIDs.load, {
-      label: t('Load model'),
-      caption: t("Load the model (%model_load in the notebook's kernel)"),
-      icon: runIcon,
-      isEnabled: () => view().canLoad,
-      execute: async () => {
-        const nb = current();
-        const error = nb && (await runInKernel(nb, '%model_load --no-widget'));
-        if (error) {
-          fail(t('Load failed'), error);
-        }
-      }
-    });
-    app.commands.addCommand(CommandIDs.unload, {
-      label: t('Unload model'),
-      caption: t('Free the model and its memory (%model_unload)'),
-      icon: stopIcon,
-      isEnabled: () => view().canUnload,
-      execute: async () => {
-        const nb = current();
-        const error = nb && (await runInKernel(nb, '%model_unload'));
-        if (error) {
-          fail(t('Unload failed'), error);
-        }
-      }
-    });
+    magic(CommandIDs.load, t('Load model'), t("Load the model (%model_load in the notebook's kernel)"), '%model_load --no-widget',
+      () => view().canLoad, runIcon);
+    magic(CommandIDs.unload, t('Unload model'), t('Free the model and its memory (%model_unload)'), '%model_unload',
+      () => view().canUnload, stopIcon);
+    magic(CommandIDs.serve, t('Serve model'), t("Serve the live model over Truss's HTTP API on a free port (%model_serve)"),
+      '%model_serve --port 0', () => view().canServe, launchIcon);
+    magic(CommandIDs.stopServe, t('Stop serving model'), t('Stop the model server (%model_serve --stop)'), '%model_serve --stop',
+      () => view().canStopServe);
     app.commands.addCommand(CommandIDs.exportModel, {
       label: t('Export model…'),
       caption: t('Write the model as a deployable Truss directory (%model_export)'),
@@ -357,7 +584,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
           const answer = await InputDialog.getText({
             title: t('Export model'),
             label: t("Directory (relative to the kernel's working directory):"),
-            text: status?.last_export ?? `${status?.model_name ?? 'model'}-truss`
+            text: exportSuggestion(status, settings)
           });
           if (!answer.button.accept || !answer.value) {
             return;
@@ -366,22 +593,66 @@ const plugin: JupyterFrontEndPlugin<void> = {
         }
         let force = '';
         if ((await evaluate(kernel, nonEmptyExpression(dir))) === 'True') {
-          const replace = await showDialog({
-            title: t('The directory exists'),
-            body: t(
-              '%1 already holds files. Replace it with this export? Only a directory an earlier export made is replaced, and only once the new export has passed its checks.',
-              dir
-            ),
-            buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: t('Replace') })]
-          });
-          if (!replace.button.accept) {
-            return;
+          if (settings.confirmReplace) {
+            const replace = await showDialog({
+              title: t('The directory exists'),
+              body: t(
+                '%1 already holds files. Replace it with this export? Only a directory an earlier export made is replaced, and only once the new export has passed its checks.',
+                dir
+              ),
+              buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: t('Replace') })]
+            });
+            if (!replace.button.accept) {
+              return;
+            }
           }
           force = ' --force';
         }
         const error = await runInKernel(nb, `%model_export ${JSON.stringify(dir)}${force}`);
         if (error) {
           fail(t('Export failed'), error);
+        }
+      }
+    });
+    app.commands.addCommand(CommandIDs.showModel, {
+      label: t('Show model.py'),
+      caption: t('The model.py an export would write (%model_show)'),
+      isEnabled: () => tracker.current().status?.class_name != null,
+      execute: async () => {
+        const nb = current();
+        if (!nb) {
+          return;
+        }
+        let text = '';
+        const error = await runInKernel(nb, '%model_show', out => (text += out));
+        if (error) {
+          fail(t('Show model.py failed'), error);
+          return;
+        }
+        const body = new Widget({ node: document.createElement('pre') });
+        body.addClass('km-model-py');
+        body.node.textContent = text;
+        await showDialog({ title: 'model.py', body, buttons: [Dialog.okButton({ label: t('Close') })] });
+      }
+    });
+    app.commands.addCommand(CommandIDs.stopStream, {
+      label: t('Stop the stream'),
+      caption: t("Stop the active notebook's running stream (its Stop button)"),
+      isEnabled: () => current() !== null,
+      execute: () => {
+        // The stream view's own button: its message takes the route that reaches a busy kernel.
+        const stops = current()?.node.querySelectorAll<HTMLButtonElement>('.km-stream-stop');
+        const running = Array.from(stops ?? []).filter(b => !b.disabled && b.style.display !== 'none');
+        running[running.length - 1]?.click();
+      }
+    });
+    app.commands.addCommand(CommandIDs.openExport, {
+      label: args => t('Open %1 of the last export', (args['file'] as string) ?? 'config.yaml'),
+      isEnabled: () => view().exportPath !== null,
+      execute: args => {
+        const path = view().exportPath;
+        if (path !== null) {
+          openInLab(`${path}/${(args['file'] as string) ?? 'config.yaml'}`);
         }
       }
     });
@@ -401,9 +672,26 @@ const plugin: JupyterFrontEndPlugin<void> = {
         }
       }
     });
+    app.commands.addCommand(CommandIDs.newNotebook, {
+      label: args => (args['isLauncher'] ? t('Model notebook') : t('New model notebook')),
+      caption: t('A notebook with %1, a %2 cell and a %3 cell, ready to load and export', '%load_ext', '%%model_config', '%%model'),
+      icon: modelIcon,
+      execute: async args => {
+        const kernelName = app.serviceManager.kernelspecs.specs?.default ?? undefined;
+        const nb = (await app.commands.execute('notebook:create-new', { cwd: (args['cwd'] as string) ?? '', kernelName })) as NotebookPanel;
+        await nb.context.ready;
+        await nb.revealed; // a new notebook gets its first empty cell by then: replace it, too
+        const shared = nb.content.model!.sharedModel;
+        const cells = modelNotebookCells().map(source => ({ cell_type: 'code' as const, source }));
+        shared.transact(() => {
+          shared.deleteCellRange(0, shared.cells.length);
+          shared.insertCells(0, cells);
+        });
+        return nb;
+      }
+    });
 
-    // A side panel like Lab's own: a title header, a small icon toolbar, compact rows.
-    // One body, no accordion section (as the Table of Contents does it).
+    // A side panel like Lab's own: a title header, a small icon toolbar, sections.
     const panel = new SidePanel({ content: new Panel(), translator: translator ?? nullTranslator });
     panel.id = 'kernel-magics-panel';
     panel.addClass('km-panel');
@@ -421,11 +709,90 @@ const plugin: JupyterFrontEndPlugin<void> = {
     ]) {
       panel.toolbar.addItem(name, new CommandToolbarButton({ commands: app.commands, id, label: '' }));
     }
-    panel.addWidget(new ModelView(tracker, t));
+    panel.addWidget(
+      new ModelView(tracker, t, {
+        run: id => void app.commands.execute(id),
+        open: openInLab
+      })
+    );
     app.shell.add(panel, 'right', { rank: 650 });
     app.commands.addCommand(CommandIDs.showPanel, {
       label: t('Show model panel'),
       execute: () => app.shell.activateById(panel.id)
+    });
+
+    // Cell context menu (declared in schema/plugin.json): only on the model's own cells.
+    const onModelCell = () => {
+      const cell = current()?.content.activeCell;
+      return !!cell && cell.model.type === 'code' && isModelCell(cell.model.sharedModel.getSource());
+    };
+    for (const [id, command] of [
+      ['load', CommandIDs.load],
+      ['show-model', CommandIDs.showModel],
+      ['export', CommandIDs.exportModel],
+      ['serve', CommandIDs.serve]
+    ]) {
+      app.commands.addCommand(`kernel-magics:cell-${id}`, {
+        label: () => app.commands.label(command),
+        isEnabled: () => app.commands.isEnabled(command),
+        isVisible: onModelCell,
+        execute: () => app.commands.execute(command)
+      });
+    }
+
+    // Notifications: a load that ended, and an export from its start to its check's end.
+    tracker.received.connect((_, [nb, before, after]) => {
+      const notice = nb === current() ? loadNotice(before, after, t) : null;
+      if (notice) {
+        Notification.emit(notice.message, notice.kind, { autoClose: notice.kind === 'success' ? 5000 : false });
+      }
+    });
+    // An export in progress, by the id of the request running it: the kernel counts finished exports.
+    const running = new Map<string, { id: string; before: number; done: boolean }>();
+    const settle = (nb: NotebookPanel, key: string, timedOut: boolean) => {
+      const entry = running.get(key);
+      const status = tracker.stateOf(nb).status;
+      if (!entry) {
+        return;
+      }
+      if (status && (status.exports ?? 0) > entry.before && status.last_export) {
+        running.delete(key);
+        const path = status.last_export;
+        const relative = status.last_export_relative;
+        Notification.update({
+          id: entry.id,
+          message: exportMessage(status, t),
+          type: 'success',
+          autoClose: 10000,
+          actions: [
+            ...(relative ? [{ label: t('Open'), caption: t('Open its config.yaml'), callback: () => openInLab(`${relative}/config.yaml`) }] : []),
+            { label: t('Copy path'), caption: path, callback: () => Clipboard.copyToSystem(path) }
+          ]
+        });
+      } else if (timedOut) {
+        running.delete(key);
+        Notification.update({ id: entry.id, message: t('The export did not finish: its cell says why.'), type: 'error', autoClose: 10000 });
+      }
+    };
+    tracker.received.connect((_, [nb]) => {
+      for (const key of [...running.keys()]) {
+        settle(nb, key, false);
+      }
+    });
+    tracker.exporting.connect((_, [nb, key, started]) => {
+      if (started) {
+        const status = tracker.stateOf(nb).status;
+        const id = Notification.emit(
+          t('Exporting %1: checking that it answers as the notebook did…', status?.model_name ?? t('the model')),
+          'in-progress',
+          { autoClose: false }
+        );
+        running.set(key, { id, before: status?.exports ?? 0, done: false });
+      } else if (running.has(key)) {
+        // The cell is over; its export's status is sent within 0.1 s of it, so wait a little for it.
+        settle(nb, key, false);
+        window.setTimeout(() => settle(nb, key, true), 1500);
+      }
     });
 
     notebooks.widgetAdded.connect((_, nb) => highlightMagicCells(nb));
@@ -436,16 +803,36 @@ const plugin: JupyterFrontEndPlugin<void> = {
         palette.addItem({ command, category });
       }
     }
+    if (launcher) {
+      launcher.add({ command: CommandIDs.newNotebook, category: t('Notebook'), rank: 10 });
+    }
     if (statusBar) {
       const item = new ModelStatusItem(tracker, t);
       statusBar.registerStatusItem('kernel-magics:status', {
         item,
         align: 'left',
         rank: 4,
-        isActive: () => notebooks.currentWidget !== null
+        isActive: () => settings.showStatusItem && notebooks.currentWidget !== null,
+        activeStateChanged: settingsChanged
       });
     }
     tracker.changed.connect(() => app.commands.notifyCommandChanged());
+    notebooks.activeCellChanged.connect(() => app.commands.notifyCommandChanged());
+
+    if (settingRegistry) {
+      const apply = (loaded: ISettingRegistry.ISettings) => {
+        settings = { ...DEFAULT_SETTINGS, ...(loaded.composite as Partial<Settings>) };
+        settingsChanged.emit();
+        tracker.sendSettings(settings);
+      };
+      void settingRegistry
+        .load(PLUGIN_ID)
+        .then(loaded => {
+          apply(loaded);
+          loaded.changed.connect(apply);
+        })
+        .catch(reason => console.warn('kernel-magics: settings not loaded', reason));
+    }
   }
 };
 

@@ -126,7 +126,7 @@ class ShipMagics(Magics):
                   "%model_show --why says why.")
         print(result.replay_note)
         model.last_export = result.target
-        model.frontend.publish()
+        model.frontend.exported(result.replayed)  # publishes; the lab notification says how many replayed
         return result
 
     def _explain_mismatch(self, materialized, index: int) -> Optional[str]:
@@ -183,6 +183,7 @@ class ShipMagics(Magics):
                 return None
             current.stop()
             model.server = None
+            model.frontend.publish()  # the lab panel drops the URL
             print(f"Stopped the model server on port {current.port}.")
             return None
         if current is not None:
@@ -195,6 +196,7 @@ class ShipMagics(Magics):
             _check_port_free(args.port)
         served = self._serve_on_ray(args) if args.engine == "ray" else self._serve_in_kernel(args.port)
         model.server = served
+        model.frontend.publish()  # the lab panel shows the URL
         url = f"http://127.0.0.1:{served.port}"
         if args.engine == "ray":
             print(f"Serving an export of the notebook model on Ray Serve ({args.replicas} replica(s)) at "
