@@ -197,3 +197,18 @@ def test_a_changed_attribute_of_a_local_module_is_refused_by_the_cli():
                                                r"`helper.SCALE = 3` \(line 1\).*--execute"):
         build_model_source(cells, "Model", local=lambda module: module == "helper")
     assert "import helper" in build_model_source(cells, "Model").text  # an installed module is not changed by it
+
+
+def test_what_only_rebuilds_a_saved_value_is_not_verified():
+    pytest.importorskip("torch")
+    cells = ["import torch\nimport tempfile\nWORK = tempfile.mkdtemp()\nSIZE = int('3')",
+             "net = torch.nn.Linear(SIZE, 2, bias=len(WORK) > 0)", "with torch.no_grad():\n    net.weight.mul_(2)"]
+    live: dict = {}
+    for cell in cells:
+        exec(cell, live)
+    model = "%%model\nclass Model:\n    def predict(self, x):\n        return net(torch.ones(SIZE)).tolist()"
+    source = build_model_source([*cells, model], "Model", live=live)
+    # `net` is rebuilt from its source and gets its weights from the saved file: WORK (a new temporary folder in
+    # every process) only builds it, so it is not judged; SIZE is read by the model itself, so it is.
+    assert "net" in {i.name for i in source.included if i.travels == "value"}
+    assert source.verify == ["SIZE"]

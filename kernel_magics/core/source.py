@@ -694,8 +694,8 @@ def _value(name: str, value: Any, live: Mapping[str, Any], reason: str, *, rebui
         plan = values.plan(name, value, namespace=live, rebuild_module=rebuild_module)
     except values.CannotSave as exc:
         raise MaterializeError(
-            f"The model uses `{name}` (a {_type_name(value)}), whose value must travel with the export because it "
-            f"is {reason}; but {exc}. {exc.advice}"
+            f"The model uses `{name}` (a {_type_name(value)}), whose value must travel with the export ({reason}); "
+            f"but {exc}. {exc.advice}"
         ) from None
     return _Travel(source=plan.keeps_source or keep, plan=plan, reason=reason)
 
@@ -788,12 +788,16 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
             if ref not in included:
                 need(ref, f"the saved value of {name}")
 
+    referrers: dict[str, set[str]] = {}
     while queue:
         definition, label = queue.pop(0)
         if definition.kind in ("class", "function", "model"):
             _keep_definition_time_values(definition, analysis, chosen, queue)
         for name in sorted(definition.uses):
-            if name in included or name in definition.names:
+            if name in definition.names:
+                continue
+            referrers.setdefault(name, set()).add(label)
+            if name in included:
                 continue
             need(name, label)
     _share_identical(plans, included, live)
@@ -823,16 +827,32 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     order = sorted(included.values(), key=lambda i: (order_of[i.name], i.name))
     changes = {n: [c for c in analysis.changes_after(n, defs[n].order) if c.kind not in _HINTS]
                for n in included if n in defs}
+    verify = _worth_verifying(ctx.verify, referrers, {n for n, inc in included.items() if inc.travels == "value"})
     spans = {}
-    for name in [*ctx.verify, *ctx.unproven]:
+    for name in [*verify, *ctx.unproven]:
         at = text.find(defs[name].text) if defs[name].kind != "import" else -1
         if at >= 0:
             first = text.count("\n", 0, at) + 1
             spans[name] = (first, first + defs[name].text.count("\n"))
     return ModelSource(text=text, class_name=class_name, included=order, modules=modules,
                        values=[p for p, _ in sorted(plans.values(), key=lambda item: (item[1], item[0].name))],
-                       changes=changes, verify=list(dict.fromkeys(ctx.verify)),
+                       changes=changes, verify=verify,
                        unproven=list(dict.fromkeys(ctx.unproven)), spans=spans)
+
+
+def _worth_verifying(names: list[str], referrers: dict[str, set[str]], values: set[str]) -> list[str]:
+    """The names to verify: not those only needed to re-run the source of a value that then gets its state from
+    the notebook (``MODEL_DIR`` in ``encoder = SentenceTransformer(MODEL_DIR)``, whose weights come from the saved
+    file): a temporary folder's name differs in every process, and the replay judges what the model does."""
+    scaffold = set(values)
+    changed = True
+    while changed:
+        changed = False
+        for name in names:
+            if name not in scaffold and referrers.get(name) and referrers[name] <= scaffold:
+                scaffold.add(name)
+                changed = True
+    return [n for n in dict.fromkeys(names) if n not in scaffold]
 
 
 def _share_identical(plans: dict, included: dict, live: Optional[Mapping[str, Any]]) -> None:
