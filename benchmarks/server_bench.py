@@ -9,9 +9,15 @@ alternating over rounds (best round kept), driven by the same load generator (be
 - the gallery (notebooks/, exported from their kernels): the tiny GPT-2 streaming 30 tokens, MiniLM embedding a
   batch of 32 texts, the scikit-learn pipeline; Truss's server runs them with the models' libraries;
 - slow reader: a 200 MiB stream (1 MiB chunks) read at a fixed 20 MiB/s: the server's peak memory above its
-  memory before the request, and how far the generator ran ahead of the reader.
+  memory before the request, and how far the generator ran ahead of the reader;
+- logs: echo and echo_stream on our server with the default access log and /metrics, against the same
+  server with both off (`--log-level warning --no-metrics`): the cost of the bookkeeping;
+- startup: seconds from the process's start to liveness (GET /) and to readiness for the MiniLM gallery
+  export (`--minilm DIR` reuses an export; otherwise the notebook runs once);
+- stalled: 200 clients that ask for a stream and read nothing, then probes (readiness, liveness) timed;
+  header flood: 50 clients sending unfinished headers (up to 16 MiB each), the server's memory growth.
 
-    .venv/bin/python benchmarks/server_bench.py [--only echo,gil,gallery,slow] [--rounds 2]
+    .venv/bin/python benchmarks/server_bench.py [--only echo,gil,gallery,slow,logs,startup,stalled] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -58,12 +64,13 @@ def drive(python: Path, url: str, payload: str, concurrency: int, requests: int,
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_pairs(python: Path, cases: list, rounds: int) -> dict:
+def run_pairs(python: Path, cases: list, rounds: int, servers=None) -> dict:
     """cases: (label, directory, payload, [(concurrency, requests)], stream, venv for Truss)."""
     results: dict = {}
     for _ in range(rounds):
         for label, path, payload, loads, stream, venv in cases:
-            for server, start in (("truss", lambda p: serve_truss(p, venv=venv)), ("ours", serve_ours)):
+            pair = servers or (("truss", lambda p: serve_truss(p, venv=venv)), ("ours", serve_ours))
+            for server, start in pair:
                 with start(path) as s:
                     for c, n in loads:
                         r = drive(python, s.predict_url(), payload, c, n, stream)
@@ -75,16 +82,16 @@ def run_pairs(python: Path, cases: list, rounds: int) -> dict:
     return results
 
 
-def table(results: dict, cases: list) -> None:
+def table(results: dict, cases: list, names=("Truss 0.18.36", "kernel-magics"), vs="Truss") -> None:
     print("| model | concurrency | server | req/s | p50 ms | p99 ms | first chunk p50 ms | first chunk p99 ms "
-          "| req/s ours/Truss | p99 ours/Truss | first-chunk p99 ours/Truss |")
+          f"| req/s ours/{vs} | p99 ours/{vs} | first-chunk p99 ours/{vs} |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, _, _, loads, stream, _ in cases:
         for c, _ in loads:
             theirs, ours = results.get((label, c, "truss")), results.get((label, c, "ours"))
             if not theirs or not ours:
                 continue
-            for name, r in (("Truss 0.18.36", theirs), ("kernel-magics", ours)):
+            for name, r in zip(names, (theirs, ours)):
                 f50 = f"{r['ttfb_p50_ms']:.2f}" if stream else "-"
                 f99 = f"{r['ttfb_p99_ms']:.2f}" if stream else "-"
                 ratios = ["", "", ""]
@@ -124,10 +131,121 @@ def slow_reader(tmp: Path, mib: int, rate: float) -> None:
               f"| {r['lead_mib']} MiB | {r['peak_growth_mib'] / mib:.2f} |")
 
 
+# ---------------------------------------------------------------------- startup: liveness and readiness
+
+def startup(export: Path, venv) -> None:
+    """Seconds from the server process's start to liveness, and to readiness (polled every 20 ms)."""
+    import os
+    import time
+
+    import httpx
+
+    from server_harness import free_port
+
+    print("| server | MiniLM export: process start to liveness (GET /) | to readiness (GET /v1/models/model) |")
+    print("|---|---|---|")
+    for name in ("Truss 0.18.36", "kernel-magics"):
+        port, work = free_port(), Path(tempfile.mkdtemp(prefix="km-startup-"))
+        if name.startswith("Truss"):
+            # serve_with_truss.sh first lays the directory out as Truss's image would (a copy), then starts main.py.
+            cmd = [str(TRUSS_REFERENCE / "serve_with_truss.sh"), str(export), str(port), str(work)]
+            env = {**os.environ, **({"TRUSS_REF_VENV": str(venv)} if venv else {})}
+        else:
+            cmd, env = [sys.executable, "-m", "kernel_magics.cli", "serve", str(export), "--port", str(port)], None
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+        live = ready = None
+        try:
+            while ready is None and time.perf_counter() - started < 300 and proc.poll() is None:
+                for path in ("/", "/v1/models/model"):
+                    try:
+                        ok = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=1).status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    if ok and path == "/" and live is None:
+                        live = time.perf_counter() - started
+                    if ok and path != "/":
+                        ready = time.perf_counter() - started
+                time.sleep(0.02)
+        finally:
+            os.killpg(proc.pid, 15)
+            proc.wait(30)
+            shutil.rmtree(work, ignore_errors=True)
+        show = lambda t: f"{t:.2f} s" if t is not None else "never"  # noqa: E731
+        print(f"| {name} | {show(live)} | {show(ready)} |")
+
+
+# ---------------------------------------------------------------------- stalled readers, header flood
+
+def stalled_and_flood(tmp: Path, readers: int = 200, flooders: int = 50) -> None:
+    import socket
+    import threading
+    import time
+
+    import httpx
+
+    marks = tmp / "stall-marks"
+    marks.mkdir()
+    path = write_truss(tmp / "stall", BIG_STREAM, f'environment_variables: {{KM_MARKS: "{marks}"}}\n'
+                       "runtime: {predict_concurrency: 1000}\n")
+    print(f"| server | {readers} stalled stream readers: readiness p50 / max ms | liveness max ms "
+          f"| {flooders} clients x unfinished headers: memory growth | refused |")
+    print("|---|---|---|---|---|")
+    for name, start in (("Truss 0.18.36", serve_truss), ("kernel-magics", serve_ours)):
+        with start(path) as s:
+            host, port = s.url.removeprefix("http://").split(":")
+            socks = []
+            body = json.dumps({"mib": 2}).encode()
+            for _ in range(readers):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect((host, int(port)))
+                sock.sendall(b"POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                             b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                socks.append(sock)
+            time.sleep(2)  # let every stream start and stall (a benchmark, not a test)
+            ready, live = [], []
+            for _ in range(20):
+                for url, into in ((s.url + "/v1/models/model", ready), (s.url + "/", live)):
+                    t = time.perf_counter()
+                    try:
+                        httpx.get(url, timeout=30)
+                        into.append((time.perf_counter() - t) * 1000)
+                    except httpx.HTTPError:
+                        into.append(30000.0)
+            for sock in socks:
+                sock.close()
+            server = psutil.Process(s.proc.pid)
+            tree = [server, *server.children(recursive=True)]
+            base = sum(p.memory_info().rss for p in tree)
+            refused = [0]
+
+            def flood() -> None:
+                with socket.create_connection((host, int(port))) as sock:
+                    sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nx-big: ")
+                    try:
+                        for _ in range(256):  # up to 16 MiB of one header that never ends
+                            sock.sendall(b"a" * 65536)
+                    except OSError:
+                        refused[0] += 1
+
+            threads = [threading.Thread(target=flood) for _ in range(flooders)]
+            for t in threads:
+                t.start()
+            peak = base
+            while any(t.is_alive() for t in threads):
+                peak = max(peak, sum(p.memory_info().rss for p in tree))
+                time.sleep(0.05)
+            ready.sort()
+            print(f"| {name} | {ready[len(ready) // 2]:.1f} / {ready[-1]:.1f} | {max(live):.1f} "
+                  f"| {(peak - base) / 2**20:.0f} MiB | {refused[0]} of {flooders} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="echo,gil,gallery,slow")
+    parser.add_argument("--only", default="echo,gil,gallery,slow,logs,startup,stalled")
     parser.add_argument("--rounds", type=int, default=2, help="Alternate the servers this many times; best kept.")
+    parser.add_argument("--minilm", type=Path, default=None, help="A MiniLM gallery export to time the startup of.")
     args = parser.parse_args()
     python = truss_reference_python()
     if python is None:
@@ -160,6 +278,25 @@ def main() -> None:
         if "slow" in only:
             print()
             slow_reader(tmp, mib=200, rate=20.0)
+        if "logs" in only:
+            bench = TRUSS_REFERENCE / "bench_trusses"
+            payload = '{"text": "hello", "n": 5}'
+            log_cases = [("echo", bench / "echo", payload, [(1, 1000), (32, 3000)], False, None),
+                         ("echo_stream", bench / "echo_stream", payload, [(1, 1000), (32, 3000)], True, None)]
+            quiet = lambda p: serve_ours(p, "--log-level", "warning", "--no-metrics")  # noqa: E731
+            print()
+            table(run_pairs(python, log_cases, args.rounds, servers=(("truss", quiet), ("ours", serve_ours))),
+                  log_cases, names=("ours, log and metrics off", "ours, default log and metrics"), vs="off")
+        if "startup" in only:
+            minilm = args.minilm
+            if minilm is None:
+                (tmp / "startup").mkdir()
+                minilm = gallery_exports(tmp / "startup")["embeddings"]
+            print()
+            startup(minilm, truss_venv_with_models())
+        if "stalled" in only:
+            print()
+            stalled_and_flood(tmp)
 
 
 if __name__ == "__main__":
