@@ -437,6 +437,7 @@ def export_model(
         result.timings.update(stages)
         refuse_secrets(build, materialized, scanner, skip=scanned)  # what the check wrote in the build
         result.replay_note = _replay_note(materialized.record, replay, result.replayed)
+        result.replay_note += " " + _check_note(result.timings, result.replayed)
         (build / MARKER).write_text(json.dumps({"exported_by": "kernel-magics", "id": uuid.uuid4().hex,
                                                 "files": _snapshot(build)}) + "\n")
         result.warnings += _swap_into_place(build, target, marker, scratch)
@@ -627,7 +628,7 @@ def _check(build: Path, record: Optional[PredictionRecord], secrets: Optional[di
         notes.append(f"the model left {', '.join(report.left_running[:3])} running when the fresh-process check "
                      "ended; the check did not wait for it and stopped it. A deployment would keep it running: "
                      "make it a daemon thread, or stop it when the model is done.")
-    return len(replay), report.stages, notes
+    return len(replay), {**report.stages, "spare": report.spare}, notes
 
 
 def _run_fresh(build: Path, replay: list, secrets: Optional[dict], python: str, fingerprint: Sequence[str]):
@@ -635,7 +636,8 @@ def _run_fresh(build: Path, replay: list, secrets: Optional[dict], python: str, 
 
     truss = TrussDir.open(build)
     return truss.check_in_fresh_process(load=bool(replay), replay=replay, secrets=secrets, python=python,
-                                        fingerprint=fingerprint), truss
+                                        fingerprint=fingerprint, spare=True), truss
+    # spare: a kernel's spare checker, when it can check this directory as a cold Python would (spare_check.py)
 
 
 def _replay_note(record: Optional[PredictionRecord], replay: bool, replayed: int) -> str:
@@ -650,6 +652,19 @@ def _replay_note(record: Optional[PredictionRecord], replay: bool, replayed: int
 
 def _mismatch_message(record: PredictionRecord, item: dict, explain: Any) -> str:
     from .replay import short
+def _check_note(timings: dict, replayed: int) -> str:
+    """Where the proof's time went, so a user sees what an export costs and why."""
+    parts = [f"{stage} {timings[stage]:.1f} s" for stage in ("import", "load", "replay") if stage in timings]
+    if "replay" in timings:
+        parts[-1] += f" ({replayed} prediction{'s' if replayed != 1 else ''})"
+    spare = timings.get("spare")
+    rounds = timings.get("verify rounds", 1)
+    how = (f"; its libraries were imported in advance ({', '.join(sorted({m.split('.')[0] for m in spare}))})"
+           if spare else "; the model imports no library to import in advance" if spare is not None else "")
+    again = f", {rounds} fresh processes" if rounds > 1 else ""
+    return f"Checked in {timings.get('check', 0):.1f} s{again}: {', '.join(parts)}{how}."
+
+
 
     recorded = list(record)[item["index"]]
     hint = explain(item["index"]) if callable(explain) else None

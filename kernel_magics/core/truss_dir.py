@@ -216,40 +216,53 @@ class TrussDir:
         python: str = sys.executable,
         timeout: float = 1800,
         fingerprint: Sequence[str] = (),
+        spare: bool = False,
     ) -> "CheckReport":
         """Import (and with ``load``, load and replay) the directory in a new interpreter.
 
         ``-I`` keeps the notebook's working directory, PYTHONPATH and user site out, so only
         what the directory carries (and installed distributions) can be imported; ``-B``
         writes no ``__pycache__`` into it. Raises TrussDirError when the model does not work.
+        ``spare``: use this process's spare checker when it can check this directory as a cold
+        one would (spare_check.py says when), and start the next one afterwards.
         """
         from .scratch import ScratchDir, remove_tree
 
+        taken = None
+        if spare:
+            from .spare_check import take
+
+            taken = take(self, python)
         # The check's own folder, locked while it runs (a later check removes it if this process is
         # killed); it is also the child's working directory, so files the model writes there while
         # it loads and replays are thrown away instead of landing in the export.
-        scratch = ScratchDir(Path(tempfile.gettempdir()), "km-check-")
+        scratch = taken.scratch if taken is not None else ScratchDir(Path(tempfile.gettempdir()), "km-check-")
         tmp = scratch.path
         try:
             report_path = tmp / "report.json"
             output_path = tmp / "output.txt"
-            command = [python, "-I", "-B", "-m", "kernel_magics.core.truss_dir", "check", str(self.root),
-                       "--report", str(report_path)] + (["--load"] if load else [])
-            payload = json.dumps({"secrets": secrets or {}, "replay": list(replay), "parent": os.getpid(),
-                                  "fingerprint": list(fingerprint)})
+            options = {"secrets": secrets or {}, "replay": list(replay), "parent": os.getpid(),
+                       "fingerprint": list(fingerprint)}
             started = time.perf_counter()
-            # Output goes to a file, not a pipe: a process load() starts inherits the child's output,
-            # and a pipe would keep this side waiting until that helper exits. We wait for the child
-            # alone; its own session lets us stop whatever it left running once it is done.
-            with open(output_path, "wb") as output:
-                proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=output, stderr=subprocess.STDOUT,
-                                        cwd=tmp, env=_child_env(), start_new_session=True)
+            if taken is not None:  # the same check, in a Python that imported the model's libraries already
+                proc = taken.proc
+                taken.send({**options, "dir": str(self.root), "report": str(report_path), "load": load})
+            else:
+                command = [python, "-I", "-B", "-m", "kernel_magics.core.truss_dir", "check", str(self.root),
+                           "--report", str(report_path)] + (["--load"] if load else [])
+                # Output goes to a file, not a pipe: a process load() starts inherits the child's output,
+                # and a pipe would keep this side waiting until that helper exits. We wait for the child
+                # alone; its own session lets us stop whatever it left running once it is done.
+                with open(output_path, "wb") as output:
+                    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=output, stderr=subprocess.STDOUT,
+                                            cwd=tmp, env=_child_env(), start_new_session=True)
             try:
-                try:
-                    proc.stdin.write(payload.encode())
-                    proc.stdin.close()
-                except BrokenPipeError:
-                    pass  # the child died at once; its output says why
+                if taken is None:
+                    try:
+                        proc.stdin.write(json.dumps(options).encode())
+                        proc.stdin.close()
+                    except BrokenPipeError:
+                        pass  # the child died at once; its output says why
                 try:
                     returncode = proc.wait(timeout)
                 except subprocess.TimeoutExpired:
@@ -264,10 +277,15 @@ class TrussDir:
                 tail = (text.strip().splitlines() or ["it exited without a word"])[-1]
                 raise TrussDirError(f"The fresh-process check of {self.root} crashed (exit code {returncode}): "
                                     f"{tail}")
-            report = CheckReport(**json.loads(report_path.read_text()), seconds=seconds, output=text)
+            report = CheckReport(**json.loads(report_path.read_text()), seconds=seconds, output=text,
+                                 spare=taken.imported() if taken is not None else None)
         finally:
             scratch.release()
             remove_tree(tmp)
+            if spare:
+                from .spare_check import replenish
+
+                replenish(self, python)  # used once: the next export finds a fresh one
         return report
 
 
@@ -360,6 +378,7 @@ class CheckReport:
     fingerprints: dict = field(default_factory=dict)  # "start"/"after_replay" -> name -> fingerprint
     seconds: float = 0.0
     output: str = ""
+    spare: Optional[list] = None  # checked by a spare checker: the libraries it had imported in advance
 
     @property
     def mismatches(self) -> list:
@@ -418,10 +437,12 @@ def _child_env() -> dict:
 
 # ---------------------------------------------------------------------- the check command (child process)
 
-def _run_check(root: Path, report_path: Path, load: bool) -> int:
+def _run_check(root: Path, report_path: Path, load: bool, options: Optional[dict] = None) -> int:
+    """The check, in the fresh process; ``options`` from stdin (a spare checker passes what it read)."""
     import asyncio
 
-    options = json.loads(sys.stdin.read() or "{}")
+    if options is None:
+        options = json.loads(sys.stdin.read() or "{}")
     from .scratch import die_with_parent
 
     die_with_parent(options.get("parent"))

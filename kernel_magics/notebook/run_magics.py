@@ -105,6 +105,7 @@ class RunMagics(Magics):
         if exc is None:
             if view is None:
                 print(self._loaded_line(), flush=True)
+            self._start_spare_checker()
             return None
         from ..core.errors import KernelMagicsError
 
@@ -113,6 +114,24 @@ class RunMagics(Magics):
         if view is None or isinstance(exc, KeyboardInterrupt):
             print(f"Load failed after {host.load_seconds or 0:.2f} s; the model state is 'failed'.", flush=True)
         raise self.model.user_error(exc) from None
+
+    def _start_spare_checker(self) -> None:
+        """Start the next export's fresh Python now (core/spare_check.py): it imports the libraries model.py
+        imports in the background, so the export's proof does not wait for them. It stops with %model_unload."""
+        from ..core import spare_check
+        from ..core.export import materialize
+
+        model, host = self.model, self.model.host
+        try:  # (the analysis an export starts with, about 10 ms; what it cannot export, the export says)
+            text = materialize(model.cells, host.config, host.base_dir, model.notebook_name,
+                               live=self.shell.user_ns).source.text
+        except Exception:
+            return
+        spare_check.prepare_for(text, host.config.environment_variables)
+        if not getattr(model, "_spare_watch", None):
+            model._spare_watch = host.subscribe(
+                lambda event: spare_check.discard(disable=True) if event.kind == "state"
+                and event.state in (ModelState.DEFINED, ModelState.NOT_DEFINED) else None)
 
     def _render_traceback(self, exc: BaseException) -> Optional[str]:
         """The user's traceback as IPython shows it (``Cell In[N], line L``, its hidden frames left out),

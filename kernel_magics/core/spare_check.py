@@ -1,0 +1,319 @@
+"""A spare checker: the export's fresh Python, started early so its imports are paid before the export.
+
+Every export proves itself in a Python that has never seen the notebook (truss_dir's
+``check_in_fresh_process``). Most of that proof's time is the interpreter importing the model's
+libraries (torch, transformers: seconds). A kernel that loaded a model starts one spare checker
+in the background: ``python -I -B -m kernel_magics.core.spare_check``, with the environment the
+check would get, in its own empty ``km-check-*`` folder. It imports the modules the model's
+model.py imports at its top level (in that order), then waits on its stdin for one job: the
+directory to check with the recorded predictions, exactly what the cold check reads. It runs the
+same check code (``truss_dir._run_check``) and exits; the next export finds a fresh spare.
+
+The proof stays as strong as the cold one because the spare only ever holds what the cold check
+would have imported anyway before model.py's own code ran:
+
+- it is used only when every module it imported is one the new model.py imports at its top level
+  (so a forgotten ``import`` still fails; a submodule the model never imports is not there either);
+- the kernel's environment, the config's environment_variables, the Python and the installed
+  packages (site-packages' modification time) must be what they were when it started;
+- nothing of the kernel reaches it: it starts with ``-I`` and the check's clean environment, and
+  receives only the directory path, the recorded predictions and the secret values, over a pipe.
+
+Otherwise the check starts cold, as before. The spare dies with the kernel (it is killed with its
+parent; an exiting kernel stops it), and with ``%model_unload``.
+"""
+
+from __future__ import annotations
+
+import ast
+import atexit
+import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["Spare", "prepare", "prepare_for", "take", "replenish", "discard", "current", "top_level_imports"]
+
+READY = "ready.json"  # in the spare's folder once its imports are done: which it imported
+# What the cold check imports before model.py (TrussDir.host); not the model's, so not matched.
+_OURS = ["kernel_magics.core.runtime"]
+
+
+def top_level_imports(text: str) -> list[str]:
+    """The modules a model.py imports unconditionally at its top level, in order (absolute imports)."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return []
+    found: list[str] = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module != "__future__":
+            found.append(node.module)
+    return list(dict.fromkeys(found))
+
+
+def _site_stamp() -> tuple:
+    """Changes when a package is installed or removed (pip touches site-packages itself)."""
+    paths = sysconfig.get_paths()
+    stamp = []
+    for key in ("purelib", "platlib"):
+        with contextlib.suppress(OSError):
+            stamp.append((paths[key], os.stat(paths[key]).st_mtime_ns))
+    return tuple(stamp)
+
+
+class Spare:
+    """One spare checker process (the kernel's side)."""
+
+    def __init__(self, modules: Sequence[str], env_vars: dict, python: str) -> None:
+        from .scratch import ScratchDir
+        from .truss_dir import _child_env
+
+        self.modules = list(modules)
+        self.env_vars = {str(k): str(v) for k, v in env_vars.items()}
+        self.python = python
+        self.env = _child_env()
+        self.stamp = _site_stamp()
+        # The check's own folder, held by this process (as the cold check's): its cwd and where it reports.
+        self.scratch = ScratchDir(Path(tempfile.gettempdir()), "km-check-")
+        self.path = self.scratch.path
+        self.proc: Optional[subprocess.Popen] = None
+        self.error: Optional[BaseException] = None
+        self.started = threading.Event()
+
+    def _start(self) -> None:
+        """Run by the starter thread, which lives as long as the kernel: the spare's parent-death signal is
+        tied to the thread that started it, so a short-lived thread would take the spare with it."""
+        try:
+            with open(self.path / "output.txt", "wb") as output:
+                self.proc = subprocess.Popen(
+                    [self.python, "-I", "-B", "-m", "kernel_magics.core.spare_check"], stdin=subprocess.PIPE,
+                    stdout=output, stderr=subprocess.STDOUT, cwd=self.path, env=self.env, start_new_session=True)
+            self.proc.stdin.write(json.dumps({"parent": os.getpid(), "modules": _OURS + self.modules,
+                                              "env": self.env_vars}).encode() + b"\n")
+            self.proc.stdin.flush()
+        except BaseException as exc:  # (the check then starts cold)
+            self.error = exc
+        finally:
+            self.started.set()
+
+    @property
+    def ready(self) -> bool:
+        return (self.path / READY).is_file()
+
+    def imported(self) -> list[str]:
+        """What it imported (once ready): the model's modules it found installed, until the first that failed."""
+        try:
+            return [m for m in json.loads((self.path / READY).read_text())["imported"] if m not in _OURS]
+        except (OSError, ValueError, KeyError):
+            return []
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def mismatch(self, truss: Any, python: str) -> Optional[str]:
+        """Why this spare cannot check ``truss`` as a cold check would (None when it can)."""
+        from .truss_dir import _child_env
+
+        if python != self.python:
+            return "another Python"
+        if _child_env() != self.env:
+            return "the kernel's environment changed"
+        if _site_stamp() != self.stamp:
+            return "installed packages changed"
+        if {str(k): str(v) for k, v in truss.config.environment_variables.items()} != self.env_vars:
+            return "the config's environment_variables changed"
+        try:
+            needed = set(top_level_imports(truss.model_file.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError):
+            return "model.py unreadable"
+        extra = [m for m in self.modules if m not in needed]
+        if extra:
+            return f"model.py does not import {', '.join(extra)}"
+        local = set()
+        for folder in [truss.root, *truss.package_dirs]:
+            with contextlib.suppress(OSError):
+                local |= {Path(n).stem for n in os.listdir(folder)}
+        shadowed = [m for m in self.modules if m.split(".")[0] in local]
+        if shadowed:
+            return f"the directory holds {', '.join(shadowed)}"
+        if not self.started.wait(30) or not self.alive():
+            return "the spare is not running"
+        return None
+
+    def send(self, job: dict) -> None:
+        """Give it its one job (it reads a line, then closes its end of the pipe)."""
+        try:
+            self.proc.stdin.write(json.dumps(job).encode() + b"\n")
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass  # it died; its output says why
+
+    def stop(self) -> None:
+        from .scratch import remove_tree
+
+        self.started.wait(30)
+        if self.proc is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                self.proc.wait(5)
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        self.scratch.release()
+        remove_tree(self.path)
+
+
+class _State:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.spare: Optional[Spare] = None
+        self.enabled = False  # this process keeps a spare (a kernel that loaded a model; not the CLI)
+        self.last_miss: Optional[str] = None  # why the last check could not use the spare
+        self.starter: Optional[queue.Queue] = None
+
+
+_state = _State()
+
+
+def _starter() -> queue.Queue:
+    if _state.starter is None:
+        jobs: queue.Queue = queue.Queue()
+
+        def run() -> None:
+            while True:
+                jobs.get()._start()
+
+        threading.Thread(target=run, name="km-spare-starter", daemon=True).start()
+        atexit.register(discard)
+        _state.starter = jobs
+    return _state.starter
+
+
+def prepare(modules: Sequence[str], env_vars: Optional[dict] = None, python: str = sys.executable) -> Spare:
+    """Have a spare that imports ``modules`` ready (the one running already, when it is that one)."""
+    env_vars = env_vars or {}
+    with _state.lock:
+        _state.enabled = True
+        old = _state.spare
+        if (old is not None and old.modules == list(modules) and old.python == python and old.error is None
+                and old.env_vars == {str(k): str(v) for k, v in env_vars.items()}
+                and (not old.started.is_set() or old.alive())):
+            return old
+        _state.spare = spare = Spare(modules, env_vars, python)
+        _starter().put(spare)
+    if old is not None:
+        old.stop()
+    return spare
+
+
+def prepare_for(model_py_text: str, env_vars: Optional[dict] = None, python: str = sys.executable) -> Spare:
+    """A spare for the model.py ``model_py_text``: its top-level imports."""
+    return prepare(top_level_imports(model_py_text), env_vars, python)
+
+
+def take(truss: Any, python: str) -> Optional[Spare]:
+    """The spare, removed from its slot, if it can check ``truss`` as a cold check would; else None
+    (a spare that cannot is stopped)."""
+    with _state.lock:
+        spare, _state.spare = _state.spare, None
+    if spare is None:
+        _state.last_miss = "no spare" if _state.enabled else None
+        return None
+    why = spare.mismatch(truss, python)
+    _state.last_miss = why
+    if why is not None:
+        spare.stop()
+        return None
+    return spare
+
+
+def replenish(truss: Any, python: str) -> None:
+    """After a check: a fresh spare for this model.py, in a process that keeps one."""
+    if not _state.enabled:
+        return
+    with contextlib.suppress(Exception):
+        prepare_for(truss.model_file.read_text(encoding="utf-8"),
+                    truss.config.environment_variables, python)
+
+
+def current() -> Optional[Spare]:
+    return _state.spare
+
+
+def discard(*, disable: bool = False) -> None:
+    """Stop the spare (``%model_unload``, the kernel exiting); ``disable``: start none until the next prepare."""
+    with _state.lock:
+        spare, _state.spare = _state.spare, None
+        if disable:
+            _state.enabled = False
+    if spare is not None:
+        spare.stop()
+
+
+# ---------------------------------------------------------------------- the spare process itself
+
+def _serve() -> int:
+    """Import what the kernel named, say so, wait for one job and run the check (truss_dir's code)."""
+    import importlib
+    import importlib.util
+
+    spec = json.loads(sys.stdin.buffer.readline() or b"{}")
+    parent = spec.get("parent")
+    here = Path.cwd()
+
+    def gone(*_: Any) -> None:  # the kernel died while this spare waited: leave nothing behind
+        from .scratch import remove_tree
+
+        remove_tree(here)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, gone)
+    _parent_death_signal(signal.SIGTERM)
+    if not parent or os.getppid() != parent:
+        gone()
+    os.environ.update(spec.get("env", {}))  # as TrussDir.prepare_process does before the cold import
+    imported = []
+    for name in spec.get("modules", []):
+        try:
+            if importlib.util.find_spec(name.split(".")[0]) is None:
+                continue  # not installed here (a module the export carries in packages/): the check imports it
+            importlib.import_module(name)
+        except BaseException:
+            break  # the cold check stops at this import too; it fails there again, in model.py's order
+        imported.append(name)
+    (here / (READY + ".tmp")).write_text(json.dumps({"imported": imported}))
+    os.replace(here / (READY + ".tmp"), here / READY)
+    line = sys.stdin.buffer.readline()
+    if not line:
+        gone()
+    job = json.loads(line)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from here on, exactly the cold check
+    from .truss_dir import _run_check
+
+    return _run_check(Path(job.pop("dir")), Path(job.pop("report")), bool(job.pop("load")), options=job)
+
+
+def _parent_death_signal(sig: int) -> None:
+    import ctypes
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+if __name__ == "__main__":
+    code = _serve()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

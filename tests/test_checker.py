@@ -1,0 +1,171 @@
+"""The spare checker (core/spare_check.py): the export's fresh Python, started ahead with the model's
+libraries imported, proves exactly what a cold one proves, holds nothing of the kernel, and goes away
+with %model_unload and with its kernel."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from server_harness import write_truss
+
+from kernel_magics.core import spare_check
+from kernel_magics.core.truss_dir import TrussDir
+
+
+def _ready(spare, timeout: float = 120) -> None:
+    """Wait for the spare's marker file (its imports are done)."""
+    deadline = time.monotonic() + timeout
+    while not spare.ready:
+        assert spare.alive() or not spare.started.is_set(), (spare.path / "output.txt").read_text()
+        assert time.monotonic() < deadline, "the spare checker did not get ready"
+        time.sleep(0.02)
+
+
+def _gone(pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _check(root: Path, spare: bool):
+    return TrussDir.open(root).check_in_fresh_process(load=True, replay=[{"input": {}}], spare=spare)
+
+
+@pytest.fixture
+def spare_slot():
+    """This process keeps a spare for the test, and none afterwards."""
+    yield spare_check
+    spare_check.discard(disable=True)
+
+
+# model.py, what the spare imported ahead, and whether that spare may check it (else the check is cold)
+FORGOTTEN = {
+    # model.py imports numpy but uses the alias it never bound: the spare had numpy imported
+    "alias never bound": ("import numpy\n", "np.zeros(1)", ["numpy"], True),
+    # the spare had numpy imported; model.py never imports it
+    "module never imported": ("import json\n", "numpy.zeros(1)", ["numpy"], False),
+    # a submodule the spare imported, that model.py does not: `import xml` alone has no xml.dom
+    "submodule never imported": ("import xml\n", "xml.dom.minidom.parseString('<a/>')", ["xml.dom.minidom"], False),
+}
+
+
+@pytest.mark.parametrize("case", list(FORGOTTEN))
+def test_a_model_py_that_forgot_an_import_fails_in_the_spare_exactly_as_cold(tmp_path, spare_slot, case):
+    imports, use, ahead, usable = FORGOTTEN[case]
+    root = write_truss(tmp_path / "t", f"""{imports}
+class Model:
+    def load(self):
+        self.x = {use}
+    def predict(self, model_input):
+        return 1
+""")
+    cold = _check(root, spare=False)
+    assert cold.error and cold.stage == "load" and cold.spare is None
+    spare = spare_slot.prepare(ahead)
+    _ready(spare)
+    assert spare.imported() == ahead  # the module is loaded in the spare: its name is not in model.py's globals
+    warm = _check(root, spare=True)
+    assert (warm.ok, warm.stage, warm.error) == (False, cold.stage, cold.error)
+    assert warm.error.startswith("NameError" if case != "submodule never imported" else "AttributeError")
+    assert warm.spare == (ahead if usable else None)  # used only when model.py imports all it imported
+    if not usable:
+        assert spare_check._state.last_miss == f"model.py does not import {ahead[0]}"
+    assert not spare.path.exists()  # used or refused, it is gone; a fresh one replaced it
+    assert spare_check.current() is not None and spare_check.current() is not spare
+
+
+def test_a_spare_is_not_used_when_the_environment_or_the_config_environment_changed(tmp_path, spare_slot, monkeypatch):
+    root = write_truss(tmp_path / "t", """import os
+class Model:
+    def predict(self, model_input):
+        return os.environ.get("KM_SPARE_PROBE")
+""")
+    _ready(spare_slot.prepare(["os"]))
+    monkeypatch.setenv("KM_SPARE_PROBE", "changed after the spare started")
+    report = _check(root, spare=True)
+    assert report.spare is None and spare_check._state.last_miss == "the kernel's environment changed"
+    assert report.replayed[0]["got"] == "changed after the spare started"  # as a cold check sees it
+    _ready(spare_check.current())  # the replacement, started with the environment of now
+    write_truss(root, (root / "model" / "model.py").read_text(), "model_name: t\nenvironment_variables: {A: '1'}\n")
+    assert _check(root, spare=True).spare is None
+    assert spare_check._state.last_miss == "the config's environment_variables changed"
+
+
+NOTEBOOK_MODEL = '''%%model
+import json, os, sys
+
+SEEN = {seen!r}
+
+class Model:
+    def load(self):
+        main = sys.modules["__main__"]
+        with open(SEEN, "w") as f:
+            json.dump({{"path": sys.path, "main": sorted(vars(main)), "cwd": os.getcwd(),
+                       "modules": sorted(sys.modules), "pythonpath": os.environ.get("PYTHONPATH")}}, f)
+    def predict(self, model_input):
+        return {{"ok": True}}
+'''
+
+
+def test_nothing_of_the_kernel_reaches_the_spare_and_the_export_says_where_the_time_went(tmp_path, fresh_kernel):
+    extra = tmp_path / "kernel-only"
+    extra.mkdir()
+    (extra / "kernel_only_module.py").write_text("VALUE = 1\n")
+    notebook_dir = tmp_path / "nb"
+    notebook_dir.mkdir()
+    seen = tmp_path / "seen.json"
+    k = fresh_kernel(cwd=notebook_dir, env={"PYTHONPATH": str(extra)}, load_ext=True)
+    k.ok(f"import sys\nsys.path.insert(0, {str(extra)!r})\nimport kernel_only_module\nKERNEL_ONLY_GLOBAL = 42")
+    k.ok(NOTEBOOK_MODEL.format(seen=str(seen)))
+    k.ok("%model_load --no-widget")
+    k.ok("%model_predict {}")
+    # The spare started after the load; wait for its marker (its imports are done), as a user's next export would find it.
+    k.ok("from kernel_magics.core import spare_check as _sc\nimport time as _t\n_s = _sc.current()\n"
+         "while not _s.ready:\n    _t.sleep(0.02)")
+    out = k.ok("%model_export out").stdout
+    timings = json.loads(k.ok("import json as _j\nprint(_j.dumps(get_ipython().magics_manager.registry"
+                              "['ModelMagics'].last_export_timings))").stdout)
+    assert timings["spare"] == ["json", "os", "sys"]  # checked by the spare, which had model.py's imports
+    assert "Checked in " in out and ": import " in out and ", load " in out and ", replay " in out
+    assert "(1 prediction); its libraries were imported in advance (json, os, sys)." in out
+    got = json.loads(seen.read_text())
+    assert str(extra) not in got["path"] and got["pythonpath"] is None
+    assert "kernel_only_module" not in got["modules"] and "KERNEL_ONLY_GLOBAL" not in got["main"]
+    assert not any(p == str(notebook_dir) or p == "" for p in got["path"])
+    assert Path(got["cwd"]).name.startswith("km-check-") and not Path(got["cwd"]).exists()
+
+
+def test_the_spare_goes_with_model_unload_and_with_its_kernel(tmp_path, fresh_kernel):
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return 1")
+    probe = ("from kernel_magics.core import spare_check as _sc\n_s = _sc.current()\n_s.started.wait(30)\n"
+             "print(_s.proc.pid, _s.path)")
+
+    def spare() -> tuple[int, Path]:
+        pid, path = k.ok(probe).stdout.split()
+        return int(pid), Path(path)
+
+    k.ok("%model_load --no-widget")
+    pid, path = spare()
+    k.ok("%model_unload")
+    assert _gone(pid) and not path.exists()
+    assert "None" in k.ok("print(_sc.current())").stdout
+    k.ok("%model_load --no-widget")
+    pid, path = spare()
+    assert os.path.isdir(path)
+    k.shutdown()
+    assert _gone(pid)
+    deadline = time.monotonic() + 30
+    while path.exists() and time.monotonic() < deadline:  # its own last act: removing its folder
+        time.sleep(0.02)
+    assert not path.exists()
