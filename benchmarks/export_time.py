@@ -100,7 +100,9 @@ for _ in range(REPEAT):  # alternated, so the machine's noise falls on both alik
     cold_runs.append(export(cold=True))
 values = pathlib.Path("bench-out/data/notebook_values")
 size = sum(f.stat().st_size for f in values.rglob("*") if f.is_file()) if values.is_dir() else 0
-names = sorted(p.name for p in values.rglob("*") if p.is_file()) if values.is_dir() else []
+import re
+names = [f"{n} ({how})" for n, how in re.findall(r"# `([^`]+)` is the notebook's value \\(([^)]+)\\)",
+                                                pathlib.Path("bench-out/model/model.py").read_text())]
 print(json.dumps(dict(min(runs, key=lambda r: r["total"]), value_bytes=size, replayed=len(m.record),
                       first=runs[0], values=names, cold=min(cold_runs, key=lambda r: r["total"]))))
 '''
@@ -199,17 +201,15 @@ def main() -> None:
                 (tmp / f"c{i}").mkdir()
                 classes[label] = measure(class_notebook(tmp / f"c{i}", *case), cli=False, repeat=1)
     print("| notebook | code cells | analysis | value capture | fresh process: import | load | replay (n) "
-          "| verify (share) | `%model_export` total | `kernel-magics export` | values saved | capture rate |")
+          "| verify (share; fresh processes on the first export) | `%model_export` total | `kernel-magics export` | values saved | capture rate |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         rate = f"{r['value_bytes'] / 2**20 / r['capture']:,.0f} MiB/s" if r["value_bytes"] and r["capture"] else "-"
         verify = _verify_seconds(r)
         print(f"| {name} | {r['cells']} | {_ms(r['analysis'])} | {_ms(r['capture'])} | {_ms(r.get('import'))} "
               f"| {_ms(r.get('load'))} | {_ms(r.get('replay'))} ({r['replayed']}) "
-              f"| {_ms(verify)} ({verify / r['total']:.1%}) | {_ms(r['total'])} "
+              f"| {_ms(verify)} ({verify / r['total']:.1%}; {r['first'].get('verify rounds', 1)} check) | {_ms(r['total'])} "
               f"| {_ms(r['cli_export_s'])} | {r['value_bytes'] / 2**20:,.1f} MiB | {rate} |")
-    if classes:
-        print()
     if rows:
         print()
         print("| notebook (issue 23: the proof) | `%model_export`, warm spare | cold | cold / warm "
@@ -220,11 +220,13 @@ def main() -> None:
             stages = lambda t: ", ".join(_ms(t.get(s)) for s in ("import", "load", "replay"))  # noqa: E731
             print(f"| {name} | {_ms(r['total'])} | {_ms(c['total'])} | {c['total'] / r['total']:.1f}x "
                   f"| {_ms(r.get('check'))}: {stages(r)} | {_ms(c.get('check'))}: {stages(c)} |")
+    if classes:
+        print()
         print("| issue 21 failure class | first `%model_export` | fresh processes | verify | values saved |")
         print("|---|---|---|---|---|")
         for name, r in classes.items():
             first = r["first"]
-            saved = ", ".join(r["values"]) or "inline literal in model.py"
+            saved = ", ".join(r["values"]) or "none (re-run from source, proven by the replay)"
             print(f"| {name} | {_ms(first['total'])} | {first.get('verify rounds', 1)} "
                   f"| {_ms(_verify_seconds(first))} | {saved} |")
 
