@@ -63,7 +63,6 @@ def export_by_running(notebook: Path, out: Path, *, force: int = 0, data: Sequen
     Raises HeadlessRunError (naming the cell) when a cell fails or the export refuses."""
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
 
     notebook = Path(notebook).resolve()
     nb = nbformat.read(str(notebook), as_version=4)
@@ -90,28 +89,39 @@ def export_by_running(notebook: Path, out: Path, *, force: int = 0, data: Sequen
     with tempfile.TemporaryDirectory(prefix="km-execute-") as tmp:
         # What runs, in memory: the code cells and the export (nbclient keeps each cell's outputs in it).
         run = nbformat.v4.new_notebook(cells=[cell for _, cell in code] + [export_cell], metadata=nb.metadata)
-        client = NotebookClient(run, km=_kernel_manager(Path(tmp)), timeout=timeout, allow_errors=False,
+        km = _kernel_manager(Path(tmp))  # nbclient does not shut down a kernel manager it was given: we do
+        client = NotebookClient(run, km=km, timeout=timeout, allow_errors=False,
                                 resources={"metadata": {"path": str(notebook.parent)}})
-        total = len(code)
-        with client.setup_kernel(cwd=str(notebook.parent)):
-            for n, (index, cell) in enumerate(code, 1):
-                where = f"cell {index + 1}" if index >= 0 else "added"
-                progress(f"[{n}/{total}] {where}: {_first_line(cell.source)}")
-                started = time.perf_counter()
-                try:
-                    client.execute_cell(cell, n - 1)
-                except CellExecutionError as exc:
-                    raise HeadlessRunError(
-                        f"Running {notebook.name} headlessly failed in {where} (`{_first_line(cell.source)}`): "
-                        f"{_error_of(exc)}. Nothing was exported, and the notebook file "
-                        "is unchanged. Fix the cell (it must run from a fresh kernel, top to bottom) and try again."
-                    ) from None
-                elapsed = time.perf_counter() - started
-                if elapsed >= 10:
-                    progress(f"      ({elapsed:.0f} s)")
-            progress(f"exporting from the kernel that ran {notebook.name} ...")
-            try:
-                client.execute_cell(export_cell, total)
-            except CellExecutionError as exc:
-                raise HeadlessRunError(_error_of(exc).removeprefix("UsageError: ")) from None
+        try:
+            _run_cells(client, code, export_cell, notebook, progress)
+        finally:
+            if km.has_kernel:
+                km.shutdown_kernel(now=False)
     return _stream_text(export_cell.outputs)
+
+
+def _run_cells(client, code: list, export_cell, notebook: Path, progress: Callable[[str], None]) -> None:
+    from nbclient.exceptions import CellExecutionError
+
+    total = len(code)
+    with client.setup_kernel(cwd=str(notebook.parent)):
+        for n, (index, cell) in enumerate(code, 1):
+            where = f"cell {index + 1}" if index >= 0 else "added"
+            progress(f"[{n}/{total}] {where}: {_first_line(cell.source)}")
+            started = time.perf_counter()
+            try:
+                client.execute_cell(cell, n - 1)
+            except CellExecutionError as exc:
+                raise HeadlessRunError(
+                    f"Running {notebook.name} headlessly failed in {where} (`{_first_line(cell.source)}`): "
+                    f"{_error_of(exc)}. Nothing was exported, and the notebook file is unchanged. Fix the cell "
+                    "(it must run from a fresh kernel, top to bottom) and try again."
+                ) from None
+            elapsed = time.perf_counter() - started
+            if elapsed >= 10:
+                progress(f"      ({elapsed:.0f} s)")
+        progress(f"exporting from the kernel that ran {notebook.name} ...")
+        try:
+            client.execute_cell(export_cell, total)
+        except CellExecutionError as exc:
+            raise HeadlessRunError(_error_of(exc).removeprefix("UsageError: ")) from None
