@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kernel-magics {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    export = sub.add_parser("export", help="Export a notebook's model as a Truss directory, without running the notebook.")
+    export = sub.add_parser("export", help="Export a notebook's model as a Truss directory, from the saved file "
+                                           "(or, with --execute, from a fresh run of the notebook).")
     export.add_argument("notebook", type=Path, help="The .ipynb file.")
     export.add_argument("out", type=Path, help="Directory to write.")
     export.add_argument("--force", action="count", default=0,
@@ -30,12 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="A file or folder to copy into data/ (repeatable).")
     export.add_argument("--no-replay", action="store_true",
                         help="Skip replaying the predictions saved in the notebook against the export.")
-
     export.add_argument("--execute", action="store_true",
                         help="Run the notebook first, headlessly, in a fresh kernel of this Python environment "
                              "(the file is not changed), and export from that kernel with every check %%model_export "
                              "makes. Without it, only what is certain to rebuild from the file, or what the "
                              "predictions saved in the notebook prove, is exported.")
+
     serve = sub.add_parser("serve", help="Serve a Truss directory over Truss's HTTP API (FastAPI + uvicorn).")
     serve.add_argument("dir", type=Path, help="An exported (or any) Truss directory.")
     serve.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1: this machine only).")
@@ -140,11 +141,11 @@ def _export(args: argparse.Namespace) -> int:
 
     notebook = read_notebook(args.notebook)
     config = config_from_cells(notebook.cells, source=str(args.notebook))
+    if args.execute:
+        return _export_by_running(args)
     base = args.notebook.resolve().parent
     # The notebook's own predictions are the results it saved: the export must answer them too.
     record = notebook.recorded_predictions()
-    if args.execute:
-        return _export_by_running(args)
     materialized = materialize(notebook.cells, config, base, args.notebook.name, record=record,
                                replay=not args.no_replay)
     unproven = materialized.source.unproven
@@ -165,9 +166,6 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _validate(args: argparse.Namespace) -> int:
-    from .core.truss_dir import TrussDir, validate
-
 def _export_by_running(args: argparse.Namespace) -> int:
     if _missing_extra(("nbclient",), "execute", "kernel-magics export --execute"):
         return 1
@@ -178,6 +176,9 @@ def _export_by_running(args: argparse.Namespace) -> int:
     print(printed, end="" if printed.endswith("\n") else "\n")
     return 0
 
+
+def _validate(args: argparse.Namespace) -> int:
+    from .core.truss_dir import TrussDir, validate
 
     truss = TrussDir.open(args.dir)
     for warning in truss.warnings:
