@@ -63,3 +63,9 @@ notebooks: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
+
+# Refresh docs/*.png on purpose (a live stream with its Stop button, the Model panel with a secret row and a real
+# export path, narrow and in both themes, a notebook reopened without a kernel); the tests write theirs to a temp dir.
+docs-screenshots: $(STAMP) browser-deps
+	KM_DOCS_SCREENSHOTS=$(CURDIR)/docs $(PY) -m pytest tests/test_extension.py -p no:cacheprovider \
+	  -k "views_saved or live_stream or 250_px"
