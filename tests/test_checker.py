@@ -51,11 +51,12 @@ def spare_slot():
 # model.py, what the spare imported ahead, and whether that spare may check it (else the check is cold)
 FORGOTTEN = {
     # model.py imports numpy but uses the alias it never bound: the spare had numpy imported
-    "alias never bound": ("import numpy\n", "np.zeros(1)", ["numpy"], True),
+    "alias never bound": ("import numpy\n", "np.zeros(1)", ["import numpy"], True),
     # the spare had numpy imported; model.py never imports it
-    "module never imported": ("import json\n", "numpy.zeros(1)", ["numpy"], False),
+    "module never imported": ("import json\n", "numpy.zeros(1)", ["import numpy"], False),
     # a submodule the spare imported, that model.py does not: `import xml` alone has no xml.dom
-    "submodule never imported": ("import xml\n", "xml.dom.minidom.parseString('<a/>')", ["xml.dom.minidom"], False),
+    "submodule never imported": ("import xml\n", "xml.dom.minidom.parseString('<a/>')", ["import xml.dom.minidom"],
+                                 False),
 }
 
 
@@ -79,7 +80,7 @@ class Model:
     assert warm.error.startswith("NameError" if case != "submodule never imported" else "AttributeError")
     assert warm.spare == (ahead if usable else None)  # used only when model.py imports all it imported
     if not usable:
-        assert spare_check._state.last_miss == f"model.py does not import {ahead[0]}"
+        assert spare_check._state.last_miss == f"model.py does not start with `{ahead[0]}`"
     assert not spare.path.exists()  # used or refused, it is gone; a fresh one replaced it
     assert spare_check.current() is not None and spare_check.current() is not spare
 
@@ -90,7 +91,7 @@ class Model:
     def predict(self, model_input):
         return os.environ.get("KM_SPARE_PROBE")
 """)
-    _ready(spare_slot.prepare(["os"]))
+    _ready(spare_slot.prepare(["import os"]))
     monkeypatch.setenv("KM_SPARE_PROBE", "changed after the spare started")
     report = _check(root, spare=True)
     assert report.spare is None and spare_check._state.last_miss == "the kernel's environment changed"
@@ -135,7 +136,7 @@ def test_nothing_of_the_kernel_reaches_the_spare_and_the_export_says_where_the_t
     out = k.ok("%model_export out").stdout
     timings = json.loads(k.ok("import json as _j\nprint(_j.dumps(get_ipython().magics_manager.registry"
                               "['ModelMagics'].last_export_timings))").stdout)
-    assert timings["spare"] == ["json", "os", "sys"]  # checked by the spare, which had model.py's imports
+    assert timings["spare"] == ["import json, os, sys"]  # checked by the spare, which ran model.py's imports
     assert "Checked in " in out and ": import " in out and ", load " in out and ", replay " in out
     assert "(1 prediction); its libraries were imported in advance (json, os, sys)." in out
     got = json.loads(seen.read_text())
@@ -169,3 +170,10 @@ def test_the_spare_goes_with_model_unload_and_with_its_kernel(tmp_path, fresh_ke
     while path.exists() and time.monotonic() < deadline:  # its own last act: removing its folder
         time.sleep(0.02)
     assert not path.exists()
+
+
+def test_only_the_imports_model_py_starts_with_are_imported_in_advance():
+    # A statement before an import (an environment variable a library reads when imported) ends what a spare
+    # may import ahead: the cold check runs it first.
+    text = '"""doc"""\nimport os\nfrom a.b import c\nimport x as y, z\nos.environ["HF_HUB_OFFLINE"] = "1"\nimport numpy\n'
+    assert spare_check.top_level_imports(text) == ["import os", "from a.b import c", "import x as y, z"]

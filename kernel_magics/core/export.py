@@ -650,8 +650,6 @@ def _replay_note(record: Optional[PredictionRecord], replay: bool, replayed: int
             "export prove it answers as the notebook does.")
 
 
-def _mismatch_message(record: PredictionRecord, item: dict, explain: Any) -> str:
-    from .replay import short
 def _check_note(timings: dict, replayed: int) -> str:
     """Where the proof's time went, so a user sees what an export costs and why."""
     parts = [f"{stage} {timings[stage]:.1f} s" for stage in ("import", "load", "replay") if stage in timings]
@@ -659,14 +657,19 @@ def _check_note(timings: dict, replayed: int) -> str:
         parts[-1] += f" ({replayed} prediction{'s' if replayed != 1 else ''})"
     spare = timings.get("spare")
     rounds = timings.get("verify rounds", 1)
-    how = (f"; its libraries were imported in advance ({', '.join(sorted({m.split('.')[0] for m in spare}))})"
-           if spare else "; the model imports no library to import in advance" if spare is not None else "")
+    from .spare_check import modules_of
+
+    ahead = sorted({m.split(".")[0] for statement in spare or () for m in modules_of(statement)})
+    how = (f"; its libraries were imported in advance ({', '.join(ahead)})"
+           if spare else "; its Python was started in advance" if spare is not None else "")
     again = f", {rounds} fresh processes" if rounds > 1 else ""
     return f"Checked in {timings.get('check', 0):.1f} s{again}: {', '.join(parts)}{how}."
 
 
 
     recorded = list(record)[item["index"]]
+def _mismatch_message(record: PredictionRecord, item: dict, explain: Any) -> str:
+    from .replay import short
     hint = explain(item["index"]) if callable(explain) else None
     return (
         "The exported model does not answer as the notebook did, so nothing was exported (any previous export is "

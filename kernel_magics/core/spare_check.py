@@ -5,15 +5,16 @@ Every export proves itself in a Python that has never seen the notebook (truss_d
 libraries (torch, transformers: seconds). A kernel that loaded a model starts one spare checker
 in the background: ``python -I -B -m kernel_magics.core.spare_check``, with the environment the
 check would get, in its own empty ``km-check-*`` folder. It imports the modules the model's
-model.py imports at its top level (in that order), then waits on its stdin for one job: the
+model.py starts by importing (in that order), then waits on its stdin for one job: the
 directory to check with the recorded predictions, exactly what the cold check reads. It runs the
 same check code (``truss_dir._run_check``) and exits; the next export finds a fresh spare.
 
 The proof stays as strong as the cold one because the spare only ever holds what the cold check
 would have imported anyway before model.py's own code ran:
 
-- it is used only when every module it imported is one the new model.py imports at its top level
-  (so a forgotten ``import`` still fails; a submodule the model never imports is not there either);
+- it is used only when the modules it imported are the ones the new model.py starts by importing, in
+  the same order (so a forgotten ``import`` still fails; a submodule the model never imports is not
+  there either; nothing is imported ahead of a statement that could change what an import does);
 - the kernel's environment, the config's environment_variables, the Python and the installed
   packages (site-packages' modification time) must be what they were when it started;
 - nothing of the kernel reaches it: it starts with ``-I`` and the check's clean environment, and
@@ -44,22 +45,35 @@ __all__ = ["Spare", "prepare", "prepare_for", "take", "replenish", "discard", "c
 
 READY = "ready.json"  # in the spare's folder once its imports are done: which it imported
 # What the cold check imports before model.py (TrussDir.host); not the model's, so not matched.
-_OURS = ["kernel_magics.core.runtime"]
+_OURS = ["import kernel_magics.core.runtime"]
 
 
 def top_level_imports(text: str) -> list[str]:
-    """The modules a model.py imports unconditionally at its top level, in order (absolute imports)."""
+    """The import statements model.py starts with, in order, as text: its leading block of absolute
+    imports, up to the first other statement (a statement before an import, ``os.environ[...] = ...``
+    say, may change what the import does, so nothing after it is imported in advance). The spare runs
+    these very statements, so ``from transformers import GPT2LMHeadModel`` also imports what the name
+    pulls in (transformers imports its models lazily, on first use of the name)."""
     try:
         tree = ast.parse(text)
     except SyntaxError:
         return []
     found: list[str] = []
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            found += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module != "__future__":
-            found.append(node.module)
-    return list(dict.fromkeys(found))
+    for i, node in enumerate(tree.body):
+        if isinstance(node, ast.Import) or (isinstance(node, ast.ImportFrom) and node.level == 0
+                                            and node.module and node.module != "__future__"):
+            found.append(ast.unparse(node))
+        elif isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            continue
+        elif not (i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):  # (a docstring)
+            break
+    return found
+
+
+def modules_of(statement: str) -> list[str]:
+    """The modules an import statement imports (``from a.b import c``: a.b)."""
+    node = ast.parse(statement).body[0]
+    return [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
 
 
 def _site_stamp() -> tuple:
@@ -87,7 +101,7 @@ class Spare:
         # The check's own folder, held by this process (as the cold check's): its cwd and where it reports.
         self.scratch = ScratchDir(Path(tempfile.gettempdir()), "km-check-")
         self.path = self.scratch.path
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: Optional[subprocess.Popen] = None  # (modules: the import statements it runs, in order)
         self.error: Optional[BaseException] = None
         self.started = threading.Event()
 
@@ -112,7 +126,7 @@ class Spare:
         return (self.path / READY).is_file()
 
     def imported(self) -> list[str]:
-        """What it imported (once ready): the model's modules it found installed, until the first that failed."""
+        """What it imported (once ready): model.py's first imports, up to one not installed or that failed."""
         try:
             return [m for m in json.loads((self.path / READY).read_text())["imported"] if m not in _OURS]
         except (OSError, ValueError, KeyError):
@@ -134,17 +148,16 @@ class Spare:
         if {str(k): str(v) for k, v in truss.config.environment_variables.items()} != self.env_vars:
             return "the config's environment_variables changed"
         try:
-            needed = set(top_level_imports(truss.model_file.read_text(encoding="utf-8")))
+            needed = top_level_imports(truss.model_file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError):
             return "model.py unreadable"
-        extra = [m for m in self.modules if m not in needed]
-        if extra:
-            return f"model.py does not import {', '.join(extra)}"
+        if self.modules != needed[:len(self.modules)]:  # what it imports, cold imports first, in that order
+            return f"model.py does not start with `{'; '.join(self.modules)}`"
         local = set()
         for folder in [truss.root, *truss.package_dirs]:
             with contextlib.suppress(OSError):
                 local |= {Path(n).stem for n in os.listdir(folder)}
-        shadowed = [m for m in self.modules if m.split(".")[0] in local]
+        shadowed = [m for s in self.modules for m in modules_of(s) if m.split(".")[0] in local]
         if shadowed:
             return f"the directory holds {', '.join(shadowed)}"
         if not self.started.wait(30) or not self.alive():
@@ -265,7 +278,6 @@ def discard(*, disable: bool = False) -> None:
 
 def _serve() -> int:
     """Import what the kernel named, say so, wait for one job and run the check (truss_dir's code)."""
-    import importlib
     import importlib.util
 
     spec = json.loads(sys.stdin.buffer.readline() or b"{}")
@@ -284,14 +296,14 @@ def _serve() -> int:
         gone()
     os.environ.update(spec.get("env", {}))  # as TrussDir.prepare_process does before the cold import
     imported = []
-    for name in spec.get("modules", []):
+    for statement in spec.get("modules", []):
         try:
-            if importlib.util.find_spec(name.split(".")[0]) is None:
-                continue  # not installed here (a module the export carries in packages/): the check imports it
-            importlib.import_module(name)
+            if any(importlib.util.find_spec(m.split(".")[0]) is None for m in modules_of(statement)):
+                break  # not installed (one the export carries in packages/): the check imports it and what follows
+            exec(compile(statement, "<import in advance>", "exec"), {})  # the names go nowhere: model.py binds its own
         except BaseException:
             break  # the cold check stops at this import too; it fails there again, in model.py's order
-        imported.append(name)
+        imported.append(statement)
     (here / (READY + ".tmp")).write_text(json.dumps({"imported": imported}))
     os.replace(here / (READY + ".tmp"), here / READY)
     line = sys.stdin.buffer.readline()
