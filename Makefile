@@ -5,8 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 NOTEBOOKS := notebooks/quickstart.ipynb notebooks/streaming.ipynb notebooks/wine_pipeline.ipynb \
 	notebooks/embeddings.ipynb notebooks/tiny_gpt.ipynb notebooks/openai_chat.ipynb
-# A run fails if it leaves anything in its temp dir (`make test`: in /tmp or the home directory either).
-PYTEST := $(PY) -m pytest
+# A run fails if it leaves anything in its temp dir (`make test`: in /tmp, the home directory or the repository
+# either). PYTEST_ARGS adds pytest options: `make test PYTEST_ARGS="-n 2 --dist loadgroup"` runs on two processes
+# (all the Ray tests in one of them, all the browser tests in one: tests/conftest.py groups them).
+PYTEST := $(PY) -m pytest $(PYTEST_ARGS)
 # The tiers: tests/conftest.py marks tests by what they need; `make check` leaves these out.
 CHECK_MARKS := not (ray or browser or truss_ref or package or gallery or slow)
 

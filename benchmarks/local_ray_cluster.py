@@ -38,7 +38,8 @@ def main() -> None:
     parser.add_argument("--serve-port", type=int, default=None, help="Start Ray Serve with its proxy on this port.")
     args = parser.parse_args()
     temp = args.temp_dir or tempfile.mkdtemp(prefix="km-ray-cluster-")
-    os.makedirs("/tmp/ray", exist_ok=True)  # Ray's helper writes the cluster's address there
+    # Ray's helper writes the cluster's address there (Ray's own choice of temp dir: RAY_TMPDIR, TMPDIR, /tmp).
+    os.makedirs(os.path.join(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir(), "ray"), exist_ok=True)
     from ray.cluster_utils import Cluster
 
     node_args = {"num_cpus": args.cpus, "object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1"}

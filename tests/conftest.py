@@ -38,36 +38,65 @@ FIXTURE_MARKS = {"ray_cluster": "ray", "truss_validate": "truss_ref", "truss_ser
 # A global name the test function's own code uses (what a fixture cannot show: a helper called in the body).
 NAME_MARKS = {"serve_truss": "truss_ref", "truss_venv_with_models": "truss_ref", "truss_reference_python": "truss_ref",
               "LocalCluster": "ray"}
-# The tests that keep `make check` over a minute, with nothing else to mark them: 4 s or more each in a
-# `--durations=0` run of the check tier on this 2-core machine while other test runs loaded it (about 1 s
-# or more when it is quiet): CLI exports and servers in fresh processes, kernels of their own.
+# The tests that keep `make check` over a minute, with nothing else to mark them: 4 s or more each (by
+# originalname: every parameter of it) in `--durations` runs of the check tier on this 2-core machine while
+# other test runs loaded it (about 1 s or more when it is quiet): CLI exports, servers and checks in fresh
+# processes, kernels of their own.
 # By module::name (parameters included); a name that matches no test is a warning in the summary.
 SLOW = {
+    "test_cli::test_a_port_in_use_is_exit_code_3",
+    "test_cli::test_a_stopped_or_failed_saved_stream_is_not_replayed",
+    "test_cli::test_export_of_a_streaming_notebook_replays_its_saved_streams",
     "test_cli::test_labextension_is_installed_prebuilt_and_enabled",
+    "test_cli::test_predict_errors_and_their_exit_codes",
+    "test_cli::test_predict_prints_the_answer_and_sends_the_models_prints_to_stderr",
     "test_contract::test_metrics_count_requests_and_latency_per_route",
     "test_contract::test_the_notebook_answers_the_same",
+    "test_export::test_a_prediction_made_with_headers_is_replayed_with_the_same_request",
     "test_export::test_cli_bad_notebooks",
     "test_export::test_cli_validate",
+    "test_export::test_exporting_a_large_value_adds_only_a_small_buffer_to_the_kernel",
+    "test_export::test_force_refuses_files_the_export_did_not_write_unless_given_twice_and_never_deletes_a_git",
     "test_export::test_kernel_export_errors_leave_nothing_behind",
     "test_export::test_show_magics",
+    "test_export::test_the_cli_replays_a_request_taking_predict_saved_in_the_notebook_with_a_servers_request",
+    "test_export::test_what_the_check_writes_in_its_working_directory_stays_out_of_the_export",
+    "test_faults::test_a_client_leaving_between_two_yields_keeps_the_slot_until_the_generator_closes",
     "test_faults::test_a_helper_that_load_leaves_running_does_not_hold_the_export",
+    "test_faults::test_a_secret_inside_errors_is_redacted_everywhere_it_is_shown",
     "test_faults::test_an_interrupted_sync_predict_keeps_the_slot_until_it_returns",
+    "test_faults::test_bad_input_in_the_magics_gets_a_one_paragraph_usage_error",
     "test_faults::test_broken_inputs_get_one_line_and_exit_code_1",
     "test_faults::test_clients_leaving_during_an_upload_log_one_line_each",
+    "test_faults::test_config_folders_a_data_symlink_loop_and_an_alias_bomb_get_one_line_from_the_cli",
+    "test_faults::test_data_dot_is_refused_before_copying_anything",
     "test_faults::test_export_force_never_replaces_the_notebooks_folder_or_a_parent_or_the_working_directory",
     "test_faults::test_force_over_a_symlink_and_over_read_only_parts_leaves_nothing_behind",
     "test_faults::test_interrupting_model_load_stops_load_and_a_retry_does_not_wait_for_it",
+    "test_faults::test_kernel_export_after_cd_refuses_the_notebooks_folder",
     "test_faults::test_kill_9_during_an_export_the_checker_dies_and_the_next_export_cleans_up",
     "test_faults::test_logging_in_load_shows_once_without_jupyterlab_and_print_once_with_a_view",
     "test_faults::test_model_secret_in_a_headless_run_uses_the_environment",
     "test_faults::test_predicts_during_a_reload_of_a_served_model_get_503_not_500",
+    "test_faults::test_redefining_during_a_background_load_applies_after_it",
+    "test_faults::test_the_server_logs_of_a_mid_stream_error_are_redacted",
     "test_faults::test_two_exports_to_one_new_target_at_once_do_not_both_succeed",
+    "test_faults::test_unload_releases_what_a_failed_load_and_a_failed_predict_hold",
     "test_fidelity::test_a_value_changed_after_the_recorded_predictions_fails_the_replay",
     "test_fidelity::test_a_value_that_cannot_be_saved_refuses_the_export_naming_it",
     "test_fidelity::test_truss_compatibility_warnings_in_the_notebook",
+    "test_fidelity_verified::test_an_unseeded_generator_that_predict_consumes_is_named_in_the_refusal",
+    "test_fidelity_verified::test_the_local_module_travels_in_packages_and_its_change_after_the_import",
+    "test_fingerprint::test_tensors_and_modules_compare_by_value_not_by_device_or_identity",
     "test_magics::test_extension_loads_from_ipython_config",
     "test_magics::test_load_passes_truss_kwargs_and_reports_device",
     "test_magics::test_secret_from_environment_never_reaches_output",
+    "test_readme::test_every_readme_cell_runs_as_pasted",
+    "test_saved_views::test_saved_views_in_nbconvert_html_wrap_whole_words_and_show_the_whole_load_log",
+    "test_secrets::test_a_notebook_run_with_nbclient_and_saved_holds_no_secret",
+    "test_secrets::test_an_export_holding_a_secret_is_refused_naming_the_value_and_keeps_the_previous_one",
+    "test_secrets::test_errors_the_kernel_sends_are_redacted_whatever_holds_the_secret",
+    "test_secrets::test_the_cli_export_refuses_a_secret_from_its_environment",
     "test_server::test_32_concurrent_requests_none_lost",
     "test_server::test_a_served_child_stops_when_its_kernel_dies",
     "test_server::test_a_slow_reader_pauses_the_generator_and_keeps_memory_bounded",
@@ -83,6 +112,12 @@ SLOW = {
     "test_server::test_secrets_from_a_secrets_dir",
     "test_server::test_sigterm_finishes_the_request_in_flight",
     "test_server::test_stream_arrives_chunk_by_chunk[uvicorn]",
+    "test_serving_edge::test_45_stalled_streams_leave_threads_for_probes_and_sync_predicts",
+    "test_serving_edge::test_a_stalled_reader_loses_its_stream_after_streaming_read_timeout",
+    "test_serving_edge::test_an_import_error_is_a_failed_load_with_the_users_frames",
+    "test_serving_edge::test_liveness_answers_while_model_py_imports_and_readiness_waits",
+    "test_serving_edge::test_request_bodies_are_bounded_by_max_body_size",
+    "test_serving_edge::test_the_models_own_log_lines_are_redacted",
     "test_truss_dir::test_layout_keys_and_package_dirs_through_validate_and_serve",
     "test_truss_dir::test_the_import_check_names_a_missing_package_and_the_flag_that_skips_it",
     "test_truss_dir::test_validate_replays_the_example_input",
@@ -115,6 +150,10 @@ def pytest_collection_modifyitems(config, items):
             marks.add("slow")
         for mark in sorted(marks - {None}):
             item.add_marker(mark)
+        # With pytest -n and --dist loadgroup, one process runs all of a group: one Ray cluster, one JupyterLab.
+        group = next((g for g in ("ray", "browser", "package") if g in marks), None)
+        if group and config.pluginmanager.hasplugin("xdist"):
+            item.add_marker(pytest.mark.xdist_group(group))
     collected = {item.module.__name__ for item in items if getattr(item, "module", None)}
     stale = sorted(key for key in SLOW - seen if key.split("::")[0] in collected)
     whole = all(Path(arg).is_dir() for arg in config.args)  # a file or one test named: SLOW is only partly seen
@@ -232,13 +271,27 @@ def _private_temp_dir(config) -> None:
     if "KM_TEST_TMPDIR" not in os.environ:  # xdist workers inherit the controller's
         system = tempfile.gettempdir()
         os.environ["KM_TEST_SYSTEM_TMP"] = system
+        # pytest's own tmp_path folders stay where pytest keeps (and prunes) them: a failing run's are kept there.
+        os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", system)
         os.environ["KM_TEST_TMPDIR"] = tempfile.mkdtemp(prefix="kmt-")
         everywhere = config.getoption("check_leftovers") == "all"
-        config._km_before = (_listing(Path(system)), _listing(Path.home())) if everywhere else (None, None)
+        config._km_before = ((_listing(Path(system)), _listing(Path.home()), _repository_state()) if everywhere
+                             else (None, None, None))
     os.environ["TMPDIR"] = os.environ["KM_TEST_TMPDIR"]
     tempfile.tempdir = None  # gettempdir() reads TMPDIR again
     # A library's own cache is no test's leftover: torch puts its compile cache in the temp dir by default.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(os.environ["KM_TEST_TMPDIR"], CACHES, "torchinductor"))
+
+
+def _repository_state() -> dict:
+    """Each file git reports as changed or new (not ignored) in the repository, with its modification time:
+    a test that writes a tracked file (docs/*.png) or leaves a new one in the tree shows up here."""
+    done = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "-uall"], capture_output=True, text=True)
+    state = {}
+    for line in done.stdout.splitlines() if done.returncode == 0 else []:
+        path = REPO / line[3:].split(" -> ")[-1]
+        state[str(path)] = path.stat().st_mtime if path.exists() else None
+    return state
 
 
 def _listing(root: Path, depth: int = 2) -> set:
@@ -265,28 +318,25 @@ def pytest_sessionfinish(session, exitstatus):
     if before is None or hasattr(config, "workerinput"):
         return
     private = Path(os.environ["KM_TEST_TMPDIR"])
-    ours = private / f"pytest-of-{_user()}"  # pytest's own: a failing run keeps its tests' tmp_path there
-    if ours.is_dir() and not any(ours.iterdir()):
-        ours.rmdir()
-    left = sorted(p for p in _listing(private) if not Path(p).is_relative_to(ours)
-                  and not Path(p).is_relative_to(private / CACHES))
-    for entry in private.iterdir():  # named below and removed: the next run starts clean
-        if entry != ours:
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    if not ours.exists():
-        private.rmdir()
+    left = sorted(p for p in _listing(private) if not Path(p).is_relative_to(private / CACHES))
+    shutil.rmtree(private, ignore_errors=True)  # named below: the next run starts clean
+    pytest_root = Path(os.environ["PYTEST_DEBUG_TEMPROOT"], f"pytest-of-{_user()}")  # pytest's, self-pruning
     if before[0] is not None:
+        if str(pytest_root) not in before[0] and pytest_root.is_dir() and not any(pytest_root.iterdir()):
+            pytest_root.rmdir()  # this run made it and a passing run leaves it empty
         system, home = _listing(Path(os.environ["KM_TEST_SYSTEM_TMP"])), _listing(Path.home())
-        left += sorted((system - before[0]) - {str(private)}) + sorted(home - before[1])
+        left += sorted(p for p in system - before[0] if not Path(p).is_relative_to(private)
+                       and not Path(p).is_relative_to(pytest_root)) + sorted(home - before[1])
+        repository = _repository_state()
+        left += sorted(p for p, mtime in repository.items() if p not in before[2] or before[2][p] != mtime)
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if left:
         lines = "\n".join(f"  {p}" for p in left[:50]) + (f"\n  ... and {len(left) - 50} more" if len(left) > 50 else "")
         reporter.write_sep("=", "LEFT BEHIND BY THE TESTS", red=True, bold=True)
-        reporter.write_line(f"The run left these in its temp dir, the system temp dir or the home directory (make the "
-                            f"test that wrote them clean up; those in the run's temp dir are removed now):\n{lines}")
+        reporter.write_line(f"The run left or changed these in its temp dir, the system temp dir, the home directory or "
+                            f"the repository (make the test that wrote them clean up; those in the run's temp dir are "
+                            f"removed now):\n{lines}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    if ours.exists():
-        reporter.write_line(f"The failed tests' tmp_path folders are kept under {ours}")
 
 
 def _user() -> str:

@@ -1,9 +1,11 @@
 """A Ray cluster of several nodes on this machine, for tests and benchmarks: benchmarks/local_ray_cluster.py in a child process."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -15,15 +17,21 @@ class LocalCluster:
     def __init__(self, workers: int, cpus: float = 1, serve_port: Optional[int] = None) -> None:
         """``serve_port``: start Ray Serve on the cluster, its proxy there (deployments then use that port)."""
         self.serve_port = serve_port
+        # Short: Ray's socket paths under it must stay within the 107 bytes a Unix socket path allows.
+        self.temp = Path(tempfile.mkdtemp(prefix="kr"))
         self.proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "local_ray_cluster.py"),
-                                      "--workers", str(workers), "--cpus", str(cpus),
+                                      "--workers", str(workers), "--cpus", str(cpus), "--temp-dir", str(self.temp),
                                       *(["--serve-port", str(serve_port)] if serve_port else [])], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, start_new_session=True)
         self.nodes: dict[str, str] = {}
         self.address = ""
-        for line in self._lines("READY"):
-            if line.startswith("ADDRESS "):
-                self.address = line.split()[1]
+        try:
+            for line in self._lines("READY"):
+                if line.startswith("ADDRESS "):
+                    self.address = line.split()[1]
+        except BaseException:
+            self.close()  # a cluster that never got ready leaves no processes or files either
+            raise
 
     def _lines(self, until: str):
         deadline = time.monotonic() + 120
@@ -62,4 +70,18 @@ class LocalCluster:
             self.proc.stdin.close()
             self.proc.wait(timeout=60)
         except Exception:
+            pass
+        try:  # whatever of the cluster's process group is still there (nothing, after a clean exit)
             os.killpg(self.proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        shutil.rmtree(self.temp, ignore_errors=True)
+        # Ray's cluster helper writes the head's address where every later bare `ray.init()` on this
+        # machine would find it and join a cluster that is gone: remove it (only if it is this cluster's).
+        ray_dir = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
+        address_file = ray_dir / "ray_current_cluster"
+        if self.address and address_file.is_file() and address_file.read_text().strip() == self.address:
+            address_file.unlink()
+        if ray_dir.is_dir() and not any(ray_dir.iterdir()):
+            ray_dir.rmdir()
