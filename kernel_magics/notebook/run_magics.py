@@ -133,11 +133,36 @@ class RunMagics(Magics):
                 lambda event: spare_check.discard(disable=True) if event.kind == "state"
                 and event.state in (ModelState.DEFINED, ModelState.NOT_DEFINED) else None)
 
-    def _render_traceback(self, exc: BaseException) -> Optional[str]:
-        """The user's traceback as IPython shows it (``Cell In[N], line L``, its hidden frames left out),
-        secrets redacted, as plain text for the load view."""
-        render = getattr(self.model.user_error(exc), "_render_traceback_", None)
-        return re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(render())) if render is not None else None
+    def _render_traceback(self, exc: BaseException) -> str:
+        """The user's traceback as plain text for the load view, cells named as IPython names them
+        (``Cell In[N], line L``) and IPython's own frames left out, as its traceback does; secrets redacted.
+
+        Why not IPython's formatter: the view renders it on the load's thread, and IPython's formatter
+        imports stack_data lazily; an import racing the kernel's own first traceback crashed CPython 3.11.
+        This reads only the frames, the compiler's cell names and linecache.
+        """
+        import linecache
+        import traceback
+
+        from ..core.tracebacks import user_traceback
+
+        cells = getattr(getattr(self.shell, "compile", None), "_filename_map", {})
+        lines = ["Traceback (most recent call last):"]
+        tb = user_traceback(exc.__traceback__)
+        while tb is not None:
+            frame, code = tb.tb_frame, tb.tb_frame.f_code
+            hidden = frame.f_locals.get("__tracebackhide__") and tb.tb_next is not None
+            if not hidden and str(frame.f_globals.get("__name__", "")).split(".")[0] != "IPython":
+                number = cells.get(code.co_filename)
+                where = (f"Cell In[{number}], line {tb.tb_lineno}" if number is not None
+                         else f'File "{code.co_filename}", line {tb.tb_lineno}')
+                lines.append(f"  {where}, in {getattr(code, 'co_qualname', code.co_name)}")
+                source = linecache.getline(code.co_filename, tb.tb_lineno).strip()
+                if source:
+                    lines.append(f"    {source}")
+            tb = tb.tb_next
+        lines.append("".join(traceback.format_exception_only(type(exc), exc)).rstrip())
+        return self.model.host.secrets.redact("\n".join(lines))
 
     def _loaded_line(self) -> str:
         from ..core import devices
