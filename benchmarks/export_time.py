@@ -79,9 +79,9 @@ def export(cold):
     if cold:
         spare_check.discard(disable=True)
     else:
-        if spare_check.current() is None and pathlib.Path("bench-out/model/model.py").is_file():
-            spare_check.prepare_for(pathlib.Path("bench-out/model/model.py").read_text(),
-                                    m.host.config.environment_variables)
+        if spare_check.current() is None:  # (a notebook without %model_load; or the last run was cold)
+            text = get_ipython().magics_manager.registry["ShipMagics"]._materialize().source.text
+            spare_check.prepare_for(text, m.host.config.environment_variables)
         waited = time.perf_counter()
         while spare_check.current() is not None and not spare_check.current().ready:
             time.sleep(0.05)
@@ -90,6 +90,7 @@ def export(cold):
     with contextlib.redirect_stdout(io.StringIO()):
         get_ipython().run_line_magic("model_export", "bench-out --force")
     timings = dict(m.last_export_timings, total=time.perf_counter() - started)
+    assert (timings.get("spare") is None) == cold, (cold, spare_check._state.last_miss)
     if not cold:
         timings["waited_for_spare"] = ready_s
     return timings
