@@ -593,6 +593,8 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
             return _Travel(True)
         # A module beside the notebook travels in packages/; what the notebook changed in it does not.
         if live is not None and name in live:
+            if name in ctx.as_values:  # `from helper import SCALE` after the notebook changed helper.SCALE
+                return _value(name, live[name], live, ctx.as_values[name], keep=True)
             ctx.verify.append(name)
             return _Travel(True)
         touched = [c for c in changes if c.kind in ("into", "method", "argument")]

@@ -67,6 +67,7 @@ class Verification:
         self.rewrite = rewrite  # writes the build again for a new plan
         self.live_fingerprints: dict[str, Optional[dict]] = {}
         self.seconds = 0.0
+        self.tried: set[str] = set()  # names already moved to the values
 
     # ------------------------------------------------------------------ what is compared
 
@@ -104,8 +105,9 @@ class Verification:
             report.stages["verify live"] = self.seconds
             report.stages["verify rounds"] = rounds  # fresh processes run: 1 unless something moved to the values
             differ = self._differences(report)
-            if not differ:
-                break
+            if not differ or set(differ) <= set(self.tried):
+                break  # agreed, or nothing more a new plan could change: the replay judges
+            self.tried.update(differ)
             live = self.materialized.live
             learned = _LEARNED.setdefault(id(live), {})
             for name, reason in differ.items():
