@@ -149,3 +149,24 @@ def test_execute_stops_at_a_failing_cell_naming_it_and_exports_nothing(tmp_path)
             "moved. Nothing was exported, and the notebook file is unchanged") in done.stderr
     assert "Parent appears to have exited" not in done.stderr  # the kernel was shut down, not left to notice
     assert not (tmp_path / "out").exists() and path.read_bytes() == before and leftovers(tmp_path) == []
+
+
+def test_a_name_imported_from_a_changed_local_module_travels_as_its_live_value(tmp_path, monkeypatch):
+    from kernel_magics.core.config import ModelConfig
+    from kernel_magics.core.export import export_model, materialize
+    from kernel_magics.core.replay import PredictionRecord
+
+    (tmp_path / "helper.py").write_text("SCALE = 2\n")
+    cells = ["import helper", "helper.SCALE = 3", "from helper import SCALE",
+             model_cell("return SCALE")]
+    live = {"helper": type(json)("helper"), "SCALE": 3}  # the kernel's values: the module as the notebook changed it
+    live["helper"].SCALE = 3
+    record = PredictionRecord()
+    record.add({}, 3)
+    monkeypatch.chdir(tmp_path)
+    materialized = materialize(cells, ModelConfig(), tmp_path, "nb.ipynb", live=live, record=record)
+    result = export_model(tmp_path / "out", materialized, base_dir=tmp_path)
+    assert result.replayed == 1 and result.timings["verify rounds"] == 2
+    why = result.source.why()
+    assert re.search(r"SCALE +import +cell 3 .*value \(literal\): re-running its source gives a different value: 2, "
+                     r"the notebook has 3", why), why
