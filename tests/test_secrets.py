@@ -137,6 +137,23 @@ def test_a_prediction_holding_a_secret_is_not_recorded_nor_written(k):
     assert CANARY.encode() not in exported_bytes(target)
 
 
+
+def test_a_prediction_whose_request_header_holds_a_secret_is_not_recorded(k):
+    """Replayed with the header redacted it would be another request (a model that checks the token would
+    refuse it), so it is not recorded at all; the export replays the others."""
+    target = k.folder / "out-header"
+    k.ok("import fastapi")
+    k.ok("%%model\nclass Model:\n    def predict(self, x, request: fastapi.Request):\n"
+         "        return {'authorized': request.headers.get('x-token') == os.environ['TRUSS_SECRET_tok']}\n")
+    k.ok("%model_load")
+    skipped = k.ok(f'%model_predict --header x-token:{CANARY} {{"q": 1}}')
+    assert "Not recorded for the export" in skipped.stdout and "secret `tok`" in skipped.stdout
+    k.ok('%model_predict --header x-token:other {"q": 2}')
+    exported = k.ok(f"%model_export {target}")
+    assert "Replayed 1 recorded prediction" in exported.stdout, exported.stdout
+    assert CANARY.encode() not in exported_bytes(target)
+
+
 # ---------------------------------------------------------------- 3. no secret in a saved error
 
 FAILING = '''%%model

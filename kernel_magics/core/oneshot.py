@@ -7,7 +7,6 @@ would get: a result as one JSON line, a stream chunk by chunk as it is produced.
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -29,7 +28,8 @@ def predict_once(root: Path, model_input: Any, *, write: Callable[[bytes], None]
     """Load the directory's model and hand its answer to ``write`` as bytes: the result's JSON and a
     newline, or each chunk of a stream as it comes (text as UTF-8, other chunks as JSON lines)."""
     from .runtime import ChunkStream
-    from .serialization import is_response, to_jsonable
+    from .serialization import is_response
+    from .streams import chunk_bytes
     from .tracebacks import trim_traceback
     from .truss_dir import TrussDir
 
@@ -44,15 +44,16 @@ def predict_once(root: Path, model_input: Any, *, write: Callable[[bytes], None]
                           host.format_error(trim_traceback(exc))) from None
 
     async def answer() -> None:
-        result = await host.predict(model_input)
+        # encoded: the bytes the server sends (a Pydantic result as its own JSON), so predict == serve
+        result = await host.predict(model_input, encoded=True)
         if isinstance(result, ChunkStream):
             async with result:
                 async for chunk in result:
-                    write(_chunk_bytes(chunk, to_jsonable))
+                    write(chunk_bytes(chunk))
         elif is_response(result):
             write(bytes(getattr(result, "body", b"") or b""))
         else:
-            write(json.dumps(result).encode() + b"\n")
+            write(bytes(result) + b"\n")
 
     try:
         asyncio.run(answer())
@@ -64,10 +65,3 @@ def predict_once(root: Path, model_input: Any, *, write: Callable[[bytes], None]
     finally:
         host.unload()
 
-
-def _chunk_bytes(chunk: Any, to_jsonable: Callable) -> bytes:
-    if isinstance(chunk, (bytes, bytearray, memoryview)):
-        return bytes(chunk)
-    if isinstance(chunk, str):
-        return chunk.encode()
-    return (json.dumps(to_jsonable(chunk, what="a streamed chunk")) + "\n").encode()

@@ -187,7 +187,7 @@ class ModelMagics(Magics):
 
     def note_prediction(self, model_input: Any, value: Any, request: Optional[dict] = None) -> None:
         """Record a successful prediction (for replay), and when it was made; never one that holds a secret."""
-        held = self.host.secrets.held_in(model_input, value)
+        held = self.host.secrets.held_in(model_input, value, request)
         if held is not None:
             print(f"Not recorded for the export (replay, example input): this prediction holds the value of "
                   f"secret `{held}`, and secret values are never written to disk.")

@@ -295,8 +295,9 @@ class RunMagics(Magics):
         if method == "predict" and host.state is ModelState.READY and whole:
             from ..core.model_request import describe_request
 
-            # The replay builds the same request (method, path, headers; secret values redacted).
-            model.note_prediction(model_input, value, request=describe_request(request, host.secrets.redact))
+            # The replay builds the same request (method, path, headers); one whose headers hold a secret is
+            # not recorded at all: replayed with the value redacted, it would not be the same request.
+            model.note_prediction(model_input, value, request=describe_request(request))
             self._warn_if_truss_would_refuse(result, streamed)
         if streamed:
             model.hide_result(value)  # the view (or the printed text) showed it already

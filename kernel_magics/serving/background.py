@@ -54,6 +54,7 @@ class ServeProcess:
 
     def __init__(self, proc: subprocess.Popen, port: int, log: Path, engine: str) -> None:
         self.proc, self.port, self.log, self.engine = proc, port, log, engine
+        self.keep_log = False  # set when an error message names the log: the user may want to read it
 
     @property
     def url(self) -> str:
@@ -93,6 +94,7 @@ class ServeProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.keep_log = True
                 raise KernelMagicsError(f"The server stopped before it was ready: {self.last_line() or 'no output'} "
                                         f"(its log: {self.log}).")
             try:
@@ -104,6 +106,7 @@ class ServeProcess:
             if progress:
                 progress(self.last_line())
             time.sleep(0.5)
+        self.keep_log = True
         self.stop()
         raise KernelMagicsError(f"The server was not ready after {timeout:.0f} s of waiting for readiness "
                                 f"(GET /v1/models/model); its last words: {self.last_line() or 'none'} "
@@ -118,3 +121,5 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+        if not self.keep_log:
+            self.log.unlink(missing_ok=True)
