@@ -85,6 +85,7 @@ class Model:
     assert spare_check.current() is not None and spare_check.current() is not spare
 
 
+@pytest.mark.slow  # 4 to 7 s each on this machine under load: a kernel, or three fresh Pythons
 def test_a_spare_is_not_used_when_the_environment_or_the_config_environment_changed(tmp_path, spare_slot, monkeypatch):
     root = write_truss(tmp_path / "t", """import os
 class Model:
@@ -118,6 +119,7 @@ class Model:
 '''
 
 
+@pytest.mark.slow  # 4 to 7 s each on this machine under load: a kernel, or three fresh Pythons
 def test_nothing_of_the_kernel_reaches_the_spare_and_the_export_says_where_the_time_went(tmp_path, fresh_kernel):
     extra = tmp_path / "kernel-only"
     extra.mkdir()
@@ -146,6 +148,7 @@ def test_nothing_of_the_kernel_reaches_the_spare_and_the_export_says_where_the_t
     assert Path(got["cwd"]).name.startswith("km-check-") and not Path(got["cwd"]).exists()
 
 
+@pytest.mark.slow  # 4 to 7 s each on this machine under load: a kernel, or three fresh Pythons
 def test_the_spare_goes_with_model_unload_and_with_its_kernel(tmp_path, fresh_kernel):
     k = fresh_kernel(cwd=tmp_path, load_ext=True)
     k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return 1")
