@@ -399,10 +399,9 @@ def _run(k: Kernel, code: str, **kw):
     return ex
 
 
-def test_interrupting_model_load_stops_load_and_a_retry_does_not_wait_for_it(tmp_path, request):
+def test_interrupting_model_load_stops_load_and_a_retry_does_not_wait_for_it(tmp_path, fresh_kernel):
     started = tmp_path / "started"
-    k = Kernel(cwd=str(tmp_path))
-    request.addfinalizer(k.shutdown)
+    k = fresh_kernel(cwd=tmp_path)
     _run(k, "%load_ext kernel_magics\nimport time, pathlib\nSLOW, STOPPED = True, []")
     _run(k, f"%%model\nclass Model:\n    def load(self):\n        pathlib.Path({str(started)!r}).write_text('x')\n"
          "        try:\n            while SLOW:\n                time.sleep(0.01)\n        finally:\n"
@@ -446,10 +445,9 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_a_helper_that_load_leaves_running_does_not_hold_the_export(tmp_path, request):
+def test_a_helper_that_load_leaves_running_does_not_hold_the_export(tmp_path, fresh_kernel):
     pids = tmp_path / "helper.pid"
-    k = Kernel(cwd=str(tmp_path))
-    request.addfinalizer(k.shutdown)
+    k = fresh_kernel(cwd=tmp_path)
     k.ok(f"%load_ext kernel_magics\nimport pathlib\nPIDS = {str(pids)!r}")
     k.ok(HELPER_LOAD)
     k.ok("%model_load --no-widget")

@@ -429,10 +429,10 @@ def export_model(
         result.timings["secret_scan"] = time.perf_counter() - started
         record = materialized.record if replay else None
         started = time.perf_counter()
-        verification = Verification(materialized, lambda m: _rewrite(build, m, data_sources, secret_values))
+        verification = Verification(materialized, lambda m: _rewrite(build, m, data_sources, secret_values, scanner))
         result.replayed, stages, notes = _check(build, record, secrets, python, explain_mismatch, verification)
-        result.warnings += notes
         result.source = verification.materialized.source
+        result.warnings += notes
         result.timings["check"] = time.perf_counter() - started
         result.timings.update(stages)
         refuse_secrets(build, materialized, scanner, skip=scanned)  # what the check wrote in the build
@@ -481,17 +481,6 @@ def _save_values(build: Path, materialized: Materialized, secret_values: Iterabl
                               f"{exc}. Build it inside load() instead.") from None
         if _file_contains(folder / plan.filename, secrets):
             raise ExportError(_value_refusal(folder / plan.filename, plan, secret_values))
-
-
-def _rewrite(build: Path, materialized: Materialized, data_sources: Sequence[Path], secret_values: Any) -> None:
-    """Write the build again from scratch for a new plan (the verification moved names to values)."""
-    for child in list(build.iterdir()):
-        if child.is_dir() and not child.is_symlink():
-            remove_tree(child)
-        else:
-            child.unlink()
-    _write(build, materialized, data_sources)
-    _save_values(build, materialized, secret_values)
 
 
 def _file_contains(path: Path, needles: Sequence[bytes], chunk: int = 1 << 20) -> bool:
@@ -608,6 +597,19 @@ def _holder_in_text(rel: str, text: str, index: int, materialized: Materialized)
     return None
 
 
+def _rewrite(build: Path, materialized: Materialized, data_sources: Sequence[Path], secret_values: Any,
+             scanner: Any) -> None:
+    """Write the build again from scratch for a new plan (the verification moved names to values)."""
+    for child in list(build.iterdir()):
+        if child.is_dir() and not child.is_symlink():
+            remove_tree(child)
+        else:
+            child.unlink()
+    _write(build, materialized, data_sources)
+    _save_values(build, materialized, secret_values)
+    refuse_secrets(build, materialized, scanner)
+
+
 def _check(build: Path, record: Optional[PredictionRecord], secrets: Optional[dict], python: str,
            explain_mismatch: Any, verification: "Verification") -> tuple[int, dict, list[str]]:
     """The fresh-process check; with recorded predictions, load and replay each. Names re-run from
@@ -635,9 +637,9 @@ def _run_fresh(build: Path, replay: list, secrets: Optional[dict], python: str, 
     from .truss_dir import TrussDir
 
     truss = TrussDir.open(build)
+    # spare: a kernel's spare checker, when it can check this directory as a cold Python would (spare_check.py)
     return truss.check_in_fresh_process(load=bool(replay), replay=replay, secrets=secrets, python=python,
                                         fingerprint=fingerprint, spare=True), truss
-    # spare: a kernel's spare checker, when it can check this directory as a cold Python would (spare_check.py)
 
 
 def _replay_note(record: Optional[PredictionRecord], replay: bool, replayed: int) -> str:
@@ -666,10 +668,10 @@ def _check_note(timings: dict, replayed: int) -> str:
     return f"Checked in {timings.get('check', 0):.1f} s{again}: {', '.join(parts)}{how}."
 
 
-
-    recorded = list(record)[item["index"]]
 def _mismatch_message(record: PredictionRecord, item: dict, explain: Any) -> str:
     from .replay import short
+
+    recorded = list(record)[item["index"]]
     hint = explain(item["index"]) if callable(explain) else None
     return (
         "The exported model does not answer as the notebook did, so nothing was exported (any previous export is "

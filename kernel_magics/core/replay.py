@@ -23,8 +23,6 @@ __all__ = ["PredictionRecord", "Recorded", "compare", "as_printed", "PRINTED_STR
 
 MAX_RECORDED = 20
 MAX_RECORD_BYTES = 1_000_000
-# A recorded output that is a stream's text as the notebook printed it (see as_printed).
-PRINTED_STREAM = "printed-stream"
 # Floats match to 1e-10 relative with an absolute floor of 1e-12: float64 rounding noise passes, and so
 # does noise around zero, but a timestamp taken a fraction of a second later does not (1.7e9 s x 1e-10 =
 # 0.17 s). Where both values are float32 numbers (a float32 model's output), to 1e-5 relative with a floor
@@ -33,6 +31,8 @@ RELATIVE_TOLERANCE = 1e-10
 ABSOLUTE_FLOOR = 1e-12
 FLOAT32_RELATIVE_TOLERANCE = 1e-5
 FLOAT32_ABSOLUTE_FLOOR = 1e-6
+# A recorded output that is a stream's text as the notebook printed it (see as_printed).
+PRINTED_STREAM = "printed-stream"
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,18 @@ def compare(expected: Any, got: Any, path: str = "") -> Optional[str]:
     return None if type(expected) is type(got) and expected == got else _differ(path, expected, got)
 
 
+def as_printed(answer: Any) -> str:
+    """A streamed answer as the notebook shows it (its view's text, or what it printed), up to the
+    summary line: text chunks as text, other chunks one JSON line each, then a newline if none ends it."""
+    if isinstance(answer, str):
+        text = answer
+    elif isinstance(answer, list):
+        text = "".join(c if isinstance(c, str) else json.dumps(c) + "\n" for c in answer)
+    else:
+        text = json.dumps(answer) + "\n"
+    return text if not text or text.endswith("\n") else text + "\n"
+
+
 def floats_match(expected: float, got: float) -> bool:
     """Whether two numbers are the same answer up to floating-point noise (see RELATIVE_TOLERANCE)."""
     if expected == got:
@@ -144,18 +156,6 @@ def _is_float32(value: Any) -> bool:
         return struct.unpack("f", struct.pack("f", value))[0] == value
     except OverflowError:
         return False
-
-
-def as_printed(answer: Any) -> str:
-    """A streamed answer as the notebook shows it (its view's text, or what it printed), up to the
-    summary line: text chunks as text, other chunks one JSON line each, then a newline if none ends it."""
-    if isinstance(answer, str):
-        text = answer
-    elif isinstance(answer, list):
-        text = "".join(c if isinstance(c, str) else json.dumps(c) + "\n" for c in answer)
-    else:
-        text = json.dumps(answer) + "\n"
-    return text if not text or text.endswith("\n") else text + "\n"
 
 
 def _differ(path: str, expected: Any, got: Any) -> str:

@@ -124,10 +124,10 @@ class ModelHost:
         # instance and the contract never disagree.
         self._load_lock = threading.RLock()
         self._load_thread: Optional[threading.Thread] = None
-        # The notebook turns this on: each result is checked for what Truss's own server could not
         # Set when the worker thread's load has ended. Waiters wait on this, never on Thread.join:
         # on CPython 3.11 a KeyboardInterrupt inside join() marks a running thread as stopped.
         self._load_done: Optional[threading.Event] = None
+        # The notebook turns this on: each result is checked for what Truss's own server could not
         # encode (last_raw_issue says where), so it can warn before a deploy.
         self.check_truss_compat = False
         self.last_raw_issue: Optional[str] = None
@@ -305,8 +305,8 @@ class ModelHost:
         if self.loading:
             raise ModelNotReadyError("The model is already loading; wait for that load to finish.")
         self._set_state(ModelState.LOADING)
-
         done = self._load_done = threading.Event()
+
         def run() -> None:
             try:
                 try:

@@ -374,8 +374,8 @@ class CheckReport:
     model_line: Optional[int] = None  # where in model.py (top level) the error happened
     replayed: list = field(default_factory=list)  # one dict per replayed input: index, ok, got, why
     stages: dict = field(default_factory=dict)  # seconds in the child: import, load, replay
-    left_running: list = field(default_factory=list)  # what the model started and left running: threads, processes
     fingerprints: dict = field(default_factory=dict)  # "start"/"after_replay" -> name -> fingerprint
+    left_running: list = field(default_factory=list)  # what the model started and left running: threads, processes
     seconds: float = 0.0
     output: str = ""
     spare: Optional[list] = None  # checked by a spare checker: the libraries it had imported in advance
