@@ -166,6 +166,15 @@ def test_predict_errors_and_their_exit_codes(exported, tmp_path):
     assert not_json.returncode == 2 and not_json.stderr.count("\n") == 1 and "is not JSON" in not_json.stderr
     missing = cli("predict", tmp_path / "nowhere", "-d", "{}", cwd=tmp_path)
     assert missing.returncode == 1 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
+    broken = tmp_path / "broken"
+    (broken / "model").mkdir(parents=True)
+    (broken / "config.yaml").write_text("model_name: broken\n")
+    (broken / "model" / "model.py").write_text("X = 1 / 0\n\nclass Model:\n    def predict(self, x):\n        return x\n")
+    failed_import = cli("predict", broken, "-d", "{}", cwd=tmp_path)
+    assert failed_import.returncode == 1 and "X = 1 / 0" in failed_import.stderr
+    assert "kernel_magics/" not in failed_import.stderr and "<frozen" not in failed_import.stderr
+    assert failed_import.stderr.rstrip().splitlines()[-1].startswith(
+        "error: importing model/model.py raised ZeroDivisionError"), failed_import.stderr
 
 
 def test_help_shows_examples_and_exit_codes():

@@ -34,7 +34,15 @@ def predict_once(root: Path, model_input: Any, *, write: Callable[[bytes], None]
     from .truss_dir import TrussDir
 
     truss = TrussDir.open(root)
-    host = truss.host(secrets_dir=secrets_dir, hint="or put a file named {name} in the --secrets-dir folder")
+    try:
+        host = truss.host(secrets_dir=secrets_dir, hint="or put a file named {name} in the --secrets-dir folder")
+    except KernelMagicsError:
+        raise
+    except Exception as exc:  # model.py itself failed at import: the user's frames, then one line
+        import traceback
+
+        raise ModelFailed(f"importing model/model.py raised {type(exc).__name__}: {exc}. Fix model.py (its "
+                          f"traceback is above).", "".join(traceback.format_exception(trim_traceback(exc)))) from None
     try:
         host.load()
     except KernelMagicsError:

@@ -16,6 +16,8 @@ _STDLIB_DIR = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
 
 
 def _is_plumbing(filename: str) -> bool:
+    if filename.startswith("<frozen "):  # importlib between TrussDir and a model.py that fails at import
+        return True
     path = os.path.abspath(filename)
     return path.startswith(_PACKAGE_DIR) or (
         path.startswith(_STDLIB_DIR) and "site-packages" not in path

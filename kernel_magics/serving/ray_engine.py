@@ -212,9 +212,13 @@ def _deployment(truss_dir: Path, scale: Scale, config: ModelConfig, secrets_ref:
             # (both show in Ray's dashboard and logs).
             for name, value in ray.get(secrets_ref[0]).items():
                 host.secrets.set_value(name, value)
+            from ..core.secrets import redact_log_records
             from .server import redact_logs_of
 
             redact_logs_of(host)
+            # The model's own logging in a replica goes to Ray's handlers, not our log queue: redact each
+            # record as it is made, before any handler (Ray's log files, the driver's console) sees it.
+            redact_log_records(host.secrets.redact)
             try:
                 host.load()  # once per replica; a failure fails the replica and Ray retries it
             except BaseException as exc:
