@@ -138,20 +138,36 @@ def test_a_prediction_holding_a_secret_is_not_recorded_nor_written(k):
 
 
 
-def test_a_prediction_whose_request_header_holds_a_secret_is_not_recorded(k):
+def test_a_prediction_whose_request_header_holds_a_secret_is_not_recorded(fresh_kernel, tmp_path):
     """Replayed with the header redacted it would be another request (a model that checks the token would
-    refuse it), so it is not recorded at all; the export replays the others."""
-    target = k.folder / "out-header"
-    k.ok("import fastapi")
-    k.ok("%%model\nclass Model:\n    def predict(self, x, request: fastapi.Request):\n"
-         "        return {'authorized': request.headers.get('x-token') == os.environ['TRUSS_SECRET_tok']}\n")
+    refuse it), so it is not recorded at all; the export replays the others. (A kernel of its own: the
+    canary is typed into a cell here, which the shared kernel's saved history must never hold.)"""
+    k = fresh_kernel(cwd=tmp_path, env={"TRUSS_SECRET_tok": CANARY}, load_ext=True)
+    k.ok("%config ModelMagics.widgets = 'never'\nimport fastapi")
+    k.ok("%%model_config\nmodel_name: header-test\nsecrets: {tok: null}\n")
+    k.ok("%%model\nclass Model:\n    def __init__(self, secrets):\n        self._s = secrets\n"
+         "    def predict(self, x, request: fastapi.Request):\n"
+         "        return {'authorized': request.headers.get('x-token') == self._s['tok']}\n")
     k.ok("%model_load")
     skipped = k.ok(f'%model_predict --header x-token:{CANARY} {{"q": 1}}')
     assert "Not recorded for the export" in skipped.stdout and "secret `tok`" in skipped.stdout
     k.ok('%model_predict --header x-token:other {"q": 2}')
-    exported = k.ok(f"%model_export {target}")
+    exported = k.ok(f"%model_export {tmp_path / 'out'}")
     assert "Replayed 1 recorded prediction" in exported.stdout, exported.stdout
-    assert CANARY.encode() not in exported_bytes(target)
+    assert CANARY.encode() not in exported_bytes(tmp_path / "out")
+
+
+def test_a_model_that_reads_a_secret_from_the_environment_is_refused(k):
+    """Truss mounts secrets as files and passes them as `secrets`: os.environ["TRUSS_SECRET_tok"] in
+    model.py works in the notebook and in the check (the kernel has the variable) but not when deployed."""
+    target = k.folder / "out-env-read"
+    k.ok("ENV_TOKEN = os.environ['TRUSS_SECRET_tok']\nAUTH = 'Bearer ' + ENV_TOKEN")
+    k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return {'auth': len(AUTH)}\n")
+    refused = k.execute(f"%model_export {target}")
+    assert_no_secret(sent(refused))
+    message = " ".join(refused.stderr.split())
+    assert "UsageError" in refused.stderr and "reads secret `tok` from the environment" in message, refused.all_text
+    assert "load()" in message and not target.exists()
 
 
 # ---------------------------------------------------------------- 3. no secret in a saved error

@@ -409,6 +409,7 @@ def export_model(
             raise ExportError(f"Data path {path} does not exist. Check the --data argument.")
         data_sources.append(path.resolve())
     _check_data(data_sources, target)
+    _refuse_secret_env_reads(materialized.source)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # Held (flock) while this export runs: a later export to the same target removes it if we are killed.
@@ -595,6 +596,33 @@ def _holder_in_text(rel: str, text: str, index: int, materialized: Materialized)
             shown = ", ".join(f"`{n}`" for n in names if n)
             return f"the notebook value {shown}" if shown else None
     return None
+
+
+def _refuse_secret_env_reads(source: Any) -> None:
+    """model.py must not read a secret from the environment: a Truss deployment mounts secrets as files
+    and passes them to ``Model.__init__`` as ``secrets``, so ``os.environ["TRUSS_SECRET_x"]`` that works
+    in the notebook (and in the check, which has the kernel's secrets) raises KeyError when deployed."""
+    import io
+    import re
+    import tokenize
+
+    lines = source.text.splitlines()
+    try:  # code only: a comment that mentions the variable reads nothing
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(source.text).readline) if t.type != tokenize.COMMENT]
+    except (tokenize.TokenError, SyntaxError):
+        return
+    for token in tokens:
+        found = re.search(r"TRUSS_SECRET_(\w+)", token.string)
+        if found:
+            number = token.start[0]
+            line = lines[number - 1]
+            holder = source.name_at_line(number)
+            raise ExportError(
+                f"model.py line {number}{f' (`{holder}`)' if holder else ''} reads secret `{found.group(1)}` from "
+                f"the environment ({line.strip()[:80]}), which works in the notebook but not when deployed: Truss "
+                f"mounts secrets as files and passes them to the model as `secrets`. Read it in load() instead, "
+                f"from `self._secrets[{found.group(1)!r}]` with `def __init__(self, secrets): self._secrets = "
+                f"secrets`. Nothing was exported.")
 
 
 def _rewrite(build: Path, materialized: Materialized, data_sources: Sequence[Path], secret_values: Any,
