@@ -138,22 +138,26 @@ def test_a_prediction_holding_a_secret_is_not_recorded_nor_written(k):
 
 
 
-def test_a_prediction_whose_request_header_holds_a_secret_is_not_recorded(fresh_kernel, tmp_path):
-    """Replayed with the header redacted it would be another request (a model that checks the token would
-    refuse it), so it is not recorded at all; the export replays the others. (A kernel of its own: the
-    canary is typed into a cell here, which the shared kernel's saved history must never hold.)"""
+def test_a_request_header_holding_a_secret_is_recorded_by_name_and_replayed_with_it(fresh_kernel, tmp_path):
+    """The recorded request keeps a reference to the secret, not its value; the replay resolves it from
+    its own secrets, so a model that checks the token gets the same request (replayed with `***` it
+    answered otherwise and the export was refused). (A kernel of its own: the canary is typed into a
+    cell here, which the shared kernel's saved history must never hold.)"""
     k = fresh_kernel(cwd=tmp_path, env={"TRUSS_SECRET_tok": CANARY}, load_ext=True)
     k.ok("%config ModelMagics.widgets = 'never'\nimport fastapi")
     k.ok("%%model_config\nmodel_name: header-test\nsecrets: {tok: null}\n")
     k.ok("%%model\nclass Model:\n    def __init__(self, secrets):\n        self._s = secrets\n"
          "    def predict(self, x, request: fastapi.Request):\n"
-         "        return {'authorized': request.headers.get('x-token') == self._s['tok']}\n")
+         "        return {'authorized': request.headers.get('x-token') == 'Bearer ' + self._s['tok']}\n")
     k.ok("%model_load")
-    skipped = k.ok(f'%model_predict --header x-token:{CANARY} {{"q": 1}}')
-    assert "Not recorded for the export" in skipped.stdout and "secret `tok`" in skipped.stdout
+    yes = k.ok(f'%model_predict --header "x-token:Bearer {CANARY}" {{"q": 1}}')
+    assert "True" in yes.result
     k.ok('%model_predict --header x-token:other {"q": 2}')
+    kept = k.ok("import json\nprint(json.dumps([r.request for r in "
+                "get_ipython().magics_manager.registry['ModelMagics'].record]))").stdout
+    assert CANARY not in kept and "Bearer {{secret:tok}}" in kept, kept
     exported = k.ok(f"%model_export {tmp_path / 'out'}")
-    assert "Replayed 1 recorded prediction" in exported.stdout, exported.stdout
+    assert "Replayed 2 recorded predictions" in exported.stdout, exported.stdout
     assert CANARY.encode() not in exported_bytes(tmp_path / "out")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any, Optional, Sequence
 
 __all__ = ["PREDICT_PATH", "route_path", "build_request", "describe_request"]
@@ -51,22 +52,41 @@ def build_request(model_input: Any, *, headers: Sequence[tuple[str, str]] = (), 
     return Request(scope, receive)
 
 
-def describe_request(request: Any, redact: Any = None) -> Optional[dict]:
-    """What a replay needs to build the same request again (JSON): method, path and headers, each
-    header value passed through ``redact`` (a secret's value is never kept). None for no request."""
+def _secret_ref(name: str) -> str:
+    return "{{secret:" + name + "}}"
+
+
+def describe_request(request: Any, redact: Any = None, secret_names: Optional[dict] = None) -> Optional[dict]:
+    """What a replay needs to build the same request again (JSON): method, path and headers. A secret's
+    value is never kept: where a header holds one (``secret_names``: value -> name) it is kept as a
+    reference by name that the replay resolves from its own secrets (a model that checks the token gets
+    the same request); any other form of it goes through ``redact``. None for no request."""
     if request is None:
         return None
     scope = request.scope
     headers = [[n.decode("latin-1"), v.decode("latin-1")] for n, v in scope.get("headers", ())
                if n != b"content-length"]
+    for value, name in sorted((secret_names or {}).items(), key=lambda item: -len(item[0])):
+        if value:
+            headers = [[n, v.replace(value, _secret_ref(name))] for n, v in headers]
     if redact is not None:
         headers = [[n, redact(v)] for n, v in headers]
     return {"method": scope.get("method", "POST"), "path": scope.get("path", PREDICT_PATH), "headers": headers}
 
 
-def request_from(description: Optional[dict], model_input: Any) -> Any:
-    """The request :func:`describe_request` described, for ``model_input``; None for None."""
+def request_from(description: Optional[dict], model_input: Any, secrets: Any = None) -> Any:
+    """The request :func:`describe_request` described, for ``model_input``, its secret references
+    resolved from ``secrets`` (a mapping of name to value); None for None."""
     if not description:
         return None
-    return build_request(model_input, headers=[tuple(h) for h in description.get("headers", [])],
+
+    def resolve(value: str) -> str:
+        for name in re.findall(r"\{\{secret:(\w+)\}\}", value):
+            try:
+                value = value.replace(_secret_ref(name), secrets[name])
+            except (KeyError, TypeError, LookupError):
+                pass  # not available here: the reference stays, and the replay shows the difference
+        return value
+
+    return build_request(model_input, headers=[(n, resolve(v)) for n, v in description.get("headers", [])],
                          method=description.get("method", "POST"), path=description.get("path", PREDICT_PATH))

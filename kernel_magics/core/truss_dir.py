@@ -499,7 +499,8 @@ def _run_check(root: Path, report_path: Path, load: bool, options: Optional[dict
                     takes = any(s is not None and s.takes_request
                                 for s in (contract.predict, contract.preprocess, contract.postprocess))
                     described = item.get("request") or ({"headers": []} if takes else None)
-                    got = await host.collect(item["input"], request=request_from(described, item["input"]))
+                    got = await host.collect(item["input"], request=request_from(described, item["input"],
+                                                                                 options.get("secrets", {})))
                 except Exception as exc:
                     report["replayed"].append({"index": i, "ok": False, "got": None,
                                                "why": host.describe_error(exc)})

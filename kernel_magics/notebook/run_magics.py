@@ -295,9 +295,10 @@ class RunMagics(Magics):
         if method == "predict" and host.state is ModelState.READY and whole:
             from ..core.model_request import describe_request
 
-            # The replay builds the same request (method, path, headers); one whose headers hold a secret is
-            # not recorded at all: replayed with the value redacted, it would not be the same request.
-            model.note_prediction(model_input, value, request=describe_request(request))
+            # The replay builds the same request (method, path, headers); a header's secret is kept as a
+            # reference by name, which the replay resolves from its own secrets (never the value).
+            model.note_prediction(model_input, value, request=describe_request(
+                request, host.secrets.redact, secret_names=host.secrets.known_values()))
             self._warn_if_truss_would_refuse(result, streamed)
         if streamed:
             model.hide_result(value)  # the view (or the printed text) showed it already
