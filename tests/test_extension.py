@@ -1,6 +1,6 @@
 """The JupyterLab extension in a real JupyterLab, driven in Debian's Chromium with Playwright.
 
-One JupyterLab and one browser serve the whole run (session fixtures). Screenshots go to a temp
+One JupyterLab serves the whole run (a session fixture) and one browser this module. Screenshots go to a temp
 dir; `make docs-screenshots` sets KM_DOCS_SCREENSHOTS to refresh docs/*.png on purpose.
 """
 
@@ -76,8 +76,10 @@ def lab(tmp_path_factory):
     log.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def page(lab):
+    """Module-scoped, not session: Playwright's sync API keeps an event loop running in the main thread while it
+    is started, and every asyncio.run() of a later test module in this process would fail."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from ..core.errors import KernelMagicsError
 from ..core.runtime import ModelHost
@@ -111,9 +111,30 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
 
     app = create_app(model_host, on_startup=start, on_shutdown=model_host.close, max_body=max_body, metrics=metrics)
     server = uvicorn.Server(uvicorn_config(app, host, port, log_level=log_level, log_config=None))
+    _flush_logs_before_a_signal_ends_us(stop_logs)
     try:
         server.run()
     finally:
         stop_logs()  # every line out before the CLI's last words
     if failure:
         raise ModelLoadFailed(f"the model failed to load: {failure[0]}")
+
+
+def _flush_logs_before_a_signal_ends_us(stop_logs: Callable[[], None]) -> None:
+    """After a graceful shutdown uvicorn restores the handlers it found and raises the signal again (so a
+    supervisor sees "terminated by SIGTERM"); the default action would end the process before the log
+    writer thread wrote its last lines ("Finished server process"). The handlers it finds are these: write
+    the queued lines out, then let the signal do what it did before."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(sig)
+
+        def flush_then_raise(number: int, frame: Any, previous: Any = previous) -> None:
+            stop_logs()
+            signal.signal(number, previous)
+            signal.raise_signal(number)
+
+        signal.signal(sig, flush_then_raise)
