@@ -263,6 +263,8 @@ def pytest_addoption(parser):
 
 
 CACHES = "library-caches"  # in the run's temp dir: removed with it, not reported
+# pip's own cache (the package tests install into fresh venvs, as a user would): kept for the next run, not a leftover
+HOME_CACHES = Path.home() / ".cache" / "pip"
 
 
 def _private_temp_dir(config) -> None:
@@ -326,7 +328,8 @@ def pytest_sessionfinish(session, exitstatus):
             pytest_root.rmdir()  # this run made it and a passing run leaves it empty
         system, home = _listing(Path(os.environ["KM_TEST_SYSTEM_TMP"])), _listing(Path.home())
         left += sorted(p for p in system - before[0] if not Path(p).is_relative_to(private)
-                       and not Path(p).is_relative_to(pytest_root)) + sorted(home - before[1])
+                       and not Path(p).is_relative_to(pytest_root)) + sorted(
+            p for p in home - before[1] if not Path(p).is_relative_to(HOME_CACHES))
         repository = _repository_state()
         left += sorted(p for p, mtime in repository.items() if p not in before[2] or before[2][p] != mtime)
     reporter = config.pluginmanager.get_plugin("terminalreporter")
