@@ -1,5 +1,6 @@
 """The dependency closure that turns notebook cells into model.py (pure core, no kernel)."""
 
+import os
 import pytest
 
 from kernel_magics.core.source import MaterializeError, build_model_source
@@ -206,6 +207,7 @@ def test_what_only_rebuilds_a_saved_value_is_not_verified():
     live: dict = {}
     for cell in cells:
         exec(cell, live)
+    os.rmdir(live["WORK"])  # the cell made it, as a notebook would: the test leaves nothing behind
     model = "%%model\nclass Model:\n    def predict(self, x):\n        return net(torch.ones(SIZE)).tolist()"
     source = build_model_source([*cells, model], "Model", live=live)
     # `net` is rebuilt from its source and gets its weights from the saved file: WORK (a new temporary folder in
