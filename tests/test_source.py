@@ -1,6 +1,7 @@
 """The dependency closure that turns notebook cells into model.py (pure core, no kernel)."""
 
 import os
+
 import pytest
 
 from kernel_magics.core.source import MaterializeError, build_model_source
