@@ -271,3 +271,11 @@ def slow_read(url: str, mib: int, rate_mib_s: float, marks: Path, server) -> dic
     return {"peak_growth_mib": (peak[0] - base) / 2**20, "lead_mib": lead[0], "seconds": time.perf_counter() - started}
 
 
+def wait_for(path: Path, timeout: float = 10) -> bool:
+    """Until a marker file a model or a test writes exists (True), or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return True
+        time.sleep(0.01)
+    return False

@@ -11,7 +11,7 @@ import pytest
 
 from server_harness import (
     TRUSS_REFERENCE, answer, free_port, post_concurrently, post_in_background, serve_ours, serve_truss,
-    truss_reference_python, write_truss,
+    truss_reference_python, wait_for, write_truss,
 )
 
 CANARY = "sk-CANARY-serve-91b2"
@@ -112,15 +112,6 @@ def basic_dir(tmp_path, markers, concurrency=4):
 
 def stream_dir(tmp_path, markers):
     return write_truss(tmp_path / "stream", STREAM, f"environment_variables: {{KM_MARKERS: \"{markers}\"}}\n")
-
-
-def wait_for(path: Path, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def baseten_headers(response: httpx.Response) -> tuple:

@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_harness import TRUSS_REFERENCE, answer, free_port, serve_ours, serve_truss, truss_reference_python, write_truss
+from server_harness import (TRUSS_REFERENCE, answer, free_port, serve_ours, serve_truss, truss_reference_python,
+                            wait_for, write_truss)
 
 CANARY = "sk-CANARY-edge-5c1e"
 
@@ -21,15 +22,6 @@ def markers(tmp_path):
     path = tmp_path / "markers"
     path.mkdir()
     return path
-
-
-def wait_for(path: Path, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def run_to_exit(truss_dir: Path, *args: str, env=None):
@@ -56,7 +48,7 @@ class Model:
         return "ready"
 '''
     with serve_ours(write_truss(tmp_path / "slowimport", model), wait_ready=False) as s:
-        assert wait_for(markers / "importing")
+        assert wait_for(markers / "importing", timeout=30)
         assert httpx.get(s.url + "/").json() is True  # the port answers while the import is under way
         not_ready = httpx.get(s.url + "/v1/models/model")
         assert not_ready.status_code == 503 and not_ready.json() == {"error": "Model with name model is not ready."}
@@ -153,7 +145,7 @@ def test_45_stalled_streams_leave_threads_for_probes_and_sync_predicts(tmp_path,
         readers = [stalled_reader(s.url, {"stream": f"r{i}"}) for i in range(45)]
         try:
             for i in range(45):
-                assert wait_for(markers / f"r{i}-started")
+                assert wait_for(markers / f"r{i}-started", timeout=30)
             # More stalled streams than the 40 worker threads: none of them holds one.
             assert httpx.get(s.url + "/v1/models/model", timeout=30).status_code == 200  # sync is_healthy
             assert httpx.post(s.predict_url(), json={"a": 1}, timeout=30).json() == {"echo": {"a": 1}}
@@ -170,10 +162,10 @@ def test_a_stalled_reader_loses_its_stream_after_streaming_read_timeout(tmp_path
     with serve_ours(d) as s:
         sock = stalled_reader(s.url, {"stream": "stalled"})
         try:
-            assert wait_for(markers / "stalled-started")
+            assert wait_for(markers / "stalled-started", timeout=30)
             assert httpx.get(s.url + "/v1/models/model", timeout=30).status_code == 200  # a probe meanwhile
             # The reader takes nothing: after streaming_read_timeout its generator is closed ...
-            assert wait_for(markers / "stalled-closed")
+            assert wait_for(markers / "stalled-closed", timeout=30)
             # ... and the one predict slot is free again.
             assert httpx.post(s.predict_url(), json={"a": 2}, timeout=30).json() == {"echo": {"a": 2}}
         finally:
