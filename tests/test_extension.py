@@ -19,14 +19,9 @@ import pytest
 from server_harness import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+from browser_harness import ARGS, CHROMIUM, chromium_marks  # noqa: E402
 
-if not CHROMIUM.exists():
-    if os.environ.get("KM_REQUIRE_BROWSER"):
-        raise RuntimeError("KM_REQUIRE_BROWSER is set but /usr/bin/chromium is missing")
-    pytestmark = pytest.mark.skip(reason="Debian's chromium is not installed (make test installs it as root)")
+pytestmark = chromium_marks()
 
 
 @pytest.fixture(scope="session")

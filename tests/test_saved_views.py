@@ -1,19 +1,9 @@
 """What a finished view leaves in the notebook reads whole in nbconvert's HTML, rendered by a real Chromium:
 words wrap between tokens (JupyterLab's output CSS would cut them anywhere), and the load log is not cut."""
 
-import os
-from pathlib import Path
+from browser_harness import ARGS, CHROMIUM, chromium_marks
 
-import pytest
-
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-if not CHROMIUM.exists():
-    if os.environ.get("KM_REQUIRE_BROWSER"):
-        raise RuntimeError("KM_REQUIRE_BROWSER is set but /usr/bin/chromium is missing")
-    pytestmark = pytest.mark.skip(reason="Debian's chromium is not installed (make test installs it as root)")
+pytestmark = chromium_marks()
 
 CELLS = [
     "%load_ext kernel_magics\n%config ModelMagics.widgets = 'always'",
