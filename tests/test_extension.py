@@ -138,6 +138,20 @@ def toolbar(page) -> dict[str, bool]:
         '#kernel-magics-panel .jp-Toolbar jp-button')].map(b => [b.title, b.getAttribute('aria-disabled') !== 'true']))""")
 
 
+def wait_toolbar(page, enabled: list[bool], timeout: float = 30_000) -> None:
+    """Until the toolbar buttons' enabled states are ``enabled``: Lab re-renders a CommandToolbarButton on
+    its own schedule after notifyCommandChanged, so the panel's text can change a frame before the buttons."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function("""expected => JSON.stringify([...document.querySelectorAll(
+            '#kernel-magics-panel .jp-Toolbar jp-button')].map(b => b.getAttribute('aria-disabled') !== 'true'))
+            === JSON.stringify(expected)""", arg=enabled, timeout=timeout)
+    except PlaywrightTimeout:
+        pass  # the assertion below names what the buttons showed instead
+    assert list(toolbar(page).values()) == enabled, toolbar(page)
+
+
 def palette(page, text: str) -> None:
     """Run a command the way a user does: the command palette, typed, Enter."""
     page.keyboard.press("Control+Shift+C")
@@ -167,12 +181,12 @@ def test_the_panel_follows_the_notebook_and_the_commands_work(page, lab, shots):
     assert not panel.locator("dd[data-key='gpu']").count()  # no GPU memory row on a CPU-only machine
     page.wait_for_function("document.querySelector('#kernel-magics-status').textContent === 'Model: ready · cpu'")
     wait_value(page, "predict", "v.endsWith(' ms')")
-    assert list(toolbar(page).values()) == [True, True, True, True]
+    wait_toolbar(page, [True, True, True, True])
 
     # Unload and Load from the command palette.
     palette(page, "Unload model")
     wait_state(page, "defined")
-    assert list(toolbar(page).values()) == [True, False, True, True]  # nothing to unload
+    wait_toolbar(page, [True, False, True, True])  # nothing to unload
     palette(page, "Load model")
     wait_state(page, "ready")
 
@@ -412,7 +426,7 @@ def test_run_all_the_panel_follows_from_load_ext_whatever_cell_fails(page, lab):
                            ".some(o => o.textContent.includes('this cell fails'))", timeout=60_000)
     page.wait_for_function("window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'")
     wait_state(page, "ready")
-    assert list(toolbar(page).values()) == [True, True, True, True]  # Export is enabled
+    wait_toolbar(page, [True, True, True, True])  # Export is enabled
 
     # Restart & Run All: the same again from the new kernel's %load_ext (the failing cell stops it).
     marker.unlink()

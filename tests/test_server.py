@@ -431,8 +431,8 @@ def test_a_served_child_stops_when_its_kernel_dies(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\nfrom pathlib import Path\nfrom kernel_magics.serving.background import ServeProcess\n"
         f"p = ServeProcess.start(Path({str(d)!r}), [], port={free_port()})\np.wait_ready(60)\n"
-        "print(p.proc.pid, p.url, flush=True)\ntime.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
-    pid, url = parent.stdout.readline().split()
+        "print(p.proc.pid, p.url, p.log, flush=True)\ntime.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    pid, url, log = parent.stdout.readline().split()
     child = psutil.Process(int(pid))
     assert httpx.post(url + "/v1/models/model:predict", json={"a": 1}).json() == {"a": 1}
     parent.kill()  # as a kernel restart or a crash does: no atexit, no cleanup
@@ -440,3 +440,4 @@ def test_a_served_child_stops_when_its_kernel_dies(tmp_path):
     child.wait(timeout=30)  # psutil.TimeoutExpired if it outlived its kernel
     with pytest.raises(httpx.ConnectError):
         httpx.post(url + "/v1/models/model:predict", json={}, timeout=2)
+    Path(log).unlink()  # a killed parent left its child's log, as a crashed kernel would
