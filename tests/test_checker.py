@@ -103,6 +103,29 @@ class Model:
     assert spare_check._state.last_miss == "the config's environment_variables changed"
 
 
+def test_a_spare_is_not_used_once_a_source_it_imported_from_outside_site_packages_changed(tmp_path, spare_slot):
+    """An editable install (this project's own, in a developer's venv) lives outside site-packages, whose
+    stamp would not see the edit: the spare names the file and the check starts cold."""
+    import kernel_magics.core.runtime as runtime
+
+    source = Path(runtime.__file__)
+    if "site-packages" in source.parts:
+        pytest.skip("kernel_magics is not an editable install here")
+    root = write_truss(tmp_path / "t", "import json\nclass Model:\n    def predict(self, model_input):\n        return 1\n")
+    _ready(spare_slot.prepare(["import json"]))
+    assert _check(root, spare=True).spare == ["import json"]  # unchanged: the spare is used
+    spare = spare_slot.current()
+    _ready(spare)
+    before = source.stat()
+    try:
+        os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))  # as an editor's save
+        report = _check(root, spare=True)
+    finally:
+        os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert report.ok and report.spare is None
+    assert spare_check._state.last_miss == f"{source} changed since the spare imported it"
+
+
 NOTEBOOK_MODEL = '''%%model
 import json, os, sys
 

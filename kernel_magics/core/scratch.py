@@ -139,16 +139,17 @@ def remove_tree(path: Path) -> bool:
     return not path.exists()
 
 
-def die_with_parent(parent_pid: Optional[int]) -> None:
-    """In a child process: be killed when ``parent_pid`` dies (Linux ``PR_SET_PDEATHSIG``), and exit
-    at once if it is already gone. Elsewhere this does nothing. (Linux sends the signal when the parent
-    *thread* that started the child ends: start such a child from a thread that waits for it.)"""
+def die_with_parent(parent_pid: Optional[int], sig: int = signal.SIGKILL) -> None:
+    """In a child process: get ``sig`` (killed, by default) when ``parent_pid`` dies (Linux
+    ``PR_SET_PDEATHSIG``), and exit at once if it is already gone. Elsewhere this does nothing. (Linux sends
+    the signal when the parent *thread* that started the child ends: start such a child from a thread that
+    lives as long as the parent needs it.)"""
     if not parent_pid or not sys.platform.startswith("linux"):
         return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(pr_set_pdeathsig, sig, 0, 0, 0)
     except (OSError, AttributeError):
         return
     if os.getppid() != parent_pid:  # it died before the prctl took effect

@@ -15,8 +15,9 @@ would have imported anyway before model.py's own code ran:
 - it is used only when the modules it imported are the ones the new model.py starts by importing, in
   the same order (so a forgotten ``import`` still fails; a submodule the model never imports is not
   there either; nothing is imported ahead of a statement that could change what an import does);
-- the kernel's environment, the config's environment_variables, the Python and the installed
-  packages (site-packages' modification time) must be what they were when it started;
+- the kernel's environment, the config's environment_variables, the Python, the installed
+  packages (site-packages' modification time) and the source files it imported from elsewhere (an
+  editable install) must be what they were when it started;
 - nothing of the kernel reaches it: it starts with ``-I`` and the check's clean environment, and
   receives only the directory path, the recorded predictions and the secret values, over a pipe.
 
@@ -86,6 +87,22 @@ def _site_stamp() -> tuple:
     return tuple(stamp)
 
 
+def _sources_outside_site() -> list:
+    """The source files (and their modification times) of the modules this process imported from neither the
+    standard library nor site-packages (an editable install, a PYTHONPATH folder): the site stamp does not see
+    an edit there, so a spare that imported one is stale once it changed."""
+    paths = sysconfig.get_paths()
+    roots = tuple(os.path.join(paths[key], "") for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths)
+    found = []
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if not isinstance(file, str) or file.startswith(roots):
+            continue
+        with contextlib.suppress(OSError):
+            found.append([file, os.stat(file).st_mtime_ns])
+    return sorted(found)
+
+
 class Spare:
     """One spare checker process (the kernel's side)."""
 
@@ -132,6 +149,20 @@ class Spare:
         except (OSError, ValueError, KeyError):
             return []
 
+    def edited(self) -> Optional[str]:
+        """A source file it imported from outside site-packages that changed since (None when none did)."""
+        try:
+            sources = json.loads((self.path / READY).read_text()).get("sources", [])
+        except (OSError, ValueError):
+            return None
+        for file, mtime in sources:
+            try:
+                if os.stat(file).st_mtime_ns != mtime:
+                    return file
+            except OSError:
+                return file
+        return None
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -162,6 +193,9 @@ class Spare:
             return f"the directory holds {', '.join(shadowed)}"
         if not self.started.wait(30) or not self.alive():
             return "the spare is not running"
+        edited = self.edited()
+        if edited:
+            return f"{edited} changed since the spare imported it"
         return None
 
     def send(self, job: dict) -> None:
@@ -291,9 +325,11 @@ def _serve() -> int:
         os._exit(0)
 
     signal.signal(signal.SIGTERM, gone)
-    _parent_death_signal(signal.SIGTERM)
     if not parent or os.getppid() != parent:
         gone()
+    from .scratch import die_with_parent
+
+    die_with_parent(parent, signal.SIGTERM)  # SIGTERM, not a kill: `gone` removes this spare's folder
     os.environ.update(spec.get("env", {}))  # as TrussDir.prepare_process does before the cold import
     imported = []
     for statement in spec.get("modules", []):
@@ -304,7 +340,7 @@ def _serve() -> int:
         except BaseException:
             break  # the cold check stops at this import too; it fails there again, in model.py's order
         imported.append(statement)
-    (here / (READY + ".tmp")).write_text(json.dumps({"imported": imported}))
+    (here / (READY + ".tmp")).write_text(json.dumps({"imported": imported, "sources": _sources_outside_site()}))
     os.replace(here / (READY + ".tmp"), here / READY)
     line = sys.stdin.buffer.readline()
     if not line:
@@ -314,14 +350,6 @@ def _serve() -> int:
     from .truss_dir import _run_check
 
     return _run_check(Path(job.pop("dir")), Path(job.pop("report")), bool(job.pop("load")), options=job)
-
-
-def _parent_death_signal(sig: int) -> None:
-    import ctypes
-
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 if __name__ == "__main__":
