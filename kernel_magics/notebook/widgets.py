@@ -321,14 +321,21 @@ class LoadView:
             self.handle.update(Final(self._html(static=True), self.summary()))
 
     def summary(self) -> str:
-        elapsed = self.seconds if self.seconds is not None else time.perf_counter() - self.started
         where = devices.describe_device(self.device) if self.device else "chosen by the model"
-        line = f"{self.state} · {elapsed:.1f} s · {where}"
+        line = f"{self._state_and_time(' · ')} · {where}"
         if self.memory_after and self.state == "ready":
             line += f" · GPU memory: {_memory(self.memory_after)}"
         if self.error is not None:
             line += "".join(f"\n{part}" for part in self.error if part)
         return line
+
+    def _state_and_time(self, sep: str) -> str:
+        """"ready · 1.2 s"; a load that failed at once (model.py's import, a missing method) shows no time
+        of "0.0 s", which would read as a load that ran."""
+        elapsed = self.seconds if self.seconds is not None else time.perf_counter() - self.started
+        if self.state == "failed":
+            return f"failed after {elapsed:.1f} s" if elapsed >= 0.05 else "failed"
+        return f"{self.state}{sep}{elapsed:.1f} s"
 
     def _tick(self) -> None:
         while not self._done.wait(0.25):  # elapsed time ticks while load runs
@@ -339,7 +346,6 @@ class LoadView:
 
     def _html(self, static: bool = False) -> str:
         """The view as HTML; ``static`` (what the notebook keeps) shows the whole log, not a scrolled box."""
-        elapsed = self.seconds if self.seconds is not None else time.perf_counter() - self.started
         color = self.colors[self.state]
         rows = [("device", devices.describe_device(self.device) if self.device else "chosen by the model")]
         # GPU rows only where there is a GPU to speak of.
@@ -360,5 +366,7 @@ class LoadView:
             error = (f"<details><summary style='color:{color}'>{html.escape(summary)}</summary>"
                      f"<pre style='font-size:12px;{_WRAP_INLINE}'>{html.escape(tb)}</pre></details>" if tb
                      else f"<div style='color:{color}'>{html.escape(summary)}</div>")
-        return (f"<div class='km-load'><b style='color:{color}'>{self.state}</b> &middot; {elapsed:.1f} s"
+        state, _, elapsed = self._state_and_time("\0").partition("\0")
+        return (f"<div class='km-load'><b style='color:{color}'>{html.escape(state)}</b>"
+                f"{f' &middot; {elapsed}' if elapsed else ''}"
                 f"<div style='font-size:12px'>{table}</div>{log}{error}</div>")
