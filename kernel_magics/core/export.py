@@ -473,31 +473,15 @@ def _save_values(build: Path, materialized: Materialized, secret_values: Iterabl
         return
     folder = build / "data" / VALUES_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    secrets = [s.encode() for s in secret_values if len(s) >= 4]
+    scanner = SecretScanner(dict.fromkeys(secret_values, ""))  # (names unused: the refusal names the value)
     for plan in plans:
         try:
             plan.save(folder)
         except Exception as exc:
             raise ExportError(f"Could not save the value of `{plan.name}` ({plan.format}): {type(exc).__name__}: "
                               f"{exc}. Build it inside load() instead.") from None
-        if _file_contains(folder / plan.filename, secrets):
+        if (folder / plan.filename).is_file() and scanner.find_in_file(folder / plan.filename) is not None:
             raise ExportError(_value_refusal(folder / plan.filename, plan, secret_values))
-
-
-def _file_contains(path: Path, needles: Sequence[bytes], chunk: int = 1 << 20) -> bool:
-    """Whether a file holds any of ``needles``, read in chunks (a saved value may be larger than the
-    memory the kernel can spare twice); consecutive chunks overlap by the longest needle."""
-    if not needles or not path.is_file():
-        return False
-    keep = max(len(n) for n in needles) - 1
-    tail = b""
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            window = tail + block
-            if any(n in window for n in needles):
-                return True
-            tail = window[-keep:] if keep else b""
-    return False
 
 
 # ------------------------------------------------------------------ no secret in any exported byte

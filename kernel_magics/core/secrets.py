@@ -137,23 +137,6 @@ class SecretScanner:
                 start += len(chunk)
         return None
 
-    def find_in_tree(self, root: Path, skip: Iterable[Path] = ()) -> Optional[tuple[Path, str]]:
-        """``(file, secret name)`` of the first file under ``root`` that holds a secret, or None.
-        Symbolic links are not followed (an export holds none)."""
-        skipped = {Path(p) for p in skip}
-        if not self._bytes:
-            return None
-        for folder, dirs, files in os.walk(root):
-            dirs.sort()
-            for name in sorted(files):
-                path = Path(folder) / name
-                if path in skipped or path.is_symlink() or not path.is_file():
-                    continue
-                hit = self.find_in_file(path)
-                if hit is not None:
-                    return path, hit[0]
-        return None
-
 
 class SecretStore(Mapping):
     """A read-only mapping of secret name to value, passed to the model as ``secrets``.
