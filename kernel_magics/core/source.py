@@ -36,7 +36,7 @@ from .errors import KernelMagicsError
 
 __all__ = [
     "MaterializeError", "ModelSource", "Included", "build_model_source", "split_cell_magic",
-    "last_cell_of", "python_of_cell", "is_stdlib",
+    "last_cell_of", "python_of_cell", "is_stdlib", "globals_for_load",
 ]
 
 _BUILTINS = frozenset(dir(builtins))
@@ -739,6 +739,10 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     needs that cannot travel, and what to do instead.
     """
     cells = list(cells)
+    if live is not None:
+        from .load_snapshot import planning_view
+
+        live = planning_view(live)  # what the notebook's load() changed, as it was before that load
     if last_cell_of(cells, "model") is None:
         raise MaterializeError("No `%%model` cell defines the model yet: write a %%model cell with the model class first.")
     analysis = _collect(cells)
@@ -840,6 +844,55 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
                        values=[p for p, _ in sorted(plans.values(), key=lambda item: (item[1], item[0].name))],
                        changes=changes, verify=verify,
                        unproven=list(dict.fromkeys(ctx.unproven)), spans=spans)
+
+
+def globals_for_load(cells: Iterable[str], class_name: str) -> dict[str, str]:
+    """The top-level values the model class uses (through the functions and classes it uses too), each with the
+    statement of its ``load()`` that changes it ("" when none shows): what %model_load remembers from before the
+    load (load_snapshot.py). Imports, functions and classes are left out: load() does not change those."""
+    cells = list(cells)
+    analysis = _collect(cells)
+    root = analysis.defs.get(class_name)
+    if root is None or root.kind != "class":
+        return {}
+    found: list[str] = []
+    seen, queue = {class_name}, [root]
+    while queue:
+        definition = queue.pop(0)
+        for name in sorted(definition.uses - set(definition.names) - seen):
+            seen.add(name)
+            target = analysis.defs.get(name)
+            if target is None:
+                if name in analysis.elsewhere:
+                    found.append(name)
+            elif target.kind in ("constant", "block"):
+                found.append(name)
+                queue.append(target)
+            elif target.kind in ("function", "class"):
+                queue.append(target)
+    changes: dict[str, str] = {}
+    load = next((n for n in root.node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and n.name == "load"), None)
+    if load is not None:
+        lines = (python_of_cell(cells[root.cell]) or "").splitlines()
+        rebinds = {n for sub in ast.walk(load) if isinstance(sub, ast.Global) for n in sub.names}
+        for statement in load.body:
+            for sub in ast.walk(statement):
+                if isinstance(sub, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and rebinds:
+                    targets = sub.targets if isinstance(sub, ast.Assign) else [sub.target]
+                    for target in targets:
+                        if isinstance(target, ast.Name) and target.id in rebinds:
+                            changes.setdefault(target.id, _load_line(lines, sub, root.cell))
+            for change in _changes_in(statement, lines, root.cell, 0):
+                if change.kind in ("rebind", "into", "method", "argument"):
+                    changes.setdefault(change.name, f"`{change.text}` in load(), cell {root.cell + 1}, "
+                                                    f"line {change.line}")
+    return {name: changes.get(name, "") for name in found}
+
+
+def _load_line(lines: list[str], node: ast.AST, cell: int) -> str:
+    text = " ".join((ast.get_source_segment("\n".join(lines), node) or "").split())[:80]
+    return f"`{text}` in load(), cell {cell + 1}, line {node.lineno}"
 
 
 def _worth_verifying(names: list[str], referrers: dict[str, set[str]], values: set[str]) -> list[str]:

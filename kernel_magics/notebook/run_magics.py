@@ -83,8 +83,15 @@ class RunMagics(Magics):
         else:
             print(f"Loading `{host.config.model_class_name}` (device: {device or 'chosen by the model'}) ...", flush=True)
         outcome: dict = {}
+        from ..core import load_snapshot
+        from ..core.source import globals_for_load
+
+        # What load() changes in the notebook's globals is exported as it was before (core/load_snapshot.py).
+        used = globals_for_load(self.model.cells, host.config.model_class_name)
+        load_snapshot.before_load(self.shell.user_ns, used, used)
 
         def done(exc: Optional[BaseException]) -> None:
+            load_snapshot.after_load(self.shell.user_ns)
             outcome["error"] = exc
             if args.background and view is None:
                 print(f"Background load failed: {host.describe_error(exc)}" if exc else self._loaded_line(), flush=True)
