@@ -211,10 +211,9 @@ class Spare:
 
         self.started.wait(30)
         if self.proc is not None:
-            with contextlib.suppress(OSError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                self.proc.wait(5)
+            from .truss_dir import _stop_group
+
+            _stop_group(self.proc)
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
         self.scratch.release()
