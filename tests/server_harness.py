@@ -271,6 +271,22 @@ def slow_read(url: str, mib: int, rate_mib_s: float, marks: Path, server) -> dic
     return {"peak_growth_mib": (peak[0] - base) / 2**20, "lead_mib": lead[0], "seconds": time.perf_counter() - started}
 
 
+def process_gone(pid: int, timeout: float = 30) -> bool:
+    """Until process ``pid`` has stopped running (gone, or a zombie its parent has not reaped): True; False
+    once ``timeout`` seconds pass (``timeout=0``: whether it is gone now)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
 def wait_for(path: Path, timeout: float = 10) -> bool:
     """Until a marker file a model or a test writes exists (True), or ``timeout`` seconds pass (False)."""
     deadline = time.monotonic() + timeout

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server_harness import write_truss
+from server_harness import process_gone, write_truss
 
 from kernel_magics.core import spare_check
 from kernel_magics.core.truss_dir import TrussDir
@@ -22,19 +22,6 @@ def _ready(spare, timeout: float = 120) -> None:
         assert spare.alive() or not spare.started.is_set(), (spare.path / "output.txt").read_text()
         assert time.monotonic() < deadline, "the spare checker did not get ready"
         time.sleep(0.02)
-
-
-def _gone(pid: int, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _check(root: Path, spare: bool):
@@ -185,13 +172,13 @@ def test_the_spare_goes_with_model_unload_and_with_its_kernel(tmp_path, fresh_ke
     k.ok("%model_load --no-widget")
     pid, path = spare()
     k.ok("%model_unload")
-    assert _gone(pid) and not path.exists()
+    assert process_gone(pid) and not path.exists()
     assert "None" in k.ok("print(_sc.current())").stdout
     k.ok("%model_load --no-widget")
     pid, path = spare()
     assert os.path.isdir(path)
     k.shutdown()
-    assert _gone(pid)
+    assert process_gone(pid)
     deadline = time.monotonic() + 30
     while path.exists() and time.monotonic() < deadline:  # its own last act: removing its folder
         time.sleep(0.02)

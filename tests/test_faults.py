@@ -14,7 +14,7 @@ import time
 import httpx
 
 from kernel_harness import Kernel
-from server_harness import free_port, serve_ours, write_truss
+from server_harness import free_port, process_gone, serve_ours, write_truss
 from test_export import cli, leftovers, usage_error, write_notebook
 
 CANARY = "sk-CANARY-fault-9e1d"
@@ -437,14 +437,6 @@ class Model:
 '''
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has stopped running
-    except FileNotFoundError:
-        return True
-
-
 def test_a_helper_that_load_leaves_running_does_not_hold_the_export(tmp_path, fresh_kernel):
     pids = tmp_path / "helper.pid"
     k = fresh_kernel(cwd=tmp_path)
@@ -459,11 +451,8 @@ def test_a_helper_that_load_leaves_running_does_not_hold_the_export(tmp_path, fr
     assert "thread `forever`" in warning and "time.sleep(600)" in warning and "stopped it" in warning
     checked_helper = int(pids.read_text())
     assert checked_helper != kernel_helper
-    deadline = time.monotonic() + 30
-    while not _gone(checked_helper) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _gone(checked_helper)  # the check's helper was stopped with the check
-    assert not _gone(kernel_helper)  # the kernel's own is the notebook's business
+    assert process_gone(checked_helper)  # the check's helper was stopped with the check
+    assert not process_gone(kernel_helper, timeout=0)  # the kernel's own is the notebook's business
     k.ok("model = get_ipython().magics_manager.registry['ModelMagics']\nmodel.host.instance.helper.kill()")
 
 
@@ -497,10 +486,7 @@ def test_kill_9_during_an_export_the_checker_dies_and_the_next_export_cleans_up(
     assert leftovers(tmp_path) and [p.name for p in temp.iterdir() if p.name.startswith("km-check-")]
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 30
-    while not _gone(checker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _gone(checker)  # the checker died with its parent
+    assert process_gone(checker)  # the checker died with its parent
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert leftovers(tmp_path) == [] and list(temp.iterdir()) == []
