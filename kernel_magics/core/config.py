@@ -21,7 +21,7 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["ModelConfig", "Resources", "Runtime", "AcceleratorSpec", "parse_config", "parse_quantity", "ACCELERATORS",
+__all__ = ["ModelConfig", "BatchSettings", "Resources", "Runtime", "AcceleratorSpec", "parse_config", "parse_quantity", "ACCELERATORS",
            "check_folder_setting"]
 
 # Truss 0.18's accelerator names (truss/base/truss_config.py, `Accelerator`).
@@ -228,6 +228,53 @@ class Runtime(_Section):
     enable_debug_logs: bool = False
 
 
+@dataclass(frozen=True)
+class BatchSettings:
+    """``model_metadata.batching``: how a model with ``predict_batch`` gathers requests (core/batching.py)."""
+
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+
+    KEYS: ClassVar[tuple[str, ...]] = ("max_batch_size", "max_wait_ms")
+    LIMITS: ClassVar[dict[str, tuple[float, float]]] = {"max_batch_size": (1, 4096), "max_wait_ms": (0, 10_000)}
+
+    @classmethod
+    def parse(cls, value: Any) -> "BatchSettings":
+        """Read the section; a mistake raises ValueError with one sentence saying what to write."""
+        example = "`batching: {max_batch_size: 32, max_wait_ms: 5}`"
+        if value is None or value is True:
+            return cls()
+        if not isinstance(value, dict):
+            raise ValueError(f"model_metadata.batching must be a mapping such as {example}, not {value!r}")
+        for key in value:
+            if key not in cls.KEYS:
+                close = difflib.get_close_matches(str(key), cls.KEYS, n=1, cutoff=0.6)
+                hint = f"did you mean `{close[0]}`?" if close else f"the keys are {' and '.join(cls.KEYS)}"
+                raise ValueError(f"unknown key `model_metadata.batching.{key}` ({hint})")
+        settings = {}
+        for key, (low, high) in cls.LIMITS.items():
+            if key not in value:
+                continue
+            got = value[key]
+            integer = key == "max_batch_size"
+            ok = isinstance(got, int) if integer else isinstance(got, (int, float))
+            if isinstance(got, bool) or not ok or not low <= got <= high:
+                kind = "an integer" if integer else "a number of milliseconds"
+                raise ValueError(f"model_metadata.batching.{key} must be {kind} from {low:g} to {high:g}, not {got!r}")
+            settings[key] = got
+        return cls(**settings)
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000
+
+    @property
+    def predict_concurrency(self) -> int:
+        """What runtime.predict_concurrency defaults to: enough requests reach the batcher to fill a batch
+        while the previous one runs."""
+        return 2 * self.max_batch_size
+
+
 class ModelConfig(_Section):
     """The whole config.yaml. Field names and defaults follow Truss 0.18."""
 
@@ -287,6 +334,40 @@ class ModelConfig(_Section):
                 for k, v in value.items()
             }
         return value
+
+    @pydantic.field_validator("model_metadata")
+    @classmethod
+    def _check_batching(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "batching" in value:
+            BatchSettings.parse(value["batching"])
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _batching_concurrency(self) -> "ModelConfig":
+        batching = self.batching
+        if batching is None:
+            return self
+        runtime = self.runtime
+        if "predict_concurrency" not in runtime.model_fields_set:
+            # Truss's server lets predict_concurrency requests into predict at once: with the default of 1
+            # the batcher would only ever see one. Set, so config.yaml carries it to the deployment.
+            object.__setattr__(runtime, "predict_concurrency", batching.predict_concurrency)
+            runtime.model_fields_set.add("predict_concurrency")
+            self.model_fields_set.add("runtime")
+        elif runtime.predict_concurrency < batching.max_batch_size:
+            raise ValueError(
+                f"runtime.predict_concurrency is {runtime.predict_concurrency}, so at most that many requests reach "
+                f"the batcher and batches never fill to model_metadata.batching.max_batch_size "
+                f"({batching.max_batch_size}). Remove predict_concurrency (batching sets it to "
+                f"{batching.predict_concurrency}) or set it to at least {batching.max_batch_size}")
+        return self
+
+    @property
+    def batching(self) -> Optional[BatchSettings]:
+        """The model's batching settings, or None when it does not declare ``model_metadata.batching``."""
+        if "batching" not in self.model_metadata or self.model_metadata["batching"] is False:
+            return None
+        return BatchSettings.parse(self.model_metadata["batching"])
 
     @property
     def secret_names(self) -> list[str]:

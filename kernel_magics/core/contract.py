@@ -133,13 +133,18 @@ class ModelContract:
     input_type: Optional[type]
     is_healthy: Optional[MethodSpec] = None
     endpoints: tuple[MethodSpec, ...] = ()  # chat_completions ... that the class has
+    # predict_batch(inputs) -> list: the model batches (core/batching.py); then predict is this spec.
+    predict_batch: Optional[MethodSpec] = None
 
     @classmethod
     def inspect(cls, model_class: Any) -> "ModelContract":
         """Check ``model_class`` against the Truss contract; raise ModelDefinitionError if it breaks it."""
         if not isinstance(model_class, type):
             raise ModelDefinitionError(f"The model must be a class, not {type(model_class).__name__}.")
+        predict_batch = _predict_batch_spec(model_class)
         predict = MethodSpec.of(model_class, "predict")
+        if predict_batch is not None:
+            predict = _batched_predict(model_class, predict, predict_batch)
         if predict is None:
             raise ModelDefinitionError(
                 f"`{model_class.__name__}` has no `predict` method. Add `def predict(self, model_input):` "
@@ -158,7 +163,7 @@ class ModelContract:
                 "be discarded). Give it the predict result as its first argument."
             )
         # Truss validates the request against the first method that receives it.
-        first = "preprocess" if preprocess else "predict"
+        first = "preprocess" if preprocess else predict.name
         return cls(
             model_class=model_class,
             predict=predict,
@@ -168,6 +173,7 @@ class ModelContract:
             input_type=_pydantic_input_type(getattr(model_class, first)),
             is_healthy=MethodSpec.of(model_class, "is_healthy"),
             endpoints=tuple(s for n in ENDPOINT_METHODS if (s := MethodSpec.of(model_class, n)) is not None),
+            predict_batch=predict_batch,
         )
 
     @property
@@ -181,7 +187,7 @@ class ModelContract:
 
     def truss_schema(self) -> Optional[dict]:
         """What Truss's ``/schema`` route answers, or None when predict is not annotated."""
-        last = getattr(self.model_class, "postprocess" if self.postprocess else "predict")
+        last = getattr(self.model_class, "postprocess" if self.postprocess else self.predict.name)
         try:
             annotation = typing.get_type_hints(last).get("return")
         except Exception:
@@ -212,6 +218,38 @@ class ModelContract:
             if code_fingerprint(getattr(self.model_class, n, None))
             != code_fingerprint(getattr(other.model_class, n, None))
         ]
+
+
+def _predict_batch_spec(model_class: type) -> Optional[MethodSpec]:
+    spec = MethodSpec.of(model_class, "predict_batch")
+    if spec is None:
+        return None
+    owner = f"{model_class.__name__}.predict_batch"
+    if spec.is_generator:
+        raise ModelDefinitionError(
+            f"`{owner}` is a generator, but a batch cannot stream: return a list with one result per input. "
+            "To stream, write a generator `predict` (one request at a time) instead of predict_batch.")
+    if spec.arg_config is not ArgConfig.INPUTS_ONLY:
+        raise ModelDefinitionError(f"`{owner}` must take one argument, the list of inputs (one per request); "
+                                   f"got predict_batch{_signature(getattr(model_class, 'predict_batch'))}.")
+    return spec
+
+
+def _batched_predict(model_class: type, predict: Optional[MethodSpec], batch: MethodSpec) -> MethodSpec:
+    """With predict_batch, each request's predict is a slot in a batch; a predict of the user's own is refused,
+    except the one an export generated for Truss's server (kernel_magics_batching.attach)."""
+    from .batching import is_batching_predict
+
+    own = predict is not None and not is_batching_predict(getattr(model_class, "predict"))
+    if own and predict.is_generator:
+        raise ModelDefinitionError(
+            f"`{model_class.__name__}` has a streaming (generator) predict and predict_batch, but streaming predicts "
+            "are not batched. Remove predict_batch to stream one request at a time, or remove predict to batch.")
+    if own:
+        raise ModelDefinitionError(
+            f"`{model_class.__name__}` has both predict and predict_batch. With predict_batch every request is "
+            "answered through it (a lone request is a batch of one), so remove predict.")
+    return MethodSpec("predict_batch", batch.is_async, False, ArgConfig.INPUTS_ONLY)
 
 
 def init_kwargs(model_class: type, available: dict[str, Any]) -> dict[str, Any]:

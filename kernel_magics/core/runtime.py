@@ -13,6 +13,7 @@ to :class:`HostEvent` and read :meth:`ModelHost.status`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextvars
 import ctypes
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import devices
+from .batching import Batcher, BatchStats
 from .capture import capture_lines
 from .config import ModelConfig
 from .contract import INIT_KWARGS, MethodSpec, ModelContract, init_kwargs
@@ -132,6 +134,9 @@ class ModelHost:
         self.check_truss_compat = False
         self.last_raw_issue: Optional[str] = None
         self.last_health: Optional[bool] = None  # what is_healthy() said last (None: no such method)
+        # A model with predict_batch: one batcher per live instance (core/batching.py), the sizes it ran.
+        self._batcher: Optional[tuple[Any, Batcher]] = None
+        self.last_batch_sizes: collections.deque[int] = collections.deque(maxlen=16)
 
     # ------------------------------------------------------------------ config, events, errors
 
@@ -145,6 +150,7 @@ class ModelHost:
         self._init_config = None
         self.secrets.set_names(config.secret_names)
         self._slots = None  # predict_concurrency may have changed
+        self._batcher = None  # and the batching settings
 
     @property
     def data_dir(self) -> Path:
@@ -192,6 +198,7 @@ class ModelHost:
             "first_chunk_ms": None if self.last_first_chunk_seconds is None
             else round(self.last_first_chunk_seconds * 1000, 2),
             "secrets": [{"name": n, "set": self.secrets.source_of(n) is not None} for n in self._config.secret_names],
+            "batching": self._batching_status(),
             "error": self.describe_error(self.error) if self.error is not None else None,
         }
 
@@ -478,13 +485,21 @@ class ModelHost:
                 return await self._endpoint(contract, instance, method, model_input, request, started, encoded)
             if not contract.skips_input_parsing:
                 model_input = self.validate_input(model_input)
+            if contract.predict_batch is None and self._config.batching is not None:
+                raise ModelDefinitionError(
+                    f"The config declares model_metadata.batching, but `{contract.model_class.__name__}` has no "
+                    "predict_batch. Write `def predict_batch(self, inputs: list) -> list:` (one result per input, in "
+                    "order) instead of predict, or remove the batching section.")
             if contract.preprocess:
                 model_input = await self._call(instance, contract.preprocess, model_input, request)
             slot = self._semaphore()
             await slot.acquire()
             release = _Release(slot)
             try:
-                result = await self._call(instance, contract.predict, model_input, request, release)
+                if contract.predict_batch is not None:
+                    result = await self._batcher_for(instance, contract).submit(model_input)
+                else:
+                    result = await self._call(instance, contract.predict, model_input, request, release)
             except BaseException:
                 if not release.deferred:
                     release()
@@ -534,6 +549,37 @@ class ModelHost:
         output = to_json_body(result) if encoded else to_jsonable(result)
         self._predicted(started)
         return output
+
+    def _batcher_for(self, instance: Any, contract: ModelContract) -> Batcher:
+        """The live instance's batcher; a model and a config that disagree about batching are refused."""
+        settings = self._config.batching
+        if settings is None:
+            raise ModelDefinitionError(
+                f"`{contract.model_class.__name__}` has predict_batch, but the config does not declare batching. Add "
+                "`model_metadata: {batching: {max_batch_size: 32, max_wait_ms: 5}}` to %%model_config (config.yaml), "
+                "or write `predict` instead of predict_batch.")
+        if self._batcher is not None and self._batcher[0] is instance:
+            return self._batcher[1]
+
+        async def run(inputs: list) -> list:
+            spec = self.contract.predict if self.contract and self.contract.predict_batch else contract.predict
+            return await self._call(instance, spec, inputs, None)
+
+        batcher = Batcher(run, settings.max_batch_size, settings.max_wait_s, on_batch=self._batched)
+        self._batcher = (instance, batcher)
+        return batcher
+
+    def _batched(self, stats: BatchStats) -> None:
+        self.last_batch_sizes.append(stats.size)
+        self._emit("batch", size=stats.size, wait=stats.wait_s, seconds=stats.run_s)
+
+    def _batching_status(self) -> Optional[dict]:
+        settings = self._config.batching
+        if settings is None and (self.contract is None or self.contract.predict_batch is None):
+            return None
+        return {"max_batch_size": settings.max_batch_size if settings else None,
+                "max_wait_ms": settings.max_wait_ms if settings else None,
+                "last_batch_sizes": list(self.last_batch_sizes)}
 
     def _predicted(self, started: float) -> None:
         self.last_predict_seconds = time.perf_counter() - started

@@ -1,0 +1,196 @@
+"""Dynamic batching: requests that arrive together reach the model as one ``predict_batch`` call.
+
+One :class:`Batcher` per model instance and event loop. A batch starts when it is
+full, when it holds as many requests as the previous batch did (the load it saw
+is still there), or when its first request has waited ``max_wait_s``: so a lone
+request on an idle model goes at once, and under load batches fill instead of
+paying the wait. Requests that arrive while a batch runs form the next one; one
+batch runs at a time. A request whose caller went away (a disconnect, a Stop)
+leaves the queue, or its answer is dropped; the others in its batch are answered.
+
+``predict_batch`` returns one result per input, in order. An ``Exception``
+instance in a slot fails only that request; a raise, or a result of the wrong
+length, fails every request of the batch.
+
+This module imports only the standard library on purpose: an export copies it
+verbatim into the Truss directory's ``packages/`` (as ``kernel_magics_batching``),
+where :func:`attach` gives the model the ``predict`` Truss's own server calls.
+The kernel, ``kernel-magics serve`` and Ray replicas use the same class through
+the runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Optional
+
+__all__ = ["Batcher", "BatchStats", "BatchResultError", "attach", "is_batching_predict"]
+
+# What attach() marks its generated predict with, so the runtime knows the model only batches.
+_MARK = "_kernel_magics_batching"
+
+
+class BatchResultError(RuntimeError):
+    """predict_batch returned something other than one result per input."""
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """One batch that ran: how many requests, how long its first one waited, how long the call took."""
+
+    size: int
+    wait_s: float
+    run_s: float
+
+
+class _Pending:
+    __slots__ = ("item", "future", "arrived")
+
+    def __init__(self, item: Any, future: asyncio.Future, arrived: float) -> None:
+        self.item, self.future, self.arrived = item, future, arrived
+
+
+class Batcher:
+    """Gathers concurrent :meth:`submit` calls into calls of ``run(list_of_inputs) -> list``."""
+
+    def __init__(self, run: Callable[[list], Awaitable[list]], max_batch_size: int = 32, max_wait_s: float = 0.005,
+                 on_batch: Optional[Callable[[BatchStats], None]] = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        if max_wait_s < 0:
+            raise ValueError("max_wait_s must not be negative")
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.on_batch = on_batch
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._worker: Optional[asyncio.Task] = None
+        self._arrived: Optional[asyncio.Event] = None
+        self._last_size = 1
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch (cancelled ones not yet swept included)."""
+        return len(self._queue)
+
+    async def submit(self, item: Any) -> Any:
+        """Put ``item`` in the next batch and return its own result (or raise its own exception)."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # A new loop (a restarted server): whatever was queued on the old one cannot be answered.
+            self._loop, self._worker, self._arrived = loop, None, asyncio.Event()
+            self._queue.clear()
+        future = loop.create_future()
+        self._queue.append(_Pending(item, future, time.perf_counter()))
+        if self._worker is None:
+            self._worker = loop.create_task(self._drain())
+        elif len(self._queue) >= self._target():
+            self._arrived.set()
+        # Cancelling the caller cancels this future: the worker skips it, or drops its answer.
+        return await future
+
+    def _target(self) -> int:
+        return min(self.max_batch_size, self._last_size)
+
+    def _sweep(self) -> None:
+        while self._queue and self._queue[0].future.done():
+            self._queue.popleft()
+
+    async def _drain(self) -> None:
+        try:
+            while True:
+                self._sweep()
+                if not self._queue:
+                    return
+                await self._fill()
+                batch: list[_Pending] = []
+                while self._queue and len(batch) < self.max_batch_size:
+                    pending = self._queue.popleft()
+                    if not pending.future.done():
+                        batch.append(pending)
+                if batch:
+                    await self._run_batch(batch)
+        finally:
+            self._worker = None
+            for pending in self._queue:  # only when the loop itself is going away
+                pending.future.cancel()
+            self._queue.clear()
+
+    async def _fill(self) -> None:
+        """Wait until the queue holds a batch's worth, or its first request has waited max_wait."""
+        while True:
+            self._sweep()
+            if not self._queue or len(self._queue) >= self._target():
+                return
+            remaining = self._queue[0].arrived + self.max_wait_s - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        wait = started - batch[0].arrived
+        error: Optional[BaseException] = None
+        results: Any = None
+        try:
+            results = await self._run([p.item for p in batch])
+            if not isinstance(results, (list, tuple)) or len(results) != len(batch):
+                got = f"{len(results)} results" if isinstance(results, (list, tuple)) else type(results).__name__
+                error = BatchResultError(
+                    f"predict_batch got {len(batch)} inputs and returned {got}; it must return a list with one "
+                    "result per input, in order (an Exception instance in a slot fails only that request).")
+        except asyncio.CancelledError:
+            for p in batch:
+                p.future.cancel()
+            raise
+        except Exception as exc:
+            error = exc
+        self._last_size = len(batch)
+        for i, pending in enumerate(batch):
+            if pending.future.done():  # its caller went away
+                continue
+            if error is not None:
+                pending.future.set_exception(error)
+            elif isinstance(results[i], BaseException):
+                pending.future.set_exception(results[i])
+            else:
+                pending.future.set_result(results[i])
+        if self.on_batch is not None:
+            self.on_batch(BatchStats(len(batch), wait, time.perf_counter() - started))
+
+
+def is_batching_predict(fn: Any) -> bool:
+    """Whether ``fn`` is the ``predict`` that :func:`attach` generated."""
+    return bool(getattr(fn, _MARK, False))
+
+
+def attach(model_class: type, max_batch_size: int = 32, max_wait_ms: float = 5.0) -> type:
+    """Give ``model_class`` the ``predict`` a Truss server calls once per request: it feeds the
+    instance's :class:`Batcher`, which calls ``predict_batch`` (sync ones in a worker thread)."""
+    method = getattr(model_class, "predict_batch")
+    is_async = inspect.iscoroutinefunction(method)
+
+    async def predict(self, model_input):
+        batcher = self.__dict__.get("_kernel_magics_batcher")
+        if batcher is None:
+            async def run(inputs: list) -> list:
+                if is_async:
+                    return await self.predict_batch(inputs)
+                return await asyncio.to_thread(self.predict_batch, inputs)
+
+            batcher = self.__dict__["_kernel_magics_batcher"] = Batcher(run, max_batch_size, max_wait_ms / 1000)
+        return await batcher.submit(model_input)
+
+    setattr(predict, _MARK, True)
+    predict.__qualname__ = f"{model_class.__qualname__}.predict"
+    model_class.predict = predict
+    return model_class

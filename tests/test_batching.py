@@ -1,0 +1,359 @@
+"""Dynamic batching (issue 24): the batcher itself, the runtime's batched predict, the config section,
+our server and Truss's own server running an export that batches."""
+
+import asyncio
+import threading
+
+import pytest
+
+from kernel_magics.core.batching import Batcher, BatchResultError, attach
+from kernel_magics.core.config import parse_config
+from kernel_magics.core.contract import ModelContract
+from kernel_magics.core.errors import ConfigError, ModelDefinitionError
+from kernel_magics.core.runtime import ModelHost
+
+
+class Recorder:
+    """A batch function that records each batch's inputs. ``held``: each batch announces itself on
+    ``entered`` (a queue) and waits for a ``release()``; ``fail``: inputs answered with an exception."""
+
+    def __init__(self, held=False, fail=()):
+        self.batches = []
+        self.held, self.fail = held, set(fail)
+        self.entered = asyncio.Queue() if held else None
+        self._releases = asyncio.Queue() if held else None
+
+    def release(self):
+        self._releases.put_nowait(None)
+
+    async def __call__(self, inputs):
+        self.batches.append(list(inputs))
+        if self.held:
+            self.entered.put_nowait(list(inputs))
+            await self._releases.get()
+        return [ValueError(f"bad {x}") if x in self.fail else x * 10 for x in inputs]
+
+
+# ---------------------------------------------------------------- the batcher, no model, no server
+
+def test_order_and_one_to_one_under_concurrency():
+    async def main():
+        recorder = Recorder()
+        batcher = Batcher(recorder, max_batch_size=8, max_wait_s=0.05)
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(100)))
+        return recorder.batches, results
+
+    batches, results = asyncio.run(main())
+    assert results == [i * 10 for i in range(100)]
+    assert [x for b in batches for x in b] == list(range(100))  # each input once, in arrival order
+    assert max(len(b) for b in batches) == 8 and len(batches) >= 100 // 8
+
+
+def test_requests_arriving_while_a_batch_runs_form_the_next_batch():
+    async def main():
+        recorder = Recorder(held=True)
+        batcher = Batcher(recorder, max_batch_size=32, max_wait_s=10)
+        first = asyncio.ensure_future(batcher.submit(0))
+        await recorder.entered.get()  # the lone first request went at once: nothing waited 10 s
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 6)]
+        await asyncio.sleep(0)
+        recorder.release()
+        assert await first == 0
+        await recorder.entered.get()
+        recorder.release()
+        return recorder.batches, await asyncio.gather(*rest)
+
+    batches, rest = asyncio.run(main())
+    assert batches == [[0], [1, 2, 3, 4, 5]]
+    assert rest == [10, 20, 30, 40, 50]
+
+
+def test_a_batch_is_cut_at_max_batch_size():
+    async def main():
+        recorder = Recorder()
+        batcher = Batcher(recorder, max_batch_size=4, max_wait_s=0.05)
+        await batcher.submit(-1)  # an idle start: a batch of one
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+        return recorder.batches, results
+
+    batches, results = asyncio.run(main())
+    assert batches == [[-1], [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert results == [i * 10 for i in range(10)]
+
+
+def test_the_wait_bound_a_batch_does_not_wait_for_requests_after_max_wait():
+    """Under load (the last batch held 3) a batch waits for company, but only max_wait: a request that
+    arrives after the first one's batch has started goes into the next batch."""
+    async def main():
+        recorder = Recorder(held=True)
+        batcher = Batcher(recorder, max_batch_size=32, max_wait_s=0.05)
+        first = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
+        await recorder.entered.get()
+        recorder.release()
+        await asyncio.gather(*first)
+        alone = asyncio.ensure_future(batcher.submit(100))
+        await recorder.entered.get()  # its batch started with it alone, after at most max_wait
+        later = asyncio.ensure_future(batcher.submit(200))
+        recorder.release()
+        await recorder.entered.get()
+        recorder.release()
+        return recorder.batches, await alone, await later
+
+    batches, alone, later = asyncio.run(main())
+    assert batches[0] == [0, 1, 2]
+    assert batches[1:] == [[100], [200]]
+    assert (alone, later) == (1000, 2000)
+
+
+def test_a_batch_under_load_waits_for_the_requests_that_arrive_within_max_wait():
+    async def main():
+        recorder = Recorder()
+        batcher = Batcher(recorder, max_batch_size=32, max_wait_s=30)
+        await asyncio.gather(*(batcher.submit(i) for i in range(3)))
+        first = asyncio.ensure_future(batcher.submit(10))
+        await asyncio.sleep(0)  # the worker is waiting for the batch to fill (3, as the last one)
+        second = asyncio.ensure_future(batcher.submit(11))
+        await asyncio.sleep(0)
+        third = asyncio.ensure_future(batcher.submit(12))
+        return recorder.batches, await asyncio.gather(first, second, third)
+
+    batches, results = asyncio.run(main())
+    assert batches == [[0, 1, 2], [10, 11, 12]]  # filled to 3 long before the 30 s wait
+    assert results == [100, 110, 120]
+
+
+def test_a_failing_input_fails_only_its_own_request():
+    async def main():
+        batcher = Batcher(Recorder(fail={2}), max_batch_size=8, max_wait_s=0.05)
+        return await asyncio.gather(*(batcher.submit(i) for i in range(5)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert [r for i, r in enumerate(results) if i != 2] == [0, 10, 30, 40]
+    assert isinstance(results[2], ValueError) and str(results[2]) == "bad 2"
+
+
+def test_a_raising_batch_fails_every_request_and_the_next_batch_runs():
+    calls = []
+
+    async def run(inputs):
+        calls.append(list(inputs))
+        if len(calls) == 1:
+            raise RuntimeError("model broke")
+        return inputs
+
+    async def main():
+        batcher = Batcher(run, max_batch_size=8, max_wait_s=0.05)
+        failed = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+        return failed, await batcher.submit(7)
+
+    failed, after = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) and str(r) == "model broke" for r in failed)
+    assert after == 7
+
+
+@pytest.mark.parametrize("bad", [lambda xs: xs[:-1], lambda xs: None, lambda xs: {"a": 1}])
+def test_a_wrong_length_result_fails_the_whole_batch_with_a_clear_message(bad):
+    async def run(inputs):
+        return bad(inputs)
+
+    async def main():
+        batcher = Batcher(run, max_batch_size=8, max_wait_s=0.05)
+        return await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, BatchResultError) for r in results)
+    assert "one result per input" in str(results[0])
+
+
+def test_requests_cancelled_mid_batch_and_in_the_queue_leave_the_others_answered():
+    async def main():
+        recorder = Recorder(held=True)
+        batcher = Batcher(recorder, max_batch_size=8, max_wait_s=10)
+        running = asyncio.ensure_future(batcher.submit(0))
+        await recorder.entered.get()  # [0] runs, held
+        queued = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2, 3)]
+        await asyncio.sleep(0)
+        running.cancel()  # its caller disconnected while its batch runs: the answer is dropped
+        queued[1].cancel()  # disconnected while queued: it leaves the queue, never reaching the model
+        recorder.release()
+        await recorder.entered.get()
+        recorder.release()
+        return recorder.batches, await asyncio.gather(running, *queued, return_exceptions=True)
+
+    batches, results = asyncio.run(main())
+    assert batches == [[0], [1, 3]]
+    assert isinstance(results[0], asyncio.CancelledError) and isinstance(results[2], asyncio.CancelledError)
+    assert (results[1], results[3]) == (10, 30)
+
+
+def test_cancelled_requests_in_a_running_batch_do_not_break_it():
+    async def main():
+        recorder = Recorder(held=True)
+        batcher = Batcher(recorder, max_batch_size=8, max_wait_s=10)
+        first = asyncio.ensure_future(batcher.submit(0))
+        await recorder.entered.get()
+        first.cancel()  # the caller went away while its batch runs
+        recorder.release()
+        recorder.release()  # for the next batch
+        after = await batcher.submit(5)  # the batcher still works
+        return await asyncio.gather(first, return_exceptions=True), after
+
+    (first,), after = asyncio.run(main())
+    assert isinstance(first, asyncio.CancelledError) and after == 50
+
+
+def test_sync_batch_function_runs_in_a_worker_thread_async_on_the_loop():
+    seen = {}
+
+    class Sync:
+        def predict_batch(self, inputs):
+            seen["sync"] = threading.current_thread() is not threading.main_thread()
+            return [x + 1 for x in inputs]
+
+    class Async:
+        async def predict_batch(self, inputs):
+            seen["async"] = threading.current_thread() is threading.main_thread()
+            return [x + 2 for x in inputs]
+
+    async def main(cls):
+        model = attach(cls, max_batch_size=4, max_wait_ms=5)()
+        return await asyncio.gather(*(model.predict(i) for i in range(6)))
+
+    assert asyncio.run(main(Sync)) == [1, 2, 3, 4, 5, 6]
+    assert asyncio.run(main(Async)) == [2, 3, 4, 5, 6, 7]
+    assert seen == {"sync": True, "async": True}
+
+
+# ---------------------------------------------------------------- the runtime: one path for kernel, server, Ray
+
+BATCHING = "model_name: batched\nmodel_metadata:\n  batching: {max_batch_size: 8, max_wait_ms: 20}\n"
+
+
+class Doubler:
+    def __init__(self):
+        self.seen = []
+
+    def preprocess(self, model_input):
+        return model_input["x"]
+
+    def predict_batch(self, inputs):
+        self.seen.append(list(inputs))
+        return [ValueError(f"no negatives: {x}") if x < 0 else 2 * x for x in inputs]
+
+    def postprocess(self, output):
+        return {"y": output}
+
+
+def _host(model_class, config=BATCHING):
+    host = ModelHost(parse_config(config))
+    host.define(model_class)
+    host.load()
+    return host
+
+
+def test_the_host_batches_concurrent_predicts_with_pre_and_postprocess_per_request():
+    host = _host(Doubler)
+
+    async def main():
+        return await asyncio.gather(*(host.predict({"x": i}) for i in range(20)))
+
+    assert asyncio.run(main()) == [{"y": 2 * i} for i in range(20)]
+    seen = host.instance.seen
+    assert [x for b in seen for x in b] == list(range(20)) and max(map(len, seen)) == 8
+    status = host.status()["batching"]
+    assert status["max_batch_size"] == 8 and status["max_wait_ms"] == 20
+    assert status["last_batch_sizes"] == [len(b) for b in seen]
+    assert host.config.runtime.predict_concurrency == 16  # raised so concurrent requests reach the batcher
+
+
+def test_a_lone_predict_is_a_batch_of_one_and_a_failing_input_fails_alone():
+    host = _host(Doubler)
+    assert asyncio.run(host.predict({"x": 4})) == {"y": 8}
+    assert host.instance.seen == [[4]]
+
+    async def main():
+        return await asyncio.gather(host.predict({"x": 1}), host.predict({"x": -1}), host.predict({"x": 3}),
+                                    return_exceptions=True)
+
+    ok1, bad, ok3 = asyncio.run(main())
+    assert (ok1, ok3) == ({"y": 2}, {"y": 6})
+    assert isinstance(bad, ValueError) and str(bad) == "no negatives: -1"
+
+
+def test_an_async_predict_batch_runs_on_the_loop():
+    class AsyncModel:
+        async def predict_batch(self, inputs):
+            await asyncio.sleep(0)
+            return [threading.current_thread().name for _ in inputs]
+
+    host = _host(AsyncModel)
+
+    async def main():
+        return await asyncio.gather(*(host.predict(i) for i in range(3))), threading.current_thread().name
+
+    names, loop_thread = asyncio.run(main())
+    assert names == [loop_thread] * 3
+
+
+def test_batching_declared_by_the_class_and_the_config_must_agree():
+    host = _host(Doubler, config="model_name: x\n")
+    with pytest.raises(ModelDefinitionError, match="does not declare batching.*max_batch_size"):
+        asyncio.run(host.predict({"x": 1}))
+
+    class Plain:
+        def predict(self, model_input):
+            return model_input
+
+    host = _host(Plain)
+    with pytest.raises(ModelDefinitionError, match="has no predict_batch"):
+        asyncio.run(host.predict(1))
+
+
+def test_a_class_with_predict_and_predict_batch_gets_a_clear_message():
+    class Both:
+        def predict(self, model_input):
+            return model_input
+
+        def predict_batch(self, inputs):
+            return inputs
+
+    class Streaming:
+        def predict(self, model_input):
+            yield "a"
+
+        def predict_batch(self, inputs):
+            return inputs
+
+    class GeneratorBatch:
+        def predict_batch(self, inputs):
+            yield inputs
+
+    with pytest.raises(ModelDefinitionError, match="both predict and predict_batch.*remove predict"):
+        ModelContract.inspect(Both)
+    with pytest.raises(ModelDefinitionError, match="streaming predicts are not batched"):
+        ModelContract.inspect(Streaming)
+    with pytest.raises(ModelDefinitionError, match="cannot stream"):
+        ModelContract.inspect(GeneratorBatch)
+    # The predict an export generates for Truss's server is not the user's own: the class still batches.
+    contract = ModelContract.inspect(attach(type("Exported", (Doubler,), {}), 8, 20))
+    assert contract.predict_batch is not None and contract.predict.name == "predict_batch"
+
+
+@pytest.mark.parametrize("batching, message", [
+    ("{max_batch_size: 0}", "max_batch_size must be an integer from 1 to 4096, not 0"),
+    ("{max_batch_size: 2.5}", "max_batch_size must be an integer"),
+    ("{max_wait_ms: -1}", "max_wait_ms must be a number of milliseconds from 0 to 10000"),
+    ("{max_batch: 4}", "unknown key `model_metadata.batching.max_batch` (did you mean `max_batch_size`?)"),
+    ("[32]", "must be a mapping such as"),
+])
+def test_bad_batching_settings_get_one_paragraph(batching, message):
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"model_name: x\nmodel_metadata:\n  batching: {batching}\n", source="%%model_config cell")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_predict_concurrency_below_the_batch_size_is_refused_and_a_larger_one_kept():
+    with pytest.raises(ConfigError, match="predict_concurrency is 2.*at least 8"):
+        parse_config("runtime: {predict_concurrency: 2}\n" + BATCHING)
+    assert parse_config("runtime: {predict_concurrency: 40}\n" + BATCHING).runtime.predict_concurrency == 40
+    assert "predict_concurrency: 16" in parse_config(BATCHING).to_yaml()  # what the export writes
