@@ -2,8 +2,10 @@
 our server and Truss's own server running an export that batches."""
 
 import asyncio
+import json
 import threading
 
+import httpx
 import pytest
 
 from kernel_magics.core.batching import Batcher, BatchResultError, attach
@@ -11,6 +13,8 @@ from kernel_magics.core.config import parse_config
 from kernel_magics.core.contract import ModelContract
 from kernel_magics.core.errors import ConfigError, ModelDefinitionError
 from kernel_magics.core.runtime import ModelHost
+from server_harness import post_concurrently, serve_ours, serve_truss
+from test_export import files_of, run_notebook_cells, write_notebook
 
 
 class Recorder:
@@ -357,3 +361,43 @@ def test_a_predict_concurrency_below_the_batch_size_is_refused_and_a_larger_one_
         parse_config("runtime: {predict_concurrency: 2}\n" + BATCHING)
     assert parse_config("runtime: {predict_concurrency: 40}\n" + BATCHING).runtime.predict_concurrency == 40
     assert "predict_concurrency: 16" in parse_config(BATCHING).to_yaml()  # what the export writes
+
+
+# ---------------------------------------------------------------- the export: our server and Truss's own batch it
+
+BATCHED_NOTEBOOK = [
+    "%load_ext kernel_magics",
+    "%%model_config\nmodel_name: batched\nmodel_metadata:\n  batching: {max_batch_size: 8, max_wait_ms: 50}",
+    "%%model\nclass Model:\n"
+    "    def predict_batch(self, inputs):\n"
+    "        return [{'y': 2 * i['x'], 'batch': len(inputs)} if i['x'] >= 0 else ValueError('negative')\n"
+    "                for i in inputs]",
+    "%model_load",
+    "import json\nprint(json.dumps(get_ipython().run_line_magic('model_predict', '{\"x\": 21}')))",
+    "%model_export out",
+]
+
+
+def test_the_export_batches_under_truss_s_own_server_and_ours_with_the_notebooks_answers(tmp_path, truss_validate):
+    path = write_notebook(tmp_path / "batched.ipynb", BATCHED_NOTEBOOK)
+    k, results = run_notebook_cells(path)
+    k.shutdown()
+    notebook = json.loads(results[4].stdout.strip().splitlines()[-1])
+    assert notebook == {"y": 42, "batch": 1}  # %model_predict: a batch of one
+    assert "Replayed 1 recorded prediction" in results[5].stdout
+    out = tmp_path / "out"
+    files = files_of(out)
+    assert "packages/kernel_magics_batching.py" in files and b"predict_concurrency: 16" in files["config.yaml"]
+    truss_validate(out)
+    bodies = [{"x": i} for i in range(24)] + [{"x": -1}]
+    for serve in (serve_truss, serve_ours):
+        with serve(out) as served:
+            lone = httpx.post(served.predict_url(), json={"x": 21}, timeout=30)
+            assert lone.json() == notebook, served.log  # a lone request on an idle server: a batch of one
+            answers = post_concurrently(served.predict_url(), bodies)
+            assert [a.json()["y"] for a in answers[:-1]] == [2 * i for i in range(24)], serve.__name__
+            assert max(a.json()["batch"] for a in answers[:-1]) > 1, serve.__name__
+            assert answers[-1].status_code == 500  # only the failing input fails
+            if serve is serve_ours:
+                metrics = httpx.get(f"{served.url}/metrics", timeout=10).text
+                assert "kernel_magics_batch_size_count" in metrics and "kernel_magics_batch_wait_seconds" in metrics

@@ -14,7 +14,7 @@ length, fails every request of the batch.
 
 This module imports only the standard library on purpose: an export copies it
 verbatim into the Truss directory's ``packages/`` (as ``kernel_magics_batching``),
-where :func:`attach` gives the model the ``predict`` Truss's own server calls.
+where :func:`batched` makes the ``predict`` Truss's own server calls.
 The kernel, ``kernel-magics serve`` and Ray replicas use the same class through
 the runtime.
 """
@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
 
-__all__ = ["Batcher", "BatchStats", "BatchResultError", "attach", "is_batching_predict"]
+__all__ = ["Batcher", "BatchStats", "BatchResultError", "batched", "attach", "is_batching_predict"]
 
-# What attach() marks its generated predict with, so the runtime knows the model only batches.
+# What batched() marks its generated predict with, so the runtime knows the model only batches.
 _MARK = "_kernel_magics_batching"
 
 
@@ -169,28 +169,40 @@ class Batcher:
 
 
 def is_batching_predict(fn: Any) -> bool:
-    """Whether ``fn`` is the ``predict`` that :func:`attach` generated."""
+    """Whether ``fn`` is the ``predict`` that :func:`batched` made."""
     return bool(getattr(fn, _MARK, False))
 
 
+def batched(max_batch_size: int = 32, max_wait_ms: float = 5.0) -> Callable[[Callable], Callable]:
+    """Decorate a model's ``predict`` (its body is not used) so that each call becomes a slot in a
+    batch of the instance's ``predict_batch``: what an export writes for Truss's server, which calls
+    ``predict`` once per request. A sync ``predict_batch`` runs in a worker thread, an async one on the loop."""
+
+    def decorate(_stub: Callable) -> Callable:
+        async def predict(self, model_input):
+            batcher = self.__dict__.get("_kernel_magics_batcher")
+            if batcher is None:
+                method = self.predict_batch
+                is_async = inspect.iscoroutinefunction(method)
+
+                async def run(inputs: list) -> list:
+                    if is_async:
+                        return await method(inputs)
+                    return await asyncio.to_thread(method, inputs)
+
+                batcher = self.__dict__["_kernel_magics_batcher"] = Batcher(run, max_batch_size, max_wait_ms / 1000)
+            return await batcher.submit(model_input)
+
+        setattr(predict, _MARK, True)
+        predict.__name__, predict.__qualname__, predict.__doc__ = "predict", _stub.__qualname__, _stub.__doc__
+        return predict
+
+    return decorate
+
+
 def attach(model_class: type, max_batch_size: int = 32, max_wait_ms: float = 5.0) -> type:
-    """Give ``model_class`` the ``predict`` a Truss server calls once per request: it feeds the
-    instance's :class:`Batcher`, which calls ``predict_batch`` (sync ones in a worker thread)."""
-    method = getattr(model_class, "predict_batch")
-    is_async = inspect.iscoroutinefunction(method)
-
-    async def predict(self, model_input):
-        batcher = self.__dict__.get("_kernel_magics_batcher")
-        if batcher is None:
-            async def run(inputs: list) -> list:
-                if is_async:
-                    return await self.predict_batch(inputs)
-                return await asyncio.to_thread(self.predict_batch, inputs)
-
-            batcher = self.__dict__["_kernel_magics_batcher"] = Batcher(run, max_batch_size, max_wait_ms / 1000)
-        return await batcher.submit(model_input)
-
-    setattr(predict, _MARK, True)
-    predict.__qualname__ = f"{model_class.__qualname__}.predict"
-    model_class.predict = predict
+    """``model_class`` with the batching ``predict`` of :func:`batched` (a class without predict_batch as it is)."""
+    if getattr(model_class, "predict_batch", None) is None:
+        return model_class  # the runtime says what is missing, with the fix
+    model_class.predict = batched(max_batch_size, max_wait_ms)(lambda self, model_input: None)
     return model_class

@@ -454,9 +454,12 @@ def export_model(
 def _write(build: Path, materialized: Materialized, data_sources: Sequence[Path]) -> None:
     (build / "model").mkdir()
     (build / "model" / "__init__.py").write_text("")
-    (build / "model" / "model.py").write_text(materialized.source.text)
+    (build / "model" / "model.py").write_text(materialized.source.text + batching_tail(materialized.config))
     (build / "config.yaml").write_text(materialized.config_yaml)
     _copy_data(data_sources, build / "data")
+    if materialized.config.batching is not None:
+        (build / "packages").mkdir(exist_ok=True)
+        shutil.copy2(Path(__file__).with_name("batching.py"), build / "packages" / f"{BATCHING_MODULE}.py")
     for module in materialized.local_modules:
         dest = build / "packages" / module.name
         dest.parent.mkdir(exist_ok=True)
@@ -464,6 +467,27 @@ def _write(build: Path, materialized: Materialized, data_sources: Sequence[Path]
             shutil.copytree(module, dest, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(module, dest)
+
+
+BATCHING_MODULE = "kernel_magics_batching"  # core/batching.py, as packages/ holds it
+
+
+def batching_tail(config: ModelConfig) -> str:
+    """What model.py ends with when the model batches: Truss's own server calls ``predict`` once per
+    request, so a subclass of the same name gets a ``predict`` that feeds the batcher (our runtime,
+    which calls predict_batch itself, sees it is that one). Written as a method, so a static reading
+    of model.py (Truss's, ours) finds predict."""
+    settings = config.batching
+    if settings is None:
+        return ""
+    name = config.model_class_name
+    return (f"\n\nimport {BATCHING_MODULE}  # noqa: E402  (packages/{BATCHING_MODULE}.py)\n\n\n"
+            f"class {name}({name}):\n"
+            f"    @{BATCHING_MODULE}.batched(max_batch_size={settings.max_batch_size}, "
+            f"max_wait_ms={settings.max_wait_ms})\n"
+            f"    async def predict(self, model_input):\n"
+            f'        """Dynamic batching (model_metadata.batching in config.yaml): a server calls predict once per\n'
+            f'        request; concurrent requests are gathered into calls of predict_batch."""\n')
 
 
 def _save_values(build: Path, materialized: Materialized, secret_values: Iterable[str]) -> None:

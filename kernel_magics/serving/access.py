@@ -58,14 +58,34 @@ class Metrics:
         self.requests = Counter("kernel_magics_requests", "HTTP requests handled", ["route", "status"])
         self.latency = Histogram("kernel_magics_request_seconds", "Time to the response's start", ["route"],
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        # A model with predict_batch (core/batching.py): how full its batches are, and what filling them cost.
+        self.batch_size = Histogram("kernel_magics_batch_size", "Requests in each predict_batch call",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+        self.batch_wait = Histogram("kernel_magics_batch_wait_seconds",
+                                    "How long each batch's first request waited before the batch started",
+                                    buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 10))
         self._counters: dict = {}
         self._histograms: dict = {}
+        self._watched: set[int] = set()
 
     @classmethod
     def get(cls) -> "Metrics":
         if cls._instance is None:
             cls._instance = cls()
         return cls._instance
+
+    def watch_batches(self, host) -> None:
+        """Observe the batches ``host`` runs (once per host; a Ray replica's own host included)."""
+        if id(host) in self._watched:
+            return
+        self._watched.add(id(host))
+
+        def on_event(event) -> None:
+            if event.kind == "batch":
+                self.batch_size.observe(event.data["size"])
+                self.batch_wait.observe(event.data["wait"])
+
+        host.subscribe(on_event)
 
     def record(self, route: str, status: int, seconds: float) -> None:
         key = (route, status)

@@ -95,6 +95,8 @@ async def metrics_page(request: Request) -> Response:
 async def execute(request: Request, method: str = "predict") -> Response:
     """One predict-like request, as Truss's ``_execute_request``: parse, call, send."""
     host = _ready_host(request)  # the route is known here; no body is read for a model that cannot answer
+    if host.contract.predict_batch is not None and request.app.state.metrics is not None:
+        request.app.state.metrics.watch_batches(host)
     body = await _read_body(request)
     binary = _is_binary(request)
     contract = host.contract
@@ -357,7 +359,8 @@ def create_app(host: Union[ModelHost, Callable[[], Optional[ModelHost]]], *,
     app = FastAPI(title="kernel-magics model server", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan, routes=_routes(), exception_handlers=dict(errors.HANDLERS))
     app.state.host, app.state.all_ready, app.state.max_body = current, all_ready, max_body
-    app.add_middleware(RequestLog, metrics=Metrics.get() if metrics else None, log_requests=log_requests)
+    app.state.metrics = Metrics.get() if metrics else None
+    app.add_middleware(RequestLog, metrics=app.state.metrics, log_requests=log_requests)
     return app
 
 
