@@ -363,6 +363,26 @@ def test_a_predict_concurrency_below_the_batch_size_is_refused_and_a_larger_one_
     assert "predict_concurrency: 16" in parse_config(BATCHING).to_yaml()  # what the export writes
 
 
+# ---------------------------------------------------------------- the notebook: define, show, predict, status
+
+@pytest.mark.slow  # a kernel of its own: about 5 to 10 s here under load
+def test_the_notebook_shows_batching_and_predicts_a_batch_of_one(fresh_kernel, tmp_path):
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k.ok(BATCHED_NOTEBOOK[1])
+    assert "batched: predict_batch" in k.ok(BATCHED_NOTEBOOK[2]).stdout
+    shown = k.ok("%model_show").outputs[0]["data"]["text/plain"]
+    assert "def predict_batch" in shown and "@kernel_magics_batching.batched(max_batch_size=8, max_wait_ms=50" in shown
+    config = k.ok("%model_show config.yaml").outputs[0]["data"]["text/plain"]
+    assert "predict_concurrency: 16" in config and "max_batch_size: 8" in config
+    k.ok("%model_load")
+    assert k.ok("%model_predict {\"x\": 5}").result == "{'y': 10, 'batch': 1}"
+    status = k.ok("%model_status").stdout
+    assert "batching: up to 8, wait 50 ms; last batch sizes: 1" in status
+    payload = k.ok("from kernel_magics.notebook.frontend import model_status\n"
+                   "print(model_status(get_ipython().find_magic('model_status').__self__)['batching'])").stdout
+    assert "'last_batch_sizes': [1]" in payload
+
+
 # ---------------------------------------------------------------- the export: our server and Truss's own batch it
 
 BATCHED_NOTEBOOK = [

@@ -151,5 +151,6 @@ class DefineMagics(Magics):
         else:
             spec = host.contract.predict
             kind = ("async " if spec.is_async else "") + ("generator " if spec.is_generator else "")
-            print(f"Model `{name}` defined ({kind}predict). Run %model_load to load it.")
+            what = f"batched: {kind}predict_batch" if host.contract.predict_batch else f"{kind}predict"
+            print(f"Model `{name}` defined ({what}). Run %model_load to load it.")
         return None

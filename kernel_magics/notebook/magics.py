@@ -314,6 +314,12 @@ class ModelMagics(Magics):
         ]
         if status["first_chunk_ms"] is not None:
             rows.append(("first chunk", f"{status['first_chunk_ms']:.1f} ms"))
+        batching = status.get("batching")
+        if batching is not None:
+            sizes = ", ".join(map(str, batching["last_batch_sizes"][-8:])) or "none yet"
+            settings = (f"up to {batching['max_batch_size']}, wait {batching['max_wait_ms']:g} ms"
+                        if batching["max_batch_size"] is not None else "not declared in the config")
+            rows.append(("batching", f"{settings}; last batch sizes: {sizes}"))
         if status["error"] and status["state"] == "failed":
             rows.append(("error", status["error"]))
         print("\n".join(f"{k:>12}: {v}" for k, v in rows))

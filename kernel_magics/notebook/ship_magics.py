@@ -46,7 +46,7 @@ class ShipMagics(Magics):
             %model_show config.yaml
             %model_show --why
         """
-        from ..core.export import find_secret
+        from ..core.export import batching_tail, find_secret
 
         args = parse_arguments(self.model_show, line)
         result = self._materialize()
@@ -64,7 +64,7 @@ class ShipMagics(Magics):
         if args.file == "config.yaml":
             display(Code(secrets.redact(result.config_yaml), language="yaml"))
         else:
-            display(Code(secrets.redact(result.source.text), language="python"))
+            display(Code(secrets.redact(result.source.text + batching_tail(result.config)), language="python"))
         for warning in result.warnings:
             print(f"warning: {warning}")
         return None
