@@ -10,6 +10,7 @@ __all__ = ["load_ipython_extension", "unload_ipython_extension", "__version__"]
 
 def load_ipython_extension(ipython) -> None:
     """Register the model magics with an IPython shell (``%load_ext kernel_magics``)."""
+    from .notebook.bench_magics import BenchMagics
     from .notebook.define_magics import DefineMagics
     from .notebook.magics import ModelMagics
     from .notebook.run_magics import RunMagics
@@ -17,7 +18,7 @@ def load_ipython_extension(ipython) -> None:
 
     magics = ModelMagics(ipython)
     ipython.register_magics(magics)
-    for adapter in (DefineMagics, RunMagics, ShipMagics):
+    for adapter in (DefineMagics, RunMagics, ShipMagics, BenchMagics):
         ipython.register_magics(adapter(ipython, magics))
     ipython.events.register("pre_run_cell", magics.note_cell)
     ipython.events.register("post_run_cell", magics.record_cell)

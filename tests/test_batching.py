@@ -383,6 +383,37 @@ def test_the_notebook_shows_batching_and_predicts_a_batch_of_one(fresh_kernel, t
     assert "'last_batch_sizes': [1]" in payload
 
 
+# ---------------------------------------------------------------- %model_bench
+
+@pytest.mark.slow  # a kernel of its own and three load levels: about 10 s here under load
+def test_model_bench_measures_levels_shows_batches_and_a_plot_and_stops_on_interrupt(fresh_kernel, tmp_path):
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    assert "run %model_load first" in k.execute("%model_bench 1").reply["evalue"]
+    k.ok(BATCHED_NOTEBOOK[1])
+    k.ok(BATCHED_NOTEBOOK[2])
+    k.ok("%model_load")
+    ex = k.ok('%model_bench --concurrency 1,8 --requests 40 --duration 60 {"x": 2}')
+    lines = ex.stdout.splitlines()
+    assert lines[1].startswith("concurrency 1: ") and "batch size mean 1.0 max 1" in lines[1]
+    assert lines[2].startswith("concurrency 8: ") and "req/s, p50 " in lines[2]
+    assert int(lines[2].rsplit("max ", 1)[1]) > 1  # eight callers: the model ran batches of more than one
+    assert "The model batches (predict_batch)" in ex.stdout
+    assert any("image/png" in o.get("data", {}) for o in ex.outputs)
+    for line, message in [("--conc 3 1", "Unknown option --conc"), ("--requests 0 1", "--requests 0: it must be"),
+                          ("--concurrency 1,x 1", "--concurrency 1,x: it must be"), ("", "Usage: %model_bench")]:
+        assert message in k.execute(f"%model_bench {line}").reply["evalue"]
+    # Stop: a model stuck in its batch; the interrupt ends the bench with what it measured, the kernel goes on.
+    k.ok("import asyncio")
+    k.ok("%%model\nclass Model:\n    async def predict_batch(self, inputs):\n"
+         "        print('started', flush=True)\n        await asyncio.sleep(60)\n        return inputs")
+    sent = []
+    ex = k.execute("%model_bench --duration 600 1", timeout=60, on_message=lambda m: (
+        not sent and m["msg_type"] == "stream" and "started" in m["content"]["text"]
+        and (k.interrupt(), sent.append(1))))
+    assert sent and ex.status == "ok" and "Stopped" in ex.stdout
+    assert k.ok("2 * 21").result == "42"
+
+
 # ---------------------------------------------------------------- the export: our server and Truss's own batch it
 
 BATCHED_NOTEBOOK = [
