@@ -201,15 +201,75 @@ def test_a_global_that_load_changes_is_compared_as_both_loads_left_it(tmp_path, 
     assert (done.returncode, done.stdout) == (0, '{"labels": 3}\n'), done.stderr
 
 
-def test_a_global_that_load_changes_and_cannot_be_copied_is_refused_naming_the_line(tmp_path, fresh_kernel):
-    """A global load() changes that %model_load could not copy (it holds a lock) cannot be saved as it was
-    before the load: the export refuses, naming it and the statement in load() that changes it."""
+def test_a_global_that_load_changes_and_is_too_large_to_copy_is_refused_naming_the_line(tmp_path, fresh_kernel):
+    """A global load() changes that %model_load did not copy (over 64 MB) cannot be saved as it was before the
+    load: the export refuses, naming it and the statement in load() that changes it."""
     k = fresh_kernel(cwd=tmp_path)
-    k.ok("%load_ext kernel_magics\nimport threading\nSTATE = {'lock': threading.Lock(), 'seen': []}")
-    k.ok("%%model\nclass Model:\n    def load(self):\n        STATE['seen'].append(1)\n"
-         "    def predict(self, model_input):\n        return {'seen': len(STATE['seen'])}\n")
+    k.ok("%load_ext kernel_magics\nimport numpy as np\nBIG = np.zeros(17_000_000, dtype=np.float32)")
+    k.ok("%%model\nclass Model:\n    def load(self):\n        BIG[0] += 1\n"
+         "    def predict(self, model_input):\n        return {'first': float(BIG[0])}\n")
     k.ok("%model_load")
     why = usage_error(k.execute("%model_export out"))
-    assert "`STATE`" in why and "`STATE['seen'].append(1)` in load(), cell 2, line 4" in why, why
+    assert "`BIG`" in why and "(`BIG[0] += 1` in load(), cell 2, line 4)" in why, why
     assert "export before %model_load" in why, why
     assert not (tmp_path / "out").exists()
+
+
+def test_a_module_attribute_changed_out_of_sight_travels_with_the_whole_module(tmp_path, fresh_kernel):
+    """A notebook nn.Module whose float attribute a function changed (invisible to the code's reading, which
+    sends a module changed only by calls as its weights): the weights-only module is verified, its fingerprint
+    counts plain attributes, so it travels whole and the export answers as the notebook, without a replay."""
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics\nimport torch\n"
+         "class Scaled(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+         "        self.lin = torch.nn.Linear(2, 1)\n        self.temperature = 1.0\n"
+         "    def forward(self, x):\n        return self.lin(x) / self.temperature")
+    k.ok("torch.manual_seed(0)\nnet = Scaled()")
+    k.ok("def calibrate(m):\n    m.temperature = 4.0\ncalibrate(net)")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n"
+         "        with torch.no_grad():\n            return {'y': round(net(torch.ones(1, 2)).item(), 6)}\n")
+    expected = k.ok("print(round(net(torch.ones(1, 2)).item(), 6))").stdout.strip()
+    k.ok("%model_export out --no-replay")
+    why = k.ok("%model_show --why").stdout
+    assert re.search(r"net +constant +cell 2 .*value \(torch.save \(pickle\), runs code when loaded\): re-running its "
+                     r"source gives a different value: its attribute `temperature` is 1.0, the notebook has 4.0", why), why
+    done = cli("predict", tmp_path / "out", "-d", "{}", cwd=tmp_path)
+    assert (done.returncode, json.loads(done.stdout or "null")) == (0, {"y": float(expected)}), done.stderr
+
+
+def test_a_name_that_cannot_be_fingerprinted_is_named_as_not_verified(tmp_path, fresh_kernel):
+    """A lock re-run from source has no fingerprint (it cannot be pickled): it stays source (it could not be saved
+    either), and %model_show --why and the export's output say it was not verified and what proves it."""
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics\nimport threading\nLOCK = threading.Lock()\nNAMES = ['a']")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        with LOCK:\n"
+         "            return {'names': NAMES}\n")
+    why = k.ok("%model_show --why").stdout
+    assert re.search(r"LOCK +constant +cell 1 +used by Model; source \(not verified: its value cannot be "
+                     r"fingerprinted \(it cannot be pickled\), so only the replay", why), why
+    assert re.search(r"NAMES +constant .*; source\n", why), why
+    exported = k.ok("%model_export out").stdout
+    assert ("warning: `LOCK` (a _thread.lock) travels as source without being verified against the notebook (a value "
+            "that cannot be pickled has no fingerprint to compare); no recorded prediction proves it") in exported, exported
+    k.ok("%model_load\n%model_predict {}")
+    exported = k.ok("%model_export out --force").stdout
+    assert "; the replay of 1 recorded prediction is its only proof." in exported, exported
+
+
+def test_a_load_that_opens_a_relative_data_path_is_checked_where_truss_runs_it(tmp_path, fresh_kernel):
+    """Truss runs the model in the directory's root (/app: model/, data/, config.yaml), so `open('data/labels.txt')`
+    in load() works deployed; the fresh-process check runs where those paths resolve the same (it refused, from an
+    empty folder), and what load() writes there stays out of the export."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "labels.txt").write_text("red green\n")
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics")
+    k.ok("%%model\nclass Model:\n    def load(self):\n        with open('data/labels.txt') as f:\n"
+         "            self.labels = f.read().split()\n        with open('written_by_load.txt', 'w') as f:\n"
+         "            f.write('scratch')\n"
+         "    def predict(self, model_input):\n        return {'labels': self.labels}\n")
+    k.ok("%model_load\n%model_predict {}")
+    exported = k.ok("%model_export out").stdout  # (the notebook's data/ folder is the export's data/)
+    assert "Replayed 1 recorded prediction" in exported, exported
+    assert sorted(p.name for p in (tmp_path / "out" / "data").iterdir()) == ["labels.txt"]
+    assert not list((tmp_path / "out").rglob("written_by_load.txt"))

@@ -57,6 +57,34 @@ def test_tensors_and_modules_compare_by_value_not_by_device_or_identity():
     assert same(fingerprint(torch.device("cpu")), fingerprint(torch.device("cpu")))
 
 
+def test_a_module_fingerprint_counts_plain_attributes_and_non_persistent_buffers_of_every_submodule():
+    """A module that travels as its weights loses what is not in its state dict: a `temperature` changed in a
+    cell, a non-persistent buffer. The fingerprint must see them, so the verification sends such a module whole."""
+    torch = pytest.importorskip("torch")
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(2, 2)
+            self.temperature = 1.0
+            self.register_buffer("scale", torch.ones(2), persistent=False)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Head())
+    twin = torch.nn.Sequential(Head())
+    twin.load_state_dict(net.state_dict())
+    assert same(fingerprint(net), fingerprint(twin))
+    twin[0].temperature = 0.5  # a float attribute of a submodule
+    assert difference(fingerprint(twin), fingerprint(net)) == (
+        "re-running its source gives a different value: its attribute `0.temperature` is 1.0, the notebook has 0.5")
+    twin[0].temperature = 1.0
+    twin[0].scale.mul_(3)  # a buffer the state dict leaves out
+    assert "scale" not in twin.state_dict() and not same(fingerprint(net), fingerprint(twin))
+    twin[0].scale.div_(3)
+    twin[0]._cache = object()  # private bookkeeping (and anything not a plain value) does not count
+    assert same(fingerprint(net), fingerprint(twin))
+
+
 def test_a_local_module_is_fingerprinted_by_its_public_attributes():
     module = types.ModuleType("helper")
     exec("SCALE = 2\ndef scale(x):\n    return x * SCALE", module.__dict__)

@@ -661,7 +661,7 @@ def _check(build: Path, record: Optional[PredictionRecord], secrets: Optional[di
     for item in report.mismatches:
         explain = (lambda index: measured) if measured else explain_mismatch
         raise ExportError(_mismatch_message(record, item, explain))
-    notes = []
+    notes = verification.notes(len(replay))
     if report.left_running:
         notes.append(f"the model left {', '.join(report.left_running[:3])} running when the fresh-process check "
                      "ended; the check did not wait for it and stopped it. A deployment would keep it running: "

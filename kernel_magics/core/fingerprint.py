@@ -8,7 +8,8 @@ is a small JSON-able dict, so it crosses the process boundary in the check's rep
 - literals (numbers, strings, lists, dicts ... of literals): their canonical text (sets sorted);
 - numpy arrays and torch tensors: dtype, shape and a checksum of the bytes (the device is left
   out: a tensor the deployment moves to its GPU holds the same value);
-- torch modules: a checksum over the state dict and the train/eval flags;
+- torch modules: a checksum over the state dict, the train/eval flags, the plain attributes (numbers,
+  strings, tuples) and the non-persistent buffers of every submodule;
 - random generators: their state; tokenizers: their JSON;
 - a module imported from the notebook's folder: one fingerprint per public attribute;
 - anything else: a checksum of its pickled bytes, with classes and functions defined in the
@@ -70,6 +71,10 @@ def difference(live: Optional[dict], fresh: Optional[dict]) -> Optional[str]:
             if why:
                 return f"the notebook changed its attribute `{attr}`: " + why.replace(f"{head}: ", "", 1)
         return head
+    mine, theirs = live.get("attributes") or {}, fresh.get("attributes") or {}
+    for attr in sorted(set(mine) & set(theirs)):  # a torch module's plain attributes
+        if mine[attr] != theirs[attr]:
+            return f"{head}: its attribute `{attr}` is {theirs[attr]}, the notebook has {mine[attr]}"
     if live.get("summary") != fresh.get("summary"):
         return f"{head}: {fresh.get('summary')}, the notebook has {live.get('summary')}"
     return f"{head}: {fresh.get('summary')} in both, with other contents"
@@ -236,13 +241,41 @@ def _torch(value: Any) -> Optional[dict]:
             h.update(_tensor_bytes(torch, tensor))
             count += tensor.numel()
         h.update(repr([m.training for m in value.modules()]).encode())
-        return _fp("torch module", h.hexdigest()[:32], f"a {type(value).__name__} with {count:,} weights")
+        attributes = {}
+        for key, part, shown in _module_extras(torch, value):
+            h.update(key.encode())
+            h.update(part)
+            if shown is not None and len(attributes) < 200:
+                attributes[key.lstrip(".")] = shown
+        return _fp("torch module", h.hexdigest()[:32], f"a {type(value).__name__} with {count:,} weights",
+                   attributes=attributes)
     if isinstance(value, (torch.device, torch.dtype)):
         return _fp("literal", _digest("torch", str(value)), str(value))
     if isinstance(value, torch.Generator):
         return _fp("random", _digest("torch generator", _tensor_bytes(torch, value.get_state())),
                    "a torch.Generator in another state")
     return None
+
+
+def _module_extras(torch: Any, module: Any) -> list[tuple[str, bytes, Optional[str]]]:
+    """What a module holds besides its state dict, submodules included: plain attributes (numbers, strings,
+    tuples: a `temperature` changed in a cell) and non-persistent buffers. A module that travels as its
+    weights only loses both, so they must count in whether re-running its source gives the notebook's value."""
+    parts = []
+    for prefix, sub in module.named_modules():
+        for attr, value in sorted(vars(sub).items()):
+            if attr.startswith("_") or attr == "training":
+                continue
+            text = _canonical(value, [_LITERAL_BUDGET])
+            if text is not None:
+                shown = repr(value)
+                parts.append((f"{prefix}.{attr}", text.encode(), shown if len(shown) <= 60 else shown[:59] + "…"))
+        for name in sorted(getattr(sub, "_non_persistent_buffers_set", ())):
+            buffer = sub._buffers.get(name)
+            if isinstance(buffer, torch.Tensor):
+                parts.append((f"{prefix}.{name}:{buffer.dtype}:{tuple(buffer.shape)}", _tensor_bytes(torch, buffer),
+                              None))
+    return parts
 
 
 def _randoms(value: Any) -> Optional[dict]:

@@ -96,7 +96,9 @@ def after_load(live: dict) -> None:
     after = {n: live.get(n) for n in snapshot.names}
     changed = set()
     for n in snapshot.names:
-        if after[n] is not snapshot.objects[n] or not same(snapshot.before[n], fingerprint(after[n])):
+        before = snapshot.before[n]
+        # (a value without a fingerprint, which cannot be pickled, counts as changed only when load rebinds it)
+        if after[n] is not snapshot.objects[n] or (before is not None and not same(before, fingerprint(after[n]))):
             if n in live:
                 changed.add(n)
     snapshot.after, snapshot.changed = after, changed

@@ -76,6 +76,13 @@ _WEIGHTS_ONLY = frozenset({
 })
 
 
+# A name re-run from source whose live value has no fingerprint (it cannot be pickled: a lock, a client,
+# an open file) cannot be compared with the fresh process's: it stays source (it could not be saved either,
+# and the deployment has to make such a thing afresh anyway), and the replay is its only proof.
+UNVERIFIED = ("not verified: its value cannot be fingerprinted (it cannot be pickled), so only the replay of the "
+              "recorded predictions proves it")
+
+
 class MaterializeError(KernelMagicsError):
     """The model needs something that cannot be written as source."""
 
@@ -91,6 +98,7 @@ class Included:
     travels: str = "source"  # source | value
     how: str = ""  # the value's format ("literal", "npy", "skops" ...)
     reason: str = ""  # why it travels as a value
+    note: str = ""  # what %model_show --why adds (a name re-run from source that cannot be verified)
 
 
 @dataclass
@@ -121,6 +129,7 @@ class ModelSource:
         for inc in self.included:
             reason = "the model class" if not inc.needed_by else f"used by {inc.needed_by}"
             travels = "source" if inc.travels == "source" else f"value ({inc.how}): {inc.reason}"
+            travels += f" ({inc.note})" if inc.note else ""
             lines.append(f"{inc.name:<{width}}  {inc.kind:<8}  cell {inc.cell + 1:<3}  {reason}; {travels}")
         return "\n".join(lines)
 
@@ -834,6 +843,17 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     changes = {n: [c for c in analysis.changes_after(n, defs[n].order) if c.kind not in _HINTS]
                for n in included if n in defs}
     verify = _worth_verifying(ctx.verify, referrers, {n for n, inc in included.items() if inc.travels == "value"})
+    # A torch module rebuilt from its source that gets only its weights back loses what its state dict does not
+    # hold (a plain attribute, a non-persistent buffer): verified too, it travels whole when those differ.
+    verify += [n for n, (plan, _) in plans.items() if plan.keeps_source and n in defs and n not in verify
+               and plan.format.startswith("safetensors (weights")]
+    if live is not None:
+        from .fingerprint import fingerprint
+
+        for name in verify:
+            if included[name].travels == "source" and name in live and fingerprint(live[name]) is None:
+                included[name] = replace(included[name], note=UNVERIFIED)
+        order = [included[i.name] for i in order]
     spans = {}
     for name in [*verify, *ctx.unproven]:
         at = text.find(defs[name].text) if defs[name].kind != "import" else -1

@@ -467,6 +467,7 @@ def _run_check(root: Path, report_path: Path, load: bool, options: Optional[dict
         return 0 if report["ok"] else 1
 
     try:
+        _as_truss_runs_it(root, skip={report_path.name, "output.txt"})
         truss = TrussDir.open(root)
         host = truss.host()
         verify = list(options.get("fingerprint", []))
@@ -523,6 +524,28 @@ def _run_check(root: Path, report_path: Path, load: bool, options: Optional[dict
         text = f"{type(exc).__name__}: {exc}"
         report["error"] = host.secrets.redact(text) if host is not None else text
     return finish()
+
+
+def _as_truss_runs_it(root: Path, skip: set) -> None:
+    """Truss runs the model in /app, which holds the directory's model/, data/ and config.yaml, so a load() that
+    opens `data/labels.txt` works deployed. The check's own folder (its working directory) gets the same entries:
+    real folders, with links to the files, so such a path resolves as deployed while a file the model creates
+    lands here and is thrown away with the folder, not in the export."""
+    here = Path.cwd().resolve()
+    root = root.resolve()
+    if here == root or root in here.parents:
+        return
+    for folder, dirs, files in os.walk(root):
+        relative = Path(folder).relative_to(root)
+        top = relative == Path(".")
+        dirs[:] = [d for d in dirs if d != "__pycache__" and not (top and (d in skip or d.startswith(".")))]
+        files = [f for f in files if not (top and (f in skip or f.startswith(".")))]  # (the check's own files)
+        with contextlib.suppress(OSError):
+            (here / relative).mkdir(exist_ok=True)
+            for name in files:
+                link = here / relative / name
+                if not link.exists() and not link.is_symlink():
+                    link.symlink_to(Path(folder) / name)
 
 
 def _model_line(exc: BaseException, root: Path) -> Optional[int]:

@@ -11,7 +11,8 @@ check stays the judge: its replay of the notebook's predictions decides.
 Two kinds of difference are not moved: a value that predict itself changes (a random generator, a
 cache), whose fresh state after the replay equals the live one, keeps its source (the source gives
 the state the model started from, the replay proves it); and a value without a fingerprint (it
-cannot be pickled) is not verified. When a replay differs anyway, :meth:`Verification.measured_cause`
+cannot be pickled) is not verified: it stays source, ``%model_show --why`` and the export's output name it,
+and the replay is its only proof. When a replay differs anyway, :meth:`Verification.measured_cause`
 names the values whose fresh fingerprints differ from the live ones, and what predict changes.
 
 What one kernel learned is remembered (by the live value's fingerprint, so a changed value is judged
@@ -157,6 +158,20 @@ class Verification:
                 continue  # predict consumes it: its source gives the starting state; the replay judges
             differ[name] = difference(live, fresh)
         return differ
+
+    def notes(self, replayed: int) -> list[str]:
+        """Warnings for the export's output: the names re-run from source that could not be verified."""
+        live = self.materialized.live
+        if live is None:
+            return []
+        names = [n for n in self.materialized.source.verify if n in live and self.live_fingerprints.get(n, {}) is None]
+        if not names:
+            return []
+        what = ", ".join(f"`{n}` (a {_type_name(live[n])})" for n in names)
+        proof = (f"the replay of {replayed} recorded prediction{'s' if replayed != 1 else ''} is {'their' if len(names) > 1 else 'its'} only proof"
+                 if replayed else "no recorded prediction proves it: run %model_predict before exporting")
+        return [f"{what} {'travel' if len(names) > 1 else 'travels'} as source without being verified against the "
+                f"notebook (a value that cannot be pickled has no fingerprint to compare); {proof}."]
 
     def measured_cause(self, report: Any) -> Optional[str]:
         """When a replay differs: the values whose fresh fingerprints differ from the live ones, and what
