@@ -50,11 +50,11 @@ CASES = {
         "re-running `open('labels.txt').read().split()` (cell 2, line 1) may not give the value the notebook had"),
     "an attribute of a local module changed in a cell": (
         {"helper.py": "SCALE = 2\n\n\ndef scale(x):\n    return x * SCALE\n"},
-        ["import helper", "helper.SCALE = 3"],
+        ["import helper", "setattr(helper, 'SCALE', 3)"],
         "return helper.scale(model_input['x'])", [{"x": 5}],
         [r"helper.SCALE +attribute +cell 2 +used by the module helper; value \(literal\): the notebook changed it, "
          r"and importing helper afresh gives a different value: 2, the notebook has 3"],
-        "`helper` is a module beside the notebook, and cell 3 changes it: `helper.SCALE = 3` (line 1)"),
+        "`helper` is a module beside the notebook, and cell 3 changes it: `setattr(helper, 'SCALE', 3)` (line 1)"),
     "a random generator that predict consumes": (
         {}, ["import random\nrng = random.Random(7)"],
         "return {'i': model_input['i'], 'draw': rng.random()}", [{"i": 1}, {"i": 2}],
@@ -273,3 +273,21 @@ def test_a_load_that_opens_a_relative_data_path_is_checked_where_truss_runs_it(t
     assert "Replayed 1 recorded prediction" in exported, exported
     assert sorted(p.name for p in (tmp_path / "out" / "data").iterdir()) == ["labels.txt"]
     assert not list((tmp_path / "out").rglob("written_by_load.txt"))
+
+
+def test_why_lists_what_a_cell_sets_on_a_module_beside_the_notebook_before_any_export(tmp_path, fresh_kernel):
+    """%model_show --why names the attributes a cell visibly sets on a local module (they travel as values set
+    after the import) and says how the module itself travels, without waiting for an export to measure them."""
+    (tmp_path / "helper.py").write_text("SCALE = 2\n\n\ndef scale(x):\n    return x * SCALE\n")
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics\nimport helper")
+    k.ok("helper.SCALE = 3")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return helper.scale(model_input['x'])\n")
+    why = k.ok("%model_show --why").stdout
+    assert re.search(r"helper +import +cell 1 +used by Model; source \(a module beside the notebook: it travels in "
+                     r"packages/", why), why
+    assert re.search(r"helper.SCALE +attribute +cell 1 +used by the module helper; value \(literal\): changed by "
+                     r"`helper.SCALE = 3` in cell 2, line 1", why), why
+    k.ok("%model_export out")
+    done = cli("predict", tmp_path / "out", "-d", '{"x": 5}', cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (0, "15\n"), done.stderr

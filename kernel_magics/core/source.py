@@ -82,6 +82,9 @@ _WEIGHTS_ONLY = frozenset({
 UNVERIFIED = ("not verified: its value cannot be fingerprinted (it cannot be pickled), so only the replay of the "
               "recorded predictions proves it")
 
+LOCAL_MODULE = ("a module beside the notebook: it travels in packages/, and an attribute the notebook changed is "
+                "set after the import, as a value")
+
 
 class MaterializeError(KernelMagicsError):
     """The model needs something that cannot be written as source."""
@@ -816,7 +819,14 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
                 continue
             need(name, label)
     _share_identical(plans, included, live)
-    for key, reason in sorted(as_values.items()):
+    attributes = dict(as_values)
+    if live is not None:  # what a cell visibly sets on a module beside the notebook, known before any check
+        for name in [n for n in ctx.verify if n in included and included[n].kind == "import"]:
+            for change in analysis.changes_after(name, defs[name].order, kinds=("into",)):
+                found = re.match(rf"{re.escape(name)}\.(\w+)\s*(?:[-+*/%@&|^]|//|\*\*|<<|>>)?=[^=]", change.text)
+                if found and hasattr(live[name], found.group(1)):
+                    attributes.setdefault(f"{name}.{found.group(1)}", f"changed by {change.describe()}")
+    for key, reason in sorted(attributes.items()):
         module, _, attr = key.partition(".")
         if attr and module in included and included[module].kind == "import" and live is not None:
             _attribute_value(key, reason, live, defs[module], included, plans)
@@ -851,7 +861,9 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
         from .fingerprint import fingerprint
 
         for name in verify:
-            if included[name].travels == "source" and name in live and fingerprint(live[name]) is None:
+            if included[name].kind == "import":
+                included[name] = replace(included[name], note=LOCAL_MODULE)
+            elif included[name].travels == "source" and name in live and fingerprint(live[name]) is None:
                 included[name] = replace(included[name], note=UNVERIFIED)
         order = [included[i.name] for i in order]
     spans = {}
