@@ -140,6 +140,8 @@ def _export(args: argparse.Namespace) -> int:
     from .core.notebook_file import config_from_cells, read_notebook
 
     notebook = read_notebook(args.notebook)
+    if notebook.note:
+        print(f"note: {notebook.note}", file=sys.stderr)
     config = config_from_cells(notebook.cells, source=str(args.notebook))
     if args.execute:
         return _export_by_running(args)

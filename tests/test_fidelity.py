@@ -163,3 +163,21 @@ def test_load_runs_in_a_worker_thread_as_on_the_servers(kernel):
     ex = kernel.execute("%%model\nclass Model:\n    async def load(self):\n        pass\n"
                         "    def predict(self, model_input):\n        return 1")
     assert ex.reply["ename"] == "UsageError" and "Truss 0.18 never awaits load()" in ex.reply["evalue"]
+
+
+def test_the_cli_says_which_of_several_exports_it_follows_and_refuses_when_they_differ(tmp_path):
+    """A notebook with two %model_export cells: the CLI exports the model as it is at the first and says so; when
+    a %%model cell between them defines the model anew, the file does not say which one is meant: it refuses."""
+    model = "%%model\nclass Model:\n    def predict(self, model_input):\n        return {'v': VERSION}"
+    path = write_notebook(tmp_path / "nb.ipynb", ["%load_ext kernel_magics\nVERSION = 1", model, "%model_export a",
+                                                  "print('plot')", "%model_export b"])
+    done = cli("export", path, tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert ("note: nb.ipynb has 2 %model_export cells (code cells 3 and 5); this exports the model as it is at the "
+            "first one (cell 3): the cells after it are not read.") in done.stderr
+    path = write_notebook(tmp_path / "nb2.ipynb", ["%load_ext kernel_magics\nVERSION = 1", model, "%model_export a",
+                                                   model.replace("VERSION", "VERSION + 1"), "%model_export b"])
+    done = cli("export", path, tmp_path / "out2")
+    assert done.returncode == 1 and not (tmp_path / "out2").exists(), done.stderr
+    assert ("has 2 %model_export cells (code cells 3, 5), and code cell 4 between them defines the model anew "
+            "(%%model)") in done.stderr, done.stderr

@@ -212,6 +212,45 @@ def test_what_only_rebuilds_a_saved_value_is_not_verified():
     model = "%%model\nclass Model:\n    def predict(self, x):\n        return net(torch.ones(SIZE)).tolist()"
     source = build_model_source([*cells, model], "Model", live=live)
     # `net` is rebuilt from its source and gets its weights from the saved file: WORK (a new temporary folder in
-    # every process) only builds it, so it is not judged; SIZE is read by the model itself, so it is.
+    # every process) only builds it, so it is not judged; SIZE is read by the model itself, so it is; and `net`,
+    # whose weights come from the file, is (what its state dict does not hold, a plain attribute, could differ).
     assert "net" in {i.name for i in source.included if i.travels == "value"}
-    assert source.verify == ["SIZE"]
+    assert source.verify == ["SIZE", "net"]
+
+
+def test_a_read_only_method_of_a_notebook_class_is_not_a_change():
+    """`router.scores(...)` in a display line: the notebook class's method changes nothing of the instance, so
+    the CLI does not refuse naming it; a method that does change it (`self.seen.append`) still counts."""
+    cells = [
+        "class Router:\n    def __init__(self, names):\n        self.names = names\n        self.seen = []\n"
+        "    def scores(self, text):\n        return {n: self._score(n, text) for n in self.names}\n"
+        "    def _score(self, name, text):\n        return text.count(name[0])\n"
+        "    def remember(self, text):\n        self.seen.append(text)",
+        "router = Router(['alpha', 'beta'])",
+        "print(router.scores('abba'))",
+        "%%model\nclass Model:\n    def predict(self, x):\n        return router.scores(x)",
+    ]
+    source = build_model_source(cells, "Model")  # the CLI: no values, and no refusal
+    assert "router = Router(['alpha', 'beta'])" in source.text and source.unproven == []
+    with pytest.raises(MaterializeError, match=r"`router`.*`router.remember\('x'\)` \(line 1\)"):
+        build_model_source([*cells[:3], "router.remember('x')", cells[3]], "Model")
+
+
+def test_a_logger_is_certain_to_rebuild():
+    """`logging.getLogger(...)` gives the same logger wherever it runs: the CLI exports it as source, configured
+    later or not (a level is logging's configuration, not the model's answer)."""
+    for made in ("import logging\nlog = logging.getLogger(__name__)",
+                 "from logging import getLogger\nlog = getLogger('my-model')"):
+        cells = [made, "log.setLevel(10)", "def note(text):\n    log.info(text)", "note('ready')",
+                 "%%model\nclass Model:\n    def predict(self, x):\n        log.info('predict')\n        return x"]
+        source = build_model_source(cells, "Model")
+        assert made.splitlines()[1] in source.text and source.unproven == [], source.text
+
+
+def test_a_logger_fingerprints_the_same_in_the_kernel_and_in_model_py():
+    import logging
+
+    from kernel_magics.core.fingerprint import fingerprint, same
+
+    assert same(fingerprint(logging.getLogger("__main__")), fingerprint(logging.getLogger("model.model")))
+    assert not same(fingerprint(logging.getLogger("a")), fingerprint(logging.getLogger("b")))

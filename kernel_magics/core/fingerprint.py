@@ -116,6 +116,10 @@ def _fingerprint(value: Any, depth: int) -> Optional[dict]:
     text = _canonical(value, [_LITERAL_BUDGET])
     if text is not None:
         return _fp("literal", _digest("literal", text), _literal_summary(value))
+    logging = sys.modules.get("logging")
+    if logging is not None and isinstance(value, logging.Logger):  # by name: as logging.getLogger gives it anywhere
+        name = "<notebook>" if value.name in NOTEBOOK_MODULES else value.name
+        return _fp("literal", _digest("logger", name), f"the logger {name}")
     for check in (_numpy, _torch, _randoms, _tokenizer):
         found = check(value)
         if found is not None:

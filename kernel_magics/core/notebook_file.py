@@ -33,8 +33,18 @@ class NotebookFileError(KernelMagicsError):
 class SavedNotebook:
     """The code cells of an .ipynb up to the first ``%model_export``, with their saved outputs."""
 
-    def __init__(self, path: Path, cells: list[str], outputs: list[list]) -> None:
+    def __init__(self, path: Path, cells: list[str], outputs: list[list], exports: Sequence[int] = ()) -> None:
         self.path, self.cells, self.outputs = path, cells, outputs
+        self.exports = list(exports)  # the code cells (numbered from 1) that run %model_export
+
+    @property
+    def note(self) -> Optional[str]:
+        """Which %model_export the CLI follows, when the notebook has several (None with one or none)."""
+        if len(self.exports) < 2:
+            return None
+        cells = ", ".join(str(n) for n in self.exports[:-1]) + f" and {self.exports[-1]}"
+        return (f"{self.path.name} has {len(self.exports)} %model_export cells (code cells {cells}); this exports the "
+                f"model as it is at the first one (cell {self.exports[0]}): the cells after it are not read.")
 
     def recorded_predictions(self) -> PredictionRecord:
         """The predictions after the last ``%%model`` cell whose input and saved answer read back: a
@@ -159,18 +169,34 @@ def read_notebook(path: Path) -> SavedNotebook:
         raise NotebookFileError(f"{path} is not a Jupyter notebook: it has no list of `cells`.") from None
     sources: list[str] = []
     outputs: list[list] = []
+    exports: list[int] = []
+    redefined: Optional[tuple[int, str]] = None  # after the first export: the first cell that defines the model anew
+    number = 0
     for cell in cells:
         if not isinstance(cell, dict) or cell.get("cell_type") != "code":
             continue
+        number += 1
         src = cell.get("source", "")
         src = "".join(src) if isinstance(src, list) else str(src)
         if any(line.lstrip().startswith("%model_export") for line in src.splitlines()):
-            break
+            exports.append(number)
+            continue
+        if exports:  # after the first export: read only to tell whether a later export is another model
+            magic = split_cell_magic(src)[0]
+            if redefined is None and magic in ("model", "model_config"):
+                redefined = (number, magic)
+            continue
         sources.append(src)
         outputs.append(cell.get("outputs") or [])
     if last_cell_of(sources, "model") is None:
         raise NotebookFileError(f"{path} has no `%%model` cell (before any %model_export), so there is no model to export.")
-    return SavedNotebook(path, sources, outputs)
+    if redefined is not None and redefined[0] < exports[-1]:
+        raise NotebookFileError(
+            f"{path} has {len(exports)} %model_export cells (code cells {', '.join(map(str, exports))}), and code cell "
+            f"{redefined[0]} between them defines the model anew (%%{redefined[1]}), so they export different models "
+            f"and the file does not say which one you mean. Delete the %model_export cells you do not mean (the CLI "
+            f"exports the model as it is at the first one), then run this again.")
+    return SavedNotebook(path, sources, outputs, exports)
 
 
 def config_from_cells(cells: Sequence[str], source: str = "notebook") -> ModelConfig:

@@ -522,6 +522,38 @@ def _import_module_of(definition: _Definition, alias_name: str) -> Optional[str]
     return None
 
 
+# Calls that give an equivalent object wherever they run: a logger by name (its level and handlers are
+# logging's configuration, not the model's answers), a fresh lock or event.
+_CERTAIN_CALLS = frozenset({
+    "logging.getLogger", "threading.Lock", "threading.RLock", "threading.Event", "threading.Condition",
+    "threading.Semaphore", "threading.BoundedSemaphore", "asyncio.Lock", "asyncio.Event", "asyncio.Semaphore",
+})
+
+
+def _called(func: ast.AST, analysis: _Analysis) -> Optional[str]:
+    """``module.function`` for a call of an imported function (``logging.getLogger``, or ``getLogger`` after
+    ``from logging import getLogger``), else None."""
+    if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+        target = analysis.defs.get(func.value.id)
+        if target is not None and target.kind in ("import", "block"):
+            module = _import_module_of(target, func.value.id)
+            return f"{module}.{func.attr}" if module else None
+    if isinstance(func, ast.Name):
+        target = analysis.defs.get(func.id)
+        if target is not None and target.kind in ("import", "block"):
+            for node in [n for n in ast.walk(target.node) if isinstance(n, ast.ImportFrom) and n.level == 0]:
+                for alias in node.names:
+                    if (alias.asname or alias.name) == func.id:
+                        return f"{node.module}.{alias.name}"
+    return None
+
+
+def _is_logger(definition: _Definition, analysis: _Analysis) -> bool:
+    node = definition.node
+    return (isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Call)
+            and _called(node.value.func, analysis) == "logging.getLogger")
+
+
 def _uncertain_call(definition: _Definition, analysis: _Analysis) -> Optional[ast.Call]:
     """The first call in an assignment whose result kernel-magics cannot prove is the same when re-run
     (anything but pure built-ins, pure standard-library functions and read-only methods), or None."""
@@ -532,11 +564,14 @@ def _uncertain_call(definition: _Definition, analysis: _Analysis) -> Optional[as
             if not isinstance(sub, ast.Call):
                 continue
             func = sub.func
+            if _called(func, analysis) in _CERTAIN_CALLS:
+                continue
             if isinstance(func, ast.Name):
                 target = analysis.defs.get(func.id)
                 if target is None and func.id in _PURE_BUILTINS:
                     continue
-                if target is not None and target.kind == "class" and _plain_dataclass(target.node):
+                if target is not None and target.kind == "class" and (_plain_dataclass(target.node)
+                                                                      or _storing_init(target.node)):
                     continue  # Settings(lr=0.1): a generated __init__ only stores its arguments
                 if target is not None and target.kind in ("import", "block"):
                     module = _import_module_of(target, func.id)
@@ -596,6 +631,29 @@ def _plain_dataclass(node: ast.ClassDef) -> bool:
     return decorated and not any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in node.body)
 
 
+def _storing_init(node: ast.ClassDef) -> bool:
+    """A class (no bases) whose ``__init__`` only stores its arguments and literals on ``self``
+    (``self.names = names``, ``self.seen = []``): calling it gives the same object wherever it runs."""
+    if node.bases or node.keywords or node.decorator_list:
+        return False
+    init = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+    if init is None or not init.args.args:
+        return False
+    me = init.args.args[0].arg
+    for statement in init.body:
+        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+            continue  # a docstring
+        if not (isinstance(statement, (ast.Assign, ast.AnnAssign)) and statement.value is not None):
+            return False
+        targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
+        if not all(isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == me for t in targets):
+            return False
+        if any(isinstance(sub, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom, ast.NamedExpr, ast.Lambda))
+               for sub in ast.walk(statement.value)):
+            return False
+    return True
+
+
 def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis, ctx: _Context) -> _Travel:
     live = ctx.live
     changes = analysis.changes_after(name, definition.order)
@@ -625,6 +683,11 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                 f"change into the {definition.kind}'s own definition."
             )
         return _Travel(True)
+    # `router.scores(x)` on an instance of a notebook class whose `scores` changes nothing of it is a read.
+    changes = [c for c in changes if not (c.kind == "method" and c.chain == 0
+                                         and _read_only_method(_class_of(definition, analysis), c.method, analysis))]
+    if _is_logger(definition, analysis):  # `log.setLevel(...)`: logging's configuration, not what the model answers
+        changes = [c for c in changes if c.kind not in ("method", "argument", "alias")]
     problem = _rebuild_problem(definition, analysis.defs)
     if live is None or name not in live:  # the CLI: no values to save
         structural = [c for c in changes if c.kind in ("rebind", "into", "method")]
@@ -634,7 +697,8 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                                f"cell {c.cell + 1} changes it after its assignment: `{c.text}` (line {c.line})")
         if problem:
             raise _cli_refusal(name, label, definition, f"{problem} (cell {definition.cell + 1})")
-        passed = [c for c in changes if c.kind in ("argument", "alias")] + _calls_using(name, definition, analysis)
+        passed = [c for c in changes if c.kind in ("argument", "alias")] + (
+            _calls_using(name, definition, analysis) if not _is_logger(definition, analysis) else [])
         is_literal_definition, literal = _literal_of(definition)
         if is_literal_definition and values_is_immutable(literal):
             # Nothing can change an int or a str in place: only a function that declares it global can rebind it.
@@ -712,6 +776,58 @@ def _value(name: str, value: Any, live: Mapping[str, Any], reason: str, *, rebui
             f"but {exc}. {exc.advice}"
         ) from None
     return _Travel(source=plan.keeps_source or keep, plan=plan, reason=reason)
+
+
+def _class_of(definition: _Definition, analysis: _Analysis) -> Optional[_Definition]:
+    """The notebook class an assignment calls (``router = Router(...)``), or None."""
+    node = definition.node
+    if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Call) \
+            and isinstance(node.value.func, ast.Name):
+        target = analysis.defs.get(node.value.func.id)
+        if target is not None and target.kind == "class" and target.order < definition.order:
+            return target
+    return None
+
+
+def _read_only_method(cls: Optional[_Definition], method: str, analysis: _Analysis, seen: Optional[set] = None) -> bool:
+    """Whether the notebook class's ``method`` (its own or a notebook base's) changes nothing of ``self``: no
+    assignment into ``self``, no changing method called on ``self`` or its attributes (read-only ones and its own
+    read-only methods aside), no ``global``. Unknown (not defined in the notebook) counts as changing."""
+    if cls is None or not isinstance(cls.node, ast.ClassDef):
+        return False
+    seen = set() if seen is None else seen
+    if (cls.order, method) in seen:
+        return True  # (recursion: judged by the rest of the body)
+    seen.add((cls.order, method))
+    found = next((n for n in cls.node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  and n.name == method), None)
+    if found is None:
+        for base in cls.node.bases:
+            if isinstance(base, ast.Name) and base.id in analysis.defs \
+                    and _read_only_method(analysis.defs[base.id], method, analysis, seen):
+                return True
+        return False
+    if not found.args.args or any(isinstance(d, ast.Name) and d.id in ("staticmethod", "classmethod")
+                                  for d in found.decorator_list):
+        return False
+    me = found.args.args[0].arg
+    for sub in ast.walk(found):
+        if isinstance(sub, (ast.Global, ast.Nonlocal)):
+            return False
+        if isinstance(sub, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+            targets = sub.targets if isinstance(sub, (ast.Assign, ast.Delete)) else [sub.target]
+            for target in targets:
+                if isinstance(target, (ast.Attribute, ast.Subscript)) and _root_name(target) == me:
+                    return False
+        if isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and _root_name(sub.func.value) == me:
+            if sub.func.attr in _READ_ONLY:
+                continue
+            if not (isinstance(sub.func.value, ast.Name) and _read_only_method(cls, sub.func.attr, analysis, seen)):
+                return False
+        if isinstance(sub, ast.Call) and isinstance(sub.func, ast.Name) and sub.func.id in ("setattr", "delattr") \
+                and sub.args and _root_name(sub.args[0]) == me:
+            return False
+    return True
 
 
 def _single_call(definition: _Definition) -> bool:
