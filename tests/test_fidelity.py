@@ -181,3 +181,18 @@ def test_the_cli_says_which_of_several_exports_it_follows_and_refuses_when_they_
     assert done.returncode == 1 and not (tmp_path / "out2").exists(), done.stderr
     assert ("has 2 %model_export cells (code cells 3, 5), and code cell 4 between them defines the model anew "
             "(%%model)") in done.stderr, done.stderr
+
+
+def test_the_replay_compares_floats_with_a_tolerance_fitting_the_answer():
+    """A float32 model's answer (it holds a float32 number) is compared at float32's noise, a score it scaled in
+    Python included, with an absolute tolerance near zero; a float64 answer, or a timestamp beside float32 numbers,
+    still differs a second later."""
+    np = pytest.importorskip("numpy")
+    from kernel_magics.core.replay import compare
+
+    prob, noisy = float(np.float32(0.3)), float(np.float32(0.3) + np.float32(1e-7))  # the last digits of float32
+    assert compare({"p": prob, "pct": prob * 100, "zero": 0.0}, {"p": noisy, "pct": noisy * 100, "zero": 4e-7}) is None
+    assert "['pct']" in compare({"p": prob, "pct": prob * 100}, {"p": prob, "pct": prob * 101})  # a real difference
+    assert "['t']" in compare({"p": prob, "t": 1.7e9}, {"p": prob, "t": 1.7e9 + 1})  # a timestamp a second later
+    assert "['x']" in compare({"x": 0.1, "y": 0.5}, {"x": 0.1 + 1e-9, "y": 0.5})  # float64 (0.5 says nothing)
+    assert compare({"x": 0.1}, {"x": 0.1 + 1e-12}) is None and compare([0.0], [1e-13]) is None  # float64 noise

@@ -19,18 +19,22 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 __all__ = ["PredictionRecord", "Recorded", "compare", "as_printed", "PRINTED_STREAM", "MAX_RECORDED",
-           "MAX_RECORD_BYTES", "RELATIVE_TOLERANCE"]
+           "MAX_RECORD_BYTES", "RELATIVE_TOLERANCE", "floats_match", "computed_in_float32"]
 
 MAX_RECORDED = 20
 MAX_RECORD_BYTES = 1_000_000
 # Floats match to 1e-10 relative with an absolute floor of 1e-12: float64 rounding noise passes, and so
 # does noise around zero, but a timestamp taken a fraction of a second later does not (1.7e9 s x 1e-10 =
 # 0.17 s). Where both values are float32 numbers (a float32 model's output), to 1e-5 relative with a floor
-# of 1e-6: float32 keeps about 7 digits, and thread-count or kernel choices change the last ones.
+# of 1e-6: float32 keeps about 7 digits, and thread-count or kernel choices change the last ones. An answer that
+# holds a float32 number (more than 9 digits, exactly a float32) is a float32 model's: all its floats are compared
+# so, a score scaled or summed in Python included, whose noise is float32's though it is no float32 number itself;
+# but not a number beyond 2**24, which float32 cannot even count to one by one (a timestamp in the same answer).
 RELATIVE_TOLERANCE = 1e-10
 ABSOLUTE_FLOOR = 1e-12
 FLOAT32_RELATIVE_TOLERANCE = 1e-5
 FLOAT32_ABSOLUTE_FLOOR = 1e-6
+_FLOAT32_EXACT = 2.0 ** 24
 # A recorded output that is a stream's text as the notebook printed it (see as_printed).
 PRINTED_STREAM = "printed-stream"
 
@@ -97,14 +101,17 @@ def _plain(value: Any) -> Optional[tuple]:
     return (data,) if size <= MAX_RECORD_BYTES else None
 
 
-def compare(expected: Any, got: Any, path: str = "") -> Optional[str]:
-    """None when ``got`` answers as ``expected`` did, else where and how they differ."""
+def compare(expected: Any, got: Any, path: str = "", float32: Optional[bool] = None) -> Optional[str]:
+    """None when ``got`` answers as ``expected`` did, else where and how they differ. ``float32``: the answer
+    comes from float32 numbers (None: judged from the answers, see :func:`computed_in_float32`)."""
+    if float32 is None:
+        float32 = computed_in_float32(expected) or computed_in_float32(got)
     if isinstance(expected, bool) or isinstance(got, bool):
         return None if expected is got else _differ(path, expected, got)
     if isinstance(expected, (int, float)) and isinstance(got, (int, float)):
         if isinstance(expected, float) and isinstance(got, float) and math.isnan(expected) and math.isnan(got):
             return None
-        if floats_match(expected, got):
+        if floats_match(expected, got, float32=float32):
             return None
         return _differ(path, expected, got)
     if isinstance(expected, dict) and isinstance(got, dict):
@@ -113,7 +120,7 @@ def compare(expected: Any, got: Any, path: str = "") -> Optional[str]:
             parts = ([f"missing keys {missing}"] if missing else []) + ([f"extra keys {extra}"] if extra else [])
             return f"at the result{path}: {', '.join(parts)}"
         for key in expected:
-            why = compare(expected[key], got[key], f"{path}[{key!r}]")
+            why = compare(expected[key], got[key], f"{path}[{key!r}]", float32)
             if why:
                 return why
         return None
@@ -121,7 +128,7 @@ def compare(expected: Any, got: Any, path: str = "") -> Optional[str]:
         if len(expected) != len(got):
             return f"at the result{path}: {len(expected)} items in the notebook, {len(got)} in the export"
         for i, (a, b) in enumerate(zip(expected, got)):
-            why = compare(a, b, f"{path}[{i}]")
+            why = compare(a, b, f"{path}[{i}]", float32)
             if why:
                 return why
         return None
@@ -140,13 +147,32 @@ def as_printed(answer: Any) -> str:
     return text if not text or text.endswith("\n") else text + "\n"
 
 
-def floats_match(expected: float, got: float) -> bool:
-    """Whether two numbers are the same answer up to floating-point noise (see RELATIVE_TOLERANCE)."""
+def floats_match(expected: float, got: float, *, float32: bool = False) -> bool:
+    """Whether two numbers are the same answer up to floating-point noise (see RELATIVE_TOLERANCE);
+    ``float32``: the answer they are part of was computed in float32."""
     if expected == got:
         return True
-    if _is_float32(expected) and _is_float32(got):
+    if (float32 and max(abs(expected), abs(got)) < _FLOAT32_EXACT) or (_is_float32(expected) and _is_float32(got)):
         return math.isclose(expected, got, rel_tol=FLOAT32_RELATIVE_TOLERANCE, abs_tol=FLOAT32_ABSOLUTE_FLOOR)
     return math.isclose(expected, got, rel_tol=RELATIVE_TOLERANCE, abs_tol=ABSOLUTE_FLOOR)
+
+
+def computed_in_float32(answer: Any, _budget: Optional[list] = None) -> bool:
+    """Whether an answer holds a float32 number turned into a Python float (0.30000001192092896): a float32
+    model's answer, whose other numbers (a score scaled, a sum) carry float32's noise too. A short decimal
+    (0.5, 0.25) is a float32 number as well, but says nothing: it needs more than 9 significant digits."""
+    budget = _budget if _budget is not None else [10_000]
+    budget[0] -= 1
+    if budget[0] < 0:
+        return False
+    if isinstance(answer, float):
+        digits = repr(answer).lstrip("-").split("e")[0].replace(".", "").strip("0")
+        return len(digits) > 9 and _is_float32(answer)
+    if isinstance(answer, dict):
+        return any(computed_in_float32(v, budget) for v in answer.values())
+    if isinstance(answer, list):
+        return any(computed_in_float32(v, budget) for v in answer)
+    return False
 
 
 def _is_float32(value: Any) -> bool:
