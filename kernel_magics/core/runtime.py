@@ -25,6 +25,7 @@ import os
 import threading
 import time
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -135,7 +136,7 @@ class ModelHost:
         self.last_raw_issue: Optional[str] = None
         self.last_health: Optional[bool] = None  # what is_healthy() said last (None: no such method)
         # A model with predict_batch: one batcher per live instance (core/batching.py), the sizes it ran.
-        self._batcher: Optional[tuple[Any, Batcher]] = None
+        self._batcher: Optional[tuple[Any, weakref.WeakKeyDictionary]] = None
         self.last_batch_sizes: collections.deque[int] = collections.deque(maxlen=16)
 
     # ------------------------------------------------------------------ config, events, errors
@@ -349,6 +350,7 @@ class ModelHost:
         anything was released (a loaded model, or a failed load's leftovers)."""
         had = self.instance is not None or self.error is not None
         self.instance = None
+        self._batcher = None  # it holds the instance
         self.device = None
         if self.error is not None:
             self._clear_error()
@@ -558,15 +560,18 @@ class ModelHost:
                 f"`{contract.model_class.__name__}` has predict_batch, but the config does not declare batching. Add "
                 "`model_metadata: {batching: {max_batch_size: 32, max_wait_ms: 5}}` to %%model_config (config.yaml), "
                 "or write `predict` instead of predict_batch.")
-        if self._batcher is not None and self._batcher[0] is instance:
-            return self._batcher[1]
+        if self._batcher is None or self._batcher[0] is not instance:
+            self._batcher = (instance, weakref.WeakKeyDictionary())
+        # One per event loop: a queue belongs to its loop (a second loop would otherwise find futures it cannot await).
+        loop = asyncio.get_running_loop()
+        batcher = self._batcher[1].get(loop)
+        if batcher is None:
+            async def run(inputs: list) -> list:
+                spec = self.contract.predict if self.contract and self.contract.predict_batch else contract.predict
+                return await self._call(instance, spec, inputs, None)
 
-        async def run(inputs: list) -> list:
-            spec = self.contract.predict if self.contract and self.contract.predict_batch else contract.predict
-            return await self._call(instance, spec, inputs, None)
-
-        batcher = Batcher(run, settings.max_batch_size, settings.max_wait_s, on_batch=self._batched)
-        self._batcher = (instance, batcher)
+            batcher = self._batcher[1][loop] = Batcher(run, settings.max_batch_size, settings.max_wait_s,
+                                                       on_batch=self._batched)
         return batcher
 
     def _batched(self, stats: BatchStats) -> None:
