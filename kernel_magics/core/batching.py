@@ -2,10 +2,10 @@
 
 One :class:`Batcher` per model instance and event loop. A batch starts when it is
 full, when it holds as many requests as the previous batch did (the load it saw
-is still there), or when its first request has waited ``max_wait_s``: so a lone
-request on an idle model goes at once, and under load batches fill instead of
-paying the wait. Requests that arrive while a batch runs form the next one; one
-batch runs at a time. A request whose caller went away (a disconnect, a Stop)
+is still there), or when its first request has waited ``max_wait_s`` for company
+(counted from when the batcher was free to run it): so a lone request on an idle
+model goes at once, and under load batches fill instead of paying the wait.
+Requests that arrive while a batch runs form the next one; one batch runs at a time. A request whose caller went away (a disconnect, a Stop)
 leaves the queue, or its answer is dropped; the others in its batch are answered.
 
 ``predict_batch`` returns one result per input, in order. An ``Exception``
@@ -72,6 +72,7 @@ class Batcher:
         self._worker: Optional[asyncio.Task] = None
         self._arrived: Optional[asyncio.Event] = None
         self._last_size = 1
+        self._free_since = 0.0  # when the last batch ended: the wait for company starts then at the earliest
 
     @property
     def queued(self) -> int:
@@ -127,7 +128,9 @@ class Batcher:
             self._sweep()
             if not self._queue or len(self._queue) >= self._target():
                 return
-            remaining = self._queue[0].arrived + self.max_wait_s - time.perf_counter()
+            # Waiting behind a running batch is not waiting for company: under load, the requests queued during
+            # a batch are joined by the wave its answers release, for up to max_wait after it ended.
+            remaining = max(self._queue[0].arrived, self._free_since) + self.max_wait_s - time.perf_counter()
             if remaining <= 0:
                 return
             self._arrived.clear()
@@ -155,6 +158,7 @@ class Batcher:
         except Exception as exc:
             error = exc
         self._last_size = len(batch)
+        self._free_since = time.perf_counter()
         for i, pending in enumerate(batch):
             if pending.future.done():  # its caller went away
                 continue
