@@ -26,6 +26,7 @@ from .source import MaterializeError
 __all__ = ["before_load", "after_load", "planning_view", "before_fingerprint", "changed_by_load", "COPY_LIMIT"]
 
 COPY_LIMIT = 64 * 2**20  # bytes: a bigger value is fingerprinted, not copied (a copy costs memory at every load)
+TOTAL_COPY_LIMIT = 256 * 2**20  # bytes, all copies of one load together
 FINGERPRINT_LIMIT = 2 * 2**30  # bytes: a bigger value is not followed at all (hashing it would slow every load)
 _SNAPSHOTS: dict[int, "_Snapshot"] = {}  # id(live namespace) -> the last load's snapshot
 _LOCK = threading.Lock()
@@ -71,7 +72,11 @@ def before_load(live: dict, names: Iterable[str], where: Mapping[str, str] = {})
     objects = {n: live[n] for n in names}
     sizes = {n: _nbytes(v) for n, v in objects.items()}
     followed = [n for n in names if sizes[n] <= FINGERPRINT_LIMIT]
-    small = {n: objects[n] for n in followed if sizes[n] <= COPY_LIMIT}
+    small, total = {}, 0
+    for n in sorted(followed, key=lambda n: sizes[n]):  # the smallest first, up to TOTAL_COPY_LIMIT in all
+        if sizes[n] <= COPY_LIMIT and total + sizes[n] <= TOTAL_COPY_LIMIT:
+            small[n] = objects[n]
+            total += sizes[n]
     try:
         copies = copy.deepcopy(small)  # in one go: names bound to one object stay one object
     except Exception:
@@ -102,6 +107,7 @@ def after_load(live: dict) -> None:
             if n in live:
                 changed.add(n)
     snapshot.after, snapshot.changed = after, changed
+    snapshot.objects = {}  # (only needed to tell what load rebound: not kept alive any longer)
 
 
 def _current(live: Mapping[str, Any]) -> Optional[_Snapshot]:
@@ -155,10 +161,11 @@ class _BeforeLoad(Mapping):
         where = self.snapshot.where.get(name) or "in load() or a function it calls"
         return MaterializeError(
             f"The model uses `{name}` (a {type(self.live[name]).__name__}), which %model_load changed ({where}); "
-            f"it is too large to keep a copy of from before the load (over {COPY_LIMIT // 2**20} MB) or cannot "
-            "be copied, so the export cannot save the value the deployment's load() must start from (saved as "
-            "load left it, the deployment's load() would change it a second time). In load(), change a value of "
-            f"the model's own (`self.{name.lower()} = ...`) rather than the notebook's `{name}`, or export before "
+            f"it is too large to keep a copy of from before the load (over {COPY_LIMIT // 2**20} MB, or "
+            f"{TOTAL_COPY_LIMIT // 2**20} MB for all the globals the model uses) or cannot be copied, so the "
+            "export cannot save the value the deployment's load() must start from (saved as load left it, the "
+            "deployment's load() would change it a second time). In load(), change a value of the model's own"
+            f" (`self.{name.lower()} = ...`) rather than the notebook's `{name}`, or export before "
             "%model_load.")
 
 

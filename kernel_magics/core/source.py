@@ -646,7 +646,8 @@ def _storing_init(node: ast.ClassDef) -> bool:
         if not (isinstance(statement, (ast.Assign, ast.AnnAssign)) and statement.value is not None):
             return False
         targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
-        if not all(isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == me for t in targets):
+        if not all(isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == me
+                   for t in targets):
             return False
         if any(isinstance(sub, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom, ast.NamedExpr, ast.Lambda))
                for sub in ast.walk(statement.value)):

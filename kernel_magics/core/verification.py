@@ -168,7 +168,8 @@ class Verification:
         if not names:
             return []
         what = ", ".join(f"`{n}` (a {_type_name(live[n])})" for n in names)
-        proof = (f"the replay of {replayed} recorded prediction{'s' if replayed != 1 else ''} is {'their' if len(names) > 1 else 'its'} only proof"
+        their = "their" if len(names) > 1 else "its"
+        proof = (f"the replay of {replayed} recorded prediction{'s' if replayed != 1 else ''} is {their} only proof"
                  if replayed else "no recorded prediction proves it: run %model_predict before exporting")
         return [f"{what} {'travel' if len(names) > 1 else 'travels'} as source without being verified against the "
                 f"notebook (a value that cannot be pickled has no fingerprint to compare); {proof}."]
