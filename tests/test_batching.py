@@ -126,6 +126,32 @@ def test_a_batch_under_load_waits_for_the_requests_that_arrive_within_max_wait()
     assert results == [100, 110, 120]
 
 
+def test_requests_queued_behind_a_running_batch_still_wait_for_the_wave_its_answers_release():
+    """Under load, a request that queued while a batch ran has waited longer than max_wait, but not for company:
+    the next batch waits up to max_wait after the batcher is free for the callers the answers released."""
+    async def main():
+        recorder = Recorder(held=True)
+        batcher = Batcher(recorder, max_batch_size=32, max_wait_s=0.05)
+        wave = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
+        await recorder.entered.get()
+        recorder.release()
+        await asyncio.gather(*wave)  # the last batch held 3: the load is 3
+        wave = [asyncio.ensure_future(batcher.submit(i)) for i in (10, 11, 12)]
+        await recorder.entered.get()  # [10, 11, 12] runs at once (as many as the last batch), held
+        queued = [asyncio.ensure_future(batcher.submit(13))]
+        await asyncio.sleep(0.1)  # it waits behind the batch, longer than max_wait
+        recorder.release()
+        await asyncio.gather(*wave)  # their callers come back at once with their next requests
+        queued += [asyncio.ensure_future(batcher.submit(i)) for i in (14, 15)]
+        for _ in queued:  # enough for every batch these could form
+            recorder.release()
+        return recorder.batches, await asyncio.gather(*queued)
+
+    batches, results = asyncio.run(asyncio.wait_for(main(), 30))
+    assert batches[1:] == [[10, 11, 12], [13, 14, 15]]
+    assert results == [130, 140, 150]
+
+
 def test_a_failing_input_fails_only_its_own_request():
     async def main():
         batcher = Batcher(Recorder(fail={2}), max_batch_size=8, max_wait_s=0.05)
@@ -452,3 +478,15 @@ def test_the_export_batches_under_truss_s_own_server_and_ours_with_the_notebooks
             if serve is serve_ours:
                 metrics = httpx.get(f"{served.url}/metrics", timeout=10).text
                 assert "kernel_magics_batch_size_count" in metrics and "kernel_magics_batch_wait_seconds" in metrics
+
+
+def test_unload_lets_go_of_the_instance_the_batcher_held():
+    import gc
+    import weakref
+
+    host = _host(Doubler)
+    assert asyncio.run(host.predict({"x": 1})) == {"y": 2}
+    instance = weakref.ref(host.instance)
+    host.unload()
+    gc.collect()
+    assert instance() is None
