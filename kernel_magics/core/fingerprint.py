@@ -155,15 +155,23 @@ def _literal_summary(value: Any) -> str:
     return repr(value)
 
 
+_PRIMITIVES = frozenset({str, bytes, bool, int, float, complex, type(None)})
+
+
 def _canonical(value: Any, budget: list) -> Optional[str]:
     """A text that is equal for equal literals in any process (sets sorted), with types kept."""
     budget[0] -= 1
     if budget[0] < 0:
         return None
     kind = type(value)
-    if kind in (str, bytes, bool, int, float, complex, type(None)):
+    if kind in _PRIMITIVES:
         return f"{kind.__name__}:{value!r}"
     if kind in (list, tuple):
+        if all(type(v) in _PRIMITIVES for v in value):  # the common flat list: the same text, without a call each
+            budget[0] -= len(value)
+            if budget[0] < 0:
+                return None
+            return f"{kind.__name__}[{','.join([f'{type(v).__name__}:{v!r}' for v in value])}]"
         parts = [_canonical(v, budget) for v in value]
         return None if None in parts else f"{kind.__name__}[{','.join(parts)}]"
     if kind in (set, frozenset):

@@ -14,6 +14,7 @@ value and is planned as it is.
 from __future__ import annotations
 
 import copy
+import pickle
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ __all__ = ["before_load", "after_load", "planning_view", "before_fingerprint", "
 
 COPY_LIMIT = 64 * 2**20  # bytes: a bigger value is fingerprinted, not copied (a copy costs memory at every load)
 TOTAL_COPY_LIMIT = 256 * 2**20  # bytes, all copies of one load together
-FINGERPRINT_LIMIT = 2 * 2**30  # bytes: a bigger value is not followed at all (hashing it would slow every load)
+FINGERPRINT_LIMIT = 512 * 2**20  # bytes: a bigger value is not followed at all (hashing it would slow every load)
 _SNAPSHOTS: dict[int, "_Snapshot"] = {}  # id(live namespace) -> the last load's snapshot
 _LOCK = threading.Lock()
 
@@ -43,8 +44,13 @@ class _Snapshot:
     changed: set[str] = field(default_factory=set)
 
 
+_PLAIN = frozenset({str, bytes, bool, int, float, complex, type(None)})
+
+
 def _nbytes(value: Any, depth: int = 0) -> int:
     """A cheap estimate of the bytes a value holds (arrays, tensors, module weights, containers of them)."""
+    if type(value) in _PLAIN:
+        return 0
     np = sys.modules.get("numpy")
     torch = sys.modules.get("torch")
     if np is not None and isinstance(value, np.ndarray):
@@ -59,7 +65,8 @@ def _nbytes(value: Any, depth: int = 0) -> int:
     if isinstance(value, dict):
         return sum(_nbytes(v, depth + 1) for v in list(value.values())[:10_000])
     if isinstance(value, (list, tuple, set, frozenset)):
-        return sum(_nbytes(v, depth + 1) for v in list(value)[:10_000])
+        items = list(value)[:10_000]
+        return 0 if all(type(v) in _PLAIN for v in items) else sum(_nbytes(v, depth + 1) for v in items)
     attrs = getattr(value, "__dict__", None)
     if isinstance(attrs, dict) and not isinstance(value, type):
         return sum(_nbytes(v, depth + 1) for v in list(attrs.values())[:1_000])
@@ -77,11 +84,17 @@ def before_load(live: dict, names: Iterable[str], where: Mapping[str, str] = {})
         if sizes[n] <= COPY_LIMIT and total + sizes[n] <= TOTAL_COPY_LIMIT:
             small[n] = objects[n]
             total += sizes[n]
+    from .values import is_literal
+
+    literal = {n: v for n, v in small.items() if is_literal(v)}
+    small = {n: v for n, v in small.items() if n not in literal}
     try:
-        copies = copy.deepcopy(small)  # in one go: names bound to one object stay one object
+        # Plain data through pickle (several times faster than deepcopy), the rest with deepcopy in one go:
+        # names bound to one object stay one object.
+        copies = {**pickle.loads(pickle.dumps(literal, protocol=pickle.HIGHEST_PROTOCOL)), **copy.deepcopy(small)}
     except Exception:
         copies = {}
-        for n, v in small.items():
+        for n, v in {**literal, **small}.items():
             try:
                 copies[n] = copy.deepcopy(v)
             except Exception:
