@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--target-ongoing-requests", type=float, default=2.0, metavar="N",
                        help="With autoscaling: the ongoing requests per replica Serve aims for (default 2).")
     serve.add_argument("--deploy-timeout", type=float, default=300.0, metavar="SECONDS",
-                       help="With --engine ray: how long to wait for the replicas to start (default 300).")
+                       help="With --engine ray: how long to wait for the replicas to start and load the model "
+                            "(default 300).")
     serve.add_argument("--address", default=None,
                        help="With --engine ray: join this Ray cluster (ray start --head elsewhere) instead of "
                             "starting a local Ray.")
@@ -222,7 +223,8 @@ def _serve(args: argparse.Namespace) -> int:
                       target_ongoing_requests=args.target_ongoing_requests, per_node=args.replicas_per_node)
         truss = _open_for_serving(args.dir)
         serve_with_ray(truss, host=args.host, port=args.port, address=args.address, secrets_dir=args.secrets_dir,
-                       secrets=_secrets_from_stdin(args), scale=scale, deploy_timeout=args.deploy_timeout)
+                       secrets=_secrets_from_stdin(args), scale=scale, deploy_timeout=args.deploy_timeout,
+                       max_body=args.max_body_size)
         return 0
     if ray_only:
         print("error: --replicas, --replicas-per-node, --min-replicas, --max-replicas and --address need "

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from kernel_magics.serving.ray_proxy import CALLBACK, CALLBACK_VARIABLE
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -17,21 +19,34 @@ class LocalCluster:
     def __init__(self, workers: int, cpus: float = 1, serve_port: Optional[int] = None) -> None:
         """``serve_port``: start Ray Serve on the cluster, its proxy there (deployments then use that port)."""
         self.serve_port = serve_port
+        # Ray gives a node's raylet 30 s to register, which a loaded machine can miss: a cluster that exits
+        # before it is ready is started again, a few times.
+        for attempt in range(3):
+            self._start(workers, cpus, serve_port)
+            try:
+                for line in self._lines("READY"):
+                    if line.startswith("ADDRESS "):
+                        self.address = line.split()[1]
+                return
+            except RuntimeError:
+                self.close()  # a cluster that never got ready leaves no processes or files either
+                if attempt == 2:
+                    raise
+            except BaseException:
+                self.close()
+                raise
+
+    def _start(self, workers: int, cpus: float, serve_port: Optional[int]) -> None:
         # Short: Ray's socket paths under it must stay within the 107 bytes a Unix socket path allows.
         self.temp = Path(tempfile.mkdtemp(prefix="kr"))
         self.proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "local_ray_cluster.py"),
                                       "--workers", str(workers), "--cpus", str(cpus), "--temp-dir", str(self.temp),
                                       *(["--serve-port", str(serve_port)] if serve_port else [])], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+                                     stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+                                     # Its Serve proxy bounds request heads, as docs/ray.md has a cluster's nodes started.
+                                     env={**os.environ, CALLBACK_VARIABLE: CALLBACK})
         self.nodes: dict[str, str] = {}
         self.address = ""
-        try:
-            for line in self._lines("READY"):
-                if line.startswith("ADDRESS "):
-                    self.address = line.split()[1]
-        except BaseException:
-            self.close()  # a cluster that never got ready leaves no processes or files either
-            raise
 
     def _lines(self, until: str):
         deadline = time.monotonic() + 120

@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from server_harness import post_concurrently, serve_ours, write_truss
+from server_harness import post_concurrently, post_in_background, serve_ours, wait_for, write_truss
 
 pytest.importorskip("ray", reason="ray[serve] is not installed (pip install 'kernel-magics[ray]')")
 
@@ -25,6 +25,22 @@ ECHO = "import os\nclass Model:\n    def load(self):\n        self.tok = os.envi
 SECRET = ("class Model:\n    def __init__(self, secrets):\n        self._s = secrets\n    def load(self):\n"
           "        self.n = len(self._s['tok'])\n    def predict(self, model_input):\n"
           "        raise ValueError(f'bad token {self._s[\"tok\"]}')\n")
+# A load that waits for the test: it marks that it began, and ends when the test writes "release".
+SLOW_LOAD = """
+import pathlib
+import time
+
+MARKS = pathlib.Path(%r)
+
+class Model:
+    def load(self):
+        (MARKS / "loading").touch()
+        while not (MARKS / "release").exists():
+            time.sleep(0.05)
+
+    def predict(self, model_input):
+        return model_input
+"""
 
 
 def files_holding(root: Path, *texts: bytes) -> list[Path]:
@@ -57,12 +73,130 @@ def test_two_replicas_share_the_load(tmp_path, ray_cluster):
         assert httpx.get(s.url + "/v1/models/model").status_code == 200
 
 
+def test_replicas_answer_liveness_while_they_load_and_readiness_once_every_one_has(tmp_path, ray_cluster):
+    """As Truss's server and `kernel-magics serve`: a replica imports and loads in a load thread, so Ray routes
+    to it at once; readiness is 503 with Truss's body until the load ends; the command says it serves only then."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    d = write_truss(tmp_path / "slow", SLOW_LOAD % str(marks))
+    with serve_ours(d, engine=ray_cluster, replicas=2, wait_ready=False, timeout=120) as s:
+        assert s.proc.poll() is None, s.log
+        assert wait_for(marks / "loading", 60)  # liveness answered, and the load runs until "release"
+        ready = httpx.get(s.url + "/v1/models/model", timeout=10)
+        assert ready.status_code == 503 and ready.json() == {"error": "Model with name model is not ready."}
+        assert httpx.get(s.url + "/", timeout=10).json() is True
+        # Ray routes to a replica that runs, loaded or not: a predict there waits for the load instead of a 503.
+        early, answered = post_in_background(s.predict_url(), {"x": 0})
+        early.join(timeout=3)  # a 503 would be back by now; a waiting request is not (it cannot fail by waiting)
+        assert early.is_alive() and "r" not in answered, answered
+        assert "Serving on" not in s.log
+        (marks / "release").touch()
+        assert wait_for_status(s.url + "/v1/models/model", 200, timeout=60)
+        assert httpx.post(s.predict_url(), json={"x": 1}).json() == {"x": 1}
+        early.join()
+        assert answered["r"].status_code == 200 and answered["r"].json() == {"x": 0}
+        deadline = time.monotonic() + 30
+        while "Serving on" not in s.log and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "Serving on" in s.log, s.log
+
+
+def wait_for_status(url: str, status: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == status:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+# Request heads past the bounds of serving/limits.py (16 KiB, 100 headers), and one within them.
+HEADS = {
+    "unfinished": b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000,
+    "big": b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n",
+    "many": b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(101)) + b"\r\n",
+    "fine": b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(50))
+            + b"X-Big: " + b"a" * 12000 + b"\r\n\r\n",
+}
+
+
+def bounds_answers(url: str) -> dict:
+    """What the server says to each of HEADS (status line, and the body of a refusal) and to bodies past 1000 bytes."""
+    from test_serving_edge import raw_request
+
+    found = {}
+    for name, data in HEADS.items():
+        head, _, body = raw_request(url, data).partition(b"\r\n\r\n")
+        found[name] = (head.split(b"\r\n")[0], body if name != "fine" else b"")
+    predict = url + "/v1/models/model:predict"
+    big = httpx.post(predict, json="a" * 2000, timeout=60)
+    found["body"] = (big.status_code, big.json(), big.headers["x-baseten-error-code"])
+    found["chunked"] = httpx.post(predict, content=iter([b" " * 500] * 10), timeout=60).status_code
+    found["small"] = httpx.post(predict, json="a" * 900, timeout=60).json()
+    return found
+
+
+def test_request_heads_and_bodies_are_bounded_on_ray_as_by_kernel_magics_serve(tmp_path, ray_cluster):
+    """Ray Serve's proxy parses the requests on this engine: its heads are bounded as ours (through Serve's proxy
+    hook, set where the cluster's nodes start), and the replicas refuse bodies past --max-body-size."""
+    d = write_truss(tmp_path / "echo", ECHO)
+    with serve_ours(d, "--max-body-size", "1000") as plain:
+        expected = bounds_answers(plain.url)
+    assert expected["unfinished"][0] == b"HTTP/1.1 400 Bad Request" and expected["fine"][0] == b"HTTP/1.1 200 OK"
+    assert expected["body"][0] == 413 and expected["small"] == "a" * 900
+    with serve_ours(d, "--max-body-size", "1000", engine=ray_cluster, replicas=1) as s:
+        assert bounds_answers(s.url) == expected
+        assert httpx.get(s.url + "/v1/models/model").status_code == 200  # the proxy and the replica are fine
+
+
+# uvicorn as Ray Serve 2.60's proxy runs it (serve/_private/http_util.py: no `http=`, so "auto"), after the hook.
+PROXY_LIKE = """
+import sys
+import uvicorn
+from kernel_magics.serving.ray_proxy import bound_request_heads
+
+assert bound_request_heads() == []
+
+async def app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"true"})
+
+uvicorn.Server(uvicorn.Config(lambda: app, factory=True, host="127.0.0.1", port=int(sys.argv[1]), lifespan="off",
+                              access_log=False, log_level=None, log_config=None)).run()
+"""
+
+
+def test_the_proxy_hook_bounds_uvicorn_as_rays_proxy_runs_it():
+    """What Serve's proxy hook does, without a Ray: the proxy's uvicorn then refuses heads past the bounds."""
+    from server_harness import free_port
+    from test_serving_edge import raw_request
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", PROXY_LIKE, str(port)])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert wait_for_status(url + "/", 200, timeout=60)
+        for name in ("unfinished", "big", "many"):
+            assert raw_request(url, HEADS[name]).startswith(b"HTTP/1.1 400 "), name
+        assert raw_request(url, HEADS["fine"]).startswith(b"HTTP/1.1 200 ")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_local_ray_keeps_to_itself_and_leaves_nothing_behind(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     d = write_truss(tmp_path / "sec", SECRET, "secrets: {tok: null}\n")
     with serve_ours(d, engine="ray", replicas=1, env={"HOME": str(home), "TRUSS_SECRET_tok": CANARY}) as s:
         assert httpx.post(s.predict_url(), json={}).status_code == 500  # the error names the token: redacted
+        from test_serving_edge import raw_request
+
+        # The Serve proxy of a Ray this command starts bounds request heads as `kernel-magics serve` does.
+        assert raw_request(s.url, HEADS["unfinished"]).startswith(b"HTTP/1.1 400 ")
         temp = Path(re.search(r"files under (\S+)\)", s.log).group(1))
         assert temp.is_dir() and str(temp).startswith(("/tmp/", os.environ.get("TMPDIR", "/tmp")))
         driver = psutil.Process(s.proc.pid)
@@ -93,15 +227,78 @@ def test_local_ray_keeps_to_itself_and_leaves_nothing_behind(tmp_path):
     assert list(home.iterdir()) == []  # no auth token or anything else in the home directory
 
 
-def test_a_replica_that_fails_to_load_ends_the_command_with_the_users_error(tmp_path, ray_cluster):
-    d = write_truss(tmp_path / "bad", "class Model:\n    def load(self):\n        raise RuntimeError('no weights at /models/x')\n"
-                                       "    def predict(self, model_input):\n        return 1\n")
+def test_the_folder_of_a_killed_commands_ray_goes_at_the_next_start(tmp_path):
+    """kill -9 of `serve --engine ray`: its local Ray ends too (the raylet and GCS share its fate, the agents and
+    workers follow their raylet), and the next command that starts a local Ray removes the folder it left
+    (nobody holds its lock any more)."""
+    d = write_truss(tmp_path / "echo", ECHO)
+    with serve_ours(d, engine="ray", replicas=1, timeout=240) as first:
+        temp = Path(re.search(r"files under (\S+)\)", first.log).group(1))
+        ray_children = ray_processes(psutil.Process(first.proc.pid))
+        first.proc.kill()
+        first.proc.wait()
+        # Under load an agent may take a while to notice that its raylet is gone.
+        psutil.wait_procs(ray_children, timeout=180)
+        assert temp.is_dir()  # what a kill -9 leaves
+    with serve_ours(d, engine="ray", replicas=1, timeout=240) as second:
+        assert not temp.exists()
+        assert httpx.post(second.predict_url(), json={"a": 1}).json() == {"a": 1}
+
+
+LOGS_THE_SECRET = """
+import logging
+
+log = logging.getLogger("my_model")
+
+class Model:
+    def __init__(self, secrets):
+        self._s = secrets
+
+    def load(self):
+        log.warning("loading with token %s", self._s["tok"])
+        logging.getLogger().error("root logger: token " + self._s["tok"])
+
+    def predict(self, model_input):
+        try:
+            raise ValueError(f"refused {self._s['tok']}")
+        except ValueError:
+            log.exception("predict with token %s", self._s["tok"])
+        return {"ok": True}
+"""
+
+
+def test_a_replicas_own_log_lines_are_redacted_in_every_ray_log_file(tmp_path, ray_cluster):
+    """The model's logging in a replica goes to Ray's handlers (files under the session dir, the driver):
+    each record is redacted as it is made, its exception text too."""
+    d = write_truss(tmp_path / "logs", LOGS_THE_SECRET, "secrets: {tok: null}\n")
+    canary = "sk-CANARY-ray-logs-7e2a"  # this test's own: the cluster's files outlive other tests
+    with serve_ours(d, engine=ray_cluster, replicas=1, env={"TRUSS_SECRET_tok": canary}) as s:
+        assert httpx.post(s.predict_url(), json={}).json() == {"ok": True}
+        marks = [b"loading with token ***", b"root logger: token ***", b"predict with token ***", b"refused ***"]
+        # Ray writes the replica's log files on its own schedule: wait until every line is there.
+        deadline = time.monotonic() + 60
+        while not all(files_holding(ray_cluster.temp, m) for m in marks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(files_holding(ray_cluster.temp, m) for m in marks), "the replica's log lines never reached Ray's files"
+        assert files_holding(ray_cluster.temp, canary.encode()) == []
+    assert canary not in s.log
+
+
+@pytest.mark.parametrize("model_py, error", [
+    ("class Model:\n    def load(self):\n        raise RuntimeError('no weights at /models/x')\n"
+     "    def predict(self, model_input):\n        return 1\n", "RuntimeError: no weights at /models/x"),
+    # model.py is imported in the replica's load thread: an import error is a failed load too.
+    ("raise RuntimeError('no weights at /models/x')\n\nclass Model:\n    def predict(self, model_input):\n        return 1\n",
+     "importing model/model.py raised RuntimeError: no weights at /models/x"),
+], ids=["load", "import"])
+def test_a_replica_that_fails_to_load_ends_the_command_with_the_users_error(tmp_path, ray_cluster, model_py, error):
+    d = write_truss(tmp_path / "bad", model_py)
     done = subprocess.run([sys.executable, "-m", "kernel_magics.cli", "serve", str(d), "--engine", "ray",
                            "--replicas", "2", "--address", ray_cluster.address, "--port", str(ray_cluster.serve_port)],
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: a replica failed to load the model: RuntimeError: no weights at /models/x")
+    assert last.startswith(f"error: a replica failed to load the model: {error}"), done.stderr
     # The failed deployment is gone; the cluster and its Serve keep running.
     assert httpx.get(f"http://127.0.0.1:{ray_cluster.serve_port}/-/routes").json() == {}
     assert ray_cluster.alive()

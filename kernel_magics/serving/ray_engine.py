@@ -8,26 +8,32 @@ streaming are the same. Ray is imported only here, and only for ``--engine ray``
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 import re
-import shutil
 import signal
 import sys
 import tempfile
 import threading
+import uuid
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from ..core.config import ModelConfig
 from ..core.errors import KernelMagicsError
 from ..core.secrets import ENV_PREFIX
+from .limits import DEFAULT_MAX_BODY
+from .ray_proxy import CALLBACK, CALLBACK_VARIABLE
 
 __all__ = ["serve_with_ray", "replica_options", "REPLICA_HEADER", "RayServeError", "Scale"]
 
 APP_NAME = "kernel-magics"
 DEPLOYMENT_NAME = "TrussModel"
 REPLICA_HEADER = "x-kernel-magics-replica"
+
+log = logging.getLogger("kernel_magics.server")
 
 class RayServeError(KernelMagicsError):
     """`serve --engine ray` cannot serve: the one paragraph the CLI prints last."""
@@ -37,8 +43,9 @@ class ReplicaLoadError(Exception):
     """A replica's load failed; its text is the user's traceback with the secrets redacted."""
 
 
-# In a replica process: that replica's host (the app's routes read it through _replica_host).
-_REPLICA: dict[str, Any] = {"host": None}
+# In a replica process: that replica's host (the app's routes read it through _replica_host), and whether its
+# load thread has ended (loaded or failed).
+_REPLICA: dict[str, Any] = {"host": None, "settled": threading.Event()}
 
 
 def _replica_host():
@@ -82,28 +89,123 @@ def _set_replica_host(host) -> None:
     _REPLICA["host"] = host
 
 
-def _replicas_all_running() -> bool:
-    from ray import serve
+# ---------------------------------------------------------------------- each replica's load, seen from anywhere
 
-    app = serve.status().applications.get(APP_NAME)
+# A replica imports model.py and loads in a thread (liveness answers meanwhile); how each load went is kept in
+# Ray's key-value store (the GCS), under the deployment's run and the replica's id, so that readiness on any
+# replica and the command's deploy-and-wait see every replica's load, not only their own.
+_LOADS = "kernel_magics"  # the store's namespace
+LOADING, LOADED, FAILED = "loading", "loaded", "failed"
+
+
+def _load_key(run: str, replica: str = "") -> str:
+    return f"load/{run}/{replica}"
+
+
+def _publish_load(run: str, replica: str, state: str, text: str = "") -> None:
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(_load_key(run, replica), f"{state}\n{text}", namespace=_LOADS)
+
+
+def _forget_loads(run: str, replica: str = "") -> None:
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    _internal_kv_del(_load_key(run, replica), del_by_prefix=not replica, namespace=_LOADS)
+
+
+def _loads(run: str) -> dict[str, tuple[str, str]]:
+    """Replica id -> (state, the failure's one line) for every replica of the run that began a load."""
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+
+    found = {}
+    for key in _internal_kv_list(_load_key(run), namespace=_LOADS):
+        value = _internal_kv_get(key, namespace=_LOADS)
+        if value is not None:
+            state, _, text = value.decode().partition("\n")
+            found[key.decode().rpartition("/")[2]] = (state, text)
+    return found
+
+
+def _deployment_progress(run: str) -> tuple[bool, Optional[str]]:
+    """(whether every replica runs and has loaded the model, the failure of a replica's load or None)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    details = ServeInstanceDetails(**_get_global_client().get_serve_details())  # what serve.status() reads
+    app = details.applications.get(APP_NAME)
     deployment = app.deployments.get(DEPLOYMENT_NAME) if app else None
-    if deployment is None:
-        return False
-    states = {str(getattr(k, "value", k)): n for k, n in deployment.replica_states.items() if n}
-    # HEALTHY alone lags a lost replica by a health-check period; a replica starting,
-    # stopping or recovering shows in replica_states at once.
-    return str(getattr(deployment.status, "value", deployment.status)) == "HEALTHY" and set(states) == {"RUNNING"}
+    loads = _loads(run)
+    failed = next((text for state, text in loads.values() if state == FAILED), None)
+    if deployment is None or not deployment.replicas:
+        return False, failed
+    # HEALTHY alone lags a lost replica by a health-check period; a replica starting, stopping or
+    # recovering shows in its state at once.
+    running = [r.replica_id for r in deployment.replicas if str(getattr(r.state, "value", r.state)) == "RUNNING"]
+    healthy = str(getattr(deployment.status, "value", deployment.status)) == "HEALTHY"
+    ready = healthy and len(running) == len(deployment.replicas) >= deployment.target_num_replicas and all(
+        loads.get(r, ("",))[0] == LOADED for r in running)
+    return ready, failed
 
 
-async def _all_replicas_running() -> bool:
-    """Readiness: every replica of the deployment is up (not just the one answering)."""
+async def _all_replicas_loaded(run: str) -> bool:
+    """Readiness: every replica of the deployment runs and has loaded the model (not just the one answering)."""
     import asyncio
 
     try:
-        # serve.status() blocks on the controller: off the replica's event loop.
-        return await asyncio.to_thread(_replicas_all_running)
+        # The controller and the store answer over the network: off the replica's event loop.
+        return (await asyncio.to_thread(_deployment_progress, run))[0]
     except Exception:  # the controller restarting, say: not ready, rather than a 500
         return False
+
+
+def _load_replica(truss, host, publish: Callable[..., None]) -> None:
+    """A replica's load thread, as `kernel-magics serve`'s: import model.py, define the class, load.
+
+    A failure is logged with the user's frames (secrets redacted) and published with its one line.
+    """
+    from ..core.tracebacks import trim_traceback
+
+    model_file = truss.relative(truss.model_file)
+    try:
+        try:
+            cls = truss.import_model_class()
+        except BaseException as exc:
+            trim_traceback(exc)
+            log.error("Importing %s failed:\n%s", model_file, host.format_error(exc))
+            publish(FAILED, f"importing {model_file} raised {host.describe_error(exc)}")
+            return
+        try:
+            host.define(cls)
+            host.load()
+        except BaseException as exc:
+            log.error("%s", host.error_text or host.format_error(exc))
+            publish(FAILED, host.describe_error(exc))
+            return
+        log.info("Model loaded in %.2f s; ready for predictions.", host.load_seconds or 0.0)
+        publish(LOADED)
+    finally:
+        _REPLICA["settled"].set()
+
+
+class _WaitForLoad:
+    """ASGI middleware: a request for the model (a POST) that reaches a replica still loading waits for the load.
+
+    Kubernetes sends Truss's server no traffic before its readiness says 200; Ray Serve routes to a replica as
+    soon as it runs (a new replica of an autoscaled or recovering deployment, say), so the request waits here
+    instead of getting 503. Probes and GETs answer at once; after a failed load, the routes answer 503.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and not _REPLICA["settled"].is_set():
+            import asyncio
+
+            while not _REPLICA["settled"].is_set():
+                await asyncio.sleep(0.05)
+        await self.app(scope, receive, send)
 
 
 class _ReplicaHeader:
@@ -187,13 +289,15 @@ def replica_options(config: ModelConfig, scale: Scale = Scale()) -> dict:
     return options
 
 
-def _deployment(truss_dir: Path, scale: Scale, config: ModelConfig, secrets_ref: list):
+def _deployment(truss_dir: Path, scale: Scale, config: ModelConfig, secrets_ref: list, run: str, max_body: int):
     from ray import serve
 
     from .server import create_app
 
     # No per-request access line: every replica would ship one per request to the driver.
-    app = create_app(_replica_host, all_ready=_all_replicas_running, log_requests=False)
+    app = create_app(_replica_host, all_ready=functools.partial(_all_replicas_loaded, run), log_requests=False,
+                     max_body=max_body)
+    app.add_middleware(_WaitForLoad)
     app.add_middleware(_ReplicaHeader)
 
     # No per-request access log: every replica would ship a line per request to the driver.
@@ -201,30 +305,49 @@ def _deployment(truss_dir: Path, scale: Scale, config: ModelConfig, secrets_ref:
                       **replica_options(config, scale))
     @serve.ingress(app)
     class TrussModel:
+        """One replica: binds (Ray routes to it) at once, imports model.py and loads in its load thread, as
+        Truss's server does: liveness answers meanwhile, readiness says 503 until every replica has loaded."""
+
         def __init__(self) -> None:
             import ray
 
+            from ..core.secrets import redact_log_records
             from ..core.truss_dir import TrussDir
+            from .server import redact_logs_of
+            from .uvicorn_engine import unloaded_host
 
             _replica_grpc_on_loopback()
-            host = TrussDir.open(truss_dir).host()
+            truss = TrussDir.open(truss_dir)
+            host = unloaded_host(truss)
             # Secret values travel in Ray's object store, not in env vars or init args
             # (both show in Ray's dashboard and logs).
             for name, value in ray.get(secrets_ref[0]).items():
                 host.secrets.set_value(name, value)
-            from ..core.secrets import redact_log_records
-            from .server import redact_logs_of
-
             redact_logs_of(host)
             # The model's own logging in a replica goes to Ray's handlers, not our log queue: redact each
             # record as it is made, before any handler (Ray's log files, the driver's console) sees it.
             redact_log_records(host.secrets.redact)
-            try:
-                host.load()  # once per replica; a failure fails the replica and Ray retries it
-            except BaseException as exc:
-                # Ray logs, forwards and keeps what the constructor raises: only the redacted text leaves.
-                raise ReplicaLoadError(host.error_text or host.format_error(exc)) from None
+            self._replica = serve.get_replica_context().replica_id.unique_id
+            self._failure: list[str] = []
             _set_replica_host(host)
+
+            def publish(state: str, text: str = "") -> None:
+                if state == FAILED:
+                    self._failure.append(text)
+                _publish_load(run, self._replica, state, text)
+
+            publish(LOADING)
+            threading.Thread(target=_load_replica, args=(truss, host, publish), name="model-load", daemon=True).start()
+
+        def check_health(self) -> None:
+            """Ray's liveness check: fine while loading; after a failed load the replica is unhealthy, so
+            Ray replaces it (and says why). Only the redacted one line leaves."""
+            if self._failure:
+                raise ReplicaLoadError(f"the model failed to load: {self._failure[0]}")
+
+        def __del__(self) -> None:
+            with contextlib.suppress(Exception):
+                _forget_loads(run, self._replica)
 
     return TrussModel
 
@@ -255,6 +378,8 @@ def _local_ray_env(temp: Path) -> None:
     # GCS, raylet, workers and agents listen on 127.0.0.1 instead of the machine's IP
     # (an explicit _node_ip_address="127.0.0.1" is turned back into the machine's IP).
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # Serve's HTTP proxy bounds request heads as `kernel-magics serve` does (a user's own hook stays).
+    os.environ.setdefault(CALLBACK_VARIABLE, CALLBACK)
 
 
 # ---------------------------------------------------------------------- before deploying: can the cluster run it?
@@ -339,29 +464,42 @@ def _serve_http_address() -> Optional[tuple]:
         return None
 
 
-def _wait_deployed(timeout: float) -> None:
-    """Wait (bounded) until the app is running; raises RayServeError with what it was waiting for."""
+def _wait_deployed(run: str, timeout: float) -> None:
+    """Wait (bounded) until every replica runs and has loaded the model; raises RayServeError with what it
+    was waiting for, or with the first replica's failed load."""
     import time
 
     from ray import serve
 
     deadline = time.monotonic() + timeout
-    last = ""
+    last, said_loading = "", False
     while time.monotonic() < deadline:
         status = serve.status().applications.get(APP_NAME)
         if status is not None:
             state = str(status.status)
-            if state.endswith("RUNNING"):
-                return
+            ready, failed = _deployment_progress(run)
+            if failed:
+                # As `kernel-magics serve` (and Truss's server) stop on a failed load: the replicas would fail alike.
+                raise RayServeError(f"a replica failed to load the model: {failed}. Its traceback is in the replica's "
+                                    "log above; fix the model and start again.")
             if state.endswith("DEPLOY_FAILED"):
-                raise RayServeError(f"a replica failed to load the model: {_deployment_error()}. Ray retried and gave "
-                                    "up; fix load() and start again.")
-            deployment = status.deployments.get(DEPLOYMENT_NAME)
-            last = (deployment.message if deployment else "") or status.message or state
+                raise RayServeError(f"a replica failed to start: {_deployment_error()}. Ray retried and gave "
+                                    "up; fix it and start again.")
+            if ready:
+                return
+            if state.endswith("RUNNING"):
+                last = "the replicas run and are loading the model"
+                if not said_loading:
+                    print("The replicas run (liveness answers); loading the model (readiness answers 503 until "
+                          "every replica has loaded) ...", file=sys.stderr, flush=True)
+                    said_loading = True
+            else:
+                deployment = status.deployments.get(DEPLOYMENT_NAME)
+                last = (deployment.message if deployment else "") or status.message or state
         time.sleep(0.5)
-    raise RayServeError(f"the deployment was not running after {timeout:.0f} s of waiting for its replicas to start "
-                        f"(Ray Serve says: {last.strip() or 'no status'}). The cluster may lack free resources; see "
-                        "`ray status`, or raise --deploy-timeout.")
+    raise RayServeError(f"the deployment was not ready after {timeout:.0f} s (Ray Serve says: "
+                        f"{last.strip() or 'no status'}). The cluster may lack free resources (see `ray status`) "
+                        "or the model takes longer to load; raise --deploy-timeout.")
 
 
 def _import_ray():
@@ -380,8 +518,15 @@ def _on_loopback(address: Optional[str]) -> bool:
 
 @contextlib.contextmanager
 def local_ray(config: ModelConfig, scale: Scale) -> Iterator[str]:
-    """A private Ray on this machine for the command's life; its files go when it stops."""
-    temp = Path(tempfile.mkdtemp(prefix="km-ray-"))
+    """A private Ray on this machine for the command's life; its files go when it stops.
+
+    Its folder is a ScratchDir (locked while this command runs): when a command is killed (kill -9), its Ray
+    dies with it (Ray's processes share its fate) and the next command that starts a local Ray removes the folder.
+    """
+    from ..core.scratch import ScratchDir, remove_tree
+
+    scratch = ScratchDir(Path(tempfile.gettempdir()), "km-ray-")
+    temp = scratch.path
     _local_ray_env(temp)
     try:
         ray, serve = _import_ray()
@@ -407,7 +552,8 @@ def local_ray(config: ModelConfig, scale: Scale) -> Iterator[str]:
                     serve.shutdown()
             ray.shutdown()
     finally:
-        shutil.rmtree(temp, ignore_errors=True)
+        remove_tree(temp)
+        scratch.release()
 
 
 @contextlib.contextmanager
@@ -433,13 +579,15 @@ def joined_cluster(address: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def deployed(root: Path, config: ModelConfig, scale: Scale, secret_values: dict, *, host: str, port: int,
-             address: Optional[str], where: str, deploy_timeout: float) -> Iterator[None]:
+             address: Optional[str], where: str, deploy_timeout: float,
+             max_body: int = DEFAULT_MAX_BODY) -> Iterator[None]:
     """The deployment, running on the connected Ray (bounded wait); taken down on exit, with Serve
     when this command started it and nothing else runs on it."""
     import ray
     from ray import serve
 
     started_here = address is None
+    run = uuid.uuid4().hex[:12]  # this deployment's replicas' loads, apart from an earlier one's on the cluster
     serve_was_running = started_here or _serve_running()
     if not started_here and APP_NAME in serve.status().applications:
         raise RayServeError(f"another `kernel-magics serve` deployment ({APP_NAME!r}) runs on the Ray cluster at "
@@ -460,12 +608,14 @@ def deployed(root: Path, config: ModelConfig, scale: Scale, secret_values: dict,
         # Secret values travel in Ray's object store, not in env vars or init args.
         secrets_ref = [ray.put(secret_values)]
         # Not waiting inside Serve (it would wait for ever on a replica that cannot start): we wait, bounded.
-        serve.run_many([serve.RunTarget(_deployment(root, scale, config, secrets_ref).bind(), name=APP_NAME,
+        serve.run_many([serve.RunTarget(_deployment(root, scale, config, secrets_ref, run, max_body).bind(), name=APP_NAME,
                                         route_prefix="/")], wait_for_applications_running=False)
         deployed_app = True
-        _wait_deployed(deploy_timeout)
+        _wait_deployed(run, deploy_timeout)
         yield
     finally:
+        with contextlib.suppress(Exception):
+            _forget_loads(run)
         with contextlib.suppress(Exception):
             if not started_here:
                 if deployed_app:
@@ -482,12 +632,13 @@ def _forget_secret_environment() -> None:
 
 def serve_with_ray(truss, *, host: str = "127.0.0.1", port: int = 8080, address: Optional[str] = None,
                    secrets_dir=None, secrets: Optional[dict] = None, scale: Optional[Scale] = None,
-                   deploy_timeout: float = 300.0) -> None:
+                   deploy_timeout: float = 300.0, max_body: int = DEFAULT_MAX_BODY) -> None:
     """Deploy the Truss directory ``truss`` on Ray Serve and serve until SIGTERM/SIGINT.
 
     Without ``address`` on a private local Ray; with it, on that running cluster (on exit only this
     deployment goes, and Serve when nothing else of it runs; the cluster keeps running). Raises
     RayServeError (printed last by the CLI, after Ray's own shutdown lines) when it cannot serve.
+    ``max_body``: the largest request body a replica accepts, in bytes (413 beyond).
     """
     scale = scale or Scale()
     truss.check_static()
@@ -508,7 +659,7 @@ def serve_with_ray(truss, *, host: str = "127.0.0.1", port: int = 8080, address:
         if problem:
             raise RayServeError(problem)
         with deployed(truss.root, config, scale, secret_values, host=host, port=port, address=address, where=where,
-                      deploy_timeout=deploy_timeout):
+                      deploy_timeout=deploy_timeout, max_body=max_body):
             print(f"Serving on http://{host}:{port}/v1/models/model:predict with {scale.describe()} (Ray Serve).",
                   file=sys.stderr, flush=True)
             while not stop.wait(0.5):
