@@ -165,6 +165,15 @@ def serve_litserve(max_batch: int, env: dict):
         yield served
     finally:
         _stop(proc)
+        # LitServe's inference workers are processes of their own that outlive its main one: end its whole group.
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(2)
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
@@ -205,10 +214,14 @@ def main() -> None:
     loads = [(1, args.requests_1), (high, args.requests_32)]
     rows: list[tuple[str, int, dict, str]] = []
     the_limit = None
-    if "limit" in only:
-        the_limit = limit(args.device, high)
     with tempfile.TemporaryDirectory(prefix="km-batching-") as tmp:
         tmp = Path(tmp)
+        # Every process here extracts the model's weights (90 MB) into a temp dir: all of them inside this one.
+        (tmp / "tmp").mkdir()
+        env["TMPDIR"] = tempfile.tempdir = str(tmp / "tmp")
+        os.environ.update(env)
+        if "limit" in only:
+            the_limit = limit(args.device, high)
         batching = f"model_name: minilm\nmodel_metadata:\n  batching: {{max_batch_size: {high}, max_wait_ms: 5}}\n"
         exports = {}
         if only & {"ours", "truss"}:
