@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import sys
 import types
@@ -271,13 +272,15 @@ def _torch(value: Any) -> Optional[dict]:
 
 def _module_extras(torch: Any, module: Any) -> list[tuple[str, bytes, Optional[str]]]:
     """What a module holds besides its state dict, submodules included: plain attributes (numbers, strings,
-    tuples: a `temperature` changed in a cell) and non-persistent buffers. A module that travels as its
+    tuples: a `temperature` changed in a cell; an absolute path aside) and non-persistent buffers. A module that travels as its
     weights only loses both, so they must count in whether re-running its source gives the notebook's value."""
     parts = []
     for prefix, sub in module.named_modules():
         for attr, value in sorted(vars(sub).items()):
             if attr.startswith("_") or attr == "training":
                 continue
+            if isinstance(value, str) and os.path.isabs(value):
+                continue  # where it was loaded from (`name_or_path`): another folder in every process, same weights
             text = _canonical(value, [_LITERAL_BUDGET])
             if text is not None:
                 shown = repr(value)
