@@ -146,8 +146,8 @@ class Batcher:
         results: Any = None
         try:
             results = await self._run([p.item for p in batch])
-            if not isinstance(results, (list, tuple)) or len(results) != len(batch):
-                got = f"{len(results)} results" if isinstance(results, (list, tuple)) else type(results).__name__
+            if not _is_sequence(results) or len(results) != len(batch):
+                got = f"{len(results)} results" if _is_sequence(results) else type(results).__name__
                 error = BatchResultError(
                     f"predict_batch got {len(batch)} inputs and returned {got}; it must return a list with one "
                     "result per input, in order (an Exception instance in a slot fails only that request).")
@@ -169,7 +169,18 @@ class Batcher:
             else:
                 pending.future.set_result(results[i])
         if self.on_batch is not None:
-            self.on_batch(BatchStats(len(batch), wait, time.perf_counter() - started))
+            try:
+                self.on_batch(BatchStats(len(batch), wait, time.perf_counter() - started))
+            except Exception:  # a display or a metric must never stop the batches
+                pass
+
+
+def _is_sequence(value: Any) -> bool:
+    """A list, a tuple, or a list-like (a numpy array's rows): what may hold one result per input."""
+    if isinstance(value, (list, tuple)):
+        return True
+    return (hasattr(value, "__len__") and hasattr(value, "__getitem__")
+            and not isinstance(value, (str, bytes, bytearray, dict)) and not hasattr(value, "keys"))
 
 
 def is_batching_predict(fn: Any) -> bool:
