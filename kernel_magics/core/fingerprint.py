@@ -30,7 +30,7 @@ import sys
 import types
 from typing import Any, Optional
 
-__all__ = ["fingerprint", "fingerprint_names", "difference", "same", "changed_attributes"]
+__all__ = ["fingerprint", "fingerprint_names", "difference", "same", "changed_attributes", "BESIDES_WEIGHTS"]
 
 # Modules whose classes and functions are the notebook's own (the kernel's __main__, model.py in the export).
 NOTEBOOK_MODULES = frozenset({"__main__", "model.model", "model"})
@@ -38,17 +38,35 @@ _LITERAL_BUDGET = 100_000  # nodes; a bigger literal is checksummed through pick
 _CONTAINER_ITEMS = 10_000  # a list or dict of more non-literals is checksummed through pickle
 
 
-def fingerprint(value: Any) -> Optional[dict]:
-    """A JSON-able fingerprint of ``value`` (kind, digest, summary), or None when it has none."""
+def fingerprint(value: Any, *, weights: bool = True) -> Optional[dict]:
+    """A JSON-able fingerprint of ``value`` (kind, digest, summary), or None when it has none. ``weights=False``:
+    for a torch module, everything but its state dict (see BESIDES_WEIGHTS)."""
     try:
+        if not weights:
+            torch = sys.modules.get("torch")
+            if torch is not None and isinstance(value, torch.nn.Module):
+                return _torch(value, weights=False)
         return _fingerprint(value, depth=0)
     except Exception:  # a value that cannot be read safely is simply not verified
         return None
 
 
+# Appended to a name: fingerprint only what a torch module holds besides its weights (its modes, plain attributes
+# and non-persistent buffers). A module sent as its weights gets them from the saved file, equal by construction:
+# hashing them again in both processes cost a quarter of a warm export of the gallery's embeddings.
+BESIDES_WEIGHTS = "#besides-weights"
+
+
 def fingerprint_names(namespace: dict, names: list[str]) -> dict[str, Optional[dict]]:
     """Fingerprints of ``names`` in a module namespace; a missing name has the fingerprint None."""
-    return {name: fingerprint(namespace[name]) if name in namespace else None for name in names}
+    found = {}
+    for name in names:
+        base, besides = name.removesuffix(BESIDES_WEIGHTS), name.endswith(BESIDES_WEIGHTS)
+        if base not in namespace:
+            found[name] = None
+        else:
+            found[name] = fingerprint(namespace[base], weights=not besides)
+    return found
 
 
 def same(a: Optional[dict], b: Optional[dict]) -> bool:
@@ -236,7 +254,7 @@ def _tensor_bytes(torch: Any, tensor: Any) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes()
 
 
-def _torch(value: Any) -> Optional[dict]:
+def _torch(value: Any, weights: bool = True) -> Optional[dict]:
     torch = sys.modules.get("torch")
     if torch is None:
         return None
@@ -251,7 +269,8 @@ def _torch(value: Any) -> Optional[dict]:
         count = 0
         for key, tensor in value.state_dict().items():
             h.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            h.update(_tensor_bytes(torch, tensor))
+            if weights:
+                h.update(_tensor_bytes(torch, tensor))
             count += tensor.numel()
         h.update(repr([m.training for m in value.modules()]).encode())
         attributes = {}

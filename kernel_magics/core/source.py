@@ -115,6 +115,7 @@ class ModelSource:
     values: list[Any] = field(default_factory=list)  # values.ValuePlan, for the export to save
     changes: dict[str, list] = field(default_factory=dict)  # name -> what changed it after its definition
     verify: list[str] = field(default_factory=list)  # names re-run from source, compared with the live values
+    besides_weights: list[str] = field(default_factory=list)  # of those: modules whose weights come from a file
     unproven: list[str] = field(default_factory=list)  # CLI: re-run from source, proven only by the replay
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> its lines in model.py
 
@@ -972,8 +973,9 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     verify = _worth_verifying(ctx.verify, referrers, {n for n, inc in included.items() if inc.travels == "value"})
     # A torch module rebuilt from its source that gets only its weights back loses what its state dict does not
     # hold (a plain attribute, a non-persistent buffer): verified too, it travels whole when those differ.
-    verify += [n for n, (plan, _) in plans.items() if plan.keeps_source and n in defs and n not in verify
-               and plan.format.startswith("safetensors (weights")]
+    besides_weights = [n for n, (plan, _) in plans.items() if plan.keeps_source and n in defs and n not in verify
+                       and plan.format.startswith("safetensors (weights")]
+    verify += besides_weights
     if live is not None:
         from .fingerprint import fingerprint
 
@@ -991,7 +993,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
             spans[name] = (first, first + defs[name].text.count("\n"))
     return ModelSource(text=text, class_name=class_name, included=order, modules=modules,
                        values=[p for p, _ in sorted(plans.values(), key=lambda item: (item[1], item[0].name))],
-                       changes=changes, verify=verify,
+                       changes=changes, verify=verify, besides_weights=besides_weights,
                        unproven=list(dict.fromkeys(ctx.unproven)), spans=spans)
 
 

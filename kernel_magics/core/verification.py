@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Mapping, Optional
 
-from .fingerprint import changed_attributes, difference, fingerprint, same
+from .fingerprint import BESIDES_WEIGHTS, changed_attributes, difference, fingerprint, same
 
 __all__ = ["Verification", "remembered"]
 
@@ -84,17 +84,22 @@ class Verification:
                 names.append(inc.name)
         return names
 
+    def _key(self, name: str) -> str:
+        """What the fresh process is asked to fingerprint for ``name`` (a module sent as its weights: all but them)."""
+        return name + BESIDES_WEIGHTS if name in self.materialized.source.besides_weights else name
+
     def _live(self, name: str) -> Optional[dict]:
         if name not in self.live_fingerprints:
             started = time.perf_counter()
-            self.live_fingerprints[name] = fingerprint(self.materialized.live[name])
+            weights = name not in self.materialized.source.besides_weights
+            self.live_fingerprints[name] = fingerprint(self.materialized.live[name], weights=weights)
             self.seconds += time.perf_counter() - started
         return self.live_fingerprints[name]
 
     def _reference(self, name: str, report: Any) -> Optional[dict]:
         """What the fresh value of ``name`` must match: the live value, or, for a value the notebook's load()
         changed when the check did not load, its value from before that load (load_snapshot.py)."""
-        if "load" not in report.stages:
+        if "load" not in report.stages and name not in self.materialized.source.besides_weights:
             from .load_snapshot import before_fingerprint
 
             before = before_fingerprint(self.materialized.live, name)
@@ -113,7 +118,7 @@ class Verification:
             names = self._names()
             for name in names:
                 self._live(name)
-            report, truss = check(names)
+            report, truss = check([self._key(name) for name in names])
             report.stages["verify live"] = self.seconds
             report.stages["verify rounds"] = rounds  # fresh processes run: 1 unless something moved to the values
             differ = self._differences(report)
@@ -123,7 +128,8 @@ class Verification:
             live = self.materialized.live
             learned = _LEARNED.setdefault(id(live), {})
             for name, reason in differ.items():
-                found = fingerprint(_resolve(live, name)) if "." in name else self._live(name)
+                whole = "." in name or name in self.materialized.source.besides_weights  # (as remembered() reads it)
+                found = fingerprint(_resolve(live, name)) if whole else self._live(name)
                 if found is not None:
                     learned[name] = (found["digest"], reason)
             self.materialized = self.materialized.rebuild(differ)
@@ -143,7 +149,7 @@ class Verification:
         start = report.fingerprints.get("start", {})
         after = report.fingerprints.get("after_replay", {})
         for name in source.verify:
-            live, fresh = self._reference(name, report), start.get(name)
+            live, fresh = self._reference(name, report), start.get(self._key(name))
             if live is None or fresh is None or same(live, fresh):
                 continue
             if live.get("kind") == "module":
@@ -152,7 +158,7 @@ class Verification:
                     differ[f"{name}.{attr}"] = f"the notebook changed it, and importing {name} afresh gives " + (
                         why.replace("re-running its source gives ", "", 1))
                 continue
-            if same(live, after.get(name)):
+            if same(live, after.get(self._key(name))):
                 continue  # predict changes it, and the replay from its source state ends where the notebook is
             if live.get("kind") == "random" and report.replayed:
                 continue  # predict consumes it: its source gives the starting state; the replay judges
@@ -186,7 +192,8 @@ class Verification:
         after = report.fingerprints.get("after_replay", {})
         parts = []
         for name in self._names():
-            live, fresh, later = self.live_fingerprints.get(name), start.get(name), after.get(name)
+            key = self._key(name)
+            live, fresh, later = self.live_fingerprints.get(name), start.get(key), after.get(key)
             what = f"`{name}` (a {_type_name(live_ns[name])})"
             if fresh is not None and later is not None and not same(fresh, later):
                 if travels.get(name) == "value":
