@@ -195,6 +195,24 @@ def test_a_wrong_length_result_fails_the_whole_batch_with_a_clear_message(bad):
     assert "one result per input" in str(results[0])
 
 
+def test_a_list_like_result_is_one_result_per_row_and_a_failing_listener_does_not_stop_the_batches():
+    import numpy as np
+
+    async def run(inputs):
+        return np.array([[x, x] for x in inputs])
+
+    def listener(stats):
+        raise RuntimeError("a broken display")
+
+    async def main():
+        batcher = Batcher(run, max_batch_size=8, max_wait_s=0.05, on_batch=listener)
+        first = await asyncio.gather(*(batcher.submit(i) for i in range(3)))
+        return first, await batcher.submit(7)
+
+    first, after = asyncio.run(main())
+    assert [r.tolist() for r in first] == [[0, 0], [1, 1], [2, 2]] and after.tolist() == [7, 7]
+
+
 def test_requests_cancelled_mid_batch_and_in_the_queue_leave_the_others_answered():
     async def main():
         recorder = Recorder(held=True)
@@ -480,6 +498,38 @@ def test_the_export_batches_under_truss_s_own_server_and_ours_with_the_notebooks
                 assert "kernel_magics_batch_size_count" in metrics and "kernel_magics_batch_wait_seconds" in metrics
 
 
+# ---------------------------------------------------------------- Ray Serve: each replica batches its own requests
+
+BATCHED_MODEL_PY = '''
+class Model:
+    def predict_batch(self, inputs):
+        return [{"i": i["i"], "batch": len(inputs)} for i in inputs]
+'''
+
+
+def test_each_ray_replica_batches_its_own_requests(tmp_path, ray_cluster):
+    import shutil
+
+    from kernel_magics.core import batching
+    from kernel_magics.core.export import batching_tail
+    from server_harness import write_truss
+
+    config = "model_name: batched\nmodel_metadata:\n  batching: {max_batch_size: 16, max_wait_ms: 50}\n"
+    # The layout an export writes: the generated predict at the end of model.py, the batcher in packages/.
+    d = write_truss(tmp_path / "batched", BATCHED_MODEL_PY + batching_tail(parse_config(config)), config)
+    (d / "packages").mkdir()
+    shutil.copy(batching.__file__, d / "packages" / "kernel_magics_batching.py")
+    with serve_ours(d, engine=ray_cluster, replicas=2) as s:
+        responses = post_concurrently(s.predict_url(), [{"i": i} for i in range(64)])
+        assert [r.status_code for r in responses] == [200] * 64, s.log[-3000:]
+        assert [r.json()["i"] for r in responses] == list(range(64))
+        by_replica: dict = {}
+        for r in responses:
+            by_replica.setdefault(r.headers["x-kernel-magics-replica"], []).append(r.json()["batch"])
+        assert max(max(sizes) for sizes in by_replica.values()) > 1, by_replica
+        assert all(max(sizes) <= 16 for sizes in by_replica.values())
+
+
 def test_unload_lets_go_of_the_instance_the_batcher_held():
     import gc
     import weakref
@@ -490,3 +540,12 @@ def test_unload_lets_go_of_the_instance_the_batcher_held():
     host.unload()
     gc.collect()
     assert instance() is None
+
+
+def test_a_hand_written_directory_with_only_predict_batch_is_told_what_truss_needs(tmp_path):
+    from kernel_magics.core.truss_dir import TrussDir, TrussDirError
+    from server_harness import write_truss
+
+    d = write_truss(tmp_path / "bare", BATCHED_MODEL_PY, BATCHING)
+    with pytest.raises(TrussDirError, match="has predict_batch, but Truss's server calls predict"):
+        TrussDir.open(d).check_static()

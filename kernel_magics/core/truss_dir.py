@@ -144,7 +144,9 @@ class TrussDir:
                                 f"in config.yaml). Classes found: {', '.join(classes) or 'none'}.")
         methods = {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
         if "predict" not in methods and not cls.bases:
-            raise TrussDirError(f"`{cls.name}` in {model_py} has no predict method.")
+            hint = (" It has predict_batch, but Truss's server calls predict: an export from the notebook adds the "
+                    "predict that feeds predict_batch (docs/batching.md)." if "predict_batch" in methods else "")
+            raise TrussDirError(f"`{cls.name}` in {model_py} has no predict method.{hint}")
         return cls
 
     # ------------------------------------------------------------------ importing
