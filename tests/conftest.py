@@ -85,6 +85,8 @@ SLOW = {
     "test_fidelity::test_a_value_changed_after_the_recorded_predictions_fails_the_replay",
     "test_fidelity::test_a_value_that_cannot_be_saved_refuses_the_export_naming_it",
     "test_fidelity::test_truss_compatibility_warnings_in_the_notebook",
+    "test_fidelity_verified::test_a_module_attribute_changed_out_of_sight_travels_with_the_whole_module",
+    "test_fidelity_verified::test_execute_stops_at_a_failing_cell_naming_it_and_exports_nothing",
     "test_fidelity_verified::test_an_unseeded_generator_that_predict_consumes_is_named_in_the_refusal",
     "test_fidelity_verified::test_the_local_module_travels_in_packages_and_its_change_after_the_import",
     "test_fingerprint::test_tensors_and_modules_compare_by_value_not_by_device_or_identity",
