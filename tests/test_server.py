@@ -441,3 +441,28 @@ def test_a_served_child_stops_when_its_kernel_dies(tmp_path):
     with pytest.raises(httpx.ConnectError):
         httpx.post(url + "/v1/models/model:predict", json={}, timeout=2)
     Path(log).unlink()  # a killed parent left its child's log, as a crashed kernel would
+
+
+RELATIVE_DATA = """
+class Model:
+    def load(self):
+        with open("data/labels.txt") as f:  # relative: Truss's server runs the model from /app, the root
+            self.labels = f.read().split()
+    def predict(self, model_input):
+        return self.labels[model_input["i"]]
+"""
+
+
+def test_serve_and_predict_run_the_model_from_its_root_as_truss_does(tmp_path):
+    """A load() that opens data/labels.txt relative to its working directory works deployed (Truss runs from /app,
+    which holds model/ and data/) and in the export's check: `serve` and `predict` started elsewhere run it there too."""
+    d = write_truss(tmp_path / "m", RELATIVE_DATA)
+    (d / "data").mkdir()
+    (d / "data" / "labels.txt").write_text("cat dog")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run([sys.executable, "-m", "kernel_magics", "predict", str(d), "-d", '{"i": 1}'],
+                          capture_output=True, text=True, cwd=elsewhere, timeout=120)
+    assert done.returncode == 0 and done.stdout == '"dog"\n', done.stderr
+    with serve_ours(d) as served:  # started from the test's working directory, not the root
+        assert httpx.post(served.url + "/v1/models/model:predict", json={"i": 0}).json() == "cat"

@@ -27,13 +27,20 @@ def predict_once(root: Path, model_input: Any, *, write: Callable[[bytes], None]
                  secrets_dir: Optional[Path] = None) -> None:
     """Load the directory's model and hand its answer to ``write`` as bytes: the result's JSON and a
     newline, or each chunk of a stream as it comes (text as UTF-8, other chunks as JSON lines)."""
+    from .truss_dir import TrussDir
+
+    truss = TrussDir.open(root)
+    secrets_dir = Path(secrets_dir).resolve() if secrets_dir is not None else None
+    with truss.as_working_directory():
+        _predict_in_root(truss, model_input, write, secrets_dir)
+
+
+def _predict_in_root(truss: Any, model_input: Any, write: Callable[[bytes], None], secrets_dir: Optional[Path]) -> None:
     from .runtime import ChunkStream
     from .serialization import is_response
     from .streams import chunk_bytes
     from .tracebacks import trim_traceback
-    from .truss_dir import TrussDir
 
-    truss = TrussDir.open(root)
     try:
         host = truss.host(secrets_dir=secrets_dir, hint="or put a file named {name} in the --secrets-dir folder")
     except KernelMagicsError:

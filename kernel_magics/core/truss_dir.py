@@ -162,6 +162,18 @@ class TrussDir:
             if path.is_dir() and str(path) not in sys.path:
                 sys.path.append(str(path))  # after site-packages, as Truss appends /packages
 
+    @contextlib.contextmanager
+    def as_working_directory(self):
+        """Run the model from the directory's root, as Truss's server runs it from /app (which holds model/,
+        data/ and config.yaml): a load() that opens ``data/labels.txt`` finds it here as it does deployed,
+        and as the export's check found it. The previous working directory comes back afterwards."""
+        before = os.getcwd()
+        os.chdir(self.root)
+        try:
+            yield self.root
+        finally:
+            os.chdir(before)
+
     def import_model_class(self) -> type:
         """Import the model file as Truss does and return the model class (the user's errors propagate)."""
         self.check_static()

@@ -318,6 +318,7 @@ def _deployment(truss_dir: Path, scale: Scale, config: ModelConfig, secrets_ref:
 
             _replica_grpc_on_loopback()
             truss = TrussDir.open(truss_dir)
+            os.chdir(truss.root)  # as Truss's server runs from /app (a replica is a process of its own)
             host = unloaded_host(truss)
             # Secret values travel in Ray's object store, not in env vars or init args
             # (both show in Ray's dashboard and logs).

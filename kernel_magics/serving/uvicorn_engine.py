@@ -93,6 +93,7 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
     from .server import create_app, uvicorn_config
 
     stop_logs = configure(log_level, log_format)
+    secrets_dir = Path(secrets_dir).resolve() if secrets_dir is not None else None  # (the model runs from the root)
     model_host = unloaded_host(truss, secrets_dir=secrets_dir, hint="or put a file named {name} in the --secrets-dir folder")
     for name, value in (secrets or {}).items():
         model_host.secrets.set_value(name, value)
@@ -113,7 +114,8 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
     server = uvicorn.Server(uvicorn_config(app, host, port, log_level=log_level, log_config=None))
     _flush_logs_before_a_signal_ends_us(stop_logs)
     try:
-        server.run()
+        with truss.as_working_directory():
+            server.run()
     finally:
         stop_logs()  # every line out before the CLI's last words
     if failure:
