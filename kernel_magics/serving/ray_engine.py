@@ -160,30 +160,16 @@ async def _all_replicas_loaded(run: str) -> bool:
 
 
 def _load_replica(truss, host, publish: Callable[..., None]) -> None:
-    """A replica's load thread, as `kernel-magics serve`'s: import model.py, define the class, load.
+    """A replica's load thread, `kernel-magics serve`'s (import model.py, define the class, load): a failure
+    is logged with the user's frames (secrets redacted) and published with its one line."""
+    from .uvicorn_engine import import_and_load
 
-    A failure is logged with the user's frames (secrets redacted) and published with its one line.
-    """
-    from ..core.tracebacks import trim_traceback
-
-    model_file = truss.relative(truss.model_file)
     try:
-        try:
-            cls = truss.import_model_class()
-        except BaseException as exc:
-            trim_traceback(exc)
-            log.error("Importing %s failed:\n%s", model_file, host.format_error(exc))
-            publish(FAILED, f"importing {model_file} raised {host.describe_error(exc)}")
-            return
-        try:
-            host.define(cls)
-            host.load()
-        except BaseException as exc:
-            log.error("%s", host.error_text or host.format_error(exc))
-            publish(FAILED, host.describe_error(exc))
-            return
-        log.info("Model loaded in %.2f s; ready for predictions.", host.load_seconds or 0.0)
-        publish(LOADED)
+        failed = import_and_load(truss, host)
+        if failed is None:
+            publish(LOADED)
+        else:
+            publish(FAILED, failed[1])
     finally:
         _REPLICA["settled"].set()
 

@@ -19,7 +19,7 @@ from ..core.tracebacks import trim_traceback
 from ..core.truss_dir import TrussDir
 from .limits import DEFAULT_MAX_BODY
 
-__all__ = ["serve_truss", "ModelLoadFailed", "load_in_background", "requirement_warnings"]
+__all__ = ["serve_truss", "ModelLoadFailed", "load_in_background", "import_and_load", "requirement_warnings"]
 
 log = logging.getLogger("kernel_magics.server")
 
@@ -34,6 +34,27 @@ def unloaded_host(truss: TrussDir, *, secrets_dir: Optional[Path] = None, hint: 
                      base_dir=truss.root, init_config=truss.raw_config)
 
 
+def import_and_load(truss: TrussDir, host: ModelHost) -> Optional[tuple[str, str]]:
+    """Import model.py, define its class and load the model, as Truss's load thread does: None once loaded,
+    else ``(what to fix, the failure's one line)``; the traceback (the user's frames, secrets redacted) is
+    logged first. The load thread of `kernel-magics serve` and of every Ray replica."""
+    model_file = truss.relative(truss.model_file)
+    try:
+        cls = truss.import_model_class()
+    except BaseException as exc:
+        error = _user_frames(exc)
+        log.error("Importing %s failed:\n%s", model_file, host.format_error(error))
+        return model_file, f"importing {model_file} raised {host.describe_error(error)}"
+    try:
+        host.define(cls)
+        host.load()
+    except BaseException as exc:
+        log.error("%s", host.error_text or host.format_error(exc))
+        return ("the model class" if host.contract is None else "load()"), host.describe_error(exc)
+    log.info("Model loaded in %.2f s; ready for predictions.", host.load_seconds or 0.0)
+    return None
+
+
 def load_in_background(truss: TrussDir, host: ModelHost, on_failure) -> threading.Thread:
     """Import model.py and load the model in one thread, as Truss's load thread does.
 
@@ -41,24 +62,10 @@ def load_in_background(truss: TrussDir, host: ModelHost, on_failure) -> threadin
     """
 
     def run() -> None:
-        try:
-            cls = truss.import_model_class()
-        except BaseException as exc:
-            error = _user_frames(exc)
-            log.error("Importing %s failed:\n%s", truss.relative(truss.model_file), host.format_error(error))
-            on_failure(f"importing {truss.relative(truss.model_file)} raised {host.describe_error(error)}. The server "
-                       f"stopped; fix {truss.relative(truss.model_file)} (its traceback is above) and start it again.")
-            return
-        try:
-            host.define(cls)
-            host.load()
-        except BaseException as exc:
-            log.error("%s", host.error_text or host.format_error(exc))
-            fix = "the model class" if host.contract is None else "load()"
-            on_failure(f"{host.describe_error(exc)}. The server stopped; fix {fix} (its traceback is above) "
-                       "and start it again.")
-            return
-        log.info("Model loaded in %.2f s; ready for predictions.", host.load_seconds or 0.0)
+        failed = import_and_load(truss, host)
+        if failed is not None:
+            fix, line = failed
+            on_failure(f"{line}. The server stopped; fix {fix} (its traceback is above) and start it again.")
 
     thread = threading.Thread(target=run, name="model-load", daemon=True)
     thread.start()
