@@ -328,6 +328,35 @@ def test_a_lone_predict_is_a_batch_of_one_and_a_failing_input_fails_alone():
     assert isinstance(bad, ValueError) and str(bad) == "no negatives: -1"
 
 
+def test_a_stop_iteration_from_model_code_fails_its_requests_and_the_model_answers_on():
+    """asyncio cannot carry a StopIteration out of a worker thread: the requests of that batch (or the one unbatched
+    request) waited for ever, and with them every later batch. It is a RuntimeError now, as in a generator."""
+    class Finder:
+        def predict_batch(self, inputs):
+            return [next(x for x in ["a", "b"] if x == i) for i in inputs]  # no match: StopIteration
+
+    class Slot:
+        def predict_batch(self, inputs):
+            return [StopIteration() if i == "stop" else i for i in inputs]  # returned in a slot
+
+    class Plain:
+        def predict(self, model_input):
+            return next(iter(model_input))
+
+    async def answers(host, inputs):
+        return await asyncio.wait_for(asyncio.gather(*(host.predict(i) for i in inputs), return_exceptions=True), 30)
+
+    finder = _host(Finder)
+    failed = asyncio.run(answers(finder, ["z"]))
+    assert isinstance(failed[0], RuntimeError) and "StopIteration" in str(failed[0])
+    assert asyncio.run(answers(finder, ["a", "b"])) == ["a", "b"]  # the next batches run
+    stop, fine = asyncio.run(answers(_host(Slot), ["stop", "fine"]))
+    assert isinstance(stop, RuntimeError) and fine == "fine"
+    plain = _host(Plain, config="model_name: plain\n")
+    (empty,) = asyncio.run(answers(plain, [[]]))
+    assert isinstance(empty, RuntimeError) and asyncio.run(answers(plain, [[7]])) == [7]
+
+
 def test_an_async_predict_batch_runs_on_the_loop():
     class AsyncModel:
         async def predict_batch(self, inputs):
@@ -377,11 +406,26 @@ def test_a_class_with_predict_and_predict_batch_gets_a_clear_message():
             yield inputs
 
     with pytest.raises(ModelDefinitionError, match="both predict and predict_batch.*remove predict"):
-        ModelContract.inspect(Both)
+        ModelContract.inspect(Both, batching=True)
     with pytest.raises(ModelDefinitionError, match="streaming predicts are not batched"):
-        ModelContract.inspect(Streaming)
+        ModelContract.inspect(Streaming, batching=True)
     with pytest.raises(ModelDefinitionError, match="cannot stream"):
         ModelContract.inspect(GeneratorBatch)
+    # Without batching in the config, a predict_batch beside the class's own predict is its helper, whatever its
+    # signature (a Truss written elsewhere, which Truss's server serves through predict): served as it is.
+    for cls in (Both, Streaming):
+        contract = ModelContract.inspect(cls)
+        assert contract.predict_batch is None and contract.predict.name == "predict"
+
+    class Helper:
+        def predict_batch(self, texts, batch_size=32):
+            return [t.upper() for t in texts]
+
+        def predict(self, model_input):
+            return self.predict_batch([model_input])[0]
+
+    host = _host(Helper, config="model_name: helper\n")
+    assert asyncio.run(host.predict("hi")) == "HI"
     # The predict an export generates for Truss's server is not the user's own: the class still batches.
     contract = ModelContract.inspect(attach(type("Exported", (Doubler,), {}), 8, 20))
     assert contract.predict_batch is not None and contract.predict.name == "predict_batch"

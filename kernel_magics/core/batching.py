@@ -3,8 +3,9 @@
 One :class:`Batcher` per model instance and event loop. A batch starts when it is
 full, when it holds as many requests as the previous batch did (the load it saw
 is still there), or when its first request has waited ``max_wait_s`` for company
-(counted from when the batcher was free to run it): so a lone request on an idle
-model goes at once, and under load batches fill instead of paying the wait.
+(counted from when the batcher was free to run it): so at concurrency 1 a request
+goes at once (the previous batch held one), a lone request after bigger batches waits
+at most ``max_wait_s``, and under load batches fill instead of paying the wait.
 Requests that arrive while a batch runs form the next one; one batch runs at a time. A request whose caller went away (a disconnect, a Stop)
 leaves the queue, or its answer is dropped; the others in its batch are answered.
 
@@ -23,15 +24,43 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
 
-__all__ = ["Batcher", "BatchStats", "BatchResultError", "batched", "attach", "is_batching_predict"]
+__all__ = ["Batcher", "BatchStats", "BatchResultError", "batched", "attach", "is_batching_predict", "call_sync"]
 
 # What batched() marks its generated predict with, so the runtime knows the model only batches.
 _MARK = "_kernel_magics_batching"
+
+
+def call_sync(fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` for a worker thread. A StopIteration that escapes the model's code (``next()`` on an empty
+    iterator) becomes a RuntimeError, as it does in a generator (PEP 479): asyncio cannot carry a StopIteration
+    out of a thread into a future, which would then never finish (that request, or every batch after it, hangs)."""
+    try:
+        return fn(*args)
+    except StopIteration as exc:
+        raise RuntimeError(f"{getattr(fn, '__name__', 'the model')} raised StopIteration") from exc
+
+
+def _settable(error: BaseException) -> BaseException:
+    """What a future can hold: a StopIteration (returned in a slot) as a RuntimeError."""
+    if isinstance(error, StopIteration):
+        replacement = RuntimeError("predict_batch returned a StopIteration for this input")
+        replacement.__cause__ = error
+        return replacement
+    return error
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """One exception object per failed request of a batch: each caller re-raises it, and its traceback grows."""
+    try:
+        return copy.copy(error)
+    except Exception:
+        return error
 
 
 class BatchResultError(RuntimeError):
@@ -118,7 +147,7 @@ class Batcher:
                     await self._run_batch(batch)
         finally:
             self._worker = None
-            for pending in self._queue:  # only when the loop itself is going away
+            for pending in self._queue:  # the loop is going away (or the worker failed): no one waits for ever
                 pending.future.cancel()
             self._queue.clear()
 
@@ -157,17 +186,25 @@ class Batcher:
             raise
         except Exception as exc:
             error = exc
+        except BaseException as exc:  # (SystemExit from model code): this batch fails, the batcher goes on
+            error = RuntimeError(f"predict_batch raised {type(exc).__name__}")
+            error.__cause__ = exc
         self._last_size = len(batch)
         self._free_since = time.perf_counter()
-        for i, pending in enumerate(batch):
-            if pending.future.done():  # its caller went away
-                continue
-            if error is not None:
-                pending.future.set_exception(error)
-            elif isinstance(results[i], BaseException):
-                pending.future.set_exception(results[i])
-            else:
-                pending.future.set_result(results[i])
+        try:
+            for i, pending in enumerate(batch):
+                if pending.future.done():  # its caller went away
+                    continue
+                if error is not None:
+                    pending.future.set_exception(_own_copy(_settable(error)))
+                elif isinstance(results[i], BaseException):
+                    pending.future.set_exception(_settable(results[i]))
+                else:
+                    pending.future.set_result(results[i])
+        finally:  # whatever went wrong above, no caller of this batch waits for ever
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(RuntimeError("the batch ended without an answer for this request"))
         if self.on_batch is not None:
             try:
                 self.on_batch(BatchStats(len(batch), wait, time.perf_counter() - started))
@@ -203,7 +240,7 @@ def batched(max_batch_size: int = 32, max_wait_ms: float = 5.0) -> Callable[[Cal
                 async def run(inputs: list) -> list:
                     if is_async:
                         return await method(inputs)
-                    return await asyncio.to_thread(method, inputs)
+                    return await asyncio.to_thread(call_sync, method, inputs)
 
                 batcher = self.__dict__["_kernel_magics_batcher"] = Batcher(run, max_batch_size, max_wait_ms / 1000)
             return await batcher.submit(model_input)

@@ -137,12 +137,20 @@ class ModelContract:
     predict_batch: Optional[MethodSpec] = None
 
     @classmethod
-    def inspect(cls, model_class: Any) -> "ModelContract":
-        """Check ``model_class`` against the Truss contract; raise ModelDefinitionError if it breaks it."""
+    def inspect(cls, model_class: Any, *, batching: bool = False) -> "ModelContract":
+        """Check ``model_class`` against the Truss contract; raise ModelDefinitionError if it breaks it.
+
+        ``batching``: the config declares ``model_metadata.batching``. Without it, a class with a predict of its
+        own serves through that predict, and a ``predict_batch`` beside it is the model's own helper (a Truss
+        written elsewhere may have one; Truss's server ignores it), not a batching entry point."""
         if not isinstance(model_class, type):
             raise ModelDefinitionError(f"The model must be a class, not {type(model_class).__name__}.")
-        predict_batch = _predict_batch_spec(model_class)
         predict = MethodSpec.of(model_class, "predict")
+        from .batching import is_batching_predict
+
+        helper = (not batching and predict is not None
+                  and not is_batching_predict(getattr(model_class, "predict")))
+        predict_batch = None if helper else _predict_batch_spec(model_class)
         if predict_batch is not None:
             predict = _batched_predict(model_class, predict, predict_batch)
         if predict is None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import devices
-from .batching import Batcher, BatchStats
+from .batching import Batcher, BatchStats, call_sync
 from .capture import capture_lines
 from .config import ModelConfig
 from .contract import INIT_KWARGS, MethodSpec, ModelContract, init_kwargs
@@ -211,7 +211,7 @@ class ModelHost:
         Raises ModelDefinitionError (and changes nothing) when the class breaks the contract.
         During a load it waits for the load to finish, then applies to what the load made.
         """
-        contract = ModelContract.inspect(model_class)
+        contract = ModelContract.inspect(model_class, batching=self._config.batching is not None)
         with self._load_lock:
             old = self.contract
             if self.instance is None or old is None:
@@ -436,7 +436,7 @@ class ModelHost:
         if spec.is_async:
             return await fn(*args)
         ctx = contextvars.copy_context()  # keeps output routed to the calling cell
-        running = (pool or self._pool()).submit(ctx.run, fn, *args)
+        running = (pool or self._pool()).submit(ctx.run, call_sync, fn, *args)
         try:
             return await asyncio.wrap_future(running)
         except asyncio.CancelledError:
