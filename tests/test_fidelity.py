@@ -196,3 +196,7 @@ def test_the_replay_compares_floats_with_a_tolerance_fitting_the_answer():
     assert "['t']" in compare({"p": prob, "t": 1.7e9}, {"p": prob, "t": 1.7e9 + 1})  # a timestamp a second later
     assert "['x']" in compare({"x": 0.1, "y": 0.5}, {"x": 0.1 + 1e-9, "y": 0.5})  # float64 (0.5 says nothing)
     assert compare({"x": 0.1}, {"x": 0.1 + 1e-12}) is None and compare([0.0], [1e-13]) is None  # float64 noise
+    # The tolerance follows the notebook's answer: an export that answers in float32 where the notebook answered in
+    # float64 (a value saved at lower precision) is another answer.
+    exact = [0.123456789012345, 0.987654321098765]
+    assert compare(exact, [float(np.float32(x)) for x in exact]) is not None

@@ -103,9 +103,10 @@ def _plain(value: Any) -> Optional[tuple]:
 
 def compare(expected: Any, got: Any, path: str = "", float32: Optional[bool] = None) -> Optional[str]:
     """None when ``got`` answers as ``expected`` did, else where and how they differ. ``float32``: the answer
-    comes from float32 numbers (None: judged from the answers, see :func:`computed_in_float32`)."""
+    comes from float32 numbers (None: judged from the notebook's answer, see :func:`computed_in_float32`; never
+    from the export's, which would loosen the check for an export that lost precision the notebook had)."""
     if float32 is None:
-        float32 = computed_in_float32(expected) or computed_in_float32(got)
+        float32 = computed_in_float32(expected)
     if isinstance(expected, bool) or isinstance(got, bool):
         return None if expected is got else _differ(path, expected, got)
     if isinstance(expected, (int, float)) and isinstance(got, (int, float)):
