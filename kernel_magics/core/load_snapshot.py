@@ -42,6 +42,7 @@ class _Snapshot:
     where: dict[str, str]  # name -> the statement in load() that changes it, as the user reads it
     after: Optional[dict[str, Any]] = None  # the objects bound when load ended
     changed: set[str] = field(default_factory=set)
+    unfollowed: set[str] = field(default_factory=set)  # too big to fingerprint; load() visibly changes them
 
 
 _PLAIN = frozenset({str, bytes, bool, int, float, complex, type(None)})
@@ -49,8 +50,10 @@ _PLAIN = frozenset({str, bytes, bool, int, float, complex, type(None)})
 
 def _nbytes(value: Any, depth: int = 0) -> int:
     """A cheap estimate of the bytes a value holds (arrays, tensors, module weights, containers of them)."""
+    if isinstance(value, (str, bytes, bytearray)):
+        return len(value)
     if type(value) in _PLAIN:
-        return 0
+        return 8
     np = sys.modules.get("numpy")
     torch = sys.modules.get("torch")
     if np is not None and isinstance(value, np.ndarray):
@@ -62,11 +65,13 @@ def _nbytes(value: Any, depth: int = 0) -> int:
             return sum(int(t.nelement() * t.element_size()) for t in value.state_dict().values())
     if depth > 3:
         return 0
-    if isinstance(value, dict):
-        return sum(_nbytes(v, depth + 1) for v in list(value.values())[:10_000])
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = list(value)[:10_000]
-        return 0 if all(type(v) in _PLAIN for v in items) else sum(_nbytes(v, depth + 1) for v in items)
+    if isinstance(value, (dict, list, tuple, set, frozenset)):
+        # The first 10,000 items, scaled to the whole: a 2 GB list of strings or floats is as big as an array.
+        items = list(value.items() if isinstance(value, dict) else value)[:10_000]
+        if not items:
+            return 0
+        sample = sum(_nbytes(item, depth + 1) for item in items)  # (a dict's item is a (key, value) tuple)
+        return sample * len(value) // len(items)
     attrs = getattr(value, "__dict__", None)
     if isinstance(attrs, dict) and not isinstance(value, type):
         return sum(_nbytes(v, depth + 1) for v in list(attrs.values())[:1_000])
@@ -79,6 +84,9 @@ def before_load(live: dict, names: Iterable[str], where: Mapping[str, str] = {})
     objects = {n: live[n] for n in names}
     sizes = {n: _nbytes(v) for n, v in objects.items()}
     followed = [n for n in names if sizes[n] <= FINGERPRINT_LIMIT]
+    # Too big to follow, but load() visibly changes it (`W *= 2`): counted as changed, so the export refuses it
+    # naming the statement, instead of saving it as load left it.
+    unfollowed = [n for n in names if sizes[n] > FINGERPRINT_LIMIT and where.get(n)]
     small, total = {}, 0
     for n in sorted(followed, key=lambda n: sizes[n]):  # the smallest first, up to TOTAL_COPY_LIMIT in all
         if sizes[n] <= COPY_LIMIT and total + sizes[n] <= TOTAL_COPY_LIMIT:
@@ -99,8 +107,8 @@ def before_load(live: dict, names: Iterable[str], where: Mapping[str, str] = {})
                 copies[n] = copy.deepcopy(v)
             except Exception:
                 pass  # cannot be copied (a lock ...): a change by load is refused, naming it
-    snapshot = _Snapshot(followed, {n: objects[n] for n in followed},
-                         {n: fingerprint(objects[n]) for n in followed}, copies, dict(where))
+    snapshot = _Snapshot(followed + unfollowed, {n: objects[n] for n in followed + unfollowed},
+                         {n: fingerprint(objects[n]) for n in followed}, copies, dict(where), unfollowed=set(unfollowed))
     with _LOCK:
         _SNAPSHOTS[id(live)] = snapshot
 
@@ -114,6 +122,10 @@ def after_load(live: dict) -> None:
     after = {n: live.get(n) for n in snapshot.names}
     changed = set()
     for n in snapshot.names:
+        if n in snapshot.unfollowed:
+            if n in live:
+                changed.add(n)
+            continue
         before = snapshot.before[n]
         # (a value without a fingerprint, which cannot be pickled, counts as changed only when load rebinds it)
         if after[n] is not snapshot.objects[n] or (before is not None and not same(before, fingerprint(after[n]))):
