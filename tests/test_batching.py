@@ -444,6 +444,13 @@ def test_bad_batching_settings_get_one_paragraph(batching, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+def test_batching_false_turns_it_off_and_true_or_an_empty_section_takes_the_defaults():
+    assert parse_config("model_name: x\nmodel_metadata: {batching: false}\n").batching is None
+    for on in ("true", "", "{}"):
+        settings = parse_config(f"model_name: x\nmodel_metadata:\n  batching: {on}\n").batching
+        assert settings is not None and settings.max_batch_size == 32
+
+
 def test_a_predict_concurrency_below_the_batch_size_is_refused_and_a_larger_one_kept():
     with pytest.raises(ConfigError, match="predict_concurrency is 2.*at least 8"):
         parse_config("runtime: {predict_concurrency: 2}\n" + BATCHING)

@@ -338,7 +338,7 @@ class ModelConfig(_Section):
     @pydantic.field_validator("model_metadata")
     @classmethod
     def _check_batching(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if "batching" in value:
+        if "batching" in value and value["batching"] is not False:  # (false: off, as if absent)
             BatchSettings.parse(value["batching"])
         return value
 
