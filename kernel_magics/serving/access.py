@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import time
+import weakref
 from typing import Optional
 
 from .logs import ACCESS_LOGGER, REQUEST_ID
@@ -66,7 +67,7 @@ class Metrics:
                                     buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 10))
         self._counters: dict = {}
         self._histograms: dict = {}
-        self._watched: set[int] = set()
+        self._watched: "weakref.WeakSet" = weakref.WeakSet()  # (an id could be reused by a later host)
 
     @classmethod
     def get(cls) -> "Metrics":
@@ -76,9 +77,9 @@ class Metrics:
 
     def watch_batches(self, host) -> None:
         """Observe the batches ``host`` runs (once per host; a Ray replica's own host included)."""
-        if id(host) in self._watched:
+        if host in self._watched:
             return
-        self._watched.add(id(host))
+        self._watched.add(host)
 
         def on_event(event) -> None:
             if event.kind == "batch":
