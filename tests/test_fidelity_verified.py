@@ -237,6 +237,24 @@ def test_a_module_attribute_changed_out_of_sight_travels_with_the_whole_module(t
     assert (done.returncode, json.loads(done.stdout or "null")) == (0, {"y": float(expected)}), done.stderr
 
 
+def test_a_class_attribute_a_function_changed_is_refused_not_exported_as_the_class_body_has_it(tmp_path, fresh_kernel):
+    """`def tune(t): Config.threshold = t` after the recorded prediction: re-running the class gives 0.5, the
+    notebook answers with 0.9, and the replay (made before the change) agreed with the stale export. The class's
+    plain attributes are verified in the fresh process; a changed class cannot travel, so the export refuses."""
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics\nclass Config:\n    threshold = 0.5\n\ndef tune(t):\n    Config.threshold = t")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n"
+         "        return {'positive': model_input['v'] > Config.threshold}\n")
+    k.ok("%model_load\n%model_predict {\"v\": 0.7}")
+    k.ok("tune(0.9)")
+    why = usage_error(k.execute("%model_export out"))
+    assert "`Config` (a class from cell 1)" in why and "its attribute `threshold` is 0.5, the notebook has 0.9" in why, why
+    assert "put the value in the class body" in why, why
+    assert not (tmp_path / "out").exists()
+    k.ok("tune(0.5)")  # back as its source has it: exports
+    assert "Replayed 1 recorded prediction" in k.ok("%model_export out").stdout
+
+
 def test_a_name_that_cannot_be_fingerprinted_is_named_as_not_verified(tmp_path, fresh_kernel):
     """A lock re-run from source has no fingerprint (it cannot be pickled): it stays source (it could not be saved
     either), and %model_show --why and the export's output say it was not verified and what proves it."""

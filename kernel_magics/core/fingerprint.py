@@ -228,7 +228,22 @@ def _definition(value: Any) -> dict:
     name = f"{module}.{getattr(value, '__qualname__', getattr(value, '__name__', '?'))}"
     code = getattr(value, "__code__", None)
     body = _digest(code.co_code, code.co_consts) if code is not None else ""
-    return _fp("definition", _digest("definition", name, body), name)
+    if not isinstance(value, type):
+        return _fp("definition", _digest("definition", name, body), name)
+    # A class's own plain attributes (`threshold = 0.5` in its body): a function that sets `Config.threshold`
+    # changes what re-running the class gives, as a cell would, but out of sight of the source.
+    attributes, parts = {}, []
+    for attr, item in sorted(vars(value).items()):
+        if attr.startswith("__"):
+            continue
+        text = _canonical(item, [_LITERAL_BUDGET])
+        if text is None:
+            continue  # methods, descriptors, nested classes, objects: the class's code, or not a plain value
+        parts.append(f"{attr}={text}")
+        if len(attributes) < 200:
+            shown = repr(item)
+            attributes[attr] = shown if len(shown) <= 60 else shown[:57] + "..."
+    return _fp("definition", _digest("definition", name, body, *parts), name, attributes=attributes)
 
 
 def _array_bytes_digest(dtype: str, shape: tuple, data: bytes) -> str:

@@ -684,6 +684,14 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                 f"after its definition by {into[0].describe()}. A changed {definition.kind} cannot travel: put that "
                 f"change into the {definition.kind}'s own definition."
             )
+        if definition.kind == "class" and live is not None and name in live:
+            if name in ctx.as_values:  # the fresh process's class has other class attributes than the live one
+                raise MaterializeError(
+                    f"The model uses `{name}` (a class from cell {definition.cell + 1}), and the notebook changed it "
+                    f"since its definition, out of sight of the cells (a function that sets one of its attributes): "
+                    f"{ctx.as_values[name]}. A changed class cannot travel: put the value in the class body, or "
+                    "keep it on the model (`self.threshold = ...` in load()).")
+            ctx.verify.append(name)  # its plain class attributes, compared in the fresh process
         return _Travel(True)
     # `router.scores(x)` on an instance of a notebook class whose `scores` changes nothing of it is a read.
     changes = [c for c in changes if not (c.kind == "method" and c.chain == 0
