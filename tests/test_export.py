@@ -359,6 +359,9 @@ def test_replay_tolerance_refuses_a_later_timestamp_and_accepts_rounding_noise()
     f32 = [struct.unpack("f", struct.pack("f", x))[0] for x in (0.1234567, 0.12345675)]  # float32 outputs
     assert f32[0] != f32[1] and compare(f32[0], f32[1]) is None
     assert compare([1, 2.0], [1, 2]) is None
+    np = pytest.importorskip("numpy")
+    assert compare({"label": np.str_("setosa")}, {"label": "setosa"}) is None  # iris.target_names[i]: one JSON string
+    assert compare(np.str_("setosa"), "versicolor") is not None and compare("1", 1) is not None
 
 
 SIDE_EFFECT = '''%%model
