@@ -144,8 +144,14 @@ class TrussDir:
                                 f"in config.yaml). Classes found: {', '.join(classes) or 'none'}.")
         methods = {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
         if "predict" not in methods and not cls.bases:
-            hint = (" It has predict_batch, but Truss's server calls predict: an export from the notebook adds the "
-                    "predict that feeds predict_batch (docs/batching.md)." if "predict_batch" in methods else "")
+            hint = ""
+            if "predict_batch" in methods and self.config.batching is None:
+                hint = (" It has predict_batch, but the config declares no batching: add `model_metadata: {batching: "
+                        "{max_batch_size: 32, max_wait_ms: 5}}` to %%model_config (config.yaml); an export from the "
+                        "notebook then adds the predict that feeds predict_batch, which Truss's server calls.")
+            elif "predict_batch" in methods:
+                hint = (" It has predict_batch, but Truss's server calls predict: an export from the notebook adds the "
+                        "predict that feeds predict_batch (see docs/batching.md).")
             raise TrussDirError(f"`{cls.name}` in {model_py} has no predict method.{hint}")
         return cls
 
