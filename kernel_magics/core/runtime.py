@@ -137,6 +137,7 @@ class ModelHost:
         self.last_health: Optional[bool] = None  # what is_healthy() said last (None: no such method)
         # A model with predict_batch: one batcher per live instance (core/batching.py), the sizes it ran.
         self._batcher: Optional[tuple[Any, weakref.WeakKeyDictionary]] = None
+        self._batcher_lock = threading.Lock()  # two loops' first requests (the kernel's and a server's) at once
         self.last_batch_sizes: collections.deque[int] = collections.deque(maxlen=16)
 
     # ------------------------------------------------------------------ config, events, errors
@@ -560,19 +561,21 @@ class ModelHost:
                 f"`{contract.model_class.__name__}` has predict_batch, but the config does not declare batching. Add "
                 "`model_metadata: {batching: {max_batch_size: 32, max_wait_ms: 5}}` to %%model_config (config.yaml), "
                 "or write `predict` instead of predict_batch.")
-        if self._batcher is None or self._batcher[0] is not instance:
-            self._batcher = (instance, weakref.WeakKeyDictionary())
-        # One per event loop: a queue belongs to its loop (a second loop would otherwise find futures it cannot await).
-        loop = asyncio.get_running_loop()
-        batcher = self._batcher[1].get(loop)
-        if batcher is None:
-            async def run(inputs: list) -> list:
-                spec = self.contract.predict if self.contract and self.contract.predict_batch else contract.predict
-                return await self._call(instance, spec, inputs, None)
+        with self._batcher_lock:
+            if self._batcher is None or self._batcher[0] is not instance:
+                self._batcher = (instance, weakref.WeakKeyDictionary())
+            # One per event loop: a queue belongs to its loop (a second loop would otherwise find futures it
+            # cannot await).
+            loop = asyncio.get_running_loop()
+            batcher = self._batcher[1].get(loop)
+            if batcher is None:
+                async def run(inputs: list) -> list:
+                    spec = self.contract.predict if self.contract and self.contract.predict_batch else contract.predict
+                    return await self._call(instance, spec, inputs, None)
 
-            batcher = self._batcher[1][loop] = Batcher(run, settings.max_batch_size, settings.max_wait_s,
-                                                       on_batch=self._batched)
-        return batcher
+                batcher = self._batcher[1][loop] = Batcher(run, settings.max_batch_size, settings.max_wait_s,
+                                                           on_batch=self._batched)
+            return batcher
 
     def _batched(self, stats: BatchStats) -> None:
         self.last_batch_sizes.append(stats.size)
