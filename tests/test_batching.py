@@ -8,13 +8,25 @@ import threading
 import httpx
 import pytest
 
-from kernel_magics.core.batching import Batcher, BatchResultError, attach
+from kernel_magics.core.batching import Batcher, BatchResultError, batched
 from kernel_magics.core.config import parse_config
 from kernel_magics.core.contract import ModelContract
 from kernel_magics.core.errors import ConfigError, ModelDefinitionError
 from kernel_magics.core.runtime import ModelHost
 from server_harness import post_concurrently, serve_ours, serve_truss
 from test_export import files_of, run_notebook_cells, write_notebook
+
+
+def exported(model_class, max_batch_size, max_wait_ms):
+    """``model_class`` as an export's model.py ends it (core/export.py batching_tail): a same-named subclass whose
+    predict, made by ``batched``, feeds predict_batch."""
+    class Exported(model_class):
+        @batched(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+        async def predict(self, model_input):
+            """Fed to predict_batch."""
+
+    Exported.__name__ = Exported.__qualname__ = model_class.__name__
+    return Exported
 
 
 class Recorder:
@@ -264,7 +276,7 @@ def test_sync_batch_function_runs_in_a_worker_thread_async_on_the_loop():
             return [x + 2 for x in inputs]
 
     async def main(cls):
-        model = attach(cls, max_batch_size=4, max_wait_ms=5)()
+        model = exported(cls, max_batch_size=4, max_wait_ms=5)()
         return await asyncio.gather(*(model.predict(i) for i in range(6)))
 
     assert asyncio.run(main(Sync)) == [1, 2, 3, 4, 5, 6]
@@ -427,7 +439,7 @@ def test_a_class_with_predict_and_predict_batch_gets_a_clear_message():
     host = _host(Helper, config="model_name: helper\n")
     assert asyncio.run(host.predict("hi")) == "HI"
     # The predict an export generates for Truss's server is not the user's own: the class still batches.
-    contract = ModelContract.inspect(attach(type("Exported", (Doubler,), {}), 8, 20))
+    contract = ModelContract.inspect(exported(Doubler, 8, 20))
     assert contract.predict_batch is not None and contract.predict.name == "predict_batch"
 
 

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
 
-__all__ = ["Batcher", "BatchStats", "BatchResultError", "batched", "attach", "is_batching_predict", "call_sync"]
+__all__ = ["Batcher", "BatchStats", "BatchResultError", "batched", "is_batching_predict", "call_sync"]
 
 # What batched() marks its generated predict with, so the runtime knows the model only batches.
 _MARK = "_kernel_magics_batching"
@@ -250,11 +250,3 @@ def batched(max_batch_size: int = 32, max_wait_ms: float = 5.0) -> Callable[[Cal
         return predict
 
     return decorate
-
-
-def attach(model_class: type, max_batch_size: int = 32, max_wait_ms: float = 5.0) -> type:
-    """``model_class`` with the batching ``predict`` of :func:`batched` (a class without predict_batch as it is)."""
-    if getattr(model_class, "predict_batch", None) is None:
-        return model_class  # the runtime says what is missing, with the fix
-    model_class.predict = batched(max_batch_size, max_wait_ms)(lambda self, model_input: None)
-    return model_class

@@ -245,7 +245,7 @@ def _predict_batch_spec(model_class: type) -> Optional[MethodSpec]:
 
 def _batched_predict(model_class: type, predict: Optional[MethodSpec], batch: MethodSpec) -> MethodSpec:
     """With predict_batch, each request's predict is a slot in a batch; a predict of the user's own is refused,
-    except the one an export generated for Truss's server (kernel_magics_batching.attach)."""
+    except the one an export generated for Truss's server (``kernel_magics_batching.batched``)."""
     from .batching import is_batching_predict
 
     own = predict is not None and not is_batching_predict(getattr(model_class, "predict"))
