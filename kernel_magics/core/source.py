@@ -118,6 +118,9 @@ class ModelSource:
     besides_weights: list[str] = field(default_factory=list)  # of those: modules whose weights come from a file
     unproven: list[str] = field(default_factory=list)  # CLI: re-run from source, proven only by the replay
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> its lines in model.py
+    # The live fingerprints of the verified names re-run from source, taken while building (to tell the unverifiable
+    # ones): the export's verification compares with these instead of hashing the same values again.
+    fingerprints: dict[str, Optional[dict]] = field(default_factory=dict)
 
     def name_at_line(self, line: int) -> Optional[str]:
         """The verified or unproven name whose statement holds this line of model.py."""
@@ -984,14 +987,17 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     besides_weights = [n for n, (plan, _) in plans.items() if plan.keeps_source and n in defs and n not in verify
                        and plan.format.startswith("safetensors (weights")]
     verify += besides_weights
+    fingerprints: dict[str, Optional[dict]] = {}
     if live is not None:
         from .fingerprint import fingerprint
 
         for name in verify:
             if included[name].kind == "import":
                 included[name] = replace(included[name], note=LOCAL_MODULE)
-            elif included[name].travels == "source" and name in live and fingerprint(live[name]) is None:
-                included[name] = replace(included[name], note=UNVERIFIED)
+            elif included[name].travels == "source" and name in live:
+                fingerprints[name] = fingerprint(live[name])
+                if fingerprints[name] is None:
+                    included[name] = replace(included[name], note=UNVERIFIED)
         order = [included[i.name] for i in order]
     spans = {}
     for name in [*verify, *ctx.unproven]:
@@ -1002,7 +1008,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     return ModelSource(text=text, class_name=class_name, included=order, modules=modules,
                        values=[p for p, _ in sorted(plans.values(), key=lambda item: (item[1], item[0].name))],
                        changes=changes, verify=verify, besides_weights=besides_weights,
-                       unproven=list(dict.fromkeys(ctx.unproven)), spans=spans)
+                       unproven=list(dict.fromkeys(ctx.unproven)), spans=spans, fingerprints=fingerprints)
 
 
 def globals_for_load(cells: Iterable[str], class_name: str) -> dict[str, str]:

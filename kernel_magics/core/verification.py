@@ -66,7 +66,8 @@ class Verification:
     def __init__(self, materialized: Any, rewrite: Callable[[Any], None]) -> None:
         self.materialized = materialized
         self.rewrite = rewrite  # writes the build again for a new plan
-        self.live_fingerprints: dict[str, Optional[dict]] = {}
+        # (the build already fingerprinted the names re-run from source: not hashed a second time)
+        self.live_fingerprints: dict[str, Optional[dict]] = dict(materialized.source.fingerprints)
         self.seconds = 0.0
         self.tried: set[str] = set()  # names already moved to the values
 
