@@ -21,7 +21,7 @@ import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 __all__ = ["ScratchDir", "locked", "sweep_stale", "exchange", "remove_tree", "die_with_parent"]
 
@@ -139,11 +139,12 @@ def remove_tree(path: Path) -> bool:
     return not path.exists()
 
 
-def die_with_parent(parent_pid: Optional[int], sig: int = signal.SIGKILL) -> None:
+def die_with_parent(parent_pid: Optional[int], sig: int = signal.SIGKILL,
+                    orphaned: Optional[Callable[[], None]] = None) -> None:
     """In a child process: get ``sig`` (killed, by default) when ``parent_pid`` dies (Linux
-    ``PR_SET_PDEATHSIG``), and exit at once if it is already gone. Elsewhere this does nothing. (Linux sends
-    the signal when the parent *thread* that started the child ends: start such a child from a thread that
-    lives as long as the parent needs it.)"""
+    ``PR_SET_PDEATHSIG``), and exit at once if it is already gone (``orphaned`` instead, when given: what to
+    clean up first). Elsewhere this does nothing. (Linux sends the signal when the parent *thread* that
+    started the child ends: start such a child from a thread that lives as long as the parent needs it.)"""
     if not parent_pid or not sys.platform.startswith("linux"):
         return
     try:
@@ -153,4 +154,6 @@ def die_with_parent(parent_pid: Optional[int], sig: int = signal.SIGKILL) -> Non
     except (OSError, AttributeError):
         return
     if os.getppid() != parent_pid:  # it died before the prctl took effect
+        if orphaned is not None:
+            orphaned()
         os._exit(1)

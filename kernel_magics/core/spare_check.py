@@ -324,11 +324,12 @@ def _serve() -> int:
         os._exit(0)
 
     signal.signal(signal.SIGTERM, gone)
-    if not parent or os.getppid() != parent:
+    if not parent:
         gone()
     from .scratch import die_with_parent
 
-    die_with_parent(parent, signal.SIGTERM)  # SIGTERM, not a kill: `gone` removes this spare's folder
+    # SIGTERM, not a kill: `gone` removes this spare's folder (also when the kernel died before the signal was set).
+    die_with_parent(parent, signal.SIGTERM, orphaned=gone)
     os.environ.update(spec.get("env", {}))  # as TrussDir.prepare_process does before the cold import
     imported = []
     for statement in spec.get("modules", []):
