@@ -286,7 +286,7 @@ def _deployment(truss_dir: Path, scale: Scale, config: ModelConfig, secrets_ref:
     app.add_middleware(_WaitForLoad)
     app.add_middleware(_ReplicaHeader)
 
-    # No per-request access log: every replica would ship a line per request to the driver.
+    # Nor Ray Serve's own access log, for the same reason.
     @serve.deployment(name=DEPLOYMENT_NAME, logging_config={"enable_access_log": False},
                       **replica_options(config, scale))
     @serve.ingress(app)
