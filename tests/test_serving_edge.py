@@ -285,6 +285,10 @@ def test_the_models_own_log_lines_are_redacted(tmp_path, fmt):
     if fmt == "json":
         lines = [json.loads(line) for line in s.log.splitlines() if line.startswith("{")]
         assert any(e["message"] == "predict sees ***" and e.get("request_id") for e in lines)
+        # The access line (made in the writer thread from what the request path queued) has the same request id.
+        (access,) = [e for e in lines if e["logger"] == "kernel_magics.access"]
+        assert access["message"].startswith("Handled request - POST /v1/models/model:predict 200 (")
+        assert access["request_id"] == next(e["request_id"] for e in lines if e["message"] == "predict sees ***")
 
 
 def test_the_access_log_as_trusss(tmp_path):

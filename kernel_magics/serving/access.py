@@ -3,23 +3,21 @@
 One ASGI middleware sees every request, unmatched ones (404) included, and the whole of a
 streamed response, so a stream's line carries its full duration. Health checks and /metrics
 are counted but not logged (as Truss's server filters them). The line is handed to the log
-queue unformatted (serving/logs.py): formatting and writing happen in the writer thread.
+queue as a tuple (serving/logs.access_line): the record, its format and the write happen in the
+writer thread.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import time
 import weakref
 from typing import Optional
 
-from .logs import ACCESS_LOGGER, REQUEST_ID
+from .logs import REQUEST_ID, access_line
 
 __all__ = ["RequestLog", "Metrics"]
-
-access = logging.getLogger(ACCESS_LOGGER)
 
 # Route templates of the probes a load balancer or Kubernetes calls every few seconds.
 _QUIET = frozenset({"/", "/v1/models/{model_name}", "/v1/models/{model_name}/loaded", "/ping", "/metrics"})
@@ -137,6 +135,5 @@ class RequestLog:
             status = state[0]
             if self.metrics is not None and template != "/metrics":
                 self.metrics.record(template, status, (state[1] or ended) - started)
-            if self.log_requests and template not in _QUIET and access.isEnabledFor(logging.INFO):
-                access.info("Handled request - %s %s %d (%.1f ms) request_id=%s", scope["method"], scope["path"],
-                            status, (ended - started) * 1000, request_id)
+            if self.log_requests and template not in _QUIET:
+                access_line(scope["method"], scope["path"], status, (ended - started) * 1000, request_id)
