@@ -291,6 +291,20 @@ def test_the_models_own_log_lines_are_redacted(tmp_path, fmt):
         assert access["request_id"] == next(e["request_id"] for e in lines if e["message"] == "predict sees ***")
 
 
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_an_access_line_written_without_a_record_reads_as_its_record_would(fmt):
+    """The writer makes no LogRecord for an access line (serving/logs.py): the line must be the one the
+    formatter writes for the record, to the character, in both formats."""
+    import time
+
+    from kernel_magics.serving.logs import _ACCESS_FORMAT, JsonLines, _Text, _Writer
+
+    formatter = JsonLines() if fmt == "json" else _Text()
+    for created in (time.time(), 1700000000.9996, 1700000001.0):
+        item = (created, "rid-7", ("POST", "/v1/models/model:predict", 200, 1.25, "rid-7"))
+        assert formatter.access(created, _ACCESS_FORMAT % item[2], "rid-7") == formatter.format(_Writer._record(item))
+
+
 def test_the_access_log_as_trusss(tmp_path):
     d = write_truss(tmp_path / "logs", LOGGING, "secrets: {tok: null}\n")
     with serve_ours(d, env={"TRUSS_SECRET_tok": CANARY}) as s:

@@ -48,6 +48,10 @@ class _Seconds:
         return self.text
 
 
+def _msecs(created: float) -> int:
+    return int((created - int(created)) * 1000)  # as LogRecord computes its msecs
+
+
 class _Text(logging.Formatter):
     """logging's own text format, its time made once a second."""
 
@@ -58,6 +62,10 @@ class _Text(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: Optional[str] = None) -> str:
         return self.default_msec_format % (self._seconds(record.created), record.msecs)
 
+    def access(self, created: float, message: str, request_id: Optional[str]) -> str:
+        """An access line as ``format`` writes its record, without making the record."""
+        return f"{self._seconds(created)},{_msecs(created):03d} INFO {ACCESS_LOGGER}: {message}"
+
 
 class JsonLines(logging.Formatter):
     """One JSON object a line: time, level, logger, message, request id and traceback when there are."""
@@ -65,6 +73,14 @@ class JsonLines(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
         self._seconds = _Seconds("%Y-%m-%dT%H:%M:%S", time.gmtime)
+
+    def access(self, created: float, message: str, request_id: Optional[str]) -> str:
+        """An access line as ``format`` writes its record, without making the record."""
+        entry = {"time": self._seconds(created) + f".{_msecs(created):03d}Z", "level": "INFO", "logger": ACCESS_LOGGER,
+                 "message": message}
+        if request_id:
+            entry["request_id"] = request_id
+        return json.dumps(entry, ensure_ascii=False)
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -109,6 +125,11 @@ class _RedactSecrets(logging.Filter):
             yield
         finally:
             self._burst = None
+
+    def text(self, text: str) -> str:
+        for scanner in self._burst if self._burst is not None else self._scanners():
+            text = scanner.redact(text)
+        return text
 
     def filter(self, record: logging.LogRecord) -> bool:
         scanners = self._burst if self._burst is not None else self._scanners()
@@ -175,6 +196,8 @@ class _Writer(threading.Thread):
 
     def run(self) -> None:
         records, more = self.records, True
+        formatter = self.handler.formatter
+        fast = hasattr(formatter, "access") and self.handler.level <= logging.INFO and len(self.handler.filters) == 1
         while more:
             burst = [records.get()]
             if burst[0] is not self._STOP:
@@ -189,6 +212,10 @@ class _Writer(threading.Thread):
                 for item in burst:
                     if item is self._STOP:
                         more = False
+                        continue
+                    if type(item) is tuple and fast:  # an access line: no record made (a third of the work)
+                        created, request_id, args = item
+                        lines.append(formatter.access(created, _REDACT.text(_ACCESS_FORMAT % args), request_id))
                         continue
                     record = self._record(item)
                     if record.levelno >= self.handler.level and self.handler.filter(record):
