@@ -190,3 +190,66 @@ def test_only_the_imports_model_py_starts_with_are_imported_in_advance():
     # may import ahead: the cold check runs it first.
     text = '"""doc"""\nimport os\nfrom a.b import c\nimport x as y, z\nos.environ["HF_HUB_OFFLINE"] = "1"\nimport numpy\n'
     assert spare_check.top_level_imports(text) == ["import os", "from a.b import c", "import x as y, z"]
+
+
+def test_the_modules_a_pickle_imports_are_read_from_its_opcodes_without_unpickling():
+    import collections
+    import decimal
+    import fractions
+    import pickle
+
+    from kernel_magics.core.value_imports import pickle_modules
+
+    value = [collections.OrderedDict(a=1), fractions.Fraction(1, 3), decimal.Decimal("1.5"), collections.OrderedDict()]
+    for protocol in (2, 4, 5):  # GLOBAL (2); STACK_GLOBAL with memoized strings, the class met twice (4, 5)
+        found = pickle_modules(pickle.dumps(value, protocol=protocol))
+        assert [m for m in found if m in ("collections", "fractions", "decimal")] == ["collections", "fractions",
+                                                                                      "decimal"], (protocol, found)
+
+
+VALUE_MODEL = '''import pathlib
+import pickle
+
+_VALUES = pathlib.Path(__file__).resolve().parent.parent / "data" / "notebook_values"
+{between}v = pickle.loads((_VALUES / "v.pkl").read_bytes())
+
+
+class Model:
+    def load(self):
+        self.x = fractions.Fraction(1, 2)  # `import fractions` forgotten: only the pickle imports it
+
+    def predict(self, model_input):
+        return 1
+'''
+
+
+def _truss_with_a_pickled_value(root: Path, between: str = "") -> Path:
+    import fractions
+    import pickle
+
+    root = write_truss(root, VALUE_MODEL.format(between=between))
+    (root / "data" / "notebook_values").mkdir(parents=True)
+    (root / "data" / "notebook_values" / "v.pkl").write_bytes(pickle.dumps(fractions.Fraction(1, 3)))
+    return root
+
+
+def test_a_spare_imports_what_the_values_unpickle_and_a_forgotten_import_still_fails(tmp_path, spare_slot):
+    root = _truss_with_a_pickled_value(tmp_path / "t")
+    ahead = spare_check.check_imports(TrussDir.open(root))
+    assert ahead == ["import pathlib", "import pickle", "import fractions"]
+    cold = _check(root, spare=False)
+    assert cold.error and cold.error.startswith("NameError") and cold.stage == "load"
+    spare = spare_check.prepare(ahead)
+    _ready(spare)
+    assert spare.imported() == ahead
+    warm = _check(root, spare=True)
+    assert warm.spare == ahead  # used: fractions was imported ahead, and model.py still does not see the name
+    assert (warm.ok, warm.stage, warm.error) == (False, cold.stage, cold.error)
+
+
+def test_nothing_is_imported_ahead_for_values_loaded_after_another_statement(tmp_path):
+    # A statement between the values' folder and the load may change what an import does: it runs first, cold.
+    root = _truss_with_a_pickled_value(tmp_path / "t", between='import os\nos.environ["X"] = "1"\n')
+    assert spare_check.check_imports(TrussDir.open(root)) == ["import pathlib", "import pickle"]
+    root = _truss_with_a_pickled_value(tmp_path / "u", between='print("hi")\n')
+    assert spare_check.check_imports(TrussDir.open(root)) == ["import pathlib", "import pickle"]

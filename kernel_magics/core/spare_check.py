@@ -42,7 +42,8 @@ import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["Spare", "prepare", "prepare_for", "take", "replenish", "discard", "current", "top_level_imports"]
+__all__ = ["Spare", "prepare", "prepare_for", "take", "replenish", "discard", "current", "top_level_imports",
+           "check_imports"]
 
 READY = "ready.json"  # in the spare's folder once its imports are done: which it imported
 # What the cold check imports before model.py (TrussDir.host); not the model's, so not matched.
@@ -69,6 +70,35 @@ def top_level_imports(text: str) -> list[str]:
         elif not (i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):  # (a docstring)
             break
     return found
+
+
+def check_imports(truss: Any) -> list[str]:
+    """What a spare for the export ``truss`` imports: model.py's leading imports, then the modules its
+    pickled values import as model.py loads them (core/value_imports.py says why that is safe)."""
+    from .value_imports import value_imports
+    from .values import VALUES_DIR
+
+    text = truss.model_file.read_text(encoding="utf-8")
+    leading = top_level_imports(text)
+    try:
+        body = ast.parse(text).body
+    except SyntaxError:
+        return leading
+    start = next((i for i, node in enumerate(body) if not isinstance(node, (ast.Import, ast.ImportFrom))
+                  and not (i == 0 and isinstance(node, ast.Expr))), len(body))
+    if len([n for n in body[:start] if isinstance(n, (ast.Import, ast.ImportFrom))]) != len(leading):
+        return leading  # (a relative or __future__ import among them: keep to the leading imports)
+    local = _local_names(truss)
+    return leading + [s for s in value_imports(body, start, truss.root / "data" / VALUES_DIR, local) if s not in leading]
+
+
+def _local_names(truss: Any) -> set[str]:
+    """The top-level module names the export's own folders provide (never imported in advance)."""
+    local = {"model"}
+    for folder in [truss.root, *truss.package_dirs]:
+        with contextlib.suppress(OSError):
+            local |= {Path(n).stem for n in os.listdir(folder)}
+    return local
 
 
 def modules_of(statement: str) -> list[str]:
@@ -179,15 +209,12 @@ class Spare:
         if {str(k): str(v) for k, v in truss.config.environment_variables.items()} != self.env_vars:
             return "the config's environment_variables changed"
         try:
-            needed = top_level_imports(truss.model_file.read_text(encoding="utf-8"))
+            needed = check_imports(truss)
         except (OSError, UnicodeDecodeError):
             return "model.py unreadable"
         if self.modules != needed[:len(self.modules)]:  # what it imports, cold imports first, in that order
             return f"model.py does not start with `{'; '.join(self.modules)}`"
-        local = set()
-        for folder in [truss.root, *truss.package_dirs]:
-            with contextlib.suppress(OSError):
-                local |= {Path(n).stem for n in os.listdir(folder)}
+        local = _local_names(truss)
         shadowed = [m for s in self.modules for m in modules_of(s) if m.split(".")[0] in local]
         if shadowed:
             return f"the directory holds {', '.join(shadowed)}"
@@ -289,8 +316,7 @@ def replenish(truss: Any, python: str) -> None:
     if not _state.enabled:
         return
     with contextlib.suppress(Exception):
-        prepare_for(truss.model_file.read_text(encoding="utf-8"),
-                    truss.config.environment_variables, python)
+        prepare(check_imports(truss), truss.config.environment_variables, python)
 
 
 def current() -> Optional[Spare]:

@@ -1,0 +1,154 @@
+"""The modules an export's pickled values import when model.py loads them, in the order it loads them.
+
+A value saved with ``torch.save`` or ``pickle`` names the classes it is made of by module; unpickling
+imports those modules (pickle's ``find_class``). For a sentence-transformers encoder that is
+transformers' BERT code and more: seconds, and most of a warm export's check once torch itself is
+imported. The spare checker (spare_check.py) imports these modules in advance too, which keeps the
+proof as strong as a cold check's, because:
+
+- the check would import exactly these modules anyway, by name, while model.py unpickles the value
+  (a forgotten ``import`` in model.py binds no name either way: it still fails);
+- they are taken only from the value loads that directly follow model.py's ``_VALUES = ...`` line,
+  and only up to the first statement that is not one of the loads written by core/values.py (any other
+  statement could change what an import does);
+- a module of the export itself (model.model, packages/) is never imported in advance.
+
+Reading a pickle's module names needs no unpickling: :func:`pickle_modules` walks its opcodes.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import ast
+import os
+import pickletools
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["pickle_modules", "value_imports"]
+
+_PLAIN_PICKLE_LIMIT = 64 * 2**20  # bytes: a larger plain pickle is not scanned (its modules import on load)
+_STRINGS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING",
+                      "STRING"})
+_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+# torch.load renames these before importing (torch.serialization's load_module_mapping).
+_TORCH_RENAMED = {"torch.tensor": "torch._tensor"}
+# Loads core/values.py writes that run no code able to change an import (a pickle's own code aside).
+_PURE_LOADS = frozenset({"numpy.load", "ast.literal_eval", "safetensors.torch.load_file", "safetensors.torch.load_model",
+                         "tokenizers.Tokenizer.from_file"})
+
+
+def pickle_modules(data: bytes) -> list[str]:
+    """The modules a pickle's GLOBAL and STACK_GLOBAL opcodes name, first use first. What the opcodes push
+    is followed only as far as STACK_GLOBAL needs: the last two strings, fetched from the memo when memoized."""
+    found: list[str] = []
+    memo: dict = {}
+    recent: list = [None, None]  # the last two things pushed (a string, or None for anything else)
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name in _STRINGS:
+                recent.append(arg if isinstance(arg, str) else None)
+            elif name in _GETS:
+                recent.append(memo.get(arg))
+            elif name in _PUTS:
+                memo[arg] = recent[-1]
+                continue
+            elif name == "MEMOIZE":
+                memo[len(memo)] = recent[-1]
+                continue
+            elif name == "GLOBAL":
+                found.append(arg.split(" ", 1)[0])
+                recent.append(None)
+            elif name == "STACK_GLOBAL":
+                if isinstance(recent[-2], str):
+                    found.append(recent[-2])
+                recent.append(None)
+            else:
+                recent.append(None)
+            del recent[:-2]
+    except Exception:  # a format this walk does not know: what was found so far still holds
+        pass
+    return list(dict.fromkeys(found))
+
+
+_seen: dict = {}  # (path, size, mtime) -> modules: the export's check and the next spare read the same file
+
+
+def _file_modules(path: Path, read) -> Optional[list[str]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _seen:
+        data = read(path)
+        if len(_seen) > 64:
+            _seen.clear()
+        _seen[key] = None if data is None else pickle_modules(data)
+    return _seen[key]
+
+
+def _torch_pickle(path: Path) -> Optional[bytes]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            return archive.read(names[0]) if len(names) == 1 else None
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return None
+
+
+def _plain_pickle(path: Path) -> Optional[bytes]:
+    try:
+        return path.read_bytes() if path.stat().st_size <= _PLAIN_PICKLE_LIMIT else None
+    except OSError:
+        return None
+
+
+def _call_name(node: ast.AST) -> str:
+    return ast.unparse(node.func) if isinstance(node, ast.Call) else ""
+
+
+def _value_file(call: ast.AST) -> Optional[str]:
+    """``"f"`` in ``_VALUES / "f"`` anywhere in ``call``'s arguments."""
+    for node in ast.walk(call):
+        if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.left, ast.Name)
+                and node.left.id == "_VALUES" and isinstance(node.right, ast.Constant)
+                and isinstance(node.right.value, str)):
+            return node.right.value
+    return None
+
+
+def value_imports(body: list, start: int, values: Path, local: set[str]) -> list[str]:
+    """Import statements for the modules the value loads in ``body[start:]`` unpickle (model.py's
+    statements after its leading imports; ``values``: the export's data/notebook_values; ``local``: the
+    top-level names of the export's own modules, never imported in advance)."""
+    statements: list[str] = []
+    for i, node in enumerate(body[start:]):
+        if i == 0:
+            if not (isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "_VALUES"):
+                return []
+            continue
+        call = node.value if isinstance(node, (ast.Assign, ast.Expr)) else None
+        name = _call_name(call) if call is not None else ""
+        if name in _PURE_LOADS:
+            continue
+        modules = None
+        filename = _value_file(call) if call is not None else None
+        if name == "torch.load" and filename:
+            modules = _file_modules(values / filename, _torch_pickle)
+        elif name == "pickle.loads" and filename:
+            modules = _file_modules(values / filename, _plain_pickle)
+        else:
+            break  # any other statement: nothing after it is imported in advance
+        if modules is None:
+            break
+        for module in modules:
+            # As the unpickler imports it: Python 2 names mapped as pickle maps them, torch's own renames.
+            module = _TORCH_RENAMED.get(module, _compat_pickle.IMPORT_MAPPING.get(module, module))
+            if module.split(".")[0] in local or module == "__main__":
+                continue
+            statements.append(f"import {module}")
+    return list(dict.fromkeys(statements))
