@@ -1,0 +1,285 @@
+"""A stand-in on the port while Ray starts: liveness answers from the first second, as on the uvicorn engine.
+
+`serve --engine ray` needs seconds before Ray Serve's proxy binds the port (importing and starting Ray,
+Serve's controller, the proxy, the replicas). Meanwhile a health check would find the port closed. Serve's
+proxy binds its socket with SO_REUSEADDR and SO_REUSEPORT (ray/serve/_private/http_util.py), so this
+listener binds the same address first, with both, and answers what a server that has not loaded the model
+answers: ``GET /`` 200 ``true``, anything else 503 with Truss's not-ready body.
+
+Once the proxy binds beside it, the kernel would spread connections over both, and the proxy answers
+404 until our deployment exists. A socket filter of the port's reuseport group (SO_ATTACH_REUSEPORT_CBPF)
+keeps every connection on the stand-in except the probes it sends itself (picked by their source port);
+when a probe is answered through our deployment (the replica header), the filter sends every new
+connection to the proxy, the stand-in answers what it has already accepted and closes: the port is never
+closed, and no request meets a stand-in after Ray answers. Without the filter (not Linux), connections are
+spread until the hand-over.
+
+Standard library only: it starts before Ray, FastAPI or the model are imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import Iterator, Optional
+
+from .limits import HEAD_LIMIT, MAX_HEADERS
+
+__all__ = ["StandIn", "stand_in", "LIVE", "NOT_READY", "STAND_IN_SERVER"]
+
+STAND_IN_SERVER = b"kernel-magics-stand-in"  # its `server` header (uvicorn, ours and Ray's proxy, say "uvicorn")
+
+
+def _response(status: bytes, body: bytes, headers: tuple = ()) -> bytes:
+    lines = [b"HTTP/1.1 " + status, b"content-length: %d" % len(body), *headers, b"server: " + STAND_IN_SERVER,
+             b"connection: close"]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+# What `kernel-magics serve` answers before the model is loaded (serving/server.py's liveness, and the
+# ModelNotReadyError row of serving/errors.py's table: Truss's body and x-baseten-error-* headers). Written
+# out here because that module imports FastAPI; tests/test_stand_in.py holds the two to the same bytes.
+LIVE = _response(b"200 OK", b"true", (b"content-type: application/json",))
+NOT_READY = _response(
+    b"503 Service Unavailable",
+    json.dumps({"error": "Model with name model is not ready."}, separators=(",", ":")).encode(),
+    (b"content-type: application/json", b"x-baseten-error-source: 04", b"x-baseten-error-code: 600"))
+# uvicorn's answer to a head past the bounds of serving/limits.py.
+BAD_REQUEST = _response(b"400 Bad Request", b"Invalid HTTP request received.",
+                        (b"content-type: text/plain; charset=utf-8",))
+
+_SO_ATTACH_REUSEPORT_CBPF = getattr(socket, "SO_ATTACH_REUSEPORT_CBPF", 51)
+_NET = 0xFFF00000  # SKF_NET_OFF: a load relative to the packet's IP header
+_CONCURRENT = 64  # connections answered at once; more wait in the backlog
+_READ_TIMEOUT = 5.0  # a client that sends no complete head in this long is dropped
+_DRAIN_SECONDS = 2.0
+
+
+def _filter(*instructions: tuple) -> tuple:
+    """A classic BPF program as (the sock_fprog to pass, the instructions' buffer to keep alive meanwhile)."""
+    import ctypes
+
+    code = b"".join(struct.pack("@HBBI", op, jt, jf, k) for op, jt, jf, k in instructions)
+    buffer = ctypes.create_string_buffer(code, len(code))
+    return struct.pack("@HP", len(instructions), ctypes.addressof(buffer)), buffer
+
+
+def _probes_to_the_other(source_port: int) -> tuple:
+    """Connections from ``source_port`` go to the group's second socket (Serve's proxy), the rest to the first
+    (the stand-in); with one socket, to it (an index past the group falls back to the kernel's choice)."""
+    return _filter(
+        (0x30, 0, 0, _NET),  # A = the IP header's first byte
+        (0x74, 0, 0, 4),  # A >>= 4: the IP version
+        (0x15, 0, 2, 6),  # IPv6?
+        (0x28, 0, 0, _NET + 40),  # A = the TCP source port after a 40-byte IPv6 header
+        (0x05, 0, 0, 1),  # jump to the comparison
+        (0x28, 0, 0, _NET + 20),  # A = the TCP source port after an IPv4 header (no options on a SYN)
+        (0x15, 0, 1, source_port),
+        (0x06, 0, 0, 1),  # return 1: the proxy
+        (0x06, 0, 0, 0),  # return 0: the stand-in
+    )
+
+
+def _all_to_the_other() -> tuple:
+    return _filter((0x06, 0, 0, 1))
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET  # as Serve's proxy chooses
+
+
+def _reachable(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+class StandIn:
+    """The listener and its threads; :meth:`close` (idempotent) stops them and closes the socket."""
+
+    def __init__(self, sock: socket.socket, host: str, port: int, handed_over_when: Optional[bytes]) -> None:
+        self._sock, self._host, self._port = sock, host, port
+        self._marker = handed_over_when.lower() if handed_over_when else None
+        self._closing = threading.Event()
+        self._slots = threading.BoundedSemaphore(_CONCURRENT)
+        self._lock = threading.Lock()
+        self.steered = True  # whether the filter works here (False: connections are spread until the hand-over)
+        self.handed_over = threading.Event()
+        self._accepting = threading.Thread(target=self._accept, name="stand-in", daemon=True)
+        self._accepting.start()
+        if self._marker is not None:
+            threading.Thread(target=self._watch, name="stand-in-hand-over", daemon=True).start()
+
+    @classmethod
+    def bind(cls, host: str, port: int, handed_over_when: Optional[bytes] = None) -> Optional["StandIn"]:
+        """A stand-in on ``host:port``, or None when something listens there already (or it cannot bind).
+
+        ``handed_over_when``: a response header that marks an answer from the server that takes over (the one
+        our replicas add); once a probe gets ``GET /`` 200 with it, the stand-in hands over and closes.
+        """
+        family = _family(host)
+        try:
+            # A listener there would take a SO_REUSEPORT socket beside it (a running Serve's proxy, say):
+            # ask without SO_REUSEPORT first.
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            return None
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(128)
+        except (OSError, AttributeError):  # no SO_REUSEPORT here, or the port was taken meanwhile
+            sock.close()
+            return None
+        return cls(sock, host, port, handed_over_when)
+
+    # ------------------------------------------------------------------ answering
+
+    def _accept(self) -> None:
+        self._sock.settimeout(0.1)  # to see `_closing`: a close() does not wake a thread blocked in accept()
+        while not self._closing.is_set():
+            if not self._slots.acquire(timeout=0.1):
+                continue
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # the timeout, or closed
+                self._slots.release()
+                continue
+            self._start_answering(conn)
+
+    def _start_answering(self, conn: socket.socket) -> None:
+        conn.settimeout(None)
+        threading.Thread(target=self._answer_and_release, args=(conn,), daemon=True).start()
+
+    def _answer_and_release(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                answer(conn)
+        except OSError:
+            pass  # the client went away
+        finally:
+            self._slots.release()
+
+    # ------------------------------------------------------------------ the hand-over
+
+    def _watch(self) -> None:
+        while not self._closing.wait(0.1):
+            if self._taken_over():
+                self._hand_over()
+                return
+
+    def _taken_over(self) -> bool:
+        """One probe, steered to the proxy: does ``GET /`` answer 200 there through our deployment?"""
+        family = self._sock.family
+        with socket.socket(family, socket.SOCK_STREAM) as client:
+            try:
+                client.bind((_reachable(self._host), 0))
+                if self.steered:
+                    self._attach(_probes_to_the_other(client.getsockname()[1]))
+                client.settimeout(2.0)
+                client.connect((_reachable(self._host), self._port))
+                client.sendall(b"GET / HTTP/1.1\r\nhost: stand-in\r\nconnection: close\r\n\r\n")
+                head = _read_head(client)
+            except OSError:
+                return False
+        if head is None:
+            return False
+        lines = head.split(b"\r\n")
+        names = {line.partition(b":")[0].strip().lower() for line in lines[1:]}
+        return lines[0].split(b" ")[1:2] == [b"200"] and self._marker in names
+
+    def _attach(self, program: tuple) -> None:
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, program[0])
+        except OSError:
+            self.steered = False
+
+    def _hand_over(self) -> None:
+        """New connections go to the proxy; what reached the stand-in is answered; then it closes."""
+        if self._closing.is_set():
+            return
+        if self.steered:
+            self._attach(_all_to_the_other())
+        self.handed_over.set()
+        self.close()
+
+    def close(self) -> None:
+        """Stop: answer the connections already queued here (a closing listener would reset them), then close."""
+        with self._lock:
+            if self._closing.is_set():
+                return
+            self._closing.set()
+        if threading.current_thread() is not self._accepting:
+            self._accepting.join()
+        self._sock.setblocking(False)
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                break
+            self._slots.acquire()
+            self._start_answering(conn)
+        self._sock.close()
+
+    def __enter__(self) -> "StandIn":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read_head(conn: socket.socket) -> Optional[bytes]:
+    """The request (or response) head, or None past the bounds of serving/limits.py or when the peer left."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        if len(data) > HEAD_LIMIT:
+            return None
+        chunk = conn.recv(65536)
+        if not chunk:
+            return b"" if not data else None
+        data += chunk
+    head = data.partition(b"\r\n\r\n")[0]
+    if len(head) > HEAD_LIMIT or head.count(b"\r\n") > MAX_HEADERS:
+        return None
+    return head
+
+
+def answer(conn: socket.socket) -> None:
+    """Answer one request on ``conn`` as a server that has not loaded the model, then close it."""
+    conn.settimeout(_READ_TIMEOUT)
+    head = _read_head(conn)
+    if head == b"":
+        return
+    request = head.split(b"\r\n", 1)[0].split(b" ") if head else []
+    if len(request) != 3:
+        conn.sendall(BAD_REQUEST)
+    else:
+        method, target = request[0], request[1].partition(b"?")[0]
+        conn.sendall(LIVE if method == b"GET" and target == b"/" else NOT_READY)
+    # The client may still be sending a body: read it away (bounded) before closing, or the close resets
+    # the connection and the client may lose the answer.
+    conn.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + _DRAIN_SECONDS
+    with contextlib.suppress(OSError):
+        while time.monotonic() < deadline:
+            conn.settimeout(max(deadline - time.monotonic(), 0.01))
+            if not conn.recv(65536):
+                break
+
+
+@contextlib.contextmanager
+def stand_in(host: str, port: int, handed_over_when: Optional[bytes] = None) -> Iterator[Optional[StandIn]]:
+    """A :class:`StandIn` on ``host:port`` for the block (None when the port is taken); closed on the way out."""
+    listener = StandIn.bind(host, port, handed_over_when) if sys.platform != "win32" else None
+    try:
+        yield listener
+    finally:
+        if listener is not None:
+            listener.close()

@@ -1,0 +1,149 @@
+"""The stand-in `serve --engine ray` puts on the port while Ray starts (serving/stand_in.py), on its own: no Ray.
+
+It answers as `kernel-magics serve` does before the model is loaded, lets Serve's proxy bind beside it
+(SO_REUSEPORT), keeps every connection but its own probes until the proxy answers through the deployment,
+then hands the port over without refusing a connection. tests/test_ray.py runs it with Ray.
+"""
+
+import socket
+import threading
+
+import httpx
+import pytest
+
+from server_harness import free_port, serve_ours, wait_for, write_truss
+from test_serving_edge import raw_request
+
+from kernel_magics.serving.stand_in import STAND_IN_SERVER, StandIn, stand_in
+
+pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT (Linux)")
+
+WAITING_LOAD = """
+import pathlib
+
+class Model:
+    def load(self):
+        (pathlib.Path(%r) / "loading").touch()
+        while not (pathlib.Path(%r) / "release").exists():
+            import time
+            time.sleep(0.05)
+
+    def predict(self, model_input):
+        return model_input
+"""
+UNFINISHED_HEAD = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000
+MANY_HEADERS = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(101)) + b"\r\n"
+
+
+def answers(url: str) -> dict:
+    """Status, media type, Truss's error headers and the exact body of each kind of request; the status line
+    and body of a refused head."""
+    found = {}
+    for name, method, path, body in [("liveness", "GET", "/", None), ("readiness", "GET", "/v1/models/model", None),
+                                     ("predict", "POST", "/v1/models/model:predict", b'{"x": 1}'),
+                                     ("big predict", "POST", "/v1/models/model:predict", b"[" + b"1," * 2**20 + b"1]")]:
+        r = httpx.request(method, url + path, content=body, timeout=30)
+        found[name] = (r.status_code, r.headers.get("content-type"), r.headers.get("x-baseten-error-source"),
+                       r.headers.get("x-baseten-error-code"), r.content)
+    for name, data in [("unfinished head", UNFINISHED_HEAD), ("many headers", MANY_HEADERS)]:
+        head, _, body = raw_request(url, data).partition(b"\r\n\r\n")
+        found[name] = (head.split(b"\r\n")[0], body)
+    return found
+
+
+def test_it_answers_as_kernel_magics_serve_does_before_the_model_is_loaded(tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    d = write_truss(tmp_path / "slow", WAITING_LOAD % (str(marks), str(marks)))
+    with serve_ours(d, wait_ready=False) as real:
+        assert wait_for(marks / "loading", 60), real.log
+        expected = answers(real.url)
+    assert expected["liveness"][0] == 200 and expected["readiness"][0] == expected["predict"][0] == 503
+    assert expected["unfinished head"][0] == b"HTTP/1.1 400 Bad Request"
+    port = free_port()
+    with stand_in("127.0.0.1", port) as listener:
+        assert listener is not None
+        assert answers(f"http://127.0.0.1:{port}") == expected
+        assert httpx.get(f"http://127.0.0.1:{port}/").headers["server"] == STAND_IN_SERVER.decode()
+
+
+class Other:
+    """A listener beside the stand-in, bound as Serve's proxy binds (SO_REUSEADDR + SO_REUSEPORT): answers
+    404 (a proxy before the deployment exists), then, once ``deployed`` is set, 200 with the replica header."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(128)
+        self.deployed = threading.Event()
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.recv(65536)
+                status, extra = (b"200 OK", b"x-test-replica: r1\r\n") if self.deployed.is_set() else (b"404 Not Found", b"")
+                conn.sendall(b"HTTP/1.1 " + status + b"\r\nserver: other\r\ncontent-length: 4\r\n" + extra
+                             + b"connection: close\r\n\r\ntrue")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def served_by(port: int, n: int) -> list[str]:
+    return [httpx.get(f"http://127.0.0.1:{port}/", headers={"connection": "close"}).headers["server"]
+            for _ in range(n)]
+
+
+def test_it_keeps_the_port_until_the_other_listener_answers_through_the_deployment_then_hands_it_over():
+    port = free_port()
+    with stand_in("127.0.0.1", port, handed_over_when=b"X-Test-Replica") as listener:
+        assert listener is not None and listener.steered
+        # Serve's proxy binds beside it; a second stand-in does not (something listens there).
+        other = Other(port)
+        try:
+            assert StandIn.bind("127.0.0.1", port) is None
+            # The proxy answers 404 until the deployment exists: every client meets the stand-in meanwhile
+            # (spread by the kernel, about half of 40 would meet the proxy).
+            assert set(served_by(port, 40)) == {STAND_IN_SERVER.decode()}
+            assert not listener.handed_over.is_set()
+            other.deployed.set()
+            assert listener.handed_over.wait(60)
+            # Handed over: every connection reaches the proxy, none is refused.
+            assert set(served_by(port, 40)) == {"other"}
+        finally:
+            other.close()
+
+
+def test_it_closes_cleanly_and_leaves_the_port_free():
+    port = free_port()
+    before = {t.ident for t in threading.enumerate()}
+    with stand_in("127.0.0.1", port, handed_over_when=b"x-test-replica") as listener:
+        assert httpx.get(f"http://127.0.0.1:{port}/").json() is True
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/")
+    listener.close()  # again: nothing happens
+    with socket.socket() as plain:  # nothing listens there: a listener without SO_REUSEPORT binds it
+        plain.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # beside the closed connections' TIME_WAIT
+        plain.bind(("127.0.0.1", port))
+        plain.listen()
+    left = [t for t in threading.enumerate() if t.ident not in before and t.name.startswith("stand-in")]
+    for t in left:  # the hand-over watcher ends after its current probe
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in left)
+
+
+def test_no_stand_in_where_something_listens_already():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with stand_in("127.0.0.1", taken.getsockname()[1]) as listener:
+            assert listener is None
