@@ -52,7 +52,7 @@ check: $(STAMP)
 test: $(STAMP) truss-reference browser-deps
 	cd extension && PATH=$(CURDIR)/$(VENV)/bin:$$PATH jlpm test
 	KM_REQUIRE_TRUSS=$$([ -x $(TRUSS_SETUP) ] && echo 1) KM_REQUIRE_BROWSER=$$([ -x /usr/bin/chromium ] && echo 1) \
-	  $(PYTEST) tests --check-leftovers=all
+	  $(PYTEST) tests --check-leftovers=all --durations=15
 
 # Open the quickstart in JupyterLab (the demo itself stays headless).
 lab: $(STAMP)
