@@ -1,8 +1,10 @@
 """Dynamic batching (issue 24): the batcher itself, the runtime's batched predict, the config section,
 our server and Truss's own server running an export that batches."""
 
+import ast
 import asyncio
 import json
+import re
 import threading
 
 import httpx
@@ -369,6 +371,106 @@ def test_a_stop_iteration_from_model_code_fails_its_requests_and_the_model_answe
     assert isinstance(empty, RuntimeError) and asyncio.run(answers(plain, [[7]])) == [7]
 
 
+# A batch that fails the three ways it can: predict_batch raises, returns an Exception in a slot (never raised), or
+# returns the wrong number of results. The user sees the message and their own frames, never ours.
+FAILING_MODEL = """
+class Model:
+    def predict_batch(self, inputs):
+        how = inputs[0]["how"]
+        if how == "raise":
+            return self.check(inputs)
+        if how == "slot":
+            return [ValueError("cannot embed a slot") for _ in inputs]
+        return inputs + inputs
+
+    def check(self, inputs):
+        raise ValueError("cannot embed raise")
+"""
+FAILURES = [("raise", "ValueError: cannot embed raise", ["predict_batch", "check"]),
+            ("slot", "ValueError: cannot embed a slot", []),
+            ("length", "BatchResultError: predict_batch got 1 inputs and returned 2 results; it must return", [])]
+
+
+def _frame_names(tb):
+    names = []
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return names
+
+
+@pytest.mark.parametrize("how, message, frames", FAILURES)
+def test_a_failing_batch_keeps_the_models_frames_and_only_those(how, message, frames):
+    from kernel_magics.core.tracebacks import user_traceback
+
+    namespace = {}
+    exec(compile(FAILING_MODEL, "model.py", "exec"), namespace)
+    host = _host(namespace["Model"])
+
+    async def two_requests():  # one batch of two: each caller gets its own copy of the batch's error
+        return await asyncio.gather(host.predict({"how": how}), host.predict({"how": how}), return_exceptions=True)
+
+    for error in asyncio.run(two_requests()):
+        assert f"{type(error).__name__}: {error}".startswith(message.split(" got ")[0])
+        assert _frame_names(user_traceback(error.__traceback__)) == frames
+
+
+def _failing_truss(root):
+    import shutil
+
+    from kernel_magics.core import batching
+    from kernel_magics.core.export import batching_tail
+    from server_harness import write_truss
+
+    d = write_truss(root, FAILING_MODEL + batching_tail(parse_config(BATCHING)), BATCHING)
+    (d / "packages").mkdir()
+    shutil.copy(batching.__file__, d / "packages" / "kernel_magics_batching.py")
+    return d
+
+
+def _logged_after(served, mark, text, timeout=30):
+    """The server's log after ``mark`` once it holds ``text`` (its log lines are written by a thread of their own)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while text not in served.log[mark:] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert text in served.log[mark:], served.log
+    return served.log[mark:]
+
+
+@pytest.mark.slow  # a server of its own
+def test_kernel_magics_serve_logs_a_failing_batch_with_the_models_frames_only(tmp_path):
+    import kernel_magics
+
+    ours = kernel_magics.__path__[0]
+    with serve_ours(_failing_truss(tmp_path / "failing")) as served:
+        for how, message, frames in FAILURES:
+            mark = len(served.log)
+            answer = httpx.post(served.predict_url(), json={"how": how}, timeout=30)
+            assert answer.status_code == 500
+            assert answer.json() == {"error": "Internal Server Error (in model/chainlet)."}
+            logged = _logged_after(served, mark, message)
+            assert ours not in logged, logged  # no frame of ours
+            assert all(f", in {name}" in logged for name in frames), logged
+
+
+@pytest.mark.slow  # a kernel of its own
+def test_model_predict_shows_a_failing_batch_with_the_models_frames_only(fresh_kernel, tmp_path):
+    import kernel_magics
+
+    ours = kernel_magics.__path__[0]
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k.ok(f"%%model_config\n{BATCHING}")
+    k.ok(f"%%model\n{FAILING_MODEL}")
+    k.ok("%model_load")
+    for how, message, frames in FAILURES:
+        ex = k.execute(f'%model_predict {{"how": "{how}"}}')
+        assert ex.status == "error" and message in ex.error_text, ex.error_text
+        assert ours not in ex.error_text, ex.error_text
+        assert all(f"in Model.{name}" in ex.error_text for name in frames), ex.error_text
+
+
 def test_an_async_predict_batch_runs_on_the_loop():
     class AsyncModel:
         async def predict_batch(self, inputs):
@@ -506,9 +608,16 @@ def test_model_bench_measures_levels_shows_batches_and_a_plot_and_stops_on_inter
     assert int(lines[2].rsplit("max ", 1)[1]) > 1  # eight callers: the model ran batches of more than one
     assert "The model batches (predict_batch)" in ex.stdout
     assert any("image/png" in o.get("data", {}) for o in ex.outputs)
-    for line, message in [("--conc 3 1", "Unknown option --conc"), ("--requests 0 1", "--requests 0: it must be"),
-                          ("--concurrency 1,x 1", "--concurrency 1,x: it must be"), ("", "Usage: %model_bench")]:
+    usage = "%model_bench [--concurrency 1,8,32] [--requests N] [--duration S] [--http] [INPUT ...]"
+    help_text = k.ok("print(get_ipython().find_line_magic('model_bench').__doc__)").stdout
+    assert usage in " ".join(help_text.split())  # what %model_bench? shows is what the errors say
+    for line, message in [("--conc 3 1", f"Unknown option --conc for %model_bench. Usage: {usage}"),
+                          ("--requests 0 1", "--requests 0: it must be"), ("--http=1 1", "--http takes no value"),
+                          ("--concurrency 1,x 1", "--concurrency 1,x: it must be"), ("", f"Usage: {usage}"),
+                          ("--concurrency 1, 8, x 1", "--concurrency 1, 8, x: it must be"), ("--duration", "needs a")]:
         assert message in k.execute(f"%model_bench {line}").reply["evalue"]
+    spaced = k.ok('%model_bench --concurrency 2, 4 --requests 4 {"x": 2}').stdout  # a space after the comma
+    assert "at concurrency 2, 4: up to 4 requests" in spaced and "concurrency 4: " in spaced
     # Stop: a model stuck in its batch; the interrupt ends the bench with what it measured, the kernel goes on.
     k.ok("import asyncio")
     k.ok("%%model\nclass Model:\n    async def predict_batch(self, inputs):\n"
@@ -518,6 +627,66 @@ def test_model_bench_measures_levels_shows_batches_and_a_plot_and_stops_on_inter
         not sent and m["msg_type"] == "stream" and "started" in m["content"]["text"]
         and (k.interrupt(), sent.append(1))))
     assert sent and ex.status == "ok" and "Stopped" in ex.stdout
+    assert k.ok("2 * 21").result == "42"
+
+
+def _predict_counts(base_url):
+    """The server's /metrics count of predict requests, by status."""
+    counts = {}
+    for line in httpx.get(f"{base_url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("kernel_magics_requests_total{") and 'route="/v1/models/{model_name}:predict"' in line:
+            status = re.search(r'status="(\d+)"', line)[1]
+            counts[status] = counts.get(status, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+@pytest.mark.slow  # a kernel of its own, %model_serve and four benches: about 15 s here under load
+def test_model_bench_over_http_sends_real_requests_to_model_serve(fresh_kernel, tmp_path):
+    from server_harness import wait_for
+
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k.ok(BATCHED_NOTEBOOK[1])
+    k.ok(BATCHED_NOTEBOOK[2])
+    k.ok("%model_load")
+    no_server = k.execute('%model_bench --http {"x": 2}').reply["evalue"]
+    assert "none is running: run %model_serve --port 0 first" in no_server
+    k.ok("url = %model_serve --port 0")
+    url = ast.literal_eval(k.ok("url").result)
+    port = url.rsplit(":", 1)[1]
+    before = _predict_counts(url)
+    ex = k.ok('%model_bench --http --concurrency 1,8 --requests 40 --duration 60 {"x": 2}')
+    lines = ex.stdout.splitlines()
+    assert f"over HTTP (%model_serve on port {port}) at concurrency 1, 8" in lines[0]
+    assert lines[1].startswith("concurrency 1: ") and "batch size mean 1.0 max 1" in lines[1]
+    assert lines[2].startswith("concurrency 8: ") and int(lines[2].rsplit("max ", 1)[1]) > 1  # the host's batches
+    assert f"80 requests answered over HTTP by {url}/v1/models/model:predict (and one warm-up" in lines[3]
+    after = _predict_counts(url)  # every one of them reached the server
+    assert after.get("200", 0) - before.get("200", 0) == 81 and after.keys() == {"200"}
+    assert any("image/png" in o.get("data", {}) for o in ex.outputs)
+
+    # An error status is a failed request, its body shown as the in-process bench shows an exception.
+    k.ok("import itertools\ncount = itertools.count()")
+    k.ok("%%model\nclass Model:\n    def predict_batch(self, inputs):\n"
+         "        return [ValueError('odd') if next(count) % 2 else {'y': 1} for i in inputs]")
+    ex = k.ok('%model_bench --http --concurrency 2 --requests 10 {"x": 2}')
+    assert ('concurrency 2: ' in ex.stdout and
+            '5 failed (HTTP 500: {"error":"Internal Server Error (in model/chainlet)."})' in ex.stdout), ex.stdout
+    assert _predict_counts(url)["500"] == 5
+    # The warm-up request fails (the 12th input is odd): one paragraph, nothing measured.
+    error = k.execute('%model_bench --http {"x": 2}').reply["evalue"]
+    assert error.startswith(f"The first request to {url}/v1/models/model:predict failed (HTTP 500: ")
+    assert "\n" not in error
+
+    # Stop: the served model is stuck in its batch; the interrupt ends the bench, the kernel goes on.
+    marker = tmp_path / "started"
+    k.ok("import asyncio")
+    k.ok(f"%%model\nclass Model:\n    async def predict_batch(self, inputs):\n"
+         f"        open({str(marker)!r}, 'w').close()\n        await asyncio.sleep(60)\n        return inputs")
+    stopper = threading.Thread(target=lambda: wait_for(marker, 60) and k.interrupt())
+    stopper.start()
+    ex = k.execute("%model_bench --http --duration 600 1", timeout=60)
+    stopper.join()
+    assert marker.exists() and ex.status == "ok" and "Stopped" in ex.stdout
     assert k.ok("2 * 21").result == "42"
 
 

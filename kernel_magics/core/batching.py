@@ -56,9 +56,13 @@ def _settable(error: BaseException) -> BaseException:
 
 
 def _own_copy(error: BaseException) -> BaseException:
-    """One exception object per failed request of a batch: each caller re-raises it, and its traceback grows."""
+    """One exception object per failed request of a batch: each caller re-raises it, and its traceback grows.
+    The copy keeps the traceback and the chain (copy.copy drops them), so each caller sees the model's frames."""
     try:
-        return copy.copy(error)
+        duplicate = copy.copy(error)
+        duplicate.__cause__, duplicate.__context__ = error.__cause__, error.__context__
+        duplicate.__suppress_context__ = error.__suppress_context__
+        return duplicate.with_traceback(error.__traceback__)
     except Exception:
         return error
 

@@ -1,20 +1,31 @@
-"""How fast will this model serve? A closed-loop load test of a live model, in-process, through the runtime.
+"""How fast will this model serve? A closed-loop load test of a live model, in-process or over HTTP.
 
 ``%model_bench`` drives :class:`~kernel_magics.core.runtime.ModelHost` exactly as the server does (the
 same predict path: validation, pre/postprocess, the concurrency bound, the batcher), at a few levels of
-concurrency, each bounded by a request count and a time limit. No HTTP: what it measures is the model
-and the runtime, the part a deployment cannot make faster. No IPython import here; the magic displays.
+concurrency, each bounded by a request count and a time limit: what it measures is the model and the
+runtime, the part a deployment cannot make faster. With ``--http`` the same levels send real HTTP POSTs
+to ``%model_serve`` (:class:`OverHTTP`, one keep-alive connection per caller, standard library only: the
+base install has no HTTP client), so the server's own cost shows too. One driver (:func:`bench_level`)
+serves both: a target only says how one caller sends one request. No IPython import here; the magic displays.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import math
 import time
+import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
-__all__ = ["LevelResult", "bench_level", "run_bench", "advice", "format_level", "plot_png"]
+from .errors import KernelMagicsError
+
+__all__ = ["LevelResult", "InProcess", "OverHTTP", "HTTPStatusError", "bench_level", "run_bench", "advice",
+           "format_level", "plot_png"]
+
+Send = Callable[[], Awaitable[Any]]  # one request, answered; raises when it failed
 
 
 @dataclass
@@ -48,30 +59,181 @@ class LevelResult:
         return sum(self.batch_sizes) / len(self.batch_sizes) if self.batch_sizes else None
 
 
-async def bench_level(host: Any, model_input: Any, concurrency: int, requests: int, duration: float) -> LevelResult:
+# ---------------------------------------------------------------------- targets: how one caller sends a request
+
+class InProcess:
+    """Requests through the runtime, as the server makes them, without HTTP."""
+
+    where = "in-process"
+
+    def __init__(self, host: Any, model_input: Any) -> None:
+        self.host, self.model_input = host, model_input
+
+    @contextlib.asynccontextmanager
+    async def caller(self) -> AsyncIterator[Send]:
+        host, model_input = self.host, self.model_input
+        yield lambda: host.collect(model_input)
+
+    async def warm_up(self) -> None:
+        await self.host.collect(self.model_input)  # a failure is the model's: it shows with its own frames
+
+    def describe(self, error: BaseException) -> str:
+        return self.host.describe_error(error)
+
+
+class HTTPStatusError(Exception):
+    """An answer with an error status: a failed request, its body shown as an in-process exception is."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(status, body)
+        self.status, self.body = status, body
+
+    def __str__(self) -> str:
+        text = " ".join(self.body.decode("utf-8", "replace").split())
+        return f"HTTP {self.status}: {text[:300] + ' ...' if len(text) > 300 else text}"
+
+
+class OverHTTP:
+    """Requests as HTTP POSTs of the input as JSON to a predict URL; each caller keeps its own connection."""
+
+    def __init__(self, url: str, model_input: Any, *, where: str = "over HTTP",
+                 redact: Callable[[str], str] = lambda text: text) -> None:
+        """Raises TypeError or ValueError when the input cannot be sent as JSON."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"{url} is not an http:// URL")
+        self.url, self.where, self._redact = url, where, redact
+        self._address = (parts.hostname, parts.port or 80)
+        body = json.dumps(model_input).encode()
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        self._request = (f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
+
+    @contextlib.asynccontextmanager
+    async def caller(self) -> AsyncIterator[Send]:
+        connection = _Connection(self._address, self._request)
+        with contextlib.suppress(OSError):  # connect before the first request is timed; a failure counts there
+            await connection.open()
+        try:
+            yield connection.post
+        finally:
+            connection.close()
+
+    async def warm_up(self) -> None:
+        try:
+            async with self.caller() as send:
+                await send()
+        except Exception as exc:  # (no frame of it is the model's: the message is all there is to show)
+            raise KernelMagicsError(
+                f"The first request to {self.url} failed ({self.describe(exc)}), so nothing was measured. Check "
+                "that the served model answers this input (%model_predict with the same input shows its error), "
+                "then run %model_bench --http again.") from None
+
+    def describe(self, error: BaseException) -> str:
+        text = str(error) if isinstance(error, HTTPStatusError) else f"{type(error).__name__}: {error}"
+        return self._redact(text)
+
+
+class _Connection:
+    """One keep-alive HTTP/1.1 connection that sends the same request, one at a time, and reads each answer
+    whole (a Content-Length body, a chunked stream, or up to the close)."""
+
+    def __init__(self, address: tuple[str, int], request: bytes) -> None:
+        self._address, self._request = address, request
+        self._reader: Optional[asyncio.StreamReader] = None
+        self._writer: Optional[asyncio.StreamWriter] = None
+
+    async def open(self) -> None:
+        self._reader, self._writer = await asyncio.open_connection(*self._address)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+    async def post(self) -> bytes:
+        reused = self._writer is not None
+        if not reused:
+            await self.open()
+        try:
+            self._writer.write(self._request)
+            await self._writer.drain()
+            status = await self._reader.readline()
+            if not status and reused:  # the server closed the idle connection before reading: a new one
+                self.close()
+                return await self.post()
+            code, body, keep = await self._read_response(status)
+        except BaseException:
+            self.close()  # a half-read answer (or a cancel) leaves the connection unusable
+            raise
+        if not keep:
+            self.close()
+        if code >= 400:
+            raise HTTPStatusError(code, body)
+        return body
+
+    async def _read_response(self, status_line: bytes) -> tuple[int, bytes, bool]:
+        reader = self._reader
+        if not status_line:
+            raise ConnectionError("the server closed the connection without answering")
+        fields = status_line.split(None, 2)
+        if len(fields) < 2 or not fields[0].startswith(b"HTTP/") or not fields[1].isdigit():
+            raise ConnectionError(f"not an HTTP answer: {status_line[:80]!r}")
+        headers = {}
+        while True:
+            line = await reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip().lower()
+        keep = headers.get(b"connection") != b"close" and fields[0] != b"HTTP/1.0"
+        if headers.get(b"transfer-encoding", b"").endswith(b"chunked"):
+            chunks = []
+            while True:
+                size = int((await reader.readline()).split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    break
+                chunks.append(await reader.readexactly(size))
+                await reader.readexactly(2)  # the CRLF after each chunk
+            body = b"".join(chunks)
+        elif b"content-length" in headers:
+            body = await reader.readexactly(int(headers[b"content-length"]))
+        else:
+            body, keep = await reader.read(), False
+        return int(fields[1]), body, keep
+
+
+# ---------------------------------------------------------------------- the closed loop
+
+async def bench_level(target: Any, concurrency: int, requests: int, duration: float,
+                      host: Any = None) -> LevelResult:
     """``concurrency`` callers, each sending its next request when its last one is answered, until
-    ``requests`` were sent or ``duration`` seconds passed."""
+    ``requests`` were sent or ``duration`` seconds passed. ``host``: whose batch events give the batch sizes."""
     result = LevelResult(concurrency)
-    unsubscribe = host.subscribe(lambda e: result.batch_sizes.append(e.data["size"]) if e.kind == "batch" else None)
+    unsubscribe = (host.subscribe(lambda e: result.batch_sizes.append(e.data["size"]) if e.kind == "batch" else None)
+                   if host is not None else (lambda: None))
     sent = 0
     started = time.perf_counter()
     deadline = started + duration
 
     async def caller() -> None:
         nonlocal sent
-        while sent < requests and time.perf_counter() < deadline:
-            sent += 1
-            begun = time.perf_counter()
-            try:
-                await host.collect(model_input)
-            except Exception as exc:
-                result.errors += 1
-                if result.first_error is None:
-                    result.first_error = host.describe_error(exc)
-                if not result.latencies and result.errors >= concurrency:
-                    return  # nothing works: no point sending the rest
-                continue
-            result.latencies.append(time.perf_counter() - begun)
+        async with target.caller() as send:
+            while sent < requests and time.perf_counter() < deadline:
+                sent += 1
+                begun = time.perf_counter()
+                try:
+                    await send()
+                except Exception as exc:
+                    result.errors += 1
+                    if result.first_error is None:
+                        result.first_error = target.describe(exc)
+                    if not result.latencies and result.errors >= concurrency:
+                        return  # nothing works: no point sending the rest
+                    continue
+                result.latencies.append(time.perf_counter() - begun)
 
     try:
         await asyncio.gather(*(caller() for _ in range(concurrency)))
@@ -81,13 +243,13 @@ async def bench_level(host: Any, model_input: Any, concurrency: int, requests: i
     return result
 
 
-async def run_bench(host: Any, model_input: Any, concurrencies: list[int], requests: int, duration: float,
-                    on_level: Optional[Callable[[LevelResult], None]] = None) -> list[LevelResult]:
+async def run_bench(target: Any, concurrencies: list[int], requests: int, duration: float,
+                    on_level: Optional[Callable[[LevelResult], None]] = None, host: Any = None) -> list[LevelResult]:
     """Each level in turn (one warm-up request first, so the first level does not pay for a cold start)."""
-    await host.collect(model_input)
+    await target.warm_up()
     levels = []
     for concurrency in concurrencies:
-        level = await bench_level(host, model_input, concurrency, requests, duration)
+        level = await bench_level(target, concurrency, requests, duration, host=host)
         levels.append(level)
         if on_level is not None:
             on_level(level)

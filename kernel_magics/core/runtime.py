@@ -39,7 +39,7 @@ from .errors import InputValidationError, ModelDefinitionError, ModelNotReadyErr
 from .secrets import SecretStore
 from .serialization import is_response, to_json_body, to_jsonable, truss_would_refuse
 from .streams import ChunkStream, close_quietly, join_chunks
-from .tracebacks import trim_traceback
+from .tracebacks import trim_traceback, user_traceback
 
 __all__ = ["ModelHost", "ModelState", "HostEvent", "DefineReport", "ChunkStream", "join_chunks", "MethodNotFound"]
 
@@ -167,8 +167,10 @@ class ModelHost:
         return self.secrets.redact(f"{type(exc).__name__}: {exc}")
 
     def format_error(self, exc: BaseException) -> str:
-        """The exception with its (user-frames-only) traceback, secrets redacted."""
-        return self.secrets.redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        """The exception with its (user-frames-only) traceback, secrets redacted. Trimmed here too: the frames
+        it gathered on its way out after the runtime trimmed it (the server's, the batcher's hand-over) are ours."""
+        tb = user_traceback(exc.__traceback__)
+        return self.secrets.redact("".join(traceback.format_exception(type(exc), exc, tb)))
 
     def subscribe(self, listener: Callable[[HostEvent], None]) -> Callable[[], None]:
         """Call ``listener`` with every HostEvent; returns a function that unsubscribes."""

@@ -25,14 +25,34 @@ def _is_plumbing(filename: str) -> bool:
 
 
 def user_traceback(tb: Optional[TracebackType]) -> Optional[TracebackType]:
-    """The part of ``tb`` from the first frame that is user code (all of it if none is)."""
-    start = tb
-    while start is not None and _is_plumbing(start.tb_frame.f_code.co_filename):
-        start = start.tb_next
-    return start if start is not None else tb
+    """The part of ``tb`` from the first frame that is user code. When no frame is: nothing for an exception
+    the batcher handed over (``predict_batch`` returned it in a slot, or returned the wrong number of results:
+    the model has no frame in it, only ours would show), else all of it (our own failure: its frames help)."""
+    start = _first_user_frame(tb)
+    if start is not None:
+        return start
+    return None if _handed_over(tb) is not None else tb
 
 
 def trim_traceback(exc: BaseException) -> BaseException:
-    """Cut our leading frames off ``exc``'s traceback, in place; returns ``exc``."""
-    exc.__traceback__ = user_traceback(exc.__traceback__)
+    """Cut our leading frames off ``exc``'s traceback, in place; returns ``exc``. An exception the batcher
+    handed over keeps only the hand-over's frames: what the raise adds above them later is not the user's
+    either, and a later :func:`user_traceback` must still know to show nothing."""
+    tb = exc.__traceback__
+    exc.__traceback__ = _first_user_frame(tb) or _handed_over(tb) or tb
     return exc
+
+
+def _first_user_frame(tb: Optional[TracebackType]) -> Optional[TracebackType]:
+    while tb is not None and _is_plumbing(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    return tb
+
+
+def _handed_over(tb: Optional[TracebackType]) -> Optional[TracebackType]:
+    """The entry where the batcher gave a caller its result's exception, if ``tb`` passes there."""
+    from .batching import Batcher  # standard library only: no cost
+
+    while tb is not None and tb.tb_frame.f_code is not Batcher.submit.__code__:
+        tb = tb.tb_next
+    return tb
