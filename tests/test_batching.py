@@ -640,6 +640,51 @@ def _predict_counts(base_url):
     return counts
 
 
+STREAM_OR_JSON_MODEL = """
+class Model:
+    def predict(self, model_input):
+        if model_input.get("fail"):
+            raise ValueError("asked to fail")
+        if model_input.get("stream"):
+            return (f"chunk {i};" for i in range(model_input["stream"]))
+        return {"echo": model_input}
+"""
+
+
+@pytest.mark.slow  # a server of its own
+def test_the_bench_http_client_reads_json_streams_and_errors_and_keeps_its_connection(tmp_path):
+    """The bench's client (standard library only): a Content-Length answer, a chunked stream, an error status with
+    its body, each read whole so that the caller's one keep-alive connection goes on; and the closed loop over it."""
+    from kernel_magics.core.load_test import HTTPStatusError, OverHTTP, run_bench
+    from server_harness import write_truss
+
+    d = write_truss(tmp_path / "echo", STREAM_OR_JSON_MODEL)
+
+    async def on_one_connection(url, model_input, times=3):
+        """A caller's answers to ``times`` requests, and whether they all went over its one connection."""
+        target = OverHTTP(url, model_input)
+        async with target.caller() as send:
+            connection = send.__self__
+            writer, answers = connection._writer, []
+            for _ in range(times):
+                try:
+                    answers.append(await send())
+                except HTTPStatusError as exc:
+                    answers.append(target.describe(exc))
+            return answers, writer is not None and connection._writer is writer
+
+    with serve_ours(d) as served:
+        url = served.predict_url()
+        answers, kept = asyncio.run(on_one_connection(url, {"x": 1}))
+        assert [json.loads(a) for a in answers] == [{"echo": {"x": 1}}] * 3 and kept  # Content-Length
+        answers, kept = asyncio.run(on_one_connection(url, {"stream": 300}))
+        assert answers == ["".join(f"chunk {i};" for i in range(300)).encode()] * 3 and kept  # chunked
+        answers, kept = asyncio.run(on_one_connection(url, {"fail": True}))
+        assert answers == ['HTTP 500: {"error":"Internal Server Error (in model/chainlet)."}'] * 3 and kept
+        levels = asyncio.run(run_bench(OverHTTP(url, {"stream": 2}), [1, 4], requests=12, duration=60))
+        assert [(lv.concurrency, lv.completed, lv.errors) for lv in levels] == [(1, 12, 0), (4, 12, 0)]
+
+
 @pytest.mark.slow  # a kernel of its own, %model_serve and four benches: about 15 s here under load
 def test_model_bench_over_http_sends_real_requests_to_model_serve(fresh_kernel, tmp_path):
     from server_harness import wait_for
