@@ -205,6 +205,13 @@ def test_the_modules_a_pickle_imports_are_read_from_its_opcodes_without_unpickli
         found = pickle_modules(pickle.dumps(value, protocol=protocol))
         assert [m for m in found if m in ("collections", "fractions", "decimal")] == ["collections", "fractions",
                                                                                       "decimal"], (protocol, found)
+    # A frame boundary between the two strings STACK_GLOBAL takes (protocol 4 frames every 64 KiB).
+    import datetime
+
+    assert "datetime" in pickle_modules(pickle.dumps([b"x" * 65516, datetime.time(1, 2)], protocol=4))
+    # Python 2 names are imported as pickle maps them below protocol 3 (and only there).
+    assert pickle_modules(b"\x80\x02c__builtin__\nset\nq\x00.") == ["builtins"]
+    assert pickle_modules(b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x0b__builtin__\x8c\x03set\x93.") == ["__builtin__"]
 
 
 VALUE_MODEL = '''import pathlib
@@ -216,34 +223,39 @@ _VALUES = pathlib.Path(__file__).resolve().parent.parent / "data" / "notebook_va
 
 class Model:
     def load(self):
-        self.x = fractions.Fraction(1, 2)  # `import fractions` forgotten: only the pickle imports it
+        self.x = numpy.zeros(1)  # `import numpy` forgotten: only the pickle imports numpy
 
     def predict(self, model_input):
         return 1
 '''
 
 
-def _truss_with_a_pickled_value(root: Path, between: str = "") -> Path:
+def _truss_with_a_pickled_value(root: Path, between: str = "", value=None) -> Path:
     import fractions
     import pickle
 
-    root = write_truss(root, VALUE_MODEL.format(between=between))
+    import numpy
+
+    root = write_truss(root, VALUE_MODEL.format(between=between), "requirements: [numpy]\n")
     (root / "data" / "notebook_values").mkdir(parents=True)
-    (root / "data" / "notebook_values" / "v.pkl").write_bytes(pickle.dumps(fractions.Fraction(1, 3)))
+    value = [numpy.arange(3), fractions.Fraction(1, 3)] if value is None else value
+    (root / "data" / "notebook_values" / "v.pkl").write_bytes(pickle.dumps(value))
     return root
 
 
 def test_a_spare_imports_what_the_values_unpickle_and_a_forgotten_import_still_fails(tmp_path, spare_slot):
     root = _truss_with_a_pickled_value(tmp_path / "t")
     ahead = spare_check.check_imports(TrussDir.open(root))
-    assert ahead == ["import pathlib", "import pickle", "import fractions"]
+    # numpy's modules (a requirement), not fractions (the standard library: never imported ahead)
+    assert ahead[:2] == ["import pathlib", "import pickle"] and len(ahead) > 2
+    assert all(s.startswith("import numpy") for s in ahead[2:]), ahead
     cold = _check(root, spare=False)
     assert cold.error and cold.error.startswith("NameError") and cold.stage == "load"
     spare = spare_check.prepare(ahead)
     _ready(spare)
     assert spare.imported() == ahead
     warm = _check(root, spare=True)
-    assert warm.spare == ahead  # used: fractions was imported ahead, and model.py still does not see the name
+    assert warm.spare == ahead  # used: numpy was imported ahead, and model.py still does not see the name
     assert (warm.ok, warm.stage, warm.error) == (False, cold.stage, cold.error)
 
 
@@ -252,4 +264,16 @@ def test_nothing_is_imported_ahead_for_values_loaded_after_another_statement(tmp
     root = _truss_with_a_pickled_value(tmp_path / "t", between='import os\nos.environ["X"] = "1"\n')
     assert spare_check.check_imports(TrussDir.open(root)) == ["import pathlib", "import pickle"]
     root = _truss_with_a_pickled_value(tmp_path / "u", between='print("hi")\n')
+    assert spare_check.check_imports(TrussDir.open(root)) == ["import pathlib", "import pickle"]
+
+
+def test_only_modules_of_the_requirements_are_imported_ahead_and_a_damaged_value_means_a_cold_check(tmp_path):
+    import xml.dom.minidom
+
+    # The standard library is not a requirement: a pickle naming xml.dom.minidom does not import it ahead
+    # (a reconstructor earlier in the pickle might rely on it not being imported yet).
+    root = _truss_with_a_pickled_value(tmp_path / "t", value=[xml.dom.minidom.Document])
+    assert spare_check.check_imports(TrussDir.open(root)) == ["import pathlib", "import pickle"]
+    # A value file that cannot be read ahead: the spare is not used, the export's check goes on cold.
+    (root / "data" / "notebook_values" / "v.pkl").write_bytes(b"not a pickle at all")
     assert spare_check.check_imports(TrussDir.open(root)) == ["import pathlib", "import pickle"]

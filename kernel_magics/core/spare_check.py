@@ -89,7 +89,24 @@ def check_imports(truss: Any) -> list[str]:
     if len([n for n in body[:start] if isinstance(n, (ast.Import, ast.ImportFrom))]) != len(leading):
         return leading  # (a relative or __future__ import among them: keep to the leading imports)
     local = _local_names(truss)
-    return leading + [s for s in value_imports(body, start, truss.root / "data" / VALUES_DIR, local) if s not in leading]
+    allowed = _requirement_modules(truss.config.requirements)
+    values = truss.root / "data" / VALUES_DIR
+    return leading + [s for s in value_imports(body, start, values, local, allowed) if s not in leading]
+
+
+def _requirement_modules(requirements: Sequence[str]) -> set[str]:
+    """The top-level import names of the distributions ``requirements`` name."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    from .export import _packages_distributions
+
+    wanted = set()
+    for line in requirements:
+        with contextlib.suppress(InvalidRequirement):
+            wanted.add(canonicalize_name(Requirement(line).name))
+    return {module for module, dists in _packages_distributions().items()
+            if any(canonicalize_name(d) in wanted for d in dists)}
 
 
 def _local_names(truss: Any) -> set[str]:
@@ -210,10 +227,13 @@ class Spare:
             return "the config's environment_variables changed"
         try:
             needed = top_level_imports(truss.model_file.read_text(encoding="utf-8"))
-            if len(self.modules) > len(needed):  # (a spare an export started: the values' modules too)
-                needed = check_imports(truss)
         except (OSError, UnicodeDecodeError):
             return "model.py unreadable"
+        if len(self.modules) > len(needed):  # (a spare an export started: the values' modules too)
+            try:
+                needed = check_imports(truss)
+            except Exception:  # (a value file that cannot be read ahead: the check says what is wrong with it)
+                return "the saved values could not be read ahead"
         if self.modules != needed[:len(self.modules)]:  # what it imports, cold imports first, in that order
             return f"model.py does not start with `{'; '.join(self.modules)}`"
         local = _local_names(truss)

@@ -3,15 +3,21 @@
 A value saved with ``torch.save`` or ``pickle`` names the classes it is made of by module; unpickling
 imports those modules (pickle's ``find_class``). For a sentence-transformers encoder that is
 transformers' BERT code and more: seconds, and most of a warm export's check once torch itself is
-imported. The spare checker (spare_check.py) imports these modules in advance too, which keeps the
-proof as strong as a cold check's, because:
+imported. The spare checker (spare_check.py) imports these modules in advance too, within what the
+export's proof allows a spare to hold (issue 23: a spare "imports the libraries the model's
+requirements name" before model.py runs):
 
-- the check would import exactly these modules anyway, by name, while model.py unpickles the value
-  (a forgotten ``import`` in model.py binds no name either way: it still fails);
-- they are taken only from the value loads that directly follow model.py's ``_VALUES = ...`` line,
-  and only up to the first statement that is not one of the loads written by core/values.py (any other
-  statement could change what an import does);
-- a module of the export itself (model.model, packages/) is never imported in advance.
+- only modules of the libraries config.yaml's requirements name (never the standard library, never a
+  module of the export itself: model.model, packages/);
+- only the modules the pickles name, which the check would import anyway, by name, while model.py
+  unpickles the value: a forgotten ``import`` in model.py binds no name either way, and still fails;
+- only from the value loads that directly follow model.py's ``_VALUES = ...`` line, and only up to the
+  first statement that is not one of the loads written by core/values.py (any other statement could
+  change what an import does).
+
+What it cannot rule out, as no spare that imports a library ahead can: a pickle's own reconstructor
+code that relies on a later import not having happened yet, or that changes what a later import does
+(an environment variable set while unpickling, read by a library at import).
 
 Reading a pickle's module names needs no unpickling: :func:`pickle_modules` walks its opcodes.
 """
@@ -41,14 +47,22 @@ _PURE_LOADS = frozenset({"numpy.load", "ast.literal_eval", "safetensors.torch.lo
 
 
 def pickle_modules(data: bytes) -> list[str]:
-    """The modules a pickle's GLOBAL and STACK_GLOBAL opcodes name, first use first. What the opcodes push
-    is followed only as far as STACK_GLOBAL needs: the last two strings, fetched from the memo when memoized."""
+    """The modules a pickle's GLOBAL and STACK_GLOBAL opcodes name, first use first, as the unpickler
+    imports them (Python 2 names mapped as pickle maps them below protocol 3). What the opcodes push is
+    followed only as far as STACK_GLOBAL needs: the last two strings, fetched from the memo when memoized.
+    A module this walk misses is imported by the unpickler when its turn comes, as in a cold check."""
     found: list[str] = []
     memo: dict = {}
     recent: list = [None, None]  # the last two things pushed (a string, or None for anything else)
+    protocol = 0
     try:
         for op, arg, _ in pickletools.genops(data):
             name = op.name
+            if name == "PROTO":
+                protocol = arg
+                continue
+            if name == "FRAME":  # framing pushes nothing
+                continue
             if name in _STRINGS:
                 recent.append(arg if isinstance(arg, str) else None)
             elif name in _GETS:
@@ -60,11 +74,11 @@ def pickle_modules(data: bytes) -> list[str]:
                 memo[len(memo)] = recent[-1]
                 continue
             elif name == "GLOBAL":
-                found.append(arg.split(" ", 1)[0])
+                found.append(_as_unpickled(*arg.split(" ", 1), protocol))
                 recent.append(None)
             elif name == "STACK_GLOBAL":
-                if isinstance(recent[-2], str):
-                    found.append(recent[-2])
+                if isinstance(recent[-2], str) and isinstance(recent[-1], str):
+                    found.append(_as_unpickled(recent[-2], recent[-1], protocol))
                 recent.append(None)
             else:
                 recent.append(None)
@@ -91,12 +105,21 @@ def _file_modules(path: Path, read) -> Optional[list[str]]:
     return _seen[key]
 
 
+def _as_unpickled(module: str, name: str, protocol: int) -> str:
+    """The module pickle's find_class imports for ``module``/``name`` (fix_imports, its default)."""
+    if protocol < 3:
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            return _compat_pickle.NAME_MAPPING[(module, name)][0]
+        return _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return module
+
+
 def _torch_pickle(path: Path) -> Optional[bytes]:
     try:
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
             return archive.read(names[0]) if len(names) == 1 else None
-    except (OSError, zipfile.BadZipFile, KeyError):
+    except Exception:  # (a damaged or unusual archive: torch.load says what is wrong, in the check)
         return None
 
 
@@ -121,10 +144,11 @@ def _value_file(call: ast.AST) -> Optional[str]:
     return None
 
 
-def value_imports(body: list, start: int, values: Path, local: set[str]) -> list[str]:
+def value_imports(body: list, start: int, values: Path, local: set[str], allowed: set[str]) -> list[str]:
     """Import statements for the modules the value loads in ``body[start:]`` unpickle (model.py's
     statements after its leading imports; ``values``: the export's data/notebook_values; ``local``: the
-    top-level names of the export's own modules, never imported in advance)."""
+    top-level names of the export's own modules; ``allowed``: the top-level names of the libraries the
+    requirements name, the only ones imported in advance)."""
     statements: list[str] = []
     for i, node in enumerate(body[start:]):
         if i == 0:
@@ -138,17 +162,14 @@ def value_imports(body: list, start: int, values: Path, local: set[str]) -> list
         modules = None
         filename = _value_file(call) if call is not None else None
         if name == "torch.load" and filename:
-            modules = _file_modules(values / filename, _torch_pickle)
+            found = _file_modules(values / filename, _torch_pickle)
+            modules = None if found is None else [_TORCH_RENAMED.get(m, m) for m in found]
         elif name == "pickle.loads" and filename:
             modules = _file_modules(values / filename, _plain_pickle)
-        else:
-            break  # any other statement: nothing after it is imported in advance
         if modules is None:
-            break
+            break  # any other statement, or a value not read: nothing after it is imported in advance
         for module in modules:
-            # As the unpickler imports it: Python 2 names mapped as pickle maps them, torch's own renames.
-            module = _TORCH_RENAMED.get(module, _compat_pickle.IMPORT_MAPPING.get(module, module))
-            if module.split(".")[0] in local or module == "__main__":
-                continue
-            statements.append(f"import {module}")
+            top = module.split(".")[0]
+            if top in allowed and top not in local and all(part.isidentifier() for part in module.split(".")):
+                statements.append(f"import {module}")
     return list(dict.fromkeys(statements))
