@@ -305,6 +305,66 @@ def test_an_access_line_written_without_a_record_reads_as_its_record_would(fmt):
         assert formatter.access(created, _ACCESS_FORMAT % item[2], "rid-7") == formatter.format(_Writer._record(item))
 
 
+@pytest.fixture
+def server_logging():
+    """serving/logs.configure in this process, undone afterwards (the root logger is the process's)."""
+    import logging
+
+    from kernel_magics.serving import logs
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    yield logs
+    logs.stop()
+    root.handlers[:], _ = saved
+    root.setLevel(saved[1])
+
+
+class _HostWithASecret:
+    def __init__(self, name: str, value: str) -> None:
+        from kernel_magics.core.secrets import SecretStore
+
+        self.secrets = SecretStore([name])
+        self.secrets.set_value(name, value)
+
+
+def test_the_writer_keeps_every_line_where_it_belongs(capsys, server_logging):
+    """A handler added after configure still gets the access lines; a caller's request id holding a secret is
+    redacted in the JSON field too; lines after stop() are written, not queued for nobody."""
+    import logging
+
+    logs = server_logging
+    host = _HostWithASecret("tok", CANARY)
+    logs.redact_logs_of(host)
+    logs.configure("info", "json")
+    logs.access_line("GET", "/a\nforged line", 200, 1.0, f"first-{CANARY}")
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger().addHandler(keep)
+    token = logs.REQUEST_ID.set(f"id-{CANARY}")  # as RequestLog sets it for the request
+    try:
+        logs.access_line("POST", "/v1/models/model:predict", 200, 1.0, f"id-{CANARY}")
+        logging.getLogger("model").warning("a model line")
+    finally:
+        logs.REQUEST_ID.reset(token)
+        logging.getLogger().removeHandler(keep)
+    assert any("POST /v1/models/model:predict 200" in m for m in seen)  # the late handler got the access line
+    logs.stop()
+    logging.getLogger("model").warning("after stop")
+    err = capsys.readouterr().err
+    assert CANARY not in err
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    messages = [e["message"] for e in lines]
+    assert "a model line" in messages and "after stop" in messages
+    assert {e.get("request_id") for e in lines} >= {"id-***", "first-***"}  # the record's path and the writer's
+    assert any(m.startswith("Handled request - GET /a\\nforged line 200") for m in messages)  # one line
+
+
 def test_the_access_log_as_trusss(tmp_path):
     d = write_truss(tmp_path / "logs", LOGGING, "secrets: {tok: null}\n")
     with serve_ours(d, env={"TRUSS_SECRET_tok": CANARY}) as s:

@@ -139,10 +139,14 @@ class _RedactSecrets(logging.Filter):
         if record.exc_info and not record.exc_text:
             record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip()
         tb = record.exc_text
+        request_id = getattr(record, "request_id", None)
         for scanner in scanners:
             text = scanner.redact(text)
             tb = scanner.redact(tb) if tb else tb
+            request_id = scanner.redact(request_id) if request_id else request_id
         record.msg, record.args, record.exc_info, record.exc_text = text, (), None, tb
+        if request_id:
+            record.request_id = request_id  # the caller's x-baseten-request-id: it could hold anything
         return True
 
 
@@ -176,6 +180,13 @@ class _HandOff(logging.handlers.QueueHandler):
 
 _ACCESS_FORMAT = "Handled request - %s %s %d (%.1f ms) request_id=%s"
 _access = logging.getLogger(ACCESS_LOGGER)
+_parent = logging.getLogger(ACCESS_LOGGER.rsplit(".", 1)[0])
+_root = logging.getLogger()
+
+
+def _broken_line() -> None:
+    with contextlib.suppress(Exception):
+        sys.stderr.write("kernel-magics: a log line could not be written:\n" + traceback.format_exc(limit=3))
 
 
 class _Writer(threading.Thread):
@@ -208,21 +219,25 @@ class _Writer(threading.Thread):
                 except queue.Empty:
                     break
             lines = []
-            with _REDACT.burst():
-                for item in burst:
-                    if item is self._STOP:
-                        more = False
-                        continue
-                    if type(item) is tuple and fast:  # an access line: no record made (a third of the work)
-                        created, request_id, args = item
-                        lines.append(formatter.access(created, _REDACT.text(_ACCESS_FORMAT % args), request_id))
-                        continue
-                    record = self._record(item)
-                    if record.levelno >= self.handler.level and self.handler.filter(record):
+            try:
+                with _REDACT.burst():
+                    for item in burst:
+                        if item is self._STOP:
+                            more = False
+                            continue
                         try:
-                            lines.append(self.handler.format(record))
-                        except Exception:  # a record that cannot format must not stop the writer
-                            self.handler.handleError(record)
+                            if type(item) is tuple and fast:  # an access line: no record made (a third of the work)
+                                created, request_id, args = item
+                                lines.append(formatter.access(created, _REDACT.text(_ACCESS_FORMAT % args),
+                                                              _REDACT.text(request_id) if request_id else request_id))
+                                continue
+                            record = self._record(item)
+                            if record.levelno >= self.handler.level and self.handler.filter(record):
+                                lines.append(self.handler.format(record))
+                        except Exception:  # a line that cannot be made must not stop the writer (nor the rest)
+                            _broken_line()
+            except Exception:  # reading the secrets failed: the lines are not written unredacted
+                _broken_line()
             if lines:
                 stream = self.handler.stream
                 try:
@@ -257,11 +272,21 @@ def access_line(method: str, path: str, status: int, ms: float, request_id: str)
     that configured its own logging) it is an ordinary ``info`` call."""
     if not _access.isEnabledFor(logging.INFO):
         return
+    if "\n" in path or "\r" in path:  # (%0A in a URL: one request, one line)
+        path = path.replace("\r", "\\r").replace("\n", "\\n")
     records = _records
-    if records is not None and not _access.filters and not _access.handlers and _access.propagate:
+    if records is not None and _only_our_writer():
         records.put_nowait((time.time(), request_id, (method, path, status, ms, request_id)))
     else:
         _access.info(_ACCESS_FORMAT, method, path, status, ms, request_id)
+
+
+def _only_our_writer() -> bool:
+    """True while a line of the access logger goes nowhere but to our writer (no filter or handler was
+    added since ``configure`` on its way to the root: those get the line as an ordinary record)."""
+    return (not _access.filters and not _access.handlers and _access.propagate and not _parent.filters
+            and not _parent.handlers and _parent.propagate and len(_root.handlers) == 1
+            and type(_root.handlers[0]) is _HandOff and not _root.filters)
 
 
 def configure(level: str = "info", fmt: str = "text") -> Callable[[], None]:
@@ -295,6 +320,10 @@ def stop() -> None:
     listener, _listener, _records = _listener, None, None
     if listener is not None:
         listener.stop()
+        # Lines after this (a model's last words at exit, a request racing the shutdown) are written at once,
+        # in the same format, redacted, instead of going to a queue nobody reads.
+        root = logging.getLogger()
+        root.handlers[:] = [h if not isinstance(h, _HandOff) else listener.handler for h in root.handlers]
         sys.stderr.flush()
 
 
