@@ -13,7 +13,7 @@ alternating over rounds (best round kept), driven by the same load generator (be
 - logs: echo and echo_stream on our server with the default access log and /metrics, against the same
   server with both off (`--log-level warning --no-metrics`): the cost of the bookkeeping;
 - startup: seconds from the process's start to liveness (GET /) and to readiness for the MiniLM gallery
-  export (`--minilm DIR` reuses an export; otherwise the notebook runs once);
+  export (`--minilm DIR` reuses an export; otherwise the notebook runs once), on both engines;
 - stalled: 200 clients that ask for a stream and read nothing, then probes (readiness, liveness) timed;
   header flood: 50 clients sending unfinished headers (up to 16 MiB each), the server's memory growth.
 
@@ -205,7 +205,8 @@ def slow_reader(tmp: Path, mib: int, rate: float) -> None:
 # ---------------------------------------------------------------------- startup: liveness and readiness
 
 def startup(export: Path, venv) -> None:
-    """Seconds from the server process's start to liveness, and to readiness (polled every 20 ms)."""
+    """Seconds from the server process's start to liveness, and to readiness (polled every 20 ms); on Ray, also
+    to the first liveness answered by Serve's proxy through the replicas (until then the stand-in answers)."""
     import os
     import time
 
@@ -213,37 +214,52 @@ def startup(export: Path, venv) -> None:
 
     from server_harness import free_port
 
-    print("| server | MiniLM export: process start to liveness (GET /) | to readiness (GET /v1/models/model) |")
-    print("|---|---|---|")
-    for name in ("Truss 0.18.36", "kernel-magics"):
+    print("| server | MiniLM export: process start to liveness (GET /) | to readiness (GET /v1/models/model) "
+          "| to Serve's proxy answering liveness |")
+    print("|---|---|---|---|")
+    for name in ("Truss 0.18.36", "kernel-magics", "kernel-magics --engine ray (a local Ray)"):
         port, work = free_port(), Path(tempfile.mkdtemp(prefix="km-startup-"))
+        ray = name.endswith("(a local Ray)")
         if name.startswith("Truss"):
             # serve_with_truss.sh first lays the directory out as Truss's image would (a copy), then starts main.py.
             cmd = [str(TRUSS_REFERENCE / "serve_with_truss.sh"), str(export), str(port), str(work)]
             env = {**os.environ, **({"TRUSS_REF_VENV": str(venv)} if venv else {})}
         else:
             cmd, env = [sys.executable, "-m", "kernel_magics.cli", "serve", str(export), "--port", str(port)], None
+            if ray:
+                cmd += ["--engine", "ray", "--replicas", "1"]  # its Ray's files go when it stops
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-        live = ready = None
+        live = ready = proxy = None
         try:
             while ready is None and time.perf_counter() - started < 300 and proc.poll() is None:
                 for path in ("/", "/v1/models/model"):
                     try:
-                        ok = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=1).status_code == 200
+                        answer = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=1)
+                        ok = answer.status_code == 200
                     except httpx.HTTPError:
                         ok = False
                     if ok and path == "/" and live is None:
                         live = time.perf_counter() - started
+                    if ok and path == "/" and proxy is None and "x-kernel-magics-replica" in answer.headers:
+                        proxy = time.perf_counter() - started
                     if ok and path != "/":
                         ready = time.perf_counter() - started
                 time.sleep(0.02)
         finally:
-            os.killpg(proc.pid, 15)
-            proc.wait(30)
+            if ray:  # the command takes its deployment and its Ray down itself
+                proc.terminate()
+                try:
+                    proc.wait(120)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, 9)
+                    proc.wait(30)
+            else:
+                os.killpg(proc.pid, 15)
+                proc.wait(30)
             shutil.rmtree(work, ignore_errors=True)
         show = lambda t: f"{t:.2f} s" if t is not None else "never"  # noqa: E731
-        print(f"| {name} | {show(live)} | {show(ready)} |")
+        print(f"| {name} | {show(live)} | {show(ready)} | {show(proxy) if ray else '-'} |")
 
 
 # ---------------------------------------------------------------------- stalled readers, header flood

@@ -113,6 +113,67 @@ def wait_for_status(url: str, status: int, timeout: float) -> bool:
     return False
 
 
+def test_liveness_answers_from_the_first_second_while_ray_starts_then_serves_proxy_takes_the_port(tmp_path):
+    """Before it imports Ray, `serve --engine ray` puts a stand-in on the port (serving/stand_in.py): liveness
+    200 and readiness 503 with Truss's body while Ray starts; Serve's proxy takes the port over once it answers
+    through the replicas (the replica header), and the port is never closed in between."""
+    from server_harness import Served, free_port
+
+    from kernel_magics.serving.ray_engine import REPLICA_HEADER
+    from kernel_magics.serving.stand_in import STAND_IN_SERVER
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    d = write_truss(tmp_path / "slow", SLOW_LOAD % str(marks))
+    port = free_port()
+    url, log = f"http://127.0.0.1:{port}", tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "kernel_magics.cli", "serve", str(d), "--engine", "ray",
+                                 "--replicas", "1", "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    served = Served(proc, url, log)
+    try:
+        first, deadline = None, time.monotonic() + 120
+        while first is None and proc.poll() is None and time.monotonic() < deadline:
+            try:
+                first = httpx.get(url + "/", timeout=10)
+            except httpx.HTTPError:
+                time.sleep(0.01)
+        assert first is not None, served.log
+        # The first answer is the stand-in's: Ray is still starting (its proxy says "uvicorn").
+        assert first.status_code == 200 and first.json() is True, served.log
+        assert first.headers["server"] == STAND_IN_SERVER.decode() and "Serving on" not in served.log
+        not_ready = {"error": "Model with name model is not ready."}
+        ready = httpx.get(url + "/v1/models/model", timeout=10)
+        assert (ready.status_code, ready.json(), ready.headers["server"]) == (503, not_ready, STAND_IN_SERVER.decode())
+        early = httpx.post(predict_url(url), json={"x": 0}, timeout=30)
+        assert (early.status_code, early.json(), early.headers["x-baseten-error-code"], early.headers["server"]) == (
+            503, not_ready, "600", STAND_IN_SERVER.decode())
+        # Serve's proxy takes over once it answers through the replica, which is loading meanwhile; every probe
+        # until then is answered (a refused connection would raise here).
+        assert wait_for(marks / "loading", 180), served.log
+        deadline = time.monotonic() + 60
+        while REPLICA_HEADER not in (live := httpx.get(url + "/", timeout=10)).headers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert live.status_code == 200 and live.headers["server"] == "uvicorn", (live.headers, served.log)
+        ready = httpx.get(url + "/v1/models/model", timeout=10)
+        assert (ready.status_code, ready.json(), ready.headers.get(REPLICA_HEADER) is not None) == (503, not_ready, True)
+        (marks / "release").touch()
+        assert wait_for_status(url + "/v1/models/model", 200, timeout=60), served.log
+        assert httpx.post(predict_url(url), json={"x": 1}).json() == {"x": 1}
+        children = ray_processes(psutil.Process(proc.pid))
+    finally:
+        served.finish(remove=log)
+    assert proc.returncode == 0, served.log
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/")
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children)
+
+
+def predict_url(url: str) -> str:
+    return url + "/v1/models/model:predict"
+
+
 # Request heads past the bounds of serving/limits.py (16 KiB, 100 headers), and one within them.
 HEADS = {
     "unfinished": b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000,

@@ -26,6 +26,7 @@ from ..core.errors import KernelMagicsError
 from ..core.secrets import ENV_PREFIX
 from .limits import DEFAULT_MAX_BODY
 from .ray_proxy import CALLBACK, CALLBACK_VARIABLE
+from .stand_in import stand_in
 
 __all__ = ["serve_with_ray", "replica_options", "REPLICA_HEADER", "RayServeError", "Scale"]
 
@@ -635,20 +636,34 @@ def serve_with_ray(truss, *, host: str = "127.0.0.1", port: int = 8080, address:
     secret_values = {n: store[n] for n in truss.config.secret_names if store.source_of(n)}
     _forget_secret_environment()
     config = truss.config
-    session = local_ray(config, scale) if address is None else joined_cluster(address)
-    with session as where:
-        stop = threading.Event()
-        # After ray.init: Ray's core worker installs its own SIGTERM handler, which would
-        # kill the driver without shutting the deployment down.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        problem = preflight(config, scale)
-        if problem:
-            raise RayServeError(problem)
-        with deployed(truss.root, config, scale, secret_values, host=host, port=port, address=address, where=where,
-                      deploy_timeout=deploy_timeout, max_body=max_body):
-            print(f"Serving on http://{host}:{port}/v1/models/model:predict with {scale.describe()} (Ray Serve).",
-                  file=sys.stderr, flush=True)
-            while not stop.wait(0.5):
-                pass
-            print("Stopping: taking the deployment down ...", file=sys.stderr, flush=True)
+    with _early_liveness(host, port, address) as early:
+        session = local_ray(config, scale) if address is None else joined_cluster(address)
+        with session as where:
+            try:
+                stop = threading.Event()
+                # After ray.init: Ray's core worker installs its own SIGTERM handler, which would
+                # kill the driver without shutting the deployment down.
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, lambda *_: stop.set())
+                problem = preflight(config, scale)
+                if problem:
+                    raise RayServeError(problem)
+                with deployed(truss.root, config, scale, secret_values, host=host, port=port, address=address,
+                              where=where, deploy_timeout=deploy_timeout, max_body=max_body):
+                    print(f"Serving on http://{host}:{port}/v1/models/model:predict with {scale.describe()} "
+                          "(Ray Serve).", file=sys.stderr, flush=True)
+                    while not stop.wait(0.5):
+                        pass
+                    print("Stopping: taking the deployment down ...", file=sys.stderr, flush=True)
+            finally:
+                if early is not None:
+                    early.close()  # before Ray stops: a command that ends no longer says "alive"
+
+
+def _early_liveness(host: str, port: int, address: Optional[str]):
+    """The stand-in that answers liveness (readiness 503) on the port until Serve's proxy answers through our
+    replicas (serving/stand_in.py), or nothing: on a cluster elsewhere (its proxy is not on this machine), when
+    something listens on the port already, or when Serve's proxy would not share the port."""
+    if not _on_loopback(address) or os.environ.get("SERVE_SOCKET_REUSE_PORT_ENABLED", "1") != "1":
+        return contextlib.nullcontext()
+    return stand_in(host, port, handed_over_when=REPLICA_HEADER.encode())

@@ -85,6 +85,10 @@ def _probes_to_the_other(source_port: int) -> tuple:
     )
 
 
+def _all_to_the_stand_in() -> tuple:
+    return _filter((0x06, 0, 0, 0))
+
+
 def _all_to_the_other() -> tuple:
     return _filter((0x06, 0, 0, 1))
 
@@ -108,6 +112,8 @@ class StandIn:
         self._lock = threading.Lock()
         self.steered = True  # whether the filter works here (False: connections are spread until the hand-over)
         self.handed_over = threading.Event()
+        if self._marker is not None:
+            self._attach(_all_to_the_stand_in())  # until the first probe: Serve's proxy may bind any moment
         self._accepting = threading.Thread(target=self._accept, name="stand-in", daemon=True)
         self._accepting.start()
         if self._marker is not None:
