@@ -253,6 +253,7 @@ def test_local_ray_keeps_to_itself_and_leaves_nothing_behind(tmp_path):
     home.mkdir()
     d = write_truss(tmp_path / "sec", SECRET, "secrets: {tok: null}\n")
     with serve_ours(d, engine="ray", replicas=1, env={"HOME": str(home), "TRUSS_SECRET_tok": CANARY}) as s:
+        assert s.proc.poll() is None, s.log
         assert httpx.post(s.predict_url(), json={}).status_code == 500  # the error names the token: redacted
         from test_serving_edge import raw_request
 

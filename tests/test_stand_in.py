@@ -115,12 +115,32 @@ def test_it_keeps_the_port_until_the_other_listener_answers_through_the_deployme
             # (spread by the kernel, about half of 40 would meet the proxy).
             assert set(served_by(port, 40)) == {STAND_IN_SERVER.decode()}
             assert not listener.handed_over.is_set()
+            # Clients keep connecting across the hand-over: none is refused or reset (a listener that closed
+            # with connections still queued on it would reset them).
+            failed, stop = [], threading.Event()
+            clients = [threading.Thread(target=keep_connecting, args=(port, stop, failed)) for _ in range(4)]
+            for client in clients:
+                client.start()
             other.deployed.set()
             assert listener.handed_over.wait(60)
-            # Handed over: every connection reaches the proxy, none is refused.
-            assert set(served_by(port, 40)) == {"other"}
+            assert set(served_by(port, 40)) == {"other"}  # handed over: every connection reaches the proxy
+            stop.set()
+            for client in clients:
+                client.join()
+            assert failed == []
         finally:
             other.close()
+
+
+def keep_connecting(port: int, stop: threading.Event, failed: list) -> None:
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+                conn.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                while conn.recv(65536):
+                    pass
+        except OSError as exc:
+            failed.append(repr(exc))
 
 
 def test_it_closes_cleanly_and_leaves_the_port_free():
