@@ -126,13 +126,16 @@ class _RedactSecrets(logging.Filter):
         finally:
             self._burst = None
 
+    def _current(self) -> list:
+        return self._burst if self._burst is not None else self._scanners()
+
     def text(self, text: str) -> str:
-        for scanner in self._burst if self._burst is not None else self._scanners():
+        for scanner in self._current():
             text = scanner.redact(text)
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        scanners = self._burst if self._burst is not None else self._scanners()
+        scanners = self._current()
         if not scanners:
             return True
         text = record.getMessage()
@@ -252,7 +255,7 @@ class _Writer(threading.Thread):
             return item
         created, request_id, args = item
         record = _access.makeRecord(ACCESS_LOGGER, logging.INFO, __file__, 0, _ACCESS_FORMAT, args, None)
-        record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+        record.created, record.msecs = created, _msecs(created) + 0.0
         record.request_id = request_id
         return record
 
