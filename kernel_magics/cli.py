@@ -230,14 +230,19 @@ def _serve(args: argparse.Namespace) -> int:
         print("error: --replicas, --replicas-per-node, --min-replicas, --max-replicas and --address need "
               "--engine ray.", file=sys.stderr)
         return 2
-    from .serving.uvicorn_engine import requirement_warnings, serve_truss
+    from .serving.stand_in import stand_in
 
-    truss = _open_for_serving(args.dir)  # what needs no import fails at once; model.py is imported once the port answers
-    for warning in requirement_warnings(truss.config.requirements):
-        print(warning, file=sys.stderr)
-    serve_truss(truss, host=args.host, port=args.port, secrets_dir=args.secrets_dir, secrets=_secrets_from_stdin(args),
-                log_level=args.log_level, log_format=args.log_format, max_body=args.max_body_size,
-                metrics=not args.no_metrics)
+    # Liveness answers from here on, while FastAPI, uvicorn and our server are imported (about a second on
+    # this 2-core machine): a stand-in holds the port, then hands the socket itself to uvicorn.
+    with stand_in(args.host, args.port, share_port=False) as holding:
+        from .serving.uvicorn_engine import requirement_warnings, serve_truss
+
+        truss = _open_for_serving(args.dir)  # what needs no import fails at once; model.py is imported in the load thread
+        for warning in requirement_warnings(truss.config.requirements):
+            print(warning, file=sys.stderr)
+        serve_truss(truss, host=args.host, port=args.port, secrets_dir=args.secrets_dir,
+                    secrets=_secrets_from_stdin(args), log_level=args.log_level, log_format=args.log_format,
+                    max_body=args.max_body_size, metrics=not args.no_metrics, stand_in=holding)
     return 0
 
 

@@ -6,7 +6,10 @@ then hands the port over without refusing a connection. tests/test_ray.py runs i
 """
 
 import socket
+import subprocess
+import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -14,6 +17,7 @@ import pytest
 from server_harness import free_port, serve_ours, wait_for, write_truss
 from test_serving_edge import raw_request
 
+from kernel_magics.core.errors import PortUnavailable
 from kernel_magics.serving.stand_in import STAND_IN_SERVER, StandIn, stand_in
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT (Linux)")
@@ -167,3 +171,80 @@ def test_no_stand_in_where_something_listens_already():
         taken.listen()
         with stand_in("127.0.0.1", taken.getsockname()[1]) as listener:
             assert listener is None
+
+
+# ---------------------------------------------------------------- `kernel-magics serve`: the socket goes to uvicorn
+
+def test_released_it_gives_its_socket_and_the_connections_waiting_on_it_to_the_next_server():
+    port = free_port()
+    with stand_in("127.0.0.1", port, share_port=False) as listener:
+        assert listener is not None
+        assert httpx.get(f"http://127.0.0.1:{port}/").headers["server"] == STAND_IN_SERVER.decode()
+        sock = listener.release()
+        # Nobody accepts now: a client connects and sends its request; it waits in the backlog, not refused.
+        waiting = socket.create_connection(("127.0.0.1", port), timeout=30)
+        waiting.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        other = Other.__new__(Other)  # the next server, on the released socket itself
+        other.sock, other.deployed, other.accepted = sock, threading.Event(), 0
+        threading.Thread(target=other._serve, daemon=True).start()
+        answer = b""
+        while chunk := waiting.recv(65536):
+            answer += chunk
+        waiting.close()
+        assert b"server: other" in answer
+    # Leaving the block closed nothing: the socket is the next server's.
+    assert served_by(port, 1) == ["other"]
+    other.close()
+    with pytest.raises(RuntimeError):
+        listener.release()
+
+
+def test_alone_it_binds_an_address_given_as_a_number_and_says_at_once_when_the_port_is_taken(tmp_path):
+    assert StandIn.bind("localhost", free_port(), share_port=False) is None  # a name may resolve to two addresses
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PortUnavailable, match=f"127.0.0.1:{port}: Address already in use. Another program"):
+            StandIn.bind("127.0.0.1", port, share_port=False)
+        # The command says so in one line before it imports or loads anything (uvicorn loaded the model first).
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        d = write_truss(tmp_path / "m", WAITING_LOAD % (str(marks), str(marks)))
+        done = subprocess.run([sys.executable, "-m", "kernel_magics.cli", "serve", str(d), "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: kernel-magics serve cannot listen on 127.0.0.1:{port}"), done.stderr
+    assert not (marks / "loading").exists()
+
+
+def test_kernel_magics_serve_answers_from_the_stand_in_then_from_uvicorn_on_the_same_port(tmp_path):
+    """The CLI binds before it imports FastAPI, uvicorn and our server: its first answers come from the stand-in
+    (liveness 200, readiness 503), then uvicorn's on the same socket, with no refusal in between."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    d = write_truss(tmp_path / "slow", WAITING_LOAD % (str(marks), str(marks)))
+    with serve_ours(d, wait_ready=False) as s:
+        seen = []  # (status of GET /, its server header, status of readiness) each time either changes
+        refused_after_first_answer, give_up = 0, time.monotonic() + 120  # (a bound on a hang, not a timing)
+        while not (marks / "loading").exists() or len(seen) < 2:
+            assert time.monotonic() < give_up, (seen, s.log)
+            try:
+                live = httpx.get(s.url + "/", headers={"connection": "close"}, timeout=30)
+                ready = httpx.get(s.url + "/v1/models/model", headers={"connection": "close"}, timeout=30)
+            except httpx.ConnectError:
+                refused_after_first_answer += bool(seen)
+                continue
+            now = (live.status_code, live.headers["server"], ready.status_code)
+            if not seen or seen[-1] != now:
+                seen.append(now)
+            if s.proc.poll() is not None:
+                break
+        assert seen[:2] == [(200, STAND_IN_SERVER.decode(), 503), (200, "uvicorn", 503)], (seen, s.log)
+        assert refused_after_first_answer == 0
+        (marks / "release").touch()
+        while httpx.get(s.url + "/v1/models/model", timeout=30).status_code != 200:
+            assert s.proc.poll() is None and time.monotonic() < give_up + 120, s.log
+            time.sleep(0.05)
+        assert httpx.post(s.url + "/v1/models/model:predict", json={"x": 1}).json() == {"x": 1}
+        assert f"Uvicorn running on {s.url} (Press CTRL+C to quit)" in s.log  # as uvicorn says it

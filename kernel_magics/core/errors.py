@@ -26,6 +26,10 @@ class KernelMagicsError(Exception):
     """A mistake the user can fix; the message says how."""
 
 
+class PortUnavailable(KernelMagicsError):
+    """`kernel-magics serve` cannot listen on the host and port it was given."""
+
+
 class ConfigError(KernelMagicsError):
     """config.yaml (or a ``%%model_config`` cell) is not valid."""
 

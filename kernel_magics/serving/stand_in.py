@@ -14,12 +14,17 @@ connection to the proxy, the stand-in answers what it has already accepted and c
 closed, and no request meets a stand-in after Ray answers. Without the filter (not Linux), connections are
 spread until the hand-over.
 
+`kernel-magics serve` (uvicorn) uses it too, without sharing the port: the CLI binds it before importing
+FastAPI, uvicorn and our server (about 0.5 to 1.5 s here), and :meth:`StandIn.release` then hands the listening
+socket itself to uvicorn; connections waiting in its backlog are uvicorn's.
+
 Standard library only: it starts before Ray, FastAPI or the model are imported.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import socket
 import struct
@@ -120,12 +125,18 @@ class StandIn:
             threading.Thread(target=self._watch, name="stand-in-hand-over", daemon=True).start()
 
     @classmethod
-    def bind(cls, host: str, port: int, handed_over_when: Optional[bytes] = None) -> Optional["StandIn"]:
+    def bind(cls, host: str, port: int, handed_over_when: Optional[bytes] = None,
+             share_port: bool = True) -> Optional["StandIn"]:
         """A stand-in on ``host:port``, or None when something listens there already (or it cannot bind).
 
         ``handed_over_when``: a response header that marks an answer from the server that takes over (the one
         our replicas add); once a probe gets ``GET /`` 200 with it, the stand-in hands over and closes.
+        ``share_port=False``: a socket bound as uvicorn binds its own (asyncio's create_server), for
+        :meth:`release`; None for a host name, which uvicorn would resolve to more than one address;
+        PortUnavailable (one paragraph) when the address cannot be bound.
         """
+        if not share_port:
+            return cls._bind_alone(host, port)
         family = _family(host)
         try:
             # A listener there would take a SO_REUSEPORT socket beside it (a running Serve's proxy, say):
@@ -145,6 +156,44 @@ class StandIn:
             sock.close()
             return None
         return cls(sock, host, port, handed_over_when)
+
+    @classmethod
+    def _bind_alone(cls, host: str, port: int) -> Optional["StandIn"]:
+        import ipaddress
+
+        try:
+            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        except ValueError:
+            return None  # a name: uvicorn binds every address it resolves to
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's create_server
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            sock.listen(2048)  # uvicorn's default backlog: the socket stays the server's
+        except OSError as exc:
+            sock.close()
+            # Said now, before anything is imported or loaded (uvicorn would load the model first, then fail).
+            from ..core.errors import PortUnavailable
+
+            raise PortUnavailable(
+                f"kernel-magics serve cannot listen on {host}:{port}: {exc.strerror or exc}. "
+                + ("Another program listens there: pass another --port, or stop that program."
+                   if exc.errno == errno.EADDRINUSE else
+                   "Pass a --host address of this machine and a --port it may use (ports below 1024 need root)."))
+        return cls(sock, host, port, None)
+
+    def release(self) -> socket.socket:
+        """Stop answering and give the listening socket to the server that takes over: what the stand-in has
+        accepted it answers; what waits in the backlog is the new server's. No connection is refused."""
+        with self._lock:
+            if self._closing.is_set():
+                raise RuntimeError("the stand-in is closed")
+            self._closing.set()
+        self._accepting.join()
+        self._sock.settimeout(None)
+        return self._sock
 
     # ------------------------------------------------------------------ answering
 
@@ -220,7 +269,7 @@ class StandIn:
         """Stop: answer the connections already queued here (a closing listener would reset them), then close."""
         with self._lock:
             if self._closing.is_set():
-                return
+                return  # closed already, or released (the socket is the new server's)
             self._closing.set()
         if threading.current_thread() is not self._accepting:
             self._accepting.join()
@@ -281,9 +330,11 @@ def answer(conn: socket.socket) -> None:
 
 
 @contextlib.contextmanager
-def stand_in(host: str, port: int, handed_over_when: Optional[bytes] = None) -> Iterator[Optional[StandIn]]:
-    """A :class:`StandIn` on ``host:port`` for the block (None when the port is taken); closed on the way out."""
-    listener = StandIn.bind(host, port, handed_over_when) if sys.platform != "win32" else None
+def stand_in(host: str, port: int, handed_over_when: Optional[bytes] = None,
+             share_port: bool = True) -> Iterator[Optional[StandIn]]:
+    """A :class:`StandIn` on ``host:port`` for the block (None when the port is taken); closed on the way out
+    (unless released)."""
+    listener = StandIn.bind(host, port, handed_over_when, share_port) if sys.platform != "win32" else None
     try:
         yield listener
     finally:

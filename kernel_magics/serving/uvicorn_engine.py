@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..core.errors import KernelMagicsError
 from ..core.runtime import ModelHost
 from ..core.tracebacks import trim_traceback
 from ..core.truss_dir import TrussDir
 from .limits import DEFAULT_MAX_BODY
+
+if TYPE_CHECKING:
+    from .stand_in import StandIn
 
 __all__ = ["serve_truss", "ModelLoadFailed", "load_in_background", "import_and_load", "requirement_warnings"]
 
@@ -92,8 +95,11 @@ def requirement_warnings(requirements: list[str]) -> list[str]:
 
 def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, secrets_dir: Optional[Path] = None,
                 secrets: Optional[dict] = None, log_level: str = "info", log_format: str = "text",
-                max_body: int = DEFAULT_MAX_BODY, metrics: bool = True) -> None:
-    """Serve ``truss`` until SIGTERM/SIGINT; raises ModelLoadFailed when the model cannot load."""
+                max_body: int = DEFAULT_MAX_BODY, metrics: bool = True, stand_in: Optional["StandIn"] = None) -> None:
+    """Serve ``truss`` until SIGTERM/SIGINT; raises ModelLoadFailed when the model cannot load.
+
+    ``stand_in``: the listener that answered liveness while this module was imported (serving/stand_in.py);
+    uvicorn serves on its socket."""
     import uvicorn
 
     from .logs import configure
@@ -113,6 +119,9 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
             server.should_exit = True
 
     def start() -> None:
+        if sockets is not None:  # uvicorn says this only for a socket it bound itself
+            logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+                                                    *_address(sockets[0]))
         log.info("Serving %s on http://%s:%d: loading the model (readiness answers 503 until it is loaded).",
                  truss.root, host, port)
         load_in_background(truss, model_host, failed)
@@ -120,13 +129,19 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
     app = create_app(model_host, on_startup=start, on_shutdown=model_host.close, max_body=max_body, metrics=metrics)
     server = uvicorn.Server(uvicorn_config(app, host, port, log_level=log_level, log_config=None))
     _flush_logs_before_a_signal_ends_us(stop_logs)
+    sockets = [stand_in.release()] if stand_in is not None else None
     try:
         with truss.as_working_directory():
-            server.run()
+            server.run(sockets=sockets)
     finally:
         stop_logs()  # every line out before the CLI's last words
     if failure:
         raise ModelLoadFailed(f"the model failed to load: {failure[0]}")
+
+
+def _address(sock) -> tuple[str, int]:
+    host, port = sock.getsockname()[:2]
+    return (f"[{host}]" if ":" in host else host), port
 
 
 def _flush_logs_before_a_signal_ends_us(stop_logs: Callable[[], None]) -> None:
