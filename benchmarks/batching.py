@@ -308,18 +308,5 @@ def concurrency_one_paired(exports: dict, env: dict, rounds: int = 8, requests: 
     return {kind: statistics.median(p50s) for kind, p50s in seen.items()}
 
 
-def concurrency_one_paired(exports: dict, env: dict, rounds: int = 8, requests: int = 100) -> dict:
-    """p50 at concurrency 1 of ours batched and unbatched, both served at once and driven in turn."""
-    import statistics
-
-    seen: dict = {"batched": [], "unbatched": []}
-    with contextlib.ExitStack() as stack:
-        served = {kind: stack.enter_context(serve_ours(exports[kind], env=env, wait_ready=True)) for kind in seen}
-        for i in range(rounds):
-            for kind in (("batched", "unbatched") if i % 2 else ("unbatched", "batched")):
-                seen[kind].append(drive(served[kind].predict_url(), 1, requests)["p50_ms"])
-    return {kind: statistics.median(p50s) for kind, p50s in seen.items()}
-
-
 if __name__ == "__main__":
     main()
