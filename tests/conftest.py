@@ -250,6 +250,17 @@ def ray_cluster():
     cluster.close()
 
 
+@pytest.fixture(autouse=True)
+def _ray_processes_without_the_iri_grammar(request, monkeypatch):
+    """What a Ray test starts (a local Ray of `serve --engine ray`, a driver joining the cluster) inherits the
+    environment of ray_harness.ray_environment: seconds less CPU in each Ray process, a start that keeps to Ray's
+    30 s node deadline beside another busy test process."""
+    if request.node.get_closest_marker("ray") is not None:
+        from ray_harness import ray_environment
+
+        monkeypatch.setenv("PYTHONPATH", ray_environment()["PYTHONPATH"])
+
+
 # ---------------------------------------------------------------- nothing left behind
 #
 # With --check-leftovers the run has a temp dir of its own (TMPDIR, inherited by kernels, servers, Ray and

@@ -13,6 +13,15 @@ from typing import Optional
 from kernel_magics.serving.ray_proxy import CALLBACK, CALLBACK_VARIABLE
 
 REPO = Path(__file__).resolve().parents[1]
+WITHOUT_IRI_GRAMMAR = Path(__file__).resolve().parent / "without_iri_grammar"
+
+
+def ray_environment(env: Optional[dict] = None) -> dict:
+    """``env`` (default: this process's) for a process that starts or joins a Ray: rfc3987_syntax kept out of it
+    and of every Ray process it starts (tests/without_iri_grammar says why)."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(WITHOUT_IRI_GRAMMAR), env.get("PYTHONPATH")) if p)
+    return env
 
 
 class LocalCluster:
@@ -44,7 +53,7 @@ class LocalCluster:
                                       *(["--serve-port", str(serve_port)] if serve_port else [])], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, start_new_session=True,
                                      # Its Serve proxy bounds request heads, as docs/ray.md has a cluster's nodes started.
-                                     env={**os.environ, CALLBACK_VARIABLE: CALLBACK})
+                                     env={**ray_environment(), CALLBACK_VARIABLE: CALLBACK})
         self.nodes: dict[str, str] = {}
         self.address = ""
 
