@@ -353,7 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from .core.errors import KernelMagicsError
+    from .core.errors import KernelMagicsError, PortUnavailable
 
     try:
         return {"export": _export, "validate": _validate, "serve": _serve, "predict": _predict,
@@ -364,6 +364,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except PortUnavailable as exc:  # "3 serve could not listen" (EXIT_CODES)
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except KernelMagicsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -213,7 +213,7 @@ def test_alone_it_binds_an_address_given_as_a_number_and_says_at_once_when_the_p
         d = write_truss(tmp_path / "m", WAITING_LOAD % (str(marks), str(marks)))
         done = subprocess.run([sys.executable, "-m", "kernel_magics.cli", "serve", str(d), "--port", str(port)],
                               capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.returncode == 3 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(f"error: kernel-magics serve cannot listen on 127.0.0.1:{port}"), done.stderr
     assert not (marks / "loading").exists()
 
