@@ -134,6 +134,8 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
         with truss.as_working_directory():
             server.run(sockets=sockets)
     finally:
+        for sock in sockets or ():  # uvicorn closes them only in a shutdown after a start
+            sock.close()
         stop_logs()  # every line out before the CLI's last words
     if failure:
         raise ModelLoadFailed(f"the model failed to load: {failure[0]}")
