@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -230,11 +231,17 @@ def _serve(args: argparse.Namespace) -> int:
         print("error: --replicas, --replicas-per-node, --min-replicas, --max-replicas and --address need "
               "--engine ray.", file=sys.stderr)
         return 2
+    from .core.errors import PortUnavailable
     from .serving.stand_in import stand_in
 
     # Liveness answers from here on, while FastAPI, uvicorn and our server are imported (about a second on
     # this 2-core machine): a stand-in holds the port, then hands the socket itself to uvicorn.
-    with stand_in(args.host, args.port, share_port=False) as holding:
+    with contextlib.ExitStack() as stack:
+        try:
+            holding = stack.enter_context(stand_in(args.host, args.port, share_port=False))
+        except PortUnavailable:
+            _open_for_serving(args.dir, warn=False)  # a directory that cannot be served is the first thing to fix
+            raise
         from .serving.uvicorn_engine import requirement_warnings, serve_truss
 
         truss = _open_for_serving(args.dir)  # what needs no import fails at once; model.py is imported in the load thread
@@ -246,12 +253,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_for_serving(path: Path):
+def _open_for_serving(path: Path, warn: bool = True):
     from .core.truss_dir import TrussDir
 
     truss = TrussDir.open(path)
     truss.check_static()
-    for warning in truss.warnings:
+    for warning in truss.warnings if warn else ():
         print(f"warning: {warning}", file=sys.stderr)
     return truss
 

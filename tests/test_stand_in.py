@@ -5,6 +5,7 @@ It answers as `kernel-magics serve` does before the model is loaded, lets Serve'
 then hands the port over without refusing a connection. tests/test_ray.py runs it with Ray.
 """
 
+import re
 import socket
 import subprocess
 import sys
@@ -45,11 +46,30 @@ def answers(url: str) -> dict:
     found = {}
     for name, method, path, body in [("liveness", "GET", "/", None), ("readiness", "GET", "/v1/models/model", None),
                                      ("predict", "POST", "/v1/models/model:predict", b'{"x": 1}'),
-                                     ("big predict", "POST", "/v1/models/model:predict", b"[" + b"1," * 2**20 + b"1]")]:
+                                     ("big predict", "POST", "/v1/models/model:predict", b"[" + b"1," * 2**20 + b"1]"),
+                                     ("liveness head", "HEAD", "/", None), ("liveness query", "GET", "/?x=1", None),
+                                     ("loaded", "GET", "/v1/models/model/loaded", None), ("ping", "GET", "/ping", None),
+                                     ("schema", "GET", "/v1/models/model/schema", None),
+                                     ("other model", "GET", "/v1/models/other", None),
+                                     ("sagemaker", "POST", "/invocations", b"{}"),
+                                     ("chat", "POST", "/v1/chat/completions", b"{}"),
+                                     ("unknown path", "GET", "/nothing/here", None),
+                                     ("unknown post", "POST", "/nothing", b"{}"),
+                                     ("wrong method", "POST", "/", b"{}"), ("put readiness", "PUT", "/v1/models/model", b""),
+                                     ("get predict", "GET", "/v1/models/model:predict", None),
+                                     ("delete predict", "DELETE", "/v1/models/model:predict", None),
+                                     ("trailing slash", "GET", "/ping/?a=b", None),
+                                     ("encoded path", "GET", "/v1/models/mo%64el", None)]:
         r = httpx.request(method, url + path, content=body, timeout=30)
+        allow = r.headers.get("allow")  # (Starlette lists a set: its order varies from process to process)
         found[name] = (r.status_code, r.headers.get("content-type"), r.headers.get("x-baseten-error-source"),
-                       r.headers.get("x-baseten-error-code"), r.content)
-    for name, data in [("unfinished head", UNFINISHED_HEAD), ("many headers", MANY_HEADERS)]:
+                       r.headers.get("x-baseten-error-code"), allow and sorted(allow.split(", ")),
+                       r.headers.get("location", "").replace(url, "URL"), r.content)
+    metrics = httpx.get(url + "/metrics", timeout=30)  # (its samples are the server's own)
+    found["metrics"] = (metrics.status_code, metrics.headers["content-type"].split(";")[0])
+    for name, data in [("unfinished head", UNFINISHED_HEAD), ("many headers", MANY_HEADERS),
+                       ("lowercase method", b"get / HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n"),
+                       ("no version", b"GET /\r\nHost: x\r\n\r\n")]:
         head, _, body = raw_request(url, data).partition(b"\r\n\r\n")
         found[name] = (head.split(b"\r\n")[0], body)
     return found
@@ -213,6 +233,10 @@ def test_alone_it_binds_an_address_given_as_a_number_and_says_at_once_when_the_p
         d = write_truss(tmp_path / "m", WAITING_LOAD % (str(marks), str(marks)))
         done = subprocess.run([sys.executable, "-m", "kernel_magics.cli", "serve", str(d), "--port", str(port)],
                               capture_output=True, text=True, timeout=120)
+        # A directory that cannot be served is the first thing to fix: said even when the port is taken too.
+        no_truss = subprocess.run([sys.executable, "-m", "kernel_magics.cli", "serve", str(marks), "--port", str(port)],
+                                  capture_output=True, text=True, timeout=120)
+    assert no_truss.returncode == 1 and "has no config.yaml" in no_truss.stderr, no_truss.stderr
     assert done.returncode == 3 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(f"error: kernel-magics serve cannot listen on 127.0.0.1:{port}"), done.stderr
     assert not (marks / "loading").exists()
@@ -248,3 +272,27 @@ def test_kernel_magics_serve_answers_from_the_stand_in_then_from_uvicorn_on_the_
             time.sleep(0.05)
         assert httpx.post(s.url + "/v1/models/model:predict", json={"x": 1}).json() == {"x": 1}
         assert f"Uvicorn running on {s.url} (Press CTRL+C to quit)" in s.log  # as uvicorn says it
+
+
+def test_port_zero_is_served_on_the_port_the_system_chose_and_said_in_uvicorns_order(tmp_path):
+    d = write_truss(tmp_path / "echo", "class Model:\n    def predict(self, x):\n        return x\n")
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "kernel_magics.cli", "serve", str(d), "--port", "0"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        running = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+) \(Press CTRL\+C to quit\)")
+        give_up = time.monotonic() + 120  # (a bound on a hang, not a timing)
+        while not running.search(log.read_text()):
+            assert proc.poll() is None and time.monotonic() < give_up, log.read_text()
+            time.sleep(0.05)
+        text = log.read_text()
+        port = int(running.search(text)[1])
+        serving = re.search(r"Serving \S+ on http://127\.0\.0\.1:(\d+): loading the model", text)
+        assert port != 0 and serving and int(serving[1]) == port, text
+        # As uvicorn writes it for a port it binds: after the application's startup (which says "Serving").
+        assert text.index("Application startup complete") < running.search(text).start(), text
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=30).content == b"true"
+    finally:
+        proc.terminate()
+        proc.wait(60)

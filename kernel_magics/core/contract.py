@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from .errors import ModelDefinitionError
+from .routes import ENDPOINT_METHODS  # (served on routes of their own, beside predict)
 from .serialization import is_pydantic_class
 
 __all__ = ["ArgConfig", "MethodSpec", "ModelContract", "init_kwargs", "INIT_KWARGS", "code_fingerprint",
@@ -23,8 +24,6 @@ __all__ = ["ArgConfig", "MethodSpec", "ModelContract", "init_kwargs", "INIT_KWAR
 
 # The keyword arguments Truss may pass to ``Model.__init__``.
 INIT_KWARGS = ("config", "data_dir", "secrets", "environment")
-# Methods Truss 0.18 serves on routes of their own (OpenAI-compatible), beside predict.
-ENDPOINT_METHODS = ("chat_completions", "completions", "embeddings", "messages", "responses")
 
 
 class ArgConfig(enum.Enum):

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
-from ..core.contract import ENDPOINT_METHODS
+from ..core.routes import ROUTES
 from ..core.runtime import ChunkStream, ModelHost, ModelState
 from ..core.streams import chunk_bytes, join_chunks
 from . import errors
@@ -312,21 +312,10 @@ class _StreamResponse(Response):
 # ---------------------------------------------------------------------- the app
 
 def _routes() -> list[Route]:
-    endpoints = [Route(f"/v1/{m.replace('_', '/')}", functools.partial(execute, method=m), methods=["POST"])
-                 for m in ENDPOINT_METHODS]
-    return [
-        Route("/", liveness, methods=["GET"]),
-        Route("/v1/models/{model_name}", readiness, methods=["GET"]),
-        Route("/v1/models/{model_name}/loaded", loaded, methods=["GET"]),
-        Route("/v1/models/{model_name}/schema", schema, methods=["GET"]),
-        Route("/v1/models/{model_name}:predict", execute, methods=["POST"]),
-        Route("/v1/models/{model_name}:predict_binary", execute, methods=["POST"]),
-        # SageMaker's names for readiness and predict, as Truss serves them.
-        Route("/ping", loaded, methods=["GET"]),
-        Route("/invocations", execute, methods=["POST"]),
-        *endpoints,
-        Route("/metrics", metrics_page, methods=["GET"]),
-    ]
+    handlers = {"liveness": liveness, "readiness": readiness, "loaded": loaded, "schema": schema,
+                "metrics": metrics_page, "predict": execute}
+    return [Route(path, handlers.get(name) or functools.partial(execute, method=name), methods=[method])
+            for path, method, name in ROUTES]
 
 
 def create_app(host: Union[ModelHost, Callable[[], Optional[ModelHost]]], *,

@@ -3,8 +3,9 @@
 `serve --engine ray` needs seconds before Ray Serve's proxy binds the port (importing and starting Ray,
 Serve's controller, the proxy, the replicas). Meanwhile a health check would find the port closed. Serve's
 proxy binds its socket with SO_REUSEADDR and SO_REUSEPORT (ray/serve/_private/http_util.py), so this
-listener binds the same address first, with both, and answers what a server that has not loaded the model
-answers: ``GET /`` 200 ``true``, anything else 503 with Truss's not-ready body.
+listener binds the same address first, with both, and answers what our server answers before the model is
+loaded (core/routes.py's table: liveness 200 ``true``, the model's routes 503 with Truss's not-ready body, the
+router's 404 and 405 elsewhere).
 
 Once the proxy binds beside it, the kernel would spread connections over both, and the proxy answers
 404 until our deployment exists. A socket filter of the port's reuseport group (SO_ATTACH_REUSEPORT_CBPF)
@@ -26,13 +27,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import re
 import socket
 import struct
 import sys
 import threading
 import time
+import urllib.parse
 from typing import Iterator, Optional
 
+from ..core.routes import ROUTES
 from .limits import HEAD_LIMIT, MAX_HEADERS
 
 __all__ = ["StandIn", "stand_in", "LIVE", "NOT_READY", "STAND_IN_SERVER"]
@@ -46,17 +50,68 @@ def _response(status: bytes, body: bytes, headers: tuple = ()) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
-# What `kernel-magics serve` answers before the model is loaded (serving/server.py's liveness, and the
-# ModelNotReadyError row of serving/errors.py's table: Truss's body and x-baseten-error-* headers). Written
-# out here because that module imports FastAPI; tests/test_stand_in.py holds the two to the same bytes.
+def _json(status: bytes, body: dict, headers: tuple = ()) -> bytes:
+    return _response(status, json.dumps(body, separators=(",", ":")).encode(),
+                     (b"content-type: application/json", *headers))
+
+
+# What `kernel-magics serve` answers before the model is loaded (serving/server.py's handlers, the
+# ModelNotReadyError row of serving/errors.py's table with Truss's x-baseten-error-* headers, and the
+# router's own 404/405/307). Written out here because those modules import FastAPI; tests/test_stand_in.py
+# holds the two to the same answers, request by request.
 LIVE = _response(b"200 OK", b"true", (b"content-type: application/json",))
-NOT_READY = _response(
-    b"503 Service Unavailable",
-    json.dumps({"error": "Model with name model is not ready."}, separators=(",", ":")).encode(),
-    (b"content-type: application/json", b"x-baseten-error-source: 04", b"x-baseten-error-code: 600"))
-# uvicorn's answer to a head past the bounds of serving/limits.py.
+_NOT_READY_HEADERS = (b"x-baseten-error-source: 04", b"x-baseten-error-code: 600")
+NOT_READY = _json(b"503 Service Unavailable", {"error": "Model with name model is not ready."}, _NOT_READY_HEADERS)
+_BEFORE_THE_LOAD = {
+    "liveness": LIVE,
+    "schema": _json(b"503 Service Unavailable", {"error": "Schema not available, please try again later."},
+                    _NOT_READY_HEADERS),
+    # No samples yet: the server's own counters start when it does.
+    "metrics": _response(b"200 OK", b"", (b"content-type: text/plain; version=0.0.4; charset=utf-8",)),
+}
+NOT_FOUND = _json(b"404 Not Found", {"detail": "Not Found"})
+# uvicorn's answer to a head past the bounds of serving/limits.py, or one it cannot parse.
 BAD_REQUEST = _response(b"400 Bad Request", b"Invalid HTTP request received.",
                         (b"content-type: text/plain; charset=utf-8",))
+# The methods httptools parses (llhttp's list); any other is a bad request before routing.
+_METHODS = frozenset(b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH "
+                     b"SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY "
+                     b"SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY".split())
+
+
+def _compile_routes() -> list:
+    """core/routes.py's table as Starlette matches it: a ``{name}`` is one path segment, GET admits HEAD."""
+    compiled = []
+    for path, method, name in ROUTES:
+        pieces = re.split(r"\{[^}]+\}", path)
+        methods = {method.encode()} | ({b"HEAD"} if method == "GET" else set())
+        compiled.append((re.compile("[^/]+".join(map(re.escape, pieces))), methods, name))
+    return compiled
+
+
+_ROUTES = _compile_routes()
+
+
+def _routed(method: bytes, path: str, host: bytes, query: bytes) -> bytes:
+    """What our server answers ``method path`` with before the model is loaded (Starlette's router: the first
+    route whose path and method match; else 405 from the first whose path matches; else a 307 to the path with
+    its trailing slash toggled when that one exists; else 404)."""
+    allowed = None
+    for pattern, methods, name in _ROUTES:
+        if pattern.fullmatch(path):
+            if method in methods:
+                return _BEFORE_THE_LOAD.get(name, NOT_READY)
+            allowed = allowed or methods
+    if allowed:
+        listed = b", ".join(sorted(allowed, key=lambda m: (m != b"GET", m)))
+        return _json(b"405 Method Not Allowed", {"detail": "Method Not Allowed"}, (b"allow: " + listed,))
+    if path != "/":
+        toggled = path.rstrip("/") if path.endswith("/") else path + "/"
+        if any(pattern.fullmatch(toggled) for pattern, _, _ in _ROUTES):
+            location = b"http://" + host + urllib.parse.quote(toggled).encode() + (b"?" + query if query else b"")
+            return _response(b"307 Temporary Redirect", b"", (b"location: " + location,))
+    return NOT_FOUND
+
 
 _SO_ATTACH_REUSEPORT_CBPF = getattr(socket, "SO_ATTACH_REUSEPORT_CBPF", 51)
 _NET = 0xFFF00000  # SKF_NET_OFF: a load relative to the packet's IP header
@@ -312,12 +367,16 @@ def answer(conn: socket.socket) -> None:
     head = _read_head(conn)
     if head == b"":
         return
-    request = head.split(b"\r\n", 1)[0].split(b" ") if head else []
-    if len(request) != 3:
+    request_line, _, headers = (head or b"").partition(b"\r\n")
+    request = request_line.split(b" ")
+    if not head or len(request) not in (2, 3) or request[0] not in _METHODS:  # ("GET /": HTTP/0.9's form)
         conn.sendall(BAD_REQUEST)
     else:
-        method, target = request[0], request[1].partition(b"?")[0]
-        conn.sendall(LIVE if method == b"GET" and target == b"/" else NOT_READY)
+        target, _, query = request[1].partition(b"?")
+        host = next((line.partition(b":")[2].strip() for line in headers.split(b"\r\n")
+                     if line.partition(b":")[0].strip().lower() == b"host"), b"")
+        response = _routed(request[0], urllib.parse.unquote(target.decode("latin-1")), host, query)
+        conn.sendall(response.partition(b"\r\n\r\n")[0] + b"\r\n\r\n" if request[0] == b"HEAD" else response)
     # The client may still be sending a body: read it away (bounded) before closing, or the close resets
     # the connection and the client may lose the answer.
     conn.shutdown(socket.SHUT_WR)

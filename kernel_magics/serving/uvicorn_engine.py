@@ -119,15 +119,18 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
             server.should_exit = True
 
     def start() -> None:
-        if sockets is not None:  # uvicorn says this only for a socket it bound itself
-            logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
-                                                    *_address(sockets[0]))
         log.info("Serving %s on http://%s:%d: loading the model (readiness answers 503 until it is loaded).",
-                 truss.root, host, port)
+                 truss.root, *(_address(sockets[0]) if sockets else (host, port)))
         load_in_background(truss, model_host, failed)
 
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Optional[list] = None) -> None:
+            await super().startup(sockets)
+            if sockets and self.started:  # uvicorn says this only for a socket it bound itself
+                self._log_started_message(sockets)
+
     app = create_app(model_host, on_startup=start, on_shutdown=model_host.close, max_body=max_body, metrics=metrics)
-    server = uvicorn.Server(uvicorn_config(app, host, port, log_level=log_level, log_config=None))
+    server = Server(uvicorn_config(app, host, port, log_level=log_level, log_config=None))
     _flush_logs_before_a_signal_ends_us(stop_logs)
     sockets = [stand_in.release()] if stand_in is not None else None
     try:
