@@ -159,6 +159,32 @@ def test_nothing_of_the_kernel_reaches_the_spare_and_the_export_says_where_the_t
 
 
 @pytest.mark.slow  # 4 to 7 s each on this machine under load: a kernel, or three fresh Pythons
+def test_the_first_export_after_model_load_finds_what_the_values_unpickle_imported(tmp_path, fresh_kernel):
+    """%model_load's spare imports model.py's leading imports, then (once the values were saved aside and their
+    pickles read) the modules they unpickle: exactly what the export's own check_imports says, so it is used."""
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k.ok("%%model_config\nrequirements: [numpy]")
+    k.ok("import fractions\nimport numpy\nTABLE = []")
+    k.ok("TABLE += [numpy.random.default_rng().random(3), fractions.Fraction(1, 3)]")  # (so it travels as a value)
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return float(TABLE[0].sum() + TABLE[1])")
+    k.ok("%model_load --no-widget")
+    k.ok("%model_predict {}")
+    # As a user's next export would find it: its imports done, the values' ones too (bounded, not timed).
+    k.ok("from kernel_magics.core import spare_check as _sc\nimport time as _t\n_s = _sc.current()\n"
+         "_end = _t.monotonic() + 60\n"
+         "while not (_s.ready and _s.imported() == _s.modules and any('numpy' in m for m in _s.modules)) "
+         "and _t.monotonic() < _end:\n    _t.sleep(0.02)")
+    k.ok("%model_export out")
+    timings = json.loads(k.ok("import json as _j\nprint(_j.dumps(get_ipython().magics_manager.registry"
+                              "['ModelMagics'].last_export_timings))").stdout)
+    exported = TrussDir.open(tmp_path / "out")
+    needed = spare_check.check_imports(exported)
+    leading = spare_check.top_level_imports(exported.model_file.read_text())
+    assert len(needed) > len(leading) and any("numpy" in m for m in needed[len(leading):]), needed
+    assert timings["spare"] == needed
+
+
+@pytest.mark.slow  # 4 to 7 s each on this machine under load: a kernel, or three fresh Pythons
 def test_the_spare_goes_with_model_unload_and_with_its_kernel(tmp_path, fresh_kernel):
     k = fresh_kernel(cwd=tmp_path, load_ext=True)
     k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return 1")

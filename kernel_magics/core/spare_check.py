@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 __all__ = ["Spare", "prepare", "prepare_for", "take", "replenish", "discard", "current", "top_level_imports",
-           "check_imports"]
+           "check_imports", "imports_before_export", "import_values_ahead"]
 
 READY = "ready.json"  # in the spare's folder once its imports are done: which it imported
 # What the cold check imports before model.py (TrussDir.host); not the model's, so not matched.
@@ -75,10 +75,15 @@ def top_level_imports(text: str) -> list[str]:
 def check_imports(truss: Any) -> list[str]:
     """What a spare for the export ``truss`` imports: model.py's leading imports, then the modules its
     pickled values import as model.py loads them (core/value_imports.py says why that is safe)."""
-    from .value_imports import value_imports
     from .values import VALUES_DIR
 
-    text = truss.model_file.read_text(encoding="utf-8")
+    return _with_value_imports(truss.model_file.read_text(encoding="utf-8"), truss.root / "data" / VALUES_DIR,
+                               _local_names(truss), truss.config.requirements)
+
+
+def _with_value_imports(text: str, values: Path, local: set[str], requirements: Sequence[str]) -> list[str]:
+    from .value_imports import value_imports
+
     leading = top_level_imports(text)
     try:
         body = ast.parse(text).body
@@ -88,10 +93,62 @@ def check_imports(truss: Any) -> list[str]:
                   and not (i == 0 and isinstance(node, ast.Expr))), len(body))
     if len([n for n in body[:start] if isinstance(n, (ast.Import, ast.ImportFrom))]) != len(leading):
         return leading  # (a relative or __future__ import among them: keep to the leading imports)
-    local = _local_names(truss)
-    allowed = _requirement_modules(truss.config.requirements)
-    values = truss.root / "data" / VALUES_DIR
+    allowed = _requirement_modules(requirements)
     return leading + [s for s in value_imports(body, start, values, local, allowed) if s not in leading]
+
+
+_AHEAD_LIMIT = 2 * 2**30  # bytes of tensors: a larger module is not saved twice just to read its pickle's modules
+_saving_ahead: set = set()  # the scratch folders of imports_before_export now
+
+
+@atexit.register
+def _remove_saving_ahead() -> None:  # a kernel that ends while a thread saves values aside
+    if _saving_ahead:
+        from .scratch import remove_tree
+
+        for path in list(_saving_ahead):
+            remove_tree(path)
+
+
+def imports_before_export(materialized: Any) -> Optional[list[str]]:
+    """What :func:`check_imports` will say of the export of ``materialized`` (core/export.py), before it is
+    exported: its pickled values are saved, as the export saves them, into a scratch folder that is then
+    removed, and read as an export's are. None when there is nothing more to import than model.py's leading
+    imports, or when a value cannot be saved (or would take too long to save twice): the export's check then
+    imports those modules itself, as it did before. For the first export after ``%model_load`` (a spare
+    from the export before has them already)."""
+    import yaml
+
+    from .export import BATCHING_MODULE
+    from .scratch import ScratchDir, remove_tree
+
+    plans = [p for p in materialized.source.values
+             if p.save is not None and p.filename and p.filename.endswith((".pt", ".pkl"))]
+    if not plans or sum(_tensor_bytes(materialized.live, p.name) for p in plans) > _AHEAD_LIMIT:
+        return None
+    requirements = (yaml.safe_load(materialized.config_yaml) or {}).get("requirements") or []
+    local = {"model", "config", "data", "packages", BATCHING_MODULE} | {p.stem for p in materialized.local_modules}
+    scratch = ScratchDir(Path(tempfile.gettempdir()), "km-ahead-")
+    _saving_ahead.add(scratch.path)
+    try:
+        for plan in plans:
+            plan.save(scratch.path)
+        found = _with_value_imports(materialized.source.text, scratch.path, local, requirements)
+    except Exception:
+        return None
+    finally:
+        scratch.release()
+        remove_tree(scratch.path)
+        _saving_ahead.discard(scratch.path)
+    return found if len(found) > len(top_level_imports(materialized.source.text)) else None
+
+
+def _tensor_bytes(namespace: Optional[dict], name: str) -> int:
+    value = (namespace or {}).get(name)
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(value, torch.nn.Module):
+        return 0
+    return sum(t.numel() * t.element_size() for t in [*value.parameters(), *value.buffers()])
 
 
 def _requirement_modules(requirements: Sequence[str]) -> set[str]:
@@ -247,6 +304,18 @@ class Spare:
             return f"{edited} changed since the spare imported it"
         return None
 
+    def extend(self, statements: Sequence[str]) -> bool:
+        """Have it run ``statements`` too, after its imports and before its job (False when it cannot take them)."""
+        if not self.started.wait(30) or not self.alive():
+            return False
+        try:
+            self.proc.stdin.write(json.dumps({"more": list(statements)}).encode() + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return False
+        self.modules += list(statements)
+        return True
+
     def send(self, job: dict) -> None:
         """Give it its one job (it reads a line, then closes its end of the pipe)."""
         try:
@@ -341,6 +410,17 @@ def replenish(truss: Any, python: str) -> None:
         prepare(check_imports(truss), truss.config.environment_variables, python)
 
 
+def import_values_ahead(spare: Spare, materialized: Any) -> None:
+    """The spare ``%model_load`` started for ``materialized``'s model.py (its leading imports) also imports what
+    the values will unpickle (:func:`imports_before_export`), unless an export took or replaced it meanwhile."""
+    found = imports_before_export(materialized)
+    if found is None or found[:len(spare.modules)] != spare.modules:
+        return
+    with _state.lock:
+        if _state.spare is spare:
+            spare.extend(found[len(spare.modules):])
+
+
 def current() -> Optional[Spare]:
     return _state.spare
 
@@ -359,8 +439,6 @@ def discard(*, disable: bool = False) -> None:
 
 def _serve() -> int:
     """Import what the kernel named, say so, wait for one job and run the check (truss_dir's code)."""
-    import importlib.util
-
     spec = json.loads(sys.stdin.buffer.readline() or b"{}")
     parent = spec.get("parent")
     here = Path.cwd()
@@ -379,25 +457,43 @@ def _serve() -> int:
     # SIGTERM, not a kill: `gone` removes this spare's folder (also when the kernel died before the signal was set).
     die_with_parent(parent, signal.SIGTERM, orphaned=gone)
     os.environ.update(spec.get("env", {}))  # as TrussDir.prepare_process does before the cold import
-    imported = []
-    for statement in spec.get("modules", []):
-        try:
-            if any(importlib.util.find_spec(m.split(".")[0]) is None for m in modules_of(statement)):
-                break  # not installed (one the export carries in packages/): the check imports it and what follows
-            exec(compile(statement, "<import in advance>", "exec"), {})  # the names go nowhere: model.py binds its own
-        except BaseException:
-            break  # the cold check stops at this import too; it fails there again, in model.py's order
-        imported.append(statement)
-    (here / (READY + ".tmp")).write_text(json.dumps({"imported": imported, "sources": _sources_outside_site()}))
-    os.replace(here / (READY + ".tmp"), here / READY)
-    line = sys.stdin.buffer.readline()
-    if not line:
-        gone()
-    job = json.loads(line)
+    imported: list[str] = []
+    failed = _import_in_advance(spec.get("modules", []), imported)
+    _say_ready(here, imported)
+    while True:
+        line = sys.stdin.buffer.readline()
+        if not line:
+            gone()
+        job = json.loads(line)
+        if "more" not in job:
+            break
+        if not failed:  # the values' modules, read from their pickles once they were saved (import_values_ahead)
+            failed = _import_in_advance(job["more"], imported)
+            _say_ready(here, imported)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from here on, exactly the cold check
     from .truss_dir import _run_check
 
     return _run_check(Path(job.pop("dir")), Path(job.pop("report")), bool(job.pop("load")), options=job)
+
+
+def _import_in_advance(statements: Sequence[str], imported: list) -> bool:
+    """Run the import statements in order, up to the first that cannot run (True when one could not)."""
+    import importlib.util
+
+    for statement in statements:
+        try:
+            if any(importlib.util.find_spec(m.split(".")[0]) is None for m in modules_of(statement)):
+                return True  # not installed (one the export carries in packages/): the check imports it and what follows
+            exec(compile(statement, "<import in advance>", "exec"), {})  # the names go nowhere: model.py binds its own
+        except BaseException:
+            return True  # the cold check stops at this import too; it fails there again, in model.py's order
+        imported.append(statement)
+    return False
+
+
+def _say_ready(here: Path, imported: list) -> None:
+    (here / (READY + ".tmp")).write_text(json.dumps({"imported": imported, "sources": _sources_outside_site()}))
+    os.replace(here / (READY + ".tmp"), here / READY)
 
 
 if __name__ == "__main__":

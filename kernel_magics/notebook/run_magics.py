@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import threading
 from typing import Any, Optional
 
 from IPython.core.error import UsageError
@@ -130,11 +131,15 @@ class RunMagics(Magics):
 
         model, host = self.model, self.model.host
         try:  # (the analysis an export starts with, about 10 ms; what it cannot export, the export says)
-            text = materialize(model.cells, host.config, host.base_dir, model.notebook_name,
-                               live=self.shell.user_ns).source.text
+            materialized = materialize(model.cells, host.config, host.base_dir, model.notebook_name,
+                                       live=self.shell.user_ns)
         except Exception:
             return
-        spare_check.prepare_for(text, host.config.environment_variables)
+        spare = spare_check.prepare_for(materialized.source.text, host.config.environment_variables)
+        # The modules the saved values will unpickle (an encoder's transformers code: seconds) are known once
+        # they are saved: saved once into a scratch folder meanwhile, so the first export finds them imported.
+        threading.Thread(target=spare_check.import_values_ahead, args=(spare, materialized), daemon=True,
+                         name="km-values-ahead").start()
         if not getattr(model, "_spare_watch", None):
             model._spare_watch = host.subscribe(
                 lambda event: spare_check.discard(disable=True) if event.kind == "state"
