@@ -59,19 +59,29 @@ def answers(url: str) -> dict:
                                      ("get predict", "GET", "/v1/models/model:predict", None),
                                      ("delete predict", "DELETE", "/v1/models/model:predict", None),
                                      ("trailing slash", "GET", "/ping/?a=b", None),
-                                     ("encoded path", "GET", "/v1/models/mo%64el", None)]:
+                                     ("redirect to a colon", "GET", "/v1/models/model:predict/", None),
+                                     ("encoded path", "GET", "/v1/models/mo%64el", None),
+                                     ("newline path", "GET", "/%0A", None)]:
         r = httpx.request(method, url + path, content=body, timeout=30)
         allow = r.headers.get("allow")  # (Starlette lists a set: its order varies from process to process)
         found[name] = (r.status_code, r.headers.get("content-type"), r.headers.get("x-baseten-error-source"),
                        r.headers.get("x-baseten-error-code"), allow and sorted(allow.split(", ")),
                        r.headers.get("location", "").replace(url, "URL"), r.content)
     metrics = httpx.get(url + "/metrics", timeout=30)  # (its samples are the server's own)
-    found["metrics"] = (metrics.status_code, metrics.headers["content-type"].split(";")[0])
+    found["metrics"] = (metrics.status_code, metrics.headers["content-type"])
     for name, data in [("unfinished head", UNFINISHED_HEAD), ("many headers", MANY_HEADERS),
                        ("lowercase method", b"get / HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n"),
-                       ("no version", b"GET /\r\nHost: x\r\n\r\n")]:
+                       ("no version", b"GET /\r\nHost: x\r\n\r\n"),
+                       ("unknown version", b"GET / HTTP/9.9\r\nHost: x\r\nconnection: close\r\n\r\n"),
+                       ("absolute form", b"GET http://x:1/ HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n"),
+                       ("bare line feeds", b"GET / HTTP/1.0\n\n"),
+                       ("quoted redirect", b"GET /ping/?a=|b%22c HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n"),
+                       ("behind a TLS proxy", b"GET /ping/ HTTP/1.1\r\nHost: x\r\nX-Forwarded-Proto: https\r\n"
+                                              b"connection: close\r\n\r\n")]:
         head, _, body = raw_request(url, data).partition(b"\r\n\r\n")
-        found[name] = (head.split(b"\r\n")[0], body)
+        lines = head.split(b"\r\n")
+        location = [line.partition(b":")[2].strip() for line in lines if line.lower().startswith(b"location:")]
+        found[name] = (lines[0], location, body)
     return found
 
 
@@ -217,6 +227,13 @@ def test_released_it_gives_its_socket_and_the_connections_waiting_on_it_to_the_n
     other.close()
     with pytest.raises(RuntimeError):
         listener.release()
+
+
+def test_every_route_of_the_table_has_its_answer_before_the_load():
+    from kernel_magics.core.routes import ROUTES
+    from kernel_magics.serving import stand_in as module
+
+    assert {name for _, _, name in ROUTES} == set(module._BEFORE_THE_LOAD)
 
 
 def test_alone_it_binds_an_address_given_as_a_number_and_says_at_once_when_the_port_is_taken(tmp_path):

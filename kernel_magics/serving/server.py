@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
-from ..core.routes import ROUTES
+from ..core.routes import ENDPOINT_METHODS, ROUTES
 from ..core.runtime import ChunkStream, ModelHost, ModelState
 from ..core.streams import chunk_bytes, join_chunks
 from . import errors
@@ -313,9 +313,9 @@ class _StreamResponse(Response):
 
 def _routes() -> list[Route]:
     handlers = {"liveness": liveness, "readiness": readiness, "loaded": loaded, "schema": schema,
-                "metrics": metrics_page, "predict": execute}
-    return [Route(path, handlers.get(name) or functools.partial(execute, method=name), methods=[method])
-            for path, method, name in ROUTES]
+                "metrics": metrics_page, "predict": execute,
+                **{m: functools.partial(execute, method=m) for m in ENDPOINT_METHODS}}
+    return [Route(path, handlers[name], methods=[method]) for path, method, name in ROUTES]
 
 
 def create_app(host: Union[ModelHost, Callable[[], Optional[ModelHost]]], *,

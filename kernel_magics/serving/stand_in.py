@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import re
 import socket
 import struct
@@ -34,9 +35,9 @@ import sys
 import threading
 import time
 import urllib.parse
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
-from ..core.routes import ROUTES
+from ..core.routes import ENDPOINT_METHODS, ROUTES
 from .limits import HEAD_LIMIT, MAX_HEADERS
 
 __all__ = ["StandIn", "stand_in", "LIVE", "NOT_READY", "STAND_IN_SERVER"]
@@ -66,9 +67,18 @@ _BEFORE_THE_LOAD = {
     "liveness": LIVE,
     "schema": _json(b"503 Service Unavailable", {"error": "Schema not available, please try again later."},
                     _NOT_READY_HEADERS),
-    # No samples yet: the server's own counters start when it does.
-    "metrics": _response(b"200 OK", b"", (b"content-type: text/plain; version=0.0.4; charset=utf-8",)),
+    "metrics": None,  # (_no_samples_yet)
+    **dict.fromkeys(["readiness", "loaded", "predict", *ENDPOINT_METHODS], NOT_READY),
 }
+
+
+def _no_samples_yet() -> bytes:
+    """``/metrics`` before the server runs: Prometheus's format, no samples (its counters start with it)."""
+    try:
+        from prometheus_client import CONTENT_TYPE_LATEST  # (pure Python; the server imports it anyway)
+    except ImportError:
+        CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
+    return _response(b"200 OK", b"", (b"content-type: " + CONTENT_TYPE_LATEST.encode(),))
 NOT_FOUND = _json(b"404 Not Found", {"detail": "Not Found"})
 # uvicorn's answer to a head past the bounds of serving/limits.py, or one it cannot parse.
 BAD_REQUEST = _response(b"400 Bad Request", b"Invalid HTTP request received.",
@@ -85,32 +95,55 @@ def _compile_routes() -> list:
     for path, method, name in ROUTES:
         pieces = re.split(r"\{[^}]+\}", path)
         methods = {method.encode()} | ({b"HEAD"} if method == "GET" else set())
-        compiled.append((re.compile("[^/]+".join(map(re.escape, pieces))), methods, name))
+        compiled.append((re.compile("^" + "[^/]+".join(map(re.escape, pieces)) + "$"), methods, name))
     return compiled
 
 
 _ROUTES = _compile_routes()
 
 
-def _routed(method: bytes, path: str, host: bytes, query: bytes) -> bytes:
+def _routed(method: bytes, path: str, location: Callable[[str], bytes]) -> bytes:
     """What our server answers ``method path`` with before the model is loaded (Starlette's router: the first
     route whose path and method match; else 405 from the first whose path matches; else a 307 to the path with
-    its trailing slash toggled when that one exists; else 404)."""
+    its trailing slash toggled when that one exists, at ``location(path)``; else 404)."""
     allowed = None
     for pattern, methods, name in _ROUTES:
-        if pattern.fullmatch(path):
-            if method in methods:
-                return _BEFORE_THE_LOAD.get(name, NOT_READY)
-            allowed = allowed or methods
+        if pattern.match(path):
+            if method not in methods:
+                allowed = allowed or methods
+            else:
+                return _BEFORE_THE_LOAD[name] or _no_samples_yet()
     if allowed:
         listed = b", ".join(sorted(allowed, key=lambda m: (m != b"GET", m)))
         return _json(b"405 Method Not Allowed", {"detail": "Method Not Allowed"}, (b"allow: " + listed,))
     if path != "/":
         toggled = path.rstrip("/") if path.endswith("/") else path + "/"
-        if any(pattern.fullmatch(toggled) for pattern, _, _ in _ROUTES):
-            location = b"http://" + host + urllib.parse.quote(toggled).encode() + (b"?" + query if query else b"")
-            return _response(b"307 Temporary Redirect", b"", (b"location: " + location,))
+        if any(pattern.match(toggled) for pattern, _, _ in _ROUTES):
+            return _response(b"307 Temporary Redirect", b"", (b"location: " + location(toggled),))
     return NOT_FOUND
+
+
+def _trusted_proxy(peer: str) -> bool:
+    """Whether uvicorn takes X-Forwarded-Proto from ``peer`` (its forwarded_allow_ips, by default the loopback)."""
+    allowed = [h.strip() for h in os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1").split(",")]
+    return "*" in allowed or peer in allowed
+
+
+def _location(conn: socket.socket, headers: dict, path: str, query: bytes) -> bytes:
+    """The URL of ``path`` as Starlette's redirect writes it: the request's scheme (a trusted proxy's
+    X-Forwarded-Proto) and Host (else the server's own address), the path and query quoted as it quotes them."""
+    scheme = "http"
+    proto = headers.get(b"x-forwarded-proto", b"").decode("latin-1").strip()
+    if proto in ("http", "https", "ws", "wss") and _trusted_proxy(conn.getpeername()[0]):
+        scheme = proto
+    netloc = headers.get(b"host", b"").decode("latin-1")
+    if not netloc:
+        host, port = conn.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        netloc = host if port == {"http": 80, "https": 443, "ws": 80, "wss": 443}[scheme] else f"{host}:{port}"
+    path = path.replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
+    url = f"{scheme}://{netloc}{path}" + (f"?{query.decode('utf-8', 'replace')}" if query else "")
+    return urllib.parse.quote(url, safe=":/%#?=@[]!$&'()*+,;").encode("latin-1")
 
 
 _SO_ATTACH_REUSEPORT_CBPF = getattr(socket, "SO_ATTACH_REUSEPORT_CBPF", 51)
@@ -349,7 +382,7 @@ def _read_head(conn: socket.socket) -> Optional[bytes]:
     """The request (or response) head, or None past the bounds of serving/limits.py or when the peer left."""
     data = b""
     while b"\r\n\r\n" not in data:
-        if len(data) > HEAD_LIMIT:
+        if len(data) > HEAD_LIMIT or b"\n\n" in data:  # (a head ended by bare line feeds: refused, as httptools does)
             return None
         chunk = conn.recv(65536)
         if not chunk:
@@ -367,16 +400,7 @@ def answer(conn: socket.socket) -> None:
     head = _read_head(conn)
     if head == b"":
         return
-    request_line, _, headers = (head or b"").partition(b"\r\n")
-    request = request_line.split(b" ")
-    if not head or len(request) not in (2, 3) or request[0] not in _METHODS:  # ("GET /": HTTP/0.9's form)
-        conn.sendall(BAD_REQUEST)
-    else:
-        target, _, query = request[1].partition(b"?")
-        host = next((line.partition(b":")[2].strip() for line in headers.split(b"\r\n")
-                     if line.partition(b":")[0].strip().lower() == b"host"), b"")
-        response = _routed(request[0], urllib.parse.unquote(target.decode("latin-1")), host, query)
-        conn.sendall(response.partition(b"\r\n\r\n")[0] + b"\r\n\r\n" if request[0] == b"HEAD" else response)
+    conn.sendall(_answer_to(head, conn) if head else BAD_REQUEST)
     # The client may still be sending a body: read it away (bounded) before closing, or the close resets
     # the connection and the client may lose the answer.
     conn.shutdown(socket.SHUT_WR)
@@ -386,6 +410,26 @@ def answer(conn: socket.socket) -> None:
             conn.settimeout(max(deadline - time.monotonic(), 0.01))
             if not conn.recv(65536):
                 break
+
+
+def _answer_to(head: bytes, conn: socket.socket) -> bytes:
+    request_line, _, header_block = head.partition(b"\r\n")
+    parts = request_line.split(b" ")
+    if (len(parts) not in (2, 3) or parts[0] not in _METHODS  # ("GET /": HTTP/0.9's form, which httptools takes)
+            or len(parts) == 3 and parts[2] not in (b"HTTP/1.0", b"HTTP/1.1")):
+        return BAD_REQUEST
+    method, target = parts[0], parts[1]
+    if target.startswith((b"http://", b"https://")):  # the absolute form, as a proxy sends it
+        split = urllib.parse.urlsplit(target)
+        target = (split.path or b"/") + (b"?" + split.query if split.query else b"")
+    raw_path, _, query = target.partition(b"?")
+    headers = {}
+    for line in header_block.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        headers.setdefault(name.strip().lower(), value.strip())
+    response = _routed(method, urllib.parse.unquote(raw_path.decode("latin-1")),
+                       lambda path: _location(conn, headers, path, query))
+    return response.partition(b"\r\n\r\n")[0] + b"\r\n\r\n" if method == b"HEAD" else response
 
 
 @contextlib.contextmanager

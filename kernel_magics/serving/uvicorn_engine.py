@@ -119,15 +119,19 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
             server.should_exit = True
 
     def start() -> None:
-        log.info("Serving %s on http://%s:%d: loading the model (readiness answers 503 until it is loaded).",
-                 truss.root, *(_address(sockets[0]) if sockets else (host, port)))
         load_in_background(truss, model_host, failed)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: Optional[list] = None) -> None:
-            await super().startup(sockets)
-            if sockets and self.started:  # uvicorn says this only for a socket it bound itself
-                self._log_started_message(sockets)
+            await super().startup(sockets)  # (the app's startup, which starts the load; then it listens)
+            if not self.started:
+                return
+            address = _address(self.servers[0].sockets[0])  # (the port the system chose for --port 0)
+            if sockets is not None:  # uvicorn says this only for a socket it bound itself: said as it says it
+                logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+                                                        *address)
+            log.info("Serving %s on http://%s:%d: loading the model (readiness answers 503 until it is loaded).",
+                     truss.root, *address)
 
     app = create_app(model_host, on_startup=start, on_shutdown=model_host.close, max_body=max_body, metrics=metrics)
     server = Server(uvicorn_config(app, host, port, log_level=log_level, log_config=None))
