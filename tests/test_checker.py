@@ -303,3 +303,55 @@ def test_only_modules_of_the_requirements_are_imported_ahead_and_a_damaged_value
     # A value file that cannot be read ahead: the spare is not used, the export's check goes on cold.
     (root / "data" / "notebook_values" / "v.pkl").write_bytes(b"not a pickle at all")
     assert spare_check.check_imports(TrussDir.open(root)) == ["import pathlib", "import pickle"]
+
+
+def test_an_extended_spare_imports_the_values_modules_and_a_forgotten_import_still_fails(tmp_path, spare_slot):
+    """The {"more": ...} line %model_load's spare gets once the values' modules are known: imported before the
+    job, and the proof is the cold one's."""
+    root = _truss_with_a_pickled_value(tmp_path / "t")
+    ahead = spare_check.check_imports(TrussDir.open(root))
+    spare = spare_check.prepare(ahead[:2])  # model.py's leading imports, as %model_load starts it
+    assert spare.started.wait(30)
+    with spare_check._state.lock:
+        assert spare.extend(ahead[2:])
+    deadline = time.monotonic() + 120
+    while spare.imported() != ahead:
+        assert spare.alive() and time.monotonic() < deadline, (spare.path / "output.txt").read_text()
+        time.sleep(0.02)
+    cold = _check(root, spare=False)
+    warm = _check(root, spare=True)
+    assert warm.spare == ahead and cold.error.startswith("NameError")
+    assert (warm.ok, warm.stage, warm.error) == (False, cold.stage, cold.error)
+
+
+def _table_export(tmp_path, table):
+    import fractions
+
+    import numpy
+
+    from kernel_magics.core.config import ModelConfig
+    from kernel_magics.core.export import materialize
+
+    cells = ["import fractions\nimport numpy\nTABLE = []", "TABLE += [numpy.arange(3), fractions.Fraction(1, 3)]",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return float(TABLE[1])"]
+    live = {"fractions": fractions, "numpy": numpy, "TABLE": table}
+    return materialize(cells, ModelConfig(requirements=["numpy"]), tmp_path, "nb.ipynb", live=live)
+
+
+def test_the_values_modules_are_known_before_the_export_exactly_as_the_export_will_read_them(tmp_path, monkeypatch):
+    import fractions
+
+    import numpy
+
+    from kernel_magics.core.export import export_model
+
+    monkeypatch.chdir(tmp_path)
+    materialized = _table_export(tmp_path, [numpy.arange(3), fractions.Fraction(1, 3)])
+    before = spare_check.imports_before_export(materialized)
+    export_model(tmp_path / "out", materialized, base_dir=tmp_path)
+    needed = spare_check.check_imports(TrussDir.open(tmp_path / "out"))
+    assert before == needed and any("numpy" in s for s in needed), (before, needed)
+    # Nothing when cancelled, or when the value is too large to be read ahead at export either.
+    assert spare_check.imports_before_export(materialized, cancelled=lambda: True) is None
+    big = _table_export(tmp_path, [numpy.zeros(65 * 2**20, dtype=numpy.uint8), fractions.Fraction(1, 3)])
+    assert spare_check.imports_before_export(big) is None

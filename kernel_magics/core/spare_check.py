@@ -40,7 +40,7 @@ import sysconfig
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 __all__ = ["Spare", "prepare", "prepare_for", "take", "replenish", "discard", "current", "top_level_imports",
            "check_imports", "imports_before_export", "import_values_ahead"]
@@ -98,40 +98,50 @@ def _with_value_imports(text: str, values: Path, local: set[str], requirements: 
 
 
 _AHEAD_LIMIT = 2 * 2**30  # bytes of tensors: a larger module is not saved twice just to read its pickle's modules
-_saving_ahead: set = set()  # the scratch folders of imports_before_export now
+_ahead: dict = {}  # thread -> its scratch folder, while a thread saves values aside (imports_before_export)
 
 
 @atexit.register
-def _remove_saving_ahead() -> None:  # a kernel that ends while a thread saves values aside
-    if _saving_ahead:
-        from .scratch import remove_tree
+def _stop_saving_ahead() -> None:
+    """A kernel that ends while a thread saves values aside: the thread stops before its next value (the spare
+    was discarded, which cancels it), then its folder goes."""
+    from .scratch import remove_tree
 
-        for path in list(_saving_ahead):
-            remove_tree(path)
+    for thread, folder in list(_ahead.items()):
+        thread.join(5)
+        remove_tree(folder)
 
 
-def imports_before_export(materialized: Any) -> Optional[list[str]]:
+def imports_before_export(materialized: Any, cancelled: Callable[[], bool] = lambda: False) -> Optional[list[str]]:
     """What :func:`check_imports` will say of the export of ``materialized`` (core/export.py), before it is
-    exported: its pickled values are saved, as the export saves them, into a scratch folder that is then
-    removed, and read as an export's are. None when there is nothing more to import than model.py's leading
-    imports, or when a value cannot be saved (or would take too long to save twice): the export's check then
-    imports those modules itself, as it did before. For the first export after ``%model_load`` (a spare
-    from the export before has them already)."""
+    exported: its torch.save and pickle values are saved, as the export saves them, into a scratch folder that
+    is then removed, and read as an export's are. None when that adds nothing to model.py's leading imports,
+    when a value cannot be saved, or is too large to save twice (the export's check then imports those modules
+    itself, as it did before), or when ``cancelled()`` says so between values. For the first export after
+    ``%model_load`` (a spare the export before started has them already)."""
     import yaml
 
     from .export import BATCHING_MODULE
     from .scratch import ScratchDir, remove_tree
+    from .value_imports import PLAIN_PICKLE_LIMIT
 
     plans = [p for p in materialized.source.values
              if p.save is not None and p.filename and p.filename.endswith((".pt", ".pkl"))]
-    if not plans or sum(_tensor_bytes(materialized.live, p.name) for p in plans) > _AHEAD_LIMIT:
+    sizes = {p.name: _data_bytes((materialized.live or {}).get(p.name)) for p in plans}
+    # (a plain pickle larger than the limit is not read at export either: leaving it out predicts the same)
+    plans = [p for p in plans if p.filename.endswith(".pt") or sizes[p.name] <= PLAIN_PICKLE_LIMIT]
+    if not plans or sum(sizes[p.name] for p in plans) > _AHEAD_LIMIT:
         return None
     requirements = (yaml.safe_load(materialized.config_yaml) or {}).get("requirements") or []
-    local = {"model", "config", "data", "packages", BATCHING_MODULE} | {p.stem for p in materialized.local_modules}
+    local = {"model", "config", "data"} | {p.stem for p in materialized.local_modules}  # as _local_names(export)
+    if materialized.local_modules or materialized.config.batching is not None:
+        local |= {"packages"} | ({BATCHING_MODULE} if materialized.config.batching is not None else set())
     scratch = ScratchDir(Path(tempfile.gettempdir()), "km-ahead-")
-    _saving_ahead.add(scratch.path)
+    _ahead[threading.current_thread()] = scratch.path
     try:
         for plan in plans:
+            if cancelled():
+                return None
             plan.save(scratch.path)
         found = _with_value_imports(materialized.source.text, scratch.path, local, requirements)
     except Exception:
@@ -139,16 +149,22 @@ def imports_before_export(materialized: Any) -> Optional[list[str]]:
     finally:
         scratch.release()
         remove_tree(scratch.path)
-        _saving_ahead.discard(scratch.path)
+        _ahead.pop(threading.current_thread(), None)
     return found if len(found) > len(top_level_imports(materialized.source.text)) else None
 
 
-def _tensor_bytes(namespace: Optional[dict], name: str) -> int:
-    value = (namespace or {}).get(name)
+def _data_bytes(value: Any, depth: int = 3) -> int:
+    """The array and tensor bytes a value holds (containers followed a few levels): what makes a save long."""
     torch = sys.modules.get("torch")
-    if torch is None or not isinstance(value, torch.nn.Module):
-        return 0
-    return sum(t.numel() * t.element_size() for t in [*value.parameters(), *value.buffers()])
+    if torch is not None and isinstance(value, torch.nn.Module):
+        return sum(t.numel() * t.element_size() for t in [*value.parameters(), *value.buffers()])
+    if isinstance(getattr(value, "nbytes", None), int):  # numpy arrays, tensors
+        return value.nbytes
+    if depth and isinstance(value, (list, tuple, set, frozenset)):
+        return sum(_data_bytes(v, depth - 1) for v in list(value)[:10000])
+    if depth and isinstance(value, dict):
+        return sum(_data_bytes(v, depth - 1) for v in list(value.values())[:10000])
+    return len(value) if isinstance(value, (bytes, bytearray, str)) else 0
 
 
 def _requirement_modules(requirements: Sequence[str]) -> set[str]:
@@ -225,6 +241,7 @@ class Spare:
         self.proc: Optional[subprocess.Popen] = None  # (modules: the import statements it runs, in order)
         self.error: Optional[BaseException] = None
         self.started = threading.Event()
+        self.superseded = threading.Event()  # taken by an export, or stopped: nothing more to prepare for it
 
     def _start(self) -> None:
         """Run by the starter thread, which lives as long as the kernel: the spare's parent-death signal is
@@ -305,8 +322,9 @@ class Spare:
         return None
 
     def extend(self, statements: Sequence[str]) -> bool:
-        """Have it run ``statements`` too, after its imports and before its job (False when it cannot take them)."""
-        if not self.started.wait(30) or not self.alive():
+        """Have it run ``statements`` too, after its imports and before its job (False when it cannot take them).
+        Called with the slot's lock held, once it started."""
+        if not self.started.is_set() or not self.alive():
             return False
         try:
             self.proc.stdin.write(json.dumps({"more": list(statements)}).encode() + b"\n")
@@ -327,6 +345,7 @@ class Spare:
     def stop(self) -> None:
         from .scratch import remove_tree
 
+        self.superseded.set()
         self.started.wait(30)
         if self.proc is not None:
             from .truss_dir import _stop_group
@@ -394,6 +413,7 @@ def take(truss: Any, python: str) -> Optional[Spare]:
     if spare is None:
         _state.last_miss = "no spare" if _state.enabled else None
         return None
+    spare.superseded.set()
     why = spare.mismatch(truss, python)
     _state.last_miss = why
     if why is not None:
@@ -411,14 +431,20 @@ def replenish(truss: Any, python: str) -> None:
 
 
 def import_values_ahead(spare: Spare, materialized: Any) -> None:
-    """The spare ``%model_load`` started for ``materialized``'s model.py (its leading imports) also imports what
-    the values will unpickle (:func:`imports_before_export`), unless an export took or replaced it meanwhile."""
-    found = imports_before_export(materialized)
-    if found is None or found[:len(spare.modules)] != spare.modules:
-        return
-    with _state.lock:
-        if _state.spare is spare:
-            spare.extend(found[len(spare.modules):])
+    """In a thread: the spare ``%model_load`` started for ``materialized``'s model.py (its leading imports) also
+    imports what the values will unpickle (:func:`imports_before_export`), unless an export took it or it was
+    replaced meanwhile (which also stops the saving between values)."""
+
+    def run() -> None:
+        found = imports_before_export(materialized, cancelled=spare.superseded.is_set)
+        if found is None or not spare.started.wait(30):
+            return
+        with _state.lock:  # (an export takes the spare under it: it sees the spare before or after, never between)
+            if (_state.spare is spare and len(found) > len(spare.modules)
+                    and found[:len(spare.modules)] == spare.modules):
+                spare.extend(found[len(spare.modules):])
+
+    threading.Thread(target=run, name="km-values-ahead", daemon=True).start()
 
 
 def current() -> Optional[Spare]:

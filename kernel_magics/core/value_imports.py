@@ -34,7 +34,7 @@ from typing import Optional
 
 __all__ = ["pickle_modules", "value_imports"]
 
-_PLAIN_PICKLE_LIMIT = 64 * 2**20  # bytes: a larger plain pickle is not scanned (its modules import on load)
+PLAIN_PICKLE_LIMIT = 64 * 2**20  # bytes: a larger plain pickle is not scanned (its modules import on load)
 _STRINGS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING",
                       "STRING"})
 _PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
@@ -125,7 +125,7 @@ def _torch_pickle(path: Path) -> Optional[bytes]:
 
 def _plain_pickle(path: Path) -> Optional[bytes]:
     try:
-        return path.read_bytes() if path.stat().st_size <= _PLAIN_PICKLE_LIMIT else None
+        return path.read_bytes() if path.stat().st_size <= PLAIN_PICKLE_LIMIT else None
     except OSError:
         return None
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import json
 import re
-import threading
 from typing import Any, Optional
 
 from IPython.core.error import UsageError
@@ -138,8 +137,7 @@ class RunMagics(Magics):
         spare = spare_check.prepare_for(materialized.source.text, host.config.environment_variables)
         # The modules the saved values will unpickle (an encoder's transformers code: seconds) are known once
         # they are saved: saved once into a scratch folder meanwhile, so the first export finds them imported.
-        threading.Thread(target=spare_check.import_values_ahead, args=(spare, materialized), daemon=True,
-                         name="km-values-ahead").start()
+        spare_check.import_values_ahead(spare, materialized)
         if not getattr(model, "_spare_watch", None):
             model._spare_watch = host.subscribe(
                 lambda event: spare_check.discard(disable=True) if event.kind == "state"
