@@ -6,8 +6,10 @@ STAMP := $(VENV)/.installed-stamp
 NOTEBOOKS := notebooks/quickstart.ipynb notebooks/streaming.ipynb notebooks/wine_pipeline.ipynb \
 	notebooks/embeddings.ipynb notebooks/tiny_gpt.ipynb notebooks/openai_chat.ipynb
 # A run fails if it leaves anything in its temp dir (`make test`: in /tmp, the home directory or the repository
-# either). PYTEST_ARGS adds pytest options: `make test PYTEST_ARGS="-n 2 --dist loadgroup"` runs on two processes
-# (all the Ray tests in one of them, all the browser tests in one: tests/conftest.py groups them).
+# either). PYTEST_ARGS adds pytest options. `make test` runs on two processes (TEST_PROCESSES="-n 2 --dist loadgroup":
+# all the Ray tests in one of them, all the browser tests in one, as tests/conftest.py groups them; 440 tests in 27
+# minutes on 2 cores against 39 serial); `make test TEST_PROCESSES=` runs them one after another.
+TEST_PROCESSES ?= -n 2 --dist loadgroup
 PYTEST := $(PY) -m pytest $(PYTEST_ARGS)
 # The tiers: tests/conftest.py marks tests by what they need; `make check` leaves these out.
 CHECK_MARKS := not (ray or browser or truss_ref or package or gallery or slow)
@@ -52,7 +54,7 @@ check: $(STAMP)
 test: $(STAMP) truss-reference browser-deps
 	cd extension && PATH=$(CURDIR)/$(VENV)/bin:$$PATH jlpm test
 	KM_REQUIRE_TRUSS=$$([ -x $(TRUSS_SETUP) ] && echo 1) KM_REQUIRE_BROWSER=$$([ -x /usr/bin/chromium ] && echo 1) \
-	  $(PYTEST) tests --check-leftovers=all --durations=15
+	  $(PYTEST) $(TEST_PROCESSES) tests --check-leftovers=all --durations=15
 
 # Open the quickstart in JupyterLab (the demo itself stays headless).
 lab: $(STAMP)
