@@ -92,6 +92,8 @@ SLOW = {
     "test_fingerprint::test_tensors_and_modules_compare_by_value_not_by_device_or_identity",
     "test_magics::test_extension_loads_from_ipython_config",
     "test_magics::test_load_passes_truss_kwargs_and_reports_device",
+    *(f"test_fidelity_verified::test_a_global_that_load_changes_is_compared_as_both_loads_left_it[{case}-not loaded]"
+      for case in ("a literal", "a computed list, verified", "a computed list, replayed")),
     "test_magics::test_secret_from_environment_never_reaches_output",
     "test_readme::test_every_readme_cell_runs_as_pasted",
     "test_saved_views::test_saved_views_in_nbconvert_html_wrap_whole_words_and_show_the_whole_load_log",
@@ -120,6 +122,7 @@ SLOW = {
     "test_serving_edge::test_liveness_answers_while_model_py_imports_and_readiness_waits",
     "test_serving_edge::test_request_bodies_are_bounded_by_max_body_size",
     "test_serving_edge::test_the_models_own_log_lines_are_redacted",
+    "test_stand_in::test_it_keeps_the_port_until_the_other_listener_answers_through_the_deployment_then_hands_it_over",
     "test_truss_dir::test_layout_keys_and_package_dirs_through_validate_and_serve",
     "test_truss_dir::test_the_import_check_names_a_missing_package_and_the_flag_that_skips_it",
     "test_truss_dir::test_validate_replays_the_example_input",
