@@ -68,7 +68,7 @@ def best(fn, repeat: int = 3) -> float:
 
 
 MEASURE = '''
-import contextlib, io, json, time, pathlib
+import contextlib, io, json, time, pathlib, threading
 from kernel_magics.core import spare_check
 m = get_ipython().magics_manager.registry["ModelMagics"]
 runs, cold_runs = [], []
@@ -81,10 +81,14 @@ def export(cold):
         spare_check.discard(disable=True)
     else:
         if spare_check.current() is None:  # (a notebook without %model_load; or the last run was cold)
-            text = get_ipython().magics_manager.registry["ShipMagics"]._materialize().source.text
-            spare_check.prepare_for(text, m.host.config.environment_variables)
+            get_ipython().magics_manager.registry["RunMagics"]._start_spare_checker()  # as %model_load does
         waited = time.perf_counter()
-        while spare_check.current() is not None and not spare_check.current().ready:
+        for thread in threading.enumerate():  # %model_load's spare learns the values' modules meanwhile
+            if thread.name == "km-values-ahead":
+                thread.join()
+        spare = spare_check.current()
+        give_up = time.monotonic() + 300  # (an import the spare could not run stays missing)
+        while spare is not None and not (spare.ready and spare.imported() == spare.modules) and time.monotonic() < give_up:
             time.sleep(0.05)
         ready_s = time.perf_counter() - waited
     started = time.perf_counter()
