@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,7 +98,9 @@ def _with_value_imports(text: str, values: Path, local: set[str], requirements: 
     return leading + [s for s in value_imports(body, start, values, local, allowed) if s not in leading]
 
 
-_AHEAD_LIMIT = 2 * 2**30  # bytes of tensors: a larger module is not saved twice just to read its pickle's modules
+# Bytes of arrays and tensors: larger values are not saved twice (once ahead, once by the export) just to read the
+# modules their pickles name; nor when the temp dir (a tmpfs in memory, often) lacks room for twice as much.
+_AHEAD_LIMIT = 512 * 2**20
 _ahead: dict = {}  # thread -> its scratch folder, while a thread saves values aside (imports_before_export)
 
 
@@ -130,7 +133,8 @@ def imports_before_export(materialized: Any, cancelled: Callable[[], bool] = lam
     sizes = {p.name: _data_bytes((materialized.live or {}).get(p.name)) for p in plans}
     # (a plain pickle larger than the limit is not read at export either: leaving it out predicts the same)
     plans = [p for p in plans if p.filename.endswith(".pt") or sizes[p.name] <= PLAIN_PICKLE_LIMIT]
-    if not plans or sum(sizes[p.name] for p in plans) > _AHEAD_LIMIT:
+    total = sum(sizes[p.name] for p in plans)
+    if not plans or total > _AHEAD_LIMIT or shutil.disk_usage(tempfile.gettempdir()).free < 2 * total:
         return None
     requirements = (yaml.safe_load(materialized.config_yaml) or {}).get("requirements") or []
     local = {"model", "config", "data"} | {p.stem for p in materialized.local_modules}  # as _local_names(export)
