@@ -355,3 +355,18 @@ def test_the_values_modules_are_known_before_the_export_exactly_as_the_export_wi
     assert spare_check.imports_before_export(materialized, cancelled=lambda: True) is None
     big = _table_export(tmp_path, [numpy.zeros(65 * 2**20, dtype=numpy.uint8), fractions.Fraction(1, 3)])
     assert spare_check.imports_before_export(big) is None
+
+
+def test_an_export_that_waits_for_its_spares_imports_says_so(tmp_path, spare_slot):
+    """Exported right after %model_load (or the export before), the spare is still importing: the check's own stages
+    do not show that wait, so the export's note does."""
+    from kernel_magics.core.export import _check_note
+
+    root = write_truss(tmp_path / "t", "import torch\nclass Model:\n    def predict(self, model_input):\n        return 1\n")
+    spare_slot.prepare(["import torch"])  # importing torch takes over a second; the check is sent at once
+    report = _check(root, spare=True)
+    assert report.ok and report.spare == ["import torch"], report
+    assert report.stages["waiting"] > 0.3, report.stages
+    note = _check_note({**report.stages, "spare": report.spare, "check": report.seconds}, 1)
+    assert note.startswith(f"Checked in {report.seconds:.1f} s: waiting for the libraries being imported in advance "
+                           f"{report.stages['waiting']:.1f} s, import "), note

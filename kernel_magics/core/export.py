@@ -693,6 +693,8 @@ def _check_note(timings: dict, replayed: int) -> str:
     parts = [f"{stage} {timings[stage]:.1f} s" for stage in ("import", "load", "replay") if stage in timings]
     if "replay" in timings:
         parts[-1] += f" ({replayed} prediction{'s' if replayed != 1 else ''})"
+    if timings.get("waiting", 0) >= 0.1:  # (an export soon after the last one: its spare was still importing)
+        parts.insert(0, f"waiting for the libraries being imported in advance {timings['waiting']:.1f} s")
     spare = timings.get("spare")
     rounds = timings.get("verify rounds", 1)
     from .spare_check import modules_of

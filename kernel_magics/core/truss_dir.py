@@ -264,6 +264,7 @@ class TrussDir:
             options = {"secrets": secrets or {}, "replay": list(replay), "parent": os.getpid(),
                        "fingerprint": list(fingerprint)}
             started = time.perf_counter()
+            still_importing = taken is not None and not (taken.ready and taken.imported() == taken.modules)
             if taken is not None:  # the same check, in a Python that imported the model's libraries already
                 proc = taken.proc
                 taken.send({**options, "dir": str(self.root), "report": str(report_path), "load": load})
@@ -299,6 +300,8 @@ class TrussDir:
                                     f"{tail}")
             report = CheckReport(**json.loads(report_path.read_text()), seconds=seconds, output=text,
                                  spare=taken.imported() if taken is not None else None)
+            if still_importing:  # the job waited for the spare's imports: say so, the stages do not show it
+                report.stages = {"waiting": max(0.0, seconds - sum(report.stages.values())), **report.stages}
         finally:
             scratch.release()
             remove_tree(tmp)
