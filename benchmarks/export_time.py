@@ -68,7 +68,7 @@ def best(fn, repeat: int = 3) -> float:
 
 
 MEASURE = '''
-import contextlib, io, json, time, pathlib, threading
+import contextlib, io, json, time, pathlib
 from kernel_magics.core import spare_check
 m = get_ipython().magics_manager.registry["ModelMagics"]
 runs, cold_runs = [], []
@@ -83,9 +83,7 @@ def export(cold):
         if spare_check.current() is None:  # (a notebook without %model_load; or the last run was cold)
             get_ipython().magics_manager.registry["RunMagics"]._start_spare_checker()  # as %model_load does
         waited = time.perf_counter()
-        for thread in threading.enumerate():  # %model_load's spare learns the values' modules meanwhile
-            if thread.name == "km-values-ahead":
-                thread.join()
+        spare_check.settled()  # %model_load's spare is planned, and learns the values' modules, in a thread
         spare = spare_check.current()
         give_up = time.monotonic() + 300  # (an import the spare could not run stays missing)
         while spare is not None and not (spare.ready and spare.imported() == spare.modules) and time.monotonic() < give_up:

@@ -143,7 +143,7 @@ def test_nothing_of_the_kernel_reaches_the_spare_and_the_export_says_where_the_t
     k.ok("%model_load --no-widget")
     k.ok("%model_predict {}")
     # The spare started after the load; wait for its marker (its imports are done), as a user's next export would find it.
-    k.ok("from kernel_magics.core import spare_check as _sc\nimport time as _t\n_s = _sc.current()\n"
+    k.ok("from kernel_magics.core import spare_check as _sc\nimport time as _t\n_sc.settled(60)\n_s = _sc.current()\n"
          "while not _s.ready:\n    _t.sleep(0.02)")
     out = k.ok("%model_export out").stdout
     timings = json.loads(k.ok("import json as _j\nprint(_j.dumps(get_ipython().magics_manager.registry"
@@ -170,7 +170,7 @@ def test_the_first_export_after_model_load_finds_what_the_values_unpickle_import
     k.ok("%model_load --no-widget")
     k.ok("%model_predict {}")
     # As a user's next export would find it: its imports done, the values' ones too (bounded, not timed).
-    k.ok("from kernel_magics.core import spare_check as _sc\nimport time as _t\n_s = _sc.current()\n"
+    k.ok("from kernel_magics.core import spare_check as _sc\nimport time as _t\n_sc.settled(60)\n_s = _sc.current()\n"
          "_end = _t.monotonic() + 60\n"
          "while not (_s.ready and _s.imported() == _s.modules and any('numpy' in m for m in _s.modules)) "
          "and _t.monotonic() < _end:\n    _t.sleep(0.02)")
@@ -185,10 +185,31 @@ def test_the_first_export_after_model_load_finds_what_the_values_unpickle_import
 
 
 @pytest.mark.slow  # 4 to 7 s each on this machine under load: a kernel, or three fresh Pythons
+def test_model_load_ends_with_the_load_while_the_next_export_is_planned_in_the_background(tmp_path, fresh_kernel):
+    """Planning the export's values (imports their libraries; skops walks scikit-learn: seconds) happens after the
+    cell: here planning waits for a file the test writes only once %model_load has returned."""
+    gate = tmp_path / "gate"
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k.ok(f"import pathlib, sys, time\nGATE = pathlib.Path({str(gate)!r})\n\nclass Slow:\n    x = 0\n\n"
+         "    def __reduce__(self):  # planning the value pickles it through notebook_pickle (the load's snapshot not)\n"
+         "        frame = sys._getframe(1)\n"
+         "        while frame is not None and not frame.f_code.co_filename.endswith('notebook_pickle.py'):\n"
+         "            frame = frame.f_back\n"
+         "        while frame is not None and not GATE.exists():\n            time.sleep(0.02)\n"
+         "        return (Slow, ())\n\n\nTHING = Slow()")
+    k.ok("THING.x = 1")  # (changed by a later cell: it travels as a value)
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return THING.x")
+    k.ok("%model_load --no-widget", timeout=60)
+    gate.touch()
+    out = k.ok("from kernel_magics.core import spare_check as _sc\nprint(_sc.settled(60), _sc.current() is not None)")
+    assert out.stdout.split() == ["True", "True"], out.stdout
+
+
+@pytest.mark.slow  # 4 to 7 s each on this machine under load: a kernel, or three fresh Pythons
 def test_the_spare_goes_with_model_unload_and_with_its_kernel(tmp_path, fresh_kernel):
     k = fresh_kernel(cwd=tmp_path, load_ext=True)
     k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return 1")
-    probe = ("from kernel_magics.core import spare_check as _sc\n_s = _sc.current()\n_s.started.wait(30)\n"
+    probe = ("from kernel_magics.core import spare_check as _sc\n_sc.settled(60)\n_s = _sc.current()\n_s.started.wait(30)\n"
              "print(_s.proc.pid, _s.path)")
 
     def spare() -> tuple[int, Path]:

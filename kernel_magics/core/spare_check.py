@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 __all__ = ["Spare", "prepare", "prepare_for", "take", "replenish", "discard", "current", "top_level_imports",
-           "check_imports", "imports_before_export", "import_values_ahead"]
+           "check_imports", "imports_before_export", "import_values_ahead", "in_background", "settled"]
 
 READY = "ready.json"  # in the spare's folder once its imports are done: which it imported
 # What the cold check imports before model.py (TrussDir.host); not the model's, so not matched.
@@ -435,20 +435,33 @@ def replenish(truss: Any, python: str) -> None:
 
 
 def import_values_ahead(spare: Spare, materialized: Any) -> None:
-    """In a thread: the spare ``%model_load`` started for ``materialized``'s model.py (its leading imports) also
-    imports what the values will unpickle (:func:`imports_before_export`), unless an export took it or it was
-    replaced meanwhile (which also stops the saving between values)."""
+    """The spare ``%model_load`` started for ``materialized``'s model.py (its leading imports) also imports what
+    the values will unpickle (:func:`imports_before_export`), unless an export took it or it was replaced
+    meanwhile (which also stops the saving between values). Run in a thread (:func:`in_background`)."""
+    found = imports_before_export(materialized, cancelled=spare.superseded.is_set)
+    if found is None or not spare.started.wait(30):
+        return
+    with _state.lock:  # (an export takes the spare under it: it sees the spare before or after, never between)
+        if _state.spare is spare and len(found) > len(spare.modules) and found[:len(spare.modules)] == spare.modules:
+            spare.extend(found[len(spare.modules):])
 
-    def run() -> None:
-        found = imports_before_export(materialized, cancelled=spare.superseded.is_set)
-        if found is None or not spare.started.wait(30):
-            return
-        with _state.lock:  # (an export takes the spare under it: it sees the spare before or after, never between)
-            if (_state.spare is spare and len(found) > len(spare.modules)
-                    and found[:len(spare.modules)] == spare.modules):
-                spare.extend(found[len(spare.modules):])
 
-    threading.Thread(target=run, name="km-values-ahead", daemon=True).start()
+_helpers: list = []  # threads preparing a spare (in_background)
+
+
+def in_background(work: Callable[[], None], name: str) -> None:
+    """Run ``work`` in a thread of its own: what %model_load starts for the next export never holds up the kernel
+    (planning the values imports their libraries: skops walks all of scikit-learn's estimators, seconds)."""
+    thread = threading.Thread(target=work, name=name, daemon=True)
+    _helpers[:] = [t for t in _helpers if t.is_alive()] + [thread]
+    thread.start()
+
+
+def settled(timeout: Optional[float] = None) -> bool:
+    """Wait for the threads preparing a spare (tests, benchmarks: as a user's export a while later finds it)."""
+    for thread in list(_helpers):
+        thread.join(timeout)
+    return not any(t.is_alive() for t in _helpers)
 
 
 def current() -> Optional[Spare]:

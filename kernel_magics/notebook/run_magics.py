@@ -124,24 +124,31 @@ class RunMagics(Magics):
 
     def _start_spare_checker(self) -> None:
         """Start the next export's fresh Python now (core/spare_check.py): it imports the libraries model.py
-        imports in the background, so the export's proof does not wait for them. It stops with %model_unload."""
+        imports in the background, so the export's proof does not wait for them. It stops with %model_unload.
+        Planned in a thread (planning the values imports their libraries): the cell ends when the load does."""
         from ..core import spare_check
         from ..core.export import materialize
 
         model, host = self.model, self.model.host
-        try:  # (the analysis an export starts with, about 10 ms; what it cannot export, the export says)
-            materialized = materialize(model.cells, host.config, host.base_dir, model.notebook_name,
-                                       live=self.shell.user_ns)
-        except Exception:
-            return
-        spare = spare_check.prepare_for(materialized.source.text, host.config.environment_variables)
-        # The modules the saved values will unpickle (an encoder's transformers code: seconds) are known once
-        # they are saved: saved once into a scratch folder meanwhile, so the first export finds them imported.
-        spare_check.import_values_ahead(spare, materialized)
         if not getattr(model, "_spare_watch", None):
             model._spare_watch = host.subscribe(
                 lambda event: spare_check.discard(disable=True) if event.kind == "state"
                 and event.state in (ModelState.DEFINED, ModelState.NOT_DEFINED) else None)
+        cells, namespace, before = list(model.cells), self.shell.user_ns, spare_check.current()
+
+        def prepare() -> None:
+            try:  # (the analysis an export starts with; what it cannot export, the export says)
+                materialized = materialize(cells, host.config, host.base_dir, model.notebook_name, live=namespace)
+            except Exception:
+                return
+            if host.state is not ModelState.READY or spare_check.current() is not before:
+                return  # unloaded or redefined meanwhile, or an export started the next spare already
+            spare = spare_check.prepare_for(materialized.source.text, host.config.environment_variables)
+            # The modules the saved values will unpickle (an encoder's transformers code: seconds) are known once
+            # they are saved: saved once into a scratch folder, so the first export finds them imported.
+            spare_check.import_values_ahead(spare, materialized)
+
+        spare_check.in_background(prepare, "km-spare-prepare")
 
     def _render_traceback(self, exc: BaseException) -> str:
         """The user's traceback as plain text for the load view, cells named as IPython names them
