@@ -13,6 +13,18 @@ from . import __version__
 __all__ = ["main", "build_parser"]
 
 
+
+def port_number(text: str) -> int:
+    """argparse's type for a TCP port: a number from 0 to 65535 (bind() raises OverflowError past it)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number: give one from 0 to 65535 "
+                                         "(0 lets the system pick a free one)")
+    return port
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kernel-magics",
@@ -41,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="Serve a Truss directory over Truss's HTTP API (FastAPI + uvicorn).")
     serve.add_argument("dir", type=Path, help="An exported (or any) Truss directory.")
     serve.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1: this machine only).")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--port", type=port_number, default=8080,
+                       help="Port to listen on (default 8080; 0 lets the system pick a free one, said in the log).")
     serve.add_argument("--secrets-dir", type=Path, default=None,
                        help="A folder with one file per secret, named after it (as Truss mounts /secrets).")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",

@@ -22,6 +22,15 @@ def test_unknown_command_is_a_usage_error():
     assert out.returncode == 2 and "invalid choice: 'deploy'" in out.stderr
 
 
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_a_port_out_of_range_is_a_usage_error_not_a_traceback(tmp_path, port):
+    out = subprocess.run([sys.executable, "-m", "kernel_magics.cli", "serve", str(tmp_path), "--port", port],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (f"kernel-magics serve: error: argument --port: {port!r} is not a port "
+                                                   "number: give one from 0 to 65535 (0 lets the system pick a free one)")
+
+
 def test_labextension_is_installed_prebuilt_and_enabled():
     from pathlib import Path
 

@@ -11,6 +11,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
+from ..cli import port_number
 from ..core.runtime import ModelState
 from .magics import ModelMagics, allows_comment, parse_arguments, unquote
 
@@ -148,7 +149,7 @@ class ShipMagics(Magics):
     # ------------------------------------------------------------------ serve the live model
 
     @magic_arguments()
-    @argument("--port", type=int, default=8080, help="Port on 127.0.0.1 (default 8080; 0 picks a free one).")
+    @argument("--port", type=port_number, default=8080, help="Port on 127.0.0.1 (default 8080; 0 picks a free one).")
     @argument("--engine", choices=["kernel", "ray"], default="kernel",
               help="kernel (default): the live model, served from this kernel (hot reloads apply at once). "
                    "ray: export the model to a temporary directory (every check of %%model_export) and serve "
