@@ -2,6 +2,7 @@
 msgpack, the logs. Real `kernel-magics serve` processes, real sockets; no timed assertions."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -60,6 +61,9 @@ class Model:
             time.sleep(0.05)
         assert httpx.post(s.predict_url(), json={}).json() == "ready"
     assert f"Serving {tmp_path / 'slowimport'} on http://127.0.0.1:" in s.log and "loading the model" in s.log
+    # The import's time is said apart from load()'s (here the import is all of it).
+    assert re.search(r"Model loaded in [0-9.]+ s \(importing model/model\.py [0-9.]+ s, load\(\) 0\.00 s\); ready",
+                     s.log), s.log
 
 
 def test_an_import_error_is_a_failed_load_with_the_users_frames(tmp_path):
