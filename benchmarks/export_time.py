@@ -80,8 +80,11 @@ def export(cold):
     if cold:
         spare_check.discard(disable=True)
     else:
-        if spare_check.current() is None:  # (a notebook without %model_load; or the last run was cold)
+        if spare_check.current() is None and m.host.state.name == "READY":  # (the last run was cold)
             get_ipython().magics_manager.registry["RunMagics"]._start_spare_checker()  # as %model_load does
+        elif spare_check.current() is None:  # (a notebook without %model_load)
+            text = get_ipython().magics_manager.registry["ShipMagics"]._materialize().source.text
+            spare_check.prepare_for(text, m.host.config.environment_variables)
         waited = time.perf_counter()
         spare_check.settled()  # %model_load's spare is planned, and learns the values' modules, in a thread
         spare = spare_check.current()

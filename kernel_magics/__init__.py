@@ -13,7 +13,7 @@ def load_ipython_extension(ipython) -> None:
     from .notebook.bench_magics import BenchMagics
     from .notebook.define_magics import DefineMagics
     from .notebook.magics import ModelMagics
-    from .notebook.run_magics import RunMagics
+    from .notebook.run_magics import RunMagics, wait_for_spare_planning
     from .notebook.ship_magics import ShipMagics
 
     magics = ModelMagics(ipython)
@@ -22,6 +22,7 @@ def load_ipython_extension(ipython) -> None:
         ipython.register_magics(adapter(ipython, magics))
     ipython.events.register("pre_run_cell", magics.note_cell)
     ipython.events.register("post_run_cell", magics.record_cell)
+    ipython.events.register("pre_execute", wait_for_spare_planning)
     from .notebook.frontend import apply_settings
 
     # The lab extension's channel: follows the host's predictions, applies the extension's settings.
@@ -33,7 +34,10 @@ def unload_ipython_extension(ipython) -> None:
     magics = ipython.magics_manager.registry.get("ModelMagics")
     if magics is not None:
         magics.runner.stop()
-        for event, hook in (("pre_run_cell", magics.note_cell), ("post_run_cell", magics.record_cell)):
+        from .notebook.run_magics import wait_for_spare_planning
+
+        for event, hook in (("pre_run_cell", magics.note_cell), ("post_run_cell", magics.record_cell),
+                            ("pre_execute", wait_for_spare_planning)):
             try:
                 ipython.events.unregister(event, hook)
             except ValueError:

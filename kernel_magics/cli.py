@@ -9,21 +9,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
+from .core.ports import port_number
 
 __all__ = ["main", "build_parser"]
 
 
 
-def port_number(text: str) -> int:
-    """argparse's type for a TCP port: a number from 0 to 65535 (bind() raises OverflowError past it)."""
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number: give one from 0 to 65535 "
-                                         "(0 lets the system pick a free one)")
-    return port
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

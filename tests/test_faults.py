@@ -501,8 +501,8 @@ def test_bad_input_in_the_magics_gets_a_one_paragraph_usage_error(tmp_path, requ
     k.ok(SIMPLE)
     cases = {
         "%model_export 'unterminated": "Close the quote",
-        "%model_serve --port -1": "--port -1: a port is a number from 1 to 65535",
-        "%model_serve --port 70000": "--port 70000: a port is a number from 1 to 65535",
+        "%model_serve --port -1": "argument --port: '-1' is not a port number: give one from 0 to 65535",
+        "%model_serve --port 70000": "argument --port: '70000' is not a port number: give one from 0 to 65535",
         "%model_export " + "n" * 300: "bytes long",
         "%%model_config\nmodel_metadata: &a [*a]\n": "would contain itself",
         "%%model_config\nmodel_metadata: {big: " + "9" * 5000 + "}\n": "integer of 5,000 digits",

@@ -105,11 +105,14 @@ _ahead: dict = {}  # thread -> its scratch folder, while a thread saves values a
 
 
 @atexit.register
-def _stop_saving_ahead() -> None:
-    """A kernel that ends while a thread saves values aside: the thread stops before its next value (the spare
-    was discarded, which cancels it), then its folder goes."""
+def _at_exit() -> None:
+    """A kernel that ends while a thread plans or saves values aside: nothing new starts (``closing``), the threads
+    stop (bounded: the discarded spare cancels a save before its next value), the spare goes, then their folders."""
     from .scratch import remove_tree
 
+    _state.closing = True
+    settled(5)
+    discard()
     for thread, folder in list(_ahead.items()):
         thread.join(5)
         remove_tree(folder)
@@ -267,6 +270,13 @@ class Spare:
     def ready(self) -> bool:
         return (self.path / READY).is_file()
 
+    def caught_up(self) -> bool:
+        """Whether it has dealt with every import it was sent (imported, or not: one before could not be)."""
+        try:
+            return json.loads((self.path / READY).read_text())["handled"] == len(_OURS) + len(self.modules)
+        except (OSError, ValueError, KeyError):
+            return False
+
     def imported(self) -> list[str]:
         """What it imported (once ready): model.py's first imports, up to one not installed or that failed."""
         try:
@@ -368,6 +378,7 @@ class _State:
         self.enabled = False  # this process keeps a spare (a kernel that loaded a model; not the CLI)
         self.last_miss: Optional[str] = None  # why the last check could not use the spare
         self.starter: Optional[queue.Queue] = None
+        self.closing = False  # the process is exiting: no spare starts any more
 
 
 _state = _State()
@@ -387,10 +398,13 @@ def _starter() -> queue.Queue:
     return _state.starter
 
 
-def prepare(modules: Sequence[str], env_vars: Optional[dict] = None, python: str = sys.executable) -> Spare:
-    """Have a spare that imports ``modules`` ready (the one running already, when it is that one)."""
+def prepare(modules: Sequence[str], env_vars: Optional[dict] = None, python: str = sys.executable) -> Optional[Spare]:
+    """Have a spare that imports ``modules`` ready (the one running already, when it is that one); None in a
+    process that is exiting."""
     env_vars = env_vars or {}
     with _state.lock:
+        if _state.closing:
+            return None
         _state.enabled = True
         old = _state.spare
         if (old is not None and old.modules == list(modules) and old.python == python and old.error is None
@@ -404,7 +418,8 @@ def prepare(modules: Sequence[str], env_vars: Optional[dict] = None, python: str
     return spare
 
 
-def prepare_for(model_py_text: str, env_vars: Optional[dict] = None, python: str = sys.executable) -> Spare:
+def prepare_for(model_py_text: str, env_vars: Optional[dict] = None,
+                python: str = sys.executable) -> Optional[Spare]:
     """A spare for the model.py ``model_py_text``: its top-level imports."""
     return prepare(top_level_imports(model_py_text), env_vars, python)
 
@@ -458,9 +473,13 @@ def in_background(work: Callable[[], None], name: str) -> None:
 
 
 def settled(timeout: Optional[float] = None) -> bool:
-    """Wait for the threads preparing a spare (tests, benchmarks: as a user's export a while later finds it)."""
+    """Wait for the threads preparing a spare, at most ``timeout`` seconds in all (True once none runs). The kernel
+    waits for them before each execution (notebook/run_magics.py), tests and benchmarks too."""
+    import time
+
+    deadline = None if timeout is None else time.monotonic() + timeout
     for thread in list(_helpers):
-        thread.join(timeout)
+        thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
     return not any(t.is_alive() for t in _helpers)
 
 
@@ -501,8 +520,9 @@ def _serve() -> int:
     die_with_parent(parent, signal.SIGTERM, orphaned=gone)
     os.environ.update(spec.get("env", {}))  # as TrussDir.prepare_process does before the cold import
     imported: list[str] = []
+    handled = len(spec.get("modules", []))  # statements imported, or not because one before could not be
     failed = _import_in_advance(spec.get("modules", []), imported)
-    _say_ready(here, imported)
+    _say_ready(here, imported, handled)
     while True:
         line = sys.stdin.buffer.readline()
         if not line:
@@ -512,7 +532,8 @@ def _serve() -> int:
             break
         if not failed:  # the values' modules, read from their pickles once they were saved (import_values_ahead)
             failed = _import_in_advance(job["more"], imported)
-            _say_ready(here, imported)
+        handled += len(job["more"])
+        _say_ready(here, imported, handled)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from here on, exactly the cold check
     from .truss_dir import _run_check
 
@@ -534,8 +555,9 @@ def _import_in_advance(statements: Sequence[str], imported: list) -> bool:
     return False
 
 
-def _say_ready(here: Path, imported: list) -> None:
-    (here / (READY + ".tmp")).write_text(json.dumps({"imported": imported, "sources": _sources_outside_site()}))
+def _say_ready(here: Path, imported: list, handled: int) -> None:
+    (here / (READY + ".tmp")).write_text(json.dumps({"imported": imported, "handled": handled,
+                                                     "sources": _sources_outside_site()}))
     os.replace(here / (READY + ".tmp"), here / READY)
 
 

@@ -264,7 +264,7 @@ class TrussDir:
             options = {"secrets": secrets or {}, "replay": list(replay), "parent": os.getpid(),
                        "fingerprint": list(fingerprint)}
             started = time.perf_counter()
-            still_importing = taken is not None and not (taken.ready and taken.imported() == taken.modules)
+            still_importing = taken is not None and not taken.caught_up()
             if taken is not None:  # the same check, in a Python that imported the model's libraries already
                 proc = taken.proc
                 taken.send({**options, "dir": str(self.root), "report": str(report_path), "load": load})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import sys
 from typing import Any, Optional
 
 from IPython.core.error import UsageError
@@ -125,7 +126,8 @@ class RunMagics(Magics):
     def _start_spare_checker(self) -> None:
         """Start the next export's fresh Python now (core/spare_check.py): it imports the libraries model.py
         imports in the background, so the export's proof does not wait for them. It stops with %model_unload.
-        Planned in a thread (planning the values imports their libraries): the cell ends when the load does."""
+        Planned in a thread (planning the values imports their libraries): the cell ends when the load does, and
+        the next execution waits for the thread (:func:`wait_for_spare_planning`)."""
         from ..core import spare_check
         from ..core.export import materialize
 
@@ -144,6 +146,8 @@ class RunMagics(Magics):
             if host.state is not ModelState.READY or spare_check.current() is not before:
                 return  # unloaded or redefined meanwhile, or an export started the next spare already
             spare = spare_check.prepare_for(materialized.source.text, host.config.environment_variables)
+            if spare is None:
+                return  # the kernel is exiting
             # The modules the saved values will unpickle (an encoder's transformers code: seconds) are known once
             # they are saved: saved once into a scratch folder, so the first export finds them imported.
             spare_check.import_values_ahead(spare, materialized)
@@ -400,3 +404,17 @@ def _response_value(response: Any) -> Any:
         return json.loads(body)
     except ValueError:
         return body.decode("utf-8", "replace")
+
+
+_PLANNING_BOUND = 60.0  # seconds an execution waits at most for the planning (a value's own pickling code could hang)
+
+
+def wait_for_spare_planning() -> None:
+    """IPython's ``pre_execute``: an execution first waits for the thread that plans the next export's spare after
+    %model_load. That thread reads the notebook's values (it pickles them to plan and save them); a cell running
+    meanwhile could change them under it, or use an object that is not thread-safe (a fast tokenizer raises
+    "Already borrowed"). So it runs while the kernel is idle, the time a user takes to type the next cell, and a
+    cell that comes sooner (Run All) waits, as %model_load itself waited before; %model_export then finds the spare."""
+    spare_check = sys.modules.get("kernel_magics.core.spare_check")  # (none before the first %model_load)
+    if spare_check is not None:
+        spare_check.settled(_PLANNING_BOUND)

@@ -11,7 +11,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from ..cli import port_number
+from ..core.ports import port_number
 from ..core.runtime import ModelState
 from .magics import ModelMagics, allows_comment, parse_arguments, unquote
 
@@ -174,8 +174,6 @@ class ShipMagics(Magics):
             %model_serve --engine ray --replicas 2 --port 8000
         """
         args = parse_arguments(self.model_serve, line)
-        if not 0 <= args.port <= 65535:
-            raise UsageError(f"--port {args.port}: a port is a number from 1 to 65535 (or 0 for any free one).")
         model = self.model
         current = model.server
         if args.stop:

@@ -327,7 +327,7 @@ def create_app(host: Union[ModelHost, Callable[[], Optional[ModelHost]]], *,
     ``host`` may also be a function returning it (or None while there is none yet: a server that
     binds before it imports the model, a Ray replica that builds the app before its host).
     ``on_startup``/``on_shutdown`` run when the server starts and stops (``kernel-magics serve``
-    starts its load thread there, as Truss does). ``all_ready``, when given, must also say yes
+    starts its load thread once the port listens, as Truss starts it at start-up). ``all_ready``, when given, must also say yes
     before readiness is 200 (every replica of a scaled-out deployment, say). ``max_body``: the
     largest request body accepted, in bytes (413 beyond).
     """

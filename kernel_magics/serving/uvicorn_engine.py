@@ -123,12 +123,9 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
         if server is not None:
             server.should_exit = True
 
-    def start() -> None:
-        load_in_background(truss, model_host, failed)
-
     class Server(uvicorn.Server):
         async def startup(self, sockets: Optional[list] = None) -> None:
-            await super().startup(sockets)  # (the app's startup, which starts the load; then it listens)
+            await super().startup(sockets)  # (the app's startup, then it listens)
             if not self.started:
                 return
             address = _address(self.servers[0].sockets[0])  # (the port the system chose for --port 0)
@@ -137,8 +134,9 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
                                                         *address)
             log.info("Serving %s on http://%s:%d: loading the model (readiness answers 503 until it is loaded).",
                      truss.root, *address)
+            load_in_background(truss, model_host, failed)  # (after that line: a fast load's line comes after it)
 
-    app = create_app(model_host, on_startup=start, on_shutdown=model_host.close, max_body=max_body, metrics=metrics)
+    app = create_app(model_host, on_shutdown=model_host.close, max_body=max_body, metrics=metrics)
     server = Server(uvicorn_config(app, host, port, log_level=log_level, log_config=None))
     _flush_logs_before_a_signal_ends_us(stop_logs)
     sockets = [stand_in.release()] if stand_in is not None else None
