@@ -14,8 +14,6 @@ from .core.ports import port_number
 __all__ = ["main", "build_parser"]
 
 
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kernel-magics",

@@ -392,8 +392,7 @@ def _starter() -> queue.Queue:
             while True:
                 jobs.get()._start()
 
-        threading.Thread(target=run, name="km-spare-starter", daemon=True).start()
-        atexit.register(discard)
+        threading.Thread(target=run, name="km-spare-starter", daemon=True).start()  # (_at_exit discards the spare)
         _state.starter = jobs
     return _state.starter
 

@@ -320,14 +320,14 @@ def _routes() -> list[Route]:
 
 def create_app(host: Union[ModelHost, Callable[[], Optional[ModelHost]]], *,
                all_ready: Optional[Callable[[], Awaitable[bool]]] = None,
-               on_startup: Optional[Callable[[], None]] = None, on_shutdown: Optional[Callable[[], None]] = None,
+               on_shutdown: Optional[Callable[[], None]] = None,
                log_requests: bool = True, metrics: bool = True, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
     """The FastAPI app serving ``host``.
 
     ``host`` may also be a function returning it (or None while there is none yet: a server that
     binds before it imports the model, a Ray replica that builds the app before its host).
-    ``on_startup``/``on_shutdown`` run when the server starts and stops (``kernel-magics serve``
-    starts its load thread once the port listens, as Truss starts it at start-up). ``all_ready``, when given, must also say yes
+    ``on_shutdown`` runs when the server stops (``kernel-magics serve`` starts its load thread once the
+    port listens: serving/uvicorn_engine.py). ``all_ready``, when given, must also say yes
     before readiness is 200 (every replica of a scaled-out deployment, say). ``max_body``: the
     largest request body accepted, in bytes (413 beyond).
     """
@@ -337,8 +337,6 @@ def create_app(host: Union[ModelHost, Callable[[], Optional[ModelHost]]], *,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if on_startup is not None:
-            on_startup()
         try:
             yield
         finally:

@@ -79,6 +79,8 @@ def _no_samples_yet() -> bytes:
     except ImportError:
         CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
     return _response(b"200 OK", b"", (b"content-type: " + CONTENT_TYPE_LATEST.encode(),))
+
+
 NOT_FOUND = _json(b"404 Not Found", {"detail": "Not Found"})
 # uvicorn's answer to a head past the bounds of serving/limits.py, or one it cannot parse.
 BAD_REQUEST = _response(b"400 Bad Request", b"Invalid HTTP request received.",
