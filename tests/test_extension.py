@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import httpx
@@ -373,10 +374,43 @@ def open_notebook(page, lab, name: str, cells: list, secrets_env: bool = False) 
                            " && window.jupyterapp.commands.hasCommand('kernel-magics:show-panel')", timeout=120_000)
     page.evaluate("() => window.jupyterapp.restored")
     command(page, "docmanager:open", {"path": name})
-    page.wait_for_function("n => { const w = window.jupyterapp.shell.currentWidget; return w && w.context"
-                           " && w.context.path === n && w.sessionContext.session && w.sessionContext.session.kernel"
-                           " && w.sessionContext.session.kernel.status === 'idle'; }", arg=name, timeout=60_000)
+    wait_kernel_idle(page, lab, name)
     command(page, "kernel-magics:show-panel")
+
+
+NOTEBOOK_STATE = """n => { const w = window.jupyterapp.shell.currentWidget; const s = w && w.sessionContext;
+    const k = s && s.session && s.session.kernel;
+    return {current: w ? (w.context ? w.context.path : w.id) : null, session: !!(s && s.session),
+            kernel: k ? k.status : null, connection: k ? k.connectionStatus : null,
+            dialogs: [...document.querySelectorAll('.jp-Dialog')].map(d => d.innerText)}; }"""
+
+
+def wait_kernel_idle(page, lab, name: str, timeout: float = 60_000) -> None:
+    """Until the notebook `name` is current and its kernel idle. Once in a CI run (2 processes, the other one
+    starting Ray) a new notebook's kernel never reported idle within 60 s; what Lab showed was not kept. Now the
+    state and Lab's log are, and the kernel gets one restart before the test fails: what the tests here are about
+    is the panel, not whether Jupyter's kernel start survives a starved machine."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    ready = ("n => { const w = window.jupyterapp.shell.currentWidget; return w && w.context"
+             " && w.context.path === n && w.sessionContext.session && w.sessionContext.session.kernel"
+             " && w.sessionContext.session.kernel.status === 'idle'; }")
+    try:
+        page.wait_for_function(ready, arg=name, timeout=timeout)
+        return
+    except PlaywrightTimeout:
+        first = page.evaluate(NOTEBOOK_STATE, name)
+    if first["current"] == name and first["session"]:
+        page.evaluate("() => { void window.jupyterapp.shell.currentWidget.sessionContext.restartKernel(); }")
+    else:
+        command(page, "docmanager:open", {"path": name})
+    try:
+        page.wait_for_function(ready, arg=name, timeout=timeout)
+    except PlaywrightTimeout:
+        log = (lab["root"] / ".lab.log").read_text(errors="replace")[-4000:]
+        raise AssertionError(f"{name}'s kernel never became idle: {first}, then after a restart "
+                             f"{page.evaluate(NOTEBOOK_STATE, name)}\nJupyterLab's log ends:\n{log}") from None
+    warnings.warn(f"{name}'s kernel was not idle after {timeout / 1000:.0f} s ({first}); it was after a restart")
 
 
 def kernel_value(page, expression: str) -> str:
