@@ -106,6 +106,23 @@ def test_the_export_answers_as_the_notebook_did_on_both_servers(tmp_path, case, 
     assert not (tmp_path / "from-cli").exists() and leftovers(tmp_path) == []
 
 
+def test_every_value_changed_after_the_recorded_prediction_is_named(tmp_path, fresh_kernel):
+    """Two values changed after the prediction: the refusal names both, not the first it finds (the user
+    would fix one and meet the next refusal)."""
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k.ok("OFFSET = {'bias': 0}\nSCALE = 2")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n"
+         "        return model_input['x'] * SCALE + OFFSET['bias']")
+    k.ok("%model_load")
+    assert k.ok('%model_predict {"x": 1}').result == "2"
+    k.ok("SCALE = 3\nOFFSET['bias'] = 1")
+    message = usage_error(k.execute("%model_export out"))
+    assert "`OFFSET` (`OFFSET['bias'] = 1` in cell 6, line 2)" in message, message
+    assert "`SCALE` (assigned again in cell 6)" in message, message
+    assert "changed after this prediction was recorded; the export carries their values now" in message, message
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_value_changed_after_the_recorded_predictions_fails_the_replay(tmp_path, fresh_kernel):
     k = fresh_kernel(cwd=tmp_path)
     k.ok("%load_ext kernel_magics")
@@ -119,7 +136,7 @@ def test_a_value_changed_after_the_recorded_predictions_fails_the_replay(tmp_pat
     message = usage_error(k.execute("%model_export out --force"))
     assert "does not answer as the notebook did, so nothing was exported" in message
     assert "The notebook answered \"green\"; the export answers \"teal\"" in message
-    assert "`WORDS` changed after this prediction was recorded (`WORDS[1] = 'teal'` in cell" in message
+    assert "`WORDS` (`WORDS[1] = 'teal'` in cell 7, line 1) changed after this prediction was recorded" in message, message
     assert files_of(tmp_path / "out") == before and leftovers(tmp_path) == []  # the previous export stays
     skipped = k.ok("%model_export out --force --no-replay").stdout
     assert "Replay skipped (--no-replay)" in skipped and "WORDS = ['red', 'teal', 'blue']" in (

@@ -24,13 +24,13 @@ CASES = {
         {}, ["import os\nMODE = os.environ.get('KM_TEST_MODE', 'plain')  # the environment: stays source",
              "FEATURES = sorted({'b', 'a'})", "cols = FEATURES\ncols.append('c')"],
         "return {'features': FEATURES, 'mode': MODE, 'i': model_input['i']}", [{"i": 1}],
-        [r"FEATURES +constant +cell 3 +used by Model; value \(literal\): re-running its source gives a different "
-         r"value: 2 items, the notebook has 3 items", r"MODE +constant +cell 2 +used by Model; source"],
+        [r"FEATURES +variable +cell 3 +used by Model; value \(literal\): re-running its source gives a different "
+         r"value: 2 items, the notebook has 3 items", r"MODE +variable +cell 2 +used by Model; source"],
         "`FEATURES` (in Model), but cell 4 binds another name to it"),
     "a dict filled inside a function": (
         {}, ["LABELS = dict()", "def fill():\n    LABELS.update({'0': 'red', '1': 'green'})", "fill()"],
         "return LABELS[str(model_input['i'])]", [{"i": 1}, {"i": 0}],
-        [r"LABELS +constant +cell 2 +used by Model; value \(literal\): re-running its source gives a different value: "
+        [r"LABELS +variable +cell 2 +used by Model; value \(literal\): re-running its source gives a different value: "
          r"0 items, the notebook has 2 items"],
         "`LABELS` (in Model), but cell 4 calls `fill`, which uses it and may change it: `fill()` (line 1)"),
     "a dict filled by an awaited coroutine": (
@@ -38,14 +38,14 @@ CASES = {
              "async def load_labels():\n    await asyncio.sleep(0)\n    LABELS.update({'0': 'red', '1': 'green'})",
              "await load_labels()"],
         "return LABELS[str(model_input['i'])]", [{"i": 1}],
-        [r"LABELS +constant +cell 2 +used by Model; value \(literal\): re-running its source gives a different value: "
+        [r"LABELS +variable +cell 2 +used by Model; value \(literal\): re-running its source gives a different value: "
          r"0 items, the notebook has 2 items"],
         "cell 4 calls `load_labels`, which uses it and may change it: `load_labels()` (line 1)"),
     "a list read from a file deleted afterwards": (
         {"labels.txt": "red green blue\n"},
         ["LABELS = open('labels.txt').read().split()", "import os\nos.remove('labels.txt')"],
         "return LABELS[model_input['i']]", [{"i": 2}],
-        [r"LABELS +constant +cell 2 +used by Model; value \(literal\): re-running its source fails in a fresh "
+        [r"LABELS +variable +cell 2 +used by Model; value \(literal\): re-running its source fails in a fresh "
          r"Python \(FileNotFoundError"],
         "re-running `open('labels.txt').read().split()` (cell 2, line 1) may not give the value the notebook had"),
     "an attribute of a local module changed in a cell": (
@@ -58,7 +58,7 @@ CASES = {
     "a random generator that predict consumes": (
         {}, ["import random\nrng = random.Random(7)"],
         "return {'i': model_input['i'], 'draw': rng.random()}", [{"i": 1}, {"i": 2}],
-        [r"rng +constant +cell 2 +used by Model; source"],  # its seed state is where the predictions began
+        [r"rng +variable +cell 2 +used by Model; source"],  # its seed state is where the predictions began
         "re-running `random.Random(7)` (cell 2, line 2) may not give the value the notebook had"),
 }
 
@@ -231,7 +231,7 @@ def test_a_module_attribute_changed_out_of_sight_travels_with_the_whole_module(t
     expected = k.ok("print(round(net(torch.ones(1, 2)).item(), 6))").stdout.strip()
     k.ok("%model_export out --no-replay")
     why = k.ok("%model_show --why").stdout
-    assert re.search(r"net +constant +cell 2 .*value \(torch.save \(pickle\), runs code when loaded\): re-running its "
+    assert re.search(r"net +variable +cell 2 .*value \(torch.save \(pickle\), runs code when loaded\): re-running its "
                      r"source gives a different value: its attribute `temperature` is 1.0, the notebook has 4.0", why), why
     done = cli("predict", tmp_path / "out", "-d", "{}", cwd=tmp_path)
     assert (done.returncode, json.loads(done.stdout or "null")) == (0, {"y": float(expected)}), done.stderr
@@ -263,9 +263,9 @@ def test_a_name_that_cannot_be_fingerprinted_is_named_as_not_verified(tmp_path, 
     k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        with LOCK:\n"
          "            return {'names': NAMES}\n")
     why = k.ok("%model_show --why").stdout
-    assert re.search(r"LOCK +constant +cell 1 +used by Model; source \(not verified: its value cannot be "
+    assert re.search(r"LOCK +variable +cell 1 +used by Model; source \(not verified: its value cannot be "
                      r"fingerprinted \(it cannot be pickled\), so only the replay", why), why
-    assert re.search(r"NAMES +constant .*; source\n", why), why
+    assert re.search(r"NAMES +variable .*; source\n", why), why
     exported = k.ok("%model_export out").stdout
     assert ("warning: `LOCK` (a _thread.lock) travels as source without being verified against the notebook (a value "
             "that cannot be pickled has no fingerprint to compare); no recorded prediction proves it") in exported, exported

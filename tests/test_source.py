@@ -49,6 +49,22 @@ def test_why_names_each_inclusion_and_its_referrer():
     assert "used by Model" in lines["helper"] and "used by Model" in lines["Base"]
 
 
+def test_a_change_made_through_the_object_a_value_was_handed_to_is_named():
+    """`opt = Adam(net.parameters())` then `opt.step()`: the reason names `opt.step()`, not the statement
+    that only handed the parameters over (a ChainMap stands in for the optimizer: it writes into its first map)."""
+    import collections
+
+    cells = ["import collections", "LABELS = {}", "view = collections.ChainMap(LABELS)", "view.update(a=1)",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return LABELS"]
+    labels = {}
+    view = collections.ChainMap(labels)
+    view.update(a=1)
+    why = build_model_source(cells, "Model", live={"collections": collections, "LABELS": labels, "view": view}).why()
+    line = next(l for l in why.splitlines() if l.startswith("LABELS"))
+    assert line.endswith("changed after its assignment, by `view.update(a=1)` in cell 4, line 1, through `view`, "
+                         "which holds `LABELS` (cell 3, line 1)"), line
+
+
 def test_last_definition_wins_and_line_magics_are_tolerated():
     cells = ["def f():\n    return 1", "%matplotlib inline\nfiles = !ls\ndef f():\n    return 2",
              "%%model\nclass Model:\n    def predict(self, x):\n        return f()"]

@@ -137,7 +137,9 @@ class ModelSource:
             reason = "the model class" if not inc.needed_by else f"used by {inc.needed_by}"
             travels = "source" if inc.travels == "source" else f"value ({inc.how}): {inc.reason}"
             travels += f" ({inc.note})" if inc.note else ""
-            lines.append(f"{inc.name:<{width}}  {inc.kind:<8}  cell {inc.cell + 1:<3}  {reason}; {travels}")
+            # "constant" is the analysis's word for any top-level assignment; a fitted estimator is no constant.
+            kind = "variable" if inc.kind == "constant" else inc.kind
+            lines.append(f"{inc.name:<{width}}  {kind:<8}  cell {inc.cell + 1:<3}  {reason}; {travels}")
         return "\n".join(lines)
 
 
@@ -203,8 +205,9 @@ class _Change:
     line: int
     text: str
     kind: str  # rebind, into (assignment into it), method, argument; hints: alias (bound to another name
-    # too), calls (the name is a function called here); hints count only without a kernel (see _HINTS)
-    method: str = ""  # for kind "method": the method's name
+    # too), calls (the name is a function called here); hints count only without a kernel (see _HINTS);
+    # held (handed to the call that made another name: only names a change in the reason, see _through_holder)
+    method: str = ""  # for kind "method": the method's name; for "held": the name that holds it
     chain: int = 0  # for kind "method": attributes between the name and the method (lm.a.w.mul_ → 2)
 
     def describe(self) -> str:
@@ -310,6 +313,13 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
             text = ast.get_source_segment("\n".join(lines), sub) or ""
             found.append(_Change(name, (ci, si), ci, sub.lineno, " ".join(text.split())[:80], kind, method, chain))
 
+    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+            and isinstance(node.value, ast.Call):
+        # `opt = Adam(net.parameters())`: what `opt.step()` changes later is `net` (a hint for the reason only).
+        holder = node.targets[0].id
+        for arg in [*node.value.args, *(k.value for k in node.value.keywords)]:
+            if _root_name(arg) not in (None, holder):
+                add(_root_name(arg), arg, "held", holder)
     stack: list[ast.AST] = [node]
     while stack:
         sub = stack.pop()
@@ -600,7 +610,20 @@ def _uncertain_call(definition: _Definition, analysis: _Analysis) -> Optional[as
     return None
 
 
-_HINTS = frozenset({"alias", "calls"})
+_HINTS = frozenset({"alias", "calls", "held"})
+
+
+def _through_holder(name: str, after: tuple[int, int], analysis: _Analysis) -> Optional[str]:
+    """``opt.step()`` where `net`'s parameters were handed to ``opt = Adam(net.parameters())``: the
+    change a user made, where the statement that names `net` only handed its parameters over."""
+    for held in analysis.changes_after(name, after, ["held"]):
+        later = sorted((c for c in analysis.changes if c.name == held.method and c.kind == "method"
+                        and (c.order, c.line) > (held.order, held.line)), key=lambda c: (c.order, c.line))
+        if later:
+            step = next((c for c in later if c.method == "step"), later[-1])  # an optimizer's step, if any
+            return (f"{step.describe()}, through `{held.method}`, which holds `{held.text}` "
+                    f"(cell {held.cell + 1}, line {held.line})")
+    return None
 
 
 def _calls_using(name: str, definition: _Definition, analysis: _Analysis) -> list[_Change]:
@@ -745,7 +768,8 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
     if is_literal_definition:
         if _same(value, literal):
             return _Travel(True)
-        changed = changes[0].describe() if changes else f"something after cell {definition.cell + 1}"
+        changed = (_through_holder(name, definition.order, analysis) or changes[0].describe() if changes
+                   else f"something after cell {definition.cell + 1}")
         return _value(name, value, live, f"changed after its assignment, by {changed}")
     rebound = [c for c in changes if c.kind == "rebind"]
     if values.is_immutable(value) and not rebound and not problem:
@@ -766,7 +790,7 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
         ctx.verify.append(name)
         return _Travel(True)
     if changes:
-        reason = f"changed by {changes[0].describe()}"
+        reason = f"changed by {_through_holder(name, definition.order, analysis) or changes[0].describe()}"
     elif problem:
         reason = f"{problem} (cell {definition.cell + 1})"
     else:

@@ -136,12 +136,21 @@ class ShipMagics(Magics):
         recorded_at = model.recorded_cell_count(index)
         source = materialized.source
         if recorded_at is not None:
+            # Every name that changed since, not the first: a user who fixes one would meet the next refusal.
+            causes = []
             for inc in source.included:
                 changed_in = [c for c in source.changes.get(inc.name, []) if c.cell >= recorded_at]
                 if changed_in:
-                    return (f"`{inc.name}` changed after this prediction was recorded ({changed_in[0].describe()}); "
-                            "the export carries its value now. Run %model_predict again to record answers for the "
-                            "current values")
+                    causes.append(f"`{inc.name}` ({changed_in[0].describe()})")
+                elif inc.kind not in ("model", "import") and inc.cell >= recorded_at:
+                    again = "defined" if inc.kind in ("function", "class") else "assigned"
+                    causes.append(f"`{inc.name}` ({again} again in cell {inc.cell + 1})")
+            if causes:
+                one = len(causes) == 1
+                names = causes[0] if one else ", ".join(causes[:-1]) + " and " + causes[-1]
+                return (f"{names} changed after this prediction was recorded; the export carries "
+                        f"{'its value' if one else 'their values'} now. Run %model_predict again to record answers "
+                        "for the current values")
         # What travels as source was verified against the live values (core/verification.py), and the
         # export names what it measured differently before asking here: no guess at the source names.
         return None
