@@ -107,18 +107,23 @@ def test_the_export_answers_as_the_notebook_did_on_both_servers(tmp_path, case, 
 
 
 def test_every_value_changed_after_the_recorded_prediction_is_named(tmp_path, fresh_kernel):
-    """Two values changed after the prediction: the refusal names both, not the first it finds (the user
-    would fix one and meet the next refusal)."""
+    """Three values changed after the prediction: the refusal names all three, not the first it finds (the user
+    would fix one and meet the next refusal), each with its change: one changed in place, one defined again, one
+    changed through the object it was handed to (a ChainMap writes into its first map, as an optimizer's step
+    writes into the parameters it was given)."""
     k = fresh_kernel(cwd=tmp_path, load_ext=True)
-    k.ok("OFFSET = {'bias': 0}\nSCALE = 2")
+    k.ok("import collections\nOFFSET = {'bias': 0}\nSCALE = 2\nEXTRA = {}\nview = collections.ChainMap(EXTRA)")
     k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n"
-         "        return model_input['x'] * SCALE + OFFSET['bias']")
+         "        return model_input['x'] * SCALE + OFFSET['bias'] + len(EXTRA)")
     k.ok("%model_load")
     assert k.ok('%model_predict {"x": 1}').result == "2"
-    k.ok("SCALE = 3\nOFFSET['bias'] = 1")
+    k.ok("SCALE = 2")  # defined again with the same source: no cause
+    k.ok("SCALE = 3\nOFFSET['bias'] = 1\nview.update(a=1)")
     message = usage_error(k.execute("%model_export out"))
-    assert "`OFFSET` (`OFFSET['bias'] = 1` in cell 6, line 2)" in message, message
-    assert "`SCALE` (assigned again in cell 6)" in message, message
+    assert "`OFFSET` (`OFFSET['bias'] = 1` in cell 7, line 2)" in message, message
+    assert "`SCALE` (cell 7 defines it again: `SCALE = 3`)" in message, message
+    assert ("`EXTRA` (`view.update(a=1)` in cell 7, line 3, through `view`, which holds `EXTRA` (cell 2, line 5))"
+            in message), message
     assert "changed after this prediction was recorded; the export carries their values now" in message, message
     assert not (tmp_path / "out").exists()
 

@@ -49,20 +49,36 @@ def test_why_names_each_inclusion_and_its_referrer():
     assert "used by Model" in lines["helper"] and "used by Model" in lines["Base"]
 
 
-def test_a_change_made_through_the_object_a_value_was_handed_to_is_named():
-    """`opt = Adam(net.parameters())` then `opt.step()`: the reason names `opt.step()`, not the statement
-    that only handed the parameters over (a ChainMap stands in for the optimizer: it writes into its first map)."""
+HANDED = {
+    # the cells after `LABELS = {}`, and the end of LABELS's line in the why table
+    "through the holder": (["view = collections.ChainMap(LABELS)", "view.update(a=1)"],
+                           "by `view.update(a=1)` in cell 4, line 1, through `view`, which holds `LABELS` (cell 3, line 1)"),
+    "and its own change": (["view = collections.ChainMap(LABELS)", "LABELS['b'] = 1", "view.update(a=1)"],
+                           "by `view.update(a=1)` in cell 5, line 1, through `view`, which holds `LABELS` (cell 3, "
+                           "line 1), and by `LABELS['b'] = 1` in cell 4, line 1"),
+    # dict() made a copy: what changes the copy is no change of LABELS
+    "a copy": (["view = dict(LABELS)", "view.update(a=1)", "LABELS.update(a=1)"],
+               "by `LABELS.update(a=1)` in cell 5, line 1"),
+    # the holder was bound to another map before its update
+    "a rebound holder": (["view = collections.ChainMap(LABELS)", "view = collections.ChainMap({})",
+                          "view.update(a=1)", "LABELS.update(a=1)"],
+                         "by `collections.ChainMap(LABELS)` in cell 3, line 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(HANDED))
+def test_a_change_made_through_the_object_a_value_was_handed_to_is_named(case):
+    """`opt = Adam(net.parameters())` then `opt.step()`: the reason names `opt.step()`, not the statement that
+    only handed the parameters over (a ChainMap stands in for the optimizer: it writes into its first map)."""
     import collections
 
-    cells = ["import collections", "LABELS = {}", "view = collections.ChainMap(LABELS)", "view.update(a=1)",
+    after, reason = HANDED[case]
+    cells = ["import collections", "LABELS = {}", *after,
              "%%model\nclass Model:\n    def predict(self, model_input):\n        return LABELS"]
-    labels = {}
-    view = collections.ChainMap(labels)
-    view.update(a=1)
-    why = build_model_source(cells, "Model", live={"collections": collections, "LABELS": labels, "view": view}).why()
+    live = {"collections": collections, "LABELS": {"a": 1}, "view": None}
+    why = build_model_source(cells, "Model", live=live).why()
     line = next(l for l in why.splitlines() if l.startswith("LABELS"))
-    assert line.endswith("changed after its assignment, by `view.update(a=1)` in cell 4, line 1, through `view`, "
-                         "which holds `LABELS` (cell 3, line 1)"), line
+    assert line.endswith("changed after its assignment, " + reason), line
 
 
 def test_last_definition_wins_and_line_magics_are_tolerated():

@@ -114,6 +114,9 @@ class ModelSource:
     modules: list[str] = field(default_factory=list)  # modules the code imports (dotted, in order)
     values: list[Any] = field(default_factory=list)  # values.ValuePlan, for the export to save
     changes: dict[str, list] = field(default_factory=dict)  # name -> what changed it after its definition
+    # name -> (cell, statement) of its definition, where the one before it had other source (`SCALE = 3` after
+    # `SCALE = 2`): a replay that differs names it
+    redefined: dict[str, tuple[int, str]] = field(default_factory=dict)
     verify: list[str] = field(default_factory=list)  # names re-run from source, compared with the live values
     besides_weights: list[str] = field(default_factory=list)  # of those: modules whose weights come from a file
     unproven: list[str] = field(default_factory=list)  # CLI: re-run from source, proven only by the replay
@@ -206,12 +209,16 @@ class _Change:
     text: str
     kind: str  # rebind, into (assignment into it), method, argument; hints: alias (bound to another name
     # too), calls (the name is a function called here); hints count only without a kernel (see _HINTS);
-    # held (handed to the call that made another name: only names a change in the reason, see _through_holder)
-    method: str = ""  # for kind "method": the method's name; for "held": the name that holds it
+    # held (handed to the call that made `holder`) and through (a method call on that holder): they decide
+    # nothing, they only name a change for the user (see _holder_changes)
+    method: str = ""  # for kind "method": the method's name
     chain: int = 0  # for kind "method": attributes between the name and the method (lm.a.w.mul_ → 2)
+    holder: str = ""  # for "held" and "through": the name that holds (part of) this one (`opt`)
+    via: str = ""  # for "through": what the holder was given, and where
 
     def describe(self) -> str:
-        return f"`{self.text}` in cell {self.cell + 1}, line {self.line}"
+        where = f"`{self.text}` in cell {self.cell + 1}, line {self.line}"
+        return where + (f", through `{self.holder}`, which holds {self.via}" if self.kind == "through" else "")
 
 
 @dataclass
@@ -315,11 +322,15 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
 
     if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
             and isinstance(node.value, ast.Call):
-        # `opt = Adam(net.parameters())`: what `opt.step()` changes later is `net` (a hint for the reason only).
-        holder = node.targets[0].id
-        for arg in [*node.value.args, *(k.value for k in node.value.keywords)]:
-            if _root_name(arg) not in (None, holder):
-                add(_root_name(arg), arg, "held", holder)
+        # `opt = Adam(net.parameters())`: what `opt.step()` changes later is `net` (named for the user only).
+        func = node.value.func
+        callee = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+        if callee not in _READERS and callee not in _READ_ONLY:  # `list(LABELS)` holds a copy
+            for arg in [*node.value.args, *(k.value for k in node.value.keywords)]:
+                if _root_name(arg) not in (None, node.targets[0].id):
+                    found.append(_Change(_root_name(arg), (ci, si), ci, arg.lineno,
+                                         " ".join((ast.get_source_segment("\n".join(lines), arg) or "").split())[:80],
+                                         "held", holder=node.targets[0].id))
     stack: list[ast.AST] = [node]
     while stack:
         sub = stack.pop()
@@ -610,20 +621,35 @@ def _uncertain_call(definition: _Definition, analysis: _Analysis) -> Optional[as
     return None
 
 
-_HINTS = frozenset({"alias", "calls", "held"})
+_HINTS = frozenset({"alias", "calls", "held", "through"})
 
 
-def _through_holder(name: str, after: tuple[int, int], analysis: _Analysis) -> Optional[str]:
-    """``opt.step()`` where `net`'s parameters were handed to ``opt = Adam(net.parameters())``: the
-    change a user made, where the statement that names `net` only handed its parameters over."""
+def _holder_changes(name: str, after: tuple[int, int], analysis: _Analysis) -> list[_Change]:
+    """The method calls, after ``opt = Adam(net.parameters())``, on the name that holds part of `name`
+    (``opt.step()``), as changes of `name` (kind "through"), until that holder is bound to something else."""
+    found = []
     for held in analysis.changes_after(name, after, ["held"]):
-        later = sorted((c for c in analysis.changes if c.name == held.method and c.kind == "method"
-                        and (c.order, c.line) > (held.order, held.line)), key=lambda c: (c.order, c.line))
-        if later:
-            step = next((c for c in later if c.method == "step"), later[-1])  # an optimizer's step, if any
-            return (f"{step.describe()}, through `{held.method}`, which holds `{held.text}` "
-                    f"(cell {held.cell + 1}, line {held.line})")
-    return None
+        rebound = [d.order for d in analysis.history.get(held.holder, []) if d.order > held.order]
+        rebound += [c.order for c in analysis.changes_after(held.holder, held.order, ["rebind"])]
+        until = min(rebound, default=None)
+        via = f"`{held.text}` (cell {held.cell + 1}, line {held.line})"
+        found += [replace(c, name=name, kind="through", holder=held.holder, via=via)
+                  for c in analysis.changes
+                  if c.name == held.holder and c.kind == "method" and (c.order, c.line) > (held.order, held.line)
+                  and (until is None or c.order < until)]
+    return sorted(found, key=lambda c: (c.order, c.line))
+
+
+def _changed_by(name: str, after: tuple[int, int], changes: list[_Change], analysis: _Analysis) -> str:
+    """What the user reads as the change: a change through a holder (an optimizer's ``step``, or the holder's
+    only method call), then the first change of the name itself outside the statements that handed it over."""
+    through = _holder_changes(name, after, analysis)
+    step = next((c for c in through if c.method == "step"), through[0] if len(through) == 1 else None)
+    if step is None:
+        return changes[0].describe()
+    handed = {c.order for c in analysis.changes_after(name, after, ["held"])}
+    own = [c for c in changes if c.order not in handed]
+    return step.describe() + (f", and by {own[0].describe()}" if own else "")
 
 
 def _calls_using(name: str, definition: _Definition, analysis: _Analysis) -> list[_Change]:
@@ -768,7 +794,7 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
     if is_literal_definition:
         if _same(value, literal):
             return _Travel(True)
-        changed = (_through_holder(name, definition.order, analysis) or changes[0].describe() if changes
+        changed = (_changed_by(name, definition.order, changes, analysis) if changes
                    else f"something after cell {definition.cell + 1}")
         return _value(name, value, live, f"changed after its assignment, by {changed}")
     rebound = [c for c in changes if c.kind == "rebind"]
@@ -790,7 +816,7 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
         ctx.verify.append(name)
         return _Travel(True)
     if changes:
-        reason = f"changed by {_through_holder(name, definition.order, analysis) or changes[0].describe()}"
+        reason = f"changed by {_changed_by(name, definition.order, changes, analysis)}"
     elif problem:
         reason = f"{problem} (cell {definition.cell + 1})"
     else:
@@ -1003,8 +1029,11 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
                 modules.append(module)
     order_of = {n: (defs[n].order if n in defs else plans[n][1]) for n in included}
     order = sorted(included.values(), key=lambda i: (order_of[i.name], i.name))
-    changes = {n: [c for c in analysis.changes_after(n, defs[n].order) if c.kind not in _HINTS]
+    changes = {n: sorted([c for c in analysis.changes_after(n, defs[n].order) if c.kind not in _HINTS]
+                         + _holder_changes(n, defs[n].order, analysis), key=lambda c: (c.order, c.line))
                for n in included if n in defs}
+    redefined = {n: (history[-1].cell, " ".join(history[-1].text.split())[:80]) for n in included if n in defs
+                 for history in [analysis.history.get(n, [])] if len(history) > 1 and history[-2].text != history[-1].text}
     verify = _worth_verifying(ctx.verify, referrers, {n for n, inc in included.items() if inc.travels == "value"})
     # A torch module rebuilt from its source that gets only its weights back loses what its state dict does not
     # hold (a plain attribute, a non-persistent buffer): verified too, it travels whole when those differ.
@@ -1031,7 +1060,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
             spans[name] = (first, first + defs[name].text.count("\n"))
     return ModelSource(text=text, class_name=class_name, included=order, modules=modules,
                        values=[p for p, _ in sorted(plans.values(), key=lambda item: (item[1], item[0].name))],
-                       changes=changes, verify=verify, besides_weights=besides_weights,
+                       changes=changes, redefined=redefined, verify=verify, besides_weights=besides_weights,
                        unproven=list(dict.fromkeys(ctx.unproven)), spans=spans, fingerprints=fingerprints)
 
 

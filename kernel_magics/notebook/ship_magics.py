@@ -137,15 +137,17 @@ class ShipMagics(Magics):
         source = materialized.source
         if recorded_at is not None:
             # Every name that changed since, not the first: a user who fixes one would meet the next refusal.
+            # (recorded_at is the index of the cell that made the prediction: a cell runs before it is kept.)
             causes = []
             for inc in source.included:
-                changed_in = [c for c in source.changes.get(inc.name, []) if c.cell >= recorded_at]
-                if changed_in:
-                    causes.append(f"`{inc.name}` ({changed_in[0].describe()})")
-                elif inc.kind not in ("model", "import") and inc.cell >= recorded_at:
-                    again = "defined" if inc.kind in ("function", "class") else "assigned"
-                    causes.append(f"`{inc.name}` ({again} again in cell {inc.cell + 1})")
+                cell, text = source.redefined.get(inc.name, (-1, ""))
+                changed_in = [c for c in source.changes.get(inc.name, []) if c.cell > recorded_at]
+                if cell > recorded_at:
+                    causes.append((cell, f"`{inc.name}` (cell {cell + 1} defines it again: `{text}`)"))
+                elif changed_in:
+                    causes.append((changed_in[0].cell, f"`{inc.name}` ({changed_in[0].describe()})"))
             if causes:
+                causes = [text for _, text in sorted(causes, key=lambda cause: cause[0])]
                 one = len(causes) == 1
                 names = causes[0] if one else ", ".join(causes[:-1]) + " and " + causes[-1]
                 return (f"{names} changed after this prediction was recorded; the export carries "
