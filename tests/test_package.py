@@ -1,9 +1,9 @@
 """The package as a user gets it: wheel and sdist built, installed into fresh venvs with no Node.js on the PATH.
 
 The wheel goes in with pip, as most users install it. The sdist goes in with uv, which builds it through the
-same PEP 517 backend and build requirements in an isolated environment as pip does, in 4 s instead of pip's 72
-(pip fetches and installs JupyterLab, a build requirement, one file at a time); uv also adds the existing
-JupyterLab the wheel's extension is listed in, which is set-up, not what is tested. Slow (fresh venvs, installs
+same PEP 517 backend and build requirements in an isolated environment as pip does, from the same package
+sources, in 4 s instead of pip's 72 (pip fetches and installs JupyterLab, a build requirement, one file at a
+time). uv also installs the JupyterLab that the wheel's extension must show up in: set-up, not what is tested. Slow (fresh venvs, installs
 from the package index or the caches); `make test` runs it.
 """
 
@@ -42,11 +42,32 @@ def uv_cache(tmp_path_factory):
 
 
 def uv_install(python: Path, env: dict, cache: Path, *requirements) -> None:
-    """``uv pip install`` into the venv of ``python``: uv from the test venv, the PATH still the fresh venv's."""
-    env = {**env, "UV_CACHE_DIR": str(cache), "UV_NO_PROGRESS": "1"}
-    if os.environ.get("PIP_CERT") and "SSL_CERT_FILE" not in env:
-        env["SSL_CERT_FILE"] = os.environ["PIP_CERT"]  # the certificates pip is told to trust, for uv too
-    run(sys.executable, "-m", "uv", "pip", "install", "-q", "--python", python, *requirements, env=env, timeout=900)
+    """``uv pip install`` into the venv of ``python``, from the package sources pip is configured with (uv reads no
+    pip.conf nor PIP_* variable; a machine may rely on them): uv from the test venv, the PATH the fresh venv's."""
+    options, settings = pip_settings_for_uv()
+    env = {**env, **settings, "UV_CACHE_DIR": str(cache), "UV_NO_PROGRESS": "1"}
+    run(sys.executable, "-m", "uv", "pip", "install", "-q", "--python", python, *options, *requirements, env=env,
+        timeout=900)
+
+
+def pip_settings_for_uv() -> tuple[list, dict]:
+    """pip's configuration here (pip.conf files, then PIP_* variables, as `pip config list` shows them) as uv's
+    options and variables: its indexes and wheel folders, its constraints, its certificates and its timeout."""
+    settings = {}
+    for line in run(sys.executable, "-m", "pip", "config", "list").stdout.splitlines():
+        key, _, value = line.partition("=")
+        settings[key.split(".", 1)[-1]] = value.strip().strip("'\"")  # a PIP_* variable (listed last) wins
+    options = []
+    for option, key in (("--index-url", "index-url"), ("--extra-index-url", "extra-index-url"),
+                        ("--find-links", "find-links"), ("--constraint", "constraint")):
+        for value in settings.get(key, "").split():
+            options += [option, value]
+    if "extra-index-url" in settings or "find-links" in settings:
+        options += ["--index-strategy", "unsafe-best-match"]  # as pip: the best version from any source
+    variables = {"SSL_CERT_FILE": settings["cert"]} if "cert" in settings else {}
+    if "default-timeout" in settings or "timeout" in settings:
+        variables["UV_HTTP_TIMEOUT"] = settings.get("default-timeout") or settings["timeout"]
+    return options, variables
 
 
 def fresh_venv(path: Path) -> tuple[Path, dict]:
