@@ -129,9 +129,10 @@ SLOW = {
     "test_truss_dir::test_validate_takes_any_path_from_any_working_directory",
     "test_values::test_every_format_saves_and_loads_as_the_notebook_has_it",
     "test_widgets::test_a_stopped_or_failed_stream_is_not_recorded_and_exports_still_replay",
-    # One case of each stays in `make check`: the others take the same path with other inputs.
+    # Cases whose test keeps another case in `make check` (60 s); what only `make test` then covers: Stop of an
+    # async generator (check has the sync one), a spare refused for a submodule model.py never imported (check has
+    # the module case), and a literal that load() changes after %model_load (check has it without the load).
     "test_widgets::test_stop_button_ends_the_stream_while_the_cell_runs[True]",
-    "test_checker::test_a_model_py_that_forgot_an_import_fails_in_the_spare_exactly_as_cold[module never imported]",
     "test_checker::test_a_model_py_that_forgot_an_import_fails_in_the_spare_exactly_as_cold[submodule never imported]",
     "test_fidelity_verified::test_a_global_that_load_changes_is_compared_as_both_loads_left_it[a literal-loaded]",
     "test_widgets::test_interrupt_during_a_stream",
