@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Where PYTHONDONTWRITEBYTECODE is set (this machine and CI set it), pytest rewrote the assertions of every test
+# module again in every test process: about 2 s of each process's start. This process may keep them in
+# tests/__pycache__ (ignored by git); the kernels, servers and checkers the tests start keep the variable.
+sys.dont_write_bytecode = False
 # nbformat imports jsonschema, which imports rfc3987_syntax when it is installed (jupyter_server's extras bring it)
 # and builds an IRI grammar: about 2.5 s of CPU in every test process, for a format no notebook schema uses.
 sys.modules.setdefault("rfc3987_syntax", None)
@@ -131,10 +135,12 @@ SLOW = {
     "test_widgets::test_a_stopped_or_failed_stream_is_not_recorded_and_exports_still_replay",
     # Cases whose test keeps another case in `make check` (60 s); what only `make test` then covers: Stop of an
     # async generator (check has the sync one), a spare refused for a submodule model.py never imported (check has
-    # the module case), and a literal that load() changes after %model_load (check has it without the load).
+    # the module case), and a literal or a replayed list that load() changes after %model_load (check has each
+    # without the load, and the verified list with it).
     "test_widgets::test_stop_button_ends_the_stream_while_the_cell_runs[True]",
     "test_checker::test_a_model_py_that_forgot_an_import_fails_in_the_spare_exactly_as_cold[submodule never imported]",
     "test_fidelity_verified::test_a_global_that_load_changes_is_compared_as_both_loads_left_it[a literal-loaded]",
+    "test_fidelity_verified::test_a_global_that_load_changes_is_compared_as_both_loads_left_it[a computed list, replayed-loaded]",
     "test_widgets::test_interrupt_during_a_stream",
     "test_widgets::test_interrupt_during_a_sync_predict",
     "test_widgets::test_plain_text_fallback_and_no_widget_flag",

@@ -107,23 +107,31 @@ def test_the_export_answers_as_the_notebook_did_on_both_servers(tmp_path, case, 
 
 
 def test_every_value_changed_after_the_recorded_prediction_is_named(tmp_path, fresh_kernel):
-    """Three values changed after the prediction: the refusal names all three, not the first it finds (the user
+    """Four values changed after the prediction: the refusal names all four, not the first it finds (the user
     would fix one and meet the next refusal), each with its change: one changed in place, one defined again, one
     changed through the object it was handed to (a ChainMap writes into its first map, as an optimizer's step
-    writes into the parameters it was given)."""
+    writes into the parameters it was given), one through an alias. Not named: a cell re-run unchanged, and a
+    module the model imports (`collections.OrderedDict()` changes nothing the export carries)."""
     k = fresh_kernel(cwd=tmp_path, load_ext=True)
-    k.ok("import collections\nOFFSET = {'bias': 0}\nSCALE = 2\nEXTRA = {}\nview = collections.ChainMap(EXTRA)")
+    k.ok("import collections\nOFFSET = {'bias': 0}\nSCALE = 2\nEXTRA = {}\nview = collections.ChainMap(EXTRA)\n"
+         "NAMES = []")
     k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n"
-         "        return model_input['x'] * SCALE + OFFSET['bias'] + len(EXTRA)")
+         "        return model_input['x'] * SCALE + OFFSET['bias'] + len(collections.Counter(EXTRA)) + len(NAMES)")
     k.ok("%model_load")
     assert k.ok('%model_predict {"x": 1}').result == "2"
     k.ok("SCALE = 2")  # defined again with the same source: no cause
-    k.ok("SCALE = 3\nOFFSET['bias'] = 1\nview.update(a=1)")
+    usage_error(k.execute("%%model_config\nmodel_nam: typo"))  # a failed cell magic still counts as In[7]
+    k.ok("SCALE = 3\nOFFSET['bias'] = 1\nview.update(a=1)\ncollections.OrderedDict()")
+    k.ok("more = NAMES\nmore.append('x')")
     message = usage_error(k.execute("%model_export out"))
-    assert "`OFFSET` (`OFFSET['bias'] = 1` in cell 7, line 2)" in message, message
-    assert "`SCALE` (cell 7 defines it again: `SCALE = 3`)" in message, message
-    assert ("`EXTRA` (`view.update(a=1)` in cell 7, line 3, through `view`, which holds `EXTRA` (cell 2, line 5))"
+    assert "`OFFSET` (`OFFSET['bias'] = 1` in cell 8, line 2)" in message, message
+    assert "`SCALE` (cell 8 defines it again: `SCALE = 3`)" in message, message
+    assert ("`EXTRA` (`view.update(a=1)` in cell 8, line 3, through `view`, which holds `EXTRA` (cell 2, line 5))"
             in message), message
+    assert ("`NAMES` (`more.append('x')` in cell 9, line 2, through `more`, which holds `NAMES` (cell 9, line 1))"
+            in message), message
+    assert "`collections`" not in message, message
+    assert "for the current values, then export again. --no-replay skips" in message, message
     assert "changed after this prediction was recorded; the export carries their values now" in message, message
     assert not (tmp_path / "out").exists()
 

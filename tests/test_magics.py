@@ -173,6 +173,15 @@ def test_bad_predict_inputs(kernel):
     assert_usage_error(kernel.execute("%%predict\nx = 1"), "last line of a %%predict cell must be an expression")
 
 
+def test_a_missing_or_unknown_argument_is_shown_with_the_magics_usage(kernel):
+    """argparse's own words alone ("the following arguments are required: dir") left a new user guessing."""
+    assert_usage_error(kernel.execute("%model_export"),
+                       "the following arguments are required: dir. Usage: %model_export [--force] [--data PATH] "
+                       "[--no-replay] dir (%model_export? says more).")
+    assert_usage_error(kernel.execute("%model_show --whyy"),
+                       "unrecognized arguments: --whyy. Usage: %model_show [--why] [{model.py,config.yaml}]")
+
+
 PREDICT_STYLES = {
     "sync": ("def predict(self, model_input):\n        return model_input['n'] + 1", "2"),
     "async": ("async def predict(self, model_input):\n        await asyncio.sleep(0.01)\n"

@@ -59,6 +59,11 @@ HANDED = {
     # dict() made a copy: what changes the copy is no change of LABELS
     "a copy": (["view = dict(LABELS)", "view.update(a=1)", "LABELS.update(a=1)"],
                "by `LABELS.update(a=1)` in cell 5, line 1"),
+    "an alias": (["alias = LABELS", "alias['a'] = 1"],
+                 "by `alias['a'] = 1` in cell 4, line 1, through `alias`, which holds `LABELS` (cell 3, line 1)"),
+    # an optimizer's zero_grad clears gradients: no change through the holder to name
+    "zero_grad only": (["view = collections.ChainMap(LABELS)", "view.zero_grad()"],
+                       "by `collections.ChainMap(LABELS)` in cell 3, line 1"),
     # the holder was bound to another map before its update
     "a rebound holder": (["view = collections.ChainMap(LABELS)", "view = collections.ChainMap({})",
                           "view.update(a=1)", "LABELS.update(a=1)"],

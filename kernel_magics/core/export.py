@@ -716,7 +716,9 @@ def _mismatch_message(record: PredictionRecord, item: dict, explain: Any) -> str
         f"unchanged). Input: {short(recorded.input)}. The notebook answered {short(recorded.output)}; the export "
         f"answers {short(item['got'])} ({item['why']}). Most likely cause: "
         f"{hint or 'something the model reads at run time is not the same in a fresh process (a value changed without kernel-magics seeing it, files, environment variables, or randomness without a fixed seed)'}. "
-        "Fix that and export again; --no-replay skips this check (the export may then answer differently)."
+        # a hint that already says what to do ends with "export again"
+        f"{'' if hint and hint.endswith('export again') else 'Fix that and export again; '}"
+        "--no-replay skips this check (the export may then answer differently)."
     )
 
 

@@ -213,8 +213,9 @@ class _Change:
     # nothing, they only name a change for the user (see _holder_changes)
     method: str = ""  # for kind "method": the method's name
     chain: int = 0  # for kind "method": attributes between the name and the method (lm.a.w.mul_ → 2)
-    holder: str = ""  # for "held" and "through": the name that holds (part of) this one (`opt`)
+    holder: str = ""  # for "held", "alias" and "through": the name that holds (part of) this one (`opt`)
     via: str = ""  # for "through": what the holder was given, and where
+    link: str = ""  # for "through": how the holder got it ("held" or "alias")
 
     def describe(self) -> str:
         where = f"`{self.text}` in cell {self.cell + 1}, line {self.line}"
@@ -315,10 +316,11 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
     """What a top-level statement may change, outside the functions and classes it defines."""
     found: list[_Change] = []
 
-    def add(name: Optional[str], sub: ast.AST, kind: str, method: str = "", chain: int = 0) -> None:
+    def add(name: Optional[str], sub: ast.AST, kind: str, method: str = "", chain: int = 0, holder: str = "") -> None:
         if name:
             text = ast.get_source_segment("\n".join(lines), sub) or ""
-            found.append(_Change(name, (ci, si), ci, sub.lineno, " ".join(text.split())[:80], kind, method, chain))
+            found.append(_Change(name, (ci, si), ci, sub.lineno, " ".join(text.split())[:80], kind, method, chain,
+                                 holder))
 
     if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
             and isinstance(node.value, ast.Call):
@@ -328,9 +330,7 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
         if callee not in _READERS and callee not in _READ_ONLY:  # `list(LABELS)` holds a copy
             for arg in [*node.value.args, *(k.value for k in node.value.keywords)]:
                 if _root_name(arg) not in (None, node.targets[0].id):
-                    found.append(_Change(_root_name(arg), (ci, si), ci, arg.lineno,
-                                         " ".join((ast.get_source_segment("\n".join(lines), arg) or "").split())[:80],
-                                         "held", holder=node.targets[0].id))
+                    add(_root_name(arg), arg, "held", holder=node.targets[0].id)
     stack: list[ast.AST] = [node]
     while stack:
         sub = stack.pop()
@@ -341,7 +341,10 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
             add(_root_name(sub.target), sub, kind)
         elif isinstance(sub, (ast.Assign, ast.AnnAssign, ast.Delete)):
             if isinstance(sub, (ast.Assign, ast.AnnAssign)) and isinstance(sub.value, (ast.Name, ast.Attribute, ast.Subscript)):
-                add(_root_name(sub.value), sub, "alias")  # `cols = FEATURES`: changes through `cols` reach it
+                # `cols = FEATURES`: changes through `cols` reach it
+                single = sub.targets if isinstance(sub, ast.Assign) else [sub.target]
+                add(_root_name(sub.value), sub, "alias",
+                    holder=single[0].id if len(single) == 1 and isinstance(single[0], ast.Name) else "")
             targets = sub.targets if isinstance(sub, (ast.Assign, ast.Delete)) else [sub.target]
             for target in targets:
                 for part in ast.walk(target):
@@ -624,32 +627,49 @@ def _uncertain_call(definition: _Definition, analysis: _Analysis) -> Optional[as
 _HINTS = frozenset({"alias", "calls", "held", "through"})
 
 
+# What an optimizer does that changes nothing a prediction reads: `opt.zero_grad()` clears the gradients.
+_HOLDER_READS = frozenset({"zero_grad"})
+
+
 def _holder_changes(name: str, after: tuple[int, int], analysis: _Analysis) -> list[_Change]:
-    """The method calls, after ``opt = Adam(net.parameters())``, on the name that holds part of `name`
-    (``opt.step()``), as changes of `name` (kind "through"), until that holder is bound to something else."""
+    """Changes of `name` made through another name, as kind "through", until that name is bound to something
+    else: the method calls on the holder after ``opt = Adam(net.parameters())`` (``opt.step()``), and the
+    assignments into and method calls on an alias after ``alias = LABELS`` (``alias['a'] = 10``)."""
+    definition = analysis.defs.get(name)
+    if definition is not None and definition.kind == "import":
+        return []  # `net = nn.Sequential(nn.Linear(2, 1))` hands `net` a new object, not the module
     found = []
-    for held in analysis.changes_after(name, after, ["held"]):
-        rebound = [d.order for d in analysis.history.get(held.holder, []) if d.order > held.order]
-        rebound += [c.order for c in analysis.changes_after(held.holder, held.order, ["rebind"])]
+    for link in analysis.changes_after(name, after, ["held", "alias"]):
+        if not link.holder:
+            continue
+        rebound = [d.order for d in analysis.history.get(link.holder, []) if d.order > link.order]
+        rebound += [c.order for c in analysis.changes_after(link.holder, link.order, ["rebind"])]
         until = min(rebound, default=None)
-        via = f"`{held.text}` (cell {held.cell + 1}, line {held.line})"
-        found += [replace(c, name=name, kind="through", holder=held.holder, via=via)
+        kinds = ("method",) if link.kind == "held" else ("method", "into")
+        via = (f"`{link.text}`" if link.kind == "held" else f"`{name}`") + f" (cell {link.cell + 1}, line {link.line})"
+        found += [replace(c, name=name, kind="through", holder=link.holder, via=via, link=link.kind)
                   for c in analysis.changes
-                  if c.name == held.holder and c.kind == "method" and (c.order, c.line) > (held.order, held.line)
-                  and (until is None or c.order < until)]
+                  if c.name == link.holder and c.kind in kinds and c.method not in _HOLDER_READS
+                  and (c.order, c.line) > (link.order, link.line) and (until is None or c.order < until)]
     return sorted(found, key=lambda c: (c.order, c.line))
 
 
-def _changed_by(name: str, after: tuple[int, int], changes: list[_Change], analysis: _Analysis) -> str:
-    """What the user reads as the change: a change through a holder (an optimizer's ``step``, or the holder's
-    only method call), then the first change of the name itself outside the statements that handed it over."""
-    through = _holder_changes(name, after, analysis)
-    step = next((c for c in through if c.method == "step"), through[0] if len(through) == 1 else None)
-    if step is None:
-        return changes[0].describe()
-    handed = {c.order for c in analysis.changes_after(name, after, ["held"])}
+def named_through(through: list[_Change]) -> Optional[_Change]:
+    """The change through a holder worth naming: an optimizer's ``step``, any change through an alias (the same
+    object), or the holder's only method call; None when it is a guess among several."""
+    return next((c for c in through if c.method == "step" or c.link == "alias"),
+                through[0] if len(through) == 1 else None)
+
+
+def _changed_by(name: str, after: tuple[int, int], changes: list[_Change], analysis: _Analysis) -> Optional[str]:
+    """What the user reads as the change: one made through a holder (see ``named_through``), then the first change
+    of the name itself outside the statements that handed it over; None when neither shows."""
+    through = named_through(_holder_changes(name, after, analysis))
+    if through is None:
+        return changes[0].describe() if changes else None
+    handed = {c.order for c in analysis.changes_after(name, after, ["held", "alias"])}
     own = [c for c in changes if c.order not in handed]
-    return step.describe() + (f", and by {own[0].describe()}" if own else "")
+    return through.describe() + (f", and by {own[0].describe()}" if own else "")
 
 
 def _calls_using(name: str, definition: _Definition, analysis: _Analysis) -> list[_Change]:
@@ -794,8 +814,8 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
     if is_literal_definition:
         if _same(value, literal):
             return _Travel(True)
-        changed = (_changed_by(name, definition.order, changes, analysis) if changes
-                   else f"something after cell {definition.cell + 1}")
+        changed = (_changed_by(name, definition.order, changes, analysis)
+                   or f"something after cell {definition.cell + 1}")
         return _value(name, value, live, f"changed after its assignment, by {changed}")
     rebound = [c for c in changes if c.kind == "rebind"]
     if values.is_immutable(value) and not rebound and not problem:

@@ -45,6 +45,11 @@ def parse_arguments(magic, line: str):
     """``parse_argstring``, with a line it cannot split (a quote never closed) as a one-line UsageError."""
     try:
         return parse_argstring(magic, line)
+    except UsageError as exc:  # argparse's words ("the following arguments are required: dir"): add the usage
+        usage = " ".join(magic.parser.format_usage().replace("::", "").split())  # IPython's usage is reST
+        usage = usage.replace("usage: ", "").replace("[-h] ", "")
+        name = usage.split()[0]
+        raise UsageError(f"{str(exc).rstrip('.')}. Usage: {usage} ({name}? says more).") from None
     except ValueError as exc:
         raise UsageError(f"Cannot read the arguments {line.strip()!r}: {str(exc).lower()}. Close the quote (a path "
                          "with a space is written \"my dir\"), or drop it.") from None
@@ -123,15 +128,17 @@ class ModelMagics(Magics):
         """post_run_cell hook: keep the cell's source for export.
 
         A %%model or %%model_config cell that failed changed nothing, so it is
-        left out; other cells count even when they failed part-way, since what
-        they defined before the error is live in the kernel.
+        kept empty (as is a cell that could not run); other cells count even when
+        they failed part-way, since what they defined before the error is live.
         """
         self._hidden = None
         raw = result.info.raw_cell if result.info is not None else None
-        if not raw or result.error_before_exec is not None:
+        if not raw:
             return
-        magic = split_cell_magic(raw)[0]
-        if magic in ("model", "model_config") and not result.success:
+        if result.error_before_exec is not None or (split_cell_magic(raw)[0] in ("model", "model_config")
+                                                    and not result.success):
+            # Kept as an empty cell: "cell N" in what the user reads stays the In[N] the notebook shows.
+            self.cells.append("")
             return
         self.cells.append(raw)
 

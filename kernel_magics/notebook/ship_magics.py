@@ -138,21 +138,27 @@ class ShipMagics(Magics):
         if recorded_at is not None:
             # Every name that changed since, not the first: a user who fixes one would meet the next refusal.
             # (recorded_at is the index of the cell that made the prediction: a cell runs before it is kept.)
+            from ..core.source import named_through
+
             causes = []
             for inc in source.included:
+                if inc.kind == "import" and inc.travels == "source":
+                    continue  # `torch.no_grad()` changes nothing the export carries: torch is imported afresh
                 cell, text = source.redefined.get(inc.name, (-1, ""))
-                changed_in = [c for c in source.changes.get(inc.name, []) if c.cell > recorded_at]
+                later = [c for c in source.changes.get(inc.name, []) if c.cell > recorded_at]
+                change = named_through([c for c in later if c.kind == "through"]) or next(
+                    (c for c in later if c.kind != "through"), None)
                 if cell > recorded_at:
                     causes.append((cell, f"`{inc.name}` (cell {cell + 1} defines it again: `{text}`)"))
-                elif changed_in:
-                    causes.append((changed_in[0].cell, f"`{inc.name}` ({changed_in[0].describe()})"))
+                elif change is not None:
+                    causes.append((change.cell, f"`{inc.name}` ({change.describe()})"))
             if causes:
                 causes = [text for _, text in sorted(causes, key=lambda cause: cause[0])]
                 one = len(causes) == 1
                 names = causes[0] if one else ", ".join(causes[:-1]) + " and " + causes[-1]
                 return (f"{names} changed after this prediction was recorded; the export carries "
                         f"{'its value' if one else 'their values'} now. Run %model_predict again to record answers "
-                        "for the current values")
+                        "for the current values, then export again")
         # What travels as source was verified against the live values (core/verification.py), and the
         # export names what it measured differently before asking here: no guess at the source names.
         return None
