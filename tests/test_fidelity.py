@@ -110,16 +110,17 @@ def test_every_value_changed_after_the_recorded_prediction_is_named(tmp_path, fr
     """Four values changed after the prediction: the refusal names all four, not the first it finds (the user
     would fix one and meet the next refusal), each with its change: one changed in place, one defined again, one
     changed through the object it was handed to (a ChainMap writes into its first map, as an optimizer's step
-    writes into the parameters it was given), one through an alias. Not named: a cell re-run unchanged, and a
+    writes into the parameters it was given), one through an alias. Not named: a cell re-run unchanged, a literal
+    defined again to the same value, and a
     module the model imports (`collections.OrderedDict()` changes nothing the export carries)."""
     k = fresh_kernel(cwd=tmp_path, load_ext=True)
     k.ok("import collections\nOFFSET = {'bias': 0}\nSCALE = 2\nEXTRA = {}\nview = collections.ChainMap(EXTRA)\n"
-         "NAMES = []")
+         "NAMES = []\nBASE = 0")
     k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n"
-         "        return model_input['x'] * SCALE + OFFSET['bias'] + len(collections.Counter(EXTRA)) + len(NAMES)")
+         "        return model_input['x'] * SCALE + OFFSET['bias'] + len(collections.Counter(EXTRA)) + len(NAMES) + BASE")
     k.ok("%model_load")
     assert k.ok('%model_predict {"x": 1}').result == "2"
-    k.ok("SCALE = 2")  # defined again with the same source: no cause
+    k.ok("SCALE = 2\nBASE = 0 * 1")  # defined again, with the same source or to the same value: no cause
     usage_error(k.execute("%%model_config\nmodel_nam: typo"))  # a failed cell magic still counts as In[7]
     k.ok("SCALE = 3\nOFFSET['bias'] = 1\nview.update(a=1)\ncollections.OrderedDict()")
     k.ok("more = NAMES\nmore.append('x')")
@@ -130,7 +131,7 @@ def test_every_value_changed_after_the_recorded_prediction_is_named(tmp_path, fr
             in message), message
     assert ("`NAMES` (`more.append('x')` in cell 9, line 2, through `more`, which holds `NAMES` (cell 9, line 1))"
             in message), message
-    assert "`collections`" not in message, message
+    assert "`collections`" not in message and "`BASE`" not in message, message
     assert "for the current values, then export again. --no-replay skips" in message, message
     assert "changed after this prediction was recorded; the export carries their values now" in message, message
     assert not (tmp_path / "out").exists()

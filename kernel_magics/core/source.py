@@ -483,6 +483,12 @@ def _literal_of(definition: _Definition) -> tuple[bool, Any]:
         return False, None
 
 
+def _same_as_literal(definition: _Definition, live: Optional[Mapping[str, Any]], name: str) -> bool:
+    """The live value is what this literal definition gave (`SCALE = 1.0` then `SCALE = 1.0 * 1`)."""
+    is_literal, literal = _literal_of(definition)
+    return is_literal and live is not None and name in live and _same(live[name], literal)
+
+
 def _same(a: Any, b: Any) -> bool:
     """Equal with the same types all the way down (1 == 1.0 == True would hide a change)."""
     if type(a) is not type(b):
@@ -1053,7 +1059,9 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
                          + _holder_changes(n, defs[n].order, analysis), key=lambda c: (c.order, c.line))
                for n in included if n in defs}
     redefined = {n: (history[-1].cell, " ".join(history[-1].text.split())[:80]) for n in included if n in defs
-                 for history in [analysis.history.get(n, [])] if len(history) > 1 and history[-2].text != history[-1].text}
+                 for history in [analysis.history.get(n, [])]
+                 if len(history) > 1 and history[-2].text != history[-1].text
+                 and not _same_as_literal(history[-2], ctx.live, n)}
     verify = _worth_verifying(ctx.verify, referrers, {n for n, inc in included.items() if inc.travels == "value"})
     # A torch module rebuilt from its source that gets only its weights back loses what its state dict does not
     # hold (a plain attribute, a non-persistent buffer): verified too, it travels whole when those differ.
