@@ -312,6 +312,15 @@ def _block_names(node: ast.stmt) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _arguments_it_may_change(call: ast.Call) -> list[ast.expr]:
+    """A call's arguments, none for a function or method that only reads them (``len(x)``, ``np.mean(x)``)."""
+    func = call.func
+    callee = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+    if callee in _READERS or callee in _READ_ONLY:
+        return []
+    return [*call.args, *(k.value for k in call.keywords)]
+
+
 def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Change]:
     """What a top-level statement may change, outside the functions and classes it defines."""
     found: list[_Change] = []
@@ -324,13 +333,11 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
 
     if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
             and isinstance(node.value, ast.Call):
-        # `opt = Adam(net.parameters())`: what `opt.step()` changes later is `net` (named for the user only).
-        func = node.value.func
-        callee = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
-        if callee not in _READERS and callee not in _READ_ONLY:  # `list(LABELS)` holds a copy
-            for arg in [*node.value.args, *(k.value for k in node.value.keywords)]:
-                if _root_name(arg) not in (None, node.targets[0].id):
-                    add(_root_name(arg), arg, "held", holder=node.targets[0].id)
+        # `opt = Adam(net.parameters())`: what `opt.step()` changes later is `net` (named for the user only);
+        # `list(LABELS)` holds a copy
+        for arg in _arguments_it_may_change(node.value):
+            if _root_name(arg) != node.targets[0].id:
+                add(_root_name(arg), arg, "held", holder=node.targets[0].id)
     stack: list[ast.AST] = [node]
     while stack:
         sub = stack.pop()
@@ -363,11 +370,8 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
                 add(sub.func.id, sub, "calls")  # a notebook function may change the globals it uses
             if isinstance(sub.func, ast.Attribute) and sub.func.attr not in _READ_ONLY:
                 add(_root_name(sub.func.value), sub, "method", sub.func.attr, _chain_length(sub.func.value))
-            callee = sub.func.id if isinstance(sub.func, ast.Name) else (
-                sub.func.attr if isinstance(sub.func, ast.Attribute) else None)
-            if callee not in _READERS and callee not in _READ_ONLY:
-                for arg in [*sub.args, *(k.value for k in sub.keywords)]:
-                    add(_root_name(arg), sub, "argument")
+            for arg in _arguments_it_may_change(sub):
+                add(_root_name(arg), sub, "argument")
         stack.extend(ast.iter_child_nodes(sub))
     return found
 
