@@ -7,6 +7,7 @@ time). uv also installs the JupyterLab that the wheel's extension must show up i
 from the package index or the caches); `make test` runs it.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +17,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The set-up's own reading of pip's configuration (.ci/uv_pip.py), imported from its file.
+_spec = importlib.util.spec_from_file_location("uv_pip", REPO / ".ci" / "uv_pip.py")
+_uv_pip = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_uv_pip)
+pip_settings_for_uv = _uv_pip.pip_settings_for_uv
 HEAVY = {"jupyterlab", "nbval", "fastapi", "uvicorn", "ray", "torch", "pytest"}
 
 
@@ -48,26 +55,6 @@ def uv_install(python: Path, env: dict, cache: Path, *requirements) -> None:
     env = {**env, **settings, "UV_CACHE_DIR": str(cache), "UV_NO_PROGRESS": "1"}
     run(sys.executable, "-m", "uv", "pip", "install", "-q", "--python", python, *options, *requirements, env=env,
         timeout=900)
-
-
-def pip_settings_for_uv() -> tuple[list, dict]:
-    """pip's configuration here (pip.conf files, then PIP_* variables, as `pip config list` shows them) as uv's
-    options and variables: its indexes and wheel folders, its constraints, its certificates and its timeout."""
-    settings = {}
-    for line in run(sys.executable, "-m", "pip", "config", "list").stdout.splitlines():
-        key, _, value = line.partition("=")
-        settings[key.split(".", 1)[-1]] = value.strip().strip("'\"")  # a PIP_* variable (listed last) wins
-    options = []
-    for option, key in (("--index-url", "index-url"), ("--extra-index-url", "extra-index-url"),
-                        ("--find-links", "find-links"), ("--constraint", "constraint")):
-        for value in settings.get(key, "").split():
-            options += [option, value]
-    if "extra-index-url" in settings or "find-links" in settings:
-        options += ["--index-strategy", "unsafe-best-match"]  # as pip: the best version from any source
-    variables = {"SSL_CERT_FILE": settings["cert"]} if "cert" in settings else {}
-    if "default-timeout" in settings or "timeout" in settings:
-        variables["UV_HTTP_TIMEOUT"] = settings.get("default-timeout") or settings["timeout"]
-    return options, variables
 
 
 def fresh_venv(path: Path) -> tuple[Path, dict]:
