@@ -660,11 +660,14 @@ def test_no_comm_for_a_client_without_a_jupyter_server(fresh_kernel, tmp_path):
     assert comm_opens(k.ok("%load_ext kernel_magics")) == []
 
 
-def test_the_status_carries_recent_predictions_serve_url_and_exports(fresh_kernel, tmp_path):
+def test_the_status_carries_recent_predictions_serve_url_exports_and_loads(fresh_kernel, tmp_path):
     k = fresh_kernel(cwd=tmp_path, load_ext=True)
     k.ok("%%model\nclass Model:\n    def load(self):\n        pass\n    def predict(self, x):\n"
          "        yield 'a'\n        yield 'b'")
+    assert k.ok(STATUS + "model_status(m)['loads']").result == "0"
     k.ok("%model_load")
+    # Counted: this load took less than one status update, so the extension may never see it "loading".
+    assert k.ok(STATUS + "model_status(m)['loads']").result == "1"
     for _ in range(3):
         k.ok("%model_predict {}")
     status = k.ok(STATUS + "s = model_status(m); (len(s['history']), all(f is not None for _, f in s['history']))")
@@ -681,6 +684,7 @@ def test_the_status_carries_recent_predictions_serve_url_and_exports(fresh_kerne
          "        return 1")
     k.execute("%model_load")
     assert k.ok(STATUS + "model_status(m)['history']").result == "[]"
+    assert k.ok(STATUS + "model_status(m)['loads']").result == "2"  # a failed load ended too
 
 
 def test_a_live_stream_stops_from_its_shortcut_and_the_panel_shows_secret_and_export(page, lab, shots):

@@ -34,6 +34,7 @@ export interface ModelStatus {
   last_export_relative?: string | null; // below the kernel's working directory: openable in Lab
   last_export_replayed?: number | null;
   exports?: number; // exports finished in this kernel
+  loads?: number; // loads ended (loaded or failed) in this kernel
   serve_url?: string | null;
   history?: [number, number | null][]; // recent predictions: total ms, first chunk ms
   error: string | null;
@@ -240,7 +241,11 @@ export interface Notice {
 }
 
 export function loadNotice(before: ModelStatus | null, after: ModelStatus, t: Translate = identity): Notice | null {
-  if (before?.state !== 'loading' || after.state === 'loading') {
+  // A load ended: the kernel's count of ended loads grew (a load quicker than one status update is never seen
+  // "loading"); a kernel that does not count them shows it by the state it left.
+  const counted = before?.loads !== undefined && after.loads !== undefined;
+  const ended = counted ? after.loads! > before!.loads! : before?.state === 'loading';
+  if (!before || !ended || after.state === 'loading') {
     return null;
   }
   const name = after.model_name ?? after.class_name ?? t('The model');

@@ -175,6 +175,11 @@ test('notifications: a load that ended, an export with its replayed predictions'
     { kind: 'error', message: 'tiny-chargen failed to load: RuntimeError: no weights' });
   assert.equal(loadNotice(ready, ready), null, 'only a load that just ended');
   assert.equal(loadNotice(null, ready), null);
+  // The kernel counts ended loads: a load never seen "loading" is still announced, a status resent is not.
+  assert.deepEqual(loadNotice({ ...ready, state: 'defined', loads: 0 }, { ...ready, loads: 1 }),
+    { kind: 'success', message: 'Loaded tiny-chargen in 1.23 s on cuda:0' });
+  assert.equal(loadNotice({ ...ready, loads: 1 }, { ...ready, loads: 1 }), null);
+  assert.equal(loadNotice(null, { ...ready, loads: 1 }), null, 'the first status after opening announces nothing');
   assert.equal(exportMessage({ ...ready, last_export_relative: 'slow-echo-truss', last_export_replayed: 4 }),
     'Exported to slow-echo-truss · 4 predictions replayed');
   assert.equal(exportMessage({ ...ready, last_export_replayed: 1 }), 'Exported to /tmp/out · 1 prediction replayed');

@@ -49,6 +49,9 @@ class FrontendChannel:
         # (total ms, first chunk ms or None) of the latest predictions, oldest first.
         self.history: collections.deque = collections.deque(maxlen=HISTORY)
         self.exports = 0  # exports finished in this kernel
+        # Loads ended (loaded or failed) in this kernel: the extension's notification compares counts, because a
+        # load quicker than one status update (0.1 s) is never seen in the "loading" state.
+        self.loads = 0
         self.last_replayed: Optional[int] = None
 
     def start(self, host: Any = None, on_settings: Optional[Callable[[dict], None]] = None) -> None:
@@ -79,6 +82,8 @@ class FrontendChannel:
             self.history.append((round(data["seconds"] * 1000, 2), None if first is None else round(first * 1000, 2)))
         elif kind in ("load_started", "load_failed"):
             self.history.clear()
+        if kind in ("load_finished", "load_failed"):
+            self.loads += 1
         self.publish()
 
     def exported(self, replayed: int) -> None:
@@ -179,6 +184,7 @@ def model_status(magics: Any) -> dict:
         "last_export_relative": _relative(export) if export else None,
         "last_export_replayed": magics.frontend.last_replayed,
         "exports": magics.frontend.exports,
+        "loads": magics.frontend.loads,
         "serve_url": f"http://127.0.0.1:{port}" if port else None,
         "history": [list(h) for h in magics.frontend.history],
         "settings": {"views": magics.widgets, "streamUpdateRate": magics.stream_rate},
