@@ -7,7 +7,6 @@ time). uv also installs the JupyterLab that the wheel's extension must show up i
 from the package index or the caches); `make test` runs it.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,14 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from uv_install import uv_install as uv_pip_install
 
 REPO = Path(__file__).resolve().parents[1]
-
-# The set-up's own reading of pip's configuration (.ci/uv_pip.py), imported from its file.
-_spec = importlib.util.spec_from_file_location("uv_pip", REPO / ".ci" / "uv_pip.py")
-_uv_pip = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_uv_pip)
-pip_settings_for_uv = _uv_pip.pip_settings_for_uv
 HEAVY = {"jupyterlab", "nbval", "fastapi", "uvicorn", "ray", "torch", "pytest"}
 
 
@@ -49,12 +43,8 @@ def uv_cache(tmp_path_factory):
 
 
 def uv_install(python: Path, env: dict, cache: Path, *requirements) -> None:
-    """``uv pip install`` into the venv of ``python``, from the package sources pip is configured with (uv reads no
-    pip.conf nor PIP_* variable; a machine may rely on them): uv from the test venv, the PATH the fresh venv's."""
-    options, settings = pip_settings_for_uv()
-    env = {**env, **settings, "UV_CACHE_DIR": str(cache), "UV_NO_PROGRESS": "1"}
-    run(sys.executable, "-m", "uv", "pip", "install", "-q", "--python", python, *options, *requirements, env=env,
-        timeout=900)
+    done = uv_pip_install(python, env, cache, *requirements)
+    assert done.returncode == 0, f"uv pip install {requirements}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
 def fresh_venv(path: Path) -> tuple[Path, dict]:
