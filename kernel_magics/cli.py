@@ -140,7 +140,7 @@ def _examples(*lines: str) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .core.export import export_model, materialize
+    from .core.export import MismatchHint, export_model, materialize
     from .core.notebook_file import config_from_cells, read_notebook
 
     notebook = read_notebook(args.notebook)
@@ -156,12 +156,13 @@ def _export(args: argparse.Namespace) -> int:
                                replay=not args.no_replay)
     unproven = materialized.source.unproven
 
-    def explain(index: int) -> Optional[str]:
+    def explain(index: int) -> Optional[MismatchHint]:
         if not unproven:
             return None
-        return (f"{', '.join(f'`{n}`' for n in unproven)} {'is' if len(unproven) == 1 else 'are'} re-run from the "
-                "notebook's source, which the file alone cannot prove gives the value the notebook had; run "
-                "`kernel-magics export` with --execute to export from a kernel that ran the notebook")
+        return MismatchHint(
+            f"{', '.join(f'`{n}`' for n in unproven)} {'is' if len(unproven) == 1 else 'are'} re-run from the "
+            "notebook's source, which the file alone cannot prove gives the value the notebook had",
+            "Run `kernel-magics export` with --execute to export from a kernel that ran the notebook")
 
     result = export_model(args.out, materialized, base_dir=base, data=args.data, force=args.force,
                           protected=[args.notebook.resolve()], replay=not args.no_replay, explain_mismatch=explain)

@@ -132,7 +132,8 @@ def test_every_value_changed_after_the_recorded_prediction_is_named(tmp_path, fr
     assert ("`NAMES` (`more.append('x')` in cell 9, line 2, through `more`, which holds `NAMES` (cell 9, line 1))"
             in message), message
     assert "`collections`" not in message and "`BASE`" not in message, message
-    assert "for the current values, then export again. --no-replay skips" in message, message
+    assert "for the current values, then export again; --no-replay skips" in message, message
+    assert "Fix that" not in message, message  # the remedy is said once
     assert "changed after this prediction was recorded; the export carries their values now" in message, message
     assert not (tmp_path / "out").exists()
 

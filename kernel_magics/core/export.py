@@ -706,18 +706,31 @@ def _check_note(timings: dict, replayed: int) -> str:
     return f"Checked in {timings.get('check', 0):.1f} s{again}: {', '.join(parts)}{how}."
 
 
+@dataclass(frozen=True)
+class MismatchHint:
+    """What ``explain_mismatch(index)`` may answer: the most likely cause of a replayed answer that differs, and
+    what to do about it where that is more than fixing the cause (a plain string is a cause alone)."""
+
+    cause: str
+    remedy: str = "Fix that and export again"
+
+
+_UNKNOWN_CAUSE = MismatchHint(
+    "something the model reads at run time is not the same in a fresh process (a value changed without "
+    "kernel-magics seeing it, files, environment variables, or randomness without a fixed seed)")
+
+
 def _mismatch_message(record: PredictionRecord, item: dict, explain: Any) -> str:
     from .replay import short
 
     recorded = list(record)[item["index"]]
-    hint = explain(item["index"]) if callable(explain) else None
+    hint = (explain(item["index"]) if callable(explain) else None) or _UNKNOWN_CAUSE
+    if isinstance(hint, str):
+        hint = MismatchHint(hint)
     return (
         "The exported model does not answer as the notebook did, so nothing was exported (any previous export is "
         f"unchanged). Input: {short(recorded.input)}. The notebook answered {short(recorded.output)}; the export "
-        f"answers {short(item['got'])} ({item['why']}). Most likely cause: "
-        f"{hint or 'something the model reads at run time is not the same in a fresh process (a value changed without kernel-magics seeing it, files, environment variables, or randomness without a fixed seed)'}. "
-        # a hint that already says what to do ends with "export again"
-        f"{'' if hint and hint.endswith('export again') else 'Fix that and export again; '}"
+        f"answers {short(item['got'])} ({item['why']}). Most likely cause: {hint.cause}. {hint.remedy}; "
         "--no-replay skips this check (the export may then answer differently)."
     )
 

@@ -130,7 +130,7 @@ class ShipMagics(Magics):
         model.frontend.exported(result.replayed)  # publishes; the lab notification says how many replayed
         return result
 
-    def _explain_mismatch(self, materialized, index: int) -> Optional[str]:
+    def _explain_mismatch(self, materialized, index: int) -> "Optional[MismatchHint]":
         """The most likely reason a replayed answer differs, from what the kernel knows."""
         model = self.model
         recorded_at = model.recorded_cell_count(index)
@@ -138,6 +138,7 @@ class ShipMagics(Magics):
         if recorded_at is not None:
             # Every name that changed since, not the first: a user who fixes one would meet the next refusal.
             # (recorded_at is the index of the cell that made the prediction: a cell runs before it is kept.)
+            from ..core.export import MismatchHint
             from ..core.source import named_through
 
             causes = []
@@ -156,9 +157,10 @@ class ShipMagics(Magics):
                 causes = [text for _, text in sorted(causes, key=lambda cause: cause[0])]
                 one = len(causes) == 1
                 names = causes[0] if one else ", ".join(causes[:-1]) + " and " + causes[-1]
-                return (f"{names} changed after this prediction was recorded; the export carries "
-                        f"{'its value' if one else 'their values'} now. Run %model_predict again to record answers "
-                        "for the current values, then export again")
+                return MismatchHint(
+                    f"{names} changed after this prediction was recorded; the export carries "
+                    f"{'its value' if one else 'their values'} now",
+                    "Run %model_predict again to record answers for the current values, then export again")
         # What travels as source was verified against the live values (core/verification.py), and the
         # export names what it measured differently before asking here: no guess at the source names.
         return None
