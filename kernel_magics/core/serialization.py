@@ -49,7 +49,57 @@ def to_json_body(value: Any, *, what: str = "the prediction") -> "JSONBody":
     sends ``.json()``), anything else as :func:`to_jsonable` then ``json.dumps``."""
     if is_pydantic_model(value):
         return JSONBody(value.model_dump_json().encode())
-    return JSONBody(json.dumps(to_jsonable(value, what=what)).encode())
+    return JSONBody(dumps(to_jsonable(value, what=what)).encode())
+
+
+# ---------------------------------------------------------------------- json.dumps, faster for lists of floats
+
+# A list of floats at least this long is written by orjson: below it, the split and join cost more than they save.
+_FLOAT_RUN = 16
+_orjson: Any = None
+
+
+def dumps(value: Any) -> str:
+    """``json.dumps(value)`` of JSON data, character for character (Truss's server sends exactly that), faster
+    where results are long lists of floats: embeddings, logits, scores.
+
+    Why: ``json.dumps`` writes a float with ``float.__repr__``, about 0.6 us each (an embedding of 384 floats:
+    about 220 us, a fifth of a served request's CPU here). orjson writes the same shortest round-trip digits in a
+    twentieth of that; it differs from ``repr`` only in layout (no space after a comma, ``0.00001`` and ``1.5e-7``
+    where ``repr`` writes ``1e-05`` and ``1.5e-07``, ``null`` for NaN and infinities), so those few numbers are
+    written by ``repr`` again and the separators are json's. Everything else is ``json.dumps`` itself.
+    tests/test_serialization.py compares the two on half a million floats of every magnitude."""
+    global _orjson
+    if _orjson is None:
+        try:
+            import orjson as _orjson
+        except ImportError:  # (orjson comes with the serve extra; the base install writes as json does)
+            _orjson = False
+    return _encode(value) if _orjson else json.dumps(value)
+
+
+def _encode(value: Any) -> str:
+    kind = type(value)
+    if kind is list:
+        if len(value) >= _FLOAT_RUN and all(type(item) is float for item in value):
+            return _float_list(value)
+        if any(type(item) is list or type(item) is dict for item in value):
+            return "[" + ", ".join(map(_encode, value)) + "]"
+    elif kind is dict and any(type(item) is list or type(item) is dict for item in value.values()):
+        return "{" + ", ".join(f"{json.dumps(key)}: {_encode(item)}" for key, item in value.items()) + "}"
+    return json.dumps(value)
+
+
+def _float_list(values: list) -> str:
+    text = _orjson.dumps(values).decode("ascii")
+    if "n" in text:  # null: NaN or an infinity, which json.dumps writes by name
+        return json.dumps(values)
+    if "e" in text or "0.0000" in text:
+        # The numbers orjson lays out otherwise than repr: an exponent (1.5e-7, 1e16), a small number written out
+        # (0.00001). A token parses back to the very float it came from (orjson writes round-trip digits).
+        return "[" + ", ".join([token if "e" not in token and not token.startswith(("0.0000", "-0.0000"))
+                                else float.__repr__(float(token)) for token in text[1:-1].split(",")]) + "]"
+    return text.replace(",", ", ")  # (no other comma in a list of numbers)
 
 
 class JSONBody(bytes):

@@ -1,0 +1,61 @@
+"""The JSON a result is sent as: ``dumps`` writes what ``json.dumps`` writes (Truss's server sends exactly that),
+character for character, also where it takes orjson's faster path for long lists of floats."""
+
+import json
+import math
+import random
+import struct
+
+import pytest
+
+from kernel_magics.core import serialization
+from kernel_magics.core.serialization import dumps, to_json_body
+
+
+def floats_of_every_kind(n: int, seed: int) -> list:
+    """Random bit patterns (every magnitude, subnormals), float32 values widened as torch's tolist() gives them,
+    decimal-looking values from 1e-9 to 1e21, and the numbers repr and orjson lay out differently."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        kind = rng.random()
+        if kind < 0.3:
+            value = struct.unpack("d", struct.pack("Q", rng.getrandbits(64)))[0]
+        elif kind < 0.6:
+            value = struct.unpack("f", struct.pack("f", rng.gauss(0, 0.1) * 10 ** rng.randint(-6, 18)))[0]
+        else:
+            value = rng.uniform(-1, 1) * 10 ** rng.randint(-9, 21)
+        out.append(value)
+    return out
+
+
+EDGES = [1e-05, -1e-05, 1.5e-07, 2.5e-05, 0.0001, 0.00012, 9.999e-05, 1e16, -1e16, 9999999999999998.0, 1e15,
+         1.2345678901234568e+17, 1e22, 5e-324, 1.7976931348623157e308, 0.0, -0.0, 1.0, 10.00001, 100.0, 0.1]
+
+
+def test_half_a_million_floats_are_written_as_json_dumps_writes_them():
+    values = [v for v in floats_of_every_kind(500_000, seed=7) if math.isfinite(v)] + EDGES
+    assert dumps(values) == json.dumps(values)
+    assert serialization._orjson, "orjson is installed with the serve extra: the fast path must be what is tested"
+    for start in range(0, 4000, 40):  # short runs, each with its own mix of exponents and small numbers
+        chunk = values[start:start + 40]
+        assert dumps(chunk) == json.dumps(chunk)
+
+
+@pytest.mark.parametrize("value", [
+    [math.nan] + [0.5] * 20,
+    [0.5] * 20 + [math.inf, -math.inf],
+    [0.25] * 15,  # below the fast path's length
+    [1.5] * 16,
+    [1.0] * 20 + [1],  # an int among them
+    [True] + [1.0] * 20,
+    [],
+    {},
+    {"embedding": [0.1] * 384, "model": "minilm", "usage": {"tokens": 3}},
+    {"a, b": [[1e-05] * 20, [2.0] * 20], "quote \" and , comma": {"é": [0.5] * 17}, "": []},
+    [[0.1] * 20, "x, y", {"k": [3e-07] * 30}, None, [[], [{}]]],
+    {"1": 1, "2": [1, 2, 3], "3": "text: with, separators"},
+])
+def test_results_of_every_shape_are_written_as_json_dumps_writes_them(value):
+    assert dumps(value) == json.dumps(value)
+    assert to_json_body(value) == json.dumps(value).encode()
