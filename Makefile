@@ -20,7 +20,7 @@ CHECK_MARKS := not (ray or browser or truss_ref or package or gallery or slow)
 # Installing the project also builds the JupyterLab extension (jlpm, npm registry only).
 # uv installs, from the package sources pip is configured with (.ci/uv_pip.py): 54 s against pip's 4 min 10 s on a
 # fresh clone, the same versions; pip does it where uv cannot be had.
-$(STAMP): pyproject.toml constraints.txt extension/package.json extension/yarn.lock $(wildcard extension/src/*.ts)
+$(STAMP): pyproject.toml constraints.txt .ci/uv_pip.py extension/package.json extension/yarn.lock $(wildcard extension/src/*.ts)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) .ci/uv_pip.py $(PY) -c constraints.txt "torch==2.13.0" -e ".[test,serve,ray,examples]"

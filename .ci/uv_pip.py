@@ -13,29 +13,53 @@ tests/test_package.py installs the sdist the same way (``pip_settings_for_uv``).
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
 
 
-def pip_settings_for_uv(python: str = sys.executable) -> tuple[list, dict]:
-    """pip's configuration (pip.conf files, then PIP_* variables, as `pip config list` shows them) as uv's options
-    and variables: its indexes and wheel folders, its constraints, its certificates and its timeout."""
-    listed = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True)
-    settings = {}
-    for line in listed.stdout.splitlines():
+def pip_settings(python: str = sys.executable) -> dict[str, str]:
+    """The settings `pip install` runs with: `pip config list` (pip.conf files and PIP_* variables), a PIP_*
+    variable over an [install] section over [global], as pip reads them; other sections are other commands'."""
+    listed = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    sections: dict[str, dict] = {":env:": {}, "install": {}, "global": {}}
+    for line in listed.stdout.splitlines() if listed.returncode == 0 else ():
         key, _, value = line.partition("=")
-        settings[key.split(".", 1)[-1]] = value.strip().strip("'\"")  # a PIP_* variable (listed last) wins
+        section, _, name = key.rpartition(".")
+        try:
+            value = ast.literal_eval(value)  # pip prints each value as a Python literal (a multi-line value's \n)
+        except (ValueError, SyntaxError):
+            value = value.strip("'\"")
+        if section in sections:
+            sections[section][name.replace("_", "-")] = str(value)
+    settings = {}
+    for section in ("global", "install", ":env:"):
+        settings.update(sections[section])
+    if "default-timeout" in settings:  # (PIP_DEFAULT_TIMEOUT is the variable for `timeout`)
+        settings["timeout"] = settings.pop("default-timeout")
+    return settings
+
+
+def pip_settings_for_uv(python: str = sys.executable) -> tuple[list, dict]:
+    """pip's configuration as uv's options and variables: its indexes and wheel folders, its constraints, its
+    certificates, its trusted hosts, its proxy and its timeout."""
+    settings = pip_settings(python)
     options = []
     for option, key in (("--index-url", "index-url"), ("--extra-index-url", "extra-index-url"),
-                        ("--find-links", "find-links"), ("--constraint", "constraint")):
+                        ("--find-links", "find-links"), ("--constraint", "constraint"),
+                        ("--allow-insecure-host", "trusted-host")):
         for value in settings.get(key, "").split():
             options += [option, value]
+    if settings.get("no-index", "").lower() in ("1", "true", "yes", "on"):
+        options.append("--no-index")
     if "extra-index-url" in settings or "find-links" in settings:
         options += ["--index-strategy", "unsafe-best-match"]  # as pip: the best version from any source
     variables = {"SSL_CERT_FILE": settings["cert"]} if "cert" in settings else {}
-    if "default-timeout" in settings or "timeout" in settings:
-        variables["UV_HTTP_TIMEOUT"] = settings.get("default-timeout") or settings["timeout"]
+    if "proxy" in settings:
+        variables["HTTPS_PROXY"] = variables["HTTP_PROXY"] = settings["proxy"]
+    if "timeout" in settings:
+        variables["UV_HTTP_TIMEOUT"] = settings["timeout"]
     return options, variables
 
 
@@ -47,8 +71,13 @@ def main(argv: list[str]) -> int:
         return subprocess.run([python, "-m", "pip", "install", "-q", *requirements]).returncode
     options, variables = pip_settings_for_uv(python)
     env = {**os.environ, **variables, "UV_NO_PROGRESS": "1"}
-    return subprocess.run([python, "-m", "uv", "pip", "install", "-q", "--python", python, *options, *requirements],
-                          env=env).returncode
+    done = subprocess.run([python, "-m", "uv", "pip", "install", "-q", "--python", python, *options, *requirements],
+                          env=env)
+    if done.returncode == 0:
+        return 0
+    # What uv could not do (a setting of pip's it does not take, a source it reads otherwise), pip may.
+    print("note: uv could not install the requirements (above); pip tries (slower)", file=sys.stderr)
+    return subprocess.run([python, "-m", "pip", "install", "-q", *requirements]).returncode
 
 
 if __name__ == "__main__":

@@ -66,18 +66,20 @@ def served(rounds: int, requests: int) -> None:
     hidden = work / "no-orjson"
     hidden.mkdir()
     (hidden / "orjson.py").write_text("raise ModuleNotFoundError(\"No module named 'orjson'\", name='orjson')\n")
-    limits = [batching.limit("cpu", 32)[32]]
-    rates: dict = {"orjson": [], "json.dumps": []}
-    for i in range(rounds):
-        order = ["orjson", "json.dumps"] if i % 2 == 0 else ["json.dumps", "orjson"]
-        for name in order:
-            env = {"PYTHONPATH": str(hidden)} if name == "json.dumps" else None
-            with serve_ours(export, env=env, timeout=300, wait_ready=True) as s:
-                r = batching.drive(s.predict_url(), 32, requests)
-                assert not r["errors"], r
-                rates[name].append(r["req_per_s"])
-    limits.append(batching.limit("cpu", 32)[32])
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        limits = [batching.limit("cpu", 32)[32]]
+        rates: dict = {"orjson": [], "json.dumps": []}
+        for i in range(rounds):
+            order = ["orjson", "json.dumps"] if i % 2 == 0 else ["json.dumps", "orjson"]
+            for name in order:
+                env = {"PYTHONPATH": str(hidden)} if name == "json.dumps" else None
+                with serve_ours(export, env=env, timeout=300, wait_ready=True) as s:
+                    r = batching.drive(s.predict_url(), 32, requests)
+                    assert not r["errors"], r
+                    rates[name].append(r["req_per_s"])
+        limits.append(batching.limit("cpu", 32)[32])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     limit = sum(limits) / 2
     print(f"The model alone: {limits[0]:.0f} and {limits[1]:.0f} sentences/s at 32 per call (start, end).")
     print()

@@ -55,7 +55,22 @@ def test_half_a_million_floats_are_written_as_json_dumps_writes_them():
     {"a, b": [[1e-05] * 20, [2.0] * 20], "quote \" and , comma": {"é": [0.5] * 17}, "": []},
     [[0.1] * 20, "x, y", {"k": [3e-07] * 30}, None, [[], [{}]]],
     {"1": 1, "2": [1, 2, 3], "3": "text: with, separators"},
+    {1: [1.0] * 16, None: [0.5] * 16},  # keys to_jsonable would have made strings: json.dumps's own way
+    [{"label": "cat", "score": 0.9, "box": [1.0, 2.0, 3.0, 4.0]}] * 50,  # many small containers, no long float list
+    {"data": [{"embedding": [0.25] * 384, "index": i} for i in range(4)] + [{"index": 9}], "model": "minilm"},
+    [[0.5] * 20, [1, 2.0] + [0.5] * 20, [[0.5] * 20, 3]],  # rows unlike the first
 ])
 def test_results_of_every_shape_are_written_as_json_dumps_writes_them(value):
     assert dumps(value) == json.dumps(value)
     assert to_json_body(value) == json.dumps(value).encode()
+
+
+def test_a_deeply_nested_result_is_written_as_json_dumps_writes_it():
+    """As deep as json.dumps itself goes (the search for float lists stops a few levels down)."""
+    deep = inner = {"floats": [0.5] * 20}
+    for _ in range(900):
+        inner = [inner]
+    assert dumps(inner) == json.dumps(inner)
+    for _ in range(5):
+        deep = {"level": [deep]}
+    assert dumps(deep) == json.dumps(deep)

@@ -34,7 +34,8 @@ export interface ModelStatus {
   last_export_relative?: string | null; // below the kernel's working directory: openable in Lab
   last_export_replayed?: number | null;
   exports?: number; // exports finished in this kernel
-  loads?: number; // loads ended (loaded or failed) in this kernel
+  loads?: number; // loads ended (loaded or failed) since the kernel's status channel began
+  channel?: string; // that channel's id: counts compare within one channel
   serve_url?: string | null;
   history?: [number, number | null][]; // recent predictions: total ms, first chunk ms
   error: string | null;
@@ -241,9 +242,9 @@ export interface Notice {
 }
 
 export function loadNotice(before: ModelStatus | null, after: ModelStatus, t: Translate = identity): Notice | null {
-  // A load ended: the kernel's count of ended loads grew (a load quicker than one status update is never seen
-  // "loading"); a kernel that does not count them shows it by the state it left.
-  const counted = before?.loads !== undefined && after.loads !== undefined;
+  // A load ended: the channel's count of ended loads grew (a load quicker than one status update is never seen
+  // "loading"); a kernel that does not count them, or a status from another channel, shows it by the state it left.
+  const counted = before?.loads !== undefined && after.loads !== undefined && before.channel === after.channel;
   const ended = counted ? after.loads! > before!.loads! : before?.state === 'loading';
   if (!before || !ended || after.state === 'loading') {
     return null;

@@ -180,6 +180,10 @@ test('notifications: a load that ended, an export with its replayed predictions'
     { kind: 'success', message: 'Loaded tiny-chargen in 1.23 s on cuda:0' });
   assert.equal(loadNotice({ ...ready, loads: 1 }, { ...ready, loads: 1 }), null);
   assert.equal(loadNotice(null, { ...ready, loads: 1 }), null, 'the first status after opening announces nothing');
+  // Counts compare within one channel (after %reload_ext a new one counts from 0, and the old one may still send).
+  assert.equal(loadNotice({ ...ready, channel: 'a', loads: 3 }, { ...ready, channel: 'b', loads: 4 }), null);
+  assert.deepEqual(loadNotice({ ...ready, channel: 'a', loads: 0 }, { ...ready, channel: 'a', loads: 1 }),
+    { kind: 'success', message: 'Loaded tiny-chargen in 1.23 s on cuda:0' });
   assert.equal(exportMessage({ ...ready, last_export_relative: 'slow-echo-truss', last_export_replayed: 4 }),
     'Exported to slow-echo-truss · 4 predictions replayed');
   assert.equal(exportMessage({ ...ready, last_export_replayed: 1 }), 'Exported to /tmp/out · 1 prediction replayed');

@@ -78,16 +78,42 @@ def dumps(value: Any) -> str:
     return _encode(value) if _orjson else json.dumps(value)
 
 
-def _encode(value: Any) -> str:
+# How deep a result is searched for lists of floats: an embedding sits at most a few levels down
+# ({"data": [{"embedding": [...]}]}); below this json.dumps writes the rest (and no recursion limit is near).
+_DEPTH = 6
+
+
+def _encode(value: Any, depth: int = 0) -> str:
+    """json.dumps's text, with each long list of floats written by orjson and only the containers on the way to
+    one joined here: whatever holds none goes to json.dumps whole (a Python join of many small containers, such
+    as detection boxes, would cost several times json.dumps's own)."""
+    if not _holds_floats(value, depth):
+        return json.dumps(value)
+    if type(value) is list:
+        if type(value[0]) is float:
+            return _float_list(value) if all(type(item) is float for item in value) else json.dumps(value)
+        return "[" + ", ".join([_encode(item, depth + 1) for item in value]) + "]"
+    return "{" + ", ".join([f"{json.dumps(key)}: {_encode(item, depth + 1)}" for key, item in value.items()]) + "}"
+
+
+def _holds_floats(value: Any, depth: int) -> bool:
+    """Whether ``value`` leads to a long list of floats, judged by the first item of each list on the way (a
+    list's items share a shape: a batch of embeddings, rows of a matrix), so the look costs a few steps."""
+    if depth >= _DEPTH:
+        return False
     kind = type(value)
     if kind is list:
-        if len(value) >= _FLOAT_RUN and all(type(item) is float for item in value):
-            return _float_list(value)
-        if any(type(item) is list or type(item) is dict for item in value):
-            return "[" + ", ".join(map(_encode, value)) + "]"
-    elif kind is dict and any(type(item) is list or type(item) is dict for item in value.values()):
-        return "{" + ", ".join(f"{json.dumps(key)}: {_encode(item)}" for key, item in value.items()) + "}"
-    return json.dumps(value)
+        if not value:
+            return False
+        first = type(value[0])
+        if first is float:
+            return len(value) >= _FLOAT_RUN
+        return (first is list or first is dict) and _holds_floats(value[0], depth + 1)
+    if kind is dict:
+        # (keys that are not strings, which to_jsonable never leaves, are json.dumps's to write)
+        return (any((type(item) is list or type(item) is dict) and _holds_floats(item, depth + 1)
+                    for item in value.values()) and all(type(key) is str for key in value))
+    return False
 
 
 def _float_list(values: list) -> str:

@@ -49,9 +49,11 @@ class FrontendChannel:
         # (total ms, first chunk ms or None) of the latest predictions, oldest first.
         self.history: collections.deque = collections.deque(maxlen=HISTORY)
         self.exports = 0  # exports finished in this kernel
-        # Loads ended (loaded or failed) in this kernel: the extension's notification compares counts, because a
-        # load quicker than one status update (0.1 s) is never seen in the "loading" state.
+        # Loads ended (loaded or failed) since this channel began: the extension's notification compares counts,
+        # because a load quicker than one status update (0.1 s) is never seen in the "loading" state. The channel's
+        # id says which count a status carries (after %reload_ext a new channel counts from 0).
         self.loads = 0
+        self.id = os.urandom(4).hex()
         self.last_replayed: Optional[int] = None
 
     def start(self, host: Any = None, on_settings: Optional[Callable[[dict], None]] = None) -> None:
@@ -185,6 +187,7 @@ def model_status(magics: Any) -> dict:
         "last_export_replayed": magics.frontend.last_replayed,
         "exports": magics.frontend.exports,
         "loads": magics.frontend.loads,
+        "channel": magics.frontend.id,
         "serve_url": f"http://127.0.0.1:{port}" if port else None,
         "history": [list(h) for h in magics.frontend.history],
         "settings": {"views": magics.widgets, "streamUpdateRate": magics.stream_rate},
