@@ -173,6 +173,9 @@ class Model:
             "object": {"o": object()},
             "numpy": {"i": np.int64(3), "f": np.float32(1.5), "a": np.arange(3)},
             "tuple": (1, [2, 3]),
+            # Keys json.dumps writes for itself: NaN and the infinities by name, two keys that write alike twice.
+            "keys": {float("nan"): 1, float("inf"): 2, 1: "int", "1": "str", None: "n", 1.5: "f",
+                     np.float64(2.5): [0.5] * 20, "n": {False: 0, "false": 1}},
         }[model_input["kind"]]
 '''
 
@@ -183,14 +186,18 @@ def test_odd_results_answer_as_truss_answers(tmp_path):
 
     _test_data()  # skips without the reference
     path = write_truss(tmp_path / "odd", ODD, "model_name: odd\nrequirements: [numpy]\n")
-    kinds = ["nan", "set", "datetime", "bytes", "object", "numpy", "tuple"]
+    kinds = ["nan", "set", "datetime", "bytes", "object", "numpy", "tuple", "keys"]
     requests = [(*PREDICT, json.dumps({"kind": k}).encode(), JSON) for k in kinds]
     from server_harness import truss_venv_with_models
 
+    keys = {"kind": "keys"}
     with serve_truss(path, venv=truss_venv_with_models()) as theirs:
         expected = [_answer(theirs.url, *req) for req in requests]
+        their_keys = httpx.post(theirs.url + "/v1/models/model:predict", json=keys).content
     with serve_ours(path) as ours:
         got = [_answer(ours.url, *req) for req in requests]
+        our_keys = httpx.post(ours.url + "/v1/models/model:predict", json=keys).content
+    assert our_keys == their_keys and their_keys.count(b'"1": ') == 2  # byte for byte, both keys that write alike
     for req, want, have in zip(requests, expected, got):
         assert have[:4] == want[:4] and have[5] == want[5], f"{req[2]}: Truss {want}, ours {have}"
         # NaN is not JSON: compare the bodies as text where they hold it.

@@ -30,16 +30,21 @@ def is_response(obj: Any) -> bool:
     return any(c.__name__ == "Response" and c.__module__.startswith("starlette.") for c in type(obj).__mro__)
 
 
-def to_jsonable(value: Any, *, what: str = "the prediction") -> Any:
+def to_jsonable(value: Any, *, what: str = "the prediction", wire: bool = False) -> Any:
     """Return ``value`` as JSON data, or raise naming the offending type and where it sits.
 
     Pydantic models become the data of their own JSON (as sent); tuples become lists and
     numpy scalars and arrays plain numbers and lists (as Truss's encoder does).
     NaN and infinities pass, as Truss's server sends them (``NaN``, ``Infinity``).
     Anything else that is not JSON is an error, because no server could send it.
+
+    Dictionary keys that are numbers, booleans or None become the strings a reader of the JSON
+    finds (``{nan: 1}``: ``{"NaN": 1}``; of two keys that write alike, ``1`` and ``"1"``, the last,
+    as ``json.loads`` keeps it). ``wire``: they stay, for ``json.dumps`` to write as Truss's server
+    does, both of two alike included.
     """
     try:
-        return _convert(value)
+        return _convert(value, wire)
     except _Unsendable as bad:
         _fail(bad.value, what, "".join(reversed(bad.path)), bad.why)
 
@@ -49,7 +54,7 @@ def to_json_body(value: Any, *, what: str = "the prediction") -> "JSONBody":
     sends ``.json()``), anything else as :func:`to_jsonable` then ``json.dumps``."""
     if is_pydantic_model(value):
         return JSONBody(value.model_dump_json().encode())
-    return JSONBody(dumps(to_jsonable(value, what=what)).encode())
+    return JSONBody(dumps(to_jsonable(value, what=what, wire=True)).encode())
 
 
 # ---------------------------------------------------------------------- json.dumps, faster for lists of floats
@@ -143,19 +148,19 @@ class _Unsendable(Exception):
         self.value, self.why, self.path = value, why, []
 
 
-def _convert(value: Any) -> Any:
+def _convert(value: Any, wire: bool = False) -> Any:
     if type(value) in _PLAIN or isinstance(value, _SCALARS):
         return value
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
             if type(key) is not str and not isinstance(key, str):
-                if isinstance(key, (int, float, bool)) or key is None:
-                    key = str(key).lower() if isinstance(key, bool) else "null" if key is None else str(key)
-                else:
+                if not isinstance(key, (int, float)) and key is not None:  # (bool is an int)
                     raise _Unsendable(key, "dictionary keys must be strings")
+                if not wire:
+                    key = _key_text(key)
             try:
-                out[key] = item if type(item) in _PLAIN else _convert(item)
+                out[key] = item if type(item) in _PLAIN else _convert(item, wire)
             except _Unsendable as bad:
                 bad.path.append(f"[{key!r}]")
                 raise
@@ -165,7 +170,7 @@ def _convert(value: Any) -> Any:
         append = out_list.append
         try:
             for item in value:
-                append(item if type(item) in _PLAIN else _convert(item))
+                append(item if type(item) in _PLAIN else _convert(item, wire))
         except _Unsendable as bad:
             bad.path.append(f"[{len(out_list)}]")
             raise
@@ -175,8 +180,26 @@ def _convert(value: Any) -> Any:
         # infinities become null), so the notebook shows what the deployment answers.
         return json.loads(value.model_dump_json())
     if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
-        return _convert(value.tolist())
+        return _convert(value.tolist(), wire)
     raise _Unsendable(value)
+
+
+def _key_text(key: Any) -> str:
+    """A number, boolean or None key as json.dumps writes it (its encoder's order: a float first)."""
+    if isinstance(key, float):
+        return _float_text(key)
+    if key is None or isinstance(key, bool):
+        return {None: "null", True: "true", False: "false"}[key]
+    return int.__repr__(key)
+
+
+def _float_text(value: float) -> str:
+    """A float as json.dumps writes it (allow_nan: NaN and the infinities by name)."""
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "Infinity" if value > 0 else "-Infinity"
+    return float.__repr__(value)
 
 
 def _fail(value: Any, what: str, path: str, why: Any) -> None:

@@ -53,7 +53,7 @@ def chunk_bytes(chunk: Any) -> bytes:
     if isinstance(chunk, str):
         return chunk.encode()
     # Truss sends only str/bytes chunks; other chunks go out as JSON lines (the notebook warns).
-    return (json.dumps(to_jsonable(chunk, what="a streamed chunk")) + "\n").encode()
+    return (json.dumps(to_jsonable(chunk, what="a streamed chunk", wire=True)) + "\n").encode()
 
 
 class ChunkText:
