@@ -436,3 +436,15 @@ def test_the_cli_replays_a_request_taking_predict_saved_in_the_notebook_with_a_s
     nbformat.write(nb, tmp_path / "nb.ipynb")
     done = cli("export", tmp_path / "nb.ipynb", tmp_path / "out")
     assert done.returncode == 0 and "Replayed 1 recorded prediction" in done.stdout, done.stderr
+
+
+def test_the_export_says_how_many_predictions_it_did_not_keep(tmp_path, fresh_kernel):
+    """The kernel keeps the last 20 predictions of a definition: a user who made 23 must not read the replay's
+    "20" as all of them."""
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return model_input['i'] * 2")
+    k.ok("%model_load --no-widget")
+    k.ok("for i in range(23):\n    get_ipython().run_line_magic('model_predict', '{\"i\": %d}' % i)")
+    out = k.ok("%model_export out").stdout
+    assert ("Replayed 20 recorded predictions in a fresh Python (3 earlier ones were not kept: the kernel keeps "
+            "the last 20): the export answers as the notebook did.") in out, out

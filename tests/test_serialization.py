@@ -81,6 +81,21 @@ def test_keys_that_are_not_strings_are_written_as_json_dumps_writes_them_and_sho
     assert list(to_jsonable(value))[:3] == ["NaN", "Infinity", "-Infinity"] and to_jsonable(value)["1"] == "str"
 
 
+def test_numbers_of_subclasses_are_shown_as_the_plain_numbers_the_wire_carries():
+    import enum
+
+    import numpy as np
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    value = {"f": np.float64(0.5), "i": Level.HIGH, "row": [np.float64(0.25)] * 20, "s": "text", "b": True}
+    shown = to_jsonable(value)
+    assert shown == {"f": 0.5, "i": 3, "row": [0.25] * 20, "s": "text", "b": True}
+    assert type(shown["f"]) is float and type(shown["i"]) is int and type(shown["row"][0]) is float
+    assert to_json_body(value) == json.dumps(value).encode()
+
+
 def test_a_deeply_nested_result_is_written_as_json_dumps_writes_it():
     """As deep as json.dumps itself goes (the search for float lists stops a few levels down)."""
     deep = inner = {"floats": [0.5] * 20}

@@ -30,7 +30,7 @@ import yaml
 
 from .config import ModelConfig, check_folder_setting
 from .errors import KernelMagicsError
-from .replay import PredictionRecord
+from .replay import MAX_RECORDED, PredictionRecord
 from .secrets import ENV_PREFIX, SecretScanner
 from .scratch import ScratchDir, exchange, locked, remove_tree, sweep_stale
 from .source import MaterializeError, ModelSource, build_model_source, is_stdlib
@@ -682,7 +682,13 @@ def _replay_note(record: Optional[PredictionRecord], replay: bool, replayed: int
     if not replay:
         return "Replay skipped (--no-replay): this export was not checked against the notebook's predictions."
     if replayed:
-        return (f"Replayed {replayed} recorded prediction{'s' if replayed != 1 else ''} in a fresh Python: "
+        # A user who made 30 predictions must not read "20" as all of them.
+        dropped, skipped = getattr(record, "dropped", 0), getattr(record, "skipped", 0)
+        notes = ([f"{dropped} earlier {'ones were' if dropped != 1 else 'one was'} not kept: the kernel keeps the last "
+                  f"{MAX_RECORDED}"] if dropped else []) + (
+                 [f"{skipped} {'were' if skipped != 1 else 'was'} left out: over 1 MB, or not JSON"] if skipped else [])
+        left = f" ({'; '.join(notes)})" if notes else ""
+        return (f"Replayed {replayed} recorded prediction{'s' if replayed != 1 else ''} in a fresh Python{left}: "
                 "the export answers as the notebook did.")
     return ("No predictions recorded yet, so nothing was replayed: run %model_predict before exporting to have the "
             "export prove it answers as the notebook does.")

@@ -57,11 +57,12 @@ class PredictionRecord:
     def __init__(self) -> None:
         self._items: deque[Recorded] = deque(maxlen=MAX_RECORDED)
         self.skipped = 0  # predictions too large or not JSON, left out
+        self.dropped = 0  # earlier predictions pushed out by later ones (the record keeps the last MAX_RECORDED)
 
     def clear(self) -> None:
         """A new definition (or a hot reload) starts a new record."""
         self._items.clear()
-        self.skipped = 0
+        self.skipped = self.dropped = 0
 
     def add(self, model_input: Any, output: Any, shown: Optional[str] = None, request: Optional[dict] = None) -> int:
         """Keep a prediction if input and result are JSON of at most 1 MB each. The latest answer to
@@ -75,6 +76,8 @@ class PredictionRecord:
             if item.input == plain_input[0]:
                 del self._items[i]
                 break
+        else:
+            self.dropped += len(self._items) == MAX_RECORDED
         self._items.append(Recorded(plain_input[0], output, shown, request))
         return len(self._items) - 1
 

@@ -149,7 +149,15 @@ class _Unsendable(Exception):
 
 
 def _convert(value: Any, wire: bool = False) -> Any:
-    if type(value) in _PLAIN or isinstance(value, _SCALARS):
+    if type(value) in _PLAIN:
+        return value
+    if isinstance(value, _SCALARS):
+        # A number of a subclass (numpy.float64, an IntEnum) as the plain number json.dumps writes for it, so the
+        # notebook shows 0.5 where it showed np.float64(0.5); the wire's bytes are the same.
+        if isinstance(value, float):
+            return float.__float__(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return int.__int__(value)
         return value
     if isinstance(value, dict):
         out = {}
