@@ -181,9 +181,11 @@ class Verification:
         return [f"{what} {'travel' if len(names) > 1 else 'travels'} as source without being verified against the "
                 f"notebook (a value that cannot be pickled has no fingerprint to compare); {proof}."]
 
-    def measured_cause(self, report: Any) -> Optional[str]:
-        """When a replay differs: the values whose fresh fingerprints differ from the live ones, and what
-        predict changes (None when every verified value agrees)."""
+    def measured_cause(self, report: Any) -> "Optional[MismatchHint]":
+        """When a replay differs: the values whose fresh fingerprints differ from the live ones, what
+        predict changes, and what to do about it (None when every verified value agrees)."""
+        from .export import MismatchHint
+
         live_ns = self.materialized.live
         if live_ns is None:
             return None
@@ -191,19 +193,27 @@ class Verification:
         travels = {inc.name: inc.travels for inc in source.included}
         start = report.fingerprints.get("start", {})
         after = report.fingerprints.get("after_replay", {})
-        parts = []
+        causes: list[str] = []
+        remedies: list[str] = []
         for name in self._names():
             key = self._key(name)
             live, fresh, later = self.live_fingerprints.get(name), start.get(key), after.get(key)
             what = f"`{name}` (a {_type_name(live_ns[name])})"
             if fresh is not None and later is not None and not same(fresh, later):
                 if travels.get(name) == "value":
-                    parts.append(f"{what} changes each time predict runs, and the export saves it as it is now, after "
-                                 "the notebook's predictions, so the replay cannot start from the state they started "
-                                 "from. Create (and seed) it inside load(), or pass a seed with each request")
+                    causes.append(f"{what} changes each time predict runs, and the export saves it as it is now, after "
+                                  "the notebook's predictions, so the replay cannot start from the state they started "
+                                  "from")
+                    remedy = "Create (and seed) it inside load(), or pass a seed with each request"
                 else:
-                    parts.append(f"{what} changes each time predict runs: the export starts from its source's state, "
-                                 "the notebook's predictions started from another. Create (and seed) it inside load()")
+                    causes.append(f"{what} changes each time predict runs: the export starts from its source's state, "
+                                  "the notebook's predictions started from another")
+                    remedy = "Create (and seed) it inside load()"
+                if remedy not in remedies:
+                    remedies.append(remedy)
             elif live is not None and fresh is not None and not same(live, fresh):
-                parts.append(f"{what}: {difference(live, fresh)}")
-        return "; ".join(parts) or None
+                causes.append(f"{what}: {difference(live, fresh)}")
+        if not causes:
+            return None
+        return MismatchHint("; ".join(causes), "; ".join(remedies) + ", then export again") if remedies else \
+            MismatchHint("; ".join(causes))
