@@ -8,7 +8,7 @@ handed over as uv's options. Where uv cannot be had, pip does the install as bef
 
     python .ci/uv_pip.py VENV_PYTHON [pip install arguments...]
 
-tests/test_package.py installs the sdist the same way (``pip_settings_for_uv``).
+The tests that make venvs of their own install the same way (tests/uv_install.py, ``pip_settings_for_uv``).
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ def pip_settings_for_uv(python: str = sys.executable) -> tuple[list, dict]:
 
 def main(argv: list[str]) -> int:
     python, requirements = argv[0], argv[1:]
-    has_uv = subprocess.run([python, "-m", "pip", "install", "-q", "uv>=0.5"]).returncode == 0
-    if not has_uv:
+    pip = [python, "-m", "pip", "install", "-q"]
+    if subprocess.run([*pip, "uv>=0.5"]).returncode != 0:
         print("note: uv could not be installed; pip installs instead (slower)", file=sys.stderr)
-        return subprocess.run([python, "-m", "pip", "install", "-q", *requirements]).returncode
+        return subprocess.run([*pip, *requirements]).returncode
     options, variables = pip_settings_for_uv(python)
     env = {**os.environ, **variables, "UV_NO_PROGRESS": "1"}
     done = subprocess.run([python, "-m", "uv", "pip", "install", "-q", "--python", python, *options, *requirements],
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
         return 0
     # What uv could not do (a setting of pip's it does not take, a source it reads otherwise), pip may.
     print("note: uv could not install the requirements (above); pip tries (slower)", file=sys.stderr)
-    return subprocess.run([python, "-m", "pip", "install", "-q", *requirements]).returncode
+    return subprocess.run([*pip, *requirements]).returncode
 
 
 if __name__ == "__main__":

@@ -683,7 +683,7 @@ def _replay_note(record: Optional[PredictionRecord], replay: bool, replayed: int
         return "Replay skipped (--no-replay): this export was not checked against the notebook's predictions."
     if replayed:
         # A user who made 30 predictions must not read "20" as all of them.
-        dropped, skipped = getattr(record, "dropped", 0), getattr(record, "skipped", 0)
+        dropped, skipped = record.dropped, record.skipped
         notes = ([f"{dropped} earlier {'ones were' if dropped != 1 else 'one was'} not kept: the kernel keeps the last "
                   f"{MAX_RECORDED}"] if dropped else []) + (
                  [f"{skipped} {'were' if skipped != 1 else 'was'} left out: over 1 MB, or not JSON"] if skipped else [])

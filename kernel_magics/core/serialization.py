@@ -115,7 +115,7 @@ def _holds_floats(value: Any, depth: int) -> bool:
             return len(value) >= _FLOAT_RUN
         return (first is list or first is dict) and _holds_floats(value[0], depth + 1)
     if kind is dict:
-        # (keys that are not strings, which to_jsonable never leaves, are json.dumps's to write)
+        # (keys that are not strings, which to_jsonable leaves on the wire, are json.dumps's to write)
         return (any((type(item) is list or type(item) is dict) and _holds_floats(item, depth + 1)
                     for item in value.values()) and all(type(key) is str for key in value))
     return False
@@ -166,7 +166,7 @@ def _convert(value: Any, wire: bool = False) -> Any:
                 if not isinstance(key, (int, float)) and key is not None:  # (bool is an int)
                     raise _Unsendable(key, "dictionary keys must be strings")
                 if not wire:
-                    key = _key_text(key)
+                    key = json.dumps(key)  # the key's text on the wire (NaN and the infinities by name)
             try:
                 out[key] = item if type(item) in _PLAIN else _convert(item, wire)
             except _Unsendable as bad:
@@ -190,24 +190,6 @@ def _convert(value: Any, wire: bool = False) -> Any:
     if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
         return _convert(value.tolist(), wire)
     raise _Unsendable(value)
-
-
-def _key_text(key: Any) -> str:
-    """A number, boolean or None key as json.dumps writes it (its encoder's order: a float first)."""
-    if isinstance(key, float):
-        return _float_text(key)
-    if key is None or isinstance(key, bool):
-        return {None: "null", True: "true", False: "false"}[key]
-    return int.__repr__(key)
-
-
-def _float_text(value: float) -> str:
-    """A float as json.dumps writes it (allow_nan: NaN and the infinities by name)."""
-    if value != value:
-        return "NaN"
-    if value in (float("inf"), float("-inf")):
-        return "Infinity" if value > 0 else "-Infinity"
-    return float.__repr__(value)
 
 
 def _fail(value: Any, what: str, path: str, why: Any) -> None:
