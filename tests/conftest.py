@@ -25,6 +25,31 @@ from kernel_harness import Kernel  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _httpx_with_one_ssl_context() -> None:
+    """httpx.get/post/... build a client, and with it an SSL context loading certifi's certificates: 46 ms of CPU
+    per call, for requests that are all plain HTTP to 127.0.0.1. The tests poll servers every 50 ms while they
+    start, so each start cost a test process about half a core, taken from the server it waited for. Every
+    top-level call here gets one context made once (httpx takes a ready SSLContext as ``verify``); the
+    request itself, a fresh connection per call, is unchanged."""
+    import functools
+
+    import httpx
+
+    context = httpx.create_ssl_context()
+    for name in ("request", "stream", "get", "options", "head", "post", "put", "patch", "delete"):
+        call = getattr(httpx, name)
+        if not getattr(call, "_one_ssl_context", False):
+            @functools.wraps(call)
+            def with_context(*args, _call=call, **kwargs):
+                kwargs.setdefault("verify", context)
+                return _call(*args, **kwargs)
+            with_context._one_ssl_context = True
+            setattr(httpx, name, with_context)
+
+
+_httpx_with_one_ssl_context()
+
+
 # ---------------------------------------------------------------- tiers: markers applied at collection
 #
 # `make check` runs `-m "not (ray or browser or truss_ref or package or gallery or slow)"`; `make test` runs all.
