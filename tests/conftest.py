@@ -196,6 +196,7 @@ def pytest_collection_modifyitems(config, items):
         group = next((g for g in ("ray", "browser", "package") if g in marks), None)
         if group and config.pluginmanager.hasplugin("xdist"):
             item.add_marker(pytest.mark.xdist_group(group))
+    _ray_cluster_tests_together(items)
     collected = {item.module.__name__ for item in items if getattr(item, "module", None)}
     stale = sorted(key for key in SLOW - seen if key.split("::")[0] in collected)
     whole = all(Path(arg).is_dir() for arg in config.args)  # a file or one test named: SLOW is only partly seen
@@ -263,31 +264,61 @@ def _truss_python() -> Path:
 
 @pytest.fixture(scope="session")
 def truss_validate():
-    """Validate a directory with the real truss 0.18.36 loader and config parser."""
-    python = _truss_python()
+    """Validate a directory with the real truss 0.18.36 loader and config parser (validate.py's own code, in a
+    process of the reference venv that stays: tests/truss_reference_helper.py)."""
+    _truss_python()
+    from server_harness import truss_reference
 
     def validate(path: Path) -> str:
-        done = subprocess.run([str(python), str(TRUSS_REFERENCE / "validate.py"), str(path)],
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, f"truss rejected {path}: {done.stdout}{done.stderr}"
-        return done.stdout
+        code, output = truss_reference("validate", path)
+        assert code == 0, f"truss rejected {path}: {output}"
+        return output
 
     return validate
 
 
 # ---------------------------------------------------------------- one Ray cluster for the tests that deploy on Ray
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A head and two worker nodes on this machine (127.0.0.1) with Ray Serve running, started once:
-    deploying on it takes seconds, where each `serve --engine ray` of its own starts a Ray and Serve."""
-    pytest.importorskip("ray", reason="ray[serve] is not installed (pip install 'kernel-magics[ray]')")
-    from ray_harness import LocalCluster
-    from server_harness import free_port
+_CLUSTER: dict = {}  # the running cluster, under "cluster"
 
-    cluster = LocalCluster(workers=2, cpus=2, serve_port=free_port())
-    yield cluster
-    cluster.close()
+
+def _ray_cluster_tests_together(items: list) -> None:
+    """The tests that deploy on the shared cluster run one after another, where the first Ray test stood: the
+    cluster starts for the first of them and stops after the last (pytest_runtest_teardown), instead of idling
+    through the rest of the session (a head and two workers idle take about 0.15 of a core here) and beside the
+    tests that start a Ray of their own."""
+    users = [item for item in items if _uses_the_cluster(item)]
+    if not users:
+        return
+    first = min(items.index(item) for item in items if item.get_closest_marker("ray") is not None)
+    rest = [item for item in items if not _uses_the_cluster(item)]
+    items[:] = rest[:first] + users + rest[first:]
+
+
+def _uses_the_cluster(item) -> bool:
+    """It names the fixture, or asks for it while it runs and says so with the ray_cluster mark."""
+    return "ray_cluster" in item.fixturenames or item.get_closest_marker("ray_cluster") is not None
+
+
+@pytest.fixture
+def ray_cluster():
+    """A head and two worker nodes on this machine (127.0.0.1) with Ray Serve running, started once for the tests
+    that use it, which run together: deploying on it takes seconds, where each `serve --engine ray` of its own
+    starts a Ray and Serve."""
+    pytest.importorskip("ray", reason="ray[serve] is not installed (pip install 'kernel-magics[ray]')")
+    if "cluster" not in _CLUSTER:
+        from ray_harness import LocalCluster
+        from server_harness import free_port
+
+        _CLUSTER["cluster"] = LocalCluster(workers=2, cpus=2, serve_port=free_port())
+    return _CLUSTER["cluster"]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield  # the test's own fixtures are down first
+    if "cluster" in _CLUSTER and (nextitem is None or not _uses_the_cluster(nextitem)):
+        _CLUSTER.pop("cluster").close()
 
 
 @pytest.fixture(autouse=True)

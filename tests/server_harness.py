@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -184,21 +186,78 @@ def truss_venv_with_models() -> Optional[Path]:
     return venv
 
 
+_HELPER: dict = {}  # the running tests/truss_reference_helper.py, under "proc"
+_HELPER_LOCK = threading.Lock()
+
+
+def truss_reference(op: str, truss_dir: Path, **fields: Any) -> tuple[int, str]:
+    """Ask tests/truss_reference_helper.py (truss's own code, in the reference venv, started once per process) to
+    ``prepare`` a directory for Truss's server or ``validate`` it: (exit code, what it printed)."""
+    with _HELPER_LOCK:
+        proc = _HELPER.get("proc")
+        if proc is None or proc.poll() is not None:
+            python = truss_reference_python()
+            if python is None:
+                raise RuntimeError(f"the truss reference is not set up ({TRUSS_REFERENCE}/setup.sh)")
+            proc = _HELPER["proc"] = subprocess.Popen(
+                [str(python), str(Path(__file__).with_name("truss_reference_helper.py")), str(TRUSS_REFERENCE)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        proc.stdin.write(json.dumps({"op": op, "dir": str(Path(truss_dir).resolve()), **fields}) + "\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError("tests/truss_reference_helper.py exited")
+    answer = json.loads(line)
+    return answer["code"], answer["output"]
+
+
+def _stop_truss_reference_helper() -> None:
+    proc = _HELPER.pop("proc", None)
+    if proc is not None:
+        proc.stdin.close()  # its loop ends
+        proc.wait(timeout=30)
+
+
+atexit.register(_stop_truss_reference_helper)
+
+
 @contextlib.contextmanager
 def serve_truss(truss_dir: Path, env: Optional[dict] = None, timeout: float = 120,
                 wait_ready: bool = True, venv: Optional[Path] = None) -> Iterator[Served]:
-    """Truss 0.18.36's own server for the same directory (../shared/truss_reference); ``venv``: the
-    Python it runs on (default: the reference venv; :func:`truss_venv_with_models` for models that need
-    libraries)."""
+    """Truss 0.18.36's own server for the same directory, started as ../shared/truss_reference/serve_with_truss.sh
+    starts it (its steps below, in order), with the layout prepared by the helper process; ``venv``: the Python
+    it runs on (default: the reference venv; :func:`truss_venv_with_models` for models that need libraries)."""
     port = free_port()
     work = Path(tempfile.mkdtemp(prefix="truss-ref-"))
     log = work / "server.log"
-    extra = {"TRUSS_REF_VENV": str(venv)} if venv else {}
+    # 1. The directory laid out as Truss's image would have it (_prepare_fs.py): WORK/fs/app, WORK/fs/.serve_env.
+    code, output = truss_reference("prepare", truss_dir, work=str(work))
+    lines = output.strip().splitlines()
+    if code != 0:
+        shutil.rmtree(work, ignore_errors=True)
+        raise RuntimeError(f"truss could not lay out {truss_dir} for its server:\n{output}")
+    app, fs = Path(lines[-1]), work / "fs"
+    # 2. Its environment: the image's ENV lines and the config's environment_variables, then the port, the
+    # packages, unbuffered output, a home of its own, plain-text logs.
+    full_env = {**os.environ, **(env or {})}
+    for line in (fs / ".serve_env").read_text().splitlines():
+        if line.startswith("export "):
+            name, _, value = shlex.split(line[len("export "):])[0].partition("=")
+            full_env[name] = value
+    full_env["INFERENCE_SERVER_PORT"] = str(port)
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(fs / "packages"), full_env.get("PYTHONPATH")) if p)
+    full_env["PYTHONUNBUFFERED"] = "1"
+    full_env["HOME"] = str(work / "home")
+    (work / "home").mkdir()
+    if full_env.get("TRUSS_SERVE_JSON_LOGS", "0") != "1":
+        full_env["DISABLE_JSON_LOGGING"] = "1"
+    # 3. main.py in the app folder, as the image's ENTRYPOINT.
+    python = (venv / "bin" / "python") if venv else truss_reference_python()
     with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(TRUSS_REFERENCE / "serve_with_truss.sh"), str(truss_dir), str(port), str(work)],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **extra, **(env or {})}, start_new_session=True,
-        )
+        out.write(f"[serve_with_truss] app={app} port={port}\n")
+        out.flush()
+        proc = subprocess.Popen([str(python), "main.py"], cwd=app, stdout=out, stderr=subprocess.STDOUT, env=full_env,
+                                start_new_session=True)
     served = Served(proc, f"http://127.0.0.1:{port}", log)
     try:
         _wait_alive(served, timeout, ready=wait_ready)

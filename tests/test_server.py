@@ -120,7 +120,7 @@ def baseten_headers(response: httpx.Response) -> tuple:
 
 # ---------------------------------------------------------------- routes, bodies, headers
 
-@pytest.fixture(params=["uvicorn", pytest.param("ray", marks=pytest.mark.ray)])
+@pytest.fixture(params=["uvicorn", pytest.param("ray", marks=[pytest.mark.ray, pytest.mark.ray_cluster])])
 def engine(request):
     """Each test below runs on `kernel-magics serve` and on Ray Serve (2 replicas, on the shared cluster)."""
     return request.param if request.param == "uvicorn" else request.getfixturevalue("ray_cluster")
@@ -350,7 +350,7 @@ REPLAY = {
 
 
 @pytest.mark.parametrize("name, on_ray", [(name, False) for name in REPLAY] + [
-    pytest.param(name, True, marks=pytest.mark.ray) for name in ("errors", "echo_stream")])
+    pytest.param(name, True, marks=[pytest.mark.ray, pytest.mark.ray_cluster]) for name in ("errors", "echo_stream")])
 def test_answers_match_truss_server(tmp_path, markers, name, on_ray, request):
     engine = request.getfixturevalue("ray_cluster") if on_ray else "uvicorn"
     if truss_reference_python() is None:
