@@ -176,6 +176,22 @@ def pytest_configure(config):
     _private_temp_dir(config)
 
 
+def pytest_xdist_node_collection_finished(node, ids):
+    """``-n N --dist loadgroup``: stop at once when pytest-xdist lost the groups tests/conftest.py gives (Ray,
+    browser, package). A test process marks an item's group in its node id (``...@ray``), and this process sends
+    each group to one test process; when the mark does not take (pytest-xdist 3.8 on pytest 9.2, its issue
+    1386), every test process started its own Ray cluster and JupyterLab, and nothing said so."""
+    if node.config.getvalue("dist") != "loadgroup" or any("@" in nodeid for nodeid in ids):
+        return
+    grouped = [nodeid for nodeid in ids if Path(nodeid.split("::")[0]).stem in MODULE_MARKS
+               and MODULE_MARKS[Path(nodeid.split("::")[0]).stem] in ("ray", "browser", "package")]
+    if grouped:
+        pytest.exit(f"pytest-xdist did not keep the test groups of --dist loadgroup ({grouped[0]} has no group): "
+                    f"each test process would start its own Ray cluster and JupyterLab. Install the versions "
+                    f"pyproject.toml's test extra allows (`make venv`), or run without processes "
+                    f"(`make test TEST_PROCESSES=`).", returncode=4)
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by these markers
 def pytest_collection_modifyitems(config, items):
     seen = set()
