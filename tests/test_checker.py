@@ -148,7 +148,8 @@ def test_nothing_of_the_kernel_reaches_the_spare_and_the_export_says_where_the_t
     out = k.ok("%model_export out").stdout
     timings = json.loads(k.ok("import json as _j\nprint(_j.dumps(get_ipython().magics_manager.registry"
                               "['ModelMagics'].last_export_timings))").stdout)
-    assert timings["spare"] == ["import json, os, sys"]  # checked by the spare, which ran model.py's imports
+    # Checked by the spare, which ran model.py's imports (else: why the export did not take it).
+    assert timings["spare"] == ["import json, os, sys"], k.ok("print(_sc._state.last_miss)").stdout
     assert "Checked in " in out and ": import " in out and ", load " in out and ", replay " in out
     assert "(1 prediction); its libraries were imported in advance (json, os, sys)." in out
     got = json.loads(seen.read_text())
