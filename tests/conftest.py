@@ -54,6 +54,9 @@ _httpx_with_one_ssl_context()
 #
 # `make check` runs `-m "not (ray or browser or truss_ref or package or gallery or slow)"`; `make test` runs all.
 
+# What one test process runs all of, with pytest -n and --dist loadgroup: one Ray cluster, one JupyterLab, one
+# package build.
+GROUPS = ("ray", "browser", "package")
 # A whole module that needs what a marker names.
 MODULE_MARKS = {
     "test_ray": "ray", "test_ray_cluster": "ray",
@@ -184,7 +187,7 @@ def pytest_xdist_node_collection_finished(node, ids):
     if node.config.getvalue("dist") != "loadgroup" or any("@" in nodeid for nodeid in ids):
         return
     grouped = [nodeid for nodeid in ids if Path(nodeid.split("::")[0]).stem in MODULE_MARKS
-               and MODULE_MARKS[Path(nodeid.split("::")[0]).stem] in ("ray", "browser", "package")]
+               and MODULE_MARKS[Path(nodeid.split("::")[0]).stem] in GROUPS]
     if grouped:
         pytest.exit(f"pytest-xdist did not keep the test groups of --dist loadgroup ({grouped[0]} has no group): "
                     f"each test process would start its own Ray cluster and JupyterLab. Install the versions "
@@ -199,6 +202,7 @@ def pytest_collection_modifyitems(config, items):
         module = item.module.__name__ if getattr(item, "module", None) else ""
         marks = {MODULE_MARKS.get(module)}
         marks |= {what for name, what in FIXTURE_MARKS.items() if name in item.fixturenames}
+        marks |= {mark.name for mark in item.iter_markers() if mark.name in GROUPS}  # a parameter's own marks too
         code = getattr(getattr(item, "function", None), "__code__", None)
         if code is not None:
             marks |= {what for name, what in NAME_MARKS.items() if name in code.co_names}
@@ -209,7 +213,7 @@ def pytest_collection_modifyitems(config, items):
         for mark in sorted(marks - {None}):
             item.add_marker(mark)
         # With pytest -n and --dist loadgroup, one process runs all of a group: one Ray cluster, one JupyterLab.
-        group = next((g for g in ("ray", "browser", "package") if g in marks), None)
+        group = next((g for g in GROUPS if g in marks), None)
         if group and config.pluginmanager.hasplugin("xdist"):
             item.add_marker(pytest.mark.xdist_group(group))
     _ray_cluster_tests_together(items)
