@@ -179,6 +179,7 @@ def pytest_configure(config):
     _private_temp_dir(config)
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: there only with it
 def pytest_xdist_node_collection_finished(node, ids):
     """``-n N --dist loadgroup``: stop at once when pytest-xdist lost the groups tests/conftest.py gives (Ray,
     browser, package). A test process marks an item's group in its node id (``...@ray``), and this process sends
@@ -203,6 +204,8 @@ def pytest_collection_modifyitems(config, items):
         marks = {MODULE_MARKS.get(module)}
         marks |= {what for name, what in FIXTURE_MARKS.items() if name in item.fixturenames}
         marks |= {mark.name for mark in item.iter_markers() if mark.name in GROUPS}  # a parameter's own marks too
+        if item.get_closest_marker("ray_cluster") is not None:
+            marks.add("ray")
         code = getattr(getattr(item, "function", None), "__code__", None)
         if code is not None:
             marks |= {what for name, what in NAME_MARKS.items() if name in code.co_names}
@@ -299,20 +302,22 @@ def truss_validate():
 
 # ---------------------------------------------------------------- one Ray cluster for the tests that deploy on Ray
 
-_CLUSTER: dict = {}  # the running cluster, under "cluster"
+_CLUSTER: dict = {}  # "cluster": the running one, or "failed": why it could not start; "last": the last test on it
 
 
 def _ray_cluster_tests_together(items: list) -> None:
     """The tests that deploy on the shared cluster run one after another, where the first Ray test stood: the
     cluster starts for the first of them and stops after the last (pytest_runtest_teardown), instead of idling
     through the rest of the session (a head and two workers idle take about 0.15 of a core here) and beside the
-    tests that start a Ray of their own."""
+    tests that start a Ray of their own. Where another plugin orders the tests otherwise (-n without loadgroup,
+    --ff), the cluster stays up from the first until the last of them, as a session's would."""
     users = [item for item in items if _uses_the_cluster(item)]
     if not users:
         return
-    first = min(items.index(item) for item in items if item.get_closest_marker("ray") is not None)
+    first = next(i for i, item in enumerate(items) if item.get_closest_marker("ray") is not None)
     rest = [item for item in items if not _uses_the_cluster(item)]
     items[:] = rest[:first] + users + rest[first:]
+    _CLUSTER["last"] = users[-1]
 
 
 def _uses_the_cluster(item) -> bool:
@@ -324,21 +329,34 @@ def _uses_the_cluster(item) -> bool:
 def ray_cluster():
     """A head and two worker nodes on this machine (127.0.0.1) with Ray Serve running, started once for the tests
     that use it, which run together: deploying on it takes seconds, where each `serve --engine ray` of its own
-    starts a Ray and Serve."""
+    starts a Ray and Serve. A cluster that could not start fails the later tests at once, without trying again."""
     pytest.importorskip("ray", reason="ray[serve] is not installed (pip install 'kernel-magics[ray]')")
+    if "failed" in _CLUSTER:
+        pytest.fail(f"the shared Ray cluster could not start: {_CLUSTER['failed']}")
     if "cluster" not in _CLUSTER:
         from ray_harness import LocalCluster
         from server_harness import free_port
 
-        _CLUSTER["cluster"] = LocalCluster(workers=2, cpus=2, serve_port=free_port())
+        try:
+            _CLUSTER["cluster"] = LocalCluster(workers=2, cpus=2, serve_port=free_port())
+        except Exception as error:
+            _CLUSTER["failed"] = f"{type(error).__name__}: {error}"
+            raise
     return _CLUSTER["cluster"]
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item, nextitem):
     yield  # the test's own fixtures are down first
-    if "cluster" in _CLUSTER and (nextitem is None or not _uses_the_cluster(nextitem)):
-        _CLUSTER.pop("cluster").close()
+    if nextitem is None or item is _CLUSTER.get("last"):
+        _stop_the_cluster()
+
+
+def _stop_the_cluster() -> None:
+    cluster = _CLUSTER.pop("cluster", None)
+    _CLUSTER.pop("failed", None)
+    if cluster is not None:
+        cluster.close()
 
 
 @pytest.fixture(autouse=True)
@@ -419,6 +437,7 @@ def _listing(root: Path, depth: int = 2) -> set:
 
 @pytest.hookimpl(trylast=True)  # after the session fixtures' teardown and pytest's own temp cleanup
 def pytest_sessionfinish(session, exitstatus):
+    _stop_the_cluster()  # still up when a run was interrupted or stopped inside a test on it
     config = session.config
     before = getattr(config, "_km_before", None)
     if before is None or hasattr(config, "workerinput"):

@@ -188,11 +188,14 @@ def truss_venv_with_models() -> Optional[Path]:
 
 _HELPER: dict = {}  # the running tests/truss_reference_helper.py, under "proc"
 _HELPER_LOCK = threading.Lock()
+_HELPER_ENV = dict(os.environ)  # as this process started: not a test's monkeypatched variables
 
 
-def truss_reference(op: str, truss_dir: Path, **fields: Any) -> tuple[int, str]:
+def truss_reference(op: str, truss_dir: Path, timeout: float = 120, **fields: Any) -> tuple[int, str]:
     """Ask tests/truss_reference_helper.py (truss's own code, in the reference venv, started once per process) to
-    ``prepare`` a directory for Truss's server or ``validate`` it: (exit code, what it printed)."""
+    ``prepare`` a directory for Truss's server or ``validate`` it: (exit code, what it printed). A helper that does
+    not answer in ``timeout`` seconds, or answers out of turn, is stopped (the next call starts another)."""
+    request = {"op": op, "dir": str(Path(truss_dir).resolve()), **fields}
     with _HELPER_LOCK:
         proc = _HELPER.get("proc")
         if proc is None or proc.poll() is not None:
@@ -201,21 +204,40 @@ def truss_reference(op: str, truss_dir: Path, **fields: Any) -> tuple[int, str]:
                 raise RuntimeError(f"the truss reference is not set up ({TRUSS_REFERENCE}/setup.sh)")
             proc = _HELPER["proc"] = subprocess.Popen(
                 [str(python), str(Path(__file__).with_name("truss_reference_helper.py")), str(TRUSS_REFERENCE)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        proc.stdin.write(json.dumps({"op": op, "dir": str(Path(truss_dir).resolve()), **fields}) + "\n")
-        proc.stdin.flush()
-        line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError("tests/truss_reference_helper.py exited")
-    answer = json.loads(line)
-    return answer["code"], answer["output"]
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_HELPER_ENV, cwd=TRUSS_REFERENCE,
+                start_new_session=True)  # (a Ctrl-C of the run stops it through its stdin, without a traceback)
+        answer: dict = {}
+        try:
+            proc.stdin.write(json.dumps(request) + "\n")
+            proc.stdin.flush()
+            reader = threading.Thread(target=lambda: answer.update(line=proc.stdout.readline()), daemon=True)
+            reader.start()
+            reader.join(timeout)
+            reply = json.loads(answer["line"]) if answer.get("line") else None
+            if reply is None or reply.get("dir") != request["dir"]:
+                raise RuntimeError(f"tests/truss_reference_helper.py did not answer {request} in {timeout} s"
+                                   if "line" not in answer else f"tests/truss_reference_helper.py answered "
+                                   f"{answer['line']!r} to {request}")
+        except BaseException:
+            _stop_truss_reference_helper(kill=True)
+            raise
+    return reply["code"], reply["output"]
 
 
-def _stop_truss_reference_helper() -> None:
+def _stop_truss_reference_helper(kill: bool = False) -> None:
     proc = _HELPER.pop("proc", None)
-    if proc is not None:
-        proc.stdin.close()  # its loop ends
+    if proc is None:
+        return
+    if kill:
+        proc.kill()
+    else:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()  # its loop ends
+    try:
         proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 atexit.register(_stop_truss_reference_helper)
@@ -230,34 +252,38 @@ def serve_truss(truss_dir: Path, env: Optional[dict] = None, timeout: float = 12
     port = free_port()
     work = Path(tempfile.mkdtemp(prefix="truss-ref-"))
     log = work / "server.log"
-    # 1. The directory laid out as Truss's image would have it (_prepare_fs.py): WORK/fs/app, WORK/fs/.serve_env.
-    code, output = truss_reference("prepare", truss_dir, work=str(work))
-    lines = output.strip().splitlines()
-    if code != 0:
+    try:
+        # 1. The directory laid out as Truss's image would have it (_prepare_fs.py): WORK/fs/app, WORK/fs/.serve_env.
+        code, output = truss_reference("prepare", truss_dir, work=str(work))
+        if code != 0:
+            raise RuntimeError(f"truss could not lay out {truss_dir} for its server:\n{output}")
+        app, fs = Path(output.strip().splitlines()[-1]), work / "fs"
+        # 2. Its environment: the image's ENV lines and the config's environment_variables (`export NAME=VALUE`
+        # lines, each value quoted by shlex, a newline inside it too), then the port, the packages, unbuffered
+        # output, a home of its own, plain-text logs.
+        full_env = {**os.environ, **(env or {})}
+        for word in shlex.split((fs / ".serve_env").read_text()):
+            if word != "export":
+                name, _, value = word.partition("=")
+                full_env[name] = value
+        full_env["INFERENCE_SERVER_PORT"] = str(port)
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(fs / "packages"), full_env.get("PYTHONPATH")) if p)
+        full_env["PYTHONUNBUFFERED"] = "1"
+        full_env["HOME"] = str(work / "home")
+        (work / "home").mkdir()
+        if full_env.get("TRUSS_SERVE_JSON_LOGS", "0") != "1":
+            full_env["DISABLE_JSON_LOGGING"] = "1"
+        full_env["PWD"] = str(app)
+        # 3. main.py in the app folder, as the image's ENTRYPOINT.
+        python = (venv / "bin" / "python") if venv else truss_reference_python()
+        with open(log, "w") as out:
+            out.write(f"[serve_with_truss] app={app} port={port}\n")
+            out.flush()
+            proc = subprocess.Popen([str(python), "main.py"], cwd=app, stdout=out, stderr=subprocess.STDOUT,
+                                    env=full_env, start_new_session=True)
+    except BaseException:
         shutil.rmtree(work, ignore_errors=True)
-        raise RuntimeError(f"truss could not lay out {truss_dir} for its server:\n{output}")
-    app, fs = Path(lines[-1]), work / "fs"
-    # 2. Its environment: the image's ENV lines and the config's environment_variables, then the port, the
-    # packages, unbuffered output, a home of its own, plain-text logs.
-    full_env = {**os.environ, **(env or {})}
-    for line in (fs / ".serve_env").read_text().splitlines():
-        if line.startswith("export "):
-            name, _, value = shlex.split(line[len("export "):])[0].partition("=")
-            full_env[name] = value
-    full_env["INFERENCE_SERVER_PORT"] = str(port)
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(fs / "packages"), full_env.get("PYTHONPATH")) if p)
-    full_env["PYTHONUNBUFFERED"] = "1"
-    full_env["HOME"] = str(work / "home")
-    (work / "home").mkdir()
-    if full_env.get("TRUSS_SERVE_JSON_LOGS", "0") != "1":
-        full_env["DISABLE_JSON_LOGGING"] = "1"
-    # 3. main.py in the app folder, as the image's ENTRYPOINT.
-    python = (venv / "bin" / "python") if venv else truss_reference_python()
-    with open(log, "w") as out:
-        out.write(f"[serve_with_truss] app={app} port={port}\n")
-        out.flush()
-        proc = subprocess.Popen([str(python), "main.py"], cwd=app, stdout=out, stderr=subprocess.STDOUT, env=full_env,
-                                start_new_session=True)
+        raise
     served = Served(proc, f"http://127.0.0.1:{port}", log)
     try:
         _wait_alive(served, timeout, ready=wait_ready)

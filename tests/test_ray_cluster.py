@@ -30,7 +30,7 @@ class Model:
 
 @pytest.fixture
 def cluster(ray_cluster):
-    return ray_cluster  # the session's (conftest): a head and two workers
+    return ray_cluster  # the shared one (conftest): a head and two workers
 
 
 def listening_addresses(root: psutil.Process) -> set:
