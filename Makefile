@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed-stamp
 NOTEBOOKS := notebooks/quickstart.ipynb notebooks/streaming.ipynb notebooks/wine_pipeline.ipynb \
 	notebooks/embeddings.ipynb notebooks/tiny_gpt.ipynb notebooks/openai_chat.ipynb
 # A run fails if it leaves anything in its temp dir (`make test`: in /tmp, the home directory or the repository
-# either). PYTEST_ARGS adds pytest options. `make test` runs on two processes (TEST_PROCESSES="-n 2 --dist loadgroup":
-# all the Ray tests in one of them, all the browser tests in one, as tests/conftest.py groups them; 440 tests in 27
-# minutes on 2 cores against 39 serial); `make test TEST_PROCESSES=` runs them one after another.
-TEST_PROCESSES ?= -n 2 --dist loadgroup
+# either). PYTEST_ARGS adds pytest options. `make test` runs on three processes (TEST_PROCESSES="-n 3 --dist
+# loadgroup": all the Ray tests in one of them, all the browser tests in one, as tests/conftest.py groups them). The
+# Ray tests mostly wait (on Ray's starts and timeouts), so a third process on this 2-core machine uses the CPU they
+# leave: 480 tests in 549 s against 618 s with two (benchmarks/README.md); `make test TEST_PROCESSES=` runs them one
+# after another.
+TEST_PROCESSES ?= -n 3 --dist loadgroup
 PYTEST := $(PY) -m pytest $(PYTEST_ARGS)
 # The tiers: tests/conftest.py marks tests by what they need; `make check` leaves these out.
 CHECK_MARKS := not (ray or browser or truss_ref or package or gallery or slow)
