@@ -26,10 +26,43 @@ REPO = Path(__file__).resolve().parents[1]
 TRUSS_REFERENCE = REPO.parent / "shared" / "truss_reference"
 
 
+def _ports_of_this_process() -> range:
+    """The ports this test process hands out: a slice of those below the system's ephemeral range.
+
+    A port the system picks (bind to 0) comes from the ephemeral range, and so does the local port of every
+    outgoing connection: between the probe closing and the server binding, a client elsewhere in the run (Ray
+    opens hundreds) could take it, and the server failed with "address already in use" (CI, stop 32). No
+    connection is ever given a port below that range. Ray's workers take 10002-19999, so ours start at 20000;
+    each xdist worker gets a slice of its own so that two never hand out the same port."""
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    low, high = 20000, max(ephemeral, 24000)
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) % workers
+    size = (high - low) // workers
+    return range(low + index * size, low + (index + 1) * size)
+
+
+_PORTS = _ports_of_this_process()
+_next_port = [_PORTS.start + (os.getpid() * 7919) % len(_PORTS)]  # another run beside this one starts elsewhere
+_port_lock = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A 127.0.0.1 port nothing listens on, that no outgoing connection can take before a server binds it."""
+    with _port_lock:
+        for _ in range(len(_PORTS)):
+            port = _next_port[0]
+            _next_port[0] = port + 1 if port + 1 < _PORTS.stop else _PORTS.start
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError(f"no free port in {_PORTS.start}-{_PORTS.stop - 1} on 127.0.0.1")
 
 
 def write_truss(root: Path, model_py: str, config: str = "model_name: test\n") -> Path:

@@ -129,7 +129,8 @@ def test_liveness_answers_from_the_first_second_while_ray_starts_then_serves_pro
     of its Ray has the secret in its environment (one local Ray start for both: each costs half a minute here)."""
     from server_harness import Served
 
-    from kernel_magics.serving.background import ServeProcess, free_port
+    from kernel_magics.serving.background import ServeProcess
+    from server_harness import free_port
     from kernel_magics.serving.ray_engine import REPLICA_HEADER
     from kernel_magics.serving.stand_in import STAND_IN_SERVER
 
@@ -465,7 +466,7 @@ def test_model_serve_on_ray_from_the_notebook_serves_the_export(tmp_path, ray_cl
 def test_a_load_that_fails_naming_the_secret_prints_it_nowhere(tmp_path):
     """A load() that fails naming the secret: the command's last line says so, redacted, and its output holds the
     secret nowhere (what %model_serve's pipe hands over is checked in the liveness test above)."""
-    from kernel_magics.serving.background import free_port
+    from server_harness import free_port
 
     bad = write_truss(tmp_path / "bad", "class Model:\n    def __init__(self, secrets):\n        self._s = secrets\n"
                                          "    def load(self):\n        raise RuntimeError(f'refused token {self._s[\"tok\"]}')\n"
