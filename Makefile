@@ -16,17 +16,24 @@ PYTEST := $(PY) -m pytest $(PYTEST_ARGS)
 # The tiers: tests/conftest.py marks tests by what they need; `make check` leaves these out.
 CHECK_MARKS := not (ray or browser or truss_ref or package or gallery or slow)
 
+# This machine and CI set PYTHONDONTWRITEBYTECODE: then a module the warm-up above did not import would be compiled
+# again by every process that imports it. Python writes its .pyc once instead (atomically: processes may race).
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: venv demo check test notebooks clean truss-reference browser-deps lab
 
 # torch is pinned by constraints.txt: an unpinned torch pulls a multi-GB CUDA build.
 # Installing the project also builds the JupyterLab extension (jlpm, npm registry only).
 # uv installs, from the package sources pip is configured with (.ci/uv_pip.py): 54 s against pip's 4 min 10 s on a
-# fresh clone, the same versions, plus about 30 s to write the .pyc files as pip does (without them a fresh clone's
-# suite took 924 s instead of 574 s); pip does it where uv cannot be had.
-$(STAMP): pyproject.toml constraints.txt .ci/uv_pip.py extension/package.json extension/yarn.lock $(wildcard extension/src/*.ts)
+# fresh clone, the same versions; pip does it where uv cannot be had. Then the .pyc files of the modules a run
+# imports are written (.ci/warm_bytecode.py, 15 s): without them every kernel, server and Ray process compiled
+# torch, transformers and FastAPI again (a fresh clone's suite took 924 s instead of 574 s), and writing all of the
+# venv's, as pip does, took 45 s.
+$(STAMP): pyproject.toml constraints.txt .ci/uv_pip.py .ci/warm_bytecode.py extension/package.json extension/yarn.lock $(wildcard extension/src/*.ts)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) .ci/uv_pip.py $(PY) -c constraints.txt "torch==2.13.0" -e ".[test,serve,ray,examples]"
+	$(PY) .ci/warm_bytecode.py $(PY)
 	touch $@
 
 venv: $(STAMP)

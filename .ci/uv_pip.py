@@ -71,10 +71,9 @@ def main(argv: list[str]) -> int:
         return subprocess.run([*pip, *requirements]).returncode
     options, variables = pip_settings_for_uv(python)
     env = {**os.environ, **variables, "UV_NO_PROGRESS": "1"}
-    # --compile-bytecode: the .pyc files pip writes as it installs and uv does not by default. Where
-    # PYTHONDONTWRITEBYTECODE is set (this machine, CI), nothing writes them later, and every process the tests start
-    # compiled torch, transformers and FastAPI again on import: 4.1 s of CPU to import them against 2.6 s.
-    done = subprocess.run([python, "-m", "uv", "pip", "install", "-q", "--compile-bytecode", "--python", python,
+    # No --compile-bytecode (pip's way: every module of the venv, about 45 s here): the Makefile writes the .pyc
+    # files of what a run imports (.ci/warm_bytecode.py) and lets Python write the rest as they are first imported.
+    done = subprocess.run([python, "-m", "uv", "pip", "install", "-q", "--python", python,
                            *options, *requirements], env=env)
     if done.returncode == 0:
         return 0
