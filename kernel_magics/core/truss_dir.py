@@ -158,7 +158,13 @@ class TrussDir:
     # ------------------------------------------------------------------ importing
 
     def prepare_process(self) -> None:
-        """What a Truss container has before the model is imported: its env vars, its package dirs."""
+        """What a Truss container has before the model is imported: its env vars, its package dirs.
+
+        And no ``__pycache__`` written into the directory: Truss's server imports a copy of it (the image's /app),
+        ours imports the user's own, which a later export, diff or upload reads (the .pyc files of what is installed
+        are read as before; a missing one is compiled each time, not written). Only processes that serve, check or
+        predict a directory call this, never the kernel."""
+        sys.dont_write_bytecode = True
         os.environ.update(self.config.environment_variables)
         if str(self.root) not in sys.path:
             # Truss runs /app/main.py beside the directory's files, so the root is sys.path[0] and model/ is
