@@ -75,10 +75,12 @@ def test_layout_keys_and_package_dirs_through_validate_and_serve(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "src/predictor.py defines `Predictor` with predict" in done.stdout
     assert "unknown key `some_future_key` is ignored" in done.stderr  # warned, not refused, as Truss parses it
-    with serve_ours(root) as served:
+    # Served as users serve it, with Python writing .pyc files (this machine and CI turn that off):
+    # none lands in the user's directory, nor in its package dirs.
+    with serve_ours(root, env={"PYTHONDONTWRITEBYTECODE": ""}) as served:  # (empty: writing on)
         answer = httpx.post(served.predict_url(), json={"who": "ada"}).json()
     assert answer == {"greeting": "HELLO ADA", "name": "custom-layout"}
-    assert pycaches(root) == []
+    assert pycaches(root) == [] and pycaches(tmp_path / "shared") == []
 
 
 def test_the_import_check_names_a_missing_package_and_the_flag_that_skips_it(tmp_path):

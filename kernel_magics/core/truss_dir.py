@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -49,6 +50,43 @@ def resolve_path(path: Any, base: Optional[Path] = None) -> Path:
     if not path.is_absolute():
         path = (base or Path.cwd()) / path
     return Path(os.path.normpath(path))
+
+
+class _NoBytecodeLoader(importlib.machinery.SourceFileLoader):
+    """A source file's loader that writes no .pyc (importlib skips the write when ``set_data`` is not there)."""
+
+    def set_data(self, path, data, *, _mode=0o666):
+        raise NotImplementedError
+
+
+_NO_BYTECODE: set = set()  # the folders a hook already covers in this process
+
+
+def _no_bytecode_under(roots: Sequence[Path]) -> None:
+    """Modules under ``roots`` are imported without writing ``__pycache__`` there: Truss's server imports a copy of
+    the directory (the image's /app), ours imports the user's own, which a later export, diff or upload reads. What
+    is installed keeps Python's usual .pyc files (read, and written when missing), so a served model's torch is not
+    compiled again at every start."""
+    folders = tuple(f for f in (os.path.realpath(r) for r in roots) if f not in _NO_BYTECODE)
+    if not folders:
+        return
+    _NO_BYTECODE.update(folders)
+
+    def under(path: str) -> bool:
+        real = os.path.realpath(path or os.getcwd())
+        return any(real == f or real.startswith(f + os.sep) for f in folders)
+
+    def hook(path: str):
+        if not under(path):
+            raise ImportError  # (the next hook, Python's own, finds it)
+        return importlib.machinery.FileFinder(
+            path, (_NoBytecodeLoader, importlib.machinery.SOURCE_SUFFIXES),
+            (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
+            (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES))
+
+    sys.path_hooks.insert(0, hook)
+    for path in [p for p in sys.path_importer_cache if under(p)]:
+        del sys.path_importer_cache[path]  # finders made before: the next import asks the hooks again
 
 
 @dataclass
@@ -160,11 +198,9 @@ class TrussDir:
     def prepare_process(self) -> None:
         """What a Truss container has before the model is imported: its env vars, its package dirs.
 
-        And no ``__pycache__`` written into the directory: Truss's server imports a copy of it (the image's /app),
-        ours imports the user's own, which a later export, diff or upload reads (the .pyc files of what is installed
-        are read as before; a missing one is compiled each time, not written). Only processes that serve, check or
-        predict a directory call this, never the kernel."""
-        sys.dont_write_bytecode = True
+        And no ``__pycache__`` written into the directory or its package dirs (:func:`_no_bytecode_under`). Only
+        processes that serve, check or predict a directory call this, never the kernel."""
+        _no_bytecode_under([self.root, *self.package_dirs])
         os.environ.update(self.config.environment_variables)
         if str(self.root) not in sys.path:
             # Truss runs /app/main.py beside the directory's files, so the root is sys.path[0] and model/ is
@@ -191,7 +227,8 @@ class TrussDir:
         self.check_static()
         self.prepare_process()
         name = self.module_name
-        spec = importlib.util.spec_from_file_location(name, self.model_file)
+        spec = importlib.util.spec_from_file_location(name, self.model_file,
+                                                      loader=_NoBytecodeLoader(name, str(self.model_file)))
         module = importlib.util.module_from_spec(spec)
         if "." in name:
             module.__package__ = None  # relative imports stay unsupported, as in Truss
