@@ -16,8 +16,9 @@ PYTEST := $(PY) -m pytest $(PYTEST_ARGS)
 # The tiers: tests/conftest.py marks tests by what they need; `make check` leaves these out.
 CHECK_MARKS := not (ray or browser or truss_ref or package or gallery or slow)
 
-# This machine and CI set PYTHONDONTWRITEBYTECODE: then a module the warm-up above did not import would be compiled
-# again by every process that imports it. Python writes its .pyc once instead (atomically: processes may race).
+# This machine and CI set PYTHONDONTWRITEBYTECODE: then a module the set-up's warm-up (below) did not import would be
+# compiled again by every process that imports it. Python writes its .pyc once instead (atomically: processes may
+# race).
 unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: venv demo check test notebooks clean truss-reference browser-deps lab

@@ -14,7 +14,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 # Where PYTHONDONTWRITEBYTECODE is set (this machine and CI set it), pytest rewrote the assertions of every test
 # module again in every test process: about 2 s of each process's start. This process may keep them in
-# tests/__pycache__ (ignored by git); the kernels, servers and checkers the tests start keep the variable.
+# tests/__pycache__ (ignored by git). (`make` unexports the variable: there the kernels and servers the tests start
+# write .pyc files too, as on a user's machine.)
 sys.dont_write_bytecode = False
 # nbformat imports jsonschema, which imports rfc3987_syntax when it is installed (jupyter_server's extras bring it)
 # and builds an IRI grammar: about 2.5 s of CPU in every test process, for a format no notebook schema uses.

@@ -83,6 +83,31 @@ def test_layout_keys_and_package_dirs_through_validate_and_serve(tmp_path):
     assert pycaches(root) == [] and pycaches(tmp_path / "shared") == []
 
 
+def test_the_directory_imports_as_python_imports_it_less_the_pycache(tmp_path):
+    """The hook that keeps __pycache__ out of the directory changes nothing else: a .zip on the path under it
+    imports (zipimport's hook still gets it), and an extension module wins over a .py of the same name."""
+    import _statistics  # (a compiled module nothing here imports first)
+    import shutil
+    import zipfile
+
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "plain_mod.py").write_text("X = 2\n")
+    with zipfile.ZipFile(root / "lib.zip", "w") as z:
+        z.writestr("zipped_mod.py", "X = 1\n")
+    shutil.copy(_statistics.__file__, root)  # the compiled module, and a .py of its name beside it that must lose
+    (root / "_statistics.py").write_text("X = 3\n")
+    code = (f"import sys\nsys.path[:0] = [{str(root / 'lib.zip')!r}, {str(root)!r}]\n"
+            "from pathlib import Path\nfrom kernel_magics.core.truss_dir import _no_bytecode_under\n"
+            f"_no_bytecode_under([Path({str(root)!r})])\n"
+            "import zipped_mod, plain_mod, _statistics\n"
+            "print(zipped_mod.X, plain_mod.X, hasattr(_statistics, '_normal_dist_inv_cdf'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": ""})  # (empty: writing on)
+    assert done.stdout.split() == ["1", "2", "True"], done.stderr
+    assert pycaches(root) == []
+
+
 def test_the_import_check_names_a_missing_package_and_the_flag_that_skips_it(tmp_path):
     write_truss(tmp_path / "gpu", "import not_installed_here_xyz\n" + ECHO, "requirements: [not-installed-here-xyz==1.0]\n")
     done = cli("validate", "gpu", cwd=tmp_path)

@@ -53,7 +53,8 @@ def resolve_path(path: Any, base: Optional[Path] = None) -> Path:
 
 
 class _NoBytecodeLoader(importlib.machinery.SourceFileLoader):
-    """A source file's loader that writes no .pyc (importlib skips the write when ``set_data`` is not there)."""
+    """A source file's loader that writes no .pyc (importlib's get_code skips the write when ``set_data`` raises
+    NotImplementedError)."""
 
     def set_data(self, path, data, *, _mode=0o666):
         raise NotImplementedError
@@ -72,16 +73,25 @@ def _no_bytecode_under(roots: Sequence[Path]) -> None:
         return
     _NO_BYTECODE.update(folders)
 
+    # What is installed keeps its .pyc files even when it lies inside the directory (a project root holding .venv).
+    import site
+
+    installed = tuple(os.path.realpath(p) for p in {sys.prefix, sys.base_prefix, *site.getsitepackages(),
+                                                   site.getusersitepackages()})
+
+    def inside(real: str, roots: tuple) -> bool:
+        return any(real == f or real.startswith(f + os.sep) for f in roots)
+
     def under(path: str) -> bool:
-        real = os.path.realpath(path or os.getcwd())
-        return any(real == f or real.startswith(f + os.sep) for f in folders)
+        real = os.path.realpath(path)
+        return inside(real, folders) and not inside(real, installed)
 
     def hook(path: str):
-        if not under(path):
-            raise ImportError  # (the next hook, Python's own, finds it)
-        return importlib.machinery.FileFinder(
-            path, (_NoBytecodeLoader, importlib.machinery.SOURCE_SUFFIXES),
-            (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
+        if not under(path) or not os.path.isdir(path):
+            raise ImportError  # (the next hook finds it: Python's own, or zipimport's for a .zip on the path)
+        return importlib.machinery.FileFinder(  # (the loaders in Python's own order: an extension module first)
+            path, (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
+            (_NoBytecodeLoader, importlib.machinery.SOURCE_SUFFIXES),
             (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES))
 
     sys.path_hooks.insert(0, hook)
