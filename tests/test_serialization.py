@@ -9,7 +9,8 @@ import struct
 import pytest
 
 from kernel_magics.core import serialization
-from kernel_magics.core.serialization import dumps, to_json_body, to_jsonable
+from kernel_magics.core.errors import NotSerializableError
+from kernel_magics.core.serialization import dumps, to_json_body, to_jsonable, truss_would_refuse
 
 
 def floats_of_every_kind(n: int, seed: int) -> list:
@@ -105,3 +106,15 @@ def test_a_deeply_nested_result_is_written_as_json_dumps_writes_it():
     for _ in range(5):
         deep = {"level": [deep]}
     assert dumps(deep) == json.dumps(deep)
+
+
+def test_a_result_inside_itself_is_refused_in_one_paragraph_as_truss_refuses_it():
+    """A list inside itself: a one-paragraph error that says what to change (not a RecursionError), and the
+    ValueError Truss's server answers with (tests/test_truss_conformance.py compares the served answer)."""
+    loop: list = []
+    loop.append(loop)
+    with pytest.raises(NotSerializableError) as caught:
+        to_jsonable({"c": loop})
+    assert "contains itself" in str(caught.value) and "\n" not in str(caught.value)
+    assert (caught.value.truss_type, caught.value.truss_message) == ("ValueError", "Circular reference detected")
+    assert truss_would_refuse({"c": loop}) == "a list or dict inside itself in the result"

@@ -162,6 +162,9 @@ ODD = '''
 import datetime
 import numpy as np
 
+LOOP = []
+LOOP.append(LOOP)  # a list inside itself
+
 
 class Model:
     def predict(self, model_input):
@@ -173,6 +176,7 @@ class Model:
             "object": {"o": object()},
             "numpy": {"i": np.int64(3), "f": np.float32(1.5), "a": np.arange(3)},
             "tuple": (1, [2, 3]),
+            "circular": {"c": LOOP},
             # Keys json.dumps writes for itself: NaN and the infinities by name, two keys that write alike twice.
             "keys": {float("nan"): 1, float("inf"): 2, 1: "int", "1": "str", None: "n", 1.5: "f",
                      np.float64(2.5): [0.5] * 20, "n": {False: 0, "false": 1}},
@@ -186,7 +190,7 @@ def test_odd_results_answer_as_truss_answers(tmp_path):
 
     _test_data()  # skips without the reference
     path = write_truss(tmp_path / "odd", ODD, "model_name: odd\nrequirements: [numpy]\n")
-    kinds = ["nan", "set", "datetime", "bytes", "object", "numpy", "tuple", "keys"]
+    kinds = ["nan", "set", "datetime", "bytes", "object", "numpy", "tuple", "keys", "circular"]
     requests = [(*PREDICT, json.dumps({"kind": k}).encode(), JSON) for k in kinds]
     from server_harness import truss_venv_with_models
 
@@ -203,3 +207,4 @@ def test_odd_results_answer_as_truss_answers(tmp_path):
         # NaN is not JSON: compare the bodies as text where they hold it.
         assert json.dumps(have[4], sort_keys=True) == json.dumps(want[4], sort_keys=True), req[2]
     assert expected[1][0] == 500 and expected[1][4] == {"error": "Unhandled exception: TypeError: Object of type set is not JSON serializable"}
+    assert expected[-1][0] == 500 and expected[-1][4] == {"error": "Unhandled exception: ValueError: Circular reference detected"}

@@ -64,6 +64,7 @@ class InputValidationError(KernelMagicsError):
 class NotSerializableError(KernelMagicsError):
     """A prediction cannot be turned into JSON (the server would reject it)."""
 
-    def __init__(self, message: str, truss_message: str = "") -> None:
+    def __init__(self, message: str, truss_message: str = "", truss_type: str = "TypeError") -> None:
         super().__init__(message)
         self.truss_message = truss_message or message  # what Truss's server says about the same value
+        self.truss_type = truss_type  # and the exception it names (json.dumps's)

@@ -47,6 +47,13 @@ def to_jsonable(value: Any, *, what: str = "the prediction", wire: bool = False)
         return _convert(value, wire)
     except _Unsendable as bad:
         _fail(bad.value, what, "".join(reversed(bad.path)), bad.why)
+    except RecursionError:
+        raise NotSerializableError(
+            f"{what.capitalize()} contains itself (a list or dict inside itself), or is nested deeper than Python "
+            "can follow, so a Truss server could not send it. Return a copy without the loop, for example with "
+            "copy.deepcopy of the parts you mean, or flatten it.",
+            # What Truss's own server answers: json.dumps's ValueError, in its "Unhandled exception" body.
+            truss_message="Circular reference detected", truss_type="ValueError") from None
 
 
 def to_json_body(value: Any, *, what: str = "the prediction") -> "JSONBody":
@@ -236,7 +243,10 @@ def truss_would_refuse(value: Any) -> Optional[str]:
     ("" for the result itself), with the type; None when Truss would send it too."""
     if is_pydantic_model(value) or is_response(value):
         return None  # Truss sends a top-level Pydantic model with .json()
-    return _truss_walk(value, "")
+    try:
+        return _truss_walk(value, "")
+    except RecursionError:
+        return "a list or dict inside itself in the result"
 
 
 def _truss_walk(value: Any, path: str) -> Optional[str]:

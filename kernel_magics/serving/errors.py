@@ -127,7 +127,7 @@ async def _definition_error(request: Request, exc: ModelDefinitionError) -> Resp
 
 async def _not_serializable(request: Request, exc: NotSerializableError) -> Response:
     log.error("%s", _redact(request, str(exc)))
-    return error_response(500, f"Unhandled exception: TypeError: {exc.truss_message}", _UNEXPECTED)
+    return error_response(500, f"Unhandled exception: {exc.truss_type}: {exc.truss_message}", _UNEXPECTED)
 
 
 async def _user_code(request: Request, exc: Exception) -> Response:
