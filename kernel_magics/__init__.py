@@ -34,6 +34,7 @@ def unload_ipython_extension(ipython) -> None:
     magics = ipython.magics_manager.registry.get("ModelMagics")
     if magics is not None:
         magics.runner.stop()
+        magics.frontend.stop()
         from .notebook.run_magics import wait_for_spare_planning
 
         for event, hook in (("pre_run_cell", magics.note_cell), ("post_run_cell", magics.record_cell),

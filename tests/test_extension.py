@@ -655,6 +655,19 @@ def test_the_kernel_opens_the_status_channel_from_load_ext_under_a_jupyter_serve
     assert k.ok(STATUS + "(m.widgets, m.stream_rate)").result == "('never', 7.0)"
 
 
+def test_reload_ext_closes_the_old_status_channel_and_opens_a_new_one(fresh_kernel, tmp_path):
+    """The old magics' channel no longer sends the old status beside the new one's: its comm closes."""
+    k = fresh_kernel(cwd=tmp_path, env={"JPY_SESSION_NAME": str(tmp_path / "nb.ipynb")})
+    (old,) = comm_opens(k.ok("%load_ext kernel_magics"))
+    reloaded = k.ok("%reload_ext kernel_magics")
+    closed = [m["content"]["comm_id"] for m in reloaded.messages if m["msg_type"] == "comm_close"]
+    (new,) = comm_opens(reloaded)
+    assert closed == [old["comm_id"]] and new["comm_id"] != old["comm_id"], (closed, new)
+    senders = ("import threading, time\nalive = lambda: sum(t.name == 'km-status' for t in threading.enumerate())\n"
+               "for _ in range(100):\n    if alive() == 1:\n        break\n    time.sleep(0.02)\nalive()")
+    assert k.ok(senders).result == "1"  # the old channel's sender has ended (it may be in its 0.1 s pause)
+
+
 def test_no_comm_for_a_client_without_a_jupyter_server(fresh_kernel, tmp_path):
     """nbconvert, papermill, a console: no Jupyter server, no comm to a target they lack."""
     k = fresh_kernel(cwd=tmp_path, env={"JPY_SESSION_NAME": ""})

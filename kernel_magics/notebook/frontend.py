@@ -55,13 +55,15 @@ class FrontendChannel:
         self.loads = 0
         self.id = os.urandom(4).hex()
         self.last_replayed: Optional[int] = None
+        self._unsubscribe: Optional[Callable[[], None]] = None
+        self._stopped = False
 
     def start(self, host: Any = None, on_settings: Optional[Callable[[dict], None]] = None) -> None:
         """Follow ``host``'s events, register the kernel-side target and, under a Jupyter
         server, open the comm to the extension now."""
         self._on_settings = on_settings
         if host is not None:
-            host.subscribe(self.observe)
+            self._unsubscribe = host.subscribe(self.observe)
         try:
             import comm
 
@@ -74,6 +76,23 @@ class FrontendChannel:
             except Exception:  # a kernel without comm support: the extension's own probe still works
                 return
             self._connect(opened)
+
+    def stop(self) -> None:
+        """``%unload_ext`` / ``%reload_ext``: close this channel's comms (the extension drops a closed one and
+        follows the channel the next ``%load_ext`` opens), stop following the host, let the sender thread end.
+        Without it the old channel kept sending the old magics' status beside the new one's."""
+        self._stopped = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        with self._lock:
+            comms, self._comms = self._comms, []
+        for opened in comms:
+            try:
+                opened.close()
+            except Exception:  # (a comm the frontend already closed)
+                pass
+        self._dirty.set()  # wakes the sender, which sees the flag and ends
 
     def observe(self, event: Any) -> None:
         """A host event: predictions feed the latency plot; a new load starts a fresh one."""
@@ -96,6 +115,8 @@ class FrontendChannel:
         self.publish()
 
     def _on_open(self, opened: Any, msg: dict) -> None:
+        if self._stopped:
+            return
         self._connect(opened)
         opened.send({"status": self._status()})
 
@@ -135,6 +156,8 @@ class FrontendChannel:
         while True:
             self._dirty.wait()
             self._dirty.clear()
+            if self._stopped:
+                return
             self._send_now()
             time.sleep(self._interval)  # coalesce bursts (a predict loop) into one update
 
