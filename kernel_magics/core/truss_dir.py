@@ -95,8 +95,11 @@ def _no_bytecode_under(roots: Sequence[Path]) -> None:
             (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES))
 
     sys.path_hooks.insert(0, hook)
-    for path in [p for p in sys.path_importer_cache if under(p)]:
-        del sys.path_importer_cache[path]  # finders made before: the next import asks the hooks again
+    # Finders made before: the next import asks the hooks again. The keys are copied in one step first: another
+    # thread (a Ray replica's) may import meanwhile, and realpath's system calls let it run between two keys.
+    for path in list(sys.path_importer_cache):
+        if under(path):
+            sys.path_importer_cache.pop(path, None)
 
 
 @dataclass
