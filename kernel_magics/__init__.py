@@ -33,8 +33,10 @@ def unload_ipython_extension(ipython) -> None:
     """Stop the background loop; the magics stay registered until the kernel restarts."""
     magics = ipython.magics_manager.registry.get("ModelMagics")
     if magics is not None:
-        magics.runner.stop()
-        magics.frontend.stop()
+        try:
+            magics.runner.stop()
+        finally:
+            magics.frontend.stop()
         from .notebook.run_magics import wait_for_spare_planning
 
         for event, hook in (("pre_run_cell", magics.note_cell), ("post_run_cell", magics.record_cell),

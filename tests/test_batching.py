@@ -777,9 +777,15 @@ def test_the_export_batches_under_truss_s_own_server_and_ours_with_the_notebooks
 
 # ---------------------------------------------------------------- Ray Serve: each replica batches its own requests
 
+# The batch takes 20 ms, as a model's would: the requests that arrive meanwhile form the next batch. (Instant, a
+# batch of one ended before the next request came whenever the machine spaced them out: batches of one for ever.)
 BATCHED_MODEL_PY = '''
+import time
+
+
 class Model:
     def predict_batch(self, inputs):
+        time.sleep(0.02)
         return [{"i": i["i"], "batch": len(inputs)} for i in inputs]
 '''
 

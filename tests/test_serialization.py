@@ -118,3 +118,10 @@ def test_a_result_inside_itself_is_refused_in_one_paragraph_as_truss_refuses_it(
     assert "contains itself" in str(caught.value) and "\n" not in str(caught.value)
     assert (caught.value.truss_type, caught.value.truss_message) == ("ValueError", "Circular reference detected")
     assert truss_would_refuse({"c": loop}) == "a list or dict inside itself in the result"
+    # Nesting that is only deep (no loop) says so, with the RecursionError json.dumps raises there.
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(NotSerializableError) as caught:
+        to_jsonable(deep)
+    assert "nested deeper" in str(caught.value) and caught.value.truss_type == "RecursionError"

@@ -48,12 +48,31 @@ def to_jsonable(value: Any, *, what: str = "the prediction", wire: bool = False)
     except _Unsendable as bad:
         _fail(bad.value, what, "".join(reversed(bad.path)), bad.why)
     except RecursionError:
+        if _contains_itself(value):
+            raise NotSerializableError(
+                f"{what.capitalize()} contains itself (a list or dict inside itself), so a Truss server could not "
+                "send it. Build a new list or dict of the parts you mean (copy.deepcopy keeps the loop).",
+                # What Truss's own server answers: json.dumps's ValueError, in its "Unhandled exception" body.
+                truss_message="Circular reference detected", truss_type="ValueError") from None
         raise NotSerializableError(
-            f"{what.capitalize()} contains itself (a list or dict inside itself), or is nested deeper than Python "
-            "can follow, so a Truss server could not send it. Return a copy without the loop, for example with "
-            "copy.deepcopy of the parts you mean, or flatten it.",
-            # What Truss's own server answers: json.dumps's ValueError, in its "Unhandled exception" body.
-            truss_message="Circular reference detected", truss_type="ValueError") from None
+            f"{what.capitalize()} is nested deeper than Python's recursion limit, so a Truss server could not send "
+            "it. Flatten it (fewer levels of lists and dicts inside each other).",
+            truss_message="maximum recursion depth exceeded while encoding a JSON object",
+            truss_type="RecursionError") from None
+
+
+def _contains_itself(value: Any) -> bool:
+    """Whether a list, tuple or dict holds itself somewhere inside (a loop), walked without recursion: the
+    RecursionError that led here may come from a loop or from nesting that is only deep."""
+    stack = [(value, frozenset())]
+    while stack:
+        item, above = stack.pop()
+        if isinstance(item, (list, tuple, dict)):
+            if id(item) in above:
+                return True
+            inside = above | {id(item)}
+            stack.extend((child, inside) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def to_json_body(value: Any, *, what: str = "the prediction") -> "JSONBody":
@@ -246,7 +265,8 @@ def truss_would_refuse(value: Any) -> Optional[str]:
     try:
         return _truss_walk(value, "")
     except RecursionError:
-        return "a list or dict inside itself in the result"
+        return ("a list or dict inside itself in the result" if _contains_itself(value)
+                else "nesting deeper than Python's recursion limit in the result")
 
 
 def _truss_walk(value: Any, path: str) -> Optional[str]:

@@ -17,6 +17,7 @@ go through it. The check itself is a module command::
 
 from __future__ import annotations
 
+import _imp
 import ast
 import contextlib
 import importlib.machinery
@@ -26,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +63,7 @@ class _NoBytecodeLoader(importlib.machinery.SourceFileLoader):
 
 
 _NO_BYTECODE: set = set()  # the folders a hook already covers in this process
+_NO_BYTECODE_LOCK = threading.Lock()
 
 
 def _no_bytecode_under(roots: Sequence[Path]) -> None:
@@ -68,11 +71,14 @@ def _no_bytecode_under(roots: Sequence[Path]) -> None:
     the directory (the image's /app), ours imports the user's own, which a later export, diff or upload reads. What
     is installed keeps Python's usual .pyc files (read, and written when missing), so a served model's torch is not
     compiled again at every start."""
-    folders = tuple(f for f in (os.path.realpath(r) for r in roots) if f not in _NO_BYTECODE)
-    if not folders:
-        return
-    _NO_BYTECODE.update(folders)
+    with _NO_BYTECODE_LOCK:
+        folders = tuple(f for f in (os.path.realpath(r) for r in roots) if f not in _NO_BYTECODE)
+        if folders:
+            _install_no_bytecode_hook(folders)
+            _NO_BYTECODE.update(folders)  # (after the hook is in: a second caller waits for it, then returns)
 
+
+def _install_no_bytecode_hook(folders: tuple) -> None:
     # What is installed keeps its .pyc files even when it lies inside the directory (a project root holding .venv).
     import site
 
@@ -94,12 +100,17 @@ def _no_bytecode_under(roots: Sequence[Path]) -> None:
             (_NoBytecodeLoader, importlib.machinery.SOURCE_SUFFIXES),
             (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES))
 
-    sys.path_hooks.insert(0, hook)
-    # Finders made before: the next import asks the hooks again. The keys are copied in one step first: another
-    # thread (a Ray replica's) may import meanwhile, and realpath's system calls let it run between two keys.
-    for path in list(sys.path_importer_cache):
-        if under(path):
-            sys.path_importer_cache.pop(path, None)
+    # Under the import lock that importlib holds around each find_spec, so that no import in another thread (a Ray
+    # replica's) makes a plain finder for these folders between the purge and the hook.
+    _imp.acquire_lock()
+    try:
+        sys.path_hooks.insert(0, hook)
+        # Finders made before: the next import asks the hooks again (the keys copied in one step first).
+        for path in list(sys.path_importer_cache):
+            if under(path):
+                sys.path_importer_cache.pop(path, None)
+    finally:
+        _imp.release_lock()
 
 
 @dataclass

@@ -115,7 +115,8 @@ class FrontendChannel:
         self.publish()
 
     def _on_open(self, opened: Any, msg: dict) -> None:
-        if self._stopped:
+        if self._stopped:  # (a page reloaded after %unload_ext: nothing will answer on it)
+            opened.close()
             return
         self._connect(opened)
         opened.send({"status": self._status()})
@@ -168,6 +169,8 @@ class FrontendChannel:
             return
         status = self._status()
         for opened in comms:
+            if self._stopped:  # (stop() closed them meanwhile)
+                return
             try:
                 opened.send({"status": status})
             except Exception:
