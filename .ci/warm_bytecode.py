@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 # Split so that the two halves take about as long (torch alone is about half).
 SHARES = (
@@ -41,14 +42,18 @@ for name in sys.argv[1:]:
 def main(argv: list[str]) -> int:
     python = argv[0] if argv else sys.executable
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    procs = [subprocess.Popen([python, "-c", _IMPORT_EACH, *share], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL) for share in SHARES]
-    for proc in procs:
-        try:
-            proc.wait(timeout=600)
-        except subprocess.TimeoutExpired:  # an import that hangs: its .pyc files come later, the set-up goes on
-            proc.kill()
-            proc.wait()
+    # A temp dir of its own, removed afterwards: importing torch's compiler leaves torchinductor_<user> in the
+    # system's, and `make test` leaves nothing there.
+    with tempfile.TemporaryDirectory(prefix="km-warm-") as scratch:
+        env["TMPDIR"] = scratch
+        procs = [subprocess.Popen([python, "-c", _IMPORT_EACH, *share], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL) for share in SHARES]
+        for proc in procs:
+            try:
+                proc.wait(timeout=600)
+            except subprocess.TimeoutExpired:  # an import that hangs: its .pyc files come later, the set-up goes on
+                proc.kill()
+                proc.wait()
     return 0
 
 
