@@ -73,8 +73,8 @@ def main(argv: list[str]) -> int:
     env = {**os.environ, **variables, "UV_NO_PROGRESS": "1"}
     # No --compile-bytecode (pip's way: every module of the venv, about 45 s here): the Makefile writes the .pyc
     # files of what a run imports (.ci/warm_bytecode.py) and lets Python write the rest as they are first imported.
-    done = subprocess.run([python, "-m", "uv", "pip", "install", "-q", "--python", python,
-                           *options, *requirements], env=env)
+    done = subprocess.run([python, "-m", "uv", "pip", "install", "-q", "--python", python, *options, *requirements],
+                          env=env)
     if done.returncode == 0:
         return 0
     # What uv could not do (a setting of pip's it does not take, a source it reads otherwise), pip may.

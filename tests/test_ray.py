@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from server_harness import post_concurrently, post_in_background, serve_ours, wait_for, write_truss
+from server_harness import free_port, post_concurrently, post_in_background, serve_ours, wait_for, write_truss
 
 pytest.importorskip("ray", reason="ray[serve] is not installed (pip install 'kernel-magics[ray]')")
 
@@ -130,7 +130,6 @@ def test_liveness_answers_from_the_first_second_while_ray_starts_then_serves_pro
     from server_harness import Served
 
     from kernel_magics.serving.background import ServeProcess
-    from server_harness import free_port
     from kernel_magics.serving.ray_engine import REPLICA_HEADER
     from kernel_magics.serving.stand_in import STAND_IN_SERVER
 
@@ -251,7 +250,6 @@ uvicorn.Server(uvicorn.Config(lambda: app, factory=True, host="127.0.0.1", port=
 
 def test_the_proxy_hook_bounds_uvicorn_as_rays_proxy_runs_it():
     """What Serve's proxy hook does, without a Ray: the proxy's uvicorn then refuses heads past the bounds."""
-    from server_harness import free_port
     from test_serving_edge import raw_request
 
     port = free_port()
@@ -466,8 +464,6 @@ def test_model_serve_on_ray_from_the_notebook_serves_the_export(tmp_path, ray_cl
 def test_a_load_that_fails_naming_the_secret_prints_it_nowhere(tmp_path):
     """A load() that fails naming the secret: the command's last line says so, redacted, and its output holds the
     secret nowhere (what %model_serve's pipe hands over is checked in the liveness test above)."""
-    from server_harness import free_port
-
     bad = write_truss(tmp_path / "bad", "class Model:\n    def __init__(self, secrets):\n        self._s = secrets\n"
                                          "    def load(self):\n        raise RuntimeError(f'refused token {self._s[\"tok\"]}')\n"
                                          "    def predict(self, model_input):\n        return 1\n",
