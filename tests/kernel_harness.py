@@ -74,13 +74,15 @@ class Kernel:
 
     running: list["Kernel"] = []  # every kernel not shut down yet (tests/conftest.py stops a test's leftovers)
 
-    def __init__(self, env: Optional[dict] = None, cwd: Optional[str] = None) -> None:
+    def __init__(self, env: Optional[dict] = None, cwd: Optional[str] = None, spare_checker: bool = True) -> None:
+        """``spare_checker=False``: the kernel starts no spare checker (``ModelMagics.spare_checker``)."""
         self.km = KernelManager(kernel_name="python3")
         Kernel.running.append(self)
         full_env = dict(os.environ)
         full_env.update(env or {})
         full_env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
-        self.km.start_kernel(env=full_env, cwd=cwd or os.getcwd(), extra_arguments=["--HistoryManager.enabled=False"])
+        options = ["--HistoryManager.enabled=False", *([] if spare_checker else ["--ModelMagics.spare_checker=False"])]
+        self.km.start_kernel(env=full_env, cwd=cwd or os.getcwd(), extra_arguments=options)
         self.kc = self.km.client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)

@@ -137,7 +137,7 @@ def test_nothing_of_the_kernel_reaches_the_spare_and_the_export_says_where_the_t
     notebook_dir = tmp_path / "nb"
     notebook_dir.mkdir()
     seen = tmp_path / "seen.json"
-    k = fresh_kernel(cwd=notebook_dir, env={"PYTHONPATH": str(extra)}, load_ext=True)
+    k = fresh_kernel(cwd=notebook_dir, env={"PYTHONPATH": str(extra)}, load_ext=True, spare_checker=True)
     k.ok(f"import sys\nsys.path.insert(0, {str(extra)!r})\nimport kernel_only_module\nKERNEL_ONLY_GLOBAL = 42")
     k.ok(NOTEBOOK_MODEL.format(seen=str(seen)))
     k.ok("%model_load --no-widget")
@@ -163,7 +163,7 @@ def test_nothing_of_the_kernel_reaches_the_spare_and_the_export_says_where_the_t
 def test_the_first_export_after_model_load_finds_what_the_values_unpickle_imported(tmp_path, fresh_kernel):
     """%model_load's spare imports model.py's leading imports, then (once the values were saved aside and their
     pickles read) the modules they unpickle: exactly what the export's own check_imports says, so it is used."""
-    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k = fresh_kernel(cwd=tmp_path, load_ext=True, spare_checker=True)
     k.ok("%%model_config\nrequirements: [numpy]")
     k.ok("import fractions\nimport numpy\nTABLE = []")
     k.ok("TABLE += [numpy.random.default_rng().random(3), fractions.Fraction(1, 3)]")  # (so it travels as a value)
@@ -190,7 +190,7 @@ def test_model_load_ends_with_the_load_while_the_next_export_is_planned_in_the_b
     """Planning the export's values (imports their libraries; skops walks scikit-learn: seconds) happens after the
     cell: here planning waits for a file the test writes only once %model_load has returned."""
     gate = tmp_path / "gate"
-    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k = fresh_kernel(cwd=tmp_path, load_ext=True, spare_checker=True)
     k.ok(f"import pathlib, sys, time\nGATE = pathlib.Path({str(gate)!r})\n\nclass Slow:\n    x = 0\n\n"
          "    def __reduce__(self):  # planning the value pickles it through notebook_pickle (the load's snapshot not)\n"
          "        frame = sys._getframe(1)\n"
@@ -208,7 +208,7 @@ def test_model_load_ends_with_the_load_while_the_next_export_is_planned_in_the_b
 
 @pytest.mark.slow  # 4 to 7 s each on this machine under load: a kernel, or three fresh Pythons
 def test_the_spare_goes_with_model_unload_and_with_its_kernel(tmp_path, fresh_kernel):
-    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k = fresh_kernel(cwd=tmp_path, load_ext=True, spare_checker=True)
     k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return 1")
     probe = ("from kernel_magics.core import spare_check as _sc\n_sc.settled(60)\n_s = _sc.current()\n_s.started.wait(30)\n"
              "print(_s.proc.pid, _s.path)")
@@ -231,6 +231,29 @@ def test_the_spare_goes_with_model_unload_and_with_its_kernel(tmp_path, fresh_ke
     while path.exists() and time.monotonic() < deadline:  # its own last act: removing its folder
         time.sleep(0.02)
     assert not path.exists()
+
+
+@pytest.mark.slow  # 4 to 7 s each on this machine under load: a kernel, or three fresh Pythons
+def test_spare_checker_off_stops_the_spare_and_starts_none_and_exports_check_cold(tmp_path, fresh_kernel):
+    k = fresh_kernel(cwd=tmp_path, load_ext=True, spare_checker=True)
+    k.ok("%%model\nimport json\n\nclass Model:\n    def predict(self, model_input):\n        return json.dumps(1)")
+    probe = "from kernel_magics.core import spare_check as _sc\n_sc.settled(60)\nprint(_sc.current() is not None)"
+    k.ok("%model_load --no-widget")
+    k.ok("%model_predict {}")
+    spare = k.ok(probe + "\n_s = _sc.current()\n_s.started.wait(30)\nprint(_s.proc.pid, _s.path)").stdout.split()
+    assert spare[0] == "True"
+    k.ok("%config ModelMagics.spare_checker = False")
+    assert process_gone(int(spare[1])) and not Path(spare[2]).exists()
+    k.ok("%model_load --no-widget")
+    assert k.ok(probe).stdout.split() == ["False"]
+    out = k.ok("%model_export out").stdout
+    assert "Replayed 1 recorded prediction" in out and "in advance" not in out, out
+    assert k.ok(probe).stdout.split() == ["False"]  # and none after the export either
+    # Set when the kernel starts, as the tests' kernels have it (an IPython config file would do the same):
+    off = fresh_kernel(cwd=tmp_path, load_ext=True)
+    off.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return 1")
+    off.ok("%model_load --no-widget")
+    assert off.ok(probe).stdout.split() == ["False"]
 
 
 def test_only_the_imports_model_py_starts_with_are_imported_in_advance():

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from traitlets import Enum, Float, TraitError, validate
+from traitlets import Bool, Enum, Float, TraitError, observe, validate
 
 from IPython.core.error import StdinNotImplementedError, UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
@@ -81,6 +81,18 @@ class ModelMagics(Magics):
         "Live widget views: auto (when a widget manager is likely, as in JupyterLab), always, or never (plain text)."
     )).tag(config=True)
     stream_rate = Float(30.0, help="Most widget or text updates a second while streaming.").tag(config=True)
+    spare_checker = Bool(True, help=(
+        "Start the next export's fresh Python after %model_load and after each export, so the export's proof does "
+        "not wait for the model's imports (core/spare_check.py). Off: no process waits beside the kernel (it holds "
+        "the model's libraries, torch's hundreds of MB included) and each export's check imports them itself."
+    )).tag(config=True)
+
+    @observe("spare_checker")
+    def _spare_checker_changed(self, change) -> None:
+        if not change["new"]:
+            spare_check = sys.modules.get("kernel_magics.core.spare_check")  # (none before the first %model_load)
+            if spare_check is not None:
+                spare_check.discard(disable=True)
 
     @validate("stream_rate")
     def _check_rate(self, proposal):

@@ -128,6 +128,8 @@ class RunMagics(Magics):
         imports in the background, so the export's proof does not wait for them. It stops with %model_unload.
         Planned in a thread (planning the values imports their libraries): the cell ends when the load does, and
         the next execution waits for the thread (:func:`wait_for_spare_planning`)."""
+        if not self.model.spare_checker:  # (%config ModelMagics.spare_checker = False)
+            return
         from ..core import spare_check
         from ..core.export import materialize
 
