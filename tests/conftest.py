@@ -234,13 +234,16 @@ def pytest_collection_modifyitems(config, items):
 
 # The kernels of the fixtures start no spare checker (ModelMagics.spare_checker): a spare is the next export's
 # Python with the model's libraries imported, and most tests' kernels end soon after their last %model_load or
-# export, so their spares were imported for nothing (about 110 a run, a minute of CPU). The export's check is then
-# the cold one; the tests of the spare (test_checker.py) and the gallery notebooks keep it on.
+# export, so their spares were imported for nothing (about 110 a run). The export's check is then the cold one; the
+# tests of the spare (test_checker.py) and the gallery notebooks keep it on, and KM_TEST_SPARES=1 gives every
+# fixture kernel one, as users have it.
+SPARES = bool(os.environ.get("KM_TEST_SPARES"))
+
 
 @pytest.fixture(scope="module")
 def kernel():
     """One real IPython kernel per test module, with kernel_magics loaded."""
-    k = Kernel(spare_checker=False)
+    k = Kernel(spare_checker=SPARES)
     k.ok("%load_ext kernel_magics")
     yield k
     k.shutdown()
@@ -248,11 +251,11 @@ def kernel():
 
 @pytest.fixture
 def fresh_kernel():
-    """Start kernels of a test's own: ``fresh_kernel(cwd=..., env=..., load_ext=True, spare_checker=False)``; every one is shut
+    """Start kernels of a test's own: ``fresh_kernel(cwd=..., env=..., load_ext=True, spare_checker=True)``; every one is shut
     down when the test ends, passed or failed."""
     started = []
 
-    def start(cwd=None, env=None, load_ext=False, spare_checker=False) -> Kernel:
+    def start(cwd=None, env=None, load_ext=False, spare_checker=SPARES) -> Kernel:
         k = Kernel(env=env, cwd=str(cwd) if cwd is not None else None, spare_checker=spare_checker)
         started.append(k)
         if load_ext:

@@ -233,7 +233,7 @@ def test_the_spare_goes_with_model_unload_and_with_its_kernel(tmp_path, fresh_ke
     assert not path.exists()
 
 
-@pytest.mark.slow  # 4 to 7 s each on this machine under load: a kernel, or three fresh Pythons
+@pytest.mark.slow  # two kernels
 def test_spare_checker_off_stops_the_spare_and_starts_none_and_exports_check_cold(tmp_path, fresh_kernel):
     k = fresh_kernel(cwd=tmp_path, load_ext=True, spare_checker=True)
     k.ok("%%model\nimport json\n\nclass Model:\n    def predict(self, model_input):\n        return json.dumps(1)")
@@ -249,8 +249,27 @@ def test_spare_checker_off_stops_the_spare_and_starts_none_and_exports_check_col
     out = k.ok("%model_export out").stdout
     assert "Replayed 1 recorded prediction" in out and "in advance" not in out, out
     assert k.ok(probe).stdout.split() == ["False"]  # and none after the export either
+    k.ok("%config ModelMagics.spare_checker = True")
+    k.ok("%model_load --no-widget")
+    assert k.ok(probe).stdout.split() == ["True"]  # on again: from the next %model_load
+    # Turned off while the load's planning thread runs (held at a gate: planning pickles THING): the spare that
+    # thread then asks for does not start.
+    gate = tmp_path / "gate"
+    k.ok(f"import pathlib, sys, time\nGATE = pathlib.Path({str(gate)!r})\n\nclass Slow:\n    x = 0\n\n"
+         "    def __reduce__(self):\n"
+         "        frame = sys._getframe(1)\n"
+         "        while frame is not None and not frame.f_code.co_filename.endswith('notebook_pickle.py'):\n"
+         "            frame = frame.f_back\n"
+         "        while frame is not None and not GATE.exists():\n            time.sleep(0.02)\n"
+         "        return (Slow, ())\n\n\nTHING = Slow()")
+    k.ok("THING.x = 1")  # (changed by a later cell: it travels as a value)
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return THING.x")
+    k.ok("%model_unload")  # (its spare goes: the load below starts from none)
+    k.ok("get_ipython().run_line_magic('model_load', '--no-widget')\n"
+         "get_ipython().run_line_magic('config', 'ModelMagics.spare_checker = False')\nGATE.touch()")
+    assert k.ok(probe).stdout.split() == ["False"]
     # Set when the kernel starts, as the tests' kernels have it (an IPython config file would do the same):
-    off = fresh_kernel(cwd=tmp_path, load_ext=True)
+    off = fresh_kernel(cwd=tmp_path, load_ext=True, spare_checker=False)
     off.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return 1")
     off.ok("%model_load --no-widget")
     assert off.ok(probe).stdout.split() == ["False"]

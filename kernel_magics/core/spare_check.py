@@ -43,7 +43,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["Spare", "prepare", "prepare_for", "take", "replenish", "discard", "current", "top_level_imports",
+__all__ = ["Spare", "prepare", "prepare_for", "take", "replenish", "discard", "turn", "current", "top_level_imports",
            "check_imports", "imports_before_export", "import_values_ahead", "in_background", "settled"]
 
 READY = "ready.json"  # in the spare's folder once its imports are done: which it imported
@@ -379,6 +379,7 @@ class _State:
         self.last_miss: Optional[str] = None  # why the last check could not use the spare
         self.starter: Optional[queue.Queue] = None
         self.closing = False  # the process is exiting: no spare starts any more
+        self.off = False  # turned off (ModelMagics.spare_checker): no spare starts until it is turned on
 
 
 _state = _State()
@@ -402,7 +403,7 @@ def prepare(modules: Sequence[str], env_vars: Optional[dict] = None, python: str
     process that is exiting."""
     env_vars = env_vars or {}
     with _state.lock:
-        if _state.closing:
+        if _state.closing or _state.off:
             return None
         _state.enabled = True
         old = _state.spare
@@ -484,6 +485,15 @@ def settled(timeout: Optional[float] = None) -> bool:
 
 def current() -> Optional[Spare]:
     return _state.spare
+
+
+def turn(on: bool) -> None:
+    """Turn spares on or off for this process (``ModelMagics.spare_checker``). Off stops the one there is, and
+    none starts, a planning thread's that was under way included; on takes effect at the next ``prepare``."""
+    with _state.lock:
+        _state.off = not on
+    if not on:
+        discard(disable=True)
 
 
 def discard(*, disable: bool = False) -> None:

@@ -84,15 +84,15 @@ class ModelMagics(Magics):
     spare_checker = Bool(True, help=(
         "Start the next export's fresh Python after %model_load and after each export, so the export's proof does "
         "not wait for the model's imports (core/spare_check.py). Off: no process waits beside the kernel (it holds "
-        "the model's libraries, torch's hundreds of MB included) and each export's check imports them itself."
+        "the model's libraries, torch's hundreds of MB included) and each export's check imports them itself; "
+        "turned on again, from the next %model_load."
     )).tag(config=True)
 
     @observe("spare_checker")
     def _spare_checker_changed(self, change) -> None:
-        if not change["new"]:
-            spare_check = sys.modules.get("kernel_magics.core.spare_check")  # (none before the first %model_load)
-            if spare_check is not None:
-                spare_check.discard(disable=True)
+        spare_check = sys.modules.get("kernel_magics.core.spare_check")  # (none before the first %model_load)
+        if spare_check is not None:
+            spare_check.turn(change["new"])
 
     @validate("stream_rate")
     def _check_rate(self, proposal):

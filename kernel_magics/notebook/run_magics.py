@@ -149,7 +149,7 @@ class RunMagics(Magics):
                 return  # unloaded or redefined meanwhile, or an export started the next spare already
             spare = spare_check.prepare_for(materialized.source.text, host.config.environment_variables)
             if spare is None:
-                return  # the kernel is exiting
+                return  # the kernel is exiting, or spares were turned off meanwhile
             # The modules the saved values will unpickle (an encoder's transformers code: seconds) are known once
             # they are saved: saved once into a scratch folder, so the first export finds them imported.
             spare_check.import_values_ahead(spare, materialized)
