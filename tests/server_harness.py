@@ -251,9 +251,16 @@ def truss_reference(op: str, truss_dir: Path, timeout: float = 120, **fields: An
             reader.join(timeout)
             reply = json.loads(answer["line"]) if answer.get("line") else None
             if reply is None or reply.get("dir") != request["dir"]:
-                raise RuntimeError(f"tests/truss_reference_helper.py did not answer {request} in {timeout} s"
-                                   if "line" not in answer else f"tests/truss_reference_helper.py answered "
-                                   f"{answer['line']!r} to {request}")
+                if "line" not in answer:
+                    raise RuntimeError(f"tests/truss_reference_helper.py did not answer {request} in {timeout} s")
+                if not answer["line"]:  # end of its output: it exited (its stderr is the run's, above)
+                    try:
+                        code = proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        code = "none yet"
+                    raise RuntimeError(f"tests/truss_reference_helper.py closed its output (exit code {code}) "
+                                       f"before it answered {request}")
+                raise RuntimeError(f"tests/truss_reference_helper.py answered {answer['line']!r} to {request}")
         except BaseException:
             _stop_truss_reference_helper(kill=True)
             raise
