@@ -22,6 +22,8 @@ from typing import Any, Iterator, Optional
 
 import httpx
 
+from kernel_magics.serving.background import ports_beside_ephemeral
+
 REPO = Path(__file__).resolve().parents[1]
 TRUSS_REFERENCE = REPO.parent / "shared" / "truss_reference"
 
@@ -34,14 +36,10 @@ def _ports_of_this_process() -> range:
     opens hundreds) could take it, and the server failed with "address already in use" (CI, stop 32). No
     connection is ever given a port below that range. Ray's workers take 10002-19999, so ours start at 20000;
     each xdist worker gets a slice of its own so that two never hand out the same port."""
-    try:
-        first, last = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2])
-    except (OSError, ValueError):
-        first, last = 32768, 60999  # (Linux's default)
-    # The larger of the gaps beside the ephemeral range: below it (from 20000) or above it.
-    low, high = max((20000, first), (last + 1, 65536), key=lambda gap: gap[1] - gap[0])
+    beside = ports_beside_ephemeral()  # (the product's own choice, for %model_serve --engine ray)
+    low, high = beside.start, beside.stop
     if high - low < 1000:
-        raise RuntimeError(f"the ephemeral port range {first}-{last} leaves too few ports for the tests' servers")
+        raise RuntimeError(f"the ports beside the ephemeral range ({low}-{high - 1}) are too few for the tests' servers")
     workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) % workers
     size = (high - low) // workers

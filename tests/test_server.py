@@ -423,6 +423,26 @@ def test_a_slow_reader_pauses_the_generator_and_keeps_memory_bounded(tmp_path, m
     assert read["seconds"] >= 1.5  # the reader, not the generator, set the pace
 
 
+def test_the_port_model_serve_picks_is_free_and_outside_the_ports_outgoing_connections_take(monkeypatch):
+    """`%model_serve --engine ray` without --port picks the port its child binds a moment later: never one of the
+    ephemeral range, where any outgoing connection could take it first, and never one in use."""
+    import socket
+
+    from kernel_magics.serving import background
+
+    first, last = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2])
+    beside = background.ports_beside_ephemeral()
+    assert len(beside) >= 1000 and not set(beside) & set(range(first, last + 1))
+    picked = {background.free_port() for _ in range(20)}
+    assert picked <= set(beside) and len(picked) > 1  # (a random start: two kernels do not race for one port)
+    free = background.free_port()
+    with socket.socket() as held:  # the only other port of the range is in use: never handed out
+        held.bind(("127.0.0.1", 0))
+        used = held.getsockname()[1]
+        monkeypatch.setattr(background, "ports_beside_ephemeral", lambda: [used, free])
+        assert {background.free_port() for _ in range(10)} == {free}
+
+
 def test_a_served_child_stops_when_its_kernel_dies(tmp_path):
     """`%model_serve --engine ray` runs `serve` as a child in its own session: it must not outlive a killed kernel."""
     import psutil

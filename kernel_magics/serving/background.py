@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 from ..core.errors import KernelMagicsError
 from ..core.secrets import ENV_PREFIX
 
-__all__ = ["ServeProcess", "free_port", "exit_with_parent"]
+__all__ = ["ServeProcess", "free_port", "ports_beside_ephemeral", "exit_with_parent"]
 
 # Set by ServeProcess for its child: the kernel's pid. A kernel that dies (killed, restarted)
 # runs no atexit handler, and the child is in its own session; it watches for itself.
@@ -43,7 +43,33 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="kernel-magics-parent-watch", daemon=True).start()
 
 
+def ports_beside_ephemeral() -> range:
+    """Ports no outgoing connection is given: the larger gap beside the system's ephemeral range, from 20000
+    (Ray's workers take 10002-19999). Without Linux's /proc, 20000-32767: below Linux's and macOS's defaults."""
+    try:
+        first, last = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2])
+    except (OSError, ValueError):
+        return range(20000, 32768)
+    low, high = max((20000, first), (last + 1, 65536), key=lambda gap: gap[1] - gap[0])
+    return range(low, high) if high - low >= 100 else range(0)
+
+
 def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on, for a server another process starts in a moment.
+
+    Not one the system picks (bind to port 0): those come from the ephemeral range, where every outgoing
+    connection also takes its local port, and one could take it before the server binds ("address already
+    in use"). A random port beside that range, checked free; the system's pick where that range leaves none."""
+    import random
+
+    ports = ports_beside_ephemeral()
+    for port in random.sample(ports, min(len(ports), 50)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
