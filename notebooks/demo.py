@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+
+from kernel_magics.serving.background import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "demo-out"
@@ -45,7 +46,7 @@ def serve_and_ask(export: Path) -> None:
     """Serve the export with `kernel-magics serve`, send one prediction over HTTP, stop the server."""
     import httpx
 
-    port = _free_port()
+    port = free_port()  # (beside the ephemeral range: no outgoing connection takes it first)
     print(f"\nServing it: kernel-magics serve {export.relative_to(ROOT)} --port {port}", flush=True)
     server = subprocess.Popen([sys.executable, "-m", "kernel_magics.cli", "serve", str(export), "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -69,12 +70,6 @@ def serve_and_ask(export: Path) -> None:
         server.terminate()
         server.wait(timeout=30)
         print("Server stopped.")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

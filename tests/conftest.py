@@ -232,18 +232,18 @@ def pytest_collection_modifyitems(config, items):
 
 # ---------------------------------------------------------------- kernels
 
-# The kernels of the fixtures start no spare checker (ModelMagics.spare_checker): a spare is the next export's
-# Python with the model's libraries imported, and most tests' kernels end soon after their last %model_load or
-# export, so their spares were imported for nothing (about 110 a run). The export's check is then the cold one; the
-# tests of the spare (test_checker.py) and the gallery notebooks keep it on, and KM_TEST_SPARES=1 gives every
-# fixture kernel one, as users have it.
-SPARES = bool(os.environ.get("KM_TEST_SPARES"))
+# The tests' kernels start no spare checker (ModelMagics.spare_checker): a spare is the next export's Python with the
+# model's libraries imported, and most tests' kernels end soon after their last %model_load or export, so their
+# spares were imported for nothing (about 110 a run). The export's check is then the cold one; the tests of the
+# spare (test_checker.py) and the gallery notebooks ask for it, and KM_TEST_SPARES=1 gives every kernel one, as
+# users have it. (Benchmarks keep the product's default.)
+Kernel.spare_checkers = os.environ.get("KM_TEST_SPARES", "") not in ("", "0")
 
 
 @pytest.fixture(scope="module")
 def kernel():
     """One real IPython kernel per test module, with kernel_magics loaded."""
-    k = Kernel(spare_checker=SPARES)
+    k = Kernel()
     k.ok("%load_ext kernel_magics")
     yield k
     k.shutdown()
@@ -251,11 +251,11 @@ def kernel():
 
 @pytest.fixture
 def fresh_kernel():
-    """Start kernels of a test's own: ``fresh_kernel(cwd=..., env=..., load_ext=True, spare_checker=True)``; every one is shut
-    down when the test ends, passed or failed."""
+    """Start kernels of a test's own: ``fresh_kernel(cwd=..., env=..., load_ext=True, spare_checker=True)``; every
+    one is shut down when the test ends, passed or failed."""
     started = []
 
-    def start(cwd=None, env=None, load_ext=False, spare_checker=SPARES) -> Kernel:
+    def start(cwd=None, env=None, load_ext=False, spare_checker=None) -> Kernel:
         k = Kernel(env=env, cwd=str(cwd) if cwd is not None else None, spare_checker=spare_checker)
         started.append(k)
         if load_ext:

@@ -73,9 +73,13 @@ class Kernel:
     """A running IPython kernel (this interpreter's), with kernel_magics importable."""
 
     running: list["Kernel"] = []  # every kernel not shut down yet (tests/conftest.py stops a test's leftovers)
+    spare_checkers = True  # what a kernel started without spare_checker= has (tests/conftest.py: off in the tests)
 
-    def __init__(self, env: Optional[dict] = None, cwd: Optional[str] = None, spare_checker: bool = True) -> None:
+    def __init__(self, env: Optional[dict] = None, cwd: Optional[str] = None,
+                 spare_checker: Optional[bool] = None) -> None:
         """``spare_checker=False``: the kernel starts no spare checker (``ModelMagics.spare_checker``)."""
+        if spare_checker is None:
+            spare_checker = Kernel.spare_checkers
         self.km = KernelManager(kernel_name="python3")
         Kernel.running.append(self)
         full_env = dict(os.environ)

@@ -29,17 +29,18 @@ TRUSS_REFERENCE = REPO.parent / "shared" / "truss_reference"
 
 
 def _ports_of_this_process() -> range:
-    """The ports this test process hands out: a slice of those below the system's ephemeral range.
+    """The ports this test process hands out: a slice of those beside the system's ephemeral range.
 
     A port the system picks (bind to 0) comes from the ephemeral range, and so does the local port of every
     outgoing connection: between the probe closing and the server binding, a client elsewhere in the run (Ray
     opens hundreds) could take it, and the server failed with "address already in use" (CI, stop 32). No
     connection is ever given a port below that range. Ray's workers take 10002-19999, so ours start at 20000;
     each xdist worker gets a slice of its own so that two never hand out the same port."""
-    beside = ports_beside_ephemeral()  # (the product's own choice, for %model_serve --engine ray)
+    beside = ports_beside_ephemeral()  # (the product's own choice, for %model_serve --engine ray --port 0)
+    if len(beside) < 1000:
+        raise RuntimeError("the system's ephemeral port range (/proc/sys/net/ipv4/ip_local_port_range) leaves "
+                           "fewer than 1000 ports beside it, from 20000, for the tests' servers: narrow it")
     low, high = beside.start, beside.stop
-    if high - low < 1000:
-        raise RuntimeError(f"the ports beside the ephemeral range ({low}-{high - 1}) are too few for the tests' servers")
     workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) % workers
     size = (high - low) // workers
@@ -247,8 +248,11 @@ def truss_reference(op: str, truss_dir: Path, timeout: float = 120, **fields: An
             reader = threading.Thread(target=lambda: answer.update(line=proc.stdout.readline()), daemon=True)
             reader.start()
             reader.join(timeout)
-            reply = json.loads(answer["line"]) if answer.get("line") else None
-            if reply is None or reply.get("dir") != request["dir"]:
+            try:
+                reply = json.loads(answer["line"]) if answer.get("line") else None
+            except ValueError:  # (a line that is not its answer: the same message as an answer out of turn)
+                reply = None
+            if not isinstance(reply, dict) or reply.get("dir") != request["dir"]:
                 if "line" not in answer:
                     raise RuntimeError(f"tests/truss_reference_helper.py did not answer {request} in {timeout} s")
                 if not answer["line"]:  # end of its output: it exited (its stderr is the run's, above)

@@ -424,7 +424,7 @@ def test_a_slow_reader_pauses_the_generator_and_keeps_memory_bounded(tmp_path, m
 
 
 def test_the_port_model_serve_picks_is_free_and_outside_the_ports_outgoing_connections_take(monkeypatch):
-    """`%model_serve --engine ray` without --port picks the port its child binds a moment later: never one of the
+    """`%model_serve --engine ray --port 0` picks the port its child binds a moment later: never one of the
     ephemeral range, where any outgoing connection could take it first, and never one in use."""
     import socket
 

@@ -59,11 +59,12 @@ def free_port() -> int:
 
     Not one the system picks (bind to port 0): those come from the ephemeral range, where every outgoing
     connection also takes its local port, and one could take it before the server binds ("address already
-    in use"). A random port beside that range, checked free; the system's pick where that range leaves none."""
+    in use"). A random port beside that range, checked free; the system's pick where that range leaves none.
+    (Drawn from a generator of its own: a notebook's ``random.seed`` neither decides it nor is disturbed.)"""
     import random
 
     ports = ports_beside_ephemeral()
-    for port in random.sample(ports, min(len(ports), 50)):
+    for port in random.SystemRandom().sample(ports, min(len(ports), 50)):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
