@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional
 
 import httpx
 
-from kernel_magics.serving.background import ports_beside_ephemeral
+from kernel_magics.serving.background import first_free, ports_beside_ephemeral
 
 REPO = Path(__file__).resolve().parents[1]
 TRUSS_REFERENCE = REPO.parent / "shared" / "truss_reference"
@@ -54,16 +54,16 @@ _port_lock = threading.Lock()
 
 def free_port() -> int:
     """A 127.0.0.1 port nothing listens on, that no outgoing connection can take before a server binds it."""
-    with _port_lock:
+    def turns():  # from where the last call stopped, once round the slice
         for _ in range(len(_PORTS)):
             port = _next_port[0]
             _next_port[0] = port + 1 if port + 1 < _PORTS.stop else _PORTS.start
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
+            yield port
+
+    with _port_lock:
+        port = first_free(turns())
+    if port is not None:
+        return port
     raise RuntimeError(f"no free port in {_PORTS.start}-{_PORTS.stop - 1} on 127.0.0.1")
 
 

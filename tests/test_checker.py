@@ -185,19 +185,34 @@ def test_the_first_export_after_model_load_finds_what_the_values_unpickle_import
     assert timings["spare"] == needed
 
 
+# A notebook value whose pickling by the export's planning (through notebook_pickle; the load's snapshot pickles
+# otherwise) waits until the file {gate} exists: the test decides when planning goes on.
+GATED_VALUE = """\
+import pathlib, sys, time
+GATE = pathlib.Path({gate!r})
+
+class Slow:
+    x = 0
+
+    def __reduce__(self):
+        frame = sys._getframe(1)
+        while frame is not None and not frame.f_code.co_filename.endswith('notebook_pickle.py'):
+            frame = frame.f_back
+        while frame is not None and not GATE.exists():
+            time.sleep(0.02)
+        return (Slow, ())
+
+
+THING = Slow()"""
+
+
 @pytest.mark.slow  # 4 to 7 s each on this machine under load: a kernel, or three fresh Pythons
 def test_model_load_ends_with_the_load_while_the_next_export_is_planned_in_the_background(tmp_path, fresh_kernel):
     """Planning the export's values (imports their libraries; skops walks scikit-learn: seconds) happens after the
     cell: here planning waits for a file the test writes only once %model_load has returned."""
     gate = tmp_path / "gate"
     k = fresh_kernel(cwd=tmp_path, load_ext=True, spare_checker=True)
-    k.ok(f"import pathlib, sys, time\nGATE = pathlib.Path({str(gate)!r})\n\nclass Slow:\n    x = 0\n\n"
-         "    def __reduce__(self):  # planning the value pickles it through notebook_pickle (the load's snapshot not)\n"
-         "        frame = sys._getframe(1)\n"
-         "        while frame is not None and not frame.f_code.co_filename.endswith('notebook_pickle.py'):\n"
-         "            frame = frame.f_back\n"
-         "        while frame is not None and not GATE.exists():\n            time.sleep(0.02)\n"
-         "        return (Slow, ())\n\n\nTHING = Slow()")
+    k.ok(GATED_VALUE.format(gate=str(gate)))
     k.ok("THING.x = 1")  # (changed by a later cell: it travels as a value)
     k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return THING.x")
     k.ok("%model_load --no-widget", timeout=60)
@@ -255,13 +270,7 @@ def test_spare_checker_off_stops_the_spare_and_starts_none_and_exports_check_col
     # Turned off while the load's planning thread runs (held at a gate: planning pickles THING): the spare that
     # thread then asks for does not start.
     gate = tmp_path / "gate"
-    k.ok(f"import pathlib, sys, time\nGATE = pathlib.Path({str(gate)!r})\n\nclass Slow:\n    x = 0\n\n"
-         "    def __reduce__(self):\n"
-         "        frame = sys._getframe(1)\n"
-         "        while frame is not None and not frame.f_code.co_filename.endswith('notebook_pickle.py'):\n"
-         "            frame = frame.f_back\n"
-         "        while frame is not None and not GATE.exists():\n            time.sleep(0.02)\n"
-         "        return (Slow, ())\n\n\nTHING = Slow()")
+    k.ok(GATED_VALUE.format(gate=str(gate)))
     k.ok("THING.x = 1")  # (changed by a later cell: it travels as a value)
     k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return THING.x")
     k.ok("%model_unload")  # (its spare goes: the load below starts from none)

@@ -15,12 +15,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from ..core.errors import KernelMagicsError
 from ..core.secrets import ENV_PREFIX
 
-__all__ = ["ServeProcess", "free_port", "ports_beside_ephemeral", "exit_with_parent"]
+__all__ = ["ServeProcess", "free_port", "first_free", "ports_beside_ephemeral", "exit_with_parent"]
 
 # Set by ServeProcess for its child: the kernel's pid. A kernel that dies (killed, restarted)
 # runs no atexit handler, and the child is in its own session; it watches for itself.
@@ -64,16 +64,24 @@ def free_port() -> int:
     import random
 
     ports = ports_beside_ephemeral()
-    for port in random.SystemRandom().sample(ports, min(len(ports), 50)):
+    port = first_free(random.SystemRandom().sample(ports, min(len(ports), 50)))
+    if port is not None:
+        return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_free(ports: Iterable[int]) -> Optional[int]:
+    """The first of ``ports`` that binds on 127.0.0.1 (nothing listens there now), or None."""
+    for port in ports:
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return None
 
 
 class ServeProcess:
