@@ -34,7 +34,7 @@ def _ports_of_this_process() -> range:
     A port the system picks (bind to 0) comes from the ephemeral range, and so does the local port of every
     outgoing connection: between the probe closing and the server binding, a client elsewhere in the run (Ray
     opens hundreds) could take it, and the server failed with "address already in use" (CI, stop 32). No
-    connection is ever given a port below that range. Ray's workers take 10002-19999, so ours start at 20000;
+    connection is ever given a port outside that range. Ray's workers take 10002-19999, so ours start at 20000;
     each xdist worker gets a slice of its own so that two never hand out the same port."""
     beside = ports_beside_ephemeral()  # (the product's own choice, for %model_serve --engine ray --port 0)
     if len(beside) < 1000:

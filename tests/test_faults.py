@@ -511,6 +511,12 @@ def test_bad_input_in_the_magics_gets_a_one_paragraph_usage_error(tmp_path, requ
         "%model_status --verbose": "%model_status takes no arguments",
         "%%model_config --reset\nmodel_name: x\n": "%%model_config takes no arguments",
     }
+    held = socket.socket()  # a port something else listens on
+    request.addfinalizer(held.close)
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    busy = held.getsockname()[1]
+    cases[f"%model_serve --port {busy}"] = f"Port {busy} on 127.0.0.1 is in use; pick another with --port."
     for code, fragment in cases.items():
         message = usage_error(k.execute(code))
         assert fragment in message and len(message) < 600, (code[:60], message)

@@ -284,15 +284,10 @@ class ShipMagics(Magics):
         return _OnRay(proc, temp)
 
 def _check_port_free(port: int) -> None:
-    import socket
+    from ..serving.background import first_free
 
-    if port == 0:
-        return
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            raise UsageError(f"Port {port} on 127.0.0.1 is in use; pick another with --port.") from None
+    if port != 0 and first_free([port]) is None:
+        raise UsageError(f"Port {port} on 127.0.0.1 is in use; pick another with --port.")
 
 
 class _InKernel:
