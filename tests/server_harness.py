@@ -126,11 +126,12 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def serve_ours(truss_dir: Path, *args: str, env: Optional[dict] = None, wait_ready: bool = True,
-               timeout: float = 90, engine: Any = "uvicorn", replicas: int = 2) -> Iterator[Served]:
+               timeout: float = 90, engine: Any = "uvicorn", replicas: int = 1) -> Iterator[Served]:
     """`kernel-magics serve DIR` as a real process.
 
     ``engine="ray"``: on a local Ray Serve the command starts, with replicas; a LocalCluster
     (ray_harness): deployed on that running cluster with ``--address`` (seconds instead of a Ray start).
+    One replica unless a test asks for more (each is a Ray worker process: about 4 s of CPU here).
     """
     if engine == "ray":
         args = ("--engine", "ray", "--replicas", str(replicas), *args)

@@ -120,74 +120,6 @@ def wait_for_status(url: str, status: int, timeout: float) -> bool:
     return False
 
 
-def test_liveness_answers_from_the_first_second_while_ray_starts_then_serves_proxy_takes_the_port(tmp_path):
-    """Before it imports Ray, `serve --engine ray` puts a stand-in on the port (serving/stand_in.py): liveness
-    200 and readiness 503 with Truss's body while Ray starts; Serve's proxy takes the port over once it answers
-    through the replicas (the replica header), and the port is never closed in between.
-
-    Started as %model_serve --engine ray starts it (ServeProcess), which hands the secret over a pipe: no process
-    of its Ray has the secret in its environment (one local Ray start for both: each costs half a minute here)."""
-    from server_harness import Served
-
-    from kernel_magics.serving.background import ServeProcess
-    from kernel_magics.serving.ray_engine import REPLICA_HEADER
-    from kernel_magics.serving.stand_in import STAND_IN_SERVER
-
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    d = write_truss(tmp_path / "slow", SLOW_LOAD_WITH_A_SECRET % str(marks), "secrets: {tok: null}\n")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    started = ServeProcess.start(d, ["--replicas", "1"], port=port, secrets={"tok": CANARY}, engine="ray")
-    proc, log = started.proc, started.log
-    served = Served(proc, url, log)
-    try:
-        first, deadline = None, time.monotonic() + 120
-        while first is None and proc.poll() is None and time.monotonic() < deadline:
-            try:
-                first = httpx.get(url + "/", timeout=10)
-            except httpx.HTTPError:
-                time.sleep(0.01)
-        assert first is not None, served.log
-        # The first answer is the stand-in's: Ray is still starting (its proxy says "uvicorn").
-        assert first.status_code == 200 and first.json() is True, served.log
-        assert first.headers["server"] == STAND_IN_SERVER.decode() and "Serving on" not in served.log
-        not_ready = {"error": "Model with name model is not ready."}
-        ready = httpx.get(url + "/v1/models/model", timeout=10)
-        assert (ready.status_code, ready.json(), ready.headers["server"]) == (503, not_ready, STAND_IN_SERVER.decode())
-        early = httpx.post(predict_url(url), json={"x": 0}, timeout=30)
-        assert (early.status_code, early.json(), early.headers["x-baseten-error-code"], early.headers["server"]) == (
-            503, not_ready, "600", STAND_IN_SERVER.decode())
-        # Serve's proxy takes over once it answers through the replica, which is loading meanwhile; every probe
-        # until then is answered (a refused connection would raise here).
-        assert wait_for(marks / "loading", 180), served.log
-        deadline = time.monotonic() + 60
-        while REPLICA_HEADER not in (live := httpx.get(url + "/", timeout=10)).headers and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert live.status_code == 200 and live.headers["server"] == "uvicorn", (live.headers, served.log)
-        ready = httpx.get(url + "/v1/models/model", timeout=10)
-        assert (ready.status_code, ready.json(), ready.headers.get(REPLICA_HEADER) is not None) == (503, not_ready, True)
-        (marks / "release").touch()
-        assert wait_for_status(url + "/v1/models/model", 200, timeout=60), served.log
-        assert httpx.post(predict_url(url), json={"x": 1}).json() == {"x": 1}
-        assert httpx.post(predict_url(url), json={}).status_code == 500  # the error names the token: redacted
-        children = ray_processes(psutil.Process(proc.pid))
-        holding = []
-        for p in [psutil.Process(proc.pid), *children]:
-            try:
-                if any(CANARY in value for value in p.environ().values()):
-                    holding.append(p.name())
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        assert len(children) > 2 and holding == []
-    finally:
-        served.finish(remove=log)
-    assert proc.returncode == 0, served.log
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(url + "/")
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children)
-
-
 def predict_url(url: str) -> str:
     return url + "/v1/models/model:predict"
 
@@ -265,17 +197,40 @@ def test_the_proxy_hook_bounds_uvicorn_as_rays_proxy_runs_it():
         proc.wait(timeout=30)
 
 
-def test_a_killed_commands_ray_goes_and_the_next_local_ray_keeps_to_itself_and_leaves_nothing_behind(tmp_path):
-    """kill -9 of `serve --engine ray`: its local Ray ends too (the raylet and GCS share its fate, the agents and
-    workers follow their raylet), and the next command that starts a local Ray removes the folder it left (nobody
-    holds its lock any more). That next command's Ray keeps to itself (loopback only, no secret in its files, nothing
-    in the home directory) and leaves nothing behind when it stops. One test: each local Ray start costs half a
-    minute here, and the next command after a kill is as good a local Ray as any."""
+def test_a_killed_commands_ray_goes_and_the_next_command_answers_liveness_at_once_and_keeps_to_itself(
+        tmp_path, monkeypatch):
+    """Two `serve --engine ray` commands, each with a local Ray of its own. One test: each local Ray start costs
+    half a minute of both cores here, so the second command is checked for everything a local Ray must do.
+
+    The first is killed (kill -9) once its Ray runs: its Ray ends too (the raylet and GCS share its fate, the agents
+    and workers follow their raylet), and the next command that starts a local Ray removes the folder it left
+    (nobody holds its lock any more).
+
+    The second is started as %model_serve starts it (ServeProcess, which hands the secret over a pipe). Before it
+    imports Ray it puts a stand-in on the port (serving/stand_in.py): liveness 200 and readiness 503 with Truss's
+    body while Ray starts; Serve's proxy takes the port over once it answers through the replica (the replica
+    header), and the port is never closed in between. Its Ray keeps to itself: it listens on loopback only, the
+    secret is in no process's environment and none of its files, nothing goes to the home directory, and nothing
+    is left behind when it stops."""
+    from server_harness import Served
+    from test_serving_edge import raw_request
+
+    from kernel_magics.serving.background import ServeProcess
+    from kernel_magics.serving.ray_engine import REPLICA_HEADER
+    from kernel_magics.serving.stand_in import STAND_IN_SERVER
+
     d = write_truss(tmp_path / "echo", ECHO)
-    with serve_ours(d, engine="ray", replicas=1, timeout=240) as first:
-        killed_temp = Path(re.search(r"files under (\S+)\)", first.log).group(1))
+    with serve_ours(d, engine="ray", replicas=1, wait_ready=False, timeout=240) as first:
+        # Killed as soon as its Ray runs with both agents (what the kill must take down); its deployment need not
+        # be up, and waiting for it would cost the run a replica's start.
+        found, agents, deadline = None, [], time.monotonic() + 180
+        while not (found and len(agents) == 2) and first.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            found = re.search(r"files under (\S+)\)", first.log)
+            agents = [p for p in ray_processes(psutil.Process(first.proc.pid)) if is_agent(p)]
+        assert found and len(agents) == 2, first.log
+        killed_temp = Path(found.group(1))
         killed_children = ray_processes(psutil.Process(first.proc.pid))
-        agents = [p for p in killed_children if is_agent(p)]
         first.proc.kill()
         first.proc.wait()
         # The raylet and the GCS go with it, the workers at once after. The two agents see their raylet gone
@@ -286,29 +241,62 @@ def test_a_killed_commands_ray_goes_and_the_next_local_ray_keeps_to_itself_and_l
 
     home = tmp_path / "home"
     home.mkdir()
-    d = write_truss(tmp_path / "sec", SECRET, "secrets: {tok: null}\n")
-    with serve_ours(d, engine="ray", replicas=1, timeout=240,
-                    env={"HOME": str(home), "TRUSS_SECRET_tok": CANARY}) as s:
-        assert s.proc.poll() is None, s.log
-        assert not killed_temp.exists()
-        assert httpx.post(s.predict_url(), json={"a": 1}).json() == {"a": 1}
-        assert httpx.post(s.predict_url(), json={}).status_code == 500  # the error names the token: redacted
-        from test_serving_edge import raw_request
-
+    monkeypatch.setenv("HOME", str(home))  # (ServeProcess passes the environment on, less any secret)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    d = write_truss(tmp_path / "slow", SLOW_LOAD_WITH_A_SECRET % str(marks), "secrets: {tok: null}\n")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    started = ServeProcess.start(d, ["--replicas", "1"], port=port, secrets={"tok": CANARY}, engine="ray")
+    proc, log = started.proc, started.log
+    served = Served(proc, url, log)
+    try:
+        first_answer, deadline = None, time.monotonic() + 120
+        while first_answer is None and proc.poll() is None and time.monotonic() < deadline:
+            try:
+                first_answer = httpx.get(url + "/", timeout=10)
+            except httpx.HTTPError:
+                time.sleep(0.01)
+        assert first_answer is not None, served.log
+        # The first answer is the stand-in's: Ray is still starting (its proxy says "uvicorn").
+        assert first_answer.status_code == 200 and first_answer.json() is True, served.log
+        assert first_answer.headers["server"] == STAND_IN_SERVER.decode() and "Serving on" not in served.log
+        not_ready = {"error": "Model with name model is not ready."}
+        ready = httpx.get(url + "/v1/models/model", timeout=10)
+        assert (ready.status_code, ready.json(), ready.headers["server"]) == (503, not_ready, STAND_IN_SERVER.decode())
+        early = httpx.post(predict_url(url), json={"x": 0}, timeout=30)
+        assert (early.status_code, early.json(), early.headers["x-baseten-error-code"], early.headers["server"]) == (
+            503, not_ready, "600", STAND_IN_SERVER.decode())
+        # Serve's proxy takes over once it answers through the replica, which is loading meanwhile; every probe
+        # until then is answered (a refused connection would raise here).
+        assert wait_for(marks / "loading", 180), served.log
+        assert not killed_temp.exists()  # removed by this command's local Ray start
+        deadline = time.monotonic() + 60
+        while REPLICA_HEADER not in (live := httpx.get(url + "/", timeout=10)).headers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert live.status_code == 200 and live.headers["server"] == "uvicorn", (live.headers, served.log)
+        ready = httpx.get(url + "/v1/models/model", timeout=10)
+        assert (ready.status_code, ready.json(), ready.headers.get(REPLICA_HEADER) is not None) == (503, not_ready, True)
+        (marks / "release").touch()
+        assert wait_for_status(url + "/v1/models/model", 200, timeout=60), served.log
+        assert httpx.post(predict_url(url), json={"x": 1}).json() == {"x": 1}
+        assert httpx.post(predict_url(url), json={}).status_code == 500  # the error names the token: redacted
         # The Serve proxy of a Ray this command starts bounds request heads as `kernel-magics serve` does.
-        assert raw_request(s.url, HEADS["unfinished"]).startswith(b"HTTP/1.1 400 ")
-        temp = Path(re.search(r"files under (\S+)\)", s.log).group(1))
+        assert raw_request(url, HEADS["unfinished"]).startswith(b"HTTP/1.1 400 ")
+        temp = Path(re.search(r"files under (\S+)\)", served.log).group(1))
         assert temp.is_dir() and str(temp).startswith(("/tmp/", os.environ.get("TMPDIR", "/tmp")))
-        driver = psutil.Process(s.proc.pid)
+        driver = psutil.Process(proc.pid)
         children = ray_processes(driver)
         assert any("gcs_server" in " ".join(p.cmdline()) for p in children)
-        listening = []
+        listening, holding = [], []
         for p in [driver, *children]:
             try:
                 listening += [(p.name(), c.laddr.ip) for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
-            except psutil.NoSuchProcess:
+                if any(CANARY in value for value in p.environ().values()):
+                    holding.append(p.name())
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
-        assert listening
+        assert len(children) > 2 and holding == [] and listening
         # Everything Ray starts listens on loopback, the replica's inter-deployment gRPC port too
         # (Ray Serve 2.60 hard-codes [::] for it; the replica moves it to loopback).
         others = [(name, ip) for name, ip in listening if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
@@ -318,10 +306,13 @@ def test_a_killed_commands_ray_goes_and_the_next_local_ray_keeps_to_itself_and_l
         while not files_holding(temp, b"bad token ***", CANARY.encode()) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert files_holding(temp, b"bad token ***"), "the replica's error never reached Ray's log files"
-        leaked = files_holding(temp, CANARY.encode())
-        assert not leaked
-    assert CANARY not in s.log and "bad token ***" in s.log
-    assert s.proc.returncode == 0
+        assert not files_holding(temp, CANARY.encode())
+    finally:
+        served.finish(remove=log)
+    assert CANARY not in served.log and "bad token ***" in served.log
+    assert proc.returncode == 0, served.log
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/")
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children)
     assert not temp.exists()
     assert list(home.iterdir()) == []  # no auth token or anything else in the home directory
@@ -376,21 +367,29 @@ def test_a_replicas_own_log_lines_are_redacted_in_every_ray_log_file(tmp_path, r
     assert canary not in s.log
 
 
-@pytest.mark.parametrize("model_py, error", [
+@pytest.mark.parametrize("model_py, config, error", [
     ("class Model:\n    def load(self):\n        raise RuntimeError('no weights at /models/x')\n"
-     "    def predict(self, model_input):\n        return 1\n", "RuntimeError: no weights at /models/x"),
+     "    def predict(self, model_input):\n        return 1\n", "model_name: test\n",
+     "RuntimeError: no weights at /models/x"),
     # model.py is imported in the replica's load thread: an import error is a failed load too.
-    ("raise RuntimeError('no weights at /models/x')\n\nclass Model:\n    def predict(self, model_input):\n        return 1\n",
-     "importing model/model.py raised RuntimeError: no weights at /models/x"),
-], ids=["load", "import"])
-def test_a_replica_that_fails_to_load_ends_the_command_with_the_users_error(tmp_path, ray_cluster, model_py, error):
-    d = write_truss(tmp_path / "bad", model_py)
+    ("raise RuntimeError('no weights at /models/x')\n\nclass Model:\n    def predict(self, model_input):\n"
+     "        return 1\n", "model_name: test\n", "importing model/model.py raised RuntimeError: no weights at /models/x"),
+    # A load that fails naming the secret: the command's last line says so, redacted, and its output holds the
+    # secret nowhere (what %model_serve's pipe hands over, and a local Ray's own output, are checked above).
+    ("class Model:\n    def __init__(self, secrets):\n        self._s = secrets\n    def load(self):\n"
+     "        raise RuntimeError(f'refused token {self._s[\"tok\"]}')\n    def predict(self, model_input):\n"
+     "        return 1\n", "secrets: {tok: null}\n", "RuntimeError: refused token ***"),
+], ids=["load", "import", "a secret"])
+def test_a_replica_that_fails_to_load_ends_the_command_with_the_users_error(tmp_path, ray_cluster, model_py, config,
+                                                                            error):
+    d = write_truss(tmp_path / "bad", model_py, config)
     done = subprocess.run([sys.executable, "-m", "kernel_magics.cli", "serve", str(d), "--engine", "ray",
                            "--replicas", "2", "--address", ray_cluster.address, "--port", str(ray_cluster.serve_port)],
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "TRUSS_SECRET_tok": CANARY})
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: a replica failed to load the model: {error}"), done.stderr
+    assert CANARY not in done.stderr + done.stdout
     # The failed deployment is gone; the cluster and its Serve keep running.
     assert httpx.get(f"http://127.0.0.1:{ray_cluster.serve_port}/-/routes").json() == {}
     assert ray_cluster.alive()
@@ -459,19 +458,3 @@ def test_model_serve_on_ray_from_the_notebook_serves_the_export(tmp_path, ray_cl
     assert "Stopped" in k.ok("%model_serve --stop", timeout=120).stdout
     assert httpx.get(url + "/-/routes").json() == {}  # the deployment is gone; the cluster's Serve runs on
     assert not temp.exists()
-
-
-def test_a_load_that_fails_naming_the_secret_prints_it_nowhere(tmp_path):
-    """A load() that fails naming the secret: the command's last line says so, redacted, and its output holds the
-    secret nowhere (what %model_serve's pipe hands over is checked in the liveness test above)."""
-    bad = write_truss(tmp_path / "bad", "class Model:\n    def __init__(self, secrets):\n        self._s = secrets\n"
-                                         "    def load(self):\n        raise RuntimeError(f'refused token {self._s[\"tok\"]}')\n"
-                                         "    def predict(self, model_input):\n        return 1\n",
-                      "secrets: {tok: null}\n")
-    done = subprocess.run([sys.executable, "-m", "kernel_magics.cli", "serve", str(bad), "--engine", "ray",
-                           "--port", str(free_port())], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TRUSS_SECRET_tok": CANARY})
-    assert done.returncode == 1
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: a replica failed to load the model: RuntimeError: refused token ***"), last
-    assert CANARY not in done.stderr + done.stdout
