@@ -740,8 +740,11 @@ def test_model_bench_over_http_sends_real_requests_to_model_serve(fresh_kernel, 
 BATCHED_NOTEBOOK = [
     "%load_ext kernel_magics",
     "%%model_config\nmodel_name: batched\nmodel_metadata:\n  batching: {max_batch_size: 8, max_wait_ms: 50}",
-    "%%model\nclass Model:\n"
+    # The batch takes 0.2 s, as a model's would: the requests that arrive meanwhile form the next batch, however
+    # far apart a busy machine spaces them (instant, with the 50 ms wait, a loaded run saw batches of one only).
+    "%%model\nimport time\n\nclass Model:\n"
     "    def predict_batch(self, inputs):\n"
+    "        time.sleep(0.2)\n"
     "        return [{'y': 2 * i['x'], 'batch': len(inputs)} if i['x'] >= 0 else ValueError('negative')\n"
     "                for i in inputs]",
     "%model_load",
