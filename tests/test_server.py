@@ -123,7 +123,7 @@ def baseten_headers(response: httpx.Response) -> tuple:
 @pytest.fixture(params=["uvicorn", pytest.param("ray", marks=[pytest.mark.ray, pytest.mark.ray_cluster])])
 def engine(request):
     """Each test below runs on `kernel-magics serve` and on Ray Serve (one replica, on the shared cluster; what
-    two replicas do is tested in test_ray.py)."""
+    two replicas do is tested in test_ray.py, test_ray_cluster.py and test_batching.py)."""
     return request.param if request.param == "uvicorn" else request.getfixturevalue("ray_cluster")
 
 
@@ -230,7 +230,7 @@ def test_stream_arrives_chunk_by_chunk(tmp_path, markers, engine):
 
 
 def test_client_disconnect_closes_the_generator_and_frees_the_slot(tmp_path, markers, engine):
-    with serve_ours(stream_dir(tmp_path, markers), engine=engine) as s:  # one replica: predict_concurrency 1
+    with serve_ours(stream_dir(tmp_path, markers), engine=engine, replicas=1) as s:  # predict_concurrency 1
         # A generator that would run for minutes (100,000 chunks, 10 ms apart).
         with httpx.stream("POST", s.predict_url(), json={"n": 100000, "tag": "d", "delay": 0.01}, timeout=30) as r:
             first = next(r.iter_raw())
