@@ -17,7 +17,7 @@ alternating over rounds (best round kept), driven by the same load generator (be
 - stalled: 200 clients that ask for a stream and read nothing, then probes (readiness, liveness) timed;
   header flood: 50 clients sending unfinished headers (up to 16 MiB each), the server's memory growth.
 
-    .venv/bin/python benchmarks/server_bench.py [--only echo,gil,gallery,slow,logs,startup,stalled] [--rounds 2]
+    .venv/bin/python benchmarks/server_bench.py [--only echo,gil,gallery,slow,logs,startup,stalled] [--rounds 2] [--pin]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import psutil
 
@@ -56,12 +57,15 @@ class Model:
 
 
 
-def drive(python: Path, url: str, payload: str, concurrency: int, requests: int, stream: bool, warmup: int = 20) -> dict:
+def drive(python: Path, url: str, payload: str, concurrency: int, requests: int, stream: bool, warmup: int = 20,
+          cpus: Optional[set] = None) -> dict:
+    """The load generator's run against ``url``; ``cpus``: the CPUs it may run on (all of them by default)."""
     cmd = [str(python), str(TRUSS_REFERENCE / "bench_server.py"), "--url", url, "--payload", payload,
            "--concurrency", str(concurrency), "--requests", str(requests), "--warmup", str(warmup), "--json"]
     if stream:
         cmd.append("--stream")
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, preexec_fn=pin)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -147,7 +151,16 @@ def bookkeeping_in_process(n: int = 50_000) -> str:
             f"GIL), and the writer needed {(total - request_path) / n * 1e6:.1f} us per request more to drain.")
 
 
-def logs_cost(python: Path, rounds: int) -> None:
+def pin_threads(pid: int, cpus: set) -> None:
+    """Every thread of process ``pid`` on ``cpus`` (sched_setaffinity of a pid moves its main thread only)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # a thread that ended meanwhile
+            pass
+
+
+def logs_cost(python: Path, rounds: int, pin: bool = False) -> None:
     """The same server with the access log and /metrics on (the default) and off, plus a control: a
     second, identical "off" server. Each round starts the three afresh; they run at once (an idle
     server costs nothing) and are driven in turn, in bursts, in an order that rotates every round;
@@ -156,7 +169,8 @@ def logs_cost(python: Path, rounds: int) -> None:
     clock) lands on whichever server was measured then; interleaved short bursts share that drift. The control's ratio (off2/off) is
     the method's own noise: "on/off" only says something where it is outside that. Medians of
     req/s, and of each server's CPU time per request, which the load generator's share of the 2
-    cores disturbs less than req/s."""
+    cores disturbs less than req/s. ``pin``: each server on CPU 0 (every thread), the load generator on CPU 1, so the
+    two never share a core (this VM's speed still swings: benchmarks/README.md, "(seventh)")."""
     import contextlib
     import statistics
 
@@ -179,8 +193,10 @@ def logs_cost(python: Path, rounds: int) -> None:
                     for setting in order:
                         s = servers[setting]
                         server = psutil.Process(s.proc.pid)
+                        if pin:
+                            pin_threads(s.proc.pid, {0})  # (again: threads started since)
                         before = server.cpu_times()
-                        r = drive(python, s.predict_url(), payload, c, n, stream, warmup=100)
+                        r = drive(python, s.predict_url(), payload, c, n, stream, warmup=100, cpus={1} if pin else None)
                         after = server.cpu_times()
                         cpu = (after.user + after.system - before.user - before.system) / (n + 100) * 1e6
                         seen.setdefault((label, c, setting), []).append((r["req_per_s"], cpu))
@@ -353,6 +369,8 @@ def main() -> None:
     parser.add_argument("--only", default="echo,gil,gallery,slow,logs,startup,stalled")
     parser.add_argument("--rounds", type=int, default=2, help="Alternate the servers this many times; best kept.")
     parser.add_argument("--minilm", type=Path, default=None, help="A MiniLM gallery export to time the startup of.")
+    parser.add_argument("--pin", action="store_true",
+                        help="logs: each server on CPU 0 and the load generator on CPU 1 (Linux, 2 CPUs or more).")
     args = parser.parse_args()
     python = truss_reference_python()
     if python is None:
@@ -387,7 +405,7 @@ def main() -> None:
             slow_reader(tmp, mib=200, rate=20.0)
         if "logs" in only:
             print()
-            logs_cost(python, max(args.rounds, 6))
+            logs_cost(python, max(args.rounds, 6), pin=args.pin)
         if "startup" in only:
             minilm = args.minilm
             if minilm is None:
