@@ -294,13 +294,12 @@ def test_a_killed_commands_ray_goes_and_the_next_command_answers_liveness_at_onc
         assert temp.is_dir() and str(temp).startswith(("/tmp/", os.environ.get("TMPDIR", "/tmp")))
         driver = psutil.Process(proc.pid)
         children = ray_processes(driver)
-        assert any("gcs_server" in " ".join(p.cmdline()) for p in children)
-        listening, holding = [], []
+        assert any("gcs_server" in command_of(p) for p in children)
+        holding = [command_of(p) for p in [driver, *children] if CANARY in environment_of(p)]
+        listening = []
         for p in [driver, *children]:
             try:
                 listening += [(p.name(), c.laddr.ip) for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
-                if any(CANARY in value for value in p.environ().values()):
-                    holding.append(p.name())
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         assert len(children) > 2 and holding == [] and listening, (len(children), holding, listening)
