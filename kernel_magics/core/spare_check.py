@@ -553,11 +553,14 @@ def _import_in_advance(statements: Sequence[str], imported: list) -> bool:
     """Run the import statements in order, up to the first that cannot run (True when one could not)."""
     import importlib.util
 
+    from .collector import imports_uncollected
+
     for statement in statements:
         try:
             if any(importlib.util.find_spec(m.split(".")[0]) is None for m in modules_of(statement)):
                 return True  # not installed (one the export carries in packages/): the check imports it and what follows
-            exec(compile(statement, "<import in advance>", "exec"), {})  # the names go nowhere: model.py binds its own
+            with imports_uncollected():  # as the cold check imports model.py (core/collector.py)
+                exec(compile(statement, "<import in advance>", "exec"), {})  # the names go nowhere: model.py binds its own
         except BaseException:
             return True  # the cold check stops at this import too; it fails there again, in model.py's order
         imported.append(statement)

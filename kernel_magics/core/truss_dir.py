@@ -35,6 +35,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from .collector import imports_uncollected
 from .config import ModelConfig, parse_config
 from .errors import KernelMagicsError, ModelDefinitionError
 from .secrets import SecretStore
@@ -262,7 +263,8 @@ class TrussDir:
                 del sys.modules[package]  # another directory's `model`, imported earlier in this process
         sys.modules[name] = module  # registered first, so pickled values that name it resolve
         try:
-            spec.loader.exec_module(module)
+            with imports_uncollected():  # (about a fifth of importing torch and transformers was collections)
+                spec.loader.exec_module(module)
         except BaseException:
             sys.modules.pop(name, None)
             raise
