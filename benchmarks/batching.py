@@ -323,14 +323,17 @@ def main() -> None:
                   f"{after:.0f} sentences/s): {r['req_per_s'] / ((before + after) / 2):.2f}")
     if paired:
         print()
-        print(f"Concurrency 1, ours batched and unbatched served at once and driven in turn (16 rounds of 100 requests, "
-              f"in two halves, the servers started in either order, the mean of each half's median p50): batched "
+        print(f"Concurrency 1, ours batched and unbatched served at once and driven in turn ({PAIRED_ROUNDS} rounds of 100 "
+              f"requests in two halves, the servers started in either order, the mean of each half's median p50): batched "
               f"{paired['batched']:.2f} ms, unbatched {paired['unbatched']:.2f} ms, batched minus unbatched "
               f"{paired['batched'] - paired['unbatched']:+.2f} ms (batched started first {paired['halves'][0]:+.2f}, "
               f"second {paired['halves'][1]:+.2f})")
 
 
-def concurrency_one_paired(exports: dict, env: dict, rounds: int = 16, requests: int = 100) -> dict:
+PAIRED_ROUNDS = 16  # in two halves of 8
+
+
+def concurrency_one_paired(exports: dict, env: dict, rounds: int = PAIRED_ROUNDS, requests: int = 100) -> dict:
     """p50 at concurrency 1 of ours batched and unbatched, both served at once and driven in turn.
 
     The server started first measured about 1 ms slower than the one started second even when both served the

@@ -18,23 +18,28 @@ __all__ = ["imports_uncollected", "freeze_what_loaded"]
 
 @contextlib.contextmanager
 def imports_uncollected() -> Iterator[None]:
-    """No cyclic collection while model.py (or the imports it starts with) runs; as it was afterwards.
+    """No automatic cyclic collection while model.py (or the imports it starts with) runs; as before afterwards.
 
-    Imports leave little cyclic garbage (what they make, they keep), so memory does not grow for it; the
-    next collection after this block finds whatever there is."""
-    enabled = gc.isenabled()
-    gc.disable()
+    model.py is its imports, the saved values it loads and whatever else its top level does: the first two
+    leave little cyclic garbage (what they make, they keep); the next collection after this block finds what
+    there is. The collector's first threshold is set to 0 (which stops automatic collections) rather than
+    ``gc.disable()``, so a model.py that calls ``gc.disable()`` or sets thresholds of its own keeps them, as
+    under Truss's server: the threshold comes back only if it is still the 0 set here."""
+    before = gc.get_threshold()
+    paused = (0, *before[1:])
+    gc.set_threshold(*paused)
     try:
         yield
     finally:
-        if enabled:
-            gc.enable()
+        if gc.get_threshold() == paused:
+            gc.set_threshold(*before)
 
 
 def freeze_what_loaded() -> None:
     """Leave what the import and the load made to reference counting, out of every later collection's walk.
 
-    For a process that loads once (a server, a replica). Collected first, so the load's cyclic garbage is
-    freed rather than kept for good."""
+    For a process that loads once (a server, a replica), before it says ready. Collected first, so the load's
+    cyclic garbage is freed rather than kept for good. The price: a reference cycle among these objects that
+    the model drops later stays in memory (``gc.unfreeze()`` after dropping it gives it back to the collector)."""
     gc.collect()
     gc.freeze()

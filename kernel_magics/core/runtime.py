@@ -258,7 +258,8 @@ class ModelHost:
         done = self._load_done
         return done is None or done.wait(timeout)
 
-    def load(self, device: Optional[str] = None, *, echo: bool = True) -> None:
+    def load(self, device: Optional[str] = None, *, echo: bool = True,
+             before_ready: Optional[Callable[[], None]] = None) -> None:
         """Instantiate the class and call ``load()``, in this thread.
 
         ``device`` (``cpu``, ``cuda:N``) is torch's default device while load runs;
@@ -266,13 +267,15 @@ class ModelHost:
         sent as ``log`` events; ``echo`` also lets it through to where it would go
         (off when a view shows it, so it shows once). A failure leaves the state
         ``failed`` and re-raises the user's exception with our frames trimmed.
+        ``before_ready`` runs after a successful load, before the state says ready (a
+        server's collection and freeze: core/collector.py).
         """
         if self.contract is None:
             raise ModelNotReadyError("No model is defined yet: run a %%model cell (a class with predict) first.")
         with self._load_lock:
-            self._load(device, echo)
+            self._load(device, echo, before_ready)
 
-    def _load(self, device: Optional[str], echo: bool) -> None:
+    def _load(self, device: Optional[str], echo: bool, before_ready: Optional[Callable[[], None]] = None) -> None:
         self.unload()
         self.last_health = None
         self._set_state(ModelState.LOADING)
@@ -300,6 +303,8 @@ class ModelHost:
         self.instance = instance
         self.load_seconds = time.perf_counter() - started
         self.device = devices.infer_device(instance) or device or "cpu"
+        if before_ready is not None:
+            before_ready()
         self._set_state(ModelState.READY)
         self._emit("load_finished", seconds=self.load_seconds, device=self.device,
                    memory=devices.memory_stats(self.device if self.device.startswith("cuda") else watch))
