@@ -448,3 +448,11 @@ def test_the_export_says_how_many_predictions_it_did_not_keep(tmp_path, fresh_ke
     out = k.ok("%model_export out").stdout
     assert ("Replayed 20 recorded predictions in a fresh Python (3 earlier ones were not kept: the kernel keeps "
             "the last 20): the export answers as the notebook did.") in out, out
+    # A load that failed, and nothing to replay: the check never loads it, so the export says what the kernel knows.
+    k.ok("%%model\nclass Model:\n    def load(self):\n        open('weights-that-are-not-there.bin')\n"
+         "    def predict(self, model_input):\n        return 1")
+    assert k.execute("%model_load --no-widget").error is not None
+    out = k.ok("%model_export out2").stdout
+    assert "No predictions recorded yet" in out and ("warning: the model's last %model_load failed "
+                                                     "(FileNotFoundError: ") in out, out
+    assert "Fix load(), run %model_load and a %model_predict, then export again." in out, out

@@ -555,8 +555,9 @@ def _check_keys(data: Any, path: tuple, lines: dict, source: str, warnings: Opti
             )
             if warnings is None:
                 raise ConfigError(f"{_where(key_path, lines, source)}: unknown key `{dotted}`.{hint}")
+            # Truss 0.18.36 parses config.yaml with extra keys allowed: a typo there is silently without effect.
             warnings.append(f"{_where(key_path, lines, source)}: unknown key `{dotted}` is ignored "
-                            f"(truss push refuses it).{hint}")
+                            f"(as Truss ignores it: what it was meant to set stays unset).{hint}")
             continue
         _check_keys(data[key], key_path, lines, source, warnings)
 

@@ -116,6 +116,11 @@ class ShipMagics(Magics):
         model.last_export_timings = result.timings
         for warning in result.warnings:
             print(f"warning: {warning}")
+        if not result.replayed and host.state is ModelState.FAILED and host.error is not None:
+            # The check loads the model only to replay predictions: with none, this load was never tried on it.
+            print(f"warning: the model's last %model_load failed ({host.describe_error(host.error)}), and with no "
+                  "prediction to replay the export's check did not load it: served, this directory will likely fail "
+                  "to load too. Fix load(), run %model_load and a %model_predict, then export again.")
         if quiet:
             print(result.replay_note)
             return result
