@@ -303,6 +303,8 @@ def test_force_refuses_files_the_export_did_not_write_unless_given_twice_and_nev
     nb = write_notebook(tmp_path / "nb.ipynb", [SIMPLE])
     out = tmp_path / "out"
     assert cli("export", nb, out).returncode == 0
+    again = cli("export", nb, out)  # exporting again, as users do: said as such, and --force named
+    assert again.returncode == 1 and f"{out} holds an earlier export. Pass --force to replace it" in again.stderr
     assert cli("export", nb, out, "--force").returncode == 0  # only its own files there: replaced
     (out / "notes.md").write_text("mine")
     (out / "config.yaml").write_text((out / "config.yaml").read_text() + "# tuned by hand\n")

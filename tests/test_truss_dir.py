@@ -155,3 +155,13 @@ def test_quantities_truss_refuses_are_refused_with_the_reason():
             parse_config(text)
     config = parse_config("resources: {accelerator: {accelerator: H100, count: 2}}")
     assert str(config.resources.gpu) == "H100:2" and config.resources.gpu_count == 2
+
+
+def test_a_syntax_error_in_model_py_names_its_line_and_shows_it(tmp_path):
+    from kernel_magics.core.truss_dir import TrussDir, TrussDirError
+
+    root = write_truss(tmp_path / "broken", "class Model:\n    def predict(self model_input):\n        return 1\n")
+    with pytest.raises(TrussDirError) as caught:
+        TrussDir.open(root).check_static()
+    assert str(caught.value).endswith(", line 2: syntax error: invalid syntax: `def predict(self model_input):`. "
+                                      "Fix model.py."), str(caught.value)

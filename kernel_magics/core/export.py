@@ -260,6 +260,9 @@ def _check_target(target: Path, force: int, protected: Sequence[Path]) -> Option
     if empty:
         return marker
     if not force:
+        if marker is not None and not _not_written_by_export(target):  # exporting again, the usual case
+            raise ExportError(f"{target} holds an earlier export. Pass --force to replace it, or choose a new "
+                              "directory.")
         raise ExportError(f"{target} exists and is not empty. Pass --force to replace it, or choose a new directory.")
     if marker is None:
         raise ExportError(f"{target} is not empty and no export made it (it has no {MARKER} file), so --force "

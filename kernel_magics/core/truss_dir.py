@@ -199,7 +199,8 @@ class TrussDir:
         try:
             tree = ast.parse(model_py.read_bytes(), filename=str(model_py))
         except SyntaxError as exc:
-            raise TrussDirError(f"{model_py}, line {exc.lineno}: syntax error: {exc.msg}. Fix model.py.") from None
+            shown = f": `{exc.text.strip()}`" if exc.text and exc.text.strip() else ""  # the line, as Python shows it
+            raise TrussDirError(f"{model_py}, line {exc.lineno}: syntax error: {exc.msg}{shown}. Fix model.py.") from None
         classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
         cls = classes.get(self.config.model_class_name)
         if cls is None:
