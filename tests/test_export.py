@@ -307,6 +307,8 @@ def test_force_refuses_files_the_export_did_not_write_unless_given_twice_and_nev
     assert again.returncode == 1 and f"{out} holds an earlier export. Pass --force to replace it" in again.stderr
     assert cli("export", nb, out, "--force").returncode == 0  # only its own files there: replaced
     (out / "notes.md").write_text("mine")
+    again = cli("export", nb, out)  # not only the export's files now: the general message
+    assert again.returncode == 1 and "exists and is not empty" in again.stderr, again.stderr
     (out / "config.yaml").write_text((out / "config.yaml").read_text() + "# tuned by hand\n")
     done = cli("export", nb, out, "--force")
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
@@ -450,11 +452,31 @@ def test_the_export_says_how_many_predictions_it_did_not_keep(tmp_path, fresh_ke
     out = k.ok("%model_export out").stdout
     assert ("Replayed 20 recorded predictions in a fresh Python (3 earlier ones were not kept: the kernel keeps "
             "the last 20): the export answers as the notebook did.") in out, out
-    # A load that failed, and nothing to replay: the check never loads it, so the export says what the kernel knows.
+
+
+def test_an_export_whose_check_never_loaded_a_model_that_failed_to_load_says_so(tmp_path, fresh_kernel):
+    """The check loads the model only to replay predictions: with none (or --no-replay), a load that failed in the
+    kernel was never tried on the export, and the export says what the kernel knows."""
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
     k.ok("%%model\nclass Model:\n    def load(self):\n        open('weights-that-are-not-there.bin')\n"
          "    def predict(self, model_input):\n        return 1")
-    assert k.execute("%model_load --no-widget").error is not None
-    out = k.ok("%model_export out2").stdout
-    assert "No predictions recorded yet" in out and ("warning: the model's last %model_load failed "
-                                                     "(FileNotFoundError: ") in out, out
-    assert "Fix load(), run %model_load and a %model_predict, then export again." in out, out
+    assert k.execute("%model_load --no-widget").status == "error"
+    out = k.ok("%model_export out").stdout
+    assert "No predictions recorded yet" in out, out
+    assert ("warning: the model's last %model_load failed (FileNotFoundError: ") in out, out
+    assert ("with no prediction to replay, the export's check did not load it: served, this directory will likely "
+            "fail to load too. Fix load(), run %model_load and a %model_predict, then export again.") in out, out
+    out = k.ok("%model_export out2 --no-replay").stdout
+    assert "--no-replay skipped them" in out, out
+    # A secret the kernel has no value for: a deployment provides it, so the advice is to give the kernel one.
+    k.ok("%%model_config\nmodel_name: s\nsecrets: {tok: null}")
+    k.ok("%%model\nclass Model:\n    def __init__(self, **kwargs):\n        self._secrets = kwargs['secrets']\n"
+         "    def load(self):\n        self.tok = self._secrets['tok']\n"
+         "    def predict(self, model_input):\n        return 1")
+    assert k.execute("%model_load --no-widget").status == "error"
+    out = k.ok("%model_export out3").stdout
+    assert "failed for a secret the kernel has no value for" in out and "%model_secret NAME" in out, out
+    # A model loaded since: no warning.
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return 1")
+    k.ok("%model_load --no-widget")
+    assert "warning" not in k.ok("%model_export out4").stdout

@@ -555,9 +555,10 @@ def _check_keys(data: Any, path: tuple, lines: dict, source: str, warnings: Opti
             )
             if warnings is None:
                 raise ConfigError(f"{_where(key_path, lines, source)}: unknown key `{dotted}`.{hint}")
-            # Truss 0.18.36 parses config.yaml with extra keys allowed: a typo there is silently without effect.
-            warnings.append(f"{_where(key_path, lines, source)}: unknown key `{dotted}` is ignored "
-                            f"(as Truss ignores it: what it was meant to set stays unset).{hint}")
+            # Truss 0.18.36 parses config.yaml with extra keys allowed (its server ignores them), and refuses them
+            # at `truss push` (custom_types.validate_forbid_extra, called by the push).
+            warnings.append(f"{_where(key_path, lines, source)}: unknown key `{dotted}` is ignored here and by "
+                            f"Truss's server, but `truss push` refuses it.{hint}")
             continue
         _check_keys(data[key], key_path, lines, source, warnings)
 

@@ -260,7 +260,7 @@ def _check_target(target: Path, force: int, protected: Sequence[Path]) -> Option
     if empty:
         return marker
     if not force:
-        if marker is not None and not _not_written_by_export(target):  # exporting again, the usual case
+        if marker is not None and not _holds_other_files(target):  # exporting again, the usual case
             raise ExportError(f"{target} holds an earlier export. Pass --force to replace it, or choose a new "
                               "directory.")
         raise ExportError(f"{target} exists and is not empty. Pass --force to replace it, or choose a new directory.")
@@ -276,6 +276,15 @@ def _check_target(target: Path, force: int, protected: Sequence[Path]) -> Option
         raise ExportError(f"{target} holds files the earlier export did not write ({shown}), so --force will not "
                           "replace it. Move them out first, or pass --force twice to replace the folder with them.")
     return marker
+
+
+def _holds_other_files(target: Path) -> bool:
+    """True when ``target`` holds files an earlier export did not write, or cannot be read to tell (the message
+    then stays the general one)."""
+    try:
+        return bool(_not_written_by_export(target))
+    except OSError:
+        return True
 
 
 def _marker_of(folder: Path) -> Optional[str]:

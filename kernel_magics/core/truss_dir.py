@@ -199,8 +199,8 @@ class TrussDir:
         try:
             tree = ast.parse(model_py.read_bytes(), filename=str(model_py))
         except SyntaxError as exc:
-            shown = f": `{exc.text.strip()}`" if exc.text and exc.text.strip() else ""  # the line, as Python shows it
-            raise TrussDirError(f"{model_py}, line {exc.lineno}: syntax error: {exc.msg}{shown}. Fix model.py.") from None
+            raise TrussDirError(f"{model_py}{f', line {exc.lineno}' if exc.lineno else ''}: syntax error: "
+                                f"{exc.msg}{_shown_line(exc.text)}. Fix model.py.") from None
         classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
         cls = classes.get(self.config.model_class_name)
         if cls is None:
@@ -431,6 +431,15 @@ def validate(truss: "TrussDir", *, import_check: bool = True) -> Validation:
     result.imported, result.loaded, result.example_replayed = True, bool(replay), bool(replay)
     result.seconds = report.seconds
     return result
+
+
+def _shown_line(text: Optional[str], limit: int = 120) -> str:
+    """The line a syntax error is on, as Python shows it: its last physical line, cut at ``limit``."""
+    lines = (text or "").strip().splitlines()
+    if not lines or not lines[-1].strip():
+        return ""
+    line = lines[-1].strip()
+    return f": `{line[:limit]}...`" if len(line) > limit else f": `{line}`"
 
 
 def explain_check_failure(report: "CheckReport", truss: "TrussDir", *, during: str) -> str:

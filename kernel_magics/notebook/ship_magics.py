@@ -18,6 +18,25 @@ from .magics import ModelMagics, allows_comment, parse_arguments, unquote
 __all__ = ["ShipMagics"]
 
 
+def _unchecked_failed_load(host, replay: bool, again: str) -> str:
+    """What an export whose check never loaded the model must say when the kernel's last load did not finish."""
+    from ..core.errors import SecretNotFound
+
+    error = host.error
+    unchecked = ("the export's check did not load it (it loads only to replay predictions, and --no-replay skipped "
+                 "them)" if not replay else "with no prediction to replay, the export's check did not load it")
+    if isinstance(error, KeyboardInterrupt):
+        return (f"the model's last %model_load was interrupted, and {unchecked}: run %model_load to the end and a "
+                f"%model_predict, then {again}, to have the export prove it loads.")
+    if isinstance(error, SecretNotFound):
+        return (f"the model's last %model_load failed for a secret the kernel has no value for "
+                f"({host.describe_error(error)}), and {unchecked}. A deployment provides its secrets, so it may load "
+                f"there: give the kernel the value (%model_secret NAME), run %model_load and a %model_predict, then "
+                f"{again}, to have the export prove it.")
+    return (f"the model's last %model_load failed ({host.describe_error(error)}), and {unchecked}: served, this "
+            f"directory will likely fail to load too. Fix load(), run %model_load and a %model_predict, then {again}.")
+
+
 @magics_class
 class ShipMagics(Magics):
     """%model_show, %model_export, %model_serve."""
@@ -118,9 +137,7 @@ class ShipMagics(Magics):
             print(f"warning: {warning}")
         if not result.replayed and host.state is ModelState.FAILED and host.error is not None:
             # The check loads the model only to replay predictions: with none, this load was never tried on it.
-            print(f"warning: the model's last %model_load failed ({host.describe_error(host.error)}), and with no "
-                  "prediction to replay the export's check did not load it: served, this directory will likely fail "
-                  "to load too. Fix load(), run %model_load and a %model_predict, then export again.")
+            print(f"warning: {_unchecked_failed_load(host, replay, 'run %model_serve again' if quiet else 'export again')}")
         if quiet:
             print(result.replay_note)
             return result
