@@ -516,9 +516,9 @@ class Model:
 
 def test_a_server_imports_model_py_uncollected_and_leaves_what_loaded_out_of_the_collectors_walks(tmp_path):
     """model.py is imported with the cyclic collector's automatic collections paused (its full collections were a
-    fifth of importing torch and transformers) and resumed afterwards; what the import and the load made is frozen (a full collection
-    walked half a million objects: a 300 ms stall of every request in flight), and the load's cyclic garbage is
-    collected first, not kept for good."""
+    fifth of importing torch and transformers) and resumed afterwards; what the import and the load made is frozen
+    (a full collection walked half a million objects: a 300 ms stall of every request in flight), and the load's
+    cyclic garbage is collected first, not kept for good."""
     with serve_ours(write_truss(tmp_path / "m", FROZEN)) as served:
         reply = httpx.post(served.predict_url(), json={}, timeout=30).json()
     assert reply["threshold"][0] == 0 and reply["threshold"][1] > 0 and reply["enabled"], reply

@@ -436,9 +436,9 @@ def validate(truss: "TrussDir", *, import_check: bool = True) -> Validation:
 def _shown_line(text: Optional[str], limit: int = 120) -> str:
     """The line a syntax error is on, as Python shows it: its last physical line, cut at ``limit``."""
     lines = (text or "").strip().splitlines()
-    if not lines or not lines[-1].strip():
+    if not lines:
         return ""
-    line = lines[-1].strip()
+    line = lines[-1].strip()  # (not blank: the text was stripped)
     return f": `{line[:limit]}...`" if len(line) > limit else f": `{line}`"
 
 
