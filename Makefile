@@ -32,7 +32,6 @@ unexport PYTHONDONTWRITEBYTECODE
 # venv's, as pip does, took 45 s.
 $(STAMP): pyproject.toml constraints.txt .ci/uv_pip.py .ci/warm_bytecode.py extension/package.json extension/yarn.lock $(wildcard extension/src/*.ts)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) .ci/uv_pip.py $(PY) -c constraints.txt "torch==2.13.0" -e ".[test,serve,ray,examples]"
 	$(PY) .ci/warm_bytecode.py $(PY)
 	touch $@
