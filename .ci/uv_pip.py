@@ -17,6 +17,7 @@ import ast
 import os
 import subprocess
 import sys
+from typing import Optional, Sequence
 
 
 def pip_settings(python: str = sys.executable) -> dict[str, str]:
@@ -63,23 +64,34 @@ def pip_settings_for_uv(python: str = sys.executable) -> tuple[list, dict]:
     return options, variables
 
 
-def main(argv: list[str]) -> int:
-    python, requirements = argv[0], argv[1:]
-    pip = [python, "-m", "pip", "install", "-q"]
-    if subprocess.run([*pip, "uv>=0.5"]).returncode != 0:
+def uv_for(python: str) -> Optional[tuple[list, dict]]:
+    """uv installed into the venv of ``python``: the command that installs with it (pip's settings as its options)
+    and its environment; None where uv cannot be had (pip installs instead)."""
+    if subprocess.run([python, "-m", "pip", "install", "-q", "uv>=0.5"]).returncode != 0:
         print("note: uv could not be installed; pip installs instead (slower)", file=sys.stderr)
-        return subprocess.run([*pip, *requirements]).returncode
+        return None
     options, variables = pip_settings_for_uv(python)
-    env = {**os.environ, **variables, "UV_NO_PROGRESS": "1"}
     # No --compile-bytecode (pip's way: every module of the venv, about 45 s here): the Makefile writes the .pyc
     # files of what a run imports (.ci/warm_bytecode.py) and lets Python write the rest as they are first imported.
-    done = subprocess.run([python, "-m", "uv", "pip", "install", "-q", "--python", python, *options, *requirements],
-                          env=env)
-    if done.returncode == 0:
+    return ([python, "-m", "uv", "pip", "install", "-q", "--python", python, *options],
+            {**os.environ, **variables, "UV_NO_PROGRESS": "1"})
+
+
+def pip_install(python: str, requirements: Sequence[str]) -> int:
+    return subprocess.run([python, "-m", "pip", "install", "-q", *requirements]).returncode
+
+
+def main(argv: list[str]) -> int:
+    python, requirements = argv[0], argv[1:]
+    uv = uv_for(python)
+    if uv is None:
+        return pip_install(python, requirements)
+    command, env = uv
+    if subprocess.run([*command, *requirements], env=env).returncode == 0:
         return 0
     # What uv could not do (a setting of pip's it does not take, a source it reads otherwise), pip may.
     print("note: uv could not install the requirements (above); pip tries (slower)", file=sys.stderr)
-    return subprocess.run([*pip, *requirements]).returncode
+    return pip_install(python, requirements)
 
 
 if __name__ == "__main__":
