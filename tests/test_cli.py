@@ -184,6 +184,15 @@ def test_predict_errors_and_their_exit_codes(exported, tmp_path):
     assert "kernel_magics/" not in failed_import.stderr and "<frozen" not in failed_import.stderr
     assert failed_import.stderr.rstrip().splitlines()[-1].startswith(
         "error: importing model/model.py raised ZeroDivisionError"), failed_import.stderr
+    # A file the model reads that is not there (a data/ file deleted since the export): the file, not the code.
+    (broken / "model" / "model.py").write_text(
+        "import pathlib\n\nclass Model:\n    def load(self):\n"
+        "        self.labels = (pathlib.Path(__file__).parents[1] / 'data' / 'labels.txt').read_text()\n\n"
+        "    def predict(self, x):\n        return self.labels\n")
+    missing_file = cli("predict", broken, "-d", "{}", cwd=tmp_path)
+    last = missing_file.stderr.rstrip().splitlines()[-1]
+    assert missing_file.returncode == 1 and last.startswith("error: load() failed: FileNotFoundError"), last
+    assert f"A file that load() reads is missing: put {broken / 'data' / 'labels.txt'} back" in last, last
 
 
 def test_help_shows_examples_and_exit_codes():

@@ -48,15 +48,16 @@ def _predict_in_root(truss: Any, model_input: Any, write: Callable[[bytes], None
     except Exception as exc:  # model.py itself failed at import: the user's frames, then one line
         import traceback
 
-        raise ModelFailed(f"importing model/model.py raised {type(exc).__name__}: {exc}. Fix model.py (its "
-                          f"traceback is above).", "".join(traceback.format_exception(trim_traceback(exc)))) from None
+        raise ModelFailed(f"importing model/model.py raised {type(exc).__name__}: {exc}. "
+                          f"{_what_to_fix(exc, 'model.py')} (its traceback is above).",
+                          "".join(traceback.format_exception(trim_traceback(exc)))) from None
     try:
         host.load()
     except KernelMagicsError:
         raise
     except Exception as exc:
-        raise ModelFailed(f"load() failed: {host.describe_error(exc)}. Fix load() (its traceback is above).",
-                          host.format_error(trim_traceback(exc))) from None
+        raise ModelFailed(f"load() failed: {host.describe_error(exc)}. {_what_to_fix(exc, 'load()')} (its traceback "
+                          "is above).", host.format_error(trim_traceback(exc))) from None
 
     async def answer() -> None:
         # encoded: the bytes the server sends (a Pydantic result as its own JSON), so predict == serve
@@ -79,4 +80,13 @@ def _predict_in_root(truss: Any, model_input: Any, write: Callable[[bytes], None
                           host.format_error(trim_traceback(exc))) from None
     finally:
         host.unload()
+
+
+def _what_to_fix(exc: BaseException, code: str) -> str:
+    """The sentence that says what to change: a file the code reads that is not there is most often the file that
+    went missing (a data/ file deleted or never copied in), not the code."""
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return (f"A file that {code} reads is missing: put {exc.filename} back where it is read, or fix the path "
+                f"in {code}")
+    return f"Fix {code}"
 
