@@ -25,13 +25,16 @@ unexport PYTHONDONTWRITEBYTECODE
 
 # torch is pinned by constraints.txt: an unpinned torch pulls a multi-GB CUDA build.
 # Installing the project also builds the JupyterLab extension (jlpm, npm registry only).
-# uv installs, from the package sources pip is configured with (.ci/uv_pip.py): 54 s against pip's 4 min 10 s on a
-# fresh clone, the same versions; pip does it where uv cannot be had. The .pyc files of the modules a run imports
-# are written (.ci/warm_bytecode.py, 17 s): without them every kernel, server and Ray process compiled torch,
+# uv installs, from the package sources pip is configured with (.ci/uv_pip.py): pip took 4 min 10 s on a fresh
+# clone, for the same versions; pip does it where uv cannot be had. The .pyc files of the modules a run imports are
+# written (.ci/warm_bytecode.py, 17 s): without them every kernel, server and Ray process compiled torch,
 # transformers and FastAPI again (a fresh clone's suite took 924 s instead of 574 s), and writing all of the venv's,
-# as pip does, took 45 s. .ci/install_venv.py installs the dependencies first and then builds the project beside
-# that warm-up (the set-up from a fresh clone: 61 s to 52 s).
-$(STAMP): pyproject.toml constraints.txt .ci/install_venv.py .ci/uv_pip.py .ci/warm_bytecode.py extension/package.json extension/yarn.lock extension/.yarnrc.yml $(wildcard extension/src/*.ts)
+# as pip does, took 45 s. .ci/install_venv.py installs the dependencies first (6 s), then builds the project (about
+# 30 s, mostly on one core) beside that warm-up: a fresh clone's venv in 52 s, where the install then the warm-up
+# took 61 s.
+EXTENSION_SOURCES := extension/package.json extension/yarn.lock extension/.yarnrc.yml extension/tsconfig.json \
+	extension/install.json $(wildcard extension/src/*.ts extension/style/* extension/schema/*)
+$(STAMP): pyproject.toml constraints.txt .ci/install_venv.py .ci/uv_pip.py .ci/warm_bytecode.py $(EXTENSION_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) .ci/install_venv.py $(PY) test,serve,ray,examples -c constraints.txt "torch==2.13.0"
 	touch $@

@@ -6,8 +6,9 @@ installed in a few seconds after it and the .pyc warm-up (.ci/warm_bytecode.py, 
 that. Here uv installs the dependencies first (read from pyproject.toml, no build needed: about 6 s), with what the
 build itself needs (its build-system requirements and ``editables``); then the project's build runs in that venv
 (``--no-build-isolation``) while the warm-up imports the dependencies beside it. The project's own modules are
-imported from the working tree meanwhile, as the editable install will map them. Where uv cannot be had, pip
-installs everything in one step, as before, and the warm-up follows.
+imported from the working tree meanwhile, as the editable install will map them. Where uv cannot be had (or this
+Python has no tomllib, 3.10), pip installs everything in one step, as before, and the warm-up follows. A build
+that fails is reported once the warm-up ends, not tried again: it would fail the same way.
 
     python .ci/install_venv.py VENV_PYTHON EXTRAS [REQUIREMENT OR PIP OPTION...]
 
@@ -16,11 +17,12 @@ e.g. ``python .ci/install_venv.py .venv/bin/python test,serve -c constraints.txt
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
+sys.dont_write_bytecode = True  # no .ci/__pycache__ for the two modules below
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import uv_pip  # noqa: E402
 import warm_bytecode  # noqa: E402
@@ -28,22 +30,39 @@ import warm_bytecode  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def build_needs() -> list[str]:
+    """What the project's build imports: its build-system requirements and its build hooks' dependencies, and
+    ``editables`` (hatchling's editable wheel)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    hooks = project.get("tool", {}).get("hatch", {}).get("build", {}).get("hooks", {}).values()
+    return [*project["build-system"]["requires"], *(d for hook in hooks for d in hook.get("dependencies", [])),
+            "editables"]
+
+
 def main(argv: list[str]) -> int:
     python, extras, pinned = argv[0], [e for e in argv[1].split(",") if e], argv[2:]
+    # The paths below (constraints.txt, ".") are the repository's, and the warm-up imports the project's own
+    # modules from its working tree (`python -c` puts the working directory first on sys.path).
+    os.chdir(ROOT)
     editable = ["-e", f".[{','.join(extras)}]" if extras else "."]
-    uv = uv_pip.uv_for(python)
+    try:
+        needs = build_needs()
+    except ModuleNotFoundError:  # no tomllib (Python 3.10): one step, as pip does it
+        needs = None
+    uv = uv_pip.uv_for(python) if needs is not None else None
     if uv is None:
         done = uv_pip.pip_install(python, [*pinned, *editable])
         return done or warm_bytecode.main([python])
     command, env = uv
-    build_needs = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
-    needs = ["-r", "pyproject.toml", *(f"--extra={extra}" for extra in extras), *build_needs, "editables", *pinned]
-    if subprocess.run([*command, *needs], env=env, cwd=ROOT).returncode != 0:
+    requirements = ["-r", "pyproject.toml", *(f"--extra={extra}" for extra in extras), *needs, *pinned]
+    if subprocess.run([*command, *requirements], env=env).returncode != 0:
         # What uv could not do (a setting of pip's it does not take, a source it reads otherwise), pip may.
         print("note: uv could not install the requirements (above); pip tries (slower)", file=sys.stderr)
         done = uv_pip.pip_install(python, [*pinned, *editable])
         return done or warm_bytecode.main([python])
-    build = subprocess.Popen([*command, "--no-deps", "--no-build-isolation", "-e", "."], env=env, cwd=ROOT)
+    build = subprocess.Popen([*command, "--no-deps", "--no-build-isolation", "-e", "."], env=env)
     try:
         warm_bytecode.main([python])
     finally:

@@ -78,6 +78,7 @@ def uv_for(python: str) -> Optional[tuple[list, dict]]:
 
 
 def pip_install(python: str, requirements: Sequence[str]) -> int:
+    """pip's own install (where uv cannot be had or failed); its exit code."""
     return subprocess.run([python, "-m", "pip", "install", "-q", *requirements]).returncode
 
 

@@ -394,7 +394,8 @@ def pytest_addoption(parser):
 
 
 CACHES = "library-caches"  # in the run's temp dir: removed with it, not reported
-# pip's own cache (the package tests install into fresh venvs, as a user would): kept for the next run, not a leftover
+# pip's own cache (the Truss reference's venv with the models gets numpy with pip): kept for the next run, not a
+# leftover
 HOME_CACHES = Path.home() / ".cache" / "pip"
 
 

@@ -5,7 +5,7 @@ Each case is a notebook of its own, run in a real kernel: it records predictions
 to the values (``%model_show --why`` says how it measured that). The export then answers as the
 notebook did from `kernel-magics serve` and from Truss 0.18.36's own server. The CLI, which has no
 live values, refuses the same notebook naming the value, the cell and the line, and with --execute
-runs it headlessly and exports the kernel's directory byte for byte.
+runs it headlessly and exports the kernel's directory byte for byte (its export marker aside).
 """
 
 import json

@@ -58,8 +58,9 @@ def fresh_venv(path: Path) -> tuple[Path, dict]:
     return path / "bin" / "python", env
 
 
-def distributions(python: Path, env: dict) -> dict[str, str]:
-    listed = run(sys.executable, "-m", "uv", "pip", "list", "--format", "json", "--python", python, env=env).stdout
+def distributions(python: Path, env: dict, cache: Path) -> dict[str, str]:
+    listed = run(sys.executable, "-m", "uv", "pip", "list", "--format", "json", "--python", python,
+                 env={**env, "UV_CACHE_DIR": str(cache)}).stdout
     return {d["name"].lower(): d["version"] for d in json.loads(listed)}
 
 
@@ -67,7 +68,7 @@ def distributions(python: Path, env: dict) -> dict[str, str]:
 def test_installs_without_node_and_the_base_install_is_lean(tmp_path, dist, uv_cache, kind):
     python, env = fresh_venv(tmp_path / "venv")
     uv_install(python, env, uv_cache, dist[0] if kind == "wheel" else dist[1])
-    installed = distributions(python, env)
+    installed = distributions(python, env, uv_cache)
     assert "kernel-magics" in installed
     assert not HEAVY & set(installed), HEAVY & set(installed)
     # The magics work in a real kernel of this venv.
