@@ -154,6 +154,20 @@ def test_execute_stops_at_a_failing_cell_naming_it_and_exports_nothing(tmp_path)
     assert not (tmp_path / "out").exists() and path.read_bytes() == before and leftovers(tmp_path) == []
 
 
+def test_execute_refuses_a_target_it_could_not_replace_before_the_notebook_runs(tmp_path):
+    """The target is checked before the notebook runs (a training notebook may run for minutes), with the message
+    the export itself would give."""
+    path = write_notebook(tmp_path / "nb.ipynb", [
+        "%load_ext kernel_magics", "open('ran.txt', 'w').close()", model_cell("return 1")])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    done = cli("export", path, tmp_path / "out", "--execute")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "exists and is not empty. Pass --force" in done.stderr, done.stderr
+    assert "[1/" not in done.stdout and not (tmp_path / "ran.txt").exists()  # no cell ran
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
 def test_a_name_imported_from_a_changed_local_module_travels_as_its_live_value(tmp_path, monkeypatch):
     from kernel_magics.core.config import ModelConfig
     from kernel_magics.core.export import export_model, materialize

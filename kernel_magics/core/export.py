@@ -39,7 +39,7 @@ from .verification import Verification
 
 __all__ = [
     "ExportError", "ExportResult", "Materialized", "materialize", "materialize_config", "pin_requirements",
-    "export_model", "format_tree", "MARKER",
+    "export_model", "refuse_target", "format_tree", "MARKER",
 ]
 
 MARKER = ".kernel-magics-export"  # in every export's root: what --force may replace
@@ -276,6 +276,14 @@ def _check_target(target: Path, force: int, protected: Sequence[Path]) -> Option
         raise ExportError(f"{target} holds files the earlier export did not write ({shown}), so --force will not "
                           "replace it. Move them out first, or pass --force twice to replace the folder with them.")
     return marker
+
+
+def refuse_target(target: Path, force: int, protected: Sequence[Path] = ()) -> None:
+    """Raise the ExportError that :func:`export_model` would raise for ``target`` before it builds anything: for
+    work that comes first (``export --execute`` runs the whole notebook), so that it is not done in vain."""
+    target = Path(os.path.abspath(target))
+    _check_name(target)
+    _check_target(target, force, [Path(os.path.abspath(p)) for p in [*protected, Path.cwd()]])
 
 
 def _holds_other_files(target: Path) -> bool:

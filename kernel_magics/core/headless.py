@@ -64,7 +64,10 @@ def export_by_running(notebook: Path, out: Path, *, force: int = 0, data: Sequen
     import nbformat
     from nbclient import NotebookClient
 
+    from .export import refuse_target
+
     notebook = Path(notebook).resolve()
+    refuse_target(out, force, protected=[notebook])  # before the notebook runs, not after
     nb = nbformat.read(str(notebook), as_version=4)
     code = []
     for index, cell in enumerate(nb.cells):
