@@ -357,9 +357,28 @@ class _UsageError(Exception):
     """Bad input on the command line: exit code 2, as argparse's own errors."""
 
 
+def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> None:
+    """What argparse says of arguments it does not know, but from the command they were given to (its usage, not
+    the top level's), with the option meant when one is a near miss (`serve --prot`: did you mean --port?)."""
+    import difflib
+
+    command = next((p for name, p in _commands(parser).items() if name == args.command), parser)
+    known = [o for o, action in command._option_string_actions.items() if action.help != argparse.SUPPRESS]
+    near = [m for word in unknown if word.startswith("-")
+            for m in difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)]
+    hint = f" (did you mean {' or '.join(dict.fromkeys(near))}?)" if near else ""
+    command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict:
+    return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _refuse_unknown(parser, args, unknown)
     if args.command is None:
         parser.print_help()
         return 0

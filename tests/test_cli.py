@@ -193,6 +193,12 @@ def test_predict_errors_and_their_exit_codes(exported, tmp_path):
     last = missing_file.stderr.rstrip().splitlines()[-1]
     assert missing_file.returncode == 1 and last.startswith("error: load() failed: FileNotFoundError"), last
     assert f"A file that load() reads is missing: put {broken / 'data' / 'labels.txt'} back" in last, last
+    # validate (which loads when the config has an example input) says the same.
+    (broken / "config.yaml").write_text("model_name: broken\nmodel_metadata:\n  example_model_input: {}\n")
+    validated = cli("validate", broken, cwd=tmp_path)
+    assert validated.returncode == 1 and "load() failed in a fresh Python: FileNotFoundError" in validated.stderr
+    assert validated.stderr.rstrip().endswith("A file that load() reads is missing: put it back where it is read, or "
+                                              "fix the path in model/model.py."), validated.stderr
 
 
 def test_help_shows_examples_and_exit_codes():
@@ -201,6 +207,16 @@ def test_help_shows_examples_and_exit_codes():
     assert "exit codes:" in out.stdout and "3    serve could not listen" in out.stdout
     for command in ("export", "serve", "validate", "predict"):
         assert "examples:\n  kernel-magics" in cli(command, "--help", cwd=".").stdout
+
+
+def test_an_unknown_option_gets_its_commands_usage_and_the_near_miss():
+    done = cli("serve", "somewhere", "--prot", "8080", cwd=".")
+    assert done.returncode == 2 and done.stderr.startswith("usage: kernel-magics serve "), done.stderr
+    assert done.stderr.rstrip().endswith("kernel-magics serve: error: unrecognized arguments: --prot 8080 (did you "
+                                         "mean --port?)"), done.stderr
+    done = cli("validate", "somewhere", "extra", cwd=".")
+    assert done.returncode == 2 and done.stderr.rstrip().endswith("unrecognized arguments: extra"), done.stderr
+    assert "did you mean" not in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_port_in_use_is_exit_code_3(exported):

@@ -462,6 +462,9 @@ def explain_check_failure(report: "CheckReport", truss: "TrussDir", *, during: s
         return f"{head} Add `{top}` to requirements, or put the module beside the notebook so it goes into packages/."
     if error.startswith("NameError"):
         return f"{head} Define that name at the top level of a notebook cell, or inside the model class."
+    if during == "validate" and error.startswith("FileNotFoundError"):  # (as `kernel-magics predict` says it)
+        return (f"{head} A file that {what} reads is missing: put it back where it is read, or fix the path in "
+                f"{truss.relative(truss.model_file)}.")
     return head
 
 
