@@ -364,9 +364,11 @@ def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, u
 
     command = next((p for name, p in _commands(parser).items() if name == args.command), parser)
     known = [o for o, action in command._option_string_actions.items() if action.help != argparse.SUPPRESS]
-    near = [m for word in unknown if word.startswith("-")
-            for m in difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)]
-    hint = f" (did you mean {' or '.join(dict.fromkeys(near))}?)" if near else ""
+    typed = [word.split("=")[0] for word in unknown if word.startswith("-")]
+    misplaced = [word for word in typed if word in known]  # before the command's name, or after `--`
+    near = [m for word in typed if word not in known for m in difflib.get_close_matches(word, known, n=1, cutoff=0.6)]
+    hint = (f" ({' and '.join(misplaced)} must come after `{args.command}`, before any --)" if misplaced else
+            f" (did you mean {' or '.join(dict.fromkeys(near))}?)" if near else "")
     command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
 
 

@@ -217,6 +217,9 @@ def test_an_unknown_option_gets_its_commands_usage_and_the_near_miss():
     done = cli("validate", "somewhere", "extra", cwd=".")
     assert done.returncode == 2 and done.stderr.rstrip().endswith("unrecognized arguments: extra"), done.stderr
     assert "did you mean" not in done.stderr and "Traceback" not in done.stderr
+    done = cli("--no-import", "validate", "somewhere", cwd=".")  # a known option, before the command's name
+    assert done.returncode == 2 and done.stderr.rstrip().endswith(
+        "unrecognized arguments: --no-import (--no-import must come after `validate`, before any --)"), done.stderr
 
 
 def test_a_port_in_use_is_exit_code_3(exported):

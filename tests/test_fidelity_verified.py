@@ -166,6 +166,13 @@ def test_execute_refuses_a_target_it_could_not_replace_before_the_notebook_runs(
     assert "exists and is not empty. Pass --force" in done.stderr, done.stderr
     assert "[1/" not in done.stdout and not (tmp_path / "ran.txt").exists()  # no cell ran
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    # What the export accepts, the check before it accepts: a link to an empty folder (the kernel exports into the
+    # folder it points to), from a working directory the target holds (the kernel's is the notebook's folder).
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    done = cli("export", path, tmp_path / "link", "--execute", cwd=tmp_path / "real")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "real" / "model" / "model.py").is_file() and (tmp_path / "ran.txt").exists()
 
 
 def test_a_name_imported_from_a_changed_local_module_travels_as_its_live_value(tmp_path, monkeypatch):

@@ -278,12 +278,13 @@ def _check_target(target: Path, force: int, protected: Sequence[Path]) -> Option
     return marker
 
 
-def refuse_target(target: Path, force: int, protected: Sequence[Path] = ()) -> None:
+def refuse_target(target: Path, force: int, protected: Sequence[Path] = (), cwd: Optional[Path] = None) -> None:
     """Raise the ExportError that :func:`export_model` would raise for ``target`` before it builds anything: for
-    work that comes first (``export --execute`` runs the whole notebook), so that it is not done in vain."""
+    work that comes first (``export --execute`` runs the whole notebook), so that it is not done in vain. ``cwd``:
+    the working directory of the process that will export (default this one's), which it protects."""
     target = Path(os.path.abspath(target))
     _check_name(target)
-    _check_target(target, force, [Path(os.path.abspath(p)) for p in [*protected, Path.cwd()]])
+    _check_target(target, force, [Path(os.path.abspath(p)) for p in [*protected, cwd or Path.cwd()]])
 
 
 def _holds_other_files(target: Path) -> bool:

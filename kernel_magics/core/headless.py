@@ -67,7 +67,8 @@ def export_by_running(notebook: Path, out: Path, *, force: int = 0, data: Sequen
     from .export import refuse_target
 
     notebook = Path(notebook).resolve()
-    refuse_target(out, force, protected=[notebook])  # before the notebook runs, not after
+    out = Path(out).resolve()  # what the kernel is told, and checked as it will check it, before the notebook runs
+    refuse_target(out, force, protected=[notebook], cwd=notebook.parent)
     nb = nbformat.read(str(notebook), as_version=4)
     code = []
     for index, cell in enumerate(nb.cells):
@@ -81,7 +82,7 @@ def export_by_running(notebook: Path, out: Path, *, force: int = 0, data: Sequen
                                "to export.")
     if not any("%load_ext kernel_magics" in cell.source for _, cell in code):
         code.insert(0, (-1, nbformat.v4.new_code_cell("%load_ext kernel_magics")))
-    args = [shlex.quote(str(Path(out).resolve()))] + ["--force"] * int(force) + [
+    args = [shlex.quote(str(out))] + ["--force"] * int(force) + [
         arg for path in data for arg in ("--data", shlex.quote(str(Path(path).resolve())))]
     if not replay:
         args.append("--no-replay")

@@ -463,7 +463,8 @@ def explain_check_failure(report: "CheckReport", truss: "TrussDir", *, during: s
     if error.startswith("NameError"):
         return f"{head} Define that name at the top level of a notebook cell, or inside the model class."
     if during == "validate" and error.startswith("FileNotFoundError"):  # (as `kernel-magics predict` says it)
-        return (f"{head} A file that {what} reads is missing: put it back where it is read, or fix the path in "
+        reader = "load()" if report.stage == "load" else truss.relative(truss.model_file)
+        return (f"{head} A file that {reader} reads is missing: put it back where it is read, or fix the path in "
                 f"{truss.relative(truss.model_file)}.")
     return head
 
