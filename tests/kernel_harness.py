@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import queue
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -80,7 +82,12 @@ class Kernel:
         """``spare_checker=False``: the kernel starts no spare checker (``ModelMagics.spare_checker``)."""
         if spare_checker is None:
             spare_checker = Kernel.spare_checkers
-        self.km = KernelManager(kernel_name="python3")
+        # Unix sockets in the temp dir, not TCP ports: jupyter_client picks free ports by binding and closing them,
+        # and another test's server or kernel could take one before this kernel binds it (a kernel that then never
+        # answers, seen once in a whole run). An absolute path: the kernel's working directory is not this one's.
+        # The socket files go when the kernel is shut down.
+        ipc = os.path.join(tempfile.gettempdir(), f"kmk-{uuid.uuid4().hex[:12]}")
+        self.km = KernelManager(kernel_name="python3", transport="ipc", ip=ipc)
         Kernel.running.append(self)
         full_env = dict(os.environ)
         full_env.update(env or {})
