@@ -89,4 +89,3 @@ def _what_to_fix(exc: BaseException, code: str) -> str:
         return (f"A file that {code} reads is missing: put {exc.filename} back where it is read, or fix the path "
                 f"in {code}")
     return f"Fix {code}"
-
