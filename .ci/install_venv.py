@@ -47,21 +47,23 @@ def main(argv: list[str]) -> int:
     # modules from its working tree (`python -c` puts the working directory first on sys.path).
     os.chdir(ROOT)
     editable = ["-e", f".[{','.join(extras)}]" if extras else "."]
+
+    def with_pip() -> int:  # one step, then the warm-up, as before
+        return uv_pip.pip_install(python, [*pinned, *editable]) or warm_bytecode.main([python])
+
     try:
         needs = build_needs()
-    except ModuleNotFoundError:  # no tomllib (Python 3.10): one step, as pip does it
-        needs = None
-    uv = uv_pip.uv_for(python) if needs is not None else None
+    except ModuleNotFoundError:  # no tomllib (Python 3.10)
+        return with_pip()
+    uv = uv_pip.uv_for(python)
     if uv is None:
-        done = uv_pip.pip_install(python, [*pinned, *editable])
-        return done or warm_bytecode.main([python])
+        return with_pip()
     command, env = uv
     requirements = ["-r", "pyproject.toml", *(f"--extra={extra}" for extra in extras), *needs, *pinned]
     if subprocess.run([*command, *requirements], env=env).returncode != 0:
         # What uv could not do (a setting of pip's it does not take, a source it reads otherwise), pip may.
         print("note: uv could not install the requirements (above); pip tries (slower)", file=sys.stderr)
-        done = uv_pip.pip_install(python, [*pinned, *editable])
-        return done or warm_bytecode.main([python])
+        return with_pip()
     build = subprocess.Popen([*command, "--no-deps", "--no-build-isolation", "-e", "."], env=env)
     try:
         warm_bytecode.main([python])

@@ -4,8 +4,8 @@ Why: every process the tests start (kernels, servers, checkers, Ray's) imports t
 Ray; without .pyc files each compiles them again (4.1 s of CPU for what takes 2.6 s with them). Writing all of them
 at install time (`uv pip install --compile-bytecode`, as pip does) compiles the 23,000 modules of the venv, most of
 which nothing imports: about 45 s of the set-up on this 2-core machine. Importing what a run imports writes about
-about 4,800 of them in 17 s (beside the project's build: .ci/install_venv.py); `make` lets Python write the few others as they are first imported (the Makefile unexports
-PYTHONDONTWRITEBYTECODE, which this machine and CI set).
+4,800 of them in 17 s (beside the project's build: .ci/install_venv.py); `make` lets Python write the few others as
+they are first imported (the Makefile unexports PYTHONDONTWRITEBYTECODE, which this machine and CI set).
 
     python .ci/warm_bytecode.py VENV_PYTHON
 

@@ -362,7 +362,7 @@ def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, u
     the top level's), with the option meant when one is a near miss (`serve --prot`: did you mean --port?)."""
     import difflib
 
-    command = next((p for name, p in _commands(parser).items() if name == args.command), parser)
+    command = _commands(parser).get(args.command, parser)
     known = [o for o, action in command._option_string_actions.items() if action.help != argparse.SUPPRESS]
     typed = [word.split("=")[0] for word in unknown if word.startswith("-")]
     misplaced = [word for word in typed if word in known]  # before the command's name, or after `--`

@@ -278,13 +278,15 @@ def _check_target(target: Path, force: int, protected: Sequence[Path]) -> Option
     return marker
 
 
-def refuse_target(target: Path, force: int, protected: Sequence[Path] = (), cwd: Optional[Path] = None) -> None:
-    """Raise the ExportError that :func:`export_model` would raise for ``target`` before it builds anything: for
-    work that comes first (``export --execute`` runs the whole notebook), so that it is not done in vain. ``cwd``:
-    the working directory of the process that will export (default this one's), which it protects."""
+def refuse_target(target: Path, force: int, protected: Sequence[Path] = (),
+                  cwd: Optional[Path] = None) -> Optional[str]:
+    """Raise the ExportError :func:`export_model` raises for ``target`` before it builds anything (it calls this);
+    else the marker id of an earlier export there. Also for work that comes before an export (``export --execute``
+    runs the whole notebook), so that it is not done in vain. ``cwd``: the working directory of the process that
+    will export (default this one's), which it protects."""
     target = Path(os.path.abspath(target))
     _check_name(target)
-    _check_target(target, force, [Path(os.path.abspath(p)) for p in [*protected, cwd or Path.cwd()]])
+    return _check_target(target, force, [Path(os.path.abspath(p)) for p in [*protected, cwd or Path.cwd()]])
 
 
 def _holds_other_files(target: Path) -> bool:
@@ -411,9 +413,7 @@ def export_model(
     ``explain_mismatch(index)`` may name the most likely cause when a replayed answer differs.
     """
     target = Path(os.path.abspath(target))
-    _check_name(target)
-    protected = [Path(os.path.abspath(p)) for p in [*protected, Path.cwd()]]
-    marker = _check_target(target, force, protected)
+    marker = refuse_target(target, force, protected)
     config = materialized.config
     notes = [note for setting, value in [("data_dir", config.data_dir)] + [
              ("external_package_dirs", d) for d in config.external_package_dirs]

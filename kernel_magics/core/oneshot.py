@@ -83,9 +83,9 @@ def _predict_in_root(truss: Any, model_input: Any, write: Callable[[bytes], None
 
 
 def _what_to_fix(exc: BaseException, code: str) -> str:
-    """The sentence that says what to change: a file the code reads that is not there is most often the file that
-    went missing (a data/ file deleted or never copied in), not the code."""
+    """The sentence that says what to change in ``code``, or which file to put back."""
+    from .truss_dir import missing_file_advice
+
     if isinstance(exc, FileNotFoundError) and exc.filename:
-        return (f"A file that {code} reads is missing: put {exc.filename} back where it is read, or fix the path "
-                f"in {code}")
+        return missing_file_advice(code, code, exc.filename)
     return f"Fix {code}"

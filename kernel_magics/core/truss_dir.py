@@ -464,9 +464,15 @@ def explain_check_failure(report: "CheckReport", truss: "TrussDir", *, during: s
         return f"{head} Define that name at the top level of a notebook cell, or inside the model class."
     if during == "validate" and error.startswith("FileNotFoundError"):  # (as `kernel-magics predict` says it)
         reader = "load()" if report.stage == "load" else truss.relative(truss.model_file)
-        return (f"{head} A file that {reader} reads is missing: put it back where it is read, or fix the path in "
-                f"{truss.relative(truss.model_file)}.")
+        return f"{head} {missing_file_advice(reader, truss.relative(truss.model_file))}."
     return head
+
+
+def missing_file_advice(reader: str, fix_in: str, filename: Optional[str] = None) -> str:
+    """What to change when the code ``reader`` names reads a file that is not there: most often the file went
+    missing (a data/ file deleted or never copied in), not the code. ``validate`` and ``predict`` both say it."""
+    return (f"A file that {reader} reads is missing: put {filename or 'it'} back where it is read, or fix the path in "
+            f"{fix_in}")
 
 
 @dataclass
