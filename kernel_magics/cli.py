@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("notebook", type=Path, help="The .ipynb file.")
     export.add_argument("out", type=Path, help="Directory to write.")
     export.add_argument("--force", action="count", default=0,
-                        help="Replace OUT if an earlier export made it (never a folder holding the notebook); "
-                             "twice to replace it even with files the export did not write (never a .git).")
+                        help="Replace OUT when an earlier export made it (this notebook's own, unchanged since, is "
+                             "replaced without it; never a folder holding the notebook); twice to replace it even "
+                             "with files the export did not write (never a .git).")
     export.add_argument("--data", action="append", default=[], type=Path, metavar="PATH",
                         help="A file or folder to copy into data/ (repeatable).")
     export.add_argument("--no-replay", action="store_true",
@@ -165,9 +166,12 @@ def _export(args: argparse.Namespace) -> int:
             "Run `kernel-magics export` with --execute to export from a kernel that ran the notebook")
 
     result = export_model(args.out, materialized, base_dir=base, data=args.data, force=args.force,
-                          protected=[args.notebook.resolve()], replay=not args.no_replay, explain_mismatch=explain)
+                          protected=[args.notebook.resolve()], replay=not args.no_replay, explain_mismatch=explain,
+                          origin=str(args.notebook.resolve()))
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if result.replaced:
+        print(f"note: this export replaced the earlier one in {args.out}.", file=sys.stderr)
     print(result.tree())
     print(result.replay_note.replace("%model_predict", "%model_predict (and save the notebook)"))
     return 0

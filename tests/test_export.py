@@ -227,7 +227,7 @@ def test_kernel_export_errors_leave_nothing_behind(tmp_path, fresh_kernel):
     k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return 1")
     k.ok("%model_export out")
     (tmp_path / "out" / "mine.txt").write_text("keep me")
-    assert "not empty" in usage_error(k.execute("%model_export out"))
+    assert "did not write (mine.txt)" in usage_error(k.execute("%model_export out"))
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep me"
     # A failing export with --force keeps the previous export whole.
     k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return hidden_mod.VALUE")
@@ -297,18 +297,46 @@ def test_requirements_pinning_rules():
 SIMPLE = "%%model\nclass Model:\n    def predict(self, model_input):\n        return 1"
 
 
+def test_run_all_again_replaces_the_notebooks_own_export_and_nothing_else(tmp_path, fresh_kernel):
+    """Run All twice works: `%model_export DIR` replaces the export the same notebook made there, unchanged since,
+    without --force; another notebook's or another kernel's export, or a file changed by hand, is not replaced."""
+    nb = write_notebook(tmp_path / "nb.ipynb", [SIMPLE])
+    # As Jupyter Server starts a notebook's kernel: JPY_SESSION_NAME is the notebook's path.
+    lab = fresh_kernel(cwd=tmp_path, env={"JPY_SESSION_NAME": str(nb)}, load_ext=True)
+    lab.ok(SIMPLE)
+    assert "replacing" not in lab.ok("%model_export out").stdout
+    assert "Exported `Model` as a Truss (replacing the earlier export there):" in lab.ok("%model_export out").stdout
+    done = cli("export", nb, tmp_path / "out")  # the CLI's export of the same file is the same notebook's
+    assert done.returncode == 0 and "replaced the earlier one" in done.stderr, done.stderr
+    # A kernel that no server named (nbclient, a console) replaces its own exports only.
+    plain = fresh_kernel(cwd=tmp_path, load_ext=True)
+    plain.ok(SIMPLE)
+    assert "holds an earlier export of nb.ipynb. Pass --force" in usage_error(plain.execute("%model_export out"))
+    plain.ok("%model_export own")
+    assert "(replacing the earlier export there)" in plain.ok("%model_export own").stdout
+    assert "holds an earlier export made by another kernel" in usage_error(lab.execute("%model_export own"))
+    # A file of the export changed by hand since: kept, and named.
+    config = tmp_path / "out" / "config.yaml"
+    config.write_text(config.read_text() + "# tuned by hand\n")
+    assert "did not write (config.yaml (changed))" in usage_error(lab.execute("%model_export out"))
+    assert "# tuned by hand" in config.read_text() and leftovers(tmp_path) == []
+
+
 def test_force_refuses_files_the_export_did_not_write_unless_given_twice_and_never_deletes_a_git(tmp_path):
     import shutil
 
     nb = write_notebook(tmp_path / "nb.ipynb", [SIMPLE])
     out = tmp_path / "out"
     assert cli("export", nb, out).returncode == 0
-    again = cli("export", nb, out)  # exporting again, as users do: said as such, and --force named
-    assert again.returncode == 1 and f"{out} holds an earlier export. Pass --force to replace it" in again.stderr
-    assert cli("export", nb, out, "--force").returncode == 0  # only its own files there: replaced
+    again = cli("export", nb, out)  # exporting the same notebook again, as users do: its own export is replaced
+    assert again.returncode == 0 and f"replaced the earlier one in {out}" in again.stderr, again.stderr
+    other = write_notebook(tmp_path / "other.ipynb", [SIMPLE])
+    refused = cli("export", other, out)  # another notebook's export: said as such, and --force named
+    assert refused.returncode == 1 and f"{out} holds an earlier export of nb.ipynb. Pass --force" in refused.stderr
+    assert cli("export", other, out, "--force").returncode == 0  # only an export's own files there: replaced
     (out / "notes.md").write_text("mine")
-    again = cli("export", nb, out)  # not only the export's files now: the general message
-    assert again.returncode == 1 and "exists and is not empty" in again.stderr, again.stderr
+    again = cli("export", other, out)  # not only the export's files now, so not without --force twice
+    assert again.returncode == 1 and "did not write (notes.md), so an export will not" in again.stderr, again.stderr
     (out / "config.yaml").write_text((out / "config.yaml").read_text() + "# tuned by hand\n")
     done = cli("export", nb, out, "--force")
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr

@@ -163,7 +163,7 @@ def test_execute_refuses_a_target_it_could_not_replace_before_the_notebook_runs(
     (tmp_path / "out" / "notes.txt").write_text("mine")
     done = cli("export", path, tmp_path / "out", "--execute")
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    assert "exists and is not empty. Pass --force" in done.stderr, done.stderr
+    assert "exists and is not empty, and no export made it" in done.stderr, done.stderr
     assert "[1/" not in done.stdout and not (tmp_path / "ran.txt").exists()  # no cell ran
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
     # What the export accepts, the check before it accepts: a link to an empty folder (the kernel exports into the
@@ -173,6 +173,8 @@ def test_execute_refuses_a_target_it_could_not_replace_before_the_notebook_runs(
     done = cli("export", path, tmp_path / "link", "--execute", cwd=tmp_path / "real")
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "real" / "model" / "model.py").is_file() and (tmp_path / "ran.txt").exists()
+    again = cli("export", path, tmp_path / "link", "--execute", cwd=tmp_path / "real")  # its own export: replaced
+    assert again.returncode == 0 and "(replacing the earlier export there)" in again.stdout, again.stdout + again.stderr
 
 
 def test_a_name_imported_from_a_changed_local_module_travels_as_its_live_value(tmp_path, monkeypatch):

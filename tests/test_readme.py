@@ -39,6 +39,8 @@ def test_every_readme_cell_runs_as_pasted(tmp_path):
             if "%model_export" in cell:
                 assert "Replayed 1 recorded prediction" in ex.stdout
                 assert (tmp_path / "word-sentiment" / "model" / "model.py").is_file()
+                again = k.execute(cell)  # Run All again: the notebook's own export is replaced, without --force
+                assert again.error is None and "(replacing the earlier export there)" in again.stdout, again.error_text
             if "%model_serve" in cell:
                 assert "Serving the notebook model at http://127.0.0.1:" in ex.stdout and "Stopped" in ex.stdout
         # A `#` inside the JSON input is data; the one after it starts the comment.

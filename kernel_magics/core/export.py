@@ -4,10 +4,11 @@ The directory is built next to the target and renamed into place only after it
 passed the fresh-process check: it imports and instantiates on its own and,
 when the notebook recorded predictions, loads and answers each of them as the
 notebook did. A failure at any step leaves nothing behind and never touches a
-previous export. ``--force`` replaces only a directory an earlier export made
-(it carries a marker file listing what it wrote) or an empty one, never one that
-holds the notebook or the working directory; files the export did not write need
-``--force`` twice, and a ``.git`` is never deleted. The swap is one atomic exchange
+previous export. An export of the same notebook (its marker file names the notebook and
+lists what it wrote) is replaced when nothing in it changed since, so that Run All works
+twice; ``--force`` replaces another export too (never a folder that holds the notebook or
+the working directory); files the export did not write need ``--force`` twice, and a
+``.git`` is never deleted. The swap is one atomic exchange
 where the OS has one; a build a killed export left behind is removed by the next
 export to the same target.
 """
@@ -73,6 +74,7 @@ class ExportResult:
     replay_note: str = ""
     timings: dict[str, float] = field(default_factory=dict)  # seconds: capture, check (incl. replay)
     source: Optional[ModelSource] = None  # model.py as exported (verification may have changed it)
+    replaced: bool = False  # an earlier export was there, and this one took its place
 
     def tree(self) -> str:
         """The files with their sizes, under the target as seen from here (relative when below)."""
@@ -238,9 +240,11 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def _check_target(target: Path, force: int, protected: Sequence[Path]) -> Optional[str]:
+def _check_target(target: Path, force: int, protected: Sequence[Path], origin: Optional[str]) -> Optional[str]:
     """Refuse a target that would lose data; returns the marker id of an earlier export there.
-    ``force``: how many times --force was given (twice also replaces files the export did not write)."""
+    ``force``: how many times --force was given (twice also replaces files the export did not write).
+    ``origin``: the notebook exporting (None when unknown); its own earlier export, unchanged since, is
+    replaced without --force."""
     if target.is_symlink():
         raise ExportError(f"{target} is a symbolic link. Export to a real directory path (or remove the link).")
     for kept in protected:
@@ -259,50 +263,60 @@ def _check_target(target: Path, force: int, protected: Sequence[Path]) -> Option
         raise ExportError(f"Cannot read {target}: {exc.strerror}.") from None
     if empty:
         return marker
-    if not force:
-        if marker is not None and not _holds_other_files(target):  # exporting again, the usual case
-            raise ExportError(f"{target} holds an earlier export. Pass --force to replace it, or choose a new "
-                              "directory.")
-        raise ExportError(f"{target} exists and is not empty. Pass --force to replace it, or choose a new directory.")
+    # Each refusal names what would work: never "pass --force" where --force would be refused too.
     if marker is None:
-        raise ExportError(f"{target} is not empty and no export made it (it has no {MARKER} file), so --force "
-                          "will not replace it. Choose a new directory, or empty this one yourself.")
+        raise ExportError(f"{target} exists and is not empty, and no export made it (it has no {MARKER} file), so "
+                          "no export replaces it, not even with --force. Choose a new directory, or empty this one "
+                          "yourself.")
     if (target / ".git").exists():
         raise ExportError(f"{target} holds a .git folder, and an export never deletes one. Move the export's "
                           "files elsewhere or export to a new directory (then copy the .git there yourself).")
-    foreign = _not_written_by_export(target)
+    try:
+        foreign = _not_written_by_export(target)
+    except OSError as exc:
+        raise ExportError(f"Cannot read {target}: {exc.strerror}.") from None
     if foreign and force < 2:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise ExportError(f"{target} holds files the earlier export did not write ({shown}), so --force will not "
-                          "replace it. Move them out first, or pass --force twice to replace the folder with them.")
+        raise ExportError(f"{target} holds files the earlier export did not write ({shown}), so "
+                          f"{'--force' if force else 'an export'} will not replace it. Move them out first, or pass "
+                          "--force twice to replace the folder with them.")
+    if not force:
+        made_by = _read_marker(target).get("notebook")
+        if origin is None or made_by != origin:
+            of = ""
+            if isinstance(made_by, str) and os.path.isabs(made_by):
+                of = f" of {os.path.basename(made_by)}"
+            elif isinstance(made_by, str) and made_by.startswith("kernel "):  # (ModelMagics.export_origin)
+                of = " made by another kernel"
+            raise ExportError(f"{target} holds an earlier export{of}. Pass --force to replace it, or choose a new "
+                              "directory.")
+        # Run All again: nothing there but what this notebook's last export wrote, so nothing is lost.
     return marker
 
 
 def refuse_target(target: Path, force: int, protected: Sequence[Path] = (),
-                  cwd: Optional[Path] = None) -> Optional[str]:
+                  cwd: Optional[Path] = None, origin: Optional[str] = None) -> Optional[str]:
     """Raise the ExportError :func:`export_model` raises for ``target`` before it builds anything (it calls this);
     else the marker id of an earlier export there. Also for work that comes before an export (``export --execute``
     runs the whole notebook), so that it is not done in vain. ``cwd``: the working directory of the process that
-    will export (default this one's), which it protects."""
+    will export (default this one's), which it protects; ``origin``: the notebook that exports, as
+    :func:`export_model` takes it."""
     target = Path(os.path.abspath(target))
     _check_name(target)
-    return _check_target(target, force, [Path(os.path.abspath(p)) for p in [*protected, cwd or Path.cwd()]])
+    return _check_target(target, force, [Path(os.path.abspath(p)) for p in [*protected, cwd or Path.cwd()]], origin)
 
 
-def _holds_other_files(target: Path) -> bool:
-    """True when ``target`` holds files an earlier export did not write, or cannot be read to tell (the message
-    then stays the general one)."""
+def _read_marker(folder: Path) -> dict:
+    """What an earlier export's marker says (empty when there is none, or it cannot be read)."""
     try:
-        return bool(_not_written_by_export(target))
-    except OSError:
-        return True
+        found = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _marker_of(folder: Path) -> Optional[str]:
-    try:
-        return json.loads((folder / MARKER).read_text()).get("id")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return _read_marker(folder).get("id")
 
 
 def _snapshot(root: Path) -> dict[str, list[int]]:
@@ -322,10 +336,7 @@ def _snapshot(root: Path) -> dict[str, list[int]]:
 
 def _not_written_by_export(target: Path) -> list[str]:
     """Files in an earlier export that it did not write as they are now: added, or changed since."""
-    try:
-        written = json.loads((target / MARKER).read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
-        written = None
+    written = _read_marker(target).get("files")
     now = _snapshot(target)
     if not isinstance(written, dict):  # an export from before markers listed files: nothing is known
         return sorted(now)
@@ -403,6 +414,7 @@ def export_model(
     replay: bool = True,
     explain_mismatch: Optional[Any] = None,
     python: str = sys.executable,
+    origin: Optional[str] = None,
 ) -> ExportResult:
     """Write the Truss directory at ``target`` atomically, after it proved itself in a fresh process.
 
@@ -410,10 +422,12 @@ def export_model(
     ``protected``: paths an export must never replace (the notebook, the working directory).
     ``secrets``: values the fresh process may read (never written anywhere); ``secret_values``:
     values no saved file may contain. ``replay`` off skips replaying the recorded predictions;
-    ``explain_mismatch(index)`` may name the most likely cause when a replayed answer differs.
+    ``explain_mismatch(index)`` may name the most likely cause when a replayed answer differs. ``origin``:
+    the notebook exporting (its real path; None when unknown), which the marker records: an earlier export of
+    the same origin, unchanged since, is replaced without ``force``.
     """
     target = Path(os.path.abspath(target))
-    marker = refuse_target(target, force, protected)
+    marker = refuse_target(target, force, protected, origin=origin)
     config = materialized.config
     notes = [note for setting, value in [("data_dir", config.data_dir)] + [
              ("external_package_dirs", d) for d in config.external_package_dirs]
@@ -461,8 +475,9 @@ def export_model(
         result.replay_note = _replay_note(materialized.record, replay, result.replayed)
         result.replay_note += " " + _check_note(result.timings, result.replayed)
         (build / MARKER).write_text(json.dumps({"exported_by": "kernel-magics", "id": uuid.uuid4().hex,
-                                                "files": _snapshot(build)}) + "\n")
+                                                "notebook": origin, "files": _snapshot(build)}) + "\n")
         result.warnings += _swap_into_place(build, target, marker, scratch)
+        result.replaced = marker is not None
     except BaseException:
         remove_tree(build)
         raise

@@ -68,7 +68,7 @@ def export_by_running(notebook: Path, out: Path, *, force: int = 0, data: Sequen
 
     notebook = Path(notebook).resolve()
     out = Path(out).resolve()  # what the kernel is told, and checked as it will check it, before the notebook runs
-    refuse_target(out, force, protected=[notebook], cwd=notebook.parent)
+    refuse_target(out, force, protected=[notebook], cwd=notebook.parent, origin=str(notebook))
     nb = nbformat.read(str(notebook), as_version=4)
     code = []
     for index, cell in enumerate(nb.cells):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import getpass
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -114,6 +115,7 @@ class ModelMagics(Magics):
         self.recorded_at: dict[int, int] = {}  # id of a recorded item -> cells run when it was made
         self.warned: set[str] = set()  # Truss-compatibility warnings given for this definition
         self.last_export: Optional[Path] = None
+        self.kernel_token = uuid.uuid4().hex[:12]  # tells this kernel's exports from another's (export_origin)
         self.last_stream = None  # the last StreamConsumer: its chunks stay reachable after an error or interrupt
         self.server: Optional[tuple] = None  # (uvicorn.Server, future, port) of %model_serve
         self.host.check_truss_compat = True
@@ -270,6 +272,16 @@ class ModelMagics(Magics):
         # Jupyter Server tells kernels which notebook they run for; nbclient and consoles do not.
         session = os.environ.get("JPY_SESSION_NAME")
         return os.path.basename(session) if session else "a notebook"
+
+    @property
+    def export_origin(self) -> str:
+        """Who exports, as an export's marker records it: the notebook's real path where Jupyter Server (or
+        ``kernel-magics export --execute``) names it, as the CLI's export of the file records it; else this
+        kernel, so that exporting again from it works as from a named notebook."""
+        session = os.environ.get("JPY_SESSION_NAME")
+        if session and os.path.isabs(session):
+            return os.path.realpath(session)
+        return session or f"kernel {os.getpid()} {self.kernel_token}"
 
     # ------------------------------------------------------------------ %model_unload / status / secret
 

@@ -92,8 +92,9 @@ class ShipMagics(Magics):
     @magic_arguments()
     @argument("dir", help="Directory to write the Truss to.")
     @argument("--force", action="count", default=0,
-              help="Replace DIR if an earlier export made it (never a folder holding the notebook); twice to "
-                   "replace it even with files the export did not write (never a .git).")
+              help="Replace DIR when an earlier export made it (this notebook's own, unchanged since, is replaced "
+                   "without it; never a folder holding the notebook); twice to replace it even with files the "
+                   "export did not write (never a .git).")
     @argument("--data", action="append", default=[], metavar="PATH", help="A file or folder to copy into data/ (repeatable).")
     @argument("--no-replay", action="store_true",
               help="Skip replaying the notebook's recorded predictions against the export (it is then not checked "
@@ -129,7 +130,7 @@ class ShipMagics(Magics):
         result = model.run(
             export_model, target, materialized, base_dir=host.base_dir, data=data, force=force,
             protected=[host.base_dir], secrets=secrets, secret_values=host.secrets.known_values(), replay=replay,
-            explain_mismatch=lambda index: self._explain_mismatch(materialized, index),
+            explain_mismatch=lambda index: self._explain_mismatch(materialized, index), origin=model.export_origin,
         )
         result.timings["analysis"] = analysis
         model.last_export_timings = result.timings
@@ -141,7 +142,8 @@ class ShipMagics(Magics):
         if quiet:
             print(result.replay_note)
             return result
-        print(f"Exported `{host.config.model_class_name}` as a Truss:")
+        replacing = " (replacing the earlier export there)" if result.replaced else ""
+        print(f"Exported `{host.config.model_class_name}` as a Truss{replacing}:")
         print(result.tree())
         values = [i for i in (result.source or materialized.source).included if i.travels == "value"]
         if values:
