@@ -328,6 +328,7 @@ def test_force_refuses_files_the_export_did_not_write_unless_given_twice_and_nev
     nb = write_notebook(tmp_path / "nb.ipynb", [SIMPLE])
     out = tmp_path / "out"
     assert cli("export", nb, out).returncode == 0
+    assert out.stat().st_mode == (out / "model").stat().st_mode  # not the 0700 of the folder it was built in
     again = cli("export", nb, out)  # exporting the same notebook again, as users do: its own export is replaced
     assert again.returncode == 0 and f"replaced the earlier one in {out}" in again.stderr, again.stderr
     other = write_notebook(tmp_path / "other.ipynb", [SIMPLE])

@@ -19,6 +19,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -489,6 +490,9 @@ def export_model(
 
 def _write(build: Path, materialized: Materialized, data_sources: Sequence[Path]) -> None:
     (build / "model").mkdir()
+    # The build folder is mkdtemp's (0700): give the export the mode any new folder gets here (the umask's), so that
+    # another user, or a container build running as one, can read it as it reads model/.
+    os.chmod(build, stat.S_IMODE((build / "model").stat().st_mode))
     (build / "model" / "__init__.py").write_text("")
     (build / "model" / "model.py").write_text(materialized.source.text + batching_tail(materialized.config))
     (build / "config.yaml").write_text(materialized.config_yaml)
