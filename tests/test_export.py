@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 CANARY = "sk-CANARY-export-55e1"
 
 
-def write_notebook(path: Path, cells: list[str]) -> Path:
-    nb = new_notebook(cells=[new_code_cell(c) for c in cells],
+def write_notebook(path: Path, cells: list) -> Path:
+    """A notebook of these cells: a string is a code cell, anything else a cell as nbformat makes it."""
+    nb = new_notebook(cells=[new_code_cell(c) if isinstance(c, str) else c for c in cells],
                       metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
     nbformat.write(nb, path)
     return path
