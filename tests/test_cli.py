@@ -197,6 +197,7 @@ def test_predict_errors_and_their_exit_codes(exported, tmp_path):
     (broken / "config.yaml").write_text("model_name: broken\nmodel_metadata:\n  example_model_input: {}\n")
     validated = cli("validate", broken, cwd=tmp_path)
     assert validated.returncode == 1 and "load() failed in a fresh Python: FileNotFoundError" in validated.stderr
+    assert "(model/model.py, line 5, in load)." in validated.stderr, validated.stderr
     assert validated.stderr.rstrip().endswith("A file that load() reads is missing: put it back where it is read, or "
                                               "fix the path in model/model.py."), validated.stderr
 

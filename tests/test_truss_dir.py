@@ -125,6 +125,7 @@ def test_validate_replays_the_example_input(tmp_path):
                 "model_metadata: {example_model_input: {d: 0}}\n")
     done = cli("validate", "ex", cwd=tmp_path)
     assert done.returncode == 1 and "predict failed on model_metadata.example_model_input: ZeroDivisionError" in done.stderr
+    assert "division by zero (model/model.py, line 3, in predict)." in done.stderr, done.stderr  # where to look
     (tmp_path / "ex" / "config.yaml").write_text("model_metadata: {example_model_input: {d: 4}}\n")
     done = cli("validate", "ex", cwd=tmp_path)
     assert done.returncode == 0 and "answered model_metadata.example_model_input" in done.stdout

@@ -426,8 +426,9 @@ def validate(truss: "TrussDir", *, import_check: bool = True) -> Validation:
         raise TrussDirError(explain_check_failure(report, truss, during="validate"))
     failed = [r for r in report.replayed if not r["ok"]]
     if failed:
+        where = f" ({failed[0]['where']})" if failed[0].get("where") else ""
         raise TrussDirError(f"{truss.root}: the model loaded, but predict failed on model_metadata.example_model_input: "
-                            f"{failed[0]['why']}.")
+                            f"{failed[0]['why']}{where}.")
     result.imported, result.loaded, result.example_replayed = True, bool(replay), bool(replay)
     result.seconds = report.seconds
     return result
@@ -450,7 +451,8 @@ def explain_check_failure(report: "CheckReport", truss: "TrussDir", *, during: s
     if during == "export":
         head = f"The exported model does not work on its own ({what} failed in a fresh Python), so nothing was exported: {error}."
     else:
-        head = f"{truss.root}: {what} failed in a fresh Python: {error}."
+        where = f" ({report.where})" if report.where else ""
+        head = f"{truss.root}: {what} failed in a fresh Python: {error}{where}."
     module = report.missing_module
     if module:
         top = module.split(".")[0]
@@ -484,7 +486,8 @@ class CheckReport:
     error: Optional[str] = None  # "ModuleNotFoundError: No module named 'torch'"
     missing_module: Optional[str] = None
     model_line: Optional[int] = None  # where in model.py (top level) the error happened
-    replayed: list = field(default_factory=list)  # one dict per replayed input: index, ok, got, why
+    where: Optional[str] = None  # the directory's last frame of the error: "model/model.py, line 12, in load"
+    replayed: list = field(default_factory=list)  # one dict per replayed input: index, ok, got, why (, where)
     stages: dict = field(default_factory=dict)  # seconds in the child: import, load, replay
     fingerprints: dict = field(default_factory=dict)  # "start"/"after_replay" -> name -> fingerprint
     left_running: list = field(default_factory=list)  # what the model started and left running: threads, processes
@@ -616,7 +619,7 @@ def _run_check(root: Path, report_path: Path, load: bool, options: Optional[dict
                                                                                  options.get("secrets", {})))
                 except Exception as exc:
                     report["replayed"].append({"index": i, "ok": False, "got": None,
-                                               "why": host.describe_error(exc)})
+                                               "why": host.describe_error(exc), "where": _where_in(exc, root)})
                     continue
                 if item.get("shown") == PRINTED_STREAM:  # a stream known only by the text it printed
                     got = as_printed(got)
@@ -633,6 +636,7 @@ def _run_check(root: Path, report_path: Path, load: bool, options: Optional[dict
         if isinstance(exc, ModuleNotFoundError):
             report["missing_module"] = exc.name
         report["model_line"] = _model_line(exc, root)
+        report["where"] = _where_in(exc, root)
         text = f"{type(exc).__name__}: {exc}"
         report["error"] = host.secrets.redact(text) if host is not None else text
     return finish()
@@ -671,6 +675,20 @@ def _model_line(exc: BaseException, root: Path) -> Optional[int]:
         return None
     lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if f.filename == model_file and f.name == "<module>"]
     return lines[-1] if lines else None
+
+
+def _where_in(exc: BaseException, root: Path) -> Optional[str]:
+    """The last frame of ``exc`` in a file of the directory (model.py or packages/), as a traceback names it:
+    what `validate` shows, so that a user who edits the directory knows where to look."""
+    import traceback
+
+    base = os.path.realpath(root)
+    inside = [f for f in traceback.extract_tb(exc.__traceback__)
+              if os.path.realpath(f.filename).startswith(base + os.sep)]
+    if not inside:
+        return None
+    frame = inside[-1]
+    return f"{os.path.relpath(os.path.realpath(frame.filename), base)}, line {frame.lineno}, in {frame.name}"
 
 
 def _fingerprints(report: dict, when: str, module_globals: dict, names: list, lap: Any) -> None:
