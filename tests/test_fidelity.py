@@ -54,7 +54,7 @@ CASES = {
             """),
     ], [{"ids": [1, 2, 3]}, {"ids": [5, 9, 40, 2]}],
         "`lm.transformer.wte.weight.mul_(3.0)` (line 3)", ["torch==", "transformers==", "safetensors=="],
-        "safetensors (weights; the module is rebuilt from its source)"),
+        "safetensors weights; the module is rebuilt from its source"),
     "dict and data frame changed": ([
         "import pandas as pd",
         "LABELS = {0: 'nebbiolo', 1: 'grignolino', 2: 'dolcetto'}\n"

@@ -142,14 +142,14 @@ def test_an_unseeded_generator_that_predict_consumes_is_named_in_the_refusal(tmp
 
 def test_execute_stops_at_a_failing_cell_naming_it_and_exports_nothing(tmp_path):
     path = write_notebook(tmp_path / "nb.ipynb", [
-        "%load_ext kernel_magics", "WORDS = ['a']", "raise ValueError('the data moved')",
+        "%load_ext kernel_magics", "WORDS = ['a']", "raise ValueError('the data moved.')",
         model_cell("return WORDS")])
     before = path.read_bytes()
     done = cli("export", path, tmp_path / "out", "--execute")
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    assert "[3/4] cell 3: raise ValueError('the data moved')" in done.stdout
-    assert ("Running nb.ipynb headlessly failed in cell 3 (`raise ValueError('the data moved')`): ValueError: the data "
-            "moved. Nothing was exported, and the notebook file is unchanged") in done.stderr
+    assert "[3/4] cell 3: raise ValueError('the data moved.')" in done.stdout
+    assert ("Running nb.ipynb headlessly failed in cell 3 (`raise ValueError('the data moved.')`): ValueError: the data "
+            "moved. Nothing was exported, and the notebook file is unchanged") in done.stderr  # one full stop
     assert "Parent appears to have exited" not in done.stderr  # the kernel was shut down, not left to notice
     assert not (tmp_path / "out").exists() and path.read_bytes() == before and leftovers(tmp_path) == []
 

@@ -163,7 +163,7 @@ def test_every_format_saves_and_loads_as_the_notebook_has_it(tmp_path):
     formats = {p.name: p.format for p in source.values}
     assert formats == {
         "LABELS": "literal", "WORDS": "literal file", "big": "npy", "shift": "safetensors", "state": "safetensors",
-        "lin": "safetensors (weights; the module is rebuilt from its source)", "net": "torch.save (pickle)",
+        "lin": "safetensors weights; the module is rebuilt from its source", "net": "torch.save (pickle)",
         "tok": "tokenizers JSON", "pipe": "skops", "clipped": "joblib (pickle)", "points": "pickle",
         "scaler": "pickle", "nested": "pickle", "rng": "pickle", "gen": "pickle"}, formats
     files = saved_files(root)

@@ -49,8 +49,9 @@ def _first_line(source: str) -> str:
 
 
 def _error_of(exc: Exception) -> str:
+    """``Type: message`` of a cell's error, without a final full stop (the sentence around it has one)."""
     ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
-    return f"{ename}: {evalue}" if ename else str(exc).strip().splitlines()[-1]
+    return (f"{ename}: {evalue}" if ename else str(exc).strip().splitlines()[-1]).rstrip(".")
 
 
 def _stream_text(outputs: list) -> str:
@@ -128,4 +129,4 @@ def _run_cells(client, code: list, export_cell, notebook: Path, progress: Callab
         try:
             client.execute_cell(export_cell, total)
         except CellExecutionError as exc:
-            raise HeadlessRunError(_error_of(exc).removeprefix("UsageError: ")) from None
+            raise HeadlessRunError(_error_of(exc).removeprefix("UsageError: ") + ".") from None

@@ -269,7 +269,7 @@ def _module_weights(name: str, module: Any) -> ValuePlan:
 
         safetensors.torch.save_model(module, str(folder / filename))
 
-    return ValuePlan(name, "safetensors (weights; the module is rebuilt from its source)", filename, lines,
+    return ValuePlan(name, "safetensors weights; the module is rebuilt from its source", filename, lines,
                      imports=["import safetensors.torch"], modules={"safetensors", "torch"}, keeps_source=True,
                      save=save)
 
