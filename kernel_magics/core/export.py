@@ -288,7 +288,8 @@ def _check_target(target: Path, force: int, protected: Sequence[Path], origin: O
             if isinstance(made_by, str) and os.path.isabs(made_by):
                 of = f" of {os.path.basename(made_by)}"
             elif isinstance(made_by, str) and made_by.startswith("kernel "):  # (ModelMagics.export_origin)
-                of = " made by another kernel"
+                of = (" made by another kernel (a kernel that no Jupyter server started, nbconvert's say, cannot tell "
+                      "which notebook it runs)")
             raise ExportError(f"{target} holds an earlier export{of}. Pass --force to replace it, or choose a new "
                               "directory.")
         # Run All again: nothing there but what this notebook's last export wrote, so nothing is lost.

@@ -278,10 +278,11 @@ class ModelMagics(Magics):
         """Who exports, as an export's marker records it: the notebook's real path where Jupyter Server (or
         ``kernel-magics export --execute``) names it, as the CLI's export of the file records it; else this
         kernel, so that exporting again from it works as from a named notebook."""
-        session = os.environ.get("JPY_SESSION_NAME")
-        if session and os.path.isabs(session):
+        # (VS Code names the notebook in the namespace instead.)
+        session = os.environ.get("JPY_SESSION_NAME") or self.shell.user_ns.get("__vsc_ipynb_file__")
+        if isinstance(session, str) and os.path.isabs(session):
             return os.path.realpath(session)
-        return session or f"kernel {os.getpid()} {self.kernel_token}"
+        return session if isinstance(session, str) and session else f"kernel {os.getpid()} {self.kernel_token}"
 
     # ------------------------------------------------------------------ %model_unload / status / secret
 
