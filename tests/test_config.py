@@ -65,6 +65,16 @@ def test_bad_values_are_explained():
     assert "py39 ... py314" in error_of("python_version: py27\n")
 
 
+def test_every_bad_value_is_named_at_once_with_its_line():
+    with pytest.raises(ConfigError) as info:
+        parse_config("model_name: x\nresources:\n  use_gpu: maybe\n  memory: 2 GB\n", source="nb.ipynb, cell 2",
+                     line_offset=1)
+    message = str(info.value)
+    assert message.startswith("nb.ipynb, cell 2: 2 problems: line 4: `resources.use_gpu` must be true or false")
+    assert "; line 5: `resources.memory`: memory must be a size like '2Gi'" in message
+    assert message.endswith("Fix those values and run the cell again.")
+
+
 def test_duplicate_keys_rejected():
     assert "line 2: `model_name` is set twice" in error_of("model_name: a\nmodel_name: b\n")
 

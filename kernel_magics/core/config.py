@@ -599,19 +599,23 @@ _FRIENDLY_TYPES = {
 
 
 def _describe_validation_error(exc: pydantic.ValidationError, lines: dict, source: str) -> str:
-    first = exc.errors()[0]
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "config"
-    where = _where(loc, lines, source)
-    expected = _FRIENDLY_TYPES.get(first["type"])
-    if expected:
-        got = type(first.get("input")).__name__
-        message = f"`{dotted}` must be {expected}, not {got}"
-    else:
-        message = f"`{dotted}`: {first['msg'].removeprefix('Value error, ')}"
-    more = len(exc.errors()) - 1
-    tail = f" ({more} more problem{'s' if more > 1 else ''} after this one.)" if more else ""
-    return f"{where}: {message}. Fix that value{_again(source)}.{tail}"
+    """Every problem at once (up to three, with where each is), so that one run of the cell shows what to fix."""
+    problems = []
+    for error in exc.errors():
+        loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "config"
+        expected = _FRIENDLY_TYPES.get(error["type"])
+        if expected:
+            message = f"`{dotted}` must be {expected}, not {type(error.get('input')).__name__}"
+        else:
+            message = f"`{dotted}`: {error['msg'].removeprefix('Value error, ')}"
+        problems.append((_line_of(loc, lines), message))
+    if len(problems) == 1:
+        line, message = problems[0]
+        return f"{source + (f', line {line}' if line else '')}: {message}. Fix that value{_again(source)}."
+    shown = "; ".join(f"line {line}: {message}" if line else message for line, message in problems[:3])
+    more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+    return f"{source}: {len(problems)} problems: {shown}{more}. Fix those values{_again(source)}."
 
 
 def _again(source: str) -> str:
