@@ -148,6 +148,28 @@ def test_with_live_values_a_changed_literal_travels_as_a_literal_and_an_unchange
     compile(src.text, "model.py", "exec")
 
 
+def test_an_assignment_travels_as_its_value_rather_than_need_a_pickle():
+    """`CLIP` re-run from source would need `data`, which travels as a pickle (it runs code when loaded): `CLIP`
+    travels as the tuple it holds instead, and `data` not at all. Where the model uses `data` itself, the pickle is
+    needed anyway and `CLIP` stays source."""
+    cells = ["import types",
+             "data = types.SimpleNamespace(target=[3.0, 1.0, 2.0])\ndata.target.sort()",
+             "CLIP = (min(data.target), max(data.target))",
+             "%%model\nclass Model:\n    def predict(self, x):\n        return min(max(x, CLIP[0]), CLIP[1])"]
+    live = {}
+    for cell in cells[:-1]:
+        exec(cell, live)
+    src = build_model_source(cells, "Model", live=live)
+    why = {line.split()[0]: line for line in src.why().splitlines()}
+    assert "data" not in why and "types" not in why, src.why()
+    assert "value (literal): its source needs `data`, which would travel as a pickle" in why["CLIP"], src.why()
+    assert "CLIP = (1.0, 3.0)" in src.text and "SimpleNamespace" not in src.text
+    uses_data = [*cells[:-1], cells[-1].replace("min(max(x, CLIP[0]), CLIP[1])", "(CLIP, data.target)")]
+    src = build_model_source(uses_data, "Model", live=live)
+    why = {line.split()[0]: line for line in src.why().splitlines()}
+    assert "runs code when loaded" in why["data"] and why["CLIP"].endswith("; source"), src.why()
+
+
 def test_closure_fixes_optional_imports_conditional_constants_dataclass_instances():
     cells = [
         "try:\n    import ujson as fastjson\nexcept ImportError:\n    import json as fastjson",

@@ -960,6 +960,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     needs that cannot travel, and what to do instead.
     """
     cells = list(cells)
+    given_live = live
     if live is not None:
         from .load_snapshot import planning_view
 
@@ -1028,6 +1029,10 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
                 continue
             need(name, label)
     _share_identical(plans, included, live)
+    instead = _values_instead_of_pickles(plans, referrers, included, defs, live, as_values)
+    if instead:
+        return build_model_source(cells, class_name, notebook, given_live, as_values={**as_values, **instead},
+                                  local=local, replay_proves=replay_proves)
     attributes = dict(as_values)
     if live is not None:  # what a cell visibly sets on a module beside the notebook, known before any check
         for name in [n for n in ctx.verify if n in included and included[n].kind == "import"]:
@@ -1067,10 +1072,12 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
                  if len(history) > 1 and history[-2].text != history[-1].text
                  and not _same_as_literal(history[-2], ctx.live, n)}
     verify = _worth_verifying(ctx.verify, referrers, {n for n, inc in included.items() if inc.travels == "value"})
+    from .values import MODULE_WEIGHTS
+
     # A torch module rebuilt from its source that gets only its weights back loses what its state dict does not
     # hold (a plain attribute, a non-persistent buffer): verified too, it travels whole when those differ.
     besides_weights = [n for n, (plan, _) in plans.items() if plan.keeps_source and n in defs and n not in verify
-                       and plan.format.startswith("safetensors (weights")]
+                       and plan.format == MODULE_WEIGHTS]
     verify += besides_weights
     fingerprints: dict[str, Optional[dict]] = {}
     if live is not None:
@@ -1094,6 +1101,39 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
                        values=[p for p, _ in sorted(plans.values(), key=lambda item: (item[1], item[0].name))],
                        changes=changes, redefined=redefined, verify=verify, besides_weights=besides_weights,
                        unproven=list(dict.fromkeys(ctx.unproven)), spans=spans, fingerprints=fingerprints)
+
+
+def _values_instead_of_pickles(plans: dict, referrers: dict, included: dict, defs: dict,
+                               live: Optional[Mapping[str, Any]], as_values: Mapping[str, str]) -> dict[str, str]:
+    """Assignments to travel as their own (safe) values, so that a value that would travel as a pickle (which runs
+    code when loaded) is not needed at all: `CLIP = (float(data.target.min()), ...)` travels as the tuple it holds,
+    rather than as its source plus `data` pickled. Only where every user of the pickled value is such an assignment,
+    re-run from source, whose live value saves without running code; name -> why."""
+    from . import values
+
+    if live is None:
+        return {}
+    found: dict[str, str] = {}
+    for name, (plan, _) in plans.items():
+        users = referrers.get(name, set())
+        if not plan.runs_code_on_load or not users:
+            continue
+        chosen = {}
+        for user in sorted(users):
+            definition, inc = defs.get(user), included.get(user)
+            if (definition is None or definition.kind != "constant" or inc is None or inc.travels != "source"
+                    or user not in live or user in as_values):
+                break
+            try:
+                own = values.plan(user, live[user], namespace=live)
+            except values.CannotSave:
+                break
+            if own.runs_code_on_load or own.keeps_source:
+                break
+            chosen[user] = f"its source needs `{name}`, which would travel as a pickle (runs code when loaded)"
+        else:
+            found.update(chosen)
+    return found
 
 
 def globals_for_load(cells: Iterable[str], class_name: str) -> dict[str, str]:

@@ -45,6 +45,9 @@ VALUES_DIR = "notebook_values"  # under data/, which Truss copies into the image
 _INLINE_LITERAL = 2000  # characters; longer literals go to a file
 _PRELUDE = f'_VALUES = pathlib.Path(__file__).resolve().parent.parent / "data" / "{VALUES_DIR}"'
 
+# The format of a torch module that travels as its weights and is rebuilt from its source (source.py tells it by this).
+MODULE_WEIGHTS = "safetensors weights; the module is rebuilt from its source"
+
 
 _OUTSIDE = ("Create it inside `load()` instead (open files, connections and locks there), and keep only plain "
             "data at the top level of the notebook.")
@@ -269,7 +272,7 @@ def _module_weights(name: str, module: Any) -> ValuePlan:
 
         safetensors.torch.save_model(module, str(folder / filename))
 
-    return ValuePlan(name, "safetensors weights; the module is rebuilt from its source", filename, lines,
+    return ValuePlan(name, MODULE_WEIGHTS, filename, lines,
                      imports=["import safetensors.torch"], modules={"safetensors", "torch"}, keeps_source=True,
                      save=save)
 
