@@ -99,8 +99,9 @@ class Kernel:
         self.kc.wait_for_ready(timeout=60)
 
     def execute(self, code: str, timeout: float = 120, stdin: Optional[Callable[[dict], str]] = None,
-                on_message: Optional[Callable[[dict], None]] = None) -> Execution:
-        msg_id = self.kc.execute(code, allow_stdin=stdin is not None)
+                on_message: Optional[Callable[[dict], None]] = None, store_history: bool = True) -> Execution:
+        """``store_history=False``: as a frontend's own commands run (no In[N]), JupyterLab's extension's say."""
+        msg_id = self.kc.execute(code, allow_stdin=stdin is not None, store_history=store_history)
         ex = Execution(status="?")
         deadline = time.monotonic() + timeout
         idle = False

@@ -94,6 +94,11 @@ def test_show_magics(tmp_path, fresh_kernel):
     assert "model_name: shown" in config and "tok: null" in config and "python_version: py3" in config
     why = k.ok("%model_show --why").stdout
     assert "the model class" in why and "used by Model" in why and "used by f" in why
+    # The lab panel's commands run outside the history (no In[N]): they do not shift the numbers --why gives.
+    k.ok("%model_load --no-widget", store_history=False)
+    k.ok("K += 1")  # In[8]
+    why = k.ok("%model_show --why").stdout
+    assert "changed after its assignment, by `K += 1` in cell 8, line 1" in why, why
 
 
 # ---------------------------------------------------------------- fidelity: the export answers as the notebook did

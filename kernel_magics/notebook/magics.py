@@ -149,6 +149,11 @@ class ModelMagics(Magics):
         raw = result.info.raw_cell if result.info is not None else None
         if not raw:
             return
+        if not getattr(result.info, "store_history", True) and all(
+                line.lstrip().startswith("%model_") for line in raw.splitlines() if line.strip()):
+            # A command of the lab panel (`%model_load --no-widget`, run outside the history): it defines nothing,
+            # and it gets no In[N], so keeping it would shift every later "cell N" off the number the notebook shows.
+            return
         if result.error_before_exec is not None or (split_cell_magic(raw)[0] in ("model", "model_config")
                                                     and not result.success):
             # Kept as an empty cell: "cell N" in what the user reads stays the In[N] the notebook shows.
