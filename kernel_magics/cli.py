@@ -364,15 +364,14 @@ class _UsageError(Exception):
 def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> None:
     """What argparse says of arguments it does not know, but from the command they were given to (its usage, not
     the top level's), with the option meant when one is a near miss (`serve --prot`: did you mean --port?)."""
-    import difflib
+    from .core.suggest import did_you_mean
 
     command = _commands(parser).get(args.command, parser)
     known = [o for o, action in command._option_string_actions.items() if action.help != argparse.SUPPRESS]
     typed = [word.split("=")[0] for word in unknown if word.startswith("-")]
     misplaced = [word for word in typed if word in known]  # before the command's name, or after `--`
-    near = [m for word in typed if word not in known for m in difflib.get_close_matches(word, known, n=1, cutoff=0.6)]
     hint = (f" ({' and '.join(misplaced)} must come after `{args.command}`, before any --)" if misplaced else
-            f" (did you mean {' or '.join(dict.fromkeys(near))}?)" if near else "")
+            did_you_mean(typed, known))
     command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
 
 

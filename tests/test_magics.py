@@ -179,7 +179,10 @@ def test_a_missing_or_unknown_argument_is_shown_with_the_magics_usage(kernel):
                        "the following arguments are required: dir. Usage: %model_export [--force] [--data PATH] "
                        "[--no-replay] dir (%model_export? says more).")
     assert_usage_error(kernel.execute("%model_show --whyy"),
-                       "unrecognized arguments: --whyy. Usage: %model_show [--why] [{model.py,config.yaml}]")
+                       "unrecognized arguments: --whyy (did you mean --why?). Usage: %model_show [--why] "
+                       "[{model.py,config.yaml}]")
+    assert_usage_error(kernel.execute("%model_export out --forse --no-replai"),
+                       "unrecognized arguments: --forse --no-replai (did you mean --force or --no-replay?). Usage:")
 
 
 PREDICT_STYLES = {

@@ -47,10 +47,16 @@ def parse_arguments(magic, line: str):
     try:
         return parse_argstring(magic, line)
     except UsageError as exc:  # argparse's words ("the following arguments are required: dir"): add the usage
+        from ..core.suggest import did_you_mean
+
         usage = " ".join(magic.parser.format_usage().replace("::", "").split())  # IPython's usage is reST
         usage = usage.replace("usage: ", "").replace("[-h] ", "")
         name = usage.split()[0]
-        raise UsageError(f"{str(exc).rstrip('.')}. Usage: {usage} ({name}? says more).") from None
+        said = str(exc).rstrip(".")
+        if said.startswith("unrecognized arguments: "):  # `--devise cpu`: did you mean --device?
+            known = [o for o in magic.parser._option_string_actions if o not in ("-h", "--help")]
+            said += did_you_mean(said.removeprefix("unrecognized arguments: ").split(), known)
+        raise UsageError(f"{said}. Usage: {usage} ({name}? says more).") from None
     except ValueError as exc:
         raise UsageError(f"Cannot read the arguments {line.strip()!r}: {str(exc).lower()}. Close the quote (a path "
                          "with a space is written \"my dir\"), or drop it.") from None
