@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,10 @@ OUT = ROOT / "demo-out"
 
 def main() -> int:
     OUT.mkdir(exist_ok=True)
+    # torch's optimizers make a torchinductor_<user> folder in the system temp dir on their first step (the notebook
+    # trains, and so does the export's check, which loads it): the demo's own folder holds it instead. Every process
+    # below (the kernel, the export, the server) inherits it.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(OUT / ".torchinductor"))
     notebook = OUT / "quickstart.ipynb"
     shutil.copy(ROOT / "notebooks" / "quickstart.ipynb", notebook)
     nb = nbformat.read(notebook, as_version=4)
