@@ -99,6 +99,11 @@ def test_show_magics(tmp_path, fresh_kernel):
     k.ok("K += 1")  # In[8]
     why = k.ok("%model_show --why").stdout
     assert "changed after its assignment, by `K += 1` in cell 8, line 1" in why, why
+    # A data_dir that does not exist is said at once (a typo would show only as load()'s FileNotFoundError).
+    noted = k.ok("%%model_config\ndata_dir: no_such_folder\n").stdout
+    assert f"note: data_dir 'no_such_folder' does not exist ({tmp_path / 'no_such_folder'})" in noted, noted
+    (tmp_path / "no_such_folder").mkdir()
+    assert "note" not in k.ok("%%model_config\ndata_dir: no_such_folder\n").stdout
 
 
 # ---------------------------------------------------------------- fidelity: the export answers as the notebook did

@@ -69,6 +69,10 @@ class DefineMagics(Magics):
         secrets = ", ".join(f"{n} ({'set' if host.secrets.source_of(n) else 'not set'})" for n in config.secret_names)
         name = config.model_name or "(no model_name)"
         print(f"Config set for {name}; class {config.model_class_name}" + (f"; secrets: {secrets}" if secrets else "") + ".")
+        if "data_dir" in config.model_fields_set and not host.data_dir.is_dir():
+            # Not an error: a later cell may make it. But a typo would otherwise show only as load()'s FileNotFoundError.
+            print(f"note: data_dir {config.data_dir!r} does not exist ({host.data_dir}); the model's data_dir points "
+                  "there, and an export copies it from there. Create it, or fix the path.")
         return None
 
     @cell_magic
