@@ -11,6 +11,7 @@ predictions this run recorded). The notebook file is read, never written.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -38,8 +39,13 @@ def _kernel_manager(folder: Path):
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "kernel-magics (current environment)", "language": "python"}))
+    # Over Unix sockets in that folder where there are any, not TCP: jupyter_client picks free TCP ports by binding
+    # and closing them, so another process can take one before the kernel binds it; and the kernel would warn
+    # that it runs over TCP without encryption. (A socket's path has about 100 bytes at most.)
+    socket = str(folder / "k")
+    ipc = {"transport": "ipc", "ip": socket} if os.name == "posix" and len(socket) < 90 else {}
     return KernelManager(kernel_name="kernel-magics-current",
-                         kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(folder / "kernels")]))
+                         kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(folder / "kernels")]), **ipc)
 
 
 def _first_line(source: str) -> str:
