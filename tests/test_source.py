@@ -170,6 +170,16 @@ def test_an_assignment_travels_as_its_value_rather_than_need_a_pickle():
     assert "runs code when loaded" in why["data"] and why["CLIP"].endswith("; source"), src.why()
 
 
+def test_a_long_statement_in_a_reason_is_cut_at_a_word_with_an_ellipsis():
+    words = " + ".join(f"'word{i:02d}'" for i in range(20))
+    cells = ["LABELS = ['a']", f"LABELS.append({words})",
+             "%%model\nclass Model:\n    def predict(self, x):\n        return LABELS"]
+    src = build_model_source(cells, "Model", live={"LABELS": ["a", "".join(f"word{i:02d}" for i in range(20))]})
+    reason = src.why().splitlines()[0]
+    shown = reason.split("by `", 1)[1].split("`", 1)[0]
+    assert shown.endswith("…") and len(shown) <= 80 and shown[:-1].endswith(("+", "'")), shown  # a whole word
+
+
 def test_closure_fixes_optional_imports_conditional_constants_dataclass_instances():
     cells = [
         "try:\n    import ujson as fastjson\nexcept ImportError:\n    import json as fastjson",

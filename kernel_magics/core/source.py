@@ -146,6 +146,15 @@ class ModelSource:
         return "\n".join(lines)
 
 
+def _shown(code: str, limit: int = 80) -> str:
+    """A statement on one line for a message, cut at a word with an ellipsis when it is longer than ``limit``."""
+    text = " ".join(code.split())
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 1].rsplit(" ", 1)[0] if " " in text[:limit - 1] else text[:limit - 1]
+    return cut + "…"
+
+
 # ------------------------------------------------------------------ cells
 
 _CELL_MAGIC = re.compile(r"^%%(\w+)[ \t]*(.*)$")
@@ -328,7 +337,7 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
     def add(name: Optional[str], sub: ast.AST, kind: str, method: str = "", chain: int = 0, holder: str = "") -> None:
         if name:
             text = ast.get_source_segment("\n".join(lines), sub) or ""
-            found.append(_Change(name, (ci, si), ci, sub.lineno, " ".join(text.split())[:80], kind, method, chain,
+            found.append(_Change(name, (ci, si), ci, sub.lineno, _shown(text), kind, method, chain,
                                  holder))
 
     if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
@@ -807,7 +816,7 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                 if passed else ""
             what = (f"cell {passed[0].cell + 1} {how}: `{passed[0].text}` (line {passed[0].line})"
                     if passed else
-                    f"re-running `{' '.join(ast.unparse(call).split())[:80]}` (cell {definition.cell + 1}, line "
+                    f"re-running `{_shown(ast.unparse(call))}` (cell {definition.cell + 1}, line "
                     f"{line}) may not give the value the notebook had (randomness, files, the environment), and "
                     "the notebook saved no predictions to prove it")
             raise _cli_refusal(name, label, definition, what)
@@ -1067,7 +1076,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     changes = {n: sorted([c for c in analysis.changes_after(n, defs[n].order) if c.kind not in _HINTS]
                          + _holder_changes(n, defs[n].order, analysis), key=lambda c: (c.order, c.line))
                for n in included if n in defs}
-    redefined = {n: (history[-1].cell, " ".join(history[-1].text.split())[:80]) for n in included if n in defs
+    redefined = {n: (history[-1].cell, _shown(history[-1].text)) for n in included if n in defs
                  for history in [analysis.history.get(n, [])]
                  if len(history) > 1 and history[-2].text != history[-1].text
                  and not _same_as_literal(history[-2], ctx.live, n)}
@@ -1181,7 +1190,7 @@ def globals_for_load(cells: Iterable[str], class_name: str) -> dict[str, str]:
 
 
 def _load_line(lines: list[str], node: ast.AST, cell: int) -> str:
-    text = " ".join((ast.get_source_segment("\n".join(lines), node) or "").split())[:80]
+    text = _shown(ast.get_source_segment("\n".join(lines), node) or "")
     return f"`{text}` in load(), cell {cell + 1}, line {node.lineno}"
 
 
