@@ -205,13 +205,13 @@ def test_the_cli_says_which_of_several_exports_it_follows_and_refuses_when_they_
                                                   "print('plot')", "%model_export b"])
     done = cli("export", path, tmp_path / "out")
     assert done.returncode == 0, done.stderr
-    assert ("note: nb.ipynb has 2 %model_export cells (cells 3 and 5); this exports the model as it is at the "
+    assert ("note: nb.ipynb has 2 %model_export cells (code cells 3 and 5); this exports the model as it is at the "
             "first one (cell 3): the cells after it are not read.") in done.stderr
     path = write_notebook(tmp_path / "nb2.ipynb", ["%load_ext kernel_magics\nVERSION = 1", model, "%model_export a",
                                                    model.replace("VERSION", "VERSION + 1"), "%model_export b"])
     done = cli("export", path, tmp_path / "out2")
     assert done.returncode == 1 and not (tmp_path / "out2").exists(), done.stderr
-    assert ("has 2 %model_export cells (cells 3, 5), and cell 4 between them defines the model anew "
+    assert ("has 2 %model_export cells (code cells 3, 5), and code cell 4 between them defines the model anew "
             "(%%model)") in done.stderr, done.stderr
 
 

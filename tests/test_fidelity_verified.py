@@ -178,16 +178,19 @@ def test_execute_refuses_a_target_it_could_not_replace_before_the_notebook_runs(
     assert again.returncode == 0 and "(replacing the earlier export there)" in again.stdout, again.stdout + again.stderr
 
 
-def test_cells_are_counted_as_the_notebook_shows_them_markdown_included(tmp_path):
-    """The file's Nth cell is "cell N" in the plain export's messages and in --execute's progress alike."""
+def test_cells_are_counted_as_jupyter_numbers_them_code_cells_only(tmp_path):
+    """"cell N" is the Nth code cell, In [N] after a clean Run All (markdown cells have no number): in the plain
+    export's refusal, in --execute's progress and in what its kernel says, alike."""
     from nbformat.v4 import new_markdown_cell
 
-    path = write_notebook(tmp_path / "nb.ipynb", [new_markdown_cell("# Counting"), "%load_ext kernel_magics",
-                                                  "N = 1", "N += 1", model_cell("return N")])
+    path = write_notebook(tmp_path / "nb.ipynb", [
+        new_markdown_cell("# Counting"), "import threading\nL = threading.Lock()", new_markdown_cell("Take it:"),
+        "L.acquire()", model_cell("return L.locked()")])
     done = cli("export", path, tmp_path / "out")
-    assert done.returncode == 1 and "cell 4 changes it after its assignment: `N += 1`" in done.stderr, done.stderr
-    done = cli("export", path, tmp_path / "out", "--execute")
-    assert done.returncode == 0 and "] cell 4: N += 1" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 1 and "cell 2 changes it after its assignment: `L.acquire()`" in done.stderr, done.stderr
+    done = cli("export", path, tmp_path / "out", "--execute")  # (no %load_ext cell: the kernel loads it itself)
+    assert done.returncode == 1 and "[2/3] cell 2: L.acquire()" in done.stdout, done.stdout + done.stderr
+    assert "changed by `L.acquire()` in cell 2" in done.stderr, done.stderr
 
 
 def test_a_name_imported_from_a_changed_local_module_travels_as_its_live_value(tmp_path, monkeypatch):

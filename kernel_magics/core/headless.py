@@ -37,7 +37,9 @@ def _kernel_manager(folder: Path):
     spec = folder / "kernels" / "kernel-magics-current"
     spec.mkdir(parents=True)
     (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        # kernel_magics loaded as the kernel starts (not by an added cell), so that every In[N] the kernel's
+        # messages name is the notebook's Nth code cell, as the progress lines and the CLI count them.
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", "--ext=kernel_magics"],
         "display_name": "kernel-magics (current environment)", "language": "python"}))
     # Over Unix sockets in that folder where there are any, not TCP: jupyter_client picks free TCP ports by binding
     # and closing them, so another process can take one before the kernel binds it; and the kernel would warn
@@ -78,17 +80,15 @@ def export_by_running(notebook: Path, out: Path, *, force: int = 0, data: Sequen
     refuse_target(out, force, protected=[notebook], cwd=notebook.parent, origin=str(notebook))
     nb = nbformat.read(str(notebook), as_version=4)
     code = []
-    for index, cell in enumerate(nb.cells):
+    for cell in nb.cells:
         if cell.cell_type != "code":
             continue
         if any(line.lstrip().startswith("%model_export") for line in cell.source.splitlines()):
             break  # as the CLI reads a notebook: what runs before the first export
-        code.append((index, cell))
-    if last_cell_of([cell.source for _, cell in code], "model") is None:
+        code.append(cell)
+    if last_cell_of([cell.source for cell in code], "model") is None:
         raise HeadlessRunError(f"{notebook} has no `%%model` cell (before any %model_export), so there is no model "
                                "to export.")
-    if not any("%load_ext kernel_magics" in cell.source for _, cell in code):
-        code.insert(0, (-1, nbformat.v4.new_code_cell("%load_ext kernel_magics")))
     args = [shlex.quote(str(out))] + ["--force"] * int(force) + [
         arg for path in data for arg in ("--data", shlex.quote(str(Path(path).resolve())))]
     if not replay:
@@ -99,7 +99,7 @@ def export_by_running(notebook: Path, out: Path, *, force: int = 0, data: Sequen
         f"%model_export {' '.join(args)}")
     with tempfile.TemporaryDirectory(prefix="km-execute-") as tmp:
         # What runs, in memory: the code cells and the export (nbclient keeps each cell's outputs in it).
-        run = nbformat.v4.new_notebook(cells=[cell for _, cell in code] + [export_cell], metadata=nb.metadata)
+        run = nbformat.v4.new_notebook(cells=[*code, export_cell], metadata=nb.metadata)
         km = _kernel_manager(Path(tmp))  # nbclient does not shut down a kernel manager it was given: we do
         client = NotebookClient(run, km=km, timeout=timeout, allow_errors=False,
                                 resources={"metadata": {"path": str(notebook.parent)}})
@@ -116,8 +116,8 @@ def _run_cells(client, code: list, export_cell, notebook: Path, progress: Callab
 
     total = len(code)
     with client.setup_kernel(cwd=str(notebook.parent)):
-        for n, (index, cell) in enumerate(code, 1):
-            where = f"cell {index + 1}" if index >= 0 else "added"
+        for n, cell in enumerate(code, 1):
+            where = f"cell {n}"  # the Nth code cell: In[N] of a fresh kernel, as the kernel's own messages count
             progress(f"[{n}/{total}] {where}: {_first_line(cell.source)}")
             started = time.perf_counter()
             try:

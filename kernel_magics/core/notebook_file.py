@@ -35,7 +35,7 @@ class SavedNotebook:
 
     def __init__(self, path: Path, cells: list[str], outputs: list[list], exports: Sequence[int] = ()) -> None:
         self.path, self.cells, self.outputs = path, cells, outputs
-        self.exports = list(exports)  # the cells (numbered from 1, markdown cells too) that run %model_export
+        self.exports = list(exports)  # the code cells (numbered from 1) that run %model_export
 
     @property
     def note(self) -> Optional[str]:
@@ -43,7 +43,7 @@ class SavedNotebook:
         if len(self.exports) < 2:
             return None
         cells = ", ".join(str(n) for n in self.exports[:-1]) + f" and {self.exports[-1]}"
-        return (f"{self.path.name} has {len(self.exports)} %model_export cells (cells {cells}); this exports the "
+        return (f"{self.path.name} has {len(self.exports)} %model_export cells (code cells {cells}); this exports the "
                 f"model as it is at the first one (cell {self.exports[0]}): the cells after it are not read.")
 
     def recorded_predictions(self) -> PredictionRecord:
@@ -137,8 +137,7 @@ def _saved_result(outputs: list) -> Optional[tuple]:
 
 
 def read_notebook(path: Path) -> SavedNotebook:
-    """The cells of an .ipynb up to the first one that runs %model_export, as the kernel saw them: markdown and raw
-    cells are kept empty, so that the Nth cell is the notebook's Nth (what messages and ``--execute`` count)."""
+    """The code cells of an .ipynb, up to the first one that runs %model_export (as the kernel saw them)."""
     path = Path(path)
     try:
         if path.is_dir():
@@ -172,12 +171,11 @@ def read_notebook(path: Path) -> SavedNotebook:
     outputs: list[list] = []
     exports: list[int] = []
     redefined: Optional[tuple[int, str]] = None  # after the first export: the first cell that defines the model anew
-    for number, cell in enumerate(cells, 1):
+    number = 0
+    for cell in cells:
         if not isinstance(cell, dict) or cell.get("cell_type") != "code":
-            if not exports:  # kept empty, as the kernel keeps a cell that could not run: "cell N" is the Nth cell
-                sources.append("")
-                outputs.append([])
             continue
+        number += 1
         src = cell.get("source", "")
         src = "".join(src) if isinstance(src, list) else str(src)
         if any(line.lstrip().startswith("%model_export") for line in src.splitlines()):
@@ -194,7 +192,7 @@ def read_notebook(path: Path) -> SavedNotebook:
         raise NotebookFileError(f"{path} has no `%%model` cell (before any %model_export), so there is no model to export.")
     if redefined is not None and redefined[0] < exports[-1]:
         raise NotebookFileError(
-            f"{path} has {len(exports)} %model_export cells (cells {', '.join(map(str, exports))}), and cell "
+            f"{path} has {len(exports)} %model_export cells (code cells {', '.join(map(str, exports))}), and code cell "
             f"{redefined[0]} between them defines the model anew (%%{redefined[1]}), so they export different models "
             f"and the file does not say which one you mean. Delete the %model_export cells you do not mean (the CLI "
             f"exports the model as it is at the first one), then run this again.")
