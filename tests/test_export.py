@@ -1,9 +1,11 @@
 """Materialize and export: in a real kernel, from the CLI, checked by the real truss package."""
 
 import json
+import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import nbformat
@@ -331,6 +333,43 @@ def test_run_all_again_replaces_the_notebooks_own_export_and_nothing_else(tmp_pa
     config.write_text(config.read_text() + "# tuned by hand\n")
     assert "did not write (config.yaml (changed))" in usage_error(lab.execute("%model_export out"))
     assert "# tuned by hand" in config.read_text() and leftovers(tmp_path) == []
+    # What a listing of files alone misses: a link to a folder, and a folder added empty.
+    lab.ok("%model_export own --force")
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "own" / "linked").symlink_to(tmp_path / "keep")
+    (tmp_path / "own" / "notes").mkdir()
+    assert "did not write (linked, notes/)" in usage_error(lab.execute("%model_export own"))
+    assert (tmp_path / "own" / "linked").is_symlink() and (tmp_path / "own" / "notes").is_dir()
+
+
+def test_a_file_added_to_the_earlier_export_while_the_export_runs_is_not_replaced(tmp_path, fresh_kernel):
+    """The earlier export is checked again just before the swap: what a user put there meanwhile (the check may
+    take minutes) stays, and the export says so."""
+    import threading
+
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    go, waiting = tmp_path / "go", tmp_path / "waiting"
+    go.touch()
+    k.ok("%%model\nimport pathlib, time\nclass Model:\n    def load(self):\n"
+         f"        pathlib.Path({str(waiting)!r}).touch()\n"
+         f"        while not pathlib.Path({str(go)!r}).exists():\n            time.sleep(0.05)\n"
+         "    def predict(self, x):\n        return x")
+    k.ok("%model_load")
+    k.ok("%model_predict 1")
+    k.ok("%model_export out")
+    go.unlink()
+    waiting.unlink()
+    done = []
+    exporting = threading.Thread(target=lambda: done.append(k.execute("%model_export out")))
+    exporting.start()
+    deadline = time.monotonic() + 60
+    while not waiting.exists() and time.monotonic() < deadline:  # the check's fresh process is in load()
+        time.sleep(0.05)
+    (tmp_path / "out" / "late.txt").write_text("mine")
+    go.touch()
+    exporting.join(timeout=120)
+    assert "changed while this export ran (late.txt)" in usage_error(done[0])
+    assert (tmp_path / "out" / "late.txt").read_text() == "mine" and leftovers(tmp_path) == []
 
 
 def test_force_refuses_files_the_export_did_not_write_unless_given_twice_and_never_deletes_a_git(tmp_path):
@@ -338,8 +377,10 @@ def test_force_refuses_files_the_export_did_not_write_unless_given_twice_and_nev
 
     nb = write_notebook(tmp_path / "nb.ipynb", [SIMPLE])
     out = tmp_path / "out"
-    assert cli("export", nb, out).returncode == 0
-    assert out.stat().st_mode == (out / "model").stat().st_mode  # not the 0700 of the folder it was built in
+    # Under the usual umask, an export's folder reads as any new folder does, not as mkdtemp's 0700 build folder.
+    made = subprocess.run(["sh", "-c", 'umask 022 && exec "$0" -m kernel_magics export "$1" "$2"', sys.executable,
+                           str(nb), str(out)], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0 and stat.S_IMODE(out.stat().st_mode) == 0o755, made.stderr
     again = cli("export", nb, out)  # exporting the same notebook again, as users do: its own export is replaced
     assert again.returncode == 0 and f"replaced the earlier one in {out}" in again.stderr, again.stderr
     other = write_notebook(tmp_path / "other.ipynb", [SIMPLE])
@@ -381,7 +422,7 @@ def test_force_swaps_the_folders_in_one_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export.os, "rename", no_rename)
     try:
-        assert export._swap_into_place(build.path, target, "earlier", build) == []
+        assert export._swap_into_place(build.path, target, "earlier", build, force=2) == []
     finally:
         build.release()
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"] and leftovers(tmp_path) == []

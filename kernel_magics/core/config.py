@@ -599,7 +599,7 @@ _FRIENDLY_TYPES = {
 
 
 def _describe_validation_error(exc: pydantic.ValidationError, lines: dict, source: str) -> str:
-    """Every problem at once (up to three, with where each is), so that one run of the cell shows what to fix."""
+    """Every problem at once, in the order of their lines, so that one run of the cell shows what to fix."""
     problems = []
     for error in exc.errors():
         loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
@@ -613,9 +613,9 @@ def _describe_validation_error(exc: pydantic.ValidationError, lines: dict, sourc
     if len(problems) == 1:
         line, message = problems[0]
         return f"{source + (f', line {line}' if line else '')}: {message}. Fix that value{_again(source)}."
-    shown = "; ".join(f"line {line}: {message}" if line else message for line, message in problems[:3])
-    more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-    return f"{source}: {len(problems)} problems: {shown}{more}. Fix those values{_again(source)}."
+    problems.sort(key=lambda problem: problem[0] or 0)
+    shown = "; ".join(f"line {line}: {message}" if line else message for line, message in problems)
+    return f"{source}: {len(problems)} problems: {shown}. Fix those values{_again(source)}."
 
 
 def _again(source: str) -> str:

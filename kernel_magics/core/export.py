@@ -15,6 +15,7 @@ export to the same target.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -272,27 +273,26 @@ def _check_target(target: Path, force: int, protected: Sequence[Path], origin: O
     if (target / ".git").exists():
         raise ExportError(f"{target} holds a .git folder, and an export never deletes one. Move the export's "
                           "files elsewhere or export to a new directory (then copy the .git there yourself).")
+    earlier = _read_marker(target)
+    mine = origin is not None and earlier.get("origin") == origin_key(origin)
     try:
-        foreign = _not_written_by_export(target)
+        foreign = _changes_since(target, earlier)
     except OSError as exc:
         raise ExportError(f"Cannot read {target}: {exc.strerror}.") from None
+    if foreign is None and force < 2:
+        raise ExportError(f"{target} holds an export made before exports listed their files, so whether anything in "
+                          "it changed since cannot be told. Pass --force twice to replace it with whatever it holds "
+                          "now, or choose a new directory.")
     if foreign and force < 2:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        then = "" if force or mine else " and pass --force (it is another notebook's export)"
         raise ExportError(f"{target} holds files the earlier export did not write ({shown}), so "
-                          f"{'--force' if force else 'an export'} will not replace it. Move them out first, or pass "
-                          "--force twice to replace the folder with them.")
-    if not force:
-        made_by = _read_marker(target).get("notebook")
-        if origin is None or made_by != origin:
-            of = ""
-            if isinstance(made_by, str) and os.path.isabs(made_by):
-                of = f" of {os.path.basename(made_by)}"
-            elif isinstance(made_by, str) and made_by.startswith("kernel "):  # (ModelMagics.export_origin)
-                of = (" made by another kernel (a kernel that no Jupyter server started, nbconvert's say, cannot tell "
-                      "which notebook it runs)")
-            raise ExportError(f"{target} holds an earlier export{of}. Pass --force to replace it, or choose a new "
-                              "directory.")
-        # Run All again: nothing there but what this notebook's last export wrote, so nothing is lost.
+                          f"{'--force' if force else 'an export'} will not replace it. Move them out first{then}, or "
+                          "pass --force twice to replace the folder with them.")
+    if not force and not mine:
+        raise ExportError(f"{target} holds an earlier export{_made_by(earlier, origin)}. Pass --force to replace it, "
+                          "or choose a new directory.")
+    # (Not forced: Run All again, where nothing is there but what this notebook's last export wrote.)
     return marker
 
 
@@ -321,13 +321,53 @@ def _marker_of(folder: Path) -> Optional[str]:
     return _read_marker(folder).get("id")
 
 
+def origin_key(origin: str) -> str:
+    """What a marker keeps of the notebook that exported: a digest of its path, never the path (the directory is
+    pushed and built elsewhere, and a path names the user and the project)."""
+    return hashlib.sha256(origin.encode()).hexdigest()[:16]
+
+
+def _notebook_of(origin: Optional[str]) -> Optional[str]:
+    """The notebook's file name in an origin that is a path (not a kernel's own token), as a marker keeps it."""
+    if origin and (origin.endswith(".ipynb") or os.sep in origin):
+        return os.path.basename(origin)
+    return None
+
+
+def _made_by(earlier: dict, origin: Optional[str]) -> str:
+    """" of nb.ipynb", as a refusal names who made an earlier export that is not this notebook's."""
+    name = earlier.get("notebook")
+    if isinstance(name, str) and name:
+        name = os.path.basename(name)
+        same_name = _notebook_of(origin) == name
+        return f" of another notebook named {name} (in another folder)" if same_name else f" of {name}"
+    if earlier.get("origin"):  # a kernel that knew no notebook (ModelMagics.export_origin)
+        return (" made by another kernel (a kernel that no Jupyter server started, nbconvert's say, cannot tell which "
+                "notebook it runs)")
+    return ""
+
+
 def _snapshot(root: Path) -> dict[str, list[int]]:
-    """Every file under ``root`` (relative path -> [size, mtime in ns]), what a marker records."""
+    """Every file under ``root`` (relative path -> [size, mtime in ns]) and every folder ("path/" -> [0, 0]), what a
+    marker records. A link to a folder counts as a file: os.walk lists it as a folder but never goes into it."""
     found = {}
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        here = Path(dirpath)
+        kept = []
+        for name in dirnames:
+            if name == "__pycache__":
+                continue
+            path = here / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                info = path.lstat()
+                found[rel] = [info.st_size, info.st_mtime_ns]
+            else:
+                found[rel + "/"] = [0, 0]  # so that a folder added empty is seen
+                kept.append(name)
+        dirnames[:] = kept
         for name in filenames:
-            path = Path(dirpath) / name
+            path = here / name
             rel = path.relative_to(root).as_posix()
             if rel == MARKER:
                 continue
@@ -336,14 +376,22 @@ def _snapshot(root: Path) -> dict[str, list[int]]:
     return found
 
 
-def _not_written_by_export(target: Path) -> list[str]:
-    """Files in an earlier export that it did not write as they are now: added, or changed since."""
-    written = _read_marker(target).get("files")
-    now = _snapshot(target)
-    if not isinstance(written, dict):  # an export from before markers listed files: nothing is known
-        return sorted(now)
-    return sorted(rel + (" (changed)" if rel in written else "") for rel, seen in now.items()
-                  if written.get(rel) != seen)
+def _changes_since(target: Path, earlier: dict) -> Optional[list[str]]:
+    """What in an earlier export it did not write as it is now: files and folders added, files changed. None when
+    its marker lists no files (an export from before markers did), so nothing is known."""
+    written = earlier.get("files")
+    if not isinstance(written, dict):
+        return None
+    # The folders of what it wrote count as written: markers from before folders were listed have only files.
+    holding = {rel[:i + 1] for rel in written for i, c in enumerate(rel) if c == "/"}
+    found = []
+    for rel, seen in _snapshot(target).items():
+        if rel.endswith("/"):
+            if rel not in written and rel not in holding:
+                found.append(rel)
+        elif written.get(rel) != seen:
+            found.append(rel + (" (changed)" if rel in written else ""))
+    return sorted(found)
 
 
 def _check_data(sources: Sequence[Path], target: Path) -> None:
@@ -476,9 +524,13 @@ def export_model(
         refuse_secrets(build, materialized, scanner, skip=scanned)  # what the check wrote in the build
         result.replay_note = _replay_note(materialized.record, replay, result.replayed)
         result.replay_note += " " + _check_note(result.timings, result.replayed)
-        (build / MARKER).write_text(json.dumps({"exported_by": "kernel-magics", "id": uuid.uuid4().hex,
-                                                "notebook": origin, "files": _snapshot(build)}) + "\n")
-        result.warnings += _swap_into_place(build, target, marker, scratch)
+        # mkdtemp's 0700 kept the build to this user while values were saved and scanned for secrets: now the mode
+        # any new folder gets here (the umask's, as model/ has it), so that another user or a container build reads it.
+        os.chmod(build, stat.S_IMODE((build / "model").stat().st_mode))
+        (build / MARKER).write_text(json.dumps({
+            "exported_by": "kernel-magics", "id": uuid.uuid4().hex, "files": _snapshot(build),
+            "notebook": _notebook_of(origin), "origin": origin_key(origin) if origin else None}) + "\n")
+        result.warnings += _swap_into_place(build, target, marker, scratch, force)
         result.replaced = marker is not None
     except BaseException:
         remove_tree(build)
@@ -491,9 +543,6 @@ def export_model(
 
 def _write(build: Path, materialized: Materialized, data_sources: Sequence[Path]) -> None:
     (build / "model").mkdir()
-    # The build folder is mkdtemp's (0700): give the export the mode any new folder gets here (the umask's), so that
-    # another user, or a container build running as one, can read it as it reads model/.
-    os.chmod(build, stat.S_IMODE((build / "model").stat().st_mode))
     (build / "model" / "__init__.py").write_text("")
     (build / "model" / "model.py").write_text(materialized.source.text + batching_tail(materialized.config))
     (build / "config.yaml").write_text(materialized.config_yaml)
@@ -782,7 +831,7 @@ def _mismatch_message(record: PredictionRecord, item: dict, explain: Any) -> str
     )
 
 
-def _swap_into_place(build: Path, target: Path, marker: Optional[str], scratch: ScratchDir) -> list[str]:
+def _swap_into_place(build: Path, target: Path, marker: Optional[str], scratch: ScratchDir, force: int) -> list[str]:
     """Put the build at the target; refuse if the target changed since the export began.
 
     Over an earlier export the two folders are exchanged in one step where the OS can
@@ -792,6 +841,12 @@ def _swap_into_place(build: Path, target: Path, marker: Optional[str], scratch: 
                 marker is None and target.is_dir() and any(target.iterdir())):
             raise ExportError(f"{target} changed while this export ran (another export to the same place at the same "
                               "time?), so this one stopped and changed nothing. Run it again once the other is done.")
+        # Checked again now: a file added or edited in the earlier export while this one was built is not replaced.
+        added = _changes_since(target, _read_marker(target)) if marker is not None and force < 2 else None
+        if added:
+            shown = ", ".join(added[:5]) + (f" and {len(added) - 5} more" if len(added) > 5 else "")
+            raise ExportError(f"{target} changed while this export ran ({shown}), so this one stopped and changed "
+                              "nothing. Run it again, with --force twice to replace those files too.")
         if not target.exists():
             os.rename(build, target)
             return []

@@ -1038,7 +1038,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
                 continue
             need(name, label)
     _share_identical(plans, included, live)
-    instead = _values_instead_of_pickles(plans, referrers, included, defs, live, as_values)
+    instead = _values_instead_of_pickles(plans, referrers, included, defs, chosen.values(), live, as_values)
     if instead:
         return build_model_source(cells, class_name, notebook, given_live, as_values={**as_values, **instead},
                                   local=local, replay_proves=replay_proves)
@@ -1112,26 +1112,30 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
                        unproven=list(dict.fromkeys(ctx.unproven)), spans=spans, fingerprints=fingerprints)
 
 
-def _values_instead_of_pickles(plans: dict, referrers: dict, included: dict, defs: dict,
+def _values_instead_of_pickles(plans: dict, referrers: dict, included: dict, defs: dict, chosen: Iterable[_Definition],
                                live: Optional[Mapping[str, Any]], as_values: Mapping[str, str]) -> dict[str, str]:
     """Assignments to travel as their own (safe) values, so that a value that would travel as a pickle (which runs
     code when loaded) is not needed at all: `CLIP = (float(data.target.min()), ...)` travels as the tuple it holds,
-    rather than as its source plus `data` pickled. Only where every user of the pickled value is such an assignment,
-    re-run from source, whose live value saves without running code; name -> why."""
+    rather than as its source plus `data` pickled. Only where every user of the pickled value is such an assignment:
+    re-run from source, its one definition in model.py (not also an earlier one a class or function kept, as a
+    default argument does), which reads the pickled value itself, and whose live value saves without running code.
+    name -> why."""
     from . import values
 
     if live is None:
         return {}
-    found: dict[str, str] = {}
+    kept = [d for d in chosen]
+    needs: dict[str, list[str]] = {}
     for name, (plan, _) in plans.items():
         users = referrers.get(name, set())
         if not plan.runs_code_on_load or not users:
             continue
-        chosen = {}
+        taken = []
         for user in sorted(users):
             definition, inc = defs.get(user), included.get(user)
-            if (definition is None or definition.kind != "constant" or inc is None or inc.travels != "source"
-                    or user not in live or user in as_values):
+            if (definition is None or definition.kind != "constant" or name not in definition.uses
+                    or inc is None or inc.travels != "source" or user not in live or user in as_values
+                    or [d for d in kept if user in d.names] != [definition]):
                 break
             try:
                 own = values.plan(user, live[user], namespace=live)
@@ -1139,10 +1143,12 @@ def _values_instead_of_pickles(plans: dict, referrers: dict, included: dict, def
                 break
             if own.runs_code_on_load or own.keeps_source:
                 break
-            chosen[user] = f"its source needs `{name}`, which would travel as a pickle (runs code when loaded)"
+            taken.append(user)
         else:
-            found.update(chosen)
-    return found
+            for user in taken:
+                needs.setdefault(user, []).append(f"`{name}`")
+    return {user: f"its source needs {' and '.join(names)}, which would travel as "
+                  f"{'a pickle' if len(names) == 1 else 'pickles'} (runs code when loaded)" for user, names in needs.items()}
 
 
 def globals_for_load(cells: Iterable[str], class_name: str) -> dict[str, str]:

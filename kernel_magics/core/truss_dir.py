@@ -678,13 +678,18 @@ def _model_line(exc: BaseException, root: Path) -> Optional[int]:
 
 
 def _where_in(exc: BaseException, root: Path) -> Optional[str]:
-    """The last frame of ``exc`` in a file of the directory (model.py or packages/), as a traceback names it:
-    what `validate` shows, so that a user who edits the directory knows where to look."""
+    """The last frame of ``exc`` in the directory's own code (its model folder or its packages), as a traceback
+    names it: what `validate` shows, so that a user who edits the directory knows where to look."""
     import traceback
 
     base = os.path.realpath(root)
+    try:
+        truss = TrussDir.open(root)
+        folders = [os.path.realpath(p) for p in (truss.model_file.parent, *truss.package_dirs)]
+    except Exception:
+        return None
     inside = [f for f in traceback.extract_tb(exc.__traceback__)
-              if os.path.realpath(f.filename).startswith(base + os.sep)]
+              if any(os.path.realpath(f.filename).startswith(folder + os.sep) for folder in folders)]
     if not inside:
         return None
     frame = inside[-1]

@@ -121,7 +121,6 @@ class ModelMagics(Magics):
         self.recorded_at: dict[int, int] = {}  # id of a recorded item -> cells run when it was made
         self.warned: set[str] = set()  # Truss-compatibility warnings given for this definition
         self.last_export: Optional[Path] = None
-        self.kernel_token = uuid.uuid4().hex[:12]  # tells this kernel's exports from another's (export_origin)
         self.last_stream = None  # the last StreamConsumer: its chunks stay reachable after an error or interrupt
         self.server: Optional[tuple] = None  # (uvicorn.Server, future, port) of %model_serve
         self.host.check_truss_compat = True
@@ -278,10 +277,15 @@ class ModelMagics(Magics):
         while not self.host.wait_load(0.1):
             pass
 
+    def _session_path(self) -> Optional[str]:
+        # Jupyter Server tells kernels which notebook they run for (VS Code sets a name in the namespace instead);
+        # nbclient and consoles do neither.
+        session = os.environ.get("JPY_SESSION_NAME") or self.shell.user_ns.get("__vsc_ipynb_file__")
+        return session if isinstance(session, str) and session else None
+
     @property
     def notebook_name(self) -> str:
-        # Jupyter Server tells kernels which notebook they run for; nbclient and consoles do not.
-        session = os.environ.get("JPY_SESSION_NAME")
+        session = self._session_path()
         return os.path.basename(session) if session else "a notebook"
 
     @property
@@ -289,11 +293,12 @@ class ModelMagics(Magics):
         """Who exports, as an export's marker records it: the notebook's real path where Jupyter Server (or
         ``kernel-magics export --execute``) names it, as the CLI's export of the file records it; else this
         kernel, so that exporting again from it works as from a named notebook."""
-        # (VS Code names the notebook in the namespace instead.)
-        session = os.environ.get("JPY_SESSION_NAME") or self.shell.user_ns.get("__vsc_ipynb_file__")
-        if isinstance(session, str) and os.path.isabs(session):
-            return os.path.realpath(session)
-        return session if isinstance(session, str) and session else f"kernel {os.getpid()} {self.kernel_token}"
+        session = self._session_path()
+        if session is None:
+            # Kept on the shell, so that %reload_ext (a new ModelMagics) is still this kernel.
+            token = self.shell.__dict__.setdefault("_kernel_magics_token", uuid.uuid4().hex[:12])
+            return f"kernel {os.getpid()} {token}"
+        return os.path.realpath(session) if os.path.isabs(session) else session
 
     # ------------------------------------------------------------------ %model_unload / status / secret
 
