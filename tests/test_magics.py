@@ -173,6 +173,12 @@ def test_bad_predict_inputs(kernel):
     assert_usage_error(kernel.execute("%%predict\nx = 1"), "last line of a %%predict cell must be an expression")
 
 
+def test_a_streaming_predict_with_postprocess_is_warned_of_when_defined(kernel):
+    defined = kernel.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        yield 'a'\n"
+                        "    def postprocess(self, result):\n        return result").stdout
+    assert "warning: `Model.predict` streams (it yields), and Truss cannot postprocess a stream" in defined, defined
+
+
 def test_a_missing_or_unknown_argument_is_shown_with_the_magics_usage(kernel):
     """argparse's own words alone ("the following arguments are required: dir") left a new user guessing."""
     assert_usage_error(kernel.execute("%model_export"),

@@ -120,6 +120,21 @@ def test_the_import_check_names_a_missing_package_and_the_flag_that_skips_it(tmp
     assert done.returncode == 0 and "import check skipped (--no-import)" in done.stdout
 
 
+def test_a_streaming_predict_with_postprocess_is_refused_before_it_is_served(tmp_path):
+    """Truss's server loads such a class and answers every request 412: validate and serve say so at once."""
+    write_truss(tmp_path / "pp", "class Model:\n    def predict(self, model_input):\n        yield 'a'\n\n"
+                "    def postprocess(self, result):\n        return result\n")
+    for command in (["validate", "pp"], ["serve", "pp", "--port", "0"]):
+        done = cli(*command, cwd=tmp_path)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "`Model.predict` in" in done.stderr and "streams (it yields) and the class has postprocess" in done.stderr
+    # A generator defined inside predict is no stream of its own.
+    write_truss(tmp_path / "ok", "class Model:\n    def predict(self, model_input):\n"
+                "        def parts():\n            yield 'a'\n        return ''.join(parts())\n\n"
+                "    def postprocess(self, result):\n        return result\n")
+    assert cli("validate", "ok", "--no-import", cwd=tmp_path).returncode == 0
+
+
 def test_validate_replays_the_example_input(tmp_path):
     write_truss(tmp_path / "ex", "class Model:\n    def predict(self, model_input):\n        return 1 / model_input['d']\n",
                 "model_metadata: {example_model_input: {d: 0}}\n")

@@ -217,6 +217,11 @@ class TrussDir:
                 hint = (" It has predict_batch, but Truss's server calls predict: an export from the notebook adds the "
                         "predict that feeds predict_batch (see docs/batching.md).")
             raise TrussDirError(f"`{cls.name}` in {model_py} has no predict method.{hint}")
+        defs = {n.name: n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        if "predict" in defs and "postprocess" in defs and _yields(defs["predict"]):
+            raise TrussDirError(f"`{cls.name}.predict` in {model_py} streams (it yields) and the class has "
+                                "postprocess: Truss cannot postprocess a stream, so its server would refuse every "
+                                "request (ModelDefinitionError, HTTP 412). Drop postprocess and do that work in predict.")
         return cls
 
     # ------------------------------------------------------------------ importing
@@ -432,6 +437,18 @@ def validate(truss: "TrussDir", *, import_check: bool = True) -> Validation:
     result.imported, result.loaded, result.example_replayed = True, bool(replay), bool(replay)
     result.seconds = report.seconds
     return result
+
+
+def _yields(function: ast.AST) -> bool:
+    """Whether a function's own body yields (a generator), nested functions and classes aside."""
+    todo = list(ast.iter_child_nodes(function))
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.Yield, ast.YieldFrom)):
+            return True
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            todo.extend(ast.iter_child_nodes(node))
+    return False
 
 
 def _shown_line(text: Optional[str], limit: int = 120) -> str:

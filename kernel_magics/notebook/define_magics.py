@@ -157,4 +157,8 @@ class DefineMagics(Magics):
             kind = ("async " if spec.is_async else "") + ("generator " if spec.is_generator else "")
             what = f"batched: {kind}predict_batch" if host.contract.predict_batch else f"{kind}predict"
             print(f"Model `{name}` defined ({what}). Run %model_load to load it.")
+        if host.contract.predict.is_generator and host.contract.postprocess is not None:
+            # Truss accepts the class and refuses each request (ModelDefinitionError, HTTP 412): said here, once.
+            print(f"warning: `{name}.predict` streams (it yields), and Truss cannot postprocess a stream, so every "
+                  "predict will fail, here and when served. Drop postprocess and do that work in predict.")
         return None
