@@ -57,6 +57,10 @@ def import_and_load(truss: TrussDir, host: ModelHost) -> Optional[tuple[str, str
         # Before readiness says 200: a full collection walked torch's objects, a 300 ms stall of every request
         # in flight (core/collector.py).
         host.load(before_ready=freeze_what_loaded)
+    except KernelMagicsError as exc:  # a secret with no value, a broken contract: its message says what to do
+        message = host.secrets.redact(str(exc))
+        log.error("%s", message)
+        return "", message
     except BaseException as exc:
         log.error("%s", host.error_text or host.format_error(exc))
         return ("the model class" if host.contract is None else "load()"), host.describe_error(exc)
@@ -76,7 +80,8 @@ def load_in_background(truss: TrussDir, host: ModelHost, on_failure) -> threadin
         failed = import_and_load(truss, host)
         if failed is not None:
             fix, line = failed
-            on_failure(f"{line}. The server stopped; fix {fix} (its traceback is above) and start it again.")
+            then = f"fix {fix} (its traceback is above) and start it again" if fix else "start it again once that is done"
+            on_failure(f"{line.rstrip('.')}. The server stopped; {then}.")
 
     thread = threading.Thread(target=run, name="model-load", daemon=True)
     thread.start()
