@@ -75,6 +75,13 @@ def test_every_bad_value_is_named_at_once_with_its_line():
     assert message.endswith("Fix those values and run the cell again.")
 
 
+def test_a_near_miss_of_a_model_metadata_key_something_reads_gets_a_note():
+    notes = []
+    config = parse_config("model_metadata:\n  batchng: {max_batch_size: 8}\n  tags: [demo]\n", warnings=notes)
+    assert config.batching is None and config.model_metadata["tags"] == ["demo"]  # kept, as Truss keeps any key
+    assert notes == ["config.yaml, line 2: model_metadata.batchng is read by nothing; did you mean `batching`?"]
+
+
 def test_duplicate_keys_rejected():
     assert "line 2: `model_name` is set twice" in error_of("model_name: a\nmodel_name: b\n")
 

@@ -465,9 +465,31 @@ def parse_config(text: str, *, source: str = "config.yaml", line_offset: int = 0
     _check_keys(data, (), lines, source, warnings if made_elsewhere else None)
     _check_secret_values(data, lines, source, warnings if made_elsewhere else None)
     try:
-        return ModelConfig.model_validate(data)
+        config = ModelConfig.model_validate(data)
     except pydantic.ValidationError as exc:
         raise ConfigError(_describe_validation_error(exc, lines, source)) from None
+    warnings += _near_misses_in_metadata(config.model_metadata, lines, source)
+    return config
+
+
+# The model_metadata keys something reads: this package's batching, and Truss's example input.
+_READ_METADATA = ("batching", "example_model_input")
+
+
+def _near_misses_in_metadata(metadata: dict, lines: dict, source: str) -> list[str]:
+    """model_metadata is the model's own (Truss keeps any key), so a misspelt `batchng:` is no error, but it would
+    leave the model unbatched without a word: a note names the key it most likely meant."""
+    import difflib
+
+    notes = []
+    for key in metadata:
+        if not isinstance(key, str) or key in _READ_METADATA:
+            continue
+        meant = difflib.get_close_matches(key, _READ_METADATA, n=1, cutoff=0.8)
+        if meant:
+            notes.append(f"{_where(('model_metadata', key), lines, source)}: model_metadata.{key} is read by "
+                         f"nothing; did you mean `{meant[0]}`?")
+    return notes
 
 
 def _check_recursion(node: yaml.Node, open_nodes: set[int], source: str, offset: int,

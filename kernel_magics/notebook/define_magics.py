@@ -59,8 +59,9 @@ class DefineMagics(Magics):
         if line.strip():
             raise UsageError(f"%%model_config takes no arguments (got {line.strip()!r}): the cell's YAML is the whole "
                              "config. The previous config stays in effect.")
+        notes: list[str] = []
         try:
-            config = parse_config(cell, source="%%model_config cell", line_offset=1)
+            config = parse_config(cell, source="%%model_config cell", line_offset=1, warnings=notes)
         except KernelMagicsError as exc:
             raise UsageError(f"{exc} The previous config stays in effect.") from None
         host.config = config
@@ -69,6 +70,8 @@ class DefineMagics(Magics):
         secrets = ", ".join(f"{n} ({'set' if host.secrets.source_of(n) else 'not set'})" for n in config.secret_names)
         name = config.model_name or "(no model_name)"
         print(f"Config set for {name}; class {config.model_class_name}" + (f"; secrets: {secrets}" if secrets else "") + ".")
+        for note in notes:
+            print(f"note: {note}")
         if "data_dir" in config.model_fields_set and not host.data_dir.is_dir():
             # Not an error: a later cell may make it. But a typo would otherwise show only as load()'s FileNotFoundError.
             print(f"note: data_dir {config.data_dir!r} does not exist ({host.data_dir}); the model's data_dir points "
