@@ -611,7 +611,9 @@ def test_model_bench_measures_levels_shows_batches_and_a_plot_and_stops_on_inter
     usage = "%model_bench [--concurrency 1,8,32] [--requests N] [--duration S] [--http] [INPUT ...]"
     help_text = k.ok("print(get_ipython().find_line_magic('model_bench').__doc__)").stdout
     assert usage in " ".join(help_text.split())  # what %model_bench? shows is what the errors say
-    for line, message in [("--conc 3 1", f"Unknown option --conc for %model_bench. Usage: {usage}"),
+    for line, message in [("--concurency 3 1",
+                           f"Unknown option --concurency for %model_bench (did you mean --concurrency?). Usage: {usage}"),
+                          ("--verbose 1", f"Unknown option --verbose for %model_bench. Usage: {usage}"),
                           ("--requests 0 1", "--requests 0: it must be"), ("--http=1 1", "--http takes no value"),
                           ("--concurrency 1,x 1", "--concurrency 1,x: it must be"), ("", f"Usage: {usage}"),
                           ("--concurrency 1, 8, x 1", "--concurrency 1, 8, x: it must be"), ("--duration", "needs a")]:

@@ -139,7 +139,10 @@ class BenchMagics(Magics):
             flag = match["flag"] if match else rest.split()[0][2:]
             action = declared.get(flag)
             if match is None or action is None:
-                raise UsageError(f"Unknown option --{flag} for %model_bench. Usage: {self._usage()} "
+                from ..core.suggest import did_you_mean
+
+                near = did_you_mean([f"--{flag}"], [f"--{name}" for name in declared])
+                raise UsageError(f"Unknown option --{flag} for %model_bench{near}. Usage: {self._usage()} "
                                  "(see %model_bench?).")
             rest = rest[match.end():]
             if action.nargs == 0:

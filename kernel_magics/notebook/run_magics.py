@@ -262,7 +262,10 @@ class RunMagics(Magics):
             match = _FLAG.match(rest)
             flag = match["flag"] if match else rest.split()[0][2:]
             if flag not in ("no-widget", *_VALUED):
-                raise UsageError(f"Unknown option --{flag} for %model_predict. Options: --no-widget, "
+                from ..core.suggest import did_you_mean
+
+                near = did_you_mean([f"--{flag}"], [f"--{name}" for name in ("no-widget", *_VALUED)])
+                raise UsageError(f"Unknown option --{flag} for %model_predict{near}. Options: --no-widget, "
                                  "--header NAME:VALUE, --method NAME (see %model_predict?).")
             value = match["value"] if flag in _VALUED else None
             if flag in _VALUED and not value:
