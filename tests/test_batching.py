@@ -469,6 +469,7 @@ def test_model_predict_shows_a_failing_batch_with_the_models_frames_only(fresh_k
         assert ex.status == "error" and message in ex.error_text, ex.error_text
         assert ours not in ex.error_text, ex.error_text
         assert all(f"in Model.{name}" in ex.error_text for name in frames), ex.error_text
+        assert ("Traceback (most recent call last)" in ex.error_text) == bool(frames), ex.error_text  # none: no header
 
 
 def test_an_async_predict_batch_runs_on_the_loop():

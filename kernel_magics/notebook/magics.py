@@ -13,6 +13,7 @@ from __future__ import annotations
 import getpass
 import os
 import sys
+import traceback
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -253,6 +254,11 @@ class ModelMagics(Magics):
         shell = self.shell
 
         def render() -> list[str]:
+            if tb is None:
+                # No frame of the user's (an error the runtime raised about the model's result, or an exception
+                # instance predict_batch returned for one input): the message alone, without an empty
+                # "Traceback (most recent call last)" above it.
+                return [redact(line.rstrip("\n")) for line in traceback.format_exception_only(type(exc), exc)]
             return [redact(line) for line in shell.InteractiveTB.structured_traceback(type(exc), exc, tb)]
 
         try:
