@@ -115,6 +115,13 @@ def test_contract_violations_are_model_definition_errors(body, message):
         ModelHost().define(type("Model", (), body))
 
 
+def test_a_batching_config_asks_a_class_without_either_method_for_predict_batch():
+    from kernel_magics.core.contract import ModelContract
+
+    with pytest.raises(ModelDefinitionError, match=r"neither `predict_batch` nor `predict`.*def predict_batch\(self"):
+        ModelContract.inspect(type("Model", (), {"load": lambda self: None}), batching=True)
+
+
 # ---------------------------------------------------------------- predict styles
 
 def test_sync_predict_runs_in_a_worker_thread():

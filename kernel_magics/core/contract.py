@@ -152,6 +152,11 @@ class ModelContract:
         predict_batch = None if helper else _predict_batch_spec(model_class)
         if predict_batch is not None:
             predict = _batched_predict(model_class, predict, predict_batch)
+        if predict is None and batching:
+            raise ModelDefinitionError(
+                f"`{model_class.__name__}` has neither `predict_batch` nor `predict`, and the config declares "
+                "batching. Add `def predict_batch(self, inputs):` returning a list with one result per input."
+            )
         if predict is None:
             raise ModelDefinitionError(
                 f"`{model_class.__name__}` has no `predict` method. Add `def predict(self, model_input):` "
