@@ -79,7 +79,11 @@ def test_a_near_miss_of_a_model_metadata_key_something_reads_gets_a_note():
     notes = []
     config = parse_config("model_metadata:\n  batchng: {max_batch_size: 8}\n  tags: [demo]\n", warnings=notes)
     assert config.batching is None and config.model_metadata["tags"] == ["demo"]  # kept, as Truss keeps any key
-    assert notes == ["config.yaml, line 2: model_metadata.batchng is read by nothing; did you mean `batching`?"]
+    assert notes == ["config.yaml, line 2: neither kernel-magics nor Truss reads model_metadata.batchng; did you mean "
+                     "`batching`?"]
+    notes.clear()
+    parse_config("model_metadata: {caching: true, example_model_output: 1, bathcing: {}}\n", warnings=notes)
+    assert [n.split("model_metadata.")[1].split(";")[0] for n in notes] == ["bathcing"], notes  # other words: no note
 
 
 def test_duplicate_keys_rejected():

@@ -169,8 +169,9 @@ def test_an_assignment_travels_as_its_value_rather_than_need_a_pickle():
     why = {line.split()[0]: line for line in src.why().splitlines()}
     assert "runs code when loaded" in why["data"] and why["CLIP"].endswith("; source"), src.why()
     # A class that kept an earlier CLIP (a default argument) needs that one, not the live value: source, as before.
-    kept_early = [*cells[:-1], "%%model\nclass Model:\n    def predict(self, x, c=CLIP):\n        return c", "CLIP = 7"]
-    src = build_model_source(kept_early, "Model", live={**live, "CLIP": 7})
+    kept_early = [*cells[:-1], "%%model\nclass Model:\n    def predict(self, x, c=CLIP):\n        return c",
+                  "CLIP = (max(data.target), 0.0)"]  # (read by no one: the class kept the first)
+    src = build_model_source(kept_early, "Model", live={**live, "CLIP": (3.0, 0.0)})
     why = {line.split()[0]: line for line in src.why().splitlines()}
     assert "runs code when loaded" in why["data"] and "its source needs" not in src.why(), src.why()
 

@@ -479,17 +479,29 @@ _READ_METADATA = ("batching", "example_model_input")
 def _near_misses_in_metadata(metadata: dict, lines: dict, source: str) -> list[str]:
     """model_metadata is the model's own (Truss keeps any key), so a misspelt `batchng:` is no error, but it would
     leave the model unbatched without a word: a note names the key it most likely meant."""
-    import difflib
-
     notes = []
     for key in metadata:
         if not isinstance(key, str) or key in _READ_METADATA:
             continue
-        meant = difflib.get_close_matches(key, _READ_METADATA, n=1, cutoff=0.8)
+        # A slip of the keyboard (a letter dropped, added, changed or two swapped; two in a long key), not another
+        # word such as `caching` or `example_model_output`.
+        meant = [known for known in _READ_METADATA if _typos(key, known) <= (1 if len(known) <= 10 else 2)]
         if meant:
-            notes.append(f"{_where(('model_metadata', key), lines, source)}: model_metadata.{key} is read by "
-                         f"nothing; did you mean `{meant[0]}`?")
+            notes.append(f"{_where(('model_metadata', key), lines, source)}: neither kernel-magics nor Truss reads "
+                         f"model_metadata.{key}; did you mean `{meant[0]}`?")
     return notes
+
+
+def _typos(a: str, b: str) -> int:
+    """Edits from ``a`` to ``b``: letters inserted, deleted, replaced, or two neighbours swapped (optimal string
+    alignment distance)."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
 
 
 def _check_recursion(node: yaml.Node, open_nodes: set[int], source: str, offset: int,
@@ -636,8 +648,9 @@ def _describe_validation_error(exc: pydantic.ValidationError, lines: dict, sourc
         line, message = problems[0]
         return f"{source + (f', line {line}' if line else '')}: {message}. Fix that value{_again(source)}."
     problems.sort(key=lambda problem: problem[0] or 0)
-    shown = "; ".join(f"line {line}: {message}" if line else message for line, message in problems)
-    return f"{source}: {len(problems)} problems: {shown}. Fix those values{_again(source)}."
+    shown = "; ".join(f"line {line}: {message}" if line else message for line, message in problems[:8])
+    more = f"; and {len(problems) - 8} more" if len(problems) > 8 else ""  # (a paragraph, not a page)
+    return f"{source}: {len(problems)} problems: {shown}{more}. Fix those values{_again(source)}."
 
 
 def _again(source: str) -> str:

@@ -281,11 +281,11 @@ def _check_target(target: Path, force: int, protected: Sequence[Path], origin: O
         raise ExportError(f"Cannot read {target}: {exc.strerror}.") from None
     if foreign is None and force < 2:
         raise ExportError(f"{target} holds an export made before exports listed their files, so whether anything in "
-                          "it changed since cannot be told. Pass --force twice to replace it with whatever it holds "
-                          "now, or choose a new directory.")
+                          "it changed since cannot be told. Pass --force twice to replace it, whatever it holds, or "
+                          "choose a new directory.")
     if foreign and force < 2:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        then = "" if force or mine else " and pass --force (it is another notebook's export)"
+        shown = _listed(foreign)
+        then = "" if force or mine else " and pass --force (it is not this notebook's export)"
         raise ExportError(f"{target} holds files the earlier export did not write ({shown}), so "
                           f"{'--force' if force else 'an export'} will not replace it. Move them out first{then}, or "
                           "pass --force twice to replace the folder with them.")
@@ -334,8 +334,12 @@ def _notebook_of(origin: Optional[str]) -> Optional[str]:
     return None
 
 
+def _listed(names: Sequence[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def _made_by(earlier: dict, origin: Optional[str]) -> str:
-    """" of nb.ipynb", as a refusal names who made an earlier export that is not this notebook's."""
+    """How a refusal names who made an earlier export that is not this notebook's (" of nb.ipynb")."""
     name = earlier.get("notebook")
     if isinstance(name, str) and name:
         name = os.path.basename(name)
@@ -382,12 +386,12 @@ def _changes_since(target: Path, earlier: dict) -> Optional[list[str]]:
     written = earlier.get("files")
     if not isinstance(written, dict):
         return None
-    # The folders of what it wrote count as written: markers from before folders were listed have only files.
-    holding = {rel[:i + 1] for rel in written for i, c in enumerate(rel) if c == "/"}
+    # A marker from before folders were listed knows none (an empty one it wrote included): folders are not judged.
+    lists_folders = any(rel.endswith("/") for rel in written)
     found = []
     for rel, seen in _snapshot(target).items():
         if rel.endswith("/"):
-            if rel not in written and rel not in holding:
+            if lists_folders and rel not in written:
                 found.append(rel)
         elif written.get(rel) != seen:
             found.append(rel + (" (changed)" if rel in written else ""))
@@ -842,11 +846,13 @@ def _swap_into_place(build: Path, target: Path, marker: Optional[str], scratch: 
             raise ExportError(f"{target} changed while this export ran (another export to the same place at the same "
                               "time?), so this one stopped and changed nothing. Run it again once the other is done.")
         # Checked again now: a file added or edited in the earlier export while this one was built is not replaced.
-        added = _changes_since(target, _read_marker(target)) if marker is not None and force < 2 else None
+        try:
+            added = _changes_since(target, _read_marker(target)) if marker is not None and force < 2 else None
+        except OSError as exc:
+            raise ExportError(f"Cannot read {target}: {exc.strerror}; this export stopped and changed nothing.") from None
         if added:
-            shown = ", ".join(added[:5]) + (f" and {len(added) - 5} more" if len(added) > 5 else "")
-            raise ExportError(f"{target} changed while this export ran ({shown}), so this one stopped and changed "
-                              "nothing. Run it again, with --force twice to replace those files too.")
+            raise ExportError(f"{target} changed while this export ran ({_listed(added)}), so this one stopped and "
+                              "changed nothing. Run it again, with --force twice to replace those files too.")
         if not target.exists():
             os.rename(build, target)
             return []

@@ -29,17 +29,17 @@ class HeadlessRunError(KernelMagicsError):
     """A cell failed while the notebook ran headlessly; nothing was exported."""
 
 
-def _kernel_manager(folder: Path):
-    """A kernel of this very interpreter (not whatever `python3` kernel spec is installed)."""
+def _kernel_manager(folder: Path, load_ext: bool):
+    """A kernel of this very interpreter (not whatever `python3` kernel spec is installed); ``load_ext``: with
+    kernel_magics loaded as it starts."""
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import KernelManager
 
     spec = folder / "kernels" / "kernel-magics-current"
     spec.mkdir(parents=True)
     (spec / "kernel.json").write_text(json.dumps({
-        # kernel_magics loaded as the kernel starts (not by an added cell), so that every In[N] the kernel's
-        # messages name is the notebook's Nth code cell, as the progress lines and the CLI count them.
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", "--ext=kernel_magics"],
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+                 *(["--ext=kernel_magics"] if load_ext else [])],
         "display_name": "kernel-magics (current environment)", "language": "python"}))
     # Over Unix sockets in that folder where there are any, not TCP: jupyter_client picks free TCP ports by binding
     # and closing them, so another process can take one before the kernel binds it; and the kernel would warn
@@ -81,8 +81,8 @@ def export_by_running(notebook: Path, out: Path, *, force: int = 0, data: Sequen
     nb = nbformat.read(str(notebook), as_version=4)
     code = []
     for cell in nb.cells:
-        if cell.cell_type != "code":
-            continue
+        if cell.cell_type != "code" or not cell.source.strip():
+            continue  # (an empty cell gets no In [N]: not run, not counted, as the CLI counts)
         if any(line.lstrip().startswith("%model_export") for line in cell.source.splitlines()):
             break  # as the CLI reads a notebook: what runs before the first export
         code.append(cell)
@@ -100,7 +100,10 @@ def export_by_running(notebook: Path, out: Path, *, force: int = 0, data: Sequen
     with tempfile.TemporaryDirectory(prefix="km-execute-") as tmp:
         # What runs, in memory: the code cells and the export (nbclient keeps each cell's outputs in it).
         run = nbformat.v4.new_notebook(cells=[*code, export_cell], metadata=nb.metadata)
-        km = _kernel_manager(Path(tmp))  # nbclient does not shut down a kernel manager it was given: we do
+        # A notebook without `%load_ext kernel_magics` gets it as the kernel starts, not from an added cell: then
+        # every In [N] the kernel's messages name is still the Nth code cell, as the progress lines and the CLI count.
+        loads_it = any("%load_ext kernel_magics" in cell.source for cell in code)
+        km = _kernel_manager(Path(tmp), load_ext=not loads_it)  # nbclient does not shut down a manager it was given
         client = NotebookClient(run, km=km, timeout=timeout, allow_errors=False,
                                 resources={"metadata": {"path": str(notebook.parent)}})
         try:

@@ -175,9 +175,11 @@ def read_notebook(path: Path) -> SavedNotebook:
     for cell in cells:
         if not isinstance(cell, dict) or cell.get("cell_type") != "code":
             continue
-        number += 1
         src = cell.get("source", "")
         src = "".join(src) if isinstance(src, list) else str(src)
+        if not src.strip():
+            continue  # Jupyter runs no empty cell (it gets no In [N]): not counted, so "cell N" stays In [N]
+        number += 1
         if any(line.lstrip().startswith("%model_export") for line in src.splitlines()):
             exports.append(number)
             continue

@@ -1124,7 +1124,7 @@ def _values_instead_of_pickles(plans: dict, referrers: dict, included: dict, def
 
     if live is None:
         return {}
-    kept = [d for d in chosen]
+    kept = list(chosen)
     needs: dict[str, list[str]] = {}
     for name, (plan, _) in plans.items():
         users = referrers.get(name, set())

@@ -217,10 +217,16 @@ class TrussDir:
                 hint = (" It has predict_batch, but Truss's server calls predict: an export from the notebook adds the "
                         "predict that feeds predict_batch (see docs/batching.md).")
             raise TrussDirError(f"`{cls.name}` in {model_py} has no predict method.{hint}")
+        # Read from the source alone: only a plain generator `def predict` beside a `def postprocess`, neither
+        # decorated nor bound again in the class body (what the class then holds is not what the source shows).
         defs = {n.name: n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-        if "predict" in defs and "postprocess" in defs and _yields(defs["predict"]):
-            raise TrussDirError(f"`{cls.name}.predict` in {model_py} streams (it yields) and the class has "
-                                "postprocess: Truss cannot postprocess a stream, so its server would refuse every "
+        rebound = {t.id for n in cls.body if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign))
+                   for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+        plain = [defs.get(m) for m in ("predict", "postprocess") if m not in rebound and defs.get(m) is not None
+                 and not defs[m].decorator_list]
+        if len(plain) == 2 and _yields(plain[0]):
+            raise TrussDirError(f"`{cls.name}.predict` in {self.relative(model_py)} streams (it yields) and the class "
+                                "has postprocess: Truss cannot postprocess a stream, so its server would refuse every "
                                 "request (ModelDefinitionError, HTTP 412). Drop postprocess and do that work in predict.")
         return cls
 

@@ -258,7 +258,12 @@ class ModelMagics(Magics):
                 # No frame of the user's (an error the runtime raised about the model's result, or an exception
                 # instance predict_batch returned for one input): the message alone, without an empty
                 # "Traceback (most recent call last)" above it.
-                return [redact(line.rstrip("\n")) for line in traceback.format_exception_only(type(exc), exc)]
+                # (format_exception keeps what it was raised from, predict_batch's own StopIteration say, from the
+                # user's first frame on.)
+                cause = exc.__cause__ or exc.__context__
+                if cause is not None and cause.__traceback__ is not None:
+                    cause.__traceback__ = user_traceback(cause.__traceback__)
+                return [redact(line.rstrip("\n")) for line in traceback.format_exception(type(exc), exc, None)]
             return [redact(line) for line in shell.InteractiveTB.structured_traceback(type(exc), exc, tb)]
 
         try:

@@ -169,8 +169,10 @@ def _load_replica(truss, host, publish: Callable[..., None]) -> None:
         failed = import_and_load(truss, host)
         if failed is None:
             publish(LOADED)
-        else:
-            publish(FAILED, failed[1])
+        else:  # the sentence the command ends with, after "a replica failed to load the model: "
+            fix, line = failed
+            then = "Its traceback is in the replica's log above; fix the model" if fix else "Fix that"
+            publish(FAILED, f"{line.rstrip('.')}. {then} and start again")
     finally:
         _REPLICA["settled"].set()
 
@@ -468,8 +470,7 @@ def _wait_deployed(run: str, timeout: float) -> None:
             ready, failed = _deployment_progress(run)
             if failed:
                 # As `kernel-magics serve` (and Truss's server) stop on a failed load: the replicas would fail alike.
-                raise RayServeError(f"a replica failed to load the model: {failed}. Its traceback is in the replica's "
-                                    "log above; fix the model and start again.")
+                raise RayServeError(f"a replica failed to load the model: {failed}.")
             if state.endswith("DEPLOY_FAILED"):
                 raise RayServeError(f"a replica failed to start: {_deployment_error()}. Ray retried and gave "
                                     "up; fix it and start again.")
