@@ -201,6 +201,21 @@ class ModelStatusTracker {
       return;
     }
     this.set(panel, { connection: 'not-loaded', status: null });
+    // This kernel's own end, whatever the session does meanwhile: a session shut down while its kernel was still
+    // starting may drop the kernel before the context relays 'dead' (seen once in a loaded run).
+    const gone = () => {
+      if (this.kernels.get(panel) === kernel) {
+        this.kernels.set(panel, null);
+        this.comms.set(panel, []);
+        this.set(panel, { connection: 'no-kernel', status: null });
+      }
+    };
+    kernel.statusChanged.connect((_, status) => {
+      if (status === 'dead') {
+        gone();
+      }
+    });
+    kernel.disposed.connect(gone);
     // The kernel opens the comm from the %load_ext cell, even while Run All is still queued behind it.
     kernel.registerCommTarget(TARGET, (comm, msg) => this.connect(panel, comm, msg));
     void this.probe(panel, kernel);
