@@ -470,6 +470,13 @@ def test_model_predict_shows_a_failing_batch_with_the_models_frames_only(fresh_k
         assert ours not in ex.error_text, ex.error_text
         assert all(f"in Model.{name}" in ex.error_text for name in frames), ex.error_text
         assert ("Traceback (most recent call last)" in ex.error_text) == bool(frames), ex.error_text  # none: no header
+    # A StopIteration that leaves predict_batch (next() on an empty iterator) fails the batch as a RuntimeError: shown
+    # with the user's own frame of what it came from.
+    k.ok("%%model\nclass Model:\n    def predict_batch(self, inputs):\n        return [next(iter([])) for _ in inputs]")
+    ex = k.execute('%model_predict {"how": "stop"}')
+    assert ex.status == "error" and "RuntimeError: predict_batch raised StopIteration" in ex.error_text, ex.error_text
+    assert "StopIteration" in ex.error_text.split("RuntimeError")[0] and ", in predict_batch" in ex.error_text
+    assert ours not in ex.error_text, ex.error_text
 
 
 def test_an_async_predict_batch_runs_on_the_loop():

@@ -191,6 +191,9 @@ class ModelStatusTracker {
   }
 
   private attach(panel: NotebookPanel, kernel: Kernel.IKernelConnection | null): void {
+    if (kernel !== null && (kernel.isDisposed || kernel.status === 'dead')) {
+      kernel = null; // (a late `ready`, or a restart of a dead kernel: its signals will never fire again)
+    }
     if (kernel !== null && kernel === this.kernels.get(panel)) {
       return; // the same kernel (a session change that kept it)
     }
@@ -205,7 +208,6 @@ class ModelStatusTracker {
     // starting may drop the kernel before the context relays 'dead' (seen once in a loaded run).
     const gone = () => {
       if (this.kernels.get(panel) === kernel) {
-        this.kernels.set(panel, null);
         this.comms.set(panel, []);
         this.set(panel, { connection: 'no-kernel', status: null });
       }

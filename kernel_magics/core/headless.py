@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -23,6 +24,10 @@ from .errors import KernelMagicsError
 from .source import last_cell_of
 
 __all__ = ["HeadlessRunError", "export_by_running"]
+
+
+# A line of the notebook's own that loads the extension (`%reload_ext` too), not one in a comment or a string.
+_LOADS_EXT = re.compile(r"\s*%?(re)?load_ext\s+kernel_magics\s*(#.*)?$")
 
 
 class HeadlessRunError(KernelMagicsError):
@@ -102,7 +107,7 @@ def export_by_running(notebook: Path, out: Path, *, force: int = 0, data: Sequen
         run = nbformat.v4.new_notebook(cells=[*code, export_cell], metadata=nb.metadata)
         # A notebook without `%load_ext kernel_magics` gets it as the kernel starts, not from an added cell: then
         # every In [N] the kernel's messages name is still the Nth code cell, as the progress lines and the CLI count.
-        loads_it = any("%load_ext kernel_magics" in cell.source for cell in code)
+        loads_it = any(_LOADS_EXT.match(line) for cell in code for line in cell.source.splitlines())
         km = _kernel_manager(Path(tmp), load_ext=not loads_it)  # nbclient does not shut down a manager it was given
         client = NotebookClient(run, km=km, timeout=timeout, allow_errors=False,
                                 resources={"metadata": {"path": str(notebook.parent)}})

@@ -252,18 +252,22 @@ class ModelMagics(Magics):
             pass
         tb = user_traceback(exc.__traceback__)
         shell = self.shell
+        # What it was raised from (predict_batch's own StopIteration, say), read now: the caller raises it `from
+        # None`, which hides the chain from every later display.
+        cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
 
         def render() -> list[str]:
             if tb is None:
                 # No frame of the user's (an error the runtime raised about the model's result, or an exception
-                # instance predict_batch returned for one input): the message alone, without an empty
-                # "Traceback (most recent call last)" above it.
-                # (format_exception keeps what it was raised from, predict_batch's own StopIteration say, from the
-                # user's first frame on.)
-                cause = exc.__cause__ or exc.__context__
-                if cause is not None and cause.__traceback__ is not None:
-                    cause.__traceback__ = user_traceback(cause.__traceback__)
-                return [redact(line.rstrip("\n")) for line in traceback.format_exception(type(exc), exc, None)]
+                # instance predict_batch returned for one input): the message, after its cause from the user's
+                # first frame on, without an empty "Traceback (most recent call last)" above it.
+                lines = []
+                if cause is not None:
+                    lines += traceback.format_exception(type(cause), cause, user_traceback(cause.__traceback__),
+                                                        chain=False)
+                    lines.append("\nThe above exception was the direct cause of the following exception:\n")
+                lines += traceback.format_exception_only(type(exc), exc)
+                return [redact(line.rstrip("\n")) for line in lines]
             return [redact(line) for line in shell.InteractiveTB.structured_traceback(type(exc), exc, tb)]
 
         try:

@@ -97,6 +97,7 @@ def _set_replica_host(host) -> None:
 # replica and the command's deploy-and-wait see every replica's load, not only their own.
 _LOADS = "kernel_magics"  # the store's namespace
 LOADING, LOADED, FAILED = "loading", "loaded", "failed"
+_THEN = "\x1f"  # between a failed load's line and what the command says to do next, in what a replica publishes
 
 
 def _load_key(run: str, replica: str = "") -> str:
@@ -169,10 +170,10 @@ def _load_replica(truss, host, publish: Callable[..., None]) -> None:
         failed = import_and_load(truss, host)
         if failed is None:
             publish(LOADED)
-        else:  # the sentence the command ends with, after "a replica failed to load the model: "
-            fix, line = failed
-            then = "Its traceback is in the replica's log above; fix the model" if fix else "Fix that"
-            publish(FAILED, f"{line.rstrip('.')}. {then} and start again")
+        else:
+            fix, line = failed  # (no fix named: our own error, whose line says what to do)
+            publish(FAILED, line, "Its traceback is in the replica's log above; fix the model and start again"
+                    if fix else "Start again once that is done")
     finally:
         _REPLICA["settled"].set()
 
@@ -321,10 +322,12 @@ def _deployment(truss_dir: Path, scale: Scale, config: ModelConfig, secrets_ref:
             self._failure: list[str] = []
             _set_replica_host(host)
 
-            def publish(state: str, text: str = "") -> None:
+            def publish(state: str, text: str = "", then: str = "") -> None:
+                """``then``: what the command says to do after a failed load's ``text`` (Ray's health check,
+                which replaces the replica, gives the text alone)."""
                 if state == FAILED:
                     self._failure.append(text)
-                _publish_load(run, self._replica, state, text)
+                _publish_load(run, self._replica, state, f"{text}{_THEN}{then}" if then else text)
 
             publish(LOADING)
             threading.Thread(target=_load_replica, args=(truss, host, publish), name="model-load", daemon=True).start()
@@ -470,7 +473,8 @@ def _wait_deployed(run: str, timeout: float) -> None:
             ready, failed = _deployment_progress(run)
             if failed:
                 # As `kernel-magics serve` (and Truss's server) stop on a failed load: the replicas would fail alike.
-                raise RayServeError(f"a replica failed to load the model: {failed}.")
+                line, _, then = failed.partition(_THEN)
+                raise RayServeError(f"a replica failed to load the model: {line.rstrip('.')}. {then}.")
             if state.endswith("DEPLOY_FAILED"):
                 raise RayServeError(f"a replica failed to start: {_deployment_error()}. Ray retried and gave "
                                     "up; fix it and start again.")
