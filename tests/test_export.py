@@ -240,7 +240,7 @@ def test_kernel_export_errors_leave_nothing_behind(tmp_path, fresh_kernel):
     k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return 1")
     k.ok("%model_export out")
     (tmp_path / "out" / "mine.txt").write_text("keep me")
-    assert "did not write (mine.txt)" in usage_error(k.execute("%model_export out"))
+    assert "changed since the earlier export (mine.txt)" in usage_error(k.execute("%model_export out"))
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep me"
     # A failing export with --force keeps the previous export whole.
     k.ok("%%model\nclass Model:\n    def predict(self, x):\n        return hidden_mod.VALUE")
@@ -324,21 +324,22 @@ def test_run_all_again_replaces_the_notebooks_own_export_and_nothing_else(tmp_pa
     # A kernel that no server named (nbclient, a console) replaces its own exports only.
     plain = fresh_kernel(cwd=tmp_path, load_ext=True)
     plain.ok(SIMPLE)
-    assert "holds an earlier export of nb.ipynb. Pass --force" in usage_error(plain.execute("%model_export out"))
+    assert "holds an earlier export of nb.ipynb (this kernel cannot tell whether it runs nb.ipynb" in usage_error(
+        plain.execute("%model_export out"))
     plain.ok("%model_export own")
     assert "(replacing the earlier export there)" in plain.ok("%model_export own").stdout
     assert "holds an earlier export made by another kernel" in usage_error(lab.execute("%model_export own"))
     # A file of the export changed by hand since: kept, and named.
     config = tmp_path / "out" / "config.yaml"
     config.write_text(config.read_text() + "# tuned by hand\n")
-    assert "did not write (config.yaml (changed))" in usage_error(lab.execute("%model_export out"))
+    assert "changed since the earlier export (config.yaml (changed))" in usage_error(lab.execute("%model_export out"))
     assert "# tuned by hand" in config.read_text() and leftovers(tmp_path) == []
     # What a listing of files alone misses: a link to a folder, and a folder added empty.
     lab.ok("%model_export own --force")
     (tmp_path / "keep").mkdir()
     (tmp_path / "own" / "linked").symlink_to(tmp_path / "keep")
     (tmp_path / "own" / "notes").mkdir()
-    assert "did not write (linked, notes/)" in usage_error(lab.execute("%model_export own"))
+    assert "changed since the earlier export (linked, notes/)" in usage_error(lab.execute("%model_export own"))
     assert (tmp_path / "own" / "linked").is_symlink() and (tmp_path / "own" / "notes").is_dir()
 
 
@@ -381,15 +382,17 @@ def test_force_refuses_files_the_export_did_not_write_unless_given_twice_and_nev
     made = subprocess.run(["sh", "-c", 'umask 022 && exec "$0" -m kernel_magics export "$1" "$2"', sys.executable,
                            str(nb), str(out)], capture_output=True, text=True, timeout=120)
     assert made.returncode == 0 and stat.S_IMODE(out.stat().st_mode) == 0o755, made.stderr
+    out.chmod(0o700)  # made private by its user: the next export keeps that
     again = cli("export", nb, out)  # exporting the same notebook again, as users do: its own export is replaced
     assert again.returncode == 0 and f"replaced the earlier one in {out}" in again.stderr, again.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
     other = write_notebook(tmp_path / "other.ipynb", [SIMPLE])
     refused = cli("export", other, out)  # another notebook's export: said as such, and --force named
     assert refused.returncode == 1 and f"{out} holds an earlier export of nb.ipynb. Pass --force" in refused.stderr
     assert cli("export", other, out, "--force").returncode == 0  # only an export's own files there: replaced
     (out / "notes.md").write_text("mine")
     again = cli("export", other, out)  # not only the export's files now, so not without --force twice
-    assert again.returncode == 1 and "did not write (notes.md), so an export will not" in again.stderr, again.stderr
+    assert again.returncode == 1 and "changed since the earlier export (notes.md), so an export will not" in again.stderr, again.stderr
     (out / "config.yaml").write_text((out / "config.yaml").read_text() + "# tuned by hand\n")
     done = cli("export", nb, out, "--force")
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr

@@ -80,12 +80,16 @@ class ExportResult:
 
     def tree(self) -> str:
         """The files with their sizes, under the target as seen from here (relative when below)."""
-        try:
-            shown = Path(os.path.relpath(self.target))
-            shown = self.target if shown.parts and shown.parts[0] == ".." else shown
-        except ValueError:
-            shown = self.target
-        return format_tree(shown, self.files)
+        return format_tree(shown_path(self.target), self.files)
+
+
+def shown_path(target: Path, seen_from: Optional[Path] = None) -> Path:
+    """``target`` as a user in ``seen_from`` (default: the working directory) reads it: relative when below it."""
+    try:
+        shown = Path(os.path.relpath(target, seen_from))
+    except (ValueError, OSError):  # another drive; a working directory that an export replaced meanwhile
+        return target
+    return target if shown.parts and shown.parts[0] == ".." else shown
 
 
 # ------------------------------------------------------------------ requirements and config
@@ -286,7 +290,7 @@ def _check_target(target: Path, force: int, protected: Sequence[Path], origin: O
     if foreign and force < 2:
         shown = _listed(foreign)
         then = "" if force or mine else " and pass --force (it is not this notebook's export)"
-        raise ExportError(f"{target} holds files the earlier export did not write ({shown}), so "
+        raise ExportError(f"{target} holds files added or changed since the earlier export ({shown}), so "
                           f"{'--force' if force else 'an export'} will not replace it. Move them out first{then}, or "
                           "pass --force twice to replace the folder with them.")
     if not force and not mine:
@@ -343,6 +347,9 @@ def _made_by(earlier: dict, origin: Optional[str]) -> str:
     name = earlier.get("notebook")
     if isinstance(name, str) and name:
         name = os.path.basename(name)
+        if origin is not None and _notebook_of(origin) is None:  # this kernel knows no notebook: it may be that one
+            return (f" of {name} (this kernel cannot tell whether it runs {name}: no Jupyter server started it, "
+                    "nbconvert's say)")
         same_name = _notebook_of(origin) == name
         return f" of another notebook named {name} (in another folder)" if same_name else f" of {name}"
     if earlier.get("origin"):  # a kernel that knew no notebook (ModelMagics.export_origin)
@@ -530,7 +537,9 @@ def export_model(
         result.replay_note += " " + _check_note(result.timings, result.replayed)
         # mkdtemp's 0700 kept the build to this user while values were saved and scanned for secrets: now the mode
         # any new folder gets here (the umask's, as model/ has it), so that another user or a container build reads it.
-        os.chmod(build, stat.S_IMODE((build / "model").stat().st_mode))
+        # (A folder already there, empty or an earlier export, keeps the mode it has: one made private stays so.)
+        mode = target.stat().st_mode if target.is_dir() and not target.is_symlink() else (build / "model").stat().st_mode
+        os.chmod(build, stat.S_IMODE(mode))
         (build / MARKER).write_text(json.dumps({
             "exported_by": "kernel-magics", "id": uuid.uuid4().hex, "files": _snapshot(build),
             "notebook": _notebook_of(origin), "origin": origin_key(origin) if origin else None}) + "\n")

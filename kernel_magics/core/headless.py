@@ -116,7 +116,12 @@ def export_by_running(notebook: Path, out: Path, *, force: int = 0, data: Sequen
         finally:
             if km.has_kernel:
                 km.shutdown_kernel(now=False)
-    return _stream_text(export_cell.outputs)
+    printed = _stream_text(export_cell.outputs)
+    # The kernel showed the target from the notebook's folder, its working directory; the user reads it from here.
+    from .export import shown_path
+
+    there, here = shown_path(out, notebook.parent), shown_path(out)
+    return printed.replace(f"\n{there}/\n", f"\n{here}/\n", 1) if there != here else printed
 
 
 def _run_cells(client, code: list, export_cell, notebook: Path, progress: Callable[[str], None]) -> None:

@@ -531,7 +531,8 @@ def _cli_refusal(name: str, label: str, definition: _Definition, why: str) -> Ma
         f"(`kernel-magics export` reads the notebook file and has no values). Run `kernel-magics export "
         f"NOTEBOOK DIR --execute` (it runs the notebook in a fresh kernel and exports from it), export from the "
         f"running notebook with %model_export (it saves the value with the export), or save the value under the "
-        f"config's data_dir in the notebook and load it in `load()` from `data_dir`."
+        f"config's data_dir in the notebook and load it in `load()` from `data_dir`. A value that cannot be saved "
+        f"at all (a lock, an open file) must be built inside `load()`."
     )
 
 
