@@ -262,7 +262,8 @@ def _check_target(target: Path, force: int, protected: Sequence[Path], origin: O
         raise ExportError(f"{target} is a file, not a directory. Choose a directory path for the export.")
     if not target.is_dir():
         return None
-    marker = _marker_of(target)
+    earlier = _read_marker(target)
+    marker = earlier.get("id")
     try:
         empty = not any(target.iterdir())
     except OSError as exc:
@@ -277,7 +278,6 @@ def _check_target(target: Path, force: int, protected: Sequence[Path], origin: O
     if (target / ".git").exists():
         raise ExportError(f"{target} holds a .git folder, and an export never deletes one. Move the export's "
                           "files elsewhere or export to a new directory (then copy the .git there yourself).")
-    earlier = _read_marker(target)
     mine = origin is not None and earlier.get("origin") == origin_key(origin)
     try:
         foreign = _changes_since(target, earlier)
@@ -319,10 +319,6 @@ def _read_marker(folder: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return found if isinstance(found, dict) else {}
-
-
-def _marker_of(folder: Path) -> Optional[str]:
-    return _read_marker(folder).get("id")
 
 
 def origin_key(origin: str) -> str:
@@ -850,13 +846,14 @@ def _swap_into_place(build: Path, target: Path, marker: Optional[str], scratch: 
     Over an earlier export the two folders are exchanged in one step where the OS can
     (Linux renameat2); elsewhere two renames leave the target missing for a moment."""
     with locked(target.parent):
-        if target.is_symlink() or (target.exists() and _marker_of(target) != marker) or (
+        there = _read_marker(target)
+        if target.is_symlink() or (target.exists() and there.get("id") != marker) or (
                 marker is None and target.is_dir() and any(target.iterdir())):
             raise ExportError(f"{target} changed while this export ran (another export to the same place at the same "
                               "time?), so this one stopped and changed nothing. Run it again once the other is done.")
         # Checked again now: a file added or edited in the earlier export while this one was built is not replaced.
         try:
-            added = _changes_since(target, _read_marker(target)) if marker is not None and force < 2 else None
+            added = _changes_since(target, there) if marker is not None and force < 2 else None
         except OSError as exc:
             raise ExportError(f"Cannot read {target}: {exc.strerror}; this export stopped and changed nothing.") from None
         if added:
