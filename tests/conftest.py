@@ -67,7 +67,7 @@ MODULE_MARKS = {
     "test_truss_conformance": "truss_ref",
 }
 # A fixture that needs it (pytest resolves fixtures used by fixtures, so indirect use counts too).
-FIXTURE_MARKS = {"ray_cluster": "ray", "truss_validate": "truss_ref", "truss_server": "truss_ref"}
+FIXTURE_MARKS = {"ray_cluster": "ray", "dist": "package", "truss_validate": "truss_ref", "truss_server": "truss_ref"}
 # A global name the test function's own code uses (what a fixture cannot show: a helper called in the body).
 NAME_MARKS = {"serve_truss": "truss_ref", "truss_venv_with_models": "truss_ref", "truss_reference_python": "truss_ref",
               "LocalCluster": "ray"}
@@ -310,6 +310,21 @@ def truss_validate():
         return output
 
     return validate
+
+
+# ---------------------------------------------------------------- the distributions
+
+@pytest.fixture(scope="session")
+def dist(tmp_path_factory):
+    """The wheel and the sdist, built once for every test that reads them (test_package, test_repo: the package
+    group, one process under -n): the prebuilt extension is reused, as in a release."""
+    out = tmp_path_factory.mktemp("dist")
+    done = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--sdist", "--wheel", "--outdir", str(out),
+                           str(REPO)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (wheel,) = out.glob("*.whl")
+    (sdist,) = out.glob("*.tar.gz")
+    return wheel, sdist
 
 
 # ---------------------------------------------------------------- one Ray cluster for the tests that deploy on Ray

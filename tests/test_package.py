@@ -30,16 +30,6 @@ def run(*cmd, env=None, cwd=None, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def dist(tmp_path_factory):
-    """The wheel and the sdist, built once (the prebuilt extension is reused, as in a release)."""
-    out = tmp_path_factory.mktemp("dist")
-    run(sys.executable, "-m", "build", "--no-isolation", "--sdist", "--wheel", "--outdir", out, REPO, timeout=900)
-    (wheel,) = out.glob("*.whl")
-    (sdist,) = out.glob("*.tar.gz")
-    return wheel, sdist
-
-
-@pytest.fixture(scope="module")
 def uv_cache(tmp_path_factory):
     """uv's cache for this module's installs: in pytest's temp dir, never the home directory."""
     return tmp_path_factory.mktemp("uv-cache")
