@@ -204,6 +204,31 @@ def test_cells_are_counted_as_jupyter_numbers_them_code_cells_only(tmp_path):
     assert "changed by `L.acquire()` in cell 2" in done.stderr, done.stderr
 
 
+def test_cells_run_before_load_ext_count_in_the_kernel_and_in_execute(tmp_path, fresh_kernel):
+    """A notebook that trains first and loads the extension later: what its cells defined before `%load_ext` is
+    exported (from the kernel's input history), and "cell N" is still In[N]. A cell that failed and a %%model
+    cell that ran before the extension existed (its magic not found) change neither. --execute of the notebook
+    (without those two: it stops at a failing cell), which loads the extension at that cell too, exports the same
+    model.py."""
+    cells = ["import math", "def double(v):\n    return v * 2", "K = 3", "K = K +",
+             model_cell("return 'not this one'"),
+             "%load_ext kernel_magics", model_cell("return double(K) + math.floor(model_input['x'])"), "%model_load",
+             '%model_predict {"x": 1.5}', "%model_export out"]
+    k = fresh_kernel(cwd=tmp_path)
+    for cell in cells:
+        k.execute(cell)
+    text = (tmp_path / "out/model/model.py").read_text()
+    assert "def double(v):" in text and "K = 3" in text and "import math" in text and "not this one" not in text
+    k.ok("K = 4")  # In[11]
+    message = usage_error(k.execute("%model_export out"))
+    assert "`K` (cell 11 defines it again: `K = 4`) changed after this prediction was recorded" in message, message
+    k.shutdown()
+    path = write_notebook(tmp_path / "nb.ipynb", [c for c in cells if c != "K = K +" and "not this one" not in c])
+    done = cli("export", path, tmp_path / "executed", "--execute")  # (it stops at a failing cell)
+    assert done.returncode == 0 and "Replayed 1 recorded prediction" in done.stdout, done.stdout + done.stderr
+    assert (tmp_path / "executed/model/model.py").read_text().splitlines()[1:] == text.splitlines()[1:]
+
+
 def test_a_name_imported_from_a_changed_local_module_travels_as_its_live_value(tmp_path, monkeypatch):
     from kernel_magics.core.config import ModelConfig
     from kernel_magics.core.export import export_model, materialize

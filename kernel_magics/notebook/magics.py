@@ -81,6 +81,30 @@ def allows_comment(magic):
     return wrapper
 
 
+def cells_before(shell: Any) -> list[str]:
+    """The cells this kernel ran before the extension was loaded, from IPython's input history: cell N is In[N].
+    The history holds a cell from the moment it starts: the one loading the extension, which record_cell keeps
+    when it ends, is left out. A %%model or %%model_config cell among them defined no model of this extension's
+    (none was loaded, or %reload_ext started a new one): kept empty, as record_cell keeps a failed one."""
+    history = getattr(getattr(shell, "history_manager", None), "input_hist_raw", None)
+    if not isinstance(history, list) or len(history) < 2:
+        return []
+    earlier = history[1:-1] if _running_a_stored_cell(shell) else history[1:]
+    return ["" if split_cell_magic(raw)[0] in ("model", "model_config") else raw for raw in earlier]
+
+
+def _running_a_stored_cell(shell: Any) -> bool:
+    """Whether the extension is being loaded by a cell that has its In[N] (in the history already): not at the
+    kernel's start (--ext), nor by a silent request or one outside the history (the lab panel's commands)."""
+    kernel = getattr(shell, "kernel", None)
+    if kernel is None or not hasattr(kernel, "get_parent"):
+        return True  # a terminal IPython: every cell is stored
+    parent = kernel.get_parent() or {}
+    content = parent.get("content") or {}
+    return (parent.get("header", {}).get("msg_type") == "execute_request" and content.get("store_history", True)
+            and not content.get("silent", False))
+
+
 @magics_class
 class ModelMagics(Magics):
     """The notebook's model session, and %model_status, %model_secret, %model_unload."""
@@ -114,8 +138,9 @@ class ModelMagics(Magics):
         self.runner = BackgroundLoop()
         self.model_cell: Optional[str] = None  # source of the last good %%model cell
         self.config_cell: Optional[str] = None
-        # Every executed cell, in order: what export analyses (as the CLI reads an .ipynb).
-        self.cells: list[str] = []
+        # Every executed cell, in order: what export analyses (as the CLI reads an .ipynb). The cells run before
+        # %load_ext count too: a notebook may train its model first and load the extension later.
+        self.cells: list[str] = cells_before(shell)
         # The current definition's successful predictions, replayed against every export;
         # recorded_at[i] is how many cells had run when prediction i was made.
         self.record = PredictionRecord()
