@@ -138,6 +138,28 @@ def test_every_value_changed_after_the_recorded_prediction_is_named(tmp_path, fr
     assert not (tmp_path / "out").exists()
 
 
+def test_a_prediction_recorded_before_the_model_was_loaded_again_is_named_as_the_cause(tmp_path, fresh_kernel):
+    """A hot swap that changes load() keeps what the old load() made (and says so): a prediction made then, and
+    %model_load run after it, answers otherwise than the export's fresh load(). The refusal says that, and to
+    predict again; predicting it again after the load lets the export go ahead."""
+    load = "%%model\nclass Model:\n    def load(self):\n        self.tag = '{}'\n    def predict(self, x):\n" \
+           "        return {{'tag': self.tag}}"
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k.ok(load.format("v1"))
+    k.ok("%model_load")
+    assert "`load` changed" in k.ok(load.format("v2")).stdout
+    k.ok('%model_predict {"x": 1}')  # cell 5: answered from the old load()
+    k.ok("%model_load")  # cell 6
+    message = usage_error(k.execute("%model_export out"))
+    assert ("Most likely cause: %model_load ran again in cell 6, after this prediction was recorded: the notebook "
+            "answered from what an earlier load() made, the export from a fresh load(). Run %model_predict again "
+            "to record answers of the model as it is loaded now") in message, message
+    assert not (tmp_path / "out").exists()
+    k.ok('%model_predict {"x": 1}')
+    # The same input predicted again replaces the earlier answer in the record: the export goes ahead.
+    assert "Replayed 1 recorded prediction in a fresh Python" in k.ok("%model_export out").stdout
+
+
 def test_a_value_changed_after_the_recorded_predictions_fails_the_replay(tmp_path, fresh_kernel):
     k = fresh_kernel(cwd=tmp_path)
     k.ok("%load_ext kernel_magics")

@@ -177,14 +177,23 @@ class ShipMagics(Magics):
                     causes.append((cell, f"`{inc.name}` (cell {cell + 1} defines it again: `{text}`)"))
                 elif change is not None:
                     causes.append((change.cell, f"`{inc.name}` ({change.describe()})"))
+            reloaded = model.loaded_again_after(index)
+            # A prediction made before %model_load ran again answered from what an earlier load() made (a hot
+            # swap that changed load() warns that the live instance keeps it until then).
+            again = (f"%model_load ran again in cell {reloaded + 1}, after this prediction was recorded: the "
+                     "notebook answered from what an earlier load() made, the export from a fresh load()"
+                     if reloaded is not None else "")
             if causes:
                 causes = [text for _, text in sorted(causes, key=lambda cause: cause[0])]
                 one = len(causes) == 1
                 names = causes[0] if one else ", ".join(causes[:-1]) + " and " + causes[-1]
                 return MismatchHint(
                     f"{names} changed after this prediction was recorded; the export carries "
-                    f"{'its value' if one else 'their values'} now",
+                    f"{'its value' if one else 'their values'} now" + (f". Also, {again}" if again else ""),
                     "Run %model_predict again to record answers for the current values, then export again")
+            if again:
+                return MismatchHint(again[0].upper() + again[1:], "Run %model_predict again to record answers of "
+                                    "the model as it is loaded now, then export again")
         # What travels as source was verified against the live values (core/verification.py), and the
         # export names what it measured differently before asking here: no guess at the source names.
         return None
