@@ -24,7 +24,8 @@ from typing import Any, Iterable, Optional
 from .fingerprint import fingerprint, same
 from .source import MaterializeError
 
-__all__ = ["before_load", "after_load", "planning_view", "before_fingerprint", "changed_by_load", "COPY_LIMIT"]
+__all__ = ["before_load", "after_load", "planning_view", "before_fingerprint", "changed_by_load", "where_load_changes",
+           "COPY_LIMIT"]
 
 COPY_LIMIT = 64 * 2**20  # bytes: a bigger value is fingerprinted, not copied (a copy costs memory at every load)
 TOTAL_COPY_LIMIT = 256 * 2**20  # bytes, all copies of one load together
@@ -155,6 +156,12 @@ def before_fingerprint(live: Optional[Mapping[str, Any]], name: str) -> Optional
     return _current(live).before.get(name)
 
 
+def where_load_changes(live: Mapping[str, Any], name: str) -> str:
+    """The statement in load() that changes ``name``, as the user reads it (or where else it may be)."""
+    snapshot = _current(live)
+    return (snapshot.where.get(name) if snapshot is not None else None) or "in load() or a function it calls"
+
+
 class _BeforeLoad(Mapping):
     """The live namespace with the names load changed bound to their values from before the load."""
 
@@ -183,7 +190,7 @@ class _BeforeLoad(Mapping):
         return [(n, self.copies.get(n, v)) for n, v in list(self.live.items())]
 
     def _refusal(self, name: str) -> MaterializeError:
-        where = self.snapshot.where.get(name) or "in load() or a function it calls"
+        where = where_load_changes(self.live, name)
         return MaterializeError(
             f"The model uses `{name}` (a {type(self.live[name]).__name__}), which %model_load changed ({where}); "
             f"it is too large to keep a copy of from before the load (over {COPY_LIMIT // 2**20} MB, or "

@@ -125,6 +125,7 @@ class ShipMagics(Magics):
         model.wait_for_background_load()
         started = time.perf_counter()
         materialized = self._materialize()
+        self._refuse_changes_after_load(materialized.source)
         analysis = time.perf_counter() - started
         secrets = {n: host.secrets[n] for n in host.config.secret_names if host.secrets.source_of(n)}
         result = model.run(
@@ -153,6 +154,31 @@ class ShipMagics(Magics):
         model.last_export = result.target
         model.frontend.exported(result.replayed)  # publishes; the lab notification says how many replayed
         return result
+
+    def _refuse_changes_after_load(self, source) -> None:
+        """A global that load() changes travels as it was before the load, so that the deployment's load() starts
+        where the notebook's started. A cell that changed it again after %model_load made a value no deployment
+        can reach (it runs load() alone): refused, naming the cell, before the check (whose replay might not read
+        the change)."""
+        from ..core.load_snapshot import changed_by_load, where_load_changes
+        from ..core.source import named_through
+
+        model, live = self.model, self.shell.user_ns
+        if not model.loaded_at:
+            return
+        loaded = model.loaded_at[-1]
+        used = {inc.name for inc in source.included}
+        for name in (n for n in changed_by_load(live) if n in used):
+            later = [c for c in source.changes.get(name, []) if c.cell > loaded]
+            change = named_through([c for c in later if c.kind == "through"]) or next(iter(later), None)
+            if change is None:
+                continue
+            raise UsageError(
+                f"`{name}` is changed by load() ({where_load_changes(live, name)}) and again after %model_load ran "
+                f"(cell {loaded + 1}): {change.describe()}. A deployment runs load() alone, starting from the value "
+                f"the notebook had before its load, so it would not have that change. Run %model_load again after "
+                f"that cell (load() then starts from the value as the notebook has it now) and %model_predict, then "
+                f"export again; or make the change before %model_load, or inside load(). Nothing was exported.")
 
     def _explain_mismatch(self, materialized, index: int) -> "Optional[MismatchHint]":
         """The most likely reason a replayed answer differs, from what the kernel knows."""
