@@ -119,6 +119,7 @@ SLOW = {
     "test_fidelity::test_a_value_changed_after_the_recorded_predictions_fails_the_replay",
     "test_fidelity::test_a_value_that_cannot_be_saved_refuses_the_export_naming_it",
     "test_fidelity::test_truss_compatibility_warnings_in_the_notebook",
+    "test_fidelity_verified::test_cells_run_before_load_ext_count_in_the_kernel_and_in_execute",
     "test_fidelity_verified::test_a_module_attribute_changed_out_of_sight_travels_with_the_whole_module",
     "test_fidelity_verified::test_execute_stops_at_a_failing_cell_naming_it_and_exports_nothing",
     "test_fidelity_verified::test_cells_are_counted_as_jupyter_numbers_them_code_cells_only",

@@ -399,6 +399,44 @@ def test_a_load_that_opens_a_relative_data_path_is_checked_where_truss_runs_it(t
     assert not list((tmp_path / "out").rglob("written_by_load.txt"))
 
 
+def test_a_load_that_opens_a_file_beside_the_notebook_is_told_how_to_ship_it(tmp_path, fresh_kernel):
+    """load() opens `labels.txt` beside the notebook, which a deployment (run in the exported directory) lacks:
+    the refusal says to move it into data/ and read it from there, as the notebook can too (also where --data
+    copied it, which the notebook's load() does not read); a file missing from data/ is named by the export's path,
+    not the hidden build folder's."""
+    (tmp_path / "labels.txt").write_text("red green\n")
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k.ok("%%model\nclass Model:\n    def load(self):\n        self.labels = open('labels.txt').read().split()\n"
+         "    def predict(self, model_input):\n        return self.labels")
+    k.ok("%model_load\n%model_predict {}")
+    message = usage_error(k.execute("%model_export out"))
+    advice = ("load() reads `labels.txt` from the working directory: it is beside the notebook, but a deployment runs in "
+              "the exported directory, where only data/ goes with the model{}. Move it into a data/ folder beside the "
+              "notebook and read it in load() as `data/labels.txt`: the notebook and the deployment both find it there")
+    assert advice.format("") in message, message
+    message = usage_error(k.execute("%model_export out --data labels.txt"))
+    assert advice.format(" (--data copied it there, as data/labels.txt)") in message, message
+    k.ok("%%model\nclass Model:\n    def load(self):\n        self.labels = open('data/labels.txt').read().split()\n"
+         "    def predict(self, model_input):\n        return self.labels")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "labels.txt").rename(tmp_path / "data" / "labels.txt")
+    k.ok("%model_load\n%model_predict {}")
+    (tmp_path / "data" / "labels.txt").rename(tmp_path / "data" / "moved.txt")
+    message = usage_error(k.execute("%model_export out"))
+    assert "`data/labels.txt` is not in the export" in message and ".building-" not in message, message
+    k.ok("%%model\nclass Model:\n    def __init__(self, data_dir):\n        self.data = data_dir\n"
+         "    def load(self):\n        self.labels = (self.data / 'labels.txt').read_text().split()\n"
+         "    def predict(self, model_input):\n        return self.labels")
+    (tmp_path / "data" / "moved.txt").rename(tmp_path / "data" / "labels.txt")
+    k.ok("%model_load\n%model_predict {}")
+    (tmp_path / "data" / "labels.txt").rename(tmp_path / "data" / "moved.txt")
+    message = usage_error(k.execute("%model_export out"))  # (data_dir: an absolute path, in the build folder)
+    assert f"No such file or directory: '{tmp_path / 'out' / 'data' / 'labels.txt'}'" in message, message
+    assert "`data/labels.txt` is not in the export" in message and ".building-" not in message, message
+    (tmp_path / "data" / "moved.txt").rename(tmp_path / "data" / "labels.txt")
+    assert "Replayed 1 recorded prediction" in k.ok("%model_export out").stdout
+
+
 def test_why_lists_what_a_cell_sets_on_a_module_beside_the_notebook_before_any_export(tmp_path, fresh_kernel):
     """%model_show --why names the attributes a cell visibly sets on a local module (they travel as values set
     after the import) and says how the module itself travels, without waiting for an export to measure them."""

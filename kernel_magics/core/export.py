@@ -523,7 +523,8 @@ def export_model(
         record = materialized.record if replay else None
         started = time.perf_counter()
         verification = Verification(materialized, lambda m: _rewrite(build, m, data_sources, secret_values, scanner))
-        result.replayed, stages, notes = _check(build, record, secrets, python, explain_mismatch, verification)
+        result.replayed, stages, notes = _check(build, record, secrets, python, explain_mismatch, verification,
+                                                shown=(target, base_dir))
         result.source = verification.materialized.source
         result.warnings += notes
         result.timings["check"] = time.perf_counter() - started
@@ -746,16 +747,21 @@ def _rewrite(build: Path, materialized: Materialized, data_sources: Sequence[Pat
 
 
 def _check(build: Path, record: Optional[PredictionRecord], secrets: Optional[dict], python: str,
-           explain_mismatch: Any, verification: "Verification") -> tuple[int, dict, list[str]]:
+           explain_mismatch: Any, verification: "Verification",
+           shown: tuple[Path, Path]) -> tuple[int, dict, list[str]]:
     """The fresh-process check; with recorded predictions, load and replay each. Names re-run from
     source are verified against the kernel's live values on the way (see verification.py).
-    Returns how many were replayed, the child's seconds per stage, and warnings."""
+    Returns how many were replayed, the child's seconds per stage, and warnings. ``shown``: the target and the
+    notebook's folder, for what a failed check says."""
     from .truss_dir import explain_check_failure
 
     replay = [r.as_dict() for r in record] if record is not None else []
     report, truss = verification.run(lambda fingerprint: _run_fresh(build, replay, secrets, python, fingerprint))
     if report.error:
-        raise ExportError(explain_check_failure(report, truss, during="export"))
+        # (paths in the build folder, which the user never sees, as they will be in the export)
+        target, notebook_dir = shown
+        message = explain_check_failure(report, truss, during="export", notebook_dir=notebook_dir)
+        raise ExportError(message.replace(str(build), str(target)).replace(build.name, target.name))
     measured = verification.measured_cause(report)
     for item in report.mismatches:
         explain = (lambda index: measured) if measured else explain_mismatch

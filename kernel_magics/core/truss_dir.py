@@ -466,8 +466,10 @@ def _shown_line(text: Optional[str], limit: int = 120) -> str:
     return f": `{line[:limit]}...`" if len(line) > limit else f": `{line}`"
 
 
-def explain_check_failure(report: "CheckReport", truss: "TrussDir", *, during: str) -> str:
-    """One paragraph on why the fresh-process check failed and what to do, for ``validate`` or an export."""
+def explain_check_failure(report: "CheckReport", truss: "TrussDir", *, during: str,
+                          notebook_dir: Optional[Path] = None) -> str:
+    """One paragraph on why the fresh-process check failed and what to do, for ``validate`` or an export
+    (``notebook_dir``: where the notebook's own files are)."""
     error = report.error or "unknown error"
     what = {"import": f"importing {truss.relative(truss.model_file)}", "init": f"creating `{truss.config.model_class_name}`",
             "load": "load()"}.get(report.stage, report.stage)
@@ -490,7 +492,36 @@ def explain_check_failure(report: "CheckReport", truss: "TrussDir", *, during: s
     if during == "validate" and error.startswith("FileNotFoundError"):  # (as `kernel-magics predict` says it)
         reader = "load()" if report.stage == "load" else truss.relative(truss.model_file)
         return f"{head} {missing_file_advice(reader, truss.relative(truss.model_file))}."
+    if during == "export" and error.startswith("FileNotFoundError"):
+        reader = "load()" if report.stage == "load" else "the model"
+        return f"{head} {_file_left_behind_advice(error, reader, truss.root, notebook_dir)}"
     return head
+
+
+def _file_left_behind_advice(error: str, reader: str, root: Path, notebook_dir: Optional[Path]) -> str:
+    """An export whose model reads a file that is not there: the deployment runs in the exported directory
+    (Truss's /app, here ``root``), where only data/ and packages/ go with the model."""
+    import re
+
+    found = re.search(r"No such file or directory: '([^']+)'", error)
+    name = found.group(1) if found else None
+    data = root / "data"
+    read = Path(os.path.normpath(root / name)) if name else None  # (the check runs in root, as Truss in /app)
+    if read is not None and read.is_relative_to(data):
+        inside = read.relative_to(data)
+        return (f"`data/{inside}` is not in the export: its data/ is the notebook's data/ folder (or data_dir) and "
+                f"what --data copies. Put the file there, or fix the name {reader} reads.")
+    if name and not Path(name).is_absolute():
+        copied = (data / Path(name).name).exists()
+        if copied or (notebook_dir is not None and (notebook_dir / name).exists()):
+            return (f"{reader} reads `{name}` from the working directory: it is beside the notebook, but a deployment "
+                    f"runs in the exported directory, where only data/ goes with the model"
+                    f"{' (--data copied it there, as data/' + Path(name).name + ')' if copied else ''}. Move it into "
+                    f"a data/ folder beside the notebook and read it in {reader} as `data/{Path(name).name}`: the "
+                    f"notebook and the deployment both find it there (`data_dir`, which __init__ can take, is that "
+                    f"folder).")
+    return ("Keep the files the model reads in a data/ folder beside the notebook and read them from `data/` "
+            "(`data_dir`, which __init__ can take, is that folder): the export copies it.")
 
 
 def missing_file_advice(reader: str, fix_in: str, filename: Optional[str] = None) -> str:
