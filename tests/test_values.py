@@ -8,6 +8,7 @@ Each saved file is then checked for ``__main__``.
 """
 
 import io
+import stat
 import json
 import pickletools
 import subprocess
@@ -281,3 +282,32 @@ def test_the_model_package_is_importable_as_in_truss(tmp_path):
                           cwd=tmp_path, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["model.model", str(root / "model")]
+
+
+def test_every_value_file_of_an_export_reads_as_its_other_files_do(tmp_path, monkeypatch):
+    """safetensors writes its files 0600: a container that runs the model as another user than the one who built
+    the image could not read the weights. The export gives every value file the mode its config.yaml has (the
+    umask's), whatever wrote it."""
+    import os
+
+    pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    from kernel_magics.core.config import ModelConfig
+    from kernel_magics.core.export import export_model, materialize
+    from kernel_magics.core.replay import PredictionRecord
+
+    cells = ["import torch\nimport numpy as np", "shift = torch.arange(3.0)\nshift.mul_(2)\nbig = np.arange(5.0)\nbig *= 3",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n"
+             "        return shift.tolist() + big.tolist()"]
+    live = run_cells(cells)
+    record = PredictionRecord()
+    record.add({}, [0.0, 2.0, 4.0, 0.0, 3.0, 6.0, 9.0, 12.0])
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(0o022)
+    try:
+        materialized = materialize(cells, ModelConfig(), tmp_path, "nb.ipynb", live=live, record=record)
+        export_model(tmp_path / "out", materialized, base_dir=tmp_path)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out" / "data" / VALUES_DIR).iterdir()}
+    assert "shift.safetensors" in modes and set(modes.values()) == {0o644}, modes

@@ -606,6 +606,12 @@ def _save_values(build: Path, materialized: Materialized, secret_values: Iterabl
                               f"{exc}. Build it inside load() instead.") from None
         if (folder / plan.filename).is_file() and scanner.find_in_file(folder / plan.filename) is not None:
             raise ExportError(_value_refusal(folder / plan.filename, plan, secret_values))
+    # Every value file with the mode any file written here gets (the umask's, as config.yaml has it): safetensors
+    # writes 0600, which a container that runs the model as another user than the one who built it cannot read.
+    mode = stat.S_IMODE((build / "config.yaml").stat().st_mode)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
 
 
 # ------------------------------------------------------------------ no secret in any exported byte
