@@ -311,3 +311,16 @@ def test_every_value_file_of_an_export_reads_as_its_other_files_do(tmp_path, mon
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out" / "data" / VALUES_DIR).iterdir()}
     assert "shift.safetensors" in modes and set(modes.values()) == {0o644}, modes
+
+
+def test_a_value_loader_reads_its_library_through_the_notebooks_alias(tmp_path):
+    """`import numpy as np` in the notebook: the loader of an array says `np.load`, with no second
+    `import numpy` beside it; a value named like the module keeps its file name."""
+    pytest.importorskip("numpy")
+    cells = ["import numpy as np", "MEAN = np.arange(3.0)\nMEAN *= 2\nnumpy = np.ones(2)\nnumpy *= 3",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return (np.asarray(MEAN) + numpy.sum()).tolist()"]
+    expected, got, source = ship(tmp_path / "out", cells, {"mean": "MEAN.tolist()", "numpy": "numpy.tolist()"})
+    assert got == expected
+    imports = [line for line in source.text.splitlines() if line.startswith("import ")]
+    assert imports == ["import numpy as np", "import pathlib"], source.text
+    assert 'MEAN = np.load(_VALUES / "MEAN.npy"' in source.text and '"numpy.npy"' in source.text, source.text

@@ -860,7 +860,7 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
     elif problem:
         reason = f"{problem} (cell {definition.cell + 1})"
     else:
-        reason = f"{stateful}, which holds trained or random state"
+        reason = f"{stateful}, which may hold trained or random state: saved, not computed again"
     rebuild = (stateful == "a torch module" and not problem and not rebound and _single_call(definition)
                and all(_weights_only(c) for c in changes))
     keep = rebuild or definition.kind == "block"  # `w, tag = train()` re-runs only for a name that needs it
@@ -1267,6 +1267,23 @@ def _attribute_value(key: str, reason: str, live: Mapping[str, Any], where: _Def
     plans[key] = (plan, where.order)
 
 
+def _module_aliases(imports: list[str]) -> dict[str, str]:
+    """``import numpy as np`` lines of model.py: module -> the name it is bound to."""
+    found = {}
+    for line in imports:
+        node = ast.parse(line).body[0]
+        if isinstance(node, ast.Import):
+            found.update({a.name: a.asname for a in node.names if a.asname})
+    return found
+
+
+def _with_alias(line: str, module: str, alias: str) -> str:
+    """A value loader's line with ``module.`` read through the notebook's alias (not inside a quoted file name)."""
+    import re
+
+    return re.sub(rf"(?<![\w.\"'/]){re.escape(module)}\.", f"{alias}.", line)
+
+
 def _render(chosen, included, stars, plans, notebook: str) -> str:
     imports: list[str] = []
     future: list[str] = []
@@ -1290,16 +1307,21 @@ def _render(chosen, included, stars, plans, notebook: str) -> str:
         else:
             body.append((definition.order, 0, definition.text))
     prelude: list[str] = []
+    aliases = _module_aliases(imports)
     for order, group in by_order.items():
         for plan in sorted(group, key=lambda p: (p.alias_of is not None, p.name)):  # an alias after its object
+            lines = plan.lines
             for line in plan.prelude_imports + plan.imports:
-                if line not in imports:
+                module = line[len("import "):] if line.startswith("import ") and " " not in line[7:] else None
+                if module in aliases:  # `import numpy as np` is there: the loader says `np.load`, not a 2nd import
+                    lines = [_with_alias(text, module, aliases[module]) for text in lines]
+                elif line not in imports:
                     imports.append(line)
             for line in plan.prelude:
                 if line not in prelude:
                     prelude.append(line)
             note = f"# `{plan.name}` is the notebook's value ({plan.format}): see %model_show --why"
-            body.append((order, 1, note + "\n" + "\n".join(plan.lines)))
+            body.append((order, 1, note + "\n" + "\n".join(lines)))
     for star in stars:
         if star.text not in imports:
             imports.append(star.text)
