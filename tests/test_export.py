@@ -300,7 +300,20 @@ def test_requirements_pinning_rules():
     assert pinned[2].startswith("ipython==") and pinned[2].endswith('; python_version > "3"')
     assert any(p.startswith("pydantic==") for p in pinned)
     assert not any(p.startswith(("json", "mylocal", "PyYAML")) for p in pinned)  # stdlib, local, duplicate
-    assert warnings == ["could not tell which distribution provides module `notinstalled_xyz`; add it to requirements yourself."]
+    import yaml
+
+    assert warnings == [
+        f"requirement `pyyaml>=5` is a range: the export was checked with pyyaml {yaml.__version__}, and a deployment "
+        f"may install another version. Write `pyyaml=={yaml.__version__}` in %%model_config to serve what the notebook "
+        "ran.",
+        "could not tell which distribution provides module `notinstalled_xyz`; add it to requirements yourself."]
+    # A written pin that excludes what the check ran with says so; one that matches it, or a marker that does not
+    # apply here, says nothing.
+    assert pin_requirements(["torch==2.0.0", "numpy==2.4.6 ; python_version < '3'", "torch<3"], [])[1] == [
+        "requirement `torch==2.0.0` excludes torch 2.13.0, which the export was checked with: a deployment installs "
+        "another version. Write `torch==2.13.0` in %%model_config, or install a version it allows here.",
+        "requirement `torch<3` is a range: the export was checked with torch 2.13.0, and a deployment may install "
+        "another version. Write `torch==2.13.0` in %%model_config to serve what the notebook ran."]
     with pytest.raises(MaterializeError, match="imports kernel_magics"):
         pin_requirements([], ["kernel_magics"])
 

@@ -161,6 +161,19 @@ def pin_requirements(written: Sequence[str], modules: Iterable[str], local: Iter
             out.append(f"{req.name}{extras}=={version}{marker}")
         else:
             out.append(line)
+            ran = installed(req.name) if req.specifier and not req.url else None
+            if ran and (req.marker is None or req.marker.evaluate()):
+                # Kept as written (the user's choice): said where a deployment may install another version than
+                # the one the check ran with.
+                exact = len(req.specifier) == 1 and next(iter(req.specifier)).operator in ("==", "===")
+                if not req.specifier.contains(ran, prereleases=True):
+                    warnings.append(f"requirement `{line}` excludes {req.name} {ran}, which the export was checked "
+                                    f"with: a deployment installs another version. Write `{req.name}=={ran}` in "
+                                    f"%%model_config, or install a version it allows here.")
+                elif not exact:
+                    warnings.append(f"requirement `{line}` is a range: the export was checked with {req.name} {ran}, "
+                                    f"and a deployment may install another version. Write `{req.name}=={ran}` in "
+                                    f"%%model_config to serve what the notebook ran.")
     packages = _packages_distributions()
     local = set(local)
     for module in modules:
