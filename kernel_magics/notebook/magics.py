@@ -365,7 +365,7 @@ class ModelMagics(Magics):
         self.wait_for_background_load()
         gpu = self.host.device if (self.host.device or "").startswith("cuda") else devices.guess_gpu()
         before = devices.memory_stats(gpu)
-        released = self.host.unload()
+        released = had_model = self.host.unload()
         # What IPython keeps of the last error (its frames hold the locals of a failed load or predict).
         for holder in ("last_traceback", "last_value", "last_exc"):
             kept = getattr(sys, holder, None)
@@ -389,7 +389,7 @@ class ModelMagics(Magics):
 
             free_memory()
         after = devices.memory_stats(gpu)
-        if not released:
+        if not had_model:  # (what the last error of another cell held is freed all the same, without a word)
             print("No model was loaded.")
         elif before and after:
             print(f"Model unloaded; {gpu} memory allocated: {before['allocated'] / 2**20:,.0f} MiB -> "
