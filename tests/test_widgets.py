@@ -260,6 +260,12 @@ def test_plain_text_fallback_and_no_widget_flag(wkernel, tmp_path, fresh_kernel)
     define(k, "class Model:\n    def predict(self, model_input):\n        yield from ['a', 'b']\n")
     ex = k.ok("%model_predict {}")
     assert not comm_opens(ex, "AnyModel") and "ab\n[done: 2 chunks" in ex.stdout
+    # The first text is written at once (the time to it is what a user waits for), not after the coalescing
+    # interval (0.5 s) with what came next.
+    define(k, "class Model:\n    def predict(self, model_input):\n        yield 'first '\n        time.sleep(0.8)\n"
+              "        yield from ['then ', 'the ', 'rest']\n")
+    texts = [o["text"] for o in k.ok("%model_predict {}").outputs if o["type"] == "stream" and o["name"] == "stdout"]
+    assert texts[0] == "first " and "".join(texts).startswith("first then the rest\n[done: 4 chunks"), texts
 
 
 # ---------------------------------------------------------------- the load view

@@ -217,14 +217,15 @@ def _in_a_kernel() -> bool:
 class PlainStream:
     """The stream view's twin for frontends without widgets: text as it arrives, then a summary line.
 
-    In a kernel (nbconvert, papermill, a console) the text is written about twice a second, so a saved
-    notebook holds a few stream outputs, not one per update; in a terminal it is written as it comes.
+    In a kernel (nbconvert, papermill, a console) the first text is written at once and the rest about twice a
+    second, so a saved notebook holds a few stream outputs, not one per update; in a terminal it is written as it
+    comes.
     """
 
     def __init__(self) -> None:
         self._printed = 0
         self._pending = ""
-        self._last = time.monotonic()
+        self._last = float("-inf")  # the first text is written at once: the time to it is what a user waits for
         self.interval = 0.5 if _in_a_kernel() else 0.0
 
     def update(self, text: str, stats: StreamStats) -> None:
