@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--no-import", action="store_true",
                           help="Skip importing model.py in a fresh Python (for a model whose packages are not "
                                "installed here, a GPU host's torch say); the static checks still run.")
+    validate.add_argument("--secrets-dir", type=Path, default=None,
+                          help="A folder with one file per secret, named after it (as Truss mounts /secrets), for "
+                               "the load the check runs; TRUSS_SECRET_<name> variables work too.")
     predict = sub.add_parser(
         "predict", help="Load a Truss directory and print its answer to one input, as `truss predict` does.",
         description="Load the model once, in this process (as the server would), run one prediction and print "
@@ -194,7 +197,7 @@ def _validate(args: argparse.Namespace) -> int:
     truss = TrussDir.open(args.dir)
     for warning in truss.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(validate(truss, import_check=not args.no_import).summary())
+    print(validate(truss, import_check=not args.no_import, secrets_dir=args.secrets_dir).summary())
     return 0
 
 
@@ -390,6 +393,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .core.errors import KernelMagicsError, PortUnavailable
 
     try:
+        secrets_dir = getattr(args, "secrets_dir", None)
+        if secrets_dir is not None and not secrets_dir.is_dir():  # (else every secret would be "not set" there)
+            raise _UsageError(f"--secrets-dir {secrets_dir} is not a folder. Give the folder that holds one file per "
+                              "secret, named after it.")
         return {"export": _export, "validate": _validate, "serve": _serve, "predict": _predict,
                 "completion": _completion}[args.command](args)
     except _UsageError as exc:

@@ -249,3 +249,32 @@ def test_bash_completion_completes_commands_options_and_choices():
     assert complete("kernel-magics", "serve", "--engine", "r") == ["ray"]
     assert complete("kernel-magics", "completion", "") == ["bash"]
     assert "--secrets-from-stdin" not in script  # hidden options stay hidden
+
+
+def test_validate_loads_with_the_secrets_of_a_secrets_dir_as_serve_does(tmp_path):
+    """validate loads the model to answer its example input: a secret comes from --secrets-dir (as Truss mounts
+    /secrets) as it does for serve and predict; a --secrets-dir that is not a folder is a usage error."""
+    import os
+
+    from server_harness import write_truss
+
+    d = write_truss(tmp_path / "m", "class Model:\n    def __init__(self, secrets):\n        self._secrets = secrets\n"
+                    "    def load(self):\n        self.token = self._secrets['tok']\n"
+                    "    def predict(self, model_input):\n        return len(self.token)\n",
+                    'model_name: m\nsecrets: {tok: null}\nmodel_metadata: {example_model_input: {"x": 1}}\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRUSS_SECRET_")}
+
+    def validate(*args):
+        return subprocess.run([sys.executable, "-m", "kernel_magics", "validate", str(d), *args], capture_output=True,
+                              text=True, env=env, timeout=120)
+
+    done = validate()
+    assert done.returncode == 1 and "Secret 'tok' has no value" in done.stderr, done.stderr
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "tok").write_text("abc")
+    done = validate("--secrets-dir", str(tmp_path / "secrets"))
+    assert done.returncode == 0 and "answered model_metadata.example_model_input" in done.stdout, done.stderr
+    done = validate("--secrets-dir", str(tmp_path / "nowhere"))
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"error: --secrets-dir {tmp_path / 'nowhere'} is not a folder. Give the folder that holds one file per secret, "
+        "named after it."), done.stderr

@@ -419,12 +419,13 @@ class Validation:
         return "; ".join(parts) + "."
 
 
-def validate(truss: "TrussDir", *, import_check: bool = True) -> Validation:
+def validate(truss: "TrussDir", *, import_check: bool = True, secrets_dir: Optional[Path] = None) -> Validation:
     """Check a Truss directory as a deployment would take it; raise TrussDirError saying what is wrong.
 
     Static checks always; then, unless ``import_check`` is off, a fresh Python imports the
     model file and instantiates the class, and, when the config has
-    ``model_metadata.example_model_input``, loads the model and answers that input.
+    ``model_metadata.example_model_input``, loads the model and answers that input (with the secrets
+    ``secrets_dir`` holds, as Truss mounts them, beside the TRUSS_SECRET_<name> variables).
     """
     cls = truss.check_static()
     result = Validation(truss, cls.name)
@@ -432,7 +433,9 @@ def validate(truss: "TrussDir", *, import_check: bool = True) -> Validation:
         return result
     example = truss.config.model_metadata.get("example_model_input")
     replay = [{"input": example}] if example is not None else []
-    report = truss.check_in_fresh_process(load=bool(replay), replay=replay)
+    store = truss.secret_store(secrets_dir=Path(secrets_dir).resolve() if secrets_dir is not None else None)
+    secrets = {name: store[name] for name in truss.config.secret_names if store.source_of(name)}
+    report = truss.check_in_fresh_process(load=bool(replay), replay=replay, secrets=secrets or None)
     if report.error:
         raise TrussDirError(explain_check_failure(report, truss, during="validate"))
     failed = [r for r in report.replayed if not r["ok"]]
