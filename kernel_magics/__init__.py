@@ -23,7 +23,10 @@ def load_ipython_extension(ipython) -> None:
     ipython.events.register("pre_run_cell", magics.note_cell)
     ipython.events.register("post_run_cell", magics.record_cell)
     ipython.events.register("pre_execute", wait_for_spare_planning)
+    from .notebook.completion import install as complete_options
     from .notebook.frontend import apply_settings
+
+    complete_options(ipython)  # Tab after `%model_export --` offers its options
 
     # The lab extension's channel: follows the host's predictions, applies the extension's settings.
     magics.frontend.start(magics.host, lambda settings: apply_settings(magics, settings))

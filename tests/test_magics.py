@@ -351,3 +351,26 @@ def test_missing_secret_names_the_variable_and_model_secret_prompts(kernel):
     for out in (ex, load):
         assert CANARY not in out.all_text
     assert_usage_error(kernel.execute("%model_secret undeclared"), "not declared in the config")
+
+
+# ---------------------------------------------------------------- tab completion
+
+def test_tab_completes_the_options_of_the_magics_not_python_names(fresh_kernel):
+    """Jedi completed `%model_export --f` as the expression `- -f` (`--filter`, `--float`): the magics' own
+    options answer instead, and the choices of an option or a positional argument; elsewhere (a path, an input)
+    IPython's completers answer as before. Once, after %reload_ext too."""
+    kernel = fresh_kernel(load_ext=True)
+
+    def matches(code: str) -> list[str]:
+        kernel.kc.complete(code, len(code))
+        reply = kernel.kc.get_shell_msg(timeout=30)
+        return reply["content"]["matches"]
+
+    assert matches("%model_export --f") == ["--force"]
+    assert matches("%model_export --") == ["--data", "--force", "--no-replay"]
+    assert matches("%model_serve --engine ") == ["kernel", "ray"]
+    assert matches("%model_show ") == ["config.yaml", "model.py"]
+    assert matches("%model_show --why c") == ["config.yaml"]
+    assert "--force" not in matches("%model_export ./o")  # the directory: IPython's own completions
+    kernel.ok("%reload_ext kernel_magics")
+    assert matches("%model_export --no") == ["--no-replay"]
