@@ -307,13 +307,21 @@ def test_requirements_pinning_rules():
         f"may install another version. Write `pyyaml=={yaml.__version__}` in %%model_config to serve what the notebook "
         "ran.",
         "could not tell which distribution provides module `notinstalled_xyz`; add it to requirements yourself."]
-    # A written pin that excludes what the check ran with says so; one that matches it, or a marker that does not
-    # apply here, says nothing.
-    assert pin_requirements(["torch==2.0.0", "numpy==2.4.6 ; python_version < '3'", "torch<3"], [])[1] == [
-        "requirement `torch==2.0.0` excludes torch 2.13.0, which the export was checked with: a deployment installs "
-        "another version. Write `torch==2.13.0` in %%model_config, or install a version it allows here.",
-        "requirement `torch<3` is a range: the export was checked with torch 2.13.0, and a deployment may install "
-        "another version. Write `torch==2.13.0` in %%model_config to serve what the notebook ran."]
+    # A written pin that excludes what the check ran with says so; one that matches it (its local tag too), or a
+    # marker that does not apply here, says nothing; a wildcard pin is a range.
+    import importlib.metadata
+
+    full = importlib.metadata.version("torch")  # 2.13.0+cpu
+    torch = full.split("+")[0]
+    assert pin_requirements(["torch==2.0.0", "numpy==1.0 ; python_version < '3'", f"torch=={full}", "torch<99",
+                             "pyyaml==6.*"], [])[1] == [
+        f"requirement `torch==2.0.0` excludes torch {torch}, which the export was checked with: a deployment installs "
+        f"another version. Write `torch=={torch}` in %%model_config, or install a version it allows here.",
+        f"requirement `torch<99` is a range: the export was checked with torch {torch}, and a deployment may install "
+        f"another version. Write `torch=={torch}` in %%model_config to serve what the notebook ran.",
+        f"requirement `pyyaml==6.*` is a range: the export was checked with pyyaml {yaml.__version__}, and a deployment "
+        f"may install another version. Write `pyyaml=={yaml.__version__}` in %%model_config to serve what the notebook "
+        "ran."]
     with pytest.raises(MaterializeError, match="imports kernel_magics"):
         pin_requirements([], ["kernel_magics"])
 

@@ -286,25 +286,27 @@ def test_a_global_that_load_changes_and_a_cell_changes_after_the_load_is_refused
     and the remedy; after %model_load runs again the value travels as the notebook has it. A cache that load()
     clears and predict fills changes after the load too, in no cell: exported, not refused."""
     k = fresh_kernel(cwd=tmp_path, load_ext=True)
-    k.ok("THRESHOLDS = {}\nCACHE = {}")
+    k.ok("THRESHOLDS = {}\nCACHE = {}\nNAMES = []")
     k.ok("%%model\nclass Model:\n    def load(self):\n        THRESHOLDS.setdefault('min_score', 0.5)\n"
-         "        CACHE.clear()\n    def predict(self, model_input):\n"
-         "        CACHE[model_input['x']] = THRESHOLDS['min_score']\n        return {'t': CACHE[model_input['x']]}")
+         "        CACHE.clear()\n        NAMES.append('n')\n    def predict(self, model_input):\n"
+         "        CACHE[model_input['x']] = THRESHOLDS['min_score']\n"
+         "        return {'t': CACHE[model_input['x']], 'names': sorted(NAMES)}")
     k.ok("%model_load")  # cell 4
-    k.ok("THRESHOLDS['min_score'] = 0.7")  # cell 5
+    k.ok("THRESHOLDS['min_score'] = 0.7\nprint(sorted(NAMES))")  # cell 5: NAMES is only read
     k.ok('%model_predict {"x": 1}')
     message = usage_error(k.execute("%model_export out"))
     assert message.startswith("`THRESHOLDS` is changed by load() (`THRESHOLDS.setdefault('min_score', 0.5)` in load(), "
                               "cell 3, line 4) and again after %model_load ran (cell 4): "
                               "`THRESHOLDS['min_score'] = 0.7` in cell 5, line 1."), message
     assert "Run %model_load again after that cell" in message and "CACHE" not in message, message
+    assert "NAMES" not in message, message
     assert not (tmp_path / "out").exists()
     k.ok("%model_load")
     k.ok('%model_predict {"x": 1}')
     k.ok('%model_predict {"x": 2}')
     assert "Replayed 2 recorded predictions" in k.ok("%model_export out").stdout
     with serve_ours(tmp_path / "out") as ours:
-        assert answers_of(ours, [{"x": 1}]) == [{"t": 0.7}]
+        assert answers_of(ours, [{"x": 1}]) == [{"t": 0.7, "names": ["n", "n"]}]
 
 
 def test_a_global_that_load_changes_and_is_too_large_to_copy_is_refused_naming_the_line(tmp_path, fresh_kernel):

@@ -324,3 +324,8 @@ def test_a_value_loader_reads_its_library_through_the_notebooks_alias(tmp_path):
     imports = [line for line in source.text.splitlines() if line.startswith("import ")]
     assert imports == ["import numpy as np", "import pathlib"], source.text
     assert 'MEAN = np.load(_VALUES / "MEAN.npy"' in source.text and '"numpy.npy"' in source.text, source.text
+    # The prelude's `pathlib.Path` keeps its own import when the notebook binds pathlib to another name.
+    cells = ["import numpy as np\nimport pathlib as pl", "MEAN = np.arange(3.0)\nMEAN *= 2",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return [str(pl.Path('a')), *MEAN]"]
+    expected, got, source = ship(tmp_path / "out2", cells, {"mean": "MEAN.tolist()"})
+    assert got == expected and "import pathlib\n" in source.text and "import pathlib as pl" in source.text

@@ -164,9 +164,11 @@ def pin_requirements(written: Sequence[str], modules: Iterable[str], local: Iter
             ran = installed(req.name) if req.specifier and not req.url else None
             if ran and (req.marker is None or req.marker.evaluate()):
                 # Kept as written (the user's choice): said where a deployment may install another version than
-                # the one the check ran with.
-                exact = len(req.specifier) == 1 and next(iter(req.specifier)).operator in ("==", "===")
-                if not req.specifier.contains(ran, prereleases=True):
+                # the one the check ran with (compared with its local tag: `torch==2.13.0+cpu` matches it).
+                full = importlib.metadata.version(req.name)
+                only = next(iter(req.specifier)) if len(req.specifier) == 1 else None
+                exact = only is not None and only.operator in ("==", "===") and "*" not in only.version
+                if not req.specifier.contains(full, prereleases=True):
                     warnings.append(f"requirement `{line}` excludes {req.name} {ran}, which the export was checked "
                                     f"with: a deployment installs another version. Write `{req.name}=={ran}` in "
                                     f"%%model_config, or install a version it allows here.")

@@ -24,8 +24,8 @@ from typing import Any, Iterable, Optional
 from .fingerprint import fingerprint, same
 from .source import MaterializeError
 
-__all__ = ["before_load", "after_load", "planning_view", "before_fingerprint", "changed_by_load", "where_load_changes",
-           "COPY_LIMIT"]
+__all__ = ["before_load", "after_load", "planning_view", "before_fingerprint", "changed_by_load", "changed_since_load",
+           "where_load_changes", "COPY_LIMIT"]
 
 COPY_LIMIT = 64 * 2**20  # bytes: a bigger value is fingerprinted, not copied (a copy costs memory at every load)
 TOTAL_COPY_LIMIT = 256 * 2**20  # bytes, all copies of one load together
@@ -44,6 +44,7 @@ class _Snapshot:
     after: Optional[dict[str, Any]] = None  # the objects bound when load ended
     changed: set[str] = field(default_factory=set)
     unfollowed: set[str] = field(default_factory=set)  # too big to fingerprint; load() visibly changes them
+    after_prints: dict[str, Optional[dict]] = field(default_factory=dict)  # the changed ones' fingerprints then
 
 
 _PLAIN = frozenset({str, bytes, bool, int, float, complex, type(None)})
@@ -127,11 +128,12 @@ def after_load(live: dict) -> None:
             if n in live:
                 changed.add(n)
             continue
-        before = snapshot.before[n]
+        before, now = snapshot.before[n], fingerprint(after[n])
         # (a value without a fingerprint, which cannot be pickled, counts as changed only when load rebinds it)
-        if after[n] is not snapshot.objects[n] or (before is not None and not same(before, fingerprint(after[n]))):
+        if after[n] is not snapshot.objects[n] or (before is not None and not same(before, now)):
             if n in live:
                 changed.add(n)
+                snapshot.after_prints[n] = now
     snapshot.after, snapshot.changed = after, changed
     snapshot.objects = {}  # (only needed to tell what load rebound: not kept alive any longer)
 
@@ -154,6 +156,14 @@ def before_fingerprint(live: Optional[Mapping[str, Any]], name: str) -> Optional
     if name not in changed_by_load(live):
         return None
     return _current(live).before.get(name)
+
+
+def changed_since_load(live: Optional[Mapping[str, Any]]) -> list[str]:
+    """The names the last load changed whose value has changed again since it ended (measured: a cell, or
+    predict filling a cache); the export plans them from before the load all the same."""
+    snapshot = _current(live) if live is not None else None
+    return [n for n in changed_by_load(live) if snapshot.after_prints.get(n) is not None
+            and not same(snapshot.after_prints[n], fingerprint(live[n]))]
 
 
 def where_load_changes(live: Mapping[str, Any], name: str) -> str:

@@ -1313,7 +1313,9 @@ def _render(chosen, included, stars, plans, notebook: str) -> str:
             lines = plan.lines
             for line in plan.prelude_imports + plan.imports:
                 module = line[len("import "):] if line.startswith("import ") and " " not in line[7:] else None
-                if module in aliases:  # `import numpy as np` is there: the loader says `np.load`, not a 2nd import
+                if module in aliases and line in plan.imports:
+                    # `import numpy as np` is there: the loader says `np.load`, without a second import (the
+                    # prelude's lines, `_VALUES = pathlib.Path(...)`, keep their own imports)
                     lines = [_with_alias(text, module, aliases[module]) for text in lines]
                 elif line not in imports:
                     imports.append(line)

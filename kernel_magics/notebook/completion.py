@@ -8,6 +8,7 @@ it answers alone; anywhere else (a path, an input) it answers nothing, and IPyth
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 _REGISTERED = "_kernel_magics_completion"  # set on the shell: %reload_ext registers no second matcher
@@ -44,10 +45,10 @@ def options_at(shell: Any, before_cursor: str, token: str) -> Any:
     previous = words[-1] if not typing else (words[-2] if len(words) >= 2 else "")
     for action in parser._actions:
         if previous in action.option_strings and action.nargs != 0:  # the value of this option
-            return [str(c) for c in action.choices if str(c).startswith(typing)] if action.choices else None
-    if typing.startswith("-"):
+            return [str(c) for c in action.choices if str(c).startswith(typing)] or None if action.choices else None
+    if re.fullmatch(r"--?[\w-]*", typing):  # (not `-np.`, an input, nor `--engine=r`)
         return sorted(option for action in parser._actions for option in action.option_strings
-                      if option.startswith("--") and option != "--help" and option.startswith(typing))
+                      if option.startswith("--") and option != "--help" and option.startswith(typing)) or None
     # A positional argument with choices (`%model_show config.yaml`), when no value of it is there yet.
     given = [w for w in words[1:len(words) - bool(typing)] if not w.startswith("-")]
     positional = next((a for a in parser._actions if not a.option_strings and a.choices), None)

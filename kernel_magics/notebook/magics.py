@@ -145,7 +145,8 @@ class ModelMagics(Magics):
         # recorded_at[i] is how many cells had run when prediction i was made.
         self.record = PredictionRecord()
         self.recorded_at: dict[int, int] = {}  # id of a recorded item -> cells run when it was made
-        self.loaded_at: list[int] = []  # cells run when each load of the model finished (its cell's index)
+        # cells run when each %model_load started (its cell's index; run_magics, as it takes the globals' snapshot)
+        self.loaded_at: list[int] = []
         self.warned: set[str] = set()  # Truss-compatibility warnings given for this definition
         self.last_export: Optional[Path] = None
         self.last_stream = None  # the last StreamConsumer: its chunks stay reachable after an error or interrupt
@@ -167,7 +168,6 @@ class ModelMagics(Magics):
         self.host.subscribe(lambda event: self.frontend.publish())
         self._health_poll = None
         self.host.subscribe(self._watch_health)
-        self.host.subscribe(self._note_load)
 
     # ------------------------------------------------------------------ what every magic shares
 
@@ -258,12 +258,8 @@ class ModelMagics(Magics):
         items = list(self.record)
         return self.recorded_at.get(id(items[index])) if index < len(items) else None
 
-    def _note_load(self, event) -> None:
-        if event.kind == "load_finished":
-            self.loaded_at.append(len(self.cells))
-
     def loaded_again_after(self, index: int) -> Optional[int]:
-        """The cell (its index) of the last load that finished in a later cell than recorded prediction ``index``:
+        """The cell (its index) of the last load started in a later cell than recorded prediction ``index``:
         that prediction answered from what an earlier load() made, the export answers from a fresh one."""
         recorded_at = self.recorded_cell_count(index)
         later = [cell for cell in self.loaded_at if recorded_at is not None and cell > recorded_at]

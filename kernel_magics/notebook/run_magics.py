@@ -90,6 +90,7 @@ class RunMagics(Magics):
         # What load() changes in the notebook's globals is exported as it was before (core/load_snapshot.py).
         used = globals_for_load(self.model.cells, host.config.model_class_name)
         load_snapshot.before_load(self.shell.user_ns, used, used)
+        self.model.loaded_at.append(len(self.model.cells))  # this cell's index: where the snapshot was taken
 
         def done(exc: Optional[BaseException]) -> None:
             load_snapshot.after_load(self.shell.user_ns)

@@ -37,6 +37,16 @@ def _unchecked_failed_load(host, replay: bool, again: str) -> str:
             f"directory will likely fail to load too. Fix load(), run %model_load and a %model_predict, then {again}.")
 
 
+def _named_change(changes):
+    """The change to name to a user among ``changes`` of one name (in notebook order): a method called on what
+    holds it (`opt.step()`) before the statement that handed it over, else the first."""
+    from ..core.source import named_through
+
+    changes = list(changes)
+    return named_through([c for c in changes if c.kind == "through"]) or next(
+        (c for c in changes if c.kind != "through"), None)
+
+
 @magics_class
 class ShipMagics(Magics):
     """%model_show, %model_export, %model_serve."""
@@ -157,20 +167,20 @@ class ShipMagics(Magics):
 
     def _refuse_changes_after_load(self, source) -> None:
         """A global that load() changes travels as it was before the load, so that the deployment's load() starts
-        where the notebook's started. A cell that changed it again after %model_load made a value no deployment
-        can reach (it runs load() alone): refused, naming the cell, before the check (whose replay might not read
-        the change)."""
-        from ..core.load_snapshot import changed_by_load, where_load_changes
-        from ..core.source import named_through
+        where the notebook's started. One that a cell changed again in place after %model_load (measured: its
+        value is not the one load left, and a later cell assigns into it or calls a method on it) has a value no
+        deployment can reach (it runs load() alone): refused, naming the cell, before the check (whose replay
+        might not read the change). What predict changes since (a cache) is no cell's: the replay judges."""
+        from ..core.load_snapshot import changed_since_load, where_load_changes
 
         model, live = self.model, self.shell.user_ns
         if not model.loaded_at:
             return
         loaded = model.loaded_at[-1]
         used = {inc.name for inc in source.included}
-        for name in (n for n in changed_by_load(live) if n in used):
-            later = [c for c in source.changes.get(name, []) if c.cell > loaded]
-            change = named_through([c for c in later if c.kind == "through"]) or next(iter(later), None)
+        for name in (n for n in changed_since_load(live) if n in used):
+            change = _named_change(c for c in source.changes.get(name, []) if c.cell > loaded
+                                   and c.kind in ("into", "method", "through"))
             if change is None:
                 continue
             raise UsageError(
@@ -189,16 +199,13 @@ class ShipMagics(Magics):
             # Every name that changed since, not the first: a user who fixes one would meet the next refusal.
             # (recorded_at is the index of the cell that made the prediction: a cell runs before it is kept.)
             from ..core.export import MismatchHint
-            from ..core.source import named_through
 
             causes = []
             for inc in source.included:
                 if inc.kind == "import" and inc.travels == "source":
                     continue  # `torch.no_grad()` changes nothing the export carries: torch is imported afresh
                 cell, text = source.redefined.get(inc.name, (-1, ""))
-                later = [c for c in source.changes.get(inc.name, []) if c.cell > recorded_at]
-                change = named_through([c for c in later if c.kind == "through"]) or next(
-                    (c for c in later if c.kind != "through"), None)
+                change = _named_change(c for c in source.changes.get(inc.name, []) if c.cell > recorded_at)
                 if cell > recorded_at:
                     causes.append((cell, f"`{inc.name}` (cell {cell + 1} defines it again: `{text}`)"))
                 elif change is not None:
