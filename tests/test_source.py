@@ -329,3 +329,16 @@ def test_a_logger_fingerprints_the_same_in_the_kernel_and_in_model_py():
 
     assert same(fingerprint(logging.getLogger("__main__")), fingerprint(logging.getLogger("model.model")))
     assert not same(fingerprint(logging.getLogger("a")), fingerprint(logging.getLogger("b")))
+
+
+def test_the_cli_names_the_optimizer_step_that_changed_a_module_not_the_call_that_handed_it_over():
+    """`opt = SGD(net.parameters())` then `opt.step()`: without the kernel's values the CLI refuses `net`, naming
+    the step (through `opt`), not `net.parameters()`, which only handed the parameters over."""
+    cells = ["import torch\nnet = torch.nn.Linear(2, 1)",
+             "opt = torch.optim.SGD(net.parameters(), lr=0.1)\nfor _ in range(3):\n    opt.zero_grad()\n"
+             "    net(torch.ones(1, 2)).sum().backward()\n    opt.step()",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return net(torch.ones(1, 2)).item()"]
+    with pytest.raises(MaterializeError) as info:
+        build_model_source(cells, "Model", "nb.ipynb")
+    assert ("`net` (in Model), but it is changed after its assignment by `opt.step()` in cell 2, line 5, through "
+            "`opt`, which holds `net.parameters()` (cell 2, line 1)") in str(info.value), str(info.value)

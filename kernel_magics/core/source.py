@@ -795,6 +795,10 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
         structural = [c for c in changes if c.kind in ("rebind", "into", "method")]
         if structural:
             c = structural[0]
+            if named_through(_holder_changes(name, definition.order, analysis)) is not None:
+                # `opt.step()` changes it through what holds it, not `net.parameters()` that handed it over
+                said = _changed_by(name, definition.order, structural, analysis)
+                raise _cli_refusal(name, label, definition, f"it is changed after its assignment by {said}")
             raise _cli_refusal(name, label, definition,
                                f"cell {c.cell + 1} changes it after its assignment: `{c.text}` (line {c.line})")
         if problem:
