@@ -20,6 +20,7 @@ import signal
 import stat
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -134,7 +135,12 @@ def remove_tree(path: Path) -> bool:
         shutil.rmtree(path, onexc=make_writable)
     else:
         shutil.rmtree(path, onerror=lambda f, p, e: make_writable(f, p, e))
-    if path.exists():
+    for _ in range(5):
+        if not path.exists():
+            return True
+        # A process still writing there (a killed command's Ray agents log for a minute before they exit) can add a
+        # file while the folder is emptied: its rmdir then fails, and another pass takes what came since.
+        time.sleep(0.05)
         shutil.rmtree(path, ignore_errors=True)
     return not path.exists()
 

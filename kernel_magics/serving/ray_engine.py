@@ -514,9 +514,10 @@ def local_ray(config: ModelConfig, scale: Scale) -> Iterator[str]:
     """A private Ray on this machine for the command's life; its files go when it stops.
 
     Its folder is a ScratchDir (locked while this command runs): when a command is killed (kill -9), its Ray
-    dies with it (Ray's processes share its fate) and the next command that starts a local Ray removes the folder.
+    dies with it (Ray's processes share its fate) and the next command that starts a local Ray removes the folder,
+    or, where what was left of that Ray still wrote there (its agents log for a minute), when it stops.
     """
-    from ..core.scratch import ScratchDir, remove_tree
+    from ..core.scratch import ScratchDir, remove_tree, sweep_stale
 
     scratch = ScratchDir(Path(tempfile.gettempdir()), "km-ray-")
     temp = scratch.path
@@ -547,6 +548,7 @@ def local_ray(config: ModelConfig, scale: Scale) -> Iterator[str]:
     finally:
         remove_tree(temp)
         scratch.release()
+        sweep_stale(temp.parent, "km-ray-")
 
 
 @contextlib.contextmanager
