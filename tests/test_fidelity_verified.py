@@ -292,7 +292,8 @@ def test_a_global_that_load_changes_and_a_cell_changes_after_the_load_is_refused
          "        CACHE[model_input['x']] = THRESHOLDS['min_score']\n"
          "        return {'t': CACHE[model_input['x']], 'names': sorted(NAMES)}")
     k.ok("%model_load")  # cell 4
-    k.ok("THRESHOLDS['min_score'] = 0.7\nprint(sorted(NAMES))")  # cell 5: NAMES is only read
+    # cell 5: NAMES is handed to a function and called a method on, neither of which changes it (measured)
+    k.ok("THRESHOLDS['min_score'] = 0.7\nimport collections\ncounts = collections.Counter(NAMES)\nNAMES.extend([])")
     k.ok('%model_predict {"x": 1}')
     message = usage_error(k.execute("%model_export out"))
     assert message.startswith("`THRESHOLDS` is changed by load() (`THRESHOLDS.setdefault('min_score', 0.5)` in load(), "
@@ -307,6 +308,18 @@ def test_a_global_that_load_changes_and_a_cell_changes_after_the_load_is_refused
     assert "Replayed 2 recorded predictions" in k.ok("%model_export out").stdout
     with serve_ours(tmp_path / "out") as ours:
         assert answers_of(ours, [{"x": 1}]) == [{"t": 0.7, "names": ["n", "n"]}]
+    # A change the code shows only as handing the value to a notebook function, measured: refused too.
+    k.ok("def tweak(names):\n    names.append('x')")
+    k.ok("tweak(NAMES)")  # cell 13
+    message = usage_error(k.execute("%model_export out"))
+    assert message.startswith("`NAMES` is changed by load() (`NAMES.append('n')` in load(), cell 3, line 6) and again "
+                              "after %model_load ran (cell 8): `tweak(NAMES)` in cell 13, line 1."), message
+    # A load run outside the history (the lab panel's command) comes before the next cell, which it names.
+    k.ok("%model_load --no-widget", store_history=False)
+    k.ok("NAMES.append('y')")  # cell 15 (the refused export was cell 14)
+    message = usage_error(k.execute("%model_export out"))
+    assert "again after %model_load ran (outside the notebook's cells, before cell 15): `NAMES.append('y')` in cell " \
+           "15, line 1." in message, message
 
 
 def test_a_global_that_load_changes_and_is_too_large_to_copy_is_refused_naming_the_line(tmp_path, fresh_kernel):

@@ -372,7 +372,7 @@ def test_tab_completes_the_options_of_the_magics_not_python_names(fresh_kernel):
     assert matches("%model_show ") == ["config.yaml", "model.py"]
     assert matches("%model_show --why c") == ["config.yaml"]
     assert "--force" not in matches("%model_export ./o")  # the directory: IPython's own completions
-    assert "--header" not in matches('%model_predict {"x": -n')  # an input: IPython's own completions
+    assert "--header" not in matches('%model_predict {"x": -np.')  # an input: IPython's own completions
     assert "abs" in matches("%model_export --ab")  # no option of ours: IPython's answer is not hidden
     kernel.ok("%reload_ext kernel_magics")
     assert matches("%model_export --no") == ["--no-replay"]

@@ -158,12 +158,19 @@ def before_fingerprint(live: Optional[Mapping[str, Any]], name: str) -> Optional
     return _current(live).before.get(name)
 
 
-def changed_since_load(live: Optional[Mapping[str, Any]]) -> list[str]:
-    """The names the last load changed whose value has changed again since it ended (measured: a cell, or
-    predict filling a cache); the export plans them from before the load all the same."""
+def changed_since_load(live: Optional[Mapping[str, Any]], among: Iterable[str]) -> list[str]:
+    """The names (of ``among``) the last load changed whose value may have changed again since it ended (measured:
+    a cell, or predict filling a cache; one without a fingerprint, which cannot be measured, counts); the export
+    plans them from before the load all the same."""
     snapshot = _current(live) if live is not None else None
-    return [n for n in changed_by_load(live) if snapshot.after_prints.get(n) is not None
-            and not same(snapshot.after_prints[n], fingerprint(live[n]))]
+    among = set(among)
+    found = []
+    for n in (n for n in changed_by_load(live) if n in among):
+        then = snapshot.after_prints.get(n)
+        now = fingerprint(live[n]) if then is not None else None
+        if then is None or now is None or not same(then, now):
+            found.append(n)
+    return found
 
 
 def where_load_changes(live: Mapping[str, Any], name: str) -> str:

@@ -121,7 +121,12 @@ def exchange(a: Path, b: Path) -> bool:
 
 def remove_tree(path: Path) -> bool:
     """Delete a folder, read-only parts included; True when it is gone."""
-    def make_writable(function, failed, _exc) -> None:
+    raced = []
+
+    def make_writable(function, failed, exc) -> None:
+        error = exc[1] if isinstance(exc, tuple) else exc
+        if getattr(error, "errno", None) == errno.ENOTEMPTY:
+            raced.append(failed)  # something added a file while the folder was emptied
         parent = os.path.dirname(failed)
         for p in (parent, failed):
             with contextlib.suppress(OSError):
@@ -135,11 +140,13 @@ def remove_tree(path: Path) -> bool:
         shutil.rmtree(path, onexc=make_writable)
     else:
         shutil.rmtree(path, onerror=lambda f, p, e: make_writable(f, p, e))
-    for _ in range(5):
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+    for _ in range(5 if raced else 0):
         if not path.exists():
             return True
-        # A process still writing there (a killed command's Ray agents log for a minute before they exit) can add a
-        # file while the folder is emptied: its rmdir then fails, and another pass takes what came since.
+        # A process still writing there (a killed command's Ray agents log for a minute before they exit) added a
+        # file while the folder was emptied: its rmdir failed, and another pass takes what came since.
         time.sleep(0.05)
         shutil.rmtree(path, ignore_errors=True)
     return not path.exists()

@@ -506,7 +506,7 @@ def _file_left_behind_advice(error: str, reader: str, root: Path, notebook_dir: 
     (Truss's /app, here ``root``), where only data/ and packages/ go with the model."""
     import re
 
-    found = re.search(r"No such file or directory: (['\"])(.+)\1", error)  # (repr: "it's" in double quotes)
+    found = re.search(r"No such file or directory: (['\"])(.+?)\1", error)  # (repr: "it's" in double quotes)
     name = found.group(2) if found else None
     data = root / "data"
     read = Path(os.path.normpath(root / name)) if name else None  # (the check runs in root, as Truss in /app)

@@ -146,7 +146,7 @@ class ModelMagics(Magics):
         self.record = PredictionRecord()
         self.recorded_at: dict[int, int] = {}  # id of a recorded item -> cells run when it was made
         # cells run when each %model_load started (its cell's index; run_magics, as it takes the globals' snapshot)
-        self.loaded_at: list[int] = []
+        self.loaded_at: list[float] = []
         self.warned: set[str] = set()  # Truss-compatibility warnings given for this definition
         self.last_export: Optional[Path] = None
         self.last_stream = None  # the last StreamConsumer: its chunks stay reachable after an error or interrupt
@@ -258,7 +258,7 @@ class ModelMagics(Magics):
         items = list(self.record)
         return self.recorded_at.get(id(items[index])) if index < len(items) else None
 
-    def loaded_again_after(self, index: int) -> Optional[int]:
+    def loaded_again_after(self, index: int) -> Optional[float]:
         """The cell (its index) of the last load started in a later cell than recorded prediction ``index``:
         that prediction answered from what an earlier load() made, the export answers from a fresh one."""
         recorded_at = self.recorded_cell_count(index)

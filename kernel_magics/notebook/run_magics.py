@@ -90,7 +90,11 @@ class RunMagics(Magics):
         # What load() changes in the notebook's globals is exported as it was before (core/load_snapshot.py).
         used = globals_for_load(self.model.cells, host.config.model_class_name)
         load_snapshot.before_load(self.shell.user_ns, used, used)
-        self.model.loaded_at.append(len(self.model.cells))  # this cell's index: where the snapshot was taken
+        # This cell's index (where the snapshot was taken); a load outside the history (the lab panel's command)
+        # comes between the last cell and the next: N - 0.5.
+        from .magics import _running_a_stored_cell
+
+        self.model.loaded_at.append(len(self.model.cells) - (0 if _running_a_stored_cell(self.shell) else 0.5))
 
         def done(exc: Optional[BaseException]) -> None:
             load_snapshot.after_load(self.shell.user_ns)

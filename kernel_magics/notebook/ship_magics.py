@@ -37,6 +37,14 @@ def _unchecked_failed_load(host, replay: bool, again: str) -> str:
             f"directory will likely fail to load too. Fix load(), run %model_load and a %model_predict, then {again}.")
 
 
+def _load_place(loaded: float) -> str:
+    """Where a %model_load ran (ModelMagics.loaded_at): its cell, or, run outside the history (the lab panel's
+    command, N.5), before which cell."""
+    if loaded == int(loaded):
+        return f"cell {int(loaded) + 1}"
+    return f"outside the notebook's cells, before cell {int(loaded) + 2}"
+
+
 def _named_change(changes):
     """The change to name to a user among ``changes`` of one name (in notebook order): a method called on what
     holds it (`opt.step()`) before the statement that handed it over, else the first."""
@@ -167,8 +175,8 @@ class ShipMagics(Magics):
 
     def _refuse_changes_after_load(self, source) -> None:
         """A global that load() changes travels as it was before the load, so that the deployment's load() starts
-        where the notebook's started. One that a cell changed again in place after %model_load (measured: its
-        value is not the one load left, and a later cell assigns into it or calls a method on it) has a value no
+        where the notebook's started. One that a cell changed again after %model_load (its value is not the one
+        load left, or cannot be measured, and a later cell changes it or hands it to a function) has a value no
         deployment can reach (it runs load() alone): refused, naming the cell, before the check (whose replay
         might not read the change). What predict changes since (a cache) is no cell's: the replay judges."""
         from ..core.load_snapshot import changed_since_load, where_load_changes
@@ -177,18 +185,17 @@ class ShipMagics(Magics):
         if not model.loaded_at:
             return
         loaded = model.loaded_at[-1]
-        used = {inc.name for inc in source.included}
-        for name in (n for n in changed_since_load(live) if n in used):
-            change = _named_change(c for c in source.changes.get(name, []) if c.cell > loaded
-                                   and c.kind in ("into", "method", "through"))
+        for name in changed_since_load(live, (inc.name for inc in source.included)):
+            later = [c for c in source.changes.get(name, []) if c.cell > loaded and c.kind not in ("alias", "held")]
+            change = _named_change(later) or next((c for c in later if c.kind == "through"), None)
             if change is None:
                 continue
             raise UsageError(
                 f"`{name}` is changed by load() ({where_load_changes(live, name)}) and again after %model_load ran "
-                f"(cell {loaded + 1}): {change.describe()}. A deployment runs load() alone, starting from the value "
-                f"the notebook had before its load, so it would not have that change. Run %model_load again after "
-                f"that cell (load() then starts from the value as the notebook has it now) and %model_predict, then "
-                f"export again; or make the change before %model_load, or inside load(). Nothing was exported.")
+                f"({_load_place(loaded)}): {change.describe()}. A deployment runs load() alone, starting from the "
+                f"value the notebook had before its load, so it would not have that change. Run %model_load again "
+                f"after that cell (load() then starts from the value as the notebook has it now) and %model_predict, "
+                f"then export again; or make the change before %model_load, or inside load(). Nothing was exported.")
 
     def _explain_mismatch(self, materialized, index: int) -> "Optional[MismatchHint]":
         """The most likely reason a replayed answer differs, from what the kernel knows."""
@@ -213,7 +220,9 @@ class ShipMagics(Magics):
             reloaded = model.loaded_again_after(index)
             # A prediction made before %model_load ran again answered from what an earlier load() made (a hot
             # swap that changed load() warns that the live instance keeps it until then).
-            again = (f"%model_load ran again in cell {reloaded + 1}, after this prediction was recorded: the "
+            place = _load_place(reloaded) if reloaded is not None else ""
+            again = (f"%model_load ran again {'in ' if place.startswith('cell') else ''}{place}, after this "
+                     f"prediction was recorded: the "
                      "notebook answered from what an earlier load() made, the export from a fresh load()"
                      if reloaded is not None else "")
             if causes:
