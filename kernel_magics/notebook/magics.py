@@ -89,13 +89,13 @@ def cells_before(shell: Any) -> list[str]:
     history = getattr(getattr(shell, "history_manager", None), "input_hist_raw", None)
     if not isinstance(history, list) or len(history) < 2:
         return []
-    earlier = history[1:-1] if _running_a_stored_cell(shell) else history[1:]
+    earlier = history[1:-1] if running_a_stored_cell(shell) else history[1:]
     return ["" if split_cell_magic(raw)[0] in ("model", "model_config") else raw for raw in earlier]
 
 
-def _running_a_stored_cell(shell: Any) -> bool:
-    """Whether the extension is being loaded by a cell that has its In[N] (in the history already): not at the
-    kernel's start (--ext), nor by a silent request or one outside the history (the lab panel's commands)."""
+def running_a_stored_cell(shell: Any) -> bool:
+    """Whether what runs now is a cell that has its In[N] (in the history already): not the kernel's start (the
+    extension loaded with --ext), a silent request or one outside the history (the lab panel's commands)."""
     kernel = getattr(shell, "kernel", None)
     if kernel is None or not hasattr(kernel, "get_parent"):
         return True  # a terminal IPython: every cell is stored

@@ -92,9 +92,9 @@ class RunMagics(Magics):
         load_snapshot.before_load(self.shell.user_ns, used, used)
         # This cell's index (where the snapshot was taken); a load outside the history (the lab panel's command)
         # comes between the last cell and the next: N - 0.5.
-        from .magics import _running_a_stored_cell
+        from .magics import running_a_stored_cell
 
-        self.model.loaded_at.append(len(self.model.cells) - (0 if _running_a_stored_cell(self.shell) else 0.5))
+        self.model.loaded_at.append(len(self.model.cells) - (0 if running_a_stored_cell(self.shell) else 0.5))
 
         def done(exc: Optional[BaseException]) -> None:
             load_snapshot.after_load(self.shell.user_ns)
