@@ -194,8 +194,9 @@ class ShipMagics(Magics):
                 f"`{name}` is changed by load() ({where_load_changes(live, name)}) and again after %model_load ran "
                 f"({_load_place(loaded)}): {change.describe()}. A deployment runs load() alone, starting from the "
                 f"value the notebook had before its load, so it would not have that change. Run %model_load again "
-                f"after that cell (load() then starts from the value as the notebook has it now) and %model_predict, "
-                f"then export again; or make the change before %model_load, or inside load(). Nothing was exported.")
+                f"after that cell (load() then starts from the value as the notebook has it now), %model_predict again "
+                f"for the inputs recorded before it (they answered from the old value), then export again; or make "
+                f"the change before %model_load, or inside load(). Nothing was exported.")
 
     def _explain_mismatch(self, materialized, index: int) -> "Optional[MismatchHint]":
         """The most likely reason a replayed answer differs, from what the kernel knows."""
