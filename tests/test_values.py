@@ -329,3 +329,16 @@ def test_a_value_loader_reads_its_library_through_the_notebooks_alias(tmp_path):
              "%%model\nclass Model:\n    def predict(self, model_input):\n        return [str(pl.Path('a')), *MEAN]"]
     expected, got, source = ship(tmp_path / "out2", cells, {"mean": "MEAN.tolist()"})
     assert got == expected and "import pathlib\n" in source.text and "import pathlib as pl" in source.text
+
+
+def test_skops_is_imported_without_torch_and_leaves_nothing_blocked():
+    """skops.io's import walks scikit-learn's packages, one of which imports torch: seconds and hundreds of MB for
+    a scikit-learn model, in the kernel and the export's checker. kernel_magics imports it without that package,
+    which stays importable afterwards."""
+    pytest.importorskip("skops")
+    pytest.importorskip("torch")
+    code = ("import sys\nfrom kernel_magics.core.skops_import import import_skops_io\nio = import_skops_io()\n"
+            "assert io.dump and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)\n"
+            "import sklearn.externals.array_api_compat.torch\nassert 'torch' in sys.modules\nprint('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -560,6 +560,10 @@ def _import_in_advance(statements: Sequence[str], imported: list) -> bool:
             if any(importlib.util.find_spec(m.split(".")[0]) is None for m in modules_of(statement)):
                 return True  # not installed (one the export carries in packages/): the check imports it and what follows
             with imports_uncollected():  # as the cold check imports model.py (core/collector.py)
+                if any(m.split(".")[0] == "skops" for m in modules_of(statement)):
+                    from .skops_import import import_skops_io
+
+                    import_skops_io()  # (without the torch that its import of scikit-learn would bring)
                 exec(compile(statement, "<import in advance>", "exec"), {})  # the names go nowhere: model.py binds its own
         except BaseException:
             return True  # the cold check stops at this import too; it fails there again, in model.py's order

@@ -299,16 +299,17 @@ def _sklearn(name: str, value: Any, namespace: Mapping[str, Any]) -> ValuePlan:
     plan_ = ValuePlan(name, "skops", filename, [], imports=["import skops.io"], modules=modules | {"skops"})
 
     def save(folder: Path) -> None:
-        import skops.io
+        from .skops_import import import_skops_io
 
-        skops.io.dump(value, folder / filename)
+        import_skops_io().dump(value, folder / filename)
 
     # The types it may create are fixed when the export is planned, and written into model.py.
     buffer = io.BytesIO()
-    import skops.io
+    from .skops_import import import_skops_io
 
-    skops.io.dump(value, buffer)
-    trusted = sorted(skops.io.get_untrusted_types(data=buffer.getvalue()))
+    skops_io = import_skops_io()
+    skops_io.dump(value, buffer)
+    trusted = sorted(skops_io.get_untrusted_types(data=buffer.getvalue()))
     plan_.lines = [f'{name} = skops.io.load(_VALUES / "{filename}", trusted={trusted!r})']
     plan_.save = save
     return plan_
