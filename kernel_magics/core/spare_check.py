@@ -557,10 +557,11 @@ def _import_in_advance(statements: Sequence[str], imported: list) -> bool:
 
     for statement in statements:
         try:
-            if any(importlib.util.find_spec(m.split(".")[0]) is None for m in modules_of(statement)):
+            tops = {m.split(".")[0] for m in modules_of(statement)}
+            if any(importlib.util.find_spec(top) is None for top in tops):
                 return True  # not installed (one the export carries in packages/): the check imports it and what follows
             with imports_uncollected():  # as the cold check imports model.py (core/collector.py)
-                if any(m.split(".")[0] == "skops" for m in modules_of(statement)):
+                if "skops" in tops:
                     from .skops_import import import_skops_io
 
                     import_skops_io()  # (without the torch that its import of scikit-learn would bring)

@@ -298,16 +298,15 @@ def _sklearn(name: str, value: Any, namespace: Mapping[str, Any]) -> ValuePlan:
     filename = f"{name}.skops"
     plan_ = ValuePlan(name, "skops", filename, [], imports=["import skops.io"], modules=modules | {"skops"})
 
-    def save(folder: Path) -> None:
-        from .skops_import import import_skops_io
-
-        import_skops_io().dump(value, folder / filename)
-
-    # The types it may create are fixed when the export is planned, and written into model.py.
-    buffer = io.BytesIO()
     from .skops_import import import_skops_io
 
     skops_io = import_skops_io()
+
+    def save(folder: Path) -> None:
+        skops_io.dump(value, folder / filename)
+
+    # The types it may create are fixed when the export is planned, and written into model.py.
+    buffer = io.BytesIO()
     skops_io.dump(value, buffer)
     trusted = sorted(skops_io.get_untrusted_types(data=buffer.getvalue()))
     plan_.lines = [f'{name} = skops.io.load(_VALUES / "{filename}", trusted={trusted!r})']

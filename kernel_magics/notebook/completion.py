@@ -20,7 +20,7 @@ def install(shell: Any) -> None:
         return
 
     def kernel_magics_options(context: Any) -> dict:
-        found = options_at(shell, context.text_until_cursor, context.token)
+        found = options_at(shell, context.text_until_cursor)
         if found is None:
             return {"completions": []}
         from IPython.core.completer import SimpleCompletion
@@ -32,8 +32,8 @@ def install(shell: Any) -> None:
     setattr(shell, _REGISTERED, True)
 
 
-def options_at(shell: Any, before_cursor: str, token: str) -> Any:
-    """What to offer for ``token`` at the end of ``before_cursor`` (one line of a %model_ magic), or None."""
+def options_at(shell: Any, before_cursor: str) -> Any:
+    """What to offer for the word that ends ``before_cursor`` (one line of a %model_ magic), or None."""
     words = before_cursor.split()
     if not words or not words[0].startswith("%model_") or len(words) == 1 and not before_cursor.endswith(" "):
         return None
@@ -44,8 +44,9 @@ def options_at(shell: Any, before_cursor: str, token: str) -> Any:
     typing = "" if before_cursor.endswith(" ") else words[-1]
     previous = words[-1] if not typing else (words[-2] if len(words) >= 2 else "")
     for action in parser._actions:
-        if previous in action.option_strings and action.nargs != 0:  # the value of this option
-            return [str(c) for c in action.choices if str(c).startswith(typing)] or None if action.choices else None
+        if previous in action.option_strings and action.nargs != 0:  # the value of this option: its choices, if any
+            choices = [str(c) for c in action.choices or () if str(c).startswith(typing)]
+            return choices or None
     if re.fullmatch(r"--?[\w-]*", typing):  # (not `-np.`, an input, nor `--engine=r`)
         return sorted(option for action in parser._actions for option in action.option_strings
                       if option.startswith("--") and option != "--help" and option.startswith(typing)) or None

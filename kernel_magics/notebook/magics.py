@@ -262,8 +262,9 @@ class ModelMagics(Magics):
         """The cell (its index) of the last load started in a later cell than recorded prediction ``index``:
         that prediction answered from what an earlier load() made, the export answers from a fresh one."""
         recorded_at = self.recorded_cell_count(index)
-        later = [cell for cell in self.loaded_at if recorded_at is not None and cell > recorded_at]
-        return later[-1] if later else None
+        if recorded_at is None:
+            return None
+        return next((cell for cell in reversed(self.loaded_at) if cell > recorded_at), None)
 
     def run(self, call, *args: Any, **kwargs: Any) -> Any:
         """Call the core; our errors become UsageError, the user's keep their type."""

@@ -221,11 +221,12 @@ class ShipMagics(Magics):
             reloaded = model.loaded_again_after(index)
             # A prediction made before %model_load ran again answered from what an earlier load() made (a hot
             # swap that changed load() warns that the live instance keeps it until then).
-            place = _load_place(reloaded) if reloaded is not None else ""
-            again = (f"%model_load ran again {'in ' if place.startswith('cell') else ''}{place}, after this "
-                     f"prediction was recorded: the "
-                     "notebook answered from what an earlier load() made, the export from a fresh load()"
-                     if reloaded is not None else "")
+            again = ""
+            if reloaded is not None:
+                place = _load_place(reloaded)
+                again = (f"%model_load ran again {'in ' if place.startswith('cell') else ''}{place}, after this "
+                         "prediction was recorded: the notebook answered from what an earlier load() made, the export "
+                         "from a fresh load()")
             if causes:
                 causes = [text for _, text in sorted(causes, key=lambda cause: cause[0])]
                 one = len(causes) == 1
