@@ -11,6 +11,15 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
+def launch_env() -> dict:
+    """Chromium's environment: under the suite's --check-leftovers, its "Crash Reports" folder (which it makes in
+    ~/.config/chromium whatever its profile) goes to the run's temp dir (tests/conftest.py)."""
+    env = dict(os.environ)
+    if os.environ.get("KM_TEST_CONFIG_HOME"):
+        env["XDG_CONFIG_HOME"] = os.environ["KM_TEST_CONFIG_HOME"]
+    return env
+
+
 def chromium_marks() -> list:
     """A test module's pytestmark: skip it without Chromium, unless make test requires the browser."""
     if CHROMIUM.exists():

@@ -430,10 +430,30 @@ def _private_temp_dir(config) -> None:
         everywhere = config.getoption("check_leftovers") == "all"
         config._km_before = ((_listing(Path(system)), _listing(Path.home()), _repository_state()) if everywhere
                              else (None, None, None))
+        _private_home_dirs(Path(os.environ["KM_TEST_TMPDIR"], CACHES, "home"))
     os.environ["TMPDIR"] = os.environ["KM_TEST_TMPDIR"]
     tempfile.tempdir = None  # gettempdir() reads TMPDIR again
     # A library's own cache is no test's leftover: torch puts its compile cache in the temp dir by default.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(os.environ["KM_TEST_TMPDIR"], CACHES, "torchinductor"))
+
+
+def _private_home_dirs(home: Path) -> None:
+    """What kernels, JupyterLab, jedi, matplotlib and GLib make in the home directory on first use (~/.ipython,
+    ~/.jupyter, ~/.local/share/jupyter, ~/.cache/jedi ...) goes to the run's temp dir instead (inherited by
+    every process the tests start): on a machine whose home directory has never seen them (a fresh CI machine)
+    they were this run's leftovers, and a developer's own IPython or Jupyter settings could change what the
+    tests see. pip's and uv's caches stay where they are (a fresh clone's set-up filled them; the tests that
+    install reuse them), and so does ~/.config, where pip may find its package sources (Chromium's crash
+    reports folder goes by browser_harness.launch_env)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    os.environ.setdefault("PIP_CACHE_DIR", str(cache / "pip"))
+    os.environ.setdefault("UV_CACHE_DIR", str(cache / "uv"))
+    for variable, folder in (("XDG_CACHE_HOME", "cache"), ("XDG_DATA_HOME", "data"), ("XDG_STATE_HOME", "state"),
+                             ("IPYTHONDIR", "ipython"), ("JUPYTER_CONFIG_DIR", "jupyter"),
+                             ("JUPYTER_DATA_DIR", "jupyter-data"), ("JUPYTER_RUNTIME_DIR", "jupyter-runtime"),
+                             ("MPLCONFIGDIR", "matplotlib"), ("KM_TEST_CONFIG_HOME", "config")):
+        (home / folder).mkdir(parents=True, exist_ok=True)  # (IPython falls back to a temp dir of its own otherwise)
+        os.environ[variable] = str(home / folder)
 
 
 def _repository_state() -> dict:

@@ -21,7 +21,7 @@ from server_harness import free_port
 from uv_install import uv_install
 
 REPO = Path(__file__).resolve().parents[1]
-from browser_harness import ARGS, CHROMIUM, chromium_marks  # noqa: E402
+from browser_harness import ARGS, CHROMIUM, chromium_marks, launch_env  # noqa: E402
 
 pytestmark = chromium_marks()
 
@@ -80,7 +80,7 @@ def page(lab):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS, env=launch_env())
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.console_messages = []
         page.on("console", lambda m: page.console_messages.append(f"{m.type}: {m.text}"))

@@ -1,7 +1,7 @@
 """What a finished view leaves in the notebook reads whole in nbconvert's HTML, rendered by a real Chromium:
 words wrap between tokens (JupyterLab's output CSS would cut them anywhere), and the load log is not cut."""
 
-from browser_harness import ARGS, CHROMIUM, chromium_marks
+from browser_harness import ARGS, CHROMIUM, chromium_marks, launch_env
 
 pytestmark = chromium_marks()
 
@@ -44,7 +44,7 @@ def test_saved_views_in_nbconvert_html_wrap_whole_words_and_show_the_whole_load_
     (tmp_path / "saved.html").write_text(page_html)
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS, env=launch_env())
         try:
             page = browser.new_page(viewport={"width": 520, "height": 900})
             page.goto((tmp_path / "saved.html").as_uri())
