@@ -423,3 +423,29 @@ def test_the_stream_view_shows_a_split_character_once(tmp_path, fresh_kernel):
     # The plain view prints each flush's delta (one byte or so each): the characters show whole.
     assert ex.stdout.startswith("é☃\n[done: 5 chunks") and "\ufffd" not in ex.stdout
     assert "'é☃'" in ex.stdout
+
+
+def test_access_lines_made_on_an_event_loop_are_written_once_each_redacted_and_none_is_lost_at_stop(
+        capsys, server_logging):
+    """On a loop the lines of a burst are made there and handed to the writer as one text; a burst that its loop
+    never handed over (the loop closed first) is written out by stop()."""
+    import asyncio
+
+    logs = server_logging
+    host = _HostWithASecret("tok", CANARY)  # (the logs hold it weakly)
+    logs.redact_logs_of(host)
+    logs.configure("info", "text")
+
+    async def requests() -> None:
+        for i in range(3):
+            logs.access_line("POST", "/v1/models/model:predict", 200, 1.0, f"r{i}-{CANARY}")
+        await asyncio.sleep(0.3)  # the burst is handed over
+        logs.access_line("GET", f"/v1/models/{CANARY}", 404, 1.0, "r-last")  # its burst is still open at stop()
+
+    asyncio.run(requests())
+    logs.stop()
+    err = capsys.readouterr().err
+    handled = [line for line in err.splitlines() if "Handled request" in line]
+    assert CANARY not in err
+    assert [line.split("request_id=")[1] for line in handled] == ["r0-***", "r1-***", "r2-***", "r-last"], err
+    assert "GET /v1/models/*** 404" in handled[-1]

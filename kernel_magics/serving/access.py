@@ -2,9 +2,9 @@
 
 One ASGI middleware sees every request, unmatched ones (404) included, and the whole of a
 streamed response, so a stream's line carries its full duration. Health checks and /metrics
-are counted but not logged (as Truss's server filters them). The line is handed to the log
-queue as a tuple (serving/logs.access_line): the record, its format and the write happen in the
-writer thread.
+are counted but not logged (as Truss's server filters them). The line joins the event loop's
+burst (serving/logs.access_line): the loop makes a burst's lines at once, the writer thread
+writes them.
 """
 
 from __future__ import annotations

@@ -3,12 +3,14 @@
 uvicorn's own loggers, ours, and the model's (the root logger, what ``logging`` in ``load()`` or
 ``predict()`` writes) all go through one queue: the request path only hands a record over, and a
 listener thread formats it (plain text for a terminal, or JSON lines as Truss's server writes),
-replaces every secret value in it and writes it. An access line is not even a record on the way
-in: the request path queues a tuple (``access_line``), and the writer thread makes the record.
+replaces every secret value in it and writes it. An access line is not even a record: on the
+server's event loop it joins a burst that the loop makes into lines a tenth of a second later, all
+at once, and hands to the writer as one text (``access_line``); the writer only writes it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import contextvars
@@ -207,14 +209,33 @@ class _Writer(threading.Thread):
     def __init__(self, records: queue.SimpleQueue, handler: logging.Handler) -> None:
         super().__init__(name="kernel-magics-log-writer", daemon=True)
         self.records, self.handler = records, handler
+        # Access lines made without records: the format knows how, and nothing but the redaction filters them.
+        self.fast = (hasattr(handler.formatter, "access") and handler.level <= logging.INFO
+                     and len(handler.filters) == 1)
+
+    def access_text(self, items: list) -> str:
+        """Access lines from their tuples, redacted, one text (a burst of them: the secrets read once)."""
+        formatter, made = self.handler.formatter, []
+        try:
+            scanners = _REDACT._scanners()
+            for created, request_id, args in items:
+                message = _ACCESS_FORMAT % args
+                for scanner in scanners:
+                    message = scanner.redact(message)
+                    request_id = scanner.redact(request_id) if request_id else request_id
+                made.append(formatter.access(created, message, request_id))
+        except Exception:  # reading the secrets failed: the lines are not written unredacted
+            _broken_line()
+            return ""
+        return "\n".join(made)
 
     def run(self) -> None:
         records, more = self.records, True
         formatter = self.handler.formatter
-        fast = hasattr(formatter, "access") and self.handler.level <= logging.INFO and len(self.handler.filters) == 1
+        fast = self.fast
         while more:
             burst = [records.get()]
-            if burst[0] is not self._STOP:
+            if burst[0] is not self._STOP and type(burst[0]) is not _MadeLines:  # (made lines are a burst)
                 time.sleep(self.GATHER)
             while True:
                 try:
@@ -229,6 +250,9 @@ class _Writer(threading.Thread):
                             more = False
                             continue
                         try:
+                            if type(item) is _MadeLines:
+                                lines.append(item)
+                                continue
                             if type(item) is tuple and fast:  # an access line: no record made (a third of the work)
                                 created, request_id, args = item
                                 lines.append(formatter.access(created, _REDACT.text(_ACCESS_FORMAT % args),
@@ -269,19 +293,78 @@ _records: Optional[queue.SimpleQueue] = None
 
 
 def access_line(method: str, path: str, status: int, ms: float, request_id: str) -> None:
-    """The access line of one request. With the writer running, the request path pays for one
-    tuple put (about 0.1 us against about 22 us for ``logger.info``: a LogRecord, the caller's
-    frame, a copy); the record is made in the writer thread. Otherwise (a server in a process
-    that configured its own logging) it is an ordinary ``info`` call."""
+    """The access line of one request. On an event loop (the server's request path), the line joins
+    the loop's burst: a list append; ``_LOOP_GATHER`` after the burst began the loop makes its lines
+    and hands them to the writer thread as one text (an access line may so follow a model's line
+    logged after it; its time is the request's). Elsewhere, with the writer running, it is one tuple
+    put; otherwise (a server in a process that configured its own logging) an ordinary ``info``
+    call."""
     if not _access.isEnabledFor(logging.INFO):
         return
     if "\n" in path or "\r" in path:  # (%0A in a URL: one request, one line)
         path = path.replace("\r", "\\r").replace("\n", "\\n")
     records = _records
-    if records is not None and _only_our_writer():
-        records.put_nowait((time.time(), request_id, (method, path, status, ms, request_id)))
-    else:
+    if records is None or not _only_our_writer():
         _access.info(_ACCESS_FORMAT, method, path, status, ms, request_id)
+        return
+    item = (time.time(), request_id, (method, path, status, ms, request_id))
+    lines = _burst.lines
+    if lines is None:
+        if _listener is None or not _listener.fast:
+            records.put_nowait(item)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop in this thread
+            records.put_nowait(item)
+            return
+        lines = _burst.lines = []
+        _open_bursts.append(lines)
+        loop.call_later(_LOOP_GATHER, _hand_over, lines)
+    lines.append(item)
+
+
+class _Burst(threading.local):
+    """The access lines an event loop has gathered since its burst began (None: no burst open)."""
+
+    lines: Optional[list] = None
+
+
+# Why the loop makes its own access lines, and hands them over ten times a second: each time the writer
+# thread woke (a hundred times a second under load) it took the GIL from the event loop and from the
+# threads running sync predicts, for as long as it made the burst's lines, and the hand-overs cost the
+# server more than the lines (perf trace, echo at concurrency 32: eight futex calls per burst in the
+# writer, one more in the loop for every two requests; benchmarks/README.md, "the serving edge",
+# session of 2026-12-02 (fourth)). Made on the loop a line costs a few microseconds; the writer wakes
+# once per burst, to write one text, and holds the GIL for a moment.
+_LOOP_GATHER = 0.1
+_burst = _Burst()
+_open_bursts: list = []  # every burst not handed over yet: stop() writes them out
+
+
+class _MadeLines(str):
+    """Lines already made, redacted and joined: an event loop's burst of access lines, for the writer."""
+
+
+def _hand_over(lines: list) -> None:
+    """On the loop, ``_LOOP_GATHER`` after its burst began: the burst's lines, redacted and formatted, go to
+    the writer as one text (or are written at once, when the writer stopped meanwhile)."""
+    if _burst.lines is lines:
+        _burst.lines = None
+    with contextlib.suppress(ValueError):
+        _open_bursts.remove(lines)
+    items = lines[:]  # (stop() may hand a burst over from another thread while its loop still adds to it)
+    del lines[:len(items)]
+    if not items:
+        return
+    listener, records = _listener, _records
+    if listener is None or records is None:  # stopped meanwhile: as stop() leaves lines, written at once
+        for item in items:
+            logging.getLogger(ACCESS_LOGGER).handle(_Writer._record(item))
+        return
+    text = listener.access_text(items)
+    if text:
+        records.put_nowait(_MadeLines(text))
 
 
 def _only_our_writer() -> bool:
@@ -320,6 +403,9 @@ def configure(level: str = "info", fmt: str = "text") -> Callable[[], None]:
 def stop() -> None:
     """Write out every queued line, then stop the writer thread (idempotent)."""
     global _listener, _records
+    if _listener is not None:
+        for lines in list(_open_bursts):  # bursts whose loop has not handed them over (a loop closed meanwhile)
+            _hand_over(lines)
     listener, _listener, _records = _listener, None, None
     if listener is not None:
         listener.stop()
