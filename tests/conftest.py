@@ -448,12 +448,12 @@ def _private_home_dirs(home: Path) -> None:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     os.environ.setdefault("PIP_CACHE_DIR", str(cache / "pip"))
     os.environ.setdefault("UV_CACHE_DIR", str(cache / "uv"))
-    for variable, folder in (("XDG_CACHE_HOME", "cache"), ("XDG_DATA_HOME", "data"), ("XDG_STATE_HOME", "state"),
-                             ("IPYTHONDIR", "ipython"), ("JUPYTER_CONFIG_DIR", "jupyter"),
-                             ("JUPYTER_DATA_DIR", "jupyter-data"), ("JUPYTER_RUNTIME_DIR", "jupyter-runtime"),
-                             ("MPLCONFIGDIR", "matplotlib"), ("KM_TEST_CONFIG_HOME", "config")):
-        (home / folder).mkdir(parents=True, exist_ok=True)  # (IPython falls back to a temp dir of its own otherwise)
-        os.environ[variable] = str(home / folder)
+    from server_harness import HOME_VARIABLES
+
+    for variable in (*HOME_VARIABLES, "KM_TEST_CONFIG_HOME"):
+        folder = home / variable.lower()
+        folder.mkdir(parents=True, exist_ok=True)  # (IPython falls back to a temp dir of its own otherwise)
+        os.environ[variable] = str(folder)
 
 
 def _repository_state() -> dict:

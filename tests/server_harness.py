@@ -24,6 +24,11 @@ import httpx
 
 from kernel_magics.serving.background import first_free, ports_beside_ephemeral
 
+# What tests/conftest.py points into the run's temp dir instead of the home directory. A process given a home of
+# its own (HOME) drops them, so that everything it writes by its home lands there (test_ray asserts it is empty).
+HOME_VARIABLES = ("XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "IPYTHONDIR", "JUPYTER_CONFIG_DIR",
+                  "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "MPLCONFIGDIR")
+
 REPO = Path(__file__).resolve().parents[1]
 TRUSS_REFERENCE = REPO.parent / "shared" / "truss_reference"
 
@@ -316,6 +321,8 @@ def serve_truss(truss_dir: Path, env: Optional[dict] = None, timeout: float = 12
         full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(fs / "packages"), full_env.get("PYTHONPATH")) if p)
         full_env["PYTHONUNBUFFERED"] = "1"
         full_env["HOME"] = str(work / "home")
+        for variable in HOME_VARIABLES:
+            full_env.pop(variable, None)
         (work / "home").mkdir()
         if full_env.get("TRUSS_SERVE_JSON_LOGS", "0") != "1":
             full_env["DISABLE_JSON_LOGGING"] = "1"

@@ -15,7 +15,9 @@ import httpx
 import psutil
 import pytest
 
-from server_harness import free_port, post_concurrently, post_in_background, serve_ours, wait_for, write_truss
+from server_harness import (
+    HOME_VARIABLES, free_port, post_concurrently, post_in_background, serve_ours, wait_for, write_truss,
+)
 
 pytest.importorskip("ray", reason="ray[serve] is not installed (pip install 'kernel-magics[ray]')")
 
@@ -249,6 +251,8 @@ def test_a_killed_commands_ray_goes_and_the_next_command_answers_liveness_at_onc
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))  # (ServeProcess passes the environment on, less any secret)
+    for variable in HOME_VARIABLES:  # (the suite's own, in its temp dir: here everything goes by HOME)
+        monkeypatch.delenv(variable, raising=False)
     marks = tmp_path / "marks"
     marks.mkdir()
     d = write_truss(tmp_path / "slow", SLOW_LOAD_WITH_A_SECRET % str(marks), "secrets: {tok: null}\n")

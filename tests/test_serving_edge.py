@@ -427,8 +427,9 @@ def test_the_stream_view_shows_a_split_character_once(tmp_path, fresh_kernel):
 
 def test_access_lines_made_on_an_event_loop_are_written_once_each_redacted_and_none_is_lost_at_stop(
         capsys, server_logging):
-    """On a loop the lines of a burst are made there and handed to the writer as one text; a burst that its loop
-    never handed over (the loop closed first) is written out by stop()."""
+    """On a loop the lines of a burst are made there and handed to the writer as one text, soon; a burst that its
+    loop never handed over (the loop closed first) is written out by stop(), and the thread's next loop opens a
+    burst of its own."""
     import asyncio
 
     logs = server_logging
@@ -436,16 +437,24 @@ def test_access_lines_made_on_an_event_loop_are_written_once_each_redacted_and_n
     logs.redact_logs_of(host)
     logs.configure("info", "text")
 
-    async def requests() -> None:
+    async def requests(last: str) -> None:
         for i in range(3):
             logs.access_line("POST", "/v1/models/model:predict", 200, 1.0, f"r{i}-{CANARY}")
-        await asyncio.sleep(0.3)  # the burst is handed over
-        logs.access_line("GET", f"/v1/models/{CANARY}", 404, 1.0, "r-last")  # its burst is still open at stop()
+        await asyncio.sleep(0.5)  # the burst is handed over and written
+        logs.access_line("GET", f"/v1/models/{CANARY}", 404, 1.0, last)  # its burst is still open when the loop ends
 
-    asyncio.run(requests())
+    def written() -> list:
+        return [line.split("request_id=")[1] for line in capsys.readouterr().err.splitlines()
+                if "Handled request" in line]
+
+    asyncio.run(requests("first-loop"))
+    assert written() == ["r0-***", "r1-***", "r2-***"]  # written before stop(), within the half second
+    asyncio.run(requests("second-loop"))  # a new loop in the same thread: its lines are written too
+    second = written()
     logs.stop()
     err = capsys.readouterr().err
-    handled = [line for line in err.splitlines() if "Handled request" in line]
     assert CANARY not in err
-    assert [line.split("request_id=")[1] for line in handled] == ["r0-***", "r1-***", "r2-***", "r-last"], err
+    handled = [line for line in err.splitlines() if "Handled request" in line]
+    assert second == ["r0-***", "r1-***", "r2-***"]
+    assert [line.split("request_id=")[1] for line in handled] == ["first-loop", "second-loop"], err
     assert "GET /v1/models/*** 404" in handled[-1]

@@ -26,7 +26,7 @@ import traceback
 import weakref
 from typing import Callable, Optional
 
-__all__ = ["access_line", "configure", "JsonLines", "LEVELS", "REQUEST_ID", "redact_logs_of", "ACCESS_LOGGER"]
+__all__ = ["access_line", "configure", "flush_access_lines", "JsonLines", "LEVELS", "REQUEST_ID", "redact_logs_of", "ACCESS_LOGGER"]
 
 LEVELS = ("debug", "info", "warning", "error")
 _TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -195,13 +195,13 @@ def _broken_line() -> None:
 
 
 class _Writer(threading.Thread):
-    """The writer thread: wakes once per burst of lines, makes the access records from their
-    tuples, redacts and formats every line, and writes the burst with one write.
+    """The writer thread: writes the access lines an event loop made (one text per burst) at once;
+    other records (and access tuples from outside a loop) it gathers for ``GATHER`` seconds,
+    redacts and formats, and writes with one write.
 
     Why bursts: a thread that woke for every line would take the GIL from the event loop a
     thousand times a second under load, and each handover costs the loop more than the line
-    itself (measured: a writer per line cost echo at concurrency 32 a third of its requests).
-    A line waits at most ``GATHER`` seconds to be written."""
+    itself (measured: a writer per line cost echo at concurrency 32 a third of its requests)."""
 
     GATHER = 0.01
     _STOP = object()
@@ -218,15 +218,18 @@ class _Writer(threading.Thread):
         formatter, made = self.handler.formatter, []
         try:
             scanners = _REDACT._scanners()
-            for created, request_id, args in items:
+        except Exception:  # reading the secrets failed: the lines are not written unredacted
+            _broken_line()
+            return ""
+        for created, request_id, args in items:
+            try:
                 message = _ACCESS_FORMAT % args
                 for scanner in scanners:
                     message = scanner.redact(message)
                     request_id = scanner.redact(request_id) if request_id else request_id
                 made.append(formatter.access(created, message, request_id))
-        except Exception:  # reading the secrets failed: the lines are not written unredacted
-            _broken_line()
-            return ""
+            except Exception:  # a line that cannot be made must not stop the rest
+                _broken_line()
         return "\n".join(made)
 
     def run(self) -> None:
@@ -308,25 +311,27 @@ def access_line(method: str, path: str, status: int, ms: float, request_id: str)
         _access.info(_ACCESS_FORMAT, method, path, status, ms, request_id)
         return
     item = (time.time(), request_id, (method, path, status, ms, request_id))
-    lines = _burst.lines
-    if lines is None:
-        if _listener is None or not _listener.fast:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no event loop in this thread
+        records.put_nowait(item)
+        return
+    burst = _burst
+    if burst.loop is not loop or burst.lines is None:  # (a burst belongs to its loop: one that closed left it)
+        listener = _listener
+        if listener is None or not listener.fast:
             records.put_nowait(item)
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no event loop in this thread
-            records.put_nowait(item)
-            return
-        lines = _burst.lines = []
-        _open_bursts.append(lines)
-        loop.call_later(_LOOP_GATHER, _hand_over, lines)
-    lines.append(item)
+        burst.loop, burst.lines = loop, []
+        _open_bursts.append(burst.lines)
+        loop.call_later(_LOOP_GATHER, _hand_over, burst.lines)
+    burst.lines.append(item)
 
 
 class _Burst(threading.local):
-    """The access lines an event loop has gathered since its burst began (None: no burst open)."""
+    """The access lines this thread's event loop has gathered since its burst began (None: no burst open)."""
 
+    loop: Optional[asyncio.AbstractEventLoop] = None
     lines: Optional[list] = None
 
 
@@ -335,11 +340,13 @@ class _Burst(threading.local):
 # threads running sync predicts, for as long as it made the burst's lines, and the hand-overs cost the
 # server more than the lines (perf trace, echo at concurrency 32: eight futex calls per burst in the
 # writer, one more in the loop for every two requests; benchmarks/README.md, "the serving edge",
-# session of 2026-12-02 (fourth)). Made on the loop a line costs a few microseconds; the writer wakes
-# once per burst, to write one text, and holds the GIL for a moment.
+# session of 2026-12-02 (fourth)). Made on the loop a line costs a few microseconds (and the secrets are
+# read once per burst: with --secrets-dir, a small file each); the writer wakes once per burst, to write
+# one text, and holds the GIL for a moment.
 _LOOP_GATHER = 0.1
 _burst = _Burst()
-_open_bursts: list = []  # every burst not handed over yet: stop() writes them out
+_open_bursts: list = []  # every burst not handed over yet: flush_access_lines() and stop() hand them over
+_taking = threading.Lock()  # (a burst is taken by its loop, or by stop() in another thread: once)
 
 
 class _MadeLines(str):
@@ -351,10 +358,11 @@ def _hand_over(lines: list) -> None:
     the writer as one text (or are written at once, when the writer stopped meanwhile)."""
     if _burst.lines is lines:
         _burst.lines = None
-    with contextlib.suppress(ValueError):
-        _open_bursts.remove(lines)
-    items = lines[:]  # (stop() may hand a burst over from another thread while its loop still adds to it)
-    del lines[:len(items)]
+    with _taking:  # the loop may still add to the burst meanwhile (at its end): the lines taken go, the rest stay
+        with contextlib.suppress(ValueError):
+            _open_bursts.remove(lines)
+        items = lines[:]
+        del lines[:len(items)]
     if not items:
         return
     listener, records = _listener, _records
@@ -365,6 +373,13 @@ def _hand_over(lines: list) -> None:
     text = listener.access_text(items)
     if text:
         records.put_nowait(_MadeLines(text))
+
+
+def flush_access_lines() -> None:
+    """Hand every open burst of access lines to the writer now (a server shutting down: its last lines
+    go out before the lines that say it stopped)."""
+    for lines in list(_open_bursts):
+        _hand_over(lines)
 
 
 def _only_our_writer() -> bool:
@@ -404,8 +419,7 @@ def stop() -> None:
     """Write out every queued line, then stop the writer thread (idempotent)."""
     global _listener, _records
     if _listener is not None:
-        for lines in list(_open_bursts):  # bursts whose loop has not handed them over (a loop closed meanwhile)
-            _hand_over(lines)
+        flush_access_lines()  # bursts whose loop has not handed them over (a loop closed meanwhile)
     listener, _listener, _records = _listener, None, None
     if listener is not None:
         listener.stop()

@@ -29,7 +29,7 @@ from . import errors
 from .access import Metrics, RequestLog
 from .errors import BodyTooLarge, ClientGone, InvalidPayload, model_code
 from .limits import DEFAULT_MAX_BODY, HEAD_LIMIT, http_protocol
-from .logs import redact_logs_of
+from .logs import flush_access_lines, redact_logs_of
 
 __all__ = ["create_app", "uvicorn_config", "MODEL_ERROR_MESSAGE", "redact_logs_of"]
 
@@ -340,6 +340,7 @@ def create_app(host: Union[ModelHost, Callable[[], Optional[ModelHost]]], *,
         try:
             yield
         finally:
+            flush_access_lines()  # (the last requests' lines before uvicorn's lines that it stopped)
             if on_shutdown is not None:
                 on_shutdown()
 
