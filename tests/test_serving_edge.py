@@ -391,6 +391,10 @@ def test_the_access_log_as_trusss(tmp_path):
     stream_lines = [i for i, line in enumerate(log.splitlines()) if "Handled request - POST" in line]
     finished = [i for i, line in enumerate(log.splitlines()) if "stream finished" in line]
     assert finished and finished[0] < stream_lines[-1]
+    # The last requests' lines (still in the loop's burst when the server was told to stop) come before the lines
+    # that say it stopped.
+    complete = [i for i, line in enumerate(log.splitlines()) if "Application shutdown complete" in line]
+    assert complete and stream_lines[-1] < complete[0], log
 
 
 # ---------------------------------------------------------------- one wire form of a chunk

@@ -346,7 +346,9 @@ class _Burst(threading.local):
 _LOOP_GATHER = 0.1
 _burst = _Burst()
 _open_bursts: list = []  # every burst not handed over yet: flush_access_lines() and stop() hand them over
-_taking = threading.Lock()  # (a burst is taken by its loop, or by stop() in another thread: once)
+# A burst is taken once: by its loop's timer, or by flush_access_lines() (the server's shutdown, stop()), which
+# may run in another thread. Reentrant: stop() also runs from a signal handler, on the thread that may hold it.
+_taking = threading.RLock()
 
 
 class _MadeLines(str):
@@ -354,8 +356,8 @@ class _MadeLines(str):
 
 
 def _hand_over(lines: list) -> None:
-    """On the loop, ``_LOOP_GATHER`` after its burst began: the burst's lines, redacted and formatted, go to
-    the writer as one text (or are written at once, when the writer stopped meanwhile)."""
+    """The burst's lines, redacted and formatted, to the writer as one text (or written at once, when the writer
+    stopped meanwhile): on the loop ``_LOOP_GATHER`` after the burst began, or from flush_access_lines()."""
     if _burst.lines is lines:
         _burst.lines = None
     with _taking:  # the loop may still add to the burst meanwhile (at its end): the lines taken go, the rest stay
@@ -368,7 +370,10 @@ def _hand_over(lines: list) -> None:
     listener, records = _listener, _records
     if listener is None or records is None:  # stopped meanwhile: as stop() leaves lines, written at once
         for item in items:
-            logging.getLogger(ACCESS_LOGGER).handle(_Writer._record(item))
+            try:
+                logging.getLogger(ACCESS_LOGGER).handle(_Writer._record(item))
+            except Exception:  # (a timer's callback or the server's shutdown: nothing to raise into)
+                _broken_line()
         return
     text = listener.access_text(items)
     if text:

@@ -340,9 +340,11 @@ def create_app(host: Union[ModelHost, Callable[[], Optional[ModelHost]]], *,
         try:
             yield
         finally:
-            flush_access_lines()  # (the last requests' lines before uvicorn's lines that it stopped)
-            if on_shutdown is not None:
-                on_shutdown()
+            try:
+                flush_access_lines()  # (the last requests' lines before uvicorn's lines that it stopped)
+            finally:
+                if on_shutdown is not None:
+                    on_shutdown()
 
     app = FastAPI(title="kernel-magics model server", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan, routes=_routes(), exception_handlers=dict(errors.HANDLERS))

@@ -115,7 +115,7 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
     uvicorn serves on its socket."""
     import uvicorn
 
-    from .logs import configure
+    from .logs import configure, flush_access_lines
     from .server import create_app, uvicorn_config
 
     stop_logs = configure(log_level, log_format)
@@ -143,6 +143,10 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
             log.info("Serving %s on http://%s:%d: loading the model (readiness answers 503 until it is loaded).",
                      truss.root, *address)
             load_in_background(truss, model_host, failed)  # (after that line: a fast load's line comes after it)
+
+        async def shutdown(self, sockets: Optional[list] = None) -> None:
+            flush_access_lines()  # the requests answered so far are logged before "Shutting down"
+            await super().shutdown(sockets)
 
     app = create_app(model_host, on_shutdown=model_host.close, max_body=max_body, metrics=metrics)
     server = Server(uvicorn_config(app, host, port, log_level=log_level, log_config=None))
