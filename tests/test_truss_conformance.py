@@ -93,10 +93,10 @@ def _copy(name: str, tmp_path: Path) -> Path:
         text, n = re.subn(pattern, replacement, text)
         assert n, f"{name}: {pattern} not found: Truss's test data changed"
     model.write_text(text)
-    # One case's config has its servers trace to /tmp/otel_traces.ndjson, outside the run's temp dir (a leftover
-    # on a machine that did not have it): the same file, in this test's folder.
+    # Several cases' configs have their servers trace to /tmp/otel_traces.ndjson, outside the run's temp dir (a
+    # leftover on a machine that did not have it): the same file, in this test's folder.
     config = dest / "config.yaml"
-    config.write_text(config.read_text().replace('"/tmp/otel_traces.ndjson"', f'"{tmp_path / "otel_traces.ndjson"}"'))
+    config.write_text(config.read_text().replace("/tmp/otel_traces.ndjson", str(tmp_path / "otel_traces.ndjson")))
     return dest
 
 
