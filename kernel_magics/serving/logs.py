@@ -214,10 +214,11 @@ class _Writer(threading.Thread):
                      and len(handler.filters) == 1)
 
     def access_text(self, items: list) -> str:
-        """Access lines from their tuples, redacted, one text (a burst of them: the secrets read once)."""
+        """Access lines from their tuples, redacted, one text (a burst of them: the secrets read once, or not at
+        all inside the writer's own burst, which has read them)."""
         formatter, made = self.handler.formatter, []
         try:
-            scanners = _REDACT._scanners()
+            scanners = _REDACT._current()
         except Exception:  # reading the secrets failed: the lines are not written unredacted
             _broken_line()
             return ""
@@ -234,7 +235,6 @@ class _Writer(threading.Thread):
 
     def run(self) -> None:
         records, more = self.records, True
-        formatter = self.handler.formatter
         fast = self.fast
         while more:
             burst = [records.get()]
@@ -257,9 +257,9 @@ class _Writer(threading.Thread):
                                 lines.append(item)
                                 continue
                             if type(item) is tuple and fast:  # an access line: no record made (a third of the work)
-                                created, request_id, args = item
-                                lines.append(formatter.access(created, _REDACT.text(_ACCESS_FORMAT % args),
-                                                              _REDACT.text(request_id) if request_id else request_id))
+                                text = self.access_text([item])
+                                if text:
+                                    lines.append(text)
                                 continue
                             record = self._record(item)
                             if record.levelno >= self.handler.level and self.handler.filter(record):
