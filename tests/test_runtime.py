@@ -310,6 +310,51 @@ def test_error_mid_stream_propagates_after_the_chunks_before_it():
     assert asyncio.run(main()) == ["a"]
 
 
+def test_a_stream_that_ran_to_its_end_takes_one_thread_hop_a_chunk_and_none_to_close():
+    """Each chunk is one next() in a worker thread, and so is the end; closing a generator that ended runs nothing,
+    so it is closed on the loop (a thread hop costs more than a short stream's chunks). One stopped early is
+    closed in a worker thread: its ``finally`` may block."""
+    import concurrent.futures
+
+    class Counting(concurrent.futures.ThreadPoolExecutor):
+        def __init__(self):
+            super().__init__(2)
+            self.jobs = []
+
+        def submit(self, fn, /, *args, **kwargs):
+            self.jobs.append(args[0].__name__ if fn.__name__ == "run" else fn.__name__)  # ctx.run(next, gen, end)
+            return super().submit(fn, *args, **kwargs)
+
+    events = []
+
+    def gen(n):
+        try:
+            for i in range(n):
+                yield str(i)
+        finally:
+            events.append(threading.current_thread() is threading.main_thread())
+
+    async def main(n, take):
+        pool, closed = Counting(), []
+        stream = ChunkStream(gen(n), on_close=closed.append, started=0.0, executor=pool)
+        got = []
+        async with stream:
+            async for chunk in stream:
+                got.append(chunk)
+                if len(got) == take:
+                    break
+        pool.shutdown()
+        return got, pool.jobs, closed == [stream]
+
+    got, jobs, closed = asyncio.run(main(3, None))
+    assert (got, closed) == (["0", "1", "2"], True)
+    assert jobs == ["next"] * 4  # three chunks, then the end; no close
+    got, jobs, closed = asyncio.run(main(3, 1))
+    assert (got, closed) == (["0"], True)
+    assert jobs == ["next", "close_quietly"]
+    assert events == [False, False]  # both generators' `finally` ran in a worker thread
+
+
 # ---------------------------------------------------------------- hot reload
 
 def test_hot_swap_keeps_the_instance_and_its_state():

@@ -108,6 +108,7 @@ class ChunkStream:
         # The one `next(gen)` running in a worker thread, if any: the generator is closed only after it.
         self._step: Optional[asyncio.Future] = None
         self._started_sync = False
+        self._exhausted = False  # a sync generator that ran to its end: closing it runs nothing
         self._taken = False  # handed to a caller that iterates it itself (take_sync)
         self.chunks = 0
         self.first_chunk_seconds: Optional[float] = None
@@ -182,6 +183,7 @@ class ChunkStream:
         self._step = step
         chunk = await asyncio.shield(step)  # a cancelled reader never leaves next() running unseen
         if chunk is _END:
+            self._exhausted = True
             raise StopAsyncIteration
         return chunk
 
@@ -194,6 +196,14 @@ class ChunkStream:
             # Shielded: a cancelled caller must not leave the generator half-closed with its slot freed.
             await asyncio.shield(self._close_async())
             return
+        if self._exhausted or not self._started_sync:
+            # Nothing can run in it (ended, or never started): closed here, without a task or a thread hop,
+            # which is most of what a short stream's end would cost.
+            try:
+                close_quietly(self._gen)
+            finally:
+                self._finish()
+            return
         closing = asyncio.ensure_future(self._close_sync())
         await asyncio.shield(closing)
 
@@ -203,11 +213,8 @@ class ChunkStream:
             if step is not None and not step.done():
                 # A generator cannot be closed while next() runs in it: wait for that chunk first.
                 await asyncio.wait([step])
-            if self._started_sync:
-                # Its `finally` may block (a file, a socket): off the loop, like its chunks.
-                await self._loop.run_in_executor(self._executor, close_quietly, self._gen)
-            else:
-                close_quietly(self._gen)  # never started: nothing runs in it
+            # Its `finally` may block (a file, a socket): off the loop, like its chunks.
+            await self._loop.run_in_executor(self._executor, close_quietly, self._gen)
         finally:
             self._finish()
 
