@@ -125,7 +125,8 @@ EXIT_CODES = """exit codes:
   1    the command failed; the message on stderr says why and what to change
   2    a usage error: an unknown command or option, a bad value, input that is not JSON
   3    serve could not listen: the port is in use (or the address is not this machine's)
-  130  interrupted (Ctrl-C)"""
+  130  interrupted (Ctrl-C)
+  serve stopped by SIGTERM ends by that signal after a graceful shutdown (143 in a shell)"""
 
 _COMMAND_EXAMPLES = {
     "export": ["kernel-magics export notebooks/quickstart.ipynb ./tiny-chargen",
@@ -232,7 +233,7 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         scale = Scale(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                       target_ongoing_requests=args.target_ongoing_requests, per_node=args.replicas_per_node)
-        truss = _open_for_serving(args.dir)
+        truss = _open_for_serving(args.dir, args=args)
         serve_with_ray(truss, host=args.host, port=args.port, address=args.address, secrets_dir=args.secrets_dir,
                        secrets=_secrets_from_stdin(args), scale=scale, deploy_timeout=args.deploy_timeout,
                        max_body=args.max_body_size)
@@ -250,26 +251,26 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             holding = stack.enter_context(stand_in(args.host, args.port, share_port=False))
         except PortUnavailable:
-            _open_for_serving(args.dir, warn=False)  # a directory that cannot be served is the first thing to fix
+            _open_for_serving(args.dir, args=args, warn=False)  # a directory that cannot be served is the first thing to fix
             raise
         from .serving.uvicorn_engine import requirement_warnings, serve_truss
 
-        truss = _open_for_serving(args.dir)  # what needs no import fails at once; model.py is imported in the load thread
+        truss = _open_for_serving(args.dir, args=args)  # what needs no import fails at once; model.py is imported in the load thread
         for warning in requirement_warnings(truss.config.requirements):
-            print(warning, file=sys.stderr)
+            _say(args, warning, level="WARNING")
         serve_truss(truss, host=args.host, port=args.port, secrets_dir=args.secrets_dir,
                     secrets=_secrets_from_stdin(args), log_level=args.log_level, log_format=args.log_format,
                     max_body=args.max_body_size, metrics=not args.no_metrics, stand_in=holding)
     return 0
 
 
-def _open_for_serving(path: Path, warn: bool = True):
+def _open_for_serving(path: Path, args: argparse.Namespace, warn: bool = True):
     from .core.truss_dir import TrussDir
 
     truss = TrussDir.open(path)
     truss.check_static()
     for warning in truss.warnings if warn else ():
-        print(f"warning: {warning}", file=sys.stderr)
+        _say(args, f"warning: {warning}", level="WARNING")
     return truss
 
 
@@ -400,21 +401,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return {"export": _export, "validate": _validate, "serve": _serve, "predict": _predict,
                 "completion": _completion}[args.command](args)
     except _UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say(args, f"error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _say(args, "interrupted", level="WARNING")
         return 130
     except PortUnavailable as exc:  # "3 serve could not listen" (EXIT_CODES)
-        print(f"error: {exc}", file=sys.stderr)
+        _say(args, f"error: {exc}")
         return 3
     except KernelMagicsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say(args, f"error: {exc}")
         return 1
     except OSError as exc:  # a file system refusal the checks before did not foresee: one line, no traceback
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}. Check the path and its permissions.", file=sys.stderr)
+        _say(args, f"error: {exc.strerror or exc}{where}. Check the path and its permissions.")
         return 1
+
+
+def _say(args: argparse.Namespace, text: str, level: str = "ERROR") -> None:
+    """A line of the command's own on stderr (an error, a warning, "interrupted"); with ``serve --log-format json``, a
+    JSON line like the server's, so a log collector that reads every line as JSON reads these too."""
+    if getattr(args, "log_format", "text") != "json":
+        print(text, file=sys.stderr)
+        return
+    import logging
+
+    from .serving.logs import JsonLines
+
+    for prefix in ("error: ", "warning: "):  # (the JSON line's level says it)
+        text = text[len(prefix):] if text.startswith(prefix) else text
+    record = logging.LogRecord("kernel_magics.cli", getattr(logging, level), __file__, 0, text, None, None)
+    print(JsonLines().format(record), file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

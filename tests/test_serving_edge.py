@@ -296,6 +296,23 @@ def test_the_models_own_log_lines_are_redacted(tmp_path, fmt):
         assert access["request_id"] == next(e["request_id"] for e in lines if e["message"] == "predict sees ***")
 
 
+def test_with_json_logs_every_line_the_command_writes_is_json_to_the_interrupt(tmp_path):
+    """`serve --log-format json`: the command's own lines (a requirement warning, "interrupted" after Ctrl-C) are
+    JSON lines like the server's, so a collector that reads every line as JSON reads all of them."""
+    import signal
+
+    d = write_truss(tmp_path / "logs", LOGGING, "secrets: {tok: null}\nrequirements: [no-such-dist-km==1.0]\n")
+    with serve_ours(d, "--log-format", "json", env={"TRUSS_SECRET_tok": CANARY}) as s:
+        assert httpx.post(s.predict_url(), json={}).json() == 1
+        s.proc.send_signal(signal.SIGINT)
+        assert s.proc.wait(timeout=30) == 130
+    lines = [json.loads(line) for line in s.log.splitlines() if line.strip()]  # each one JSON, or this fails
+    assert lines[-1]["level"] == "WARNING" and lines[-1]["message"] == "interrupted"
+    assert any(e["level"] == "WARNING" and e["message"].startswith("config.yaml requires no-such-dist-km==1.0")
+               for e in lines)
+    assert any(e["logger"] == "kernel_magics.access" for e in lines)
+
+
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_an_access_line_written_without_a_record_reads_as_its_record_would(fmt):
     """The writer makes no LogRecord for an access line (serving/logs.py): the line must be the one the
