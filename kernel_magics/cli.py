@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                        help="Least severe log lines to show (default info: one line per handled request).")
     serve.add_argument("--log-format", choices=["text", "json"], default="text",
-                       help="text for a terminal (default), or json: one JSON object a line, as Truss's server logs.")
+                       help="text for a terminal (default), or json: one JSON object a line, as Truss's server logs "
+                            "(the uvicorn engine; with --engine ray, Ray logs as it does).")
     serve.add_argument("--max-body-size", type=int, default=100 * 2**20, metavar="BYTES",
                        help="The largest request body accepted (default 104857600, 100 MiB); larger ones get 413.")
     serve.add_argument("--no-metrics", action="store_true",
@@ -126,7 +127,8 @@ EXIT_CODES = """exit codes:
   2    a usage error: an unknown command or option, a bad value, input that is not JSON
   3    serve could not listen: the port is in use (or the address is not this machine's)
   130  interrupted (Ctrl-C)
-  serve stopped by SIGTERM ends by that signal after a graceful shutdown (143 in a shell)"""
+  143  (in a shell) serve on uvicorn stopped by SIGTERM: it shuts down, then ends by that signal;
+       serve --engine ray takes its deployment down on SIGTERM or Ctrl-C and exits 0"""
 
 _COMMAND_EXAMPLES = {
     "export": ["kernel-magics export notebooks/quickstart.ipynb ./tiny-chargen",
@@ -202,19 +204,19 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _missing_extra(modules: tuple[str, ...], extra: str, what: str) -> bool:
+def _missing_extra(modules: tuple[str, ...], extra: str, what: str, args: Optional[argparse.Namespace] = None) -> bool:
     """Say in one line which extra to install when a command needs one that is missing."""
     import importlib.util
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"error: {what} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
-              f"installed. Install it with `pip install 'kernel-magics[{extra}]'`.", file=sys.stderr)
+        _say(args, f"error: {what} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+                   f"installed. Install it with `pip install 'kernel-magics[{extra}]'`.")
     return bool(missing)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if _missing_extra(("fastapi", "uvicorn"), "serve", "kernel-magics serve"):
+    if _missing_extra(("fastapi", "uvicorn"), "serve", "kernel-magics serve", args):
         return 1
     ray_only = (args.replicas != 1 or args.address or args.replicas_per_node or args.min_replicas is not None
                 or args.max_replicas is not None)
@@ -226,10 +228,10 @@ def _serve(args: argparse.Namespace) -> int:
 
         counts = [args.replicas, args.replicas_per_node or 1, args.min_replicas or 1, args.max_replicas or 1]
         if min(counts) < 1:
-            print("error: replica counts must be at least 1.", file=sys.stderr)
+            _say(args, "error: replica counts must be at least 1.")
             return 2
         if args.min_replicas and args.max_replicas and args.min_replicas > args.max_replicas:
-            print("error: --min-replicas is more than --max-replicas.", file=sys.stderr)
+            _say(args, "error: --min-replicas is more than --max-replicas.")
             return 2
         scale = Scale(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                       target_ongoing_requests=args.target_ongoing_requests, per_node=args.replicas_per_node)
@@ -239,8 +241,8 @@ def _serve(args: argparse.Namespace) -> int:
                        max_body=args.max_body_size)
         return 0
     if ray_only:
-        print("error: --replicas, --replicas-per-node, --min-replicas, --max-replicas and --address need "
-              "--engine ray.", file=sys.stderr)
+        _say(args, "error: --replicas, --replicas-per-node, --min-replicas, --max-replicas and --address need "
+                   "--engine ray.")
         return 2
     from .core.errors import PortUnavailable
     from .serving.stand_in import stand_in
@@ -418,10 +420,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
 
-def _say(args: argparse.Namespace, text: str, level: str = "ERROR") -> None:
-    """A line of the command's own on stderr (an error, a warning, "interrupted"); with ``serve --log-format json``, a
-    JSON line like the server's, so a log collector that reads every line as JSON reads these too."""
-    if getattr(args, "log_format", "text") != "json":
+def _say(args: Optional[argparse.Namespace], text: str, level: str = "ERROR") -> None:
+    """A line of the command's own on stderr (an error, a warning, "interrupted"); with ``serve --log-format json`` on
+    the uvicorn engine, a JSON line like the server's, so a log collector that reads every line as JSON reads these
+    too. (Ray's engine logs as Ray does: there the flag changes nothing.)"""
+    if getattr(args, "log_format", "text") != "json" or getattr(args, "engine", "uvicorn") != "uvicorn":
         print(text, file=sys.stderr)
         return
     import logging
@@ -431,7 +434,7 @@ def _say(args: argparse.Namespace, text: str, level: str = "ERROR") -> None:
     for prefix in ("error: ", "warning: "):  # (the JSON line's level says it)
         text = text[len(prefix):] if text.startswith(prefix) else text
     record = logging.LogRecord("kernel_magics.cli", getattr(logging, level), __file__, 0, text, None, None)
-    print(JsonLines().format(record), file=sys.stderr)
+    sys.stderr.write(JsonLines().format(record) + "\n")  # one write: a log line from another thread cannot split it
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -327,32 +327,36 @@ def test_a_stream_that_ran_to_its_end_takes_one_thread_hop_a_chunk_and_none_to_c
 
     events = []
 
-    def gen(n):
+    def gen(n, fail=False):
         try:
             for i in range(n):
                 yield str(i)
+            if fail:
+                raise ValueError("the model failed mid-stream")
         finally:
             events.append(threading.current_thread() is threading.main_thread())
 
-    async def main(n, take):
+    async def main(generator, take):
         pool, closed = Counting(), []
-        stream = ChunkStream(gen(n), on_close=closed.append, started=0.0, executor=pool)
+        stream = ChunkStream(generator, on_close=closed.append, started=0.0, executor=pool)
         got = []
-        async with stream:
-            async for chunk in stream:
-                got.append(chunk)
-                if len(got) == take:
-                    break
+        try:
+            async with stream:
+                if take != 0:  # (0: closed before its first chunk)
+                    async for chunk in stream:
+                        got.append(chunk)
+                        if len(got) == take:
+                            break
+        except ValueError:
+            got.append("raised")
         pool.shutdown()
         return got, pool.jobs, closed == [stream]
 
-    got, jobs, closed = asyncio.run(main(3, None))
-    assert (got, closed) == (["0", "1", "2"], True)
-    assert jobs == ["next"] * 4  # three chunks, then the end; no close
-    got, jobs, closed = asyncio.run(main(3, 1))
-    assert (got, closed) == (["0"], True)
-    assert jobs == ["next", "close_quietly"]
-    assert events == [False, False]  # both generators' `finally` ran in a worker thread
+    assert asyncio.run(main(gen(3), None)) == (["0", "1", "2"], ["next"] * 4, True)  # three chunks, the end; no close
+    assert asyncio.run(main(gen(3), 1)) == (["0"], ["next", "close_quietly"], True)  # stopped early: closed in a thread
+    assert asyncio.run(main(gen(1, fail=True), None)) == (["0", "raised"], ["next"] * 2, True)  # raised: it ended
+    assert asyncio.run(main(gen(3), 0)) == ([], [], True)  # never started: its close runs nothing at all
+    assert events == [False, False, False]  # every `finally` that ran, ran in a worker thread
 
 
 # ---------------------------------------------------------------- hot reload

@@ -311,6 +311,11 @@ def test_with_json_logs_every_line_the_command_writes_is_json_to_the_interrupt(t
     assert any(e["level"] == "WARNING" and e["message"].startswith("config.yaml requires no-such-dist-km==1.0")
                for e in lines)
     assert any(e["logger"] == "kernel_magics.access" for e in lines)
+    # An error the command finds in its options before it serves: one JSON line too (exit 2, a usage error).
+    refused = subprocess.run([sys.executable, "-m", "kernel_magics", "serve", str(d), "--replicas", "2",
+                              "--log-format", "json"], capture_output=True, text=True, timeout=60)
+    (line,) = [json.loads(line) for line in refused.stderr.splitlines()]
+    assert (refused.returncode, line["level"]) == (2, "ERROR") and line["message"].endswith("need --engine ray.")
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])

@@ -108,7 +108,6 @@ class ChunkStream:
         # The one `next(gen)` running in a worker thread, if any: the generator is closed only after it.
         self._step: Optional[asyncio.Future] = None
         self._started_sync = False
-        self._exhausted = False  # a sync generator that ran to its end: closing it runs nothing
         self._taken = False  # handed to a caller that iterates it itself (take_sync)
         self.chunks = 0
         self.first_chunk_seconds: Optional[float] = None
@@ -183,7 +182,6 @@ class ChunkStream:
         self._step = step
         chunk = await asyncio.shield(step)  # a cancelled reader never leaves next() running unseen
         if chunk is _END:
-            self._exhausted = True
             raise StopAsyncIteration
         return chunk
 
@@ -196,9 +194,9 @@ class ChunkStream:
             # Shielded: a cancelled caller must not leave the generator half-closed with its slot freed.
             await asyncio.shield(self._close_async())
             return
-        if self._exhausted or not self._started_sync:
-            # Nothing can run in it (ended, or never started): closed here, without a task or a thread hop,
-            # which is most of what a short stream's end would cost.
+        if self._nothing_runs_in_it():
+            # Closing it runs no code: closed here, without a task or a thread hop (most of what a short stream's
+            # end would otherwise cost).
             try:
                 close_quietly(self._gen)
             finally:
@@ -206,6 +204,13 @@ class ChunkStream:
             return
         closing = asyncio.ensure_future(self._close_sync())
         await asyncio.shield(closing)
+
+    def _nothing_runs_in_it(self) -> bool:
+        """A generator that ended (ran out, or raised) or never ran, with no next() of ours pending, that no
+        caller iterates itself (take_sync): its close() runs none of its code."""
+        if self._taken or not inspect.isgenerator(self._gen) or (self._step is not None and not self._step.done()):
+            return False
+        return inspect.getgeneratorstate(self._gen) in (inspect.GEN_CREATED, inspect.GEN_CLOSED)
 
     async def _close_sync(self) -> None:
         try:
