@@ -322,8 +322,11 @@ def test_views_saved_and_reopened_read_as_their_final_state(page, lab, shots):
     assert "ready" in text and "reading shards" in text  # the load view's outcome and what load printed
     assert text.count("saved and reopened") == 1 and "done: 3 chunks" in text
     assert "failed" in text and "no checkpoint here" in text
-    # Without a kernel (as it is reopened on another machine): the panel says so.
-    page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
+    # Without a kernel (as it is reopened on another machine): the panel says so. The reopened notebook starts a
+    # kernel of its own; a shutdown before its session context is even initialized does nothing, and that kernel
+    # then starts (the panel rightly says "not loaded"): shut down the session once it is there.
+    page.evaluate("async () => { const c = window.jupyterapp.shell.currentWidget.sessionContext; await c.ready;"
+                  " await c.shutdown(); }")
     command(page, "kernel-magics:show-panel")
     wait_panel_text(page, "no kernel")
     page.screenshot(path=str(shots / "reopened-notebook.png"))
