@@ -359,6 +359,32 @@ def test_a_stream_that_ran_to_its_end_takes_one_thread_hop_a_chunk_and_none_to_c
     assert events == [False, False, False]  # every `finally` that ran, ran in a worker thread
 
 
+def test_a_stream_closed_early_runs_its_finally_in_the_closers_context():
+    """What the model's `finally` logs when the server stops its stream carries the request's id (a context
+    variable), as its chunks' lines do."""
+    import contextvars
+
+    request_id = contextvars.ContextVar("request_id", default=None)
+    seen = []
+
+    def gen():
+        try:
+            yield "a"
+            yield "b"
+        finally:
+            seen.append(request_id.get())
+
+    async def main():
+        request_id.set("req-7")
+        stream = ChunkStream(gen(), on_close=lambda s: None, started=0.0)
+        async with stream:
+            async for _ in stream:
+                break  # the reader leaves after the first chunk: the server closes the generator
+
+    asyncio.run(main())
+    assert seen == ["req-7"]
+
+
 # ---------------------------------------------------------------- hot reload
 
 def test_hot_swap_keeps_the_instance_and_its_state():

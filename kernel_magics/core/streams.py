@@ -219,7 +219,9 @@ class ChunkStream:
                 # A generator cannot be closed while next() runs in it: wait for that chunk first.
                 await asyncio.wait([step])
             # Its `finally` may block (a file, a socket): off the loop, like its chunks.
-            await self._loop.run_in_executor(self._executor, close_quietly, self._gen)
+            # In the closer's context, as each chunk ran in its reader's: what the `finally` logs keeps the request id.
+            ctx = contextvars.copy_context()
+            await self._loop.run_in_executor(self._executor, ctx.run, close_quietly, self._gen)
         finally:
             self._finish()
 
