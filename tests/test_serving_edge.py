@@ -100,6 +100,7 @@ class Model:
 
 STREAMS = '''
 import os
+import time
 from pathlib import Path
 
 MARKS = Path(os.environ["KM_MARKS"])
@@ -121,6 +122,8 @@ class Model:
                     yield b"x" * 65536
                     if i == 0:
                         (MARKS / f"{tag}-started").write_text("1")
+                        while model_input.get("hold") and not (MARKS / f"{tag}-release").exists():
+                            time.sleep(0.01)  # stuck inside the second chunk until the test releases it
                     i += 1
             finally:
                 (MARKS / f"{tag}-closed").write_text("1")
@@ -176,6 +179,29 @@ def test_a_stalled_reader_loses_its_stream_after_streaming_read_timeout(tmp_path
         finally:
             sock.close()
     assert "Stream cut off: the client read nothing for 1 s" in s.log
+
+
+def test_a_generator_stuck_inside_a_chunk_loses_its_connection_at_the_timeout_and_is_closed_after(tmp_path, markers):
+    """As Truss's server does, the response ends once no chunk came for streaming_read_timeout, even while a sync
+    generator is still inside next() (a thread cannot be interrupted). The generator is closed, and its predict
+    slot freed, once that chunk is done."""
+    d = write_truss(tmp_path / "stuck", STREAMS, f'''\
+        environment_variables: {{KM_MARKS: "{markers}"}}
+        runtime: {{predict_concurrency: 1, streaming_read_timeout: 1}}
+        ''')
+    with serve_ours(d) as s:
+        got = b""
+        with httpx.stream("POST", s.predict_url(), json={"stream": "stuck", "hold": True}, timeout=15) as response:
+            with pytest.raises(httpx.RemoteProtocolError):  # the body ends unfinished: the connection is closed
+                for part in response.iter_bytes():
+                    got += part
+        assert got == b"x" * 65536
+        assert not (markers / "stuck-closed").exists()  # the response ended while the generator was stuck
+        (markers / "stuck-release").write_text("1")
+        assert wait_for(markers / "stuck-closed", timeout=30)
+        assert httpx.post(s.predict_url(), json={"a": 2}, timeout=30).json() == {"echo": {"a": 2}}  # its slot
+    assert ("Stream cut off: the model made no chunk for 1 s (runtime.streaming_read_timeout); its generator is "
+            "closed once the chunk it is making is done.") in s.log
 
 
 # ---------------------------------------------------------------- bounds on what a client sends

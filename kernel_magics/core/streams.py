@@ -107,6 +107,7 @@ class ChunkStream:
         self._closed = False  # on_close has run
         # The one `next(gen)` running in a worker thread, if any: the generator is closed only after it.
         self._step: Optional[asyncio.Future] = None
+        self._closer: Optional[asyncio.Future] = None  # closing a sync generator, off the loop
         self._started_sync = False
         self._taken = False  # handed to a caller that iterates it itself (take_sync)
         self.chunks = 0
@@ -116,6 +117,11 @@ class ChunkStream:
     @property
     def is_async(self) -> bool:
         return inspect.isasyncgen(self._gen)
+
+    @property
+    def making_chunk(self) -> bool:
+        """A ``next()`` of ours is running in a worker thread: the generator cannot be closed before it returns."""
+        return self._step is not None and not self._step.done()
 
     @property
     def started(self) -> float:
@@ -163,9 +169,16 @@ class ChunkStream:
         except StopAsyncIteration:
             await self.aclose()
             raise
+        except asyncio.CancelledError:
+            if self.making_chunk:
+                # The reader is gone (a client left, a timeout): it does not wait for the chunk being made. The
+                # generator is closed once that next() returns; aclose() waits for that.
+                self._start_closing()
+            else:
+                await self.aclose()
+            raise
         except BaseException as exc:
-            if not isinstance(exc, asyncio.CancelledError):
-                trim_traceback(exc)
+            trim_traceback(exc)
             await self.aclose()
             raise
         self.chunks += 1
@@ -187,6 +200,9 @@ class ChunkStream:
 
     async def aclose(self) -> None:
         """Stop the generator (its ``finally`` runs); ``on_close`` runs once it has really stopped."""
+        if self._closer is not None:
+            await asyncio.shield(self._closer)
+            return
         if self._closing:
             return
         self._closing = True
@@ -202,22 +218,27 @@ class ChunkStream:
             finally:
                 self._finish()
             return
-        closing = asyncio.ensure_future(self._close_sync())
-        await asyncio.shield(closing)
+        await asyncio.shield(self._start_closing())
+
+    def _start_closing(self) -> asyncio.Future:
+        """Close a sync generator off the loop, once; the future is done when ``on_close`` has run."""
+        self._closing = True
+        if self._closer is None:
+            self._closer = asyncio.ensure_future(self._close_sync())
+        return self._closer
 
     def _nothing_runs_in_it(self) -> bool:
         """A generator that ended (ran out, or raised) or never ran, with no next() of ours pending, that no
         caller iterates itself (take_sync): its close() runs none of its code."""
-        if self._taken or not inspect.isgenerator(self._gen) or (self._step is not None and not self._step.done()):
+        if self._taken or not inspect.isgenerator(self._gen) or self.making_chunk:
             return False
         return inspect.getgeneratorstate(self._gen) in (inspect.GEN_CREATED, inspect.GEN_CLOSED)
 
     async def _close_sync(self) -> None:
         try:
-            step = self._step
-            if step is not None and not step.done():
+            if self.making_chunk:
                 # A generator cannot be closed while next() runs in it: wait for that chunk first.
-                await asyncio.wait([step])
+                await asyncio.wait([self._step])
             # Its `finally` may block (a file, a socket): off the loop, like its chunks.
             # In the closer's context, as each chunk ran in its reader's: what the `finally` logs keeps the request id.
             ctx = contextvars.copy_context()

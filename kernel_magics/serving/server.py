@@ -246,7 +246,9 @@ class _StreamResponse(Response):
     ``streaming_read_timeout``: a generator that makes no chunk for that long, or a reader that
     takes none for that long, loses the stream; either way the generator is closed (its
     ``finally`` runs) and its predict slot freed. A client that leaves cancels the wait, with
-    the same ending. One timer watches for the stall, so a chunk costs no extra task.
+    the same ending. A sync generator stuck inside a chunk cannot be closed until that chunk is
+    done: the response ends at once all the same, and the close follows. One timer watches for
+    the stall, so a chunk costs no extra task.
     """
 
     media_type = "application/octet-stream"
@@ -291,8 +293,9 @@ class _StreamResponse(Response):
         except asyncio.CancelledError:
             if stalled:
                 # Returning with the response unfinished makes uvicorn close the connection.
-                log.warning("Stream cut off: %s for %s s (runtime.streaming_read_timeout); its generator is closed.",
-                            stalled[0], timeout)
+                log.warning("Stream cut off: %s for %s s (runtime.streaming_read_timeout); its generator is closed%s.",
+                            stalled[0], timeout,
+                            " once the chunk it is making is done" if self._stream.making_chunk else "")
             elif not gone.is_set():
                 raise  # the server is shutting down, not the client leaving
         except Exception as exc:
@@ -303,10 +306,25 @@ class _StreamResponse(Response):
         finally:
             timer[0].cancel()
             watcher.cancel()
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(self._stream.aclose())
+            if (gone.is_set() or stalled) and self._stream.making_chunk:
+                # A sync generator stuck inside a chunk cannot be closed before that next() returns: the response
+                # ends now (as Truss's does at the timeout) and the generator is closed, and its slot freed, once the
+                # chunk is done.
+                _close_later(self._stream)
+            else:
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(self._stream.aclose())
             if (gone.is_set() or stalled) and hasattr(task, "uncancel"):
                 task.uncancel()  # handled (Python 3.11+ counts cancellations)
+
+
+_CLOSING: set = set()  # streams being closed after their response ended (the loop keeps only weak references)
+
+
+def _close_later(stream: ChunkStream) -> None:
+    closing = asyncio.ensure_future(stream.aclose())  # (in the request's context: what `finally` logs keeps its id)
+    _CLOSING.add(closing)
+    closing.add_done_callback(_CLOSING.discard)
 
 
 # ---------------------------------------------------------------------- the app
