@@ -120,6 +120,7 @@ SLOW = {
     "test_fidelity::test_a_value_that_cannot_be_saved_refuses_the_export_naming_it",
     "test_fidelity::test_truss_compatibility_warnings_in_the_notebook",
     "test_fidelity_verified::test_cells_run_before_load_ext_count_in_the_kernel_and_in_execute",
+    "test_fidelity_verified::test_execute_accepts_what_the_export_accepts_a_link_to_an_empty_folder_and_its_own_export",
     "test_fidelity_verified::test_a_module_attribute_changed_out_of_sight_travels_with_the_whole_module",
     "test_fidelity_verified::test_execute_stops_at_a_failing_cell_naming_it_and_exports_nothing",
     "test_fidelity_verified::test_cells_are_counted_as_jupyter_numbers_them_code_cells_only",
@@ -129,6 +130,7 @@ SLOW = {
     "test_fingerprint::test_tensors_and_modules_compare_by_value_not_by_device_or_identity",
     "test_magics::test_extension_loads_from_ipython_config",
     "test_magics::test_load_passes_truss_kwargs_and_reports_device",
+    "test_magics::test_tab_completes_the_options_of_the_magics_not_python_names",
     *(f"test_fidelity_verified::test_a_global_that_load_changes_is_compared_as_both_loads_left_it[{case}-not loaded]"
       for case in ("a literal", "a computed list, verified", "a computed list, replayed")),
     "test_magics::test_secret_from_environment_never_reaches_output",
@@ -165,6 +167,7 @@ SLOW = {
     "test_truss_dir::test_validate_replays_the_example_input",
     "test_truss_dir::test_validate_takes_any_path_from_any_working_directory",
     "test_values::test_every_format_saves_and_loads_as_the_notebook_has_it",
+    "test_values::test_skops_is_imported_without_torch_and_leaves_nothing_blocked",
     "test_widgets::test_a_stopped_or_failed_stream_is_not_recorded_and_exports_still_replay",
     # Cases whose test keeps another case in `make check` (60 s); what only `make test` then covers: Stop of an
     # async generator (check has the sync one), a spare refused for a submodule model.py never imported (check has

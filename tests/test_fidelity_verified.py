@@ -177,8 +177,14 @@ def test_execute_refuses_a_target_it_could_not_replace_before_the_notebook_runs(
     assert "exists and is not empty, and no export made it" in done.stderr, done.stderr
     assert "[1/" not in done.stdout and not (tmp_path / "ran.txt").exists()  # no cell ran
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
-    # What the export accepts, the check before it accepts: a link to an empty folder (the kernel exports into the
-    # folder it points to), from a working directory the target holds (the kernel's is the notebook's folder).
+
+
+def test_execute_accepts_what_the_export_accepts_a_link_to_an_empty_folder_and_its_own_export(tmp_path):
+    """What the export accepts, the check before the notebook runs accepts: a link to an empty folder (the kernel
+    exports into the folder it points to), from a working directory the target holds (the kernel's is the
+    notebook's folder), and then the notebook's own export there, replaced."""
+    path = write_notebook(tmp_path / "nb.ipynb", [
+        "%load_ext kernel_magics", "open('ran.txt', 'w').close()", model_cell("return 1")])
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
     done = cli("export", path, tmp_path / "link", "--execute", cwd=tmp_path / "real")

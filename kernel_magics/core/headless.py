@@ -75,14 +75,14 @@ def export_by_running(notebook: Path, out: Path, *, force: int = 0, data: Sequen
                       timeout: Optional[float] = None, progress: Callable[[str], None] = print) -> str:
     """Run ``notebook``'s code cells in a fresh kernel and export from it; returns what the export printed.
     Raises HeadlessRunError (naming the cell) when a cell fails or the export refuses."""
-    import nbformat
-    from nbclient import NotebookClient
-
     from .export import refuse_target
 
     notebook = Path(notebook).resolve()
     out = Path(out).resolve()  # what the kernel is told, and checked as it will check it, before the notebook runs
     refuse_target(out, force, protected=[notebook], cwd=notebook.parent, origin=str(notebook))
+    import nbformat  # (after the refusal: seconds of imports for nothing otherwise)
+    from nbclient import NotebookClient
+
     nb = nbformat.read(str(notebook), as_version=4)
     code = []
     for cell in nb.cells:

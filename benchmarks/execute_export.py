@@ -1,0 +1,69 @@
+"""`kernel-magics export NOTEBOOK OUT --execute`: wall time of the whole command, side by side in one run.
+
+Two ways of running the same command, alternated round by round:
+
+- **as shipped**: the command as a user runs it. It reads the notebook with nbformat, whose jsonschema no longer
+  builds the IRI grammar of rfc3987_syntax at import (cli.py says why);
+- **with the IRI grammar**: the same command in a Python that imported rfc3987_syntax first (what every run paid
+  before, where JupyterLab's dependencies installed it).
+
+Also the refusal of a target that is not an export's (`--execute` checks it before the notebook runs), which now
+comes before nbformat and nbclient are imported at all.
+
+Usage: `python benchmarks/execute_export.py [--rounds 3] [NOTEBOOK ...]` (default: the quickstart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = "import sys\nfrom kernel_magics.cli import main\nsys.exit(main(sys.argv[1:]))"
+WITH_GRAMMAR = "import rfc3987_syntax\n" + SHIPPED
+
+
+def run(code: str, args: list[str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode not in (0, 1):
+        raise SystemExit(f"kernel-magics {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("notebooks", nargs="*", type=Path, default=[ROOT / "notebooks" / "quickstart.ipynb"])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        refused = Path(tmp, "not-an-export")
+        refused.mkdir()
+        (refused / "notes.txt").write_text("mine")
+        for notebook in args.notebooks:
+            times = {"shipped": [], "grammar": [], "refused shipped": [], "refused grammar": []}
+            for _ in range(args.rounds):
+                for name, code in (("shipped", SHIPPED), ("grammar", WITH_GRAMMAR)):
+                    out = Path(tmp, "out")
+                    shutil.rmtree(out, ignore_errors=True)
+                    times[name].append(run(code, ["export", str(notebook), str(out), "--execute"]))
+                    times[f"refused {name}"].append(run(code, ["export", str(notebook), str(refused), "--execute"]))
+            rows.append((notebook.name, {k: min(v) for k, v in times.items()}))
+    print(f"best of {args.rounds} rounds, seconds (`kernel-magics export NOTEBOOK OUT --execute`)\n")
+    print("| notebook | what | as shipped | with the IRI grammar | shipped / grammar |")
+    print("|---|---|---|---|---|")
+    for name, best in rows:
+        for what, key in (("export", ""), ("refused target", "refused ")):
+            shipped, grammar = best[f"{key}shipped"], best[f"{key}grammar"]
+            print(f"| {name} | {what} | {shipped:.2f} | {grammar:.2f} | {shipped / grammar:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
