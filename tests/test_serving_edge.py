@@ -204,6 +204,30 @@ def test_a_generator_stuck_inside_a_chunk_loses_its_connection_at_the_timeout_an
             "closed once the chunk it is making is done.") in s.log
 
 
+def test_a_forced_quit_cuts_a_stream_off_unfinished_without_a_traceback(tmp_path, markers):
+    """Ctrl-C twice while a stream runs (uvicorn's forced quit, which no longer waits for requests): the client sees
+    an unfinished response, never one that looks complete; the log says the stream was cut off, with no traceback
+    (the requests used to end in the clean-up of the KeyboardInterrupt uvicorn raises in the loop)."""
+    import signal
+
+    d = write_truss(tmp_path / "quit", STREAMS, f'environment_variables: {{KM_MARKS: "{markers}"}}\n')
+    with serve_ours(d) as s:
+        with httpx.stream("POST", s.predict_url(), json={"stream": "quit", "hold": True}, timeout=30) as response:
+            with pytest.raises(httpx.RemoteProtocolError):  # not a clean end
+                for _ in response.iter_bytes():
+                    if s.proc.returncode is None and not (markers / "quit-signalled").exists():
+                        (markers / "quit-signalled").write_text("1")
+                        assert wait_for(markers / "quit-started", timeout=30)  # stuck inside the next chunk
+                        s.proc.send_signal(signal.SIGINT)
+                        deadline = time.monotonic() + 30
+                        while "Waiting for connections to close" not in s.log and time.monotonic() < deadline:
+                            time.sleep(0.02)
+                        s.proc.send_signal(signal.SIGINT)
+        (markers / "quit-release").write_text("1")  # (the thread inside the chunk ends, so the process can)
+        assert s.proc.wait(timeout=30) == 130
+    assert "Stream cut off: the server is stopping" in s.log and "Traceback" not in s.log, s.log
+
+
 # ---------------------------------------------------------------- bounds on what a client sends
 
 def raw_request(url: str, data: bytes) -> bytes:

@@ -191,7 +191,10 @@ class ChunkStream:
         # its reader holds nothing but its generator.
         self._started_sync = True
         ctx = contextvars.copy_context()  # keeps output routed to the calling cell
-        step = self._loop.run_in_executor(self._executor, ctx.run, next, self._gen, _END)
+        try:
+            step = self._loop.run_in_executor(self._executor, ctx.run, next, self._gen, _END)
+        except RuntimeError:  # the pool was shut down: the server is stopping, which cancels this stream
+            raise asyncio.CancelledError("the worker threads were let go") from None
         self._step = step
         chunk = await asyncio.shield(step)  # a cancelled reader never leaves next() running unseen
         if chunk is _END:
@@ -242,7 +245,10 @@ class ChunkStream:
             # Its `finally` may block (a file, a socket): off the loop, like its chunks.
             # In the closer's context, as each chunk ran in its reader's: what the `finally` logs keeps the request id.
             ctx = contextvars.copy_context()
-            await self._loop.run_in_executor(self._executor, ctx.run, close_quietly, self._gen)
+            try:
+                await self._loop.run_in_executor(self._executor, ctx.run, close_quietly, self._gen)
+            except RuntimeError:  # the pool was shut down (the server stopped): closed here, on the loop
+                ctx.run(close_quietly, self._gen)
         finally:
             self._finish()
 

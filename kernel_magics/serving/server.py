@@ -266,6 +266,7 @@ class _StreamResponse(Response):
         phase = ["the model made no chunk"]
         last = [loop.time()]
         timeout = self._timeout
+        cut_off = False  # the client left, a stall outlasted the timeout, or the server stopped
 
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -291,13 +292,18 @@ class _StreamResponse(Response):
                 last[0], phase[0] = loop.time(), "the model made no chunk"
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
+            cut_off = True
             if stalled:
                 # Returning with the response unfinished makes uvicorn close the connection.
                 log.warning("Stream cut off: %s for %s s (runtime.streaming_read_timeout); its generator is closed%s.",
                             stalled[0], timeout,
                             " once the chunk it is making is done" if self._stream.making_chunk else "")
             elif not gone.is_set():
-                raise  # the server is shutting down, not the client leaving
+                # The server is stopping and no longer waits for this request (a forced quit, or its graceful
+                # shutdown's time is up): the connection is closed with the response unfinished, as a client must
+                # see it, without a traceback for what is no error.
+                log.warning("Stream cut off: the server is stopping; its generator is closed%s.",
+                            " once the chunk it is making is done" if self._stream.making_chunk else "")
         except Exception as exc:
             # Headers are out: as Truss does, the body ends where the error happened, and it is logged.
             log.error("Exception while generating streamed response: %s\n%s", self._host.describe_error(exc),
@@ -306,7 +312,7 @@ class _StreamResponse(Response):
         finally:
             timer[0].cancel()
             watcher.cancel()
-            if (gone.is_set() or stalled) and self._stream.making_chunk:
+            if cut_off and self._stream.making_chunk:
                 # A sync generator stuck inside a chunk cannot be closed before that next() returns: the response
                 # ends now (as Truss's does at the timeout) and the generator is closed, and its slot freed, once the
                 # chunk is done.
@@ -314,7 +320,7 @@ class _StreamResponse(Response):
             else:
                 with contextlib.suppress(BaseException):
                     await asyncio.shield(self._stream.aclose())
-            if (gone.is_set() or stalled) and hasattr(task, "uncancel"):
+            if cut_off and hasattr(task, "uncancel"):
                 task.uncancel()  # handled (Python 3.11+ counts cancellations)
 
 

@@ -8,6 +8,7 @@ stops, and :class:`ModelLoadFailed` says what to fix in one paragraph.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -147,6 +148,19 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
         async def shutdown(self, sockets: Optional[list] = None) -> None:
             flush_access_lines()  # the requests answered so far are logged before "Shutting down"
             await super().shutdown(sockets)
+            if self.force_exit and self.server_state.tasks:
+                # A forced quit (a second Ctrl-C) stops waiting for the requests in flight, and uvicorn then raises
+                # the signal inside the loop: they ended in that KeyboardInterrupt's clean-up, each with a traceback,
+                # and a stream now and then as if it were complete. They end here instead, cut off: a client sees
+                # an unfinished response. (A sync predict's thread cannot be stopped; its request does not wait.)
+                tasks = list(self.server_state.tasks)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.wait(tasks, timeout=1)
+            if self.force_exit:
+                # uvicorn skips the app's shutdown on a forced quit; ours only writes the last access lines and
+                # lets the worker threads go, and without it the lifespan task ended in the same clean-up.
+                await self.lifespan.shutdown()
 
     app = create_app(model_host, on_shutdown=model_host.close, max_body=max_body, metrics=metrics)
     server = Server(uvicorn_config(app, host, port, log_level=log_level, log_config=None))
