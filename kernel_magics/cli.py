@@ -200,11 +200,14 @@ def _export_by_running(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from .core.config import requirement_warnings
     from .core.truss_dir import TrussDir, validate
 
     truss = TrussDir.open(args.dir)
     for warning in truss.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    for warning in requirement_warnings(truss.config.requirements):  # (the check runs the model with what is here)
+        print(warning, file=sys.stderr)
     print(validate(truss, import_check=not args.no_import, secrets_dir=args.secrets_dir).summary())
     return 0
 
@@ -260,7 +263,8 @@ def _serve(args: argparse.Namespace) -> int:
         except PortUnavailable:
             _open_for_serving(args.dir, args=args, warn=False)  # a directory that cannot be served is the first thing to fix
             raise
-        from .serving.uvicorn_engine import requirement_warnings, serve_truss
+        from .core.config import requirement_warnings
+        from .serving.uvicorn_engine import serve_truss
 
         truss = _open_for_serving(args.dir, args=args)  # what needs no import fails at once; model.py is imported in the load thread
         for warning in requirement_warnings(truss.config.requirements):

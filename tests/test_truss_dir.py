@@ -146,6 +146,18 @@ def test_validate_replays_the_example_input(tmp_path):
     assert done.returncode == 0 and "answered model_metadata.example_model_input" in done.stdout
 
 
+def test_validate_warns_of_requirements_this_python_does_not_meet_as_serve_does(tmp_path):
+    """validate runs the model with what is installed here: a requirement that is not met is said, as serve says it,
+    and the check still runs (the deployment installs its requirements)."""
+    write_truss(tmp_path / "req", ECHO, "requirements: [pyyaml==0.0.1, no-such-dist-km==1.0, 'pyyaml; python_version < \"3\"']\n")
+    done = cli("validate", "req", cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.startswith("OK "), done.stdout + done.stderr
+    lines = done.stderr.splitlines()
+    assert [line.split(" but ")[0] for line in lines] == [
+        "warning: config.yaml requires pyyaml==0.0.1", "warning: config.yaml requires no-such-dist-km==1.0"], lines
+    assert lines[1].endswith("but no-such-dist-km is not installed"), lines
+
+
 @pytest.mark.parametrize("memory, expected", [
     ("1Pi", 2**50), ("512Mi", 512 * 2**20), ("2Gi", 2 * 2**30), ("1.5Gi", int(1.5 * 2**30)), ("1G", 10**9),
     ("128974848", 128974848), ("129e6", 129 * 10**6), ("123Mi", 123 * 2**20), ("1Ei", 2**60), ("4k", 4000),

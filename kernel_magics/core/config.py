@@ -131,6 +131,13 @@ def unmet_requirements(requirements: list[str]) -> list[tuple[str, str, Optional
     return unmet
 
 
+def requirement_warnings(requirements: list[str]) -> list[str]:
+    """One line per requirement that the installed distributions do not satisfy (``serve`` and ``validate`` run the
+    model with what is installed here)."""
+    return [f"warning: config.yaml requires {line} but {name} " + (f"{version} is installed" if version else "is not installed")
+            for line, name, version in unmet_requirements(requirements)]
+
+
 class _Section(pydantic.BaseModel):
     # Unknown keys are caught before validation (with "did you mean"); keys Truss
     # knows but we do not model are kept verbatim so a round trip loses nothing.

@@ -25,7 +25,7 @@ from .limits import DEFAULT_MAX_BODY
 if TYPE_CHECKING:
     from .stand_in import StandIn
 
-__all__ = ["serve_truss", "ModelLoadFailed", "load_in_background", "import_and_load", "requirement_warnings"]
+__all__ = ["serve_truss", "ModelLoadFailed", "load_in_background", "import_and_load"]
 
 log = logging.getLogger("kernel_magics.server")
 
@@ -97,14 +97,6 @@ def _user_frames(exc: BaseException) -> BaseException:
         tb = tb.tb_next
     exc.__traceback__ = tb
     return exc
-
-
-def requirement_warnings(requirements: list[str]) -> list[str]:
-    """One line per pinned requirement that the installed distributions do not satisfy."""
-    from ..core.config import unmet_requirements
-
-    return [f"warning: config.yaml requires {line} but {name} " + (f"{version} is installed" if version else "is not installed")
-            for line, name, version in unmet_requirements(requirements)]
 
 
 def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, secrets_dir: Optional[Path] = None,
