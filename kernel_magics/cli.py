@@ -416,6 +416,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:
         _say(args, "interrupted", level="WARNING")
+        _quit_at_once_if_model_code_still_runs(args)
         return 130
     except PortUnavailable as exc:  # "3 serve could not listen" (EXIT_CODES)
         _say(args, f"error: {exc}")
@@ -427,6 +428,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         where = f" ({exc.filename})" if exc.filename else ""
         _say(args, f"error: {exc.strerror or exc}{where}. Check the path and its permissions.")
         return 1
+
+
+def _quit_at_once_if_model_code_still_runs(args: argparse.Namespace) -> None:
+    """Python cannot stop a thread: a predict or a chunk still inside model code after a forced quit keeps the process
+    until it returns (the interpreter's exit waits for the worker threads, as it does for Truss's server's). Say so,
+    and let one more Ctrl-C or SIGTERM end the process at once, instead of the traceback Python prints when that
+    wait is interrupted."""
+    import os
+    import signal
+    import threading
+    import time
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    threads = [t for t in threading.enumerate() if t.name.startswith(("model-predict", "model-health"))]
+    deadline = time.monotonic() + 0.2
+    for thread in threads:  # the idle ones end at once: their pool was let go when the server stopped
+        thread.join(max(0.0, deadline - time.monotonic()))
+    busy = sum(thread.is_alive() for thread in threads)
+    if not busy:
+        return
+
+    def quit_now(number: int, frame: object) -> None:
+        os._exit(128 + number)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, quit_now)
+    _say(args, f"model code is still running in {busy} thread{'s' if busy > 1 else ''}, and the process ends when it "
+               "returns (Python cannot stop a thread). Press Ctrl-C again to quit at once.", level="WARNING")
 
 
 def _say(args: Optional[argparse.Namespace], text: str, level: str = "ERROR") -> None:

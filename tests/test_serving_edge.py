@@ -223,9 +223,16 @@ def test_a_forced_quit_cuts_a_stream_off_unfinished_without_a_traceback(tmp_path
                         while "Waiting for connections to close" not in s.log and time.monotonic() < deadline:
                             time.sleep(0.02)
                         s.proc.send_signal(signal.SIGINT)
-        (markers / "quit-release").write_text("1")  # (the thread inside the chunk ends, so the process can)
+        # The generator is still inside its chunk: the process says so, and one more Ctrl-C ends it at once.
+        deadline = time.monotonic() + 30
+        while "model code is still running in 1 thread" not in s.log and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert s.proc.poll() is None, s.log
+        s.proc.send_signal(signal.SIGINT)
         assert s.proc.wait(timeout=30) == 130
+        assert not (markers / "quit-closed").exists()  # it did not wait for the chunk
     assert "Stream cut off: the server is stopping" in s.log and "Traceback" not in s.log, s.log
+    assert "Press Ctrl-C again to quit at once." in s.log, s.log
 
 
 # ---------------------------------------------------------------- bounds on what a client sends
