@@ -438,16 +438,10 @@ def _quit_at_once_if_model_code_still_runs(args: argparse.Namespace) -> None:
     import os
     import signal
     import threading
-    import time
 
-    if threading.current_thread() is not threading.main_thread():
-        return
-    threads = [t for t in threading.enumerate() if t.name.startswith(("model-predict", "model-health"))]
-    deadline = time.monotonic() + 0.2
-    for thread in threads:  # the idle ones end at once: their pool was let go when the server stopped
-        thread.join(max(0.0, deadline - time.monotonic()))
-    busy = sum(thread.is_alive() for thread in threads)
-    if not busy:
+    runtime = sys.modules.get("kernel_magics.core.runtime")  # (not imported: no model code ran here)
+    busy = runtime.calls_in_model_code() if runtime is not None else 0
+    if not busy or threading.current_thread() is not threading.main_thread():
         return
 
     def quit_now(number: int, frame: object) -> None:

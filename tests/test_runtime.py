@@ -322,7 +322,7 @@ def test_a_stream_that_ran_to_its_end_takes_one_thread_hop_a_chunk_and_none_to_c
             self.jobs = []
 
         def submit(self, fn, /, *args, **kwargs):
-            self.jobs.append(args[0].__name__ if fn.__name__ == "run" else fn.__name__)  # ctx.run(next, gen, end)
+            self.jobs.append(args[0].__name__ if fn.__name__ == "run" else fn.__name__)  # ctx.run(_advance, gen)
             return super().submit(fn, *args, **kwargs)
 
     events = []
@@ -352,9 +352,9 @@ def test_a_stream_that_ran_to_its_end_takes_one_thread_hop_a_chunk_and_none_to_c
         pool.shutdown()
         return got, pool.jobs, closed == [stream]
 
-    assert asyncio.run(main(gen(3), None)) == (["0", "1", "2"], ["next"] * 4, True)  # three chunks, the end; no close
-    assert asyncio.run(main(gen(3), 1)) == (["0"], ["next", "close_quietly"], True)  # stopped early: closed in a thread
-    assert asyncio.run(main(gen(1, fail=True), None)) == (["0", "raised"], ["next"] * 2, True)  # raised: it ended
+    assert asyncio.run(main(gen(3), None)) == (["0", "1", "2"], ["_advance"] * 4, True)  # three chunks, the end; no close
+    assert asyncio.run(main(gen(3), 1)) == (["0"], ["_advance", "close_quietly"], True)  # stopped early: closed in a thread
+    assert asyncio.run(main(gen(1, fail=True), None)) == (["0", "raised"], ["_advance"] * 2, True)  # raised: it ended
     assert asyncio.run(main(gen(3), 0)) == ([], [], True)  # never started: its close runs nothing at all
     assert events == [False, False, False]  # every `finally` that ran, ran in a worker thread
 

@@ -1,6 +1,7 @@
 """The serving edge under load and attack: liveness while loading, threads, stalled readers, bounds,
 msgpack, the logs. Real `kernel-magics serve` processes, real sockets; no timed assertions."""
 
+import concurrent.futures
 import json
 import re
 import socket
@@ -124,6 +125,8 @@ class Model:
                         (MARKS / f"{tag}-started").write_text("1")
                         while model_input.get("hold") and not (MARKS / f"{tag}-release").exists():
                             time.sleep(0.01)  # stuck inside the second chunk until the test releases it
+                        if model_input.get("fail"):
+                            raise TimeoutError("the upstream call timed out")
                     i += 1
             finally:
                 (MARKS / f"{tag}-closed").write_text("1")
@@ -191,17 +194,27 @@ def test_a_generator_stuck_inside_a_chunk_loses_its_connection_at_the_timeout_an
         ''')
     with serve_ours(d) as s:
         got = b""
-        with httpx.stream("POST", s.predict_url(), json={"stream": "stuck", "hold": True}, timeout=15) as response:
+        body = {"stream": "stuck", "hold": True, "fail": True}
+        with httpx.stream("POST", s.predict_url(), json=body, timeout=15) as response:
             with pytest.raises(httpx.RemoteProtocolError):  # the body ends unfinished: the connection is closed
                 for part in response.iter_bytes():
                     got += part
         assert got == b"x" * 65536
         assert not (markers / "stuck-closed").exists()  # the response ended while the generator was stuck
-        (markers / "stuck-release").write_text("1")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the one predict slot is still the stream's
+            waiting = pool.submit(httpx.post, s.predict_url(), json={"a": 2}, timeout=30)
+            with pytest.raises(concurrent.futures.TimeoutError):
+                waiting.result(timeout=1)
+            (markers / "stuck-release").write_text("1")
+            assert waiting.result().json() == {"echo": {"a": 2}}  # freed once that chunk was done
         assert wait_for(markers / "stuck-closed", timeout=30)
-        assert httpx.post(s.predict_url(), json={"a": 2}, timeout=30).json() == {"echo": {"a": 2}}  # its slot
     assert ("Stream cut off: the model made no chunk for 1 s (runtime.streaming_read_timeout); its generator is "
             "closed once the chunk it is making is done.") in s.log
+    # What that chunk raised once it was done is logged (no one else could see it), with the model's frame.
+    assert ("ERROR kernel_magics.server: Exception while generating streamed response (after the response ended): "
+            "TimeoutError: the upstream call timed out\nTraceback (most recent call last):\n") in s.log, s.log
+    assert 'model.py", line' in s.log.split("after the response ended")[1], s.log
+    assert "never retrieved" not in s.log, s.log
 
 
 def test_a_forced_quit_cuts_a_stream_off_unfinished_without_a_traceback(tmp_path, markers):

@@ -417,13 +417,13 @@ class ModelHost:
         if self._executor is None:
             # Truss runs sync user code in anyio's pool of 40 threads; so do we. A sync stream takes
             # a thread only while it makes a chunk, never while it waits for its reader.
-            self._executor = concurrent.futures.ThreadPoolExecutor(40, thread_name_prefix="model-predict")
+            self._executor = _ModelPool(40, thread_name_prefix="model-predict")
         return self._executor
 
     def _health_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._health_executor is None:
             # Its own thread: readiness never waits behind model work holding the predict pool.
-            self._health_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-health")
+            self._health_executor = _ModelPool(1, thread_name_prefix="model-health")
         return self._health_executor
 
     def close(self) -> None:
@@ -619,6 +619,33 @@ class ModelHost:
             async for chunk in result:
                 chunks.append(chunk)
         return join_chunks(chunks)
+
+
+class _ModelPool(concurrent.futures.ThreadPoolExecutor):
+    """Worker threads for model code that count the calls in progress: what a process that stops still waits for
+    (:func:`calls_in_model_code`)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        return super().submit(_counted, fn, *args, **kwargs)
+
+
+_IN_MODEL_CODE = [0]
+_IN_MODEL_CODE_LOCK = threading.Lock()
+
+
+def _counted(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    with _IN_MODEL_CODE_LOCK:
+        _IN_MODEL_CODE[0] += 1
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        with _IN_MODEL_CODE_LOCK:
+            _IN_MODEL_CODE[0] -= 1
+
+
+def calls_in_model_code() -> int:
+    """How many calls of model code the worker threads of this process's hosts are running now."""
+    return _IN_MODEL_CODE[0]
 
 
 def release_frames(exc: Optional[BaseException]) -> None:

@@ -93,6 +93,23 @@ def close_quietly(gen: Any) -> None:
 _END = object()
 
 
+class _Raised:
+    """What ``next()`` raised in a worker thread, handed back as a value: a raise there loses the generator's frames
+    on its way through asyncio's future, and a chunk that fails after its reader left is logged with them."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _advance(gen: Any) -> Any:
+    try:
+        return next(gen, _END)
+    except Exception as exc:
+        return _Raised(exc)
+
+
 class ChunkStream:
     """The chunks of a streaming predict; ``aclose()`` (or leaving ``async with``) stops it."""
 
@@ -108,6 +125,8 @@ class ChunkStream:
         # The one `next(gen)` running in a worker thread, if any: the generator is closed only after it.
         self._step: Optional[asyncio.Future] = None
         self._closer: Optional[asyncio.Future] = None  # closing a sync generator, off the loop
+        # What the chunk being made raised after its reader had left (no one else sees it; the server logs it).
+        self.late_error: Optional[BaseException] = None
         self._started_sync = False
         self._taken = False  # handed to a caller that iterates it itself (take_sync)
         self.chunks = 0
@@ -192,13 +211,15 @@ class ChunkStream:
         self._started_sync = True
         ctx = contextvars.copy_context()  # keeps output routed to the calling cell
         try:
-            step = self._loop.run_in_executor(self._executor, ctx.run, next, self._gen, _END)
+            step = self._loop.run_in_executor(self._executor, ctx.run, _advance, self._gen)
         except RuntimeError:  # the pool was shut down: the server is stopping, which cancels this stream
             raise asyncio.CancelledError("the worker threads were let go") from None
         self._step = step
         chunk = await asyncio.shield(step)  # a cancelled reader never leaves next() running unseen
         if chunk is _END:
             raise StopAsyncIteration
+        if type(chunk) is _Raised:
+            raise chunk.exc
         return chunk
 
     async def aclose(self) -> None:
@@ -241,7 +262,11 @@ class ChunkStream:
         try:
             if self.making_chunk:
                 # A generator cannot be closed while next() runs in it: wait for that chunk first.
-                await asyncio.wait([self._step])
+                step = self._step
+                await asyncio.wait([step])
+                raised = step.result() if not step.cancelled() and step.exception() is None else None
+                if type(raised) is _Raised:  # (its reader left before it failed: no one else sees it)
+                    self.late_error = trim_traceback(raised.exc)
             # Its `finally` may block (a file, a socket): off the loop, like its chunks.
             # In the closer's context, as each chunk ran in its reader's: what the `finally` logs keeps the request id.
             ctx = contextvars.copy_context()

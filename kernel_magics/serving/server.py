@@ -266,7 +266,8 @@ class _StreamResponse(Response):
         phase = ["the model made no chunk"]
         last = [loop.time()]
         timeout = self._timeout
-        cut_off = False  # the client left, a stall outlasted the timeout, or the server stopped
+        cut_off = False  # the client left, a stall outlasted the timeout, or the server stopped: no more chunks
+        handled = True  # a cancellation that ends here (not passed on to whoever cancelled)
 
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -293,17 +294,21 @@ class _StreamResponse(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             cut_off = True
+            later = " once the chunk it is making is done" if self._stream.making_chunk else ""
             if stalled:
                 # Returning with the response unfinished makes uvicorn close the connection.
                 log.warning("Stream cut off: %s for %s s (runtime.streaming_read_timeout); its generator is closed%s.",
-                            stalled[0], timeout,
-                            " once the chunk it is making is done" if self._stream.making_chunk else "")
-            elif not gone.is_set():
+                            stalled[0], timeout, later)
+            elif gone.is_set():
+                pass
+            elif getattr(scope["app"].state, "stopping", False):
                 # The server is stopping and no longer waits for this request (a forced quit, or its graceful
                 # shutdown's time is up): the connection is closed with the response unfinished, as a client must
                 # see it, without a traceback for what is no error.
-                log.warning("Stream cut off: the server is stopping; its generator is closed%s.",
-                            " once the chunk it is making is done" if self._stream.making_chunk else "")
+                log.warning("Stream cut off: the server is stopping; its generator is closed%s.", later)
+            else:
+                handled = False
+                raise  # cancelled by whoever runs the app (Ray Serve, when its client leaves): as it asks
         except Exception as exc:
             # Headers are out: as Truss does, the body ends where the error happened, and it is logged.
             log.error("Exception while generating streamed response: %s\n%s", self._host.describe_error(exc),
@@ -316,19 +321,25 @@ class _StreamResponse(Response):
                 # A sync generator stuck inside a chunk cannot be closed before that next() returns: the response
                 # ends now (as Truss's does at the timeout) and the generator is closed, and its slot freed, once the
                 # chunk is done.
-                _close_later(self._stream)
+                _close_later(self._stream, self._host)
             else:
                 with contextlib.suppress(BaseException):
                     await asyncio.shield(self._stream.aclose())
-            if cut_off and hasattr(task, "uncancel"):
+            if cut_off and handled and hasattr(task, "uncancel"):
                 task.uncancel()  # handled (Python 3.11+ counts cancellations)
 
 
 _CLOSING: set = set()  # streams being closed after their response ended (the loop keeps only weak references)
 
 
-def _close_later(stream: ChunkStream) -> None:
-    closing = asyncio.ensure_future(stream.aclose())  # (in the request's context: what `finally` logs keeps its id)
+def _close_later(stream: ChunkStream, host: ModelHost) -> None:
+    async def close() -> None:
+        await stream.aclose()
+        if stream.late_error is not None:  # the chunk it was making failed after the response ended
+            log.error("Exception while generating streamed response (after the response ended): %s\n%s",
+                      host.describe_error(stream.late_error), host.format_error(stream.late_error))
+
+    closing = asyncio.ensure_future(close())  # (in the request's context: what `finally` logs keeps its id)
     _CLOSING.add(closing)
     closing.add_done_callback(_CLOSING.discard)
 
@@ -373,6 +384,7 @@ def create_app(host: Union[ModelHost, Callable[[], Optional[ModelHost]]], *,
     app = FastAPI(title="kernel-magics model server", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan, routes=_routes(), exception_handlers=dict(errors.HANDLERS))
     app.state.host, app.state.all_ready, app.state.max_body = current, all_ready, max_body
+    app.state.stopping = False  # the server that runs it says when it stops (serving/uvicorn_engine.py)
     app.state.metrics = Metrics.get() if metrics else None
     app.add_middleware(RequestLog, metrics=app.state.metrics, log_requests=log_requests)
     return app

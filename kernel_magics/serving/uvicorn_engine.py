@@ -139,6 +139,7 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
 
         async def shutdown(self, sockets: Optional[list] = None) -> None:
             flush_access_lines()  # the requests answered so far are logged before "Shutting down"
+            app.state.stopping = True  # (a stream cancelled from now on is cut off by the stop, not by its client)
             await super().shutdown(sockets)
             if self.force_exit and self.server_state.tasks:
                 # A forced quit (a second Ctrl-C) stops waiting for the requests in flight, and uvicorn then raises
@@ -149,9 +150,11 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
                 for task in tasks:
                     task.cancel()
                 await asyncio.wait(tasks, timeout=1)
-            if self.force_exit:
-                # uvicorn skips the app's shutdown on a forced quit; ours only writes the last access lines and
-                # lets the worker threads go, and without it the lifespan task ended in the same clean-up.
+            done = getattr(self.lifespan, "shutdown_event", None)
+            if self.force_exit and done is not None and not done.is_set():
+                # uvicorn skips the app's shutdown on a forced quit (unless the quit came while it ran); ours only
+                # writes the last access lines and lets the worker threads go, and without it the lifespan task
+                # ended in the same clean-up.
                 await self.lifespan.shutdown()
 
     app = create_app(model_host, on_shutdown=model_host.close, max_body=max_body, metrics=metrics)
