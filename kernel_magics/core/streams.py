@@ -94,8 +94,9 @@ _END = object()
 
 
 class _Raised:
-    """What ``next()`` raised in a worker thread, handed back as a value: a raise there loses the generator's frames
-    on its way through asyncio's future, and a chunk that fails after its reader left is logged with them."""
+    """What ``next()`` raised in a worker thread, handed back as a value so that the generator's frames come with it:
+    a step whose reader had left, read afterwards with ``result()``, raised without them, and a chunk that fails
+    after its reader left is logged with them."""
 
     __slots__ = ("exc",)
 
