@@ -112,6 +112,11 @@ class Model:
         return True
 
     def predict(self, model_input):
+        if "wait" in model_input:  # a predict stuck until the test releases it
+            (MARKS / f"{model_input['wait']}-started").write_text("1")
+            while not (MARKS / f"{model_input['wait']}-release").exists():
+                time.sleep(0.01)
+            return "released"
         if "stream" not in model_input:
             return {"echo": model_input}
         tag = model_input["stream"]
@@ -246,6 +251,34 @@ def test_a_forced_quit_cuts_a_stream_off_unfinished_without_a_traceback(tmp_path
         assert not (markers / "quit-closed").exists()  # it did not wait for the chunk
     assert "Stream cut off: the server is stopping" in s.log and "Traceback" not in s.log, s.log
     assert "Press Ctrl-C again to quit at once." in s.log, s.log
+
+
+def test_a_forced_quit_answers_a_predict_in_flight_503_without_a_traceback(tmp_path, markers):
+    """Ctrl-C twice while a (non-streamed) predict runs: its client gets Truss's 503 body, not uvicorn's plain 500,
+    and the log says so in one line instead of "Exception in ASGI application" and a CancelledError traceback."""
+    import signal
+
+    d = write_truss(tmp_path / "quit", STREAMS, f'environment_variables: {{KM_MARKS: "{markers}"}}\n')
+    with serve_ours(d) as s:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer_ = pool.submit(httpx.post, s.predict_url(), json={"wait": "quit"}, timeout=30)
+            assert wait_for(markers / "quit-started", timeout=30)
+            s.proc.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 30
+            while "Waiting for connections to close" not in s.log and time.monotonic() < deadline:
+                time.sleep(0.02)
+            s.proc.send_signal(signal.SIGINT)
+            response = answer_.result()
+        assert response.status_code == 503, (response.status_code, response.text, s.log)
+        assert response.json() == {"error": "The server is stopping; the request was not answered."}
+        assert response.headers["x-baseten-error-code"] == "600"
+        deadline = time.monotonic() + 30
+        while "model code is still running in 1 thread" not in s.log and time.monotonic() < deadline:
+            time.sleep(0.02)
+        s.proc.send_signal(signal.SIGINT)
+        assert s.proc.wait(timeout=30) == 130
+    assert "Request cut off: the server is stopping before the model answered it." in s.log, s.log
+    assert "Traceback" not in s.log and "Exception in ASGI application" not in s.log, s.log
 
 
 # ---------------------------------------------------------------- bounds on what a client sends

@@ -9,15 +9,21 @@ writes them.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
 import os
 import time
 import weakref
 from typing import Optional
 
+from .errors import error_response
 from .logs import REQUEST_ID, access_line
 
 __all__ = ["RequestLog", "Metrics"]
+
+log = logging.getLogger("kernel_magics.server")
+STOPPING_MESSAGE = "The server is stopping; the request was not answered."
 
 # Route templates of the probes a load balancer or Kubernetes calls every few seconds.
 _QUIET = frozenset({"/", "/v1/models/{model_name}", "/v1/models/{model_name}/loaded", "/ping", "/metrics"})
@@ -129,6 +135,18 @@ class RequestLog:
         REQUEST_ID.set(request_id)
         try:
             await self.app(scope, receive, send_and_note)
+        except asyncio.CancelledError:
+            app = scope.get("app")  # (Starlette's, with the state the server that runs it sets)
+            if state[1] is not None or app is None or not getattr(app.state, "stopping", False):
+                raise  # cancelled by whoever runs the app (Ray Serve, when its client leaves): as it asks
+            # A forced quit cancels the requests in flight (serving/uvicorn_engine.py). Passed on, uvicorn would log
+            # "Exception in ASGI application" with a traceback and answer a plain-text 500; the client gets Truss's
+            # 503 instead, and the log one line. (A sync predict's thread runs on; the command says so.)
+            task = asyncio.current_task()
+            if task is not None and hasattr(task, "uncancel"):
+                task.uncancel()
+            log.warning("Request cut off: the server is stopping before the model answered it.")
+            await error_response(503, STOPPING_MESSAGE, "600")(scope, receive, send_and_note)
         finally:
             ended = time.perf_counter()
             template = route_of(scope["path"])
