@@ -355,11 +355,11 @@ def test_missing_secret_names_the_variable_and_model_secret_prompts(kernel):
 
 # ---------------------------------------------------------------- tab completion
 
-def test_tab_completes_the_options_of_the_magics_not_python_names(fresh_kernel):
+def test_tab_completes_the_options_of_the_magics_not_python_names(fresh_kernel, tmp_path):
     """Jedi completed `%model_export --f` as the expression `- -f` (`--filter`, `--float`): the magics' own
-    options answer instead, and the choices of an option or a positional argument; elsewhere (a path, an input)
-    IPython's completers answer as before. Once, after %reload_ext too."""
-    kernel = fresh_kernel(load_ext=True)
+    options answer instead, the choices of an option or a positional argument, and files where a path goes;
+    elsewhere (an input) IPython's completers answer as before. Once, after %reload_ext too."""
+    kernel = fresh_kernel(cwd=tmp_path, load_ext=True)
 
     def matches(code: str) -> list[str]:
         kernel.kc.complete(code, len(code))
@@ -371,7 +371,12 @@ def test_tab_completes_the_options_of_the_magics_not_python_names(fresh_kernel):
     assert matches("%model_serve --engine ") == ["kernel", "ray"]
     assert matches("%model_show ") == ["config.yaml", "model.py"]
     assert matches("%model_show --why c") == ["config.yaml"]
-    assert "--force" not in matches("%model_export ./o")  # the directory: IPython's own completions
+    # A path (the directory, --data): IPython's file completions alone; Jedi put Python names first.
+    (tmp_path / "outdir_for_tab").mkdir()
+    kernel.ok("outdated_name = 1")
+    assert matches("%model_export ./outd") == ["./outdir_for_tab/"]  # (was also "./outdated_name")
+    assert matches("%model_export --force outd") == ["outdir_for_tab/"]
+    assert matches("%model_export out --data outd") == ["outdir_for_tab/"]
     assert "--header" not in matches('%model_predict {"x": -np.')  # an input: IPython's own completions
     assert "abs" in matches("%model_export --ab")  # no option of ours: IPython's answer is not hidden
     kernel.ok("%reload_ext kernel_magics")

@@ -3,7 +3,9 @@
 IPython's completer does not read magic_arguments parsers: without this, Tab after ``%model_export --`` offered the
 notebook's Python names (Jedi completes ``--f`` as ``- -f``). One matcher (IPython's matcher API v2) for every
 ``%model_`` line magic: on an option, or the value of an option with choices (``--device c`` -> ``cpu``, ``cuda``),
-it answers alone; anywhere else (a path, an input) it answers nothing, and IPython's completers answer as before.
+it answers alone; on an argument that is a path (the directory of ``%model_export``, ``--data``) it answers with
+IPython's own file completions alone (Jedi put ``obj``, ``open`` ... first); anywhere else (an input) it answers
+nothing, and IPython's completers answer as before.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 from typing import Any
 
 _REGISTERED = "_kernel_magics_completion"  # set on the shell: %reload_ext registers no second matcher
+PATH_NAMES = frozenset({"DIR", "PATH"})  # an argument shown as one of these in the usage line takes a path
 
 
 def install(shell: Any) -> None:
@@ -22,6 +25,8 @@ def install(shell: Any) -> None:
     def kernel_magics_options(context: Any) -> dict:
         found = options_at(shell, context.text_until_cursor)
         if found is None:
+            if takes_a_path(shell, context.text_until_cursor):
+                return {**completer.file_matcher(context), "suppress": True}
             return {"completions": []}
         from IPython.core.completer import SimpleCompletion
 
@@ -56,3 +61,35 @@ def options_at(shell: Any, before_cursor: str) -> Any:
     if positional is not None and not any(w in positional.choices for w in given):
         return [str(c) for c in positional.choices if str(c).startswith(typing)] or None
     return None
+
+
+def takes_a_path(shell: Any, before_cursor: str) -> bool:
+    """Whether the word that ends ``before_cursor`` is a path: the value of an option, or a positional argument,
+    shown as DIR or PATH in the usage line."""
+    words = before_cursor.split()
+    if not words or not words[0].startswith("%model_") or len(words) == 1 and not before_cursor.endswith(" "):
+        return False
+    parser = getattr(shell.magics_manager.magics.get("line", {}).get(words[0][1:]), "parser", None)
+    if parser is None:
+        return False
+    earlier = words[1:] if before_cursor.endswith(" ") else words[1:-1]
+    if earlier and earlier[-1].startswith("-"):
+        action = next((a for a in parser._actions if earlier[-1] in a.option_strings), None)
+        if action is not None and action.nargs != 0:  # the value of that option
+            return _shown_as(action) in PATH_NAMES
+    # A positional: the how-many-th, once the options' values are left out.
+    given, skip = 0, False
+    for word in earlier:
+        if skip:
+            skip = False
+        elif word.startswith("-"):
+            action = next((a for a in parser._actions if word in a.option_strings), None)
+            skip = action is not None and action.nargs != 0
+        else:
+            given += 1
+    positionals = [a for a in parser._actions if not a.option_strings]
+    return given < len(positionals) and _shown_as(positionals[given]) in PATH_NAMES
+
+
+def _shown_as(action: Any) -> str:
+    return str(action.metavar or action.dest).upper()
