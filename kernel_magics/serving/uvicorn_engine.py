@@ -9,6 +9,7 @@ stops, and :class:`ModelLoadFailed` says what to fix in one paragraph.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -125,7 +126,10 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
             server.should_exit = True
 
     class Server(uvicorn.Server):
+        loop: Optional[asyncio.AbstractEventLoop] = None
+
         async def startup(self, sockets: Optional[list] = None) -> None:
+            self.loop = asyncio.get_running_loop()
             await super().startup(sockets)  # (the app's startup, then it listens)
             if not self.started:
                 return
@@ -137,18 +141,32 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
                      truss.root, *address)
             load_in_background(truss, model_host, failed)  # (after that line: a fast load's line comes after it)
 
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            if self.force_exit and self.loop is not None:
+                # At once, not after uvicorn's shutdown: from Python 3.12 (without uvloop) that shutdown's
+                # wait_closed() waits for the open connections, so a request still in flight held the forced quit
+                # for the whole graceful timeout. (A signal handler: the loop does the work, as soon as it can.)
+                with contextlib.suppress(RuntimeError):  # (a loop already closed: nothing is in flight)
+                    self.loop.call_soon_threadsafe(self.cut_off_requests)
+
+        def cut_off_requests(self) -> None:
+            # A forced quit (a second Ctrl-C) stops waiting for the requests in flight, and uvicorn then raises the
+            # signal inside the loop: they ended in that KeyboardInterrupt's clean-up, each with a traceback, and a
+            # stream now and then as if it were complete. They end here instead: a stream cut off (its client sees
+            # an unfinished response), a request still waiting for the model answered 503 (serving/access.py).
+            # A sync predict's thread cannot be stopped; its request does not wait for it.
+            app.state.stopping = True
+            for task in self.server_state.tasks:
+                task.cancel()
+
         async def shutdown(self, sockets: Optional[list] = None) -> None:
             flush_access_lines()  # the requests answered so far are logged before "Shutting down"
             app.state.stopping = True  # (a stream cancelled from now on is cut off by the stop, not by its client)
             await super().shutdown(sockets)
-            if self.force_exit and self.server_state.tasks:
-                # A forced quit (a second Ctrl-C) stops waiting for the requests in flight, and uvicorn then raises
-                # the signal inside the loop: they ended in that KeyboardInterrupt's clean-up, each with a traceback,
-                # and a stream now and then as if it were complete. They end here instead, cut off: a client sees
-                # an unfinished response. (A sync predict's thread cannot be stopped; its request does not wait.)
+            if self.force_exit and self.server_state.tasks:  # (cancelled by cut_off_requests: they end first)
                 tasks = list(self.server_state.tasks)
-                for task in tasks:
-                    task.cancel()
+                self.cut_off_requests()
                 await asyncio.wait(tasks, timeout=1)
             done = getattr(self.lifespan, "shutdown_event", None)
             if self.force_exit and done is not None and not done.is_set():
