@@ -182,6 +182,20 @@ def test_a_value_changed_after_the_recorded_predictions_fails_the_replay(tmp_pat
     assert "Replayed 1 recorded prediction" in k.ok("%model_export out --force").stdout
 
 
+def test_a_name_a_later_star_import_binds_again_travels_as_the_notebook_has_it(tmp_path, fresh_kernel):
+    """`def log` then `from math import *`: the notebook's `log` is math's. The export used to keep the def, and
+    answered "LOG: 100" where the notebook answered 4.605 (silently, with no prediction recorded yet)."""
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k.ok("def log(msg):\n    return f'LOG: {msg}'")
+    k.ok("from math import *")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return {'y': log(model_input['x'])}")
+    k.ok("%model_load")
+    assert k.ok('%model_predict {"x": 100}').result == "{'y': 4.605170185988092}"
+    assert "Replayed 1 recorded prediction" in k.ok("%model_export out").stdout
+    text = (tmp_path / "out/model/model.py").read_text()
+    assert "from math import *" in text and "LOG:" not in text, text
+
+
 def test_a_value_that_cannot_be_saved_refuses_the_export_naming_it(tmp_path, fresh_kernel):
     k = fresh_kernel(cwd=tmp_path)
     k.ok("%load_ext kernel_magics\nimport threading")

@@ -93,6 +93,30 @@ def test_last_definition_wins_and_line_magics_are_tolerated():
     assert "return 2" in text and "return 1" not in text and "!ls" not in text
 
 
+def test_a_later_star_import_that_binds_a_name_again_gives_the_model_its_value_as_the_notebook_has_it():
+    """`def log` in one cell, `from math import *` in a later one: the notebook's `log` is math's, so model.py's
+    must be too (it kept the def and answered "LOG: 100" where the notebook answered 4.605...). Judged by the live
+    value in the kernel, by the module's names in the CLI; a def after the star, and a name the star does not
+    export, stay the notebook's own."""
+    import math
+
+    def run(src) -> list:
+        namespace: dict = {}
+        exec(compile(src.text, "model.py", "exec"), namespace)
+        return namespace["Model"]().predict(100)
+
+    model = "%%model\nclass Model:\n    def predict(self, x):\n        return [log(x), floor(x), pi, tau_of(x)]"
+    cells = ["def log(msg):\n    return f'LOG: {msg}'\ndef tau_of(x):\n    return x\npi = 3",
+             "from math import *", "def floor(x):\n    return 'mine'", model]
+    live = {"log": math.log, "pi": math.pi}
+    for src in (build_model_source(cells, "Model", live=live), build_model_source(cells, "Model")):
+        assert run(src) == [math.log(100), "mine", math.pi, 100], src.text
+        assert "LOG:" not in src.text and "pi = 3" not in src.text and src.text.count("from math import *") == 1
+    # The live value decides where there is one: a `log` that is not math's stays the notebook's def.
+    mine = build_model_source(cells, "Model", live={"log": lambda msg: f"LOG: {msg}", "pi": math.pi})
+    assert run(mine)[0] == "LOG: 100"
+
+
 @pytest.mark.parametrize("cells, fragments", [
     (["def train():\n    return [1]", "weights = train()",
       "%%model\nclass Model:\n    def predict(self, x):\n        return weights"],

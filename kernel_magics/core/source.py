@@ -441,6 +441,45 @@ def _collect(cells: list[str]) -> _Analysis:
     return _Analysis(defs, history, elsewhere, stars, changes, model_syntax_error)
 
 
+def _give_names_to_later_stars(analysis: _Analysis, live: Optional[Mapping[str, Any]],
+                               local: Callable[[str], bool]) -> None:
+    """A name defined before a later ``from m import *`` that binds it again is the star import's, as in the
+    notebook (``def log`` in one cell, ``from math import *`` in a later one: the model's ``log`` is math's).
+    Judged by the live value where there is one (the module's attribute is the very object the notebook holds),
+    else by the names the module exports; a module that cannot be looked at leaves the definition as it is."""
+    for star in analysis.stars:
+        node = star.node
+        if node.level != 0 or not node.module:
+            continue  # (a relative import: there is no package to resolve it from)
+        earlier = [name for name, d in analysis.defs.items() if d.order < star.order]
+        module = _module_for_star(node.module, live is not None, local)
+        if not earlier or module is None:
+            continue
+        exported = getattr(module, "__all__", None)
+        exported = set(exported) if exported is not None else {n for n in vars(module) if not n.startswith("_")}
+        taken = tuple(name for name in earlier if name in exported and hasattr(module, name)
+                      and (live is None or name not in live or live[name] is getattr(module, name)))
+        if taken:
+            given = _Definition(taken, "import", star.cell, star.order, node, star.text, frozenset())
+            for name in taken:
+                analysis.defs[name] = given
+                analysis.history.setdefault(name, []).append(given)
+
+
+def _module_for_star(name: str, in_kernel: bool, local: Callable[[str], bool]) -> Any:
+    """The module a star import read: the kernel's own (it ran the import), else imported here (the CLI),
+    unless it is a file beside the notebook (not on this process's path) or cannot be imported."""
+    module = sys.modules.get(name)
+    if module is not None or in_kernel or local(name.split(".")[0]):
+        return module
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except Exception:  # (its own problem shows in the export's check, which imports model.py)
+        return None
+
+
 def _definition_time_uses(node: ast.stmt) -> set[str]:
     """Names a ``class`` or ``def`` statement reads while it runs (bases, decorators, defaults, the class
     body outside its methods), as opposed to later, when it is called."""
@@ -563,6 +602,8 @@ def _import_module_of(definition: _Definition, alias_name: str) -> Optional[str]
     for node in ([definition.node] if definition.kind == "import" else
                  [n for n in ast.walk(definition.node) if isinstance(n, (ast.Import, ast.ImportFrom))]):
         for alias in node.names:
+            if alias.name == "*" and alias_name in definition.names:  # (a star import that binds it: above)
+                return node.module if node.level == 0 else None
             if (alias.asname or alias.name.split(".")[0]) == alias_name:
                 if isinstance(node, ast.Import):
                     return alias.name
@@ -984,6 +1025,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     analysis = _collect(cells)
     if analysis.model_syntax_error:
         raise MaterializeError(analysis.model_syntax_error)
+    _give_names_to_later_stars(analysis, given_live, local)
     defs = analysis.defs
     root = defs.get(class_name)
     if root is None or root.kind != "class":
@@ -1301,7 +1343,8 @@ def _render(chosen, included, stars, plans, notebook: str) -> str:
         chosen_orders.add(definition.order)
         if definition.kind == "import":
             node = definition.node
-            keep = [a for a in node.names if (a.asname or a.name.split(".")[0]) in included]
+            keep = [a for a in node.names if (a.asname or a.name.split(".")[0]) in included
+                    or a.name == "*" and any(n in included for n in definition.names)]
             stmt = type(node)(names=keep, **({"module": node.module, "level": node.level}
                                              if isinstance(node, ast.ImportFrom) else {}))
             line = ast.unparse(stmt)
