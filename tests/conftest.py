@@ -79,6 +79,7 @@ NAME_MARKS = {"serve_truss": "truss_ref", "truss_venv_with_models": "truss_ref",
 SLOW = {
     "test_cli::test_a_port_in_use_is_exit_code_3",
     "test_cli::test_a_stopped_or_failed_saved_stream_is_not_replayed",
+    "test_cli::test_a_prediction_on_the_last_line_of_a_cell_is_replayed_as_the_kernel_replays_it",
     "test_cli::test_export_of_a_streaming_notebook_replays_its_saved_streams",
     "test_cli::test_labextension_is_installed_prebuilt_and_enabled",
     "test_cli::test_predict_errors_and_their_exit_codes",

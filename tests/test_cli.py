@@ -101,6 +101,28 @@ def test_export_of_a_streaming_notebook_replays_its_saved_streams(tmp_path, widg
     assert not (tmp_path / "out2").exists()
 
 
+def test_a_prediction_on_the_last_line_of_a_cell_is_replayed_as_the_kernel_replays_it(tmp_path):
+    """`%model_load` and `%model_predict {...}` in one cell (the README's quickstart): the cell's Out[n] is the
+    prediction's, and the CLI replays it and writes example_model_input, as %model_export of the same notebook
+    does (the CLI said "No predictions recorded yet" and wrote other bytes)."""
+    path = tmp_path / "same-cell.ipynb"
+    run_notebook(path, [
+        "%load_ext kernel_magics",
+        "%%model\nclass Model:\n    def predict(self, model_input):\n        return {'y': model_input['x'] * 2}",
+        '%model_load\n%model_predict {"x": 21}',
+        'if True:\n    %model_predict {"x": 5}',  # inside a block: no Out[n], nothing to replay
+        'x = 1\n%model_predict {"x": 2}  # a comment',
+        "%model_export out-kernel",
+    ], widgets=False)
+    done = cli("export", path, tmp_path / "out-cli", cwd=tmp_path)
+    assert done.returncode == 0 and "Replayed 2 recorded predictions" in done.stdout, done.stdout + done.stderr
+    for name in ("config.yaml", "model/model.py"):  # (model.py's first line names the notebook: nbclient's
+        # kernel is not told its notebook's name, as Jupyter's are)
+        cli_text, kernel_text = ((tmp_path / out / name).read_text().split("\n", 1)[1] for out in ("out-cli", "out-kernel"))
+        assert cli_text == kernel_text, name
+    assert "example_model_input:\n    x: 21\n" in (tmp_path / "out-cli/config.yaml").read_text()
+
+
 def test_a_stopped_or_failed_saved_stream_is_not_replayed(tmp_path):
     path = tmp_path / "stopped.ipynb"
     run_notebook(path, STREAMING_CELLS[:4], widgets=False)

@@ -19,7 +19,7 @@ from .config import ModelConfig, parse_config
 from .errors import KernelMagicsError
 from .magic_line import strip_comment
 from .replay import PRINTED_STREAM, PredictionRecord
-from .source import last_cell_of, split_cell_magic
+from .source import last_cell_of, python_of_cell, split_cell_magic
 
 __all__ = ["NotebookFileError", "SavedNotebook", "read_notebook", "config_from_cells"]
 
@@ -77,8 +77,10 @@ def _literal_input(source: str) -> Optional[tuple]:
             return (ast.literal_eval(body.strip()),)
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             return None
-    text = source.strip()
-    if "\n" in text or not text.startswith("%model_predict "):
+    if magic is not None:
+        return None
+    text = _last_line_magic(source)
+    if text is None or not text.startswith("%model_predict "):
         return None
     text = strip_comment(text[len("%model_predict "):]).strip().removesuffix(";").strip()
     text = text.removeprefix("--no-widget").strip()
@@ -88,6 +90,23 @@ def _literal_input(source: str) -> Optional[tuple]:
         return (json.loads(text),)
     except ValueError:
         return None
+
+
+def _last_line_magic(source: str) -> Optional[str]:
+    """The cell's last line when it is a line magic of its own at the top level (the cell's result, ``Out[n]``,
+    is then that magic's: ``%model_load`` and ``%model_predict {...}`` in one cell, as the README's quickstart
+    has them), else None."""
+    lines = source.rstrip().splitlines()
+    if not lines or not lines[-1].startswith("%"):
+        return None
+    try:
+        tree = ast.parse(python_of_cell(source) or "")
+    except SyntaxError:
+        return None
+    last = tree.body[-1] if tree.body else None
+    if not (isinstance(last, ast.Pass) and last.lineno == len(lines) and last.col_offset == 0):
+        return None  # (inside a block, or a string that goes on over several lines)
+    return lines[-1].strip()
 
 
 # The line a finished stream ends with, in its view's saved output and in its printed text.
