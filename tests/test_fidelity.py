@@ -160,6 +160,28 @@ def test_a_prediction_recorded_before_the_model_was_loaded_again_is_named_as_the
     assert "Replayed 1 recorded prediction in a fresh Python" in k.ok("%model_export out").stdout
 
 
+def test_a_value_load_read_and_a_cell_changed_before_the_prediction_is_named_as_the_cause(tmp_path, fresh_kernel):
+    """load() copies THRESH; a later cell sets THRESH again, then a prediction answers from the copy. The export's
+    load() reads the new value: refused (rightly), and the cause named is that change, not a guess at randomness
+    or files; the remedy given (load again, predict again) lets the export go ahead. A global that only predict
+    reads, changed at the same place, is not named (the prediction read it as the export does)."""
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k.ok("THRESH = 0.5\nSCALE = 1")
+    k.ok("%%model\nclass Model:\n    def load(self):\n        self.th = THRESH\n"
+         "    def predict(self, model_input):\n        return {'positive': model_input['p'] * SCALE >= self.th}")
+    k.ok("%model_load")  # cell 4
+    k.ok("THRESH = 0.9\nSCALE = 2")  # cell 5
+    assert k.ok('%model_predict {"p": 0.4}').result == "{'positive': True}"
+    message = usage_error(k.execute("%model_export out"))
+    assert ("Most likely cause: `THRESH` (cell 5 defines it again: `THRESH = 0.9`) changed after %model_load ran "
+            "(cell 4) and before this prediction was recorded, and load() reads it") in message, message
+    assert "`SCALE`" not in message and "randomness" not in message, message
+    assert "Run %model_load again (and %model_predict again for the inputs recorded before it)" in message, message
+    k.ok("%model_load")
+    k.ok('%model_predict {"p": 0.4}')
+    assert "Replayed 1 recorded prediction" in k.ok("%model_export out").stdout
+
+
 def test_a_value_changed_after_the_recorded_predictions_fails_the_replay(tmp_path, fresh_kernel):
     k = fresh_kernel(cwd=tmp_path)
     k.ok("%load_ext kernel_magics")

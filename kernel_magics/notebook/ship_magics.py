@@ -45,6 +45,17 @@ def _load_place(loaded: float) -> str:
     return f"outside the notebook's cells, before cell {int(loaded) + 2}"
 
 
+def _global_names(code) -> set:
+    """The names a function's code (its nested functions and comprehensions included) looks up as globals or
+    attributes: a superset of the globals it reads, enough to tell which notebook names it may read."""
+    names, stack = set(), [code]
+    while stack:
+        current = stack.pop()
+        names.update(current.co_names)
+        stack.extend(c for c in current.co_consts if hasattr(c, "co_names"))
+    return names
+
+
 def _named_change(changes):
     """The change to name to a user among ``changes`` of one name (in notebook order): a method called on what
     holds it (`opt.step()`) before the statement that handed it over, else the first."""
@@ -238,9 +249,49 @@ class ShipMagics(Magics):
             if again:
                 return MismatchHint(again[0].upper() + again[1:], "Run %model_predict again to record answers of "
                                     "the model as it is loaded now, then export again")
+            stale = self._read_by_load_and_changed_before(source, recorded_at)
+            if stale is not None:
+                load_cell, names = stale
+                one = len(names) == 1
+                return MismatchHint(
+                    f"{' and '.join(names) if len(names) < 3 else ', '.join(names[:-1]) + ' and ' + names[-1]} "
+                    f"changed after %model_load ran ({_load_place(load_cell)}) and before this prediction was "
+                    f"recorded, and load() reads {'it' if one else 'them'}: the notebook's model still holds what its "
+                    f"load() read then, the export's load() reads the value as it is now",
+                    "Run %model_load again (and %model_predict again for the inputs recorded before it), then export "
+                    "again")
         # What travels as source was verified against the live values (core/verification.py), and the
         # export names what it measured differently before asking here: no guess at the source names.
         return None
+
+    def _read_by_load_and_changed_before(self, source, recorded_at: int):
+        """``(cell of the load, causes)``: what the model's load() reads (in its own code, or a notebook function
+        it calls) that a cell changed after the last %model_load before the prediction in cell ``recorded_at``, and
+        before that prediction (`THRESH = 0.9` after a load() that did `self.th = THRESH`); else None."""
+        model = self.model
+        load_cell = next((cell for cell in reversed(model.loaded_at) if cell < recorded_at), None)
+        load = getattr(model.host.model_class, "load", None)
+        code = getattr(load, "__code__", None)
+        if load_cell is None or code is None:
+            return None
+        read = set(_global_names(code))
+        for name in list(read):  # a notebook function load() calls: what it reads counts too
+            helper = getattr(self.shell.user_ns.get(name), "__code__", None)
+            if helper is not None and getattr(self.shell.user_ns[name], "__module__", None) == "__main__":
+                read.update(_global_names(helper))
+        causes = []
+        for inc in source.included:
+            if inc.name not in read or inc.kind == "import" and inc.travels == "source":
+                continue
+            cell, text = source.redefined.get(inc.name, (-1, ""))
+            change = _named_change(c for c in source.changes.get(inc.name, []) if load_cell < c.cell < recorded_at)
+            if load_cell < cell < recorded_at:
+                causes.append((cell, f"`{inc.name}` (cell {cell + 1} defines it again: `{text}`)"))
+            elif change is not None:
+                causes.append((change.cell, f"`{inc.name}` ({change.describe()})"))
+        if not causes:
+            return None
+        return load_cell, [text for _, text in sorted(causes, key=lambda cause: cause[0])]
 
     # ------------------------------------------------------------------ serve the live model
 
