@@ -401,6 +401,30 @@ def test_a_name_that_cannot_be_fingerprinted_is_named_as_not_verified(tmp_path, 
     assert "; the replay of 1 recorded prediction is its only proof." in exported, exported
 
 
+def test_a_closure_a_notebook_function_made_is_re_run_and_verified_and_one_whose_state_changed_is_refused(
+        tmp_path, fresh_kernel):
+    """`money = make_rounder(2)` cannot be saved (it holds a function defined inside another) but re-running it in
+    model.py gives the same function over the same `ndigits`: it travels as source, verified (it was refused,
+    though the notebook ran fine). A closure whose state a cell changed since (`acc(1)` appended to what it closes
+    over) is not what re-running gives: refused, naming it, as before."""
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k.ok("def make_rounder(ndigits):\n    def rounder(x):\n        return round(x, ndigits)\n    return rounder\n\n"
+         "money = make_rounder(2)")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return money(model_input['x'])")
+    k.ok("%model_load")
+    assert k.ok('%model_predict {"x": 3.14159}').result == "3.14"
+    assert "Replayed 1 recorded prediction" in k.ok("%model_export out").stdout
+    assert "money = make_rounder(2)" in (tmp_path / "out/model/model.py").read_text()
+    assert re.search(r"money +variable +cell 2 +used by Model; source\n", k.ok("%model_show --why").stdout)
+    k.ok("def make_acc():\n    seen = []\n    def acc(x):\n        seen.append(x)\n        return len(seen)\n"
+         "    return acc\n\nacc = make_acc()")
+    k.ok("acc(1)")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return money(model_input['x']) + acc(0)")
+    message = usage_error(k.execute("%model_export out2"))
+    assert "`acc`" in message and "defines inside `make_acc`" in message, message
+    assert not (tmp_path / "out2").exists()
+
+
 def test_a_load_that_opens_a_relative_data_path_is_checked_where_truss_runs_it(tmp_path, fresh_kernel):
     """Truss runs the model in the directory's root (/app: model/, data/, config.yaml), so `open('data/labels.txt')`
     in load() works deployed; the fresh-process check runs where those paths resolve the same (it refused, from an

@@ -107,3 +107,30 @@ def test_notebook_classes_are_named_by_qualname_so_kernel_and_export_agree():
     import threading
 
     assert fingerprint(threading.Lock()) is None  # what cannot be pickled is not judged (the AST rules decide)
+
+
+def test_a_closure_is_its_code_and_what_it_closes_over():
+    """`make_rounder(2)` and `make_rounder(2)` agree, `make_rounder(3)` differs; a closure over something with no
+    fingerprint (a lock) has none; one that calls itself has one."""
+    import threading
+
+    def make_rounder(ndigits):
+        def rounder(x):
+            return round(x, ndigits)
+        return rounder
+
+    def over_a_lock():
+        lock = threading.Lock()
+
+        def f():
+            return lock
+        return f
+
+    def recursive():
+        def g(n):
+            return g(n - 1) if n else 0
+        return g
+
+    assert same(fingerprint(make_rounder(2)), fingerprint(make_rounder(2)))
+    assert not same(fingerprint(make_rounder(2)), fingerprint(make_rounder(3)))
+    assert fingerprint(over_a_lock()) is None and fingerprint(recursive()) is not None

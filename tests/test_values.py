@@ -234,8 +234,21 @@ def test_notebook_objects_inside_object_arrays_are_found():
     assert notebook_pickle.references(holder, namespace) == ({"numpy"}, {"Point"})
 
 
+def test_what_a_notebook_function_made_and_cannot_be_saved_is_re_run_and_verified():
+    """A closure or an instance of a class defined inside a function cannot be saved; unchanged since it was made,
+    model.py re-runs the call and the export's fresh process compares fingerprints (it was refused)."""
+    cells = ["def make():\n    class Local:\n        size = 2\n    return Local()",
+             "def make_rounder(n):\n    def rounder(x):\n        return round(x, n)\n    return rounder",
+             "thing = make()\nmoney = make_rounder(2)",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return money(thing.size)"]
+    source = build_model_source(cells, "Model", live=run_cells(cells))
+    assert "thing = make()" in source.text and "money = make_rounder(2)" in source.text
+    assert {"thing", "money"} <= set(source.verify) and source.values == []
+
+
 @pytest.mark.parametrize("cells, name, fragments", [
-    (["def make():\n    class Local:\n        pass\n    return Local()", "thing = make()"], "thing",
+    # (changed since it was made: a `thing = make()` left as it was is re-run in model.py and verified)
+    (["def make():\n    class Local:\n        pass\n    return Local()", "thing = make()\nthing.size = 3"], "thing",
      ["the class `Local`, which the notebook defines inside `make`", "top level of a cell",
       "Move that definition to the top level"]),
     (["class Gone:\n    pass", "thing = [Gone()]\nthing.append(1)", "del Gone"], "thing",

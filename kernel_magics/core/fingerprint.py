@@ -131,7 +131,7 @@ def _fingerprint(value: Any, depth: int) -> Optional[dict]:
             return _fp("module", _digest("module", value.__name__), f"module {value.__name__}")
         return _module(value)
     if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
-        return _definition(value)
+        return _definition(value, depth)
     text = _canonical(value, [_LITERAL_BUDGET])
     if text is not None:
         return _fp("literal", _digest("literal", text), _literal_summary(value))
@@ -222,14 +222,37 @@ def _module(module: types.ModuleType) -> dict:
                f"module {module.__name__}", items=items)
 
 
-def _definition(value: Any) -> dict:
+class _NoFingerprint(Exception):
+    """Part of the value has no fingerprint, so the whole has none (fingerprint() answers None)."""
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # (a cell not bound yet)
+        return False
+    return True
+
+
+def _definition(value: Any, depth: int = 0) -> dict:
     module = getattr(value, "__module__", None)
     module = "<notebook>" if module in NOTEBOOK_MODULES else module
     name = f"{module}.{getattr(value, '__qualname__', getattr(value, '__name__', '?'))}"
     code = getattr(value, "__code__", None)
     body = _digest(code.co_code, code.co_consts) if code is not None else ""
     if not isinstance(value, type):
-        return _fp("definition", _digest("definition", name, body), name)
+        # A closure (`money = make_rounder(2)`) is its code and the values it closes over: `ndigits` 2 or 3 are
+        # other functions. One over a value with no fingerprint has none.
+        cells = []
+        for cell in getattr(value, "__closure__", None) or ():
+            if not _filled(cell) or cell.cell_contents is value:  # (not bound yet; a function that calls itself)
+                cells.append("")
+                continue
+            inner = _fingerprint(cell.cell_contents, depth + 1) if depth < 4 else None
+            if inner is None:
+                raise _NoFingerprint()
+            cells.append(inner["digest"])
+        return _fp("definition", _digest("definition", name, body, *cells), name)
     # A class's own plain attributes (`threshold = 0.5` in its body): a function that sets `Config.threshold`
     # changes what re-running the class gives, as a cell would, but out of sight of the source.
     attributes, parts = {}, []

@@ -503,6 +503,9 @@ def _definition_time_uses(node: ast.stmt) -> set[str]:
     return found
 
 
+_NOTEBOOK_CALL = "it is computed by calling "
+
+
 def _rebuild_problem(definition: _Definition, defs: dict[str, _Definition]) -> Optional[str]:
     """Why re-running an assignment (or block) would not give the notebook's value (None when it would)."""
     value = definition.node.value if isinstance(definition.node, (ast.Assign, ast.AnnAssign)) else definition.node
@@ -517,7 +520,7 @@ def _rebuild_problem(definition: _Definition, defs: dict[str, _Definition]) -> O
             while isinstance(root, (ast.Attribute, ast.Subscript, ast.Call)):
                 root = root.value if not isinstance(root, ast.Call) else root.func
             if isinstance(root, ast.Name) and root.id in defs and defs[root.id].kind == "function":
-                return f"it is computed by calling `{root.id}` from the notebook"
+                return f"{_NOTEBOOK_CALL}`{root.id}` from the notebook"
     return None
 
 
@@ -909,7 +912,21 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
     rebuild = (stateful == "a torch module" and not problem and not rebound and _single_call(definition)
                and all(_weights_only(c) for c in changes))
     keep = rebuild or definition.kind == "block"  # `w, tag = train()` re-runs only for a name that needs it
-    return _value(name, value, live, reason, rebuild_module=rebuild, keep=keep)
+    try:
+        return _value(name, value, live, reason, rebuild_module=rebuild, keep=keep)
+    except MaterializeError:
+        if not (problem and problem.startswith(_NOTEBOOK_CALL) and not changes and not stateful):
+            raise
+        from .fingerprint import fingerprint
+
+        if fingerprint(value) is None:
+            raise
+        # Made by a notebook function, changed by nothing since, and it cannot be saved (`money =
+        # make_rounder(2)`: a closure) but it can be compared (its code and what it closes over): re-run in
+        # model.py as the notebook ran it, and verified in the export's fresh process like any source. One that
+        # differs there would have to travel as a value, and that is refused then, naming it.
+        ctx.verify.append(name)
+        return _Travel(True)
 
 
 def _value(name: str, value: Any, live: Mapping[str, Any], reason: str, *, rebuild_module: bool = False,
