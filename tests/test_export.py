@@ -293,8 +293,19 @@ def test_requirements_pinning_rules():
     from kernel_magics.core.export import pin_requirements
     from kernel_magics.core.source import MaterializeError
 
-    pinned, warnings = pin_requirements(["torch", "pyyaml>=5", "ipython ; python_version > '3'"],
-                                        ["torch", "json", "yaml", "pydantic", "mylocal", "notinstalled_xyz"], {"mylocal"})
+    import types
+
+    # A module a library made as it ran (Cython's `_cython_3_1_2`, which a pickled DataFrame's types name): nothing
+    # to install, and no warning (the user was told to add it to the requirements).
+    made = types.ModuleType("_made_at_run_time_by_a_library")
+    made.__spec__ = None
+    sys.modules[made.__name__] = made
+    try:
+        pinned, warnings = pin_requirements(["torch", "pyyaml>=5", "ipython ; python_version > '3'"],
+                                            ["torch", "json", "yaml", "pydantic", "mylocal", "notinstalled_xyz",
+                                             made.__name__], {"mylocal"})
+    finally:
+        del sys.modules[made.__name__]
     assert pinned[0] == "torch==2.13.0"           # a bare name is pinned, local tag +cpu dropped
     assert pinned[1] == "pyyaml>=5"               # a written specifier wins
     assert pinned[2].startswith("ipython==") and pinned[2].endswith('; python_version > "3"')

@@ -98,6 +98,14 @@ def _python_version() -> str:
     return f"py{sys.version_info.major}{sys.version_info.minor}"
 
 
+def _made_at_run_time(module: str) -> bool:
+    """A module another library put in sys.modules as it ran, with no file and no import spec (Cython's
+    ``_cython_3_1_2``, which holds the types its compiled functions share): nothing installs it; the library
+    that made it is what the deployment needs."""
+    found = sys.modules.get(module)
+    return found is not None and getattr(found, "__spec__", None) is None and getattr(found, "__file__", None) is None
+
+
 def distribution_of(module: str, packages: dict[str, list[str]]) -> Optional[str]:
     """The installed distribution that provides ``module`` (dotted): for a namespace several
     distributions share (``google.protobuf``), the one whose files hold the module itself."""
@@ -180,7 +188,7 @@ def pin_requirements(written: Sequence[str], modules: Iterable[str], local: Iter
     local = set(local)
     for module in modules:
         top = module.split(".")[0]
-        if is_stdlib(module) or top in local:
+        if is_stdlib(module) or top in local or _made_at_run_time(top):
             continue
         if top == "kernel_magics":
             raise MaterializeError(
