@@ -321,7 +321,9 @@ def test_the_host_batches_concurrent_predicts_with_pre_and_postprocess_per_reque
 
     assert asyncio.run(main()) == [{"y": 2 * i} for i in range(20)]
     seen = host.instance.seen
-    assert [x for b in seen for x in b] == list(range(20)) and max(map(len, seen)) == 8
+    # Each input in exactly one batch. (In which order they join is the threads' of their sync preprocess: in
+    # order on Python 3.11 here, not on 3.13; the answers above are each request's own either way.)
+    assert sorted(x for b in seen for x in b) == list(range(20)) and max(map(len, seen)) == 8
     status = host.status()["batching"]
     assert status["max_batch_size"] == 8 and status["max_wait_ms"] == 20
     assert status["last_batch_sizes"] == [len(b) for b in seen]

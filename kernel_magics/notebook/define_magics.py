@@ -124,8 +124,8 @@ class DefineMagics(Magics):
             exec(code, ns)
         except Exception as exc:
             restore()
-            if had_model:
-                exc.add_note("The previous model stays active.")
+            if had_model:  # (Python 3.10 has no add_note; IPython shows __notes__ all the same)
+                exc.__notes__ = [*getattr(exc, "__notes__", []), "The previous model stays active."]
             raise self.model.user_error(exc) from None
         cls = ns.get(name)
         if cls is None or cls is previous or not isinstance(cls, type):

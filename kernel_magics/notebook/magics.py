@@ -303,7 +303,10 @@ class ModelMagics(Magics):
                     lines.append("\nThe above exception was the direct cause of the following exception:\n")
                 lines += traceback.format_exception_only(type(exc), exc)
                 return [redact(line.rstrip("\n")) for line in lines]
-            return [redact(line) for line in shell.InteractiveTB.structured_traceback(type(exc), exc, tb)]
+            # (tb_offset 0: tb is what to show; the shell's own offset of 1, for its run_code frame, hid the only user
+            # frame with IPython 8)
+            shown = shell.InteractiveTB.structured_traceback(type(exc), exc, tb, tb_offset=0)
+            return [redact(line) for line in shown]
 
         try:
             exc._render_traceback_ = render
