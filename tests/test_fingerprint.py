@@ -110,27 +110,28 @@ def test_notebook_classes_are_named_by_qualname_so_kernel_and_export_agree():
 
 
 def test_a_closure_is_its_code_and_what_it_closes_over():
-    """`make_rounder(2)` and `make_rounder(2)` agree, `make_rounder(3)` differs; a closure over something with no
-    fingerprint (a lock) has none; one that calls itself has one."""
-    import threading
-
-    def make_rounder(ndigits):
-        def rounder(x):
-            return round(x, ndigits)
-        return rounder
-
-    def over_a_lock():
-        lock = threading.Lock()
-
-        def f():
-            return lock
-        return f
-
-    def recursive():
-        def g(n):
-            return g(n - 1) if n else 0
-        return g
-
+    """A notebook's `make_rounder(2)` and `make_rounder(2)` agree, `make_rounder(3)` differs; a closure over something
+    with no fingerprint (a lock) has none; one that calls itself has one. A closure of a library (a decorator's
+    wrapper: its cache filled in the kernel, empty in a fresh process) is compared by its code only."""
+    notebook = {"__name__": "__main__"}  # (what the kernel's cells define: __module__ is __main__)
+    exec("import threading\n"
+         "def make_rounder(ndigits):\n    def rounder(x):\n        return round(x, ndigits)\n    return rounder\n"
+         "def over_a_lock():\n    lock = threading.Lock()\n    def f():\n        return lock\n    return f\n"
+         "def recursive():\n    def g(n):\n        return g(n - 1) if n else 0\n    return g\n", notebook)
+    make_rounder = notebook["make_rounder"]
     assert same(fingerprint(make_rounder(2)), fingerprint(make_rounder(2)))
     assert not same(fingerprint(make_rounder(2)), fingerprint(make_rounder(3)))
-    assert fingerprint(over_a_lock()) is None and fingerprint(recursive()) is not None
+    assert fingerprint(notebook["over_a_lock"]()) is None and fingerprint(notebook["recursive"]()) is not None
+
+    def memoized(function):  # (this test module's: a library's, to the fingerprint)
+        cache = {}
+
+        def wrapper(x):
+            if x not in cache:
+                cache[x] = function(x)
+            return cache[x]
+        return wrapper
+
+    used, fresh = memoized(abs), memoized(abs)
+    used(-1)
+    assert same(fingerprint(used), fingerprint(fresh))

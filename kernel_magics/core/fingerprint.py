@@ -131,7 +131,7 @@ def _fingerprint(value: Any, depth: int) -> Optional[dict]:
             return _fp("module", _digest("module", value.__name__), f"module {value.__name__}")
         return _module(value)
     if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
-        return _definition(value, depth)
+        return _definition(value, depth, closure=True)
     text = _canonical(value, [_LITERAL_BUDGET])
     if text is not None:
         return _fp("literal", _digest("literal", text), _literal_summary(value))
@@ -234,17 +234,20 @@ def _filled(cell: Any) -> bool:
     return True
 
 
-def _definition(value: Any, depth: int = 0) -> dict:
+def _definition(value: Any, depth: int = 0, *, closure: bool = False) -> dict:
     module = getattr(value, "__module__", None)
-    module = "<notebook>" if module in NOTEBOOK_MODULES else module
+    notebook = module in NOTEBOOK_MODULES
+    module = "<notebook>" if notebook else module
     name = f"{module}.{getattr(value, '__qualname__', getattr(value, '__name__', '?'))}"
     code = getattr(value, "__code__", None)
     body = _digest(code.co_code, code.co_consts) if code is not None else ""
     if not isinstance(value, type):
-        # A closure (`money = make_rounder(2)`) is its code and the values it closes over: `ndigits` 2 or 3 are
-        # other functions. One over a value with no fingerprint has none.
+        # A closure the notebook made (`money = make_rounder(2)`, the value of a name) is its code and the values
+        # it closes over: `ndigits` 2 or 3 are other functions. One over a value with no fingerprint has none. (A
+        # library's decorated functions, and the functions of a module beside the notebook, are compared by their
+        # code only, as before: a memoizing decorator's cache, filled in the kernel, is no change of theirs.)
         cells = []
-        for cell in getattr(value, "__closure__", None) or ():
+        for cell in (getattr(value, "__closure__", None) or ()) if closure and notebook else ():
             if not _filled(cell) or cell.cell_contents is value:  # (not bound yet; a function that calls itself)
                 cells.append("")
                 continue
