@@ -112,6 +112,11 @@ def test_a_later_star_import_that_binds_a_name_again_gives_the_model_its_value_a
     for src in (build_model_source(cells, "Model", live=live), build_model_source(cells, "Model")):
         assert run(src) == [math.log(100), "mine", math.pi, 100], src.text
         assert "LOG:" not in src.text and "pi = 3" not in src.text and src.text.count("from math import *") == 1
+    # An import of the very object the star binds stays as written (model.py needs no more than it did).
+    both = ["import math\nfrom math import pi", "from math import *",
+            "%%model\nclass Model:\n    def predict(self, x):\n        return [math.pi, pi]"]
+    for src in (build_model_source(both, "Model", live={"math": math, "pi": math.pi}), build_model_source(both, "Model")):
+        assert "from math import *" not in src.text and "import math\nfrom math import pi" in src.text, src.text
     # The live value decides where there is one: a `log` that is not math's stays the notebook's def.
     mine = build_model_source(cells, "Model", live={"log": lambda msg: f"LOG: {msg}", "pi": math.pi})
     assert run(mine)[0] == "LOG: 100"

@@ -458,12 +458,30 @@ def _give_names_to_later_stars(analysis: _Analysis, live: Optional[Mapping[str, 
         exported = getattr(module, "__all__", None)
         exported = set(exported) if exported is not None else {n for n in vars(module) if not n.startswith("_")}
         taken = tuple(name for name in earlier if name in exported and hasattr(module, name)
-                      and (live is None or name not in live or live[name] is getattr(module, name)))
+                      and (live is None or name not in live or live[name] is getattr(module, name))
+                      and _imported_object(analysis.defs[name], name) is not getattr(module, name))
         if taken:
             given = _Definition(taken, "import", star.cell, star.order, node, star.text, frozenset())
             for name in taken:
                 analysis.defs[name] = given
                 analysis.history.setdefault(name, []).append(given)
+
+
+def _imported_object(definition: _Definition, name: str) -> Any:
+    """What an import statement binds ``name`` to, when its module is already imported here; else a marker.
+    (`import numpy as np` before `from pylab import *`, which binds np to numpy too: the plain import stays,
+    and model.py needs no pylab for it.)"""
+    unknown = object()
+    if definition.kind != "import" or not isinstance(definition.node, (ast.Import, ast.ImportFrom)):
+        return unknown
+    for alias in definition.node.names:
+        if (alias.asname or alias.name.split(".")[0]) != name or alias.name == "*":
+            continue
+        if isinstance(definition.node, ast.Import):
+            return sys.modules.get(alias.name if alias.asname else alias.name.split(".")[0], unknown)
+        module = sys.modules.get(definition.node.module or "") if definition.node.level == 0 else None
+        return getattr(module, alias.name, unknown) if module is not None else unknown
+    return unknown
 
 
 def _module_for_star(name: str, in_kernel: bool, local: Callable[[str], bool]) -> Any:
