@@ -117,9 +117,33 @@ def test_a_later_star_import_that_binds_a_name_again_gives_the_model_its_value_a
             "%%model\nclass Model:\n    def predict(self, x):\n        return [math.pi, pi]"]
     for src in (build_model_source(both, "Model", live={"math": math, "pi": math.pi}), build_model_source(both, "Model")):
         assert "from math import *" not in src.text and "import math\nfrom math import pi" in src.text, src.text
-    # The live value decides where there is one: a `log` that is not math's stays the notebook's def.
-    mine = build_model_source(cells, "Model", live={"log": lambda msg: f"LOG: {msg}", "pi": math.pi})
-    assert run(mine)[0] == "LOG: 100"
+    # What an earlier cell read before the star (a default argument, an assignment) keeps the notebook's own
+    # definition as it was then: model.py holds both, and the star in its place between them.
+    before = ["def sqrt(x):\n    return -1.0\ndef f(x, s=sqrt(4)):\n    return s\ndef log(x):\n    return 1\n"
+              "BASE = log(5)", "from math import *",
+              "%%model\nclass Model:\n    def predict(self, x):\n        return [f(x), BASE, sqrt(x), log(1)]"]
+    notebook: dict = {"__name__": "__main__"}
+    for cell in before[:2]:
+        exec(cell, notebook)
+    for src in (build_model_source(before, "Model", live=notebook), build_model_source(before, "Model")):
+        assert run(src) == [-1.0, 1, 10.0, 0.0], src.text
+
+
+def test_a_later_star_import_from_a_module_beside_the_notebook_is_read_from_its_file_by_the_cli(tmp_path):
+    """The CLI does not import a module beside the notebook: it reads the names its file binds (or its literal
+    __all__), so `def log` then `from helpers import *` gives helpers' log there too, as in the kernel. A name
+    the module does not export, and the model class itself, stay the notebook's."""
+    (tmp_path / "helpers.py").write_text('"""Helpers."""\nimport math\n\n\ndef log(x):\n    return "helper log"\n\n\n'
+                                         'class Model:\n    pass\n\n\nif __name__ == "__main__":\n    print(log(1))\n')
+    model = "%%model\nclass Model:\n    def predict(self, x):\n        return [log(x), own(x)]"
+    cells = ["def log(x):\n    return 'mine'\ndef own(x):\n    return 'own'", model, "from helpers import *"]
+    local = lambda module: tmp_path / "helpers.py" if module == "helpers" else None  # noqa: E731
+    source = build_model_source([*cells[:1], cells[2], cells[1]], "Model", local=local)
+    assert "from helpers import *" in source.text and "'mine'" not in source.text and "'own'" in source.text
+    # The model class is the %%model cell's even when a later star binds its name.
+    assert "return [log(x), own(x)]" in build_model_source(cells, "Model", local=local).text
+    (tmp_path / "helpers.py").write_text("__all__ = ['other']\ndef log(x):\n    return 1\ndef other():\n    pass\n")
+    assert "'mine'" in build_model_source([*cells[:1], cells[2], cells[1]], "Model", local=local).text
 
 
 @pytest.mark.parametrize("cells, fragments", [

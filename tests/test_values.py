@@ -235,20 +235,34 @@ def test_notebook_objects_inside_object_arrays_are_found():
 
 
 def test_what_a_notebook_function_made_and_cannot_be_saved_is_re_run_and_verified():
-    """A closure or an instance of a class defined inside a function cannot be saved; unchanged since it was made,
-    model.py re-runs the call and the export's fresh process compares fingerprints (it was refused)."""
-    cells = ["def make():\n    class Local:\n        size = 2\n    return Local()",
+    """A closure a notebook function made cannot be saved; unchanged since it was made, model.py re-runs the call and
+    the export's fresh process compares fingerprints: its code, what it closes over, its defaults and attributes.
+    What it carries that cannot be compared whole (an object, here an instance of a class defined inside a
+    function, whose class attributes a fingerprint cannot see) keeps it refused, as it was."""
+    cells = ["CONFIG = {'k': 2}",
              "def make_rounder(n):\n    def rounder(x):\n        return round(x, n)\n    return rounder",
-             "thing = make()\nmoney = make_rounder(2)",
-             "%%model\nclass Model:\n    def predict(self, model_input):\n        return money(thing.size)"]
-    source = build_model_source(cells, "Model", live=run_cells(cells))
-    assert "thing = make()" in source.text and "money = make_rounder(2)" in source.text
-    assert {"thing", "money"} <= set(source.verify) and source.values == []
+             "def make_scaler():\n    return lambda x, k=CONFIG['k']: x * k",
+             "def make_holder():\n    class Local:\n        factor = CONFIG['k']\n    local = Local()\n"
+             "    return lambda x: x * local.factor",
+             "money = make_rounder(2)\nscale = make_scaler()",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return scale(money(model_input))"]
+    live = run_cells(cells)
+    source = build_model_source(cells, "Model", live=live)
+    assert "money = make_rounder(2)" in source.text and "scale = make_scaler()" in source.text
+    assert {"money", "scale"} <= set(source.verify) and source.values == []
+    # A default the notebook's function made is counted: CONFIG changed since gives a fresh `scale` another one.
+    from kernel_magics.core.fingerprint import fingerprint, same
+
+    fresh = run_cells(cells[:1] + ["CONFIG['k'] = 5"] + cells[1:])
+    assert not same(fingerprint(live["scale"]), fingerprint(fresh["scale"]))
+    held = [*cells[:-2], "held = make_holder()",
+            "%%model\nclass Model:\n    def predict(self, model_input):\n        return held(model_input)"]
+    with pytest.raises(MaterializeError, match="defines inside `make_holder`"):
+        build_model_source(held, "Model", live=run_cells(held))
 
 
 @pytest.mark.parametrize("cells, name, fragments", [
-    # (changed since it was made: a `thing = make()` left as it was is re-run in model.py and verified)
-    (["def make():\n    class Local:\n        pass\n    return Local()", "thing = make()\nthing.size = 3"], "thing",
+    (["def make():\n    class Local:\n        pass\n    return Local()", "thing = make()"], "thing",
      ["the class `Local`, which the notebook defines inside `make`", "top level of a cell",
       "Move that definition to the top level"]),
     (["class Gone:\n    pass", "thing = [Gone()]\nthing.append(1)", "del Gone"], "thing",

@@ -222,6 +222,17 @@ def _module(module: types.ModuleType) -> dict:
                f"module {module.__name__}", items=items)
 
 
+def _whole(value: Any) -> str:
+    """The digest of something a notebook function carries, when it can be compared whole; else no fingerprint."""
+    if isinstance(value, types.FunctionType) and not (value.__closure__ or value.__defaults__ or value.__kwdefaults__
+                                                      or getattr(value, "__dict__", None)):
+        return _definition(value)["digest"]  # (a plain function: its code, and its globals are model.py's own)
+    found = _fingerprint(value, 1)
+    if found is None or found["kind"] not in ("literal", "array", "tensor"):
+        raise _NoFingerprint()  # (an object pickled: a class defined inside a function shows by its name only)
+    return found["digest"]
+
+
 class _NoFingerprint(Exception):
     """Part of the value has no fingerprint, so the whole has none (fingerprint() answers None)."""
 
@@ -242,20 +253,22 @@ def _definition(value: Any, depth: int = 0, *, closure: bool = False) -> dict:
     code = getattr(value, "__code__", None)
     body = _digest(code.co_code, code.co_consts) if code is not None else ""
     if not isinstance(value, type):
-        # A closure the notebook made (`money = make_rounder(2)`, the value of a name) is its code and the values
-        # it closes over: `ndigits` 2 or 3 are other functions. One over a value with no fingerprint has none. (A
-        # library's decorated functions, and the functions of a module beside the notebook, are compared by their
-        # code only, as before: a memoizing decorator's cache, filled in the kernel, is no change of theirs.)
-        cells = []
-        for cell in (getattr(value, "__closure__", None) or ()) if closure and notebook else ():
-            if not _filled(cell) or cell.cell_contents is value:  # (not bound yet; a function that calls itself)
-                cells.append("")
-                continue
-            inner = _fingerprint(cell.cell_contents, depth + 1) if depth < 4 else None
-            if inner is None:
-                raise _NoFingerprint()
-            cells.append(inner["digest"])
-        return _fp("definition", _digest("definition", name, body, *cells), name)
+        # A function the notebook made (`money = make_rounder(2)`, the value of a name itself: depth 0) is its code
+        # and all it carries: the values it closes over (`ndigits` 2 or 3 are other functions), its defaults and
+        # its attributes. Only what can be compared whole counts (literals, arrays, functions with nothing of their
+        # own): a closure over an object, or over another closure, has no fingerprint. (A library's decorated
+        # functions, a module's beside the notebook and functions inside a container are compared by their code
+        # only, as before: a memoizing decorator's cache, filled in the kernel, is no change of theirs.)
+        parts = []
+        if closure and notebook and depth == 0:
+            for cell in getattr(value, "__closure__", None) or ():
+                if not _filled(cell) or cell.cell_contents is value:  # (not bound yet; a function that calls itself)
+                    parts.append("")
+                    continue
+                parts.append(_whole(cell.cell_contents))
+            parts += [_whole(getattr(value, "__defaults__", None)), _whole(getattr(value, "__kwdefaults__", None)),
+                      _whole(dict(getattr(value, "__dict__", None) or {}))]
+        return _fp("definition", _digest("definition", name, body, *parts), name)
     # A class's own plain attributes (`threshold = 0.5` in its body): a function that sets `Config.threshold`
     # changes what re-running the class gives, as a cell would, but out of sight of the source.
     attributes, parts = {}, []

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import os
 import re
 import symtable
 import sys
@@ -442,7 +443,7 @@ def _collect(cells: list[str]) -> _Analysis:
 
 
 def _give_names_to_later_stars(analysis: _Analysis, live: Optional[Mapping[str, Any]],
-                               local: Callable[[str], bool]) -> None:
+                               local: Callable[[str], Any], class_name: str) -> None:
     """A name defined before a later ``from m import *`` that binds it again is the star import's, as in the
     notebook (``def log`` in one cell, ``from math import *`` in a later one: the model's ``log`` is math's).
     Judged by the live value where there is one (the module's attribute is the very object the notebook holds),
@@ -451,12 +452,14 @@ def _give_names_to_later_stars(analysis: _Analysis, live: Optional[Mapping[str, 
         node = star.node
         if node.level != 0 or not node.module:
             continue  # (a relative import: there is no package to resolve it from)
-        earlier = [name for name, d in analysis.defs.items() if d.order < star.order]
+        # (the model class is the %%model cell's whatever a star binds later: the kernel keeps its own class)
+        earlier = [name for name, d in analysis.defs.items() if d.order < star.order and name != class_name]
         module = _module_for_star(node.module, live is not None, local)
         if not earlier or module is None:
             continue
         exported = getattr(module, "__all__", None)
         exported = set(exported) if exported is not None else {n for n in vars(module) if not n.startswith("_")}
+        # (a submodule named in __all__ but not imported yet: `hasattr` cannot see it, nor could the star import)
         taken = tuple(name for name in earlier if name in exported and hasattr(module, name)
                       and (live is None or name not in live or live[name] is getattr(module, name))
                       and _imported_object(analysis.defs[name], name) is not getattr(module, name))
@@ -484,18 +487,65 @@ def _imported_object(definition: _Definition, name: str) -> Any:
     return unknown
 
 
-def _module_for_star(name: str, in_kernel: bool, local: Callable[[str], bool]) -> Any:
-    """The module a star import read: the kernel's own (it ran the import), else imported here (the CLI),
-    unless it is a file beside the notebook (not on this process's path) or cannot be imported."""
+def _module_for_star(name: str, in_kernel: bool, local: Callable[[str], Any]) -> Any:
+    """The module a star import read: the kernel's own (it ran the import); in the CLI, a file beside the
+    notebook read without running it (the names it defines at the top level, or its literal ``__all__``), else
+    the module imported here; None when it cannot be looked at."""
     module = sys.modules.get(name)
-    if module is not None or in_kernel or local(name.split(".")[0]):
+    if module is not None or in_kernel:
         return module
+    if local(name.split(".")[0]):
+        path = local(name) if "." not in name else None
+        return _names_of_a_file(path) if isinstance(path, (str, os.PathLike)) else None
     import importlib
 
     try:
         return importlib.import_module(name)
     except Exception:  # (its own problem shows in the export's check, which imports model.py)
         return None
+
+
+def _names_of_a_file(path: Any) -> Any:
+    """A stand-in for a module beside the notebook, from its source: ``__all__`` when it is a literal, else the
+    public names its top level binds, each bound to a marker (no object to compare); None when the file cannot be
+    read that way (it star-imports in turn, or does not parse)."""
+    import types
+    from pathlib import Path
+
+    path = Path(path)
+    path = path / "__init__.py" if path.is_dir() else path
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+    names: set[str] = set()
+    declared = None
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any(a.name == "*" for a in node.names):
+                return None
+            names.update(_import_names(node))
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                names.update(sub.id for sub in ast.walk(target) if isinstance(sub, ast.Name))
+                if isinstance(target, ast.Name) and target.id == "__all__" and node.value is not None:
+                    try:
+                        declared = list(ast.literal_eval(node.value))
+                    except (ValueError, TypeError, SyntaxError):
+                        return None
+        elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.If) and ast.unparse(node.test).replace("'", '"') == '__name__ == "__main__"':
+            continue  # (not run by an import)
+        elif not isinstance(node, ast.Expr):  # (an `if`, `for`, `try` at the top level: it may bind anything)
+            return None
+    found = types.SimpleNamespace(**{n: object() for n in names | set(declared or ())})
+    if declared is not None:
+        found.__all__ = declared
+    return found
 
 
 def _definition_time_uses(node: ast.stmt) -> set[str]:
@@ -602,7 +652,7 @@ class _Context:
 
     live: Optional[Mapping[str, Any]]  # the kernel's namespace; None for the CLI
     as_values: Mapping[str, str]  # names the fresh-process verification found different -> why
-    local: Callable[[str], bool]  # is this top-level module a .py beside the notebook?
+    local: Callable[[str], Any]  # this top-level module's file beside the notebook (truthy), or None
     replay_proves: bool  # the CLI will replay recorded predictions: an unproven rebuild may stand
     verify: list[str] = field(default_factory=list)  # source names the fresh process fingerprints
     unproven: list[str] = field(default_factory=list)  # CLI: re-run from source, proven only by the replay
@@ -933,16 +983,21 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
     try:
         return _value(name, value, live, reason, rebuild_module=rebuild, keep=keep)
     except MaterializeError:
-        if not (problem and problem.startswith(_NOTEBOOK_CALL) and not changes and not stateful):
+        import types
+
+        if not (problem and problem.startswith(_NOTEBOOK_CALL) and not changes and not stateful
+                and isinstance(value, types.FunctionType)):
             raise
         from .fingerprint import fingerprint
 
         if fingerprint(value) is None:
             raise
-        # Made by a notebook function, changed by nothing since, and it cannot be saved (`money =
-        # make_rounder(2)`: a closure) but it can be compared (its code and what it closes over): re-run in
-        # model.py as the notebook ran it, and verified in the export's fresh process like any source. One that
-        # differs there would have to travel as a value, and that is refused then, naming it.
+        # A function a notebook function made, changed by nothing since, that cannot be saved (`money =
+        # make_rounder(2)`: a closure) but can be compared whole (its code, what it closes over, its defaults and
+        # attributes: core/fingerprint.py): re-run in model.py at import, as the notebook ran it, and verified in
+        # the export's fresh process like any source. One that differs there would have to travel as a value, and
+        # is refused then, naming it. (An instance of a class defined inside a function stays refused: its
+        # fingerprint cannot see that class's attributes.)
         ctx.verify.append(name)
         return _Travel(True)
 
@@ -1035,7 +1090,7 @@ def _type_name(value: Any) -> str:
 
 def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a notebook",
                        live: Optional[Mapping[str, Any]] = None, *, as_values: Mapping[str, str] = {},
-                       local: Callable[[str], bool] = lambda module: False,
+                       local: Callable[[str], Any] = lambda module: None,
                        replay_proves: bool = False) -> ModelSource:
     """model.py for ``class_name`` from the cells, in the order they ran.
 
@@ -1045,8 +1100,8 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     ``as_values`` (name, or ``module.attribute`` of a local module, to the reason)
     are those it found different. Without ``live`` (the CLI) a name that may not
     rebuild is refused, unless ``replay_proves`` (recorded predictions will be
-    replayed; ``ModelSource.unproven`` lists them). ``local(module)``: the module
-    is a file beside the notebook. Raises MaterializeError naming anything the class
+    replayed; ``ModelSource.unproven`` lists them). ``local(module)``: the module's
+    file beside the notebook (a .py or a package folder), or None. Raises MaterializeError naming anything the class
     needs that cannot travel, and what to do instead.
     """
     cells = list(cells)
@@ -1060,7 +1115,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     analysis = _collect(cells)
     if analysis.model_syntax_error:
         raise MaterializeError(analysis.model_syntax_error)
-    _give_names_to_later_stars(analysis, given_live, local)
+    _give_names_to_later_stars(analysis, given_live, local, class_name)
     defs = analysis.defs
     root = defs.get(class_name)
     if root is None or root.kind != "class":
@@ -1112,6 +1167,8 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
         definition, label = queue.pop(0)
         if definition.kind in ("class", "function", "model"):
             _keep_definition_time_values(definition, analysis, chosen, queue)
+        elif definition.kind in ("constant", "block"):  # (all of an assignment runs when the cell does)
+            _keep_definition_time_values(definition, analysis, chosen, queue, uses=definition.uses, stars_only=True)
         for name in sorted(definition.uses):
             if name in definition.names:
                 continue
@@ -1313,18 +1370,32 @@ def _share_identical(plans: dict, included: dict, live: Optional[Mapping[str, An
             included[name] = replace(included[name], how=f"the same object as `{primary}`")
 
 
-def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, chosen: dict, queue: list) -> None:
+def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, chosen: dict, queue: list, *,
+                                 uses: Optional[Iterable[str]] = None, stars_only: bool = False) -> None:
     """A class body (or a default argument) reads a name while the notebook defines it: when the name is
     rebound later, model.py must also hold the value it had then, before the class, so the class gets
-    that value (and model.py imports without a NameError), and the later value after it."""
-    for name in sorted(_definition_time_uses(definition.node)):
+    that value (and model.py imports without a NameError), and the later value after it. A later star import
+    that binds the name again (`def sqrt`, `f(s=sqrt(4))`, then `from math import *`) is such a rebinding, of
+    any kind of definition, and of what an assignment reads too (`BASE = log(5)`): model.py holds the star in
+    its place among the definitions for that reason."""
+    for name in sorted(_definition_time_uses(definition.node) if uses is None else uses):
         current = analysis.defs.get(name)
         if current is None or current.order < definition.order:
             continue
+        star = _is_taken_star(current)
+        if stars_only and not star:
+            continue
         earlier = [d for d in analysis.history.get(name, []) if d.order < definition.order]
-        if earlier and earlier[-1].kind in ("constant", "block") and id(earlier[-1]) not in chosen:
+        kinds = ("constant", "block") if not star else ("constant", "block", "function", "class", "import")
+        if earlier and earlier[-1].kind in kinds and id(earlier[-1]) not in chosen:
             chosen[id(earlier[-1])] = earlier[-1]
             queue.append((earlier[-1], name))
+
+
+def _is_taken_star(definition: _Definition) -> bool:
+    """A star import that the names it binds again were given to (_give_names_to_later_stars)."""
+    return (definition.kind == "import" and bool(definition.names) and isinstance(definition.node, ast.ImportFrom)
+            and any(a.name == "*" for a in definition.node.names))
 
 
 def _attribute_value(key: str, reason: str, live: Mapping[str, Any], where: _Definition, included: dict,
@@ -1376,7 +1447,12 @@ def _render(chosen, included, stars, plans, notebook: str) -> str:
     chosen_orders = set()
     for definition in sorted(chosen, key=lambda d: d.order):
         chosen_orders.add(definition.order)
-        if definition.kind == "import":
+        if _is_taken_star(definition):
+            # In its place, not with the imports at the top: what earlier cells defined and read before it
+            # (a default argument, an assignment) got the names it binds again as they were then.
+            if definition.text not in [chunk for _, _, chunk in body]:
+                body.append((definition.order, 0, definition.text))
+        elif definition.kind == "import":
             node = definition.node
             keep = [a for a in node.names if (a.asname or a.name.split(".")[0]) in included
                     or a.name == "*" and any(n in included for n in definition.names)]
@@ -1407,7 +1483,7 @@ def _render(chosen, included, stars, plans, notebook: str) -> str:
             note = f"# `{plan.name}` is the notebook's value ({plan.format}): see %model_show --why"
             body.append((order, 1, note + "\n" + "\n".join(lines)))
     for star in stars:
-        if star.text not in imports:
+        if star.text not in imports and star.text not in [chunk for _, _, chunk in body]:
             imports.append(star.text)
     imports = future + sorted(set(imports) - set(future), key=imports.index)
     parts = [_HEADER.format(notebook=notebook)]
