@@ -126,7 +126,10 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
             server.should_exit = True
 
     class Server(uvicorn.Server):
-        loop: Optional[asyncio.AbstractEventLoop] = None
+        def __init__(self, config: Any) -> None:
+            super().__init__(config)
+            self.loop: Optional[asyncio.AbstractEventLoop] = None
+            self.cut_off: set = set()  # the requests a forced quit cancelled
 
         async def startup(self, sockets: Optional[list] = None) -> None:
             self.loop = asyncio.get_running_loop()
@@ -157,7 +160,8 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
             # an unfinished response), a request still waiting for the model answered 503 (serving/access.py).
             # A sync predict's thread cannot be stopped; its request does not wait for it.
             app.state.stopping = True
-            for task in self.server_state.tasks:
+            for task in self.server_state.tasks - self.cut_off:  # (once each: one answering 503 is not cut again)
+                self.cut_off.add(task)
                 task.cancel()
 
         async def shutdown(self, sockets: Optional[list] = None) -> None:
