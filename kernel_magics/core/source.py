@@ -18,6 +18,8 @@ How each needed name travels (the rule the README states):
 - everything else travels as a **value** saved from the kernel
   (:mod:`kernel_magics.core.values`). Without a kernel (the CLI) there is no
   value to save, and such a name is refused with the cell and line of the change.
+  One exception: a function a notebook function made (a closure) that cannot be
+  saved but compares whole is re-run from source at import, and verified.
 
 The output is deterministic: the same cells (and values) give the same bytes.
 """
