@@ -146,6 +146,32 @@ def test_a_later_star_import_from_a_module_beside_the_notebook_is_read_from_its_
     assert "'mine'" in build_model_source([*cells[:1], cells[2], cells[1]], "Model", local=local).text
 
 
+def test_a_star_import_statement_written_twice_rebinds_twice_and_one_the_cli_cannot_read_is_not_guessed(tmp_path):
+    """The same `from math import *` text in two cells is two rebindings (model.py held it once, and `def sqrt`
+    between them stayed in force); a star of a file whose names the CLI cannot read (its `__all__` grows) refuses
+    a name it may bind, naming it, where a recorded prediction cannot prove it."""
+    import math
+
+    cells = ["def log(x):\n    return 'mine'", "from math import *", "L = log(100)",
+             "def sqrt(x):\n    return -1.0", "K = sqrt(4)", "from math import *",
+             "%%model\nclass Model:\n    def predict(self, x):\n        return (L, sqrt(x), K)"]
+    namespace: dict = {"__name__": "__main__"}
+    for cell in cells[:-1]:
+        exec(cell, namespace)
+    for src in (build_model_source(cells, "Model", live=namespace), build_model_source(cells, "Model")):
+        scope: dict = {}
+        exec(compile(src.text, "model.py", "exec"), scope)
+        assert scope["Model"]().predict(100) == (math.log(100), 10.0, -1.0), src.text
+    (tmp_path / "grows.py").write_text("__all__ = ['other']\n__all__ += ['log']\ndef log(x):\n    return 1\n"
+                                       "def other():\n    pass\n")
+    local = lambda module: tmp_path / "grows.py" if module == "grows" else None  # noqa: E731
+    grows = ["def log(x):\n    return 'mine'", "from grows import *",
+             "%%model\nclass Model:\n    def predict(self, x):\n        return log(x)"]
+    with pytest.raises(MaterializeError, match=r"cell 2's `from grows import \*` may bind `log` again"):
+        build_model_source(grows, "Model", local=local)
+    assert build_model_source(grows, "Model", local=local, replay_proves=True).unproven == ["log"]
+
+
 @pytest.mark.parametrize("cells, fragments", [
     (["def train():\n    return [1]", "weights = train()",
       "%%model\nclass Model:\n    def predict(self, x):\n        return weights"],

@@ -259,6 +259,13 @@ def test_what_a_notebook_function_made_and_cannot_be_saved_is_re_run_and_verifie
             "%%model\nclass Model:\n    def predict(self, model_input):\n        return held(model_input)"]
     with pytest.raises(MaterializeError, match="defines inside `make_holder`"):
         build_model_source(held, "Model", live=run_cells(held))
+    # functools.wraps gives a notebook closure a library's __module__: it is still the notebook's, and what it
+    # closes over (a builtin, here) cannot be compared whole: refused, as before.
+    wrapped = ["import functools, math", "def scaled(fn, s):\n    @functools.wraps(fn)\n    def w(x):\n"
+               "        return fn(x) * s\n    return w", "f = scaled(math.sqrt, 3)",
+               "%%model\nclass Model:\n    def predict(self, model_input):\n        return f(model_input)"]
+    with pytest.raises(MaterializeError, match="`f`.*cannot be pickled"):
+        build_model_source(wrapped, "Model", live=run_cells(wrapped))
 
 
 @pytest.mark.parametrize("cells, name, fragments", [

@@ -247,8 +247,9 @@ def _filled(cell: Any) -> bool:
 
 def _definition(value: Any, depth: int = 0, *, closure: bool = False) -> dict:
     module = getattr(value, "__module__", None)
-    notebook = module in NOTEBOOK_MODULES
-    module = "<notebook>" if notebook else module
+    # (made by notebook code: by its globals, which functools.wraps does not copy as it copies __module__)
+    notebook = getattr(value, "__globals__", {}).get("__name__", module) in NOTEBOOK_MODULES
+    module = "<notebook>" if module in NOTEBOOK_MODULES else module
     name = f"{module}.{getattr(value, '__qualname__', getattr(value, '__name__', '?'))}"
     code = getattr(value, "__code__", None)
     body = _digest(code.co_code, code.co_consts) if code is not None else ""

@@ -33,6 +33,7 @@ import re
 import symtable
 import sys
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from .errors import KernelMagicsError
@@ -242,6 +243,8 @@ class _Analysis:
     stars: list[_Definition]
     changes: list[_Change]
     model_syntax_error: Optional[str]
+    # name -> a later star import the CLI could not look at, which may bind it again (see need())
+    unreadable_stars: dict = field(default_factory=dict)
 
     def changes_after(self, name: str, order: tuple[int, int], kinds: Iterable[str] = ()) -> list[_Change]:
         kinds = set(kinds)
@@ -457,19 +460,33 @@ def _give_names_to_later_stars(analysis: _Analysis, live: Optional[Mapping[str, 
         # (the model class is the %%model cell's whatever a star binds later: the kernel keeps its own class)
         earlier = [name for name, d in analysis.defs.items() if d.order < star.order and name != class_name]
         module = _module_for_star(node.module, live is not None, local)
+        if module is None and live is None:
+            for name in earlier:
+                analysis.unreadable_stars[name] = star
         if not earlier or module is None:
             continue
         exported = getattr(module, "__all__", None)
         exported = set(exported) if exported is not None else {n for n in vars(module) if not n.startswith("_")}
         # (a submodule named in __all__ but not imported yet: `hasattr` cannot see it, nor could the star import)
         taken = tuple(name for name in earlier if name in exported and hasattr(module, name)
-                      and (live is None or name not in live or live[name] is getattr(module, name))
+                      and (live is None or name not in live or live[name] is getattr(module, name)
+                           or _rebound_since(analysis.defs[name], live[name]))
                       and _imported_object(analysis.defs[name], name) is not getattr(module, name))
         if taken:
             given = _Definition(taken, "import", star.cell, star.order, node, star.text, frozenset())
             for name in taken:
                 analysis.defs[name] = given
                 analysis.history.setdefault(name, []).append(given)
+
+
+def _rebound_since(definition: _Definition, value: Any) -> bool:
+    """Whether the live value of a name a ``def`` or ``class`` defined is plainly not that definition's (a module
+    reloaded after the star import gave it a new object of its own)."""
+    if definition.kind not in ("function", "class"):
+        return False
+    globals_name = getattr(getattr(value, "__globals__", None), "get", lambda _: None)("__name__")
+    module = getattr(value, "__module__", None) if isinstance(value, type) else globals_name
+    return module not in ("__main__", None) or getattr(value, "__qualname__", None) != definition.names[0]
 
 
 def _imported_object(definition: _Definition, name: str) -> Any:
@@ -496,9 +513,14 @@ def _module_for_star(name: str, in_kernel: bool, local: Callable[[str], Any]) ->
     module = sys.modules.get(name)
     if module is not None or in_kernel:
         return module
-    if local(name.split(".")[0]):
-        path = local(name) if "." not in name else None
-        return _names_of_a_file(path) if isinstance(path, (str, os.PathLike)) else None
+    top = local(name.split(".")[0])
+    if top:
+        if not isinstance(top, (str, os.PathLike)):
+            return None
+        path = Path(top)
+        for part in name.split(".")[1:]:  # (a module of a package beside the notebook)
+            path = path / part if (path / part).is_dir() else path / f"{part}.py"
+        return _names_of_a_file(path)
     import importlib
 
     try:
@@ -512,7 +534,6 @@ def _names_of_a_file(path: Any) -> Any:
     public names its top level binds, each bound to a marker (no object to compare); None when the file cannot be
     read that way (it star-imports in turn, or does not parse)."""
     import types
-    from pathlib import Path
 
     path = Path(path)
     path = path / "__init__.py" if path.is_dir() else path
@@ -534,10 +555,16 @@ def _names_of_a_file(path: Any) -> Any:
             for target in targets:
                 names.update(sub.id for sub in ast.walk(target) if isinstance(sub, ast.Name))
                 if isinstance(target, ast.Name) and target.id == "__all__" and node.value is not None:
+                    if declared is not None:
+                        return None  # (set twice: read the simple case only)
                     try:
                         declared = list(ast.literal_eval(node.value))
                     except (ValueError, TypeError, SyntaxError):
                         return None
+        elif any(isinstance(sub, ast.Name) and sub.id == "__all__" for sub in ast.walk(node)):
+            return None  # (`__all__ += [...]`, `__all__.extend(...)`: not a literal to read)
+        elif any(isinstance(sub, ast.NamedExpr) for sub in ast.walk(node)):
+            return None
         elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
             names.add(node.target.id)
         elif isinstance(node, ast.If) and ast.unparse(node.test).replace("'", '"') == '__name__ == "__main__"':
@@ -988,8 +1015,8 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
         import types
 
         if not (problem and problem.startswith(_NOTEBOOK_CALL) and not changes and not stateful
-                and isinstance(value, types.FunctionType)):
-            raise
+                and isinstance(value, types.FunctionType) and value.__globals__.get("__name__") == "__main__"):
+            raise  # (a notebook function's closure only: its fingerprint counts what it carries)
         from .fingerprint import fingerprint
 
         if fingerprint(value) is None:
@@ -1144,6 +1171,16 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
             if name not in _BUILTINS:
                 unresolved.setdefault(name, label)
             return
+        star = analysis.unreadable_stars.get(name)
+        if star is not None and analysis.defs.get(name) is target and star.order > target.order:
+            # The CLI could not read what that star import binds: the notebook's `name` may be its, not this
+            # definition's. A recorded prediction's replay can tell; without one it is not guessed.
+            if ctx.replay_proves:
+                ctx.unproven.append(name)
+            else:
+                raise _cli_refusal(name, label, target,
+                                   f"cell {star.cell + 1}'s `{_shown(star.text)}` may bind `{name}` again after cell "
+                                   f"{target.cell + 1} defines it, and what that module binds cannot be read here")
         travel = _decide(name, label, target, analysis, ctx)
         if travel.plan is not None:
             _take_value(name, travel, target, label)
@@ -1169,8 +1206,9 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
         definition, label = queue.pop(0)
         if definition.kind in ("class", "function", "model"):
             _keep_definition_time_values(definition, analysis, chosen, queue)
-        elif definition.kind in ("constant", "block"):  # (all of an assignment runs when the cell does)
-            _keep_definition_time_values(definition, analysis, chosen, queue, uses=definition.uses, stars_only=True)
+        elif definition.kind in ("constant", "block"):  # (an assignment runs when the cell does)
+            _keep_definition_time_values(definition, analysis, chosen, queue, uses=_run_time_uses(definition.node),
+                                         stars_only=True)
         for name in sorted(definition.uses):
             if name in definition.names:
                 continue
@@ -1390,8 +1428,37 @@ def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, c
         earlier = [d for d in analysis.history.get(name, []) if d.order < definition.order]
         kinds = ("constant", "block") if not star else ("constant", "block", "function", "class", "import")
         if earlier and earlier[-1].kind in kinds and id(earlier[-1]) not in chosen:
-            chosen[id(earlier[-1])] = earlier[-1]
-            queue.append((earlier[-1], name))
+            then = earlier[-1]
+            if star and then.kind in ("constant", "block"):
+                # Its value as it was then is no one's live value (the star rebound the name): it travels only as
+                # source, so only a statement that gives the same value when run again can.
+                why = _rebuild_problem(then, analysis.defs) or (
+                    "it calls something that may give another value when run again"
+                    if _uncertain_call(then, analysis) is not None else None)
+                if why:
+                    raise MaterializeError(
+                        f"`{name}` as cell {then.cell + 1} set it (`{_shown(then.text)}`) is read when cell "
+                        f"{definition.cell + 1} runs, and cell {current.cell + 1}'s `{_shown(current.text)}` binds "
+                        f"`{name}` again later; model.py can only re-run that statement, but {why}. Give the later "
+                        "name another name, or move the star import above it.")
+            chosen[id(then)] = then
+            queue.append((then, name))
+
+
+def _run_time_uses(node: ast.AST) -> set[str]:
+    """Names a top-level statement reads when its cell runs: not those inside the bodies of the functions and
+    lambdas it defines (read when they are called), but their defaults and decorators."""
+    found: set[str] = set()
+    stack: list[ast.AST] = [node]
+    while stack:
+        sub = stack.pop()
+        if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            stack += [*getattr(sub, "decorator_list", []), *sub.args.defaults, *(d for d in sub.args.kw_defaults if d)]
+            continue
+        if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load):
+            found.add(sub.id)
+        stack.extend(ast.iter_child_nodes(sub))
+    return found
 
 
 def _is_taken_star(definition: _Definition) -> bool:
@@ -1451,9 +1518,9 @@ def _render(chosen, included, stars, plans, notebook: str) -> str:
         chosen_orders.add(definition.order)
         if _is_taken_star(definition):
             # In its place, not with the imports at the top: what earlier cells defined and read before it
-            # (a default argument, an assignment) got the names it binds again as they were then.
-            if definition.text not in [chunk for _, _, chunk in body]:
-                body.append((definition.order, 0, definition.text))
+            # (a default argument, an assignment) got the names it binds again as they were then. (Each star
+            # statement in its own place: the same text twice is two rebindings.)
+            body.append((definition.order, 0, definition.text))
         elif definition.kind == "import":
             node = definition.node
             keep = [a for a in node.names if (a.asname or a.name.split(".")[0]) in included
@@ -1485,7 +1552,7 @@ def _render(chosen, included, stars, plans, notebook: str) -> str:
             note = f"# `{plan.name}` is the notebook's value ({plan.format}): see %model_show --why"
             body.append((order, 1, note + "\n" + "\n".join(lines)))
     for star in stars:
-        if star.text not in imports and star.text not in [chunk for _, _, chunk in body]:
+        if star.text not in imports and star.order not in chosen_orders:  # (that very statement is in the body)
             imports.append(star.text)
     imports = future + sorted(set(imports) - set(future), key=imports.index)
     parts = [_HEADER.format(notebook=notebook)]
