@@ -17,13 +17,12 @@ import time
 import weakref
 from typing import Optional
 
-from .errors import error_response
+from .errors import stopping_response
 from .logs import REQUEST_ID, access_line
 
 __all__ = ["RequestLog", "Metrics"]
 
 log = logging.getLogger("kernel_magics.server")
-STOPPING_MESSAGE = "The server is stopping; the request was not answered."
 
 # Route templates of the probes a load balancer or Kubernetes calls every few seconds.
 _QUIET = frozenset({"/", "/v1/models/{model_name}", "/v1/models/{model_name}/loaded", "/ping", "/metrics"})
@@ -146,7 +145,7 @@ class RequestLog:
             if task is not None and hasattr(task, "uncancel"):
                 task.uncancel()
             log.warning("Request cut off: the server is stopping before the model answered it.")
-            await error_response(503, STOPPING_MESSAGE, "600")(scope, receive, send_and_note)
+            await stopping_response()(scope, receive, send_and_note)
         finally:
             ended = time.perf_counter()
             template = route_of(scope["path"])

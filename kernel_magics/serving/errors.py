@@ -19,7 +19,7 @@ from ..core.errors import InputValidationError, ModelDefinitionError, ModelNotRe
 from ..core.runtime import MethodNotFound
 
 __all__ = ["MODEL_ERROR_MESSAGE", "HANDLERS", "UserCodeError", "InvalidPayload", "BodyTooLarge", "ClientGone",
-           "model_code", "error_response", "add_error_headers"]
+           "model_code", "error_response", "stopping_response", "add_error_headers"]
 
 log = logging.getLogger("kernel_magics.server")
 
@@ -51,6 +51,14 @@ def error_response(status: int, message: Any, code: str) -> JSONResponse:
     """Truss's error response: ``{"error": message}`` plus the x-baseten-error headers."""
     return JSONResponse({"error": message}, status_code=status,
                         headers={"X-BASETEN-ERROR-SOURCE": _SOURCE, "X-BASETEN-ERROR-CODE": code})
+
+
+STOPPING_MESSAGE = "The server is stopping; the request was not answered."
+
+
+def stopping_response() -> JSONResponse:
+    """The answer to a request a forced quit cut off before the model answered it (serving/access.py)."""
+    return error_response(503, STOPPING_MESSAGE, _DOWNSTREAM)
 
 
 def add_error_headers(response: Response) -> None:
