@@ -30,7 +30,8 @@ import sys
 import types
 from typing import Any, Optional
 
-__all__ = ["fingerprint", "fingerprint_names", "difference", "same", "changed_attributes", "BESIDES_WEIGHTS"]
+__all__ = ["fingerprint", "fingerprint_names", "difference", "same", "changed_attributes", "made_by_notebook_code",
+           "BESIDES_WEIGHTS"]
 
 # Modules whose classes and functions are the notebook's own (the kernel's __main__, model.py in the export).
 NOTEBOOK_MODULES = frozenset({"__main__", "model.model", "model"})
@@ -222,6 +223,12 @@ def _module(module: types.ModuleType) -> dict:
                f"module {module.__name__}", items=items)
 
 
+def made_by_notebook_code(value: Any) -> bool:
+    """Whether a function was made by notebook code (a class: defined there), by the module its globals are
+    (functools.wraps copies a library's __module__ onto a notebook's wrapper, not its globals)."""
+    return getattr(value, "__globals__", {}).get("__name__", getattr(value, "__module__", None)) in NOTEBOOK_MODULES
+
+
 def _whole(value: Any) -> str:
     """The digest of something a notebook function carries, when it can be compared whole; else no fingerprint."""
     if isinstance(value, types.FunctionType) and not (value.__closure__ or value.__defaults__ or value.__kwdefaults__
@@ -247,8 +254,7 @@ def _filled(cell: Any) -> bool:
 
 def _definition(value: Any, depth: int = 0, *, closure: bool = False) -> dict:
     module = getattr(value, "__module__", None)
-    # (made by notebook code: by its globals, which functools.wraps does not copy as it copies __module__)
-    notebook = getattr(value, "__globals__", {}).get("__name__", module) in NOTEBOOK_MODULES
+    notebook = made_by_notebook_code(value)
     module = "<notebook>" if module in NOTEBOOK_MODULES else module
     name = f"{module}.{getattr(value, '__qualname__', getattr(value, '__name__', '?'))}"
     code = getattr(value, "__code__", None)

@@ -482,11 +482,11 @@ def _give_names_to_later_stars(analysis: _Analysis, live: Optional[Mapping[str, 
 def _rebound_since(definition: _Definition, value: Any) -> bool:
     """Whether the live value of a name a ``def`` or ``class`` defined is plainly not that definition's (a module
     reloaded after the star import gave it a new object of its own)."""
+    from .fingerprint import made_by_notebook_code
+
     if definition.kind not in ("function", "class"):
         return False
-    globals_name = getattr(getattr(value, "__globals__", None), "get", lambda _: None)("__name__")
-    module = getattr(value, "__module__", None) if isinstance(value, type) else globals_name
-    return module not in ("__main__", None) or getattr(value, "__qualname__", None) != definition.names[0]
+    return not made_by_notebook_code(value) or getattr(value, "__qualname__", None) != definition.names[0]
 
 
 def _imported_object(definition: _Definition, name: str) -> Any:
@@ -1014,10 +1014,11 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
     except MaterializeError:
         import types
 
+        from .fingerprint import fingerprint, made_by_notebook_code
+
         if not (problem and problem.startswith(_NOTEBOOK_CALL) and not changes and not stateful
-                and isinstance(value, types.FunctionType) and value.__globals__.get("__name__") == "__main__"):
+                and isinstance(value, types.FunctionType) and made_by_notebook_code(value)):
             raise  # (a notebook function's closure only: its fingerprint counts what it carries)
-        from .fingerprint import fingerprint
 
         if fingerprint(value) is None:
             raise
