@@ -172,6 +172,34 @@ def test_a_star_import_statement_written_twice_rebinds_twice_and_one_the_cli_can
     assert build_model_source(grows, "Model", local=local, replay_proves=True).unproven == ["log"]
 
 
+def test_a_value_read_at_definition_time_then_bound_again_is_refused_when_only_an_unsure_rerun_could_carry_it():
+    """`SCALE = random.random()`, `def f(x, s=SCALE)`, then `SCALE = 2`: f's default is no one's live value any
+    more, so model.py can only run `random.random()` again, and it gave f another default than the notebook's,
+    silently (kernel and CLI alike). Refused, naming it, unless recorded predictions will be replayed to prove it;
+    a literal earlier value (the same when run again) still travels as its source."""
+    model = "%%model\nclass Model:\n    def predict(self, x):\n        return [f(x), SCALE]"
+    cells = ["import random\nSCALE = random.random()", "def f(x, s=SCALE):\n    return x * s", "SCALE = 2", model]
+    notebook: dict = {"__name__": "__main__"}
+    for cell in cells[:-1]:
+        exec(cell, notebook)
+    for live in (notebook, None):
+        with pytest.raises(MaterializeError) as info:
+            build_model_source(cells, "Model", live=live)
+        for fragment in ("`SCALE` as cell 1 set it (`SCALE = random.random()`) is read when cell 2 runs",
+                         "cell 3's `SCALE = 2` binds `SCALE` again", "Run %model_predict",
+                         "give the later `SCALE` another name"):
+            assert fragment in str(info.value)
+        assert build_model_source(cells, "Model", live=live, replay_proves=True).unproven == ["SCALE"]
+    literal = ["SCALE = 0.5", *cells[1:]]
+    notebook = {"__name__": "__main__"}
+    for cell in literal[:-1]:
+        exec(cell, notebook)
+    for live in (notebook, None):
+        scope: dict = {}
+        exec(compile(build_model_source(literal, "Model", live=live).text, "model.py", "exec"), scope)
+        assert scope["Model"]().predict(4) == [2.0, 2]
+
+
 @pytest.mark.parametrize("cells, fragments", [
     (["def train():\n    return [1]", "weights = train()",
       "%%model\nclass Model:\n    def predict(self, x):\n        return weights"],

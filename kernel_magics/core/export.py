@@ -247,7 +247,7 @@ def materialize(cells: Sequence[str], config: ModelConfig, base_dir: Path, noteb
 
     if as_values is None:
         as_values = remembered(live)
-    replay_proves = live is None and replay and record is not None and len(record) > 0
+    replay_proves = replay and record is not None and len(record) > 0
     source = build_model_source(cells, config.model_class_name, notebook, live, as_values=as_values,
                                 local=lambda m: _local_module(base_dir, m), replay_proves=replay_proves)
     tops = list(dict.fromkeys(m.split(".")[0] for m in source.modules))

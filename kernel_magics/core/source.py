@@ -682,7 +682,9 @@ class _Context:
     live: Optional[Mapping[str, Any]]  # the kernel's namespace; None for the CLI
     as_values: Mapping[str, str]  # names the fresh-process verification found different -> why
     local: Callable[[str], Any]  # this top-level module's file beside the notebook (truthy), or None
-    replay_proves: bool  # the CLI will replay recorded predictions: an unproven rebuild may stand
+    # recorded predictions will be replayed against the export: an unproven rebuild may stand (the CLI's names,
+    # and in either an earlier value that only its source can carry: _an_earlier_value_must_rebuild)
+    replay_proves: bool
     verify: list[str] = field(default_factory=list)  # source names the fresh process fingerprints
     unproven: list[str] = field(default_factory=list)  # CLI: re-run from source, proven only by the replay
 
@@ -1130,7 +1132,8 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     ``as_values`` (name, or ``module.attribute`` of a local module, to the reason)
     are those it found different. Without ``live`` (the CLI) a name that may not
     rebuild is refused, unless ``replay_proves`` (recorded predictions will be
-    replayed; ``ModelSource.unproven`` lists them). ``local(module)``: the module's
+    replayed; ``ModelSource.unproven`` lists them); so is, in either, a value only its
+    source can carry (read at definition time, then bound again). ``local(module)``: the module's
     file beside the notebook (a .py or a package folder), or None. Raises MaterializeError naming anything the class
     needs that cannot travel, and what to do instead.
     """
@@ -1206,10 +1209,10 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     while queue:
         definition, label = queue.pop(0)
         if definition.kind in ("class", "function", "model"):
-            _keep_definition_time_values(definition, analysis, chosen, queue)
+            _keep_definition_time_values(definition, analysis, chosen, queue, ctx)
         elif definition.kind in ("constant", "block"):  # (an assignment runs when the cell does)
-            _keep_definition_time_values(definition, analysis, chosen, queue, uses=_run_time_uses(definition.node),
-                                         stars_only=True)
+            _keep_definition_time_values(definition, analysis, chosen, queue, ctx,
+                                         uses=_run_time_uses(definition.node), stars_only=True)
         for name in sorted(definition.uses):
             if name in definition.names:
                 continue
@@ -1411,8 +1414,9 @@ def _share_identical(plans: dict, included: dict, live: Optional[Mapping[str, An
             included[name] = replace(included[name], how=f"the same object as `{primary}`")
 
 
-def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, chosen: dict, queue: list, *,
-                                 uses: Optional[Iterable[str]] = None, stars_only: bool = False) -> None:
+def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, chosen: dict, queue: list,
+                                 ctx: _Context, *, uses: Optional[Iterable[str]] = None,
+                                 stars_only: bool = False) -> None:
     """A class body (or a default argument) reads a name while the notebook defines it: when the name is
     rebound later, model.py must also hold the value it had then, before the class, so the class gets
     that value (and model.py imports without a NameError), and the later value after it. A later star import
@@ -1430,20 +1434,33 @@ def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, c
         kinds = ("constant", "block") if not star else ("constant", "block", "function", "class", "import")
         if earlier and earlier[-1].kind in kinds and id(earlier[-1]) not in chosen:
             then = earlier[-1]
-            if star and then.kind in ("constant", "block"):
-                # Its value as it was then is no one's live value (the star rebound the name): it travels only as
-                # source, so only a statement that gives the same value when run again can.
-                why = _rebuild_problem(then, analysis.defs) or (
-                    "it calls something that may give another value when run again"
-                    if _uncertain_call(then, analysis) is not None else None)
-                if why:
-                    raise MaterializeError(
-                        f"`{name}` as cell {then.cell + 1} set it (`{_shown(then.text)}`) is read when cell "
-                        f"{definition.cell + 1} runs, and cell {current.cell + 1}'s `{_shown(current.text)}` binds "
-                        f"`{name}` again later; model.py can only re-run that statement, but {why}. Give the later "
-                        "name another name, or move the star import above it.")
+            if then.kind in ("constant", "block"):
+                _an_earlier_value_must_rebuild(name, then, definition, current, analysis, ctx)
             chosen[id(then)] = then
             queue.append((then, name))
+
+
+def _an_earlier_value_must_rebuild(name: str, then: _Definition, reader: _Definition, later: _Definition,
+                                   analysis: _Analysis, ctx: _Context) -> None:
+    """The value a name had when ``reader`` ran is no one's live value once ``later`` binds the name again
+    (`SCALE = random.random()`, `def f(x, s=SCALE)`, then `SCALE = 2`): it travels only as source, so only a
+    statement that gives the same value when run again can carry it, unless recorded predictions will be
+    replayed against the export to prove it. Anything else is refused, naming it: re-running
+    `random.random()` in model.py would give `f` another default than the notebook's, silently."""
+    why = _rebuild_problem(then, analysis.defs) or (
+        "it calls something that may give another value when run again (randomness, files, the environment)"
+        if _uncertain_call(then, analysis) is not None else None)
+    if not why:
+        return
+    if ctx.replay_proves:
+        ctx.unproven.append(name)
+        return
+    instead = "move the star import above it" if _is_taken_star(later) else f"give the later `{name}` another name"
+    raise MaterializeError(
+        f"`{name}` as cell {then.cell + 1} set it (`{_shown(then.text)}`) is read when cell {reader.cell + 1} "
+        f"runs, and cell {later.cell + 1}'s `{_shown(later.text)}` binds `{name}` again later; model.py can only "
+        f"re-run that statement, but {why}, and no recorded prediction proves it. Run %model_predict before "
+        f"exporting (the export replays it), or {instead}.")
 
 
 def _run_time_uses(node: ast.AST) -> set[str]:
