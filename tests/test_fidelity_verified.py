@@ -382,6 +382,34 @@ def test_a_class_attribute_a_function_changed_is_refused_not_exported_as_the_cla
     assert "Replayed 1 recorded prediction" in k.ok("%model_export out").stdout
 
 
+def test_a_value_holding_a_class_edited_and_run_again_since_is_refused_until_it_is_made_again(tmp_path, fresh_kernel):
+    """`s = Scaler(2)`, then the `Scaler` cell edited and run again: the notebook's `s` still runs the old method
+    (6 for 3), but model.py defines only the latest `Scaler` (7), and the export answered 7 with nothing said, the
+    verification's pickles naming the class by name alone. Now the old class shows in `s`'s fingerprint, so `s` is
+    saved, and its save refuses naming the class and what to run. Run again unchanged, a class is the same code:
+    a value made before that exports as before. A saved value (a list holding an old instance) is refused too."""
+    scaler = "class Scaler:\n    def __init__(self, k):\n        self.k = k\n    def apply(self, x):\n        return {}"
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics\n" + scaler.format("x * self.k"))
+    k.ok("s = Scaler(2)\nHELD = [Scaler(3)]\nHELD.append(Scaler(4))")
+    k.ok(scaler.format("x * self.k"))  # run again, unchanged
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n"
+         "        return [s.apply(model_input['x']), HELD[1].apply(1)]\n")
+    assert "Replayed" not in k.ok("%model_export out").stdout  # (no prediction recorded: nothing else proves it)
+    k.ok(scaler.format("x * self.k + 1") + "\n%model_load")  # edited
+    assert k.ok(predict_cells([{"x": 3}])[0]).stdout.strip() == "[6, 4]"
+    why = usage_error(k.execute("%model_export out --force"))  # (a value from the start: planned first)
+    assert "`HELD` (a list)" in why and "Run the cell that makes `HELD` again" in why, why
+    k.ok("HELD = [Scaler(3), Scaler(4)]")
+    why = usage_error(k.execute("%model_export out --force"))  # (source, verified in the fresh process)
+    for fragment in ("`s` (a Scaler)", "it holds the class `Scaler` as a cell defined it before the notebook defined "
+                     "`Scaler` again with other code", "Run the cell that makes `s` again"):
+        assert fragment in why, why
+    k.ok("s = Scaler(2)")
+    assert k.ok(predict_cells([{"x": 3}])[0]).stdout.strip() == "[7, 5]"
+    assert "Replayed 1 recorded prediction" in k.ok("%model_export out --force").stdout
+
+
 def test_a_name_that_cannot_be_fingerprinted_is_named_as_not_verified(tmp_path, fresh_kernel):
     """A lock re-run from source has no fingerprint (it cannot be pickled): it stays source (it could not be saved
     either), and %model_show --why and the export's output say it was not verified and what proves it."""

@@ -299,6 +299,30 @@ def test_a_class_redefined_after_its_instance_was_made_loads_after_its_definitio
     assert source.text.index("class Box") < source.text.index("box = pickle.loads")
 
 
+def test_a_value_holding_a_class_edited_since_is_refused_as_model_py_defines_only_the_latest():
+    """The same `class Box` run again is the same code (above); an edited one is not: the notebook's `box` runs the
+    old `get`, model.py's `Box` the new one, and the saved pickle named `Box` and answered otherwise, silently. So is a
+    torch module rebuilt from its source (`net = Net()` trained, then `class Net` edited): refused, naming both."""
+    box = "class Box:\n    def __init__(self, v):\n        self.v = v\n    def get(self):\n        return {}"
+    model = "%%model\nclass Model:\n    def predict(self, model_input):\n        return box['b'].get()"
+    cells = [box.format("self.v"), "box = {'b': Box(4)}\nbox['c'] = Box(5)", box.format("self.v + 1"), model]
+    with pytest.raises(MaterializeError) as info:
+        build_model_source(cells, "Model", live=run_cells(cells[:-1]))
+    for fragment in ("`box` (a dict)", "it holds the class `Box` as a cell defined it before the notebook defined `Box` "
+                     "again with other code", "Run the cell that makes `box` again"):
+        assert fragment in str(info.value), info.value
+    pytest.importorskip("torch")
+    net = ("import torch\nfrom torch import nn\nclass Net(nn.Module):\n    def __init__(self):\n"
+           "        super().__init__()\n        self.lin = nn.Linear(2, 1)\n    def forward(self, x):\n"
+           "        return self.lin(x){}")
+    cells = [net.format(""), "net = Net()\nwith torch.no_grad():\n    net.lin.weight.mul_(2.0)", net.format(" * 2"),
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return net(torch.ones(1, 2)).item()"]
+    with pytest.raises(MaterializeError, match=r"`net` \(a Net\).*it holds the class `Net` as a cell defined it"):
+        build_model_source(cells, "Model", live=run_cells(cells[:-1]))
+    cells[2] = net.format("")  # run again unchanged: rebuilt from its source, as before
+    assert "safetensors.torch.load_model(net" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
+
+
 def test_the_model_package_is_importable_as_in_truss(tmp_path):
     """A pickle naming `model.model` by an ordinary global (the way other tools write it) loads too: the
     Truss root is on the path, so `model` is the package beside model.py, as in Truss's image."""

@@ -19,7 +19,7 @@ from .errors import ModelDefinitionError
 from .routes import ENDPOINT_METHODS  # (served on routes of their own, beside predict)
 from .serialization import is_pydantic_class
 
-__all__ = ["ArgConfig", "MethodSpec", "ModelContract", "init_kwargs", "INIT_KWARGS", "code_fingerprint",
+__all__ = ["ArgConfig", "MethodSpec", "ModelContract", "init_kwargs", "INIT_KWARGS", "code_fingerprint", "definition_code",
            "ENDPOINT_METHODS"]
 
 # The keyword arguments Truss may pass to ``Model.__init__``.
@@ -286,6 +286,24 @@ def code_fingerprint(fn: Any) -> Any:
     if code is None:
         return ("object", repr(fn)) if fn is not None and fn is not object.__init__ else None
     return _code_key(code)
+
+
+def definition_code(value: Any) -> Any:
+    """``code_fingerprint`` of a function, or of a class: its bases and the code of each of its functions
+    (methods, static and class methods, properties, nested classes). Two definitions from the same source agree
+    (a cell run again); an edited method does not."""
+    if not isinstance(value, type):
+        return code_fingerprint(value)
+    parts: list = [f"{getattr(b, '__module__', '')}.{b.__qualname__}" for b in value.__bases__]
+    for attr, item in sorted(vars(value).items()):
+        if isinstance(item, property):
+            parts.append((attr, *(code_fingerprint(f) for f in (item.fget, item.fset, item.fdel))))
+            continue
+        inner = getattr(item, "__func__", item)  # staticmethod, classmethod
+        if inspect.isfunction(inner) or (isinstance(inner, type)
+                                         and inner.__qualname__.startswith(value.__qualname__ + ".")):
+            parts.append((attr, definition_code(inner)))
+    return tuple(parts)
 
 
 def _code_key(code) -> tuple:

@@ -31,8 +31,10 @@ import types
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from .contract import definition_code
+
 __all__ = ["MODEL_MODULE", "CannotPickle", "NotebookReferenceError", "dump", "dumps", "joblib_dump", "torch_save",
-           "references"]
+           "references", "refer_to"]
 
 MODEL_MODULE = "model.model"  # what model.py is imported as, by Truss and by us
 PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -40,6 +42,8 @@ PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 class NotebookReferenceError(pickle.PicklingError):
     """A notebook class or function inside the value has no name model.py can define."""
+
+    advice = ""  # what to do instead, when not the usual (move the definition to the top level of a cell)
 
 
 class _ModelModule:
@@ -73,9 +77,18 @@ class _Rule:
             found, holder = self.namespace.get(parts[0], _MISSING), self.module
             for part in parts[1:]:
                 holder, found = found, getattr(found, part, _MISSING)
-            # A class defined again since the value was made resolves to the definition model.py holds
-            # (the notebook's latest); the export's replay is the judge of whether it still behaves the same.
+            # A class defined again since the value was made resolves to the definition model.py holds (the
+            # notebook's latest): with the same code (its cell run again) that is the same behaviour; with other
+            # code the deployment would run other methods than the notebook's value does, so it is refused.
             if found is not _MISSING and isinstance(found, type) == isinstance(obj, type) and parts[0] != self.saving:
+                if found is not obj and definition_code(found) != definition_code(obj):
+                    error = NotebookReferenceError(
+                        f"it holds the {kind} `{qualname}` as a cell defined it before the notebook defined "
+                        f"`{parts[0]}` again with other code; model.py defines only the latest `{parts[0]}`, so the "
+                        "deployment would run other code than the notebook's value does")
+                    error.advice = (f"Run the cell that makes `{self.saving or 'the value'}` again, so that it holds "
+                                    f"the latest `{qualname}` (or give the new definition another name).")
+                    raise error
                 self.used.add(parts[0])
                 return holder, parts[-1]
         # A function or class made inside a function (or a lambda) can still be reached through a
@@ -112,10 +125,11 @@ class CannotPickle(Exception):
     """Saving failed; ``reason`` completes "the value cannot be saved because ...", ``notebook_code`` tells
     whether the cause is a notebook definition (else the object itself: a lock, an open file ...)."""
 
-    def __init__(self, reason: str, notebook_code: bool) -> None:
+    def __init__(self, reason: str, notebook_code: bool, advice: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
         self.notebook_code = notebook_code
+        self.advice = advice
 
 
 def _guarded(action: Any) -> Any:
@@ -124,7 +138,7 @@ def _guarded(action: Any) -> Any:
     except RecursionError:
         raise CannotPickle("it nests too deeply to be saved", False) from None
     except NotebookReferenceError as exc:
-        raise CannotPickle(str(exc), True) from None
+        raise CannotPickle(str(exc), True, exc.advice) from None
     except Exception as exc:  # pickle raises TypeError, AttributeError, PicklingError ...
         raise CannotPickle(f"it cannot be pickled ({type(exc).__name__}: {exc})", False) from None
 
@@ -191,6 +205,14 @@ def _heavy_types() -> tuple:
     if torch is not None:
         out += [torch.Tensor, torch.UntypedStorage, torch.TypedStorage]
     return tuple(out)
+
+
+def refer_to(definitions: Any, namespace: Mapping[str, Any], *, saving: str = "") -> None:
+    """Check that model.py can define these notebook classes or functions as the value has them (what a pickle of it
+    would check, for a value saved otherwise: a torch module rebuilt from its source gets only its weights from the
+    file). Raises CannotPickle."""
+    rule = _Rule(namespace, saving)
+    _guarded(lambda: [rule.reduce(d) for d in definitions])
 
 
 def references(value: Any, namespace: Mapping[str, Any], *, saving: str = "") -> tuple[set[str], set[str]]:

@@ -1042,7 +1042,7 @@ def _value(name: str, value: Any, live: Mapping[str, Any], reason: str, *, rebui
         plan = values.plan(name, value, namespace=live, rebuild_module=rebuild_module)
     except values.CannotSave as exc:
         raise MaterializeError(
-            f"The model uses `{name}` (a {_type_name(value)}), whose value must travel with the export ({reason}); "
+            f"The model uses `{name}` (a {type_name(value)}), whose value must travel with the export ({reason}); "
             f"but {exc}. {exc.advice}"
         ) from None
     return _Travel(source=plan.keeps_source or keep, plan=plan, reason=reason)
@@ -1113,9 +1113,10 @@ def _weights_only(change: _Change) -> bool:
     return False
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
+    """A value's type as a user reads it: `list`, `Scaler` (the notebook's own), `sklearn.pipeline.Pipeline`."""
     kind = type(value)
-    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return kind.__qualname__ if kind.__module__ in ("builtins", "__main__") else f"{kind.__module__}.{kind.__qualname__}"
 
 
 # ------------------------------------------------------------------ closure and rendering

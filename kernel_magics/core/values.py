@@ -64,7 +64,7 @@ class CannotSave(Exception):
 
 def _cannot(exc: notebook_pickle.CannotPickle) -> CannotSave:
     if exc.notebook_code:
-        return CannotSave(exc.reason, "Move that definition to the top level of a cell (model.py defines what the "
+        return CannotSave(exc.reason, exc.advice or "Move that definition to the top level of a cell (model.py defines what the "
                                       "notebook defines there), or build the value inside `load()`.")
     return CannotSave(exc.reason)
 
@@ -201,7 +201,13 @@ def plan(name: str, value: Any, *, namespace: Mapping[str, Any], rebuild_module:
         return _npy(name, value, np)
     if torch is not None:
         if isinstance(value, torch.nn.Module):
-            return _module_weights(name, value) if rebuild_module else _torch_full(name, value, namespace)
+            if rebuild_module:
+                # Re-run from its source, it is built by the classes model.py defines: the notebook's own (`class
+                # Net` edited and run again after `net = Net()` was trained) would build another forward there.
+                classes = {type(m) for m in value.modules() if "<locals>" not in type(m).__qualname__}
+                _saving(lambda: notebook_pickle.refer_to(classes, namespace, saving=name))
+                return _module_weights(name, value)
+            return _torch_full(name, value, namespace)
         if isinstance(value, torch.Tensor) and value.layout == torch.strided and not value.is_meta:
             return _tensor(name, value, torch)
         if isinstance(value, dict) and value and all(isinstance(k, str) and isinstance(v, torch.Tensor)

@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable, Mapping, Optional
 
 from .fingerprint import BESIDES_WEIGHTS, changed_attributes, difference, fingerprint, same
+from .source import type_name as _type_name
 
 __all__ = ["Verification", "remembered"]
 
@@ -53,11 +54,6 @@ def remembered(live: Optional[Mapping[str, Any]]) -> dict[str, str]:
         else:
             del _LEARNED[id(live)][name]
     return out
-
-
-def _type_name(value: Any) -> str:
-    kind = type(value)
-    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 class Verification:
