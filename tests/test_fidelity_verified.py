@@ -384,10 +384,9 @@ def test_a_class_attribute_a_function_changed_is_refused_not_exported_as_the_cla
 
 def test_a_value_holding_a_class_edited_and_run_again_since_is_refused_until_it_is_made_again(tmp_path, fresh_kernel):
     """`s = Scaler(2)`, then the `Scaler` cell edited and run again: the notebook's `s` still runs the old method
-    (6 for 3), but model.py defines only the latest `Scaler` (7), and the export answered 7 with nothing said, the
-    verification's pickles naming the class by name alone. Now the old class shows in `s`'s fingerprint, so `s` is
-    saved, and its save refuses naming the class and what to run. Run again unchanged, a class is the same code:
-    a value made before that exports as before. A saved value (a list holding an old instance) is refused too."""
+    (6 for 3), but model.py defines only the latest `Scaler` (7), and the export answered 7 with nothing said. Now,
+    with no recorded prediction, the export refuses naming the value and the class; with one, the replay differs and
+    names them as the cause. Run again unchanged, a class is the same code: a value made before exports as before."""
     scaler = "class Scaler:\n    def __init__(self, k):\n        self.k = k\n    def apply(self, x):\n        return {}"
     k = fresh_kernel(cwd=tmp_path)
     k.ok("%load_ext kernel_magics\n" + scaler.format("x * self.k"))
@@ -397,17 +396,37 @@ def test_a_value_holding_a_class_edited_and_run_again_since_is_refused_until_it_
          "        return [s.apply(model_input['x']), HELD[1].apply(1)]\n")
     assert "Replayed" not in k.ok("%model_export out").stdout  # (no prediction recorded: nothing else proves it)
     k.ok(scaler.format("x * self.k + 1") + "\n%model_load")  # edited
-    assert k.ok(predict_cells([{"x": 3}])[0]).stdout.strip() == "[6, 4]"
     why = usage_error(k.execute("%model_export out --force"))  # (a value from the start: planned first)
-    assert "`HELD` (a list)" in why and "Run the cell that makes `HELD` again" in why, why
-    k.ok("HELD = [Scaler(3), Scaler(4)]")
-    why = usage_error(k.execute("%model_export out --force"))  # (source, verified in the fresh process)
-    for fragment in ("`s` (a Scaler)", "it holds the class `Scaler` as a cell defined it before the notebook defined "
-                     "`Scaler` again with other code", "Run the cell that makes `s` again"):
+    for fragment in ("`HELD` (a list) but it holds the class `Scaler` as a cell defined it before the notebook "
+                     "defined `Scaler` again with other code", "Run the cell that makes `HELD` again"):
         assert fragment in why, why
-    k.ok("s = Scaler(2)")
+    assert k.ok(predict_cells([{"x": 3}])[0]).stdout.strip() == "[6, 4]"
+    why = usage_error(k.execute("%model_export out --force"))  # (the replay judges, and differs)
+    assert "the notebook had 6, the export gives 7" in why, why
+    assert "Most likely cause: `s` and `HELD` hold the class `Scaler` as a cell defined it before" in why, why
+    assert "Run the cell that makes `s` and `HELD` again" in why, why
+    k.ok("s = Scaler(2)\nHELD = [Scaler(3), Scaler(4)]")
     assert k.ok(predict_cells([{"x": 3}])[0]).stdout.strip() == "[7, 5]"
     assert "Replayed 1 recorded prediction" in k.ok("%model_export out --force").stdout
+
+
+def test_an_earlier_value_only_its_source_can_carry_is_proven_by_the_replay_or_refused(tmp_path, fresh_kernel):
+    """`SCALE = random.random()`, `def f(x, s=SCALE)`, then `SCALE = 2`: model.py re-runs `random.random()` for f's
+    default, which no live value can be compared with. Refused without a recorded prediction and with `--no-replay`
+    (which replays none); with one, the replay differs, and the refusal names `SCALE`."""
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics\nimport random\nSCALE = random.random()")
+    k.ok("def f(x, s=SCALE):\n    return x * s")
+    k.ok("SCALE = 2")
+    k.ok(model_cell("return [f(model_input['x']), SCALE]"))
+    why = usage_error(k.execute("%model_export out"))
+    assert "`SCALE` as cell 1 set it (`SCALE = random.random()`) is read when cell 2 runs" in why, why
+    k.ok("%model_load")
+    k.ok(predict_cells([{"x": 3}])[0])
+    assert "no recorded prediction proves it" in usage_error(k.execute("%model_export out --no-replay"))
+    why = usage_error(k.execute("%model_export out"))
+    assert "model.py re-runs the statement that set `SCALE`" in why and "another name" in why, why
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_name_that_cannot_be_fingerprinted_is_named_as_not_verified(tmp_path, fresh_kernel):

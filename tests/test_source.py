@@ -190,6 +190,18 @@ def test_a_value_read_at_definition_time_then_bound_again_is_refused_when_only_a
                          "give the later `SCALE` another name"):
             assert fragment in str(info.value)
         assert build_model_source(cells, "Model", live=live, replay_proves=True).unproven == ["SCALE"]
+    # The same set-up cell run twice: the later statement is verified against the live value in the fresh process,
+    # and when it agrees the same statement before it gives the same value; when it differs (moved to the values),
+    # the earlier one is refused as above.
+    twice = ["import torch\ndevice = torch.device('cpu')", "def move(x, d=device):\n    return str(d)",
+             "import torch\ndevice = torch.device('cpu')",
+             "%%model\nclass Model:\n    def predict(self, x):\n        return [move(x), str(device)]"]
+    notebook = {"__name__": "__main__"}
+    for cell in twice[:-1]:
+        exec(cell, notebook)
+    assert "device" in build_model_source(twice, "Model", live=notebook).verify
+    with pytest.raises(MaterializeError, match="`device` as cell 1 set it"):
+        build_model_source(twice, "Model", live=notebook, as_values={"device": "re-running its source gives another"})
     literal = ["SCALE = 0.5", *cells[1:]]
     notebook = {"__name__": "__main__"}
     for cell in literal[:-1]:

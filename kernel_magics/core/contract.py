@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections.abc
 import enum
 import inspect
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -288,22 +289,84 @@ def code_fingerprint(fn: Any) -> Any:
     return _code_key(code)
 
 
-def definition_code(value: Any) -> Any:
-    """``code_fingerprint`` of a function, or of a class: its bases and the code of each of its functions
-    (methods, static and class methods, properties, nested classes). Two definitions from the same source agree
-    (a cell run again); an edited method does not."""
-    if not isinstance(value, type):
-        return code_fingerprint(value)
-    parts: list = [f"{getattr(b, '__module__', '')}.{b.__qualname__}" for b in value.__bases__]
-    for attr, item in sorted(vars(value).items()):
-        if isinstance(item, property):
-            parts.append((attr, *(code_fingerprint(f) for f in (item.fget, item.fset, item.fdel))))
-            continue
-        inner = getattr(item, "__func__", item)  # staticmethod, classmethod
-        if inspect.isfunction(inner) or (isinstance(inner, type)
-                                         and inner.__qualname__.startswith(value.__qualname__ + ".")):
-            parts.append((attr, definition_code(inner)))
-    return tuple(parts)
+def definition_code(value: Any, _depth: int = 0) -> Any:
+    """What a notebook class or function does, to tell a definition a cell replaced from the one run again: a
+    function's code (its docstring aside), defaults and the values it closes over; a class's bases (a notebook one
+    by its own definition), and each attribute but the dunders Python sets: functions and what decorators wrap
+    (``lru_cache``, ``cached_property``, ``partialmethod``, static and class methods, properties), nested classes, and
+    plain values (a threshold, a default of a dataclass field). Compared in one process: two definitions from the
+    same source agree (a cell run again); an edited method, default or class attribute does not."""
+    if _depth > 8:
+        return ("deep",)
+    if isinstance(value, type):
+        module = value.__module__
+        parts: list = [definition_code(b, _depth + 1) if b.__module__ == module and b is not value
+                       else f"{b.__module__}.{b.__qualname__}" for b in value.__bases__]
+        for attr, item in sorted(vars(value).items()):
+            if attr in _SET_BY_PYTHON or (attr.startswith("__") and attr.endswith("__") and not (
+                    inspect.isfunction(item) or isinstance(item, (property, staticmethod, classmethod)))):
+                continue  # (a dunder value is Python's or a framework's bookkeeping: pydantic's __pydantic_fields__)
+            parts.append((attr, _attribute_code(item, value, _depth)))
+        return ("class", tuple(parts))
+    fn = inspect.unwrap(value) if callable(value) else value
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return code_fingerprint(fn)
+    key = _code_key(code)
+    doc = getattr(fn, "__doc__", None)
+    if doc is not None and key[5] and key[5][0] == ("str", repr(doc)):
+        key = key[:5] + (key[5][1:],)  # (a docstring edited changes no answer)
+    cells = tuple(_value_code(c.cell_contents, _depth) if _filled(c) else None for c in (fn.__closure__ or ()))
+    return ("function", key, _value_code(fn.__defaults__, _depth), _value_code(fn.__kwdefaults__, _depth), cells)
+
+
+# What Python sets on a class, or caches on it later (copyreg's __slotnames__ once an instance is pickled, abc's
+# registry): not the notebook's code.
+_SET_BY_PYTHON = frozenset({"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__firstlineno__",
+                            "__static_attributes__", "__annotations__", "__orig_bases__", "__parameters__",
+                            "__slotnames__", "__abstractmethods__", "_abc_impl"})
+
+
+def _attribute_code(item: Any, owner: type, depth: int) -> Any:
+    if isinstance(item, property):
+        return ("property", *(definition_code(f, depth + 1) if f is not None else None
+                              for f in (item.fget, item.fset, item.fdel)))
+    if isinstance(item, (staticmethod, classmethod)):
+        return (type(item).__name__, definition_code(item.__func__, depth + 1))
+    if isinstance(item, type) and not item.__qualname__.startswith(owner.__qualname__ + "."):
+        return f"{item.__module__}.{item.__qualname__}"  # (a class it refers to, defined elsewhere)
+    func = getattr(item, "func", None)  # functools.cached_property, partialmethod, partial
+    if func is not None and callable(func) and not inspect.isfunction(item):
+        return (type(item).__name__, definition_code(func, depth + 1), _value_code(getattr(item, "args", ()), depth),
+                _value_code(getattr(item, "keywords", {}), depth))
+    if isinstance(item, type) or inspect.isfunction(item) or hasattr(item, "__wrapped__"):
+        return definition_code(item, depth + 1)
+    return _value_code(item, depth)
+
+
+def _value_code(value: Any, depth: int) -> Any:
+    """A plain value, compared by what it is (a new lock or a new empty dict in a class run again is the same)."""
+    if depth > 8:
+        return ("deep",)
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return (type(value).__name__, repr(value))
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_value_code(v, depth + 1) for v in value))
+    if isinstance(value, (set, frozenset)):
+        return (type(value).__name__, tuple(sorted(repr(_value_code(v, depth + 1)) for v in value)))
+    if isinstance(value, dict):
+        return ("dict", tuple((repr(k), _value_code(v, depth + 1)) for k, v in value.items()))
+    if inspect.isfunction(value) or isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"  # (by name: model.py binds the name the notebook has)
+    return (f"{type(value).__module__}.{type(value).__qualname__}", re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))[:500])
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # (a cell not bound yet)
+        return False
+    return True
 
 
 def _code_key(code) -> tuple:

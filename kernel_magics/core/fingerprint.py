@@ -31,7 +31,7 @@ import types
 from typing import Any, Optional
 
 __all__ = ["fingerprint", "fingerprint_names", "difference", "same", "changed_attributes", "made_by_notebook_code",
-           "superseded", "BESIDES_WEIGHTS"]
+           "BESIDES_WEIGHTS"]
 
 # Modules whose classes and functions are the notebook's own (the kernel's __main__, model.py in the export).
 NOTEBOOK_MODULES = frozenset({"__main__", "model.model", "model"})
@@ -229,26 +229,6 @@ def made_by_notebook_code(value: Any) -> bool:
     return getattr(value, "__globals__", {}).get("__name__", getattr(value, "__module__", None)) in NOTEBOOK_MODULES
 
 
-def superseded(value: Any) -> bool:
-    """A notebook class or function that its name no longer binds, replaced by one with other code (`class Scaler`
-    edited and run again after `s = Scaler(2)`: `s` still runs the old methods). model.py defines the name once, as
-    the notebook binds it now, so a value holding the old one would run the new code there. (Run again unchanged,
-    it is not superseded: the same code.)"""
-    module = sys.modules.get(getattr(value, "__module__", None) or "")
-    qualname = getattr(value, "__qualname__", "")
-    if module is None or "<locals>" in qualname or "<lambda>" in qualname:
-        return False
-    current: Any = module
-    for part in qualname.split("."):
-        current = getattr(current, part, None)
-        if current is None:
-            return False
-    from .contract import definition_code
-
-    return current is not value and isinstance(current, type) == isinstance(value, type) \
-        and definition_code(current) != definition_code(value)
-
-
 def _whole(value: Any) -> str:
     """The digest of something a notebook function carries, when it can be compared whole; else no fingerprint."""
     if isinstance(value, types.FunctionType) and not (value.__closure__ or value.__defaults__ or value.__kwdefaults__
@@ -424,9 +404,7 @@ class _Pickler(pickle.Pickler):
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, (type, types.FunctionType)) and getattr(obj, "__module__", None) in NOTEBOOK_MODULES:
-            # One its name no longer binds, with other code, is not what model.py defines under that name: its
-            # fingerprint differs from the fresh process's, so the value is saved, where notebook_pickle refuses it.
-            return ("notebook", obj.__qualname__) + (("superseded",) if superseded(obj) else ())
+            return ("notebook", obj.__qualname__)
         return None
 
 

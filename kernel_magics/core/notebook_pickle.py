@@ -44,6 +44,7 @@ class NotebookReferenceError(pickle.PicklingError):
     """A notebook class or function inside the value has no name model.py can define."""
 
     advice = ""  # what to do instead, when not the usual (move the definition to the top level of a cell)
+    superseded = False  # a definition replaced since: the whole reason (not why the value had to be saved)
 
 
 class _ModelModule:
@@ -53,8 +54,11 @@ class _ModelModule:
 class _Rule:
     """How notebook classes and functions are written; shared by every pickler of one save."""
 
-    def __init__(self, namespace: Mapping[str, Any], saving: str = "") -> None:
+    def __init__(self, namespace: Mapping[str, Any], saving: str = "", strict: bool = False) -> None:
         self.namespace = namespace
+        # Refuse a definition the notebook replaced with other code since the value was made (planning, unless
+        # the replay will prove the value; saving then follows what the plan decided).
+        self.strict = strict
         self.notebook = namespace.get("__name__", "__main__")
         self.saving = saving  # the name whose value is being saved: it cannot refer to itself
         self.module = _ModelModule()
@@ -79,15 +83,18 @@ class _Rule:
                 holder, found = found, getattr(found, part, _MISSING)
             # A class defined again since the value was made resolves to the definition model.py holds (the
             # notebook's latest): with the same code (its cell run again) that is the same behaviour; with other
-            # code the deployment would run other methods than the notebook's value does, so it is refused.
+            # code the deployment would run other methods than the notebook's value does, so it is refused, unless
+            # recorded predictions will be replayed to prove the answers the same (a docstring edited).
             if found is not _MISSING and isinstance(found, type) == isinstance(obj, type) and parts[0] != self.saving:
-                if found is not obj and definition_code(found) != definition_code(obj):
+                if self.strict and found is not obj and definition_code(found) != definition_code(obj):
                     error = NotebookReferenceError(
                         f"it holds the {kind} `{qualname}` as a cell defined it before the notebook defined "
                         f"`{parts[0]}` again with other code; model.py defines only the latest `{parts[0]}`, so the "
                         "deployment would run other code than the notebook's value does")
                     error.advice = (f"Run the cell that makes `{self.saving or 'the value'}` again, so that it holds "
-                                    f"the latest `{qualname}` (or give the new definition another name).")
+                                    f"the latest `{qualname}` (or give the new definition another name); with "
+                                    "recorded predictions (%model_predict) the export's replay judges instead.")
+                    error.superseded = True
                     raise error
                 self.used.add(parts[0])
                 return holder, parts[-1]
@@ -125,11 +132,12 @@ class CannotPickle(Exception):
     """Saving failed; ``reason`` completes "the value cannot be saved because ...", ``notebook_code`` tells
     whether the cause is a notebook definition (else the object itself: a lock, an open file ...)."""
 
-    def __init__(self, reason: str, notebook_code: bool, advice: str = "") -> None:
+    def __init__(self, reason: str, notebook_code: bool, advice: str = "", superseded: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.notebook_code = notebook_code
         self.advice = advice
+        self.superseded = superseded
 
 
 def _guarded(action: Any) -> Any:
@@ -138,7 +146,7 @@ def _guarded(action: Any) -> Any:
     except RecursionError:
         raise CannotPickle("it nests too deeply to be saved", False) from None
     except NotebookReferenceError as exc:
-        raise CannotPickle(str(exc), True, exc.advice) from None
+        raise CannotPickle(str(exc), True, exc.advice, exc.superseded) from None
     except Exception as exc:  # pickle raises TypeError, AttributeError, PicklingError ...
         raise CannotPickle(f"it cannot be pickled ({type(exc).__name__}: {exc})", False) from None
 
@@ -207,22 +215,23 @@ def _heavy_types() -> tuple:
     return tuple(out)
 
 
-def refer_to(definitions: Any, namespace: Mapping[str, Any], *, saving: str = "") -> None:
+def refer_to(definitions: Any, namespace: Mapping[str, Any], *, saving: str = "", strict: bool = True) -> None:
     """Check that model.py can define these notebook classes or functions as the value has them (what a pickle of it
     would check, for a value saved otherwise: a torch module rebuilt from its source gets only its weights from the
     file). Raises CannotPickle."""
-    rule = _Rule(namespace, saving)
+    rule = _Rule(namespace, saving, strict)
     _guarded(lambda: [rule.reduce(d) for d in definitions])
 
 
-def references(value: Any, namespace: Mapping[str, Any], *, saving: str = "") -> tuple[set[str], set[str]]:
+def references(value: Any, namespace: Mapping[str, Any], *, saving: str = "",
+               strict: bool = True) -> tuple[set[str], set[str]]:
     """``(modules, notebook names)``: the top-level installed modules loading a pickle of ``value`` imports,
     and the notebook's top-level names it refers to (model.py must define them before loading it).
 
     Nothing is written: array and tensor data is skipped. Raises CannotPickle saying why the value
-    cannot be saved.
+    cannot be saved (``strict``: also when it holds a definition the notebook replaced with other code since).
     """
-    rule = _Rule(namespace, saving)
+    rule = _Rule(namespace, saving, strict)
     modules: set[str] = set()
     heavy = _heavy_types()
 

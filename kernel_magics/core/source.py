@@ -687,6 +687,9 @@ class _Context:
     replay_proves: bool
     verify: list[str] = field(default_factory=list)  # source names the fresh process fingerprints
     unproven: list[str] = field(default_factory=list)  # CLI: re-run from source, proven only by the replay
+    # (name, earlier, reader, later): an earlier value whose statement a later one repeats, proven by the later's
+    # verification (_an_earlier_value_must_rebuild)
+    same_as_later: list[tuple] = field(default_factory=list)
 
 
 # Standard-library modules whose functions give the same result for the same arguments, anywhere.
@@ -901,7 +904,7 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
         # A module beside the notebook travels in packages/; what the notebook changed in it does not.
         if live is not None and name in live:
             if name in ctx.as_values:  # `from helper import SCALE` after the notebook changed helper.SCALE
-                return _value(name, live[name], live, ctx.as_values[name], keep=True)
+                return _value(name, live[name], live, ctx.as_values[name], ctx, keep=True)
             ctx.verify.append(name)
             return _Travel(True)
         touched = [c for c in changes if c.kind in ("into", "method", "argument")]
@@ -976,14 +979,14 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
     if name in ctx.as_values:
         # A statement that binds several names is kept only for a name that travels as source.
         keep = definition.kind == "block"
-        return _value(name, value, live, ctx.as_values[name], keep=keep)
+        return _value(name, value, live, ctx.as_values[name], ctx, keep=keep)
     is_literal_definition, literal = _literal_of(definition)
     if is_literal_definition:
         if _same(value, literal):
             return _Travel(True)
         changed = (_changed_by(name, definition.order, changes, analysis)
                    or f"something after cell {definition.cell + 1}")
-        return _value(name, value, live, f"changed after its assignment, by {changed}")
+        return _value(name, value, live, f"changed after its assignment, by {changed}", ctx)
     rebound = [c for c in changes if c.kind == "rebind"]
     if values.is_immutable(value) and not rebound and not problem:
         ctx.verify.append(name)
@@ -1012,7 +1015,7 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                and all(_weights_only(c) for c in changes))
     keep = rebuild or definition.kind == "block"  # `w, tag = train()` re-runs only for a name that needs it
     try:
-        return _value(name, value, live, reason, rebuild_module=rebuild, keep=keep)
+        return _value(name, value, live, reason, ctx, rebuild_module=rebuild, keep=keep)
     except MaterializeError:
         import types
 
@@ -1034,17 +1037,15 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
         return _Travel(True)
 
 
-def _value(name: str, value: Any, live: Mapping[str, Any], reason: str, *, rebuild_module: bool = False,
-           keep: bool = False) -> _Travel:
+def _value(name: str, value: Any, live: Mapping[str, Any], reason: str, ctx: _Context, *,
+           rebuild_module: bool = False, keep: bool = False) -> _Travel:
     from . import values
 
     try:
-        plan = values.plan(name, value, namespace=live, rebuild_module=rebuild_module)
+        plan = values.plan(name, value, namespace=live, rebuild_module=rebuild_module, strict=not ctx.replay_proves)
     except values.CannotSave as exc:
-        raise MaterializeError(
-            f"The model uses `{name}` (a {type_name(value)}), whose value must travel with the export ({reason}); "
-            f"but {exc}. {exc.advice}"
-        ) from None
+        why = "" if exc.whole else f", whose value must travel with the export ({reason});"
+        raise MaterializeError(f"The model uses `{name}` (a {type_name(value)}){why} but {exc}. {exc.advice}") from None
     return _Travel(source=plan.keeps_source or keep, plan=plan, reason=reason)
 
 
@@ -1170,7 +1171,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
         if target is None:
             bound = analysis.elsewhere.get(name)
             if bound is not None and live is not None and name in live:
-                travel = _value(name, live[name], live, f"only bound {bound[0]}")
+                travel = _value(name, live[name], live, f"only bound {bound[0]}", ctx)
                 _take_value(name, travel, bound[1], label)
                 return
             if name not in _BUILTINS:
@@ -1221,6 +1222,9 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
             if name in included:
                 continue
             need(name, label)
+    for name, then, reader, later in ctx.same_as_later:
+        if name not in ctx.verify:
+            _an_earlier_value_must_rebuild(name, then, reader, later, analysis, ctx, walked=True)
     _share_identical(plans, included, live)
     instead = _values_instead_of_pickles(plans, referrers, included, defs, chosen.values(), live, as_values)
     if instead:
@@ -1442,7 +1446,7 @@ def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, c
 
 
 def _an_earlier_value_must_rebuild(name: str, then: _Definition, reader: _Definition, later: _Definition,
-                                   analysis: _Analysis, ctx: _Context) -> None:
+                                   analysis: _Analysis, ctx: _Context, walked: bool = False) -> None:
     """The value a name had when ``reader`` ran is no one's live value once ``later`` binds the name again
     (`SCALE = random.random()`, `def f(x, s=SCALE)`, then `SCALE = 2`): it travels only as source, so only a
     statement that gives the same value when run again can carry it, unless recorded predictions will be
@@ -1452,6 +1456,12 @@ def _an_earlier_value_must_rebuild(name: str, then: _Definition, reader: _Defini
         "it calls something that may give another value when run again (randomness, files, the environment)"
         if _uncertain_call(then, analysis) is not None else None)
     if not why:
+        return
+    if ctx.live is not None and then.text == later.text and not walked:
+        # The same statement run again (a set-up cell run twice): the fresh process re-runs the later one and
+        # compares it with the live value; when that agrees, the same statement before it gives the same value.
+        # Decided once the walk knows how the later one travels.
+        ctx.same_as_later.append((name, then, reader, later))
         return
     if ctx.replay_proves:
         ctx.unproven.append(name)

@@ -74,12 +74,12 @@ class ShipMagics(Magics):
         super().__init__(shell)
         self.model = model
 
-    def _materialize(self):
+    def _materialize(self, replay: bool = True):
         from ..core.export import materialize
 
         model = self.model
         return model.run(materialize, model.cells, model.host.config, model.host.base_dir, model.notebook_name,
-                         live=self.shell.user_ns, record=model.record)
+                         live=self.shell.user_ns, record=model.record, replay=replay)
 
     @magic_arguments()
     @argument("file", nargs="?", default="model.py", choices=["model.py", "config.yaml"], help="Which file to show.")
@@ -153,7 +153,7 @@ class ShipMagics(Magics):
         host = model.host
         model.wait_for_background_load()
         started = time.perf_counter()
-        materialized = self._materialize()
+        materialized = self._materialize(replay)  # (what only the replay can prove is refused without it)
         self._refuse_changes_after_load(materialized.source)
         analysis = time.perf_counter() - started
         secrets = {n: host.secrets[n] for n in host.config.secret_names if host.secrets.source_of(n)}
@@ -260,9 +260,47 @@ class ShipMagics(Magics):
                     f"load() read then, the export's load() reads the value as it is now",
                     "Run %model_load again (and %model_predict again for the inputs recorded before it), then export "
                     "again")
+        replaced = self._holding_replaced_definitions(materialized)
+        if replaced:
+            from ..core.export import MismatchHint
+
+            causes = []
+            for reason in dict.fromkeys(replaced.values()):
+                names = [f"`{n}`" for n, r in replaced.items() if r == reason]
+                causes.append(f"{' and '.join(names)} {'hold' if len(names) > 1 else 'holds'} {reason}")
+            return MismatchHint("; ".join(causes), "Run the cell that makes "
+                                + " and ".join(f"`{n}`" for n in replaced) + " again, then export again")
+        if source.unproven:
+            # Re-run from source with no live value to compare (the value a name had before a later cell bound it
+            # again, read by a default or a class body then; a name deleted since): only the replay could judge.
+            from ..core.export import MismatchHint
+
+            names = ", ".join(f"`{n}`" for n in source.unproven)
+            return MismatchHint(
+                f"model.py re-runs the statement that set {names} as the model read "
+                f"{'it' if len(source.unproven) == 1 else 'them'} (before a later cell bound the name again, or deleted it), with no live value to compare, and "
+                "running it again may give another value (randomness, files, the environment)",
+                "Give the later binding another name (or run the cell that sets it again), then export again")
         # What travels as source was verified against the live values (core/verification.py), and the
         # export names what it measured differently before asking here: no guess at the source names.
         return None
+
+    def _holding_replaced_definitions(self, materialized) -> dict[str, str]:
+        """The saved values that hold a notebook class or function a cell defined again with other code since: name
+        -> what the strict check says they hold (allowed while predictions were recorded: the replay judges)."""
+        from ..core import notebook_pickle
+
+        live = self.shell.user_ns
+        found: dict[str, str] = {}
+        for inc in materialized.source.included:
+            if inc.travels != "value" or inc.name not in live:
+                continue
+            try:
+                notebook_pickle.references(live[inc.name], live, saving=inc.name, strict=True)
+            except notebook_pickle.CannotPickle as exc:
+                if exc.superseded:
+                    found[inc.name] = exc.reason.removeprefix("it holds ")
+        return found
 
     def _read_by_load_and_changed_before(self, source, recorded_at: int):
         """``(cell of the load, causes)``: what the model's load() reads (in its own code, or a notebook function
