@@ -326,6 +326,14 @@ def test_closure_fixes_optional_imports_conditional_constants_dataclass_instance
     namespace: dict = {}
     exec(compile(text, "model.py", "exec"), namespace)
     assert namespace["Model"]().predict(None) == '["slow", 2]'
+    # A class with no __init__ of its own (object's stores nothing) is as certain as one that only stores its
+    # arguments: `kernel-magics export` refused `tok = Tok()`, blaming randomness; one with a __new__ is not.
+    tok = ["class Tok:\n    def split(self, s):\n        return s.split()", "tok = Tok()",
+           "%%model\nclass Model:\n    def predict(self, x):\n        return tok.split(x)"]
+    assert "tok = Tok()" in build_model_source(tok, "Model").text
+    tok[0] += "\n    def __new__(cls):\n        return object.__new__(cls)"
+    with pytest.raises(MaterializeError, match=r"re-running `Tok\(\)`"):
+        build_model_source(tok, "Model")
 
 
 def test_a_syntax_error_in_the_model_cell_says_so():

@@ -315,7 +315,7 @@ def _check_target(target: Path, force: int, protected: Sequence[Path], origin: O
         then = "" if force or mine else " and pass --force (it is not this notebook's export)"
         raise ExportError(f"{target} holds files added or changed since the earlier export ({shown}), so "
                           f"{'--force' if force else 'an export'} will not replace it. Move them out first{then}, or "
-                          "pass --force twice to replace the folder with them.")
+                          "pass --force twice to replace the folder, deleting them.")
     if not force and not mine:
         raise ExportError(f"{target} holds an earlier export{_made_by(earlier, origin)}. Pass --force to replace it, "
                           "or choose a new directory.")

@@ -872,11 +872,17 @@ def _plain_dataclass(node: ast.ClassDef) -> bool:
 
 def _storing_init(node: ast.ClassDef) -> bool:
     """A class (no bases) whose ``__init__`` only stores its arguments and literals on ``self``
-    (``self.names = names``, ``self.seen = []``): calling it gives the same object wherever it runs."""
+    (``self.names = names``, ``self.seen = []``), or that has none: calling it gives the same object wherever it
+    runs."""
     if node.bases or node.keywords or node.decorator_list:
         return False
     init = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
-    if init is None or not init.args.args:
+    if init is None:
+        # No __init__ of its own (`class Tok:` with methods only): object's, which stores nothing; one that makes
+        # the instance otherwise (__new__, __post_init__ ...) is not this.
+        return not any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "__new__"
+                       for n in node.body)
+    if not init.args.args:
         return False
     me = init.args.args[0].arg
     for statement in init.body:
