@@ -429,6 +429,26 @@ def test_an_earlier_value_only_its_source_can_carry_is_proven_by_the_replay_or_r
     assert not (tmp_path / "out").exists()
 
 
+def test_a_load_changed_by_a_hot_swap_after_the_load_is_named_when_the_replay_differs(tmp_path, fresh_kernel):
+    """The %%model cell edited (`self.scale = 10.0` in load()) and run again after %model_load: the live model keeps
+    what the old load made (2.0 for 2), the export loads afresh (20.0). The refusal blamed files and randomness; it now
+    names the swap and says to run %model_load again, after which the export answers as the notebook does."""
+    model = "%%model\nclass Model:\n    def load(self):\n        self.scale = {}\n" \
+            "    def predict(self, model_input):\n        return {{'y': model_input['x'] * self.scale}}\n"
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics")
+    k.ok(model.format("1.0"))
+    k.ok("%model_load")
+    k.ok(model.format("10.0"))
+    assert k.ok(predict_cells([{"x": 2}])[0]).stdout.strip() == '{"y": 2.0}'
+    why = usage_error(k.execute("%model_export out"))
+    assert "the %%model cell ran again with another `load` after %model_load" in why, why
+    assert "Run %model_load again" in why and "files" not in why, why
+    k.ok("%model_load")
+    assert k.ok(predict_cells([{"x": 2}])[0]).stdout.strip() == '{"y": 20.0}'
+    assert "Replayed 1 recorded prediction" in k.ok("%model_export out").stdout
+
+
 def test_a_name_that_cannot_be_fingerprinted_is_named_as_not_verified(tmp_path, fresh_kernel):
     """A lock re-run from source has no fingerprint (it cannot be pickled): it stays source (it could not be saved
     either), and %model_show --why and the export's output say it was not verified and what proves it."""

@@ -112,6 +112,9 @@ class ModelHost:
         self.environment = environment
         self.contract: Optional[ModelContract] = None
         self.instance: Any = None
+        # __init__ or load() changed by a hot swap since the live instance was made: it still holds what the old
+        # ones made (a replay that differs names this)
+        self.swapped_since_load: list[str] = []
         self.state = ModelState.NOT_DEFINED
         self.error: Optional[BaseException] = None
         self.error_text: Optional[str] = None  # the failure with its traceback, secrets redacted
@@ -231,6 +234,7 @@ class ModelHost:
             except TypeError as exc:
                 return DefineReport(changed=changed, swap_error=str(exc))
             self.contract = contract
+            self.swapped_since_load += [n for n in changed if n not in self.swapped_since_load]
         self._emit("state", hot_swapped=True)
         return DefineReport(hot_swapped=True, changed=changed)
 
@@ -277,6 +281,7 @@ class ModelHost:
 
     def _load(self, device: Optional[str], echo: bool, before_ready: Optional[Callable[[], None]] = None) -> None:
         self.unload()
+        self.swapped_since_load = []
         self.last_health = None
         self._set_state(ModelState.LOADING)
         watch = device or devices.guess_gpu()

@@ -249,6 +249,15 @@ class ShipMagics(Magics):
             if again:
                 return MismatchHint(again[0].upper() + again[1:], "Run %model_predict again to record answers of "
                                     "the model as it is loaded now, then export again")
+            swapped = model.host.swapped_since_load
+            if swapped:
+                # (the hot swap warned when it happened; this is the export's turn)
+                what = " and ".join(f"`{n}`" for n in swapped)
+                return MismatchHint(
+                    f"the %%model cell ran again with another {what} after %model_load: the notebook's live model "
+                    f"still holds what the old {what} made, the export runs the new one",
+                    "Run %model_load again (and %model_predict again for the inputs recorded before it), then export "
+                    "again")
             stale = self._read_by_load_and_changed_before(source, recorded_at)
             if stale is not None:
                 load_cell, names = stale
