@@ -164,6 +164,11 @@ def _export(args: argparse.Namespace) -> int:
     unproven = materialized.source.unproven
 
     def explain(index: int) -> Optional[MismatchHint]:
+        if notebook.out_of_order:
+            return MismatchHint(
+                f"the notebook's cells ran in another order than the file lists them ({notebook.out_of_order}), and "
+                "`kernel-magics export` reads them top to bottom",
+                "Run the notebook from the top (Restart & Run All) and save it, or export with --execute")
         if not unproven:
             return None
         return MismatchHint(

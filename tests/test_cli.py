@@ -144,6 +144,25 @@ PREDICT_CELLS = [
 ]
 
 
+def test_an_export_of_cells_run_out_of_order_says_so_when_the_replay_differs(tmp_path):
+    """`SCALE = 5` run again after `SCALE = 2` further down (the saved In [N] show it): the notebook answered 5, the
+    CLI reads the cells top to bottom and answers 2. The refusal blamed files and randomness; it now names the two
+    cells and says to run the notebook from the top, or --execute."""
+    import nbformat
+
+    cells = [("%load_ext kernel_magics", 1), ("SCALE = 5", 5),
+             ("%%model\nclass Model:\n    def predict(self, model_input):\n        return {'y': model_input['x'] * SCALE}",
+              2), ("%model_load", 3), ("SCALE = 2", 4), ('%model_predict {"x": 1}', 6)]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c, execution_count=n) for c, n in cells])
+    nb.cells[-1].outputs = [nbformat.v4.new_output("execute_result", {"text/plain": "{'y': 5}"}, execution_count=6)]
+    nbformat.write(nb, tmp_path / "nb.ipynb")
+    done = cli("export", tmp_path / "nb.ipynb", tmp_path / "out", cwd=tmp_path)
+    assert done.returncode == 1 and not (tmp_path / "out").exists(), done.stdout + done.stderr
+    assert ("the notebook's cells ran in another order than the file lists them (code cell 2 ran as In [5], after "
+            "code cell 3 below it, which ran as In [2])") in done.stderr, done.stderr
+    assert "Restart & Run All" in done.stderr and "--execute" in done.stderr
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A real export (kernel-magics export of a notebook), made once for the predict tests."""

@@ -33,9 +33,23 @@ class NotebookFileError(KernelMagicsError):
 class SavedNotebook:
     """The code cells of an .ipynb up to the first ``%model_export``, with their saved outputs."""
 
-    def __init__(self, path: Path, cells: list[str], outputs: list[list], exports: Sequence[int] = ()) -> None:
+    def __init__(self, path: Path, cells: list[str], outputs: list[list], exports: Sequence[int] = (),
+                 counts: Sequence[Optional[int]] = ()) -> None:
         self.path, self.cells, self.outputs = path, cells, outputs
         self.exports = list(exports)  # the code cells (numbered from 1) that run %model_export
+        self.counts = list(counts)  # each cell's saved execution count (In [N]), None where it has none
+
+    @property
+    def out_of_order(self) -> Optional[str]:
+        """How the saved execution counts show the cells ran in another order than the file lists them (a cell
+        above run after one below: `SCALE = 5` run again after `SCALE = 2` further down), else None. The CLI reads
+        the cells top to bottom."""
+        seen: list[tuple[int, int]] = [(i, c) for i, c in enumerate(self.counts) if isinstance(c, int)]
+        for (above, first), (below, second) in zip(seen, seen[1:]):
+            if second < first:
+                return (f"code cell {above + 1} ran as In [{first}], after code cell {below + 1} below it, which ran "
+                        f"as In [{second}]")
+        return None
 
     @property
     def note(self) -> Optional[str]:
@@ -188,6 +202,7 @@ def read_notebook(path: Path) -> SavedNotebook:
         raise NotebookFileError(f"{path} is not a Jupyter notebook: it has no list of `cells`.") from None
     sources: list[str] = []
     outputs: list[list] = []
+    counts: list[Optional[int]] = []
     exports: list[int] = []
     redefined: Optional[tuple[int, str]] = None  # after the first export: the first cell that defines the model anew
     number = 0
@@ -209,6 +224,7 @@ def read_notebook(path: Path) -> SavedNotebook:
             continue
         sources.append(src)
         outputs.append(cell.get("outputs") or [])
+        counts.append(cell.get("execution_count"))
     if last_cell_of(sources, "model") is None:
         raise NotebookFileError(f"{path} has no `%%model` cell (before any %model_export), so there is no model to export.")
     if redefined is not None and redefined[0] < exports[-1]:
@@ -217,7 +233,7 @@ def read_notebook(path: Path) -> SavedNotebook:
             f"{redefined[0]} between them defines the model anew (%%{redefined[1]}), so they export different models "
             f"and the file does not say which one you mean. Delete the %model_export cells you do not mean (the CLI "
             f"exports the model as it is at the first one), then run this again.")
-    return SavedNotebook(path, sources, outputs, exports)
+    return SavedNotebook(path, sources, outputs, exports, counts)
 
 
 def config_from_cells(cells: Sequence[str], source: str = "notebook") -> ModelConfig:
