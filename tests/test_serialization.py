@@ -82,7 +82,7 @@ def test_keys_that_are_not_strings_are_written_as_json_dumps_writes_them_and_sho
     assert list(to_jsonable(value))[:3] == ["NaN", "Infinity", "-Infinity"] and to_jsonable(value)["1"] == "str"
 
 
-def test_numbers_of_subclasses_are_shown_as_the_plain_numbers_the_wire_carries():
+def test_numbers_and_strings_of_subclasses_are_shown_as_the_plain_values_the_wire_carries():
     import enum
 
     import numpy as np
@@ -90,10 +90,12 @@ def test_numbers_of_subclasses_are_shown_as_the_plain_numbers_the_wire_carries()
     class Level(enum.IntEnum):
         HIGH = 3
 
-    value = {"f": np.float64(0.5), "i": Level.HIGH, "row": [np.float64(0.25)] * 20, "s": "text", "b": True}
+    value = {"f": np.float64(0.5), "i": Level.HIGH, "row": [np.float64(0.25)] * 20, "s": "text", "b": True,
+             "label": np.array(["setosa"])[0]}
     shown = to_jsonable(value)
-    assert shown == {"f": 0.5, "i": 3, "row": [0.25] * 20, "s": "text", "b": True}
+    assert shown == {"f": 0.5, "i": 3, "row": [0.25] * 20, "s": "text", "b": True, "label": "setosa"}
     assert type(shown["f"]) is float and type(shown["i"]) is int and type(shown["row"][0]) is float
+    assert type(shown["label"]) is str  # (the notebook showed np.str_('setosa'))
     assert to_json_body(value) == json.dumps(value).encode()
 
 

@@ -205,6 +205,8 @@ def _convert(value: Any, wire: bool = False) -> Any:
             return float.__float__(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return int.__int__(value)
+        if isinstance(value, str):
+            return str.__str__(value)  # numpy.str_ (a label looked up in an array of names) as the str it sends
         return value
     if isinstance(value, dict):
         out = {}
