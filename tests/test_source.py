@@ -336,6 +336,16 @@ def test_closure_fixes_optional_imports_conditional_constants_dataclass_instance
         build_model_source(tok, "Model")
 
 
+def test_a_name_the_notebook_deleted_since_is_listed_for_the_exports_warning():
+    """`del NAMES` after the model read it: the notebook's model now fails with a NameError, model.py sets it as its
+    cell did; the export says so (it did not), and still exports what the recorded predictions prove."""
+    cells = ["NAMES = {'0': 'alpha'}", "%%model\nclass Model:\n    def predict(self, x):\n        return NAMES['0']",
+             "del NAMES"]
+    source = build_model_source(cells, "Model", live={"__name__": "__main__"})
+    assert source.absent == [("NAMES", 0)] and "NAMES = {'0': 'alpha'}" in source.text
+    assert build_model_source(cells, "Model", live={"__name__": "__main__", "NAMES": {"0": "alpha"}}).absent == []
+
+
 def test_a_syntax_error_in_the_model_cell_says_so():
     cells = ["x = 1", "%%model\nclass Model:\n    def predict(self, x)\n        return 1"]
     with pytest.raises(MaterializeError, match=r"Syntax error in the %%model cell \(cell 2\), line 3"):

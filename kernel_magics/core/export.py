@@ -253,6 +253,11 @@ def materialize(cells: Sequence[str], config: ModelConfig, base_dir: Path, noteb
     tops = list(dict.fromkeys(m.split(".")[0] for m in source.modules))
     local = {m: p for m in tops if (p := _local_module(base_dir, m)) is not None}
     requirements, warnings = pin_requirements(config.requirements, source.modules, local)
+    for name, cell in source.absent:
+        warnings.append(f"the model uses `{name}`, which the notebook no longer has (deleted since cell {cell + 1} set "
+                        f"it): model.py sets it as cell {cell + 1} did, so the deployment answers where the notebook's "
+                        "model now fails with a NameError. Run that cell again, or remove the `del`, to make the two "
+                        "agree.")
     example = record.first_input if record is not None and len(record) else None
 
     def rebuild(more: dict) -> Materialized:

@@ -124,6 +124,8 @@ class ModelSource:
     verify: list[str] = field(default_factory=list)  # names re-run from source, compared with the live values
     besides_weights: list[str] = field(default_factory=list)  # of those: modules whose weights come from a file
     unproven: list[str] = field(default_factory=list)  # CLI: re-run from source, proven only by the replay
+    # kernel: (name, its cell) the model uses that the notebook no longer has (deleted since): model.py defines them
+    absent: list[tuple[str, int]] = field(default_factory=list)
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> its lines in model.py
     # The live fingerprints of the verified names re-run from source, taken while building (to tell the unverifiable
     # ones): the export's verification compares with these instead of hashing the same values again.
@@ -690,6 +692,7 @@ class _Context:
     # (name, earlier, reader, later): an earlier value whose statement a later one repeats, proven by the later's
     # verification (_an_earlier_value_must_rebuild)
     same_as_later: list[tuple] = field(default_factory=list)
+    absent: list[tuple[str, int]] = field(default_factory=list)  # kernel: (name, its cell) the notebook no longer has
 
 
 # Standard-library modules whose functions give the same result for the same arguments, anywhere.
@@ -943,6 +946,8 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
     if _is_logger(definition, analysis):  # `log.setLevel(...)`: logging's configuration, not what the model answers
         changes = [c for c in changes if c.kind not in ("method", "argument", "alias")]
     problem = _rebuild_problem(definition, analysis.defs)
+    if live is not None and name not in live:
+        ctx.absent.append((name, definition.cell))  # (`del NAMES` since: judged as the CLI judges it, and said)
     if live is None or name not in live:  # the CLI: no values to save
         structural = [c for c in changes if c.kind in ("rebind", "into", "method")]
         if structural:
@@ -1303,7 +1308,8 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     return ModelSource(text=text, class_name=class_name, included=order, modules=modules,
                        values=[p for p, _ in sorted(plans.values(), key=lambda item: (item[1], item[0].name))],
                        changes=changes, redefined=redefined, verify=verify, besides_weights=besides_weights,
-                       unproven=list(dict.fromkeys(ctx.unproven)), spans=spans, fingerprints=fingerprints)
+                       unproven=list(dict.fromkeys(ctx.unproven)), spans=spans, fingerprints=fingerprints,
+                       absent=list(dict.fromkeys(ctx.absent)))
 
 
 def _values_instead_of_pickles(plans: dict, referrers: dict, included: dict, defs: dict, chosen: Iterable[_Definition],
