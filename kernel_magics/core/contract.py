@@ -316,7 +316,9 @@ def definition_code(value: Any, _depth: int = 0) -> Any:
     doc = getattr(fn, "__doc__", None)
     if doc is not None and key[5] and key[5][0] == ("str", repr(doc)):
         key = key[:5] + (key[5][1:],)  # (a docstring edited changes no answer)
-    cells = tuple(_value_code(c.cell_contents, _depth) if _filled(c) else None for c in (fn.__closure__ or ()))
+    from .fingerprint import cell_is_filled
+
+    cells = tuple(_value_code(c.cell_contents, _depth) if cell_is_filled(c) else None for c in (fn.__closure__ or ()))
     return ("function", key, _value_code(fn.__defaults__, _depth), _value_code(fn.__kwdefaults__, _depth), cells)
 
 
@@ -359,14 +361,6 @@ def _value_code(value: Any, depth: int) -> Any:
     if inspect.isfunction(value) or isinstance(value, type):
         return f"{value.__module__}.{value.__qualname__}"  # (by name: model.py binds the name the notebook has)
     return (f"{type(value).__module__}.{type(value).__qualname__}", re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))[:500])
-
-
-def _filled(cell: Any) -> bool:
-    try:
-        cell.cell_contents
-    except ValueError:  # (a cell not bound yet)
-        return False
-    return True
 
 
 def _code_key(code) -> tuple:

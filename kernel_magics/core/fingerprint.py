@@ -244,7 +244,7 @@ class _NoFingerprint(Exception):
     """Part of the value has no fingerprint, so the whole has none (fingerprint() answers None)."""
 
 
-def _filled(cell: Any) -> bool:
+def cell_is_filled(cell: Any) -> bool:
     try:
         cell.cell_contents
     except ValueError:  # (a cell not bound yet)
@@ -269,7 +269,7 @@ def _definition(value: Any, depth: int = 0, *, closure: bool = False) -> dict:
         parts = []
         if closure and notebook and depth == 0:
             for cell in getattr(value, "__closure__", None) or ():
-                if not _filled(cell) or cell.cell_contents is value:  # (not bound yet; a function that calls itself)
+                if not cell_is_filled(cell) or cell.cell_contents is value:  # (not bound yet; a function that calls itself)
                     parts.append("")
                     continue
                 parts.append(_whole(cell.cell_contents))
