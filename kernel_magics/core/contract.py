@@ -20,8 +20,8 @@ from .errors import ModelDefinitionError
 from .routes import ENDPOINT_METHODS  # (served on routes of their own, beside predict)
 from .serialization import is_pydantic_class
 
-__all__ = ["ArgConfig", "MethodSpec", "ModelContract", "init_kwargs", "INIT_KWARGS", "code_fingerprint", "definition_code",
-           "ENDPOINT_METHODS"]
+__all__ = ["ArgConfig", "MethodSpec", "ModelContract", "init_kwargs", "INIT_KWARGS", "code_fingerprint",
+           "definition_code", "ENDPOINT_METHODS"]
 
 # The keyword arguments Truss may pass to ``Model.__init__``.
 INIT_KWARGS = ("config", "data_dir", "secrets", "environment")

@@ -269,7 +269,8 @@ def _definition(value: Any, depth: int = 0, *, closure: bool = False) -> dict:
         parts = []
         if closure and notebook and depth == 0:
             for cell in getattr(value, "__closure__", None) or ():
-                if not cell_is_filled(cell) or cell.cell_contents is value:  # (not bound yet; a function that calls itself)
+                # (not bound yet; a function that calls itself)
+                if not cell_is_filled(cell) or cell.cell_contents is value:
                     parts.append("")
                     continue
                 parts.append(_whole(cell.cell_contents))

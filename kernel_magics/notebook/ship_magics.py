@@ -287,8 +287,9 @@ class ShipMagics(Magics):
             names = ", ".join(f"`{n}`" for n in source.unproven)
             return MismatchHint(
                 f"model.py re-runs the statement that set {names} as the model read "
-                f"{'it' if len(source.unproven) == 1 else 'them'} (before a later cell bound the name again, or deleted it), with no live value to compare, and "
-                "running it again may give another value (randomness, files, the environment)",
+                f"{'it' if len(source.unproven) == 1 else 'them'} (before a later cell bound the name again, or "
+                "deleted it), with no live value to compare, and running it again may give another value "
+                "(randomness, files, the environment)",
                 "Give the later binding another name (or run the cell that sets it again), then export again")
         # What travels as source was verified against the live values (core/verification.py), and the
         # export names what it measured differently before asking here: no guess at the source names.
