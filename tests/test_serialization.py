@@ -91,9 +91,11 @@ def test_numbers_and_strings_of_subclasses_are_shown_as_the_plain_values_the_wir
         HIGH = 3
 
     value = {"f": np.float64(0.5), "i": Level.HIGH, "row": [np.float64(0.25)] * 20, "s": "text", "b": True,
-             "label": np.array(["setosa"])[0]}
+             "label": np.array(["setosa"])[0], "probs": dict(zip(np.array(["setosa"]), [0.9]))}
     shown = to_jsonable(value)
-    assert shown == {"f": 0.5, "i": 3, "row": [0.25] * 20, "s": "text", "b": True, "label": "setosa"}
+    assert shown == {"f": 0.5, "i": 3, "row": [0.25] * 20, "s": "text", "b": True, "label": "setosa",
+                     "probs": {"setosa": 0.9}}
+    assert type(next(iter(shown["probs"]))) is str
     assert type(shown["f"]) is float and type(shown["i"]) is int and type(shown["row"][0]) is float
     assert type(shown["label"]) is str  # (the notebook showed np.str_('setosa'))
     assert to_json_body(value) == json.dumps(value).encode()

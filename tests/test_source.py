@@ -202,6 +202,11 @@ def test_a_value_read_at_definition_time_then_bound_again_is_refused_when_only_a
     assert "device" in build_model_source(twice, "Model", live=notebook).verify
     with pytest.raises(MaterializeError, match="`device` as cell 1 set it"):
         build_model_source(twice, "Model", live=notebook, as_values={"device": "re-running its source gives another"})
+    # The same text that read a file a cell changed in between: the default holds the first read, the live value the
+    # second; re-running the second proves nothing about the first, so it is refused (it was exported, differing).
+    notebook["move"] = eval("lambda x, d='cuda': str(d)")  # (what the first run left in the default)
+    with pytest.raises(MaterializeError, match="`device` as cell 1 set it"):
+        build_model_source(twice, "Model", live=notebook)
     literal = ["SCALE = 0.5", *cells[1:]]
     notebook = {"__name__": "__main__"}
     for cell in literal[:-1]:
@@ -344,6 +349,15 @@ def test_a_name_the_notebook_deleted_since_is_listed_for_the_exports_warning():
     source = build_model_source(cells, "Model", live={"__name__": "__main__"})
     assert source.absent == [("NAMES", 0)] and "NAMES = {'0': 'alpha'}" in source.text
     assert build_model_source(cells, "Model", live={"__name__": "__main__", "NAMES": {"0": "alpha"}}).absent == []
+    # Deleted after only a statement, a default or a class body read it (`del raw` to tidy up): the notebook's model
+    # still answers, so nothing to say.
+    tidy = ["raw = [('a', 1)]\nSCALE = 3", "LOOKUP = dict(raw)\ndef f(x, s=SCALE):\n    return x * s",
+            "class C:\n    k = SCALE", "del raw, SCALE",
+            "%%model\nclass Model:\n    def predict(self, x):\n        return [LOOKUP['a'], f(x), C.k]"]
+    notebook: dict = {"__name__": "__main__"}
+    for cell in tidy[:-1]:
+        exec(cell, notebook)
+    assert build_model_source(tidy, "Model", live=notebook).absent == []
 
 
 def test_a_syntax_error_in_the_model_cell_says_so():

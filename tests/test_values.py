@@ -321,6 +321,13 @@ def test_a_value_holding_a_class_edited_since_is_refused_as_model_py_defines_onl
         build_model_source(cells, "Model", live=run_cells(cells[:-1]))
     cells[2] = net.format("")  # run again unchanged: rebuilt from its source, as before
     assert "safetensors.torch.load_model(net" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
+    # Run again unchanged, a class whose own state moved since (a cache it fills, a counter) is the same source: no
+    # refusal (the notebook's text decides "other code", not the objects' state).
+    tok = ["import itertools\nclass Tok:\n    seen = {}\n    ids = itertools.count()\n    def split(self, s):\n"
+           "        self.seen[s] = next(self.ids)\n        return s.split()",
+           "tok = Tok()\ntok.lower = True\ntok.split('A b')"]
+    cells = [*tok, tok[0], "%%model\nclass Model:\n    def predict(self, model_input):\n        return tok.split('x')"]
+    assert "tok = pickle.loads" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
 
 
 def test_the_model_package_is_importable_as_in_truss(tmp_path):

@@ -29,7 +29,7 @@ import pickle
 import sys
 import types
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Collection, Mapping, Optional
 
 from .contract import definition_code
 
@@ -54,11 +54,11 @@ class _ModelModule:
 class _Rule:
     """How notebook classes and functions are written; shared by every pickler of one save."""
 
-    def __init__(self, namespace: Mapping[str, Any], saving: str = "", strict: bool = False) -> None:
+    def __init__(self, namespace: Mapping[str, Any], saving: str = "", replaced: Collection[str] = ()) -> None:
         self.namespace = namespace
-        # Refuse a definition the notebook replaced with other code since the value was made (planning, unless
-        # the replay will prove the value; saving then follows what the plan decided).
-        self.strict = strict
+        # The notebook's names that a cell defined again with other source: a value holding an earlier one of them
+        # is refused (planning, unless the replay will prove the value; saving follows what the plan decided).
+        self.replaced = replaced
         self.notebook = namespace.get("__name__", "__main__")
         self.saving = saving  # the name whose value is being saved: it cannot refer to itself
         self.module = _ModelModule()
@@ -86,7 +86,7 @@ class _Rule:
             # code the deployment would run other methods than the notebook's value does, so it is refused, unless
             # recorded predictions will be replayed to prove the answers the same (a docstring edited).
             if found is not _MISSING and isinstance(found, type) == isinstance(obj, type) and parts[0] != self.saving:
-                if self.strict and found is not obj and definition_code(found) != definition_code(obj):
+                if parts[0] in self.replaced and found is not obj and definition_code(found) != definition_code(obj):
                     error = NotebookReferenceError(
                         f"it holds the {kind} `{qualname}` as a cell defined it before the notebook defined "
                         f"`{parts[0]}` again with other code; model.py defines only the latest `{parts[0]}`, so the "
@@ -215,23 +215,23 @@ def _heavy_types() -> tuple:
     return tuple(out)
 
 
-def refer_to(definitions: Any, namespace: Mapping[str, Any], *, saving: str = "", strict: bool = True) -> None:
+def refer_to(definitions: Any, namespace: Mapping[str, Any], *, saving: str = "", replaced: Collection[str] = ()) -> None:
     """Check that model.py can define these notebook classes or functions as the value has them (what a pickle of it
     would check, for a value saved otherwise: a torch module rebuilt from its source gets only its weights from the
     file). Raises CannotPickle."""
-    rule = _Rule(namespace, saving, strict)
+    rule = _Rule(namespace, saving, replaced)
     _guarded(lambda: [rule.reduce(d) for d in definitions])
 
 
 def references(value: Any, namespace: Mapping[str, Any], *, saving: str = "",
-               strict: bool = True) -> tuple[set[str], set[str]]:
+               replaced: Collection[str] = ()) -> tuple[set[str], set[str]]:
     """``(modules, notebook names)``: the top-level installed modules loading a pickle of ``value`` imports,
     and the notebook's top-level names it refers to (model.py must define them before loading it).
 
     Nothing is written: array and tensor data is skipped. Raises CannotPickle saying why the value
-    cannot be saved (``strict``: also when it holds a definition the notebook replaced with other code since).
+    cannot be saved (also when it holds an earlier definition of a name in ``replaced``, with other code).
     """
-    rule = _Rule(namespace, saving, strict)
+    rule = _Rule(namespace, saving, replaced)
     modules: set[str] = set()
     heavy = _heavy_types()
 

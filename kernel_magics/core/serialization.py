@@ -216,6 +216,8 @@ def _convert(value: Any, wire: bool = False) -> Any:
                     raise _Unsendable(key, "dictionary keys must be strings")
                 if not wire:
                     key = json.dumps(key)  # the key's text on the wire (NaN and the infinities by name)
+            elif type(key) is not str:
+                key = str.__str__(key)  # numpy.str_ (`dict(zip(target_names, probs))`) as the str it sends
             try:
                 out[key] = item if type(item) in _PLAIN else _convert(item, wire)
             except _Unsendable as bad:

@@ -126,6 +126,7 @@ class ModelSource:
     unproven: list[str] = field(default_factory=list)  # CLI: re-run from source, proven only by the replay
     # kernel: (name, its cell) the model uses that the notebook no longer has (deleted since): model.py defines them
     absent: list[tuple[str, int]] = field(default_factory=list)
+    replaced: frozenset = frozenset()  # notebook classes and functions a cell defined again with other source
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> its lines in model.py
     # The live fingerprints of the verified names re-run from source, taken while building (to tell the unverifiable
     # ones): the export's verification compares with these instead of hashing the same values again.
@@ -693,6 +694,8 @@ class _Context:
     # verification (_an_earlier_value_must_rebuild)
     same_as_later: list[tuple] = field(default_factory=list)
     absent: list[tuple[str, int]] = field(default_factory=list)  # kernel: (name, its cell) the notebook no longer has
+    # notebook classes and functions a cell defined again with other source (a value may hold an earlier one)
+    replaced: frozenset = frozenset()
 
 
 # Standard-library modules whose functions give the same result for the same arguments, anywhere.
@@ -1053,7 +1056,8 @@ def _value(name: str, value: Any, live: Mapping[str, Any], reason: str, ctx: _Co
     from . import values
 
     try:
-        plan = values.plan(name, value, namespace=live, rebuild_module=rebuild_module, strict=not ctx.replay_proves)
+        plan = values.plan(name, value, namespace=live, rebuild_module=rebuild_module,
+                           replaced=() if ctx.replay_proves else ctx.replaced)
     except values.CannotSave as exc:
         why = "" if exc.whole else f", whose value must travel with the export ({reason});"
         raise MaterializeError(f"The model uses `{name}` (a {type_name(value)}){why} but {exc}. {exc.advice}") from None
@@ -1175,7 +1179,9 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     plans: dict[str, tuple[Any, tuple[int, int]]] = {}  # name -> (ValuePlan, where it goes)
     queue: list[tuple[_Definition, str]] = [(root, class_name)]
     unresolved: dict[str, str] = {}
-    ctx = _Context(live, as_values, local, replay_proves)
+    ctx = _Context(live, as_values, local, replay_proves, replaced=frozenset(
+        name for name, history in analysis.history.items()
+        if len({d.text for d in history if d.kind in ("class", "function", "model")}) > 1))
 
     def need(name: str, label: str) -> None:
         target = defs.get(name)
@@ -1234,7 +1240,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
                 continue
             need(name, label)
     for name, then, reader, later in ctx.same_as_later:
-        if name not in ctx.verify:
+        if name not in ctx.verify or not _captured_the_same(reader, name, analysis, ctx.live):
             _an_earlier_value_must_rebuild(name, then, reader, later, analysis, ctx, walked=True)
     _share_identical(plans, included, live)
     instead = _values_instead_of_pickles(plans, referrers, included, defs, chosen.values(), live, as_values)
@@ -1309,7 +1315,10 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
                        values=[p for p, _ in sorted(plans.values(), key=lambda item: (item[1], item[0].name))],
                        changes=changes, redefined=redefined, verify=verify, besides_weights=besides_weights,
                        unproven=list(dict.fromkeys(ctx.unproven)), spans=spans, fingerprints=fingerprints,
-                       absent=list(dict.fromkeys(ctx.absent)))
+                       absent=[(name, cell) for name, cell in dict.fromkeys(ctx.absent)
+                               if any(defs[r].kind in ("function", "class", "model") and name in _read_when_called(
+                                   defs[r].node) for r in referrers.get(name, ()) if r in defs)],
+                       replaced=ctx.replaced)
 
 
 def _values_instead_of_pickles(plans: dict, referrers: dict, included: dict, defs: dict, chosen: Iterable[_Definition],
@@ -1470,9 +1479,10 @@ def _an_earlier_value_must_rebuild(name: str, then: _Definition, reader: _Defini
     if not why:
         return
     if ctx.live is not None and then.text == later.text and not walked:
-        # The same statement run again (a set-up cell run twice): the fresh process re-runs the later one and
-        # compares it with the live value; when that agrees, the same statement before it gives the same value.
-        # Decided once the walk knows how the later one travels.
+        # The same statement run again (a set-up cell run twice): when the value the reader holds from the first
+        # run (its default, its class attribute) is the live value of the second, and the fresh process's re-run of
+        # the second is verified against that live value, the first re-run gives it too. Decided once the walk
+        # knows how the later one travels (_captured_the_same).
         ctx.same_as_later.append((name, then, reader, later))
         return
     if ctx.replay_proves:
@@ -1499,6 +1509,45 @@ def _run_time_uses(node: ast.AST) -> set[str]:
         if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load):
             found.add(sub.id)
         stack.extend(ast.iter_child_nodes(sub))
+    return found
+
+
+def _captured_the_same(reader: _Definition, name: str, analysis: _Analysis, live: Optional[Mapping[str, Any]]) -> bool:
+    """Whether what ``reader`` took from ``name`` when it was defined (a default `d=device`, a class attribute
+    `k = K`: read by the name alone) compares whole with the name's live value now; False when it cannot tell."""
+    from .fingerprint import fingerprint, same
+
+    holder = live.get(reader.names[0], _NOTHING) if live is not None and len(reader.names) == 1 else _NOTHING
+    if holder is _NOTHING or analysis.defs.get(reader.names[0]) is not reader or name not in live:
+        return False
+    node, taken = reader.node, []
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        defaults = getattr(holder, "__defaults__", None) or ()  # (one for each of node.args.defaults, in order)
+        taken += [defaults[i] for i, d in enumerate(node.args.defaults)
+                  if isinstance(d, ast.Name) and d.id == name and i < len(defaults)]
+        kwdefaults = getattr(holder, "__kwdefaults__", None) or {}
+        taken += [kwdefaults[a.arg] for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults)
+                  if isinstance(d, ast.Name) and d.id == name and a.arg in kwdefaults]
+    elif isinstance(node, ast.ClassDef):
+        taken += [vars(holder)[t.id] for statement in node.body if isinstance(statement, ast.Assign)
+                  and isinstance(statement.value, ast.Name) and statement.value.id == name
+                  for t in statement.targets if isinstance(t, ast.Name) and t.id in vars(holder)]
+    now = fingerprint(live[name])
+    return bool(taken) and now is not None and all(same(fingerprint(v) or {}, now) for v in taken)
+
+
+_NOTHING = object()
+
+
+def _read_when_called(node: ast.AST) -> set[str]:
+    """Names the bodies of the functions (and lambdas) a definition holds read when they are called: what a model
+    that calls them needs then (not what a default, a decorator or a class body read once, when it was defined)."""
+    found: set[str] = set()
+    for sub in ast.walk(node):
+        if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            body = sub.body if isinstance(sub.body, list) else [sub.body]
+            found.update(n.id for statement in body for n in ast.walk(statement)
+                         if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load))
     return found
 
 

@@ -33,7 +33,7 @@ import io
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Collection, Mapping, Optional
 
 from . import notebook_pickle
 from .notebook_pickle import MODEL_MODULE
@@ -184,13 +184,13 @@ def stateful_kind(value: Any) -> Optional[str]:
 # ---------------------------------------------------------------------- planning
 
 def plan(name: str, value: Any, *, namespace: Mapping[str, Any], rebuild_module: bool = False,
-         strict: bool = True) -> ValuePlan:
+         replaced: Collection[str] = ()) -> ValuePlan:
     """How ``value`` (bound to ``name`` in the notebook) travels. Raises CannotSave.
 
     ``rebuild_module``: for a torch module, its definition can be re-run from source
-    and only its weights (and train/eval flags) need to travel. ``strict``: refuse a value holding a notebook
-    class or function that a cell defined again with other code since (model.py defines only the latest);
-    not when recorded predictions will be replayed against the export to judge.
+    and only its weights (and train/eval flags) need to travel. ``replaced``: the notebook's names that a cell
+    defined again with other source; a value holding an earlier one of them, with other code, is refused (model.py
+    defines only the latest).
     """
     if is_literal(value):
         text = literal_source(value)
@@ -210,9 +210,9 @@ def plan(name: str, value: Any, *, namespace: Mapping[str, Any], rebuild_module:
                 # Re-run from its source, it is built by the classes model.py defines: the notebook's own (`class
                 # Net` edited and run again after `net = Net()` was trained) would build another forward there.
                 classes = {type(m) for m in value.modules() if "<locals>" not in type(m).__qualname__}
-                _saving(lambda: notebook_pickle.refer_to(classes, namespace, saving=name, strict=strict))
+                _saving(lambda: notebook_pickle.refer_to(classes, namespace, saving=name, replaced=replaced))
                 return _module_weights(name, value)
-            return _torch_full(name, value, namespace, strict)
+            return _torch_full(name, value, namespace, replaced)
         if isinstance(value, torch.Tensor) and value.layout == torch.strided and not value.is_meta:
             return _tensor(name, value, torch)
         if isinstance(value, dict) and value and all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -227,8 +227,8 @@ def plan(name: str, value: Any, *, namespace: Mapping[str, Any], rebuild_module:
                          save=lambda d: value.save(str(d / filename)))
     sklearn_base = sys.modules.get("sklearn.base")
     if sklearn_base is not None and isinstance(value, sklearn_base.BaseEstimator):
-        return _sklearn(name, value, namespace, strict)
-    return _pickle(name, value, namespace, scanned=scan(value, namespace, name, strict))
+        return _sklearn(name, value, namespace, replaced)
+    return _pickle(name, value, namespace, scanned=scan(value, namespace, name, replaced))
 
 
 def _npy(name: str, value: Any, np: Any) -> ValuePlan:
@@ -288,9 +288,9 @@ def _module_weights(name: str, module: Any) -> ValuePlan:
                      save=save)
 
 
-def _torch_full(name: str, module: Any, namespace: Mapping[str, Any], strict: bool) -> ValuePlan:
+def _torch_full(name: str, module: Any, namespace: Mapping[str, Any], replaced: Collection[str]) -> ValuePlan:
     filename = f"{name}.pt"
-    modules, refs = scan(module, namespace, name, strict)
+    modules, refs = scan(module, namespace, name, replaced)
 
     def save(folder: Path) -> None:
         _saving(lambda: notebook_pickle.torch_save(module, folder / filename, namespace, saving=name))
@@ -301,8 +301,8 @@ def _torch_full(name: str, module: Any, namespace: Mapping[str, Any], strict: bo
                      runs_code_on_load=True, save=save)
 
 
-def _sklearn(name: str, value: Any, namespace: Mapping[str, Any], strict: bool) -> ValuePlan:
-    modules, refs = scan(value, namespace, name, strict)
+def _sklearn(name: str, value: Any, namespace: Mapping[str, Any], replaced: Collection[str]) -> ValuePlan:
+    modules, refs = scan(value, namespace, name, replaced)
     # skops resolves classes by import path, so notebook classes go through (job)lib pickles instead.
     if refs or importlib.util.find_spec("skops") is None:
         return _pickle(name, value, namespace, library="joblib", scanned=(modules, refs))
@@ -351,12 +351,13 @@ def _pickle(name: str, value: Any, namespace: Mapping[str, Any], library: str = 
 
 # ---------------------------------------------------------------------- scanning and notebook classes
 
-def scan(value: Any, namespace: Mapping[str, Any], name: str = "", strict: bool = True) -> tuple[set[str], set[str]]:
+def scan(value: Any, namespace: Mapping[str, Any], name: str = "",
+         replaced: Collection[str] = ()) -> tuple[set[str], set[str]]:
     """The top-level modules a pickle of ``value`` would import, and the notebook classes/functions it
     names. Raises CannotSave naming what cannot be pickled (an open file, a lock, a class defined inside
     a function ...)."""
     try:
-        return notebook_pickle.references(value, namespace, saving=name, strict=strict)
+        return notebook_pickle.references(value, namespace, saving=name, replaced=replaced)
     except notebook_pickle.CannotPickle as exc:
         raise _cannot(exc) from None
 

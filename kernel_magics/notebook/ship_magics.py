@@ -306,7 +306,8 @@ class ShipMagics(Magics):
             if inc.travels != "value" or inc.name not in live:
                 continue
             try:
-                notebook_pickle.references(live[inc.name], live, saving=inc.name, strict=True)
+                notebook_pickle.references(live[inc.name], live, saving=inc.name,
+                                           replaced=materialized.source.replaced)
             except notebook_pickle.CannotPickle as exc:
                 if exc.superseded:
                     found[inc.name] = exc.reason.removeprefix("it holds ")
