@@ -358,6 +358,15 @@ def test_a_name_the_notebook_deleted_since_is_listed_for_the_exports_warning():
     for cell in tidy[:-1]:
         exec(cell, notebook)
     assert build_model_source(tidy, "Model", live=notebook).absent == []
+    # One that model.py cannot rebuild is refused in the kernel's words (it said `kernel-magics export` has no values).
+    gone = ["import json\ntext = json.dumps({'a': 1})\nTABLE = json.loads(text)\ndel text",
+            "%%model\nclass Model:\n    def predict(self, x):\n        return TABLE[x]"]
+    notebook = {"__name__": "__main__"}
+    exec(gone[0], notebook)
+    with pytest.raises(MaterializeError) as info:
+        build_model_source(gone, "Model", live=notebook)
+    assert "which the notebook no longer has (deleted since cell 1 set it)" in str(info.value)
+    assert "Run cell 1 again" in str(info.value) and "kernel-magics export" not in str(info.value)
 
 
 def test_a_syntax_error_in_the_model_cell_says_so():

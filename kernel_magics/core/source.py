@@ -667,7 +667,14 @@ class _Travel:
     reason: str = ""
 
 
-def _cli_refusal(name: str, label: str, definition: _Definition, why: str) -> MaterializeError:
+def _cli_refusal(name: str, label: str, definition: _Definition, why: str,
+                 live: Optional[Mapping[str, Any]] = None) -> MaterializeError:
+    if live is not None:  # the kernel, judging a name the notebook deleted as the CLI judges one: it has no value
+        return MaterializeError(
+            f"The model uses `{name}` (in {label}), which the notebook no longer has (deleted since cell "
+            f"{definition.cell + 1} set it), and model.py cannot rebuild the value it had: {why}. Run cell "
+            f"{definition.cell + 1} again (or remove the `del`), then export again."
+        )
     return MaterializeError(
         f"The model uses `{name}` (in {label}), but {why}, so model.py cannot rebuild the value the notebook has "
         f"(`kernel-magics export` reads the notebook file and has no values). Run `kernel-magics export "
@@ -924,7 +931,7 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
             c = touched[0]
             raise _cli_refusal(name, label, definition,
                                f"`{name}` is a module beside the notebook, and cell {c.cell + 1} changes it: "
-                               f"`{c.text}` (line {c.line})")
+                               f"`{c.text}` (line {c.line})", live)
         return _Travel(True)
     if definition.kind in ("function", "class"):
         into = [c for c in changes if c.kind in ("into", "rebind")]
@@ -958,11 +965,11 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
             if named_through(_holder_changes(name, definition.order, analysis)) is not None:
                 # `opt.step()` changes it through what holds it, not `net.parameters()` that handed it over
                 said = _changed_by(name, definition.order, structural, analysis)
-                raise _cli_refusal(name, label, definition, f"it is changed after its assignment by {said}")
+                raise _cli_refusal(name, label, definition, f"it is changed after its assignment by {said}", live)
             raise _cli_refusal(name, label, definition,
-                               f"cell {c.cell + 1} changes it after its assignment: `{c.text}` (line {c.line})")
+                               f"cell {c.cell + 1} changes it after its assignment: `{c.text}` (line {c.line})", live)
         if problem:
-            raise _cli_refusal(name, label, definition, f"{problem} (cell {definition.cell + 1})")
+            raise _cli_refusal(name, label, definition, f"{problem} (cell {definition.cell + 1})", live)
         passed = [c for c in changes if c.kind in ("argument", "alias")] + (
             _calls_using(name, definition, analysis) if not _is_logger(definition, analysis) else [])
         is_literal_definition, literal = _literal_of(definition)
@@ -984,7 +991,7 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                     f"re-running `{_shown(ast.unparse(call))}` (cell {definition.cell + 1}, line "
                     f"{line}) may not give the value the notebook had (randomness, files, the environment), and "
                     "the notebook saved no predictions to prove it")
-            raise _cli_refusal(name, label, definition, what)
+            raise _cli_refusal(name, label, definition, what, live)
         return _Travel(True)
     value = live[name]
     from . import values
