@@ -360,7 +360,8 @@ def _value_code(value: Any, depth: int) -> Any:
         return ("dict", tuple((repr(k), _value_code(v, depth + 1)) for k, v in value.items()))
     if inspect.isfunction(value) or isinstance(value, type):
         return f"{value.__module__}.{value.__qualname__}"  # (by name: model.py binds the name the notebook has)
-    return (f"{type(value).__module__}.{type(value).__qualname__}", re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))[:500])
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    return (kind, re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))[:500])
 
 
 def _code_key(code) -> tuple:

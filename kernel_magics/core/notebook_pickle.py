@@ -215,7 +215,8 @@ def _heavy_types() -> tuple:
     return tuple(out)
 
 
-def refer_to(definitions: Any, namespace: Mapping[str, Any], *, saving: str = "", replaced: Collection[str] = ()) -> None:
+def refer_to(definitions: Any, namespace: Mapping[str, Any], *, saving: str = "",
+             replaced: Collection[str] = ()) -> None:
     """Check that model.py can define these notebook classes or functions as the value has them (what a pickle of it
     would check, for a value saved otherwise: a torch module rebuilt from its source gets only its weights from the
     file). Raises CannotPickle."""

@@ -1139,7 +1139,8 @@ def _weights_only(change: _Change) -> bool:
 def type_name(value: Any) -> str:
     """A value's type as a user reads it: `list`, `Scaler` (the notebook's own), `sklearn.pipeline.Pipeline`."""
     kind = type(value)
-    return kind.__qualname__ if kind.__module__ in ("builtins", "__main__") else f"{kind.__module__}.{kind.__qualname__}"
+    own = kind.__module__ in ("builtins", "__main__")
+    return kind.__qualname__ if own else f"{kind.__module__}.{kind.__qualname__}"
 
 
 # ------------------------------------------------------------------ closure and rendering
