@@ -125,6 +125,7 @@ SLOW = {
     "test_fidelity_verified::test_a_value_holding_a_class_edited_and_run_again_since_is_refused_until_it_is_made_again",
     "test_fidelity_verified::test_an_earlier_value_only_its_source_can_carry_is_proven_by_the_replay_or_refused",
     "test_fidelity_verified::test_a_load_changed_by_a_hot_swap_after_the_load_is_named_when_the_replay_differs",
+    "test_fidelity_verified::test_a_name_the_model_reads_that_the_notebook_deleted_is_exported_with_a_warning",
     "test_fidelity_verified::test_a_closure_a_notebook_function_made_is_re_run_and_verified_and_one_whose_state_changed_is_refused",
     "test_fidelity_verified::test_cells_run_before_load_ext_count_in_the_kernel_and_in_execute",
     "test_fidelity_verified::test_execute_accepts_what_the_export_accepts_a_link_to_an_empty_folder_and_its_own_export",

@@ -449,6 +449,22 @@ def test_a_load_changed_by_a_hot_swap_after_the_load_is_named_when_the_replay_di
     assert "Replayed 1 recorded prediction" in k.ok("%model_export out").stdout
 
 
+def test_a_name_the_model_reads_that_the_notebook_deleted_is_exported_with_a_warning(tmp_path, fresh_kernel):
+    """`del NAMES` after the recorded prediction: the notebook's model now fails with a NameError, model.py sets
+    `NAMES` as its cell did. The export still answers the recorded prediction as the notebook did then, and says so;
+    a name only a statement read (`del raw`) is no warning."""
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics\nNAMES = {'a': 'alpha'}\nraw = [('b', 2)]\nLOOKUP = dict(raw)")
+    k.ok(model_cell("return [NAMES[model_input['k']], LOOKUP['b']]"))
+    k.ok("%model_load")
+    assert k.ok(predict_cells([{"k": "a"}])[0]).stdout.strip() == '["alpha", 2]'
+    k.ok("del NAMES, raw")
+    exported = k.ok("%model_export out").stdout
+    assert ("warning: the model uses `NAMES`, which the notebook no longer has (deleted since cell 1 set it)"
+            in exported and "Replayed 1 recorded prediction" in exported), exported
+    assert "`raw`" not in exported, exported
+
+
 def test_a_name_that_cannot_be_fingerprinted_is_named_as_not_verified(tmp_path, fresh_kernel):
     """A lock re-run from source has no fingerprint (it cannot be pickled): it stays source (it could not be saved
     either), and %model_show --why and the export's output say it was not verified and what proves it."""
