@@ -352,7 +352,8 @@ def test_the_extension_loads_in_notebook_7(page, lab, tmp_path):
             assert notebook.evaluate("window.jupyterapp.isPluginActivated('kernel-magics:plugin')")
             notebook.evaluate("() => window.jupyterapp.commands.execute('kernel-magics:show-panel')")
             notebook.locator("#kernel-magics-panel").wait_for(state="visible", timeout=30_000)
-            assert "%load_ext kernel_magics" in notebook.locator("#kernel-magics-panel").inner_text()
+            # The panel says "no kernel" until the notebook's kernel has started; then it asks for the extension.
+            wait_panel_text(notebook, "%load_ext kernel_magics", timeout=60_000)
         finally:
             notebook.close()
     finally:
