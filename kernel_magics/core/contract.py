@@ -314,12 +314,24 @@ def definition_code(value: Any, _depth: int = 0) -> Any:
         return code_fingerprint(fn)
     key = _code_key(code)
     doc = getattr(fn, "__doc__", None)
-    if doc is not None and key[5] and key[5][0] == ("str", repr(doc)):
-        key = key[:5] + (key[5][1:],)  # (a docstring edited changes no answer)
+    # The first constant is the docstring, or None where there is none (CPython up to 3.13): a docstring edited,
+    # added or removed changes no answer.
+    if key[5] and key[5][0] == (("str", repr(doc)) if doc is not None else ("NoneType", "None")):
+        key = key[:5] + (key[5][1:],)
     from .fingerprint import cell_is_filled
 
-    cells = tuple(_value_code(c.cell_contents, _depth) if cell_is_filled(c) else None for c in (fn.__closure__ or ()))
+    cells = tuple(_closed_over_code(c.cell_contents, _depth) if cell_is_filled(c) else None
+                  for c in (fn.__closure__ or ()))
     return ("function", key, _value_code(fn.__defaults__, _depth), _value_code(fn.__kwdefaults__, _depth), cells)
+
+
+def _closed_over_code(value: Any, depth: int) -> Any:
+    """A function a closure holds that no top-level name binds (the method a decorator without ``functools.wraps``
+    wraps, a local function) is compared by its code: by name, an edited method under such a decorator read as the
+    same code. A top-level one is compared by name, as model.py binds it."""
+    if inspect.isfunction(value) and "." in value.__qualname__:
+        return definition_code(value, depth + 1)
+    return _value_code(value, depth)
 
 
 # What Python sets on a class, or caches on it later (copyreg's __slotnames__ once an instance is pickled, abc's
