@@ -384,7 +384,7 @@ def test_a_class_attribute_a_function_changed_is_refused_not_exported_as_the_cla
 
 def test_a_value_holding_a_class_edited_and_run_again_since_is_refused_until_it_is_made_again(tmp_path, fresh_kernel):
     """`s = Scaler(2)`, then the `Scaler` cell edited and run again: the notebook's `s` still runs the old method
-    (6 for 3), but model.py defined only the latest `Scaler` (7), and the export answered 7 with nothing said. Now,
+    (6 for 3), but model.py defines only the latest `Scaler` (7), and the export answered 7 with nothing said. Now,
     with no recorded prediction, the export refuses naming the value and the class; with one, the replay differs and
     names them as the cause. Run again unchanged, a class is the same code: a value made before exports as before."""
     scaler = "class Scaler:\n    def __init__(self, k):\n        self.k = k\n    def apply(self, x):\n        return {}"
@@ -402,10 +402,9 @@ def test_a_value_holding_a_class_edited_and_run_again_since_is_refused_until_it_
         assert fragment in why, why
     assert k.ok(predict_cells([{"x": 3}])[0]).stdout.strip() == "[6, 4]"
     why = usage_error(k.execute("%model_export out --force"))  # (the replay judges, and differs)
-    # (`s = Scaler(2)` runs again in model.py after the first `class Scaler`, as in the notebook: it answers 6)
-    assert "the notebook had 4, the export gives 5" in why, why
-    assert "Most likely cause: `HELD` holds the class `Scaler` as a cell defined it before" in why, why
-    assert "Run the cell that makes `HELD` again" in why, why
+    assert "the notebook had 6, the export gives 7" in why, why
+    assert "Most likely cause: `s` and `HELD` hold the class `Scaler` as a cell defined it before" in why, why
+    assert "Run the cell that makes `s` and `HELD` again" in why, why
     k.ok("s = Scaler(2)\nHELD = [Scaler(3), Scaler(4)]")
     assert k.ok(predict_cells([{"x": 3}])[0]).stdout.strip() == "[7, 5]"
     assert "Replayed 1 recorded prediction" in k.ok("%model_export out --force").stdout

@@ -289,7 +289,7 @@ def code_fingerprint(fn: Any) -> Any:
     return _code_key(code)
 
 
-def definition_code(value: Any, _depth: int = 0) -> Any:
+def definition_code(value: Any, _depth: int = 0, _closed_by_name: bool = False) -> Any:
     """What a notebook class or function does, to tell a definition a cell replaced from the one run again: a
     function's code (its docstring aside), defaults and the values it closes over; a class's bases (a notebook one
     by its own definition), and each attribute but the dunders Python sets: functions and what decorators wrap
@@ -314,23 +314,23 @@ def definition_code(value: Any, _depth: int = 0) -> Any:
         return code_fingerprint(fn)
     key = _code_key(code)
     doc = getattr(fn, "__doc__", None)
-    # The first constant is the docstring, or None where there is none (CPython up to 3.13): a docstring edited,
-    # added or removed changes no answer.
-    if key[5] and key[5][0] == (("str", repr(doc)) if doc is not None else ("NoneType", "None")):
-        key = key[:5] + (key[5][1:],)
+    if doc is not None and key[5] and key[5][0] == ("str", repr(doc)):
+        key = key[:5] + (key[5][1:],)  # (a docstring edited changes no answer)
     from .fingerprint import cell_is_filled
 
-    cells = tuple(_closed_over_code(c.cell_contents, _depth) if cell_is_filled(c) else None
-                  for c in (fn.__closure__ or ()))
+    closed = _value_code if _closed_by_name else _closed_over_code
+    cells = tuple(closed(c.cell_contents, _depth) if cell_is_filled(c) else None for c in (fn.__closure__ or ()))
     return ("function", key, _value_code(fn.__defaults__, _depth), _value_code(fn.__kwdefaults__, _depth), cells)
 
 
 def _closed_over_code(value: Any, depth: int) -> Any:
     """A function a closure holds that no top-level name binds (the method a decorator without ``functools.wraps``
     wraps, a local function) is compared by its code: by name, an edited method under such a decorator read as the
-    same code. A top-level one is compared by name, as model.py binds it."""
+    same code. One level deep (what it closes over in turn by name): local functions that call each other would
+    otherwise be walked again for every path between them. A top-level one is compared by name, as model.py binds
+    it."""
     if inspect.isfunction(value) and "." in value.__qualname__:
-        return definition_code(value, depth + 1)
+        return definition_code(value, depth + 1, _closed_by_name=True)
     return _value_code(value, depth)
 
 

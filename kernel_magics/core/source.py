@@ -1238,7 +1238,8 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
         if definition.kind in ("class", "function", "model"):
             _keep_definition_time_values(definition, analysis, chosen, queue, ctx)
         elif definition.kind in ("constant", "block"):  # (an assignment runs when the cell does)
-            _keep_definition_time_values(definition, analysis, chosen, queue, ctx, uses=_run_time_uses(definition.node))
+            _keep_definition_time_values(definition, analysis, chosen, queue, ctx,
+                                         uses=_run_time_uses(definition.node), stars_only=True)
         for name in sorted(definition.uses):
             if name in definition.names:
                 continue
@@ -1447,26 +1448,25 @@ def _share_identical(plans: dict, included: dict, live: Optional[Mapping[str, An
             included[name] = replace(included[name], how=f"the same object as `{primary}`")
 
 
-# What model.py holds twice, in the notebook's order, when a later cell binds the name again (a class or function
-# edited and run again after a statement used it: `box = Box(4)` before the second `class Box`).
-_REBINDABLE = ("constant", "block", "function", "class", "import")
-
-
 def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, chosen: dict, queue: list,
-                                 ctx: _Context, *, uses: Optional[Iterable[str]] = None) -> None:
+                                 ctx: _Context, *, uses: Optional[Iterable[str]] = None,
+                                 stars_only: bool = False) -> None:
     """A class body (or a default argument) reads a name while the notebook defines it: when the name is
     rebound later, model.py must also hold the value it had then, before the class, so the class gets
-    that value (and model.py imports without a NameError), and the later value after it. So does a statement
-    model.py runs again (`box = {'b': Box(4)}`, then `class Box` edited and run again: `box` holds the first
-    `Box`), whatever kind of definition the name had. A later star import that binds the name again (`def sqrt`,
-    `f(s=sqrt(4))`, then `from math import *`) is such a rebinding too: model.py holds the star in its place among
-    the definitions for that reason."""
+    that value (and model.py imports without a NameError), and the later value after it. A later star import
+    that binds the name again (`def sqrt`, `f(s=sqrt(4))`, then `from math import *`) is such a rebinding, of
+    any kind of definition, and of what an assignment reads too (`BASE = log(5)`): model.py holds the star in
+    its place among the definitions for that reason."""
     for name in sorted(_definition_time_uses(definition.node) if uses is None else uses):
         current = analysis.defs.get(name)
         if current is None or current.order < definition.order:
             continue
+        star = _is_taken_star(current)
+        if stars_only and not star:
+            continue
         earlier = [d for d in analysis.history.get(name, []) if d.order < definition.order]
-        if earlier and earlier[-1].kind in _REBINDABLE and id(earlier[-1]) not in chosen:
+        kinds = ("constant", "block") if not star else ("constant", "block", "function", "class", "import")
+        if earlier and earlier[-1].kind in kinds and id(earlier[-1]) not in chosen:
             then = earlier[-1]
             if then.kind in ("constant", "block"):
                 _an_earlier_value_must_rebuild(name, then, definition, current, analysis, ctx)
