@@ -321,6 +321,12 @@ def test_a_value_holding_a_class_edited_since_is_refused_as_model_py_defines_onl
         build_model_source(cells, "Model", live=run_cells(cells[:-1]))
     cells[3] = decorated.format("self.v")  # run again unchanged: the same code
     assert "box = pickle.loads" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
+    # A name whose latest binding is no definition at all: `box`'s saved file names `sqrt`, which model.py binds to
+    # math's (it answered [2.0, 2.0] where the notebook answers [-1, 2.0]).
+    cells = ["def sqrt(x):\n    return -1", "box = {'f': sqrt}\nbox['g'] = 1", "from math import sqrt",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return [box['f'](4), sqrt(4)]"]
+    with pytest.raises(MaterializeError, match="`box` \\(a dict\\) but it holds the function `sqrt` as a cell defined it"):
+        build_model_source(cells, "Model", live=run_cells(cells[:-1]))
     pytest.importorskip("torch")
     net = ("import torch\nfrom torch import nn\nclass Net(nn.Module):\n    def __init__(self):\n"
            "        super().__init__()\n        self.lin = nn.Linear(2, 1)\n    def forward(self, x):\n"

@@ -1188,8 +1188,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     queue: list[tuple[_Definition, str]] = [(root, class_name)]
     unresolved: dict[str, str] = {}
     ctx = _Context(live, as_values, local, replay_proves, replaced=frozenset(
-        name for name, history in analysis.history.items()
-        if len({d.text for d in history if d.kind in ("class", "function", "model")}) > 1))
+        name for name, history in analysis.history.items() if _defined_again_otherwise(history)))
 
     def need(name: str, label: str) -> None:
         target = defs.get(name)
@@ -1446,6 +1445,15 @@ def _share_identical(plans: dict, included: dict, live: Optional[Mapping[str, An
         for name in others:
             plans[name] = (values.alias(name, primary), plans[name][1])
             included[name] = replace(included[name], how=f"the same object as `{primary}`")
+
+
+def _defined_again_otherwise(history: list[_Definition]) -> bool:
+    """Whether a value may hold a notebook class or function of this name that model.py does not define: cells
+    defined it with other source, or the name's latest binding is no class or function at all (`def sqrt`, then
+    `from math import sqrt`: a saved value naming `sqrt` would get math's)."""
+    kinds = ("class", "function", "model")
+    texts = {d.text for d in history if d.kind in kinds}
+    return len(texts) > 1 or bool(texts and history[-1].kind not in kinds)
 
 
 def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, chosen: dict, queue: list,
