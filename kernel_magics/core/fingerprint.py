@@ -31,7 +31,7 @@ import types
 from typing import Any, Optional
 
 __all__ = ["fingerprint", "fingerprint_names", "difference", "same", "changed_attributes", "made_by_notebook_code",
-           "BESIDES_WEIGHTS"]
+           "type_name", "cell_is_filled", "BESIDES_WEIGHTS"]
 
 # Modules whose classes and functions are the notebook's own (the kernel's __main__, model.py in the export).
 NOTEBOOK_MODULES = frozenset({"__main__", "model.model", "model"})
@@ -416,7 +416,12 @@ def _pickled(value: Any) -> Optional[dict]:
     except Exception:
         return None
     data = buffer.getvalue()
-    kind = type(value)
-    name = kind.__name__ if kind.__module__ in ("builtins", *NOTEBOOK_MODULES) else f"{kind.__module__}.{kind.__qualname__}"
     size = f"{len(value)} items" if isinstance(value, (list, tuple, dict, set)) else f"{_plural(len(data), 'pickled byte')}"
-    return _fp("pickle", _digest("pickle", data), f"a {name} of {size}")
+    return _fp("pickle", _digest("pickle", data), f"a {type_name(value)} of {size}")
+
+
+def type_name(value: Any) -> str:
+    """A value's type as a user reads it: `list`, `Scaler` (the notebook's own), `sklearn.pipeline.Pipeline`."""
+    kind = type(value)
+    own = kind.__module__ in ("builtins", *NOTEBOOK_MODULES)
+    return kind.__qualname__ if own else f"{kind.__module__}.{kind.__qualname__}"

@@ -1061,6 +1061,7 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
 def _value(name: str, value: Any, live: Mapping[str, Any], reason: str, ctx: _Context, *,
            rebuild_module: bool = False, keep: bool = False) -> _Travel:
     from . import values
+    from .fingerprint import type_name
 
     try:
         plan = values.plan(name, value, namespace=live, rebuild_module=rebuild_module,
@@ -1134,13 +1135,6 @@ def _weights_only(change: _Change) -> bool:
     if change.kind == "method":
         return change.method in _WEIGHTS_ONLY or (change.chain > 0 and change.method.endswith("_"))
     return False
-
-
-def type_name(value: Any) -> str:
-    """A value's type as a user reads it: `list`, `Scaler` (the notebook's own), `sklearn.pipeline.Pipeline`."""
-    kind = type(value)
-    own = kind.__module__ in ("builtins", "__main__")
-    return kind.__qualname__ if own else f"{kind.__module__}.{kind.__qualname__}"
 
 
 # ------------------------------------------------------------------ closure and rendering

@@ -24,8 +24,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Mapping, Optional
 
-from .fingerprint import BESIDES_WEIGHTS, changed_attributes, difference, fingerprint, same
-from .source import type_name as _type_name
+from .fingerprint import BESIDES_WEIGHTS, changed_attributes, difference, fingerprint, same, type_name
 
 __all__ = ["Verification", "remembered"]
 
@@ -170,7 +169,7 @@ class Verification:
         names = [n for n in self.materialized.source.verify if n in live and self.live_fingerprints.get(n, {}) is None]
         if not names:
             return []
-        what = ", ".join(f"`{n}` (a {_type_name(live[n])})" for n in names)
+        what = ", ".join(f"`{n}` (a {type_name(live[n])})" for n in names)
         their = "their" if len(names) > 1 else "its"
         proof = (f"the replay of {replayed} recorded prediction{'s' if replayed != 1 else ''} is {their} only proof"
                  if replayed else "no recorded prediction proves it: run %model_predict before exporting")
@@ -194,7 +193,7 @@ class Verification:
         for name in self._names():
             key = self._key(name)
             live, fresh, later = self.live_fingerprints.get(name), start.get(key), after.get(key)
-            what = f"`{name}` (a {_type_name(live_ns[name])})"
+            what = f"`{name}` (a {type_name(live_ns[name])})"
             if fresh is not None and later is not None and not same(fresh, later):
                 if travels.get(name) == "value":
                     causes.append(f"{what} changes each time predict runs, and the export saves it as it is now, after "
