@@ -382,6 +382,29 @@ def test_a_class_attribute_a_function_changed_is_refused_not_exported_as_the_cla
     assert "Replayed 1 recorded prediction" in k.ok("%model_export out").stdout
 
 
+def test_a_name_bound_again_out_of_sight_of_its_def_travels_as_the_notebook_has_it(tmp_path, fresh_kernel):
+    """Two bindings the cells do not show: `def swap(): global f; f = g`, then `swap()`, and a class body that took a
+    function (`f = staticmethod(sqrt)`) before `from math import sqrt`. model.py's `def f` is not the notebook's `f`,
+    and its `from math import sqrt` goes above the class: both exported silently and answered otherwise (1 for 2;
+    2.0 for -1), with no prediction recorded to replay. Now `f` travels as a value (a pickle naming `g`), and the
+    class's held function is verified in the fresh process, so the export refuses, naming the attribute."""
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics\ndef f():\n    return 1")
+    k.ok("def g():\n    return 2\n\ndef swap():\n    global f\n    f = g")
+    k.ok("swap()")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return f()")
+    assert "`f` (pickle" in k.ok("%model_export out --no-replay").stdout
+    done = cli("predict", tmp_path / "out", "-d", "{}", cwd=tmp_path)
+    assert (done.returncode, done.stdout.strip()) == (0, "2"), done.stderr
+    k.ok("def sqrt(x):\n    return -1\n\nclass K:\n    f = staticmethod(sqrt)")
+    k.ok("from math import sqrt")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return [K.f(4), sqrt(4)]")
+    why = usage_error(k.execute("%model_export out --force --no-replay"))
+    for fragment in ("`K` (a class from cell 6)", "its attribute `f` is math.sqrt, the notebook has <notebook>.sqrt",
+                     "a name its body read was bound again by a later cell"):
+        assert fragment in why, why
+
+
 def test_a_value_holding_a_class_edited_and_run_again_since_is_refused_until_it_is_made_again(tmp_path, fresh_kernel):
     """`s = Scaler(2)`, then the `Scaler` cell edited and run again: the notebook's `s` still runs the old method
     (6 for 3), but model.py defines only the latest `Scaler` (7), and the export answered 7 with nothing said. Now,
@@ -398,7 +421,7 @@ def test_a_value_holding_a_class_edited_and_run_again_since_is_refused_until_it_
     k.ok(scaler.format("x * self.k + 1") + "\n%model_load")  # edited
     why = usage_error(k.execute("%model_export out --force"))  # (a value from the start: planned first)
     for fragment in ("`HELD` (a list) but it holds the class `Scaler` as a cell defined it before the notebook "
-                     "defined `Scaler` again with other code", "Run the cell that makes `HELD` again"):
+                     "bound `Scaler` again, to other code", "Run the cell that makes `HELD` again"):
         assert fragment in why, why
     assert k.ok(predict_cells([{"x": 3}])[0]).stdout.strip() == "[6, 4]"
     why = usage_error(k.execute("%model_export out --force"))  # (the replay judges, and differs)

@@ -204,7 +204,7 @@ def test_a_value_read_at_definition_time_then_bound_again_is_refused_when_only_a
         build_model_source(twice, "Model", live=notebook, as_values={"device": "re-running its source gives another"})
     # The same text that read a file a cell changed in between: the default holds the first read, the live value the
     # second; re-running the second proves nothing about the first, so it is refused (it was exported, differing).
-    notebook["move"] = eval("lambda x, d='cuda': str(d)")  # (what the first run left in the default)
+    exec("def move(x, d='cuda'):\n    return str(d)", notebook)  # (what the first run left in the default)
     with pytest.raises(MaterializeError, match="`device` as cell 1 set it"):
         build_model_source(twice, "Model", live=notebook)
     literal = ["SCALE = 0.5", *cells[1:]]

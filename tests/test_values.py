@@ -308,8 +308,8 @@ def test_a_value_holding_a_class_edited_since_is_refused_as_model_py_defines_onl
     cells = [box.format("self.v"), "box = {'b': Box(4)}\nbox['c'] = Box(5)", box.format("self.v + 1"), model]
     with pytest.raises(MaterializeError) as info:
         build_model_source(cells, "Model", live=run_cells(cells[:-1]))
-    for fragment in ("`box` (a dict)", "it holds the class `Box` as a cell defined it before the notebook defined `Box` "
-                     "again with other code", "Run the cell that makes `box` again"):
+    for fragment in ("`box` (a dict)", "it holds the class `Box` as a cell defined it before the notebook bound `Box` "
+                     "again, to other code", "Run the cell that makes `box` again"):
         assert fragment in str(info.value), info.value
     # Under a decorator without functools.wraps, the edited method is what the wrapper closes over: other code too
     # (it compared by name, so the export answered 5 where the notebook answers 4). Run again unchanged, it is not.
@@ -327,6 +327,24 @@ def test_a_value_holding_a_class_edited_since_is_refused_as_model_py_defines_onl
              "%%model\nclass Model:\n    def predict(self, model_input):\n        return [box['f'](4), sqrt(4)]"]
     with pytest.raises(MaterializeError, match="`box` \\(a dict\\) but it holds the function `sqrt` as a cell defined it"):
         build_model_source(cells, "Model", live=run_cells(cells[:-1]))
+    # The same class run again holds what its body and defaults read when it ran: `box`'s `Box` has `fn=helper` as
+    # the first `helper`, model.py's `Box` the latest (it answered 2 where the notebook answers 1, silently). A
+    # docstring added is no other code; neither is a helper run again unchanged.
+    holder = "class Box:\n    def get(self, fn=helper):\n        {}return fn()"
+    helper = "def helper():\n    return {}"
+    model = "%%model\nclass Model:\n    def predict(self, model_input):\n        return [box['b'].get(), Box().get()]"
+    cells = [helper.format(1), holder.format(""), "box = {'b': Box()}\nbox['c'] = 0", helper.format(2),
+             holder.format(""), model]
+    with pytest.raises(MaterializeError, match="holds the class `Box` as a cell defined it before the notebook bound "
+                                               r"`Box` again, to other code \(or to code that holds other values"):
+        build_model_source(cells, "Model", live=run_cells(cells[:-1]))
+    for cells[3], cells[4] in ((helper.format(1), holder.format("")),
+                               (helper.format(1), holder.format("'''doc'''\n        "))):
+        assert "box = pickle.loads" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
+    cells = ["def sq(x):\n    return x * x", "box = {'f': sq}\nbox['c'] = 0",
+             "def sq(x):\n    '''square'''\n    return x * x",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return box['f'](3)"]
+    assert "box = pickle.loads" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
     pytest.importorskip("torch")
     net = ("import torch\nfrom torch import nn\nclass Net(nn.Module):\n    def __init__(self):\n"
            "        super().__init__()\n        self.lin = nn.Linear(2, 1)\n    def forward(self, x):\n"

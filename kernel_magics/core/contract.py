@@ -289,24 +289,28 @@ def code_fingerprint(fn: Any) -> Any:
     return _code_key(code)
 
 
-def definition_code(value: Any, _depth: int = 0, _closed_by_name: bool = False) -> Any:
+def definition_code(value: Any, state: bool = True, _depth: int = 0, _closed_by_name: bool = False) -> Any:
     """What a notebook class or function does, to tell a definition a cell replaced from the one run again: a
     function's code (its docstring aside), defaults and the values it closes over; a class's bases (a notebook one
     by its own definition), and each attribute but the dunders Python sets: functions and what decorators wrap
     (``lru_cache``, ``cached_property``, ``partialmethod``, static and class methods, properties), nested classes, and
     plain values (a threshold, a default of a dataclass field). Compared in one process: two definitions from the
-    same source agree (a cell run again); an edited method, default or class attribute does not."""
+    same source agree (a cell run again); an edited method, default or class attribute does not.
+
+    ``state=False`` compares two runs of the same source: what differs then is what the definition read when it ran
+    (a default `fn=helper`, an attribute `t = THRESH`), not the state its own code moved since (a cache a class
+    attribute holds, a counter), which model.py's definition does not have either way."""
     if _depth > 8:
         return ("deep",)
     if isinstance(value, type):
         module = value.__module__
-        parts: list = [definition_code(b, _depth + 1) if b.__module__ == module and b is not value
+        parts: list = [definition_code(b, state, _depth + 1) if b.__module__ == module and b is not value
                        else f"{b.__module__}.{b.__qualname__}" for b in value.__bases__]
         for attr, item in sorted(vars(value).items()):
             if attr in _SET_BY_PYTHON or (attr.startswith("__") and attr.endswith("__") and not (
                     inspect.isfunction(item) or isinstance(item, (property, staticmethod, classmethod)))):
                 continue  # (a dunder value is Python's or a framework's bookkeeping: pydantic's __pydantic_fields__)
-            parts.append((attr, _attribute_code(item, value, _depth)))
+            parts.append((attr, _attribute_code(item, value, _depth, module, state)))
         return ("class", tuple(parts))
     fn = inspect.unwrap(value) if callable(value) else value
     code = getattr(fn, "__code__", None)
@@ -314,24 +318,31 @@ def definition_code(value: Any, _depth: int = 0, _closed_by_name: bool = False) 
         return code_fingerprint(fn)
     key = _code_key(code)
     doc = getattr(fn, "__doc__", None)
-    if doc is not None and key[5] and key[5][0] == ("str", repr(doc)):
-        key = key[:5] + (key[5][1:],)  # (a docstring edited changes no answer)
+    if key[5] and key[5][0] == ("str", repr(doc)) or doc is None and key[5][:1] == (("NoneType", "None"),):
+        # (A docstring added, edited or removed changes no answer: Python 3.11 keeps a function's docstring, or
+        # None without one, as its first constant.)
+        key = key[:5] + (key[5][1:],)
     from .fingerprint import cell_is_filled
 
-    closed = _value_code if _closed_by_name else _closed_over_code
-    cells = tuple(closed(c.cell_contents, _depth) if cell_is_filled(c) else None for c in (fn.__closure__ or ()))
-    return ("function", key, _value_code(fn.__defaults__, _depth), _value_code(fn.__kwdefaults__, _depth), cells)
+    # What a function reads that the notebook defines (a default `fn=helper`, a decorator factory's argument) is
+    # compared by its code, one level deep (what that reads in turn by name): by name alone a class run again,
+    # unchanged, after `helper` was defined again with other code read as the same definition as the earlier
+    # class, whose default still holds the earlier `helper`.
+    home = None if _closed_by_name else fn.__module__
+    cells = tuple(_closed_over_code(c.cell_contents, _depth, home, state) if cell_is_filled(c) else None
+                  for c in (fn.__closure__ or ()))
+    return ("function", key, tuple(_value_code(d, _depth, home, state) for d in fn.__defaults__ or ()),
+            tuple((k, _value_code(d, _depth, home, state)) for k, d in (fn.__kwdefaults__ or {}).items()), cells)
 
 
-def _closed_over_code(value: Any, depth: int) -> Any:
+def _closed_over_code(value: Any, depth: int, home: Optional[str], state: bool) -> Any:
     """A function a closure holds that no top-level name binds (the method a decorator without ``functools.wraps``
     wraps, a local function) is compared by its code: by name, an edited method under such a decorator read as the
     same code. One level deep (what it closes over in turn by name): local functions that call each other would
-    otherwise be walked again for every path between them. A top-level one is compared by name, as model.py binds
-    it."""
-    if inspect.isfunction(value) and "." in value.__qualname__:
-        return definition_code(value, depth + 1, _closed_by_name=True)
-    return _value_code(value, depth)
+    otherwise be walked again for every path between them."""
+    if home is not None and inspect.isfunction(value) and "." in value.__qualname__:
+        return definition_code(value, state, depth + 1, _closed_by_name=True)
+    return _value_code(value, depth, home, state)
 
 
 # What Python sets on a class, or caches on it later (copyreg's __slotnames__ once an instance is pickled, abc's
@@ -341,38 +352,48 @@ _SET_BY_PYTHON = frozenset({"__module__", "__qualname__", "__doc__", "__dict__",
                             "__slotnames__", "__abstractmethods__", "_abc_impl"})
 
 
-def _attribute_code(item: Any, owner: type, depth: int) -> Any:
+def _attribute_code(item: Any, owner: type, depth: int, home: str, state: bool) -> Any:
     if isinstance(item, property):
-        return ("property", *(definition_code(f, depth + 1) if f is not None else None
+        return ("property", *(definition_code(f, state, depth + 1) if f is not None else None
                               for f in (item.fget, item.fset, item.fdel)))
     if isinstance(item, (staticmethod, classmethod)):
-        return (type(item).__name__, definition_code(item.__func__, depth + 1))
+        return (type(item).__name__, definition_code(item.__func__, state, depth + 1))
     if isinstance(item, type) and not item.__qualname__.startswith(owner.__qualname__ + "."):
         return f"{item.__module__}.{item.__qualname__}"  # (a class it refers to, defined elsewhere)
     func = getattr(item, "func", None)  # functools.cached_property, partialmethod, partial
     if func is not None and callable(func) and not inspect.isfunction(item):
-        return (type(item).__name__, definition_code(func, depth + 1), _value_code(getattr(item, "args", ()), depth),
-                _value_code(getattr(item, "keywords", {}), depth))
+        return (type(item).__name__, definition_code(func, state, depth + 1),
+                _value_code(getattr(item, "args", ()), depth, home, state),
+                _value_code(getattr(item, "keywords", {}), depth, home, state))
     if isinstance(item, type) or inspect.isfunction(item) or hasattr(item, "__wrapped__"):
-        return definition_code(item, depth + 1)
-    return _value_code(item, depth)
+        return definition_code(item, state, depth + 1)
+    return _value_code(item, depth, home, state)
 
 
-def _value_code(value: Any, depth: int) -> Any:
-    """A plain value, compared by what it is (a new lock or a new empty dict in a class run again is the same)."""
+def _value_code(value: Any, depth: int, home: Optional[str] = None, state: bool = True, inside: bool = False) -> Any:
+    """A plain value, compared by what it is (a new lock or a new empty dict in a class run again is the same). A
+    function or class of ``home`` (the notebook's module) also by its code, one level deep, as an earlier definition
+    of the same name may be what it holds; any other by name, as model.py imports it by that name. Without ``state``
+    (definition_code), what a container holds or an object is counts only for the notebook code in it."""
     if depth > 8:
         return ("deep",)
     if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
-        return (type(value).__name__, repr(value))
-    if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(_value_code(v, depth + 1) for v in value))
-    if isinstance(value, (set, frozenset)):
-        return (type(value).__name__, tuple(sorted(repr(_value_code(v, depth + 1)) for v in value)))
-    if isinstance(value, dict):
-        return ("dict", tuple((repr(k), _value_code(v, depth + 1)) for k, v in value.items()))
+        return (type(value).__name__, repr(value)) if state or not inside else None
+    if isinstance(value, (tuple, list, set, frozenset, dict)):
+        items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
+        codes = [(repr(k), code) for k, v in items
+                 for code in [_value_code(v, depth + 1, home, state, inside=True)] if state or code is not None]
+        if isinstance(value, (set, frozenset)):
+            codes.sort(key=repr)
+        return (type(value).__name__, tuple(codes)) if state or codes else None
     if inspect.isfunction(value) or isinstance(value, type):
-        return f"{value.__module__}.{value.__qualname__}"  # (by name: model.py binds the name the notebook has)
+        name = f"{value.__module__}.{value.__qualname__}"
+        if home is not None and value.__module__ == home:
+            return (name, definition_code(value, state, depth + 1, _closed_by_name=True))
+        return name
     kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    if not state:
+        return (kind,) if not inside else None
     return (kind, re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))[:500])
 
 

@@ -283,6 +283,16 @@ def _definition(value: Any, depth: int = 0, *, closure: bool = False) -> dict:
     for attr, item in sorted(vars(value).items()):
         if attr.startswith("__"):
             continue
+        held = item.__func__ if isinstance(item, (staticmethod, classmethod)) else item
+        if callable(held) and not isinstance(held, type) and not getattr(held, "__qualname__", "").startswith(
+                value.__qualname__ + "."):
+            # A function the body took from elsewhere (`f = staticmethod(sqrt)`): the one it held then, which a
+            # later `from math import sqrt` does not change in the notebook but would in model.py.
+            found = _definition(held)
+            parts.append(f"{attr}->{found['digest']}")
+            if len(attributes) < 200:
+                attributes[attr] = found["summary"]
+            continue
         text = _canonical(item, [_LITERAL_BUDGET])
         if text is None:
             continue  # methods, descriptors, nested classes, objects: the class's code, or not a plain value

@@ -56,8 +56,10 @@ class _Rule:
 
     def __init__(self, namespace: Mapping[str, Any], saving: str = "", replaced: Collection[str] = ()) -> None:
         self.namespace = namespace
-        # The notebook's names that a cell defined again with other source: a value holding an earlier one of them
-        # is refused (planning, unless the replay will prove the value; saving follows what the plan decided).
+        # The notebook's names that cells defined more than once: a value holding an earlier definition that differs
+        # from the latest is refused (planning, unless the replay will prove the value; saving follows what the plan
+        # decided). A mapping says which were only run again from the same source (False): those compare what
+        # they read when they ran, not the state they moved since (contract.definition_code).
         self.replaced = replaced
         self.notebook = namespace.get("__name__", "__main__")
         self.saving = saving  # the name whose value is being saved: it cannot refer to itself
@@ -86,10 +88,13 @@ class _Rule:
             # code the deployment would run other methods than the notebook's value does, so it is refused, unless
             # recorded predictions will be replayed to prove the answers the same (a docstring edited).
             if found is not _MISSING and isinstance(found, type) == isinstance(obj, type) and parts[0] != self.saving:
-                if parts[0] in self.replaced and found is not obj and definition_code(found) != definition_code(obj):
+                edited = self.replaced.get(parts[0], True) if isinstance(self.replaced, Mapping) else True
+                if (parts[0] in self.replaced and found is not obj
+                        and definition_code(found, state=edited) != definition_code(obj, state=edited)):
                     error = NotebookReferenceError(
-                        f"it holds the {kind} `{qualname}` as a cell defined it before the notebook defined "
-                        f"`{parts[0]}` again with other code; model.py defines only the latest `{parts[0]}`, so the "
+                        f"it holds the {kind} `{qualname}` as a cell defined it before the notebook bound "
+                        f"`{parts[0]}` again, to other code (or to code that holds other values: a default, a class "
+                        f"attribute, a function it reads); model.py defines only the latest `{parts[0]}`, so the "
                         "deployment would run other code than the notebook's value does")
                     error.advice = (f"Run the cell that makes `{self.saving or 'the value'}` again, so that it holds "
                                     f"the latest `{qualname}` (or give the new definition another name); with "
@@ -114,12 +119,27 @@ class _Rule:
             raise NotebookReferenceError(
                 "it holds a lambda from the notebook that no top-level name is bound to, and a saved file can only "
                 "refer to functions defined at the top level of a cell")
+        if self.namespace.get(parts[0], _MISSING) is not _MISSING and parts[0] != self.saving:
+            now = self.namespace[parts[0]]
+            error = NotebookReferenceError(
+                f"it holds the {kind} `{qualname}` from the notebook, whose name a later cell bound to "
+                f"{_described(now)}; model.py can bind `{parts[0]}` to only one of them")
+            error.advice = (f"Give the notebook's {kind} or the later binding another name, then run the cells that "
+                            "use it again.")
+            raise error
         raise NotebookReferenceError(
             f"it holds the {kind} `{qualname}` from the notebook, which no longer has that name at the top level "
             "(deleted or renamed since the value was made), so model.py cannot define it")
 
 
 _MISSING = object()
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
+        kind = "the class" if isinstance(value, type) else "the function"
+        return f"{kind} {getattr(value, '__module__', None) or '?'}.{getattr(value, '__qualname__', '?')}"
+    return f"a {type(value).__name__}"
 
 
 def _pickler_class(base: type, rule: _Rule) -> type:

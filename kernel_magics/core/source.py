@@ -32,6 +32,7 @@ import os
 import re
 import symtable
 import sys
+import types
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -126,7 +127,8 @@ class ModelSource:
     unproven: list[str] = field(default_factory=list)  # CLI: re-run from source, proven only by the replay
     # kernel: (name, its cell) the model uses that the notebook no longer has (deleted since): model.py defines them
     absent: list[tuple[str, int]] = field(default_factory=list)
-    replaced: frozenset = frozenset()  # notebook classes and functions a cell defined again with other source
+    # notebook classes and functions cells defined more than once: name -> whether with other source
+    replaced: dict[str, bool] = field(default_factory=dict)
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> its lines in model.py
     # The live fingerprints of the verified names re-run from source, taken while building (to tell the unverifiable
     # ones): the export's verification compares with these instead of hashing the same values again.
@@ -701,8 +703,9 @@ class _Context:
     # verification (_an_earlier_value_must_rebuild)
     same_as_later: list[tuple] = field(default_factory=list)
     absent: list[tuple[str, int]] = field(default_factory=list)  # kernel: (name, its cell) the notebook no longer has
-    # notebook classes and functions a cell defined again with other source (a value may hold an earlier one)
-    replaced: frozenset = frozenset()
+    # notebook classes and functions cells defined more than once (a value may hold an earlier one): name -> whether
+    # with other source
+    replaced: dict[str, bool] = field(default_factory=dict)
 
 
 # Standard-library modules whose functions give the same result for the same arguments, anywhere.
@@ -941,13 +944,20 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                 f"after its definition by {into[0].describe()}. A changed {definition.kind} cannot travel: put that "
                 f"change into the {definition.kind}'s own definition."
             )
+        if live is not None and name in live and not _still_this_definition(live[name], name, definition):
+            # Bound again out of sight of the cells (`def swap(): global f; f = g`, then `swap()`): model.py's `def f`
+            # is not what the notebook's `f` is, so the live one travels as a value (a pickle naming `g`).
+            return _value(name, live[name], live, "a function bound it again after its definition, out of sight of "
+                          "the cells", ctx)
         if definition.kind == "class" and live is not None and name in live:
             if name in ctx.as_values:  # the fresh process's class has other class attributes than the live one
                 raise MaterializeError(
-                    f"The model uses `{name}` (a class from cell {definition.cell + 1}), and the notebook changed it "
-                    f"since its definition, out of sight of the cells (a function that sets one of its attributes): "
-                    f"{ctx.as_values[name]}. A changed class cannot travel: put the value in the class body, or "
-                    "keep it on the model (`self.threshold = ...` in load()).")
+                    f"The model uses `{name}` (a class from cell {definition.cell + 1}), and its cell run again in "
+                    f"model.py gives other class attributes than the notebook's `{name}` has: {ctx.as_values[name]}. "
+                    "Either a function set one of its attributes out of sight of the cells, or a name its body read "
+                    "was bound again by a later cell (`f = staticmethod(sqrt)`, then `from math import sqrt`). A "
+                    "changed class cannot travel: put the value in the class body, give the later binding another "
+                    "name, or keep the value on the model (`self.threshold = ...` in load()).")
             ctx.verify.append(name)  # its plain class attributes, compared in the fresh process
         return _Travel(True)
     # `router.scores(x)` on an instance of a notebook class whose `scores` changes nothing of it is a read.
@@ -1181,8 +1191,9 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     plans: dict[str, tuple[Any, tuple[int, int]]] = {}  # name -> (ValuePlan, where it goes)
     queue: list[tuple[_Definition, str]] = [(root, class_name)]
     unresolved: dict[str, str] = {}
-    ctx = _Context(live, as_values, local, replay_proves, replaced=frozenset(
-        name for name, history in analysis.history.items() if _defined_again_otherwise(history)))
+    ctx = _Context(live, as_values, local, replay_proves, replaced={
+        name: edited for name, history in analysis.history.items()
+        for edited in [_defined_again(history)] if edited is not None})
 
     def need(name: str, label: str) -> None:
         target = defs.get(name)
@@ -1441,13 +1452,27 @@ def _share_identical(plans: dict, included: dict, live: Optional[Mapping[str, An
             included[name] = replace(included[name], how=f"the same object as `{primary}`")
 
 
-def _defined_again_otherwise(history: list[_Definition]) -> bool:
-    """Whether a value may hold a notebook class or function of this name that model.py does not define: cells
-    defined it with other source, or the name's latest binding is no class or function at all (`def sqrt`, then
-    `from math import sqrt`: a saved value naming `sqrt` would get math's)."""
+def _still_this_definition(value: Any, name: str, definition: _Definition) -> bool:
+    """Whether the live `name` is what its (latest) top-level def or class made: a function or class of that name.
+    Only an undecorated one is judged (a decorator may return anything)."""
+    if getattr(definition.node, "decorator_list", None):
+        return True
+    kind = type if definition.kind == "class" else types.FunctionType
+    return isinstance(value, kind) and getattr(value, "__qualname__", None) == name
+
+
+def _defined_again(history: list[_Definition]) -> Optional[bool]:
+    """Whether a value may hold a notebook class or function of this name that model.py does not define: True when
+    cells defined it with other source, or the name's latest binding is no class or function at all (`def sqrt`,
+    then `from math import sqrt`: a saved value naming `sqrt` would get math's); False when a cell only ran the same
+    source again, which still counts: a default it holds (`fn=helper`) is the `helper` of the time, which a cell may
+    have defined again in between (the pickler compares what the definitions read: contract.definition_code); None
+    when defined once."""
     kinds = ("class", "function", "model")
-    texts = {d.text for d in history if d.kind in kinds}
-    return len(texts) > 1 or bool(texts and history[-1].kind not in kinds)
+    defined = [d for d in history if d.kind in kinds]
+    if not defined or len(defined) == 1 and history[-1].kind in kinds:
+        return None
+    return len({d.text for d in defined}) > 1 or history[-1].kind not in kinds
 
 
 def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, chosen: dict, queue: list,
