@@ -364,6 +364,23 @@ def test_a_value_holding_a_class_edited_since_is_refused_as_model_py_defines_onl
     assert "tok = pickle.loads" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
 
 
+@pytest.mark.parametrize("cells", [
+    ["def f():\n    return 1", "def g():\n    return 2", "if False:\n    f = g"],
+    ["def loads(s):\n    return 1", "try:\n    from no_such_module_here import loads\nexcept ImportError:\n    pass"],
+], ids=["if False", "failed try-import"])
+def test_an_if_or_try_that_may_leave_a_name_unbound_keeps_the_definition_before_it(tmp_path, cells):
+    """model.py held only the `if` (or the `try`) as the name's latest binding, so the deployment had no `f` at all
+    (a NameError in predict, after an export that said nothing with --no-replay). Now the def before it is kept, in
+    the notebook's order: bound as in the notebook either way, in the kernel and in the CLI."""
+    name = "f" if "def f" in cells[0] else "loads"
+    cells = [*cells, "%%model\nclass Model:\n    def predict(self, model_input):\n" f"        return {name}('x'[:0])"
+             if name == "loads" else "%%model\nclass Model:\n    def predict(self, model_input):\n        return f()"]
+    expected, got, source = ship(tmp_path / "out", cells, {"v": "Model().predict(None)"})
+    assert expected == got == {"v": 1}, source.text
+    assert source.text.index(f"def {name}") < source.text.index("if False" if name == "f" else "try:")
+    assert f"def {name}" in build_model_source(cells, "Model").text  # (the CLI's: no live values)
+
+
 def test_the_model_package_is_importable_as_in_truss(tmp_path):
     """A pickle naming `model.model` by an ordinary global (the way other tools write it) loads too: the
     Truss root is on the path, so `model` is the package beside model.py, as in Truss's image."""

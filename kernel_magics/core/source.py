@@ -1224,6 +1224,18 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
         if travel.source and id(target) not in chosen:
             chosen[id(target)] = target
             queue.append((target, name))
+            if target.kind == "block":
+                _keep_what_a_block_may_leave(name, target)
+
+    def _keep_what_a_block_may_leave(name: str, block: _Definition) -> None:
+        """An `if` or `try` may leave the name as it was (`if False: f = g`, a `try: from fast import loads` that
+        failed): model.py also holds the def, class or import before it, in the notebook's order, so the name is
+        bound as in the notebook either way (without it the deployment had no `f`). A statement before it is not
+        run again for that: it may be a training run."""
+        earlier = [d for d in analysis.history.get(name, []) if d.order < block.order]
+        if earlier and earlier[-1].kind in ("function", "class", "import") and id(earlier[-1]) not in chosen:
+            chosen[id(earlier[-1])] = earlier[-1]
+            queue.append((earlier[-1], name))
 
     def _take_value(name: str, travel: _Travel, where: _Definition, label: str) -> None:
         plan = travel.plan
