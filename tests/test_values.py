@@ -381,6 +381,24 @@ def test_an_if_or_try_that_may_leave_a_name_unbound_keeps_the_definition_before_
     assert f"def {name}" in build_model_source(cells, "Model").text  # (the CLI's: no live values)
 
 
+def test_a_name_bound_again_from_itself_keeps_its_def_before_it_unless_a_value_holds_the_bare_one(tmp_path):
+    """`f = functools.lru_cache(f)`, `A = dataclasses.dataclass(A)`: the statement re-runs in model.py after the def
+    or class it reads (it was refused: "computed from its old one"). A saved value holding the bare `f` is refused
+    while the notebook's `f` is a wrapper of it (model.py's `f` is the wrapper: `double(f)` answers otherwise)."""
+    cells = ["import dataclasses, functools\ndef f(x):\n    return x + 1\n\nclass A:\n    x: int = 1",
+             "f = functools.lru_cache(f)\nA = dataclasses.dataclass(A)",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return [f(1), A(3).x, repr(A(2))]"]
+    expected, got, source = ship(tmp_path / "out", cells, {"v": "Model().predict(None)"})
+    assert expected == got == {"v": [2, 3, "A(x=2)"]}, source.text
+    assert "f = functools.lru_cache(f)" in build_model_source(cells, "Model").text  # (the CLI's too)
+    double = "def double(fn):\n    @functools.wraps(fn)\n    def w(*a):\n        return 2 * fn(*a)\n    return w"
+    cells = ["import functools\n" + double, "def f(x):\n    return x + 1", "box = {'f': f}\nbox['c'] = 0",
+             "f = functools.lru_cache(double(f))",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return box['f'](1)"]
+    with pytest.raises(MaterializeError, match="holds the function `f` as a cell defined it before the notebook bound"):
+        build_model_source(cells, "Model", live=run_cells(cells[:-1]))
+
+
 def test_the_model_package_is_importable_as_in_truss(tmp_path):
     """A pickle naming `model.model` by an ordinary global (the way other tools write it) loads too: the
     Truss root is on the path, so `model` is the package beside model.py, as in Truss's image."""

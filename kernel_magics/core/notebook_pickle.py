@@ -89,8 +89,10 @@ class _Rule:
             # recorded predictions will be replayed to prove the answers the same (a docstring edited).
             if found is not _MISSING and isinstance(found, type) == isinstance(obj, type) and parts[0] != self.saving:
                 edited = self.replaced.get(parts[0], True) if isinstance(self.replaced, Mapping) else True
-                if (parts[0] in self.replaced and found is not obj
-                        and definition_code(found, state=edited) != definition_code(obj, state=edited)):
+                # (A wrapper of the very function, `f = functools.wraps`-style `double(f)`, compares equal by its
+                # code but answers otherwise: the value holds the bare `f`, model.py's `f` is the wrapper.)
+                if parts[0] in self.replaced and found is not obj and (
+                        _wraps(found, obj) or definition_code(found, state=edited) != definition_code(obj, state=edited)):
                     error = NotebookReferenceError(
                         f"it holds the {kind} `{qualname}` as a cell defined it before the notebook bound "
                         f"`{parts[0]}` again, to other code (or to code that holds other values: a default, a class "
@@ -133,6 +135,15 @@ class _Rule:
 
 
 _MISSING = object()
+
+
+def _wraps(found: Any, obj: Any) -> bool:
+    inner, seen = found, 0
+    while getattr(inner, "__wrapped__", None) is not None and seen < 100:
+        inner, seen = inner.__wrapped__, seen + 1
+        if inner is obj:
+            return True
+    return False
 
 
 def _described(value: Any) -> str:

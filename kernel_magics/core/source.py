@@ -608,14 +608,15 @@ def _definition_time_uses(node: ast.stmt) -> set[str]:
 _NOTEBOOK_CALL = "it is computed by calling "
 
 
-def _rebuild_problem(definition: _Definition, defs: dict[str, _Definition]) -> Optional[str]:
+def _rebuild_problem(definition: _Definition, analysis: _Analysis) -> Optional[str]:
     """Why re-running an assignment (or block) would not give the notebook's value (None when it would)."""
+    defs = analysis.defs
     value = definition.node.value if isinstance(definition.node, (ast.Assign, ast.AnnAssign)) else definition.node
     for sub in ast.walk(value):
         if isinstance(sub, (ast.Await, ast.Yield, ast.YieldFrom, ast.NamedExpr)):
             return "its value is computed with await/yield/:="
         if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) and sub.id in definition.names \
-                and definition.kind == "constant":
+                and definition.kind == "constant" and _binding_before(sub.id, definition, analysis) is None:
             return f"its new value is computed from its old one (`{sub.id}` in its own assignment)"
         if isinstance(sub, ast.Call):
             root = sub.func
@@ -624,6 +625,14 @@ def _rebuild_problem(definition: _Definition, defs: dict[str, _Definition]) -> O
             if isinstance(root, ast.Name) and root.id in defs and defs[root.id].kind == "function":
                 return f"{_NOTEBOOK_CALL}`{root.id}` from the notebook"
     return None
+
+
+def _binding_before(name: str, definition: _Definition, analysis: _Analysis) -> Optional[_Definition]:
+    """The def, class or import that bound ``name`` before ``definition``, when that was its last binding: model.py
+    can hold it too, in the notebook's order, and it binds the same in any process (a statement might be a training
+    run)."""
+    earlier = [d for d in analysis.history.get(name, []) if d.order < definition.order]
+    return earlier[-1] if earlier and earlier[-1].kind in ("function", "class", "import") else None
 
 
 def _literal_of(definition: _Definition) -> tuple[bool, Any]:
@@ -965,7 +974,7 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                                          and _read_only_method(_class_of(definition, analysis), c.method, analysis))]
     if _is_logger(definition, analysis):  # `log.setLevel(...)`: logging's configuration, not what the model answers
         changes = [c for c in changes if c.kind not in ("method", "argument", "alias")]
-    problem = _rebuild_problem(definition, analysis.defs)
+    problem = _rebuild_problem(definition, analysis)
     if live is not None and name not in live:
         ctx.absent.append((name, definition.cell))  # (`del NAMES` since: judged as the CLI judges it, and said)
     if live is None or name not in live:  # the CLI: no values to save
@@ -1224,18 +1233,14 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
         if travel.source and id(target) not in chosen:
             chosen[id(target)] = target
             queue.append((target, name))
-            if target.kind == "block":
-                _keep_what_a_block_may_leave(name, target)
-
-    def _keep_what_a_block_may_leave(name: str, block: _Definition) -> None:
-        """An `if` or `try` may leave the name as it was (`if False: f = g`, a `try: from fast import loads` that
-        failed): model.py also holds the def, class or import before it, in the notebook's order, so the name is
-        bound as in the notebook either way (without it the deployment had no `f`). A statement before it is not
-        run again for that: it may be a training run."""
-        earlier = [d for d in analysis.history.get(name, []) if d.order < block.order]
-        if earlier and earlier[-1].kind in ("function", "class", "import") and id(earlier[-1]) not in chosen:
-            chosen[id(earlier[-1])] = earlier[-1]
-            queue.append((earlier[-1], name))
+            # The binding before it, when this one may keep it (an `if False: f = g`, a `try: from fast import
+            # loads` that failed: without it the deployment had no `f`) or reads it (`f = functools.lru_cache(f)`,
+            # `A = dataclass(A)`): model.py holds both, in the notebook's order.
+            before = _binding_before(name, target, analysis)
+            if before is not None and id(before) not in chosen and (
+                    target.kind == "block" or target.kind == "constant" and name in target.uses):
+                chosen[id(before)] = before
+                queue.append((before, name))
 
     def _take_value(name: str, travel: _Travel, where: _Definition, label: str) -> None:
         plan = travel.plan
@@ -1520,7 +1525,7 @@ def _an_earlier_value_must_rebuild(name: str, then: _Definition, reader: _Defini
     statement that gives the same value when run again can carry it, unless recorded predictions will be
     replayed against the export to prove it. Anything else is refused, naming it: re-running
     `random.random()` in model.py would give `f` another default than the notebook's, silently."""
-    why = _rebuild_problem(then, analysis.defs) or (
+    why = _rebuild_problem(then, analysis) or (
         "it calls something that may give another value when run again (randomness, files, the environment)"
         if _uncertain_call(then, analysis) is not None else None)
     if not why:
