@@ -135,3 +135,19 @@ def test_a_closure_is_its_code_and_what_it_closes_over():
     used, fresh = memoized(abs), memoized(abs)
     used(-1)
     assert same(fingerprint(used), fingerprint(fresh))
+
+
+def test_a_functools_cache_of_a_notebook_function_is_its_definition_not_its_pickled_name():
+    """`f = functools.lru_cache(f)` pickles as the name `__main__.f` in the kernel and `model.model.f` in the fresh
+    process: compared as pickled bytes it always differed, so the export saved it instead and then failed to import
+    ("Can't get attribute 'f'"). Now it is the wrapper's kind and the function's definition."""
+    import functools
+
+    def cached(module: str, body: str):
+        namespace = {"__name__": module}
+        exec(f"def f(x):\n    return {body}", namespace)
+        return functools.lru_cache(namespace["f"])
+
+    kernel, fresh = fingerprint(cached("__main__", "x + 1")), fingerprint(cached("model.model", "x + 1"))
+    assert same(kernel, fresh), (kernel, fresh)
+    assert not same(kernel, fingerprint(cached("model.model", "x + 2")))

@@ -391,6 +391,12 @@ def test_a_name_bound_again_from_itself_keeps_its_def_before_it_unless_a_value_h
     expected, got, source = ship(tmp_path / "out", cells, {"v": "Model().predict(None)"})
     assert expected == got == {"v": [2, 3, "A(x=2)"]}, source.text
     assert "f = functools.lru_cache(f)" in build_model_source(cells, "Model").text  # (the CLI's too)
+    # A value holding a functools cache of a notebook function names it as model.py binds it (it was refused:
+    # "not the same object as __main__.f").
+    cells = ["import functools\ndef f(x):\n    return x + 1", "g = functools.lru_cache(f)", "box = {'g': g}\nbox['c'] = 0",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return [box['g'](1), g(2)]"]
+    expected, got, source = ship(tmp_path / "cached", cells, {"v": "Model().predict(None)"})
+    assert expected == got == {"v": [2, 3]} and "box = pickle.loads" in source.text, source.text
     double = "def double(fn):\n    @functools.wraps(fn)\n    def w(*a):\n        return 2 * fn(*a)\n    return w"
     cells = ["import functools\n" + double, "def f(x):\n    return x + 1", "box = {'f': f}\nbox['c'] = 0",
              "f = functools.lru_cache(double(f))",

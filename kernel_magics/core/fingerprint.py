@@ -133,6 +133,13 @@ def _fingerprint(value: Any, depth: int) -> Optional[dict]:
         return _module(value)
     if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
         return _definition(value, depth, closure=True)
+    wrapped = getattr(value, "__wrapped__", None) if type(value).__module__ == "functools" else None
+    if isinstance(wrapped, types.FunctionType):
+        # functools.lru_cache(f), cache(f): the wrapper's kind and the function's definition (pickled, it is only a
+        # name, which differs between the kernel's `__main__` and model.py)
+        inner = _definition(wrapped, depth, closure=True)
+        kind = type(value).__qualname__
+        return _fp("definition", _digest("wrapper", kind, inner["digest"]), f"a functools.{kind} of {inner['summary']}")
     text = _canonical(value, [_LITERAL_BUDGET])
     if text is not None:
         return _fp("literal", _digest("literal", text), _literal_summary(value))

@@ -69,7 +69,10 @@ class _Rule:
     def reduce(self, obj: Any) -> Any:
         if obj is self.module:
             return importlib.import_module, (MODEL_MODULE,)
-        if not isinstance(obj, (type, types.FunctionType)) or getattr(obj, "__module__", None) != self.notebook:
+        # (functools.lru_cache(f) pickles as a name, as a function does: the notebook's, not `__main__`'s)
+        named = isinstance(obj, (type, types.FunctionType)) or (
+            type(obj).__module__ == "functools" and isinstance(getattr(obj, "__wrapped__", None), types.FunctionType))
+        if not named or getattr(obj, "__module__", None) != self.notebook:
             return NotImplemented
         parent, attr = self._where(obj)
         return getattr, (parent, attr)
