@@ -311,6 +311,12 @@ def definition_code(value: Any, state: bool = True, _depth: int = 0, _closed_by_
                     inspect.isfunction(item) or isinstance(item, (property, staticmethod, classmethod)))):
                 continue  # (a dunder value is Python's or a framework's bookkeeping: pydantic's __pydantic_fields__)
             parts.append((attr, _attribute_code(item, value, _depth, module, state)))
+        for attr in ("__pydantic_fields__", "__dataclass_fields__"):
+            # A field's default, which pydantic keeps only there (`t: float = 0.5` edited to 0.7), by what it says
+            fields = vars(value).get(attr)
+            if isinstance(fields, dict):
+                parts.append((attr, tuple((name, re.sub(r" at 0x[0-9a-fA-F]+", "", repr(field))[:500])
+                                          for name, field in fields.items())))
         return ("class", tuple(parts))
     fn = inspect.unwrap(value) if callable(value) else value
     code = getattr(fn, "__code__", None)
