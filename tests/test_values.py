@@ -299,7 +299,7 @@ def test_a_class_redefined_after_its_instance_was_made_loads_after_its_definitio
     assert source.text.index("class Box") < source.text.index("box = pickle.loads")
 
 
-def test_a_value_holding_a_class_edited_since_is_refused_as_model_py_defines_only_the_latest():
+def test_a_value_holding_a_class_edited_since_is_refused_as_model_py_defines_only_the_latest(tmp_path):
     """The same `class Box` run again is the same code (above); an edited one is not: the notebook's `box` runs the
     old `get`, model.py's `Box` the new one, and the saved pickle named `Box` and answered otherwise, silently. So is a
     torch module rebuilt from its source (`net = Net()` trained, then `class Net` edited): refused, naming both."""
@@ -335,8 +335,8 @@ def test_a_value_holding_a_class_edited_since_is_refused_as_model_py_defines_onl
     model = "%%model\nclass Model:\n    def predict(self, model_input):\n        return [box['b'].get(), Box().get()]"
     cells = [helper.format(1), holder.format(""), "box = {'b': Box()}\nbox['c'] = 0", helper.format(2),
              holder.format(""), model]
-    with pytest.raises(MaterializeError, match="holds the class `Box` as a cell defined it before the notebook bound "
-                                               r"`Box` again, to other code \(or to code that holds other values"):
+    with pytest.raises(MaterializeError, match="holds the class `Box` as a cell defined it before the same cell ran "
+                                               "again and made `Box` with other values"):
         build_model_source(cells, "Model", live=run_cells(cells[:-1]))
     for cells[3], cells[4] in ((helper.format(1), holder.format("")),
                                (helper.format(1), holder.format("'''doc'''\n        "))):
@@ -345,6 +345,26 @@ def test_a_value_holding_a_class_edited_since_is_refused_as_model_py_defines_onl
              "def sq(x):\n    '''square'''\n    return x * x",
              "%%model\nclass Model:\n    def predict(self, model_input):\n        return box['f'](3)"]
     assert "box = pickle.loads" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
+    # What it read in a container or an object (`cfg = {'t': T}`, a default `[T]`, `S(T)`) too; not what its body
+    # sets to the same value at every run (`_instance = None`, `ids = itertools.count()`), which its own code moves
+    # (a singleton, a lazy table): model.py's class starts from it as the notebook's did. Nor a method's `super()`
+    # cell, which holds the class itself (compared once: it took minutes for a class of 30 such methods).
+    reads = "class S:\n    def __init__(self, t):\n        self.t = t\n\nclass K:\n    cfg = {{'t': T}}\n    s = S(T)\n" \
+            "    def get(self, d=[T]):\n        return {}"
+    for read in ("self.cfg['t']", "self.s.t", "d[0]"):
+        cells = ["T = 1", reads.format(read), "box = {'k': K()}\nbox['c'] = 0", "T = 2", reads.format(read),
+                 "%%model\nclass Model:\n    def predict(self, model_input):\n        return box['k'].get()"]
+        with pytest.raises(MaterializeError, match="holds the class `K` as a cell defined it before the same cell"):
+            build_model_source(cells, "Model", live=run_cells(cells[:-1]))
+    single = ("import itertools\nclass Base:\n    pass\n\nclass Cfg(Base):\n    _instance = None\n"
+              "    ids = itertools.count()\n" + "".join(f"    def m{i}(self):\n        return super().__init__()\n"
+                                                    for i in range(30)) +
+              "    def __new__(cls):\n        if cls._instance is None:\n            cls._instance = super().__new__(cls)\n"
+              "            cls._instance.v = next(cls.ids)\n        return cls._instance")
+    cells = [single, "Cfg()", "box = {'b': Cfg()}\nbox['c'] = 0", single,
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return box['b'].v"]
+    expected, got, _ = ship(tmp_path / "single", cells, {"v": "Model().predict(None)"})
+    assert expected == got == {"v": 0}
     # A pydantic field's default lives only in the class's fields (it compared as the same code: the export answered
     # 0.7 where the notebook's held class answers 0.5, silently); run again unchanged, it is the same.
     config = "from pydantic import BaseModel\nclass Cfg(BaseModel):\n    t: float = {}"
@@ -376,7 +396,9 @@ def test_a_value_holding_a_class_edited_since_is_refused_as_model_py_defines_onl
 @pytest.mark.parametrize("cells", [
     ["def f():\n    return 1", "def g():\n    return 2", "if False:\n    f = g"],
     ["def loads(s):\n    return 1", "try:\n    from no_such_module_here import loads\nexcept ImportError:\n    pass"],
-], ids=["if False", "failed try-import"])
+    ["def f():\n    return 1", "def g():\n    return 2", "if False:\n    f = g",
+     "try:\n    from no_such_module_here import f\nexcept ImportError:\n    pass"],
+], ids=["if False", "failed try-import", "one after the other"])
 def test_an_if_or_try_that_may_leave_a_name_unbound_keeps_the_definition_before_it(tmp_path, cells):
     """model.py held only the `if` (or the `try`) as the name's latest binding, so the deployment had no `f` at all
     (a NameError in predict, after an export that said nothing with --no-replay). Now the def before it is kept, in
@@ -411,6 +433,31 @@ def test_a_name_bound_again_from_itself_keeps_its_def_before_it_unless_a_value_h
              "f = functools.lru_cache(double(f))",
              "%%model\nclass Model:\n    def predict(self, model_input):\n        return box['f'](1)"]
     with pytest.raises(MaterializeError, match="holds the function `f` as a cell defined it before the notebook bound"):
+        build_model_source(cells, "Model", live=run_cells(cells[:-1]))
+
+
+def test_a_function_read_when_a_class_ran_and_defined_again_after_keeps_both_defs_in_order(tmp_path):
+    """`def get(self, fn=helper)` and `f = staticmethod(act)` read the first `helper` and `act`; a later cell defines
+    them again. model.py held only the later defs, after the class: a NameError on import (G8, D1 of the review)."""
+    cells = ["def helper():\n    return 1\n\ndef act(x):\n    return x + 1",
+             "class Box:\n    f = staticmethod(act)\n    def get(self, fn=helper):\n        return fn()",
+             "def helper():\n    return 2\n\ndef act(x):\n    return x + 2",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return [Box().get(), helper(), Box.f(1), act(1)]"]
+    expected, got, source = ship(tmp_path / "out", cells, {"v": "Model().predict(None)"})
+    assert expected == got == {"v": [1, 2, 2, 3]}, source.text
+
+
+@pytest.mark.parametrize("cells", [
+    ["def f():\n    return 1", "if True:\n    def f():\n        return 2"],
+    ["def f():\n    return 1", "exec('def f():\\n    return 2')"],
+    ["import functools\ndef f():\n    return 1", "def install():\n    global f\n    inner = f\n"
+     "    @functools.wraps(inner)\n    def f():\n        return inner() * 10\n", "install()"],
+], ids=["def inside if", "exec", "global, wrapped"])
+def test_a_def_the_cells_do_not_show_as_the_notebooks_is_refused_not_exported_as_the_first(cells):
+    """The live `f` has the name `f` but not the code of the top-level `def f` model.py would hold (it answered 1
+    where the notebook answers 2 or 10, silently)."""
+    cells = [*cells, "%%model\nclass Model:\n    def predict(self, model_input):\n        return f()"]
+    with pytest.raises(MaterializeError, match="it is the function `f` as no cell's top level defines it"):
         build_model_source(cells, "Model", live=run_cells(cells[:-1]))
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import collections.abc
 import enum
+import functools
 import inspect
 import re
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Collection, Optional
 
 from .errors import ModelDefinitionError
 from .routes import ENDPOINT_METHODS  # (served on routes of their own, beside predict)
@@ -289,66 +290,144 @@ def code_fingerprint(fn: Any) -> Any:
     return _code_key(code)
 
 
-def definition_code(value: Any, state: bool = True, _depth: int = 0, _closed_by_name: bool = False) -> Any:
+def definition_code(value: Any, rerun: Optional[Collection[str]] = None) -> Any:
     """What a notebook class or function does, to tell a definition a cell replaced from the one run again: a
     function's code (its docstring aside), defaults and the values it closes over; a class's bases (a notebook one
     by its own definition), and each attribute but the dunders Python sets: functions and what decorators wrap
-    (``lru_cache``, ``cached_property``, ``partialmethod``, static and class methods, properties), nested classes, and
-    plain values (a threshold, a default of a dataclass field). Compared in one process: two definitions from the
-    same source agree (a cell run again); an edited method, default or class attribute does not.
+    (``lru_cache``, ``cached_property``, ``partialmethod``, static and class methods, properties), nested classes,
+    plain values (a threshold, a default of a dataclass or pydantic field) and what they hold. A function or class of
+    the notebook's module held anywhere in it (a default `fn=helper`, a decorator factory's argument, an instance of
+    a notebook class) is compared by its own code in turn, each once (memoized: a method's `super()` cell holds its
+    class). Compared in one process: two definitions from the same source agree (a cell run again); an edited
+    method, default or class attribute does not.
 
-    ``state=False`` compares two runs of the same source: what differs then is what the definition read when it ran
-    (a default `fn=helper`, an attribute `t = THRESH`), not the state its own code moved since (a cache a class
-    attribute holds, a counter), which model.py's definition does not have either way."""
-    if _depth > 8:
-        return ("deep",)
-    if isinstance(value, type):
+    ``rerun`` compares two runs of the same source: its keys (source.literal_keys) name the class attributes and
+    defaults the source sets to a literal (`_instance = None`, `n = 0`, `cache={}`), equal at every run, so a
+    difference there is state the code moved since (a lazy singleton, a counter), which model.py's definition starts
+    from as the notebook's did; so is a plain value a closure holds. Anything else differs because of what the
+    definition read when it ran (`cfg = {'t': T}` after `T` changed, a default `fn=helper` after `helper` did)."""
+    return _Comparison(None if rerun is None else frozenset(rerun)).definition(value, 0, "")
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+class _Comparison:
+    """One definition_code walk: the memo of what it has compared (and what it is comparing, for cycles)."""
+
+    def __init__(self, rerun: Optional[frozenset]) -> None:
+        self.rerun = rerun
+        self.memo: dict[tuple[int, Optional[str]], Any] = {}
+        self.busy: set[int] = set()  # being compared (a method's `super()` cell holds its own class)
+        self.held: list = []  # what the memo's ids belong to, alive until the walk ends
+
+    def definition(self, value: Any, depth: int, where: Optional[str] = None) -> Any:
+        """``where``: "" for the definition compared, a method's name for a method of that class (what
+        ``rerun``'s default keys name); None deeper."""
+        if depth > 8:
+            return ("deep",)
+        key = (id(value), where)
+        if id(value) in self.busy:
+            return ("cycle", getattr(value, "__qualname__", "?"))
+        found = self.memo.get(key)
+        if found is not None:
+            return found
+        self.busy.add(id(value))
+        self.held.append(value)
+        try:
+            found = self.memo[key] = (self._class(value, depth, where) if isinstance(value, type)
+                                      else self._function(value, depth, where))
+        finally:
+            self.busy.discard(id(value))
+        return found
+
+    def _class(self, value: type, depth: int, where: Optional[str]) -> Any:
         module = value.__module__
-        parts: list = [definition_code(b, state, _depth + 1) if b.__module__ == module and b is not value
+        parts: list = [self.definition(b, depth + 1) if b.__module__ == module and b is not value
                        else f"{b.__module__}.{b.__qualname__}" for b in value.__bases__]
+        top = where == ""
         for attr, item in sorted(vars(value).items()):
             if attr in _SET_BY_PYTHON or (attr.startswith("__") and attr.endswith("__") and not (
                     inspect.isfunction(item) or isinstance(item, (property, staticmethod, classmethod)))):
                 continue  # (a dunder value is Python's or a framework's bookkeeping: pydantic's __pydantic_fields__)
-            parts.append((attr, _attribute_code(item, value, _depth, module, state)))
+            if top and self.rerun is not None and f"attr:{attr}" in self.rerun:
+                continue  # (a literal in the source: what differs is state its methods moved since)
+            parts.append((attr, self._attribute(item, value, depth, module, attr if top else None)))
         for attr in ("__pydantic_fields__", "__dataclass_fields__"):
             # A field's default, which pydantic keeps only there (`t: float = 0.5` edited to 0.7), by what it says
             fields = vars(value).get(attr)
             if isinstance(fields, dict):
-                parts.append((attr, tuple((name, re.sub(r" at 0x[0-9a-fA-F]+", "", repr(field))[:500])
+                parts.append((attr, tuple((name, _ADDRESS.sub("", repr(field))[:500])
                                           for name, field in fields.items())))
         return ("class", tuple(parts))
-    fn = inspect.unwrap(value) if callable(value) else value
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        return code_fingerprint(fn)
-    key = _code_key(code)
-    doc = getattr(fn, "__doc__", None)
-    if key[5] and key[5][0] == ("str", repr(doc)) or doc is None and key[5][:1] == (("NoneType", "None"),):
-        # (A docstring added, edited or removed changes no answer: Python 3.11 keeps a function's docstring, or
-        # None without one, as its first constant.)
-        key = key[:5] + (key[5][1:],)
-    from .fingerprint import cell_is_filled
 
-    # What a function reads that the notebook defines (a default `fn=helper`, a decorator factory's argument) is
-    # compared by its code, one level deep (what that reads in turn by name): by name alone a class run again,
-    # unchanged, after `helper` was defined again with other code read as the same definition as the earlier
-    # class, whose default still holds the earlier `helper`.
-    home = None if _closed_by_name else fn.__module__
-    cells = tuple(_closed_over_code(c.cell_contents, _depth, home, state) if cell_is_filled(c) else None
-                  for c in (fn.__closure__ or ()))
-    return ("function", key, tuple(_value_code(d, _depth, home, state) for d in fn.__defaults__ or ()),
-            tuple((k, _value_code(d, _depth, home, state)) for k, d in (fn.__kwdefaults__ or {}).items()), cells)
+    def _function(self, value: Any, depth: int, where: Optional[str]) -> Any:
+        fn = inspect.unwrap(value) if callable(value) else value
+        code = getattr(fn, "__code__", None)
+        if code is None:
+            return code_fingerprint(fn)
+        key = _code_key(code)
+        doc = getattr(fn, "__doc__", None)
+        if key[5] and key[5][0] == ("str", repr(doc)) or doc is None and key[5][:1] == (("NoneType", "None"),):
+            # (A docstring added, edited or removed changes no answer: Python 3.11 keeps a function's docstring, or
+            # None without one, as its first constant.)
+            key = key[:5] + (key[5][1:],)
+        from .fingerprint import cell_is_filled
 
+        home = fn.__module__
+        cells = tuple(self.value(c.cell_contents, depth, home, closure=True) if cell_is_filled(c) else None
+                      for c in (fn.__closure__ or ()))
+        literal = self.rerun if self.rerun is not None and where is not None else frozenset()
+        defaults = tuple(None if f"default:{where}:{i}" in literal else self.value(d, depth, home)
+                         for i, d in enumerate(fn.__defaults__ or ()))
+        keywords = tuple((k, None if f"kwdefault:{where}:{k}" in literal else self.value(d, depth, home))
+                         for k, d in (fn.__kwdefaults__ or {}).items())
+        return ("function", key, defaults, keywords, cells)
 
-def _closed_over_code(value: Any, depth: int, home: Optional[str], state: bool) -> Any:
-    """A function a closure holds that no top-level name binds (the method a decorator without ``functools.wraps``
-    wraps, a local function) is compared by its code: by name, an edited method under such a decorator read as the
-    same code. One level deep (what it closes over in turn by name): local functions that call each other would
-    otherwise be walked again for every path between them."""
-    if home is not None and inspect.isfunction(value) and "." in value.__qualname__:
-        return definition_code(value, state, depth + 1, _closed_by_name=True)
-    return _value_code(value, depth, home, state)
+    def _attribute(self, item: Any, owner: type, depth: int, home: str, where: Optional[str]) -> Any:
+        if isinstance(item, property):
+            return ("property", *(self.definition(f, depth + 1) if f is not None else None
+                                  for f in (item.fget, item.fset, item.fdel)))
+        if isinstance(item, (staticmethod, classmethod)):
+            return (type(item).__name__, self.definition(item.__func__, depth + 1, where))
+        if isinstance(item, type) and not item.__qualname__.startswith(owner.__qualname__ + "."):
+            return self.value(item, depth, home)  # (a class it refers to, defined elsewhere)
+        func = getattr(item, "func", None)  # functools.cached_property, partialmethod, partial
+        if func is not None and callable(func) and not inspect.isfunction(item):
+            return (type(item).__name__, self.definition(func, depth + 1), self.value(getattr(item, "args", ()), depth, home),
+                    self.value(getattr(item, "keywords", {}), depth, home))
+        if isinstance(item, type) or inspect.isfunction(item) or hasattr(item, "__wrapped__"):
+            return self.definition(item, depth + 1, where)
+        return self.value(item, depth, home)
+
+    def value(self, value: Any, depth: int, home: Optional[str], closure: bool = False) -> Any:
+        """A plain value, compared by what it is (a new lock or a new empty dict in a class run again is the same),
+        and by the notebook code it holds: a function or class of ``home`` (the notebook's module) by its
+        definition, an instance of a notebook class by its class and attributes, a ``functools.partial`` by its
+        function and arguments. Any other function or class by name, as model.py imports it by that name."""
+        if depth > 8:
+            return ("deep",)
+        if inspect.isfunction(value) or isinstance(value, type):
+            name = f"{value.__module__}.{value.__qualname__}"
+            return (name, self.definition(value, depth + 1)) if value.__module__ == home else name
+        if closure and self.rerun is not None:
+            return None  # (a counter a decorator keeps: state, in a run of the same source)
+        if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+            return (type(value).__name__, repr(value))
+        if isinstance(value, (tuple, list, set, frozenset, dict)):
+            items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
+            codes = [(repr(k), self.value(v, depth + 1, home)) for k, v in items]
+            if isinstance(value, (set, frozenset)):
+                codes.sort(key=repr)
+            return (type(value).__name__, tuple(codes))
+        if isinstance(value, functools.partial):
+            return ("partial", self.value(value.func, depth + 1, home), self.value(value.args, depth + 1, home),
+                    self.value(value.keywords, depth + 1, home))
+        kind = type(value)
+        if kind.__module__ == home and isinstance(getattr(value, "__dict__", None), dict):
+            return ("instance", self.definition(kind, depth + 1), self.value(dict(vars(value)), depth + 1, home))
+        text = _ADDRESS.sub("", repr(value))[:500]
+        return (f"{kind.__module__}.{kind.__qualname__}", text)
 
 
 # What Python sets on a class, or caches on it later (copyreg's __slotnames__ once an instance is pickled, abc's
@@ -356,51 +435,6 @@ def _closed_over_code(value: Any, depth: int, home: Optional[str], state: bool) 
 _SET_BY_PYTHON = frozenset({"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__firstlineno__",
                             "__static_attributes__", "__annotations__", "__orig_bases__", "__parameters__",
                             "__slotnames__", "__abstractmethods__", "_abc_impl"})
-
-
-def _attribute_code(item: Any, owner: type, depth: int, home: str, state: bool) -> Any:
-    if isinstance(item, property):
-        return ("property", *(definition_code(f, state, depth + 1) if f is not None else None
-                              for f in (item.fget, item.fset, item.fdel)))
-    if isinstance(item, (staticmethod, classmethod)):
-        return (type(item).__name__, definition_code(item.__func__, state, depth + 1))
-    if isinstance(item, type) and not item.__qualname__.startswith(owner.__qualname__ + "."):
-        return f"{item.__module__}.{item.__qualname__}"  # (a class it refers to, defined elsewhere)
-    func = getattr(item, "func", None)  # functools.cached_property, partialmethod, partial
-    if func is not None and callable(func) and not inspect.isfunction(item):
-        return (type(item).__name__, definition_code(func, state, depth + 1),
-                _value_code(getattr(item, "args", ()), depth, home, state),
-                _value_code(getattr(item, "keywords", {}), depth, home, state))
-    if isinstance(item, type) or inspect.isfunction(item) or hasattr(item, "__wrapped__"):
-        return definition_code(item, state, depth + 1)
-    return _value_code(item, depth, home, state)
-
-
-def _value_code(value: Any, depth: int, home: Optional[str] = None, state: bool = True, inside: bool = False) -> Any:
-    """A plain value, compared by what it is (a new lock or a new empty dict in a class run again is the same). A
-    function or class of ``home`` (the notebook's module) also by its code, one level deep, as an earlier definition
-    of the same name may be what it holds; any other by name, as model.py imports it by that name. Without ``state``
-    (definition_code), what a container holds or an object is counts only for the notebook code in it."""
-    if depth > 8:
-        return ("deep",)
-    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
-        return (type(value).__name__, repr(value)) if state or not inside else None
-    if isinstance(value, (tuple, list, set, frozenset, dict)):
-        items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
-        codes = [(repr(k), code) for k, v in items
-                 for code in [_value_code(v, depth + 1, home, state, inside=True)] if state or code is not None]
-        if isinstance(value, (set, frozenset)):
-            codes.sort(key=repr)
-        return (type(value).__name__, tuple(codes)) if state or codes else None
-    if inspect.isfunction(value) or isinstance(value, type):
-        name = f"{value.__module__}.{value.__qualname__}"
-        if home is not None and value.__module__ == home:
-            return (name, definition_code(value, state, depth + 1, _closed_by_name=True))
-        return name
-    kind = f"{type(value).__module__}.{type(value).__qualname__}"
-    if not state:
-        return (kind,) if not inside else None
-    return (kind, re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))[:500])
 
 
 def _code_key(code) -> tuple:

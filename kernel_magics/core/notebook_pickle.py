@@ -58,8 +58,8 @@ class _Rule:
         self.namespace = namespace
         # The notebook's names that cells defined more than once: a value holding an earlier definition that differs
         # from the latest is refused (planning, unless the replay will prove the value; saving follows what the plan
-        # decided). A mapping says which were only run again from the same source (False): those compare what
-        # they read when they ran, not the state they moved since (contract.definition_code).
+        # decided). A mapping says which only ran again from the same source: name -> what that source sets to
+        # literals (contract.definition_code's `rerun`), True for other source.
         self.replaced = replaced
         self.notebook = namespace.get("__name__", "__main__")
         self.saving = saving  # the name whose value is being saved: it cannot refer to itself
@@ -91,16 +91,19 @@ class _Rule:
             # code the deployment would run other methods than the notebook's value does, so it is refused, unless
             # recorded predictions will be replayed to prove the answers the same (a docstring edited).
             if found is not _MISSING and isinstance(found, type) == isinstance(obj, type) and parts[0] != self.saving:
-                edited = self.replaced.get(parts[0], True) if isinstance(self.replaced, Mapping) else True
+                how = self.replaced.get(parts[0], True) if isinstance(self.replaced, Mapping) else True
+                rerun = None if how is True else how  # (the same source run again: what it sets to literals)
                 # (A wrapper of the very function, `f = functools.wraps`-style `double(f)`, compares equal by its
                 # code but answers otherwise: the value holds the bare `f`, model.py's `f` is the wrapper.)
                 if parts[0] in self.replaced and found is not obj and (
-                        _wraps(found, obj) or definition_code(found, state=edited) != definition_code(obj, state=edited)):
+                        _wraps(found, obj) or definition_code(found, rerun) != definition_code(obj, rerun)):
+                    again = (f"the notebook bound `{parts[0]}` again, to other code" if rerun is None else
+                             f"the same cell ran again and made `{parts[0]}` with other values (a default, a class "
+                             "attribute or a function it reads, changed in between)")
                     error = NotebookReferenceError(
-                        f"it holds the {kind} `{qualname}` as a cell defined it before the notebook bound "
-                        f"`{parts[0]}` again, to other code (or to code that holds other values: a default, a class "
-                        f"attribute, a function it reads); model.py defines only the latest `{parts[0]}`, so the "
-                        "deployment would run other code than the notebook's value does")
+                        f"it holds the {kind} `{qualname}` as a cell defined it before {again}; model.py defines "
+                        f"only the latest `{parts[0]}`, so the deployment would run other code than the notebook's "
+                        "value does")
                     error.advice = (f"Run the cell that makes `{self.saving or 'the value'}` again, so that it holds "
                                     f"the latest `{qualname}` (or give the new definition another name); with "
                                     "recorded predictions (%model_predict) the export's replay judges instead.")
@@ -124,6 +127,13 @@ class _Rule:
             raise NotebookReferenceError(
                 "it holds a lambda from the notebook that no top-level name is bound to, and a saved file can only "
                 "refer to functions defined at the top level of a cell")
+        if parts[0] == self.saving and self.namespace.get(parts[0]) is obj:
+            error = NotebookReferenceError(
+                f"it is the {kind} `{qualname}` as no cell's top level defines it: made inside an `if` or a loop, "
+                "by exec, or bound by a function (`global`), so model.py cannot define it as the notebook has it")
+            error.advice = (f"Define `{qualname}` as the model should use it at the top level of a cell, run that "
+                            "cell, then export again.")
+            raise error
         if self.namespace.get(parts[0], _MISSING) is not _MISSING and parts[0] != self.saving:
             now = self.namespace[parts[0]]
             error = NotebookReferenceError(

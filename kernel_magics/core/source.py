@@ -127,8 +127,9 @@ class ModelSource:
     unproven: list[str] = field(default_factory=list)  # CLI: re-run from source, proven only by the replay
     # kernel: (name, its cell) the model uses that the notebook no longer has (deleted since): model.py defines them
     absent: list[tuple[str, int]] = field(default_factory=list)
-    # notebook classes and functions cells defined more than once: name -> whether with other source
-    replaced: dict[str, bool] = field(default_factory=dict)
+    # notebook classes and functions cells defined more than once: name -> True with other source, else what the
+    # source sets to literals (literal_keys)
+    replaced: dict[str, Any] = field(default_factory=dict)
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> its lines in model.py
     # The live fingerprints of the verified names re-run from source, taken while building (to tell the unverifiable
     # ones): the export's verification compares with these instead of hashing the same values again.
@@ -628,11 +629,11 @@ def _rebuild_problem(definition: _Definition, analysis: _Analysis) -> Optional[s
 
 
 def _binding_before(name: str, definition: _Definition, analysis: _Analysis) -> Optional[_Definition]:
-    """The def, class or import that bound ``name`` before ``definition``, when that was its last binding: model.py
-    can hold it too, in the notebook's order, and it binds the same in any process (a statement might be a training
-    run)."""
+    """The def, class, import (or `if`/`try` of them) that bound ``name`` before ``definition``, when that was its
+    last binding: model.py can hold it too, in the notebook's order, and it binds the same in any process (a
+    statement might be a training run)."""
     earlier = [d for d in analysis.history.get(name, []) if d.order < definition.order]
-    return earlier[-1] if earlier and earlier[-1].kind in ("function", "class", "import") else None
+    return earlier[-1] if earlier and earlier[-1].kind in ("function", "class", "import", "block") else None
 
 
 def _literal_of(definition: _Definition) -> tuple[bool, Any]:
@@ -712,9 +713,9 @@ class _Context:
     # verification (_an_earlier_value_must_rebuild)
     same_as_later: list[tuple] = field(default_factory=list)
     absent: list[tuple[str, int]] = field(default_factory=list)  # kernel: (name, its cell) the notebook no longer has
-    # notebook classes and functions cells defined more than once (a value may hold an earlier one): name -> whether
-    # with other source
-    replaced: dict[str, bool] = field(default_factory=dict)
+    # notebook classes and functions cells defined more than once (a value may hold an earlier one): name -> True
+    # with other source, else what the source sets to literals (literal_keys)
+    replaced: dict[str, Any] = field(default_factory=dict)
 
 
 # Standard-library modules whose functions give the same result for the same arguments, anywhere.
@@ -1201,7 +1202,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     queue: list[tuple[_Definition, str]] = [(root, class_name)]
     unresolved: dict[str, str] = {}
     ctx = _Context(live, as_values, local, replay_proves, replaced={
-        name: edited for name, history in analysis.history.items()
+        name: True if edited else literal_keys(history[-1].node, analysis) for name, history in analysis.history.items()
         for edited in [_defined_again(history)] if edited is not None})
 
     def need(name: str, label: str) -> None:
@@ -1236,11 +1237,14 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
             # The binding before it, when this one may keep it (an `if False: f = g`, a `try: from fast import
             # loads` that failed: without it the deployment had no `f`) or reads it (`f = functools.lru_cache(f)`,
             # `A = dataclass(A)`): model.py holds both, in the notebook's order.
-            before = _binding_before(name, target, analysis)
-            if before is not None and id(before) not in chosen and (
-                    target.kind == "block" or target.kind == "constant" and name in target.uses):
+            current = target
+            while current.kind == "block" or current is target and target.kind == "constant" and name in target.uses:
+                before = _binding_before(name, current, analysis)  # (through every `if` or `try` before it)
+                if before is None or id(before) in chosen:
+                    break
                 chosen[id(before)] = before
                 queue.append((before, name))
+                current = before
 
     def _take_value(name: str, travel: _Travel, where: _Definition, label: str) -> None:
         plan = travel.plan
@@ -1475,7 +1479,58 @@ def _still_this_definition(value: Any, name: str, definition: _Definition) -> bo
     if getattr(definition.node, "decorator_list", None):
         return True
     kind = type if definition.kind == "class" else types.FunctionType
-    return isinstance(value, kind) and getattr(value, "__qualname__", None) == name
+    # (a wrapper made with functools.wraps has the name too: `global f; f = rounding(f)`)
+    if not (isinstance(value, kind) and getattr(value, "__qualname__", None) == name
+            and getattr(value, "__wrapped__", None) is None):
+        return False
+    if kind is types.FunctionType:  # another `def f` the cells do not show as one (inside an `if`, an exec)
+        from .contract import code_fingerprint
+
+        try:
+            module = compile(ast.Module([definition.node], type_ignores=[]), "<cell>", "exec")
+        except (SyntaxError, ValueError, TypeError):
+            return True
+        made = next((c for c in module.co_consts if isinstance(c, types.CodeType) and c.co_name == name), None)
+        return made is None or code_fingerprint(types.FunctionType(made, {})) == code_fingerprint(value)
+    return True
+
+
+def literal_keys(node: ast.stmt, analysis: _Analysis) -> frozenset[str]:
+    """What a class or def sets to the same value at every run, as contract.definition_code's ``rerun`` names it:
+    an expression that reads no notebook name but imported modules and builtins (`_instance = None`, `n = 0`,
+    `ids = itertools.count()`, `cache = defaultdict(list)`), as a class attribute (`attr:_instance`) or a default of
+    the function or of a method of the class (`default:get:0`, `kwdefault:get:cache`; the function's own with an
+    empty method name). What differs there between two runs is state the code moved since."""
+    keys: set[str] = set()
+
+    def literal(expr: Optional[ast.expr]) -> bool:
+        if expr is None:
+            return False
+        for sub in ast.walk(expr):
+            if isinstance(sub, (ast.Lambda, ast.NamedExpr, ast.Await, ast.Yield, ast.YieldFrom)):
+                return False
+            if isinstance(sub, ast.Name):
+                bound = analysis.defs.get(sub.id)
+                if not (bound.kind == "import" if bound is not None else sub.id in _BUILTINS):
+                    return False
+        return True
+
+    def defaults(fn: ast.stmt, where: str) -> None:
+        args = fn.args
+        keys.update(f"default:{where}:{i}" for i, d in enumerate(args.defaults) if literal(d))
+        keys.update(f"kwdefault:{where}:{a.arg}" for a, d in zip(args.kwonlyargs, args.kw_defaults) if literal(d))
+
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        defaults(node, "")
+    elif isinstance(node, ast.ClassDef):
+        for stmt in node.body:
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                defaults(stmt, stmt.name)
+            elif isinstance(stmt, ast.Assign) and literal(stmt.value):
+                keys.update(f"attr:{t.id}" for t in stmt.targets if isinstance(t, ast.Name))
+            elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and literal(stmt.value):
+                keys.add(f"attr:{stmt.target.id}")
+    return frozenset(keys)
 
 
 def _defined_again(history: list[_Definition]) -> Optional[bool]:
@@ -1510,6 +1565,10 @@ def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, c
             continue
         earlier = [d for d in analysis.history.get(name, []) if d.order < definition.order]
         kinds = ("constant", "block") if not star else ("constant", "block", "function", "class", "import")
+        if current.kind in ("function", "class"):
+            # (`def get(self, fn=helper)`, `f = staticmethod(act)`, then `helper` or `act` defined again: model.py
+            # holds both defs in the notebook's order; it had the later one only, after the class: a NameError)
+            kinds += ("function", "class")
         if earlier and earlier[-1].kind in kinds and id(earlier[-1]) not in chosen:
             then = earlier[-1]
             if then.kind in ("constant", "block"):
