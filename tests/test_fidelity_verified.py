@@ -604,3 +604,20 @@ def test_why_lists_what_a_cell_sets_on_a_module_beside_the_notebook_before_any_e
     k.ok("%model_export out")
     done = cli("predict", tmp_path / "out", "-d", '{"x": 5}', cwd=tmp_path)
     assert (done.returncode, done.stdout) == (0, "15\n"), done.stderr
+
+
+def test_a_registry_a_class_the_model_does_not_use_filled_is_refused_not_exported_without_it(tmp_path, fresh_kernel):
+    """`__init_subclass__` fills `Base.registry` with `A` and `B`; the model uses `A` and the registry, so model.py
+    defines `Base` and `A` only, and its registry lacks `B` (it answered ['A'] where the notebook answers ['A', 'B'],
+    silently: a class attribute holding classes was not compared). Refused naming the attribute; with `B` named in
+    the model, it exports."""
+    k = fresh_kernel(cwd=tmp_path)
+    k.ok("%load_ext kernel_magics\nclass Base:\n    registry = {}\n    def __init_subclass__(cls, **kw):\n"
+         "        super().__init_subclass__(**kw)\n        Base.registry[cls.__name__] = cls")
+    k.ok("class A(Base):\n    pass\n\nclass B(Base):\n    pass")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return [A.__name__, sorted(Base.registry)]")
+    why = usage_error(k.execute("%model_export out --no-replay"))
+    assert "its attribute `registry` is {'A': <class 'model.model.A'>}, the notebook has" in why, why
+    assert "registered itself there (`__init_subclass__`)" in why, why
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return [A.__name__, B.__name__, sorted(Base.registry)]")
+    assert "Exported `Model`" in k.ok("%model_export out --no-replay").stdout

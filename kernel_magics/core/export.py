@@ -65,6 +65,7 @@ class Materialized:
     live: Optional[dict] = None  # the kernel's namespace: the values the fresh process is verified against
     # Builds this again with more names travelling as values (name -> why): see verification.py.
     rebuild: Optional[Any] = field(default=None, repr=False)
+    model_cell: str = ""  # the %%model cell's text (what verification.remembered keys on besides the live values)
 
 
 @dataclass
@@ -243,10 +244,13 @@ def materialize(cells: Sequence[str], config: ModelConfig, base_dir: Path, noteb
     names that must travel as values (name -> why), which the verification found different
     (without it, what earlier verifications of the same kernel found and still holds).
     """
+    from .source import last_cell_of
     from .verification import remembered
 
+    model = last_cell_of(list(cells), "model")
+    model_cell = cells[model] if model is not None else ""
     if as_values is None:
-        as_values = remembered(live)
+        as_values = remembered(live, model_cell)
     replay_proves = replay and record is not None and len(record) > 0
     source = build_model_source(cells, config.model_class_name, notebook, live, as_values=as_values,
                                 local=lambda m: _local_module(base_dir, m), replay_proves=replay_proves)
@@ -265,7 +269,7 @@ def materialize(cells: Sequence[str], config: ModelConfig, base_dir: Path, noteb
                            as_values={**as_values, **more}, replay=replay)
 
     return Materialized(source, config, materialize_config(config, requirements, example),
-                        sorted(local.values()), warnings, record, live, rebuild)
+                        sorted(local.values()), warnings, record, live, rebuild, model_cell)
 
 
 # ------------------------------------------------------------------ where an export may go

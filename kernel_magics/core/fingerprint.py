@@ -301,6 +301,10 @@ def _definition(value: Any, depth: int = 0, *, closure: bool = False) -> dict:
                 attributes[attr] = found["summary"]
             continue
         text = _canonical(item, [_LITERAL_BUDGET])
+        if text is None and type(item) in (list, tuple, dict) and len(item) <= _CONTAINER_ITEMS:
+            # A registry of classes or functions (`__init_subclass__` filling `Base.registry`): by their names, as a
+            # subclass model.py does not define is missing from it there
+            text = _names(item)
         if text is None:
             continue  # methods, descriptors, nested classes, objects: the class's code, or not a plain value
         parts.append(f"{attr}={text}")
@@ -308,6 +312,22 @@ def _definition(value: Any, depth: int = 0, *, closure: bool = False) -> dict:
             shown = repr(item)
             attributes[attr] = shown if len(shown) <= 60 else shown[:57] + "..."
     return _fp("definition", _digest("definition", name, body, *parts), name, attributes=attributes)
+
+
+def _names(item: Any) -> Optional[str]:
+    """A flat list, tuple or dict of classes and functions (and plain keys), by their qualified names."""
+    def name(v: Any) -> Optional[str]:
+        if isinstance(v, (type, types.FunctionType)):
+            module = getattr(v, "__module__", None)
+            return f"{'<notebook>' if module in NOTEBOOK_MODULES else module}.{v.__qualname__}"
+        return _canonical(v, [_LITERAL_BUDGET]) if type(v) in _PRIMITIVES else None
+
+    pairs = list(item.items()) if isinstance(item, dict) else [(None, v) for v in item]
+    texts = [(name(k) if k is not None else "", name(v)) for k, v in pairs]
+    if any(v is None or k is None for k, v in texts) or not any(
+            isinstance(v, (type, types.FunctionType)) for _, v in pairs):
+        return None
+    return f"{type(item).__name__}[{','.join(f'{k}:{v}' for k, v in texts)}]"
 
 
 def _array_bytes_digest(dtype: str, shape: tuple, data: bytes) -> str:

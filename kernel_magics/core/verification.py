@@ -29,7 +29,10 @@ from .fingerprint import BESIDES_WEIGHTS, changed_attributes, difference, finger
 __all__ = ["Verification", "remembered"]
 
 _MAX_ROUNDS = 4  # each round moves at least one name to the values; it ends sooner in practice
-_LEARNED: dict[int, dict[str, tuple[str, str]]] = {}  # id(live namespace) -> name -> (live digest, reason)
+# id(live namespace) -> name -> (live digest, reason, the %%model cell's text): a re-run's value also depends on which
+# definitions model.py holds (a class registry that a class the model did not use filled), so an edited model cell
+# is judged again
+_LEARNED: dict[int, dict[str, tuple[str, str, str]]] = {}
 
 
 def _resolve(live: Mapping[str, Any], name: str) -> Any:
@@ -38,17 +41,18 @@ def _resolve(live: Mapping[str, Any], name: str) -> Any:
     return getattr(value, attr) if attr else value
 
 
-def remembered(live: Optional[Mapping[str, Any]]) -> dict[str, str]:
-    """The names earlier verifications in this kernel found different, whose live values are unchanged since."""
+def remembered(live: Optional[Mapping[str, Any]], model_cell: str = "") -> dict[str, str]:
+    """The names earlier verifications in this kernel found different, whose live values (and the %%model cell)
+    are unchanged since."""
     if live is None:
         return {}
     out = {}
-    for name, (digest, reason) in list(_LEARNED.get(id(live), {}).items()):
+    for name, (digest, reason, cell) in list(_LEARNED.get(id(live), {}).items()):
         try:
             now = fingerprint(_resolve(live, name))
         except (KeyError, AttributeError):
             now = None
-        if now is not None and now["digest"] == digest:
+        if now is not None and now["digest"] == digest and cell == model_cell:
             out[name] = reason
         else:
             del _LEARNED[id(live)][name]
@@ -127,7 +131,7 @@ class Verification:
                 whole = "." in name or name in self.materialized.source.besides_weights  # (as remembered() reads it)
                 found = fingerprint(_resolve(live, name)) if whole else self._live(name)
                 if found is not None:
-                    learned[name] = (found["digest"], reason)
+                    learned[name] = (found["digest"], reason, self.materialized.model_cell)
             self.materialized = self.materialized.rebuild(differ)
             self.rewrite(self.materialized)
         return report, truss
