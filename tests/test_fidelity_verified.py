@@ -606,7 +606,8 @@ def test_why_lists_what_a_cell_sets_on_a_module_beside_the_notebook_before_any_e
     assert (done.returncode, done.stdout) == (0, "15\n"), done.stderr
 
 
-def test_a_registry_a_class_the_model_does_not_use_filled_is_refused_not_exported_without_it(tmp_path, fresh_kernel):
+def test_a_registry_a_class_the_model_does_not_use_filled_or_an_array_drawn_by_a_class_body_is_refused(tmp_path,
+                                                                                                      fresh_kernel):
     """`__init_subclass__` fills `Base.registry` with `A` and `B`; the model uses `A` and the registry, so model.py
     defines `Base` and `A` only, and its registry lacks `B` (it answered ['A'] where the notebook answers ['A', 'B'],
     silently: a class attribute holding classes was not compared). Refused naming the attribute; with `B` named in
@@ -621,3 +622,10 @@ def test_a_registry_a_class_the_model_does_not_use_filled_is_refused_not_exporte
     assert "registered itself there (`__init_subclass__`)" in why, why
     k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return [A.__name__, B.__name__, sorted(Base.registry)]")
     assert "Exported `Model`" in k.ok("%model_export out --no-replay").stdout
+    # An array its body draws (`W = np.random.rand(3)`): model.py draws another; it was not compared (only literal
+    # class attributes were), and the export answered with other weights, silently.
+    k.ok("import numpy as np\nclass K:\n    W = np.random.rand(3)")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return float(K.W.sum())")
+    why = usage_error(k.execute("%model_export out --force --no-replay"))
+    assert re.search(r"its attribute `W` is an array of shape \(3,\) \(float64\) \(checksum \w+\), the notebook has", why)
+    assert "computes something else at every run (random numbers" in why, why

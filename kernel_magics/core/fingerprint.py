@@ -306,6 +306,12 @@ def _definition(value: Any, depth: int = 0, *, closure: bool = False) -> dict:
             # subclass model.py does not define is missing from it there
             text = _names(item)
         if text is None:
+            # An array or tensor its body made (`W = np.random.rand(3)`: model.py draws another), by its data
+            found = _numpy(item) or (_torch(item) if not isinstance(item, type) else None)
+            if found is not None and found["kind"] in ("array", "tensor"):
+                parts.append(f"{attr}#{found['digest']}")
+                if len(attributes) < 200:
+                    attributes[attr] = f"{found['summary']} (checksum {found['digest'][:8]})"
             continue  # methods, descriptors, nested classes, objects: the class's code, or not a plain value
         parts.append(f"{attr}={text}")
         if len(attributes) < 200:

@@ -964,12 +964,13 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                 raise MaterializeError(
                     f"The model uses `{name}` (a class from cell {definition.cell + 1}), and its cell run again in "
                     f"model.py gives other class attributes than the notebook's `{name}` has: {ctx.as_values[name]}. "
-                    "Either a function set one of its attributes out of sight of the cells, or a name its body read "
-                    "was bound again by a later cell (`f = staticmethod(sqrt)`, then `from math import sqrt`), or "
-                    "a class the model does not use registered itself there (`__init_subclass__`). A changed class "
-                    "cannot travel: put the value in the class body, give the later binding another name, name the "
-                    "registered class in the model's code, or keep the value on the model (`self.threshold = ...` in "
-                    "load()).")
+                    "That happens when a function set one of its attributes out of sight of the cells, when its body "
+                    "computes something else at every run (random numbers, a file, the clock), when a name its body "
+                    "read was bound again by a later cell (`f = staticmethod(sqrt)`, then `from math import sqrt`), "
+                    "or when a class the model does not use registered itself there (`__init_subclass__`). A class "
+                    "cannot travel as a value: put the value in the class body, make it in the model's load() "
+                    "(`self.threshold = ...`), give the later binding another name, or name the registered class in "
+                    "the model's code.")
             ctx.verify.append(name)  # its plain class attributes, compared in the fresh process
         return _Travel(True)
     # `router.scores(x)` on an instance of a notebook class whose `scores` changes nothing of it is a read.
