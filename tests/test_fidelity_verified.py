@@ -629,3 +629,13 @@ def test_a_registry_a_class_the_model_does_not_use_filled_or_an_array_drawn_by_a
     why = usage_error(k.execute("%model_export out --force --no-replay"))
     assert re.search(r"its attribute `W` is an array of shape \(3,\) \(float64\) \(checksum \w+\), the notebook has", why)
     assert "computes something else at every run (random numbers" in why, why
+    # A default its def draws: function and method defaults were not compared either.
+    k.ok("import random\ndef f(s=random.random(), w=np.ones(2)):\n    return s\n\n"
+         "class R:\n    def get(self, s=random.random()):\n        return s")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return f()")
+    why = usage_error(k.execute("%model_export out --force --no-replay"))
+    assert "`f` (a function from cell" in why and "its def run again in model.py gives other defaults" in why, why
+    assert re.search(r"its attribute `defaults` is \([0-9.]+, array\(\[1\., 1\.\]\)\), the notebook has", why), why
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return R().get()")
+    why = usage_error(k.execute("%model_export out --force --no-replay"))
+    assert re.search(r"its attribute `get` is a method with the defaults \([0-9.]+,\), the notebook has", why), why

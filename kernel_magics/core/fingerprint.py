@@ -26,6 +26,7 @@ import hashlib
 import io
 import os
 import pickle
+import reprlib
 import sys
 import types
 from typing import Any, Optional
@@ -241,6 +242,10 @@ def _whole(value: Any) -> str:
     if isinstance(value, types.FunctionType) and not (value.__closure__ or value.__defaults__ or value.__kwdefaults__
                                                       or getattr(value, "__dict__", None)):
         return _definition(value)["digest"]  # (a plain function: its code, and its globals are model.py's own)
+    if type(value) is tuple:  # (defaults: each one whole)
+        return _digest("tuple", *(_whole(v) for v in value))
+    if type(value) is dict and all(type(k) is str for k in value):  # (keyword defaults, a function's attributes)
+        return _digest("dict", *(f"{k}={_whole(v)}" for k, v in value.items()))
     found = _fingerprint(value, 1)
     if found is None or found["kind"] not in ("literal", "array", "tensor"):
         raise _NoFingerprint()  # (an object pickled: a class defined inside a function shows by its name only)
@@ -283,6 +288,10 @@ def _definition(value: Any, depth: int = 0, *, closure: bool = False) -> dict:
                 parts.append(_whole(cell.cell_contents))
             parts += [_whole(getattr(value, "__defaults__", None)), _whole(getattr(value, "__kwdefaults__", None)),
                       _whole(dict(getattr(value, "__dict__", None) or {}))]
+            shown = getattr(value, "__defaults__", None) or getattr(value, "__kwdefaults__", None)
+            if shown:  # (what a difference message names: `s=random.random()` drew another)
+                return _fp("definition", _digest("definition", name, body, *parts), name,
+                           attributes={"defaults": reprlib.repr(shown)})
         return _fp("definition", _digest("definition", name, body, *parts), name)
     # A class's own plain attributes (`threshold = 0.5` in its body): a function that sets `Config.threshold`
     # changes what re-running the class gives, as a cell would, but out of sight of the source.
@@ -291,6 +300,19 @@ def _definition(value: Any, depth: int = 0, *, closure: bool = False) -> dict:
         if attr.startswith("__"):
             continue
         held = item.__func__ if isinstance(item, (staticmethod, classmethod)) else item
+        if isinstance(held, types.FunctionType) and held.__qualname__.startswith(value.__qualname__ + "."):
+            # A method: the class's code, and its defaults, which its def computes when the class runs
+            # (`s=random.random()`: model.py draws another)
+            if held.__defaults__ or held.__kwdefaults__:
+                try:
+                    found = _digest("defaults", _whole(held.__defaults__), _whole(held.__kwdefaults__))
+                except _NoFingerprint:
+                    continue
+                parts.append(f"{attr}()={found}")
+                if len(attributes) < 200:
+                    shown = f"a method with the defaults {reprlib.repr(held.__defaults__ or held.__kwdefaults__)}"
+                    attributes[attr] = shown
+            continue
         if callable(held) and not isinstance(held, type) and not getattr(held, "__qualname__", "").startswith(
                 value.__qualname__ + "."):
             # A function the body took from elsewhere (`f = staticmethod(sqrt)`): the one it held then, which a

@@ -959,6 +959,16 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
             # is not what the notebook's `f` is, so the live one travels as a value (a pickle naming `g`).
             return _value(name, live[name], live, "a function bound it again after its definition, out of sight of "
                           "the cells", ctx)
+        drawn = definition.kind == "function" and _computed_defaults(definition, analysis)
+        if drawn and live is not None and name in live:
+            if name in ctx.as_values:  # the fresh process's def has other defaults than the live one
+                raise MaterializeError(
+                    f"The model uses `{name}` (a function from cell {definition.cell + 1}), and its def run again in "
+                    f"model.py gives other defaults than the notebook's `{name}` has: {ctx.as_values[name]}. A "
+                    "default is computed when the def runs, and this one gives something else at every run (random "
+                    "numbers, a file, the clock), or a function changed it out of sight of the cells. Make it in the "
+                    "model's load() and pass it on, or write it in the def as a literal.")
+            ctx.verify.append(name)  # its defaults, compared in the fresh process
         if definition.kind == "class" and live is not None and name in live:
             if name in ctx.as_values:  # the fresh process's class has other class attributes than the live one
                 raise MaterializeError(
@@ -1476,6 +1486,36 @@ def _share_identical(plans: dict, included: dict, live: Optional[Mapping[str, An
             included[name] = replace(included[name], how=f"the same object as `{primary}`")
 
 
+def _reads_no_notebook_name(expr: Optional[ast.expr], analysis: _Analysis) -> bool:
+    """Whether an expression reads only imported modules and builtins (`None`, `itertools.count()`,
+    `random.random()`): nothing a cell can change between two runs of it."""
+    if expr is None:
+        return False
+    for sub in ast.walk(expr):
+        if isinstance(sub, (ast.Lambda, ast.NamedExpr, ast.Await, ast.Yield, ast.YieldFrom)):
+            return False
+        if isinstance(sub, ast.Name):
+            bound = analysis.defs.get(sub.id)
+            if not (bound.kind == "import" if bound is not None else sub.id in _BUILTINS):
+                return False
+    return True
+
+
+def _computed_defaults(definition: _Definition, analysis: _Analysis) -> bool:
+    """Whether a def computes a default from modules alone (`s=random.random()`, `W=np.random.rand(3)`), which may
+    give another value when model.py runs it. (One that reads a notebook name is judged through that name.)"""
+    args = getattr(definition.node, "args", None)
+    if args is None:
+        return False
+    for expr in [*args.defaults, *(d for d in args.kw_defaults if d is not None)]:
+        try:
+            ast.literal_eval(expr)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            if _reads_no_notebook_name(expr, analysis):
+                return True
+    return False
+
+
 def _still_this_definition(value: Any, name: str, definition: _Definition) -> bool:
     """Whether the live `name` is what its (latest) top-level def or class made: a function or class of that name.
     Only an undecorated one is judged (a decorator may return anything)."""
@@ -1507,16 +1547,7 @@ def literal_keys(node: ast.stmt, analysis: _Analysis) -> frozenset[str]:
     keys: set[str] = set()
 
     def literal(expr: Optional[ast.expr]) -> bool:
-        if expr is None:
-            return False
-        for sub in ast.walk(expr):
-            if isinstance(sub, (ast.Lambda, ast.NamedExpr, ast.Await, ast.Yield, ast.YieldFrom)):
-                return False
-            if isinstance(sub, ast.Name):
-                bound = analysis.defs.get(sub.id)
-                if not (bound.kind == "import" if bound is not None else sub.id in _BUILTINS):
-                    return False
-        return True
+        return _reads_no_notebook_name(expr, analysis)
 
     def defaults(fn: ast.stmt, where: str) -> None:
         args = fn.args
