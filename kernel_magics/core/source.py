@@ -968,7 +968,10 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                     "default is computed when the def runs, and this one gives something else at every run (random "
                     "numbers, a file, the clock), or a function changed it out of sight of the cells. Make it in the "
                     "model's load() and pass it on, or write it in the def as a literal.")
-            ctx.verify.append(name)  # its defaults, compared in the fresh process
+            from .fingerprint import fingerprint
+
+            if fingerprint(live[name]) is not None:  # (a default no fingerprint compares, `torch.device(...)`: not
+                ctx.verify.append(name)  # named as unverified, as before) its defaults, compared in the fresh process
         if definition.kind == "class" and live is not None and name in live:
             if name in ctx.as_values:  # the fresh process's class has other class attributes than the live one
                 raise MaterializeError(
