@@ -320,6 +320,9 @@ class _Comparison:
         self.memo: dict[tuple[int, Optional[str]], Any] = {}
         self.busy: set[int] = set()  # being compared (a method's `super()` cell holds its own class)
         self.held: list = []  # what the memo's ids belong to, alive until the walk ends
+        # Values looked at, at most: a class attribute holding a large graph of objects is compared up to there (the
+        # same in both definitions when nothing in that part differs)
+        self.budget = 100_000
 
     def definition(self, value: Any, depth: int, where: Optional[str] = None) -> Any:
         """``where``: "" for the definition compared, a method's name for a method of that class (what
@@ -405,7 +408,8 @@ class _Comparison:
         and by the notebook code it holds: a function or class of ``home`` (the notebook's module) by its
         definition, an instance of a notebook class by its class and attributes, a ``functools.partial`` by its
         function and arguments. Any other function or class by name, as model.py imports it by that name."""
-        if depth > 8:
+        self.budget -= 1
+        if depth > 8 or self.budget < 0:
             return ("deep",)
         if inspect.isfunction(value) or isinstance(value, type):
             name = f"{value.__module__}.{value.__qualname__}"
@@ -424,9 +428,16 @@ class _Comparison:
             return ("partial", self.value(value.func, depth + 1, home), self.value(value.args, depth + 1, home),
                     self.value(value.keywords, depth + 1, home))
         kind = type(value)
-        if kind.__module__ == home and isinstance(getattr(value, "__dict__", None), dict):
-            return ("instance", self.definition(kind, depth + 1), self.value(dict(vars(value)), depth + 1, home))
-        text = _ADDRESS.sub("", repr(value))[:500]
+        if kind.__module__ == home and isinstance(getattr(value, "__dict__", None), dict) and id(value) not in self.busy:
+            self.busy.add(id(value))  # (objects that refer to each other)
+            try:
+                return ("instance", self.definition(kind, depth + 1), self.value(dict(vars(value)), depth + 1, home))
+            finally:
+                self.busy.discard(id(value))
+        try:
+            text = _ADDRESS.sub("", repr(value))[:500]
+        except Exception:  # (a repr that fails: compared by its type only)
+            text = "?"
         return (f"{kind.__module__}.{kind.__qualname__}", text)
 
 
