@@ -336,7 +336,7 @@ def test_a_value_holding_a_class_edited_since_is_refused_as_model_py_defines_onl
     cells = [helper.format(1), holder.format(""), "box = {'b': Box()}\nbox['c'] = 0", helper.format(2),
              holder.format(""), model]
     with pytest.raises(MaterializeError, match="holds the class `Box` as a cell defined it before the same cell ran "
-                                               "again and made `Box` with other values"):
+                                               "again and made `Box` hold other values"):
         build_model_source(cells, "Model", live=run_cells(cells[:-1]))
     for cells[3], cells[4] in ((helper.format(1), holder.format("")),
                                (helper.format(1), holder.format("'''doc'''\n        "))):
@@ -345,26 +345,23 @@ def test_a_value_holding_a_class_edited_since_is_refused_as_model_py_defines_onl
              "def sq(x):\n    '''square'''\n    return x * x",
              "%%model\nclass Model:\n    def predict(self, model_input):\n        return box['f'](3)"]
     assert "box = pickle.loads" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
-    # What it read in a container or an object (`cfg = {'t': T}`, a default `[T]`, `S(T)`) too; not what its body
-    # sets to the same value at every run (`_instance = None`, `ids = itertools.count()`), which its own code moves
-    # (a singleton, a lazy table): model.py's class starts from it as the notebook's did. Nor a method's `super()`
-    # cell, which holds the class itself (compared once: it took minutes for a class of 30 such methods).
-    reads = "class S:\n    def __init__(self, t):\n        self.t = t\n\nclass K:\n    cfg = {{'t': T}}\n    s = S(T)\n" \
-            "    def get(self, d=[T]):\n        return {}"
+    # What it read in a container or an object (`cfg = {'t': T}`, a default `[T]`, `S(T)`, with `__slots__` too), and
+    # state its own code moved since (a singleton, a counter: the value reads the earlier class's, model.py's starts
+    # afresh). A method's `super()` cell holds the class itself: compared once (it took minutes for 30 such methods).
+    reads = "class S:\n    __slots__ = ('t',)\n    def __init__(self, t):\n        self.t = t\n\nclass K:\n" \
+            "    cfg = {{'t': T}}\n    s = S(T)\n    def get(self, d=[T]):\n        return {}"
     for read in ("self.cfg['t']", "self.s.t", "d[0]"):
         cells = ["T = 1", reads.format(read), "box = {'k': K()}\nbox['c'] = 0", "T = 2", reads.format(read),
                  "%%model\nclass Model:\n    def predict(self, model_input):\n        return box['k'].get()"]
         with pytest.raises(MaterializeError, match="holds the class `K` as a cell defined it before the same cell"):
             build_model_source(cells, "Model", live=run_cells(cells[:-1]))
-    single = ("import itertools\nclass Base:\n    pass\n\nclass Cfg(Base):\n    _instance = None\n"
-              "    ids = itertools.count()\n" + "".join(f"    def m{i}(self):\n        return super().__init__()\n"
-                                                    for i in range(30)) +
-              "    def __new__(cls):\n        if cls._instance is None:\n            cls._instance = super().__new__(cls)\n"
-              "            cls._instance.v = next(cls.ids)\n        return cls._instance")
-    cells = [single, "Cfg()", "box = {'b': Cfg()}\nbox['c'] = 0", single,
-             "%%model\nclass Model:\n    def predict(self, model_input):\n        return box['b'].v"]
-    expected, got, _ = ship(tmp_path / "single", cells, {"v": "Model().predict(None)"})
-    assert expected == got == {"v": 0}
+    single = ("class Base:\n    pass\n\nclass Ids(Base):\n    n = 0\n" + "".join(
+        f"    def m{i}(self):\n        return super().__init__()\n" for i in range(30)) +
+        "    def next(self):\n        type(self).n += 1\n        return type(self).n")
+    cells = [single, "box = {'i': Ids()}\nbox['c'] = 0\nbox['i'].next()\nbox['i'].next()", single,
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return box['i'].n"]
+    with pytest.raises(MaterializeError, match="state its own code moved since: a counter, a cache"):
+        build_model_source(cells, "Model", live=run_cells(cells[:-1]))
     # A pydantic field's default lives only in the class's fields (it compared as the same code: the export answered
     # 0.7 where the notebook's held class answers 0.5, silently); run again unchanged, it is the same.
     config = "from pydantic import BaseModel\nclass Cfg(BaseModel):\n    t: float = {}"
@@ -384,13 +381,16 @@ def test_a_value_holding_a_class_edited_since_is_refused_as_model_py_defines_onl
         build_model_source(cells, "Model", live=run_cells(cells[:-1]))
     cells[2] = net.format("")  # run again unchanged: rebuilt from its source, as before
     assert "safetensors.torch.load_model(net" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
-    # Run again unchanged, a class whose own state moved since (a cache it fills, a counter) is the same source: no
-    # refusal (the notebook's text decides "other code", not the objects' state).
+    # Run again unchanged, a class whose own state moved since (a cache it fills, a counter) is refused without a
+    # recorded prediction: `tok` reads the earlier class's cache, model.py's starts empty (here the answers agree, which
+    # only a replay can tell).
     tok = ["import itertools\nclass Tok:\n    seen = {}\n    ids = itertools.count()\n    def split(self, s):\n"
            "        self.seen[s] = next(self.ids)\n        return s.split()",
            "tok = Tok()\ntok.lower = True\ntok.split('A b')"]
     cells = [*tok, tok[0], "%%model\nclass Model:\n    def predict(self, model_input):\n        return tok.split('x')"]
-    assert "tok = pickle.loads" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
+    with pytest.raises(MaterializeError, match="state its own code moved since"):
+        build_model_source(cells, "Model", live=run_cells(cells[:-1]))
+    assert "tok = pickle.loads" in build_model_source(cells, "Model", live=run_cells(cells[:-1]), replay_proves=True).text
 
 
 @pytest.mark.parametrize("cells", [
@@ -459,6 +459,28 @@ def test_a_def_the_cells_do_not_show_as_the_notebooks_is_refused_not_exported_as
     cells = [*cells, "%%model\nclass Model:\n    def predict(self, model_input):\n        return f()"]
     with pytest.raises(MaterializeError, match="it is the function `f` as no cell's top level defines it"):
         build_model_source(cells, "Model", live=run_cells(cells[:-1]))
+
+
+def test_a_wrapper_is_saved_as_the_wrapper_and_compared_with_what_its_decorator_closes_over(tmp_path):
+    """A functools.wraps wrapper (or an lru_cache) takes the name of what it wraps: saved under that name, the export's
+    `box['g']` was model.py's bare `f` (it answered [1, 1] where the notebook answers [2, 1], silently). A decorator
+    factory's argument (`@scale(2)` then `@scale(3)`) was unwrapped away: the export answered 3 where the notebook's
+    value answers 2. An import and a def in the %%model cell compile otherwise than the def alone: still the def."""
+    double = "import functools\ndef double(fn):\n    @functools.wraps(fn)\n    def w(*a):\n        return 2 * fn(*a)\n    return w"
+    cells = [double, "def f(x):\n    return x", "g = double(f)\nh = functools.lru_cache(f)",
+             "box = {'g': g, 'h': h}\nbox['c'] = 0",
+             "%%model\nimport math\ndef helper(x):\n    return math.sqrt(x)\n\nclass Model:\n"
+             "    def predict(self, model_input):\n        return [box['g'](1), f(1), box['h'].cache_info().maxsize, helper(4)]"]
+    expected, got, source = ship(tmp_path / "out", cells, {"v": "Model().predict(None)"})
+    assert expected == got == {"v": [2, 1, 128, 2.0]}, source.text
+    scale = ("import functools\ndef scale(k):\n    def deco(fn):\n        @functools.wraps(fn)\n        def w(x):\n"
+             "            return k * fn(x)\n        return w\n    return deco")
+    cells = [scale, "@scale(2)\ndef f(x):\n    return x", "box = {'f': f}\nbox['c'] = 0", "@scale(3)\ndef f(x):\n    return x",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return box['f'](1)"]
+    with pytest.raises(MaterializeError, match="holds the function `f` as a cell defined it before"):
+        build_model_source(cells, "Model", live=run_cells(cells[:-1]))
+    cells[3] = cells[1]  # run again unchanged: the same
+    assert "box = pickle.loads" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
 
 
 def test_the_model_package_is_importable_as_in_truss(tmp_path):

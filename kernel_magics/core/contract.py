@@ -15,7 +15,7 @@ import inspect
 import re
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Optional
+from typing import Any, Callable, Optional
 
 from .errors import ModelDefinitionError
 from .routes import ENDPOINT_METHODS  # (served on routes of their own, beside predict)
@@ -290,23 +290,19 @@ def code_fingerprint(fn: Any) -> Any:
     return _code_key(code)
 
 
-def definition_code(value: Any, rerun: Optional[Collection[str]] = None) -> Any:
+def definition_code(value: Any) -> Any:
     """What a notebook class or function does, to tell a definition a cell replaced from the one run again: a
-    function's code (its docstring aside), defaults and the values it closes over; a class's bases (a notebook one
-    by its own definition), and each attribute but the dunders Python sets: functions and what decorators wrap
-    (``lru_cache``, ``cached_property``, ``partialmethod``, static and class methods, properties), nested classes,
-    plain values (a threshold, a default of a dataclass or pydantic field) and what they hold. A function or class of
-    the notebook's module held anywhere in it (a default `fn=helper`, a decorator factory's argument, an instance of
-    a notebook class) is compared by its own code in turn, each once (memoized: a method's `super()` cell holds its
-    class). Compared in one process: two definitions from the same source agree (a cell run again); an edited
-    method, default or class attribute does not.
-
-    ``rerun`` compares two runs of the same source: its keys (source.literal_keys) name the class attributes and
-    defaults the source sets to a literal (`_instance = None`, `n = 0`, `cache={}`), equal at every run, so a
-    difference there is state the code moved since (a lazy singleton, a counter), which model.py's definition starts
-    from as the notebook's did; so is a plain value a closure holds. Anything else differs because of what the
-    definition read when it ran (`cfg = {'t': T}` after `T` changed, a default `fn=helper` after `helper` did)."""
-    return _Comparison(None if rerun is None else frozenset(rerun)).definition(value, 0, "")
+    function's code (its docstring aside), defaults and the values it closes over (a decorator's arguments too, under
+    ``functools.wraps``); a class's bases (a notebook one by its own definition), and each attribute but the dunders
+    Python sets: functions and what decorators wrap (``lru_cache``, ``cached_property``, ``partialmethod``, static
+    and class methods, properties), nested classes, plain values (a threshold, a default of a dataclass or pydantic
+    field) and what they hold. A function or class of the notebook's module held anywhere in it (a default
+    `fn=helper`, a decorator factory's argument, an instance of a notebook class) is compared by its own code in
+    turn, each once (memoized: a method's `super()` cell holds its class). Compared in one process: two definitions
+    from the same source agree (a cell run again) unless what they read or hold differs since: `cfg = {'t': T}` after
+    `T` changed, a default `fn=helper` after `helper` did, and state their own code moved (a counter, a lazy table,
+    a singleton), which a value holding the earlier one reads where model.py's starts afresh."""
+    return _Comparison().definition(value, 0)
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -315,22 +311,19 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 class _Comparison:
     """One definition_code walk: the memo of what it has compared (and what it is comparing, for cycles)."""
 
-    def __init__(self, rerun: Optional[frozenset]) -> None:
-        self.rerun = rerun
-        self.memo: dict[tuple[int, Optional[str]], Any] = {}
+    def __init__(self) -> None:
+        self.memo: dict[int, Any] = {}
         self.busy: set[int] = set()  # being compared (a method's `super()` cell holds its own class)
         self.held: list = []  # what the memo's ids belong to, alive until the walk ends
         # Values looked at, at most: a class attribute holding a large graph of objects is compared up to there (the
         # same in both definitions when nothing in that part differs)
         self.budget = 100_000
 
-    def definition(self, value: Any, depth: int, where: Optional[str] = None) -> Any:
-        """``where``: "" for the definition compared, a method's name for a method of that class (what
-        ``rerun``'s default keys name); None deeper."""
+    def definition(self, value: Any, depth: int) -> Any:
         if depth > 8:
             return ("deep",)
-        key = (id(value), where)
-        if id(value) in self.busy:
+        key = id(value)
+        if key in self.busy:
             return ("cycle", getattr(value, "__qualname__", "?"))
         found = self.memo.get(key)
         if found is not None:
@@ -338,24 +331,21 @@ class _Comparison:
         self.busy.add(id(value))
         self.held.append(value)
         try:
-            found = self.memo[key] = (self._class(value, depth, where) if isinstance(value, type)
-                                      else self._function(value, depth, where))
+            found = self.memo[key] = (self._class(value, depth) if isinstance(value, type)
+                                      else self._function(value, depth))
         finally:
             self.busy.discard(id(value))
         return found
 
-    def _class(self, value: type, depth: int, where: Optional[str]) -> Any:
+    def _class(self, value: type, depth: int) -> Any:
         module = value.__module__
         parts: list = [self.definition(b, depth + 1) if b.__module__ == module and b is not value
                        else f"{b.__module__}.{b.__qualname__}" for b in value.__bases__]
-        top = where == ""
         for attr, item in sorted(vars(value).items()):
             if attr in _SET_BY_PYTHON or (attr.startswith("__") and attr.endswith("__") and not (
                     inspect.isfunction(item) or isinstance(item, (property, staticmethod, classmethod)))):
                 continue  # (a dunder value is Python's or a framework's bookkeeping: pydantic's __pydantic_fields__)
-            if top and self.rerun is not None and f"attr:{attr}" in self.rerun:
-                continue  # (a literal in the source: what differs is state its methods moved since)
-            parts.append((attr, self._attribute(item, value, depth, module, attr if top else None)))
+            parts.append((attr, self._attribute(item, value, depth, module)))
         for attr in ("__pydantic_fields__", "__dataclass_fields__"):
             # A field's default, which pydantic keeps only there (`t: float = 0.5` edited to 0.7), by what it says
             fields = vars(value).get(attr)
@@ -364,8 +354,16 @@ class _Comparison:
                                           for name, field in fields.items())))
         return ("class", tuple(parts))
 
-    def _function(self, value: Any, depth: int, where: Optional[str]) -> Any:
+    def _function(self, value: Any, depth: int) -> Any:
+        inner = getattr(value, "__wrapped__", None) if inspect.isfunction(value) else None
+        if inner is not None and callable(inner):
+            # A wrapper made with functools.wraps: its own code and what it closes over (`@scale(2)`: the 2), then
+            # what it wraps
+            return ("wrapper", self._own(value, depth), self.definition(inner, depth + 1))
         fn = inspect.unwrap(value) if callable(value) else value
+        return self._own(fn, depth)
+
+    def _own(self, fn: Any, depth: int) -> Any:
         code = getattr(fn, "__code__", None)
         if code is None:
             return code_fingerprint(fn)
@@ -378,21 +376,20 @@ class _Comparison:
         from .fingerprint import cell_is_filled
 
         home = fn.__module__
-        cells = tuple(self.value(c.cell_contents, depth, home, closure=True) if cell_is_filled(c) else None
+        wrapped = getattr(fn, "__wrapped__", None)
+        cells = tuple(self.value(c.cell_contents, depth, home)
+                      if cell_is_filled(c) and c.cell_contents is not wrapped else None
                       for c in (fn.__closure__ or ()))
-        literal = self.rerun if self.rerun is not None and where is not None else frozenset()
-        defaults = tuple(None if f"default:{where}:{i}" in literal else self.value(d, depth, home)
-                         for i, d in enumerate(fn.__defaults__ or ()))
-        keywords = tuple((k, None if f"kwdefault:{where}:{k}" in literal else self.value(d, depth, home))
-                         for k, d in (fn.__kwdefaults__ or {}).items())
+        defaults = tuple(self.value(d, depth, home) for d in fn.__defaults__ or ())
+        keywords = tuple((k, self.value(d, depth, home)) for k, d in (fn.__kwdefaults__ or {}).items())
         return ("function", key, defaults, keywords, cells)
 
-    def _attribute(self, item: Any, owner: type, depth: int, home: str, where: Optional[str]) -> Any:
+    def _attribute(self, item: Any, owner: type, depth: int, home: str) -> Any:
         if isinstance(item, property):
             return ("property", *(self.definition(f, depth + 1) if f is not None else None
                                   for f in (item.fget, item.fset, item.fdel)))
         if isinstance(item, (staticmethod, classmethod)):
-            return (type(item).__name__, self.definition(item.__func__, depth + 1, where))
+            return (type(item).__name__, self.definition(item.__func__, depth + 1))
         if isinstance(item, type) and not item.__qualname__.startswith(owner.__qualname__ + "."):
             return self.value(item, depth, home)  # (a class it refers to, defined elsewhere)
         func = getattr(item, "func", None)  # functools.cached_property, partialmethod, partial
@@ -400,10 +397,10 @@ class _Comparison:
             return (type(item).__name__, self.definition(func, depth + 1), self.value(getattr(item, "args", ()), depth, home),
                     self.value(getattr(item, "keywords", {}), depth, home))
         if isinstance(item, type) or inspect.isfunction(item) or hasattr(item, "__wrapped__"):
-            return self.definition(item, depth + 1, where)
+            return self.definition(item, depth + 1)
         return self.value(item, depth, home)
 
-    def value(self, value: Any, depth: int, home: Optional[str], closure: bool = False) -> Any:
+    def value(self, value: Any, depth: int, home: Optional[str]) -> Any:
         """A plain value, compared by what it is (a new lock or a new empty dict in a class run again is the same),
         and by the notebook code it holds: a function or class of ``home`` (the notebook's module) by its
         definition, an instance of a notebook class by its class and attributes, a ``functools.partial`` by its
@@ -414,8 +411,6 @@ class _Comparison:
         if inspect.isfunction(value) or isinstance(value, type):
             name = f"{value.__module__}.{value.__qualname__}"
             return (name, self.definition(value, depth + 1)) if value.__module__ == home else name
-        if closure and self.rerun is not None:
-            return None  # (a counter a decorator keeps: state, in a run of the same source)
         if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
             return (type(value).__name__, repr(value))
         if isinstance(value, (tuple, list, set, frozenset, dict)):
@@ -428,10 +423,10 @@ class _Comparison:
             return ("partial", self.value(value.func, depth + 1, home), self.value(value.args, depth + 1, home),
                     self.value(value.keywords, depth + 1, home))
         kind = type(value)
-        if kind.__module__ == home and isinstance(getattr(value, "__dict__", None), dict) and id(value) not in self.busy:
+        if kind.__module__ == home and id(value) not in self.busy:
             self.busy.add(id(value))  # (objects that refer to each other)
             try:
-                return ("instance", self.definition(kind, depth + 1), self.value(dict(vars(value)), depth + 1, home))
+                return ("instance", self.definition(kind, depth + 1), self.value(_state(value), depth + 1, home))
             finally:
                 self.busy.discard(id(value))
         try:
@@ -439,6 +434,20 @@ class _Comparison:
         except Exception:  # (a repr that fails: compared by its type only)
             text = "?"
         return (f"{kind.__module__}.{kind.__qualname__}", text)
+
+
+def _state(value: Any) -> dict:
+    """An instance's attributes: its ``__dict__`` and its ``__slots__``."""
+    try:
+        found = dict(vars(value)) if isinstance(getattr(value, "__dict__", None), dict) else {}
+        for cls in type(value).__mro__:
+            slots = cls.__dict__.get("__slots__", ())
+            for slot in (slots,) if isinstance(slots, str) else slots:
+                if slot not in ("__dict__", "__weakref__") and hasattr(value, slot):
+                    found.setdefault(slot, getattr(value, slot))
+    except Exception:  # (an attribute lookup of the notebook's own that fails: compared by what was read)
+        return {}
+    return found
 
 
 # What Python sets on a class, or caches on it later (copyreg's __slotnames__ once an instance is pickled, abc's

@@ -58,8 +58,7 @@ class _Rule:
         self.namespace = namespace
         # The notebook's names that cells defined more than once: a value holding an earlier definition that differs
         # from the latest is refused (planning, unless the replay will prove the value; saving follows what the plan
-        # decided). A mapping says which only ran again from the same source: name -> what that source sets to
-        # literals (contract.definition_code's `rerun`), True for other source.
+        # decided). A mapping says which were defined with other source (True) and which only ran again (False).
         self.replaced = replaced
         self.notebook = namespace.get("__name__", "__main__")
         self.saving = saving  # the name whose value is being saved: it cannot refer to itself
@@ -90,16 +89,21 @@ class _Rule:
             # notebook's latest): with the same code (its cell run again) that is the same behaviour; with other
             # code the deployment would run other methods than the notebook's value does, so it is refused, unless
             # recorded predictions will be replayed to prove the answers the same (a docstring edited).
+            if found is not _MISSING and found is not obj and _wraps(obj, found):
+                # A wrapper that took the name of what it wraps (functools.wraps: `g = double(f)`; a cache of it under
+                # another name, `g = lru_cache(f)`), which the name does not bind: a name bound to the object itself
+                # is written instead (model.py's `f` would be the bare function), else it is refused.
+                found = _MISSING
             if found is not _MISSING and isinstance(found, type) == isinstance(obj, type) and parts[0] != self.saving:
-                how = self.replaced.get(parts[0], True) if isinstance(self.replaced, Mapping) else True
-                rerun = None if how is True else how  # (the same source run again: what it sets to literals)
+                edited = self.replaced.get(parts[0], True) if isinstance(self.replaced, Mapping) else True
                 # (A wrapper of the very function, `f = functools.wraps`-style `double(f)`, compares equal by its
                 # code but answers otherwise: the value holds the bare `f`, model.py's `f` is the wrapper.)
                 if parts[0] in self.replaced and found is not obj and (
-                        _wraps(found, obj) or definition_code(found, rerun) != definition_code(obj, rerun)):
-                    again = (f"the notebook bound `{parts[0]}` again, to other code" if rerun is None else
-                             f"the same cell ran again and made `{parts[0]}` with other values (a default, a class "
-                             "attribute or a function it reads, changed in between)")
+                        _wraps(found, obj) or definition_code(found) != definition_code(obj)):
+                    again = (f"the notebook bound `{parts[0]}` again, to other code" if edited else
+                             f"the same cell ran again and made `{parts[0]}` hold other values (a default, a class "
+                             "attribute or a function it read, changed in between, or state its own code moved "
+                             "since: a counter, a cache)")
                     error = NotebookReferenceError(
                         f"it holds the {kind} `{qualname}` as a cell defined it before {again}; model.py defines "
                         f"only the latest `{parts[0]}`, so the deployment would run other code than the notebook's "
@@ -150,12 +154,16 @@ class _Rule:
 _MISSING = object()
 
 
-def _wraps(found: Any, obj: Any) -> bool:
-    inner, seen = found, 0
-    while getattr(inner, "__wrapped__", None) is not None and seen < 100:
-        inner, seen = inner.__wrapped__, seen + 1
-        if inner is obj:
-            return True
+def _wraps(wrapper: Any, obj: Any) -> bool:
+    """Whether ``wrapper`` wraps ``obj`` (functools.wraps, lru_cache), at any depth."""
+    inner, seen = wrapper, 0
+    try:
+        while getattr(inner, "__wrapped__", None) is not None and seen < 100:
+            inner, seen = inner.__wrapped__, seen + 1
+            if inner is obj:
+                return True
+    except Exception:  # (a class whose __getattr__ fails otherwise)
+        return False
     return False
 
 

@@ -127,9 +127,8 @@ class ModelSource:
     unproven: list[str] = field(default_factory=list)  # CLI: re-run from source, proven only by the replay
     # kernel: (name, its cell) the model uses that the notebook no longer has (deleted since): model.py defines them
     absent: list[tuple[str, int]] = field(default_factory=list)
-    # notebook classes and functions cells defined more than once: name -> True with other source, else what the
-    # source sets to literals (literal_keys)
-    replaced: dict[str, Any] = field(default_factory=dict)
+    # notebook classes and functions cells defined more than once: name -> whether with other source
+    replaced: dict[str, bool] = field(default_factory=dict)
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> its lines in model.py
     # The live fingerprints of the verified names re-run from source, taken while building (to tell the unverifiable
     # ones): the export's verification compares with these instead of hashing the same values again.
@@ -713,9 +712,9 @@ class _Context:
     # verification (_an_earlier_value_must_rebuild)
     same_as_later: list[tuple] = field(default_factory=list)
     absent: list[tuple[str, int]] = field(default_factory=list)  # kernel: (name, its cell) the notebook no longer has
-    # notebook classes and functions cells defined more than once (a value may hold an earlier one): name -> True
-    # with other source, else what the source sets to literals (literal_keys)
-    replaced: dict[str, Any] = field(default_factory=dict)
+    # notebook classes and functions cells defined more than once (a value may hold an earlier one): name -> whether
+    # with other source
+    replaced: dict[str, bool] = field(default_factory=dict)
 
 
 # Standard-library modules whose functions give the same result for the same arguments, anywhere.
@@ -1218,7 +1217,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     queue: list[tuple[_Definition, str]] = [(root, class_name)]
     unresolved: dict[str, str] = {}
     ctx = _Context(live, as_values, local, replay_proves, replaced={
-        name: True if edited else literal_keys(history[-1].node, analysis) for name, history in analysis.history.items()
+        name: edited for name, history in analysis.history.items()
         for edited in [_defined_again(history)] if edited is not None})
 
     def need(name: str, label: str) -> None:
@@ -1530,44 +1529,22 @@ def _still_this_definition(value: Any, name: str, definition: _Definition) -> bo
             and getattr(value, "__wrapped__", None) is None):
         return False
     if kind is types.FunctionType:  # another `def f` the cells do not show as one (inside an `if`, an exec)
-        from .contract import code_fingerprint
-
         try:
-            module = compile(ast.Module([definition.node], type_ignores=[]), "<cell>", "exec")
+            module = compile(ast.Module([definition.node], type_ignores=[]), "<cell>", "exec", dont_inherit=True)
         except (SyntaxError, ValueError, TypeError):
             return True
         made = next((c for c in module.co_consts if isinstance(c, types.CodeType) and c.co_name == name), None)
-        return made is None or code_fingerprint(types.FunctionType(made, {})) == code_fingerprint(value)
+        return made is None or _shape(made) == _shape(value.__code__)
     return True
 
 
-def literal_keys(node: ast.stmt, analysis: _Analysis) -> frozenset[str]:
-    """What a class or def sets to the same value at every run, as contract.definition_code's ``rerun`` names it:
-    an expression that reads no notebook name but imported modules and builtins (`_instance = None`, `n = 0`,
-    `ids = itertools.count()`, `cache = defaultdict(list)`), as a class attribute (`attr:_instance`) or a default of
-    the function or of a method of the class (`default:get:0`, `kwdefault:get:cache`; the function's own with an
-    empty method name). What differs there between two runs is state the code moved since."""
-    keys: set[str] = set()
-
-    def literal(expr: Optional[ast.expr]) -> bool:
-        return _reads_no_notebook_name(expr, analysis)
-
-    def defaults(fn: ast.stmt, where: str) -> None:
-        args = fn.args
-        keys.update(f"default:{where}:{i}" for i, d in enumerate(args.defaults) if literal(d))
-        keys.update(f"kwdefault:{where}:{a.arg}" for a, d in zip(args.kwonlyargs, args.kw_defaults) if literal(d))
-
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-        defaults(node, "")
-    elif isinstance(node, ast.ClassDef):
-        for stmt in node.body:
-            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                defaults(stmt, stmt.name)
-            elif isinstance(stmt, ast.Assign) and literal(stmt.value):
-                keys.update(f"attr:{t.id}" for t in stmt.targets if isinstance(t, ast.Name))
-            elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and literal(stmt.value):
-                keys.add(f"attr:{stmt.target.id}")
-    return frozenset(keys)
+def _shape(code: types.CodeType) -> tuple:
+    """What of a function's code no compiler setting changes: its arguments, its local names and the numbers it
+    holds. (Its bytecode differs with how IPython compiled the cell: an import in the same %%model cell, `from
+    __future__ import annotations`, a line magic inside it; a def inside an `if` or made by exec that answers
+    otherwise almost always holds other numbers or names.)"""
+    numbers = tuple(c for c in code.co_consts if type(c) in (int, float, complex, bool, type(None)))
+    return (code.co_argcount, code.co_kwonlyargcount, code.co_varnames, numbers)
 
 
 def _defined_again(history: list[_Definition]) -> Optional[bool]:
