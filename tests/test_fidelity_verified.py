@@ -616,18 +616,20 @@ def test_a_registry_a_class_the_model_does_not_use_filled_or_an_array_drawn_by_a
     k.ok("%load_ext kernel_magics\nclass Base:\n    registry = {}\n    def __init_subclass__(cls, **kw):\n"
          "        super().__init_subclass__(**kw)\n        Base.registry[cls.__name__] = cls")
     k.ok("class A(Base):\n    pass\n\nclass B(Base):\n    pass")
-    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return [A.__name__, sorted(Base.registry)]")
+    model = "%%model\nclass Model:\n    def predict(self, model_input):\n        return {}"
+    k.ok(model.format("[A.__name__, sorted(Base.registry)]"))
     why = usage_error(k.execute("%model_export out --no-replay"))
     assert "its attribute `registry` is {'A': <class 'model.model.A'>}, the notebook has" in why, why
     assert "registered itself there (`__init_subclass__`)" in why, why
-    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return [A.__name__, B.__name__, sorted(Base.registry)]")
+    k.ok(model.format("[A.__name__, B.__name__, sorted(Base.registry)]"))
     assert "Exported `Model`" in k.ok("%model_export out --no-replay").stdout
     # An array its body draws (`W = np.random.rand(3)`): model.py draws another; it was not compared (only literal
     # class attributes were), and the export answered with other weights, silently.
     k.ok("import numpy as np\nclass K:\n    W = np.random.rand(3)")
     k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return float(K.W.sum())")
     why = usage_error(k.execute("%model_export out --force --no-replay"))
-    assert re.search(r"its attribute `W` is an array of shape \(3,\) \(float64\) \(checksum \w+\), the notebook has", why)
+    assert re.search(r"its attribute `W` is an array of shape \(3,\) \(float64\) \(checksum \w+\), the notebook has",
+                     why), why
     assert "computes something else at every run (random numbers" in why, why
     # A default its def draws: function and method defaults were not compared either.
     k.ok("import random\ndef f(s=random.random(), w=np.ones(2)):\n    return s\n\n"

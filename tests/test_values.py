@@ -390,7 +390,8 @@ def test_a_value_holding_a_class_edited_since_is_refused_as_model_py_defines_onl
     cells = [*tok, tok[0], "%%model\nclass Model:\n    def predict(self, model_input):\n        return tok.split('x')"]
     with pytest.raises(MaterializeError, match="state its own code moved since"):
         build_model_source(cells, "Model", live=run_cells(cells[:-1]))
-    assert "tok = pickle.loads" in build_model_source(cells, "Model", live=run_cells(cells[:-1]), replay_proves=True).text
+    proven = build_model_source(cells, "Model", live=run_cells(cells[:-1]), replay_proves=True)
+    assert "tok = pickle.loads" in proven.text
 
 
 @pytest.mark.parametrize("cells", [
@@ -424,7 +425,8 @@ def test_a_name_bound_again_from_itself_keeps_its_def_before_it_unless_a_value_h
     assert "f = functools.lru_cache(f)" in build_model_source(cells, "Model").text  # (the CLI's too)
     # A value holding a functools cache of a notebook function names it as model.py binds it (it was refused:
     # "not the same object as __main__.f").
-    cells = ["import functools\ndef f(x):\n    return x + 1", "g = functools.lru_cache(f)", "box = {'g': g}\nbox['c'] = 0",
+    cells = ["import functools\ndef f(x):\n    return x + 1", "g = functools.lru_cache(f)",
+             "box = {'g': g}\nbox['c'] = 0",
              "%%model\nclass Model:\n    def predict(self, model_input):\n        return [box['g'](1), g(2)]"]
     expected, got, source = ship(tmp_path / "cached", cells, {"v": "Model().predict(None)"})
     assert expected == got == {"v": [2, 3]} and "box = pickle.loads" in source.text, source.text
@@ -442,7 +444,8 @@ def test_a_function_read_when_a_class_ran_and_defined_again_after_keeps_both_def
     cells = ["def helper():\n    return 1\n\ndef act(x):\n    return x + 1",
              "class Box:\n    f = staticmethod(act)\n    def get(self, fn=helper):\n        return fn()",
              "def helper():\n    return 2\n\ndef act(x):\n    return x + 2",
-             "%%model\nclass Model:\n    def predict(self, model_input):\n        return [Box().get(), helper(), Box.f(1), act(1)]"]
+             "%%model\nclass Model:\n    def predict(self, model_input):\n"
+             "        return [Box().get(), helper(), Box.f(1), act(1)]"]
     expected, got, source = ship(tmp_path / "out", cells, {"v": "Model().predict(None)"})
     assert expected == got == {"v": [1, 2, 2, 3]}, source.text
 
@@ -457,7 +460,7 @@ def test_a_def_the_cells_do_not_show_as_the_notebooks_is_refused_not_exported_as
     """The live `f` has the name `f` but not the code of the top-level `def f` model.py would hold (it answered 1
     where the notebook answers 2 or 10, silently)."""
     cells = [*cells, "%%model\nclass Model:\n    def predict(self, model_input):\n        return f()"]
-    with pytest.raises(MaterializeError, match="it is the function `f` as no cell's top level defines it"):
+    with pytest.raises(MaterializeError, match="it is the function `f` itself, as no top-level def in the cells"):
         build_model_source(cells, "Model", live=run_cells(cells[:-1]))
 
 
@@ -466,16 +469,19 @@ def test_a_wrapper_is_saved_as_the_wrapper_and_compared_with_what_its_decorator_
     `box['g']` was model.py's bare `f` (it answered [1, 1] where the notebook answers [2, 1], silently). A decorator
     factory's argument (`@scale(2)` then `@scale(3)`) was unwrapped away: the export answered 3 where the notebook's
     value answers 2. An import and a def in the %%model cell compile otherwise than the def alone: still the def."""
-    double = "import functools\ndef double(fn):\n    @functools.wraps(fn)\n    def w(*a):\n        return 2 * fn(*a)\n    return w"
+    double = ("import functools\ndef double(fn):\n    @functools.wraps(fn)\n    def w(*a):\n        return 2 * fn(*a)\n"
+              "    return w")
     cells = [double, "def f(x):\n    return x", "g = double(f)\nh = functools.lru_cache(f)",
              "box = {'g': g, 'h': h}\nbox['c'] = 0",
              "%%model\nimport math\ndef helper(x):\n    return math.sqrt(x)\n\nclass Model:\n"
-             "    def predict(self, model_input):\n        return [box['g'](1), f(1), box['h'].cache_info().maxsize, helper(4)]"]
+             "    def predict(self, model_input):\n"
+             "        return [box['g'](1), f(1), box['h'].cache_info().maxsize, helper(4)]"]
     expected, got, source = ship(tmp_path / "out", cells, {"v": "Model().predict(None)"})
     assert expected == got == {"v": [2, 1, 128, 2.0]}, source.text
     scale = ("import functools\ndef scale(k):\n    def deco(fn):\n        @functools.wraps(fn)\n        def w(x):\n"
              "            return k * fn(x)\n        return w\n    return deco")
-    cells = [scale, "@scale(2)\ndef f(x):\n    return x", "box = {'f': f}\nbox['c'] = 0", "@scale(3)\ndef f(x):\n    return x",
+    cells = [scale, "@scale(2)\ndef f(x):\n    return x", "box = {'f': f}\nbox['c'] = 0",
+             "@scale(3)\ndef f(x):\n    return x",
              "%%model\nclass Model:\n    def predict(self, model_input):\n        return box['f'](1)"]
     with pytest.raises(MaterializeError, match="holds the function `f` as a cell defined it before"):
         build_model_source(cells, "Model", live=run_cells(cells[:-1]))

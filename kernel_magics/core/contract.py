@@ -394,7 +394,8 @@ class _Comparison:
             return self.value(item, depth, home)  # (a class it refers to, defined elsewhere)
         func = getattr(item, "func", None)  # functools.cached_property, partialmethod, partial
         if func is not None and callable(func) and not inspect.isfunction(item):
-            return (type(item).__name__, self.definition(func, depth + 1), self.value(getattr(item, "args", ()), depth, home),
+            return (type(item).__name__, self.definition(func, depth + 1),
+                    self.value(getattr(item, "args", ()), depth, home),
                     self.value(getattr(item, "keywords", {}), depth, home))
         if isinstance(item, type) or inspect.isfunction(item) or hasattr(item, "__wrapped__"):
             return self.definition(item, depth + 1)

@@ -300,7 +300,12 @@ def _definition(value: Any, depth: int = 0, *, closure: bool = False) -> dict:
         if attr.startswith("__"):
             continue
         held = item.__func__ if isinstance(item, (staticmethod, classmethod)) else item
-        if isinstance(held, types.FunctionType) and held.__qualname__.startswith(value.__qualname__ + "."):
+        try:
+            own = getattr(held, "__qualname__", "")
+        except Exception:  # (an object whose __getattr__ fails otherwise)
+            continue
+        own = own if isinstance(own, str) else ""
+        if isinstance(held, types.FunctionType) and own.startswith(value.__qualname__ + "."):
             # A method: the class's code, and its defaults, which its def computes when the class runs
             # (`s=random.random()`: model.py draws another)
             if held.__defaults__ or held.__kwdefaults__:
@@ -313,8 +318,7 @@ def _definition(value: Any, depth: int = 0, *, closure: bool = False) -> dict:
                     shown = f"a method with the defaults {reprlib.repr(held.__defaults__ or held.__kwdefaults__)}"
                     attributes[attr] = shown
             continue
-        if callable(held) and not isinstance(held, type) and not getattr(held, "__qualname__", "").startswith(
-                value.__qualname__ + "."):
+        if callable(held) and not isinstance(held, type) and own and not own.startswith(value.__qualname__ + "."):
             # A function the body took from elsewhere (`f = staticmethod(sqrt)`): the one it held then, which a
             # later `from math import sqrt` does not change in the notebook but would in model.py.
             found = _definition(held)

@@ -133,10 +133,11 @@ class _Rule:
                 "refer to functions defined at the top level of a cell")
         if parts[0] == self.saving and self.namespace.get(parts[0]) is obj:
             error = NotebookReferenceError(
-                f"it is the {kind} `{qualname}` as no cell's top level defines it: made inside an `if` or a loop, "
-                "by exec, or bound by a function (`global`), so model.py cannot define it as the notebook has it")
-            error.advice = (f"Define `{qualname}` as the model should use it at the top level of a cell, run that "
-                            "cell, then export again.")
+                f"it is the {kind} `{qualname}` itself, as no top-level def in the cells makes it (a cell that wraps "
+                "it ran more than once, a def inside an `if` or a loop, exec, or a function that rebinds it with "
+                "`global`), so model.py cannot define it as the notebook has it")
+            error.advice = (f"Define `{qualname}` as the model should use it at the top level of a cell and run each "
+                            "cell from there once (Restart and Run All), then export again.")
             raise error
         if self.namespace.get(parts[0], _MISSING) is not _MISSING and parts[0] != self.saving:
             now = self.namespace[parts[0]]

@@ -979,7 +979,8 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                     "That happens when a function set one of its attributes out of sight of the cells, when its body "
                     "computes something else at every run (random numbers, a file, the clock), when a name its body "
                     "read was bound again by a later cell (`f = staticmethod(sqrt)`, then `from math import sqrt`), "
-                    "or when a class the model does not use registered itself there (`__init_subclass__`). A class "
+                    "or when a class the model does not use (or a cell that ran twice) registered itself there "
+                    "(`__init_subclass__`). A class "
                     "cannot travel as a value: put the value in the class body, make it in the model's load() "
                     "(`self.threshold = ...`), give the later binding another name, or name the registered class in "
                     "the model's code.")
@@ -1525,9 +1526,12 @@ def _still_this_definition(value: Any, name: str, definition: _Definition) -> bo
         return True
     kind = type if definition.kind == "class" else types.FunctionType
     # (a wrapper made with functools.wraps has the name too: `global f; f = rounding(f)`)
-    if not (isinstance(value, kind) and getattr(value, "__qualname__", None) == name
-            and getattr(value, "__wrapped__", None) is None):
-        return False
+    try:
+        if not (isinstance(value, kind) and getattr(value, "__qualname__", None) == name
+                and getattr(value, "__wrapped__", None) is None):
+            return False
+    except Exception:  # (a metaclass whose __getattr__ fails otherwise: not judged)
+        return True
     if kind is types.FunctionType:  # another `def f` the cells do not show as one (inside an `if`, an exec)
         try:
             module = compile(ast.Module([definition.node], type_ignores=[]), "<cell>", "exec", dont_inherit=True)
