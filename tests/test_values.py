@@ -452,13 +452,17 @@ def test_a_function_read_when_a_class_ran_and_defined_again_after_keeps_both_def
 
 @pytest.mark.parametrize("cells", [
     ["def f():\n    return 1", "if True:\n    def f():\n        return 2"],
+    ["def f():\n    return 'relu'", "if True:\n    def f():\n        return 'tanh'"],
+    ["import numpy as np\ndef f():\n    return float(np.mean([1, 2, 10]))",
+     "for _ in range(1):\n    def f():\n        return float(np.median([1, 2, 10]))"],
     ["def f():\n    return 1", "exec('def f():\\n    return 2')"],
     ["import functools\ndef f():\n    return 1", "def install():\n    global f\n    inner = f\n"
      "    @functools.wraps(inner)\n    def f():\n        return inner() * 10\n", "install()"],
-], ids=["def inside if", "exec", "global, wrapped"])
+], ids=["def inside if", "a string in an if", "a call in a for", "exec", "global, wrapped"])
 def test_a_def_the_cells_do_not_show_as_the_notebooks_is_refused_not_exported_as_the_first(cells):
     """The live `f` has the name `f` but not the code of the top-level `def f` model.py would hold (it answered 1
-    where the notebook answers 2 or 10, silently)."""
+    where the notebook answers 2 or 10, silently). Told by its instructions and what they name, as any compilation of
+    the text gives them: an import in the same %%model cell or a magic inside the def is still the def."""
     cells = [*cells, "%%model\nclass Model:\n    def predict(self, model_input):\n        return f()"]
     with pytest.raises(MaterializeError, match="it is the function `f` itself, as no top-level def in the cells"):
         build_model_source(cells, "Model", live=run_cells(cells[:-1]))
@@ -486,6 +490,30 @@ def test_a_wrapper_is_saved_as_the_wrapper_and_compared_with_what_its_decorator_
     with pytest.raises(MaterializeError, match="holds the function `f` as a cell defined it before"):
         build_model_source(cells, "Model", live=run_cells(cells[:-1]))
     cells[3] = cells[1]  # run again unchanged: the same
+    assert "box = pickle.loads" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
+    # A wrapper no top-level name binds any more (`g` bound to another since): refused naming it as a wrapper.
+    cells = [double, "def f(x):\n    return x", "g = double(f)", "box = {'g': g}\nbox['c'] = 0", "g = double(double(f))",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return box['g'](1)"]
+    with pytest.raises(MaterializeError, match="it holds a wrapper of the notebook's function `f`"):
+        build_model_source(cells, "Model", live=run_cells(cells[:-1]))
+
+
+def test_what_a_class_run_again_read_is_compared_by_its_data_not_its_repr():
+    """An array, or a fitted scaler, read when the class ran (`W = X.copy()`, `sc = StandardScaler().fit(X)`), then
+    `X` changed and the class run again: their reprs are alike (an array's is summarized), so the value holding the
+    earlier class exported answering with the later data ([1.0, 1.0] for [0.0, 1.0]). A lock and a logger, new at
+    each run, are still the same."""
+    pytest.importorskip("sklearn")
+    reads = ("class K:\n    W = X.copy()\n    sc = StandardScaler().fit(X)\n    def get(self):\n"
+             "        return float(self.W.sum())")
+    cells = ["import numpy as np\nfrom sklearn.preprocessing import StandardScaler\nX = np.zeros((5000, 1))", reads,
+             "box = {'k': K()}\nbox['c'] = 0", "X = np.zeros((5000, 1))\nX[2500] = 1", reads,
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return box['k'].get()"]
+    with pytest.raises(MaterializeError, match="holds the class `K` as a cell defined it before the same cell ran"):
+        build_model_source(cells, "Model", live=run_cells(cells[:-1]))
+    fresh = "import threading, logging\nclass K:\n    lock = threading.Lock()\n    log = logging.getLogger('x')"
+    cells = [fresh, "box = {'k': K()}\nbox['c'] = 0", fresh,
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return type(box['k']).__name__"]
     assert "box = pickle.loads" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
 
 

@@ -430,6 +430,14 @@ class _Comparison:
                 return ("instance", self.definition(kind, depth + 1), self.value(_state(value), depth + 1, home))
             finally:
                 self.busy.discard(id(value))
+        from .fingerprint import fingerprint
+
+        try:  # (an array, a tensor, a fitted estimator: by their data, which a repr summarizes away)
+            found = fingerprint(value)
+        except Exception:
+            found = None
+        if found is not None:
+            return (f"{kind.__module__}.{kind.__qualname__}", found["kind"], found["digest"])
         try:
             text = _ADDRESS.sub("", repr(value))[:500]
         except Exception:  # (a repr that fails: compared by its type only)

@@ -81,6 +81,7 @@ class _Rule:
         qualname = getattr(obj, "__qualname__", obj.__name__)
         parts = qualname.split(".")
         kind = "class" if isinstance(obj, type) else "function"
+        wrapper = False
         if "<locals>" not in parts and "<lambda>" not in parts:
             found, holder = self.namespace.get(parts[0], _MISSING), self.module
             for part in parts[1:]:
@@ -93,7 +94,7 @@ class _Rule:
                 # A wrapper that took the name of what it wraps (functools.wraps: `g = double(f)`; a cache of it under
                 # another name, `g = lru_cache(f)`), which the name does not bind: a name bound to the object itself
                 # is written instead (model.py's `f` would be the bare function), else it is refused.
-                found = _MISSING
+                found, wrapper = _MISSING, True
             if found is not _MISSING and isinstance(found, type) == isinstance(obj, type) and parts[0] != self.saving:
                 edited = self.replaced.get(parts[0], True) if isinstance(self.replaced, Mapping) else True
                 # (A wrapper of the very function, `f = functools.wraps`-style `double(f)`, compares equal by its
@@ -131,6 +132,13 @@ class _Rule:
             raise NotebookReferenceError(
                 "it holds a lambda from the notebook that no top-level name is bound to, and a saved file can only "
                 "refer to functions defined at the top level of a cell")
+        if wrapper:
+            error = NotebookReferenceError(
+                f"it holds a wrapper of the notebook's {kind} `{qualname}` (made by a decorator with functools.wraps, "
+                "or a functools cache), which no top-level name binds any more, so model.py cannot make it")
+            error.advice = ("Bind the wrapper to a top-level name of its own (`g = double(f)`) and run the cells that "
+                            "use it again, or build it inside `load()`.")
+            raise error
         if parts[0] == self.saving and self.namespace.get(parts[0]) is obj:
             error = NotebookReferenceError(
                 f"it is the {kind} `{qualname}` itself, as no top-level def in the cells makes it (a cell that wraps "

@@ -26,8 +26,12 @@ The output is deterministic: the same cells (and values) give the same bytes.
 
 from __future__ import annotations
 
+import __future__
 import ast
 import builtins
+import dis
+import functools
+import operator
 import os
 import re
 import symtable
@@ -976,7 +980,8 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                 raise MaterializeError(
                     f"The model uses `{name}` (a class from cell {definition.cell + 1}), and its cell run again in "
                     f"model.py gives other class attributes than the notebook's `{name}` has: {ctx.as_values[name]}. "
-                    "That happens when a function set one of its attributes out of sight of the cells, when its body "
+                    "That happens when a function or its own methods (a cache they fill) set one of its attributes "
+                    "out of sight of the cells, when its body "
                     "computes something else at every run (random numbers, a file, the clock), when a name its body "
                     "read was bound again by a later cell (`f = staticmethod(sqrt)`, then `from math import sqrt`), "
                     "or when a class the model does not use (or a cell that ran twice) registered itself there "
@@ -1533,22 +1538,33 @@ def _still_this_definition(value: Any, name: str, definition: _Definition) -> bo
     except Exception:  # (a metaclass whose __getattr__ fails otherwise: not judged)
         return True
     if kind is types.FunctionType:  # another `def f` the cells do not show as one (inside an `if`, an exec)
+        live = value.__code__
+        if "get_ipython" in live.co_names:
+            return True  # (a magic inside the def: IPython compiled a call where the analysis reads `pass`)
+        flags = live.co_flags & _FUTURE_FLAGS  # (as the cell was compiled: `from __future__ import annotations`)
         try:
-            module = compile(ast.Module([definition.node], type_ignores=[]), "<cell>", "exec", dont_inherit=True)
+            module = compile(ast.Module([definition.node], type_ignores=[]), "<cell>", "exec", flags=flags,
+                             dont_inherit=True)
         except (SyntaxError, ValueError, TypeError):
             return True
         made = next((c for c in module.co_consts if isinstance(c, types.CodeType) and c.co_name == name), None)
-        return made is None or _shape(made) == _shape(value.__code__)
+        return made is None or _shape(made) == _shape(live)
     return True
 
 
+_FUTURE_FLAGS = functools.reduce(operator.or_, (getattr(__future__, f).compiler_flag for f in __future__.all_feature_names))
+
+
 def _shape(code: types.CodeType) -> tuple:
-    """What of a function's code no compiler setting changes: its arguments, its local names and the numbers it
-    holds. (Its bytecode differs with how IPython compiled the cell: an import in the same %%model cell, `from
-    __future__ import annotations`, a line magic inside it; a def inside an `if` or made by exec that answers
-    otherwise almost always holds other numbers or names.)"""
-    numbers = tuple(c for c in code.co_consts if type(c) in (int, float, complex, bool, type(None)))
-    return (code.co_argcount, code.co_kwonlyargcount, code.co_varnames, numbers)
+    """A function's code as any compilation of its text gives it: the instructions and what they name, with the one
+    choice the compiler makes from the rest of the cell undone (3.11 loads `math.sqrt` as an attribute when `import
+    math` is in the same cell, as a method when not: an import in the %%model cell)."""
+    jumps = set(dis.hasjrel) | set(dis.hasjabs)  # (their targets are offsets, which that choice moves)
+    ops = tuple(("LOAD_ATTR" if i.opname == "LOAD_METHOD" else i.opname,
+                 None if i.opcode in jumps else
+                 _shape(i.argval) if isinstance(i.argval, types.CodeType) else repr(i.argval))
+                for i in dis.get_instructions(code) if i.opname not in ("PRECALL", "CACHE", "NOP"))
+    return (code.co_argcount, code.co_kwonlyargcount, code.co_varnames, ops)
 
 
 def _defined_again(history: list[_Definition]) -> Optional[bool]:
