@@ -517,6 +517,19 @@ def test_what_a_class_run_again_read_is_compared_by_its_data_not_its_repr():
     assert "box = pickle.loads" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
 
 
+def test_a_mutable_default_calls_filled_is_refused_unless_a_prediction_is_replayed():
+    """`def f(x, seen=[])` appended to by calls: the notebook's `f(3)` answers 3, model.py's def starts `seen` empty
+    and answered 1, silently. Refused naming the default; with recorded predictions the replay judges. An unfilled
+    one (`memo={}`) is as the cell wrote it."""
+    cells = ["def f(x, seen=[]):\n    seen.append(x)\n    return len(seen)", "f(1); f(2)",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return f(3)"]
+    with pytest.raises(MaterializeError, match=r"whose default `seen` is \[1, 2\] in the notebook, not \[\]"):
+        build_model_source(cells, "Model", live=run_cells(cells[:-1]))
+    assert "def f(x, seen=[])" in build_model_source(cells, "Model", live=run_cells(cells[:-1]), replay_proves=True).text
+    cells[1] = "f.__name__"
+    assert "def f(x, seen=[])" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
+
+
 def test_the_model_package_is_importable_as_in_truss(tmp_path):
     """A pickle naming `model.model` by an ordinary global (the way other tools write it) loads too: the
     Truss root is on the path, so `model` is the package beside model.py, as in Truss's image."""

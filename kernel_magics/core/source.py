@@ -962,6 +962,13 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
             # is not what the notebook's `f` is, so the live one travels as a value (a pickle naming `g`).
             return _value(name, live[name], live, "a function bound it again after its definition, out of sight of "
                           "the cells", ctx)
+        filled = _filled_default(definition, live.get(name) if live is not None else None)
+        if filled is not None and not ctx.replay_proves:
+            raise MaterializeError(
+                f"The model uses `{name}` (a function from cell {definition.cell + 1}), whose default {filled}: "
+                "calls filled it since (a list it appends to, a cache), and model.py's def starts it as the cell "
+                "wrote it, so the deployment may answer otherwise. Record a prediction with %model_predict (the "
+                "export's replay then judges), or keep that state on the model (`self.seen = []` in load()).")
         drawn = definition.kind == "function" and _computed_defaults(definition, analysis)
         if drawn and live is not None and name in live:
             if name in ctx.as_values:  # the fresh process's def has other defaults than the live one
@@ -1507,6 +1514,31 @@ def _reads_no_notebook_name(expr: Optional[ast.expr], analysis: _Analysis) -> bo
             if not (bound.kind == "import" if bound is not None else sub.id in _BUILTINS):
                 return False
     return True
+
+
+def _filled_default(definition: _Definition, value: Any) -> Optional[str]:
+    """How a def's mutable literal default (`seen=[]`, `memo={}`) differs from what its text gives, now that calls
+    filled it; None when none does."""
+    args = getattr(definition.node, "args", None)
+    if args is None or not isinstance(value, types.FunctionType):
+        return None
+    positional = [*args.posonlyargs, *args.args]
+    named = [a.arg for a in positional[len(positional) - len(args.defaults):]]
+    pairs = list(zip(named, args.defaults, value.__defaults__ or ()))
+    pairs += [(a.arg, d, (value.__kwdefaults__ or {}).get(a.arg)) for a, d in zip(args.kwonlyargs, args.kw_defaults)
+              if d is not None]
+    for arg, expr, now in pairs:
+        if not isinstance(expr, (ast.List, ast.Dict, ast.Set)) or not isinstance(now, (list, dict, set)):
+            continue
+        try:
+            written = ast.literal_eval(expr)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            continue
+        if written != now:
+            shown = repr(now)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            return f"`{arg}` is {shown} in the notebook, not {ast.unparse(expr)}"
+    return None
 
 
 def _computed_defaults(definition: _Definition, analysis: _Analysis) -> bool:
