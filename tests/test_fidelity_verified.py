@@ -623,6 +623,16 @@ def test_a_registry_a_class_the_model_does_not_use_filled_or_an_array_drawn_by_a
     assert "registered itself there (`__init_subclass__`)" in why, why
     k.ok(model.format("[A.__name__, B.__name__, sorted(Base.registry)]"))
     assert "Exported `Model`" in k.ok("%model_export out --no-replay").stdout
+    # A registry a decorator fills (`REGISTRY = {}`, `@register('a') def fa`): saved, it loaded after the defs that
+    # fill it (a NameError, refused with advice that did not apply); now model.py fills it as the notebook did, with
+    # the decorated defs the model does not name, and the fresh process compares it.
+    k.ok("REGISTRY = {}\ndef register(name):\n    def deco(fn):\n        REGISTRY[name] = fn\n        return fn\n"
+         "    return deco")
+    k.ok("@register('a')\ndef fa(x):\n    return x + 1")
+    k.ok(model.format("REGISTRY['a'](1)"))
+    assert "Exported `Model`" in k.ok("%model_export out --force --no-replay").stdout
+    done = cli("predict", tmp_path / "out", "-d", "{}", cwd=tmp_path)
+    assert (done.returncode, done.stdout.strip()) == (0, "2"), done.stderr
     # An array its body draws (`W = np.random.rand(3)`): model.py draws another; it was not compared (only literal
     # class attributes were), and the export answered with other weights, silently.
     k.ok("import numpy as np\nclass K:\n    W = np.random.rand(3)")

@@ -530,6 +530,19 @@ def test_a_mutable_default_calls_filled_is_refused_unless_a_prediction_is_replay
     assert "def f(x, seen=[])" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
 
 
+def test_a_registry_a_decorator_fills_is_filled_by_model_py_as_the_notebook_did(tmp_path):
+    """`MODELS = []` and `@model class A` that appends to it: the list was saved and loaded after the classes that
+    fill it (a NameError on import); now model.py holds the literal, the decorated classes (which the model does not
+    name) and fills it. A cell that also changes it where the analysis sees keeps it a saved value."""
+    cells = ["MODELS = []\ndef model(cls):\n    MODELS.append(cls)\n    return cls",
+             "@model\nclass A:\n    def get(self):\n        return 1",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return [m().get() for m in MODELS]"]
+    expected, got, source = ship(tmp_path / "out", cells, {"v": "Model().predict(None)"})
+    assert expected == got == {"v": [1]} and "MODELS" in source.verify, source.text
+    cells.insert(2, "MODELS.append(int)")
+    assert "MODELS = pickle.loads" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
+
+
 def test_the_model_package_is_importable_as_in_truss(tmp_path):
     """A pickle naming `model.model` by an ordinary global (the way other tools write it) loads too: the
     Truss root is on the path, so `model` is the package beside model.py, as in Truss's image."""

@@ -719,6 +719,8 @@ class _Context:
     # notebook classes and functions cells defined more than once (a value may hold an earlier one): name -> whether
     # with other source
     replaced: dict[str, bool] = field(default_factory=dict)
+    # a registry model.py fills as the notebook did -> the decorated defs and classes that fill it
+    fillers: dict[str, list[str]] = field(default_factory=dict)
 
 
 # Standard-library modules whose functions give the same result for the same arguments, anywhere.
@@ -1053,8 +1055,19 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
     if is_literal_definition:
         if _same(value, literal):
             return _Travel(True)
-        changed = (_changed_by(name, definition.order, changes, analysis)
-                   or f"something after cell {definition.cell + 1}")
+        changed = _changed_by(name, definition.order, changes, analysis)
+        fillers = _filled_by_a_decorator(name, definition, analysis) if changed is None else []
+        if fillers:
+            # No cell changes it where the analysis sees, and a decorator model.py runs too writes into it (a
+            # registry: `REGISTRY = {}`, then `@register('a') def fa`): model.py fills it as the notebook did, and
+            # the fresh process compares it. (Saved, it loaded after the defs that fill it: a NameError.)
+            from .fingerprint import fingerprint
+
+            if fingerprint(value) is not None:
+                ctx.verify.append(name)
+                ctx.fillers[name] = fillers  # (model.py holds them, so they fill it)
+                return _Travel(True)
+        changed = changed or f"something after cell {definition.cell + 1}"
         return _value(name, value, live, f"changed after its assignment, by {changed}", ctx)
     rebound = [c for c in changes if c.kind == "rebind"]
     if values.is_immutable(value) and not rebound and not problem:
@@ -1265,6 +1278,9 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
             # The binding before it, when this one may keep it (an `if False: f = g`, a `try: from fast import
             # loads` that failed: without it the deployment had no `f`) or reads it (`f = functools.lru_cache(f)`,
             # `A = dataclass(A)`): model.py holds both, in the notebook's order.
+            for filler in ctx.fillers.get(name, ()):
+                if filler not in included:
+                    need(filler, f"what fills {name}")
             current = target
             while current.kind == "block" or current is target and target.kind == "constant" and name in target.uses:
                 before = _binding_before(name, current, analysis)  # (through every `if` or `try` before it)
@@ -1514,6 +1530,36 @@ def _reads_no_notebook_name(expr: Optional[ast.expr], analysis: _Analysis) -> bo
             if not (bound.kind == "import" if bound is not None else sub.id in _BUILTINS):
                 return False
     return True
+
+
+def _filled_by_a_decorator(name: str, definition: _Definition, analysis: _Analysis) -> list[str]:
+    """The later top-level defs and classes whose decorator calls a notebook function that writes into ``name``
+    (`REGISTRY[key] = fn`, `REGISTRY.append(fn)`), directly or in a function it defines (a factory's `deco`)."""
+    writers = {n for n, d in analysis.defs.items() if d.kind == "function" and _writes_into(d.node, name)}
+    found = []
+    for later_name, later in analysis.defs.items():
+        if later.order <= definition.order or later.kind not in ("function", "class"):
+            continue
+        for decorator in getattr(later.node, "decorator_list", []):
+            called = decorator.func if isinstance(decorator, ast.Call) else decorator
+            if isinstance(called, ast.Name) and called.id in writers:
+                found.append(later_name)
+                break
+    return sorted(found)
+
+
+def _writes_into(node: ast.AST, name: str) -> bool:
+    for sub in ast.walk(node):
+        target = None
+        if isinstance(sub, (ast.Assign, ast.AugAssign)):
+            for t in (sub.targets if isinstance(sub, ast.Assign) else [sub.target]):
+                if isinstance(t, ast.Subscript):
+                    target = t.value
+        elif isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute):
+            target = sub.func.value  # (REGISTRY.append(fn), .update, .add, .setdefault)
+        if isinstance(target, ast.Name) and target.id == name:
+            return True
+    return False
 
 
 def _filled_default(definition: _Definition, value: Any) -> Optional[str]:
