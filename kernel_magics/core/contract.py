@@ -21,7 +21,7 @@ from .errors import ModelDefinitionError
 from .routes import ENDPOINT_METHODS  # (served on routes of their own, beside predict)
 from .serialization import is_pydantic_class
 
-__all__ = ["ArgConfig", "MethodSpec", "ModelContract", "init_kwargs", "INIT_KWARGS", "code_fingerprint",
+__all__ = ["code_shape", "ArgConfig", "MethodSpec", "ModelContract", "init_kwargs", "INIT_KWARGS", "code_fingerprint",
            "definition_code", "ENDPOINT_METHODS"]
 
 # The keyword arguments Truss may pass to ``Model.__init__``.
@@ -464,6 +464,21 @@ def _state(value: Any) -> dict:
 _SET_BY_PYTHON = frozenset({"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__firstlineno__",
                             "__static_attributes__", "__annotations__", "__orig_bases__", "__parameters__",
                             "__slotnames__", "__abstractmethods__", "_abc_impl"})
+
+
+def code_shape(code: Any) -> tuple:
+    """A function's code as any compilation of its text gives it: the instructions and what they name, with the one
+    choice the compiler makes from the rest of the module undone (3.11 loads `re.sub` as an attribute when `import re`
+    is in the same cell or module, as a method when not: the kernel's cell and model.py differ there), and the
+    offsets that choice moves. What a function compiled in the notebook and in model.py is compared by."""
+    import dis
+
+    jumps = set(dis.hasjrel) | set(dis.hasjabs)
+    ops = tuple(("LOAD_ATTR" if i.opname == "LOAD_METHOD" else i.opname,
+                 None if i.opcode in jumps else
+                 code_shape(i.argval) if inspect.iscode(i.argval) else repr(i.argval))
+                for i in dis.get_instructions(code) if i.opname not in ("PRECALL", "CACHE", "NOP"))
+    return (code.co_argcount, code.co_kwonlyargcount, code.co_varnames, ops)
 
 
 def _code_key(code) -> tuple:

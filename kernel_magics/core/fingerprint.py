@@ -270,7 +270,11 @@ def _definition(value: Any, depth: int = 0, *, closure: bool = False) -> dict:
     module = "<notebook>" if module in NOTEBOOK_MODULES else module
     name = f"{module}.{getattr(value, '__qualname__', getattr(value, '__name__', '?'))}"
     code = getattr(value, "__code__", None)
-    body = _digest(code.co_code, code.co_consts) if code is not None else ""
+    # (by its instructions as any compilation gives them: the kernel compiled `re.sub` in a cell without `import re`
+    # otherwise than model.py does, and a registry of such functions read as changed)
+    from .contract import code_shape
+
+    body = _digest(repr(code_shape(code))) if code is not None else ""
     if not isinstance(value, type):
         # A function the notebook made (`money = make_rounder(2)`, the value of a name itself: depth 0) is its code
         # and all it carries: the values it closes over (`ndigits` 2 or 3 are other functions), its defaults and

@@ -1616,6 +1616,8 @@ def _still_this_definition(value: Any, name: str, definition: _Definition) -> bo
     except Exception:  # (a metaclass whose __getattr__ fails otherwise: not judged)
         return True
     if kind is types.FunctionType:  # another `def f` the cells do not show as one (inside an `if`, an exec)
+        from .contract import code_shape
+
         live = value.__code__
         if "get_ipython" in live.co_names:
             return True  # (a magic inside the def: IPython compiled a call where the analysis reads `pass`)
@@ -1626,23 +1628,11 @@ def _still_this_definition(value: Any, name: str, definition: _Definition) -> bo
         except (SyntaxError, ValueError, TypeError):
             return True
         made = next((c for c in module.co_consts if isinstance(c, types.CodeType) and c.co_name == name), None)
-        return made is None or _shape(made) == _shape(live)
+        return made is None or code_shape(made) == code_shape(live)
     return True
 
 
 _FUTURE_FLAGS = functools.reduce(operator.or_, (getattr(__future__, f).compiler_flag for f in __future__.all_feature_names))
-
-
-def _shape(code: types.CodeType) -> tuple:
-    """A function's code as any compilation of its text gives it: the instructions and what they name, with the one
-    choice the compiler makes from the rest of the cell undone (3.11 loads `math.sqrt` as an attribute when `import
-    math` is in the same cell, as a method when not: an import in the %%model cell)."""
-    jumps = set(dis.hasjrel) | set(dis.hasjabs)  # (their targets are offsets, which that choice moves)
-    ops = tuple(("LOAD_ATTR" if i.opname == "LOAD_METHOD" else i.opname,
-                 None if i.opcode in jumps else
-                 _shape(i.argval) if isinstance(i.argval, types.CodeType) else repr(i.argval))
-                for i in dis.get_instructions(code) if i.opname not in ("PRECALL", "CACHE", "NOP"))
-    return (code.co_argcount, code.co_kwonlyargcount, code.co_varnames, ops)
 
 
 def _defined_again(history: list[_Definition]) -> Optional[bool]:
