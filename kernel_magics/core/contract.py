@@ -21,7 +21,7 @@ from .errors import ModelDefinitionError
 from .routes import ENDPOINT_METHODS  # (served on routes of their own, beside predict)
 from .serialization import is_pydantic_class
 
-__all__ = ["code_shape", "ArgConfig", "MethodSpec", "ModelContract", "init_kwargs", "INIT_KWARGS", "code_fingerprint",
+__all__ = ["code_shape", "functools_wrapped", "ArgConfig", "MethodSpec", "ModelContract", "init_kwargs", "INIT_KWARGS", "code_fingerprint",
            "definition_code", "ENDPOINT_METHODS"]
 
 # The keyword arguments Truss may pass to ``Model.__init__``.
@@ -328,13 +328,13 @@ class _Comparison:
         found = self.memo.get(key)
         if found is not None:
             return found
-        self.busy.add(id(value))
+        self.busy.add(key)
         self.held.append(value)
         try:
             found = self.memo[key] = (self._class(value, depth) if isinstance(value, type)
                                       else self._function(value, depth))
         finally:
-            self.busy.discard(id(value))
+            self.busy.discard(key)
         return found
 
     def _class(self, value: type, depth: int) -> Any:
@@ -464,6 +464,15 @@ def _state(value: Any) -> dict:
 _SET_BY_PYTHON = frozenset({"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__firstlineno__",
                             "__static_attributes__", "__annotations__", "__orig_bases__", "__parameters__",
                             "__slotnames__", "__abstractmethods__", "_abc_impl"})
+
+
+def functools_wrapped(value: Any) -> Any:
+    """The function a functools cache wraps (`lru_cache(f)`, `cache(f)`), else None: such a wrapper is named and
+    compared as the function it wraps, not pickled by its `__main__` name."""
+    if type(value).__module__ != "functools":
+        return None
+    wrapped = getattr(value, "__wrapped__", None)
+    return wrapped if inspect.isfunction(wrapped) else None
 
 
 def code_shape(code: Any) -> tuple:

@@ -134,8 +134,10 @@ def _fingerprint(value: Any, depth: int) -> Optional[dict]:
         return _module(value)
     if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
         return _definition(value, depth, closure=True)
-    wrapped = getattr(value, "__wrapped__", None) if type(value).__module__ == "functools" else None
-    if isinstance(wrapped, types.FunctionType):
+    from .contract import functools_wrapped
+
+    wrapped = functools_wrapped(value)
+    if wrapped is not None:
         # functools.lru_cache(f), cache(f): the wrapper's kind and the function's definition (pickled, it is only a
         # name, which differs between the kernel's `__main__` and model.py)
         inner = _definition(wrapped, depth, closure=True)

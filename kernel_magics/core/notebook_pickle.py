@@ -31,7 +31,7 @@ import types
 from pathlib import Path
 from typing import Any, Collection, Mapping, Optional
 
-from .contract import definition_code
+from .contract import definition_code, functools_wrapped
 
 __all__ = ["MODEL_MODULE", "CannotPickle", "NotebookReferenceError", "dump", "dumps", "joblib_dump", "torch_save",
            "references", "refer_to"]
@@ -69,8 +69,7 @@ class _Rule:
         if obj is self.module:
             return importlib.import_module, (MODEL_MODULE,)
         # (functools.lru_cache(f) pickles as a name, as a function does: the notebook's, not `__main__`'s)
-        named = isinstance(obj, (type, types.FunctionType)) or (
-            type(obj).__module__ == "functools" and isinstance(getattr(obj, "__wrapped__", None), types.FunctionType))
+        named = isinstance(obj, (type, types.FunctionType)) or functools_wrapped(obj) is not None
         if not named or getattr(obj, "__module__", None) != self.notebook:
             return NotImplemented
         parent, attr = self._where(obj)

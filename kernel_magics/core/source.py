@@ -721,6 +721,16 @@ class _Context:
     replaced: dict[str, bool] = field(default_factory=dict)
     # a registry model.py fills as the notebook did -> the decorated defs and classes that fill it
     fillers: dict[str, list[str]] = field(default_factory=dict)
+    # live fingerprints a decision took (to verify a name only when it can be compared): not taken again at the end
+    fingerprints: dict[str, Optional[dict]] = field(default_factory=dict)
+
+    def fingerprint(self, name: str) -> Optional[dict]:
+        """The live value's fingerprint, taken once per build."""
+        if name not in self.fingerprints:
+            from .fingerprint import fingerprint
+
+            self.fingerprints[name] = fingerprint(self.live[name])
+        return self.fingerprints[name]
 
 
 # Standard-library modules whose functions give the same result for the same arguments, anywhere.
@@ -980,9 +990,7 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                     "default is computed when the def runs, and this one gives something else at every run (random "
                     "numbers, a file, the clock), or a function changed it out of sight of the cells. Make it in the "
                     "model's load() and pass it on, or write it in the def as a literal.")
-            from .fingerprint import fingerprint
-
-            if fingerprint(live[name]) is not None:  # (a default no fingerprint compares, `torch.device(...)`: not
+            if ctx.fingerprint(name) is not None:  # (a default no fingerprint compares, `torch.device(...)`: not
                 ctx.verify.append(name)  # named as unverified, as before) its defaults, compared in the fresh process
         if definition.kind == "class" and live is not None and name in live:
             if name in ctx.as_values:  # the fresh process's class has other class attributes than the live one
@@ -990,12 +998,11 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                     f"The model uses `{name}` (a class from cell {definition.cell + 1}), and its cell run again in "
                     f"model.py gives other class attributes than the notebook's `{name}` has: {ctx.as_values[name]}. "
                     "That happens when a function or its own methods (a cache they fill) set one of its attributes "
-                    "out of sight of the cells, when its body "
-                    "computes something else at every run (random numbers, a file, the clock), when a name its body "
-                    "read was bound again by a later cell (`f = staticmethod(sqrt)`, then `from math import sqrt`), "
-                    "or when a class the model does not use (or a cell that ran twice) registered itself there "
-                    "(`__init_subclass__`). A class "
-                    "cannot travel as a value: put the value in the class body, make it in the model's load() "
+                    "out of sight of the cells, when its body computes something else at every run (random numbers, "
+                    "a file, the clock), when a name its body read was bound again by a later cell "
+                    "(`f = staticmethod(sqrt)`, then `from math import sqrt`), or when a class the model does not use "
+                    "(or a cell that ran twice) registered itself there (`__init_subclass__`). A class cannot travel "
+                    "as a value: put the value in the class body, make it in the model's load() "
                     "(`self.threshold = ...`), give the later binding another name, or name the registered class in "
                     "the model's code.")
             ctx.verify.append(name)  # its plain class attributes, compared in the fresh process
@@ -1061,9 +1068,7 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
             # No cell changes it where the analysis sees, and a decorator model.py runs too writes into it (a
             # registry: `REGISTRY = {}`, then `@register('a') def fa`): model.py fills it as the notebook did, and
             # the fresh process compares it. (Saved, it loaded after the defs that fill it: a NameError.)
-            from .fingerprint import fingerprint
-
-            if fingerprint(value) is not None:
+            if ctx.fingerprint(name) is not None:
                 ctx.verify.append(name)
                 ctx.fillers[name] = fillers  # (model.py holds them, so they fill it)
                 return _Travel(True)
@@ -1275,12 +1280,12 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
         if travel.source and id(target) not in chosen:
             chosen[id(target)] = target
             queue.append((target, name))
+            for filler in ctx.fillers.get(name, ()):  # (the decorated defs that fill a registry model.py re-runs)
+                if filler not in included:
+                    need(filler, f"what fills {name}")
             # The binding before it, when this one may keep it (an `if False: f = g`, a `try: from fast import
             # loads` that failed: without it the deployment had no `f`) or reads it (`f = functools.lru_cache(f)`,
             # `A = dataclass(A)`): model.py holds both, in the notebook's order.
-            for filler in ctx.fillers.get(name, ()):
-                if filler not in included:
-                    need(filler, f"what fills {name}")
             current = target
             while current.kind == "block" or current is target and target.kind == "constant" and name in target.uses:
                 before = _binding_before(name, current, analysis)  # (through every `if` or `try` before it)
@@ -1372,13 +1377,11 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     verify += besides_weights
     fingerprints: dict[str, Optional[dict]] = {}
     if live is not None:
-        from .fingerprint import fingerprint
-
         for name in verify:
             if included[name].kind == "import":
                 included[name] = replace(included[name], note=LOCAL_MODULE)
             elif included[name].travels == "source" and name in live:
-                fingerprints[name] = fingerprint(live[name])
+                fingerprints[name] = ctx.fingerprint(name)
                 if fingerprints[name] is None:
                     included[name] = replace(included[name], note=UNVERIFIED)
         order = [included[i.name] for i in order]
