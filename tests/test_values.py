@@ -517,6 +517,37 @@ def test_what_a_class_run_again_read_is_compared_by_its_data_not_its_repr():
     assert "box = pickle.loads" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
 
 
+def test_the_same_def_compiled_beside_an_import_is_the_same_code(tmp_path):
+    """Python 3.11 compiles `re.sub` as a method call in a cell without `import re` and as an attribute in one with
+    it: the same def run again in such a cell was "other code", and a value holding the first was refused. An edit
+    still is refused."""
+    def_f = "def f(x):\n    return re.sub('a', {!r}, x)"
+    cells = ["import re", def_f.format("b"), "box = {'f': f}\nbox['c'] = 0", "import re\n" + def_f.format("b"),
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return [box['f']('aa'), f('ca')]"]
+    expected, got, _ = ship(tmp_path / "out", cells, {"v": "Model().predict(None)"})
+    assert expected == got == {"v": ["bb", "cb"]}
+    cells[3] = "import re\n" + def_f.format("c")
+    with pytest.raises(MaterializeError, match="holds the function `f` as a cell defined it before the notebook bound"):
+        build_model_source(cells, "Model", live=run_cells(cells[:-1]))
+
+
+def test_members_of_an_enum_run_again_are_refused_as_they_compare_by_identity(tmp_path):
+    """`fav = Color.RED`, then the `Color` cell run again unchanged: in the notebook `fav == Color.RED` is False and a
+    dict keyed by the old members misses, while model.py has one `Color` (it answered [True, 1] for [False, 0],
+    silently). Refused naming the enum; made after the run again, the value is the latest's and exports."""
+    enum_cell = "import enum\nclass Color(enum.Enum):\n    RED = 1\n    BLUE = 2"
+    model = ("%%model\nclass Model:\n    def predict(self, model_input):\n"
+             "        return [box['fav'] == Color.RED, box['table'].get(Color.RED, 0)]")
+    cells = [enum_cell, "box = {'fav': Color.RED, 'table': {Color.RED: 1}}", enum_cell, model]
+    # (Its statement, re-run by model.py above the only `class Color`, fails there: the kernel's check then saves it.)
+    with pytest.raises(MaterializeError, match="it holds members of the enum `Color` as a cell defined it before that "
+                                               "cell ran again; in the notebook they are not equal"):
+        build_model_source(cells, "Model", live=run_cells(cells[:-1]), as_values={"box": "its re-run failed"})
+    cells = [enum_cell, enum_cell, "box = {'fav': Color.RED, 'table': {Color.RED: 1}}", model]
+    expected, got, _ = ship(tmp_path / "out", cells, {"v": "Model().predict(None)"})
+    assert expected == got == {"v": [True, 1]}
+
+
 def test_a_mutable_default_calls_filled_is_refused_unless_a_prediction_is_replayed():
     """`def f(x, seen=[])` appended to by calls: the notebook's `f(3)` answers 3, model.py's def starts `seen` empty
     and answered 1, silently. Refused naming the default; with recorded predictions the replay judges. An unfilled

@@ -367,12 +367,9 @@ class _Comparison:
         code = getattr(fn, "__code__", None)
         if code is None:
             return code_fingerprint(fn)
-        key = _code_key(code)
-        doc = getattr(fn, "__doc__", None)
-        if key[5] and key[5][0] == ("str", repr(doc)) or doc is None and key[5][:1] == (("NoneType", "None"),):
-            # (A docstring added, edited or removed changes no answer: Python 3.11 keeps a function's docstring, or
-            # None without one, as its first constant.)
-            key = key[:5] + (key[5][1:],)
+        # (Compared as any compilation gives it: the same def in a cell with and without `import re`, and a
+        # docstring added, edited or removed, change no answer.)
+        key = code_shape(code)
         from .fingerprint import cell_is_filled
 
         home = fn.__module__
@@ -475,6 +472,7 @@ def functools_wrapped(value: Any) -> Any:
     return wrapped if inspect.isfunction(wrapped) else None
 
 
+@functools.lru_cache(maxsize=4096)  # (a code object hashes by its content: equal ones have one shape)
 def code_shape(code: Any) -> tuple:
     """A function's code as any compilation of its text gives it: the instructions and what they name, with the one
     choice the compiler makes from the rest of the module undone (3.11 loads `re.sub` as an attribute when `import re`
