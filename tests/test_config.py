@@ -1,6 +1,7 @@
 """config.yaml parsing: Truss field names, line numbers, did-you-mean, no secret values."""
 
 import pytest
+import yaml
 
 from kernel_magics.core.config import ModelConfig, parse_config
 from kernel_magics.core.errors import ConfigError
@@ -109,3 +110,16 @@ def test_yaml_round_trip_keeps_what_was_set():
                         "runtime: {predict_concurrency: 4}\nmodel_metadata: {a: [1, 2]}\nsystem_packages: [ffmpeg]\n")
     again = parse_config(full.to_yaml())
     assert isinstance(again, ModelConfig) and again == full and again.to_dict() == full.to_dict()
+
+
+def test_an_example_input_of_numbers_is_written_a_row_a_line():
+    """A new user's example input of feature rows took one number a line in config.yaml (300 lines for 50 rows of
+    six). Lists of numbers are written on one line now; lists of strings (requirements) a line each, as before."""
+    from kernel_magics.core.export import materialize_config
+
+    example = {"inputs": [[5.1, 3.5, 1.4, 0.2], [6.2, 2.9, 4.3, 1.3]], "names": ["a", "b"], "flags": [True, None]}
+    text = materialize_config(parse_config("model_name: m\n"), ["numpy==2.0.0", "torch==2.13.0"], example)
+    assert ("requirements:\n- numpy==2.0.0\n- torch==2.13.0\n" in text and "  - [5.1, 3.5, 1.4, 0.2]\n"
+            "    - [6.2, 2.9, 4.3, 1.3]\n" in text and "    names:\n    - a\n    - b\n" in text
+            and "    flags: [true, null]\n" in text), text
+    assert yaml.safe_load(text)["model_metadata"]["example_model_input"] == example

@@ -152,8 +152,9 @@ def test_a_prediction_recorded_before_the_model_was_loaded_again_is_named_as_the
     k.ok("%model_load")  # cell 6
     message = usage_error(k.execute("%model_export out"))
     assert ("Most likely cause: %model_load ran again in cell 6, after this prediction was recorded: the notebook "
-            "answered from what an earlier load() made, the export from a fresh load(). Run %model_predict again "
-            "to record answers of the model as it is loaded now") in message, message
+            "answered from what an earlier load() made, the export from a fresh load(). Predict that input again "
+            "(%model_predict with the same input: its latest answer replaces the one recorded; running the %%model "
+            "cell again clears the record) to record answers of the model as it is loaded now") in message, message
     assert not (tmp_path / "out").exists()
     k.ok('%model_predict {"x": 1}')
     # The same input predicted again replaces the earlier answer in the record: the export goes ahead.

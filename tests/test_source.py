@@ -427,6 +427,28 @@ def test_the_cli_refuses_what_it_cannot_prove_naming_the_value_the_cell_and_line
     assert build_model_source(cells, "Model", replay_proves=True).unproven == [name]
 
 
+# A notebook function that only reads the name cannot change it (the CLI blamed `clean_record(...)` for `FEATURES`
+# where a new user's real obstacle was a fitted pipeline): each of these may, and is still refused. (One that
+# rebinds it with `global` and never reads it was not counted at all: the CLI re-ran the first value, silently.)
+MAY_CHANGE = ["for k in FEATURES:\n        FEATURES.remove(k)", "cols = FEATURES\n    cols.append('c')",
+              "FEATURES[0] = 'z'", "FEATURES[0].append(1)", "global FEATURES\n    FEATURES = []", "fill(FEATURES)",
+              "getattr(FEATURES, 'clear')()", "FEATURES.sort()"]
+ONLY_READS = ["return {k: rec.get(k) for k in FEATURES}", "return [k in FEATURES, FEATURES[0], len(FEATURES)]",
+              "return sorted(FEATURES) + FEATURES.copy()", "for i, k in enumerate(FEATURES):\n        print(i, k)"]
+
+
+@pytest.mark.parametrize("body", MAY_CHANGE + ONLY_READS)
+def test_the_cli_re_runs_a_name_a_function_it_calls_only_reads(body):
+    cells = ["FEATURES = [['a'], 'b']", "def fill(xs):\n    xs.append(1)",
+             f"def clean_record(rec={{}}):\n    {body}", "clean_record({'a': 1})",
+             "%%model\nclass Model:\n    def predict(self, x):\n        return FEATURES"]
+    if body in MAY_CHANGE:
+        with pytest.raises(MaterializeError, match="cell 4 calls `clean_record`, which uses it and may change it"):
+            build_model_source(cells, "Model")
+    else:
+        assert "FEATURES = [['a'], 'b']" in build_model_source(cells, "Model").text
+
+
 def test_a_changed_attribute_of_a_local_module_is_refused_by_the_cli():
     cells = ["import helper", "helper.SCALE = 3",
              "%%model\nclass Model:\n    def predict(self, x):\n        return helper.scale(x)"]

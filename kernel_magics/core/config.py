@@ -401,7 +401,23 @@ class ModelConfig(_Section):
 
     def to_yaml(self, verbose: bool = False) -> str:
         """The config as YAML text, keys in the order they were written."""
-        return yaml.safe_dump(self.to_dict(verbose), sort_keys=False, default_flow_style=False)
+        return yaml_text(self.to_dict(verbose))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style, but a list of numbers (an example input's features, an embedding) on one line."""
+
+    def represent_list(self, data):
+        flow = bool(data) and all(isinstance(x, (int, float)) or x is None for x in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _Dumper.represent_list)
+
+
+def yaml_text(data: Any) -> str:
+    """YAML as config.yaml is written: keys in their order, block style, lists of numbers on one line."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 # --------------------------------------------------------------------------- parsing

@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-import yaml
 
-from .config import ModelConfig, check_folder_setting
+from .config import ModelConfig, check_folder_setting, yaml_text
 from .errors import KernelMagicsError
 from .replay import MAX_RECORDED, PredictionRecord
 from .secrets import ENV_PREFIX, SecretScanner
@@ -224,7 +223,7 @@ def materialize_config(config: ModelConfig, requirements: list[str], example_inp
         data["model_metadata"] = {**config.model_metadata, "example_model_input": example_input}
     ordered = {k: data[k] for k in _FIRST_KEYS if k in data}
     ordered.update((k, v) for k, v in data.items() if k not in ordered)
-    return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return yaml_text(ordered)
 
 
 def _local_module(base_dir: Path, module: str) -> Optional[Path]:

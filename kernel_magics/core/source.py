@@ -741,6 +741,7 @@ _PURE_MODULES = frozenset({
     "types", "numbers", "bisect", "heapq", "string", "ipaddress", "shlex", "difflib",
 })
 _PURE_BUILTINS = _READERS - {"print", "id", "hash", "iter", "vars", "dir", "display"}
+_HANDED_OVER_SAFELY = _READERS - {"vars", "getattr"}  # (builtins that cannot change what they are given)
 
 
 def _import_module_of(definition: _Definition, alias_name: str) -> Optional[str]:
@@ -888,9 +889,41 @@ def _calls_using(name: str, definition: _Definition, analysis: _Analysis) -> lis
             continue
         function = analysis.defs.get(change.name)
         if function is not None and function.kind == "function" and function.order < change.order \
-                and name in function.uses:
+                and (name in function.uses and not _only_reads(function.node, name)
+                     or _declares_global(function, name)):  # (`global X; X = []` writes without reading it)
             found.append(change)
     return found
+
+
+def _only_reads(function: ast.AST, name: str) -> bool:
+    """Whether the function's body reads the global ``name`` only where nothing can change it: iterated over
+    (`for k in FEATURES`), compared (`k in FEATURES`), indexed, or handed to a builtin or a method that reads
+    (_READERS, _READ_ONLY). Anything else (a method call, an argument to another function, a second name bound to
+    it, an assignment) may change it."""
+    parents = {id(child): parent for parent in ast.walk(function) for child in ast.iter_child_nodes(parent)}
+    for node in ast.walk(function):
+        if isinstance(node, ast.Global) and name in node.names:
+            return False
+        if not isinstance(node, ast.Name) or node.id != name:
+            continue
+        if not isinstance(node.ctx, ast.Load):
+            return False
+        parent = parents.get(id(node))
+        if isinstance(parent, (ast.For, ast.AsyncFor, ast.comprehension)) and parent.iter is node:
+            continue
+        if isinstance(parent, ast.Compare):
+            continue
+        if isinstance(parent, ast.Subscript) and parent.value is node and isinstance(parent.ctx, ast.Load) \
+                and not isinstance(parents.get(id(parent)), (ast.Attribute, ast.Subscript)):
+            continue  # (`FEATURES[0]`, not `FEATURES[0].append(...)`)
+        if isinstance(parent, ast.Call) and node in parent.args and isinstance(parent.func, ast.Name) \
+                and parent.func.id in _HANDED_OVER_SAFELY:
+            continue
+        if isinstance(parent, ast.Attribute) and parent.attr in _READ_ONLY \
+                and isinstance(parents.get(id(parent)), ast.Call) and parents[id(parent)].func is parent:
+            continue
+        return False
+    return True
 
 
 def values_is_immutable(value: Any) -> bool:

@@ -56,6 +56,12 @@ def _global_names(code) -> set:
     return names
 
 
+# (A user who just ran %model_predict, on another input, read "Run %model_predict again" as done: the record keeps
+# every input's latest answer, so it is that input that must be predicted again.)
+_PREDICT_IT_AGAIN = ("Predict that input again (%model_predict with the same input: its latest answer replaces the "
+                     "one recorded; running the %%model cell again clears the record)")
+
+
 def _named_change(changes):
     """The change to name to a user among ``changes`` of one name (in notebook order): a method called on what
     holds it (`opt.step()`) before the statement that handed it over, else the first."""
@@ -245,10 +251,10 @@ class ShipMagics(Magics):
                 return MismatchHint(
                     f"{names} changed after this prediction was recorded; the export carries "
                     f"{'its value' if one else 'their values'} now" + (f". Also, {again}" if again else ""),
-                    "Run %model_predict again to record answers for the current values, then export again")
+                    f"{_PREDICT_IT_AGAIN} to record answers for the current values, then export again")
             if again:
-                return MismatchHint(again[0].upper() + again[1:], "Run %model_predict again to record answers of "
-                                    "the model as it is loaded now, then export again")
+                return MismatchHint(again[0].upper() + again[1:], f"{_PREDICT_IT_AGAIN} to record answers of the "
+                                    "model as it is loaded now, then export again")
             swapped = model.host.swapped_since_load
             if swapped:
                 # (the hot swap warned when it happened; this is the export's turn)
