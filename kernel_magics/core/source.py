@@ -1096,8 +1096,8 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
         if _same(value, literal):
             return _Travel(True)
         changed = _changed_by(name, definition.order, changes, analysis)
-        fillers = _filled_by_a_decorator(name, definition, analysis) if changed is None else []
-        if fillers:
+        fillers = _filled_by_a_decorator(name, definition, analysis)
+        if fillers and changed is None:
             # No cell changes it where the analysis sees, and a decorator model.py runs too writes into it (a
             # registry: `REGISTRY = {}`, then `@register('a') def fa`): model.py fills it as the notebook did, and
             # the fresh process compares it. (Saved, it loaded after the defs that fill it: a NameError.)
@@ -1106,7 +1106,10 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                 ctx.fillers[name] = fillers  # (model.py holds them, so they fill it)
                 return _Travel(True)
         changed = changed or f"something after cell {definition.cell + 1}"
-        return _value(name, value, live, f"changed after its assignment, by {changed}", ctx)
+        # Saved, it loads after the defs its file names, while their decorator fills it when model.py defines them
+        # (a NameError on import): its literal stays in its place too, for them to fill, and the saved value
+        # replaces it once they are defined.
+        return _value(name, value, live, f"changed after its assignment, by {changed}", ctx, keep=bool(fillers))
     rebound = [c for c in changes if c.kind == "rebind"]
     if values.is_immutable(value) and not rebound and not problem:
         ctx.verify.append(name)
