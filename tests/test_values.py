@@ -559,6 +559,14 @@ def test_a_mutable_default_calls_filled_is_refused_unless_a_prediction_is_replay
     assert "def f(x, seen=[])" in build_model_source(cells, "Model", live=run_cells(cells[:-1]), replay_proves=True).text
     cells[1] = "f.__name__"
     assert "def f(x, seen=[])" in build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
+    # A method's (static ones too): refused by the fresh process's comparison, with every cause a class attribute
+    # may differ by; now named at once.
+    for method, call in (("    def f(self, x, seen=[]):", "H().f({})"), ("    @staticmethod\n    def f(x, seen=[]):", "H.f({})")):
+        cells = [f"class H:\n{method}\n        seen.append(x)\n        return len(seen)", call.format(1),
+                 "%%model\nclass Model:\n    def predict(self, model_input):\n        return " + call.format(3)]
+        with pytest.raises(MaterializeError, match=r"`H` \(a class from cell 1\), whose method `f`'s default `seen` "
+                                                   r"is \[1\] in the notebook, not \[\]: calls filled it"):
+            build_model_source(cells, "Model", live=run_cells(cells[:-1]))
 
 
 def test_a_registry_a_decorator_fills_is_filled_by_model_py_as_the_notebook_did(tmp_path):

@@ -1026,6 +1026,13 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
             if ctx.fingerprint(name) is not None:  # (a default no fingerprint compares, `torch.device(...)`: not
                 ctx.verify.append(name)  # named as unverified, as before) its defaults, compared in the fresh process
         if definition.kind == "class" and live is not None and name in live:
+            filled = _filled_method_default(definition, live[name])
+            if filled is not None:  # (named as such: the fresh process's comparison would list every cause there is)
+                raise MaterializeError(
+                    f"The model uses `{name}` (a class from cell {definition.cell + 1}), whose {filled}: calls filled "
+                    "it since (a list it appends to, a cache), and model.py's class starts it as the cell wrote it, "
+                    "so the deployment would answer otherwise. Keep that state on the object (`self.seen = []` in "
+                    "`__init__`, or in the model's load()), then run the cells that use it again.")
             if name in ctx.as_values:  # the fresh process's class has other class attributes than the live one
                 raise MaterializeError(
                     f"The model uses `{name}` (a class from cell {definition.cell + 1}), and its cell run again in "
@@ -1623,6 +1630,19 @@ def _filled_default(definition: _Definition, value: Any) -> Optional[str]:
             shown = repr(now)
             shown = shown if len(shown) <= 80 else shown[:77] + "..."
             return f"`{arg}` is {shown} in the notebook, not {ast.unparse(expr)}"
+    return None
+
+
+def _filled_method_default(definition: _Definition, cls: Any) -> Optional[str]:
+    """``_filled_default`` for the methods a class body defines (static and class methods too)."""
+    if not isinstance(definition.node, ast.ClassDef) or not isinstance(cls, type):
+        return None
+    for node in definition.node.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            held = cls.__dict__.get(node.name)
+            filled = _filled_default(types.SimpleNamespace(node=node), getattr(held, "__func__", held))
+            if filled is not None:
+                return f"method `{node.name}`'s default {filled}"
     return None
 
 
