@@ -529,6 +529,19 @@ def test_the_same_def_compiled_beside_an_import_is_the_same_code(tmp_path):
     cells[3] = "import re\n" + def_f.format("c")
     with pytest.raises(MaterializeError, match="holds the function `f` as a cell defined it before the notebook bound"):
         build_model_source(cells, "Model", live=run_cells(cells[:-1]))
+    # What the comparison still sees (a review found the first three compared equal, exported silently): where a
+    # jump goes, what a `try` covers, `*a` against `**a`, positional-only parameters.
+    edits = [("def f(a):\n    r = []\n    if a:\n        r.append(1)\n    r.append(2)\n    return r",
+              "def f(a):\n    r = []\n    if a:\n        r.append(1)\n        r.append(2)\n    return r"),
+             ("def f(a):\n    try:\n        a = int(a)\n    except ValueError:\n        a = 0\n    return a",
+              "def f(a):\n    a = int(a)\n    try:\n        pass\n    except ValueError:\n        a = 0\n    return a"),
+             ("def f(*a):\n    return a", "def f(**a):\n    return a"),
+             ("def f(a, /):\n    return a", "def f(a):\n    return a")]
+    for first, edited in edits:
+        cells = [first, "box = {'f': f}\nbox['c'] = 0", edited,
+                 "%%model\nclass Model:\n    def predict(self, model_input):\n        return str(box['f'])"]
+        with pytest.raises(MaterializeError, match="holds the function `f` as a cell defined it before the notebook"):
+            build_model_source(cells, "Model", live=run_cells(cells[:-1]))
 
 
 def test_members_of_an_enum_run_again_are_refused_as_they_compare_by_identity(tmp_path):
@@ -540,12 +553,18 @@ def test_members_of_an_enum_run_again_are_refused_as_they_compare_by_identity(tm
              "        return [box['fav'] == Color.RED, box['table'].get(Color.RED, 0)]")
     cells = [enum_cell, "box = {'fav': Color.RED, 'table': {Color.RED: 1}}", enum_cell, model]
     # (Its statement, re-run by model.py above the only `class Color`, fails there: the kernel's check then saves it.)
-    with pytest.raises(MaterializeError, match="it holds members of the enum `Color` as a cell defined it before that "
-                                               "cell ran again; in the notebook they are not equal"):
+    with pytest.raises(MaterializeError, match="it holds the enum `Color` \\(or members of it\\) as a cell defined "
+                                               "it before that cell ran again; in the notebook its members are not"):
         build_model_source(cells, "Model", live=run_cells(cells[:-1]), as_values={"box": "its re-run failed"})
     cells = [enum_cell, enum_cell, "box = {'fav': Color.RED, 'table': {Color.RED: 1}}", model]
     expected, got, _ = ship(tmp_path / "out", cells, {"v": "Model().predict(None)"})
     assert expected == got == {"v": [True, 1]}
+    # An IntEnum's members compare and hash as their values: the old ones are equal to the latest's, and export.
+    int_enum = enum_cell.replace("enum.Enum", "enum.IntEnum")
+    cells = [int_enum, "box = {'fav': Color.RED, 'table': {Color.RED: 1}}", int_enum, model]
+    assert run_cells(cells)["Model"]().predict(None) == [True, 1]
+    assert "box = pickle.loads" in build_model_source(cells, "Model", live=run_cells(cells[:-1]),
+                                                      as_values={"box": "its re-run failed"}).text
 
 
 def test_a_mutable_default_calls_filled_is_refused_unless_a_prediction_is_replayed():
@@ -585,6 +604,12 @@ def test_a_registry_a_decorator_fills_is_filled_by_model_py_as_the_notebook_did(
     expected, got, source = ship(tmp_path / "again", cells, {"v": "[m.__name__ for m in MODELS]"})
     assert expected == got == {"v": ["A", "int"]} and "MODELS = pickle.loads" in source.text, source.text
     assert source.text.index("MODELS = []") < source.text.index("class A") < source.text.index("MODELS = pickle")
+    # A definition in between that takes the list itself would keep the literal (it answered ['A'] for ['A', 'int']).
+    cells.insert(1, "def names(models=MODELS):\n    return [m.__name__ for m in models]")
+    cells[-1] = "%%model\nclass Model:\n    def predict(self, model_input):\n        return names()"
+    with pytest.raises(MaterializeError, match=r"cell 2's `def names\(models=MODELS\).*` takes `MODELS` itself when "
+                                               "model.py runs it, before that value is loaded"):
+        build_model_source(cells, "Model", live=run_cells(cells[:-1]))
 
 
 def test_the_model_package_is_importable_as_in_truss(tmp_path):

@@ -472,20 +472,37 @@ def functools_wrapped(value: Any) -> Any:
     return wrapped if inspect.isfunction(wrapped) else None
 
 
+# Flags that change what a function does (not the __future__ ones a cell or model.py compiles it with).
+_SHAPE_FLAGS = (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS | inspect.CO_GENERATOR | inspect.CO_COROUTINE
+                | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE)
+_UNSHAPED = frozenset({"PRECALL", "CACHE", "NOP"})
+
+
 @functools.lru_cache(maxsize=4096)  # (a code object hashes by its content: equal ones have one shape)
 def code_shape(code: Any) -> tuple:
-    """A function's code as any compilation of its text gives it: the instructions and what they name, with the one
-    choice the compiler makes from the rest of the module undone (3.11 loads `re.sub` as an attribute when `import re`
-    is in the same cell or module, as a method when not: the kernel's cell and model.py differ there), and the
-    offsets that choice moves. What a function compiled in the notebook and in model.py is compared by."""
+    """A function's code as any compilation of its text gives it: the instructions, what they name, where they jump
+    and which of them a `try` covers, with the one choice the compiler makes from the rest of the module undone (3.11
+    loads `re.sub` as an attribute when `import re` is in the same cell or module, as a method when not: the kernel's
+    cell and model.py differ there). That choice moves byte offsets, so jumps and the exception table are written as
+    positions in the instruction list. What a function compiled in the notebook and in model.py is compared by."""
+    import bisect
     import dis
+
+    instructions = [i for i in dis.get_instructions(code) if i.opname not in _UNSHAPED]
+    offsets = [i.offset for i in instructions]
+
+    def position(offset: Any) -> int:  # (of the first instruction kept at or after that offset)
+        return bisect.bisect_left(offsets, offset)
 
     jumps = set(dis.hasjrel) | set(dis.hasjabs)
     ops = tuple(("LOAD_ATTR" if i.opname == "LOAD_METHOD" else i.opname,
-                 None if i.opcode in jumps else
+                 position(i.argval) if i.opcode in jumps else
                  code_shape(i.argval) if inspect.iscode(i.argval) else repr(i.argval))
-                for i in dis.get_instructions(code) if i.opname not in ("PRECALL", "CACHE", "NOP"))
-    return (code.co_argcount, code.co_kwonlyargcount, code.co_varnames, ops)
+                for i in instructions)
+    handlers = tuple((position(e.start), position(e.end), position(e.target), e.depth, e.lasti)
+                     for e in getattr(dis.Bytecode(code), "exception_entries", ()))
+    return (code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags & _SHAPE_FLAGS,
+            code.co_varnames, ops, handlers)
 
 
 def _code_key(code) -> tuple:

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-
 from .config import ModelConfig, check_folder_setting, yaml_text
 from .errors import KernelMagicsError
 from .replay import MAX_RECORDED, PredictionRecord

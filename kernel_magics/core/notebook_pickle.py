@@ -99,11 +99,13 @@ class _Rule:
                 edited = self.replaced.get(parts[0], True) if isinstance(self.replaced, Mapping) else True
                 # (A wrapper of the very function, `f = functools.wraps`-style `double(f)`, compares equal by its
                 # code but answers otherwise: the value holds the bare `f`, model.py's `f` is the wrapper.)
-                # (An enum's members compare by identity: in the notebook those of a run before are not equal to the
-                # latest's, `table[Color.RED]` misses, while model.py has one `Color`, whatever the code.)
-                members = isinstance(obj, type) and issubclass(obj, enum.Enum)
-                if parts[0] in self.replaced and found is not obj and (
-                        members or _wraps(found, obj) or definition_code(found) != definition_code(obj)):
+                # (A plain enum's members compare by identity: in the notebook those of a run before are not equal
+                # to the latest's, `table[Color.RED]` misses, while model.py has one `Color`, whatever the code. An
+                # IntEnum's or StrEnum's compare as their values.)
+                members = isinstance(obj, type) and issubclass(obj, enum.Enum) and getattr(
+                    obj, "_member_type_", object) is object
+                other_code = _wraps(found, obj) or definition_code(found) != definition_code(obj)
+                if parts[0] in self.replaced and found is not obj and (members or other_code):
                     again = (f"the notebook bound `{parts[0]}` again, to other code" if edited else
                              f"the same cell ran again and made `{parts[0]}` hold other values (a default, a class "
                              "attribute or a function it read, changed in between, or state its own code moved "
@@ -111,13 +113,11 @@ class _Rule:
                     error = NotebookReferenceError(
                         f"it holds the {kind} `{qualname}` as a cell defined it before {again}; model.py defines "
                         f"only the latest `{parts[0]}`, so the deployment would run other code than the notebook's "
-                        "value does")
-                    if members and definition_code(found) == definition_code(obj):
-                        error = NotebookReferenceError(
-                            f"it holds members of the enum `{qualname}` as a cell defined it before that cell ran "
-                            f"again; in the notebook they are not equal to the latest `{parts[0]}`'s members (an enum "
-                            f"compares by identity: `{parts[0]}.X == old_x` is False, a dict keyed by them misses), "
-                            f"while model.py defines one `{parts[0]}`, so the deployment would answer otherwise")
+                        "value does" if other_code else
+                        f"it holds the enum `{qualname}` (or members of it) as a cell defined it before that cell "
+                        f"ran again; in the notebook its members are not equal to the latest `{parts[0]}`'s (an enum "
+                        f"compares by identity: `{parts[0]}.X == old_x` is False, a dict keyed by them misses), "
+                        f"while model.py defines one `{parts[0]}`, so the deployment would answer otherwise")
                     error.advice = (f"Run the cell that makes `{self.saving or 'the value'}` again, so that it holds "
                                     f"the latest `{qualname}` (or give the new definition another name); with "
                                     "recorded predictions (%model_predict) the export's replay judges instead.")

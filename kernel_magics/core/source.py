@@ -721,6 +721,8 @@ class _Context:
     replaced: dict[str, bool] = field(default_factory=dict)
     # a registry model.py fills as the notebook did -> the decorated defs and classes that fill it
     fillers: dict[str, list[str]] = field(default_factory=dict)
+    # a registry saved as a value whose literal model.py also holds, for its decorated defs to fill -> that literal
+    stand_ins: dict[str, _Definition] = field(default_factory=dict)
     # live fingerprints a decision took (to verify a name only when it can be compared): not taken again at the end
     fingerprints: dict[str, Optional[dict]] = field(default_factory=dict)
 
@@ -741,7 +743,6 @@ _PURE_MODULES = frozenset({
     "types", "numbers", "bisect", "heapq", "string", "ipaddress", "shlex", "difflib",
 })
 _PURE_BUILTINS = _READERS - {"print", "id", "hash", "iter", "vars", "dir", "display"}
-_HANDED_OVER_SAFELY = _READERS - {"vars", "getattr"}  # (builtins that cannot change what they are given)
 
 
 def _import_module_of(definition: _Definition, alias_name: str) -> Optional[str]:
@@ -882,46 +883,84 @@ def _changed_by(name: str, after: tuple[int, int], changes: list[_Change], analy
 
 def _calls_using(name: str, definition: _Definition, analysis: _Analysis) -> list[_Change]:
     """Top-level calls, after the name's definition, of notebook functions that use the name (``fill()``,
-    ``await load_labels()``): they may fill or change it where the code does not show it."""
+    ``await load_labels()``), themselves or through the notebook functions and classes they name: they may fill or
+    change it where the code does not show it. One that only reads it (``_only_reads``) does not count."""
     found = []
     for change in analysis.changes:
         if change.kind != "calls" or change.order <= definition.order:
             continue
         function = analysis.defs.get(change.name)
         if function is not None and function.kind == "function" and function.order < change.order \
-                and (name in function.uses and not _only_reads(function.node, name)
-                     or _declares_global(function, name)):  # (`global X; X = []` writes without reading it)
+                and any(_may_change(reached, name) for reached in _reached(function, analysis)):
             found.append(change)
     return found
 
 
+def _reached(function: _Definition, analysis: _Analysis) -> list[_Definition]:
+    """The function and the notebook functions and classes it names, and those they name, and so on."""
+    reached, stack = {}, [function]
+    while stack:
+        current = stack.pop()
+        if id(current) in reached:
+            continue
+        reached[id(current)] = current
+        stack += [d for n in current.uses for d in [analysis.defs.get(n)]
+                  if d is not None and d.kind in ("function", "class")]
+    return list(reached.values())
+
+
+def _may_change(definition: _Definition, name: str) -> bool:
+    if _declares_global(definition, name) and any(  # (`global X; X = []` writes without reading it)
+            isinstance(n, ast.Name) and n.id == name and not isinstance(n.ctx, ast.Load)
+            for n in ast.walk(definition.node)):
+        return True
+    if name not in definition.uses:
+        return False
+    return definition.kind != "function" or not _only_reads(definition.node, name)
+
+
+# Builtins and methods that take a value only to measure, show or look it up: `len(X)`, `str(k)`, `rec.get(k)`,
+# `", ".join(X)`. (Not `list(X)` or `sorted(X)`: a copy hands the same elements on.)
+_MEASURES = frozenset({"len", "str", "repr", "int", "float", "bool", "hash", "format", "print", "isinstance", "abs",
+                       "round"})
+_LOOK_UPS = frozenset({"get", "join", "index", "count", "startswith", "endswith", "format", "__contains__"})
+
+
 def _only_reads(function: ast.AST, name: str) -> bool:
-    """Whether the function's body reads the global ``name`` only where nothing can change it: iterated over
-    (`for k in FEATURES`), compared (`k in FEATURES`), indexed, or handed to a builtin or a method that reads
-    (_READERS, _READ_ONLY). Anything else (a method call, an argument to another function, a second name bound to
-    it, an assignment) may change it."""
+    """Whether the function's body reads the global ``name`` only in ways that change neither it nor what it holds:
+    compared (`k in FEATURES`), measured or shown (`len(FEATURES)`, an f-string), looked up with
+    (`", ".join(FEATURES)`), or iterated over by a loop whose variable is used only so, or as a key (`rec[k]`,
+    `out[k] = ...`, `rec.get(k)`). Anything else may change it: a method call on it, an index (a defaultdict fills on
+    reading; the element may be changed), an element or a copy handed on, a second name bound to it."""
     parents = {id(child): parent for parent in ast.walk(function) for child in ast.iter_child_nodes(parent)}
+
+    def consumed_safely(node: ast.AST) -> bool:
+        parent = parents.get(id(node))
+        if isinstance(parent, ast.Compare) or isinstance(parent, ast.FormattedValue) and parent.value is node:
+            return True
+        if isinstance(parent, ast.Subscript) and parent.slice is node or isinstance(parent, ast.DictComp) \
+                and parent.key is node:
+            return True  # a key: `rec[k]`, `out[k] = ...`, `{k: ... for k in X}`
+        if isinstance(parent, ast.Call) and node in parent.args:
+            called = parent.func
+            return (isinstance(called, ast.Name) and called.id in _MEASURES
+                    or isinstance(called, ast.Attribute) and called.attr in _LOOK_UPS)
+        return False
+
     for node in ast.walk(function):
-        if isinstance(node, ast.Global) and name in node.names:
-            return False
         if not isinstance(node, ast.Name) or node.id != name:
             continue
         if not isinstance(node.ctx, ast.Load):
             return False
-        parent = parents.get(id(node))
-        if isinstance(parent, (ast.For, ast.AsyncFor, ast.comprehension)) and parent.iter is node:
+        if consumed_safely(node):
             continue
-        if isinstance(parent, ast.Compare):
-            continue
-        if isinstance(parent, ast.Subscript) and parent.value is node and isinstance(parent.ctx, ast.Load) \
-                and not isinstance(parents.get(id(parent)), (ast.Attribute, ast.Subscript)):
-            continue  # (`FEATURES[0]`, not `FEATURES[0].append(...)`)
-        if isinstance(parent, ast.Call) and node in parent.args and isinstance(parent.func, ast.Name) \
-                and parent.func.id in _HANDED_OVER_SAFELY:
-            continue
-        if isinstance(parent, ast.Attribute) and parent.attr in _READ_ONLY \
-                and isinstance(parents.get(id(parent)), ast.Call) and parents[id(parent)].func is parent:
-            continue
+        loop = parents.get(id(node))
+        if isinstance(loop, (ast.For, ast.AsyncFor, ast.comprehension)) and loop.iter is node \
+                and isinstance(loop.target, ast.Name):
+            each = loop.target.id
+            if all(consumed_safely(n) for n in ast.walk(function)
+                   if isinstance(n, ast.Name) and n.id == each and isinstance(n.ctx, ast.Load)):
+                continue
         return False
     return True
 
@@ -1116,6 +1155,8 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
         # Saved, it loads after the defs its file names, while their decorator fills it when model.py defines them
         # (a NameError on import): its literal stays in its place too, for them to fill, and the saved value
         # replaces it once they are defined.
+        if fillers:
+            ctx.stand_ins[name] = definition
         return _value(name, value, live, f"changed after its assignment, by {changed}", ctx, keep=bool(fillers))
     rebound = [c for c in changes if c.kind == "rebind"]
     if values.is_immutable(value) and not rebound and not problem:
@@ -1367,6 +1408,8 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     for name, then, reader, later in ctx.same_as_later:
         if name not in ctx.verify or not _captured_the_same(reader, name, analysis, ctx.live):
             _an_earlier_value_must_rebuild(name, then, reader, later, analysis, ctx, walked=True)
+    for name, literal in ctx.stand_ins.items():
+        _nothing_keeps_the_stand_in(name, literal, plans[name][1], chosen.values())
     _share_identical(plans, included, live)
     instead = _values_instead_of_pickles(plans, referrers, included, defs, chosen.values(), live, as_values)
     if instead:
@@ -1592,6 +1635,25 @@ def _filled_by_a_decorator(name: str, definition: _Definition, analysis: _Analys
                 found.append(later_name)
                 break
     return sorted(found)
+
+
+def _nothing_keeps_the_stand_in(name: str, literal: _Definition, loaded_at: tuple[int, int], chosen) -> None:
+    """A registry's literal that model.py holds only for its decorated defs to fill, until the saved value replaces
+    it: a definition in between that takes the object itself (`def names(reg=REGISTRY)`, `cfg = {'r': REGISTRY}`)
+    would keep the literal, not the notebook's value (a review found it answered `['a']` for `['a', 'b']`)."""
+    for definition in sorted(chosen, key=lambda d: d.order):
+        if not literal.order < definition.order < loaded_at or name in definition.names:
+            continue
+        reads = (_definition_time_uses(definition.node) if definition.kind in ("function", "class", "model")
+                 else _run_time_uses(definition.node))
+        if name in reads:
+            raise MaterializeError(
+                f"The model uses `{name}`, which travels as the notebook's value (a cell changes it besides the "
+                f"decorators that fill it), loaded after the definitions they decorate; but cell {definition.cell + 1}'s "
+                f"`{_shown(definition.text)}` takes `{name}` itself when model.py runs it, before that value is "
+                f"loaded, so it would hold another object than the notebook's. Read `{name}` when the function is "
+                f"called (not as a default or a class attribute), or make the change to `{name}` with its "
+                "decorator (or inside load()).")
 
 
 def _writes_into(node: ast.AST, name: str) -> bool:
