@@ -433,6 +433,23 @@ def test_a_value_holding_a_class_edited_and_run_again_since_is_refused_until_it_
     assert "Replayed 1 recorded prediction" in k.ok("%model_export out --force").stdout
 
 
+def test_a_value_re_run_from_source_that_holds_a_class_edited_since_is_named_when_the_replay_differs(
+        tmp_path, fresh_kernel):
+    """A new user's: `s = S()`, `class S` edited, load() keeping `s`, a prediction recorded. model.py re-runs
+    `s = S()` (an instance without attributes compares the same in the fresh process), the replay differs, and the
+    cause was "something the model reads at run time is not the same in a fresh process"."""
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k.ok("class S:\n    def f(self):\n        return 1")
+    k.ok("s = S()")
+    k.ok("%%model\nclass Model:\n    def load(self):\n        self.s = s\n    def predict(self, model_input):\n"
+         "        return self.s.f()")
+    k.ok("class S:\n    def f(self):\n        return 2\n%model_load")
+    assert k.ok("%model_predict {}").result == "1"
+    why = usage_error(k.execute("%model_export out"))
+    assert ("The notebook answered 1; the export answers 2" in why and "Most likely cause: `s` holds the class `S` as a "
+            "cell defined it before the notebook bound `S` again" in why and "Run the cell that makes `s` again" in why), why
+
+
 def test_an_earlier_value_only_its_source_can_carry_is_proven_by_the_replay_or_refused(tmp_path, fresh_kernel):
     """`SCALE = random.random()`, `def f(x, s=SCALE)`, then `SCALE = 2`: model.py re-runs `random.random()` for f's
     default, which no live value can be compared with. Refused without a recorded prediction and with `--no-replay`

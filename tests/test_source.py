@@ -454,6 +454,18 @@ def test_the_cli_re_runs_a_name_a_function_it_calls_only_reads(body):
         assert "FEATURES = [['a'], 'b']" in build_model_source(cells, "Model").text
 
 
+def test_statements_that_share_a_line_are_written_once_each():
+    """`A = [1, 2]; B = 10`: each name's statement was the whole line, so model.py wrote (and ran) it twice."""
+    cells = ["import itertools\nc = itertools.count(); a = next(c); b = next(c)  # é",
+             "%%model\nclass Model:\n    def predict(self, x):\n        return [a, b]"]
+    text = build_model_source(cells, "Model", replay_proves=True).text
+    assert "c = itertools.count()\n" in text and text.count("next(c)") == 2, text
+    assert "a = next(c)\n\n\nb = next(c)  # é" in text, text
+    namespace: dict = {}
+    exec(compile(text, "model.py", "exec"), namespace)
+    assert namespace["Model"]().predict(None) == [0, 1]
+
+
 def test_a_changed_attribute_of_a_local_module_is_refused_by_the_cli():
     cells = ["import helper", "helper.SCALE = 3",
              "%%model\nclass Model:\n    def predict(self, x):\n        return helper.scale(x)"]

@@ -39,7 +39,7 @@ import sys
 import types
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from .errors import KernelMagicsError
 
@@ -260,9 +260,20 @@ class _Analysis:
         return [c for c in self.changes if c.name == name and c.order > order and (not kinds or c.kind in kinds)]
 
 
-def _statement_text(lines: list[str], node: ast.stmt) -> str:
+def _statement_text(lines: list[str], node: ast.stmt, body: Sequence[ast.stmt] = ()) -> str:
+    """The statement's lines; only its own part of a line it shares with another top-level statement (`A = [1];
+    B = 2`: each was written whole for both names, and model.py ran the line twice)."""
     start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-    return "\n".join(lines[start - 1: node.end_lineno]).rstrip()
+    chosen = lines[start - 1: node.end_lineno]
+    at = next((i for i, other in enumerate(body) if other is node), None)
+    if at is not None and chosen:
+        # (ast's columns count UTF-8 bytes)
+        if at + 1 < len(body) and body[at + 1].lineno == node.end_lineno:
+            chosen[-1] = chosen[-1].encode()[:node.end_col_offset].decode()
+        if at > 0 and body[at - 1].end_lineno == start:
+            first = min([node] + list(getattr(node, "decorator_list", [])), key=lambda n: (n.lineno, n.col_offset))
+            chosen[0] = chosen[0].encode()[first.col_offset:].decode()
+    return "\n".join(chosen).rstrip()
 
 
 def _global_uses(text: str) -> frozenset[str]:
@@ -428,7 +439,7 @@ def _collect(cells: list[str]) -> _Analysis:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 kind, names = "import", _import_names(node)
                 if any(a.name == "*" for a in node.names):
-                    text = _statement_text(lines, node)
+                    text = _statement_text(lines, node, tree.body)
                     stars.append(_Definition((), "import", ci, (ci, si), node, text, frozenset()))
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 kind, names = "function", (node.name,)
@@ -439,7 +450,8 @@ def _collect(cells: list[str]) -> _Analysis:
             elif _is_simple_block(node):
                 kind, names = "block", _block_names(node)
             else:
-                statement = _Definition((), "statement", ci, (ci, si), node, _statement_text(lines, node), frozenset())
+                statement = _Definition((), "statement", ci, (ci, si), node, _statement_text(lines, node, tree.body),
+                                        frozenset())
                 for sub in ast.walk(node):
                     if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
                         where = f"inside a `{type(node).__name__.lower()}` statement in cell {ci + 1}"
@@ -447,7 +459,7 @@ def _collect(cells: list[str]) -> _Analysis:
                 continue
             if not names:
                 continue
-            text = _statement_text(lines, node)
+            text = _statement_text(lines, node, tree.body)
             definition = _Definition(names, kind, ci, (ci, si), node, text, _global_uses(text))
             for name in names:
                 defs[name] = definition

@@ -302,14 +302,16 @@ class ShipMagics(Magics):
         return None
 
     def _holding_replaced_definitions(self, materialized) -> dict[str, str]:
-        """The saved values that hold a notebook class or function a cell defined again with other code since: name
-        -> what the strict check says they hold (allowed while predictions were recorded: the replay judges)."""
+        """The values that hold a notebook class or function a cell defined again with other code since: name -> what
+        the strict check says they hold (allowed while predictions were recorded: the replay judges). Saved ones, and
+        those re-run from source (`s = S()` before `class S` was edited: an instance compares by its attributes, and
+        the fresh process found them the same)."""
         from ..core import notebook_pickle
 
         live = self.shell.user_ns
         found: dict[str, str] = {}
         for inc in materialized.source.included:
-            if inc.travels != "value" or inc.name not in live:
+            if inc.kind in ("import", "model") or inc.name not in live:
                 continue
             try:
                 notebook_pickle.references(live[inc.name], live, saving=inc.name,
