@@ -51,6 +51,14 @@ def test_unknown_key_suggests_closest():
     assert "line 2: unknown key `modle_name`. Did you mean `model_name`?" in error_of("model_name: y\nmodle_name: x\n")
 
 
+def test_every_unknown_key_is_named_at_once_with_its_line():
+    """A new user's cell with `model_nme` and `resouces` showed the first, then, once fixed, the second."""
+    message = error_of("model_nme: x\nresouces:\n  cpu: '1'\nruntime:\n  predict_concurency: 2\n")
+    assert message == ("config.yaml: 3 unknown keys: line 1: `model_nme` (did you mean `model_name`?); line 2: "
+                       "`resouces` (did you mean `resources`?); line 5: `runtime.predict_concurency` (did you mean "
+                       "`runtime.predict_concurrency`?). Fix those keys."), message
+
+
 def test_unknown_nested_key_suggests_closest():
     msg = error_of("resources:\n  acclerator: T4\n")
     assert "line 2: unknown key `resources.acclerator`. Did you mean `resources.accelerator`?" in msg

@@ -436,7 +436,9 @@ MAY_CHANGE = ["for k in FEATURES:\n        FEATURES.remove(k)", "cols = FEATURES
               # (a review found these exported silently: what a read hands out can still be changed)
               "for r in FEATURES:\n        r.append(9)", "[r.append(9) for r in FEATURES]",
               "sorted(FEATURES, key=lambda r: r.append(9) or 0)", "x = FEATURES[0]\n    x.append(9)",
-              "fill(FEATURES[0])", "return len(FEATURES[0])", "fill_rows()\n    return len(FEATURES)", "fill_rows()"]
+              "fill(FEATURES[0])", "return len(FEATURES[0])", "fill_rows()\n    return len(FEATURES)", "fill_rows()",
+              # (and these, a second review: the loop's variable changed in place, a call through a value)
+              "for k in FEATURES:\n        k += ['b']", "H['x']()", "globals()['FEATURES'].append(1)"]
 ONLY_READS = ["return {k: rec.get(k) for k in FEATURES}", "return ['a' in FEATURES, len(FEATURES), f'{FEATURES}']",
               "out = {}\n    for k in FEATURES:\n        out[k] = rec.get(k, 0)\n    return out",
               "global FEATURES\n    return len(FEATURES)"]
@@ -444,7 +446,8 @@ ONLY_READS = ["return {k: rec.get(k) for k in FEATURES}", "return ['a' in FEATUR
 
 @pytest.mark.parametrize("body", MAY_CHANGE + ONLY_READS)
 def test_the_cli_re_runs_a_name_a_function_it_calls_only_reads(body):
-    cells = ["FEATURES = [['a'], 'b']", "def fill(xs):\n    xs.append(1)\ndef fill_rows():\n    FEATURES.append(1)",
+    cells = ["FEATURES = [['a'], 'b']", "def fill(xs):\n    xs.append(1)\ndef fill_rows():\n    FEATURES.append(1)\n"
+             "H = {'x': fill_rows}",
              f"def clean_record(rec={{}}):\n    {body}", "clean_record({'a': 1})",
              "%%model\nclass Model:\n    def predict(self, x):\n        return FEATURES"]
     if body in MAY_CHANGE:
@@ -452,6 +455,11 @@ def test_the_cli_re_runs_a_name_a_function_it_calls_only_reads(body):
             build_model_source(cells, "Model")
     else:
         assert "FEATURES = [['a'], 'b']" in build_model_source(cells, "Model").text
+        # A loop uses a generator up: iterating one is a change.
+        cells[0] = "FEATURES = (x for x in 'ab')"
+        if "for k in FEATURES" in body:
+            with pytest.raises(MaterializeError, match="cell 4 calls `clean_record`, which uses it and may change it"):
+                build_model_source(cells, "Model")
 
 
 def test_statements_that_share_a_line_are_written_once_each():

@@ -11,6 +11,7 @@ import io
 import stat
 import json
 import pickletools
+import os
 import subprocess
 import sys
 import textwrap
@@ -536,12 +537,29 @@ def test_the_same_def_compiled_beside_an_import_is_the_same_code(tmp_path):
              ("def f(a):\n    try:\n        a = int(a)\n    except ValueError:\n        a = 0\n    return a",
               "def f(a):\n    a = int(a)\n    try:\n        pass\n    except ValueError:\n        a = 0\n    return a"),
              ("def f(*a):\n    return a", "def f(**a):\n    return a"),
+             ("def f():\n    return dict(a=1)", "def f():\n    return dict(b=1)"),  # (3.11's dis hides KW_NAMES)
              ("def f(a, /):\n    return a", "def f(a):\n    return a")]
     for first, edited in edits:
         cells = [first, "box = {'f': f}\nbox['c'] = 0", edited,
                  "%%model\nclass Model:\n    def predict(self, model_input):\n        return str(box['f'])"]
         with pytest.raises(MaterializeError, match="holds the function `f` as a cell defined it before the notebook"):
             build_model_source(cells, "Model", live=run_cells(cells[:-1]))
+
+
+def test_a_long_def_compiled_beside_an_import_is_the_def_the_cell_shows(tmp_path):
+    """The compiler's choice an import in the cell makes also moves a long jump's EXTENDED_ARG: a def of ten
+    `re.sub` lines was "bound again out of sight of the cells" and refused. And a set test (`x in {'a', 'b'}`, a
+    frozenset constant) compares the same under any hash seed."""
+    body = "".join("        s = re.sub('a', 'b', s)\n" for _ in range(10))
+    cells = ["import re\ndef f(xs):\n    for s in xs:\n" + body + "    return s",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return f(['aa'])"]
+    expected, got, _ = ship(tmp_path / "out", cells, {"v": "Model().predict(None)"})
+    assert expected == got == {"v": "bb"}
+    shape = ("from kernel_magics.core.contract import code_shape\n"
+             "def f(x):\n    return x in {'alpha', 'beta', 'gamma', 'delta'}\nprint(repr(code_shape(f.__code__)))")
+    shapes = {subprocess.run([sys.executable, "-c", shape], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(shapes) == 1, shapes
 
 
 def test_members_of_an_enum_run_again_are_refused_as_they_compare_by_identity(tmp_path):

@@ -485,7 +485,9 @@ def parse_config(text: str, *, source: str = "config.yaml", line_offset: int = 0
     lines: dict[tuple, int] = {}
     _index_lines(root, (), lines, line_offset, source)
     data = yaml.load(text, Loader=_LOADER)  # safe: SafeLoader's rules, size bounded above
-    _check_keys(data, (), lines, source, warnings if made_elsewhere else None)
+    unknown: list[tuple[tuple, str]] = []
+    _check_keys(data, (), unknown)
+    _report_unknown_keys(unknown, lines, source, warnings if made_elsewhere else None)
     _check_secret_values(data, lines, source, warnings if made_elsewhere else None)
     try:
         config = ModelConfig.model_validate(data)
@@ -596,8 +598,8 @@ def _where(path: tuple, lines: dict, source: str) -> str:
     return f"{source}, line {line}" if line else source
 
 
-def _check_keys(data: Any, path: tuple, lines: dict, source: str, warnings: Optional[list[str]]) -> None:
-    """Unknown keys are errors with "did you mean", or, for a directory made elsewhere, warnings."""
+def _check_keys(data: Any, path: tuple, unknown: list[tuple[tuple, str]]) -> None:
+    """Collects each unknown key's path with what it may have meant ("did you mean", else the valid keys)."""
     section = _SECTIONS.get(path)
     if section is None or not isinstance(data, dict):
         return
@@ -605,19 +607,36 @@ def _check_keys(data: Any, path: tuple, lines: dict, source: str, warnings: Opti
     for key in list(data):
         key_path = path + (key,)
         if key not in known:
-            dotted = ".".join(map(str, key_path))
             close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
-            hint = f" Did you mean `{'.'.join(path + (close[0],))}`?" if close else (
-                f" Valid keys here: {', '.join(sorted(section.model_fields))}."
-            )
-            if warnings is None:
-                raise ConfigError(f"{_where(key_path, lines, source)}: unknown key `{dotted}`.{hint}")
-            # Truss 0.18.36 parses config.yaml with extra keys allowed (its server ignores them), and refuses them
-            # at `truss push` (custom_types.validate_forbid_extra, called by the push).
-            warnings.append(f"{_where(key_path, lines, source)}: unknown key `{dotted}` is ignored here and by "
-                            f"Truss's server, but `truss push` refuses it.{hint}")
+            unknown.append((key_path, f"did you mean `{'.'.join(path + (close[0],))}`?" if close else
+                            f"valid keys here: {', '.join(sorted(section.model_fields))}"))
             continue
-        _check_keys(data[key], key_path, lines, source, warnings)
+        _check_keys(data[key], key_path, unknown)
+
+
+def _report_unknown_keys(unknown: list[tuple[tuple, str]], lines: dict, source: str,
+                         warnings: Optional[list[str]]) -> None:
+    """Unknown keys are errors, all at once (a user who fixes one typo should not meet the next on the next run),
+    or, for a directory made elsewhere, warnings."""
+    def dotted(key_path: tuple) -> str:
+        return ".".join(map(str, key_path))
+
+    if warnings is not None:
+        # Truss 0.18.36 parses config.yaml with extra keys allowed (its server ignores them), and refuses them at
+        # `truss push` (custom_types.validate_forbid_extra, called by the push).
+        warnings += [f"{_where(key_path, lines, source)}: unknown key `{dotted(key_path)}` is ignored here and by "
+                     f"Truss's server, but `truss push` refuses it. {hint[0].upper()}{hint[1:]}"
+                     f"{'' if hint.endswith('?') else '.'}" for key_path, hint in unknown]
+        return
+    if len(unknown) == 1:
+        (key_path, hint), = unknown
+        raise ConfigError(f"{_where(key_path, lines, source)}: unknown key `{dotted(key_path)}`. "
+                          f"{hint[0].upper()}{hint[1:]}{'' if hint.endswith('?') else '.'}")
+    if unknown:
+        shown = "; ".join(f"line {_line_of(key_path, lines)}: `{dotted(key_path)}` ({hint})"
+                          if _line_of(key_path, lines) else f"`{dotted(key_path)}` ({hint})"
+                          for key_path, hint in unknown)
+        raise ConfigError(f"{source}: {len(unknown)} unknown keys: {shown}. Fix those keys{_again(source)}.")
 
 
 def _check_secret_values(data: dict, lines: dict, source: str, warnings: Optional[list[str]]) -> None:

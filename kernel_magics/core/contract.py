@@ -475,7 +475,18 @@ def functools_wrapped(value: Any) -> Any:
 # Flags that change what a function does (not the __future__ ones a cell or model.py compiles it with).
 _SHAPE_FLAGS = (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS | inspect.CO_GENERATOR | inspect.CO_COROUTINE
                 | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE)
-_UNSHAPED = frozenset({"PRECALL", "CACHE", "NOP"})
+# (EXTENDED_ARG carries the high byte of a long jump's offset, which that compiler choice also moves)
+_UNSHAPED = frozenset({"PRECALL", "CACHE", "NOP", "EXTENDED_ARG"})
+
+
+def _constant(value: Any) -> str:
+    """A constant as text that is the same in every process: a frozenset's repr follows the hash seed (`x in {'a',
+    'b'}` compiles to one)."""
+    if isinstance(value, frozenset):
+        return "frozenset({" + ", ".join(sorted(_constant(v) for v in value)) + "})"
+    if isinstance(value, tuple):
+        return "(" + "".join(_constant(v) + ", " for v in value) + ")"
+    return repr(value)
 
 
 @functools.lru_cache(maxsize=4096)  # (a code object hashes by its content: equal ones have one shape)
@@ -497,7 +508,8 @@ def code_shape(code: Any) -> tuple:
     jumps = set(dis.hasjrel) | set(dis.hasjabs)
     ops = tuple(("LOAD_ATTR" if i.opname == "LOAD_METHOD" else i.opname,
                  position(i.argval) if i.opcode in jumps else
-                 code_shape(i.argval) if inspect.iscode(i.argval) else repr(i.argval))
+                 _constant(code.co_consts[i.arg]) if i.opname == "KW_NAMES" else  # (dis shows no value for it)
+                 code_shape(i.argval) if inspect.iscode(i.argval) else _constant(i.argval))
                 for i in instructions)
     handlers = tuple((position(e.start), position(e.end), position(e.target), e.depth, e.lasti)
                      for e in getattr(dis.Bytecode(code), "exception_entries", ()))

@@ -903,9 +903,37 @@ def _calls_using(name: str, definition: _Definition, analysis: _Analysis) -> lis
             continue
         function = analysis.defs.get(change.name)
         if function is not None and function.kind == "function" and function.order < change.order \
-                and any(_may_change(reached, name) for reached in _reached(function, analysis)):
+                and any(_may_change(reached, name, analysis, _a_container(definition))
+                        for reached in _reached(function, analysis)):
             found.append(change)
     return found
+
+
+def _a_container(definition: _Definition) -> bool:
+    """Whether the statement makes a container that iterating leaves as it was (not a generator or an iterator,
+    which a loop uses up): a display, a comprehension, `list(...)`, `dict(...)` ..., a string."""
+    value = getattr(definition.node, "value", None) if definition.kind == "constant" else None
+    return isinstance(value, (ast.List, ast.Tuple, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp)) \
+        or isinstance(value, ast.Constant) and isinstance(value.value, (str, bytes)) \
+        or isinstance(value, ast.Call) and isinstance(value.func, ast.Name) \
+        and value.func.id in ("list", "dict", "set", "tuple", "sorted", "frozenset")
+
+
+def _calls_through_values(function: ast.AST, analysis: _Analysis) -> bool:
+    """Whether the function calls something a notebook value holds (`H['x']()`, `t.run()`), or reaches globals by
+    name (`globals()['X']`): what that runs cannot be followed here. (A reading method, `MEANS.get(k)`, is not.)"""
+    for call in ast.walk(function):
+        if not isinstance(call, ast.Call):
+            continue
+        root = _root_name(call.func)
+        if root in ("globals", "vars", "exec", "eval", "setattr", "getattr", "__import__"):
+            return True
+        held = analysis.defs.get(root) if root is not None else None
+        if held is not None and held.kind not in ("function", "class", "import", "model") and not (
+                isinstance(call.func, ast.Attribute) and isinstance(call.func.value, ast.Name)
+                and call.func.attr in _READ_ONLY):
+            return True
+    return False
 
 
 def _reached(function: _Definition, analysis: _Analysis) -> list[_Definition]:
@@ -921,14 +949,12 @@ def _reached(function: _Definition, analysis: _Analysis) -> list[_Definition]:
     return list(reached.values())
 
 
-def _may_change(definition: _Definition, name: str) -> bool:
-    if _declares_global(definition, name) and any(  # (`global X; X = []` writes without reading it)
-            isinstance(n, ast.Name) and n.id == name and not isinstance(n.ctx, ast.Load)
-            for n in ast.walk(definition.node)):
+def _may_change(definition: _Definition, name: str, analysis: _Analysis, iterable: bool) -> bool:
+    if definition.kind == "function" and _calls_through_values(definition.node, analysis):
         return True
     if name not in definition.uses:
-        return False
-    return definition.kind != "function" or not _only_reads(definition.node, name)
+        return _declares_global(definition, name)  # (`global X; X = []` writes without reading it)
+    return definition.kind != "function" or not _only_reads(definition.node, name, iterable)
 
 
 # Builtins and methods that take a value only to measure, show or look it up: `len(X)`, `str(k)`, `rec.get(k)`,
@@ -938,12 +964,13 @@ _MEASURES = frozenset({"len", "str", "repr", "int", "float", "bool", "hash", "fo
 _LOOK_UPS = frozenset({"get", "join", "index", "count", "startswith", "endswith", "format", "__contains__"})
 
 
-def _only_reads(function: ast.AST, name: str) -> bool:
+def _only_reads(function: ast.AST, name: str, iterable: bool = True) -> bool:
     """Whether the function's body reads the global ``name`` only in ways that change neither it nor what it holds:
     compared (`k in FEATURES`), measured or shown (`len(FEATURES)`, an f-string), looked up with
     (`", ".join(FEATURES)`), or iterated over by a loop whose variable is used only so, or as a key (`rec[k]`,
-    `out[k] = ...`, `rec.get(k)`). Anything else may change it: a method call on it, an index (a defaultdict fills on
-    reading; the element may be changed), an element or a copy handed on, a second name bound to it."""
+    `out[k] = ...`, `rec.get(k)`), when ``iterable`` (a container: a loop uses up a generator). Anything else may
+    change it: a method call on it, an index (a defaultdict fills on reading; the element may be changed), an element
+    or a copy handed on, a second name bound to it, the loop's variable changed in place (`k += [...]`)."""
     parents = {id(child): parent for parent in ast.walk(function) for child in ast.iter_child_nodes(parent)}
 
     def consumed_safely(node: ast.AST) -> bool:
@@ -967,11 +994,11 @@ def _only_reads(function: ast.AST, name: str) -> bool:
         if consumed_safely(node):
             continue
         loop = parents.get(id(node))
-        if isinstance(loop, (ast.For, ast.AsyncFor, ast.comprehension)) and loop.iter is node \
+        if iterable and isinstance(loop, (ast.For, ast.AsyncFor, ast.comprehension)) and loop.iter is node \
                 and isinstance(loop.target, ast.Name):
-            each = loop.target.id
-            if all(consumed_safely(n) for n in ast.walk(function)
-                   if isinstance(n, ast.Name) and n.id == each and isinstance(n.ctx, ast.Load)):
+            each = loop.target
+            if all(isinstance(n.ctx, ast.Load) and consumed_safely(n) for n in ast.walk(function)
+                   if isinstance(n, ast.Name) and n.id == each.id and n is not each):
                 continue
         return False
     return True
