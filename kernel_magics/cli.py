@@ -149,6 +149,7 @@ def _examples(*lines: str) -> str:
 def _export(args: argparse.Namespace) -> int:
     from .core.export import MismatchHint, export_model, materialize
     from .core.notebook_file import config_from_cells, read_notebook
+    from .core.source import trained_at_import
 
     notebook = read_notebook(args.notebook)
     if notebook.note:
@@ -185,6 +186,12 @@ def _export(args: argparse.Namespace) -> int:
         print(f"note: this export replaced the earlier one in {args.out}.", file=sys.stderr)
     print(result.tree())
     print(result.replay_note.replace("%model_predict", "%model_predict (and save the notebook)"))
+    trains = trained_at_import(materialized.source.text)
+    if trains:
+        # (a new user found a RandomForest fitted at every start only by reading model.py)
+        print(f"note: model.py trains when it is imported, each time the deployment starts: "
+              f"{'; '.join(f'`{t}`' for t in trains[:3])}. `kernel-magics export --execute`, or %model_export in the "
+              "running notebook, saves the fitted value instead.", file=sys.stderr)
     return 0
 
 

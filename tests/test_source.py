@@ -549,3 +549,14 @@ def test_the_cli_names_the_optimizer_step_that_changed_a_module_not_the_call_tha
         build_model_source(cells, "Model", "nb.ipynb")
     assert ("`net` (in Model), but it is changed after its assignment by `opt.step()` in cell 2, line 5, through "
             "`opt`, which holds `net.parameters()` (cell 2, line 1)") in str(info.value), str(info.value)
+
+
+def test_the_statements_model_py_trains_with_at_import_are_found():
+    """The CLI re-runs `clf = RF(...).fit(X, y)` in model.py, training at every start; it says so (a new user found it
+    only by reading model.py). What defs and classes hold runs when called, not at import."""
+    from kernel_magics.core.source import trained_at_import
+
+    text = ("import numpy as np\nX = np.zeros((4, 2))\nclf = Pipeline([('m', M())]).fit(X, [0, 1, 0, 1])\n"
+            "def refit():\n    return clf.fit(X)\nclass Model:\n    def load(self):\n        self.m = clf.fit(X)\n"
+            "scaler = StandardScaler()\nscaler.fit_transform(X)\n")
+    assert trained_at_import(text) == ["clf = Pipeline([('m', M())]).fit(X, [0, 1, 0, 1])", "scaler.fit_transform(X)"]

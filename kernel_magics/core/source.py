@@ -1968,6 +1968,23 @@ def _with_alias(line: str, module: str, alias: str) -> str:
     return re.sub(rf"(?<![\w.\"'/]){re.escape(module)}\.", f"{alias}.", line)
 
 
+# Methods that train: a statement model.py runs at import that calls one trains the model each time it starts.
+_TRAINING = frozenset({"fit", "fit_transform", "fit_predict", "partial_fit", "train"})
+
+
+def trained_at_import(text: str) -> list[str]:
+    """The top-level statements of model.py's ``text`` that call a training method (`clf = RF(...).fit(X, y)`),
+    shortened: the CLI re-runs them from source where %model_export saves the fitted value."""
+    found = []
+    for node in ast.parse(text).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        if any(isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and sub.func.attr in _TRAINING
+               for sub in ast.walk(node)):
+            found.append(_shown(ast.unparse(node)))
+    return found
+
+
 def _render(chosen, included, stars, plans, notebook: str) -> str:
     imports: list[str] = []
     future: list[str] = []
