@@ -353,6 +353,16 @@ def test_missing_secret_names_the_variable_and_model_secret_prompts(kernel):
     assert_usage_error(kernel.execute("%model_secret undeclared"), "not declared in the config")
 
 
+def test_a_served_models_error_names_the_notebooks_cells_as_ipythons_tracebacks_do(kernel):
+    """What `%model_serve` and the stream views log is `host.format_error`: a new user read a served error's
+    traceback as `File "/tmp/ipykernel_123/456.py"`, where IPython's own say `Cell In[2]`."""
+    kernel.ok("def failing_helper(x):\n    return 1 / x")
+    text = kernel.ok("host = get_ipython().magics_manager.registry['ModelMagics'].host\ntry:\n    failing_helper(0)\n"
+                     "except ZeroDivisionError as e:\n    print(host.format_error(e))").stdout
+    assert re.search(r"  Cell In\[\d+\], line 2, in failing_helper\n    return 1 / x", text), text
+    assert "ipykernel_" not in text and "ZeroDivisionError: division by zero" in text, text
+
+
 # ---------------------------------------------------------------- tab completion
 
 def test_tab_completes_the_options_of_the_magics_not_python_names(fresh_kernel, tmp_path):

@@ -22,6 +22,7 @@ import gc
 import inspect
 import json
 import os
+import re
 import threading
 import time
 import traceback
@@ -90,6 +91,9 @@ class _Release:
             self._semaphore.release()
 
 
+_FRAME_FILE = re.compile(r'File "([^"\n]+)",')  # a traceback frame's file
+
+
 class ModelHost:
     """Holds one model class and its live instance, and runs the contract on it."""
 
@@ -142,6 +146,9 @@ class ModelHost:
         self._batcher: Optional[tuple[Any, weakref.WeakKeyDictionary]] = None
         self._batcher_lock = threading.Lock()  # two loops' first requests (the kernel's and a server's) at once
         self.last_batch_sizes: collections.deque[int] = collections.deque(maxlen=16)
+        # The notebook names its cells' code as its own tracebacks do ("Cell In[3]", not the file ipykernel
+        # compiled the cell as): a code file's name -> that label, or None to keep the name.
+        self.code_label: Optional[Callable[[str], Optional[str]]] = None
 
     # ------------------------------------------------------------------ config, events, errors
 
@@ -173,7 +180,10 @@ class ModelHost:
         """The exception with its (user-frames-only) traceback, secrets redacted. Trimmed here too: the frames
         it gathered on its way out after the runtime trimmed it (the server's, the batcher's hand-over) are ours."""
         tb = user_traceback(exc.__traceback__)
-        return self.secrets.redact("".join(traceback.format_exception(type(exc), exc, tb)))
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        if self.code_label is not None:
+            text = _FRAME_FILE.sub(lambda m: (self.code_label(m.group(1)) or m.group(0)[:-1]) + ",", text)
+        return self.secrets.redact(text)
 
     def subscribe(self, listener: Callable[[HostEvent], None]) -> Callable[[], None]:
         """Call ``listener`` with every HostEvent; returns a function that unsubscribes."""

@@ -10,6 +10,7 @@ shows only the user's frames, with every secret value redacted.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import os
 import sys
@@ -93,6 +94,15 @@ def cells_before(shell: Any) -> list[str]:
     return ["" if split_cell_magic(raw)[0] in ("model", "model_config") else raw for raw in earlier]
 
 
+def _cell_label(shell: Any, filename: str) -> Optional[str]:
+    """"Cell In[3]" for the file ipykernel compiled that cell as (IPython's own tracebacks say so), else None."""
+    try:
+        named = shell.compile.format_code_name(filename)
+    except Exception:  # (a shell without IPython's caching compiler)
+        return None
+    return f"{named[0]} {named[1]}" if named else None
+
+
 def running_a_stored_cell(shell: Any) -> bool:
     """Whether what runs now is a cell that has its In[N] (in the history already): not the kernel's start (the
     extension loaded with --ext), a silent request or one outside the history (the lab panel's commands)."""
@@ -135,6 +145,7 @@ class ModelMagics(Magics):
     def __init__(self, shell=None, **kwargs: Any) -> None:
         super().__init__(shell, **kwargs)
         self.host = ModelHost(secrets=SecretStore(hint="or run %model_secret {name} in this notebook"))
+        self.host.code_label = functools.partial(_cell_label, shell)
         self.runner = BackgroundLoop()
         self.model_cell: Optional[str] = None  # source of the last good %%model cell
         self.config_cell: Optional[str] = None
