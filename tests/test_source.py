@@ -438,7 +438,9 @@ MAY_CHANGE = ["for k in FEATURES:\n        FEATURES.remove(k)", "cols = FEATURES
               "sorted(FEATURES, key=lambda r: r.append(9) or 0)", "x = FEATURES[0]\n    x.append(9)",
               "fill(FEATURES[0])", "return len(FEATURES[0])", "fill_rows()\n    return len(FEATURES)", "fill_rows()",
               # (and these, a second review: the loop's variable changed in place, a call through a value)
-              "for k in FEATURES:\n        k += ['b']", "H['x']()", "globals()['FEATURES'].append(1)"]
+              "for k in FEATURES:\n        k += ['b']", "H['x']()", "globals()['FEATURES'].append(1)",
+              # (a third: through a function's globals, a class a call makes, a decorator)
+              "fill_rows.__globals__['FEATURES'].append(1)", "Filler()", "@register\n    def inner():\n        pass"]
 ONLY_READS = ["return {k: rec.get(k) for k in FEATURES}", "return ['a' in FEATURES, len(FEATURES), f'{FEATURES}']",
               "out = {}\n    for k in FEATURES:\n        out[k] = rec.get(k, 0)\n    return out",
               "global FEATURES\n    return len(FEATURES)"]
@@ -447,7 +449,8 @@ ONLY_READS = ["return {k: rec.get(k) for k in FEATURES}", "return ['a' in FEATUR
 @pytest.mark.parametrize("body", MAY_CHANGE + ONLY_READS)
 def test_the_cli_re_runs_a_name_a_function_it_calls_only_reads(body):
     cells = ["FEATURES = [['a'], 'b']", "def fill(xs):\n    xs.append(1)\ndef fill_rows():\n    FEATURES.append(1)\n"
-             "H = {'x': fill_rows}",
+             "H = {'x': fill_rows}\nclass Filler:\n    def __init__(self):\n        FEATURES.append(1)\n"
+             "def register(fn):\n    FEATURES.append(fn)\n    return fn",
              f"def clean_record(rec={{}}):\n    {body}", "clean_record({'a': 1})",
              "%%model\nclass Model:\n    def predict(self, x):\n        return FEATURES"]
     if body in MAY_CHANGE:
@@ -455,11 +458,16 @@ def test_the_cli_re_runs_a_name_a_function_it_calls_only_reads(body):
             build_model_source(cells, "Model")
     else:
         assert "FEATURES = [['a'], 'b']" in build_model_source(cells, "Model").text
-        # A loop uses a generator up: iterating one is a change.
+        # A loop, `in` and join use a generator up: each is a change.
         cells[0] = "FEATURES = (x for x in 'ab')"
-        if "for k in FEATURES" in body:
-            with pytest.raises(MaterializeError, match="cell 4 calls `clean_record`, which uses it and may change it"):
-                build_model_source(cells, "Model")
+        with pytest.raises(MaterializeError, match="cell 4 calls `clean_record`, which uses it and may change it"):
+            build_model_source(cells, "Model")
+    # A decorated def after it runs its decorator: the decorator may change it too.
+    cells = ["FEATURES = []", "def register(fn):\n    FEATURES.append(fn.__name__)\n    return fn",
+             "@register\ndef g():\n    pass", "%%model\nclass Model:\n    def predict(self, x):\n        return FEATURES"]
+    with pytest.raises(MaterializeError, match=r"cell 3 calls `register`, which uses it and may change it: `@register` "
+                                               r"\(line 1\)"):
+        build_model_source(cells, "Model")
 
 
 def test_statements_that_share_a_line_are_written_once_each():
@@ -553,10 +561,13 @@ def test_the_cli_names_the_optimizer_step_that_changed_a_module_not_the_call_tha
 
 def test_the_statements_model_py_trains_with_at_import_are_found():
     """The CLI re-runs `clf = RF(...).fit(X, y)` in model.py, training at every start; it says so (a new user found it
-    only by reading model.py). What defs and classes hold runs when called, not at import."""
+    only by reading model.py). So does a loop that steps an optimizer; not torch's `net.train()` (a mode switch).
+    What defs and classes hold runs when called, not at import."""
     from kernel_magics.core.source import trained_at_import
 
     text = ("import numpy as np\nX = np.zeros((4, 2))\nclf = Pipeline([('m', M())]).fit(X, [0, 1, 0, 1])\n"
             "def refit():\n    return clf.fit(X)\nclass Model:\n    def load(self):\n        self.m = clf.fit(X)\n"
-            "scaler = StandardScaler()\nscaler.fit_transform(X)\n")
-    assert trained_at_import(text) == ["clf = Pipeline([('m', M())]).fit(X, [0, 1, 0, 1])", "scaler.fit_transform(X)"]
+            "scaler = StandardScaler()\nscaler.fit_transform(X)\nnet.train()\n"
+            "for epoch in range(3):\n    loss = net(X).sum()\n    loss.backward()\n    opt.step()\n")
+    assert trained_at_import(text) == ["clf = Pipeline([('m', M())]).fit(X, [0, 1, 0, 1])", "scaler.fit_transform(X)",
+                                       "for epoch in range(3): loss = net(X).sum() loss.backward() opt.step()"]

@@ -560,6 +560,19 @@ def test_a_long_def_compiled_beside_an_import_is_the_def_the_cell_shows(tmp_path
     shapes = {subprocess.run([sys.executable, "-c", shape], capture_output=True, text=True, check=True,
                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
     assert len(shapes) == 1, shapes
+    # A nan's sign, which its repr hides, and an int too long for dis to show (it raised ValueError).
+    from kernel_magics.core.contract import code_shape
+
+    nans = run_cells(["def f():\n    return 1e999 - 1e999", "def g():\n    return -(1e999 - 1e999)"])
+    assert code_shape(nans["f"].__code__) != code_shape(nans["g"].__code__)
+    big = run_cells(["def f():\n    return 0x" + "f" * 4000, "def g():\n    return 0x" + "e" * 4000])
+    assert code_shape(big["f"].__code__) != code_shape(big["g"].__code__)
+    # A `from __future__` import binds no name the model uses, yet changes how the later cells compile: model.py
+    # dropped it, and `f.__annotations__` held the class, not the string the notebook's holds.
+    cells = ["from __future__ import annotations\ndef f(x: int):\n    return x",
+             "%%model\nclass Model:\n    def predict(self, model_input):\n        return str(f.__annotations__)"]
+    expected, got, _ = ship(tmp_path / "future", cells, {"v": "Model().predict(None)"})
+    assert expected == got == {"v": "{'x': 'int'}"}
 
 
 def test_members_of_an_enum_run_again_are_refused_as_they_compare_by_identity(tmp_path):

@@ -13,6 +13,7 @@ import enum
 import functools
 import inspect
 import re
+import struct
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -486,6 +487,10 @@ def _constant(value: Any) -> str:
         return "frozenset({" + ", ".join(sorted(_constant(v) for v in value)) + "})"
     if isinstance(value, tuple):
         return "(" + "".join(_constant(v) + ", " for v in value) + ")"
+    if isinstance(value, float):
+        return "float " + struct.pack(">d", value).hex()  # (every nan's repr is `nan`, whatever its sign)
+    if type(value) is int:
+        return hex(value)  # (repr refuses an int of over 4,300 digits)
     return repr(value)
 
 
@@ -499,7 +504,10 @@ def code_shape(code: Any) -> tuple:
     import bisect
     import dis
 
-    instructions = [i for i in dis.get_instructions(code) if i.opname not in _UNSHAPED]
+    try:
+        instructions = [i for i in dis.get_instructions(code) if i.opname not in _UNSHAPED]
+    except ValueError:  # (dis cannot show an int of over 4,300 digits: compared as compiled)
+        return ("compiled", code.co_flags & _SHAPE_FLAGS, _code_key(code))
     offsets = [i.offset for i in instructions]
 
     def position(offset: Any) -> int:  # (of the first instruction kept at or after that offset)
@@ -518,7 +526,7 @@ def code_shape(code: Any) -> tuple:
 
 
 def _code_key(code) -> tuple:
-    consts = tuple(_code_key(c) if inspect.iscode(c) else (type(c).__name__, repr(c)) for c in code.co_consts)
+    consts = tuple(_code_key(c) if inspect.iscode(c) else (type(c).__name__, _constant(c)) for c in code.co_consts)
     return (code.co_code, code.co_names, code.co_varnames, code.co_freevars, code.co_argcount, consts)
 
 

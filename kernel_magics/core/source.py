@@ -902,10 +902,22 @@ def _calls_using(name: str, definition: _Definition, analysis: _Analysis) -> lis
         if change.kind != "calls" or change.order <= definition.order:
             continue
         function = analysis.defs.get(change.name)
-        if function is not None and function.kind == "function" and function.order < change.order \
+        if function is not None and function.kind in ("function", "class") and function.order < change.order \
                 and any(_may_change(reached, name, analysis, _a_container(definition))
                         for reached in _reached(function, analysis)):
             found.append(change)
+    # A decorator runs when the def it decorates does (`@register def g`): a call too.
+    for later in analysis.defs.values():
+        if later.order <= definition.order or later.kind not in ("function", "class"):
+            continue
+        for decorator in getattr(later.node, "decorator_list", []):
+            called = analysis.defs.get(_root_name(decorator) or "")
+            if called is not None and called.kind in ("function", "class") and called.order < later.order and any(
+                    _may_change(reached, name, analysis, _a_container(definition))
+                    for reached in _reached(called, analysis)):
+                found.append(_Change(called.names[0], later.order, later.cell, decorator.lineno,
+                                     "@" + ast.unparse(decorator), "calls"))
+                break
     return found
 
 
@@ -923,6 +935,8 @@ def _calls_through_values(function: ast.AST, analysis: _Analysis) -> bool:
     """Whether the function calls something a notebook value holds (`H['x']()`, `t.run()`), or reaches globals by
     name (`globals()['X']`): what that runs cannot be followed here. (A reading method, `MEANS.get(k)`, is not.)"""
     for call in ast.walk(function):
+        if isinstance(call, ast.Attribute) and call.attr in ("__globals__", "__dict__", "__builtins__", "__closure__"):
+            return True  # (`fill.__globals__['X']`)
         if not isinstance(call, ast.Call):
             continue
         root = _root_name(call.func)
@@ -971,6 +985,8 @@ def _only_reads(function: ast.AST, name: str, iterable: bool = True) -> bool:
     `out[k] = ...`, `rec.get(k)`), when ``iterable`` (a container: a loop uses up a generator). Anything else may
     change it: a method call on it, an index (a defaultdict fills on reading; the element may be changed), an element
     or a copy handed on, a second name bound to it, the loop's variable changed in place (`k += [...]`)."""
+    if not iterable:  # (`k in X`, `",".join(X)` and a loop use a generator or an iterator up)
+        return not any(isinstance(n, ast.Name) and n.id == name for n in ast.walk(function))
     parents = {id(child): parent for parent in ast.walk(function) for child in ast.iter_child_nodes(parent)}
 
     def consumed_safely(node: ast.AST) -> bool:
@@ -994,7 +1010,7 @@ def _only_reads(function: ast.AST, name: str, iterable: bool = True) -> bool:
         if consumed_safely(node):
             continue
         loop = parents.get(id(node))
-        if iterable and isinstance(loop, (ast.For, ast.AsyncFor, ast.comprehension)) and loop.iter is node \
+        if isinstance(loop, (ast.For, ast.AsyncFor, ast.comprehension)) and loop.iter is node \
                 and isinstance(loop.target, ast.Name):
             each = loop.target
             if all(isinstance(n.ctx, ast.Load) and consumed_safely(n) for n in ast.walk(function)
@@ -1477,6 +1493,11 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
             "(a def, class, import or assignment), or build it inside `load()`."
         )
     stars = analysis.stars if unresolved else []
+    # A `from __future__` import changes how the cells after it compile (IPython keeps it for every later cell),
+    # though no name it binds is used (`annotations`: a def's annotations stay strings): model.py keeps it.
+    for definition in [d for history in analysis.history.values() for d in history if _is_future(d)]:
+        if any(c.order > definition.order for c in chosen.values()):
+            chosen[id(definition)] = definition
     text = _render(chosen.values(), included, stars, plans, notebook)
     modules = _imported_modules(chosen.values(), stars, included)
     for plan, _ in plans.values():
@@ -1968,8 +1989,10 @@ def _with_alias(line: str, module: str, alias: str) -> str:
     return re.sub(rf"(?<![\w.\"'/]){re.escape(module)}\.", f"{alias}.", line)
 
 
-# Methods that train: a statement model.py runs at import that calls one trains the model each time it starts.
-_TRAINING = frozenset({"fit", "fit_transform", "fit_predict", "partial_fit", "train"})
+# Methods that train: a statement model.py runs at import that calls one trains the model each time it starts, as
+# does a loop that steps an optimizer or calls backward(). (Not `.train()`: torch's switch into training mode.)
+_TRAINING = frozenset({"fit", "fit_transform", "fit_predict", "partial_fit"})
+_TRAINING_LOOP = frozenset({"backward", "step"})
 
 
 def trained_at_import(text: str) -> list[str]:
@@ -1979,10 +2002,15 @@ def trained_at_import(text: str) -> list[str]:
     for node in ast.parse(text).body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             continue
-        if any(isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and sub.func.attr in _TRAINING
+        methods = _TRAINING | (_TRAINING_LOOP if isinstance(node, (ast.For, ast.AsyncFor, ast.While)) else frozenset())
+        if any(isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and sub.func.attr in methods
                for sub in ast.walk(node)):
             found.append(_shown(ast.unparse(node)))
     return found
+
+
+def _is_future(definition: _Definition) -> bool:
+    return isinstance(definition.node, ast.ImportFrom) and definition.node.module == "__future__"
 
 
 def _render(chosen, included, stars, plans, notebook: str) -> str:
@@ -2003,7 +2031,7 @@ def _render(chosen, included, stars, plans, notebook: str) -> str:
             body.append((definition.order, 0, definition.text))
         elif definition.kind == "import":
             node = definition.node
-            keep = [a for a in node.names if (a.asname or a.name.split(".")[0]) in included
+            keep = [a for a in node.names if (a.asname or a.name.split(".")[0]) in included or _is_future(definition)
                     or a.name == "*" and any(n in included for n in definition.names)]
             stmt = type(node)(names=keep, **({"module": node.module, "level": node.level}
                                              if isinstance(node, ast.ImportFrom) else {}))
