@@ -57,6 +57,10 @@ def test_every_unknown_key_is_named_at_once_with_its_line():
     assert message == ("config.yaml: 3 unknown keys: line 1: `model_nme` (did you mean `model_name`?); line 2: "
                        "`resouces` (did you mean `resources`?); line 5: `runtime.predict_concurency` (did you mean "
                        "`runtime.predict_concurrency`?). Fix those keys."), message
+    # A section's valid keys are listed once; `gpu` is not offered `cpu`.
+    message = error_of("resources:\n  gpu: 1\n  zzz: 1\n  qqq: 2\n")
+    assert ("line 2: `resources.gpu` (did you mean `resources.accelerator`?); line 3: `resources.zzz` (valid keys here: "
+            in message and "line 4: `resources.qqq` (not a key there)" in message), message
 
 
 def test_unknown_nested_key_suggests_closest():

@@ -598,6 +598,10 @@ def _where(path: tuple, lines: dict, source: str) -> str:
     return f"{source}, line {line}" if line else source
 
 
+# What a key nearest by spelling does not mean (`gpu: 1` is not `cpu`).
+_MEANT = {"gpu": "accelerator", "gpus": "accelerator", "num_gpus": "accelerator", "gpu_count": "accelerator"}
+
+
 def _check_keys(data: Any, path: tuple, unknown: list[tuple[tuple, str]]) -> None:
     """Collects each unknown key's path with what it may have meant ("did you mean", else the valid keys)."""
     section = _SECTIONS.get(path)
@@ -607,7 +611,8 @@ def _check_keys(data: Any, path: tuple, unknown: list[tuple[tuple, str]]) -> Non
     for key in list(data):
         key_path = path + (key,)
         if key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            close = ([_MEANT[key]] if key in _MEANT and _MEANT[key] in known else
+                     difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6))
             unknown.append((key_path, f"did you mean `{'.'.join(path + (close[0],))}`?" if close else
                             f"valid keys here: {', '.join(sorted(section.model_fields))}"))
             continue
@@ -633,8 +638,16 @@ def _report_unknown_keys(unknown: list[tuple[tuple, str]], lines: dict, source: 
         raise ConfigError(f"{_where(key_path, lines, source)}: unknown key `{dotted(key_path)}`. "
                           f"{hint[0].upper()}{hint[1:]}{'' if hint.endswith('?') else '.'}")
     if unknown:
-        shown = "; ".join(f"line {_line_of(key_path, lines)}: `{dotted(key_path)}` ({hint})"
-                          if _line_of(key_path, lines) else f"`{dotted(key_path)}` ({hint})"
+        listed: set[str] = set()  # (a section's valid keys once, not after each of its unknown keys)
+
+        def said(hint: str) -> str:
+            if hint.startswith("valid keys") and hint in listed:
+                return "not a key there"
+            listed.add(hint)
+            return hint
+
+        shown = "; ".join(f"line {_line_of(key_path, lines)}: `{dotted(key_path)}` ({said(hint)})"
+                          if _line_of(key_path, lines) else f"`{dotted(key_path)}` ({said(hint)})"
                           for key_path, hint in unknown)
         raise ConfigError(f"{source}: {len(unknown)} unknown keys: {shown}. Fix those keys{_again(source)}.")
 
