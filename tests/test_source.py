@@ -443,7 +443,8 @@ MAY_CHANGE = ["for k in FEATURES:\n        FEATURES.remove(k)", "cols = FEATURES
               "fill_rows.__globals__['FEATURES'].append(1)", "Filler()", "@register\n    def inner():\n        pass"]
 ONLY_READS = ["return {k: rec.get(k) for k in FEATURES}", "return ['a' in FEATURES, len(FEATURES), f'{FEATURES}']",
               "out = {}\n    for k in FEATURES:\n        out[k] = rec.get(k, 0)\n    return out",
-              "global FEATURES\n    return len(FEATURES)"]
+              "global FEATURES\n    return len(FEATURES)",
+              "return dict(rec.__dict__) if hasattr(rec, '__dict__') else rec"]  # (an object's own attributes)
 
 
 @pytest.mark.parametrize("body", MAY_CHANGE + ONLY_READS)
@@ -460,8 +461,9 @@ def test_the_cli_re_runs_a_name_a_function_it_calls_only_reads(body):
         assert "FEATURES = [['a'], 'b']" in build_model_source(cells, "Model").text
         # A loop, `in` and join use a generator up: each is a change.
         cells[0] = "FEATURES = (x for x in 'ab')"
-        with pytest.raises(MaterializeError, match="cell 4 calls `clean_record`, which uses it and may change it"):
-            build_model_source(cells, "Model")
+        if "FEATURES" in body:
+            with pytest.raises(MaterializeError, match="cell 4 calls `clean_record`, which uses it and may change it"):
+                build_model_source(cells, "Model")
     # A decorated def after it runs its decorator: the decorator may change it too.
     cells = ["FEATURES = []", "def register(fn):\n    FEATURES.append(fn.__name__)\n    return fn",
              "@register\ndef g():\n    pass", "%%model\nclass Model:\n    def predict(self, x):\n        return FEATURES"]

@@ -573,6 +573,11 @@ def test_a_long_def_compiled_beside_an_import_is_the_def_the_cell_shows(tmp_path
              "%%model\nclass Model:\n    def predict(self, model_input):\n        return str(f.__annotations__)"]
     expected, got, _ = ship(tmp_path / "future", cells, {"v": "Model().predict(None)"})
     assert expected == got == {"v": "{'x': 'int'}"}
+    # At model.py's top it would reach the defs before it too: not when one of those has annotations.
+    cells.insert(0, "def g(x: int):\n    return x")
+    cells[-1] = cells[-1].replace("str(f.__annotations__)", "[str(f.__annotations__), g(1)]")
+    text = build_model_source(cells, "Model", live=run_cells(cells[:-1])).text
+    assert "from __future__" not in text and "def g(x: int)" in text, text
 
 
 def test_members_of_an_enum_run_again_are_refused_as_they_compare_by_identity(tmp_path):

@@ -935,7 +935,7 @@ def _calls_through_values(function: ast.AST, analysis: _Analysis) -> bool:
     """Whether the function calls something a notebook value holds (`H['x']()`, `t.run()`), or reaches globals by
     name (`globals()['X']`): what that runs cannot be followed here. (A reading method, `MEANS.get(k)`, is not.)"""
     for call in ast.walk(function):
-        if isinstance(call, ast.Attribute) and call.attr in ("__globals__", "__dict__", "__builtins__", "__closure__"):
+        if isinstance(call, ast.Attribute) and call.attr in ("__globals__", "__builtins__"):
             return True  # (`fill.__globals__['X']`)
         if not isinstance(call, ast.Call):
             continue
@@ -1494,9 +1494,12 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
         )
     stars = analysis.stars if unresolved else []
     # A `from __future__` import changes how the cells after it compile (IPython keeps it for every later cell),
-    # though no name it binds is used (`annotations`: a def's annotations stay strings): model.py keeps it.
+    # though no name it binds is used (`annotations`: a def's annotations stay strings): model.py keeps it, at its
+    # top, so for the defs before it too; unless one of those has annotations, which it would change (the notebook's
+    # mix cannot be written in one module: the defs after it then keep theirs as classes).
     for definition in [d for history in analysis.history.values() for d in history if _is_future(d)]:
-        if any(c.order > definition.order for c in chosen.values()):
+        if any(c.order > definition.order for c in chosen.values()) and not any(
+                c.order < definition.order and _has_annotations(c.node) for c in chosen.values()):
             chosen[id(definition)] = definition
     text = _render(chosen.values(), included, stars, plans, notebook)
     modules = _imported_modules(chosen.values(), stars, included)
@@ -2011,6 +2014,12 @@ def trained_at_import(text: str) -> list[str]:
 
 def _is_future(definition: _Definition) -> bool:
     return isinstance(definition.node, ast.ImportFrom) and definition.node.module == "__future__"
+
+
+def _has_annotations(node: ast.AST) -> bool:
+    return any(isinstance(n, ast.arg) and n.annotation is not None or isinstance(n, ast.AnnAssign)
+               or isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.returns is not None
+               for n in ast.walk(node))
 
 
 def _render(chosen, included, stars, plans, notebook: str) -> str:
