@@ -104,8 +104,9 @@ class _Rule:
                 # IntEnum's or StrEnum's compare as their values.)
                 members = isinstance(obj, type) and issubclass(obj, enum.Enum) and getattr(
                     obj, "_member_type_", object) is object
-                other_code = _wraps(found, obj) or definition_code(found) != definition_code(obj)
-                if parts[0] in self.replaced and found is not obj and (members or other_code):
+                replaced = parts[0] in self.replaced and found is not obj
+                other_code = replaced and (_wraps(found, obj) or definition_code(found) != definition_code(obj))
+                if replaced and (members or other_code):
                     again = (f"the notebook bound `{parts[0]}` again, to other code" if edited else
                              f"the same cell ran again and made `{parts[0]}` hold other values (a default, a class "
                              "attribute or a function it read, changed in between, or state its own code moved "
