@@ -626,29 +626,29 @@ def _report_unknown_keys(unknown: list[tuple[tuple, str]], lines: dict, source: 
     def dotted(key_path: tuple) -> str:
         return ".".join(map(str, key_path))
 
+    def sentence(hint: str) -> str:
+        return f"{hint[0].upper()}{hint[1:]}{'' if hint.endswith('?') else '.'}"
+
     if warnings is not None:
         # Truss 0.18.36 parses config.yaml with extra keys allowed (its server ignores them), and refuses them at
         # `truss push` (custom_types.validate_forbid_extra, called by the push).
         warnings += [f"{_where(key_path, lines, source)}: unknown key `{dotted(key_path)}` is ignored here and by "
-                     f"Truss's server, but `truss push` refuses it. {hint[0].upper()}{hint[1:]}"
-                     f"{'' if hint.endswith('?') else '.'}" for key_path, hint in unknown]
+                     f"Truss's server, but `truss push` refuses it. {sentence(hint)}" for key_path, hint in unknown]
         return
     if len(unknown) == 1:
         (key_path, hint), = unknown
-        raise ConfigError(f"{_where(key_path, lines, source)}: unknown key `{dotted(key_path)}`. "
-                          f"{hint[0].upper()}{hint[1:]}{'' if hint.endswith('?') else '.'}")
+        raise ConfigError(f"{_where(key_path, lines, source)}: unknown key `{dotted(key_path)}`. {sentence(hint)}")
     if unknown:
         listed: set[str] = set()  # (a section's valid keys once, not after each of its unknown keys)
 
-        def said(hint: str) -> str:
+        def said(key_path: tuple, hint: str) -> str:
             if hint.startswith("valid keys") and hint in listed:
-                return "not a key there"
+                hint = "not a key there"
             listed.add(hint)
-            return hint
+            line = _line_of(key_path, lines)
+            return f"{f'line {line}: ' if line else ''}`{dotted(key_path)}` ({hint})"
 
-        shown = "; ".join(f"line {_line_of(key_path, lines)}: `{dotted(key_path)}` ({said(hint)})"
-                          if _line_of(key_path, lines) else f"`{dotted(key_path)}` ({said(hint)})"
-                          for key_path, hint in unknown)
+        shown = "; ".join(said(key_path, hint) for key_path, hint in unknown)
         raise ConfigError(f"{source}: {len(unknown)} unknown keys: {shown}. Fix those keys{_again(source)}.")
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import __future__
 import ast
 import builtins
-import dis
 import functools
 import operator
 import os
@@ -897,24 +896,28 @@ def _calls_using(name: str, definition: _Definition, analysis: _Analysis) -> lis
     """Top-level calls, after the name's definition, of notebook functions that use the name (``fill()``,
     ``await load_labels()``), themselves or through the notebook functions and classes they name: they may fill or
     change it where the code does not show it. One that only reads it (``_only_reads``) does not count."""
-    found = []
-    for change in analysis.changes:
-        if change.kind != "calls" or change.order <= definition.order:
-            continue
-        function = analysis.defs.get(change.name)
-        if function is not None and function.kind in ("function", "class") and function.order < change.order \
-                and any(_may_change(reached, name, analysis, _a_container(definition))
-                        for reached in _reached(function, analysis)):
-            found.append(change)
+    iterable = _a_container(definition)
+    judged: dict[int, bool] = {}
+
+    def changes_it(called: Optional[_Definition], at: tuple[int, int]) -> bool:
+        """Whether calling that notebook function or class (before ``at``) may change the name, through what it
+        reaches too; each judged once."""
+        if called is None or called.kind not in ("function", "class") or called.order >= at:
+            return False
+        if id(called) not in judged:
+            judged[id(called)] = any(_may_change(reached, name, analysis, iterable)
+                                     for reached in _reached(called, analysis))
+        return judged[id(called)]
+
+    found = [change for change in analysis.changes if change.kind == "calls" and change.order > definition.order
+             and changes_it(analysis.defs.get(change.name), change.order)]
     # A decorator runs when the def it decorates does (`@register def g`): a call too.
     for later in analysis.defs.values():
         if later.order <= definition.order or later.kind not in ("function", "class"):
             continue
         for decorator in getattr(later.node, "decorator_list", []):
             called = analysis.defs.get(_root_name(decorator) or "")
-            if called is not None and called.kind in ("function", "class") and called.order < later.order and any(
-                    _may_change(reached, name, analysis, _a_container(definition))
-                    for reached in _reached(called, analysis)):
+            if changes_it(called, later.order):
                 found.append(_Change(called.names[0], later.order, later.cell, decorator.lineno,
                                      "@" + ast.unparse(decorator), "calls"))
                 break
