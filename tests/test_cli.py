@@ -163,6 +163,35 @@ def test_an_export_of_cells_run_out_of_order_says_so_when_the_replay_differs(tmp
     assert "Restart & Run All" in done.stderr and "--execute" in done.stderr
 
 
+def test_a_literal_a_later_cell_changes_is_exported_with_the_change_and_replayed(tmp_path):
+    """A new user's notebook: `CONFIG = {...}`, then `CONFIG['round'] = 2` and `LABELS.append(...)` in later cells.
+    The CLI refused it, even with a saved prediction; model.py now runs the same statements after the assignments,
+    and the saved prediction proves the append (a cell run twice would have appended twice)."""
+    path = tmp_path / "config.ipynb"
+    cells = [
+        "%load_ext kernel_magics",
+        "CONFIG = {'round': 1, 'scale': 10}\nLABELS = ['low']",
+        "%%model\nclass Model:\n    def predict(self, model_input):\n"
+        "        return {'y': model_input['x'] * CONFIG['scale'] + CONFIG['round'], 'labels': LABELS}",
+        "CONFIG['round'] = 2\nLABELS.append('high')",
+        '%model_load\n%model_predict {"x": 3}',
+    ]
+    run_notebook(path, cells, widgets=False)
+    done = cli("export", path, tmp_path / "out", cwd=tmp_path)
+    assert done.returncode == 0 and "Replayed 1 recorded prediction" in done.stdout, done.stdout + done.stderr
+    text = (tmp_path / "out/model/model.py").read_text()
+    assert text.index("CONFIG = {") < text.index("class Model") < text.index("CONFIG['round'] = 2")
+    # Without the saved prediction the append is not proven (the round alone would be):
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[-1].outputs = []
+    nbformat.write(nb, path)
+    done = cli("export", path, tmp_path / "out2", cwd=tmp_path)
+    assert done.returncode == 1 and not (tmp_path / "out2").exists(), done.stdout + done.stderr
+    assert "`LABELS.append('high')` (line 2), which leaves another value each time it runs" in done.stderr
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A real export (kernel-magics export of a notebook), made once for the predict tests."""

@@ -68,7 +68,8 @@ CASES = {
                     return {"label": LABELS[i], "ratio": float(df["ratio"][i])}
             """),
     ], [{"i": 2}, {"i": 0}],
-        "`LABELS[2] = 'barbera'` (line 2)", ["pandas=="], "pickle"),
+        # (the dict item alone the CLI carries now, as a statement after the literal: the data frame it cannot)
+        "`df['ratio'] = df.a / df.b` (line 1)", ["pandas=="], "pickle"),
 }
 
 

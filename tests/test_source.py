@@ -1,6 +1,7 @@
 """The dependency closure that turns notebook cells into model.py (pure core, no kernel)."""
 
 import os
+import re
 
 import pytest
 
@@ -241,8 +242,8 @@ CHANGED = {
     "fitted pipeline": (["from sklearn.pipeline import make_pipeline\nfrom sklearn.linear_model import LogisticRegression",
                          "pipe = make_pipeline(LogisticRegression())\npipe.fit([[0], [1]], [0, 1])"],
                         "self.pipe = pipe", "`pipe.fit([[0], [1]], [0, 1])` (line 2)", 2),
-    "dict item": (["LABELS = ['a', 'b', 'c']", "x = 1\nLABELS[2] = 'barbera'"], "self.labels = LABELS",
-                  "`LABELS[2] = 'barbera'` (line 2)", 2),
+    "item in a loop": (["LABELS = ['a', 'b', 'c']", "x = 1\nfor i in range(1):\n    LABELS[2] = 'barbera'"],
+                       "self.labels = LABELS", "`LABELS[2] = 'barbera'` (line 3)", 2),
     "data frame column": (["import pandas as pd", "df = pd.DataFrame({'a': [1], 'b': [2]})", "df['ratio'] = df.a / df.b"],
                           "self.df = df", "`df['ratio'] = df.a / df.b` (line 1)", 3),
     "augmented": (["N = 1", "N += 1"], "self.n = N", "`N += 1` (line 1)", 2),
@@ -258,6 +259,79 @@ def test_the_cli_refuses_a_name_changed_after_its_assignment(case):
     message = str(info.value)
     assert f"cell {cell} changes it after its assignment: {change}" in message
     assert "%model_export" in message and "data_dir" in message
+
+
+# A literal (or dict(), list(), set()) a later cell changes in plain sight: model.py runs the same statements after
+# it, in the notebook's order (a new user's `CONFIG['round'] = 2` was refused, even with a saved prediction).
+# Each case: the cells before the model's, the model's name, what model.py's value is (None: refused, with the
+# message's fragment), and whether only a replay can prove it (a change that gives another value when run twice).
+FOLLOW_UPS = {
+    "an item": (["CONFIG = {'round': 1, 'lr': 0.1}", "print(CONFIG)", "CONFIG['round'] = 2"], "CONFIG",
+                {'round': 2, 'lr': 0.1}, False),
+    "dict() and nested items": (["CONFIG = dict(round=1)", "CONFIG.update(lr=0.5)\nCONFIG['deep'] = {'a': 1}",
+                                 "CONFIG['deep']['b'] = 2"], "CONFIG", {'round': 1, 'lr': 0.5, 'deep': {'a': 1, 'b': 2}},
+                                False),
+    "a statement sharing its line": (["CONFIG = {}; CONFIG['a'] = 1; X = 2"], "CONFIG", {'a': 1}, False),
+    "reading an earlier name": (["K = 3", "CONFIG = {}", "CONFIG['k'] = K * 2"], "CONFIG", {'k': 6}, False),
+    "a dict's key deleted": (["CONFIG = {'a': 1, 'b': 2}", "del CONFIG['a']"], "CONFIG", {'b': 2}, False),
+    "an append": (["LABELS = ['a']", "LABELS.append('b')"], "LABELS", ['a', 'b'], True),
+    "+=": (["N = 1", "N += 1"], "N", 2, True),
+    "an item read from itself": (["CONFIG = {'r': 1}", "CONFIG['r'] = CONFIG['r'] + 1"], "CONFIG", {'r': 2}, True),
+    "a list's item deleted": (["L = [1, 2]", "del L[0]"], "L", [2], True),
+    "a notebook function's result": (["def f():\n    return 3", "CONFIG = {}", "CONFIG['k'] = f()"], "CONFIG",
+                                     {'k': 3}, True),
+    # refused, with or without a replay: what model.py would run is not what the notebook ran
+    "a name defined after it": (["CONFIG = {}", "CONFIG['k'] = K", "K = 3"], "CONFIG", None,
+                                "cell 2 changes it after its assignment: `CONFIG['k'] = K`"),
+    "two names at once": (["A = {}\nB = {}", "A['x'] = B['y'] = 1"], "A", None, "`A['x'] = B['y'] = 1`"),
+    "in a loop": (["CONFIG = {}", "for k in 'ab':\n    CONFIG[k] = 1"], "CONFIG", None, "`CONFIG[k] = 1`"),
+    "not a built-in container": (["import collections\nC = collections.OrderedDict()", "C['a'] = 1"], "C", None,
+                                 "`C['a'] = 1`"),
+}
+
+
+@pytest.mark.parametrize("case", list(FOLLOW_UPS))
+def test_the_cli_runs_the_plain_changes_a_later_cell_makes_to_a_literal_after_it(case):
+    cells, name, value, proof = FOLLOW_UPS[case]
+    cells = [*cells, f"%%model\nclass Model:\n    def predict(self, x):\n        return {name}"]
+    if value is None:
+        for replay in (False, True):
+            with pytest.raises(MaterializeError, match=re.escape(proof)):
+                build_model_source(cells, "Model", replay_proves=replay)
+        return
+    if proof:
+        with pytest.raises(MaterializeError, match="saved no predictions to prove it"):
+            build_model_source(cells, "Model")
+    source = build_model_source(cells, "Model", replay_proves=True)
+    assert source.unproven == ([name] if proof else [])
+    namespace: dict = {}
+    exec(compile(source.text, "model.py", "exec"), namespace)
+    assert namespace[name] == value and namespace["Model"]().predict(None) == value
+    assert "X = 2" not in source.text  # (only the statements that change it)
+
+
+def test_an_earlier_value_read_at_definition_time_keeps_the_changes_made_to_it_before_it_was_read():
+    """`CONFIG = {'r': 1}`, `CONFIG['r'] = 2`, a class body reading `CONFIG['r']`, then `CONFIG = {'r': 5}`: model.py
+    re-ran only the first assignment, and the class's `R` was 1 where the notebook's was 2, silently (the CLI; the
+    kernel's fresh process compares the class). It runs the change too now, or refuses naming it."""
+    reader = "class H:\n    R = CONFIG['r']"
+    model = "%%model\nclass Model:\n    def predict(self, x):\n        return [H.R, CONFIG]"
+    for live in (None, {"CONFIG": {'r': 5}}):
+        source = build_model_source(["CONFIG = {'r': 1}", "CONFIG['r'] = 2", reader, "CONFIG = {'r': 5}", model],
+                                    "Model", live=live)
+        namespace: dict = {}
+        exec(compile(source.text, "model.py", "exec"), namespace)
+        assert [namespace["H"].R, namespace["CONFIG"]] == [2, {'r': 5}], source.text
+    appended = ["CONFIG = {'r': [1]}", "CONFIG['r'].append(2)", "class H:\n    R = len(CONFIG['r'])",
+                "CONFIG = {'r': 5}", model]
+    with pytest.raises(MaterializeError, match=r"cell 2 changed it \(`CONFIG\['r'\].append\(2\)`, line 1\) is read when "
+                                               r"cell 3 runs.*leaves another value each time it runs"):
+        build_model_source(appended, "Model")
+    assert build_model_source(appended, "Model", replay_proves=True).unproven == ["CONFIG"]
+    looped = ["CONFIG = {'r': 1}", "for i in range(2):\n    CONFIG['r'] = i", reader, "CONFIG = {'r': 5}", model]
+    for replay in (False, True):
+        with pytest.raises(MaterializeError, match="can re-run only a change made by a top-level statement"):
+            build_model_source(looped, "Model", replay_proves=replay)
 
 
 def test_with_live_values_a_changed_literal_travels_as_a_literal_and_an_unchanged_one_as_source():

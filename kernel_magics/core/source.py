@@ -253,6 +253,8 @@ class _Analysis:
     model_syntax_error: Optional[str]
     # name -> a later star import the CLI could not look at, which may bind it again (see need())
     unreadable_stars: dict = field(default_factory=dict)
+    # (cell, statement) -> that top-level statement and its text: what a change of a name was (see _follow_ups)
+    statements: dict = field(default_factory=dict)
 
     def changes_after(self, name: str, order: tuple[int, int], kinds: Iterable[str] = ()) -> list[_Change]:
         kinds = set(kinds)
@@ -417,6 +419,7 @@ def _collect(cells: list[str]) -> _Analysis:
     elsewhere: dict[str, tuple[str, _Definition]] = {}
     stars: list[_Definition] = []
     changes: list[_Change] = []
+    statements: dict[tuple[int, int], tuple[ast.stmt, str]] = {}
     model_syntax_error: Optional[str] = None
     last_model = last_cell_of(cells, "model")
     for ci, source in enumerate(cells):
@@ -432,7 +435,10 @@ def _collect(cells: list[str]) -> _Analysis:
             continue  # a cell that does not parse defines nothing (it failed in the kernel too)
         lines = python.splitlines()
         for si, node in enumerate(tree.body):
-            changes += _changes_in(node, lines, ci, si)
+            found = _changes_in(node, lines, ci, si)
+            if found:
+                statements[(ci, si)] = (node, _statement_text(lines, node, tree.body))
+            changes += found
             kind: Optional[str] = None
             names: tuple[str, ...] = ()
             if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -464,7 +470,7 @@ def _collect(cells: list[str]) -> _Analysis:
                 defs[name] = definition
                 history.setdefault(name, []).append(definition)
                 elsewhere.pop(name, None)
-    return _Analysis(defs, history, elsewhere, stars, changes, model_syntax_error)
+    return _Analysis(defs, history, elsewhere, stars, changes, model_syntax_error, statements=statements)
 
 
 def _give_names_to_later_stars(analysis: _Analysis, live: Optional[Mapping[str, Any]],
@@ -734,6 +740,8 @@ class _Context:
     fillers: dict[str, list[str]] = field(default_factory=dict)
     # a registry saved as a value whose literal model.py also holds, for its decorated defs to fill -> that literal
     stand_ins: dict[str, _Definition] = field(default_factory=dict)
+    # CLI: a name a later cell changes in plain sight -> the statements that do, which model.py runs after it
+    follow_ups: dict[str, list[_Definition]] = field(default_factory=dict)
     # live fingerprints a decision took (to verify a name only when it can be compared): not taken again at the end
     fingerprints: dict[str, Optional[dict]] = field(default_factory=dict)
 
@@ -1033,6 +1041,106 @@ def _declares_global(function: _Definition, name: str) -> bool:
     return any(isinstance(n, ast.Global) and name in n.names for n in ast.walk(function.node))
 
 
+# Methods of the built-in containers that change them in place -> whether running the call twice leaves what one
+# run left (`d.update(a=1)` does, `xs.append(1)` does not: a cell run twice in the notebook ran it twice, and the
+# CLI reads each cell once, as the file shows it).
+_CONTAINER_CHANGES = {
+    "update": True, "setdefault": True, "add": True, "discard": True, "clear": True, "sort": True,
+    "difference_update": True, "intersection_update": True, "symmetric_difference_update": False,
+    "append": False, "extend": False, "insert": False, "remove": False, "pop": False, "popitem": False,
+    "reverse": False,
+}
+_CONTAINER_CALLS = frozenset({"dict", "list", "set"})
+
+
+@dataclass
+class _FollowUps:
+    """The statements after an assignment that change the value in plain sight, for model.py to run too."""
+
+    statements: list[_Definition]
+    repeatable: bool  # each leaves the same value when run twice (a cell may have run more than once)
+    call: Optional[ast.Call]  # the first call in them whose result is not certain when re-run, or None
+    call_cell: int = 0  # the cell of that call
+    again_at: Optional[tuple[int, int]] = None  # the first statement that is not repeatable
+
+
+def _follow_ups(name: str, definition: _Definition, changes: list[_Change], analysis: _Analysis) -> Optional[_FollowUps]:
+    """The CLI's way to carry a literal (or a built-in container) a later cell changes (`CONFIG['round'] = 2`,
+    `LABELS.append('x')`, `N += 1`): each change is a top-level statement that changes only that name, as an
+    item, an attribute, a container method or `+=`, and reads nothing defined after it, so model.py runs it too,
+    after the assignment, in the notebook's order, and the value is the notebook's. None when one is not such."""
+    is_literal, literal = _literal_of(definition)
+    node = definition.node
+    if not (is_literal or len(definition.names) == 1 and isinstance(node, ast.Assign) and len(node.targets) == 1
+            and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name)
+            and node.value.func.id in _CONTAINER_CALLS and node.value.func.id not in analysis.defs
+            and _uncertain_call(definition, analysis) is None):
+        return None
+    a_dict = isinstance(literal, dict) or not is_literal and node.value.func.id == "dict"
+    statements, repeatable, call, call_cell, again_at = [], True, None, 0, None
+    for order in sorted({c.order for c in changes}):
+        statement, text = analysis.statements[order]
+        parts = _follow_up_parts(statement, name, a_dict)
+        if parts is None:
+            return None
+        reads, again = parts
+        for used in _global_uses(text) - {name}:
+            if used in analysis.defs and analysis.defs[used].order > order:
+                return None  # (model.py's `used` is a later one: the notebook's statement read an earlier)
+        read = _Definition((), "statement", order[0], order, ast.Expr(ast.Tuple(reads, ast.Load())), text,
+                           frozenset())
+        if call is None:
+            call, call_cell = _uncertain_call(read, analysis), order[0]
+        if not again or any(isinstance(n, ast.Name) and n.id == name for r in reads for n in ast.walk(r)):
+            repeatable, again_at = False, again_at or order
+        statements.append(_Definition((), "statement", order[0], order, statement, text, _global_uses(text)))
+    return _FollowUps(statements, repeatable, call, call_cell, again_at)
+
+
+def _follow_up_parts(statement: ast.stmt, name: str, a_dict: bool) -> Optional[tuple[list[ast.expr], bool]]:
+    """What a plain change of ``name`` reads (its value, the keys it goes through) and whether running it twice
+    leaves what once did; None for any other statement."""
+    if any(isinstance(n, (ast.NamedExpr, ast.Await, ast.Yield, ast.YieldFrom)) for n in ast.walk(statement)):
+        return None
+
+    def keys(target: ast.expr) -> Optional[list[ast.expr]]:
+        """The keys of an item or attribute of ``name`` (`name['a'][i]` -> ['a', i]); None for anything else."""
+        found = []
+        if not isinstance(target, (ast.Subscript, ast.Attribute)):
+            return None
+        while isinstance(target, (ast.Subscript, ast.Attribute)):
+            if isinstance(target, ast.Subscript):
+                found.append(target.slice)
+            target = target.value
+        return found if isinstance(target, ast.Name) and target.id == name else None
+
+    if isinstance(statement, ast.Assign):
+        found = [keys(t) for t in statement.targets]
+        if any(k is None for k in found):
+            return None
+        return [statement.value, *(k for ks in found for k in ks)], True
+    if isinstance(statement, ast.AugAssign):
+        target = statement.target
+        found = [] if isinstance(target, ast.Name) and target.id == name else keys(target)
+        return None if found is None else ([statement.value, *found], False)
+    if isinstance(statement, ast.Delete):
+        found = [keys(t) for t in statement.targets]
+        if any(k is None for k in found):
+            return None
+        # `del d['k']` run again fails, leaving the dict as once did; `del xs[0]` deletes another
+        return [k for ks in found for k in ks], a_dict and all(len(k) == 1 for k in found)
+    if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Call):
+        call = statement.value
+        if not (isinstance(call.func, ast.Attribute) and call.func.attr in _CONTAINER_CHANGES):
+            return None
+        held = call.func.value
+        found = [] if isinstance(held, ast.Name) and held.id == name else keys(held)
+        if found is None:
+            return None
+        return [*call.args, *(k.value for k in call.keywords), *found], _CONTAINER_CHANGES[call.func.attr]
+    return None
+
+
 def _plain_dataclass(node: ast.ClassDef) -> bool:
     """``@dataclass class X`` with no methods of its own (so no __post_init__ or __init__ that could differ)."""
     decorated = any((d.func if isinstance(d, ast.Call) else d).__class__ in (ast.Name, ast.Attribute) and
@@ -1154,7 +1262,21 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
         ctx.absent.append((name, definition.cell))  # (`del NAMES` since: judged as the CLI judges it, and said)
     if live is None or name not in live:  # the CLI: no values to save
         structural = [c for c in changes if c.kind in ("rebind", "into", "method")]
-        if structural:
+        follow = _follow_ups(name, definition, structural, analysis) if structural and live is None else None
+        if follow is not None:
+            c = next((c for c in structural if c.order == follow.again_at), structural[0])
+            if not (follow.repeatable and follow.call is None or ctx.replay_proves):
+                what = (f"cell {c.cell + 1} changes it after its assignment: `{c.text}` (line {c.line}), which "
+                        "leaves another value each time it runs (a cell run twice ran it twice)"
+                        if follow.call is None else
+                        f"re-running `{_shown(ast.unparse(follow.call))}` (cell {follow.call_cell + 1}) may not give "
+                        "what the notebook's change gave it (randomness, files, the environment)")
+                raise _cli_refusal(name, label, definition, what + ", and the notebook saved no predictions to prove "
+                                   "it", live)
+            ctx.follow_ups[name] = follow.statements
+            if not follow.repeatable or follow.call is not None:
+                ctx.unproven.append(name)
+        elif structural:
             c = structural[0]
             if named_through(_holder_changes(name, definition.order, analysis)) is not None:
                 # `opt.step()` changes it through what holds it, not `net.parameters()` that handed it over
@@ -1425,6 +1547,10 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
             for filler in ctx.fillers.get(name, ()):  # (the decorated defs that fill a registry model.py re-runs)
                 if filler not in included:
                     need(filler, f"what fills {name}")
+            for statement in ctx.follow_ups.get(name, ()):  # (the CLI's: what changed it after its assignment)
+                if id(statement) not in chosen:
+                    chosen[id(statement)] = statement
+                    queue.append((statement, name))
             # The binding before it, when this one may keep it (an `if False: f = g`, a `try: from fast import
             # loads` that failed: without it the deployment had no `f`) or reads it (`f = functools.lru_cache(f)`,
             # `A = dataclass(A)`): model.py holds both, in the notebook's order.
@@ -1453,7 +1579,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
         definition, label = queue.pop(0)
         if definition.kind in ("class", "function", "model"):
             _keep_definition_time_values(definition, analysis, chosen, queue, ctx)
-        elif definition.kind in ("constant", "block"):  # (an assignment runs when the cell does)
+        elif definition.kind in ("constant", "block", "statement"):  # (an assignment runs when the cell does)
             _keep_definition_time_values(definition, analysis, chosen, queue, ctx,
                                          uses=_run_time_uses(definition.node), stars_only=True)
         for name in sorted(definition.uses):
@@ -1864,6 +1990,43 @@ def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, c
                 _an_earlier_value_must_rebuild(name, then, definition, current, analysis, ctx)
             chosen[id(then)] = then
             queue.append((then, name))
+            for statement in _changes_of_an_earlier_value(name, then, definition, current, analysis, ctx):
+                if id(statement) not in chosen:
+                    chosen[id(statement)] = statement
+                    queue.append((statement, name))
+
+
+def _changes_of_an_earlier_value(name: str, then: _Definition, reader: _Definition, later: _Definition,
+                                 analysis: _Analysis, ctx: _Context) -> list[_Definition]:
+    """What changed the value a name had when ``reader`` ran, before ``later`` bound the name again (`CONFIG['r'] =
+    2` between `CONFIG = {'r': 1}` and a class body reading it): model.py runs those statements too, in their
+    place (it re-ran only the assignment: the class got 1 where the notebook's had 2). The earlier value is no one's
+    live value, so this holds in the kernel too; a change model.py cannot run so is refused, naming it."""
+    between = [c for c in analysis.changes_after(name, then.order, kinds=("rebind", "into", "method"))
+               if c.order < later.order]
+    if not between:
+        return []
+    follow = _follow_ups(name, then, between, analysis) if then.kind == "constant" else None
+    proven = follow is not None and (follow.repeatable and follow.call is None or ctx.replay_proves)
+    if proven and (not follow.repeatable or follow.call is not None):
+        ctx.unproven.append(name)
+    if proven or ctx.live is not None:
+        # (the kernel: the fresh process compares what read it, a class's attributes, a def's defaults)
+        return follow.statements if follow is not None else []
+    c = next((c for c in between if follow is not None and c.order == follow.again_at), between[0])
+    said = (f"`{name}` as cell {then.cell + 1} set it (`{_shown(then.text)}`) and cell {c.cell + 1} changed it "
+            f"(`{c.text}`, line {c.line}) is read when cell {reader.cell + 1} runs, and cell {later.cell + 1}'s "
+            f"`{_shown(later.text)}` binds `{name}` again later")
+    if follow is None:
+        raise MaterializeError(
+            f"{said}; model.py can re-run only a change made by a top-level statement that changes nothing else, "
+            f"so it cannot rebuild that value. Give the later `{name}` another name (or make the change in the "
+            "assignment itself).")
+    why = ("it leaves another value each time it runs (a cell run twice ran it twice)" if follow.call is None else
+           f"re-running `{_shown(ast.unparse(follow.call))}` may not give what it gave in the notebook")
+    raise MaterializeError(
+        f"{said}; model.py can only re-run those statements, but {why}, and no recorded prediction proves it. Run "
+        f"%model_predict before exporting (the export replays it), or give the later `{name}` another name.")
 
 
 def _an_earlier_value_must_rebuild(name: str, then: _Definition, reader: _Definition, later: _Definition,
