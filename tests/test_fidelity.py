@@ -154,12 +154,36 @@ def test_a_prediction_recorded_before_the_model_was_loaded_again_is_named_as_the
     message = usage_error(k.execute("%model_export out"))
     assert ("Most likely cause: %model_load ran again in cell 6, after this prediction was recorded: the notebook "
             "answered from what an earlier load() made, the export from a fresh load(). Predict that input again "
-            "(%model_predict with the same input: its latest answer replaces the one recorded; running the %%model "
-            "cell again clears the record) to record answers of the model as it is loaded now") in message, message
+            "(%model_predict with the same input: its latest answer replaces the one recorded; `%model_predict "
+            "--again` predicts every recorded input again; running the %%model cell again clears the record) to "
+            "record answers of the model as it is loaded now") in message, message
     assert not (tmp_path / "out").exists()
     k.ok('%model_predict {"x": 1}')
     # The same input predicted again replaces the earlier answer in the record: the export goes ahead.
     assert "Replayed 1 recorded prediction in a fresh Python" in k.ok("%model_export out").stdout
+
+
+def test_predict_again_records_every_input_anew_after_a_retrain(tmp_path, fresh_kernel):
+    """A new user retrained and met the replay's refusal for each old answer in turn, predicting each input again
+    by hand. `%model_predict --again` predicts every recorded input again, says which answers changed, and the
+    export then replays the new ones."""
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k.ok("W = {'w': 1}")
+    k.ok("%%model\nclass Model:\n    def predict(self, model_input):\n        return {'y': model_input['x'] * W['w']}")
+    k.ok("%model_load")
+    for x in (1, 0, 2):
+        k.ok(f'%model_predict {{"x": {x}}}')
+    k.ok("W['w'] = 5")  # the retrain
+    message = usage_error(k.execute("%model_export out"))
+    assert "`%model_predict --again` predicts every recorded input again" in message, message
+    again = k.ok("%model_predict --again")
+    assert again.result is None and again.stdout == (
+        'Predicted the 3 recorded inputs again; 2 answer differently now, and the record keeps the new answers (the '
+        'export replays them):\n  {"x": 1}: {"y": 1} then, {"y": 5} now\n  {"x": 2}: {"y": 2} then, {"y": 10} now\n'
+    ), again.stdout
+    assert "Replayed 3 recorded predictions in a fresh Python" in k.ok("%model_export out").stdout
+    assert k.ok("%model_predict --again").stdout == "Predicted the 3 recorded inputs again: each answers as recorded.\n"
+    assert "takes no input" in usage_error(k.execute('%model_predict --again {"x": 1}'))
 
 
 def test_a_value_load_read_and_a_cell_changed_before_the_prediction_is_named_as_the_cause(tmp_path, fresh_kernel):

@@ -202,6 +202,8 @@ class RunMagics(Magics):
 
     @magic_arguments()
     @_predict_flags
+    @argument("--again", action="store_true",
+              help="Predict every recorded input again (after a retrain), replacing the answers the export replays.")
     @argument("input", nargs="*", help='The model input: JSON like {"prompt": "hi"}, or a Python expression.')
     @no_var_expand
     @line_magic
@@ -215,15 +217,21 @@ class RunMagics(Magics):
             r = %model_predict my_input
             %model_predict --header x-user:alice {"prompt": "hi"}
             %model_predict --method chat_completions {"messages": [{"role": "user", "content": "hi"}]}
+            %model_predict --again    # every recorded input, after the model changed
         """
         flags, text = self._split_flags(line)
         # `%model_predict {...};` hides the result as `;` does in any cell (IPython hands the `;` to the magic).
         text = text.strip()
         quiet = text.endswith(";")
         text = text.removesuffix(";").strip()
+        if flags.pop("again"):
+            if text or flags["headers"] or flags["method"] != "predict":
+                raise UsageError("%model_predict --again takes no input, --header or --method: it predicts every "
+                                 "recorded input again, each with the headers it was recorded with.")
+            return self._predict_again(flags["no_widget"])
         if not text:
             raise UsageError('Usage: %model_predict [--no-widget] [--header NAME:VALUE] [--method NAME] INPUT, where '
-                             'INPUT is JSON like {"prompt": "hi"} or a Python expression.')
+                             'INPUT is JSON like {"prompt": "hi"} or a Python expression (or --again).')
         value = self._predict(self._parse_input(text), **flags)
         if quiet:
             self.model.hide_result(value, always=True)
@@ -261,24 +269,24 @@ class RunMagics(Magics):
 
     def _split_flags(self, line: str) -> tuple[dict, str]:
         """Leading ``--flags`` of %model_predict (the input itself may hold any characters)."""
-        flags: dict[str, Any] = {"no_widget": False, "headers": [], "method": "predict"}
+        flags: dict[str, Any] = {"no_widget": False, "headers": [], "method": "predict", "again": False}
         rest = line.lstrip()
         while rest.startswith("--"):
             match = _FLAG.match(rest)
             flag = match["flag"] if match else rest.split()[0][2:]
-            if flag not in ("no-widget", *_VALUED):
+            if flag not in ("no-widget", "again", *_VALUED):
                 from ..core.suggest import did_you_mean
 
-                near = did_you_mean([f"--{flag}"], [f"--{name}" for name in ("no-widget", *_VALUED)])
+                near = did_you_mean([f"--{flag}"], [f"--{name}" for name in ("no-widget", "again", *_VALUED)])
                 raise UsageError(f"Unknown option --{flag} for %model_predict{near}. Options: --no-widget, "
-                                 "--header NAME:VALUE, --method NAME (see %model_predict?).")
+                                 "--header NAME:VALUE, --method NAME, --again (see %model_predict?).")
             value = match["value"] if flag in _VALUED else None
             if flag in _VALUED and not value:
                 raise UsageError(f"--{flag} needs a value, for example "
                                  f"{'--header x-user:alice' if flag == 'header' else '--method chat_completions'}.")
-            if flag == "no-widget":
-                flags["no_widget"] = True
-                rest = rest[len("--no-widget"):].lstrip()
+            if flag in ("no-widget", "again"):
+                flags[flag.replace("-", "_")] = True
+                rest = rest[len(flag) + 2:].lstrip()
                 continue
             value = value[1:-1] if value[0] in "\"'" else value
             if flag == "header":
@@ -304,11 +312,40 @@ class RunMagics(Magics):
                     'Pass JSON such as {"prompt": "hi"} or the name of a variable.'
                 ) from None
 
+    def _predict_again(self, no_widget: bool) -> None:
+        """Every recorded input predicted again, in order, each with the request it was recorded with: after a
+        retrain the record's answers are the old model's, and the export's replay would refuse the new one until
+        each input was predicted again by hand. Says which answers changed; the record keeps the new ones."""
+        from ..core.model_request import request_from
+        from ..core.replay import compare, short
+
+        model = self.model
+        recorded = list(model.record)
+        if not recorded:
+            print("No predictions are recorded for this model yet: run %model_predict INPUT first.")
+            return None
+        changed = []
+        for item in recorded:
+            request = request_from(item.request, item.input, model.host.secrets) if item.request else None
+            value = self._predict(item.input, no_widget=no_widget, recorded_request=request)
+            if compare(item.output, value) is not None:
+                changed.append(f"{short(item.input)}: {short(item.output)} then, {short(value)} now")
+        count = f"{len(recorded)} recorded input{'s' if len(recorded) != 1 else ''}"
+        if not changed:
+            print(f"Predicted the {count} again: each answers as recorded.")
+        else:
+            print(f"Predicted the {count} again; {len(changed)} answer{'s' if len(changed) == 1 else ''} "
+                  f"differently now, and the record keeps the new answers (the export replays them):")
+            for line in changed:
+                print(f"  {line}")
+        return None
+
     def _predict(self, model_input: Any, *, no_widget: bool = False, headers: list[str] = (),
-                 method: str = "predict") -> Any:
+                 method: str = "predict", recorded_request: Any = None) -> Any:
         model, host = self.model, self.model.host
         model.wait_for_background_load()
-        request = self._request(headers, method, model_input) if self._takes_request(method) else None
+        request = recorded_request if recorded_request is not None else (
+            self._request(headers, method, model_input) if self._takes_request(method) else None)
         if headers and request is None:
             raise UsageError(f"--header is for a model whose {method} takes the request (`request: fastapi.Request`); "
                              f"this one's does not.")

@@ -59,7 +59,8 @@ def _global_names(code) -> set:
 # (A user who just ran %model_predict, on another input, read "Run %model_predict again" as done: the record keeps
 # every input's latest answer, so it is that input that must be predicted again.)
 _PREDICT_IT_AGAIN = ("Predict that input again (%model_predict with the same input: its latest answer replaces the "
-                     "one recorded; running the %%model cell again clears the record)")
+                     "one recorded; `%model_predict --again` predicts every recorded input again; running the %%model "
+                     "cell again clears the record)")
 
 
 def _named_change(changes):
