@@ -170,6 +170,21 @@ def _export(args: argparse.Namespace) -> int:
                 f"the notebook's cells ran in another order than the file lists them ({notebook.out_of_order}), and "
                 "`kernel-magics export` reads them top to bottom",
                 "Run the notebook from the top (Restart & Run All) and save it, or export with --execute")
+        at = notebook.prediction_cell(record, index)
+        source = materialized.source
+        firsts = {name: next((c for c in changes if at is not None and c.cell > at
+                              and c.kind not in ("alias", "held", "through", "calls")), None)
+                  for name, changes in source.changes.items()}
+        later = sorted((c.cell, c.line, f"`{name}` (`{c.text}` in cell {c.cell + 1}, line {c.line})")
+                       for name, c in firsts.items() if c is not None)
+        if later:
+            causes = [text for _, _, text in later]
+            names = causes[0] if len(causes) == 1 else ", ".join(causes[:-1]) + " and " + causes[-1]
+            return MismatchHint(
+                f"{names} changed after this prediction was saved (cell {at + 1}); model.py carries "
+                f"{'that change' if len(causes) == 1 else 'those changes'}",
+                "Predict that input again after the change (or run the notebook from the top: Restart & Run All) "
+                "and save the notebook")
         if not unproven:
             return None
         return MismatchHint(

@@ -181,9 +181,20 @@ def test_a_literal_a_later_cell_changes_is_exported_with_the_change_and_replayed
     assert done.returncode == 0 and "Replayed 1 recorded prediction" in done.stdout, done.stdout + done.stderr
     text = (tmp_path / "out/model/model.py").read_text()
     assert text.index("CONFIG = {") < text.index("class Model") < text.index("CONFIG['round'] = 2")
-    # Without the saved prediction the append is not proven (the round alone would be):
+    # A prediction saved before the change answered from the value before it: the refusal names the change.
     import nbformat
 
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[3], nb.cells[4] = nb.cells[4], nb.cells[3]
+    nb.cells[3].execution_count, nb.cells[4].execution_count = 4, 5  # (as a Run All of that order numbers them)
+    result = next(o for o in nb.cells[3].outputs if o["output_type"] == "execute_result")
+    result["data"]["text/plain"] = "{'y': 31, 'labels': ['low']}"
+    nbformat.write(nb, tmp_path / "before.ipynb")
+    done = cli("export", tmp_path / "before.ipynb", tmp_path / "out1", cwd=tmp_path)
+    assert done.returncode == 1 and not (tmp_path / "out1").exists(), done.stdout + done.stderr
+    assert ("Most likely cause: `CONFIG` (`CONFIG['round'] = 2` in cell 5, line 1) and `LABELS` "
+            "(`LABELS.append('high')` in cell 5, line 2) changed after this prediction was saved (cell 4)") in done.stderr
+    # Without the saved prediction the append is not proven (the round alone would be):
     nb = nbformat.read(path, as_version=4)
     nb.cells[-1].outputs = []
     nbformat.write(nb, path)

@@ -287,7 +287,46 @@ FOLLOW_UPS = {
     "in a loop": (["CONFIG = {}", "for k in 'ab':\n    CONFIG[k] = 1"], "CONFIG", None, "`CONFIG[k] = 1`"),
     "not a built-in container": (["import collections\nC = collections.OrderedDict()", "C['a'] = 1"], "C", None,
                                  "`C['a'] = 1`"),
+    # (a review's cases: accepted, or refused for the right reason)
+    "updated from another dict": (["DEFAULTS = {'lr': 0.1}", "CONFIG = {}", "CONFIG.update(DEFAULTS)"],
+                                  "[CONFIG, DEFAULTS]", [{'lr': 0.1}, {'lr': 0.1}], False),
+    "a display with names": (["LR = 0.1", "CONFIG = {'lr': LR}", "CONFIG['epochs'] = 3"], "CONFIG",
+                             {'lr': 0.1, 'epochs': 3}, False),
+    "a dict's pop": (["CONFIG = {'debug': 1, 'a': 2}", "CONFIG.pop('debug', None)"], "CONFIG", {'a': 2}, False),
+    "a set's |=": (["S = {1}", "S |= {2}"], "S", {1, 2}, False),
+    "a slice inserted": (["L = [1, 2]", "L[1:1] = [9]"], "L", [1, 9, 2], True),
+    "an item's update": (["from collections import Counter\nC = {}", "C['c'] = Counter()", "C['c'].update('aab')"],
+                         "C", {'c': {'a': 2, 'b': 1}}, True),
+    "in a class body": (["C = {'a': 1}", "class H:\n    C['c'] = 3"], "C", None,
+                        "`C['c'] = 3` (line 2), which model.py cannot run after it (it is inside a `class` statement)"),
+    "in a default": (["C = {'a': 1}", "C['b'] = 2", "def f(x=C.pop('a')):\n    return x"], "C", None,
+                     "`C.pop('a')` (line 1), which model.py cannot run after it (it is inside a `def` statement)"),
+    "through a loop's variable": (["C = {'a': {}}", "for v in C.values():\n    v['k'] = 1"], "C", None,
+                                  "(it is inside a `for` statement)"),
+    "reading __name__": (["C = {}", "C['n'] = __name__"], "C", None, "it reads `__name__`"),
 }
+# Holes the analysis had before (silent in the CLI with no change in sight, a review found): now refused unless a
+# saved prediction's replay can prove them.
+UNPROVEN = {
+    "held in a list": (["C = {'a': 1}", "W = [C]", "W[0]['a'] = 2"], "C", "cell 2 binds another name to it"),
+    "held in a dict": (["C = {'a': 1}", "W = {'c': C}", "W['c']['a'] = 2"], "C", "cell 2 binds another name to it"),
+    "an iterator used up": (["G = (i for i in range(3))", "_ = list(G)", "CONFIG = {'g': list(G)}"], "G",
+                            "it is an iterator, and cell 2 reads it, which uses it up", "CONFIG"),
+    # (DEFAULTS['l'] is CONFIG['l'], which cell 4 changes: model.py would not run that for a model using DEFAULTS)
+    "updated from a dict of lists": (["DEFAULTS = {'l': [1]}", "CONFIG = {}", "CONFIG.update(DEFAULTS)",
+                                      "CONFIG['l'].append(2)"], "DEFAULTS",
+                                     "passes it to a function that may change it: `CONFIG.update(DEFAULTS)`"),
+    "a zip used up": (["Z = zip('ab', 'cd')", "for a, b in Z:\n    break"], "Z", "cell 2 reads it, which uses it up"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNPROVEN))
+def test_the_cli_refuses_what_only_a_replay_can_prove(case):
+    cells, name, said, *returned = UNPROVEN[case]
+    cells = [*cells, f"%%model\nclass Model:\n    def predict(self, x):\n        return {(returned or [name])[0]}"]
+    with pytest.raises(MaterializeError, match=re.escape(said)):
+        build_model_source(cells, "Model")
+    assert name in build_model_source(cells, "Model", replay_proves=True).unproven
 
 
 @pytest.mark.parametrize("case", list(FOLLOW_UPS))
@@ -306,14 +345,15 @@ def test_the_cli_runs_the_plain_changes_a_later_cell_makes_to_a_literal_after_it
     assert source.unproven == ([name] if proof else [])
     namespace: dict = {}
     exec(compile(source.text, "model.py", "exec"), namespace)
-    assert namespace[name] == value and namespace["Model"]().predict(None) == value
+    assert eval(name, namespace) == value and namespace["Model"]().predict(None) == value
     assert "X = 2" not in source.text  # (only the statements that change it)
 
 
 def test_an_earlier_value_read_at_definition_time_keeps_the_changes_made_to_it_before_it_was_read():
     """`CONFIG = {'r': 1}`, `CONFIG['r'] = 2`, a class body reading `CONFIG['r']`, then `CONFIG = {'r': 5}`: model.py
-    re-ran only the first assignment, and the class's `R` was 1 where the notebook's was 2, silently (the CLI; the
-    kernel's fresh process compares the class). It runs the change too now, or refuses naming it."""
+    re-ran only the first assignment, and the class's `R` was 1 where the notebook's was 2, silently. It runs the
+    change too now, or refuses naming it, in the kernel as in the CLI (the earlier value is no one's live value, and
+    the fresh process does not compare a def's defaults)."""
     reader = "class H:\n    R = CONFIG['r']"
     model = "%%model\nclass Model:\n    def predict(self, x):\n        return [H.R, CONFIG]"
     for live in (None, {"CONFIG": {'r': 5}}):
@@ -322,16 +362,26 @@ def test_an_earlier_value_read_at_definition_time_keeps_the_changes_made_to_it_b
         namespace: dict = {}
         exec(compile(source.text, "model.py", "exec"), namespace)
         assert [namespace["H"].R, namespace["CONFIG"]] == [2, {'r': 5}], source.text
-    appended = ["CONFIG = {'r': [1]}", "CONFIG['r'].append(2)", "class H:\n    R = len(CONFIG['r'])",
-                "CONFIG = {'r': 5}", model]
-    with pytest.raises(MaterializeError, match=r"cell 2 changed it \(`CONFIG\['r'\].append\(2\)`, line 1\) is read when "
-                                               r"cell 3 runs.*leaves another value each time it runs"):
-        build_model_source(appended, "Model")
+    # (a review: a def's default, in the kernel, from a change that gives another value each run)
+    appended = ["CONFIG = {'r': [1]}", "CONFIG['r'].append(2)", "def f(n=len(CONFIG['r'])):\n    return n",
+                "CONFIG = {'r': 5}", model.replace("H.R", "f()")]
+    for live in (None, {"CONFIG": {'r': 5}}):
+        with pytest.raises(MaterializeError, match=r"`CONFIG` as cell 1 set it .*, and as later cells changed it, is "
+                                                   r"read when cell 3 runs.*`CONFIG\['r'\].append\(2\)` \(cell 2, line 1\) "
+                                                   r"leaves another value each time it runs"):
+            build_model_source(appended, "Model", live=live)
     assert build_model_source(appended, "Model", replay_proves=True).unproven == ["CONFIG"]
-    looped = ["CONFIG = {'r': 1}", "for i in range(2):\n    CONFIG['r'] = i", reader, "CONFIG = {'r': 5}", model]
-    for replay in (False, True):
-        with pytest.raises(MaterializeError, match="can re-run only a change made by a top-level statement"):
-            build_model_source(looped, "Model", replay_proves=replay)
+    # What model.py cannot run after it, with or without a replay: a loop, another name, a function, a call
+    for change, said in [("for i in range(2):\n    CONFIG['r'] = i", "cell 2 changes it (it is inside a `for` "
+                                                                      "statement): `CONFIG['r'] = i` (line 2)"),
+                         ("D = CONFIG\nD['r'] = 2", "cell 2 binds another name to it"),
+                         ("def bump():\n    CONFIG['r'] = 2\nbump()", "cell 2 calls `bump`, which uses it"),
+                         ("import operator\noperator.setitem(CONFIG, 'r', 2)", "cell 2 passes it to a function")]:
+        cells = ["CONFIG = {'r': 1}", change, reader, "CONFIG = {'r': 5}", model]
+        for replay in (False, True):
+            with pytest.raises(MaterializeError, match=re.escape(said) + ".*can re-run only a change made by a "
+                                                                         "top-level statement"):
+                build_model_source(cells, "Model", replay_proves=replay)
 
 
 def test_with_live_values_a_changed_literal_travels_as_a_literal_and_an_unchanged_one_as_source():

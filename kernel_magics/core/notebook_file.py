@@ -38,6 +38,7 @@ class SavedNotebook:
         self.path, self.cells, self.outputs = path, cells, outputs
         self.exports = list(exports)  # the code cells (numbered from 1) that run %model_export
         self.counts = list(counts)  # each cell's saved execution count (In [N]), None where it has none
+        self.prediction_cells: dict[int, int] = {}  # id of a recorded prediction -> its cell (recorded_predictions)
 
     @property
     def out_of_order(self) -> Optional[str]:
@@ -66,18 +67,28 @@ class SavedNotebook:
         result (``Out[n]``) or, for a stream, by the text its view or its printed output saved."""
         record = PredictionRecord()
         start = (last_cell_of(self.cells, "model") or 0) + 1
-        for source, outputs in zip(self.cells[start:], self.outputs[start:]):
+        self.prediction_cells = {}
+        for cell, (source, outputs) in enumerate(zip(self.cells[start:], self.outputs[start:]), start):
             model_input = _literal_input(source)
             if model_input is None:
                 continue
             result = _saved_result(outputs)
+            printed = _saved_stream(outputs) if result is None else None
             if result is not None:
-                record.add(model_input[0], result[0])
+                kept = record.add(model_input[0], result[0])
+            elif printed is not None:
+                kept = record.add(model_input[0], printed, shown=PRINTED_STREAM)
+            else:
                 continue
-            printed = _saved_stream(outputs)
-            if printed is not None:
-                record.add(model_input[0], printed, shown=PRINTED_STREAM)
+            if kept >= 0:
+                self.prediction_cells[id(list(record)[kept])] = cell
         return record
+
+    def prediction_cell(self, record: PredictionRecord, index: int) -> Optional[int]:
+        """The cell (its index) whose saved output is recorded prediction ``index`` of
+        :meth:`recorded_predictions`, or None."""
+        items = list(record)
+        return self.prediction_cells.get(id(items[index])) if index < len(items) else None
 
 
 def _literal_input(source: str) -> Optional[tuple]:

@@ -58,6 +58,7 @@ _READERS = frozenset({
     "list", "tuple", "dict", "set", "frozenset", "enumerate", "zip", "range", "min", "max", "sum", "any", "all",
     "hash", "format", "display", "iter", "reversed", "abs", "round", "getattr", "hasattr", "vars", "dir",
     "callable", "bytes", "divmod", "pow", "chr", "ord", "hex", "bin", "oct", "ascii",
+    "staticmethod", "classmethod", "property",  # (in a class body: they wrap the function, never change it)
 })
 # Method and function names that only read what they are called on or given (`x.mean()`, `d.items()`,
 # `t.numpy()`, `np.mean(x)`): they never count as changing it, whatever its type. A name missing here
@@ -255,6 +256,8 @@ class _Analysis:
     unreadable_stars: dict = field(default_factory=dict)
     # (cell, statement) -> that top-level statement and its text: what a change of a name was (see _follow_ups)
     statements: dict = field(default_factory=dict)
+    # (cell, statement) -> the global names a top-level statement reads when it runs
+    reads: dict = field(default_factory=dict)
 
     def changes_after(self, name: str, order: tuple[int, int], kinds: Iterable[str] = ()) -> list[_Change]:
         kinds = set(kinds)
@@ -374,20 +377,52 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
         for arg in _arguments_it_may_change(node.value):
             if _root_name(arg) != node.targets[0].id:
                 add(_root_name(arg), arg, "held", holder=node.targets[0].id)
-    stack: list[ast.AST] = [node]
+    # (what runs now, with the names its class body binds for itself: a def's defaults and a class body run when
+    # the statement does, and change what they change; `local` is None at the top level)
+    stack: list[tuple[ast.AST, Optional[frozenset]]] = [(node, None)]
     while stack:
-        sub = stack.pop()
-        if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
-            continue  # their bodies run later, when called
+        sub, local = stack.pop()
+        if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            # their bodies run later, when called; their defaults now (`def f(x=C.pop('a'))`)
+            args = sub.args
+            stack.extend((d, local or frozenset()) for d in [*args.defaults, *filter(None, args.kw_defaults)])
+            continue
+        if isinstance(sub, ast.ClassDef):
+            stack.extend((b, local or frozenset()) for b in [*sub.bases, *(k.value for k in sub.keywords)])
+            stack.extend((b, frozenset(_class_body_names(sub))) for b in sub.body)
+            continue
+        if local is not None:
+            # In a class body or a default: what it changes in place counts (`class H: C['c'] = 3`); what it binds
+            # is its own, and another name for a global there is a class attribute, compared as such.
+            if isinstance(sub, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Delete)):
+                targets = (sub.targets if isinstance(sub, (ast.Assign, ast.Delete)) else [sub.target])
+                for target in targets:
+                    root = _root_name(target)
+                    if isinstance(target, (ast.Attribute, ast.Subscript)) and root not in local:
+                        add(root, sub, "into")
+                stack.extend((v, local) for v in [getattr(sub, "value", None)] if v is not None)
+                continue
+            if isinstance(sub, ast.Call):
+                if isinstance(sub.func, ast.Name) and sub.func.id not in local:
+                    add(sub.func.id, sub, "calls")
+                if isinstance(sub.func, ast.Attribute) and sub.func.attr not in _READ_ONLY \
+                        and _root_name(sub.func.value) not in local:
+                    add(_root_name(sub.func.value), sub, "method", sub.func.attr, _chain_length(sub.func.value))
+                for arg in _arguments_it_may_change(sub):
+                    if _root_name(arg) not in local:
+                        add(_root_name(arg), sub, "argument")
+            stack.extend((child, local) for child in ast.iter_child_nodes(sub))
+            continue
         if isinstance(sub, ast.AugAssign):
             kind = "rebind" if isinstance(sub.target, ast.Name) else "into"
             add(_root_name(sub.target), sub, kind)
         elif isinstance(sub, (ast.Assign, ast.AnnAssign, ast.Delete)):
-            if isinstance(sub, (ast.Assign, ast.AnnAssign)) and isinstance(sub.value, (ast.Name, ast.Attribute, ast.Subscript)):
-                # `cols = FEATURES`: changes through `cols` reach it
+            if isinstance(sub, (ast.Assign, ast.AnnAssign)) and sub.value is not None:
+                # `cols = FEATURES`, `rows = [FEATURES]`: changes through `cols` (or `rows[0]`) reach it
                 single = sub.targets if isinstance(sub, ast.Assign) else [sub.target]
-                add(_root_name(sub.value), sub, "alias",
-                    holder=single[0].id if len(single) == 1 and isinstance(single[0], ast.Name) else "")
+                holder = single[0].id if len(single) == 1 and isinstance(single[0], ast.Name) else ""
+                for held in _held_as_is(sub.value):
+                    add(_root_name(held), sub, "alias", holder=holder)
             targets = sub.targets if isinstance(sub, (ast.Assign, ast.Delete)) else [sub.target]
             for target in targets:
                 for part in ast.walk(target):
@@ -397,6 +432,10 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
         elif isinstance(sub, (ast.For, ast.AsyncFor, ast.With, ast.AsyncWith, ast.NamedExpr)):
             targets = ([sub.target] if isinstance(sub, (ast.For, ast.AsyncFor, ast.NamedExpr))
                        else [i.optional_vars for i in sub.items if i.optional_vars is not None])
+            if isinstance(sub, (ast.For, ast.AsyncFor)) and _changes_its_variable(sub):
+                # `for v in C.values(): v['k'] = 1` changes what `C` holds
+                for root in _iterated_roots(sub.iter):
+                    add(root, sub, "into")
             for target in targets:
                 for part in ast.walk(target):
                     if isinstance(part, ast.Name):
@@ -408,8 +447,84 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
                 add(_root_name(sub.func.value), sub, "method", sub.func.attr, _chain_length(sub.func.value))
             for arg in _arguments_it_may_change(sub):
                 add(_root_name(arg), sub, "argument")
-        stack.extend(ast.iter_child_nodes(sub))
+        stack.extend((child, None) for child in ast.iter_child_nodes(sub))
     return found
+
+
+_ITERATORS = frozenset({"iter", "map", "filter", "zip", "reversed", "enumerate"})
+
+
+def _used_up_by(name: str, definition: _Definition, analysis: _Analysis) -> Optional[tuple[int, int]]:
+    """Where a later top-level statement reads a name bound to an iterator (`G = (x for x in xs)`, `zip(a, b)`,
+    `itertools.count()`), which may use it up (`list(G)`): the first such, or None."""
+    value = getattr(definition.node, "value", None) if definition.kind == "constant" else None
+    if isinstance(value, ast.Call):
+        module = None
+        root = value.func
+        while isinstance(root, ast.Attribute):
+            root = root.value
+        if isinstance(root, ast.Name) and analysis.defs.get(root.id) is not None \
+                and analysis.defs[root.id].kind == "import":
+            module = _import_module_of(analysis.defs[root.id], root.id)
+        iterator = (isinstance(value.func, ast.Name) and value.func.id in _ITERATORS
+                    and value.func.id not in analysis.defs) or (module or "").split(".")[0] == "itertools"
+    else:
+        iterator = isinstance(value, ast.GeneratorExp)
+    if not iterator:
+        return None
+    return next((order for order, reads in sorted(analysis.reads.items())
+                 if order > definition.order and name in reads), None)
+
+
+def _iterated_roots(iterable: ast.expr) -> list[str]:
+    """The names a loop goes over the items of: `C`, `C.values()`, `enumerate(C)`, `zip(A, B)` ..."""
+    roots = [_root_name(iterable)]
+    if isinstance(iterable, ast.Call) and isinstance(iterable.func, ast.Name):
+        roots += [_root_name(arg) for arg in iterable.args]
+    return [r for r in dict.fromkeys(roots) if r]
+
+
+def _changes_its_variable(loop: ast.stmt) -> bool:
+    """Whether a loop's body changes in place what its variable holds (`v['k'] = 1`, `v.append(1)`, `v += [1]`)."""
+    variables = {n.id for n in ast.walk(loop.target) if isinstance(n, ast.Name)}
+    for sub in (n for statement in loop.body for n in ast.walk(statement)):
+        if isinstance(sub, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+            targets = sub.targets if isinstance(sub, (ast.Assign, ast.Delete)) else [sub.target]
+            if any(_root_name(t) in variables and (isinstance(sub, ast.AugAssign) or not isinstance(t, ast.Name))
+                   for t in targets):
+                return True
+        elif isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and sub.func.attr not in _READ_ONLY \
+                and _root_name(sub.func.value) in variables:
+            return True
+    return False
+
+
+def _held_as_is(value: ast.expr) -> list[ast.expr]:
+    """What an assigned value holds itself, not a copy of: the name (`x`, `x.a`, `x[0]`), or the items of a display
+    (`[x, y]`, `{'k': x}`), through nested displays."""
+    if isinstance(value, (ast.Name, ast.Attribute, ast.Subscript)):
+        return [value]
+    if isinstance(value, (ast.List, ast.Tuple, ast.Set)):
+        return [held for item in value.elts for held in _held_as_is(item)]
+    if isinstance(value, ast.Dict):
+        return [held for item in value.values for held in _held_as_is(item)]
+    if isinstance(value, ast.Starred):
+        return []  # (`[*x]` copies)
+    return []
+
+
+def _class_body_names(node: ast.ClassDef) -> set[str]:
+    """The names a class body binds for itself (its attributes, its methods, its loop variables)."""
+    names: set[str] = set()
+    for statement in node.body:
+        for sub in ast.walk(statement):
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, (ast.Store, ast.Del)):
+                names.add(sub.id)
+            elif isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(sub.name)
+            elif isinstance(sub, (ast.Import, ast.ImportFrom)):
+                names.update(_import_names(sub))
+    return names
 
 
 def _collect(cells: list[str]) -> _Analysis:
@@ -420,6 +535,7 @@ def _collect(cells: list[str]) -> _Analysis:
     stars: list[_Definition] = []
     changes: list[_Change] = []
     statements: dict[tuple[int, int], tuple[ast.stmt, str]] = {}
+    reads: dict[tuple[int, int], set[str]] = {}
     model_syntax_error: Optional[str] = None
     last_model = last_cell_of(cells, "model")
     for ci, source in enumerate(cells):
@@ -439,6 +555,7 @@ def _collect(cells: list[str]) -> _Analysis:
             if found:
                 statements[(ci, si)] = (node, _statement_text(lines, node, tree.body))
             changes += found
+            reads[(ci, si)] = _run_time_uses(node)
             kind: Optional[str] = None
             names: tuple[str, ...] = ()
             if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -470,7 +587,8 @@ def _collect(cells: list[str]) -> _Analysis:
                 defs[name] = definition
                 history.setdefault(name, []).append(definition)
                 elsewhere.pop(name, None)
-    return _Analysis(defs, history, elsewhere, stars, changes, model_syntax_error, statements=statements)
+    return _Analysis(defs, history, elsewhere, stars, changes, model_syntax_error, statements=statements,
+                     reads=reads)
 
 
 def _give_names_to_later_stars(analysis: _Analysis, live: Optional[Mapping[str, Any]],
@@ -1037,20 +1155,37 @@ def values_is_immutable(value: Any) -> bool:
     return is_immutable(value)
 
 
+def _copied_from(change: _Change, name: str) -> bool:
+    """Whether a call only copies the name's items into what it is called on (`C.update(name)`, `L.extend(name)`)."""
+    try:
+        call = ast.parse(change.text, mode="eval").body
+    except SyntaxError:
+        return False  # (a shortened text)
+    return (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr in ("update", "extend")
+            and not call.keywords and all(isinstance(a, ast.Name) for a in call.args)
+            and _root_name(call.func.value) != name)
+
+
 def _declares_global(function: _Definition, name: str) -> bool:
     return any(isinstance(n, ast.Global) and name in n.names for n in ast.walk(function.node))
 
 
-# Methods of the built-in containers that change them in place -> whether running the call twice leaves what one
-# run left (`d.update(a=1)` does, `xs.append(1)` does not: a cell run twice in the notebook ran it twice, and the
-# CLI reads each cell once, as the file shows it).
-_CONTAINER_CHANGES = {
-    "update": True, "setdefault": True, "add": True, "discard": True, "clear": True, "sort": True,
-    "difference_update": True, "intersection_update": True, "symmetric_difference_update": False,
-    "append": False, "extend": False, "insert": False, "remove": False, "pop": False, "popitem": False,
-    "reverse": False,
+# Methods of the built-in containers that change them in place, by the container they were called on (a literal's
+# type): those whose second run leaves what the first left (`d.update(a=1)` does, `xs.append(1)` does not: a cell
+# run twice in the notebook ran it twice, and the CLI reads each cell once, as the file shows it). On an item of
+# one (`C['c'].update(...)`, a Counter there adds again) only sort and clear are.
+_REPEATABLE_METHODS = {
+    dict: {"update", "setdefault", "clear", "pop"},
+    set: {"add", "discard", "update", "difference_update", "intersection_update", "clear"},
+    list: {"sort", "clear"},
+    "item": {"sort", "clear"},
 }
-_CONTAINER_CALLS = frozenset({"dict", "list", "set"})
+_CONTAINER_CHANGES = frozenset({
+    "update", "setdefault", "add", "discard", "clear", "sort", "difference_update", "intersection_update",
+    "symmetric_difference_update", "append", "extend", "insert", "remove", "pop", "popitem", "reverse",
+})
+_CONTAINER_CALLS = {"dict": dict, "list": list, "set": set}
+_DISPLAYS = {ast.Dict: dict, ast.List: list, ast.Set: set, ast.Tuple: tuple}
 
 
 @dataclass
@@ -1064,29 +1199,50 @@ class _FollowUps:
     again_at: Optional[tuple[int, int]] = None  # the first statement that is not repeatable
 
 
-def _follow_ups(name: str, definition: _Definition, changes: list[_Change], analysis: _Analysis) -> Optional[_FollowUps]:
-    """The CLI's way to carry a literal (or a built-in container) a later cell changes (`CONFIG['round'] = 2`,
-    `LABELS.append('x')`, `N += 1`): each change is a top-level statement that changes only that name, as an
-    item, an attribute, a container method or `+=`, and reads nothing defined after it, so model.py runs it too,
-    after the assignment, in the notebook's order, and the value is the notebook's. None when one is not such."""
+def _container_type(definition: _Definition, analysis: _Analysis) -> Optional[type]:
+    """The built-in type a plain assignment makes (a literal, a display or dict(), list(), set() of what is certain
+    to rebuild), else None."""
     is_literal, literal = _literal_of(definition)
+    if is_literal:
+        return type(literal)
     node = definition.node
-    if not (is_literal or len(definition.names) == 1 and isinstance(node, ast.Assign) and len(node.targets) == 1
-            and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name)
-            and node.value.func.id in _CONTAINER_CALLS and node.value.func.id not in analysis.defs
-            and _uncertain_call(definition, analysis) is None):
+    if not (len(definition.names) == 1 and isinstance(node, ast.Assign) and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name) and _uncertain_call(definition, analysis) is None):
         return None
-    a_dict = isinstance(literal, dict) or not is_literal and node.value.func.id == "dict"
+    value = node.value
+    if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in _CONTAINER_CALLS \
+            and value.func.id not in analysis.defs:
+        return _CONTAINER_CALLS[value.func.id]
+    return _DISPLAYS.get(type(value))
+
+
+def _follow_ups(name: str, definition: _Definition, changes: list[_Change],
+                analysis: _Analysis) -> tuple[Optional[_FollowUps], Optional[_Change], str]:
+    """A literal (or a built-in container) later cells change in plain sight (`CONFIG['round'] = 2`,
+    `LABELS.append('x')`, `N += 1`): when each change is a top-level statement that changes only that name, as an
+    item, an attribute, a container method or `+=`, and reads nothing defined after it, model.py runs them too,
+    after the assignment, in the notebook's order, and the value is the notebook's. Returns them, or the change that
+    is not such and why (to name it)."""
+    kind = _container_type(definition, analysis)
+    if kind is None:
+        return None, None, ""
     statements, repeatable, call, call_cell, again_at = [], True, None, 0, None
     for order in sorted({c.order for c in changes}):
+        change = next(c for c in changes if c.order == order)
         statement, text = analysis.statements[order]
-        parts = _follow_up_parts(statement, name, a_dict)
+        parts = _follow_up_parts(statement, name, kind)
         if parts is None:
-            return None
+            inside = _COMPOUND.get(type(statement))
+            return None, change, (f"it is inside a `{inside}` statement" if inside else
+                                  "it changes something else too, or is not a plain change of an item, an attribute "
+                                  "or the container")
         reads, again = parts
-        for used in _global_uses(text) - {name}:
+        for used in sorted(_global_uses(text) - {name}):
             if used in analysis.defs and analysis.defs[used].order > order:
-                return None  # (model.py's `used` is a later one: the notebook's statement read an earlier)
+                return None, change, (f"it reads `{used}`, which cell {analysis.defs[used].cell + 1} binds again "
+                                      "after it")
+            if used in _NOT_THE_SAME_IN_MODEL_PY:
+                return None, change, f"it reads `{used}`, which model.py has another value of"
         read = _Definition((), "statement", order[0], order, ast.Expr(ast.Tuple(reads, ast.Load())), text,
                            frozenset())
         if call is None:
@@ -1094,12 +1250,20 @@ def _follow_ups(name: str, definition: _Definition, changes: list[_Change], anal
         if not again or any(isinstance(n, ast.Name) and n.id == name for r in reads for n in ast.walk(r)):
             repeatable, again_at = False, again_at or order
         statements.append(_Definition((), "statement", order[0], order, statement, text, _global_uses(text)))
-    return _FollowUps(statements, repeatable, call, call_cell, again_at)
+    return _FollowUps(statements, repeatable, call, call_cell, again_at), None, ""
 
 
-def _follow_up_parts(statement: ast.stmt, name: str, a_dict: bool) -> Optional[tuple[list[ast.expr], bool]]:
-    """What a plain change of ``name`` reads (its value, the keys it goes through) and whether running it twice
-    leaves what once did; None for any other statement."""
+_COMPOUND = {ast.For: "for", ast.AsyncFor: "async for", ast.While: "while", ast.If: "if", ast.With: "with",
+             ast.AsyncWith: "async with", ast.Try: "try", ast.ClassDef: "class", ast.FunctionDef: "def",
+             ast.AsyncFunctionDef: "async def"}
+# Names that model.py, a module, binds otherwise than the notebook's `__main__` does.
+_NOT_THE_SAME_IN_MODEL_PY = frozenset({"__name__", "__file__", "__spec__", "__loader__", "__doc__", "__package__",
+                                       "__builtins__", "__cached__"})
+
+
+def _follow_up_parts(statement: ast.stmt, name: str, kind: type) -> Optional[tuple[list[ast.expr], bool]]:
+    """What a plain change of ``name`` (a ``kind``) reads (its value, the keys it goes through) and whether running
+    it twice leaves what once did; None for any other statement."""
     if any(isinstance(n, (ast.NamedExpr, ast.Await, ast.Yield, ast.YieldFrom)) for n in ast.walk(statement)):
         return None
 
@@ -1114,21 +1278,26 @@ def _follow_up_parts(statement: ast.stmt, name: str, a_dict: bool) -> Optional[t
             target = target.value
         return found if isinstance(target, ast.Name) and target.id == name else None
 
+    def sliced(found: list[ast.expr]) -> bool:
+        return any(isinstance(k, ast.Slice) for k in found)  # (`xs[1:1] = [9]` inserts again each run)
+
     if isinstance(statement, ast.Assign):
         found = [keys(t) for t in statement.targets]
         if any(k is None for k in found):
             return None
-        return [statement.value, *(k for ks in found for k in ks)], True
+        return [statement.value, *(k for ks in found for k in ks)], not any(sliced(k) for k in found)
     if isinstance(statement, ast.AugAssign):
         target = statement.target
         found = [] if isinstance(target, ast.Name) and target.id == name else keys(target)
-        return None if found is None else ([statement.value, *found], False)
+        # (`S |= {2}` on a set or a dict leaves what once did)
+        return None if found is None else (
+            [statement.value, *found], not found and isinstance(statement.op, ast.BitOr) and kind in (set, dict))
     if isinstance(statement, ast.Delete):
         found = [keys(t) for t in statement.targets]
         if any(k is None for k in found):
             return None
         # `del d['k']` run again fails, leaving the dict as once did; `del xs[0]` deletes another
-        return [k for ks in found for k in ks], a_dict and all(len(k) == 1 for k in found)
+        return [k for ks in found for k in ks], kind is dict and all(len(k) == 1 and not sliced(k) for k in found)
     if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Call):
         call = statement.value
         if not (isinstance(call.func, ast.Attribute) and call.func.attr in _CONTAINER_CHANGES):
@@ -1137,7 +1306,8 @@ def _follow_up_parts(statement: ast.stmt, name: str, a_dict: bool) -> Optional[t
         found = [] if isinstance(held, ast.Name) and held.id == name else keys(held)
         if found is None:
             return None
-        return [*call.args, *(k.value for k in call.keywords), *found], _CONTAINER_CHANGES[call.func.attr]
+        repeatable = call.func.attr in _REPEATABLE_METHODS.get("item" if found else kind, ())
+        return [*call.args, *(k.value for k in call.keywords), *found], repeatable
     return None
 
 
@@ -1262,7 +1432,8 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
         ctx.absent.append((name, definition.cell))  # (`del NAMES` since: judged as the CLI judges it, and said)
     if live is None or name not in live:  # the CLI: no values to save
         structural = [c for c in changes if c.kind in ("rebind", "into", "method")]
-        follow = _follow_ups(name, definition, structural, analysis) if structural and live is None else None
+        follow, blocker, why_not = (_follow_ups(name, definition, structural, analysis) if structural and live is None
+                                    else (None, None, ""))
         if follow is not None:
             c = next((c for c in structural if c.order == follow.again_at), structural[0])
             if not (follow.repeatable and follow.call is None or ctx.replay_proves):
@@ -1282,16 +1453,28 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                 # `opt.step()` changes it through what holds it, not `net.parameters()` that handed it over
                 said = _changed_by(name, definition.order, structural, analysis)
                 raise _cli_refusal(name, label, definition, f"it is changed after its assignment by {said}", live)
+            c = blocker or c
             raise _cli_refusal(name, label, definition,
-                               f"cell {c.cell + 1} changes it after its assignment: `{c.text}` (line {c.line})", live)
+                               f"cell {c.cell + 1} changes it after its assignment: `{c.text}` (line {c.line})"
+                               + (f", which model.py cannot run after it ({why_not})" if why_not else ""), live)
         if problem:
             raise _cli_refusal(name, label, definition, f"{problem} (cell {definition.cell + 1})", live)
+        used_up = _used_up_by(name, definition, analysis)
+        if used_up is not None:
+            if not ctx.replay_proves:
+                raise _cli_refusal(name, label, definition, f"it is an iterator, and cell {used_up[0] + 1} reads it, "
+                                   "which uses it up: model.py's would still hold what the notebook's gave away", live)
+            ctx.unproven.append(name)
         passed = [c for c in changes if c.kind in ("argument", "alias")] + (
             _calls_using(name, definition, analysis) if not _is_logger(definition, analysis) else [])
         is_literal_definition, literal = _literal_of(definition)
         if is_literal_definition and values_is_immutable(literal):
             # Nothing can change an int or a str in place: only a function that declares it global can rebind it.
             passed = [c for c in passed if c.kind == "calls" and _declares_global(analysis.defs[c.name], name)]
+        elif is_literal_definition and isinstance(literal, (list, tuple, set, dict)) and all(
+                values_is_immutable(item) for item in (literal.values() if isinstance(literal, dict) else literal)):
+            # `CONFIG.update(DEFAULTS)` copies what DEFAULTS holds, which nothing can change in place
+            passed = [c for c in passed if not (c.kind == "argument" and _copied_from(c, name))]
         call = _uncertain_call(definition, analysis)
         if passed or call is not None:
             if ctx.replay_proves:
@@ -1990,7 +2173,8 @@ def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, c
                 _an_earlier_value_must_rebuild(name, then, definition, current, analysis, ctx)
             chosen[id(then)] = then
             queue.append((then, name))
-            for statement in _changes_of_an_earlier_value(name, then, definition, current, analysis, ctx):
+            for statement in (_changes_of_an_earlier_value(name, then, definition, current, analysis, ctx)
+                              if then.kind == "constant" else ()):
                 if id(statement) not in chosen:
                     chosen[id(statement)] = statement
                     queue.append((statement, name))
@@ -2001,32 +2185,45 @@ def _changes_of_an_earlier_value(name: str, then: _Definition, reader: _Definiti
     """What changed the value a name had when ``reader`` ran, before ``later`` bound the name again (`CONFIG['r'] =
     2` between `CONFIG = {'r': 1}` and a class body reading it): model.py runs those statements too, in their
     place (it re-ran only the assignment: the class got 1 where the notebook's had 2). The earlier value is no one's
-    live value, so this holds in the kernel too; a change model.py cannot run so is refused, naming it."""
-    between = [c for c in analysis.changes_after(name, then.order, kinds=("rebind", "into", "method"))
-               if c.order < later.order]
-    if not between:
+    live value and the fresh process does not compare a def's defaults, so the kernel judges it as the CLI does: a
+    change model.py cannot run so (through another name, a function, a loop) is refused, naming it, and one that
+    gives another value when run again needs a recorded prediction to prove it."""
+    def before_later(changes: list[_Change]) -> list[_Change]:
+        return [c for c in changes if then.order < c.order < later.order]
+
+    between = before_later(analysis.changes_after(name, then.order, kinds=("rebind", "into", "method")))
+    other = before_later([c for c in analysis.changes_after(name, then.order, kinds=("argument", "alias"))]
+                         + _calls_using(name, then, analysis))
+    if not between and not other:
         return []
-    follow = _follow_ups(name, then, between, analysis) if then.kind == "constant" else None
-    proven = follow is not None and (follow.repeatable and follow.call is None or ctx.replay_proves)
-    if proven and (not follow.repeatable or follow.call is not None):
-        ctx.unproven.append(name)
-    if proven or ctx.live is not None:
-        # (the kernel: the fresh process compares what read it, a class's attributes, a def's defaults)
-        return follow.statements if follow is not None else []
-    c = next((c for c in between if follow is not None and c.order == follow.again_at), between[0])
-    said = (f"`{name}` as cell {then.cell + 1} set it (`{_shown(then.text)}`) and cell {c.cell + 1} changed it "
-            f"(`{c.text}`, line {c.line}) is read when cell {reader.cell + 1} runs, and cell {later.cell + 1}'s "
-            f"`{_shown(later.text)}` binds `{name}` again later")
-    if follow is None:
+    follow, blocker, why_not = _follow_ups(name, then, between, analysis) if between else (None, None, "")
+    if other or follow is None:
+        c = min(other, key=lambda c: c.order) if other else blocker or between[0]
+        how = ({"argument": "passes it to a function that may change it",
+                "alias": "binds another name to it (what changes through that name changes it too)",
+                "calls": f"calls `{c.name}`, which uses it and may change it"}.get(c.kind)
+               if c in other else f"changes it ({why_not})" if why_not else "changes it")
         raise MaterializeError(
-            f"{said}; model.py can re-run only a change made by a top-level statement that changes nothing else, "
-            f"so it cannot rebuild that value. Give the later `{name}` another name (or make the change in the "
-            "assignment itself).")
-    why = ("it leaves another value each time it runs (a cell run twice ran it twice)" if follow.call is None else
-           f"re-running `{_shown(ast.unparse(follow.call))}` may not give what it gave in the notebook")
-    raise MaterializeError(
-        f"{said}; model.py can only re-run those statements, but {why}, and no recorded prediction proves it. Run "
-        f"%model_predict before exporting (the export replays it), or give the later `{name}` another name.")
+            f"`{name}` as cell {then.cell + 1} set it (`{_shown(then.text)}`) is read when cell {reader.cell + 1} "
+            f"runs, cell {c.cell + 1} {how}: `{c.text}` (line {c.line}), and cell {later.cell + 1}'s "
+            f"`{_shown(later.text)}` binds `{name}` again later. That value is no one's now, and model.py can re-run "
+            f"only a change made by a top-level statement that changes nothing else, so it cannot rebuild it. Give "
+            f"the later `{name}` another name (or make the change in the assignment itself).")
+    if not follow.repeatable or follow.call is not None:
+        if not ctx.replay_proves:
+            c = next((c for c in between if c.order == follow.again_at), between[0])
+            why = (f"`{c.text}` (cell {c.cell + 1}, line {c.line}) leaves another value each time it runs (a cell run "
+                   "twice ran it twice)" if follow.call is None else
+                   f"re-running `{_shown(ast.unparse(follow.call))}` (cell {follow.call_cell + 1}) may not give what "
+                   "it gave in the notebook")
+            raise MaterializeError(
+                f"`{name}` as cell {then.cell + 1} set it (`{_shown(then.text)}`), and as later cells changed it, is "
+                f"read when cell {reader.cell + 1} runs, and cell {later.cell + 1}'s `{_shown(later.text)}` binds "
+                f"`{name}` again later; model.py can only re-run those statements, but {why}, and no recorded "
+                f"prediction proves it. Run %model_predict before exporting (the export replays it), or give the "
+                f"later `{name}` another name.")
+        ctx.unproven.append(name)
+    return follow.statements
 
 
 def _an_earlier_value_must_rebuild(name: str, then: _Definition, reader: _Definition, later: _Definition,
