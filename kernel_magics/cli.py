@@ -147,7 +147,7 @@ def _examples(*lines: str) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .core.export import MismatchHint, export_model, materialize
+    from .core.export import ExportError, MismatchHint, export_model, materialize
     from .core.notebook_file import config_from_cells, read_notebook
     from .core.source import trained_at_import
 
@@ -160,9 +160,23 @@ def _export(args: argparse.Namespace) -> int:
     base = args.notebook.resolve().parent
     # The notebook's own predictions are the results it saved: the export must answer them too.
     record = notebook.recorded_predictions()
+    if notebook.unread_again:
+        print("note: a `%model_predict --again` cell printed an answer too long to read back from the file, so the "
+              "predictions saved before it are not replayed; predict those inputs again in cells of their own (or "
+              "export with --execute).", file=sys.stderr)
     materialized = materialize(notebook.cells, config, base, args.notebook.name, record=record,
-                               replay=not args.no_replay)
+                               replay=not args.no_replay, unsure_cells=notebook.unsure_cells)
     unproven = materialized.source.unproven
+    # The CLI reads the cells top to bottom, each once: a cell whose statements model.py holds that ran after one
+    # below it, or one whose changes give another value each run that may have run twice, is not what it reads.
+    source = materialized.source
+    ran = notebook.ran_late(source.held_cells) or notebook.maybe_ran_twice(source.unrepeatable_cells)
+    if ran:
+        raise ExportError(
+            f"The saved notebook's In [N] numbers show that {ran}, and model.py holds what that cell does; "
+            "`kernel-magics export` reads the cells top to bottom, each once, so its model may not be the notebook's. "
+            "Run the notebook from the top (Restart & Run All) and save it, or export with --execute (it runs the "
+            "notebook in a fresh kernel).")
 
     def explain(index: int) -> Optional[MismatchHint]:
         if notebook.out_of_order:
@@ -171,9 +185,8 @@ def _export(args: argparse.Namespace) -> int:
                 "`kernel-magics export` reads them top to bottom",
                 "Run the notebook from the top (Restart & Run All) and save it, or export with --execute")
         at = notebook.prediction_cell(record, index)
-        source = materialized.source
-        firsts = {name: next((c for c in changes if at is not None and c.cell > at
-                              and c.kind not in ("alias", "held", "through", "calls")), None)
+        firsts = {name: next((c for c in changes if at is not None and c.cell > at and c.order in source.carried),
+                             None)
                   for name, changes in source.changes.items()}
         later = sorted((c.cell, c.line, f"`{name}` (`{c.text}` in cell {c.cell + 1}, line {c.line})")
                        for name, c in firsts.items() if c is not None)

@@ -203,6 +203,77 @@ def test_a_literal_a_later_cell_changes_is_exported_with_the_change_and_replayed
     assert "`LABELS.append('high')` (line 2), which leaves another value each time it runs" in done.stderr
 
 
+def test_the_cli_replays_the_answers_predict_again_saved(tmp_path):
+    """After a retrain, `%model_predict --again` records the new answers; the CLI read only `%model_predict INPUT`
+    cells and refused the file with the old answers (a new user)."""
+    path = tmp_path / "again.ipynb"
+    run_notebook(path, [
+        "%load_ext kernel_magics",
+        "W = {'w': 1}",
+        "%%model\nclass Model:\n    def predict(self, model_input):\n        return {'y': model_input['x'] * W['w']}",
+        '%model_load\n%model_predict {"x": 2}',
+        "W['w'] = 5",
+        "%model_predict --again",
+    ], widgets=False)
+    done = cli("export", path, tmp_path / "out", cwd=tmp_path)
+    assert done.returncode == 0 and "Replayed 1 recorded prediction" in done.stdout, done.stdout + done.stderr
+    assert "example_model_input:\n    x: 2\n" in (tmp_path / "out/config.yaml").read_text()
+
+
+def saved_notebook(path, cells):
+    """A notebook file as Jupyter saves it: each cell with its In [N] and, for a prediction, its Out [N]."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    for source, count, *result in cells:
+        cell = nbformat.v4.new_code_cell(source, execution_count=count)
+        if result and result[0] == "error":
+            cell.outputs = [nbformat.v4.new_output("error", ename="KeyError", evalue="'x'", traceback=[])]
+        elif result:
+            cell.outputs = [nbformat.v4.new_output("execute_result", {"text/plain": result[0]}, execution_count=count)]
+        nb.cells.append(cell)
+    nbformat.write(nb, path)
+    return path
+
+
+RULES = "%%model\nclass Model:\n    def predict(self, model_input):\n        return {'cut': Rules.cutoff, 'n': len(NAMES)}"
+
+
+@pytest.mark.parametrize("case", ["ran after a cell below it", "may have run twice", "stopped at an error",
+                                  "the model cell run again after the load below it"])
+def test_the_cli_refuses_a_cell_it_reads_otherwise_than_it_ran(tmp_path, case):
+    """The CLI reads the cells top to bottom, each once. A new user's `class Rules: cutoff = SCALE * 2.0` run again
+    after `SCALE = 3.0` below it exported the cutoff of the file's order, silently; an append run twice (its In [N]
+    follows a number no saved cell has) was carried once. Refused now, saying why; what the saved numbers show does
+    not matter to model.py (the %%model cell run again after %model_load) exports."""
+    cells = {
+        "ran after a cell below it": [("SCALE = 2.0\nNAMES = ['a']", 1), ("class Rules:\n    cutoff = SCALE * 2.0", 4),
+                                      ("SCALE = 3.0", 3), (RULES, 5), ("%model_load", 6),
+                                      ('%model_predict {"x": 1}', 7, "{'cut': 6.0, 'n': 1}")],
+        "may have run twice": [("SCALE = 2.0\nNAMES = ['a']", 1), ("class Rules:\n    cutoff = SCALE * 2.0", 2),
+                               (RULES, 3), ("NAMES.append('b')", 5), ("%model_load", 6),
+                               ('%model_predict {"x": 1}', 7, "{'cut': 4.0, 'n': 3}")],
+        "stopped at an error": [("SCALE = 2.0\nNAMES = ['a']", 1), ("class Rules:\n    cutoff = SCALE * 2.0", 2),
+                                (RULES, 3), ("{}['x']\nNAMES.append('b')", 4, "error"), ("%model_load", 5),
+                                ('%model_predict {"x": 1}', 6, "{'cut': 4.0, 'n': 1}")],
+        "the model cell run again after the load below it": [
+            ("SCALE = 2.0\nNAMES = ['a']", 1), ("class Rules:\n    cutoff = SCALE * 2.0", 2), (RULES, 5),
+            ("%model_load", 4), ('%model_predict {"x": 1}', 6, "{'cut': 4.0, 'n': 1}")],
+    }[case]
+    path = saved_notebook(tmp_path / "nb.ipynb", [("%load_ext kernel_magics", None), *cells])
+    done = cli("export", path, tmp_path / "out", cwd=tmp_path)
+    if case.startswith("the model cell"):
+        assert done.returncode == 0, done.stdout + done.stderr
+        return
+    assert done.returncode == 1 and not (tmp_path / "out").exists(), done.stdout + done.stderr
+    said = {"ran after a cell below it": "code cell 3 ran as In [4], after code cell 4 below it, which ran as In [3]",
+            "may have run twice": "code cell 5 ran as In [5], and no saved cell ran as In [4]: it may have run twice",
+            "stopped at an error": "cell 5 changes it after its assignment: `NAMES.append('b')` (line 2), which model.py "
+                                   "cannot run after it (the notebook file shows cell 5 did not run, or stopped at an "
+                                   "error)"}[case]
+    assert said in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A real export (kernel-magics export of a notebook), made once for the predict tests."""

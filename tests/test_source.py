@@ -298,9 +298,22 @@ FOLLOW_UPS = {
     "an item's update": (["from collections import Counter\nC = {}", "C['c'] = Counter()", "C['c'].update('aab')"],
                          "C", {'c': {'a': 2, 'b': 1}}, True),
     "in a class body": (["C = {'a': 1}", "class H:\n    C['c'] = 3"], "C", None,
-                        "`C['c'] = 3` (line 2), which model.py cannot run after it (it is inside a `class` statement)"),
+                        "`C['c'] = 3` (line 2), in a class body or a default that model.py does not hold"),
     "in a default": (["C = {'a': 1}", "C['b'] = 2", "def f(x=C.pop('a')):\n    return x"], "C", None,
-                     "`C.pop('a')` (line 1), which model.py cannot run after it (it is inside a `def` statement)"),
+                     "`C.pop('a')` (line 1), in a class body or a default that model.py does not hold"),
+    # (what a class body or a default model.py holds does, model.py does too, in its place)
+    "in the model's class body": (["C = {'a': 1}"], "C", {'a': 1, 'c': 3}, False),
+    "read by a class body": (["from pathlib import Path\nCONFIG = {'root': 'data'}",
+                             "class H:\n    root = Path(CONFIG['root'])"], "CONFIG", {'root': 'data'}, False),
+    "in a display nothing changes": (["LAYERS = [64, 32]", "CONFIG = {'layers': LAYERS}"], "[CONFIG, LAYERS]",
+                                     [{'layers': [64, 32]}, [64, 32]], False),
+    "in a %%time cell": (["CONFIG = {'round': 1}", "%%time\nCONFIG['round'] = 2"], "CONFIG", {'round': 2}, False),
+    "by %time": (["CONFIG = {'round': 1}", "%time CONFIG['round'] = 2"], "CONFIG", {'round': 2}, False),
+    "read by a statement that changes what it read later": (
+        ["DEFAULTS = {'lr': 0.1}\nCONFIG = {}", "CONFIG.update(DEFAULTS)\nDEFAULTS['lr'] = 0.5"], "CONFIG",
+        {'lr': 0.1}, True),
+    "a loop over a display": (["TRAIN = {}\nEVAL = {}", "for d in (TRAIN, EVAL):\n    d['seed'] = 0"], "TRAIN",
+                              None, "(it is inside a `for` statement)"),
     "through a loop's variable": (["C = {'a': {}}", "for v in C.values():\n    v['k'] = 1"], "C", None,
                                   "(it is inside a `for` statement)"),
     "reading __name__": (["C = {}", "C['n'] = __name__"], "C", None, "it reads `__name__`"),
@@ -316,6 +329,14 @@ UNPROVEN = {
     "updated from a dict of lists": (["DEFAULTS = {'l': [1]}", "CONFIG = {}", "CONFIG.update(DEFAULTS)",
                                       "CONFIG['l'].append(2)"], "DEFAULTS",
                                      "passes it to a function that may change it: `CONFIG.update(DEFAULTS)`"),
+    "an iterator a statement model.py does not hold uses": (
+        ["G = (i for i in range(3))", "first = next(G)", "REST = list(G)"], "G",
+        "cell 2 passes it to a function that may change it: `next(G)`", "REST"),
+    "updated by a notebook class": (["class M:\n    def update(self, d):\n        d['seen'] = True", "m = M()",
+                                     "DEFAULTS = {'lr': 0.1}", "m.update(DEFAULTS)"], "DEFAULTS",
+                                    "cell 4 passes it to a function that may change it: `m.update(DEFAULTS)`"),
+    "in a display changed through it": (["LAYERS = [64, 32]", "CONFIG = {'layers': LAYERS}",
+                                         "CONFIG['layers'].append(1)"], "LAYERS", "cell 2 binds another name to it"),
     "a zip used up": (["Z = zip('ab', 'cd')", "for a, b in Z:\n    break"], "Z", "cell 2 reads it, which uses it up"),
 }
 
@@ -332,7 +353,8 @@ def test_the_cli_refuses_what_only_a_replay_can_prove(case):
 @pytest.mark.parametrize("case", list(FOLLOW_UPS))
 def test_the_cli_runs_the_plain_changes_a_later_cell_makes_to_a_literal_after_it(case):
     cells, name, value, proof = FOLLOW_UPS[case]
-    cells = [*cells, f"%%model\nclass Model:\n    def predict(self, x):\n        return {name}"]
+    body = "    C['c'] = 3\n" if case == "in the model's class body" else ""
+    cells = [*cells, f"%%model\nclass Model:\n{body}    def predict(self, x):\n        return {name}"]
     if value is None:
         for replay in (False, True):
             with pytest.raises(MaterializeError, match=re.escape(proof)):
@@ -365,12 +387,34 @@ def test_an_earlier_value_read_at_definition_time_keeps_the_changes_made_to_it_b
     # (a review: a def's default, in the kernel, from a change that gives another value each run)
     appended = ["CONFIG = {'r': [1]}", "CONFIG['r'].append(2)", "def f(n=len(CONFIG['r'])):\n    return n",
                 "CONFIG = {'r': 5}", model.replace("H.R", "f()")]
-    for live in (None, {"CONFIG": {'r': 5}}):
-        with pytest.raises(MaterializeError, match=r"`CONFIG` as cell 1 set it .*, and as later cells changed it, is "
-                                                   r"read when cell 3 runs.*`CONFIG\['r'\].append\(2\)` \(cell 2, line 1\) "
-                                                   r"leaves another value each time it runs"):
-            build_model_source(appended, "Model", live=live)
+    with pytest.raises(MaterializeError, match=r"`CONFIG` as cell 1 set it .*, and as later cells changed it, is "
+                                               r"read when cell 3 runs.*`CONFIG\['r'\].append\(2\)` \(cell 2, line 1\) "
+                                               r"leaves another value each time it runs"):
+        build_model_source(appended, "Model")
     assert build_model_source(appended, "Model", replay_proves=True).unproven == ["CONFIG"]
+    namespace = {}  # (the kernel's cells are the runs themselves: the append ran once)
+    exec(compile(build_model_source(appended, "Model", live={"CONFIG": {'r': 5}}).text, "model.py", "exec"), namespace)
+    assert namespace["Model"]().predict(None) == [2, {'r': 5}]
+    drawn = ["import random\nCONFIG = {'r': 1}", "CONFIG['seed'] = random.random()", "def f(s=CONFIG['seed']):\n"
+             "    return s", "CONFIG = {'r': 5}", model.replace("H.R", "f()")]
+    for live in (None, {"CONFIG": {'r': 5}}):
+        with pytest.raises(MaterializeError, match=r"re-running `random.random\(\)` \(cell 2\) may not give what it gave"):
+            build_model_source(drawn, "Model", live=live)
+    # A change of a binding in between is not the first one's (a review: model.py ran it on the first list)
+    middle = ["LABELS = ['cat', 'dog']", "def decode(i, labels=LABELS):\n    return labels[i]", "LABELS = ['cat', 'dog']",
+              "LABELS[1] = 'wolf'", "LABELS = ['cat', 'dog', 'bird']",
+              "%%model\nclass Model:\n    def predict(self, x):\n        return decode(1)"]
+    namespace = {}
+    exec(compile(build_model_source(middle, "Model").text, "model.py", "exec"), namespace)
+    assert namespace["Model"]().predict(None) == "dog"
+    # The kernel's cells are the runs themselves: an append run twice is there twice
+    twice = ["LABELS = ['cat', 'dog']", "LABELS.append('bird')", "def f(n=len(LABELS)):\n    return n",
+             "LABELS = ['cat', 'dog']", "LABELS.append('bird')", "%%model\nclass Model:\n    def predict(self, x):\n"
+             "        return f()"]
+    namespace = {}
+    exec(compile(build_model_source(twice, "Model", live={"LABELS": ['cat', 'dog', 'bird']}).text, "model.py", "exec"),
+         namespace)
+    assert namespace["Model"]().predict(None) == 3
     # What model.py cannot run after it, with or without a replay: a loop, another name, a function, a call
     for change, said in [("for i in range(2):\n    CONFIG['r'] = i", "cell 2 changes it (it is inside a `for` "
                                                                       "statement): `CONFIG['r'] = i` (line 2)"),

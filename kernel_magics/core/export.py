@@ -234,7 +234,8 @@ def _local_module(base_dir: Path, module: str) -> Optional[Path]:
 
 def materialize(cells: Sequence[str], config: ModelConfig, base_dir: Path, notebook: str, *,
                 live: Optional[dict] = None, record: Optional[PredictionRecord] = None,
-                as_values: Optional[dict] = None, replay: bool = True) -> Materialized:
+                as_values: Optional[dict] = None, replay: bool = True,
+                unsure_cells: Sequence[int] = ()) -> Materialized:
     """Build model.py and config.yaml in memory from the cells (no files written).
 
     ``live`` is the kernel's namespace (values that cannot be rebuilt travel as files);
@@ -251,7 +252,8 @@ def materialize(cells: Sequence[str], config: ModelConfig, base_dir: Path, noteb
         as_values = remembered(live, model_cell)
     replay_proves = replay and record is not None and len(record) > 0
     source = build_model_source(cells, config.model_class_name, notebook, live, as_values=as_values,
-                                local=lambda m: _local_module(base_dir, m), replay_proves=replay_proves)
+                                local=lambda m: _local_module(base_dir, m), replay_proves=replay_proves,
+                                unsure_cells=unsure_cells)
     tops = list(dict.fromkeys(m.split(".")[0] for m in source.modules))
     local = {m: p for m in tops if (p := _local_module(base_dir, m)) is not None}
     requirements, warnings = pin_requirements(config.requirements, source.modules, local)
@@ -264,7 +266,7 @@ def materialize(cells: Sequence[str], config: ModelConfig, base_dir: Path, noteb
 
     def rebuild(more: dict) -> Materialized:
         return materialize(cells, config, base_dir, notebook, live=live, record=record,
-                           as_values={**as_values, **more}, replay=replay)
+                           as_values={**as_values, **more}, replay=replay, unsure_cells=unsure_cells)
 
     return Materialized(source, config, materialize_config(config, requirements, example),
                         sorted(local.values()), warnings, record, live, rebuild, model_cell)

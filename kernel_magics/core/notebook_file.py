@@ -39,6 +39,47 @@ class SavedNotebook:
         self.exports = list(exports)  # the code cells (numbered from 1) that run %model_export
         self.counts = list(counts)  # each cell's saved execution count (In [N]), None where it has none
         self.prediction_cells: dict[int, int] = {}  # id of a recorded prediction -> its cell (recorded_predictions)
+        self.unread_again = False  # a `%model_predict --again` printed an answer too long to read back
+
+    @property
+    def unsure_cells(self) -> list[int]:
+        """The cells the saved file shows did not run to their end (an error) or at all (no In [N] where other
+        cells have one): what they change, the notebook may not have."""
+        ran = any(isinstance(c, int) for c in self.counts)
+        return [i for i, (count, outputs) in enumerate(zip(self.counts, self.outputs))
+                if ran and count is None or any(isinstance(o, dict) and o.get("output_type") == "error"
+                                                for o in outputs or [])]
+
+    def ran_late(self, cells) -> Optional[str]:
+        """How one of ``cells`` ran after a cell below it (`class Rules` run again after `SCALE = 3.0` further
+        down), else None."""
+        from .source import names_of_cell
+
+        seen = [(i, c) for i, c in enumerate(self.counts) if isinstance(c, int)]
+        for above, first in seen:
+            if above not in cells:
+                continue
+            bound, read = names_of_cell(self.cells[above])
+            for below, second in seen:
+                if below <= above or second > first:
+                    continue
+                # (only where the two disagree: one reads what the other binds, or both bind it; the %%model cell run
+                # again after %model_load below it is no such case)
+                bound_below, read_below = names_of_cell(self.cells[below])
+                if bound_below & read or bound & (read_below | bound_below):
+                    return (f"code cell {above + 1} ran as In [{first}], after code cell {below + 1} below it, which "
+                            f"ran as In [{second}]")
+        return None
+
+    def maybe_ran_twice(self, cells) -> Optional[str]:
+        """How one of ``cells`` may have run more than once: its In [N] follows a number no saved cell has (it ran
+        as that number too, or a deleted cell did), else None."""
+        counted = sorted((c, i) for i, c in enumerate(self.counts) if isinstance(c, int))
+        for (before, _), (count, cell) in zip([(0, -1)] + counted, counted):
+            if cell in cells and count - before > 1:
+                return (f"code cell {cell + 1} ran as In [{count}], and no saved cell ran as In [{count - 1}]: it may "
+                        "have run twice")
+        return None
 
     @property
     def out_of_order(self) -> Optional[str]:
@@ -69,6 +110,9 @@ class SavedNotebook:
         start = (last_cell_of(self.cells, "model") or 0) + 1
         self.prediction_cells = {}
         for cell, (source, outputs) in enumerate(zip(self.cells[start:], self.outputs[start:]), start):
+            if _last_line_magic(source) in ("%model_predict --again", "%model_predict --again;"):
+                self._read_again(record, outputs, cell)
+                continue
             model_input = _literal_input(source)
             if model_input is None:
                 continue
@@ -83,6 +127,42 @@ class SavedNotebook:
             if kept >= 0:
                 self.prediction_cells[id(list(record)[kept])] = cell
         return record
+
+    def _read_again(self, record: PredictionRecord, outputs: list, cell: int) -> None:
+        """What a saved `%model_predict --again` printed: each recorded input it answered differently, with the
+        new answer (`  {input}: {old} then, {new} now`), replaces the recorded one; an answer it cut short (over
+        120 characters) cannot be read back, and that input leaves the record (the notebook no longer answers as
+        the file shows)."""
+        printed = "".join("".join(o.get("text", "")) if isinstance(o.get("text"), list) else o.get("text", "")
+                          for o in outputs or [] if isinstance(o, dict) and o.get("name") == "stdout")
+        if any(isinstance(o, dict) and o.get("output_type") == "error" for o in outputs or []) or not printed:
+            return
+        decoder = json.JSONDecoder()
+        items = {json.dumps(item.input, sort_keys=True): item for item in record}
+        for line in printed.splitlines():
+            if not line.startswith("  {") and not line.startswith("  ["):
+                continue
+            try:
+                model_input, at = decoder.raw_decode(line, 2)
+                if not line.startswith(": ", at):
+                    raise ValueError
+                _, at = decoder.raw_decode(line, at + 2)
+                if not line.startswith(" then, ", at):
+                    raise ValueError
+                answer, at = decoder.raw_decode(line, at + 7)
+                if line[at:] != " now":
+                    raise ValueError
+            except ValueError:
+                model_input, answer = None, None
+            item = items.get(json.dumps(model_input, sort_keys=True)) if model_input is not None else None
+            if item is not None and answer is not None:
+                kept = record.add(item.input, answer, request=item.request)
+                if kept >= 0:
+                    self.prediction_cells[id(list(record)[kept])] = cell
+            else:
+                self.unread_again = True
+        if getattr(self, "unread_again", False):
+            record.drop_all()
 
     def prediction_cell(self, record: PredictionRecord, index: int) -> Optional[int]:
         """The cell (its index) whose saved output is recorded prediction ``index`` of

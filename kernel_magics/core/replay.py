@@ -81,6 +81,11 @@ class PredictionRecord:
         self._items.append(Recorded(plain_input[0], output, shown, request))
         return len(self._items) - 1
 
+    def drop_all(self) -> None:
+        """Nothing recorded can be trusted any more (the CLI: answers it could not read back)."""
+        self.dropped += len(self._items)
+        self._items.clear()
+
     def __iter__(self):
         return iter(list(self._items))
 

@@ -134,6 +134,11 @@ class ModelSource:
     # notebook classes and functions cells defined more than once: name -> whether with other source
     replaced: dict[str, bool] = field(default_factory=dict)
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> its lines in model.py
+    # the cells whose statements model.py holds, imports aside (the CLI checks how they ran), and those of them whose
+    # changes give another value when run twice
+    held_cells: set = field(default_factory=set)
+    unrepeatable_cells: set = field(default_factory=set)
+    carried: set = field(default_factory=set)  # (cell, statement) of the changes model.py runs after an assignment
     # The live fingerprints of the verified names re-run from source, taken while building (to tell the unverifiable
     # ones): the export's verification compares with these instead of hashing the same values again.
     fingerprints: dict[str, Optional[dict]] = field(default_factory=dict)
@@ -172,6 +177,9 @@ def _shown(code: str, limit: int = 80) -> str:
 
 _CELL_MAGIC = re.compile(r"^%%(\w+)[ \t]*(.*)$")
 _LINE_MAGIC = re.compile(r"^([ \t]*)(?:[\w., \t]+=[ \t]*)?(%|!)")
+_TIMED = re.compile(r"^%time[ \t]+(.*)$")  # (its statement runs once, as written)
+# Cell magics whose body is the cell's Python, run once in the notebook's namespace (%%timeit runs it many times)
+_PYTHON_CELL_MAGICS = ("time", "capture")
 
 
 def split_cell_magic(source: str) -> tuple[Optional[str], str, str]:
@@ -183,16 +191,27 @@ def split_cell_magic(source: str) -> tuple[Optional[str], str, str]:
     return match.group(1), match.group(2), body
 
 
+def names_of_cell(source: str) -> tuple[set[str], set[str]]:
+    """The names a cell binds or changes at its top level, and those it reads when it runs (not inside the bodies
+    of the functions it defines): what a cell run out of order may disagree with another on."""
+    analysis = _collect([source])
+    bound = {n for d in analysis.history.values() for d0 in d for n in d0.names} | {c.name for c in analysis.changes
+                                                                                  if c.kind not in _HINTS}
+    bound |= set(analysis.elsewhere)
+    return bound, {n for reads in analysis.reads.values() for n in reads}
+
+
 def python_of_cell(source: str) -> Optional[str]:
     """The Python a cell contributes: the body of ``%%model``, plain cells with line
     magics and shell escapes turned into ``pass``; None for other cell magics."""
     magic, _, body = split_cell_magic(source)
-    if magic not in (None, "model"):
+    if magic not in (None, "model", *_PYTHON_CELL_MAGICS):
         return None
-    # A line magic (`%time x`, `y = !ls`) becomes `pass` at the same indentation, so
-    # blocks stay valid and line numbers stay those of the cell.
+    # A line magic (`y = !ls`) becomes `pass` at the same indentation, so blocks stay valid and line numbers stay
+    # those of the cell; `%time x = 1` runs `x = 1`.
     lines = [
-        (m.group(1) + "pass") if (m := _LINE_MAGIC.match(line)) else line
+        (m.group(1) + (timed.group(1) if (timed := _TIMED.match(line[len(m.group(1)):])) else "pass"))
+        if (m := _LINE_MAGIC.match(line)) else line
         for line in body.splitlines()
     ]
     return ("\n" if magic else "") + "\n".join(lines)
@@ -238,6 +257,7 @@ class _Change:
     holder: str = ""  # for "held", "alias" and "through": the name that holds (part of) this one (`opt`)
     via: str = ""  # for "through": what the holder was given, and where
     link: str = ""  # for "through": how the holder got it ("held" or "alias")
+    nested: bool = False  # made in a class body or a def's default: model.py makes it too if it holds that statement
 
     def describe(self) -> str:
         where = f"`{self.text}` in cell {self.cell + 1}, line {self.line}"
@@ -258,6 +278,8 @@ class _Analysis:
     statements: dict = field(default_factory=dict)
     # (cell, statement) -> the global names a top-level statement reads when it runs
     reads: dict = field(default_factory=dict)
+    # cells the notebook file shows did not run, or stopped at an error (the CLI's; see build_model_source)
+    unsure_cells: frozenset = frozenset()
 
     def changes_after(self, name: str, order: tuple[int, int], kinds: Iterable[str] = ()) -> list[_Change]:
         kinds = set(kinds)
@@ -364,11 +386,12 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
     """What a top-level statement may change, outside the functions and classes it defines."""
     found: list[_Change] = []
 
-    def add(name: Optional[str], sub: ast.AST, kind: str, method: str = "", chain: int = 0, holder: str = "") -> None:
+    def add(name: Optional[str], sub: ast.AST, kind: str, method: str = "", chain: int = 0, holder: str = "",
+            nested: bool = False) -> None:
         if name:
             text = ast.get_source_segment("\n".join(lines), sub) or ""
             found.append(_Change(name, (ci, si), ci, sub.lineno, _shown(text), kind, method, chain,
-                                 holder))
+                                 holder, nested=nested))
 
     if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
             and isinstance(node.value, ast.Call):
@@ -399,18 +422,19 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
                 for target in targets:
                     root = _root_name(target)
                     if isinstance(target, (ast.Attribute, ast.Subscript)) and root not in local:
-                        add(root, sub, "into")
+                        add(root, sub, "into", nested=True)
                 stack.extend((v, local) for v in [getattr(sub, "value", None)] if v is not None)
                 continue
             if isinstance(sub, ast.Call):
                 if isinstance(sub.func, ast.Name) and sub.func.id not in local:
-                    add(sub.func.id, sub, "calls")
+                    add(sub.func.id, sub, "calls", nested=True)
                 if isinstance(sub.func, ast.Attribute) and sub.func.attr not in _READ_ONLY \
                         and _root_name(sub.func.value) not in local:
-                    add(_root_name(sub.func.value), sub, "method", sub.func.attr, _chain_length(sub.func.value))
+                    add(_root_name(sub.func.value), sub, "method", sub.func.attr, _chain_length(sub.func.value),
+                        nested=True)
                 for arg in _arguments_it_may_change(sub):
                     if _root_name(arg) not in local:
-                        add(_root_name(arg), sub, "argument")
+                        add(_root_name(arg), sub, "argument", nested=True)
             stack.extend((child, local) for child in ast.iter_child_nodes(sub))
             continue
         if isinstance(sub, ast.AugAssign):
@@ -433,9 +457,15 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
             targets = ([sub.target] if isinstance(sub, (ast.For, ast.AsyncFor, ast.NamedExpr))
                        else [i.optional_vars for i in sub.items if i.optional_vars is not None])
             if isinstance(sub, (ast.For, ast.AsyncFor)) and _changes_its_variable(sub):
-                # `for v in C.values(): v['k'] = 1` changes what `C` holds
+                # `for v in C.values(): v['k'] = 1` changes what `C` holds (`for p in net.parameters(): ...` its
+                # weights or modes only)
+                method = sub.iter.func.attr if isinstance(sub.iter, ast.Call) and isinstance(
+                    sub.iter.func, ast.Attribute) and sub.iter.func.attr in _WEIGHTS_ONLY else ""
                 for root in _iterated_roots(sub.iter):
-                    add(root, sub, "into")
+                    if method and root == _root_name(sub.iter):
+                        add(root, sub, "method", method, _chain_length(sub.iter.func.value))
+                    else:
+                        add(root, sub, "into")
             for target in targets:
                 for part in ast.walk(target):
                     if isinstance(part, ast.Name):
@@ -454,9 +484,9 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
 _ITERATORS = frozenset({"iter", "map", "filter", "zip", "reversed", "enumerate"})
 
 
-def _used_up_by(name: str, definition: _Definition, analysis: _Analysis) -> Optional[tuple[int, int]]:
-    """Where a later top-level statement reads a name bound to an iterator (`G = (x for x in xs)`, `zip(a, b)`,
-    `itertools.count()`), which may use it up (`list(G)`): the first such, or None."""
+def _used_up_by(name: str, definition: _Definition, analysis: _Analysis) -> list[_Change]:
+    """The later top-level statements that read a name bound to an iterator (`G = (x for x in xs)`, `zip(a, b)`,
+    `itertools.count()`), which may use it up (`list(G)`); none for anything else."""
     value = getattr(definition.node, "value", None) if definition.kind == "constant" else None
     if isinstance(value, ast.Call):
         module = None
@@ -471,9 +501,10 @@ def _used_up_by(name: str, definition: _Definition, analysis: _Analysis) -> Opti
     else:
         iterator = isinstance(value, ast.GeneratorExp)
     if not iterator:
-        return None
-    return next((order for order, reads in sorted(analysis.reads.items())
-                 if order > definition.order and name in reads), None)
+        return []
+    return [_Change(name, order, order[0], analysis.statements.get(order, (definition.node,))[0].lineno
+                    if order in analysis.statements else 1, "", "reads")
+            for order, reads in sorted(analysis.reads.items()) if order > definition.order and name in reads]
 
 
 def _iterated_roots(iterable: ast.expr) -> list[str]:
@@ -481,6 +512,8 @@ def _iterated_roots(iterable: ast.expr) -> list[str]:
     roots = [_root_name(iterable)]
     if isinstance(iterable, ast.Call) and isinstance(iterable.func, ast.Name):
         roots += [_root_name(arg) for arg in iterable.args]
+    if isinstance(iterable, (ast.List, ast.Tuple, ast.Set)):  # `for d in (TRAIN, EVAL): d['seed'] = 0`
+        roots += [_root_name(item) for item in iterable.elts]
     return [r for r in dict.fromkeys(roots) if r]
 
 
@@ -488,6 +521,11 @@ def _changes_its_variable(loop: ast.stmt) -> bool:
     """Whether a loop's body changes in place what its variable holds (`v['k'] = 1`, `v.append(1)`, `v += [1]`)."""
     variables = {n.id for n in ast.walk(loop.target) if isinstance(n, ast.Name)}
     for sub in (n for statement in loop.body for n in ast.walk(statement)):
+        if isinstance(sub, (ast.For, ast.AsyncFor, ast.comprehension)) and _root_name(sub.iter) in variables:
+            variables |= {n.id for n in ast.walk(sub.target) if isinstance(n, ast.Name)}  # (a loop in it, over it)
+    for sub in (n for statement in loop.body for n in ast.walk(statement)):
+        if isinstance(sub, ast.Call) and any(_root_name(a) in variables for a in _arguments_it_may_change(sub)):
+            return True  # `bump(v)`
         if isinstance(sub, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
             targets = sub.targets if isinstance(sub, (ast.Assign, ast.Delete)) else [sub.target]
             if any(_root_name(t) in variables and (isinstance(sub, ast.AugAssign) or not isinstance(t, ast.Name))
@@ -507,7 +545,8 @@ def _held_as_is(value: ast.expr) -> list[ast.expr]:
     if isinstance(value, (ast.List, ast.Tuple, ast.Set)):
         return [held for item in value.elts for held in _held_as_is(item)]
     if isinstance(value, ast.Dict):
-        return [held for item in value.values for held in _held_as_is(item)]
+        return [held for key, item in zip(value.keys, value.values) if key is not None  # (`{**D}` copies)
+                for held in _held_as_is(item)]
     if isinstance(value, ast.Starred):
         return []  # (`[*x]` copies)
     return []
@@ -860,6 +899,17 @@ class _Context:
     stand_ins: dict[str, _Definition] = field(default_factory=dict)
     # CLI: a name a later cell changes in plain sight -> the statements that do, which model.py runs after it
     follow_ups: dict[str, list[_Definition]] = field(default_factory=dict)
+    # CLI: (the statements that must be in model.py, what to do when one is not): a change made in a class body or
+    # a def's default, or an iterator's reader, is made in model.py too when model.py holds that statement
+    deferred: list[tuple[list, Callable[[], None]]] = field(default_factory=list)
+    held: set = field(default_factory=set)  # the orders of the statements model.py holds, once the closure is known
+    unrepeatable: set = field(default_factory=set)  # CLI: cells of changes model.py runs that differ when run twice
+
+    def unless_held(self, changes: "list[_Change]", name: str, otherwise: Callable[[], None]) -> None:
+        """Judge ``changes`` of ``name`` (in class bodies, defaults, readers) once the closure is known: nothing
+        when model.py holds each of their statements, else ``otherwise()`` (a refusal, or unproven with a replay)."""
+        if changes:
+            self.deferred.append(([c.order for c in changes], otherwise))
     # live fingerprints a decision took (to verify a name only when it can be compared): not taken again at the end
     fingerprints: dict[str, Optional[dict]] = field(default_factory=dict)
 
@@ -1155,15 +1205,62 @@ def values_is_immutable(value: Any) -> bool:
     return is_immutable(value)
 
 
-def _copied_from(change: _Change, name: str) -> bool:
-    """Whether a call only copies the name's items into what it is called on (`C.update(name)`, `L.extend(name)`)."""
+def _immutable_items(definition: _Definition) -> bool:
+    """A literal list, tuple, set or dict whose items nothing can change in place."""
+    is_literal, literal = _literal_of(definition)
+    return is_literal and isinstance(literal, (list, tuple, set, dict)) and all(
+        values_is_immutable(item) for item in (literal.values() if isinstance(literal, dict) else literal))
+
+
+def _passes_only_items(change: _Change, name: str) -> bool:
+    """Whether a call hands on the name's items only (`Path(C['root'])`, `f(**C)`, `f(*C)`), never the name itself."""
     try:
         call = ast.parse(change.text, mode="eval").body
     except SyntaxError:
         return False  # (a shortened text)
-    return (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr in ("update", "extend")
-            and not call.keywords and all(isinstance(a, ast.Name) for a in call.args)
-            and _root_name(call.func.value) != name)
+    if not isinstance(call, ast.Call):
+        return False
+    handed = [*call.args, *(k.value for k in call.keywords)]
+    return not any(isinstance(a, ast.Name) and a.id == name for a in handed)
+
+
+def _unchanged_holder(alias: _Change, analysis: _Analysis) -> bool:
+    """Whether the other name an alias binds (`CONFIG = {'layers': LAYERS}`, `cols = FEATURES`) is changed by
+    nothing after it: what nothing changes through another name is not a change."""
+    holder = alias.holder
+    if not holder or analysis.changes_after(holder, alias.order):
+        return False
+    later = analysis.defs.get(holder)
+    return later is not None and later.order == alias.order and not _calls_using(holder, later, analysis)
+
+
+def _nested_change_not_held(name: str, label: str, definition: _Definition, nested: list[_Change],
+                            ctx: "_Context") -> None:
+    """A change made in a class body or a def's default model.py does not hold: refused (a replay proves what
+    passes it on or calls something)."""
+    missing = [c for c in nested if c.order not in ctx.held]
+    structural = [c for c in missing if c.kind in ("rebind", "into", "method")]
+    if not structural and ctx.replay_proves:
+        ctx.unproven.append(name)
+        return
+    c = (structural or missing)[0]
+    raise _cli_refusal(name, label, definition, f"cell {c.cell + 1} changes it after its assignment: `{c.text}` "
+                       f"(line {c.line}), in a class body or a default that model.py does not hold", ctx.live)
+
+
+def _copied_from(change: _Change, name: str, analysis: _Analysis) -> bool:
+    """Whether a call only copies the name's items into the built-in container it is called on (`C.update(name)`,
+    `L.extend(name)`, C and L literals or dict(), list() ...)."""
+    try:
+        call = ast.parse(change.text, mode="eval").body
+    except SyntaxError:
+        return False  # (a shortened text)
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr in ("update", "extend")
+            and not call.keywords and all(isinstance(a, ast.Name) for a in call.args)):
+        return False
+    receiver = call.func.value
+    return isinstance(receiver, ast.Name) and receiver.id != name and receiver.id in analysis.defs \
+        and _container_type(analysis.defs[receiver.id], analysis) is not None
 
 
 def _declares_global(function: _Definition, name: str) -> bool:
@@ -1197,6 +1294,7 @@ class _FollowUps:
     call: Optional[ast.Call]  # the first call in them whose result is not certain when re-run, or None
     call_cell: int = 0  # the cell of that call
     again_at: Optional[tuple[int, int]] = None  # the first statement that is not repeatable
+    unrepeatable: list = field(default_factory=list)  # the cells of every statement that is not
 
 
 def _container_type(definition: _Definition, analysis: _Analysis) -> Optional[type]:
@@ -1226,7 +1324,7 @@ def _follow_ups(name: str, definition: _Definition, changes: list[_Change],
     kind = _container_type(definition, analysis)
     if kind is None:
         return None, None, ""
-    statements, repeatable, call, call_cell, again_at = [], True, None, 0, None
+    statements, repeatable, call, call_cell, again_at, unrepeatable = [], True, None, 0, None, []
     for order in sorted({c.order for c in changes}):
         change = next(c for c in changes if c.order == order)
         statement, text = analysis.statements[order]
@@ -1237,7 +1335,13 @@ def _follow_ups(name: str, definition: _Definition, changes: list[_Change],
                                   "it changes something else too, or is not a plain change of an item, an attribute "
                                   "or the container")
         reads, again = parts
-        for used in sorted(_global_uses(text) - {name}):
+        if order[0] in analysis.unsure_cells:
+            return None, change, (f"the notebook file shows cell {order[0] + 1} did not run, or stopped at an "
+                                  "error")
+        uses = _global_uses(text) - {name}
+        if any(analysis.changes_after(used, order) for used in uses):
+            again = False  # (run twice, it read what a later statement changed: `C.update(D)` then `D['a'] = 2`)
+        for used in sorted(uses):
             if used in analysis.defs and analysis.defs[used].order > order:
                 return None, change, (f"it reads `{used}`, which cell {analysis.defs[used].cell + 1} binds again "
                                       "after it")
@@ -1249,8 +1353,9 @@ def _follow_ups(name: str, definition: _Definition, changes: list[_Change],
             call, call_cell = _uncertain_call(read, analysis), order[0]
         if not again or any(isinstance(n, ast.Name) and n.id == name for r in reads for n in ast.walk(r)):
             repeatable, again_at = False, again_at or order
+            unrepeatable.append(order[0])
         statements.append(_Definition((), "statement", order[0], order, statement, text, _global_uses(text)))
-    return _FollowUps(statements, repeatable, call, call_cell, again_at), None, ""
+    return _FollowUps(statements, repeatable, call, call_cell, again_at, unrepeatable), None, ""
 
 
 _COMPOUND = {ast.For: "for", ast.AsyncFor: "async for", ast.While: "while", ast.If: "if", ast.With: "with",
@@ -1363,11 +1468,16 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
             ctx.verify.append(name)
             return _Travel(True)
         touched = [c for c in changes if c.kind in ("into", "method", "argument")]
-        if touched:
-            c = touched[0]
+
+        def refuse(c: _Change) -> None:
             raise _cli_refusal(name, label, definition,
                                f"`{name}` is a module beside the notebook, and cell {c.cell + 1} changes it: "
                                f"`{c.text}` (line {c.line})", live)
+
+        if any(not c.nested for c in touched):
+            refuse(next(c for c in touched if not c.nested))
+        nested = [c for c in touched if c.nested]  # (`class Model: scale = helpers.make_scale()`)
+        ctx.unless_held(nested, name, lambda: refuse(nested[0]))
         return _Travel(True)
     if definition.kind in ("function", "class"):
         into = [c for c in changes if c.kind in ("into", "rebind")]
@@ -1431,6 +1541,12 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
     if live is not None and name not in live:
         ctx.absent.append((name, definition.cell))  # (`del NAMES` since: judged as the CLI judges it, and said)
     if live is None or name not in live:  # the CLI: no values to save
+        if live is None:
+            if _immutable_items(definition):  # (`Path(CONFIG['root'])`, `f(**CONFIG)` hand on only what cannot change)
+                changes = [c for c in changes if not (c.kind == "argument" and _passes_only_items(c, name))]
+            nested = [c for c in changes if c.nested]
+            changes = [c for c in changes if not c.nested and not (c.kind == "alias" and _unchanged_holder(c, analysis))]
+            ctx.unless_held(nested, name, lambda: _nested_change_not_held(name, label, definition, nested, ctx))
         structural = [c for c in changes if c.kind in ("rebind", "into", "method")]
         follow, blocker, why_not = (_follow_ups(name, definition, structural, analysis) if structural and live is None
                                     else (None, None, ""))
@@ -1445,6 +1561,7 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                 raise _cli_refusal(name, label, definition, what + ", and the notebook saved no predictions to prove "
                                    "it", live)
             ctx.follow_ups[name] = follow.statements
+            ctx.unrepeatable.update(follow.unrepeatable)
             if not follow.repeatable or follow.call is not None:
                 ctx.unproven.append(name)
         elif structural:
@@ -1459,22 +1576,26 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                                + (f", which model.py cannot run after it ({why_not})" if why_not else ""), live)
         if problem:
             raise _cli_refusal(name, label, definition, f"{problem} (cell {definition.cell + 1})", live)
-        used_up = _used_up_by(name, definition, analysis)
-        if used_up is not None:
-            if not ctx.replay_proves:
-                raise _cli_refusal(name, label, definition, f"it is an iterator, and cell {used_up[0] + 1} reads it, "
-                                   "which uses it up: model.py's would still hold what the notebook's gave away", live)
-            ctx.unproven.append(name)
+        readers = _used_up_by(name, definition, analysis)
+
+        def used_up() -> None:
+            if ctx.replay_proves:
+                ctx.unproven.append(name)
+                return
+            first = next(c for c in readers if c.order not in ctx.held)
+            raise _cli_refusal(name, label, definition, f"it is an iterator, and cell {first.cell + 1} reads it, which "
+                               "uses it up: model.py's would still hold what the notebook's gave away", live)
+
+        ctx.unless_held(readers, name, used_up)  # (a reader model.py runs too uses it up the same way)
         passed = [c for c in changes if c.kind in ("argument", "alias")] + (
             _calls_using(name, definition, analysis) if not _is_logger(definition, analysis) else [])
         is_literal_definition, literal = _literal_of(definition)
         if is_literal_definition and values_is_immutable(literal):
             # Nothing can change an int or a str in place: only a function that declares it global can rebind it.
             passed = [c for c in passed if c.kind == "calls" and _declares_global(analysis.defs[c.name], name)]
-        elif is_literal_definition and isinstance(literal, (list, tuple, set, dict)) and all(
-                values_is_immutable(item) for item in (literal.values() if isinstance(literal, dict) else literal)):
+        elif _immutable_items(definition):
             # `CONFIG.update(DEFAULTS)` copies what DEFAULTS holds, which nothing can change in place
-            passed = [c for c in passed if not (c.kind == "argument" and _copied_from(c, name))]
+            passed = [c for c in passed if not (c.kind == "argument" and _copied_from(c, name, analysis))]
         call = _uncertain_call(definition, analysis)
         if passed or call is not None:
             if ctx.replay_proves:
@@ -1655,7 +1776,7 @@ def _weights_only(change: _Change) -> bool:
 def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a notebook",
                        live: Optional[Mapping[str, Any]] = None, *, as_values: Mapping[str, str] = {},
                        local: Callable[[str], Any] = lambda module: None,
-                       replay_proves: bool = False) -> ModelSource:
+                       replay_proves: bool = False, unsure_cells: Iterable[int] = ()) -> ModelSource:
     """model.py for ``class_name`` from the cells, in the order they ran.
 
     ``live`` is the kernel's namespace: names whose values cannot be rebuilt from
@@ -1678,6 +1799,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     if last_cell_of(cells, "model") is None:
         raise MaterializeError("No `%%model` cell defines the model yet: write a %%model cell with the model class first.")
     analysis = _collect(cells)
+    analysis.unsure_cells = frozenset(unsure_cells)
     if analysis.model_syntax_error:
         raise MaterializeError(analysis.model_syntax_error)
     _give_names_to_later_stars(analysis, given_live, local, class_name)
@@ -1772,6 +1894,10 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
             if name in included:
                 continue
             need(name, label)
+    ctx.held = {d.order for d in chosen.values()}
+    for orders, otherwise in ctx.deferred:
+        if not set(orders) <= ctx.held:
+            otherwise()
     for name, then, reader, later in ctx.same_as_later:
         if name not in ctx.verify or not _captured_the_same(reader, name, analysis, ctx.live):
             _an_earlier_value_must_rebuild(name, then, reader, later, analysis, ctx, walked=True)
@@ -1781,7 +1907,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     instead = _values_instead_of_pickles(plans, referrers, included, defs, chosen.values(), live, as_values)
     if instead:
         return build_model_source(cells, class_name, notebook, given_live, as_values={**as_values, **instead},
-                                  local=local, replay_proves=replay_proves)
+                                  local=local, replay_proves=replay_proves, unsure_cells=unsure_cells)
     attributes = dict(as_values)
     if live is not None:  # what a cell visibly sets on a module beside the notebook, known before any check
         for name in [n for n in ctx.verify if n in included and included[n].kind == "import"]:
@@ -1856,6 +1982,9 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
                        values=[p for p, _ in sorted(plans.values(), key=lambda item: (item[1], item[0].name))],
                        changes=changes, redefined=redefined, verify=verify, besides_weights=besides_weights,
                        unproven=list(dict.fromkeys(ctx.unproven)), spans=spans, fingerprints=fingerprints,
+                       held_cells={d.cell for d in chosen.values() if d.kind != "import"},
+                       unrepeatable_cells=set(ctx.unrepeatable),
+                       carried={d.order for d in chosen.values() if d.kind == "statement"},
                        absent=[(name, cell) for name, cell in dict.fromkeys(ctx.absent)
                                if any(defs[r].kind in ("function", "class", "model") and name in _read_when_called(
                                    defs[r].node) for r in referrers.get(name, ()) if r in defs)],
@@ -2182,34 +2311,54 @@ def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, c
 
 def _changes_of_an_earlier_value(name: str, then: _Definition, reader: _Definition, later: _Definition,
                                  analysis: _Analysis, ctx: _Context) -> list[_Definition]:
-    """What changed the value a name had when ``reader`` ran, before ``later`` bound the name again (`CONFIG['r'] =
-    2` between `CONFIG = {'r': 1}` and a class body reading it): model.py runs those statements too, in their
-    place (it re-ran only the assignment: the class got 1 where the notebook's had 2). The earlier value is no one's
-    live value and the fresh process does not compare a def's defaults, so the kernel judges it as the CLI does: a
-    change model.py cannot run so (through another name, a function, a loop) is refused, naming it, and one that
-    gives another value when run again needs a recorded prediction to prove it."""
-    def before_later(changes: list[_Change]) -> list[_Change]:
-        return [c for c in changes if then.order < c.order < later.order]
+    """What changed the value a name had when ``reader`` ran, before the next binding of the name (`CONFIG['r'] = 2`
+    between `CONFIG = {'r': 1}` and a class body reading it, then `CONFIG = {'r': 5}`): model.py runs those
+    statements too, in their place (it re-ran only the assignment: the class got 1 where the notebook's had 2). The
+    earlier value is no one's live value and the fresh process does not compare a def's defaults, so the kernel
+    judges it as the CLI does: a change model.py cannot run so (through another name, a function, a loop) is
+    refused, naming it, and one whose result is not certain needs a recorded prediction to prove it (the CLI also
+    asks that of one that gives another value when run twice: a cell may have run twice; the kernel's cells are the
+    runs themselves)."""
+    following = min([d.order for d in analysis.history.get(name, []) if d.order > then.order] + [later.order])
 
-    between = before_later(analysis.changes_after(name, then.order, kinds=("rebind", "into", "method")))
-    other = before_later([c for c in analysis.changes_after(name, then.order, kinds=("argument", "alias"))]
-                         + _calls_using(name, then, analysis))
-    if not between and not other:
-        return []
-    follow, blocker, why_not = _follow_ups(name, then, between, analysis) if between else (None, None, "")
-    if other or follow is None:
-        c = min(other, key=lambda c: c.order) if other else blocker or between[0]
-        how = ({"argument": "passes it to a function that may change it",
-                "alias": "binds another name to it (what changes through that name changes it too)",
-                "calls": f"calls `{c.name}`, which uses it and may change it"}.get(c.kind)
-               if c in other else f"changes it ({why_not})" if why_not else "changes it")
+    def until_then(changes: list[_Change]) -> list[_Change]:
+        return [c for c in changes if then.order < c.order < following]
+
+    found = until_then(analysis.changes_after(name, then.order, kinds=("rebind", "into", "method", "argument", "alias"))
+                       + _calls_using(name, then, analysis))
+    found = [c for c in found if not (c.kind == "alias" and _unchanged_holder(c, analysis))]
+    nested = [c for c in found if c.nested]
+    found = [c for c in found if not c.nested]
+    between = [c for c in found if c.kind in ("rebind", "into", "method")]
+    other = [c for c in found if c not in between]
+    said = (f"`{name}` as cell {then.cell + 1} set it (`{_shown(then.text)}`) is read when cell {reader.cell + 1} "
+            f"runs, and cell {later.cell + 1}'s `{_shown(later.text)}` binds `{name}` again later")
+
+    def refuse(c: _Change, how: str) -> None:
         raise MaterializeError(
-            f"`{name}` as cell {then.cell + 1} set it (`{_shown(then.text)}`) is read when cell {reader.cell + 1} "
-            f"runs, cell {c.cell + 1} {how}: `{c.text}` (line {c.line}), and cell {later.cell + 1}'s "
-            f"`{_shown(later.text)}` binds `{name}` again later. That value is no one's now, and model.py can re-run "
-            f"only a change made by a top-level statement that changes nothing else, so it cannot rebuild it. Give "
-            f"the later `{name}` another name (or make the change in the assignment itself).")
-    if not follow.repeatable or follow.call is not None:
+            f"{said}; cell {c.cell + 1} {how}: `{c.text}` (line {c.line}). That value is no one's now, and model.py "
+            f"can re-run only a change made by a top-level statement that changes nothing else, so it cannot rebuild "
+            f"it. Give the later `{name}` another name (or make the change in the assignment itself).")
+
+    ctx.unless_held(nested, name, lambda: refuse(next(c for c in nested if c.order not in ctx.held),
+                                                 "changes it in a class body or a default model.py does not hold"))
+    if not found:
+        return []
+    if _container_type(then, analysis) is None:
+        c = min(found, key=lambda c: c.order)
+        raise MaterializeError(
+            f"{said}; cell {c.cell + 1} changes it before then: `{c.text}` (line {c.line}). That value is no one's now, "
+            f"and model.py can carry the changes only of a literal (or dict(), list(), set()) assigned to the name "
+            f"alone, which `{_shown(then.text)}` is not. Give the later `{name}` another name.")
+    follow, blocker, why_not = _follow_ups(name, then, between, analysis) if between else (None, None, "")
+    if other or follow is None and between:
+        c = min(other, key=lambda c: c.order) if other else blocker or between[0]
+        refuse(c, {"argument": "passes it to a function that may change it",
+                   "alias": "binds another name to it (what changes through that name changes it too)",
+                   "calls": f"calls `{c.name}`, which uses it and may change it"}.get(c.kind)
+               if c in other else f"changes it ({why_not})" if why_not else "changes it")
+    in_kernel = ctx.live is not None
+    if (not follow.repeatable and not in_kernel) or follow.call is not None:
         if not ctx.replay_proves:
             c = next((c for c in between if c.order == follow.again_at), between[0])
             why = (f"`{c.text}` (cell {c.cell + 1}, line {c.line}) leaves another value each time it runs (a cell run "

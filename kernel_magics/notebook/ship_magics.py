@@ -162,6 +162,7 @@ class ShipMagics(Magics):
         started = time.perf_counter()
         materialized = self._materialize(replay)  # (what only the replay can prove is refused without it)
         self._refuse_changes_after_load(materialized.source)
+        self._refuse_what_load_read_before_a_change(materialized.source)
         analysis = time.perf_counter() - started
         secrets = {n: host.secrets[n] for n in host.config.secret_names if host.secrets.source_of(n)}
         result = model.run(
@@ -215,6 +216,24 @@ class ShipMagics(Magics):
                 f"after that cell (load() then starts from the value as the notebook has it now), %model_predict again "
                 f"for the inputs recorded before it (they answered from the old value), then export again; or make "
                 f"the change before %model_load, or inside load(). Nothing was exported.")
+
+    def _refuse_what_load_read_before_a_change(self, source) -> None:
+        """load() read a value a cell changed since (`self.t = CONFIG['threshold']`, then `CONFIG['threshold'] =
+        2.5`): the notebook's loaded model answers from the old value, the export's load() reads the new one. A
+        new user's replay passed by chance (no recorded input crossed the threshold) and the deployment answered
+        otherwise: refused whether or not a recorded answer shows it."""
+        stale = self._read_by_load_and_changed_before(source, len(self.model.cells) + 1)
+        if stale is None:
+            return
+        load_cell, names = stale
+        one = len(names) == 1
+        said = names[0] if one else ", ".join(names[:-1]) + " and " + names[-1]
+        raise UsageError(
+            f"{said} changed after %model_load ran ({_load_place(load_cell)}), and load() reads "
+            f"{'it' if one else 'them'}: the notebook's loaded model still holds what its load() read then, while "
+            f"the export's load() reads the value as it is now, so the two would answer differently. Run %model_load "
+            f"again (then `%model_predict --again` records the answers of the model as it is now), then export again. "
+            f"Nothing was exported.")
 
     def _explain_mismatch(self, materialized, index: int) -> "Optional[MismatchHint]":
         """The most likely reason a replayed answer differs, from what the kernel knows."""
