@@ -317,6 +317,10 @@ FOLLOW_UPS = {
     "through a loop's variable": (["C = {'a': {}}", "for v in C.values():\n    v['k'] = 1"], "C", None,
                                   "(it is inside a `for` statement)"),
     "reading __name__": (["C = {}", "C['n'] = __name__"], "C", None, "it reads `__name__`"),
+    "a comprehension changing its items": (["C = {'a': {}}", "_ = [v.update(k=1) for v in C.values()]"], "C", None,
+                                          "`[v.update(k=1) for v in C.values()]`"),
+    "a comprehension over strings": (["NAMES = ['a', 'b']", "U = [x.replace('a', 'c') for x in NAMES]"], "NAMES",
+                                     ['a', 'b'], False),
 }
 # Holes the analysis had before (silent in the CLI with no change in sight, a review found): now refused unless a
 # saved prediction's replay can prove them.
@@ -337,6 +341,10 @@ UNPROVEN = {
                                     "cell 4 passes it to a function that may change it: `m.update(DEFAULTS)`"),
     "in a display changed through it": (["LAYERS = [64, 32]", "CONFIG = {'layers': LAYERS}",
                                          "CONFIG['layers'].append(1)"], "LAYERS", "cell 2 binds another name to it"),
+    "held by dict(c=...)": (["C = {'a': 1}", "W = dict(c=C)", "W['c']['a'] = 2"], "C", "binds another name to it"),
+    "held by a repeated list": (["C = {'a': 1}", "W = [C] * 2", "W[0]['a'] = 2"], "C", "binds another name to it"),
+    "held by a comprehension": (["C = {'a': 1}", "W = {k: C for k in 'x'}", "W['x']['a'] = 2"], "C",
+                                "binds another name to it"),
     "a zip used up": (["Z = zip('ab', 'cd')", "for a, b in Z:\n    break"], "Z", "cell 2 reads it, which uses it up"),
 }
 

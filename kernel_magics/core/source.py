@@ -437,6 +437,15 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
                         add(_root_name(arg), sub, "argument", nested=True)
             stack.extend((child, local) for child in ast.iter_child_nodes(sub))
             continue
+        if isinstance(sub, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
+            # `[v.update(k=1) for v in C.values()]` changes what `C` holds, as a loop would
+            parts = [sub.elt] if not isinstance(sub, ast.DictComp) else [sub.key, sub.value]
+            for generator in sub.generators:
+                loop = ast.For(target=generator.target, iter=generator.iter,
+                               body=[ast.Expr(p) for p in parts + list(generator.ifs)], orelse=[])
+                if _changes_its_variable(loop):
+                    for root, how in _loop_changes(generator.iter):
+                        add(root, sub, "into", how)
         if isinstance(sub, ast.AugAssign):
             kind = "rebind" if isinstance(sub.target, ast.Name) else "into"
             add(_root_name(sub.target), sub, kind)
@@ -461,11 +470,11 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
                 # weights or modes only)
                 method = sub.iter.func.attr if isinstance(sub.iter, ast.Call) and isinstance(
                     sub.iter.func, ast.Attribute) and sub.iter.func.attr in _WEIGHTS_ONLY else ""
-                for root in _iterated_roots(sub.iter):
+                for root, how in _loop_changes(sub.iter):
                     if method and root == _root_name(sub.iter):
                         add(root, sub, "method", method, _chain_length(sub.iter.func.value))
                     else:
-                        add(root, sub, "into")
+                        add(root, sub, "into", how)
             for target in targets:
                 for part in ast.walk(target):
                     if isinstance(part, ast.Name):
@@ -507,14 +516,26 @@ def _used_up_by(name: str, definition: _Definition, analysis: _Analysis) -> list
             for order, reads in sorted(analysis.reads.items()) if order > definition.order and name in reads]
 
 
+# (the `method` of an "into" change made through the items a loop or a comprehension goes over: nothing, for a
+# literal whose items cannot change in place: `[w.replace('a', 'b') for w in WORDS]`)
+_THROUGH_ITS_ITEMS = "(its items)"
+
+
 def _iterated_roots(iterable: ast.expr) -> list[str]:
     """The names a loop goes over the items of: `C`, `C.values()`, `enumerate(C)`, `zip(A, B)` ..."""
     roots = [_root_name(iterable)]
     if isinstance(iterable, ast.Call) and isinstance(iterable.func, ast.Name):
         roots += [_root_name(arg) for arg in iterable.args]
-    if isinstance(iterable, (ast.List, ast.Tuple, ast.Set)):  # `for d in (TRAIN, EVAL): d['seed'] = 0`
-        roots += [_root_name(item) for item in iterable.elts]
     return [r for r in dict.fromkeys(roots) if r]
+
+
+def _loop_changes(iterable: ast.expr) -> list[tuple[str, str]]:
+    """(name, method) of the changes a loop over ``iterable`` makes when it changes what its variable holds: through
+    the items of what it goes over (`C.values()`, `zip(A, B)`), or of the names a display lists, themselves (`for d
+    in (TRAIN, EVAL): d['seed'] = 0`)."""
+    if isinstance(iterable, (ast.List, ast.Tuple, ast.Set)):
+        return [(r, "") for r in dict.fromkeys(_root_name(item) for item in iterable.elts) if r]
+    return [(r, _THROUGH_ITS_ITEMS) for r in _iterated_roots(iterable)]
 
 
 def _changes_its_variable(loop: ast.stmt) -> bool:
@@ -547,9 +568,18 @@ def _held_as_is(value: ast.expr) -> list[ast.expr]:
     if isinstance(value, ast.Dict):
         return [held for key, item in zip(value.keys, value.values) if key is not None  # (`{**D}` copies)
                 for held in _held_as_is(item)]
-    if isinstance(value, ast.Starred):
-        return []  # (`[*x]` copies)
-    return []
+    if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in _CONTAINER_CALLS:
+        # `dict(c=C)`, `list([C])` hold C (`dict(C)`, `list(C)` copy C, though not what its items hold)
+        return [held for item in [*value.args, *(k.value for k in value.keywords if k.arg)]
+                if not isinstance(item, ast.Name) for held in _held_as_is(item)] + [
+            k.value for k in value.keywords if k.arg and isinstance(k.value, ast.Name)]
+    if isinstance(value, ast.BinOp):  # `[C] * 2`, `[C] + rows`
+        return _held_as_is(value.left) + _held_as_is(value.right)
+    if isinstance(value, (ast.ListComp, ast.SetComp, ast.GeneratorExp)):  # `[C for _ in range(2)]`
+        return _held_as_is(value.elt)
+    if isinstance(value, ast.DictComp):
+        return _held_as_is(value.value)
+    return []  # (`[*x]` copies; a call makes something new)
 
 
 def _class_body_names(node: ast.ClassDef) -> set[str]:
@@ -1543,7 +1573,8 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
     if live is None or name not in live:  # the CLI: no values to save
         if live is None:
             if _immutable_items(definition):  # (`Path(CONFIG['root'])`, `f(**CONFIG)` hand on only what cannot change)
-                changes = [c for c in changes if not (c.kind == "argument" and _passes_only_items(c, name))]
+                changes = [c for c in changes if not (c.kind == "argument" and _passes_only_items(c, name)
+                                                      or c.method == _THROUGH_ITS_ITEMS)]
             nested = [c for c in changes if c.nested]
             changes = [c for c in changes if not c.nested and not (c.kind == "alias" and _unchanged_holder(c, analysis))]
             ctx.unless_held(nested, name, lambda: _nested_change_not_held(name, label, definition, nested, ctx))
