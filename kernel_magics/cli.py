@@ -212,6 +212,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if result.replaced:
         print(f"note: this export replaced the earlier one in {args.out}.", file=sys.stderr)
+    print(f"Exported `{config.model_class_name}` from {args.notebook.name} as a Truss:")  # (as %model_export says)
     print(result.tree())
     print(result.replay_note.replace("%model_predict", "%model_predict (and save the notebook)"))
     trains = trained_at_import(materialized.source.text)
