@@ -319,6 +319,8 @@ FOLLOW_UPS = {
     "reading __name__": (["C = {}", "C['n'] = __name__"], "C", None, "it reads `__name__`"),
     "a comprehension changing its items": (["C = {'a': {}}", "_ = [v.update(k=1) for v in C.values()]"], "C", None,
                                           "`[v.update(k=1) for v in C.values()]`"),
+    "a copy of immutable items": (["BASE = {'lr': 0.1}", "CONFIG = dict(BASE)", "CONFIG['lr'] = 3"], "BASE",
+                                  {'lr': 0.1}, False),
     "a comprehension over strings": (["NAMES = ['a', 'b']", "U = [x.replace('a', 'c') for x in NAMES]"], "NAMES",
                                      ['a', 'b'], False),
 }
@@ -345,6 +347,8 @@ UNPROVEN = {
     "held by a repeated list": (["C = {'a': 1}", "W = [C] * 2", "W[0]['a'] = 2"], "C", "binds another name to it"),
     "held by a comprehension": (["C = {'a': 1}", "W = {k: C for k in 'x'}", "W['x']['a'] = 2"], "C",
                                 "binds another name to it"),
+    "its items shared by a copy": (["BASE = {'layers': [64]}", "CONFIG = dict(BASE)", "CONFIG['layers'].append(3)"],
+                                   "BASE", "copies it into another name that shares its items"),
     "a zip used up": (["Z = zip('ab', 'cd')", "for a, b in Z:\n    break"], "Z", "cell 2 reads it, which uses it up"),
 }
 

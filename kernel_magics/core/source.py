@@ -456,6 +456,8 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
                 holder = single[0].id if len(single) == 1 and isinstance(single[0], ast.Name) else ""
                 for held in _held_as_is(sub.value):
                     add(_root_name(held), sub, "alias", holder=holder)
+                for copied in _items_shared(sub.value):  # (what `dict(BASE)` holds is what BASE holds)
+                    add(copied, sub, "alias", _THROUGH_ITS_ITEMS, holder=holder)
             targets = sub.targets if isinstance(sub, (ast.Assign, ast.Delete)) else [sub.target]
             for target in targets:
                 for part in ast.walk(target):
@@ -556,6 +558,18 @@ def _changes_its_variable(loop: ast.stmt) -> bool:
                 and _root_name(sub.func.value) in variables:
             return True
     return False
+
+
+def _items_shared(value: ast.expr) -> list[str]:
+    """The names whose items a shallow copy shares (`dict(BASE)`, `list(ROWS)`, `BASE.copy()`): what changes those
+    items through the copy (`CONFIG['layers'].append(3)`) changes them in the original too."""
+    if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in (*_CONTAINER_CALLS, "tuple") \
+            and len(value.args) == 1 and isinstance(value.args[0], ast.Name):
+        return [value.args[0].id]
+    if isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute) and value.func.attr == "copy" \
+            and not value.args and isinstance(value.func.value, ast.Name):
+        return [value.func.value.id]
+    return []
 
 
 def _held_as_is(value: ast.expr) -> list[ast.expr]:
@@ -1066,8 +1080,8 @@ def _holder_changes(name: str, after: tuple[int, int], analysis: _Analysis) -> l
         return []  # `net = nn.Sequential(nn.Linear(2, 1))` hands `net` a new object, not the module
     found = []
     for link in analysis.changes_after(name, after, ["held", "alias"]):
-        if not link.holder:
-            continue
+        if not link.holder or link.method == _THROUGH_ITS_ITEMS:
+            continue  # (a copy that shares the items: what changes the copy itself is no change of the name)
         rebound = [d.order for d in analysis.history.get(link.holder, []) if d.order > link.order]
         rebound += [c.order for c in analysis.changes_after(link.holder, link.order, ["rebind"])]
         until = min(rebound, default=None)
@@ -1252,6 +1266,15 @@ def _passes_only_items(change: _Change, name: str) -> bool:
         return False
     handed = [*call.args, *(k.value for k in call.keywords)]
     return not any(isinstance(a, ast.Name) and a.id == name for a in handed)
+
+
+def _how_it_may_change(change: _Change) -> str:
+    """What a change the code does not show in full does, for a refusal ("cell 3 {this}: `...`")."""
+    if change.kind == "alias" and change.method == _THROUGH_ITS_ITEMS:
+        return "copies it into another name that shares its items (what changes them through that name changes them here)"
+    return {"argument": "passes it to a function that may change it",
+            "alias": "binds another name to it (what changes through that name changes it too)",
+            "calls": f"calls `{change.name}`, which uses it and may change it"}.get(change.kind, "changes it")
 
 
 def _unchanged_holder(alias: _Change, analysis: _Analysis) -> bool:
@@ -1571,13 +1594,12 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
     if live is not None and name not in live:
         ctx.absent.append((name, definition.cell))  # (`del NAMES` since: judged as the CLI judges it, and said)
     if live is None or name not in live:  # the CLI: no values to save
-        if live is None:
-            if _immutable_items(definition):  # (`Path(CONFIG['root'])`, `f(**CONFIG)` hand on only what cannot change)
-                changes = [c for c in changes if not (c.kind == "argument" and _passes_only_items(c, name)
-                                                      or c.method == _THROUGH_ITS_ITEMS)]
-            nested = [c for c in changes if c.nested]
-            changes = [c for c in changes if not c.nested and not (c.kind == "alias" and _unchanged_holder(c, analysis))]
-            ctx.unless_held(nested, name, lambda: _nested_change_not_held(name, label, definition, nested, ctx))
+        if _immutable_items(definition):  # (`Path(CONFIG['root'])`, `f(**CONFIG)` hand on only what cannot change)
+            changes = [c for c in changes if not (c.kind == "argument" and _passes_only_items(c, name)
+                                                  or c.method == _THROUGH_ITS_ITEMS)]
+        nested = [c for c in changes if c.nested]
+        changes = [c for c in changes if not c.nested and not (c.kind == "alias" and _unchanged_holder(c, analysis))]
+        ctx.unless_held(nested, name, lambda: _nested_change_not_held(name, label, definition, nested, ctx))
         structural = [c for c in changes if c.kind in ("rebind", "into", "method")]
         follow, blocker, why_not = (_follow_ups(name, definition, structural, analysis) if structural and live is None
                                     else (None, None, ""))
@@ -1633,10 +1655,7 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                 ctx.unproven.append(name)
                 return _Travel(True)
             line = definition.node.lineno if call is None else call.lineno
-            how = {"argument": "passes it to a function that may change it",
-                   "alias": "binds another name to it (what changes through that name changes it too)",
-                   "calls": f"calls `{passed[0].name}`, which uses it and may change it"}.get(passed[0].kind, "") \
-                if passed else ""
+            how = _how_it_may_change(passed[0]) if passed else ""
             what = (f"cell {passed[0].cell + 1} {how}: `{passed[0].text}` (line {passed[0].line})"
                     if passed else
                     f"re-running `{_shown(ast.unparse(call))}` (cell {definition.cell + 1}, line "
@@ -2334,7 +2353,7 @@ def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, c
             chosen[id(then)] = then
             queue.append((then, name))
             for statement in (_changes_of_an_earlier_value(name, then, definition, current, analysis, ctx)
-                              if then.kind == "constant" else ()):
+                              if then.kind in ("constant", "block") else ()):
                 if id(statement) not in chosen:
                     chosen[id(statement)] = statement
                     queue.append((statement, name))
@@ -2358,6 +2377,9 @@ def _changes_of_an_earlier_value(name: str, then: _Definition, reader: _Definiti
     found = until_then(analysis.changes_after(name, then.order, kinds=("rebind", "into", "method", "argument", "alias"))
                        + _calls_using(name, then, analysis))
     found = [c for c in found if not (c.kind == "alias" and _unchanged_holder(c, analysis))]
+    if _immutable_items(then):
+        found = [c for c in found if not (c.kind == "argument" and _passes_only_items(c, name)
+                                          or c.method == _THROUGH_ITS_ITEMS)]
     nested = [c for c in found if c.nested]
     found = [c for c in found if not c.nested]
     between = [c for c in found if c.kind in ("rebind", "into", "method")]
@@ -2384,10 +2406,7 @@ def _changes_of_an_earlier_value(name: str, then: _Definition, reader: _Definiti
     follow, blocker, why_not = _follow_ups(name, then, between, analysis) if between else (None, None, "")
     if other or follow is None and between:
         c = min(other, key=lambda c: c.order) if other else blocker or between[0]
-        refuse(c, {"argument": "passes it to a function that may change it",
-                   "alias": "binds another name to it (what changes through that name changes it too)",
-                   "calls": f"calls `{c.name}`, which uses it and may change it"}.get(c.kind)
-               if c in other else f"changes it ({why_not})" if why_not else "changes it")
+        refuse(c, _how_it_may_change(c) if c in other else f"changes it ({why_not})" if why_not else "changes it")
     in_kernel = ctx.live is not None
     if (not follow.repeatable and not in_kernel) or follow.call is not None:
         if not ctx.replay_proves:
