@@ -1249,6 +1249,15 @@ def values_is_immutable(value: Any) -> bool:
     return is_immutable(value)
 
 
+def _that_may_change(name: str, definition: _Definition, changes: list[_Change], analysis: _Analysis) -> list[_Change]:
+    """``changes`` less those that cannot change what the definition made: another name nothing changes through,
+    and, for a literal whose items cannot change in place, what hands on or goes over only its items
+    (`Path(CONFIG['root'])`, `f(**CONFIG)`, `[w.upper() for w in WORDS]`, `dict(BASE)`)."""
+    items_fixed = _immutable_items(definition)
+    return [c for c in changes if not (c.kind == "alias" and _unchanged_holder(c, analysis)) and not (
+        items_fixed and (c.kind == "argument" and _passes_only_items(c, name) or c.method == _THROUGH_ITS_ITEMS))]
+
+
 def _immutable_items(definition: _Definition) -> bool:
     """A literal list, tuple, set or dict whose items nothing can change in place."""
     is_literal, literal = _literal_of(definition)
@@ -1594,11 +1603,9 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
     if live is not None and name not in live:
         ctx.absent.append((name, definition.cell))  # (`del NAMES` since: judged as the CLI judges it, and said)
     if live is None or name not in live:  # the CLI: no values to save
-        if _immutable_items(definition):  # (`Path(CONFIG['root'])`, `f(**CONFIG)` hand on only what cannot change)
-            changes = [c for c in changes if not (c.kind == "argument" and _passes_only_items(c, name)
-                                                  or c.method == _THROUGH_ITS_ITEMS)]
+        changes = _that_may_change(name, definition, changes, analysis)
         nested = [c for c in changes if c.nested]
-        changes = [c for c in changes if not c.nested and not (c.kind == "alias" and _unchanged_holder(c, analysis))]
+        changes = [c for c in changes if not c.nested]
         ctx.unless_held(nested, name, lambda: _nested_change_not_held(name, label, definition, nested, ctx))
         structural = [c for c in changes if c.kind in ("rebind", "into", "method")]
         follow, blocker, why_not = (_follow_ups(name, definition, structural, analysis) if structural and live is None
@@ -2376,10 +2383,7 @@ def _changes_of_an_earlier_value(name: str, then: _Definition, reader: _Definiti
 
     found = until_then(analysis.changes_after(name, then.order, kinds=("rebind", "into", "method", "argument", "alias"))
                        + _calls_using(name, then, analysis))
-    found = [c for c in found if not (c.kind == "alias" and _unchanged_holder(c, analysis))]
-    if _immutable_items(then):
-        found = [c for c in found if not (c.kind == "argument" and _passes_only_items(c, name)
-                                          or c.method == _THROUGH_ITS_ITEMS)]
+    found = _that_may_change(name, then, found, analysis)
     nested = [c for c in found if c.nested]
     found = [c for c in found if not c.nested]
     between = [c for c in found if c.kind in ("rebind", "into", "method")]
