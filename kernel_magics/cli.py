@@ -170,6 +170,12 @@ def _export(args: argparse.Namespace) -> int:
     # The CLI reads the cells top to bottom, each once: a cell whose statements model.py holds that ran after one
     # below it, or one whose changes give another value each run that may have run twice, is not what it reads.
     source = materialized.source
+    unsure = [cell for cell in notebook.unsure_cells if cell in source.held_cells]
+    if unsure:
+        raise ExportError(
+            f"Code cell {unsure[0] + 1} holds what model.py needs, but the saved notebook shows it did not run (no "
+            "In [N]) or stopped at an error, so the notebook may not have what the file shows there. Run it (fix the "
+            "error, or delete the cell), save the notebook and export again, or export with --execute.")
     ran = notebook.ran_late(source.held_cells) or notebook.maybe_ran_twice(source.unrepeatable_cells)
     if ran:
         raise ExportError(

@@ -240,7 +240,8 @@ RULES = "%%model\nclass Model:\n    def predict(self, model_input):\n        ret
 
 
 @pytest.mark.parametrize("case", ["ran after a cell below it", "may have run twice", "stopped at an error",
-                                  "the model cell run again after the load below it"])
+                                  "never ran", "the model cell run again after the load below it",
+                                  "a cell run again above one that only reads it"])
 def test_the_cli_refuses_a_cell_it_reads_otherwise_than_it_ran(tmp_path, case):
     """The CLI reads the cells top to bottom, each once. A new user's `class Rules: cutoff = SCALE * 2.0` run again
     after `SCALE = 3.0` below it exported the cutoff of the file's order, silently; an append run twice (its In [N]
@@ -256,13 +257,20 @@ def test_the_cli_refuses_a_cell_it_reads_otherwise_than_it_ran(tmp_path, case):
         "stopped at an error": [("SCALE = 2.0\nNAMES = ['a']", 1), ("class Rules:\n    cutoff = SCALE * 2.0", 2),
                                 (RULES, 3), ("{}['x']\nNAMES.append('b')", 4, "error"), ("%model_load", 5),
                                 ('%model_predict {"x": 1}', 6, "{'cut': 4.0, 'n': 1}")],
+        "never ran": [("SCALE = 2.0\nNAMES = ['a']", 1), ("class Rules:\n    cutoff = SCALE * 2.0", 2),
+                      ("NAMES = ['b']", None), (RULES, 3), ("%model_load", 4),
+                      ('%model_predict {"x": 1}', 5, "{'cut': 4.0, 'n': 1}")],
+        "a cell run again above one that only reads it": [
+            ("import math\nSCALE = 2.0\nNAMES = ['a']", 6), ("print(len(NAMES), math.pi)", 2),
+            ("class Rules:\n    cutoff = SCALE * 2.0", 7), (RULES, 8), ("%model_load", 9),
+            ('%model_predict {"x": 1}', 10, "{'cut': 4.0, 'n': 1}")],
         "the model cell run again after the load below it": [
             ("SCALE = 2.0\nNAMES = ['a']", 1), ("class Rules:\n    cutoff = SCALE * 2.0", 2), (RULES, 5),
             ("%model_load", 4), ('%model_predict {"x": 1}', 6, "{'cut': 4.0, 'n': 1}")],
     }[case]
     path = saved_notebook(tmp_path / "nb.ipynb", [("%load_ext kernel_magics", None), *cells])
     done = cli("export", path, tmp_path / "out", cwd=tmp_path)
-    if case.startswith("the model cell"):
+    if case.startswith(("the model cell", "a cell run again above")):
         assert done.returncode == 0, done.stdout + done.stderr
         return
     assert done.returncode == 1 and not (tmp_path / "out").exists(), done.stdout + done.stderr
@@ -270,7 +278,8 @@ def test_the_cli_refuses_a_cell_it_reads_otherwise_than_it_ran(tmp_path, case):
             "may have run twice": "code cell 5 ran as In [5], and no saved cell ran as In [4]: it may have run twice",
             "stopped at an error": "cell 5 changes it after its assignment: `NAMES.append('b')` (line 2), which model.py "
                                    "cannot run after it (the notebook file shows cell 5 did not run, or stopped at an "
-                                   "error)"}[case]
+                                   "error)",
+            "never ran": "Code cell 4 holds what model.py needs, but the saved notebook shows it did not run"}[case]
     assert said in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 

@@ -163,6 +163,19 @@ def test_a_prediction_recorded_before_the_model_was_loaded_again_is_named_as_the
     assert "Replayed 1 recorded prediction in a fresh Python" in k.ok("%model_export out").stdout
 
 
+def test_a_call_a_value_load_read_was_passed_to_after_the_load_is_no_change(tmp_path, fresh_kernel):
+    """Saving the config with json.dump after %model_load changes nothing load() read: the export goes ahead (the
+    refusal of a value load() read and a cell changed since counts only a binding or a change in sight)."""
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    k.ok("import json, os\nCONFIG = {'t': 0.5}")
+    k.ok("%%model\nclass Model:\n    def load(self):\n        self.t = CONFIG['t']\n"
+         "    def predict(self, model_input):\n        return model_input['p'] >= self.t")
+    k.ok("%model_load")
+    k.ok("with open(os.devnull, 'w') as f:\n    json.dump(CONFIG, f)")
+    k.ok('%model_predict {"p": 0.7}')
+    assert "Replayed 1 recorded prediction" in k.ok("%model_export out").stdout
+
+
 def test_predict_again_records_every_input_anew_after_a_retrain(tmp_path, fresh_kernel):
     """A new user retrained and met the replay's refusal for each old answer in turn, predicting each input again
     by hand. `%model_predict --again` predicts every recorded input again, says which answers changed, and the

@@ -383,6 +383,16 @@ def test_the_cli_runs_the_plain_changes_a_later_cell_makes_to_a_literal_after_it
     assert "X = 2" not in source.text  # (only the statements that change it)
 
 
+def test_a_change_a_held_class_body_makes_that_differs_when_run_again_marks_its_cell():
+    """The CLI refuses a cell that may have run twice when what it changes gives another value each run: a class
+    body's `LABELS.append('other')` too (a review: only top-level statements were counted)."""
+    cells = ["LABELS = ['cat', 'dog']", "%%model\nclass Model:\n    LABELS.append('other')\n"
+             "    def predict(self, x):\n        return LABELS", "X = 1"]
+    assert build_model_source(cells, "Model").unrepeatable_cells == {1}
+    cells[1] = cells[1].replace("LABELS.append('other')", "TABLE = {}")
+    assert build_model_source(cells, "Model").unrepeatable_cells == set()
+
+
 def test_an_earlier_value_read_at_definition_time_keeps_the_changes_made_to_it_before_it_was_read():
     """`CONFIG = {'r': 1}`, `CONFIG['r'] = 2`, a class body reading `CONFIG['r']`, then `CONFIG = {'r': 5}`: model.py
     re-ran only the first assignment, and the class's `R` was 1 where the notebook's was 2, silently. It runs the

@@ -19,6 +19,7 @@ from .config import ModelConfig, parse_config
 from .errors import KernelMagicsError
 from .magic_line import strip_comment
 from .replay import PRINTED_STREAM, PredictionRecord
+from .replay import AGAIN_INDENT, read_again_line
 from .source import last_cell_of, python_of_cell, split_cell_magic
 
 __all__ = ["NotebookFileError", "SavedNotebook", "read_notebook", "config_from_cells"]
@@ -63,10 +64,11 @@ class SavedNotebook:
             for below, second in seen:
                 if below <= above or second > first:
                     continue
-                # (only where the two disagree: one reads what the other binds, or both bind it; the %%model cell run
-                # again after %model_load below it is no such case)
+                # Only where the two disagree: the cell above read what the one below binds, both bind a name, or
+                # the one below, which model.py holds too, read what the one above binds (the %%model cell run again
+                # after %model_load below it, or a cell re-run above a plot of what it makes, is no such case).
                 bound_below, read_below = names_of_cell(self.cells[below])
-                if bound_below & read or bound & (read_below | bound_below):
+                if bound_below & read or bound & bound_below or below in cells and bound & read_below:
                     return (f"code cell {above + 1} ran as In [{first}], after code cell {below + 1} below it, which "
                             f"ran as In [{second}]")
         return None
@@ -110,7 +112,7 @@ class SavedNotebook:
         start = (last_cell_of(self.cells, "model") or 0) + 1
         self.prediction_cells = {}
         for cell, (source, outputs) in enumerate(zip(self.cells[start:], self.outputs[start:]), start):
-            if _last_line_magic(source) in ("%model_predict --again", "%model_predict --again;"):
+            if _predicts_again(source):
                 self._read_again(record, outputs, cell)
                 continue
             model_input = _literal_input(source)
@@ -137,31 +139,22 @@ class SavedNotebook:
                           for o in outputs or [] if isinstance(o, dict) and o.get("name") == "stdout")
         if any(isinstance(o, dict) and o.get("output_type") == "error" for o in outputs or []) or not printed:
             return
-        decoder = json.JSONDecoder()
         items = {json.dumps(item.input, sort_keys=True): item for item in record}
+        unread = False
         for line in printed.splitlines():
-            if not line.startswith("  {") and not line.startswith("  ["):
+            if not line.startswith(AGAIN_INDENT):
                 continue
-            try:
-                model_input, at = decoder.raw_decode(line, 2)
-                if not line.startswith(": ", at):
-                    raise ValueError
-                _, at = decoder.raw_decode(line, at + 2)
-                if not line.startswith(" then, ", at):
-                    raise ValueError
-                answer, at = decoder.raw_decode(line, at + 7)
-                if line[at:] != " now":
-                    raise ValueError
-            except ValueError:
-                model_input, answer = None, None
-            item = items.get(json.dumps(model_input, sort_keys=True)) if model_input is not None else None
-            if item is not None and answer is not None:
-                kept = record.add(item.input, answer, request=item.request)
+            read = read_again_line(line)
+            if read is None:
+                unread = True  # (cut short: the new answer is not in the file)
+                continue
+            item = items.get(json.dumps(read[0], sort_keys=True))
+            if item is not None:  # (else an input the file does not show, which the CLI does not replay)
+                kept = record.add(item.input, read[1], request=item.request)
                 if kept >= 0:
                     self.prediction_cells[id(list(record)[kept])] = cell
-            else:
-                self.unread_again = True
-        if getattr(self, "unread_again", False):
+        if unread:
+            self.unread_again = True
             record.drop_all()
 
     def prediction_cell(self, record: PredictionRecord, index: int) -> Optional[int]:
@@ -195,6 +188,15 @@ def _literal_input(source: str) -> Optional[tuple]:
         return (json.loads(text),)
     except ValueError:
         return None
+
+
+def _predicts_again(source: str) -> bool:
+    """A cell whose last line is `%model_predict --again` (with --no-widget, a comment or `;`)."""
+    text = _last_line_magic(source)
+    if text is None or not text.startswith("%model_predict "):
+        return False
+    words = strip_comment(text[len("%model_predict "):]).strip().removesuffix(";").split()
+    return "--again" in words and set(words) <= {"--again", "--no-widget"}
 
 
 def _last_line_magic(source: str) -> Optional[str]:

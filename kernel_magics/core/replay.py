@@ -199,6 +199,31 @@ def _differ(path: str, expected: Any, got: Any) -> str:
     return f"at the result{path or ''}: the notebook had {short(expected)}, the export gives {short(got)}"
 
 
+# How `%model_predict --again` shows an answer that changed, one per line, which `kernel-magics export` reads back
+# from the saved notebook (each part JSON; a part over 120 characters is cut and cannot be read back).
+AGAIN_INDENT = "  "
+
+
+def again_line(model_input: Any, then: Any, now: Any) -> str:
+    return f"{AGAIN_INDENT}{short(model_input)}: {short(then)} then, {short(now)} now"
+
+
+def read_again_line(line: str) -> Optional[tuple[Any, Any]]:
+    """``(input, new answer)`` of an :func:`again_line`, or None when it cannot be read back."""
+    decoder = json.JSONDecoder()
+    try:
+        model_input, at = decoder.raw_decode(line, len(AGAIN_INDENT))
+        if not line.startswith(": ", at):
+            return None
+        _, at = decoder.raw_decode(line, at + 2)
+        if not line.startswith(" then, ", at):
+            return None
+        now, at = decoder.raw_decode(line, at + len(" then, "))
+    except ValueError:
+        return None
+    return (model_input, now) if line[at:] == " now" else None
+
+
 def short(value: Any, limit: int = 120) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= limit else text[: limit - 1] + "…"

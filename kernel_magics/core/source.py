@@ -192,12 +192,12 @@ def split_cell_magic(source: str) -> tuple[Optional[str], str, str]:
 
 
 def names_of_cell(source: str) -> tuple[set[str], set[str]]:
-    """The names a cell binds or changes at its top level, and those it reads when it runs (not inside the bodies
-    of the functions it defines): what a cell run out of order may disagree with another on."""
+    """The names a cell binds or changes at its top level (an import binds the same module in any order: not
+    counted), and those it reads when it runs (not inside the bodies of the functions it defines): what a cell run
+    out of order may disagree with another on."""
     analysis = _collect([source])
-    bound = {n for d in analysis.history.values() for d0 in d for n in d0.names} | {c.name for c in analysis.changes
-                                                                                  if c.kind not in _HINTS}
-    bound |= set(analysis.elsewhere)
+    bound = {n for history in analysis.history.values() for d in history if d.kind != "import" for n in d.names}
+    bound |= {c.name for c in analysis.changes if c.kind not in _HINTS} | set(analysis.elsewhere)
     return bound, {n for reads in analysis.reads.values() for n in reads}
 
 
@@ -258,6 +258,7 @@ class _Change:
     via: str = ""  # for "through": what the holder was given, and where
     link: str = ""  # for "through": how the holder got it ("held" or "alias")
     nested: bool = False  # made in a class body or a def's default: model.py makes it too if it holds that statement
+    node: Optional[ast.AST] = field(default=None, compare=False, repr=False)  # the code that makes it
 
     def describe(self) -> str:
         where = f"`{self.text}` in cell {self.cell + 1}, line {self.line}"
@@ -304,7 +305,10 @@ def _statement_text(lines: list[str], node: ast.stmt, body: Sequence[ast.stmt] =
 
 def _global_uses(text: str) -> frozenset[str]:
     """Names a top-level statement reads from module globals (locals and builtins excluded)."""
-    table = symtable.symtable(text, "<cell>", "exec")
+    try:
+        table = symtable.symtable(text, "<cell>", "exec")
+    except SyntaxError:  # (it parses, but does not compile: `class H: z = [(y := v) for v in C]`)
+        return frozenset(n.id for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Name))
     used = {s.get_name() for s in table.get_symbols() if s.is_referenced()}
     stack = list(table.get_children())
     while stack:
@@ -391,7 +395,7 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
         if name:
             text = ast.get_source_segment("\n".join(lines), sub) or ""
             found.append(_Change(name, (ci, si), ci, sub.lineno, _shown(text), kind, method, chain,
-                                 holder, nested=nested))
+                                 holder, nested=nested, node=sub))
 
     if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
             and isinstance(node.value, ast.Call):
@@ -1249,6 +1253,15 @@ def values_is_immutable(value: Any) -> bool:
     return is_immutable(value)
 
 
+def _unrepeatable(change: _Change) -> bool:
+    """Whether a change gives another value when run again (`x += 1`, `xs.append(1)`; not `d['k'] = 1`)."""
+    node = change.node
+    if isinstance(node, ast.AugAssign):
+        return True
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _CONTAINER_CHANGES \
+        and not any(node.func.attr in methods for methods in _REPEATABLE_METHODS.values())
+
+
 def _that_may_change(name: str, definition: _Definition, changes: list[_Change], analysis: _Analysis) -> list[_Change]:
     """``changes`` less those that cannot change what the definition made: another name nothing changes through,
     and, for a literal whose items cannot change in place, what hands on or goes over only its items
@@ -1267,10 +1280,7 @@ def _immutable_items(definition: _Definition) -> bool:
 
 def _passes_only_items(change: _Change, name: str) -> bool:
     """Whether a call hands on the name's items only (`Path(C['root'])`, `f(**C)`, `f(*C)`), never the name itself."""
-    try:
-        call = ast.parse(change.text, mode="eval").body
-    except SyntaxError:
-        return False  # (a shortened text)
+    call = change.node
     if not isinstance(call, ast.Call):
         return False
     handed = [*call.args, *(k.value for k in call.keywords)]
@@ -1313,10 +1323,7 @@ def _nested_change_not_held(name: str, label: str, definition: _Definition, nest
 def _copied_from(change: _Change, name: str, analysis: _Analysis) -> bool:
     """Whether a call only copies the name's items into the built-in container it is called on (`C.update(name)`,
     `L.extend(name)`, C and L literals or dict(), list() ...)."""
-    try:
-        call = ast.parse(change.text, mode="eval").body
-    except SyntaxError:
-        return False  # (a shortened text)
+    call = change.node
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr in ("update", "extend")
             and not call.keywords and all(isinstance(a, ast.Name) for a in call.args)):
         return False
@@ -1422,7 +1429,7 @@ def _follow_ups(name: str, definition: _Definition, changes: list[_Change],
 
 _COMPOUND = {ast.For: "for", ast.AsyncFor: "async for", ast.While: "while", ast.If: "if", ast.With: "with",
              ast.AsyncWith: "async with", ast.Try: "try", ast.ClassDef: "class", ast.FunctionDef: "def",
-             ast.AsyncFunctionDef: "async def"}
+             ast.AsyncFunctionDef: "async def", ast.Match: "match", ast.TryStar: "try"}
 # Names that model.py, a module, binds otherwise than the notebook's `__main__` does.
 _NOT_THE_SAME_IN_MODEL_PY = frozenset({"__name__", "__file__", "__spec__", "__loader__", "__doc__", "__package__",
                                        "__builtins__", "__cached__"})
@@ -1955,6 +1962,8 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
     for orders, otherwise in ctx.deferred:
         if not set(orders) <= ctx.held:
             otherwise()
+    # (what a class body or a default model.py holds changes, it changes once: `LABELS.append('x')` there)
+    ctx.unrepeatable.update(c.cell for c in analysis.changes if c.nested and c.order in ctx.held and _unrepeatable(c))
     for name, then, reader, later in ctx.same_as_later:
         if name not in ctx.verify or not _captured_the_same(reader, name, analysis, ctx.live):
             _an_earlier_value_must_rebuild(name, then, reader, later, analysis, ctx, walked=True)

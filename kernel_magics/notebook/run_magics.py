@@ -317,7 +317,7 @@ class RunMagics(Magics):
         retrain the record's answers are the old model's, and the export's replay would refuse the new one until
         each input was predicted again by hand. Says which answers changed; the record keeps the new ones."""
         from ..core.model_request import request_from
-        from ..core.replay import compare, short
+        from ..core.replay import again_line, compare
 
         model = self.model
         recorded = list(model.record)
@@ -329,7 +329,7 @@ class RunMagics(Magics):
             request = request_from(item.request, item.input, model.host.secrets) if item.request else None
             value = self._predict(item.input, no_widget=no_widget, recorded_request=request)
             if compare(item.output, value) is not None:
-                changed.append(f"{short(item.input)}: {short(item.output)} then, {short(value)} now")
+                changed.append(again_line(item.input, item.output, value))
         count = f"{len(recorded)} recorded input{'s' if len(recorded) != 1 else ''}"
         if not changed:
             print(f"Predicted the {count} again: each answers as recorded.")
@@ -337,7 +337,7 @@ class RunMagics(Magics):
             print(f"Predicted the {count} again; {len(changed)} answer{'s' if len(changed) == 1 else ''} "
                   f"differently now, and the record keeps the new answers (the export replays them):")
             for line in changed:
-                print(f"  {line}")
+                print(line)
         return None
 
     def _predict(self, model_input: Any, *, no_widget: bool = False, headers: list[str] = (),

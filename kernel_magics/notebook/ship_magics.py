@@ -222,7 +222,7 @@ class ShipMagics(Magics):
         2.5`): the notebook's loaded model answers from the old value, the export's load() reads the new one. A
         new user's replay passed by chance (no recorded input crossed the threshold) and the deployment answered
         otherwise: refused whether or not a recorded answer shows it."""
-        stale = self._read_by_load_and_changed_before(source, len(self.model.cells) + 1)
+        stale = self._read_by_load_and_changed_before(source, len(self.model.cells) + 1, in_sight=True)
         if stale is None:
             return
         load_cell, names = stale
@@ -341,10 +341,12 @@ class ShipMagics(Magics):
                     found[inc.name] = exc.reason.removeprefix("it holds ")
         return found
 
-    def _read_by_load_and_changed_before(self, source, recorded_at: int):
+    def _read_by_load_and_changed_before(self, source, recorded_at: int, in_sight: bool = False):
         """``(cell of the load, causes)``: what the model's load() reads (in its own code, or a notebook function
         it calls) that a cell changed after the last %model_load before the prediction in cell ``recorded_at``, and
-        before that prediction (`THRESH = 0.9` after a load() that did `self.th = THRESH`); else None."""
+        before that prediction (`THRESH = 0.9` after a load() that did `self.th = THRESH`); else None. ``in_sight``:
+        only a binding or a change the cells show (`CONFIG['t'] = 2.5`), not a call the name was passed to
+        (`json.dump(CONFIG, f)` changes nothing)."""
         model = self.model
         load_cell = next((cell for cell in reversed(model.loaded_at) if cell < recorded_at), None)
         load = getattr(model.host.model_class, "load", None)
@@ -361,7 +363,8 @@ class ShipMagics(Magics):
             if inc.name not in read or inc.kind == "import" and inc.travels == "source":
                 continue
             cell, text = source.redefined.get(inc.name, (-1, ""))
-            change = _named_change(c for c in source.changes.get(inc.name, []) if load_cell < c.cell < recorded_at)
+            change = _named_change(c for c in source.changes.get(inc.name, []) if load_cell < c.cell < recorded_at
+                                   and (not in_sight or c.kind in ("rebind", "into", "method")))
             if load_cell < cell < recorded_at:
                 causes.append((cell, f"`{inc.name}` (cell {cell + 1} defines it again: `{text}`)"))
             elif change is not None:
