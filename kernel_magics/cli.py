@@ -149,7 +149,7 @@ def _examples(*lines: str) -> str:
 def _export(args: argparse.Namespace) -> int:
     from .core.export import ExportError, MismatchHint, export_model, materialize
     from .core.notebook_file import config_from_cells, read_notebook
-    from .core.source import trained_at_import
+    from .core.source import changed_after_load, trained_at_import
 
     notebook = read_notebook(args.notebook)
     if notebook.note:
@@ -176,6 +176,18 @@ def _export(args: argparse.Namespace) -> int:
             f"Code cell {unsure[0] + 1} holds what model.py needs, but the saved notebook shows it did not run (no "
             "In [N]) or stopped at an error, so the notebook may not have what the file shows there. Run it (fix the "
             "error, or delete the cell), save the notebook and export again, or export with --execute.")
+    stale = changed_after_load(notebook.cells, config.model_class_name)
+    if stale is not None:
+        # (the kernel's %model_export refuses this too: the loaded model answered from what load() read then)
+        load_cell, changes = stale
+        said = [f"`{name}` (`{c.text}` in cell {c.cell + 1}, line {c.line})" for name, c in changes]
+        said = said[0] if len(said) == 1 else ", ".join(said[:-1]) + " and " + said[-1]
+        raise ExportError(
+            f"{said} changed after %model_load ran (cell {load_cell + 1}), and load() reads "
+            f"{'it' if len(changes) == 1 else 'them'}: the notebook's loaded model answered from what its load() read "
+            "then, while the export's load() reads the value as the cells leave it, so the two would answer "
+            "differently. Run %model_load again after that cell (then `%model_predict --again`), save the notebook "
+            "and export again, or export with --execute.")
     ran = notebook.ran_late(source.held_cells) or notebook.maybe_ran_twice(source.unrepeatable_cells)
     if ran:
         raise ExportError(

@@ -283,6 +283,25 @@ def test_the_cli_refuses_a_cell_it_reads_otherwise_than_it_ran(tmp_path, case):
     assert said in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
+def test_the_cli_refuses_a_value_load_read_that_a_cell_changed_after_the_load(tmp_path):
+    """A new user's notebook: load() copies CONFIG['threshold'], a cell after %model_load sets it to 2.5, and the
+    saved predictions happen to answer the same at either threshold. %model_export refused it; the CLI exported a
+    model that answered otherwise, saying it answered as the notebook did. Now it refuses too, naming the change."""
+    model = ("%%model\nclass Model:\n    def load(self):\n        self.t = threshold_of(CONFIG)\n"
+             "    def predict(self, model_input):\n        return model_input['x'] > self.t")
+    cells = [("%load_ext kernel_magics", 1), ("CONFIG = {'threshold': 0.5}\ndef threshold_of(c):\n    return c['threshold']",
+                                             2), (model, 3), ("%model_load", 4), ("CONFIG['threshold'] = 2.5", 5),
+             ('%model_predict {"x": 3}', 6, "True")]
+    done = cli("export", saved_notebook(tmp_path / "nb.ipynb", cells), tmp_path / "out", cwd=tmp_path)
+    assert done.returncode == 1 and not (tmp_path / "out").exists(), done.stdout + done.stderr
+    assert ("`CONFIG` (`CONFIG['threshold'] = 2.5` in cell 5, line 1) changed after %model_load ran (cell 4), and "
+            "load() reads it") in done.stderr, done.stderr
+    # The same change before the load is what the loaded model read: exported.
+    cells[3], cells[4] = ("CONFIG['threshold'] = 2.5", 4), ("%model_load", 5)
+    done = cli("export", saved_notebook(tmp_path / "nb2.ipynb", cells), tmp_path / "out2", cwd=tmp_path)
+    assert done.returncode == 0 and "Replayed 1 recorded prediction" in done.stdout, done.stdout + done.stderr
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A real export (kernel-magics export of a notebook), made once for the predict tests."""

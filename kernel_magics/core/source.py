@@ -191,14 +191,50 @@ def split_cell_magic(source: str) -> tuple[Optional[str], str, str]:
     return match.group(1), match.group(2), body
 
 
-def names_of_cell(source: str) -> tuple[set[str], set[str]]:
+@functools.lru_cache(maxsize=512)  # (the CLI compares each cell with several)
+def names_of_cell(source: str) -> tuple[frozenset[str], frozenset[str]]:
     """The names a cell binds or changes at its top level (an import binds the same module in any order: not
     counted), and those it reads when it runs (not inside the bodies of the functions it defines): what a cell run
     out of order may disagree with another on."""
     analysis = _collect([source])
     bound = {n for history in analysis.history.values() for d in history if d.kind != "import" for n in d.names}
     bound |= {c.name for c in analysis.changes if c.kind not in _HINTS} | set(analysis.elsewhere)
-    return bound, {n for reads in analysis.reads.values() for n in reads}
+    return frozenset(bound), frozenset(n for reads in analysis.reads.values() for n in reads)
+
+
+_LOAD_LINE = re.compile(r"^[ \t]*%model_load\b(?!\?)", re.MULTILINE)
+
+
+def changed_after_load(cells: Sequence[str], class_name: str) -> Optional[tuple[int, list[tuple[str, _Change]]]]:
+    """``(the last %model_load's cell, [(name, its first change)])``: the names the model's load() reads (or a
+    notebook function it calls) that a cell after the last `%model_load` binds again or changes in sight
+    (`CONFIG['threshold'] = 2.5`). The notebook's loaded model holds what load() read then; model.py's load()
+    reads them as the cells leave them. None when there is no such change (or no load)."""
+    loads = [i for i, cell in enumerate(cells) if _LOAD_LINE.search(cell) and split_cell_magic(cell)[0] is None]
+    analysis = _collect(list(cells))
+    model = analysis.defs.get(class_name)
+    if not loads or model is None or model.kind != "class":
+        return None
+    load = next((n for n in model.node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and n.name == "load"), None)
+    if load is None:
+        return None
+    read = set(_global_uses(ast.unparse(load))) - {"load"}
+    for name in list(read):  # (a notebook function load() calls: what it reads too)
+        helper = analysis.defs.get(name)
+        if helper is not None and helper.kind == "function":
+            read |= _global_uses(helper.text) - {name}
+    after = loads[-1]
+    found = []
+    for name in sorted(read):
+        later = [d for d in analysis.history.get(name, []) if d.cell > after]
+        change = next((c for c in analysis.changes if c.name == name and c.cell > after
+                       and c.kind in ("rebind", "into", "method")), None)
+        if later and (change is None or later[0].order < change.order):
+            change = _Change(name, later[0].order, later[0].cell, later[0].node.lineno, _shown(later[0].text), "rebind")
+        if change is not None:
+            found.append((name, change))
+    return (after, found) if found else None
 
 
 def python_of_cell(source: str) -> Optional[str]:
