@@ -118,7 +118,7 @@ SLOW = {
       for case in ("two notebooks", "one notebook twice")),
     "test_faults::test_unload_releases_what_a_failed_load_and_a_failed_predict_hold",
     "test_fidelity::test_a_value_changed_after_the_recorded_predictions_fails_the_replay",
-    "test_fidelity::test_a_value_load_read_and_a_cell_changed_before_the_prediction_is_named_as_the_cause",
+    "test_fidelity::test_a_value_load_read_and_a_cell_changed_after_the_load_is_named_as_the_cause",
     "test_fidelity::test_a_name_a_later_star_import_binds_again_travels_as_the_notebook_has_it",
     "test_fidelity::test_a_value_that_cannot_be_saved_refuses_the_export_naming_it",
     "test_fidelity::test_truss_compatibility_warnings_in_the_notebook",

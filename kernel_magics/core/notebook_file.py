@@ -132,9 +132,9 @@ class SavedNotebook:
 
     def _read_again(self, record: PredictionRecord, outputs: list, cell: int) -> None:
         """What a saved `%model_predict --again` printed: each recorded input it answered differently, with the
-        new answer (`  {input}: {old} then, {new} now`), replaces the recorded one; an answer it cut short (over
-        120 characters) cannot be read back, and that input leaves the record (the notebook no longer answers as
-        the file shows)."""
+        new answer (`  {input}: {old} then, {new} now`), replaces the recorded one. An answer it cut short (over
+        120 characters) cannot be read back: every prediction recorded before it then leaves the record (the file
+        no longer shows what the notebook answers; the CLI says so)."""
         printed = "".join("".join(o.get("text", "")) if isinstance(o.get("text"), list) else o.get("text", "")
                           for o in outputs or [] if isinstance(o, dict) and o.get("name") == "stdout")
         if any(isinstance(o, dict) and o.get("output_type") == "error" for o in outputs or []) or not printed:
