@@ -425,13 +425,15 @@ def _arguments_it_may_change(call: ast.Call) -> list[ast.expr]:
 def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Change]:
     """What a top-level statement may change, outside the functions and classes it defines."""
     found: list[_Change] = []
+    # The names a class body binds for itself while its statements are walked (None at the top level, empty in a
+    # default): a change of one of them is the class's own, and one made there is `nested`.
+    local: Optional[frozenset] = None
 
-    def add(name: Optional[str], sub: ast.AST, kind: str, method: str = "", chain: int = 0, holder: str = "",
-            nested: bool = False) -> None:
-        if name:
+    def add(name: Optional[str], sub: ast.AST, kind: str, method: str = "", chain: int = 0, holder: str = "") -> None:
+        if name and not (local and name in local):
             text = ast.get_source_segment("\n".join(lines), sub) or ""
             found.append(_Change(name, (ci, si), ci, sub.lineno, _shown(text), kind, method, chain,
-                                 holder, nested=nested, node=sub))
+                                 holder, nested=local is not None, node=sub))
 
     if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
             and isinstance(node.value, ast.Call):
@@ -454,28 +456,17 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
             stack.extend((b, local or frozenset()) for b in [*sub.bases, *(k.value for k in sub.keywords)])
             stack.extend((b, frozenset(_class_body_names(sub))) for b in sub.body)
             continue
-        if local is not None:
-            # In a class body or a default: what it changes in place counts (`class H: C['c'] = 3`); what it binds
-            # is its own, and another name for a global there is a class attribute, compared as such.
+        if local is not None and not isinstance(sub, ast.Call):
+            # In a class body or a default: what it changes in place counts (`class H: C['c'] = 3`), and its calls
+            # (below); what it binds is its own, and another name for a global there is a class attribute.
             if isinstance(sub, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Delete)):
                 targets = (sub.targets if isinstance(sub, (ast.Assign, ast.Delete)) else [sub.target])
                 for target in targets:
-                    root = _root_name(target)
-                    if isinstance(target, (ast.Attribute, ast.Subscript)) and root not in local:
-                        add(root, sub, "into", nested=True)
+                    if isinstance(target, (ast.Attribute, ast.Subscript)):
+                        add(_root_name(target), sub, "into")
                 stack.extend((v, local) for v in [getattr(sub, "value", None)] if v is not None)
-                continue
-            if isinstance(sub, ast.Call):
-                if isinstance(sub.func, ast.Name) and sub.func.id not in local:
-                    add(sub.func.id, sub, "calls", nested=True)
-                if isinstance(sub.func, ast.Attribute) and sub.func.attr not in _READ_ONLY \
-                        and _root_name(sub.func.value) not in local:
-                    add(_root_name(sub.func.value), sub, "method", sub.func.attr, _chain_length(sub.func.value),
-                        nested=True)
-                for arg in _arguments_it_may_change(sub):
-                    if _root_name(arg) not in local:
-                        add(_root_name(arg), sub, "argument", nested=True)
-            stack.extend((child, local) for child in ast.iter_child_nodes(sub))
+            else:
+                stack.extend((child, local) for child in ast.iter_child_nodes(sub))
             continue
         if isinstance(sub, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
             # `[v.update(k=1) for v in C.values()]` changes what `C` holds, as a loop would
@@ -528,7 +519,7 @@ def _changes_in(node: ast.stmt, lines: list[str], ci: int, si: int) -> list[_Cha
                 add(_root_name(sub.func.value), sub, "method", sub.func.attr, _chain_length(sub.func.value))
             for arg in _arguments_it_may_change(sub):
                 add(_root_name(arg), sub, "argument")
-        stack.extend((child, None) for child in ast.iter_child_nodes(sub))
+        stack.extend((child, local) for child in ast.iter_child_nodes(sub))
     return found
 
 
@@ -553,8 +544,8 @@ def _used_up_by(name: str, definition: _Definition, analysis: _Analysis) -> list
         iterator = isinstance(value, ast.GeneratorExp)
     if not iterator:
         return []
-    return [_Change(name, order, order[0], analysis.statements.get(order, (definition.node,))[0].lineno
-                    if order in analysis.statements else 1, "", "reads")
+    return [_Change(name, order, order[0], analysis.statements[order][0].lineno if order in analysis.statements else 1,
+                    "", "reads")
             for order, reads in sorted(analysis.reads.items()) if order > definition.order and name in reads]
 
 
@@ -1443,7 +1434,8 @@ def _follow_ups(name: str, definition: _Definition, changes: list[_Change],
         if order[0] in analysis.unsure_cells:
             return None, change, (f"the notebook file shows cell {order[0] + 1} did not run, or stopped at an "
                                   "error")
-        uses = _global_uses(text) - {name}
+        every = _global_uses(text)
+        uses = every - {name}
         if any(analysis.changes_after(used, order) for used in uses):
             again = False  # (run twice, it read what a later statement changed: `C.update(D)` then `D['a'] = 2`)
         for used in sorted(uses):
@@ -1459,7 +1451,7 @@ def _follow_ups(name: str, definition: _Definition, changes: list[_Change],
         if not again or any(isinstance(n, ast.Name) and n.id == name for r in reads for n in ast.walk(r)):
             repeatable, again_at = False, again_at or order
             unrepeatable.append(order[0])
-        statements.append(_Definition((), "statement", order[0], order, statement, text, _global_uses(text)))
+        statements.append(_Definition((), "statement", order[0], order, statement, text, every))
     return _FollowUps(statements, repeatable, call, call_cell, again_at, unrepeatable), None, ""
 
 
