@@ -71,11 +71,35 @@ class Execution:
         return "\n".join(parts)
 
 
+# ipykernel_launcher as it is, but with `debugpy` unimportable: ipykernel then starts without its debugger, as it does
+# where debugpy is not installed. Importing debugpy is 0.7 s of the 1.1 s of CPU a kernel takes to start, and the
+# tests start a few hundred kernels, none of which debugs.
+_LAUNCH_WITHOUT_DEBUGGER = """import sys
+from pathlib import Path
+sys.modules["debugpy"] = None
+if sys.path[0] == "" or Path(sys.path[0]) == Path.cwd():
+    del sys.path[0]
+from ipykernel import kernelapp as app
+app.launch_new_instance()
+"""
+
+
+class _KernelManager(KernelManager):
+    debugger = True
+
+    def format_kernel_cmd(self, extra_arguments=None) -> list:
+        cmd = super().format_kernel_cmd(extra_arguments)
+        if not self.debugger and cmd[1:3] == ["-m", "ipykernel_launcher"]:
+            cmd[1:3] = ["-c", _LAUNCH_WITHOUT_DEBUGGER]
+        return cmd
+
+
 class Kernel:
     """A running IPython kernel (this interpreter's), with kernel_magics importable."""
 
     running: list["Kernel"] = []  # every kernel not shut down yet (tests/conftest.py stops a test's leftovers)
     spare_checkers = True  # what a kernel started without spare_checker= has (tests/conftest.py: off in the tests)
+    debugger = True  # whether its kernels start ipykernel's debugger, as users' do (tests/conftest.py: off)
 
     def __init__(self, env: Optional[dict] = None, cwd: Optional[str] = None,
                  spare_checker: Optional[bool] = None) -> None:
@@ -87,7 +111,8 @@ class Kernel:
         # answers, seen once in a whole run). An absolute path: the kernel's working directory is not this one's.
         # The socket files go when the kernel is shut down.
         ipc = os.path.join(tempfile.gettempdir(), f"kmk-{uuid.uuid4().hex[:12]}")
-        self.km = KernelManager(kernel_name="python3", transport="ipc", ip=ipc)
+        self.km = _KernelManager(kernel_name="python3", transport="ipc", ip=ipc)
+        self.km.debugger = Kernel.debugger
         Kernel.running.append(self)
         full_env = dict(os.environ)
         full_env.update(env or {})
