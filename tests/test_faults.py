@@ -255,6 +255,37 @@ def test_two_exports_to_one_new_target_at_once_never_both_write_it(tmp_path, not
     assert leftovers(tmp_path) == []
 
 
+def test_a_folder_removed_by_two_sweeps_at_once_is_removed_without_an_error(tmp_path):
+    """Two checks' sweeps can remove the same stale folder at once: the one that found a subfolder gone before it
+    opened it raised a TypeError (rmtree's error handler called os.open again with the path alone), and an export
+    failed with it in a whole run. Four threads remove one tree at once, ten times."""
+    import threading
+
+    from kernel_magics.core.scratch import remove_tree
+
+    failures = []
+    for round_ in range(10):
+        root = tmp_path / f"stale{round_}"
+        for i in range(100):
+            (root / f"d{i}" / "sub").mkdir(parents=True)
+            for j in range(3):
+                (root / f"d{i}" / "sub" / f"f{j}").write_text("x")
+
+        def remove(root=root):
+            try:
+                assert remove_tree(root) is True
+            except BaseException as exc:  # (a thread's error is the test's failure)
+                failures.append(repr(exc))
+
+        threads = [threading.Thread(target=remove) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not root.exists()
+    assert failures == []
+
+
 # ---------------------------------------------------------------- 7. one-line errors for broken files and folders
 
 def test_broken_inputs_get_one_line_and_exit_code_1(tmp_path):

@@ -125,14 +125,17 @@ def remove_tree(path: Path) -> bool:
 
     def make_writable(function, failed, exc) -> None:
         error = exc[1] if isinstance(exc, tuple) else exc
+        if isinstance(error, FileNotFoundError):
+            return  # gone meanwhile: another sweep, or its maker cleaning up, took it first
         if getattr(error, "errno", None) == errno.ENOTEMPTY:
             raced.append(failed)  # something added a file while the folder was emptied
         parent = os.path.dirname(failed)
         for p in (parent, failed):
             with contextlib.suppress(OSError):
                 os.chmod(p, os.stat(p).st_mode | stat.S_IWUSR | stat.S_IXUSR | stat.S_IRUSR)
-        with contextlib.suppress(OSError):
-            function(failed)
+        if function in (os.rmdir, os.unlink, os.remove):  # (os.open and os.scandir take more than the path, and
+            with contextlib.suppress(OSError):           # remove nothing: the second pass below takes that part)
+                function(failed)
 
     if not path.exists() and not path.is_symlink():
         return True
