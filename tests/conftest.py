@@ -253,8 +253,8 @@ def pytest_collection_modifyitems(config, items):
 # spare (test_checker.py) and the gallery notebooks ask for it, and KM_TEST_SPARES=1 gives every kernel one, as
 # users have it. (Benchmarks keep the product's default.)
 Kernel.spare_checkers = os.environ.get("KM_TEST_SPARES", "") not in ("", "0")
-# Nor ipykernel's debugger (tests/kernel_harness.py: 0.7 s of CPU a kernel, a third of `make check`'s CPU time). The
-# gallery notebooks (nbclient) and JupyterLab's kernels in the browser tests start it, as users' kernels do.
+# Nor ipykernel's debugger (kernel_magics/notebook/kernel_launcher.py: 0.7 s of CPU less in each kernel's start).
+# The gallery notebooks (nbclient) and JupyterLab's kernels in the browser tests start it, as users' kernels do.
 Kernel.debugger = False
 
 

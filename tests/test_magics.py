@@ -5,6 +5,8 @@ import textwrap
 
 import pytest
 
+from kernel_harness import Kernel
+
 
 CANARY = "sk-CANARY-7f3a9d"
 
@@ -59,6 +61,25 @@ def test_load_ext_is_light(fresh_kernel):
     k.ok("%model_load")
     assert k.ok('%model_predict {"x": 1}').result == "{'y': 2.0}"
     assert k.ok(heavy).stdout.strip() == "[]"
+
+
+def test_a_kernel_started_without_the_debugger_is_otherwise_the_kernel_ipykernel_starts(tmp_path):
+    """kernel_magics/notebook/kernel_launcher.py (the tests' kernels, `export --execute`): no debugger in its
+    kernel_info, but the notebook's own code can import debugpy, and the import path is ipykernel_launcher's (the
+    working directory first, as ''), so a module beside the notebook imports."""
+    (tmp_path / "beside.py").write_text("X = 41\n")
+    probe = "import sys, beside, debugpy\nprint(sys.path, beside.X + 1, debugpy.__name__)"
+    shown = {}
+    for debugger in (False, True):
+        k = Kernel(cwd=str(tmp_path), debugger=debugger)
+        k.kc.kernel_info()
+        reply = k.kc.get_shell_msg(timeout=30)
+        while reply["msg_type"] != "kernel_info_reply":
+            reply = k.kc.get_shell_msg(timeout=30)
+        assert ("debugger" in reply["content"]["supported_features"]) is debugger
+        shown[debugger] = k.ok(probe).stdout
+        k.shutdown()
+    assert shown[False] == shown[True] and "'', " in shown[False] and "42 debugpy" in shown[False], shown
 
 
 # ---------------------------------------------------------------- %%model_config
