@@ -383,6 +383,45 @@ def test_the_cli_runs_the_plain_changes_a_later_cell_makes_to_a_literal_after_it
     assert "X = 2" not in source.text  # (only the statements that change it)
 
 
+# An assignment that reads a name a later statement binds again: cells, the model's expression, its answer (None:
+# refused, with the fragment), and whether only a replay proves it. model.py re-ran the assignment after the later
+# binding only, or without any: a NameError in the fresh process (`name 'N' is not defined`, while the notebook
+# defines it), so the CLI refused these notebooks, naming a cause that was not one.
+READ_THEN_BOUND_AGAIN = {
+    "a constant": (["N = 1\nN2 = N * 2\nN = 5"], "N2 + N", 7, False),
+    "a list": (["rows = [1, 2]\ntotal = sum(rows)\nrows = [5]"], "total + rows[0]", 8, False),
+    "an instance": (["class C:\n    def __init__(self, k):\n        self.k = k\nbase = C(2)\nscaled = C(base.k * 3)\n"
+                     "base = C(7)"], "scaled.k + base.k", 13, False),
+    "a dict changed before it is read": (["CFG = {'r': 1}\nCFG['r'] = 2\nR2 = CFG['r'] * 10\nCFG = {'r': 5}"],
+                                         "R2 + CFG['r']", 25, False),
+    "an instance of a class edited later": (["class S:\n    def f(self):\n        return 1", "s = S()",
+                                             "class S:\n    def f(self):\n        return 2"], "s.f() + S().f()", 3, False),
+    "a random value": (["import random\nN = random.random()\nN2 = N * 2\nN = 5"], "N2 * 0 + N", 5, True),
+    "one changed by +=": (["n = 1\nn += 1\nm = n * 10\nn = 100"], "m + n", 120, True),
+    "one a loop changed": (["acc = []\nfor i in range(3):\n    acc.append(i)\ntotal = sum(acc)\nacc = None"], "total",
+                           None, "it is inside a `for` statement"),
+}
+
+
+@pytest.mark.parametrize("case", list(READ_THEN_BOUND_AGAIN))
+def test_what_an_assignment_read_before_the_name_was_bound_again_is_in_model_py_before_it(case):
+    cells, expression, answer, proof = READ_THEN_BOUND_AGAIN[case]
+    cells = [*cells, f"%%model\nclass Model:\n    def predict(self, x):\n        return {expression}"]
+    if answer is None:
+        for replay in (False, True):
+            with pytest.raises(MaterializeError, match=re.escape(proof)):
+                build_model_source(cells, "Model", replay_proves=replay)
+        return
+    if proof:
+        with pytest.raises(MaterializeError, match="no recorded prediction proves it"):
+            build_model_source(cells, "Model")
+    source = build_model_source(cells, "Model", replay_proves=True)
+    assert bool(source.unproven) == proof
+    namespace: dict = {}
+    exec(compile(source.text, "model.py", "exec"), namespace)
+    assert namespace["Model"]().predict(None) == answer
+
+
 def test_a_change_a_held_class_body_makes_that_differs_when_run_again_marks_its_cell():
     """The CLI refuses a cell that may have run twice when what it changes gives another value each run: a class
     body's `LABELS.append('other')` too (a review: only top-level statements were counted)."""

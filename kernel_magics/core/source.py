@@ -133,6 +133,9 @@ class ModelSource:
     absent: list[tuple[str, int]] = field(default_factory=list)
     # notebook classes and functions cells defined more than once: name -> whether with other source
     replaced: dict[str, bool] = field(default_factory=dict)
+    # of those: the names whose earlier definition model.py also holds, before a statement that read it (`s = S()`
+    # before `class S` was edited): what that statement makes holds the earlier one in model.py too
+    earlier_held: set = field(default_factory=set)
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> its lines in model.py
     # the cells whose statements model.py holds, imports aside (the CLI checks how they ran), and those of them whose
     # changes give another value when run twice
@@ -968,6 +971,7 @@ class _Context:
     # notebook classes and functions cells defined more than once (a value may hold an earlier one): name -> whether
     # with other source
     replaced: dict[str, bool] = field(default_factory=dict)
+    earlier_held: set = field(default_factory=set)  # ModelSource.earlier_held
     # a registry model.py fills as the notebook did -> the decorated defs and classes that fill it
     fillers: dict[str, list[str]] = field(default_factory=dict)
     # a registry saved as a value whose literal model.py also holds, for its decorated defs to fill -> that literal
@@ -1978,7 +1982,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
             _keep_definition_time_values(definition, analysis, chosen, queue, ctx)
         elif definition.kind in ("constant", "block", "statement"):  # (an assignment runs when the cell does)
             _keep_definition_time_values(definition, analysis, chosen, queue, ctx,
-                                         uses=_run_time_uses(definition.node), stars_only=True)
+                                         uses=_run_time_uses(definition.node))
         for name in sorted(definition.uses):
             if name in definition.names:
                 continue
@@ -2082,7 +2086,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
                        absent=[(name, cell) for name, cell in dict.fromkeys(ctx.absent)
                                if any(defs[r].kind in ("function", "class", "model") and name in _read_when_called(
                                    defs[r].node) for r in referrers.get(name, ()) if r in defs)],
-                       replaced=ctx.replaced)
+                       replaced=ctx.replaced, earlier_held=set(ctx.earlier_held))
 
 
 def _values_instead_of_pickles(plans: dict, referrers: dict, included: dict, defs: dict, chosen: Iterable[_Definition],
@@ -2369,21 +2373,19 @@ def _defined_again(history: list[_Definition]) -> Optional[bool]:
 
 
 def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, chosen: dict, queue: list,
-                                 ctx: _Context, *, uses: Optional[Iterable[str]] = None,
-                                 stars_only: bool = False) -> None:
-    """A class body (or a default argument) reads a name while the notebook defines it: when the name is
-    rebound later, model.py must also hold the value it had then, before the class, so the class gets
-    that value (and model.py imports without a NameError), and the later value after it. A later star import
-    that binds the name again (`def sqrt`, `f(s=sqrt(4))`, then `from math import *`) is such a rebinding, of
-    any kind of definition, and of what an assignment reads too (`BASE = log(5)`): model.py holds the star in
-    its place among the definitions for that reason."""
+                                 ctx: _Context, *, uses: Optional[Iterable[str]] = None) -> None:
+    """A class body (or a default argument), or an assignment as it runs, reads a name while the notebook
+    defines it: when the name is rebound later, model.py must also hold the value it had then, before the
+    reader, so the reader gets that value (and model.py imports without a NameError: `N2 = N * 2` between
+    `N = 1` and `N = 5`), and the later value after it (`s = S()` then `class S` edited: model.py holds both
+    classes, and its `s` the earlier one's instance, as the notebook's). A later star import that binds the name
+    again (`def sqrt`, `f(s=sqrt(4))`, then `from math import *`) is such a rebinding, of any kind of definition:
+    model.py holds the star in its place among the definitions for that reason."""
     for name in sorted(_definition_time_uses(definition.node) if uses is None else uses):
         current = analysis.defs.get(name)
         if current is None or current.order < definition.order:
             continue
         star = _is_taken_star(current)
-        if stars_only and not star:
-            continue
         earlier = [d for d in analysis.history.get(name, []) if d.order < definition.order]
         kinds = ("constant", "block") if not star else ("constant", "block", "function", "class", "import")
         if current.kind in ("function", "class"):
@@ -2394,6 +2396,8 @@ def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, c
             then = earlier[-1]
             if then.kind in ("constant", "block"):
                 _an_earlier_value_must_rebuild(name, then, definition, current, analysis, ctx)
+            elif then.kind in ("function", "class"):
+                ctx.earlier_held.add(name)
             chosen[id(then)] = then
             queue.append((then, name))
             for statement in (_changes_of_an_earlier_value(name, then, definition, current, analysis, ctx)

@@ -329,13 +329,16 @@ class ShipMagics(Magics):
         from ..core import notebook_pickle
 
         live = self.shell.user_ns
+        source = materialized.source
         found: dict[str, str] = {}
-        for inc in materialized.source.included:
+        for inc in source.included:
             if inc.kind in ("import", "model") or inc.name not in live:
                 continue
+            # (re-run from source after an earlier definition model.py holds too, it holds that one there as well)
+            replaced = source.replaced if inc.travels != "source" else {
+                name: edited for name, edited in source.replaced.items() if name not in source.earlier_held}
             try:
-                notebook_pickle.references(live[inc.name], live, saving=inc.name,
-                                           replaced=materialized.source.replaced)
+                notebook_pickle.references(live[inc.name], live, saving=inc.name, replaced=replaced)
             except notebook_pickle.CannotPickle as exc:
                 if exc.superseded:
                     found[inc.name] = exc.reason.removeprefix("it holds ")
