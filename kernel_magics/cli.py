@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -254,6 +255,9 @@ def _export_by_running(args: argparse.Namespace) -> int:
     sys.modules.setdefault("rfc3987_syntax", None)
     printed = export_by_running(args.notebook, args.out, force=args.force, data=args.data,
                                 replay=not args.no_replay, progress=lambda line: print(line, flush=True))
+    # (the kernel's line names no notebook; this command's names the one it ran, as the export from the file does)
+    printed = re.sub(r"^(Exported `[^`]+`) as a Truss", lambda m: f"{m[1]} from {args.notebook.name} as a Truss",
+                     printed, count=1, flags=re.M)
     print(printed, end="" if printed.endswith("\n") else "\n")
     return 0
 

@@ -119,6 +119,7 @@ def test_a_value_changed_where_the_code_does_not_show_it_is_verified_and_travels
     done = cli("export", path, tmp_path / "executed", "--execute")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "[1/" in done.stdout and f"Replayed {len(inputs)} recorded prediction" in done.stdout
+    assert f"Exported `Model` from {path.name} as a Truss" in done.stdout, done.stdout  # (as without --execute)
     assert f"\n{tmp_path / 'executed'}/\n" in done.stdout, done.stdout  # as seen from here, not the notebook's folder
     assert path.read_bytes() == before  # the notebook file is untouched
     executed, exported = files_of(tmp_path / "executed"), files_of(tmp_path / "out")
