@@ -239,14 +239,17 @@ def saved_notebook(path, cells):
 RULES = "%%model\nclass Model:\n    def predict(self, model_input):\n        return {'cut': Rules.cutoff, 'n': len(NAMES)}"
 
 
-@pytest.mark.parametrize("case", ["ran after a cell below it", "may have run twice", "stopped at an error",
+@pytest.mark.parametrize("case", ["ran after a cell below it", "may have run twice",
+                                  "may have run twice, the gap not just before it", "stopped at an error",
                                   "never ran", "the model cell run again after the load below it",
                                   "a cell run again above one that only reads it"])
 def test_the_cli_refuses_a_cell_it_reads_otherwise_than_it_ran(tmp_path, case):
     """The CLI reads the cells top to bottom, each once. A new user's `class Rules: cutoff = SCALE * 2.0` run again
     after `SCALE = 3.0` below it exported the cutoff of the file's order, silently; an append run twice (its In [N]
     follows a number no saved cell has) was carried once. Refused now, saying why; what the saved numbers show does
-    not matter to model.py (the %%model cell run again after %model_load) exports."""
+    not matter to model.py (the %%model cell run again after %model_load) exports. A number missing anywhere between
+    the cell that set the list and the append counts, not only the one just before the append: run as In [4], the
+    append ran again as In [6] after a cell that only prints ran as In [5] (a review: that was exported)."""
     cells = {
         "ran after a cell below it": [("SCALE = 2.0\nNAMES = ['a']", 1), ("class Rules:\n    cutoff = SCALE * 2.0", 4),
                                       ("SCALE = 3.0", 3), (RULES, 5), ("%model_load", 6),
@@ -254,6 +257,10 @@ def test_the_cli_refuses_a_cell_it_reads_otherwise_than_it_ran(tmp_path, case):
         "may have run twice": [("SCALE = 2.0\nNAMES = ['a']", 1), ("class Rules:\n    cutoff = SCALE * 2.0", 2),
                                (RULES, 3), ("NAMES.append('b')", 5), ("%model_load", 6),
                                ('%model_predict {"x": 1}', 7, "{'cut': 4.0, 'n': 3}")],
+        "may have run twice, the gap not just before it": [
+            ("SCALE = 2.0\nNAMES = ['a']", 1), ("class Rules:\n    cutoff = SCALE * 2.0", 2), (RULES, 3),
+            ("NAMES.append('b')", 6), ("print('trained')", 5), ("%model_load", 7),
+            ('%model_predict {"x": 1}', 8, "{'cut': 4.0, 'n': 3}")],
         "stopped at an error": [("SCALE = 2.0\nNAMES = ['a']", 1), ("class Rules:\n    cutoff = SCALE * 2.0", 2),
                                 (RULES, 3), ("{}['x']\nNAMES.append('b')", 4, "error"), ("%model_load", 5),
                                 ('%model_predict {"x": 1}', 6, "{'cut': 4.0, 'n': 1}")],
@@ -275,7 +282,10 @@ def test_the_cli_refuses_a_cell_it_reads_otherwise_than_it_ran(tmp_path, case):
         return
     assert done.returncode == 1 and not (tmp_path / "out").exists(), done.stdout + done.stderr
     said = {"ran after a cell below it": "code cell 3 ran as In [4], after code cell 4 below it, which ran as In [3]",
-            "may have run twice": "code cell 5 ran as In [5], and no saved cell ran as In [4]: it may have run twice",
+            "may have run twice": "code cell 5 ran as In [5], and no saved cell ran as In [4], after code cell 2 set "
+                                  "what it changes as In [1]: it may have run twice",
+            "may have run twice, the gap not just before it": "code cell 5 ran as In [6], and no saved cell ran as "
+                                                              "In [4], after code cell 2 set what it changes as In [1]",
             "stopped at an error": "cell 5 changes it after its assignment: `NAMES.append('b')` (line 2), which model.py "
                                    "cannot run after it (the notebook file shows cell 5 did not run, or stopped at an "
                                    "error)",

@@ -427,9 +427,9 @@ def test_a_change_a_held_class_body_makes_that_differs_when_run_again_marks_its_
     body's `LABELS.append('other')` too (a review: only top-level statements were counted)."""
     cells = ["LABELS = ['cat', 'dog']", "%%model\nclass Model:\n    LABELS.append('other')\n"
              "    def predict(self, x):\n        return LABELS", "X = 1"]
-    assert build_model_source(cells, "Model").unrepeatable_cells == {1}
+    assert build_model_source(cells, "Model").unrepeatable_cells == {1: {0}}
     cells[1] = cells[1].replace("LABELS.append('other')", "TABLE = {}")
-    assert build_model_source(cells, "Model").unrepeatable_cells == set()
+    assert build_model_source(cells, "Model").unrepeatable_cells == {}
 
 
 def test_an_earlier_value_read_at_definition_time_keeps_the_changes_made_to_it_before_it_was_read():

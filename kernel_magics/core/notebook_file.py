@@ -13,7 +13,7 @@ import ast
 import json
 import re
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 from .config import ModelConfig, parse_config
 from .errors import KernelMagicsError
@@ -73,14 +73,24 @@ class SavedNotebook:
                             f"ran as In [{second}]")
         return None
 
-    def maybe_ran_twice(self, cells) -> Optional[str]:
-        """How one of ``cells`` may have run more than once: its In [N] follows a number no saved cell has (it ran
-        as that number too, or a deleted cell did), else None."""
-        counted = sorted((c, i) for i, c in enumerate(self.counts) if isinstance(c, int))
-        for (before, _), (count, cell) in zip([(0, -1)] + counted, counted):
-            if cell in cells and count - before > 1:
-                return (f"code cell {cell + 1} ran as In [{count}], and no saved cell ran as In [{count - 1}]: it may "
-                        "have run twice")
+    def maybe_ran_twice(self, cells: Mapping[int, Iterable[int]]) -> Optional[str]:
+        """How one of ``cells`` (each with the cells that set what it changes) may have run more than once, else None:
+        a number below its In [N] that no saved cell has, and that came after the In [M] of the cell that set what it
+        changes (it ran as that number too, or a deleted cell did; a run of it before that cell set the value again
+        changed an older one, which no one holds now)."""
+        counts = {c for c in self.counts if isinstance(c, int)}
+        for cell, set_in in sorted(cells.items()):
+            count = self.counts[cell] if cell < len(self.counts) else None
+            if not isinstance(count, int):
+                continue
+            setters = [(self.counts[s], s) for s in set_in
+                       if s < len(self.counts) and isinstance(self.counts[s], int) and self.counts[s] <= count]
+            since, setter = max(setters, default=(0, None))
+            missing = [n for n in range(since + 1, count) if n not in counts]
+            if missing:
+                after = f", after code cell {setter + 1} set what it changes as In [{since}]" if setter is not None else ""
+                return (f"code cell {cell + 1} ran as In [{count}], and no saved cell ran as In [{missing[-1]}]{after}: "
+                        "it may have run twice")
         return None
 
     @property

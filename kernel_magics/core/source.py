@@ -140,7 +140,7 @@ class ModelSource:
     # the cells whose statements model.py holds, imports aside (the CLI checks how they ran), and those of them whose
     # changes give another value when run twice
     held_cells: set = field(default_factory=set)
-    unrepeatable_cells: set = field(default_factory=set)
+    unrepeatable_cells: dict = field(default_factory=dict)  # of those: cell -> the cells that set what it changes
     carried: set = field(default_factory=set)  # (cell, statement) of the changes model.py runs after an assignment
     # The live fingerprints of the verified names re-run from source, taken while building (to tell the unverifiable
     # ones): the export's verification compares with these instead of hashing the same values again.
@@ -982,7 +982,12 @@ class _Context:
     # a def's default, or an iterator's reader, is made in model.py too when model.py holds that statement
     deferred: list[tuple[list, Callable[[], None]]] = field(default_factory=list)
     held: set = field(default_factory=set)  # the orders of the statements model.py holds, once the closure is known
-    unrepeatable: set = field(default_factory=set)  # CLI: cells of changes model.py runs that differ when run twice
+    # CLI: cells of changes model.py runs that differ when run twice -> the cells that set what they change
+    unrepeatable: dict = field(default_factory=dict)
+
+    def changes_unrepeatably(self, cells: Iterable[int], set_in: Optional[int]) -> None:
+        for cell in cells:
+            self.unrepeatable.setdefault(cell, set()).update(() if set_in is None else (set_in,))
 
     def unless_held(self, changes: "list[_Change]", name: str, otherwise: Callable[[], None]) -> None:
         """Judge ``changes`` of ``name`` (in class bodies, defaults, readers) once the closure is known: nothing
@@ -1660,7 +1665,7 @@ def _decide(name: str, label: str, definition: _Definition, analysis: _Analysis,
                 raise _cli_refusal(name, label, definition, what + ", and the notebook saved no predictions to prove "
                                    "it", live)
             ctx.follow_ups[name] = follow.statements
-            ctx.unrepeatable.update(follow.unrepeatable)
+            ctx.changes_unrepeatably(follow.unrepeatable, definition.cell)
             if not follow.repeatable or follow.call is not None:
                 ctx.unproven.append(name)
         elif structural:
@@ -1995,7 +2000,10 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
         if not set(orders) <= ctx.held:
             otherwise()
     # (what a class body or a default model.py holds changes, it changes once: `LABELS.append('x')` there)
-    ctx.unrepeatable.update(c.cell for c in analysis.changes if c.nested and c.order in ctx.held and _unrepeatable(c))
+    for c in analysis.changes:
+        if c.nested and c.order in ctx.held and _unrepeatable(c):
+            set_at = [d.cell for d in analysis.history.get(c.name, []) if d.order < c.order]
+            ctx.changes_unrepeatably([c.cell], set_at[-1] if set_at else None)
     for name, then, reader, later in ctx.same_as_later:
         if name not in ctx.verify or not _captured_the_same(reader, name, analysis, ctx.live):
             _an_earlier_value_must_rebuild(name, then, reader, later, analysis, ctx, walked=True)
@@ -2081,7 +2089,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
                        changes=changes, redefined=redefined, verify=verify, besides_weights=besides_weights,
                        unproven=list(dict.fromkeys(ctx.unproven)), spans=spans, fingerprints=fingerprints,
                        held_cells={d.cell for d in chosen.values() if d.kind != "import"},
-                       unrepeatable_cells=set(ctx.unrepeatable),
+                       unrepeatable_cells={cell: set(sets) for cell, sets in ctx.unrepeatable.items()},
                        carried={d.order for d in chosen.values() if d.kind == "statement"},
                        absent=[(name, cell) for name, cell in dict.fromkeys(ctx.absent)
                                if any(defs[r].kind in ("function", "class", "model") and name in _read_when_called(
@@ -2467,6 +2475,7 @@ def _changes_of_an_earlier_value(name: str, then: _Definition, reader: _Definiti
                 f"prediction proves it. Run %model_predict before exporting (the export replays it), or give the "
                 f"later `{name}` another name.")
         ctx.unproven.append(name)
+    ctx.changes_unrepeatably(follow.unrepeatable, then.cell)
     return follow.statements
 
 
