@@ -65,10 +65,10 @@ def test_load_ext_is_light(fresh_kernel):
 
 def test_a_kernel_started_without_the_debugger_is_otherwise_the_kernel_ipykernel_starts(tmp_path):
     """kernel_magics/notebook/kernel_launcher.py (the tests' kernels, `export --execute`): no debugger in its
-    kernel_info, but the notebook's own code can import debugpy, and the import path is ipykernel_launcher's (the
-    working directory first, as ''), so a module beside the notebook imports."""
+    kernel_info, but the notebook's own code can import debugpy, and the import path and sys.argv[0] are
+    ipykernel_launcher's (the working directory first, as ''), so a module beside the notebook imports."""
     (tmp_path / "beside.py").write_text("X = 41\n")
-    probe = "import sys, beside, debugpy\nprint(sys.path, beside.X + 1, debugpy.__name__)"
+    probe = "import sys, beside, debugpy\nprint(sys.path, sys.argv[0], beside.X + 1, debugpy.__name__)"
     shown = {}
     for debugger in (False, True):
         k = Kernel(cwd=str(tmp_path), debugger=debugger)
@@ -79,7 +79,8 @@ def test_a_kernel_started_without_the_debugger_is_otherwise_the_kernel_ipykernel
         assert ("debugger" in reply["content"]["supported_features"]) is debugger
         shown[debugger] = k.ok(probe).stdout
         k.shutdown()
-    assert shown[False] == shown[True] and "'', " in shown[False] and "42 debugpy" in shown[False], shown
+    assert shown[False] == shown[True] and "'', " in shown[False] and "ipykernel_launcher.py 42 debugpy" in shown[False], \
+        shown
 
 
 # ---------------------------------------------------------------- %%model_config

@@ -1302,6 +1302,11 @@ def _that_may_change(name: str, definition: _Definition, changes: list[_Change],
     """``changes`` less those that cannot change what the definition made: another name nothing changes through,
     and, for a literal whose items cannot change in place, what hands on or goes over only its items
     (`Path(CONFIG['root'])`, `f(**CONFIG)`, `[w.upper() for w in WORDS]`, `dict(BASE)`)."""
+    is_literal, literal = _literal_of(definition)
+    if is_literal and values_is_immutable(literal):
+        # (`N = 1`: another name bound to it, a call it is passed to or a method cannot change an int, only a
+        # binding can: `N2 = N * 2` is no alias of it, a review found it refused as one)
+        return [c for c in changes if c.kind in ("rebind", "calls")]
     items_fixed = _immutable_items(definition)
     return [c for c in changes if not (c.kind == "alias" and _unchanged_holder(c, analysis)) and not (
         items_fixed and (c.kind == "argument" and _passes_only_items(c, name) or c.method == _THROUGH_ITS_ITEMS))]
@@ -1986,8 +1991,9 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
         if definition.kind in ("class", "function", "model"):
             _keep_definition_time_values(definition, analysis, chosen, queue, ctx)
         elif definition.kind in ("constant", "block", "statement"):  # (an assignment runs when the cell does)
+            # (the globals it reads: not a comprehension's own variable, `sum(x for x in rows)`)
             _keep_definition_time_values(definition, analysis, chosen, queue, ctx,
-                                         uses=_run_time_uses(definition.node))
+                                         uses=_run_time_uses(definition.node) & _global_uses(definition.text))
         for name in sorted(definition.uses):
             if name in definition.names:
                 continue
@@ -2400,8 +2406,14 @@ def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, c
             # (`def get(self, fn=helper)`, `f = staticmethod(act)`, then `helper` or `act` defined again: model.py
             # holds both defs in the notebook's order; it had the later one only, after the class: a NameError)
             kinds += ("function", "class")
-        if earlier and earlier[-1].kind in kinds and id(earlier[-1]) not in chosen:
-            then = earlier[-1]
+        if not (earlier and earlier[-1].kind in kinds and id(earlier[-1]) not in chosen):
+            continue
+        # The value it had then, and every binding after that one up to the latest: a statement model.py holds in
+        # between may read the name too, through a function it calls (`N = 2`, then `t = T()` whose __init__ reads
+        # `N`, then `N = 3`), and with a binding left out it would get another value than the notebook's.
+        for then in [d for d in analysis.history[name] if earlier[-1].order <= d.order < current.order]:
+            if then.kind not in kinds or id(then) in chosen:
+                continue
             if then.kind in ("constant", "block"):
                 _an_earlier_value_must_rebuild(name, then, definition, current, analysis, ctx)
             elif then.kind in ("function", "class"):
