@@ -193,6 +193,7 @@ SLOW = {
     "test_fidelity_verified::test_a_name_bound_again_out_of_sight_of_its_def_travels_as_the_notebook_has_it",
     "test_fidelity_verified::test_a_class_attribute_a_function_changed_is_refused_not_exported_as_the_class_body_has_it",
     "test_fidelity_verified::test_why_lists_what_a_cell_sets_on_a_module_beside_the_notebook_before_any_export",
+    "test_fidelity_verified::test_values_computed_from_a_name_bound_again_later_export_from_the_kernel_as_the_notebook_has_them",
     "test_fidelity_verified::test_a_name_that_cannot_be_fingerprinted_is_named_as_not_verified",
     "test_fidelity_verified::test_a_value_made_before_its_class_was_edited_is_exported_with_the_class_it_was_made_with",
     # Cases whose test keeps another case in `make check` (60 s); what only `make test` then covers: Stop of an

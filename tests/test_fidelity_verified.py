@@ -453,6 +453,28 @@ def test_a_value_made_before_its_class_was_edited_is_exported_with_the_class_it_
     assert text.index("return 1") < text.index("s = S()") < text.index("return 2"), text
 
 
+def test_values_computed_from_a_name_bound_again_later_export_from_the_kernel_as_the_notebook_has_them(
+        tmp_path, fresh_kernel):
+    """model.py now holds the earlier binding an assignment read (the CLI's NameError, test_source's
+    READ_THEN_BOUND_AGAIN); in the kernel the fresh process compares what the assignment makes, so a value whose
+    earlier binding model.py cannot carry travels as its value instead of being refused (a new user's: `m` and `m2`
+    from a DataFrame changed and bound again were refused, "give the later `df` another name"), and a chain of ints
+    is no alias (`N2 = N * 2`, refused as one)."""
+    k = fresh_kernel(cwd=tmp_path, load_ext=True)
+    model = "%%model\nclass Model:\n    def predict(self, model_input):\n        return {}"
+    for cells, expression, answer in [
+        (["import pandas as pd\ndf = pd.DataFrame({'a': [1.0, 2.0]})\nm = float(df.a.mean())\ndf['a'] = df['a'] * 10\n"
+          "m2 = int(df.a.sum())\ndf = pd.DataFrame({'a': [0]})"], "(m, m2, len(df))", "[1.5, 30, 1]"),
+        (["N = 1\nN2 = N * 2\nLIM = N2 + 1\nN = 5"], "LIM + N", "8"),
+        (["N = 0\nN2 = N + 100", "N = 1", "class C:\n    def __init__(self):\n        self.v = N", "c = C()", "N = 5"],
+         "(c.v, N, N2)", "[1, 5, 100]")]:
+        for cell in cells:
+            k.ok(cell)
+        k.ok(model.format(expression))
+        assert k.ok("%model_load\n%model_predict {}").result == answer
+        assert "Replayed 1 recorded prediction" in k.ok("%model_export out --force").stdout
+
+
 def test_an_earlier_value_only_its_source_can_carry_is_proven_by_the_replay_or_refused(tmp_path, fresh_kernel):
     """`SCALE = random.random()`, `def f(x, s=SCALE)`, then `SCALE = 2`: model.py re-runs `random.random()` for f's
     default, which no live value can be compared with. Refused without a recorded prediction and with `--no-replay`

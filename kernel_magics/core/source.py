@@ -1991,9 +1991,12 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
         if definition.kind in ("class", "function", "model"):
             _keep_definition_time_values(definition, analysis, chosen, queue, ctx)
         elif definition.kind in ("constant", "block", "statement"):  # (an assignment runs when the cell does)
-            # (the globals it reads: not a comprehension's own variable, `sum(x for x in rows)`)
+            # (the globals it reads: not a comprehension's own variable, `sum(x for x in rows)`) In the kernel the
+            # fresh process compares what the statement makes with the live value, and one that differs travels
+            # as that value: only an earlier class or function, which a value's data does not show, must be held.
             _keep_definition_time_values(definition, analysis, chosen, queue, ctx,
-                                         uses=_run_time_uses(definition.node) & _global_uses(definition.text))
+                                         uses=_run_time_uses(definition.node) & _global_uses(definition.text),
+                                         definitions_only=live is not None)
         for name in sorted(definition.uses):
             if name in definition.names:
                 continue
@@ -2387,14 +2390,17 @@ def _defined_again(history: list[_Definition]) -> Optional[bool]:
 
 
 def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, chosen: dict, queue: list,
-                                 ctx: _Context, *, uses: Optional[Iterable[str]] = None) -> None:
+                                 ctx: _Context, *, uses: Optional[Iterable[str]] = None,
+                                 definitions_only: bool = False) -> None:
     """A class body (or a default argument), or an assignment as it runs, reads a name while the notebook
     defines it: when the name is rebound later, model.py must also hold the value it had then, before the
     reader, so the reader gets that value (and model.py imports without a NameError: `N2 = N * 2` between
     `N = 1` and `N = 5`), and the later value after it (`s = S()` then `class S` edited: model.py holds both
     classes, and its `s` the earlier one's instance, as the notebook's). A later star import that binds the name
     again (`def sqrt`, `f(s=sqrt(4))`, then `from math import *`) is such a rebinding, of any kind of definition:
-    model.py holds the star in its place among the definitions for that reason."""
+    model.py holds the star in its place among the definitions for that reason. ``definitions_only``: besides a
+    star's, only the earlier classes and functions (the kernel's fresh process cannot tell them apart by the data of
+    the values they made)."""
     for name in sorted(_definition_time_uses(definition.node) if uses is None else uses):
         current = analysis.defs.get(name)
         if current is None or current.order < definition.order:
@@ -2412,7 +2418,8 @@ def _keep_definition_time_values(definition: _Definition, analysis: _Analysis, c
         # between may read the name too, through a function it calls (`N = 2`, then `t = T()` whose __init__ reads
         # `N`, then `N = 3`), and with a binding left out it would get another value than the notebook's.
         for then in [d for d in analysis.history[name] if earlier[-1].order <= d.order < current.order]:
-            if then.kind not in kinds or id(then) in chosen:
+            if then.kind not in kinds or id(then) in chosen or (
+                    definitions_only and not star and then.kind not in ("function", "class")):
                 continue
             if then.kind in ("constant", "block"):
                 _an_earlier_value_must_rebuild(name, then, definition, current, analysis, ctx)
