@@ -1995,7 +1995,7 @@ def build_model_source(cells: Iterable[str], class_name: str, notebook: str = "a
             # fresh process compares what the statement makes with the live value, and one that differs travels
             # as that value: only an earlier class or function, which a value's data does not show, must be held.
             _keep_definition_time_values(definition, analysis, chosen, queue, ctx,
-                                         uses=_run_time_uses(definition.node) & _global_uses(definition.text),
+                                         uses=_run_time_uses(definition.node) & definition.uses,
                                          definitions_only=live is not None)
         for name in sorted(definition.uses):
             if name in definition.names:
