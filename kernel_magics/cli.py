@@ -148,6 +148,7 @@ def _examples(*lines: str) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from .core.errors import in_words
     from .core.export import ExportError, MismatchHint, export_model, materialize
     from .core.notebook_file import config_from_cells, read_notebook
     from .core.source import changed_after_load, trained_at_import
@@ -181,8 +182,7 @@ def _export(args: argparse.Namespace) -> int:
     if stale is not None:
         # (the kernel's %model_export refuses this too: the loaded model answered from what load() read then)
         load_cell, changes = stale
-        said = [f"`{name}` (`{c.text}` in cell {c.cell + 1}, line {c.line})" for name, c in changes]
-        said = said[0] if len(said) == 1 else ", ".join(said[:-1]) + " and " + said[-1]
+        said = in_words([f"`{name}` (`{c.text}` in cell {c.cell + 1}, line {c.line})" for name, c in changes])
         raise ExportError(
             f"{said} changed after %model_load ran (cell {load_cell + 1}), and load() reads "
             f"{'it' if len(changes) == 1 else 'them'}: the notebook's loaded model answered from what its load() read "
@@ -211,9 +211,8 @@ def _export(args: argparse.Namespace) -> int:
                        for name, c in firsts.items() if c is not None)
         if later:
             causes = [text for _, _, text in later]
-            names = causes[0] if len(causes) == 1 else ", ".join(causes[:-1]) + " and " + causes[-1]
             return MismatchHint(
-                f"{names} changed after this prediction was saved (cell {at + 1}); model.py carries "
+                f"{in_words(causes)} changed after this prediction was saved (cell {at + 1}); model.py carries "
                 f"{'that change' if len(causes) == 1 else 'those changes'}",
                 "Predict that input again after the change (or run the notebook from the top: Restart & Run All) "
                 "and save the notebook")

@@ -19,7 +19,13 @@ __all__ = [
     "SecretNotFound",
     "InputValidationError",
     "NotSerializableError",
+    "in_words",
 ]
+
+
+def in_words(items: list[str]) -> str:
+    """Several things named in one sentence of a message: `a`, `a and b`, `a, b and c`."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 class KernelMagicsError(Exception):

@@ -11,6 +11,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
+from ..core.errors import in_words
 from ..core.ports import port_number
 from ..core.runtime import ModelState
 from .magics import ModelMagics, allows_comment, parse_arguments, unquote
@@ -227,9 +228,8 @@ class ShipMagics(Magics):
             return
         load_cell, names = stale
         one = len(names) == 1
-        said = names[0] if one else ", ".join(names[:-1]) + " and " + names[-1]
         raise UsageError(
-            f"{said} changed after %model_load ran ({_load_place(load_cell)}), and load() reads "
+            f"{in_words(names)} changed after %model_load ran ({_load_place(load_cell)}), and load() reads "
             f"{'it' if one else 'them'}: the notebook's loaded model still holds what its load() read then, while "
             f"the export's load() reads the value as it is now, so the two would answer differently. Run %model_load "
             f"again (then `%model_predict --again` records the answers of the model as it is now), then export again. "
@@ -267,9 +267,8 @@ class ShipMagics(Magics):
             if causes:
                 causes = [text for _, text in sorted(causes, key=lambda cause: cause[0])]
                 one = len(causes) == 1
-                names = causes[0] if one else ", ".join(causes[:-1]) + " and " + causes[-1]
                 return MismatchHint(
-                    f"{names} changed after this prediction was recorded; the export carries "
+                    f"{in_words(causes)} changed after this prediction was recorded; the export carries "
                     f"{'its value' if one else 'their values'} now" + (f". Also, {again}" if again else ""),
                     f"{_PREDICT_IT_AGAIN} to record answers for the current values, then export again")
             if again:
@@ -289,10 +288,9 @@ class ShipMagics(Magics):
                 load_cell, names = stale
                 one = len(names) == 1
                 return MismatchHint(
-                    f"{' and '.join(names) if len(names) < 3 else ', '.join(names[:-1]) + ' and ' + names[-1]} "
-                    f"changed after %model_load ran ({_load_place(load_cell)}) and before this prediction was "
-                    f"recorded, and load() reads {'it' if one else 'them'}: the notebook's model still holds what its "
-                    f"load() read then, the export's load() reads the value as it is now",
+                    f"{in_words(names)} changed after %model_load ran ({_load_place(load_cell)}) and before this "
+                    f"prediction was recorded, and load() reads {'it' if one else 'them'}: the notebook's model still "
+                    f"holds what its load() read then, the export's load() reads the value as it is now",
                     "Run %model_load again (and %model_predict again for the inputs recorded before it), then export "
                     "again")
         replaced = self._holding_replaced_definitions(materialized)
