@@ -22,6 +22,19 @@ CELLS = [
 ]
 
 
+def refused_with_or_without_a_replay(cells: list, pattern: str) -> None:
+    for replay in (False, True):
+        with pytest.raises(MaterializeError, match=pattern):
+            build_model_source(cells, "Model", replay_proves=replay)
+
+
+def run_model_py(text: str) -> dict:
+    """model.py's globals after it ran."""
+    namespace: dict = {}
+    exec(compile(text, "model.py", "exec"), namespace)
+    return namespace
+
+
 def test_closure_takes_what_the_class_uses_transitively_and_nothing_else():
     src = build_model_source(CELLS, "Model", "demo.ipynb")
     text = src.text
@@ -102,8 +115,7 @@ def test_a_later_star_import_that_binds_a_name_again_gives_the_model_its_value_a
     import math
 
     def run(src) -> list:
-        namespace: dict = {}
-        exec(compile(src.text, "model.py", "exec"), namespace)
+        namespace = run_model_py(src.text)
         return namespace["Model"]().predict(100)
 
     model = "%%model\nclass Model:\n    def predict(self, x):\n        return [log(x), floor(x), pi, tau_of(x)]"
@@ -160,8 +172,7 @@ def test_a_star_import_statement_written_twice_rebinds_twice_and_one_the_cli_can
     for cell in cells[:-1]:
         exec(cell, namespace)
     for src in (build_model_source(cells, "Model", live=namespace), build_model_source(cells, "Model")):
-        scope: dict = {}
-        exec(compile(src.text, "model.py", "exec"), scope)
+        scope = run_model_py(src.text)
         assert scope["Model"]().predict(100) == (math.log(100), 10.0, -1.0), src.text
     (tmp_path / "grows.py").write_text("__all__ = ['other']\n__all__ += ['log']\ndef log(x):\n    return 1\n"
                                        "def other():\n    pass\n")
@@ -213,8 +224,7 @@ def test_a_value_read_at_definition_time_then_bound_again_is_refused_when_only_a
     for cell in literal[:-1]:
         exec(cell, notebook)
     for live in (notebook, None):
-        scope: dict = {}
-        exec(compile(build_model_source(literal, "Model", live=live).text, "model.py", "exec"), scope)
+        scope = run_model_py(build_model_source(literal, "Model", live=live).text)
         assert scope["Model"]().predict(4) == [2.0, 2]
 
 
@@ -368,17 +378,14 @@ def test_the_cli_runs_the_plain_changes_a_later_cell_makes_to_a_literal_after_it
     body = "    C['c'] = 3\n" if case == "in the model's class body" else ""
     cells = [*cells, f"%%model\nclass Model:\n{body}    def predict(self, x):\n        return {name}"]
     if value is None:
-        for replay in (False, True):
-            with pytest.raises(MaterializeError, match=re.escape(proof)):
-                build_model_source(cells, "Model", replay_proves=replay)
+        refused_with_or_without_a_replay(cells, re.escape(proof))
         return
     if proof:
         with pytest.raises(MaterializeError, match="saved no predictions to prove it"):
             build_model_source(cells, "Model")
     source = build_model_source(cells, "Model", replay_proves=True)
     assert source.unproven == ([name] if proof else [])
-    namespace: dict = {}
-    exec(compile(source.text, "model.py", "exec"), namespace)
+    namespace = run_model_py(source.text)
     assert eval(name, namespace) == value and namespace["Model"]().predict(None) == value
     assert "X = 2" not in source.text  # (only the statements that change it)
 
@@ -428,18 +435,14 @@ def test_what_an_assignment_read_before_the_name_was_bound_again_is_in_model_py_
     cells, expression, answer, proof = READ_THEN_BOUND_AGAIN[case]
     cells = [*cells, f"%%model\nclass Model:\n    def predict(self, x):\n        return {expression}"]
     if answer is None:
-        for replay in (False, True):
-            with pytest.raises(MaterializeError, match=re.escape(proof)):
-                build_model_source(cells, "Model", replay_proves=replay)
+        refused_with_or_without_a_replay(cells, re.escape(proof))
         return
     if proof:
         with pytest.raises(MaterializeError, match="no recorded prediction proves it|saved no predictions to prove it"):
             build_model_source(cells, "Model")
     source = build_model_source(cells, "Model", replay_proves=True)
     assert bool(source.unproven) == proof
-    namespace: dict = {}
-    exec(compile(source.text, "model.py", "exec"), namespace)
-    assert namespace["Model"]().predict(None) == answer
+    assert run_model_py(source.text)["Model"]().predict(None) == answer
 
 
 def test_a_change_a_held_class_body_makes_that_differs_when_run_again_marks_its_cell():
@@ -462,8 +465,7 @@ def test_an_earlier_value_read_at_definition_time_keeps_the_changes_made_to_it_b
     for live in (None, {"CONFIG": {'r': 5}}):
         source = build_model_source(["CONFIG = {'r': 1}", "CONFIG['r'] = 2", reader, "CONFIG = {'r': 5}", model],
                                     "Model", live=live)
-        namespace: dict = {}
-        exec(compile(source.text, "model.py", "exec"), namespace)
+        namespace = run_model_py(source.text)
         assert [namespace["H"].R, namespace["CONFIG"]] == [2, {'r': 5}], source.text
     # (a review: a def's default, in the kernel, from a change that gives another value each run)
     appended = ["CONFIG = {'r': [1]}", "CONFIG['r'].append(2)", "def f(n=len(CONFIG['r'])):\n    return n",
@@ -473,8 +475,8 @@ def test_an_earlier_value_read_at_definition_time_keeps_the_changes_made_to_it_b
                                                r"leaves another value each time it runs"):
         build_model_source(appended, "Model")
     assert build_model_source(appended, "Model", replay_proves=True).unproven == ["CONFIG"]
-    namespace = {}  # (the kernel's cells are the runs themselves: the append ran once)
-    exec(compile(build_model_source(appended, "Model", live={"CONFIG": {'r': 5}}).text, "model.py", "exec"), namespace)
+    # (the kernel's cells are the runs themselves: the append ran once)
+    namespace = run_model_py(build_model_source(appended, "Model", live={"CONFIG": {'r': 5}}).text)
     assert namespace["Model"]().predict(None) == [2, {'r': 5}]
     drawn = ["import random\nCONFIG = {'r': 1}", "CONFIG['seed'] = random.random()", "def f(s=CONFIG['seed']):\n"
              "    return s", "CONFIG = {'r': 5}", model.replace("H.R", "f()")]
@@ -485,16 +487,13 @@ def test_an_earlier_value_read_at_definition_time_keeps_the_changes_made_to_it_b
     middle = ["LABELS = ['cat', 'dog']", "def decode(i, labels=LABELS):\n    return labels[i]", "LABELS = ['cat', 'dog']",
               "LABELS[1] = 'wolf'", "LABELS = ['cat', 'dog', 'bird']",
               "%%model\nclass Model:\n    def predict(self, x):\n        return decode(1)"]
-    namespace = {}
-    exec(compile(build_model_source(middle, "Model").text, "model.py", "exec"), namespace)
+    namespace = run_model_py(build_model_source(middle, "Model").text)
     assert namespace["Model"]().predict(None) == "dog"
     # The kernel's cells are the runs themselves: an append run twice is there twice
     twice = ["LABELS = ['cat', 'dog']", "LABELS.append('bird')", "def f(n=len(LABELS)):\n    return n",
              "LABELS = ['cat', 'dog']", "LABELS.append('bird')", "%%model\nclass Model:\n    def predict(self, x):\n"
              "        return f()"]
-    namespace = {}
-    exec(compile(build_model_source(twice, "Model", live={"LABELS": ['cat', 'dog', 'bird']}).text, "model.py", "exec"),
-         namespace)
+    namespace = run_model_py(build_model_source(twice, "Model", live={"LABELS": ['cat', 'dog', 'bird']}).text)
     assert namespace["Model"]().predict(None) == 3
     # What model.py cannot run after it, with or without a replay: a loop, another name, a function, a call
     for change, said in [("for i in range(2):\n    CONFIG['r'] = i", "cell 2 changes it (it is inside a `for` "
@@ -503,10 +502,8 @@ def test_an_earlier_value_read_at_definition_time_keeps_the_changes_made_to_it_b
                          ("def bump():\n    CONFIG['r'] = 2\nbump()", "cell 2 calls `bump`, which uses it"),
                          ("import operator\noperator.setitem(CONFIG, 'r', 2)", "cell 2 passes it to a function")]:
         cells = ["CONFIG = {'r': 1}", change, reader, "CONFIG = {'r': 5}", model]
-        for replay in (False, True):
-            with pytest.raises(MaterializeError, match=re.escape(said) + ".*can re-run only a change made by a "
-                                                                         "top-level statement"):
-                build_model_source(cells, "Model", replay_proves=replay)
+        refused_with_or_without_a_replay(cells, re.escape(said) + ".*can re-run only a change made by a top-level "
+                                                                  "statement")
 
 
 def test_with_live_values_a_changed_literal_travels_as_a_literal_and_an_unchanged_one_as_source():
@@ -577,8 +574,7 @@ def test_closure_fixes_optional_imports_conditional_constants_dataclass_instance
     for wanted in ("try:\n    import ujson as fastjson", "if os.environ.get('KM_FAST'):", "class Settings:",
                    "SETTINGS = Settings(lr=0.1, layers=2)", "import os", "from dataclasses import dataclass"):
         assert wanted in text, wanted
-    namespace: dict = {}
-    exec(compile(text, "model.py", "exec"), namespace)
+    namespace = run_model_py(text)
     assert namespace["Model"]().predict(None) == '["slow", 2]'
     # A class with no __init__ of its own (object's stores nothing) is as certain as one that only stores its
     # arguments: `kernel-magics export` refused `tok = Tok()`, blaming randomness; one with a __new__ is not.
@@ -645,8 +641,7 @@ def test_a_constant_rebound_after_the_model_cell_keeps_its_value_in_the_class_bo
         "LIMIT = 5",
     ]
     text = build_model_source(cells, "Model").text
-    namespace: dict = {}
-    exec(compile(text, "model.py", "exec"), namespace)  # no NameError: LIMIT = 3 comes before the class
+    namespace = run_model_py(text)  # no NameError: LIMIT = 3 comes before the class
     assert namespace["Model"]().predict(None) == [3, 5]  # as in the kernel: the class kept 3, predict reads 5
 
 
@@ -728,8 +723,7 @@ def test_statements_that_share_a_line_are_written_once_each():
     text = build_model_source(cells, "Model", replay_proves=True).text
     assert "c = itertools.count()\n" in text and text.count("next(c)") == 2, text
     assert "a = next(c)\n\n\nb = next(c)  # é" in text, text
-    namespace: dict = {}
-    exec(compile(text, "model.py", "exec"), namespace)
+    namespace = run_model_py(text)
     assert namespace["Model"]().predict(None) == [0, 1]
 
 
