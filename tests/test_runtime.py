@@ -3,6 +3,7 @@
 import asyncio
 import json
 import threading
+import time
 import traceback
 
 import pydantic
@@ -289,6 +290,127 @@ def test_closing_a_stream_runs_the_generators_finally_and_frees_the_slot(is_asyn
 
     asyncio.run(main())
     assert events == ["finally"]  # the second stream never started, so it has no finally to run
+
+
+# ---------------------------------------------------------------- the slot of a sync predict (core/slots.py)
+
+class Gated:
+    """A sync predict that records its calls in order and waits for a gate on the inputs that ask for one."""
+
+    def load(self):
+        self.calls, self.threads, self.now, self.peak = [], set(), 0, 0
+        self.gate, self.started = threading.Event(), threading.Event()
+
+    def predict(self, x):
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        self.calls.append(x["i"])
+        self.threads.add(threading.get_ident())
+        if x.get("wait"):
+            self.started.set()
+            assert self.gate.wait(10)
+        self.now -= 1
+        if x.get("stream"):
+            return (chunk for chunk in "ab")  # a stream a sync predict returns
+        return x["i"]
+
+
+def test_sync_predicts_keep_the_bound_and_the_order_they_arrived_in():
+    host = loaded(Gated, "runtime: {predict_concurrency: 2}\n")
+
+    async def main():
+        first = asyncio.ensure_future(host.predict({"i": 0, "wait": True}))
+        second = asyncio.ensure_future(host.predict({"i": 1, "wait": True}))
+        await asyncio.sleep(0)
+        rest = [asyncio.ensure_future(host.predict({"i": i})) for i in range(2, 12)]
+        await asyncio.sleep(0.05)
+        assert host.instance.calls[2:] == []  # both slots are taken until the gate opens
+        host.instance.gate.set()
+        return await asyncio.gather(first, second, *rest)
+
+    assert asyncio.run(main()) == list(range(12))
+    assert host.instance.peak == 2 and host.instance.calls[2:] == list(range(2, 12))
+
+
+def test_a_sync_predict_that_ends_starts_the_next_waiting_one_without_the_event_loop():
+    """The freed slot goes to the next sync call in the worker thread that freed it: the calls run back to back
+    while the event loop is busy elsewhere (here: blocked outright)."""
+    host = loaded(Gated)
+
+    async def main():
+        running = [asyncio.ensure_future(host.predict({"i": i, "wait": i == 0})) for i in range(4)]
+        await asyncio.sleep(0)
+        assert host.instance.started.wait(10)
+        host.instance.gate.set()
+        deadline = time.monotonic() + 10
+        while len(host.instance.calls) < 4 and time.monotonic() < deadline:
+            time.sleep(0.001)  # blocks the loop: no request can be woken meanwhile
+        assert host.instance.calls == [0, 1, 2, 3]
+        return await asyncio.gather(*running)
+
+    assert asyncio.run(main()) == [0, 1, 2, 3]
+    assert host.instance.peak == 1 and len(host.instance.threads) == 1
+
+
+def test_a_request_cancelled_while_it_waits_never_runs_and_one_cancelled_while_it_runs_keeps_the_slot():
+    host = loaded(Gated)
+
+    async def main():
+        running = asyncio.ensure_future(host.predict({"i": 0, "wait": True}))
+        waiting = asyncio.ensure_future(host.predict({"i": 1}))
+        await asyncio.sleep(0)
+        assert await asyncio.to_thread(host.instance.started.wait, 10)
+        waiting.cancel()
+        running.cancel()  # Python cannot stop its thread: the slot stays taken until the model's code returns
+        after = asyncio.ensure_future(host.predict({"i": 2}))
+        await asyncio.sleep(0.05)
+        assert host.instance.calls == [0]
+        host.instance.gate.set()
+        assert await asyncio.wait_for(after, 10) == 2
+        for task in (running, waiting):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+    assert host.instance.calls == [0, 2] and host.instance.peak == 1
+
+
+def test_a_stream_a_sync_predict_returns_keeps_the_slot_until_it_closes():
+    host = loaded(Gated)
+
+    async def main():
+        stream = await host.predict({"i": 0, "stream": True})
+        assert isinstance(stream, ChunkStream)
+        after = asyncio.ensure_future(host.predict({"i": 1}))
+        await asyncio.sleep(0.05)
+        assert host.instance.calls == [0] and not after.done()
+        assert [chunk async for chunk in stream] == ["a", "b"]
+        await stream.aclose()
+        assert await asyncio.wait_for(after, 10) == 1
+
+    asyncio.run(main())
+
+
+def test_async_and_sync_predicts_of_two_event_loops_share_one_bound():
+    """Two event loops (threads) predicting on one host share one bound."""
+    host = loaded(Gated)
+    answers = []
+
+    def other_loop():
+        answers.append(asyncio.run(host.predict({"i": 1})))
+
+    async def main():
+        running = asyncio.ensure_future(host.predict({"i": 0, "wait": True}))
+        assert await asyncio.to_thread(host.instance.started.wait, 10)
+        thread = threading.Thread(target=other_loop)
+        thread.start()
+        await asyncio.sleep(0.05)
+        assert host.instance.calls == [0]
+        host.instance.gate.set()
+        await asyncio.to_thread(thread.join, 10)
+        return await running
+
+    assert asyncio.run(main()) == 0 and answers == [1] and host.instance.peak == 1
 
 
 def test_error_mid_stream_propagates_after_the_chunks_before_it():

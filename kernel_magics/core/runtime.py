@@ -39,6 +39,7 @@ from .contract import INIT_KWARGS, MethodSpec, ModelContract, init_kwargs
 from .errors import InputValidationError, ModelDefinitionError, ModelNotReadyError
 from .secrets import SecretStore
 from .serialization import is_response, to_json_body, to_jsonable, truss_would_refuse
+from .slots import PredictSlots
 from .streams import ChunkStream, close_quietly, join_chunks
 from .tracebacks import trim_traceback, user_traceback
 
@@ -82,13 +83,13 @@ class DefineReport:
 class _Release:
     """Frees a predict slot exactly once, when the model's code has really finished."""
 
-    def __init__(self, semaphore: asyncio.Semaphore) -> None:
-        self._semaphore, self._done, self.deferred = semaphore, False, False
+    def __init__(self, slots: PredictSlots, held: bool = True) -> None:
+        self._slots, self._done = slots, not held
 
     def __call__(self, *_: Any) -> None:
         if not self._done:
             self._done = True
-            self._semaphore.release()
+            self._slots.release()
 
 
 _FRAME_FILE = re.compile(r'File "([^"\n]+)",')  # a traceback frame's file
@@ -127,7 +128,7 @@ class ModelHost:
         self.last_predict_seconds: Optional[float] = None
         self.last_first_chunk_seconds: Optional[float] = None
         self._listeners: list[Callable[[HostEvent], None]] = []
-        self._slots: Optional[tuple[asyncio.AbstractEventLoop, asyncio.Semaphore]] = None
+        self._slots: Optional[PredictSlots] = None
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._health_executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         # Held while a load runs: a definition (or another load) waits for it, so the live
@@ -144,7 +145,8 @@ class ModelHost:
         self.last_health: Optional[bool] = None  # what is_healthy() said last (None: no such method)
         # A model with predict_batch: one batcher per live instance (core/batching.py), the sizes it ran.
         self._batcher: Optional[tuple[Any, weakref.WeakKeyDictionary]] = None
-        self._batcher_lock = threading.Lock()  # two loops' first requests (the kernel's and a server's) at once
+        # Two loops' first requests (the kernel's and a server's) at once: one batcher, one predict bound.
+        self._batcher_lock = threading.Lock()
         self.last_batch_sizes: collections.deque[int] = collections.deque(maxlen=16)
         # The notebook names its cells' code as its own tracebacks do ("Cell In[3]", not the file ipykernel
         # compiled the cell as): a code file's name -> that label, or None to keep the name.
@@ -422,11 +424,12 @@ class ModelHost:
             raise ModelNotReadyError("No model is defined yet: run a %%model cell, then %model_load.")
         raise ModelNotReadyError("The model is defined but not loaded: run %model_load first.")
 
-    def _semaphore(self) -> asyncio.Semaphore:
-        loop = asyncio.get_running_loop()
-        if self._slots is None or self._slots[0] is not loop:
-            self._slots = (loop, asyncio.Semaphore(self._config.runtime.predict_concurrency))
-        return self._slots[1]
+    def _predict_slots(self) -> PredictSlots:
+        # One bound for every event loop that predicts on this model (asyncio.Semaphore belongs to one loop).
+        with self._batcher_lock:
+            if self._slots is None:
+                self._slots = PredictSlots(self._config.runtime.predict_concurrency, self._pool)
+            return self._slots
 
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
@@ -449,9 +452,8 @@ class ModelHost:
         self._executor = self._health_executor = None
 
     async def _call(self, instance: Any, spec: MethodSpec, model_input: Any, request: Any,
-                    release: Optional[_Release] = None, pool: Optional[concurrent.futures.Executor] = None) -> Any:
-        """Call a user method with the arguments it takes: await it if async, else run it in a worker
-        thread. If the caller is cancelled while that thread runs, ``release`` waits for the thread."""
+                    pool: Optional[concurrent.futures.Executor] = None) -> Any:
+        """Call a user method with the arguments it takes: await it if async, else run it in a worker thread."""
         fn = getattr(instance, spec.name)
         args = spec.args(model_input, request)
         if spec.is_generator:
@@ -459,16 +461,7 @@ class ModelHost:
         if spec.is_async:
             return await fn(*args)
         ctx = contextvars.copy_context()  # keeps output routed to the calling cell
-        running = (pool or self._pool()).submit(ctx.run, call_sync, fn, *args)
-        try:
-            return await asyncio.wrap_future(running)
-        except asyncio.CancelledError:
-            if release is not None and not running.done():
-                # Python cannot stop the thread: the slot stays taken until the model's code returns.
-                release.deferred = True
-                loop = asyncio.get_running_loop()
-                running.add_done_callback(lambda _: loop.call_soon_threadsafe(release))
-            raise
+        return await asyncio.wrap_future((pool or self._pool()).submit(ctx.run, call_sync, fn, *args))
 
     def validate_input(self, model_input: Any) -> Any:
         """Validate into the Pydantic input type, if predict (or preprocess) declares one."""
@@ -517,18 +510,23 @@ class ModelHost:
                     "order) instead of predict, or remove the batching section.")
             if contract.preprocess:
                 model_input = await self._call(instance, contract.preprocess, model_input, request)
-            slot = self._semaphore()
-            await slot.acquire()
-            release = _Release(slot)
-            try:
-                if contract.predict_batch is not None:
-                    result = await self._batcher_for(instance, contract).submit(model_input)
-                else:
-                    result = await self._call(instance, contract.predict, model_input, request, release)
-            except BaseException:
-                if not release.deferred:
+            slots, spec = self._predict_slots(), contract.predict
+            if contract.predict_batch is None and not (spec.is_generator or spec.is_async):
+                # A sync predict: its worker thread hands the slot on when the model's code returns (core/slots.py),
+                # unless it returned a stream, which keeps the slot until it has closed.
+                result = await slots.run_sync(getattr(instance, spec.name), *spec.args(model_input, request))
+                release = _Release(slots, held=inspect.isgenerator(result) or inspect.isasyncgen(result))
+            else:
+                await slots.acquire()
+                release = _Release(slots)
+                try:
+                    if contract.predict_batch is not None:
+                        result = await self._batcher_for(instance, contract).submit(model_input)
+                    else:
+                        result = await self._call(instance, spec, model_input, request)
+                except BaseException:
                     release()
-                raise
+                    raise
             if inspect.isgenerator(result) or inspect.isasyncgen(result):
                 if contract.postprocess:
                     close_quietly(result)

@@ -1,0 +1,215 @@
+"""The predict concurrency bound (Truss's ``runtime.predict_concurrency``), handed on inside worker threads.
+
+Truss bounds predict with an asyncio semaphore around ``to_thread.run_sync``. When a sync predict
+ends, its thread hands the result to the event loop, the loop frees the slot and wakes the next
+waiting request, and that request sends its call to a thread again: at the default bound of one,
+each predict waits for two thread hops and two turns of the loop, and under load the loop's turns
+are long (it reads and writes every other connection meanwhile). Here a sync predict that ends
+hands its slot to the next waiting sync call in its own worker thread, so the model's calls run
+back to back while the loop does the rest. What the semaphore promised still holds: at most
+``size`` predicts at once, in arrival order; a request cancelled while it waits frees nothing and
+runs nothing; a slot whose predict is still running when its request is cancelled stays taken until
+the model's code returns (Python cannot stop a thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextvars
+import inspect
+import threading
+from typing import Any, Callable, Optional, Union
+
+from .batching import call_sync
+from .streams import close_quietly
+
+__all__ = ["PredictSlots"]
+
+_WAITING, _RUNNING, _DONE = "waiting", "running", "done"
+
+
+class _Grant:
+    """A request waiting for a slot on its event loop (an async predict, a stream, a batch)."""
+
+    __slots__ = ("loop", "future", "granted")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.future, self.granted = loop, loop.create_future(), False
+
+
+class _SyncCall:
+    """A sync predict's call, waiting for a slot or running in a worker thread."""
+
+    __slots__ = ("fn", "args", "context", "loop", "future", "state", "abandoned", "kept_slot")
+
+    def __init__(self, fn: Callable, args: tuple, loop: asyncio.AbstractEventLoop) -> None:
+        self.fn, self.args, self.loop = fn, args, loop
+        self.context = contextvars.copy_context()  # keeps output routed to the calling cell
+        self.future = loop.create_future()
+        self.state = _WAITING
+        self.abandoned = False  # its request was cancelled while it ran
+        self.kept_slot = False  # it returned a stream, which frees the slot when it closes
+
+
+def _keeps_slot(result: Any) -> bool:
+    # A stream holds its slot until its generator has really closed (as Truss's deferred semaphore).
+    return inspect.isgenerator(result) or inspect.isasyncgen(result)
+
+
+class PredictSlots:
+    """At most ``size`` predicts at once, in arrival order, from any thread and any event loop.
+
+    ``pool`` gives the executor a sync call runs in when a slot is freed outside a worker thread
+    (a stream that closed, an async predict that ended).
+    """
+
+    def __init__(self, size: int, pool: Callable[[], concurrent.futures.Executor]) -> None:
+        self.size = size
+        self._free = size
+        self._waiting: collections.deque[Union[_Grant, _SyncCall]] = collections.deque()
+        self._lock = threading.Lock()
+        self._pool = pool
+
+    # ------------------------------------------------------------------ an async predict, a stream, a batch
+
+    async def acquire(self) -> None:
+        """Wait for a slot; the caller frees it with :meth:`release`."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._free and not self._waiting:
+                self._free -= 1
+                return
+            waiter = _Grant(loop)
+            self._waiting.append(waiter)
+        try:
+            await waiter.future
+        except asyncio.CancelledError:
+            with self._lock:
+                if not waiter.granted:
+                    self._waiting.remove(waiter)
+                    raise
+            # The slot came with the cancellation. Its grant passes it on when it finds the future cancelled;
+            # a grant that arrived first (the future done) leaves it to this request.
+            if waiter.future.done() and not waiter.future.cancelled():
+                self.release()
+            raise
+
+    def release(self) -> None:
+        """Free a slot (from any thread): the next waiting request gets it."""
+        self._start(self._hand_on())
+
+    # ------------------------------------------------------------------ a sync predict
+
+    async def run_sync(self, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)`` in a worker thread once a slot is free. A stream it returns keeps the slot: the
+        caller frees it with :meth:`release` when the stream has closed."""
+        call = _SyncCall(fn, args, asyncio.get_running_loop())
+        with self._lock:
+            start = bool(self._free and not self._waiting)
+            if start:
+                self._free -= 1
+                call.state = _RUNNING
+            else:
+                self._waiting.append(call)
+        if start:
+            self._pool().submit(self._run, call)
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            with self._lock:
+                if call.state == _WAITING:
+                    self._waiting.remove(call)  # never ran: nothing to free
+                    raise
+                if call.state == _RUNNING:
+                    call.abandoned = True  # its thread frees the slot when the model's code returns
+                    raise
+            # Done, but cancelled before the result was read: a stream it returned is closed and its slot freed
+            # (here if the result came first, else when it comes: _deliver).
+            if call.kept_slot and call.future.done() and not call.future.cancelled():
+                close_quietly(call.future.result())
+                self.release()
+            raise
+
+    def _deliver(self, call: _SyncCall, result: Any, error: Optional[BaseException]) -> None:
+        if call.future.cancelled():
+            if call.kept_slot:  # a stream nobody will read: its generator never ran, so closing it runs nothing
+                close_quietly(result)
+                self.release()
+        elif error is not None:
+            call.future.set_exception(error)
+        else:
+            call.future.set_result(result)
+
+    def _run(self, call: Optional[_SyncCall]) -> None:
+        """A worker thread: run the call, then the sync calls that were waiting for its slot, back to back."""
+        while call is not None:
+            result, error = None, None
+            try:
+                result = call.context.run(call_sync, call.fn, *call.args)
+            except BaseException as exc:  # the request's to raise, not the thread's
+                error = exc
+            keeps = error is None and _keeps_slot(result)
+            with self._lock:
+                call.state = _DONE
+                abandoned = call.abandoned
+                call.kept_slot = keeps and not abandoned
+            if abandoned:
+                if keeps:
+                    close_quietly(result)
+            else:
+                try:
+                    call.loop.call_soon_threadsafe(self._deliver, call, result, error)
+                except RuntimeError:  # its loop has closed: nobody will read it
+                    if keeps:
+                        close_quietly(result)
+                        keeps = False
+                if keeps:
+                    return
+            result = error = None  # (not held while the next call runs)
+            call = self._start(self._hand_on(), here=True)
+
+    # ------------------------------------------------------------------ handing a slot on
+
+    def _hand_on(self) -> Optional[Union[_Grant, _SyncCall]]:
+        """The waiter the freed slot goes to, or None (the slot is free)."""
+        with self._lock:
+            if not self._waiting:
+                self._free += 1
+                return None
+            waiter = self._waiting.popleft()
+            if isinstance(waiter, _Grant):
+                waiter.granted = True
+            else:
+                waiter.state = _RUNNING
+            return waiter
+
+    def _start(self, waiter: Optional[Union[_Grant, _SyncCall]], here: bool = False) -> Optional[_SyncCall]:
+        """Give ``waiter`` its slot. A sync call runs in a worker thread, or is returned when ``here`` (the
+        caller is a worker that runs it next)."""
+        if waiter is None:
+            return None
+        if isinstance(waiter, _SyncCall):
+            if here:
+                return waiter
+            self._pool().submit(self._run, waiter)
+            return None
+        if _on_loop(waiter.loop):
+            self._grant(waiter)
+        else:
+            waiter.loop.call_soon_threadsafe(self._grant, waiter)
+        return None
+
+    def _grant(self, waiter: _Grant) -> None:
+        if waiter.future.cancelled():
+            self.release()  # its request left meanwhile: the next one gets the slot
+        else:
+            waiter.future.set_result(None)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
