@@ -391,26 +391,165 @@ def test_a_stream_a_sync_predict_returns_keeps_the_slot_until_it_closes():
     asyncio.run(main())
 
 
-def test_async_and_sync_predicts_of_two_event_loops_share_one_bound():
-    """Two event loops (threads) predicting on one host share one bound."""
+def test_a_request_cancelled_while_it_waits_is_not_run_when_the_slot_frees_before_its_loop_sees_the_cancel():
+    """A cancellation lands at once, but the request's code sees it only on its loop's next turn, which under load is
+    long: a predict that ends meanwhile must not hand its slot to the request that left."""
     host = loaded(Gated)
-    answers = []
-
-    def other_loop():
-        answers.append(asyncio.run(host.predict({"i": 1})))
 
     async def main():
         running = asyncio.ensure_future(host.predict({"i": 0, "wait": True}))
+        waiting = asyncio.ensure_future(host.predict({"i": 1}))
+        await asyncio.sleep(0)
         assert await asyncio.to_thread(host.instance.started.wait, 10)
-        thread = threading.Thread(target=other_loop)
-        thread.start()
-        await asyncio.sleep(0.05)
-        assert host.instance.calls == [0]
+        waiting.cancel()
         host.instance.gate.set()
-        await asyncio.to_thread(thread.join, 10)
-        return await running
+        time.sleep(0.3)  # one long turn of the loop: the first predict ends and frees its slot meanwhile
+        assert await running == 0
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return await asyncio.wait_for(host.predict({"i": 2}), 10)
 
-    assert asyncio.run(main()) == 0 and answers == [1] and host.instance.peak == 1
+    assert asyncio.run(main()) == 2
+    assert host.instance.calls == [0, 2]
+
+
+def test_hundreds_of_waiting_requests_cancelled_at_once_pass_the_slot_on_and_the_next_request_runs():
+    """(A timeout that fires for every client at once, a loop that shuts down.) Each cancelled waiter passes the slot
+    to the next: in a loop, not one call deeper each."""
+
+    class M:
+        async def predict(self, x):
+            await asyncio.sleep(0.2 if x == 0 else 0)
+            return x
+
+    host = loaded(M)
+
+    async def main():
+        holder = asyncio.ensure_future(host.predict(0))
+        await asyncio.sleep(0.01)
+        waiters = [asyncio.ensure_future(host.predict(i)) for i in range(1, 1501)]
+        await asyncio.sleep(0.01)
+        for task in (holder, *waiters):
+            task.cancel()
+        results = await asyncio.gather(holder, *waiters, return_exceptions=True)
+        assert [r for r in results if not isinstance(r, asyncio.CancelledError)] == []
+        return await asyncio.wait_for(host.predict(99), 10)
+
+    assert asyncio.run(main()) == 99
+
+
+def test_requests_waiting_for_the_slot_run_the_predict_of_a_class_swapped_in_meanwhile():
+    """Re-running the %%model cell while requests wait (a server or %model_bench driving the model): they answer with
+    the new predict, as requests that waited on a semaphore did."""
+    gate = threading.Event()
+
+    class M:
+        def predict(self, x):
+            if x == 0:
+                assert gate.wait(10)
+            return ["old", x]
+
+    class M2:
+        def predict(self, x):
+            return ["new", x]
+
+    host = loaded(M)
+
+    async def main():
+        first = asyncio.ensure_future(host.predict(0))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(host.predict(1))
+        await asyncio.sleep(0.05)
+        assert host.define(M2).hot_swapped
+        gate.set()
+        return [await first, await second, await host.predict(2)]
+
+    assert asyncio.run(main()) == [["old", 0], ["new", 1], ["new", 2]]
+
+
+def test_predicts_run_back_to_back_each_get_their_own_answer_error_and_request_context():
+    import contextvars
+
+    request_id = contextvars.ContextVar("request_id")
+    gate = threading.Event()
+
+    class M:
+        def predict(self, x):
+            if x == 0:
+                assert gate.wait(10)
+            if x == 2:
+                raise ValueError("two")
+            return [x, request_id.get()]
+
+    host = loaded(M)
+
+    async def one(i):
+        request_id.set(f"r{i}")
+        return await host.predict(i)
+
+    async def main():
+        tasks = [asyncio.ensure_future(one(i)) for i in range(5)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    answers = asyncio.run(main())
+    assert answers[:2] == [[0, "r0"], [1, "r1"]] and answers[3:] == [[3, "r3"], [4, "r4"]]
+    assert isinstance(answers[2], ValueError) and str(answers[2]) == "two"
+
+
+def test_a_waiting_async_request_gets_the_slot_a_worker_thread_frees():
+    """The hand-on from a worker thread to a request waiting on its loop (a model swapped from a sync predict to an
+    async one while requests wait)."""
+    gate = threading.Event()
+
+    class Sync:
+        def predict(self, x):
+            assert gate.wait(10)
+            return ["sync", x]
+
+    class Async:
+        async def predict(self, x):
+            return ["async", x]
+
+    host = loaded(Sync)
+
+    async def main():
+        first = asyncio.ensure_future(host.predict(0))
+        await asyncio.sleep(0.05)
+        host.define(Async)
+        second = asyncio.ensure_future(host.predict(1))  # waits on the loop for the slot the sync predict holds
+        await asyncio.sleep(0.05)
+        assert not second.done()
+        gate.set()
+        return [await first, await asyncio.wait_for(second, 10), await host.predict(2)]
+
+    assert asyncio.run(main()) == [["sync", 0], ["async", 1], ["async", 2]]
+
+
+def test_a_loop_that_stopped_with_the_slot_taken_does_not_hold_up_the_next_one():
+    """The kernel's runner stops (%unload_ext) while a predict holds the slot on it; the next %model_predict runs on
+    a new loop."""
+    import concurrent.futures
+
+    from kernel_magics.core.loop import BackgroundLoop
+
+    class M:
+        async def predict(self, x):
+            await asyncio.sleep(0.5 if x == 0 else 0)
+            return x
+
+    host = loaded(M)
+    runner = BackgroundLoop()
+    runner.submit(host.predict(0))
+    time.sleep(0.1)
+    runner.stop()
+    try:
+        assert runner.submit(host.predict(1)).result(timeout=10) == 1
+    except concurrent.futures.TimeoutError:
+        pytest.fail("the next predict waited for a slot held on the stopped loop")
+    finally:
+        runner.stop()
 
 
 def test_error_mid_stream_propagates_after_the_chunks_before_it():

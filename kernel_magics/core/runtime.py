@@ -128,7 +128,7 @@ class ModelHost:
         self.last_predict_seconds: Optional[float] = None
         self.last_first_chunk_seconds: Optional[float] = None
         self._listeners: list[Callable[[HostEvent], None]] = []
-        self._slots: Optional[PredictSlots] = None
+        self._slots: Optional[tuple[asyncio.AbstractEventLoop, PredictSlots]] = None
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._health_executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         # Held while a load runs: a definition (or another load) waits for it, so the live
@@ -145,8 +145,7 @@ class ModelHost:
         self.last_health: Optional[bool] = None  # what is_healthy() said last (None: no such method)
         # A model with predict_batch: one batcher per live instance (core/batching.py), the sizes it ran.
         self._batcher: Optional[tuple[Any, weakref.WeakKeyDictionary]] = None
-        # Two loops' first requests (the kernel's and a server's) at once: one batcher, one predict bound.
-        self._batcher_lock = threading.Lock()
+        self._batcher_lock = threading.Lock()  # two loops' first requests (the kernel's and a server's) at once
         self.last_batch_sizes: collections.deque[int] = collections.deque(maxlen=16)
         # The notebook names its cells' code as its own tracebacks do ("Cell In[3]", not the file ipykernel
         # compiled the cell as): a code file's name -> that label, or None to keep the name.
@@ -425,11 +424,13 @@ class ModelHost:
         raise ModelNotReadyError("The model is defined but not loaded: run %model_load first.")
 
     def _predict_slots(self) -> PredictSlots:
-        # One bound for every event loop that predicts on this model (asyncio.Semaphore belongs to one loop).
-        with self._batcher_lock:
-            if self._slots is None:
-                self._slots = PredictSlots(self._config.runtime.predict_concurrency, self._pool)
-            return self._slots
+        # One bound per event loop, as the semaphore it replaced: a loop that stopped with slots taken (the kernel's
+        # runner after %unload_ext) must not hold up the next one.
+        loop = asyncio.get_running_loop()
+        slots = self._slots
+        if slots is None or slots[0] is not loop:
+            slots = self._slots = (loop, PredictSlots(self._config.runtime.predict_concurrency, self._pool))
+        return slots[1]
 
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
@@ -514,7 +515,7 @@ class ModelHost:
             if contract.predict_batch is None and not (spec.is_generator or spec.is_async):
                 # A sync predict: its worker thread hands the slot on when the model's code returns (core/slots.py),
                 # unless it returned a stream, which keeps the slot until it has closed.
-                result = await slots.run_sync(getattr(instance, spec.name), *spec.args(model_input, request))
+                result = await slots.run_sync(instance, spec.name, *spec.args(model_input, request))
                 release = _Release(slots, held=inspect.isgenerator(result) or inspect.isasyncgen(result))
             else:
                 await slots.acquire()
@@ -657,7 +658,8 @@ def _counted(fn: Callable, *args: Any, **kwargs: Any) -> Any:
 
 
 def calls_in_model_code() -> int:
-    """How many calls of model code the worker threads of this process's hosts are running now."""
+    """How many worker threads of this process's hosts are running model code now (a thread that runs waiting
+    predicts back to back counts once)."""
     return _IN_MODEL_CODE[0]
 
 

@@ -27,25 +27,29 @@ from .streams import close_quietly
 
 __all__ = ["PredictSlots"]
 
-_WAITING, _RUNNING, _DONE = "waiting", "running", "done"
+# A waiter's life: waiting in the queue, then given the slot (a sync call: running), then done; or dropped, when its
+# request was cancelled before the slot reached it.
+_WAITING, _GIVEN, _DONE, _DROPPED = "waiting", "given", "done", "dropped"
 
 
 class _Grant:
     """A request waiting for a slot on its event loop (an async predict, a stream, a batch)."""
 
-    __slots__ = ("loop", "future", "granted")
+    __slots__ = ("loop", "future", "state")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop, self.future, self.granted = loop, loop.create_future(), False
+        self.loop, self.future, self.state = loop, loop.create_future(), _WAITING
 
 
 class _SyncCall:
     """A sync predict's call, waiting for a slot or running in a worker thread."""
 
-    __slots__ = ("fn", "args", "context", "loop", "future", "state", "abandoned", "kept_slot")
+    __slots__ = ("instance", "name", "args", "context", "loop", "future", "state", "abandoned", "kept_slot")
 
-    def __init__(self, fn: Callable, args: tuple, loop: asyncio.AbstractEventLoop) -> None:
-        self.fn, self.args, self.loop = fn, args, loop
+    def __init__(self, instance: Any, name: str, args: tuple, loop: asyncio.AbstractEventLoop) -> None:
+        # The method is looked up when the call runs: a hot swap (a %%model cell run again) while it waits
+        # reaches it, as it reached a request that waited on the semaphore.
+        self.instance, self.name, self.args, self.loop = instance, name, args, loop
         self.context = contextvars.copy_context()  # keeps output routed to the calling cell
         self.future = loop.create_future()
         self.state = _WAITING
@@ -59,7 +63,7 @@ def _keeps_slot(result: Any) -> bool:
 
 
 class PredictSlots:
-    """At most ``size`` predicts at once, in arrival order, from any thread and any event loop.
+    """At most ``size`` predicts at once, in arrival order.
 
     ``pool`` gives the executor a sync call runs in when a slot is freed outside a worker thread
     (a stream that closed, an async predict that ended).
@@ -87,34 +91,39 @@ class PredictSlots:
             await waiter.future
         except asyncio.CancelledError:
             with self._lock:
-                if not waiter.granted:
+                if waiter.state == _WAITING:
                     self._waiting.remove(waiter)
+                if waiter.state != _GIVEN:
                     raise
-            # The slot came with the cancellation. Its grant passes it on when it finds the future cancelled;
-            # a grant that arrived first (the future done) leaves it to this request.
+            # The slot came with the cancellation. The grant passes it on if it finds the future cancelled; a grant
+            # that came first (the future done) leaves it to this request.
             if waiter.future.done() and not waiter.future.cancelled():
                 self.release()
             raise
 
     def release(self) -> None:
         """Free a slot (from any thread): the next waiting request gets it."""
-        self._start(self._hand_on())
+        self._give(self._hand_on())
 
     # ------------------------------------------------------------------ a sync predict
 
-    async def run_sync(self, fn: Callable, *args: Any) -> Any:
-        """``fn(*args)`` in a worker thread once a slot is free. A stream it returns keeps the slot: the
+    async def run_sync(self, instance: Any, name: str, *args: Any) -> Any:
+        """``instance.name(*args)`` in a worker thread once a slot is free. A stream it returns keeps the slot: the
         caller frees it with :meth:`release` when the stream has closed."""
-        call = _SyncCall(fn, args, asyncio.get_running_loop())
+        call = _SyncCall(instance, name, args, asyncio.get_running_loop())
         with self._lock:
             start = bool(self._free and not self._waiting)
             if start:
                 self._free -= 1
-                call.state = _RUNNING
+                call.state = _GIVEN
             else:
                 self._waiting.append(call)
         if start:
-            self._pool().submit(self._run, call)
+            try:
+                self._pool().submit(self._run, call)
+            except BaseException:  # (no thread to run it: a pool shut down, an interpreter exiting)
+                self.release()
+                raise
         try:
             return await call.future
         except asyncio.CancelledError:
@@ -122,7 +131,9 @@ class PredictSlots:
                 if call.state == _WAITING:
                     self._waiting.remove(call)  # never ran: nothing to free
                     raise
-                if call.state == _RUNNING:
+                if call.state == _DROPPED:
+                    raise
+                if call.state == _GIVEN:
                     call.abandoned = True  # its thread frees the slot when the model's code returns
                     raise
             # Done, but cancelled before the result was read: a stream it returned is closed and its slot freed
@@ -132,22 +143,12 @@ class PredictSlots:
                 self.release()
             raise
 
-    def _deliver(self, call: _SyncCall, result: Any, error: Optional[BaseException]) -> None:
-        if call.future.cancelled():
-            if call.kept_slot:  # a stream nobody will read: its generator never ran, so closing it runs nothing
-                close_quietly(result)
-                self.release()
-        elif error is not None:
-            call.future.set_exception(error)
-        else:
-            call.future.set_result(result)
-
     def _run(self, call: Optional[_SyncCall]) -> None:
         """A worker thread: run the call, then the sync calls that were waiting for its slot, back to back."""
         while call is not None:
             result, error = None, None
             try:
-                result = call.context.run(call_sync, call.fn, *call.args)
+                result = call.context.run(call_sync, getattr(call.instance, call.name), *call.args)
             except BaseException as exc:  # the request's to raise, not the thread's
                 error = exc
             keeps = error is None and _keeps_slot(result)
@@ -168,37 +169,63 @@ class PredictSlots:
                 if keeps:
                     return
             result = error = None  # (not held while the next call runs)
-            call = self._start(self._hand_on(), here=True)
+            call = self._give(self._hand_on(), here=True)
+
+    def _deliver(self, call: _SyncCall, result: Any, error: Optional[BaseException]) -> None:
+        if call.future.cancelled():
+            if call.kept_slot:  # a stream nobody will read: its generator never ran, so closing it runs nothing
+                close_quietly(result)
+                self.release()
+        elif error is not None:
+            call.future.set_exception(error)
+        else:
+            call.future.set_result(result)
 
     # ------------------------------------------------------------------ handing a slot on
 
     def _hand_on(self) -> Optional[Union[_Grant, _SyncCall]]:
-        """The waiter the freed slot goes to, or None (the slot is free)."""
+        """The waiter the freed slot goes to, or None (the slot is free). Requests cancelled while they waited are
+        dropped here: a cancellation lands at once, but the request sees it only on its loop's next turn."""
         with self._lock:
-            if not self._waiting:
-                self._free += 1
-                return None
-            waiter = self._waiting.popleft()
-            if isinstance(waiter, _Grant):
-                waiter.granted = True
-            else:
-                waiter.state = _RUNNING
-            return waiter
-
-    def _start(self, waiter: Optional[Union[_Grant, _SyncCall]], here: bool = False) -> Optional[_SyncCall]:
-        """Give ``waiter`` its slot. A sync call runs in a worker thread, or is returned when ``here`` (the
-        caller is a worker that runs it next)."""
-        if waiter is None:
-            return None
-        if isinstance(waiter, _SyncCall):
-            if here:
+            while self._waiting:
+                waiter = self._waiting.popleft()
+                if waiter.future.cancelled():
+                    waiter.state = _DROPPED
+                    continue
+                waiter.state = _GIVEN
                 return waiter
-            self._pool().submit(self._run, waiter)
+            self._free += 1
             return None
-        if _on_loop(waiter.loop):
-            self._grant(waiter)
-        else:
-            waiter.loop.call_soon_threadsafe(self._grant, waiter)
+
+    def _give(self, waiter: Optional[Union[_Grant, _SyncCall]], here: bool = False) -> Optional[_SyncCall]:
+        """Give ``waiter`` its slot, or to the waiter after it where it cannot take it. A sync call runs in a
+        worker thread, or is returned when ``here`` (the caller is a worker that runs it next). A loop, not
+        recursion: many requests cancelled at once each pass the slot on."""
+        while waiter is not None:
+            if isinstance(waiter, _SyncCall):
+                if here:
+                    return waiter
+                try:
+                    self._pool().submit(self._run, waiter)
+                    return None
+                except RuntimeError as exc:  # no thread to run it (a pool shut down, an interpreter exiting)
+                    with self._lock:
+                        waiter.state = _DONE
+                    try:
+                        waiter.loop.call_soon_threadsafe(self._deliver, waiter, None, exc)
+                    except RuntimeError:
+                        pass
+            elif _on_loop(waiter.loop):
+                if not waiter.future.cancelled():
+                    waiter.future.set_result(None)
+                    return None
+            else:
+                try:
+                    waiter.loop.call_soon_threadsafe(self._grant, waiter)
+                    return None
+                except RuntimeError:  # its loop has closed
+                    pass
+            waiter = self._hand_on()
         return None
 
     def _grant(self, waiter: _Grant) -> None:

@@ -259,7 +259,7 @@ def replica_options(config: ModelConfig, scale: Scale = Scale()) -> dict:
     options = {
         "ray_actor_options": {"num_cpus": resources.cpu_cores, "num_gpus": resources.gpu_count,
                               "memory": resources.memory_in_bytes},
-        # predict_concurrency bounds predicts inside each replica (the runtime's semaphore, exactly
+        # predict_concurrency bounds predicts inside each replica (the runtime's bound, core/slots.py, exactly
         # as in `kernel-magics serve`). Serve may hand a replica a few more requests to queue there:
         # with a limit of exactly 1, Serve's router backs off and retries while every replica is
         # busy, which measured 3x slower than letting requests wait in the replica.
