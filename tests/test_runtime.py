@@ -315,6 +315,15 @@ class Gated:
         return x["i"]
 
 
+async def one_running_one_waiting(host):
+    """Input 0 predicting (held at the gate) and input 1 waiting for the one slot."""
+    running = asyncio.ensure_future(host.predict({"i": 0, "wait": True}))
+    waiting = asyncio.ensure_future(host.predict({"i": 1}))
+    await asyncio.sleep(0)
+    assert await asyncio.to_thread(host.instance.started.wait, 10)
+    return running, waiting
+
+
 def test_sync_predicts_keep_the_bound_and_the_order_they_arrived_in():
     host = loaded(Gated, "runtime: {predict_concurrency: 2}\n")
 
@@ -356,10 +365,7 @@ def test_a_request_cancelled_while_it_waits_never_runs_and_one_cancelled_while_i
     host = loaded(Gated)
 
     async def main():
-        running = asyncio.ensure_future(host.predict({"i": 0, "wait": True}))
-        waiting = asyncio.ensure_future(host.predict({"i": 1}))
-        await asyncio.sleep(0)
-        assert await asyncio.to_thread(host.instance.started.wait, 10)
+        running, waiting = await one_running_one_waiting(host)
         waiting.cancel()
         running.cancel()  # Python cannot stop its thread: the slot stays taken until the model's code returns
         after = asyncio.ensure_future(host.predict({"i": 2}))
@@ -397,10 +403,7 @@ def test_a_request_cancelled_while_it_waits_is_not_run_when_the_slot_frees_befor
     host = loaded(Gated)
 
     async def main():
-        running = asyncio.ensure_future(host.predict({"i": 0, "wait": True}))
-        waiting = asyncio.ensure_future(host.predict({"i": 1}))
-        await asyncio.sleep(0)
-        assert await asyncio.to_thread(host.instance.started.wait, 10)
+        running, waiting = await one_running_one_waiting(host)
         waiting.cancel()
         host.instance.gate.set()
         time.sleep(0.3)  # one long turn of the loop: the first predict ends and frees its slot meanwhile
