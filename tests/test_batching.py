@@ -663,6 +663,37 @@ class Model:
 """
 
 
+def test_the_bench_advice_follows_the_predict_bound_not_the_throughput_alone():
+    """A model that takes microseconds gains throughput with concurrency at a bound of 1 (the server's own work overlaps
+    the model's): it still runs one request at a time, and batching is what would help. A model that waits with a
+    bound of 8 serves side by side."""
+    from kernel_magics.core.config import parse_config
+    from kernel_magics.core.load_test import InProcess, advice, run_bench
+    from kernel_magics.core.runtime import ModelHost
+
+    class Quick:
+        def predict(self, x):
+            return x * 2
+
+    class Waits:
+        async def predict(self, x):
+            await asyncio.sleep(0.01)
+            return x * 2
+
+    def bench(cls, config="", requests=400):
+        host = ModelHost(parse_config(config))
+        host.define(cls)
+        host.load()
+        levels = asyncio.run(run_bench(InProcess(host, 2), [1, 8], requests=requests, duration=30))
+        return advice(levels, batches=False, streams=False, bound=host.config.runtime.predict_concurrency)
+
+    quick = bench(Quick)
+    assert "runtime.predict_concurrency is 1 (Truss's default): requests run one at a time" in quick
+    assert "batching would likely help" in quick
+    waits = bench(Waits, "runtime: {predict_concurrency: 8}\n", requests=40)
+    assert "the model already serves requests side by side (runtime.predict_concurrency is 8)" in waits
+
+
 @pytest.mark.slow  # a server of its own
 def test_the_bench_http_client_reads_json_streams_and_errors_and_keeps_its_connection(tmp_path):
     """The bench's client (standard library only): a Content-Length answer, a chunked stream, an error status with

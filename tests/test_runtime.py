@@ -530,6 +530,29 @@ def test_a_waiting_async_request_gets_the_slot_a_worker_thread_frees():
     assert asyncio.run(main()) == [["sync", 0], ["async", 1], ["async", 2]]
 
 
+def test_a_config_set_again_while_requests_wait_keeps_one_bound_and_a_larger_one_lets_them_in():
+    """%%model_config run again while a server's requests queue: the same bound goes on (a fresh one had let a second
+    predict run beside the first); a larger one lets the waiting requests in at once."""
+    host = loaded(Gated)
+
+    async def main():
+        running, waiting = await one_running_one_waiting(host)
+        host.config = parse_config("runtime: {predict_concurrency: 1}\n")
+        more = asyncio.ensure_future(host.predict({"i": 2}))
+        await asyncio.sleep(0.05)
+        assert host.instance.calls == [0]
+        host.config = parse_config("runtime: {predict_concurrency: 3}\n")
+        assert await asyncio.wait_for(asyncio.gather(waiting, more), 10) == [1, 2]  # beside the first, still held
+        host.config = parse_config("runtime: {predict_concurrency: 1}\n")
+        host.instance.gate.set()
+        return await running
+
+    assert asyncio.run(main()) == 0
+    assert host.instance.peak >= 2 and host.instance.calls == [0, 1, 2]
+    slots = host._slots[1]
+    assert (slots.size, slots._free) == (1, 1)  # the three slots given back to a bound of one
+
+
 def test_a_loop_that_stopped_with_the_slot_taken_does_not_hold_up_the_next_one():
     """The kernel's runner stops (%unload_ext) while a predict holds the slot on it; the next %model_predict runs on
     a new loop."""

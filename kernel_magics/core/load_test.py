@@ -270,9 +270,10 @@ def format_level(level: LevelResult) -> str:
     return ", ".join(parts)
 
 
-def advice(levels: list[LevelResult], batches: bool, streams: bool) -> Optional[str]:
-    """Whether the model would gain from batching: throughput flat over concurrency while the model runs
-    one request at a time. None when the levels cannot tell (one level, or failures)."""
+def advice(levels: list[LevelResult], batches: bool, streams: bool, bound: int = 1) -> Optional[str]:
+    """Whether the model would gain from batching: it runs one request at a time (``bound``, its
+    ``runtime.predict_concurrency``, is 1), or throughput stays flat over concurrency. None when the levels cannot
+    tell (one level, or failures)."""
     ok = [lv for lv in levels if lv.latencies]
     if batches:
         return ("The model batches (predict_batch): concurrent requests share its calls, as the batch sizes show; "
@@ -281,14 +282,22 @@ def advice(levels: list[LevelResult], batches: bool, streams: bool) -> Optional[
         return None
     low, high = min(ok, key=lambda lv: lv.concurrency), max(ok, key=lambda lv: lv.concurrency)
     gain = high.rate / low.rate if low.rate else 0.0
-    if gain < 1.5:
-        return (f"Throughput stays flat from concurrency {low.concurrency} to {high.concurrency} ({gain:.2f}x): "
-                "requests run one at a time. If the model can take several inputs in one call (embeddings, "
-                "classifiers, rerankers), batching would likely help: write `predict_batch(self, inputs)` and add "
-                "`model_metadata: {batching: {max_batch_size: 32, max_wait_ms: 5}}` to %%model_config "
-                "(docs/batching.md).")
-    return (f"Throughput grows with concurrency ({gain:.2f}x from {low.concurrency} to {high.concurrency}): the "
-            "model already serves requests side by side.")
+    # Throughput alone cannot tell: at a bound of 1 it still grows with concurrency wherever the server's own work
+    # per request (parsing, sending, the thread hops) overlaps the model's, most for a model that takes microseconds.
+    if bound == 1:
+        why = (f"runtime.predict_concurrency is 1 (Truss's default): requests run one at a time; throughput went "
+               f"{gain:.2f}x from concurrency {low.concurrency} to {high.concurrency} as the server's own work "
+               "overlapped the model's")
+    elif gain < 1.5:
+        why = (f"Throughput stays flat from concurrency {low.concurrency} to {high.concurrency} ({gain:.2f}x): "
+               "requests run one at a time")
+    else:
+        return (f"Throughput grows with concurrency ({gain:.2f}x from {low.concurrency} to {high.concurrency}): the "
+                f"model already serves requests side by side (runtime.predict_concurrency is {bound}).")
+    return (f"{why}. If the model can take several inputs in one call (embeddings, classifiers, rerankers), "
+            "batching would likely help: write `predict_batch(self, inputs)` and add "
+            "`model_metadata: {batching: {max_batch_size: 32, max_wait_ms: 5}}` to %%model_config "
+            "(docs/batching.md).")
 
 
 def plot_png(levels: list[LevelResult], title: str = "") -> Optional[bytes]:

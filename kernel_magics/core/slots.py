@@ -82,7 +82,7 @@ class PredictSlots:
         """Wait for a slot; the caller frees it with :meth:`release`."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            if self._free and not self._waiting:
+            if self._free > 0 and not self._waiting:
                 self._free -= 1
                 return
             waiter = _Grant(loop)
@@ -105,6 +105,19 @@ class PredictSlots:
         """Free a slot (from any thread): the next waiting request gets it."""
         self._give(self._hand_on())
 
+    def resize(self, size: int) -> None:
+        """A new bound (the config changed). The predicts running keep their slots: while more run than the new bound
+        allows, a slot they free goes to nobody; a larger bound lets waiting requests in at once."""
+        with self._lock:
+            self._free += size - self.size
+            self.size = size
+        while True:
+            with self._lock:
+                if self._free <= 0 or not self._waiting:
+                    return
+                self._free -= 1
+            self.release()
+
     # ------------------------------------------------------------------ a sync predict
 
     async def run_sync(self, instance: Any, name: str, *args: Any) -> Any:
@@ -112,7 +125,7 @@ class PredictSlots:
         caller frees it with :meth:`release` when the stream has closed."""
         call = _SyncCall(instance, name, args, asyncio.get_running_loop())
         with self._lock:
-            start = bool(self._free and not self._waiting)
+            start = bool(self._free > 0 and not self._waiting)
             if start:
                 self._free -= 1
                 call.state = _GIVEN
@@ -187,7 +200,7 @@ class PredictSlots:
         """The waiter the freed slot goes to, or None (the slot is free). Requests cancelled while they waited are
         dropped here: a cancellation lands at once, but the request sees it only on its loop's next turn."""
         with self._lock:
-            while self._waiting:
+            while self._waiting and self._free >= 0:  # (below 0: more run than a bound made smaller allows)
                 waiter = self._waiting.popleft()
                 if waiter.future.cancelled():
                     waiter.state = _DROPPED

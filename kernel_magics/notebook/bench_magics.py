@@ -111,7 +111,8 @@ class BenchMagics(Magics):
                                           "not seen from the kernel."))
         contract = host.contract
         tip = advice(levels, batches=contract is not None and contract.predict_batch is not None,
-                     streams=contract is not None and contract.predict.is_generator)
+                     streams=contract is not None and contract.predict.is_generator,
+                     bound=host.config.runtime.predict_concurrency)
         if tip:
             print(tip)
         png = plot_png(levels, title=f"{host.config.model_class_name}, {target.where}")
