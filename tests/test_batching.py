@@ -688,10 +688,26 @@ def test_the_bench_advice_follows_the_predict_bound_not_the_throughput_alone():
         return advice(levels, batches=False, streams=False, bound=host.config.runtime.predict_concurrency)
 
     quick = bench(Quick)
-    assert "runtime.predict_concurrency is 1 (Truss's default): requests run one at a time" in quick
+    assert "runtime.predict_concurrency is 1: requests run one at a time" in quick
     assert "batching would likely help" in quick
     waits = bench(Waits, "runtime: {predict_concurrency: 8}\n", requests=40)
-    assert "the model already serves requests side by side (runtime.predict_concurrency is 8)" in waits
+    assert "the model already serves requests side by side" in waits
+
+
+@pytest.mark.parametrize("bound, gain, says, never", [
+    (1, 0.8, "requests run one at a time (throughput 0.80x from concurrency 1 to 32)", "overlapped"),
+    (4, 1.1, "Throughput stays flat (1.10x from concurrency 1 to 32): running up to 4 requests at once does not raise",
+     "one at a time"),
+    (None, 2.0, "the model already serves requests side by side", "one at a time"),  # Ray replicas: bound unknown
+    (None, 1.0, "Throughput stays flat (1.00x from concurrency 1 to 32). If the model", "at once"),
+])
+def test_the_bench_advice_says_what_the_bound_and_the_levels_show(bound, gain, says, never):
+    from kernel_magics.core.load_test import LevelResult, advice
+
+    levels = [LevelResult(1, seconds=1.0, latencies=[0.01] * 100),
+              LevelResult(32, seconds=1.0, latencies=[0.01] * round(100 * gain))]
+    text = advice(levels, batches=False, streams=False, bound=bound)
+    assert says in text and never not in text
 
 
 @pytest.mark.slow  # a server of its own

@@ -270,10 +270,10 @@ def format_level(level: LevelResult) -> str:
     return ", ".join(parts)
 
 
-def advice(levels: list[LevelResult], batches: bool, streams: bool, bound: int = 1) -> Optional[str]:
+def advice(levels: list[LevelResult], batches: bool, streams: bool, bound: Optional[int] = None) -> Optional[str]:
     """Whether the model would gain from batching: it runs one request at a time (``bound``, its
-    ``runtime.predict_concurrency``, is 1), or throughput stays flat over concurrency. None when the levels cannot
-    tell (one level, or failures)."""
+    ``runtime.predict_concurrency``, is 1), or throughput stays flat over concurrency. ``bound`` None: not known
+    here (Ray replicas, each with its own). None when the levels cannot tell (one level, or failures)."""
     ok = [lv for lv in levels if lv.latencies]
     if batches:
         return ("The model batches (predict_batch): concurrent requests share its calls, as the batch sizes show; "
@@ -282,22 +282,23 @@ def advice(levels: list[LevelResult], batches: bool, streams: bool, bound: int =
         return None
     low, high = min(ok, key=lambda lv: lv.concurrency), max(ok, key=lambda lv: lv.concurrency)
     gain = high.rate / low.rate if low.rate else 0.0
-    # Throughput alone cannot tell: at a bound of 1 it still grows with concurrency wherever the server's own work
-    # per request (parsing, sending, the thread hops) overlaps the model's, most for a model that takes microseconds.
+    span = f"{gain:.2f}x from concurrency {low.concurrency} to {high.concurrency}"
+    batching = ("If the model can take several inputs in one call (embeddings, classifiers, rerankers), batching "
+                "would likely help: write `predict_batch(self, inputs)` and add "
+                "`model_metadata: {batching: {max_batch_size: 32, max_wait_ms: 5}}` to %%model_config "
+                "(docs/batching.md).")
+    # Throughput alone cannot tell at a bound of 1: it still grows with concurrency wherever the server's own work per
+    # request overlaps the model's, most for a model that takes microseconds.
     if bound == 1:
-        why = (f"runtime.predict_concurrency is 1 (Truss's default): requests run one at a time; throughput went "
-               f"{gain:.2f}x from concurrency {low.concurrency} to {high.concurrency} as the server's own work "
-               "overlapped the model's")
-    elif gain < 1.5:
-        why = (f"Throughput stays flat from concurrency {low.concurrency} to {high.concurrency} ({gain:.2f}x): "
-               "requests run one at a time")
-    else:
-        return (f"Throughput grows with concurrency ({gain:.2f}x from {low.concurrency} to {high.concurrency}): the "
-                f"model already serves requests side by side (runtime.predict_concurrency is {bound}).")
-    return (f"{why}. If the model can take several inputs in one call (embeddings, classifiers, rerankers), "
-            "batching would likely help: write `predict_batch(self, inputs)` and add "
-            "`model_metadata: {batching: {max_batch_size: 32, max_wait_ms: 5}}` to %%model_config "
-            "(docs/batching.md).")
+        why = (f"throughput went {span} as the server's own work overlapped the model's" if gain >= 1.5
+               else f"throughput {span}")
+        return (f"runtime.predict_concurrency is 1: requests run one at a time ({why}). {batching} If predict "
+                "mostly waits (I/O, or an async predict), a higher runtime.predict_concurrency lets requests run "
+                "side by side.")
+    if gain < 1.5:
+        at_once = f": running up to {bound} requests at once does not raise it" if bound else ""
+        return f"Throughput stays flat ({span}){at_once}. {batching}"
+    return f"Throughput grows with concurrency ({span}): the model already serves requests side by side."
 
 
 def plot_png(levels: list[LevelResult], title: str = "") -> Optional[bytes]:

@@ -162,8 +162,9 @@ class ModelHost:
         self._config = config
         self._init_config = None
         self.secrets.set_names(config.secret_names)
-        if self._slots is not None:  # predict_concurrency may have changed: one bound goes on, the requests in it kept
-            self._slots[1].resize(config.runtime.predict_concurrency)
+        slots = self._slots
+        if slots is not None:  # predict_concurrency may have changed: one bound goes on, the requests in it kept
+            slots[1].resize(config.runtime.predict_concurrency)
         self._batcher = None  # and the batching settings
 
     @property

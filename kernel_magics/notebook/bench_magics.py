@@ -112,7 +112,7 @@ class BenchMagics(Magics):
         contract = host.contract
         tip = advice(levels, batches=contract is not None and contract.predict_batch is not None,
                      streams=contract is not None and contract.predict.is_generator,
-                     bound=host.config.runtime.predict_concurrency)
+                     bound=host.config.runtime.predict_concurrency if in_kernel else None)  # (Ray: per replica)
         if tip:
             print(tip)
         png = plot_png(levels, title=f"{host.config.model_class_name}, {target.where}")
