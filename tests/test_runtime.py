@@ -555,6 +555,33 @@ def test_a_config_set_again_while_requests_wait_keeps_one_bound_and_a_larger_one
     assert (slots.size, slots._free) == (1, 1)  # the three slots given back to a bound of one
 
 
+@pytest.mark.parametrize("is_async", [False, True])
+def test_a_request_whose_caller_left_while_it_waited_never_runs(is_async):
+    """(An HTTP client that timed out while the model was busy: Truss skips its predict with a 499.) Once a predict
+    runs, its caller leaving changes nothing."""
+    from kernel_magics.core.slots import CallerGone
+
+    class Async(Gated):
+        async def predict(self, x):
+            return await asyncio.to_thread(Gated.predict, self, x)
+
+    host = loaded(Async if is_async else Gated)
+
+    async def main():
+        left = {i: asyncio.Event() for i in range(3)}
+        tasks = [asyncio.ensure_future(host.predict({"i": i, "wait": i == 0}, gone=left[i].wait)) for i in range(3)]
+        assert await asyncio.to_thread(host.instance.started.wait, 10)
+        left[0].set()  # running: it answers all the same
+        left[1].set()  # waiting: it leaves the queue
+        with pytest.raises(CallerGone):
+            await asyncio.wait_for(tasks[1], 10)
+        host.instance.gate.set()
+        return [await tasks[0], await tasks[2]]
+
+    assert asyncio.run(main()) == [0, 2]
+    assert host.instance.calls == [0, 2]
+
+
 def test_a_loop_that_stopped_with_the_slot_taken_does_not_hold_up_the_next_one():
     """The kernel's runner stops (%unload_ext) while a predict holds the slot on it; the next %model_predict runs on
     a new loop."""

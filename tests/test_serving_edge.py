@@ -328,6 +328,61 @@ def test_request_bodies_are_bounded_by_max_body_size(tmp_path):
         assert httpx.post(s.predict_url(), content=chunked()).status_code == 413
 
 
+# ---------------------------------------------------------------- clients that leave while their request waits
+
+BUSY = """
+import os
+import time
+from pathlib import Path
+
+
+class Model:
+    def predict(self, model_input):
+        with open(Path(os.environ["KM_MARKS"]) / "calls", "a") as f:
+            f.write(f"{model_input['i']} ")
+        time.sleep(model_input.get("sleep", 0))
+        return model_input["i"]
+"""
+
+
+def test_requests_whose_clients_left_while_they_waited_are_skipped_as_trusss_server_skips_them(tmp_path):
+    """50 ms predicts at the default bound of 1, clients with a short timeout: Truss's server checks for the
+    disconnect before it calls predict and skips it (499, "Client disconnected, skipping `predict`."). Ours must
+    too, or a timeout that hits every client keeps the model busy for nobody, and the next client waits behind it."""
+    if truss_reference_python() is None:
+        pytest.skip("the truss reference server is not set up (make test sets it up)")
+    d = write_truss(tmp_path / "busy", BUSY)
+
+    def run(start, marks: Path) -> tuple:
+        marks.mkdir()
+        with start(d, env={"KM_MARKS": str(marks)}) as s:
+            body = lambda i, sleep=0.0: json.dumps({"i": i, "sleep": sleep}).encode()  # noqa: E731
+            request = lambda data: (b"POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\ncontent-type: "  # noqa: E731
+                                    b"application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data))
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                first = pool.submit(httpx.post, s.predict_url(), content=body(0, 1.0), timeout=30)
+                deadline = time.monotonic() + 30
+                while not (marks / "calls").exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                leaving = [socket.create_connection(tuple(s.url.removeprefix("http://").split(":")), timeout=10)
+                           for _ in range(5)]
+                for i, sock in enumerate(leaving, 1):
+                    sock.sendall(request(body(i)))
+                time.sleep(0.3)  # their requests wait behind the first
+                for sock in leaving:
+                    sock.close()
+                answer = first.result(timeout=30)
+            after = httpx.post(s.predict_url(), content=body(9), timeout=30)
+            time.sleep(0.2)
+            return answer.json(), after.json(), (marks / "calls").read_text().split(), s.log
+
+    theirs = run(lambda p, env: serve_truss(p, env=env), tmp_path / "theirs")
+    ours = run(lambda p, env: serve_ours(p, env=env), tmp_path / "ours")
+    assert theirs[:3] == (0, 9, ["0", "9"]), theirs[3][-3000:]
+    assert ours[:3] == theirs[:3], ours[3][-3000:]
+    assert ours[3].count("Client disconnected, skipping `predict`.") == 5, ours[3][-3000:]
+
+
 # ---------------------------------------------------------------- msgpack bodies, as Truss answers them
 
 def test_msgpack_bodies_match_trusss_server():

@@ -29,7 +29,7 @@ import traceback
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from . import devices
 from .batching import Batcher, BatchStats, call_sync
@@ -488,7 +488,7 @@ class ModelHost:
         return self.validate_input(data)
 
     async def predict(self, model_input: Any, *, request: Any = None, method: str = "predict",
-                      encoded: bool = False) -> Any:
+                      encoded: bool = False, gone: Optional[Callable[[], Awaitable[None]]] = None) -> Any:
         """Run preprocess → predict → postprocess and return JSON-ready data, a ChunkStream, or
         the model's own Response object.
 
@@ -496,7 +496,8 @@ class ModelHost:
         until its generator has really closed. ``method`` names an OpenAI-style method
         (``chat_completions`` ...), called as Truss does: alone, outside the bound.
         ``request`` is what request-taking methods get. ``encoded``: a result that is data comes as
-        the JSON body a server sends (:class:`JSONBody`). User exceptions propagate with their own
+        the JSON body a server sends (:class:`JSONBody`). ``gone``: an awaitable that ends when the caller
+        has left; a predict still waiting for its slot then never runs (:class:`CallerGone`). User exceptions propagate with their own
         frames only.
         """
         contract, instance = self._require_ready()  # one snapshot: a reload cannot pull it away mid-call
@@ -517,10 +518,10 @@ class ModelHost:
             if contract.predict_batch is None and not (spec.is_generator or spec.is_async):
                 # A sync predict: its worker thread hands the slot on when the model's code returns (core/slots.py),
                 # unless it returned a stream, which keeps the slot until it has closed.
-                result = await slots.run_sync(instance, spec.name, *spec.args(model_input, request))
+                result = await slots.run_sync(instance, spec.name, *spec.args(model_input, request), gone=gone)
                 release = _Release(slots, held=inspect.isgenerator(result) or inspect.isasyncgen(result))
             else:
-                await slots.acquire()
+                await slots.acquire(gone)
                 release = _Release(slots)
                 try:
                     if contract.predict_batch is not None:

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..core.errors import InputValidationError, ModelDefinitionError, ModelNotReadyError, NotSerializableError
 from ..core.runtime import MethodNotFound
+from ..core.slots import CallerGone
 
 __all__ = ["MODEL_ERROR_MESSAGE", "HANDLERS", "UserCodeError", "InvalidPayload", "BodyTooLarge", "ClientGone",
            "model_code", "error_response", "stopping_response", "add_error_headers"]
@@ -71,7 +72,8 @@ def _redact(request: Request, text: str) -> str:
     return host.secrets.redact(text) if host is not None else text
 
 
-_ANSWERED = (ModelNotReadyError, InputValidationError, ModelDefinitionError, NotSerializableError, HTTPException)
+_ANSWERED = (ModelNotReadyError, InputValidationError, ModelDefinitionError, NotSerializableError, HTTPException,
+             CallerGone)
 
 
 @contextlib.contextmanager
@@ -123,6 +125,14 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
     return error_response(499, "Client disconnected while reading request.", _DOWNSTREAM)
 
 
+async def _caller_gone(request: Request, exc: Exception) -> Response:
+    # As Truss (model_wrapper.raise_if_disconnected): the client left while its request waited, so the model's code
+    # never ran for it.
+    message = f"Client disconnected, skipping `{getattr(request.state, 'method', 'predict')}`."
+    log.warning(message)
+    return error_response(499, message, _DOWNSTREAM)
+
+
 async def _model_http_exception(request: Request, exc: HTTPException) -> Response:
     log.error("Model raised HTTPException: %s", _redact(request, str(exc.detail)))
     return error_response(exc.status_code, exc.detail, _DOWNSTREAM)
@@ -155,6 +165,7 @@ HANDLERS = {
     InvalidPayload: _invalid_payload,
     BodyTooLarge: _too_large,
     ClientGone: _client_gone,
+    CallerGone: _caller_gone,
     HTTPException: _model_http_exception,  # FastAPI's, raised by a model; the router's own 404s stay FastAPI's
     ModelDefinitionError: _definition_error,
     NotSerializableError: _not_serializable,

@@ -104,7 +104,8 @@ async def execute(request: Request, method: str = "predict") -> Response:
     _install_disconnect_watcher(request)
     request.state.method = method
     with model_code(host):
-        result = await host.predict(model_input, request=request, method=method, encoded=not binary)
+        result = await host.predict(model_input, request=request, method=method, encoded=not binary,
+                                    gone=functools.partial(_client_left, request))
     if isinstance(result, ChunkStream):
         if _wants_gathered(request):
             with model_code(host):
@@ -166,6 +167,12 @@ def _wants_gathered(request: Request) -> bool:
     if "openai" in request.headers.get("user-agent", "").lower():
         return False
     return request.headers.get("accept") == _JSON
+
+
+async def _client_left(request: Request) -> None:
+    """Ends when the client has disconnected (its body is read: what comes now is the end of the connection)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _install_disconnect_watcher(request: Request) -> None:
