@@ -557,29 +557,48 @@ def test_a_config_set_again_while_requests_wait_keeps_one_bound_and_a_larger_one
 
 @pytest.mark.parametrize("is_async", [False, True])
 def test_a_request_whose_caller_left_while_it_waited_never_runs(is_async):
-    """(An HTTP client that timed out while the model was busy: Truss skips its predict with a 499.) Once a predict
-    runs, its caller leaving changes nothing."""
+    """(An HTTP client that timed out while the model was busy: Truss skips its predict with a 499.) A request whose
+    caller leaves once its predict has started runs to its end."""
     from kernel_magics.core.slots import CallerGone
 
-    class Async(Gated):
-        async def predict(self, x):
-            return await asyncio.to_thread(Gated.predict, self, x)
+    gates = {0: threading.Event(), 2: threading.Event()}
+    started = {i: threading.Event() for i in range(3)}
+    calls = []
 
-    host = loaded(Async if is_async else Gated)
+    def work(x):
+        calls.append(x)
+        started[x].set()
+        if x in gates:
+            assert gates[x].wait(10)
+        return x
+
+    class Sync:
+        def predict(self, x):
+            return work(x)
+
+    class Async:
+        async def predict(self, x):
+            return await asyncio.to_thread(work, x)
+
+    host = loaded(Async if is_async else Sync)
 
     async def main():
         left = {i: asyncio.Event() for i in range(3)}
-        tasks = [asyncio.ensure_future(host.predict({"i": i, "wait": i == 0}, gone=left[i].wait)) for i in range(3)]
-        assert await asyncio.to_thread(host.instance.started.wait, 10)
-        left[0].set()  # running: it answers all the same
+        tasks = [asyncio.ensure_future(host.predict(i, gone=left[i].wait)) for i in range(3)]
+        assert await asyncio.to_thread(started[0].wait, 10)
+        await asyncio.sleep(0.2)  # 1 and 2 wait long enough to be watched
         left[1].set()  # waiting: it leaves the queue
         with pytest.raises(CallerGone):
             await asyncio.wait_for(tasks[1], 10)
-        host.instance.gate.set()
+        gates[0].set()
+        assert await asyncio.to_thread(started[2].wait, 10)
+        left[2].set()  # running: it answers all the same
+        await asyncio.sleep(0.1)
+        gates[2].set()
         return [await tasks[0], await tasks[2]]
 
     assert asyncio.run(main()) == [0, 2]
-    assert host.instance.calls == [0, 2]
+    assert calls == [0, 2]
 
 
 def test_a_loop_that_stopped_with_the_slot_taken_does_not_hold_up_the_next_one():

@@ -353,14 +353,14 @@ def test_requests_whose_clients_left_while_they_waited_are_skipped_as_trusss_ser
         pytest.skip("the truss reference server is not set up (make test sets it up)")
     d = write_truss(tmp_path / "busy", BUSY)
 
-    def run(start, marks: Path) -> tuple:
+    def run(start, marks: Path, skips: int = 0) -> tuple:
         marks.mkdir()
         with start(d, env={"KM_MARKS": str(marks)}) as s:
             body = lambda i, sleep=0.0: json.dumps({"i": i, "sleep": sleep}).encode()  # noqa: E731
             request = lambda data: (b"POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\ncontent-type: "  # noqa: E731
                                     b"application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data))
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                first = pool.submit(httpx.post, s.predict_url(), content=body(0, 1.0), timeout=30)
+                first = pool.submit(httpx.post, s.predict_url(), content=body(0, 3.0), timeout=30)
                 deadline = time.monotonic() + 30
                 while not (marks / "calls").exists() and time.monotonic() < deadline:
                     time.sleep(0.01)
@@ -368,16 +368,19 @@ def test_requests_whose_clients_left_while_they_waited_are_skipped_as_trusss_ser
                            for _ in range(5)]
                 for i, sock in enumerate(leaving, 1):
                     sock.sendall(request(body(i)))
-                time.sleep(0.3)  # their requests wait behind the first
+                time.sleep(0.5)  # their requests wait behind the first (watched after 50 ms)
                 for sock in leaving:
                     sock.close()
                 answer = first.result(timeout=30)
             after = httpx.post(s.predict_url(), content=body(9), timeout=30)
-            time.sleep(0.2)
+            skipped, deadline = 0, time.monotonic() + 10
+            while skipped < skips and time.monotonic() < deadline:  # (the log is written by a thread of its own)
+                time.sleep(0.05)
+                skipped = s.log.count("Client disconnected, skipping `predict`.")
             return answer.json(), after.json(), (marks / "calls").read_text().split(), s.log
 
     theirs = run(lambda p, env: serve_truss(p, env=env), tmp_path / "theirs")
-    ours = run(lambda p, env: serve_ours(p, env=env), tmp_path / "ours")
+    ours = run(lambda p, env: serve_ours(p, env=env), tmp_path / "ours", skips=5)
     assert theirs[:3] == (0, 9, ["0", "9"]), theirs[3][-3000:]
     assert ours[:3] == theirs[:3], ours[3][-3000:]
     assert ours[3].count("Client disconnected, skipping `predict`.") == 5, ours[3][-3000:]

@@ -101,6 +101,7 @@ class PredictSlots:
             with self._lock:
                 if waiter.state == _WAITING:
                     self._waiting.remove(waiter)
+                    waiter.state = _DROPPED
                 if waiter.state != _GIVEN:
                     raise
             # The slot came with the cancellation. The grant passes it on if it finds the future cancelled; a grant
@@ -156,6 +157,7 @@ class PredictSlots:
             with self._lock:
                 if call.state == _WAITING:
                     self._waiting.remove(call)  # never ran: nothing to free
+                    call.state = _DROPPED
                     raise
                 if call.state == _DROPPED:
                     raise
@@ -219,7 +221,7 @@ class PredictSlots:
             if task.cancelled() or task.exception() is not None:
                 return
             with self._lock:
-                if waiter.state != _WAITING:
+                if waiter.state != _WAITING or waiter.future.done():
                     return
                 self._waiting.remove(waiter)
                 waiter.state = _DROPPED
