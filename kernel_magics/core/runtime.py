@@ -497,8 +497,8 @@ class ModelHost:
         (``chat_completions`` ...), called as Truss does: alone, outside the bound.
         ``request`` is what request-taking methods get. ``encoded``: a result that is data comes as
         the JSON body a server sends (:class:`JSONBody`). ``gone``: an awaitable that ends when the caller
-        has left; a predict still waiting for its slot then never runs (:class:`CallerGone`). User exceptions propagate with their own
-        frames only.
+        has left; a predict still waiting for its slot then never runs (:class:`CallerGone`). User
+        exceptions propagate with their own frames only.
         """
         contract, instance = self._require_ready()  # one snapshot: a reload cannot pull it away mid-call
         started = time.perf_counter()
