@@ -40,7 +40,7 @@ from .errors import InputValidationError, ModelDefinitionError, ModelNotReadyErr
 from .secrets import SecretStore
 from .serialization import is_response, to_json_body, to_jsonable, truss_would_refuse
 from .slots import PredictSlots
-from .streams import ChunkStream, close_quietly, join_chunks
+from .streams import ChunkStream, close_quietly, is_stream, join_chunks
 from .tracebacks import trim_traceback, user_traceback
 
 __all__ = ["ModelHost", "ModelState", "HostEvent", "DefineReport", "ChunkStream", "join_chunks", "MethodNotFound"]
@@ -519,7 +519,7 @@ class ModelHost:
                 # A sync predict: its worker thread hands the slot on when the model's code returns (core/slots.py),
                 # unless it returned a stream, which keeps the slot until it has closed.
                 result = await slots.run_sync(instance, spec.name, *spec.args(model_input, request), gone=gone)
-                release = _Release(slots, held=inspect.isgenerator(result) or inspect.isasyncgen(result))
+                release = _Release(slots, held=is_stream(result))
             else:
                 await slots.acquire(gone)
                 release = _Release(slots)
@@ -531,7 +531,7 @@ class ModelHost:
                 except BaseException:
                     release()
                     raise
-            if inspect.isgenerator(result) or inspect.isasyncgen(result):
+            if is_stream(result):
                 if contract.postprocess:
                     close_quietly(result)
                     release()
@@ -568,7 +568,7 @@ class ModelHost:
         if not contract.skips_input_parsing:
             model_input = self.validate_input(model_input)
         result = await self._call(instance, spec, model_input, request)
-        if inspect.isgenerator(result) or inspect.isasyncgen(result):
+        if is_stream(result):
             return ChunkStream(result, on_close=lambda s: self._stream_closed(s, None), started=started,
                                executor=self._pool())
         if is_response(result):

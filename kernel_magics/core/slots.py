@@ -18,12 +18,11 @@ import asyncio
 import collections
 import concurrent.futures
 import contextvars
-import inspect
 import threading
 from typing import Any, Awaitable, Callable, Optional, Union
 
 from .batching import call_sync
-from .streams import close_quietly
+from .streams import close_quietly, is_stream
 
 __all__ = ["PredictSlots", "CallerGone"]
 
@@ -61,11 +60,6 @@ class _SyncCall:
         self.state = _WAITING
         self.abandoned = False  # its request was cancelled while it ran
         self.kept_slot = False  # it returned a stream, which frees the slot when it closes
-
-
-def _keeps_slot(result: Any) -> bool:
-    # A stream holds its slot until its generator has really closed (as Truss's deferred semaphore).
-    return inspect.isgenerator(result) or inspect.isasyncgen(result)
 
 
 class PredictSlots:
@@ -179,7 +173,8 @@ class PredictSlots:
                 result = call.context.run(call_sync, getattr(call.instance, call.name), *call.args)
             except BaseException as exc:  # the request's to raise, not the thread's
                 error = exc
-            keeps = error is None and _keeps_slot(result)
+            # A stream holds its slot until its generator has really closed (as Truss's deferred semaphore).
+            keeps = error is None and is_stream(result)
             with self._lock:
                 call.state = _DONE
                 abandoned = call.abandoned
@@ -225,8 +220,7 @@ class PredictSlots:
                     return
                 self._waiting.remove(waiter)
                 waiter.state = _DROPPED
-            if not waiter.future.done():
-                waiter.future.set_exception(CallerGone())
+            waiter.future.set_exception(CallerGone())  # (futures are set on this loop only: still not done)
 
         def watch() -> None:
             if waiter.state == _WAITING:

@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 from .serialization import to_jsonable
 from .tracebacks import trim_traceback
 
-__all__ = ["ChunkStream", "join_chunks", "close_quietly", "chunk_bytes", "ChunkText"]
+__all__ = ["ChunkStream", "join_chunks", "close_quietly", "is_stream", "chunk_bytes", "ChunkText"]
 
 
 def join_chunks(chunks: list) -> Any:
@@ -80,6 +80,11 @@ class ChunkText:
     def of(cls, chunks: list) -> str:
         text = cls()
         return text.feed(chunks) + text.finish()
+
+
+def is_stream(result: Any) -> bool:
+    """What a predict returned is a stream (a generator, sync or async), sent chunk by chunk."""
+    return inspect.isgenerator(result) or inspect.isasyncgen(result)
 
 
 def close_quietly(gen: Any) -> None:
