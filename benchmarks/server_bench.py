@@ -122,33 +122,68 @@ def gallery_exports(work: Path) -> dict[str, Path]:
 
 # ---------------------------------------------------------------------- logs: the cost of the bookkeeping
 
-def bookkeeping_in_process(n: int = 50_000) -> str:
-    """What the log line and the metrics cost per request, timed in one process (no HTTP, no noise
-    from the load generator): the request path's share (route, counters, the queued tuple) and the
-    writer thread's (record, redaction, format, its share of one write per burst)."""
+def bookkeeping_in_process(n: int = 60_000) -> str:
+    """What the log line and the metrics cost a request, timed in one process on an event loop (no HTTP,
+    no load generator), each beside what it replaced: a request's counts in our lists against
+    prometheus_client's Counter and Histogram (in a registry of their own), the access tuple the loop
+    keeps, and the lines made from a burst of 300 tuples in one go against one ``access`` call each."""
+    import asyncio
     import time
 
-    from kernel_magics.serving import logs
-    from kernel_magics.serving.access import Metrics, route_of
+    from prometheus_client import CollectorRegistry, Counter, Histogram
 
-    metrics, path = Metrics.get(), "/v1/models/model:predict"
+    from kernel_magics.serving import logs
+    from kernel_magics.serving.access import _LATENCY_BOUNDS, Metrics
+
+    route, path = "/v1/models/{model_name}:predict", "/v1/models/model:predict"
+    registry = CollectorRegistry()
+    ours = Metrics(registry=registry)
+    counter = Counter("km_bench_requests", "", ["route", "status"], registry=registry)
+    histogram = Histogram("km_bench_seconds", "", ["route"], buckets=_LATENCY_BOUNDS, registry=registry)
+
+    def theirs(route: str, status: int, seconds: float) -> None:  # (Metrics.record before: label children cached)
+        counter.labels(route, str(status)).inc()
+        histogram.labels(route).observe(seconds)
+
+    def per_call(fn, *args) -> float:
+        best = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(n // 5):
+                fn(*args)
+            best = min(best, (time.perf_counter() - started) / (n // 5) * 1e6)
+        return best
+
+    async def on_a_loop() -> tuple:
+        saved_gather, logs._LOOP_GATHER = logs._LOOP_GATHER, 3600.0  # (the burst made below, not by the timer)
+        try:
+            started = time.perf_counter()
+            for i in range(n):
+                logs.access_line("POST", path, 200, 1.25, f"abc-{i}")
+            line = (time.perf_counter() - started) / n * 1e6
+        finally:
+            logs._LOOP_GATHER = saved_gather
+        items = logs._burst.lines[:300]
+        logs.flush_access_lines()
+        formatter = logs._listener.handler.formatter
+        made = per_call(formatter.access_lines, items) / len(items)
+        one_by_one = per_call(lambda: [formatter.access(c, logs._ACCESS_FORMAT % a, r) for c, r, a in items]) / len(items)
+        return line, made, one_by_one
+
     saved = sys.stderr
     with open(os.devnull, "w") as sink:
         sys.stderr = sink
         try:
             stop = logs.configure("info", "text")
-            started = time.perf_counter()
-            for i in range(n):
-                metrics.record(route_of(path), 200, 0.001)
-                logs.access_line("POST", path, 200, 1.0, f"abc-{i}")
-            request_path = time.perf_counter() - started
-            stop()  # the writer drains what is queued
-            total = time.perf_counter() - started
+            record, before = per_call(ours.record, route, 200, 0.0012), per_call(theirs, route, 200, 0.0012)
+            line, made, one_by_one = asyncio.run(on_a_loop())
+            stop()
         finally:
             sys.stderr = saved
-    return (f"In one process, {n} requests' bookkeeping took {total / n * 1e6:.1f} us per request in all: the request "
-            f"path's loop ran {request_path / n * 1e6:.1f} us per request with the writer working beside it (one "
-            f"GIL), and the writer needed {(total - request_path) / n * 1e6:.1f} us per request more to drain.")
+    return (f"In one process, per request: the counts {record:.2f} us (prometheus_client's Counter and Histogram: "
+            f"{before:.2f} us, {before / record:.1f}x); the access tuple kept on the loop {line:.2f} us; its line made "
+            f"with the burst's {made:.2f} us (one `access` call each: {one_by_one:.2f} us, {one_by_one / made:.1f}x). "
+            f"In all {record + line + made:.2f} us.")
 
 
 def pin_threads(pid: int, cpus: set) -> None:
@@ -200,8 +235,6 @@ def logs_cost(python: Path, rounds: int, pin: bool = False) -> None:
                         after = server.cpu_times()
                         cpu = (after.user + after.system - before.user - before.system) / (n + 100) * 1e6
                         seen.setdefault((label, c, setting), []).append((r["req_per_s"], cpu))
-    print(bookkeeping_in_process())
-    print()
     print(f"Access log and /metrics on (default) against both off, and a second identical 'off' server as the "
           f"control; each round three fresh servers, served at once and driven in turn; median of {rounds} rounds:")
     print()
@@ -217,6 +250,76 @@ def logs_cost(python: Path, rounds: int, pin: bool = False) -> None:
             print(f"| {label} | {c} | {rate['off']:.0f} | {rate['on']:.0f} | {rate['on'] / rate['off']:.3f} "
                   f"| {rate['off2'] / rate['off']:.3f} | {cpu['off']:.0f} us | {cpu['on']:.0f} us "
                   f"| {cpu['on'] - cpu['off']:+.0f} us | {cpu['off2'] - cpu['off']:+.0f} us |")
+
+
+def logs_toggled(python: Path, seconds: float, window: float = 0.25, guard: float = 0.06,
+                 modes: tuple = ("on-off", "off-off"), cases: tuple = (("echo", False), ("echo_stream", True)),
+                 concurrencies: tuple = (1, 32), pin: bool = True) -> None:
+    """The access log and /metrics switched on and off within one server, a quarter of a second at a
+    time (``window``; benchmarks/toggled_server.py), under one load generator's run
+    (benchmarks/windowed_load.py): each on window is compared with the off windows beside it, so the
+    machine's drift (its speed swings by a fifth from one second to the next here) and what differs
+    between two server processes (several percent) are out of the comparison. The control is the same
+    run with both off in every window: what the method reads where nothing changes. Responses that end
+    within ``guard`` of their window's start are left out (they may have started in the window before);
+    the access lines of an on window are handed to the writer before it ends (toggled_server.py).
+    ``pin``: the server's threads on CPU 0 and the load generator on CPU 1, so neither takes the
+    other's core.
+
+    Per pair of neighbouring windows, on/off of the responses (every on window is in two pairs: one with
+    the window before it, one with the window after it, so a steady drift cancels); the geometric mean
+    over the pairs with its 95% interval (two standard errors of the mean log ratio); and the server's
+    CPU per response, on and off (its whole process: the writer thread included)."""
+    import math
+    import statistics
+
+    bench = TRUSS_REFERENCE / "bench_trusses"
+    payload = '{"text": "hello", "n": 5}'
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="km-toggled-") as tmp:
+        for label, stream in cases:
+            for mode in modes:
+                samples = Path(tmp) / f"{label}-{mode}.cpu"
+                launcher = (str(ROOT / "benchmarks" / "toggled_server.py"), str(window), mode, str(samples))
+                with serve_ours(bench / label, launcher=launcher) as s:
+                    if pin:
+                        pin_threads(s.proc.pid, {0})  # (threads it starts later inherit it)
+                    for c in concurrencies:
+                        cmd = [str(python), str(ROOT / "benchmarks" / "windowed_load.py"), "--url", s.predict_url(),
+                               "--payload", payload, "--concurrency", str(c), "--seconds", str(seconds),
+                               "--window", str(window), "--guard", str(guard)] + (["--stream"] if stream else [])
+                        out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                                        preexec_fn=(lambda: os.sched_setaffinity(0, {1})) if pin else None).stdout)
+                        cpu = {int(k): float(v) for k, v in (line.split() for line in samples.read_text().splitlines())}
+                        windows = {int(k): v for k, v in out["windows"].items()}
+                        ks = sorted(k for k in windows if k + 1 in windows and k in cpu and k + 1 in cpu)
+                        logs = [math.log(windows[k][0] / windows[k + 1][0]) * (1 if k % 2 == 0 else -1) for k in ks]
+                        # Neighbouring pairs share a second, so their spread understates the error: each half (every
+                        # other pair) shares none, and the larger of the halves' standard errors is the interval's.
+                        mean = statistics.fmean(logs)
+                        se = max(statistics.stdev(half) / math.sqrt(len(half)) for half in (logs[0::2], logs[1::2]))
+                        per = {0: [], 1: []}  # CPU per response, even (on) and odd (off) seconds
+                        for k in windows:
+                            if k in cpu and k + 1 in cpu:
+                                per[k % 2].append((cpu[k + 1] - cpu[k]) / windows[k][1] * 1e6)
+                        rate = {p: statistics.fmean(windows[k][0] for k in windows if k % 2 == p) / (window - guard)
+                                for p in (0, 1)}
+                        rows.append((label, c, mode, rate[0], rate[1], math.exp(mean), math.exp(mean - 2 * se),
+                                     math.exp(mean + 2 * se), len(logs), statistics.fmean(per[0]),
+                                     statistics.fmean(per[1]), out["errors"]))
+    print(bookkeeping_in_process())
+    print()
+    print(f"Access log and /metrics switched within one server, {window:g} s on, {window:g} s off, {seconds:g} s "
+          f"per row (control: off in both):")
+    print()
+    print("| model | concurrency | seconds | req/s on | req/s off | on/off (95% interval) | pairs "
+          "| server CPU per request on / off | on - off | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, c, mode, on, off, ratio, lo, hi, n, cpu_on, cpu_off, errors in rows:
+        kind = {"on-off": "both on / off", "log-off": "log on / off", "metrics-off": "metrics on / off",
+                "off-off": "control: off / off"}[mode]
+        print(f"| {label} | {c} | {kind} | {on:.0f} | {off:.0f} | **{ratio:.3f}** ({lo:.3f} to {hi:.3f}) | {n} "
+              f"| {cpu_on:.0f} / {cpu_off:.0f} us | {cpu_on - cpu_off:+.0f} us | {errors} |")
 
 
 # ---------------------------------------------------------------------- the slow reader
@@ -369,6 +472,12 @@ def main() -> None:
     parser.add_argument("--only", default="echo,gil,gallery,slow,logs,startup,stalled")
     parser.add_argument("--rounds", type=int, default=2, help="Alternate the servers this many times; best kept.")
     parser.add_argument("--minilm", type=Path, default=None, help="A MiniLM gallery export to time the startup of.")
+    parser.add_argument("--seconds", type=float, default=40.0,
+                        help="logs: seconds of load per row of the one-server comparison (half on, half off).")
+    parser.add_argument("--parts", action="store_true",
+                        help="logs: the log and the metrics also switched one at a time.")
+    parser.add_argument("--separate", action="store_true",
+                        help="logs: also the older comparison of three separate servers (on, off, off again).")
     parser.add_argument("--pin", action="store_true",
                         help="logs: each server on CPU 0 and the load generator on CPU 1 (Linux, 2 CPUs or more).")
     args = parser.parse_args()
@@ -405,7 +514,11 @@ def main() -> None:
             slow_reader(tmp, mib=200, rate=20.0)
         if "logs" in only:
             print()
-            logs_cost(python, max(args.rounds, 6), pin=args.pin)
+            logs_toggled(python, args.seconds, modes=("on-off", "log-off", "metrics-off", "off-off") if args.parts
+                         else ("on-off", "off-off"), pin=(os.cpu_count() or 1) >= 2)
+            if args.separate:
+                print()
+                logs_cost(python, max(args.rounds, 6), pin=args.pin)
         if "startup" in only:
             minilm = args.minilm
             if minilm is None:

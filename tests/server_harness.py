@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import httpx
 
@@ -131,8 +131,10 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def serve_ours(truss_dir: Path, *args: str, env: Optional[dict] = None, wait_ready: bool = True,
-               timeout: float = 90, engine: Any = "uvicorn", replicas: int = 1) -> Iterator[Served]:
-    """`kernel-magics serve DIR` as a real process.
+               timeout: float = 90, engine: Any = "uvicorn", replicas: int = 1,
+               launcher: Sequence[str] = ("-m", "kernel_magics.cli")) -> Iterator[Served]:
+    """`kernel-magics serve DIR` as a real process (``launcher``: what runs the command line, after the
+    interpreter; a benchmark's wrapper of the CLI).
 
     ``engine="ray"``: on a local Ray Serve the command starts, with replicas; a LocalCluster
     (ray_harness): deployed on that running cluster with ``--address`` (seconds instead of a Ray start).
@@ -148,7 +150,7 @@ def serve_ours(truss_dir: Path, *args: str, env: Optional[dict] = None, wait_rea
     log = Path(name)
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kernel_magics.cli", "serve", str(truss_dir), "--port", str(port), *args],
+            [sys.executable, *launcher, "serve", str(truss_dir), "--port", str(port), *args],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
         )
     served = Served(proc, f"http://127.0.0.1:{port}", log)

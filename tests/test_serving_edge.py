@@ -490,7 +490,43 @@ def test_an_access_line_written_without_a_record_reads_as_its_record_would(fmt):
     formatter = JsonLines() if fmt == "json" else _Text()
     for created in (time.time(), 1700000000.9996, 1700000001.0):
         item = (created, "rid-7", ("POST", "/v1/models/model:predict", 200, 1.25, "rid-7"))
-        assert formatter.access(created, _ACCESS_FORMAT % item[2], "rid-7") == formatter.format(_Writer._record(item))
+        line = formatter.format(_Writer._record(item))
+        assert formatter.access(created, _ACCESS_FORMAT % item[2], "rid-7") == line  # (with secrets: redacted first)
+        assert formatter.access_lines([item, item]) == [line, line]
+
+
+def test_request_counts_read_as_prometheus_clients_counter_and_histogram_would_show_them():
+    """serving/access.py keeps a request's counts in plain lists and renders them when /metrics is read: the
+    text must be the one prometheus_client's own Counter and Histogram give for the same requests, sample
+    for sample (the ``_created`` times aside, which differ by when each was made)."""
+    import re
+
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from kernel_magics.serving.access import _LATENCY_BOUNDS, Metrics
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    metrics = Metrics(registry=ours)
+    counter = Counter("kernel_magics_requests", "HTTP requests handled", ["route", "status"], registry=theirs)
+    latency = Histogram("kernel_magics_request_seconds", "Time to the response's start", ["route"],
+                        buckets=_LATENCY_BOUNDS, registry=theirs)
+    Histogram("kernel_magics_batch_size", "Requests in each predict_batch call", registry=theirs,
+              buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+    Histogram("kernel_magics_batch_wait_seconds", "How long each batch's first request waited before the batch started",
+              buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 10), registry=theirs)
+    # Bounds exactly (a bucket counts what is at most its bound), between them, beyond the last, and none at all.
+    requests = [("/v1/models/{model_name}:predict", 200, s) for s in (0.0004, 0.001, 0.0011, 0.005, 0.3, 30, 31.5)]
+    requests += [("/v1/models/{model_name}:predict", 500, 0.02), ("/", 200, 0.0), ("unmatched", 404, 1e-6)]
+    for route, status, seconds in requests:
+        metrics.record(route, status, seconds)
+        counter.labels(route, str(status)).inc()
+        latency.labels(route).observe(seconds)
+
+    def text(registry) -> str:
+        return re.sub(r"^(\S+_created(\{.*\})?) \S+$", r"\1 T", generate_latest(registry).decode(), flags=re.M)
+
+    assert text(ours) == text(theirs)
+    assert 'kernel_magics_request_seconds_bucket{le="0.001",route="/v1/models/{model_name}:predict"} 2.0' in text(ours)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ writes them.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import logging
 import os
@@ -47,29 +48,41 @@ def route_of(path: str) -> str:
     return "unmatched"
 
 
+# The request latency histogram's upper bounds (seconds), +Inf after them.
+_LATENCY_BOUNDS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
+
+
 class Metrics:
     """Request counts and latency per route, in the Prometheus text format (prometheus_client).
 
-    One set per process (the default registry refuses duplicates); label children are cached,
-    so a request costs a dict look-up, an increment and a histogram observation.
+    One set per process (``get``: the default registry refuses duplicates). A request's counts are plain
+    numbers in lists, kept by ``record``; prometheus_client's custom-collector API (``_RequestCounts``)
+    renders them when /metrics is read. Why not its Counter and Histogram: each increment takes a lock
+    and checks its metric's kind, three of them a request, and they were a third of what the
+    bookkeeping cost a request (benchmarks/README.md, "the bookkeeping within one server"). The
+    increments need no lock: in CPython a list element's ``+=`` is not interrupted by another thread
+    (no call, no backward jump between its load and store), and each server's requests are recorded on
+    its event loop.
     """
 
     _instance: Optional["Metrics"] = None
 
-    def __init__(self) -> None:
-        from prometheus_client import Counter, Histogram
+    def __init__(self, registry=None) -> None:
+        """``registry``: where the metrics are registered (prometheus_client's default one, which /metrics shows)."""
+        from prometheus_client import REGISTRY, Histogram
 
-        self.requests = Counter("kernel_magics_requests", "HTTP requests handled", ["route", "status"])
-        self.latency = Histogram("kernel_magics_request_seconds", "Time to the response's start", ["route"],
-                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        registry = REGISTRY if registry is None else registry
+        self._requests: dict = {}  # (route, status) -> [count, created]
+        self._latency: dict = {}  # route -> [requests per bucket (the last one +Inf)..., sum of seconds, created]
+        registry.register(_RequestCounts(self))
         # A model with predict_batch (core/batching.py): how full its batches are, and what filling them cost.
+        # (Observed once a batch, not once a request: prometheus_client's Histogram as it is.)
         self.batch_size = Histogram("kernel_magics_batch_size", "Requests in each predict_batch call",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096), registry=registry)
         self.batch_wait = Histogram("kernel_magics_batch_wait_seconds",
                                     "How long each batch's first request waited before the batch started",
-                                    buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 10))
-        self._counters: dict = {}
-        self._histograms: dict = {}
+                                    buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 10),
+                                    registry=registry)
         self._watched: "weakref.WeakSet" = weakref.WeakSet()  # (an id could be reused by a later host)
 
     @classmethod
@@ -92,15 +105,51 @@ class Metrics:
         host.subscribe(on_event)
 
     def record(self, route: str, status: int, seconds: float) -> None:
-        key = (route, status)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters[key] = self.requests.labels(route, str(status))
-        histogram = self._histograms.get(route)
-        if histogram is None:
-            histogram = self._histograms[route] = self.latency.labels(route)
-        counter.inc()
-        histogram.observe(seconds)
+        counts = self._requests.get((route, status))
+        if counts is None:
+            counts = self._requests.setdefault((route, status), [0, time.time()])
+        counts[0] += 1
+        latency = self._latency.get(route)
+        if latency is None:
+            latency = self._latency.setdefault(route, [0] * (len(_LATENCY_BOUNDS) + 1) + [0.0, time.time()])
+        latency[bisect.bisect_left(_LATENCY_BOUNDS, seconds)] += 1  # (a bucket counts what is at most its bound)
+        latency[-2] += seconds
+
+
+class _RequestCounts:
+    """Metrics' request counts as prometheus_client's Counter and Histogram would show them (the same names,
+    labels, samples and ``_created`` times), made when /metrics is read."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list:
+        return self._families([], [])
+
+    def collect(self) -> list:
+        # (list(): one step for the interpreter, so a request that adds a route meanwhile does not break the loop)
+        return self._families(list(self.metrics._requests.items()), list(self.metrics._latency.items()))
+
+    @staticmethod
+    def _families(requests: list, latency: list) -> list:
+        from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
+        from prometheus_client.samples import Sample
+        from prometheus_client.utils import floatToGoString
+
+        counter = CounterMetricFamily("kernel_magics_requests", "HTTP requests handled", labels=["route", "status"])
+        for (route, status), (count, created) in requests:
+            counter.add_metric([route, str(status)], count, created=created)
+        histogram = HistogramMetricFamily("kernel_magics_request_seconds", "Time to the response's start",
+                                          labels=["route"])
+        bounds = [floatToGoString(bound) for bound in _LATENCY_BOUNDS] + ["+Inf"]
+        created = []
+        for route, values in latency:
+            values = values[:]  # (a request recorded meanwhile: counts and sum taken at one moment)
+            cumulative = list(itertools.accumulate(values[:len(bounds)]))
+            histogram.add_metric([route], list(zip(bounds, cumulative)), values[-2])
+            created.append(Sample("kernel_magics_request_seconds_created", {"route": route}, values[-1]))
+        histogram.samples.extend(created)
+        return [counter, histogram]
 
 
 class RequestLog:
