@@ -11,13 +11,16 @@ alternating over rounds (best round kept), driven by the same load generator (be
 - slow reader: a 200 MiB stream (1 MiB chunks) read at a fixed 20 MiB/s: the server's peak memory above its
   memory before the request, and how far the generator ran ahead of the reader;
 - logs: echo and echo_stream on our server with the default access log and /metrics, against the same
-  server with both off (`--log-level warning --no-metrics`): the cost of the bookkeeping;
+  server with both off (what `--log-level warning --no-metrics` sets), switched within one server four times
+  a second (toggled_server.py, windowed_load.py): the cost of the bookkeeping; `--separate` adds the older
+  comparison of three separate servers;
 - startup: seconds from the process's start to liveness (GET /) and to readiness for the MiniLM gallery
   export (`--minilm DIR` reuses an export; otherwise the notebook runs once), on both engines;
 - stalled: 200 clients that ask for a stream and read nothing, then probes (readiness, liveness) timed;
   header flood: 50 clients sending unfinished headers (up to 16 MiB each), the server's memory growth.
 
-    .venv/bin/python benchmarks/server_bench.py [--only echo,gil,gallery,slow,logs,startup,stalled] [--rounds 2] [--pin]
+    .venv/bin/python benchmarks/server_bench.py [--only echo,gil,gallery,slow,logs,startup,stalled] [--rounds 2]
+        [--seconds 40] [--parts] [--separate [--pin]]
 """
 
 from __future__ import annotations
@@ -141,9 +144,19 @@ def bookkeeping_in_process(n: int = 60_000) -> str:
     counter = Counter("km_bench_requests", "", ["route", "status"], registry=registry)
     histogram = Histogram("km_bench_seconds", "", ["route"], buckets=_LATENCY_BOUNDS, registry=registry)
 
-    def theirs(route: str, status: int, seconds: float) -> None:  # (Metrics.record before: label children cached)
-        counter.labels(route, str(status)).inc()
-        histogram.labels(route).observe(seconds)
+    counters: dict = {}
+    histograms: dict = {}
+
+    def theirs(route: str, status: int, seconds: float) -> None:  # Metrics.record as it was (57fd45e)
+        key = (route, status)
+        counter_child = counters.get(key)
+        if counter_child is None:
+            counter_child = counters[key] = counter.labels(route, str(status))
+        histogram_child = histograms.get(route)
+        if histogram_child is None:
+            histogram_child = histograms[route] = histogram.labels(route)
+        counter_child.inc()
+        histogram_child.observe(seconds)
 
     def per_call(fn, *args) -> float:
         best = float("inf")
@@ -293,6 +306,10 @@ def logs_toggled(python: Path, seconds: float, window: float = 0.25, guard: floa
                         cpu = {int(k): float(v) for k, v in (line.split() for line in samples.read_text().splitlines())}
                         windows = {int(k): v for k, v in out["windows"].items()}
                         ks = sorted(k for k in windows if k + 1 in windows and k in cpu and k + 1 in cpu)
+                        # (a window without a response after its guard: a stall of a fifth of a second; its pairs
+                        # are left out, and counted)
+                        stalled = [k for k in ks if not windows[k][0] or not windows[k + 1][0]]
+                        ks = [k for k in ks if k not in stalled]
                         logs = [math.log(windows[k][0] / windows[k + 1][0]) * (1 if k % 2 == 0 else -1) for k in ks]
                         # Neighbouring pairs share a second, so their spread understates the error: each half (every
                         # other pair) shares none, and the larger of the halves' standard errors is the interval's.
@@ -300,25 +317,25 @@ def logs_toggled(python: Path, seconds: float, window: float = 0.25, guard: floa
                         se = max(statistics.stdev(half) / math.sqrt(len(half)) for half in (logs[0::2], logs[1::2]))
                         per = {0: [], 1: []}  # CPU per response, even (on) and odd (off) seconds
                         for k in windows:
-                            if k in cpu and k + 1 in cpu:
+                            if k in cpu and k + 1 in cpu and windows[k][1]:
                                 per[k % 2].append((cpu[k + 1] - cpu[k]) / windows[k][1] * 1e6)
                         rate = {p: statistics.fmean(windows[k][0] for k in windows if k % 2 == p) / (window - guard)
                                 for p in (0, 1)}
                         rows.append((label, c, mode, rate[0], rate[1], math.exp(mean), math.exp(mean - 2 * se),
                                      math.exp(mean + 2 * se), len(logs), statistics.fmean(per[0]),
-                                     statistics.fmean(per[1]), out["errors"]))
+                                     statistics.fmean(per[1]), out["errors"], len(stalled)))
     print(bookkeeping_in_process())
     print()
     print(f"Access log and /metrics switched within one server, {window:g} s on, {window:g} s off, {seconds:g} s "
           f"per row (control: off in both):")
     print()
-    print("| model | concurrency | seconds | req/s on | req/s off | on/off (95% interval) | pairs "
+    print("| model | concurrency | windows | req/s on | req/s off | on/off (95% interval) | pairs (left out: a stall) "
           "| server CPU per request on / off | on - off | errors |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for label, c, mode, on, off, ratio, lo, hi, n, cpu_on, cpu_off, errors in rows:
+    for label, c, mode, on, off, ratio, lo, hi, n, cpu_on, cpu_off, errors, stalled in rows:
         kind = {"on-off": "both on / off", "log-off": "log on / off", "metrics-off": "metrics on / off",
                 "off-off": "control: off / off"}[mode]
-        print(f"| {label} | {c} | {kind} | {on:.0f} | {off:.0f} | **{ratio:.3f}** ({lo:.3f} to {hi:.3f}) | {n} "
+        print(f"| {label} | {c} | {kind} | {on:.0f} | {off:.0f} | **{ratio:.3f}** ({lo:.3f} to {hi:.3f}) | {n} ({stalled}) "
               f"| {cpu_on:.0f} / {cpu_off:.0f} us | {cpu_on - cpu_off:+.0f} us | {errors} |")
 
 
@@ -479,7 +496,8 @@ def main() -> None:
     parser.add_argument("--separate", action="store_true",
                         help="logs: also the older comparison of three separate servers (on, off, off again).")
     parser.add_argument("--pin", action="store_true",
-                        help="logs: each server on CPU 0 and the load generator on CPU 1 (Linux, 2 CPUs or more).")
+                        help="logs --separate: each server on CPU 0 and the load generator on CPU 1 (Linux, 2 CPUs "
+                             "or more; the one-server comparison always pins where there are 2 CPUs).")
     args = parser.parse_args()
     python = truss_reference_python()
     if python is None:

@@ -488,11 +488,13 @@ def test_an_access_line_written_without_a_record_reads_as_its_record_would(fmt):
     from kernel_magics.serving.logs import _ACCESS_FORMAT, JsonLines, _Text, _Writer
 
     formatter = JsonLines() if fmt == "json" else _Text()
-    for created in (time.time(), 1700000000.9996, 1700000001.0):
-        item = (created, "rid-7", ("POST", "/v1/models/model:predict", 200, 1.25, "rid-7"))
-        line = formatter.format(_Writer._record(item))
-        assert formatter.access(created, _ACCESS_FORMAT % item[2], "rid-7") == line  # (with secrets: redacted first)
-        assert formatter.access_lines([item, item]) == [line, line]
+    items = [(created, "rid-7", ("POST", "/v1/models/model:predict", 200, 1.25, "rid-7"))
+             for created in (time.time(), 1700000000.9996, 1700000001.0, 1700000001.0004, 1700000000.5)]
+    items.append((1700000002.25, None, ("GET", "/v1/models/é", 404, 0.04999, None)))
+    lines = [formatter.format(_Writer._record(item)) for item in items]
+    for (created, request_id, args), line in zip(items, lines):
+        assert formatter.access(created, _ACCESS_FORMAT % args, request_id) == line  # (with secrets: redacted first)
+    assert formatter.access_lines(items) == lines  # one burst across four seconds, back to one of them
 
 
 def test_request_counts_read_as_prometheus_clients_counter_and_histogram_would_show_them():
@@ -501,7 +503,9 @@ def test_request_counts_read_as_prometheus_clients_counter_and_histogram_would_s
     for sample (the ``_created`` times aside, which differ by when each was made)."""
     import re
 
-    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client import (
+        CollectorRegistry, Counter, Histogram, disable_created_metrics, enable_created_metrics, generate_latest,
+    )
 
     from kernel_magics.serving.access import _LATENCY_BOUNDS, Metrics
 
@@ -526,6 +530,11 @@ def test_request_counts_read_as_prometheus_clients_counter_and_histogram_would_s
         return re.sub(r"^(\S+_created(\{.*\})?) \S+$", r"\1 T", generate_latest(registry).decode(), flags=re.M)
 
     assert text(ours) == text(theirs)
+    disable_created_metrics()  # (as PROMETHEUS_DISABLE_CREATED_SERIES=true does at import)
+    try:
+        assert text(ours) == text(theirs) and "_created" not in text(ours)
+    finally:
+        enable_created_metrics()
     assert 'kernel_magics_request_seconds_bucket{le="0.001",route="/v1/models/{model_name}:predict"} 2.0' in text(ours)
 
 
@@ -587,6 +596,46 @@ def test_the_writer_keeps_every_line_where_it_belongs(capsys, server_logging):
     assert "a model line" in messages and "after stop" in messages
     assert {e.get("request_id") for e in lines} >= {"id-***", "first-***"}  # the record's path and the writer's
     assert any(m.startswith("Handled request - GET /a\\nforged line 200") for m in messages)  # one line
+
+
+def test_a_change_to_the_access_loggers_handlers_or_level_holds_from_the_next_burst(capsys, server_logging):
+    """On a loop, whether the access logger is on and goes only to our writer is asked once a burst
+    (serving/logs.access_line): a handler added or a level raised meanwhile holds from the next burst on."""
+    import asyncio
+    import logging
+
+    logs = server_logging
+    logs.configure("info", "text")
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage().rsplit("=", 1)[1])
+
+    keep, access = Keep(), logging.getLogger(logs.ACCESS_LOGGER)
+
+    async def requests() -> None:
+        logs.access_line("POST", "/v1/models/model:predict", 200, 1.0, "a")  # opens a burst
+        logging.getLogger().addHandler(keep)
+        logs.access_line("POST", "/v1/models/model:predict", 200, 1.0, "b")  # the same burst: our writer only
+        await asyncio.sleep(logs._LOOP_GATHER * 3)
+        logs.access_line("POST", "/v1/models/model:predict", 200, 1.0, "c")  # the next: an ordinary record too
+        logging.getLogger().removeHandler(keep)
+        await asyncio.sleep(logs._LOOP_GATHER * 3)
+        logs.access_line("POST", "/v1/models/model:predict", 200, 1.0, "d")  # a burst, our writer's alone again
+        access.setLevel(logging.WARNING)
+        logs.access_line("POST", "/v1/models/model:predict", 200, 1.0, "e")  # its burst is open: written
+        await asyncio.sleep(logs._LOOP_GATHER * 3)
+        logs.access_line("POST", "/v1/models/model:predict", 200, 1.0, "f")  # the logger is off: nowhere
+
+    try:
+        asyncio.run(requests())
+    finally:
+        access.setLevel(logging.NOTSET)
+    logs.stop()
+    written = [line.rsplit("=", 1)[1] for line in capsys.readouterr().err.splitlines() if "Handled request" in line]
+    assert seen == ["c"]
+    assert written == ["a", "b", "c", "d", "e"]
 
 
 def test_the_access_log_as_trusss(tmp_path):

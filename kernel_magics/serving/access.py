@@ -1,8 +1,8 @@
 """Per-request bookkeeping, cheap on the request path: a request id, /metrics counters, the access line.
 
 One ASGI middleware sees every request, unmatched ones (404) included, and the whole of a
-streamed response, so a stream's line carries its full duration. Health checks and /metrics
-are counted but not logged (as Truss's server filters them). The line joins the event loop's
+streamed response, so a stream's line carries its full duration. Health checks are counted but
+not logged (as Truss's server filters them); /metrics is neither. The line joins the event loop's
 burst (serving/logs.access_line): the loop makes a burst's lines at once, the writer thread
 writes them.
 """
@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import itertools
 import logging
 import os
+import sys
+import threading
 import time
 import weakref
 from typing import Optional
@@ -58,11 +61,11 @@ class Metrics:
     One set per process (``get``: the default registry refuses duplicates). A request's counts are plain
     numbers in lists, kept by ``record``; prometheus_client's custom-collector API (``_RequestCounts``)
     renders them when /metrics is read. Why not its Counter and Histogram: each increment takes a lock
-    and checks its metric's kind, three of them a request, and they were a third of what the
-    bookkeeping cost a request (benchmarks/README.md, "the bookkeeping within one server"). The
-    increments need no lock: in CPython a list element's ``+=`` is not interrupted by another thread
-    (no call, no backward jump between its load and store), and each server's requests are recorded on
-    its event loop.
+    and checks its metric's kind, three of them a request, and they cost four times what these lists
+    do (benchmarks/README.md, "The bookkeeping within one server"). With the GIL the increments need no
+    lock: CPython does not switch threads between a list element's load and store in ``+=`` (no call,
+    no backward jump between them; checked on 3.10 to 3.13). A free-threaded build does, and there
+    ``record`` takes a lock.
     """
 
     _instance: Optional["Metrics"] = None
@@ -72,6 +75,8 @@ class Metrics:
         from prometheus_client import REGISTRY, Histogram
 
         registry = REGISTRY if registry is None else registry
+        # (None with the GIL; a lock where there is none: sys._is_gil_enabled, Python 3.13 and later)
+        self._lock = None if getattr(sys, "_is_gil_enabled", lambda: True)() else threading.Lock()
         self._requests: dict = {}  # (route, status) -> [count, created]
         self._latency: dict = {}  # route -> [requests per bucket (the last one +Inf)..., sum of seconds, created]
         registry.register(_RequestCounts(self))
@@ -105,20 +110,28 @@ class Metrics:
         host.subscribe(on_event)
 
     def record(self, route: str, status: int, seconds: float) -> None:
-        counts = self._requests.get((route, status))
-        if counts is None:
-            counts = self._requests.setdefault((route, status), [0, time.time()])
-        counts[0] += 1
-        latency = self._latency.get(route)
-        if latency is None:
-            latency = self._latency.setdefault(route, [0] * (len(_LATENCY_BOUNDS) + 1) + [0.0, time.time()])
-        latency[bisect.bisect_left(_LATENCY_BOUNDS, seconds)] += 1  # (a bucket counts what is at most its bound)
-        latency[-2] += seconds
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            counts = self._requests.get((route, status))
+            if counts is None:
+                counts = self._requests.setdefault((route, status), [0, time.time()])
+            counts[0] += 1
+            latency = self._latency.get(route)
+            if latency is None:
+                latency = self._latency.setdefault(route, [0] * (len(_LATENCY_BOUNDS) + 1) + [0.0, time.time()])
+            latency[bisect.bisect_left(_LATENCY_BOUNDS, seconds)] += 1  # (a bucket counts what is at most its bound)
+            latency[-2] += seconds
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 class _RequestCounts:
     """Metrics' request counts as prometheus_client's Counter and Histogram would show them (the same names,
-    labels, samples and ``_created`` times), made when /metrics is read."""
+    labels, samples and ``_created`` times, unless its PROMETHEUS_DISABLE_CREATED_SERIES or
+    ``disable_created_metrics()`` leaves those out), made when /metrics is read."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -127,8 +140,13 @@ class _RequestCounts:
         return self._families([], [])
 
     def collect(self) -> list:
-        # (list(): one step for the interpreter, so a request that adds a route meanwhile does not break the loop)
-        return self._families(list(self.metrics._requests.items()), list(self.metrics._latency.items()))
+        # The counts as they are at one moment: each list copied in one step of the interpreter (under the lock
+        # where there is no GIL), so a request recorded meanwhile breaks no loop and no sum here.
+        metrics = self.metrics
+        with metrics._lock or contextlib.nullcontext():
+            requests = [(key, values[:]) for key, values in list(metrics._requests.items())]
+            latency = [(route, values[:]) for route, values in list(metrics._latency.items())]
+        return self._families(requests, latency)
 
     @staticmethod
     def _families(requests: list, latency: list) -> list:
@@ -136,19 +154,22 @@ class _RequestCounts:
         from prometheus_client.samples import Sample
         from prometheus_client.utils import floatToGoString
 
+        from prometheus_client import metrics as client
+
+        with_created = getattr(client, "_use_created", True)  # (its own metrics read the same switch)
         counter = CounterMetricFamily("kernel_magics_requests", "HTTP requests handled", labels=["route", "status"])
         for (route, status), (count, created) in requests:
-            counter.add_metric([route, str(status)], count, created=created)
+            counter.add_metric([route, str(status)], count, created=created if with_created else None)
         histogram = HistogramMetricFamily("kernel_magics_request_seconds", "Time to the response's start",
                                           labels=["route"])
         bounds = [floatToGoString(bound) for bound in _LATENCY_BOUNDS] + ["+Inf"]
         created = []
         for route, values in latency:
-            values = values[:]  # (a request recorded meanwhile: counts and sum taken at one moment)
             cumulative = list(itertools.accumulate(values[:len(bounds)]))
             histogram.add_metric([route], list(zip(bounds, cumulative)), values[-2])
             created.append(Sample("kernel_magics_request_seconds_created", {"route": route}, values[-1]))
-        histogram.samples.extend(created)
+        if with_created:
+            histogram.samples.extend(created)
         return [counter, histogram]
 
 

@@ -330,6 +330,8 @@ def access_line(method: str, path: str, status: int, ms: float, request_id: str)
     burst = _burst
     lines = burst.lines
     if lines is None or _records is None or burst.loop is not asyncio._get_running_loop():
+        if not _access.isEnabledFor(logging.INFO):  # (here, not in _open_burst: --log-level warning's every request)
+            return
         lines = _open_burst(method, path, status, ms, request_id)
         if lines is None:  # (the line went another way)
             return
@@ -338,9 +340,7 @@ def access_line(method: str, path: str, status: int, ms: float, request_id: str)
 
 def _open_burst(method: str, path: str, status: int, ms: float, request_id: str) -> Optional[list]:
     """A burst opened on this thread's event loop for the line and those after it, or None when the line went
-    another way: nowhere (the access logger is off), an ordinary record, or a tuple for the writer."""
-    if not _access.isEnabledFor(logging.INFO):
-        return None
+    another way: an ordinary record, or a tuple for the writer."""
     records = _records
     if records is None or not _only_our_writer():
         _access.info(_ACCESS_FORMAT, method, path, status, ms, request_id)
