@@ -61,8 +61,8 @@ def main() -> None:
     p.add_argument("--payload", required=True)
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--seconds", type=float, default=30.0)
-    p.add_argument("--window", type=float, default=1.0)
-    p.add_argument("--guard", type=float, default=0.15)
+    p.add_argument("--window", type=float, default=0.25)
+    p.add_argument("--guard", type=float, default=0.06)
     p.add_argument("--stream", action="store_true")
     a = p.parse_args()
     try:

@@ -150,11 +150,10 @@ class _RequestCounts:
 
     @staticmethod
     def _families(requests: list, latency: list) -> list:
+        from prometheus_client import metrics as client
         from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
         from prometheus_client.samples import Sample
         from prometheus_client.utils import floatToGoString
-
-        from prometheus_client import metrics as client
 
         with_created = getattr(client, "_use_created", True)  # (its own metrics read the same switch)
         counter = CounterMetricFamily("kernel_magics_requests", "HTTP requests handled", labels=["route", "status"])

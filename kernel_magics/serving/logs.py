@@ -71,8 +71,8 @@ class _Text(logging.Formatter):
         return f"{self._seconds(created)},{_msecs(created):03d} INFO {ACCESS_LOGGER}: {message}"
 
     def access_lines(self, items: list) -> list:
-        """``access`` of each access tuple (``_ACCESS_FORMAT`` and all), as one f-string: a line costs the
-        loop a third of what ``access`` with its message cost."""
+        """``access`` of each access tuple (``_ACCESS_FORMAT`` and all) as one f-string, the second's text made
+        once a second: 1.35 us a line against 1.74 us for ``access`` with its message (benchmarks/README.md)."""
         seconds, lines, second, stamp = self._seconds, [], None, ""
         for created, _, (method, path, status, ms, request_id) in items:
             if int(created) != second:
@@ -329,6 +329,7 @@ def access_line(method: str, path: str, status: int, ms: float, request_id: str)
         path = path.replace("\r", "\\r").replace("\n", "\\n")
     burst = _burst
     lines = burst.lines
+    # (asyncio._get_running_loop: None where no loop runs, where get_running_loop raises)
     if lines is None or _records is None or burst.loop is not asyncio._get_running_loop():
         if not _access.isEnabledFor(logging.INFO):  # (here, not in _open_burst: --log-level warning's every request)
             return
