@@ -457,6 +457,47 @@ def test_the_models_own_log_lines_are_redacted(tmp_path, fmt):
         assert access["request_id"] == next(e["request_id"] for e in lines if e["message"] == "predict sees ***")
 
 
+def test_the_access_log_redacts_a_callers_id_in_utf8_replaces_an_empty_one_and_leaves_readiness_out(tmp_path):
+    """A caller's x-baseten-request-id is read as the UTF-8 it was sent in, so a secret in it is found (read as
+    latin-1 it went out as mojibake, unredacted); an empty one gets an id of ours; a GET of a predict path is
+    readiness's (as under Truss: `{model_name}` takes the colon), counted and left out of the log as readiness."""
+    secret = "pässwört-" + CANARY
+    d = write_truss(tmp_path / "logs", LOGGING, "secrets: {tok: null}\n")
+    with serve_ours(d, env={"TRUSS_SECRET_tok": secret}) as s:
+        assert httpx.post(s.predict_url(), json={}, headers={"x-baseten-request-id": f"id-{secret}".encode()}).json() == 1
+        assert httpx.post(s.predict_url(), json={}, headers={"x-baseten-request-id": ""}).json() == 1
+        assert httpx.get(s.predict_url()).status_code == 200  # readiness
+        metrics = httpx.get(s.url + "/metrics").text
+    handled = [line for line in s.log.splitlines() if "Handled request" in line]
+    assert CANARY not in s.log and "sswört" not in s.log and "sswÃ¶rt" not in s.log, s.log
+    assert len(handled) == 2 and handled[0].endswith(" request_id=id-***")
+    assert not handled[1].endswith("request_id=")  # ours instead
+    assert 'kernel_magics_requests_total{route="/v1/models/{model_name}:predict",status="200"} 2.0' in metrics
+    assert 'kernel_magics_requests_total{route="/v1/models/{model_name}",status="200"} ' in metrics
+
+
+def test_a_port_the_system_chose_is_said_at_any_log_level(tmp_path):
+    """`--port 0 --log-level warning`: the line that names the address still comes (nothing else tells it)."""
+    import os
+    import queue
+    import threading
+
+    d = write_truss(tmp_path / "m", "class Model:\n    def predict(self, model_input):\n        return model_input\n")
+    proc = subprocess.Popen([sys.executable, "-m", "kernel_magics.cli", "serve", str(d), "--port", "0", "--log-level",
+                             "warning"], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    try:
+        deadline, seen = time.monotonic() + 60, []
+        while not any("Serving " in line for line in seen):
+            seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+        (url,) = re.findall(r"on (http://127\.0\.0\.1:\d+): loading", seen[-1])
+        assert httpx.post(url + "/v1/models/model:predict", json={"a": 1}, timeout=60).json() == {"a": 1}
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+
+
 def test_with_json_logs_every_line_the_command_writes_is_json_to_the_interrupt(tmp_path):
     """`serve --log-format json`: the command's own lines (a requirement warning, "interrupted" after Ctrl-C) are
     JSON lines like the server's, so a collector that reads every line as JSON reads all of them."""
@@ -514,10 +555,6 @@ def test_request_counts_read_as_prometheus_clients_counter_and_histogram_would_s
     counter = Counter("kernel_magics_requests", "HTTP requests handled", ["route", "status"], registry=theirs)
     latency = Histogram("kernel_magics_request_seconds", "Time to the response's start", ["route"],
                         buckets=_LATENCY_BOUNDS, registry=theirs)
-    Histogram("kernel_magics_batch_size", "Requests in each predict_batch call", registry=theirs,
-              buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
-    Histogram("kernel_magics_batch_wait_seconds", "How long each batch's first request waited before the batch started",
-              buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 10), registry=theirs)
     # Bounds exactly (a bucket counts what is at most its bound), between them, beyond the last, and none at all.
     requests = [("/v1/models/{model_name}:predict", 200, s) for s in (0.0004, 0.001, 0.0011, 0.005, 0.3, 30, 31.5)]
     requests += [("/v1/models/{model_name}:predict", 500, 0.02), ("/", 200, 0.0), ("unmatched", 404, 1e-6)]
@@ -529,7 +566,7 @@ def test_request_counts_read_as_prometheus_clients_counter_and_histogram_would_s
     def text(registry) -> str:
         return re.sub(r"^(\S+_created(\{.*\})?) \S+$", r"\1 T", generate_latest(registry).decode(), flags=re.M)
 
-    assert text(ours) == text(theirs)
+    assert text(ours) == text(theirs)  # (and no batch metrics: no model with predict_batch was watched)
     disable_created_metrics()  # (as PROMETHEUS_DISABLE_CREATED_SERIES=true does at import)
     try:
         assert text(ours) == text(theirs) and "_created" not in text(ours)
@@ -571,6 +608,7 @@ def test_the_writer_keeps_every_line_where_it_belongs(capsys, server_logging):
     logs.redact_logs_of(host)
     logs.configure("info", "json")
     logs.access_line("GET", "/a\nforged line", 200, 1.0, f"first-{CANARY}")
+    logs.access_line("GET", "/t\tab\x1b[31mred\x00", 404, 1.0, "controls")  # (%09, %1B, %00: none written raw)
     seen = []
 
     class Keep(logging.Handler):
@@ -596,6 +634,7 @@ def test_the_writer_keeps_every_line_where_it_belongs(capsys, server_logging):
     assert "a model line" in messages and "after stop" in messages
     assert {e.get("request_id") for e in lines} >= {"id-***", "first-***"}  # the record's path and the writer's
     assert any(m.startswith("Handled request - GET /a\\nforged line 200") for m in messages)  # one line
+    assert any(m.startswith("Handled request - GET /t\\tab\\x1b[31mred\\x00 404") for m in messages)
 
 
 def test_a_change_to_the_access_loggers_handlers_or_level_holds_from_the_next_burst(capsys, server_logging):

@@ -34,14 +34,15 @@ _FIXED = frozenset({"/", "/ping", "/invocations", "/metrics", "/v1/chat/completi
                     "/v1/embeddings", "/v1/messages", "/v1/responses"})
 
 
-def route_of(path: str) -> str:
-    """The route template a path belongs to (the metrics' label), by its shape: no regex, no cache."""
+def route_of(path: str, method: str = "POST") -> str:
+    """The route template a request belongs to (the metrics' label), by its path's shape: no regex, no cache.
+    (A GET of ``/v1/models/m:predict`` is readiness's, as under Truss: its ``{model_name}`` takes the colon.)"""
     if path in _FIXED:
         return path
     if path.startswith("/v1/models/"):
         rest = path[11:]
         if "/" not in rest:
-            if ":" not in rest:
+            if ":" not in rest or method == "GET" or method == "HEAD":
                 return "/v1/models/{model_name}"
             verb = rest.rsplit(":", 1)[1]
             return "/v1/models/{model_name}:" + verb if verb in ("predict", "predict_binary") else "unmatched"
@@ -72,7 +73,7 @@ class Metrics:
 
     def __init__(self, registry=None) -> None:
         """``registry``: where the metrics are registered (prometheus_client's default one, which /metrics shows)."""
-        from prometheus_client import REGISTRY, Histogram
+        from prometheus_client import REGISTRY
 
         registry = REGISTRY if registry is None else registry
         # (None with the GIL; a lock where there is none: sys._is_gil_enabled, Python 3.13 and later)
@@ -80,14 +81,8 @@ class Metrics:
         self._requests: dict = {}  # (route, status) -> [count, created]
         self._latency: dict = {}  # route -> [requests per bucket (the last one +Inf)..., sum of seconds, created]
         registry.register(_RequestCounts(self))
-        # A model with predict_batch (core/batching.py): how full its batches are, and what filling them cost.
-        # (Observed once a batch, not once a request: prometheus_client's Histogram as it is.)
-        self.batch_size = Histogram("kernel_magics_batch_size", "Requests in each predict_batch call",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096), registry=registry)
-        self.batch_wait = Histogram("kernel_magics_batch_wait_seconds",
-                                    "How long each batch's first request waited before the batch started",
-                                    buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 10),
-                                    registry=registry)
+        self._registry = registry
+        self.batch_size = self.batch_wait = None  # (made by the first watch_batches: only a batching model has them)
         self._watched: "weakref.WeakSet" = weakref.WeakSet()  # (an id could be reused by a later host)
 
     @classmethod
@@ -101,6 +96,18 @@ class Metrics:
         if host in self._watched:
             return
         self._watched.add(host)
+        if self.batch_size is None:
+            from prometheus_client import Histogram
+
+            # How full a predict_batch model's batches are (core/batching.py), and what filling them cost.
+            # (Observed once a batch, not once a request: prometheus_client's Histogram as it is.)
+            self.batch_size = Histogram("kernel_magics_batch_size", "Requests in each predict_batch call",
+                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+                                        registry=self._registry)
+            self.batch_wait = Histogram("kernel_magics_batch_wait_seconds",
+                                        "How long each batch's first request waited before the batch started",
+                                        buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 10),
+                                        registry=self._registry)
 
         def on_event(event) -> None:
             if event.kind == "batch":
@@ -195,8 +202,9 @@ class RequestLog:
 
         request_id = None
         for name, value in scope["headers"]:
-            if name == b"x-baseten-request-id":  # as Truss: the caller's id, when it sends one
-                request_id = value.decode("latin-1")
+            if name == b"x-baseten-request-id" and value:  # as Truss: the caller's id, when it sends one
+                # (UTF-8, as the caller wrote it: a secret in it is then found and redacted in the log)
+                request_id = value.decode("utf-8", "backslashreplace")
                 break
         if request_id is None:
             request_id = f"{self._prefix}-{next(self._ids)}"
@@ -217,7 +225,7 @@ class RequestLog:
             await stopping_response()(scope, receive, send_and_note)
         finally:
             ended = time.perf_counter()
-            template = route_of(scope["path"])
+            template = route_of(scope["path"], scope["method"])
             status = state[0]
             if self.metrics is not None and template != "/metrics":
                 self.metrics.record(template, status, (state[1] or ended) - started)

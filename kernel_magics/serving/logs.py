@@ -325,8 +325,8 @@ def access_line(method: str, path: str, status: int, ms: float, request_id: str)
     put; otherwise (a server in a process that configured its own logging) an ordinary ``info``
     call. Whether the access logger is on, and goes nowhere but to our writer, is asked when a burst
     opens, for all its lines: a change to its level or handlers holds from the next burst on."""
-    if "\n" in path or "\r" in path:  # (%0A in a URL: one request, one line)
-        path = path.replace("\r", "\\r").replace("\n", "\\n")
+    if not path.isprintable():  # (%0A, %1B, %00 in a URL: one request, one line, no terminal escapes, no NULs)
+        path = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in path)
     burst = _burst
     lines = burst.lines
     # (asyncio._get_running_loop: None where no loop runs, where get_running_loop raises)
