@@ -301,8 +301,9 @@ def logs_toggled(python: Path, seconds: float, window: float = 0.25, guard: floa
                         cmd = [str(python), str(ROOT / "benchmarks" / "windowed_load.py"), "--url", s.predict_url(),
                                "--payload", payload, "--concurrency", str(c), "--seconds", str(seconds),
                                "--window", str(window), "--guard", str(guard)] + (["--stream"] if stream else [])
+                        on_cpu_1 = (lambda: os.sched_setaffinity(0, {1})) if pin else None
                         out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                                        preexec_fn=(lambda: os.sched_setaffinity(0, {1})) if pin else None).stdout)
+                                                        preexec_fn=on_cpu_1).stdout)
                         cpu = {int(k): float(v) for k, v in (line.split() for line in samples.read_text().splitlines())}
                         windows = {int(k): v for k, v in out["windows"].items()}
                         ks = sorted(k for k in windows if k + 1 in windows and k in cpu and k + 1 in cpu)

@@ -457,41 +457,55 @@ def test_the_models_own_log_lines_are_redacted(tmp_path, fmt):
         assert access["request_id"] == next(e["request_id"] for e in lines if e["message"] == "predict sees ***")
 
 
-def test_the_access_log_redacts_a_callers_id_in_utf8_replaces_an_empty_one_and_leaves_readiness_out(tmp_path):
-    """A caller's x-baseten-request-id is read as the UTF-8 it was sent in, so a secret in it is found (read as
-    latin-1 it went out as mojibake, unredacted); an empty one gets an id of ours; a GET of a predict path is
-    readiness's (as under Truss: `{model_name}` takes the colon), counted and left out of the log as readiness."""
-    secret = "pässwört-" + CANARY
+def test_the_access_log_redacts_a_callers_id_as_it_was_sent_replaces_an_empty_one_and_counts_a_get_as_readiness(
+        tmp_path):
+    """A caller's x-baseten-request-id is read as the text it was sent as (UTF-8, or Latin-1 as Python's http.client
+    sends a str), and what does not print in it is escaped, so a secret in it is found: read as Latin-1 always, a
+    UTF-8 id went out as mojibake, unredacted. An empty id gets one of ours. A GET of a predict path answers as
+    readiness (as under Truss: `{model_name}` takes the colon) and is counted so, and logged, as Truss logs it."""
+    secret = "pä\\ss\twört-" + CANARY  # (a backslash and a tab: escaped in the line, found all the same)
     d = write_truss(tmp_path / "logs", LOGGING, "secrets: {tok: null}\n")
+
+    def count(metrics: str, route: str) -> float:
+        line = f'kernel_magics_requests_total{{route="{route}",status="200"}} '
+        return sum(float(x.rsplit(" ", 1)[1]) for x in metrics.splitlines() if x.startswith(line))
+
     with serve_ours(d, env={"TRUSS_SECRET_tok": secret}) as s:
-        assert httpx.post(s.predict_url(), json={}, headers={"x-baseten-request-id": f"id-{secret}".encode()}).json() == 1
-        assert httpx.post(s.predict_url(), json={}, headers={"x-baseten-request-id": ""}).json() == 1
-        assert httpx.get(s.predict_url()).status_code == 200  # readiness
-        metrics = httpx.get(s.url + "/metrics").text
+        for request_id in (f"utf8-{secret}".encode(), f"latin1-{secret}".encode("latin-1"), b""):
+            assert httpx.post(s.predict_url(), json={}, headers={"x-baseten-request-id": request_id}).json() == 1
+        before = httpx.get(s.url + "/metrics").text
+        assert httpx.get(s.predict_url()).json() == {}  # readiness's answer
+        after = httpx.get(s.url + "/metrics").text
     handled = [line for line in s.log.splitlines() if "Handled request" in line]
-    assert CANARY not in s.log and "sswört" not in s.log and "sswÃ¶rt" not in s.log, s.log
-    assert len(handled) == 2 and handled[0].endswith(" request_id=id-***")
-    assert not handled[1].endswith("request_id=")  # ours instead
-    assert 'kernel_magics_requests_total{route="/v1/models/{model_name}:predict",status="200"} 2.0' in metrics
-    assert 'kernel_magics_requests_total{route="/v1/models/{model_name}",status="200"} ' in metrics
+    assert CANARY not in s.log and "ssw" not in s.log, s.log
+    assert [line.rsplit("request_id=", 1)[1] for line in handled[:2]] == ["utf8-***", "latin1-***"]
+    assert not handled[2].endswith("request_id=")  # ours instead
+    assert count(after, "/v1/models/{model_name}:predict") == 3
+    assert count(after, "/v1/models/{model_name}") == count(before, "/v1/models/{model_name}") + 1
+    assert "GET /v1/models/model:predict 200" in handled[3]
 
 
-def test_a_port_the_system_chose_is_said_at_any_log_level(tmp_path):
-    """`--port 0 --log-level warning`: the line that names the address still comes (nothing else tells it)."""
+@pytest.mark.parametrize("level", ["warning", "error"])
+def test_a_port_the_system_chose_is_said_at_any_log_level(tmp_path, level):
+    """`--port 0 --log-level warning` (or error): the line that names the address still comes, an INFO line
+    (nothing else tells the port)."""
     import os
     import queue
     import threading
 
     d = write_truss(tmp_path / "m", "class Model:\n    def predict(self, model_input):\n        return model_input\n")
     proc = subprocess.Popen([sys.executable, "-m", "kernel_magics.cli", "serve", str(d), "--port", "0", "--log-level",
-                             "warning"], stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             level], stderr=subprocess.PIPE, text=True, start_new_session=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
     try:
         deadline, seen = time.monotonic() + 60, []
         while not any("Serving " in line for line in seen):
             seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
-        (url,) = re.findall(r"on (http://127\.0\.0\.1:\d+): loading", seen[-1])
+        (url,) = re.findall(r" INFO kernel_magics\.server: Serving .* on (http://127\.0\.0\.1:\d+): loading", seen[-1])
+        while httpx.get(url + "/v1/models/model", timeout=10).status_code != 200:  # (503 while it loads)
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
         assert httpx.post(url + "/v1/models/model:predict", json={"a": 1}, timeout=60).json() == {"a": 1}
     finally:
         os.killpg(proc.pid, 15)
@@ -575,6 +589,33 @@ def test_request_counts_read_as_prometheus_clients_counter_and_histogram_would_s
     assert 'kernel_magics_request_seconds_bucket{le="0.001",route="/v1/models/{model_name}:predict"} 2.0' in text(ours)
 
 
+def test_each_request_is_labelled_with_the_route_that_answers_it():
+    """/metrics labels a request by its path's shape (serving/access.route_of, no router call on the request
+    path): the label must be the template of the route Starlette answers it with, for every route and method."""
+    from starlette.routing import Match
+
+    from kernel_magics.serving.access import route_of
+    from kernel_magics.serving.server import _routes
+
+    routes = _routes()
+    paths = ["/", "/ping", "/invocations", "/metrics", "/v1/chat/completions", "/v1/models/model",
+             "/v1/models/m:predict", "/v1/models/m:predict_binary", "/v1/models/m:other", "/v1/models/model/loaded",
+             "/v1/models/m:predict/loaded", "/v1/models/m:x/schema", "/v1/models/model/schema", "/v1/models/a/b",
+             "/no/such", "/v1/models/", "/v1/models//loaded", "/v1/models/:predict"]
+    checked = 0
+    for path in paths:
+        for method in ("GET", "HEAD", "POST"):
+            scope = {"type": "http", "path": path, "method": method, "root_path": ""}
+            full = [route.path for route in routes if route.matches(scope)[0] is Match.FULL]
+            if full:
+                assert route_of(path, method) == full[0], (path, method)
+                checked += 1
+            elif not any(route.matches(scope)[0] is Match.PARTIAL for route in routes):
+                assert route_of(path, method) == "unmatched", (path, method)
+                checked += 1
+    assert checked > 30
+
+
 @pytest.fixture
 def server_logging():
     """serving/logs.configure in this process, undone afterwards (the root logger is the process's)."""
@@ -609,6 +650,7 @@ def test_the_writer_keeps_every_line_where_it_belongs(capsys, server_logging):
     logs.configure("info", "json")
     logs.access_line("GET", "/a\nforged line", 200, 1.0, f"first-{CANARY}")
     logs.access_line("GET", "/t\tab\x1b[31mred\x00", 404, 1.0, "controls")  # (%09, %1B, %00: none written raw)
+    logs.access_line("GET", "/v1/models/é", 404, 1.0, "printable")  # (as it is)
     seen = []
 
     class Keep(logging.Handler):
@@ -635,6 +677,7 @@ def test_the_writer_keeps_every_line_where_it_belongs(capsys, server_logging):
     assert {e.get("request_id") for e in lines} >= {"id-***", "first-***"}  # the record's path and the writer's
     assert any(m.startswith("Handled request - GET /a\\nforged line 200") for m in messages)  # one line
     assert any(m.startswith("Handled request - GET /t\\tab\\x1b[31mred\\x00 404") for m in messages)
+    assert any(m.startswith("Handled request - GET /v1/models/é 404") for m in messages)
 
 
 def test_a_change_to_the_access_loggers_handlers_or_level_holds_from_the_next_burst(capsys, server_logging):

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 from .errors import SecretNotFound
 
-__all__ = ["SecretStore", "SecretScanner", "ENV_PREFIX", "MIN_LENGTH", "ENCODINGS", "secret_forms",
+__all__ = ["SecretStore", "SecretScanner", "ENV_PREFIX", "MIN_LENGTH", "ENCODINGS", "printable", "secret_forms",
            "redact_log_records"]
 
 ENV_PREFIX = "TRUSS_SECRET_"
@@ -35,14 +35,23 @@ ENCODINGS = ("utf-8", "latin-1", "utf-16-le", "utf-16-be", "utf-32-le", "utf-32-
 CHUNK_SIZE = 1 << 20  # a file is scanned this many bytes at a time, never read whole
 
 
+def printable(text: str) -> str:
+    """``text`` with each character that does not print (line breaks, tabs, terminal escapes, NULs, U+2028)
+    written as its escape (``\\n``, ``\\x1b``, ``\\u2028``), the rest as it is: how the server's log writes what a
+    caller sent (a path, a request id), one line each. One of :func:`secret_forms`."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def secret_forms(value: str) -> set[str]:
     """The texts a secret's value becomes where it is written: as is and stripped (a value read from a
-    file keeps its trailing newline), and escaped as repr, ascii, JSON and YAML write strings, and as
-    the repr of its UTF-8 bytes. Forms shorter than :data:`MIN_LENGTH` are left out."""
+    file keeps its trailing newline), and escaped as repr, ascii, JSON and YAML write strings, as the
+    server's log writes what a caller sent (:func:`printable`), and as the repr of its UTF-8 bytes.
+    Forms shorter than :data:`MIN_LENGTH` are left out."""
     forms: set[str] = set()
     for text in {value, value.strip()}:
         forms.update((
             text,
+            printable(text),
             repr(text)[1:-1],
             ascii(text)[1:-1],
             json.dumps(text)[1:-1],

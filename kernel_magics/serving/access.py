@@ -21,6 +21,7 @@ import time
 import weakref
 from typing import Optional
 
+from ..core.secrets import printable
 from .errors import stopping_response
 from .logs import REQUEST_ID, access_line
 
@@ -41,17 +42,21 @@ def route_of(path: str, method: str = "POST") -> str:
         return path
     if path.startswith("/v1/models/"):
         rest = path[11:]
+        if rest.startswith("/") or not rest:  # (no name: no route)
+            return "unmatched"
         if "/" not in rest:
             if ":" not in rest or method == "GET" or method == "HEAD":
                 return "/v1/models/{model_name}"
             verb = rest.rsplit(":", 1)[1]
             return "/v1/models/{model_name}:" + verb if verb in ("predict", "predict_binary") else "unmatched"
         name, _, tail = rest.partition("/")
-        if tail in ("loaded", "schema") and ":" not in name:
+        if tail in ("loaded", "schema"):  # (the name may hold a colon here too)
             return "/v1/models/{model_name}/" + tail
     return "unmatched"
 
 
+# Held while metrics are made (prometheus_client's registry refuses a name made twice).
+_MAKING = threading.Lock()
 # The request latency histogram's upper bounds (seconds), +Inf after them.
 _LATENCY_BOUNDS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 
@@ -87,15 +92,20 @@ class Metrics:
 
     @classmethod
     def get(cls) -> "Metrics":
-        if cls._instance is None:
-            cls._instance = cls()
+        with _MAKING:
+            if cls._instance is None:
+                cls._instance = cls()
         return cls._instance
 
     def watch_batches(self, host) -> None:
         """Observe the batches ``host`` runs (once per host; a Ray replica's own host included)."""
-        if host in self._watched:
+        if host in self._watched:  # (each batching request asks)
             return
-        self._watched.add(host)
+        with _MAKING:  # (two servers' loops in one kernel: the histograms made once, each host watched once)
+            if host not in self._watched:
+                self._watch(host)
+
+    def _watch(self, host) -> None:
         if self.batch_size is None:
             from prometheus_client import Histogram
 
@@ -115,6 +125,7 @@ class Metrics:
                 self.batch_wait.observe(event.data["wait"])
 
         host.subscribe(on_event)
+        self._watched.add(host)
 
     def record(self, route: str, status: int, seconds: float) -> None:
         lock = self._lock
@@ -179,6 +190,17 @@ class _RequestCounts:
         return [counter, histogram]
 
 
+def _header_text(value: bytes) -> str:
+    """A header's text as its sender wrote it, so that a secret in it is found in the log: UTF-8 where it is
+    (curl, httpx), Latin-1 where it is not (``http.client`` sends a str header as Latin-1; Starlette and Truss read
+    every header so); with what does not print escaped (core/secrets.printable)."""
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        text = value.decode("latin-1")
+    return text if text.isprintable() else printable(text)
+
+
 class RequestLog:
     """ASGI middleware: request id, metrics and the access line of every HTTP request."""
 
@@ -203,8 +225,7 @@ class RequestLog:
         request_id = None
         for name, value in scope["headers"]:
             if name == b"x-baseten-request-id" and value:  # as Truss: the caller's id, when it sends one
-                # (UTF-8, as the caller wrote it: a secret in it is then found and redacted in the log)
-                request_id = value.decode("utf-8", "backslashreplace")
+                request_id = _header_text(value)
                 break
         if request_id is None:
             request_id = f"{self._prefix}-{next(self._ids)}"
@@ -229,5 +250,6 @@ class RequestLog:
             status = state[0]
             if self.metrics is not None and template != "/metrics":
                 self.metrics.record(template, status, (state[1] or ended) - started)
-            if self.log_requests and template not in _QUIET:
+            # (quiet: the probes; a GET of a predict path answers as readiness, and is logged, as Truss logs it)
+            if self.log_requests and (template not in _QUIET or ":" in scope["path"]):
                 access_line(scope["method"], scope["path"], status, (ended - started) * 1000, request_id)

@@ -26,6 +26,8 @@ import traceback
 import weakref
 from typing import Callable, Optional
 
+from ..core.secrets import printable
+
 __all__ = ["access_line", "configure", "flush_access_lines", "JsonLines", "LEVELS", "REQUEST_ID", "redact_logs_of", "ACCESS_LOGGER"]
 
 LEVELS = ("debug", "info", "warning", "error")
@@ -326,7 +328,7 @@ def access_line(method: str, path: str, status: int, ms: float, request_id: str)
     call. Whether the access logger is on, and goes nowhere but to our writer, is asked when a burst
     opens, for all its lines: a change to its level or handlers holds from the next burst on."""
     if not path.isprintable():  # (%0A, %1B, %00 in a URL: one request, one line, no terminal escapes, no NULs)
-        path = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in path)
+        path = printable(path)
     burst = _burst
     lines = burst.lines
     # (asyncio._get_running_loop: None where no loop runs, where get_running_loop raises)

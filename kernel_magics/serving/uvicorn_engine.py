@@ -140,10 +140,12 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
             if sockets is not None:  # uvicorn says this only for a socket it bound itself: said as it says it
                 logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
                                                         *address)
-            # (a port the system chose is said at any --log-level: there is no other way to learn it)
-            log.log(logging.INFO if port or log.isEnabledFor(logging.INFO) else logging.WARNING,
-                    "Serving %s on http://%s:%d: loading the model (readiness answers 503 until it is loaded).",
-                    truss.root, *address)
+            said = ("Serving %s on http://%s:%d: loading the model (readiness answers 503 until it is loaded).",
+                    (truss.root, *address))
+            if port or log.isEnabledFor(logging.INFO):
+                log.info(said[0], *said[1])
+            else:  # a port the system chose, said at any --log-level (nothing else tells it): an INFO line all the same
+                log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, said[0], said[1], None))
             load_in_background(truss, model_host, failed)  # (after that line: a fast load's line comes after it)
 
         def handle_exit(self, sig: int, frame: Any) -> None:
