@@ -307,16 +307,16 @@ def logs_toggled(python: Path, seconds: float, window: float = 0.25, guard: floa
                         cpu = {int(k): float(v) for k, v in (line.split() for line in samples.read_text().splitlines())}
                         windows = {int(k): v for k, v in out["windows"].items()}
                         ks = sorted(k for k in windows if k + 1 in windows and k in cpu and k + 1 in cpu)
-                        # (a window without a response after its guard: a stall of a fifth of a second; its pairs
+                        # (a window without a response after its guard: a stall of most of a window; its pairs
                         # are left out, and counted)
                         stalled = [k for k in ks if not windows[k][0] or not windows[k + 1][0]]
                         ks = [k for k in ks if k not in stalled]
                         logs = [math.log(windows[k][0] / windows[k + 1][0]) * (1 if k % 2 == 0 else -1) for k in ks]
-                        # Neighbouring pairs share a second, so their spread understates the error: each half (every
+                        # Neighbouring pairs share a window, so their spread understates the error: each half (every
                         # other pair) shares none, and the larger of the halves' standard errors is the interval's.
                         mean = statistics.fmean(logs)
                         se = max(statistics.stdev(half) / math.sqrt(len(half)) for half in (logs[0::2], logs[1::2]))
-                        per = {0: [], 1: []}  # CPU per response, even (on) and odd (off) seconds
+                        per = {0: [], 1: []}  # CPU per response, even (on) and odd (off) windows
                         for k in windows:
                             if k in cpu and k + 1 in cpu and windows[k][1]:
                                 per[k % 2].append((cpu[k + 1] - cpu[k]) / windows[k][1] * 1e6)

@@ -39,6 +39,8 @@ def printable(text: str) -> str:
     """``text`` with each character that does not print (line breaks, tabs, terminal escapes, NULs, U+2028)
     written as its escape (``\\n``, ``\\x1b``, ``\\u2028``), the rest as it is: how the server's log writes what a
     caller sent (a path, a request id), one line each. One of :func:`secret_forms`."""
+    if text.isprintable():  # (nearly always: no new string)
+        return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 

@@ -198,7 +198,7 @@ def _header_text(value: bytes) -> str:
         text = value.decode("utf-8")
     except UnicodeDecodeError:
         text = value.decode("latin-1")
-    return text if text.isprintable() else printable(text)
+    return printable(text)
 
 
 class RequestLog:

@@ -140,12 +140,11 @@ def serve_truss(truss: TrussDir, *, host: str = "127.0.0.1", port: int = 8080, s
             if sockets is not None:  # uvicorn says this only for a socket it bound itself: said as it says it
                 logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
                                                         *address)
-            said = ("Serving %s on http://%s:%d: loading the model (readiness answers 503 until it is loaded).",
-                    (truss.root, *address))
+            message = "Serving %s on http://%s:%d: loading the model (readiness answers 503 until it is loaded)."
             if port or log.isEnabledFor(logging.INFO):
-                log.info(said[0], *said[1])
+                log.info(message, truss.root, *address)
             else:  # a port the system chose, said at any --log-level (nothing else tells it): an INFO line all the same
-                log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, said[0], said[1], None))
+                log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, (truss.root, *address), None))
             load_in_background(truss, model_host, failed)  # (after that line: a fast load's line comes after it)
 
         def handle_exit(self, sig: int, frame: Any) -> None:
